@@ -1,0 +1,41 @@
+"""Warehouse connection: one engine per URL, schema migrated on first use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from pipelines import schema
+
+
+def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
+    """Create an engine for ``db_url`` and bring its schema up to date.
+
+    For SQLite the parent directory is created, foreign-key enforcement is on and
+    the journal is WAL so a reader (the CLI) never blocks a loader.
+    """
+    url = sa.make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001 - DBAPI hook
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+    else:
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    if migrate:
+        schema.migrate(engine)
+    return engine
+
+
+def redact_url(db_url: str) -> str:
+    """Return the URL with any password hidden, for logs and messages."""
+    return sa.make_url(db_url).render_as_string(hide_password=True)

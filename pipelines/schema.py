@@ -1,0 +1,289 @@
+"""Warehouse schema, defined once in SQLAlchemy Core and identical on SQLite and PostgreSQL.
+
+Schema changes are versioned: :data:`SCHEMA_VERSION` is stored in ``schema_version``
+and :func:`migrate` applies the steps in :data:`MIGRATIONS` that a database has not
+seen yet. Analyst views live in ``sql/views.sql`` and are re-created on every
+migration (they hold no data).
+
+Design notes
+------------
+* ``procedure`` / ``complication`` hold the *current* version of each business key.
+  ``procedure_version`` / ``complication_version`` keep every version ever delivered
+  (the correction history). The current version is the one from the newest delivery,
+  ordered by ``(extract_ts, source_checksum)`` so the result does not depend on the
+  order in which files were loaded.
+* ``pending_complication`` holds the current version of complications whose procedure
+  is not yet known; they move to ``complication`` when the procedure arrives.
+* Patient and operator references are stored only as keyed HMAC digests
+  (``patient_hash``, ``operator_hash``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+# Width of a hex SHA-256 digest.
+DIGEST = 64
+
+
+def _procedure_columns() -> list[sa.Column]:
+    return [
+        sa.Column("site_id", sa.String(8), nullable=False),
+        sa.Column("patient_hash", sa.String(DIGEST), nullable=False),
+        sa.Column("operator_hash", sa.String(DIGEST)),
+        sa.Column("procedure_date", sa.Date, nullable=False),
+        sa.Column("levels_treated", sa.SmallInteger, nullable=False),
+        sa.Column("indication", sa.String(16), nullable=False),
+        sa.Column("anaesthesia", sa.String(8), nullable=False),
+        sa.Column("balloons", sa.SmallInteger, nullable=False),
+        sa.Column("age_years", sa.SmallInteger, nullable=False),
+        sa.Column("sex", sa.String(1), nullable=False),
+        sa.Column("steroid_use", sa.Boolean, nullable=False),
+        sa.Column("mdt_discussed", sa.Boolean, nullable=False),
+        sa.Column("source_checksum", sa.String(DIGEST), nullable=False),
+        sa.Column("extract_ts", sa.String(32), nullable=False),
+    ]
+
+
+def _complication_columns() -> list[sa.Column]:
+    return [
+        sa.Column("procedure_id", sa.String(64), nullable=False),
+        sa.Column("site_id", sa.String(8), nullable=False),
+        sa.Column("event_date", sa.Date, nullable=False),
+        sa.Column("event_type", sa.String(24), nullable=False),
+        sa.Column("symptomatic", sa.Boolean, nullable=False),
+        sa.Column("severity", sa.String(8), nullable=False),
+        sa.Column("vertebral_level", sa.String(8)),
+        sa.Column("source_checksum", sa.String(DIGEST), nullable=False),
+        sa.Column("extract_ts", sa.String(32), nullable=False),
+    ]
+
+
+procedure = sa.Table(
+    "procedure",
+    metadata,
+    sa.Column("procedure_id", sa.String(64), primary_key=True),
+    *_procedure_columns(),
+    sa.Index("ix_procedure_site_date", "site_id", "procedure_date"),
+    sa.Index("ix_procedure_patient", "patient_hash"),
+)
+
+procedure_version = sa.Table(
+    "procedure_version",
+    metadata,
+    sa.Column("procedure_id", sa.String(64)),
+    *_procedure_columns(),
+    # one version per (key, delivery); source_checksum is part of the key
+    sa.PrimaryKeyConstraint("procedure_id", "source_checksum", name="pk_procedure_version"),
+)
+
+complication = sa.Table(
+    "complication",
+    metadata,
+    sa.Column("complication_id", sa.String(64), primary_key=True),
+    *_complication_columns(),
+    sa.Index("ix_complication_procedure", "procedure_id"),
+    sa.Index("ix_complication_site_date", "site_id", "event_date"),
+)
+
+complication_version = sa.Table(
+    "complication_version",
+    metadata,
+    sa.Column("complication_id", sa.String(64)),
+    *_complication_columns(),
+    sa.PrimaryKeyConstraint("complication_id", "source_checksum", name="pk_complication_version"),
+)
+
+pending_complication = sa.Table(
+    "pending_complication",
+    metadata,
+    sa.Column("complication_id", sa.String(64), primary_key=True),
+    *_complication_columns(),
+    sa.Index("ix_pending_procedure", "procedure_id"),
+)
+
+file_ledger = sa.Table(
+    "file_ledger",
+    metadata,
+    sa.Column("source_checksum", sa.String(DIGEST), primary_key=True),
+    sa.Column("file_name", sa.String(255), nullable=False),
+    sa.Column("kind", sa.String(16)),
+    sa.Column("extract_ts", sa.String(32)),
+    sa.Column("status", sa.String(16), nullable=False),  # loaded | rejected
+    sa.Column("reason", sa.Text),
+    sa.Column("rows_read", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("rows_inserted", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("rows_updated", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("rows_unchanged", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("rows_quarantined", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("rows_pending", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("quarantine_reasons", sa.Text),  # JSON object reason -> count
+    sa.Column("dropped_columns", sa.Text),  # JSON list of unknown columns dropped
+    sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+quarantine = sa.Table(
+    "quarantine",
+    metadata,
+    sa.Column("source_checksum", sa.String(DIGEST), primary_key=True),
+    sa.Column("line_number", sa.Integer, primary_key=True),
+    sa.Column("file_name", sa.String(255), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("site_id", sa.String(64)),
+    sa.Column("record_id", sa.String(255)),
+    # JSON object of the raw values; patient_ref/operator_ref are replaced by their HMAC.
+    sa.Column("raw_values", sa.Text, nullable=False),
+    sa.Column("reasons", sa.Text, nullable=False),  # JSON list of reason codes
+    sa.Column("quarantined_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# --- surveillance (issue 3) -------------------------------------------------------
+
+monitor_run = sa.Table(
+    "monitor_run",
+    metadata,
+    sa.Column("run_key", sa.String(DIGEST), primary_key=True),  # hash(as_of, profile, data)
+    sa.Column("as_of", sa.Date, nullable=False),
+    sa.Column("profile_name", sa.String(64), nullable=False),
+    sa.Column("profile_version", sa.String(32), nullable=False),
+    sa.Column("data_fingerprint", sa.String(DIGEST), nullable=False),
+    sa.Column("models", sa.Text),  # JSON: risk models and their fit statistics
+    sa.Column("summary", sa.Text),  # JSON: counts per metric and method
+    sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+signal = sa.Table(
+    "signal",
+    metadata,
+    # deterministic: hash(profile, site, metric, method, direction, episode_start)
+    sa.Column("signal_key", sa.String(DIGEST), primary_key=True),
+    sa.Column("site_id", sa.String(8), nullable=False),
+    sa.Column("metric", sa.String(48), nullable=False),
+    sa.Column("method", sa.String(32), nullable=False),
+    sa.Column("direction", sa.String(8), nullable=False),  # up | down
+    sa.Column("category", sa.String(16), nullable=False),  # safety | under_reporting | process
+    sa.Column("episode_start", sa.Date, nullable=False),
+    sa.Column("signal_date", sa.Date, nullable=False),
+    sa.Column("observed", sa.Float),
+    sa.Column("expected", sa.Float),
+    sa.Column("n", sa.Integer),
+    sa.Column("ci_low", sa.Float),
+    sa.Column("ci_high", sa.Float),
+    sa.Column("statistic", sa.Float),
+    sa.Column("threshold", sa.Float),
+    sa.Column("p_value", sa.Float),
+    sa.Column("baseline", sa.Float, nullable=False),
+    sa.Column("citation", sa.String(128), nullable=False),
+    sa.Column("profile_name", sa.String(64), nullable=False),
+    sa.Column("profile_version", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text),  # JSON: method-specific detail
+    sa.Column("active", sa.Boolean, nullable=False),  # still present in the latest recompute
+    sa.Column("first_seen_run", sa.String(DIGEST), nullable=False),
+    sa.Column("last_seen_run", sa.String(DIGEST), nullable=False),
+    sa.Index("ix_signal_site_metric", "site_id", "metric"),
+)
+
+# --- alerts (issue 4) ------------------------------------------------------------
+
+alert = sa.Table(
+    "alert",
+    metadata,
+    sa.Column("alert_id", sa.String(DIGEST), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # safety | data_quality
+    sa.Column("dedupe_key", sa.String(255), nullable=False),
+    sa.Column("episode", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("signal_key", sa.String(DIGEST)),
+    sa.Column("site_id", sa.String(8)),
+    sa.Column("metric", sa.String(48)),
+    sa.Column("title", sa.String(255), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),  # JSON; never a patient/operator reference
+    sa.Column("state", sa.String(16), nullable=False),  # open | acknowledged | resolved
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("dedupe_key", "episode", name="uq_alert_dedupe_episode"),
+)
+
+alert_audit = sa.Table(
+    "alert_audit",
+    metadata,
+    sa.Column("audit_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("alert_id", sa.String(DIGEST), nullable=False),
+    sa.Column("from_state", sa.String(16)),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+)
+
+alert_outbox = sa.Table(
+    "alert_outbox",
+    metadata,
+    sa.Column("alert_id", sa.String(DIGEST), primary_key=True),
+    sa.Column("channel", sa.String(16), primary_key=True),  # email | webhook
+    sa.Column("status", sa.String(16), nullable=False),  # queued | sending | sent | failed
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("message_id", sa.String(255), nullable=False),  # idempotency key for receivers
+    sa.Column("last_error", sa.Text),
+    sa.Column("claimed_at", sa.DateTime(timezone=True)),
+    sa.Column("sent_at", sa.DateTime(timezone=True)),
+)
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def _migration_1(conn: sa.Connection) -> None:
+    """Version 1: the initial schema."""
+    metadata.create_all(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _migration_1}
+
+
+def _views_sql(sql_dir: Path) -> list[str]:
+    path = sql_dir / "views.sql"
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.strip().startswith("--")]
+    return [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
+
+
+def migrate(engine: sa.Engine, sql_dir: Path | None = None) -> int:
+    """Bring the database up to :data:`SCHEMA_VERSION`; return the version now in force.
+
+    Safe to call on every start and from several processes: each step runs in its own
+    transaction and is recorded in ``schema_version``.
+    """
+    from datetime import UTC, datetime
+
+    from pipelines.settings import REPO_DIR
+
+    sql_dir = sql_dir or REPO_DIR / "sql"
+    with engine.begin() as conn:
+        schema_version.create(conn, checkfirst=True)
+        applied = set(conn.scalars(sa.select(schema_version.c.version)))
+    for version in sorted(MIGRATIONS):
+        if version in applied:
+            continue
+        with engine.begin() as conn:
+            MIGRATIONS[version](conn)
+            conn.execute(
+                schema_version.insert().values(version=version, applied_at=datetime.now(UTC))
+            )
+    statements = _views_sql(sql_dir)
+    if statements:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+    return max(MIGRATIONS)

@@ -1,0 +1,133 @@
+"""One place where kyphowatch reads its configuration.
+
+Every other module receives a :class:`Settings` object (or a value taken from
+one); nothing else reads ``os.environ``. Precedence for each value: an explicit
+argument (for example the CLI ``--db`` flag), then the environment variable,
+then the documented default.
+
+Environment variables
+---------------------
+KYPHOWATCH_DB_URL
+    SQLAlchemy URL of the warehouse. Default ``sqlite:///var/kyphowatch.db``.
+KYPHOWATCH_PSEUDONYM_KEY
+    Secret key for the HMAC that pseudonymises patient and operator references.
+    Required, except in demo mode where a fixed, clearly-labelled demo key is used.
+KYPHOWATCH_DEMO
+    ``1`` to allow the demo key. Set only by ``make demo`` and the tests.
+KYPHOWATCH_MAX_BAD_ROW_SHARE
+    Share of bad rows (0-1) above which a whole file is rejected. Default 0.5.
+KYPHOWATCH_CHUNK_ROWS
+    Rows read per chunk when parsing an extract. Default 100000.
+KYPHOWATCH_PROFILE
+    Path of the guidance profile YAML. Default: the bundled HTG108 profile.
+KYPHOWATCH_REPORT_DIR
+    Where reports and charts are written. Default ``var/reports``.
+KYPHOWATCH_ALERT_RECIPIENTS_SAFETY / KYPHOWATCH_ALERT_RECIPIENTS_DATA
+    Comma-separated e-mail recipients for safety and data-quality alerts.
+KYPHOWATCH_SMTP_URL
+    ``smtp://host:port`` (optionally ``smtp://user:pass@host:port``) for e-mail alerts.
+KYPHOWATCH_WEBHOOK_URL
+    URL that receives JSON alert posts.
+KYPHOWATCH_REPORT_BASE_URL
+    Base URL (or path) quoted in alerts as "where to look".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_DB_URL = "sqlite:///var/kyphowatch.db"
+# Used only when demo mode is on; printed as a warning whenever it is used.
+DEMO_PSEUDONYM_KEY = "kyphowatch-demo-key-not-for-real-data"
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+
+
+class ConfigurationError(Exception):
+    """A required setting is missing or invalid; the message says which and how to fix it."""
+
+
+def _bundled(relative: str) -> Path:
+    """Return a file shipped with the repository (expectations, sql, profiles)."""
+    return REPO_DIR / relative
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration for one kyphowatch process."""
+
+    db_url: str = DEFAULT_DB_URL
+    pseudonym_key: str | None = None
+    demo: bool = False
+    max_bad_row_share: float = 0.5
+    chunk_rows: int = 100_000
+    profile_path: Path = field(default_factory=lambda: _bundled("profiles/htg108.yaml"))
+    expectations_dir: Path = field(default_factory=lambda: _bundled("expectations"))
+    sql_dir: Path = field(default_factory=lambda: _bundled("sql"))
+    report_dir: Path = Path("var/reports")
+    recipients_safety: tuple[str, ...] = ()
+    recipients_data: tuple[str, ...] = ()
+    smtp_url: str | None = None
+    webhook_url: str | None = None
+    report_base_url: str | None = None
+
+    def with_db(self, db_url: str | None) -> Settings:
+        """Return a copy with ``db_url`` replaced when one is given (CLI ``--db``)."""
+        return replace(self, db_url=db_url) if db_url else self
+
+    def require_pseudonym_key(self) -> bytes:
+        """Return the HMAC key, or raise a clear error when none is configured."""
+        if self.pseudonym_key:
+            return self.pseudonym_key.encode("utf-8")
+        if self.demo:
+            return DEMO_PSEUDONYM_KEY.encode("utf-8")
+        raise ConfigurationError(
+            "no pseudonymisation key: set KYPHOWATCH_PSEUDONYM_KEY (or the Airflow "
+            "variable kyphowatch_pseudonym_key) before loading real extracts; "
+            "set KYPHOWATCH_DEMO=1 only for synthetic demo data"
+        )
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+def _float(env: dict[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}={raw!r} is not a number") from exc
+    if not low <= value <= high:
+        raise ConfigurationError(f"{name}={raw!r} must be between {low} and {high}")
+    return value
+
+
+def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Build :class:`Settings` from the environment, then apply explicit overrides.
+
+    ``overrides`` whose value is ``None`` are ignored so that callers can pass
+    optional CLI flags straight through.
+    """
+    env = dict(os.environ if env is None else env)
+    values: dict[str, object] = {
+        "db_url": env.get("KYPHOWATCH_DB_URL") or DEFAULT_DB_URL,
+        "pseudonym_key": env.get("KYPHOWATCH_PSEUDONYM_KEY") or None,
+        "demo": env.get("KYPHOWATCH_DEMO", "") in {"1", "true", "yes"},
+        "max_bad_row_share": _float(env, "KYPHOWATCH_MAX_BAD_ROW_SHARE", 0.5, 0.0, 1.0),
+        "chunk_rows": int(_float(env, "KYPHOWATCH_CHUNK_ROWS", 100_000, 1, 10_000_000)),
+        "report_dir": Path(env.get("KYPHOWATCH_REPORT_DIR") or "var/reports"),
+        "recipients_safety": _split(env.get("KYPHOWATCH_ALERT_RECIPIENTS_SAFETY")),
+        "recipients_data": _split(env.get("KYPHOWATCH_ALERT_RECIPIENTS_DATA")),
+        "smtp_url": env.get("KYPHOWATCH_SMTP_URL") or None,
+        "webhook_url": env.get("KYPHOWATCH_WEBHOOK_URL") or None,
+        "report_base_url": env.get("KYPHOWATCH_REPORT_BASE_URL") or None,
+    }
+    if env.get("KYPHOWATCH_PROFILE"):
+        values["profile_path"] = Path(env["KYPHOWATCH_PROFILE"])
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return Settings(**values)  # type: ignore[arg-type]
