@@ -38,6 +38,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pipelines.errors import ConfigError
+
 DEFAULT_DB_URL = "sqlite:///var/kyphowatch.db"
 # Used only when demo mode is on; printed as a warning whenever it is used.
 DEMO_PSEUDONYM_KEY = "kyphowatch-demo-key-not-for-real-data"
@@ -45,7 +47,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 
 
-class ConfigurationError(Exception):
+class ConfigurationError(ConfigError):
     """A required setting is missing or invalid; the message says which and how to fix it."""
 
 

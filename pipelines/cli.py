@@ -1,0 +1,75 @@
+"""The ``kyphowatch`` console command.
+
+Each sub-command lives beside the code it drives and registers itself through a
+``register(subparsers)`` function; this module only assembles them and turns
+errors into one-line messages with meaningful exit codes (see :mod:`pipelines.errors`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipelines.errors import KyphowatchError
+
+# Modules that contribute sub-commands, in the order they appear in --help.
+COMMAND_MODULES = (
+    "pipelines.simulate",
+    "pipelines.ingest.cli",
+    "pipelines.surveillance.cli",
+    "pipelines.alerts.cli",
+    "pipelines.report",
+)
+
+log = logging.getLogger("kyphowatch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every available sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="kyphowatch",
+        description="Adverse-event surveillance for balloon kyphoplasty registries.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # optional part not present in this build
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except KyphowatchError as exc:
+        print(f"kyphowatch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kyphowatch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user mistake: keep the traceback in the log
+        log.exception("internal error")
+        print(f"kyphowatch: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
