@@ -105,6 +105,7 @@ pending_complication = sa.Table(
     metadata,
     sa.Column("complication_id", sa.String(64), primary_key=True),
     *_complication_columns(),
+    sa.Column("source_record", sa.Integer, nullable=False),
     sa.Index("ix_pending_procedure", "procedure_id"),
 )
 
@@ -132,7 +133,8 @@ quarantine = sa.Table(
     "quarantine",
     metadata,
     sa.Column("source_checksum", sa.String(DIGEST), primary_key=True),
-    sa.Column("line_number", sa.Integer, primary_key=True),
+    # data record number within the file (1 = first row after the header)
+    sa.Column("record_number", sa.Integer, primary_key=True),
     sa.Column("file_name", sa.String(255), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("site_id", sa.String(64)),

@@ -1,0 +1,63 @@
+"""``kyphowatch ingest``: validate and load extract files from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipelines.settings import load_settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``ingest`` sub-command."""
+    parser = subparsers.add_parser(
+        "ingest",
+        help="validate and load extract files or directories",
+        description=(
+            "Validate extract files against the contract and load them into the warehouse. "
+            "Exit 0 when every file was processed (quarantined rows included), 2 when a "
+            "file was rejected."
+        ),
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    parser.add_argument("--db", help="warehouse URL (default: KYPHOWATCH_DB_URL or SQLite)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(handler=run)
+
+
+def _format(report) -> str:
+    lines = [
+        f"{'file':<36} {'status':<9} {'read':>8} {'new':>8} {'updated':>7} {'same':>7} "
+        f"{'quarant.':>8} {'pending':>7}"
+    ]
+    for f in report.files:
+        name = Path(f.path).name
+        lines.append(
+            f"{name[:36]:<36} {f.status:<9} {f.rows_read:>8} {f.inserted:>8} {f.updated:>7} "
+            f"{f.unchanged + f.stale:>7} {f.quarantined:>8} {f.pending:>7}"
+        )
+        for reason, count in f.quarantine_reasons.items():
+            lines.append(f"    quarantined {count:>6}  {reason}")
+        if f.dropped_columns:
+            lines.append(f"    dropped unknown columns: {', '.join(f.dropped_columns)}")
+        if f.status == "rejected":
+            lines.append(f"    REJECTED: {f.reason}")
+    totals = report.to_dict()["totals"]
+    lines.append(
+        f"{len(report.files)} file(s): {totals.get('loaded', 0)} loaded, "
+        f"{totals.get('duplicate', 0)} already loaded, {totals.get('rejected', 0)} rejected; "
+        f"{totals.get('inserted', 0)} new rows, {totals.get('updated', 0)} updated, "
+        f"{totals.get('quarantined', 0)} quarantined, {totals.get('pending', 0)} pending"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Ingest the given paths and print the per-file summary."""
+    from pipelines.ingest import ingest_paths
+
+    settings = load_settings(db_url=args.db)
+    report = ingest_paths(settings, args.paths)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else _format(report))
+    return report.exit_code

@@ -1,0 +1,598 @@
+"""Idempotent, order-independent loading of validated extracts into the warehouse.
+
+One file is one transaction. Inside it, valid rows go to a temporary staging table
+(PostgreSQL ``COPY``; SQLite batched inserts), bad rows to ``quarantine``; the file
+is then checked as a whole (duplicate ids within the file, complications that
+contradict their procedure, share of bad rows) and merged with set-based SQL:
+
+* every delivered row is kept in ``*_version`` (the correction history);
+* the current table keeps, per business key, the version from the newest delivery,
+  ordered by ``(extract_ts, source_checksum)``. Because that order is a property of
+  the deliveries, not of the load order, loading files again, in any order, or after
+  a crash (the transaction rolls back), ends in the same state as one clean load;
+* a complication whose procedure is unknown waits in ``pending_complication`` and is
+  promoted when its procedure arrives;
+* the ``file_ledger`` row is written in the same transaction, so a file is either
+  fully loaded and recorded, or not at all. A file whose checksum is already loaded
+  is a no-op.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pandas as pd
+import sqlalchemy as sa
+
+from pipelines import schema
+from pipelines.contract import (
+    COMPLICATIONS,
+    KEY_COLUMN,
+    PROCEDURES,
+    SITE_PATTERN,
+    extract_stamp,
+    kind_of,
+)
+from pipelines.ingest.pseudonymise import pseudonymise_column
+from pipelines.ingest.reader import ExtractFile, FileRejected, iter_chunks, open_extract
+from pipelines.ingest.validate import validate_chunk
+
+log = logging.getLogger(__name__)
+
+PROCEDURE_VALUE_COLUMNS = [
+    c.name for c in schema.procedure.columns if c.name not in ("source_checksum", "extract_ts")
+]
+COMPLICATION_VALUE_COLUMNS = [
+    c.name for c in schema.complication.columns if c.name not in ("source_checksum", "extract_ts")
+]
+SITE_RE = re.compile(SITE_PATTERN)
+# Raw values longer than this are cut in quarantine (a huge field is the reason, not the data).
+QUARANTINE_VALUE_CHARS = 256
+
+
+@dataclass
+class FileResult:
+    """What happened to one file."""
+
+    path: str
+    kind: str | None
+    status: str  # loaded | duplicate | rejected
+    reason: str | None = None
+    checksum: str | None = None
+    rows_read: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    stale: int = 0  # older than the version already current; kept in history only
+    quarantined: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    pending: int = 0
+    promoted: int = 0  # pending complications that found their procedure in this file
+    dropped_columns: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Return a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class IngestReport:
+    """Results for every file of one ingest call."""
+
+    files: list[FileResult]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every file was processed, 2 when any file was rejected."""
+        return 2 if any(f.status == "rejected" for f in self.files) else 0
+
+    @property
+    def loaded_kinds(self) -> set[str]:
+        """Extract kinds for which at least one file changed the warehouse."""
+        return {f.kind for f in self.files if f.status == "loaded" and f.kind}
+
+    def to_dict(self) -> dict:
+        """Return a JSON-ready dict with per-file results and totals."""
+        totals = Counter()
+        for result in self.files:
+            totals[result.status] += 1
+            for name in ("rows_read", "inserted", "updated", "unchanged", "stale",
+                         "quarantined", "pending", "promoted"):
+                totals[name] += getattr(result, name)
+        return {
+            "files": [f.to_dict() for f in self.files],
+            "totals": dict(totals),
+            "exit_code": self.exit_code,
+        }
+
+
+# --- staging -------------------------------------------------------------------------
+
+
+def _stage_table(kind: str) -> sa.Table:
+    columns = PROCEDURE_VALUE_COLUMNS if kind == PROCEDURES else COMPLICATION_VALUE_COLUMNS
+    source = schema.procedure if kind == PROCEDURES else schema.complication
+    stage_meta = sa.MetaData()
+    return sa.Table(
+        f"kw_stage_{kind}",
+        stage_meta,
+        *[sa.Column(name, source.c[name].type) for name in columns],
+        sa.Column("record_number", sa.Integer, nullable=False),
+        prefixes=["TEMPORARY"],
+    )
+
+
+def _write_stage(conn: sa.Connection, stage: sa.Table, frame: pd.DataFrame) -> None:
+    """Append rows to the staging table (COPY on PostgreSQL, executemany elsewhere)."""
+    if frame.empty:
+        return
+    names = [c.name for c in stage.columns]
+    frame = frame[names]
+    if conn.dialect.name == "postgresql":
+        from psycopg import sql
+
+        buffer = io.StringIO()
+        frame.to_csv(buffer, index=False, header=False)
+        statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
+            sql.Identifier(stage.name), sql.SQL(", ").join(map(sql.Identifier, names))
+        )
+        cursor = conn.connection.driver_connection.cursor()
+        with cursor.copy(statement) as copy:
+            copy.write(buffer.getvalue())
+        return
+    rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    conn.execute(stage.insert(), rows)
+
+
+# --- quarantine ----------------------------------------------------------------------
+
+
+def _raw_for_quarantine(values: dict, key: bytes) -> str:
+    """Serialise raw values for quarantine, pseudonymising references and cutting huge fields."""
+    from pipelines.ingest.pseudonymise import pseudonymise
+
+    clean: dict[str, object] = {}
+    site = str(values.get("site_id") or "")
+    for name, value in values.items():
+        if name in ("patient_ref", "operator_ref"):
+            clean[name.replace("_ref", "_hash")] = (
+                pseudonymise(key, site, str(value)) if value not in (None, "") else None
+            )
+            continue
+        if isinstance(value, str) and len(value) > QUARANTINE_VALUE_CHARS:
+            value = value[:QUARANTINE_VALUE_CHARS] + f"...[{len(value)} chars]"
+        clean[name] = value if not isinstance(value, date) else value.isoformat()
+    return json.dumps(clean, sort_keys=True, default=str)
+
+
+class _Quarantine:
+    """Collects quarantined rows for one file and writes them in batches."""
+
+    def __init__(self, conn: sa.Connection, extract: ExtractFile, key: bytes):
+        self.conn, self.extract, self.key = conn, extract, key
+        self.reasons: Counter[str] = Counter()
+        self.count = 0
+
+    def add(self, rows: list[tuple[int, dict, list[str]]]) -> None:
+        """Quarantine ``(record_number, raw values, reasons)`` rows."""
+        if not rows:
+            return
+        now = datetime.now(UTC)
+        key_column = KEY_COLUMN[self.extract.kind]
+        payload = []
+        for record_number, values, reasons in rows:
+            self.reasons.update(reasons)
+            record_id = values.get(key_column)
+            site = values.get("site_id")
+            payload.append(
+                {
+                    "source_checksum": self.extract.checksum,
+                    "record_number": record_number,
+                    "file_name": self.extract.path.name,
+                    "kind": self.extract.kind,
+                    "site_id": str(site)[:64] if site else None,
+                    "record_id": str(record_id)[:255] if record_id else None,
+                    "raw_values": _raw_for_quarantine(values, self.key),
+                    "reasons": json.dumps(sorted(set(reasons))),
+                    "quarantined_at": now,
+                }
+            )
+        self.count += len(payload)
+        self.conn.execute(schema.quarantine.insert(), payload)
+
+
+# --- the load ------------------------------------------------------------------------
+
+
+def _misshapen(row: list[str], extract: ExtractFile, key: bytes) -> dict:
+    """Describe a row with the wrong number of fields without storing any reference.
+
+    Fields cannot be matched to columns reliably when the count is wrong, so every
+    value is stored only as its HMAC (the record number locates it in the sender's file).
+    """
+    from pipelines.ingest.pseudonymise import pseudonymise
+
+    site = row[extract.header.index("site_id")] if len(row) > extract.header.index("site_id") else ""
+    return {
+        "site_id": site.strip() if SITE_RE.match(site.strip()) else None,
+        "field_count": len(row),
+        "expected_field_count": len(extract.header),
+        "field_hmacs": [pseudonymise(key, "", value) for value in row],
+    }
+
+
+def _prepare_valid(frame: pd.DataFrame, kind: str, key: bytes) -> pd.DataFrame:
+    out = frame.copy()
+    if kind == PROCEDURES:
+        out["patient_hash"] = pseudonymise_column(key, out["site_id"], out["patient_ref"])
+        out["operator_hash"] = pseudonymise_column(key, out["site_id"], out["operator_ref"])
+        out = out.drop(columns=["patient_ref", "operator_ref"])
+    else:
+        out["vertebral_level"] = out["vertebral_level"].where(out["vertebral_level"].notna(), None)
+    out["record_number"] = out.index.astype("int64")
+    return out
+
+
+def _stage_file(
+    conn: sa.Connection,
+    extract: ExtractFile,
+    stage: sa.Table,
+    quarantine: _Quarantine,
+    key: bytes,
+    chunk_rows: int,
+    expectations_dir: Path,
+    max_date: date,
+) -> int:
+    """Validate the file chunk by chunk into staging and quarantine; return rows read."""
+    rows_read = 0
+    for chunk in iter_chunks(extract, chunk_rows):
+        rows_read += len(chunk.records) + len(chunk.bad_shape)
+        quarantine.add(
+            [
+                (number, _misshapen(row, extract, key), ["row:wrong_field_count"])
+                for number, row in chunk.bad_shape
+            ]
+        )
+        if not chunk.records:
+            continue
+        checked = validate_chunk(
+            chunk.records, chunk.record_numbers, extract.columns, extract.kind,
+            expectations_dir, max_date,
+        )
+        if checked.invalid:
+            raw = checked.raw.loc[list(checked.invalid)]
+            quarantine.add(
+                [
+                    (int(number), values, checked.invalid[int(number)])
+                    for number, values in zip(raw.index, raw.to_dict("records"), strict=True)
+                ]
+            )
+        _write_stage(conn, stage, _prepare_valid(checked.valid, extract.kind, key))
+    return rows_read
+
+
+def _take_from_stage(
+    conn: sa.Connection, stage: sa.Table, condition: sa.ColumnElement, reason: str,
+    quarantine: _Quarantine, join: sa.FromClause | None = None,
+) -> None:
+    """Move staged rows matching ``condition`` to quarantine with ``reason``."""
+    source = join if join is not None else stage
+    rows = conn.execute(sa.select(*stage.columns).select_from(source).where(condition)).mappings()
+    moved = [(row["record_number"], dict(row), [reason]) for row in rows]
+    if not moved:
+        return
+    for _, values, _ in moved:
+        values.pop("record_number", None)
+    quarantine.add(moved)
+    numbers = [number for number, _, _ in moved]
+    for start in range(0, len(numbers), 10_000):
+        conn.execute(stage.delete().where(stage.c.record_number.in_(numbers[start:start + 10_000])))
+
+
+def _check_whole_file(
+    conn: sa.Connection, extract: ExtractFile, stage: sa.Table, quarantine: _Quarantine
+) -> None:
+    """Apply the rules that need the whole file or the warehouse."""
+    key = stage.c[KEY_COLUMN[extract.kind]]
+    duplicated = sa.select(key).group_by(key).having(sa.func.count() > 1)
+    _take_from_stage(
+        conn, stage, key.in_(duplicated), f"{key.name}:duplicate_in_file", quarantine
+    )
+    if extract.kind == COMPLICATIONS:
+        proc = schema.procedure
+        joined = stage.join(proc, proc.c.procedure_id == stage.c.procedure_id)
+        _take_from_stage(
+            conn, stage, stage.c.event_date < proc.c.procedure_date,
+            "event_date:before_procedure", quarantine, joined,
+        )
+        _take_from_stage(
+            conn, stage, stage.c.site_id != proc.c.site_id,
+            "site_id:differs_from_procedure", quarantine, joined,
+        )
+
+
+def _insert_for(conn: sa.Connection, table: sa.Table):
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
+def _newer(left, right: sa.Table) -> sa.ColumnElement:
+    """True where ``left``'s delivery is newer than ``right``'s (table or EXCLUDED columns)."""
+    columns = getattr(left, "c", left)
+    return sa.tuple_(columns.extract_ts, columns.source_checksum) > sa.tuple_(
+        right.c.extract_ts, right.c.source_checksum
+    )
+
+
+def _classify(
+    conn: sa.Connection, stage: sa.Table, current: sa.Table, key: str, values: list[str],
+    checksum: str, extract_ts: str, only: sa.ColumnElement | None = None,
+) -> dict[str, int]:
+    """Count staged rows that are new, updates, unchanged or stale against ``current``."""
+    incoming = sa.tuple_(sa.literal(extract_ts), sa.literal(checksum))
+    existing = sa.tuple_(current.c.extract_ts, current.c.source_checksum)
+    same = sa.and_(*[stage.c[v].is_not_distinct_from(current.c[v]) for v in values if v != key])
+    matched = current.c[key].is_not(None)
+    query = sa.select(
+        sa.func.count().label("total"),
+        sa.func.coalesce(sa.func.sum(sa.case((~matched, 1), else_=0)), 0).label("inserted"),
+        sa.func.coalesce(sa.func.sum(sa.case((matched & same, 1), else_=0)), 0).label("unchanged"),
+        sa.func.coalesce(
+            sa.func.sum(sa.case((matched & ~same & (incoming > existing), 1), else_=0)), 0
+        ).label("updated"),
+        sa.func.coalesce(
+            sa.func.sum(sa.case((matched & ~same & (incoming <= existing), 1), else_=0)), 0
+        ).label("stale"),
+    ).select_from(stage.outerjoin(current, current.c[key] == stage.c[key]))
+    if only is not None:
+        query = query.where(only)
+    row = conn.execute(query).mappings().one()
+    return {name: int(row[name]) for name in ("inserted", "unchanged", "updated", "stale")}
+
+
+def _upsert_from(
+    conn: sa.Connection, target: sa.Table, key: str, select: sa.Select, columns: list[str]
+) -> None:
+    """INSERT ... SELECT with newer-delivery-wins conflict handling."""
+    statement = _insert_for(conn, target).from_select(columns, select)
+    statement = statement.on_conflict_do_update(
+        index_elements=[key],
+        set_={name: statement.excluded[name] for name in columns if name != key},
+        where=_newer(statement.excluded, target),
+    )
+    conn.execute(statement)
+
+
+def _stage_select(stage: sa.Table, names: list[str], checksum: str, extract_ts: str) -> sa.Select:
+    return sa.select(
+        *[stage.c[n] for n in names],
+        sa.literal(checksum, sa.String).label("source_checksum"),
+        sa.literal(extract_ts, sa.String).label("extract_ts"),
+    ).where(sa.true())  # SQLite needs a WHERE before ON CONFLICT in INSERT ... SELECT
+
+
+def promote_pending(conn: sa.Connection, key: bytes | None = None) -> int:
+    """Move pending complications whose procedure is now known; return how many moved.
+
+    A pending complication that contradicts its procedure (event before the
+    procedure, another site) goes to quarantine instead, under its original file.
+    """
+    pend, proc = schema.pending_complication, schema.procedure
+    joined = pend.join(proc, proc.c.procedure_id == pend.c.procedure_id)
+    conflict = sa.or_(pend.c.event_date < proc.c.procedure_date, pend.c.site_id != proc.c.site_id)
+    bad = conn.execute(
+        sa.select(pend, proc.c.procedure_date.label("proc_date"), proc.c.site_id.label("proc_site"))
+        .select_from(joined).where(conflict)
+    ).mappings().all()
+    if bad:
+        ledger = dict(conn.execute(
+            sa.select(schema.file_ledger.c.source_checksum, schema.file_ledger.c.file_name)
+        ).all())
+        now = datetime.now(UTC)
+        payload = []
+        for row in bad:
+            reasons = []
+            if row["event_date"] < row["proc_date"]:
+                reasons.append("event_date:before_procedure")
+            if row["site_id"] != row["proc_site"]:
+                reasons.append("site_id:differs_from_procedure")
+            values = {k: row[k] for k in COMPLICATION_VALUE_COLUMNS}
+            payload.append({
+                "source_checksum": row["source_checksum"],
+                "record_number": row["source_record"],
+                "file_name": ledger.get(row["source_checksum"], "unknown"),
+                "kind": COMPLICATIONS,
+                "site_id": row["site_id"],
+                "record_id": row["complication_id"],
+                "raw_values": json.dumps(values, default=str, sort_keys=True),
+                "reasons": json.dumps(reasons),
+                "quarantined_at": now,
+            })
+        conn.execute(
+            _insert_for(conn, schema.quarantine).values(payload).on_conflict_do_nothing()
+        )
+        ids = [row["complication_id"] for row in bad]
+        conn.execute(pend.delete().where(pend.c.complication_id.in_(ids)))
+    columns = COMPLICATION_VALUE_COLUMNS + ["source_checksum", "extract_ts"]
+    ready = sa.select(*[pend.c[c] for c in columns]).select_from(joined).where(sa.true())
+    count = conn.execute(sa.select(sa.func.count()).select_from(ready.subquery())).scalar_one()
+    if count:
+        _upsert_from(conn, schema.complication, "complication_id", ready, columns)
+        conn.execute(pend.delete().where(
+            pend.c.procedure_id.in_(sa.select(proc.c.procedure_id))
+        ))
+        _settle_complications(conn)
+    return int(count)
+
+
+def _settle_complications(conn: sa.Connection, ids: sa.Select | None = None) -> None:
+    """Keep each complication's newest version in exactly one of current/pending."""
+    comp, pend = schema.complication, schema.pending_complication
+    newer_pending = sa.exists().where(
+        pend.c.complication_id == comp.c.complication_id, _newer(pend, comp)
+    )
+    newer_or_same_current = sa.exists().where(
+        comp.c.complication_id == pend.c.complication_id, ~_newer(pend, comp)
+    )
+    delete_current = comp.delete().where(newer_pending)
+    delete_pending = pend.delete().where(newer_or_same_current)
+    if ids is not None:
+        delete_current = delete_current.where(comp.c.complication_id.in_(ids))
+        delete_pending = delete_pending.where(pend.c.complication_id.in_(ids))
+    conn.execute(delete_current)
+    conn.execute(delete_pending)
+
+
+def _merge_procedures(conn, stage, checksum, extract_ts, result: FileResult) -> None:
+    names = PROCEDURE_VALUE_COLUMNS
+    counts = _classify(conn, stage, schema.procedure, "procedure_id", names, checksum, extract_ts)
+    columns = names + ["source_checksum", "extract_ts"]
+    select = _stage_select(stage, names, checksum, extract_ts)
+    conn.execute(
+        _insert_for(conn, schema.procedure_version).from_select(columns, select)
+        .on_conflict_do_nothing()
+    )
+    _upsert_from(conn, schema.procedure, "procedure_id", select, columns)
+    for name, value in counts.items():
+        setattr(result, name, value)
+    result.promoted = promote_pending(conn)
+
+
+def _merge_complications(conn, stage, checksum, extract_ts, result: FileResult) -> None:
+    names = COMPLICATION_VALUE_COLUMNS
+    comp, pend, proc = schema.complication, schema.pending_complication, schema.procedure
+    known = stage.c.procedure_id.in_(sa.select(proc.c.procedure_id))
+    counts = _classify(conn, stage, comp, "complication_id", names, checksum, extract_ts, known)
+    columns = names + ["source_checksum", "extract_ts"]
+    select = _stage_select(stage, names, checksum, extract_ts)
+    conn.execute(
+        _insert_for(conn, schema.complication_version).from_select(columns, select)
+        .on_conflict_do_nothing()
+    )
+    _upsert_from(conn, comp, "complication_id", select.where(known), columns)
+    pending_select = sa.select(
+        *[stage.c[n] for n in names],
+        sa.literal(checksum, sa.String).label("source_checksum"),
+        sa.literal(extract_ts, sa.String).label("extract_ts"),
+        stage.c.record_number.label("source_record"),
+    ).where(~known)
+    _upsert_from(conn, pend, "complication_id", pending_select, columns + ["source_record"])
+    result.pending = int(conn.execute(
+        sa.select(sa.func.count()).select_from(stage).where(~known)
+    ).scalar_one())
+    for name, value in counts.items():
+        setattr(result, name, value)
+    _settle_complications(conn, sa.select(stage.c.complication_id))
+
+
+def _ledger_values(extract: ExtractFile | None, path: Path, checksum: str | None,
+                   result: FileResult) -> dict:
+    return {
+        "source_checksum": checksum,
+        "file_name": path.name,
+        "kind": result.kind,
+        "extract_ts": extract_stamp(path.name),
+        "status": result.status,
+        "reason": result.reason,
+        "rows_read": result.rows_read,
+        "rows_inserted": result.inserted,
+        "rows_updated": result.updated,
+        "rows_unchanged": result.unchanged + result.stale,
+        "rows_quarantined": result.quarantined,
+        "rows_pending": result.pending,
+        "quarantine_reasons": json.dumps(result.quarantine_reasons, sort_keys=True),
+        "dropped_columns": json.dumps(result.dropped_columns),
+        "processed_at": datetime.now(UTC),
+    }
+
+
+def record_rejection(engine: sa.Engine, path: Path, checksum: str | None, result: FileResult) -> None:
+    """Write (or refresh) the ledger row of a rejected file in its own transaction."""
+    if checksum is None:
+        return  # nothing readable to key the ledger on (missing file)
+    values = _ledger_values(None, path, checksum, result)
+    with engine.begin() as conn:
+        statement = _insert_for(conn, schema.file_ledger).values(values)
+        conn.execute(statement.on_conflict_do_update(
+            index_elements=["source_checksum"],
+            set_={k: statement.excluded[k] for k in values if k != "source_checksum"},
+            where=schema.file_ledger.c.status != "loaded",
+        ))
+
+
+def max_plausible_date(file_name: str, processing_day: date) -> date:
+    """Latest plausible event date for a file: its extract date, else the processing day."""
+    stamp = extract_stamp(file_name)
+    if stamp.startswith("00000000"):
+        return processing_day
+    try:
+        return datetime.strptime(stamp[:8], "%Y%m%d").date()
+    except ValueError:
+        return processing_day
+
+
+def load_file(
+    engine: sa.Engine, path: Path, *, key: bytes, chunk_rows: int, max_bad_share: float,
+    expectations_dir: Path, processing_day: date,
+) -> FileResult:
+    """Validate and load one extract file; never raises for a bad file (it is reported)."""
+    from pipelines.ingest.reader import file_checksum
+
+    result = FileResult(path=str(path), kind=kind_of(path.name), status="loaded")
+    if not path.is_file():
+        result.status, result.reason = "rejected", f"{path}: no such file"
+        return result
+    checksum = file_checksum(path)
+    result.checksum = checksum
+    ledger = schema.file_ledger
+    with engine.connect() as conn:
+        status = conn.execute(
+            sa.select(ledger.c.status).where(ledger.c.source_checksum == checksum)
+        ).scalar_one_or_none()
+    if status == "loaded":
+        result.status, result.reason = "duplicate", "already loaded (same checksum)"
+        return result
+    try:
+        extract = open_extract(path)
+        result.kind, result.dropped_columns = extract.kind, extract.dropped_columns
+        extract_ts = extract_stamp(path.name)
+        with engine.begin() as conn:
+            stage = _stage_table(extract.kind)
+            stage.drop(conn, checkfirst=True)
+            stage.create(conn)
+            quarantine = _Quarantine(conn, extract, key)
+            result.rows_read = _stage_file(
+                conn, extract, stage, quarantine, key, chunk_rows, expectations_dir,
+                max_plausible_date(path.name, processing_day),
+            )
+            _check_whole_file(conn, extract, stage, quarantine)
+            result.quarantined = quarantine.count
+            result.quarantine_reasons = dict(sorted(quarantine.reasons.items()))
+            if result.rows_read and quarantine.count / result.rows_read > max_bad_share:
+                raise FileRejected(
+                    f"{path.name}: {quarantine.count} of {result.rows_read} rows invalid "
+                    f"({quarantine.count / result.rows_read:.0%} > {max_bad_share:.0%} allowed); "
+                    f"top reasons: {', '.join(r for r, _ in quarantine.reasons.most_common(3))}"
+                )
+            if extract.kind == PROCEDURES:
+                _merge_procedures(conn, stage, checksum, extract_ts, result)
+            else:
+                _merge_complications(conn, stage, checksum, extract_ts, result)
+            stage.drop(conn)
+            conn.execute(ledger.insert().values(_ledger_values(extract, path, checksum, result)))
+    except FileRejected as exc:
+        result.status, result.reason = "rejected", str(exc)
+        for name in ("inserted", "updated", "unchanged", "stale", "pending", "promoted"):
+            setattr(result, name, 0)
+        record_rejection(engine, path, checksum, result)
+    return result

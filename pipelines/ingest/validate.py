@@ -1,0 +1,206 @@
+"""Row validation with the Great Expectations suites in ``expectations/``.
+
+A chunk of text records becomes a DataFrame with, for each contract column, the
+stripped text (empty -> null) and, for numeric and date columns, two derived
+columns: ``<col>__parses`` (the text is a valid value or empty) and ``<col>__value``
+(the typed value). The GX suite for the extract kind then runs on that frame with
+``result_format=COMPLETE`` so every failing row index comes back; each expectation
+carries its quarantine reason code in ``meta.reason``. A row can collect several
+reasons; a row with none is valid and is returned typed, ready to load.
+
+The suites are data (versioned JSON); this module only loads and runs them. A GX
+context is built once per process and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import date
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.contract import COLUMNS, FALSE_WORDS, TRUE_WORDS, ColumnSpec
+
+log = logging.getLogger(__name__)
+
+_INT_TEXT = r"^[+]?[0-9]{1,9}$"
+# Balloon kyphoplasty entered practice around 1998; earlier dates are typing errors.
+EARLIEST_DATE = date(2000, 1, 1)
+
+
+def _epoch_day(day: date) -> int:
+    return (day - date(1970, 1, 1)).days
+
+
+@dataclass
+class ValidatedChunk:
+    """Valid rows (typed, contract columns) and the reasons for every invalid row."""
+
+    valid: pd.DataFrame  # typed; index = record number
+    invalid: dict[int, list[str]]  # record number -> reason codes
+    raw: pd.DataFrame  # text values, index = record number (for quarantine)
+
+
+def load_suite(expectations_dir: Path, kind: str) -> dict:
+    """Read the suite JSON for ``kind`` (``procedures`` or ``complications``)."""
+    path = expectations_dir / f"{kind}.json"
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+class SuiteRunner:
+    """Runs one GX expectation suite on pandas DataFrames, reusing one ephemeral context."""
+
+    def __init__(self, suite_json: dict):
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.suite_json = suite_json
+        self.reasons = [exp["meta"]["reason"] for exp in suite_json["expectations"]]
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        name = suite_json["name"]
+        suite = context.suites.add(
+            gx.ExpectationSuite(name=name, expectations=suite_json["expectations"])
+        )
+        batch = (
+            context.data_sources.add_pandas(f"{name}_source")
+            .add_dataframe_asset(f"{name}_frame")
+            .add_batch_definition_whole_dataframe(f"{name}_batch")
+        )
+        self._validation = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{name}_validation", data=batch, suite=suite)
+        )
+        self._reason_by_id = {
+            exp.id: exp.meta["reason"] for exp in suite.expectations
+        }
+
+    def failing_rows(self, frame: pd.DataFrame, parameters: dict) -> dict[int, list[str]]:
+        """Return {positional row index: [reason, ...]} for rows failing any expectation.
+
+        An expectation that could not be evaluated at all (a GX error) is a bug in the
+        suite, never a row problem, so it raises instead of passing silently.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = self._validation.run(
+                batch_parameters={"dataframe": frame},
+                expectation_parameters=parameters,
+                result_format={"result_format": "COMPLETE"},
+            )
+        failing: dict[int, list[str]] = {}
+        for item in result.results:
+            error = _raised(item.exception_info)
+            if error:
+                raise RuntimeError(
+                    f"expectation {item.expectation_config.type} on "
+                    f"{item.expectation_config.kwargs.get('column')} could not run: {error}"
+                )
+            if item.success:
+                continue
+            reason = self._reason_by_id.get(item.expectation_config.id) or (
+                item.expectation_config.meta or {}
+            ).get("reason", item.expectation_config.type)
+            for position in item.result.get("unexpected_index_list") or []:
+                failing.setdefault(int(position), []).append(reason)
+        return failing
+
+
+def _raised(info: dict | None) -> str | None:
+    """Return the message of an exception GX caught while evaluating, if any."""
+    if not info:
+        return None
+    if info.get("raised_exception"):
+        return str(info.get("exception_message"))
+    for nested in info.values():  # GX nests errors per metric
+        if isinstance(nested, dict) and nested.get("raised_exception"):
+            return str(nested.get("exception_message"))
+    return None
+
+
+@lru_cache(maxsize=8)
+def _runner(expectations_dir: str, kind: str) -> SuiteRunner:
+    return SuiteRunner(load_suite(Path(expectations_dir), kind))
+
+
+def _text_frame(records: list[list[str]], columns: list[str], kind: str) -> pd.DataFrame:
+    # Arrow-backed strings: vectorised string operations are several times faster.
+    by_name = dict(zip(columns, zip(*records, strict=True), strict=True)) if records else {}
+    frame = pd.DataFrame(
+        {
+            spec.name: pd.Series(by_name.get(spec.name, ("",) * len(records)), dtype="str")
+            for spec in COLUMNS[kind]
+        }
+    )
+    return frame.apply(lambda column: column.str.strip())
+
+
+def _derive(frame: pd.DataFrame, spec: ColumnSpec, checked: pd.DataFrame) -> None:
+    text = frame[spec.name]
+    empty = text == ""
+    if spec.dtype == "int":
+        well_formed = text.str.match(_INT_TEXT)
+        values = pd.to_numeric(text.where(well_formed), errors="coerce")
+        checked[f"{spec.name}__parses"] = empty | well_formed
+        checked[f"{spec.name}__value"] = values.astype("float64")
+    elif spec.dtype == "date":
+        values = pd.to_datetime(text.where(~empty), format="%Y-%m-%d", errors="coerce")
+        checked[f"{spec.name}__parses"] = empty | values.notna()
+        checked[f"{spec.name}__value"] = values
+        # GX compares numbers vectorised (dates element by element), so ranges use day numbers.
+        days = values.to_numpy(dtype="datetime64[D]").astype("int64").astype("float64")
+        checked[f"{spec.name}__epoch_day"] = np.where(values.isna(), np.nan, days)
+
+
+def validate_chunk(
+    records: list[list[str]],
+    record_numbers: list[int],
+    columns: list[str],
+    kind: str,
+    expectations_dir: Path,
+    max_date: date,
+) -> ValidatedChunk:
+    """Validate one chunk of text records against the suite for ``kind``."""
+    raw = _text_frame(records, columns, kind)
+    raw.index = pd.Index(record_numbers, name="record_number")
+    checked = raw.where(raw != "", None).reset_index(drop=True)
+    for spec in COLUMNS[kind]:
+        if spec.dtype == "bool":
+            checked[spec.name] = checked[spec.name].str.lower()
+        _derive(raw.reset_index(drop=True), spec, checked)
+    runner = _runner(str(expectations_dir), kind)
+    failing = runner.failing_rows(
+        checked, {"min_epoch_day": _epoch_day(EARLIEST_DATE), "max_epoch_day": _epoch_day(max_date)}
+    )
+    bad_positions = np.fromiter(failing.keys(), dtype=np.int64, count=len(failing))
+    good_mask = np.ones(len(checked), dtype=bool)
+    good_mask[bad_positions] = False
+    valid = _typed(checked[good_mask], kind)
+    valid.index = raw.index[good_mask]
+    invalid = {int(raw.index[pos]): reasons for pos, reasons in failing.items()}
+    return ValidatedChunk(valid=valid, invalid=invalid, raw=raw)
+
+
+def _typed(checked: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Convert validated rows to load-ready Python types (bools, ints, dates)."""
+    out = pd.DataFrame(index=checked.index)
+    for spec in COLUMNS[kind]:
+        if spec.dtype == "int":
+            out[spec.name] = checked[f"{spec.name}__value"].astype("int64")
+        elif spec.dtype == "date":
+            out[spec.name] = checked[f"{spec.name}__value"].dt.date
+        elif spec.dtype == "bool":
+            lowered = checked[spec.name]
+            out[spec.name] = lowered.isin(TRUE_WORDS)
+            assert not (~lowered.isin(TRUE_WORDS | FALSE_WORDS)).any()
+        else:
+            out[spec.name] = checked[spec.name]
+    return out
