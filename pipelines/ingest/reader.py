@@ -156,6 +156,14 @@ def open_extract(path: Path) -> ExtractFile:
     )
 
 
+def _reject_nul(lines: Iterator[str]) -> Iterator[str]:
+    """Pass lines through, failing on a NUL byte (binary data; PostgreSQL text cannot hold it)."""
+    for line in lines:
+        if "\x00" in line:
+            raise csv.Error("line contains NUL")
+        yield line
+
+
 def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
     """Yield the data rows in chunks of at most ``chunk_rows`` records.
 
@@ -171,7 +179,7 @@ def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
     number = 0
     try:
         with _open_text(extract.path) as text:
-            reader = csv.reader(text, strict=False)
+            reader = csv.reader(_reject_nul(text), strict=False)
             next(reader, None)  # header, already checked
             for row in reader:
                 if not row or (len(row) == 1 and not row[0].strip()):
