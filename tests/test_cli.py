@@ -1,0 +1,65 @@
+"""The kyphowatch command: every sub-command registers, errors are one line with a meaningful exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.cli import build_parser
+from tests.ingest_helpers import PROC_HEADER, csv_text, proc_row, write
+
+REPO = Path(__file__).resolve().parents[1]
+EXPECTED = {"simulate", "ingest", "monitor", "site", "report", "alerts"}
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO,
+                          env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_every_command_registers(capsys):
+    parser = build_parser()
+    choices = set(parser._subparsers._group_actions[0].choices)
+    assert EXPECTED <= choices
+    assert "unavailable" not in capsys.readouterr().err
+
+
+def test_ingest_exit_codes_and_json(tmp_path):
+    good = write(tmp_path / "ok" / "procedures_20240201.csv",
+                 csv_text(PROC_HEADER, [proc_row("P1", patient="PT-SECRET-1")]))
+    bad = write(tmp_path / "bad" / "procedures_20240202.csv", "a;b;c\n1;2;3\n")
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    ok = run("ingest", "--db", db, "--json", str(good), env={"KYPHOWATCH_DEMO": "1"})
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["files"][0]["inserted"] == 1
+    rejected = run("ingest", "--db", db, str(bad), env={"KYPHOWATCH_DEMO": "1"})
+    assert rejected.returncode == 2
+    assert "wrong delimiter" in rejected.stdout
+    assert "Traceback" not in rejected.stderr
+    for out in (ok, rejected):
+        assert "PT-SECRET" not in out.stdout + out.stderr
+
+
+def test_refuses_to_load_without_a_pseudonym_key(tmp_path):
+    good = write(tmp_path / "procedures_20240201.csv", csv_text(PROC_HEADER, [proc_row()]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KYPHOWATCH_")}
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "ingest", "--db",
+                             f"sqlite:///{tmp_path / 'w.db'}", str(good)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3
+    assert "KYPHOWATCH_PSEUDONYM_KEY" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_warehouse_is_exit_4(tmp_path):
+    good = write(tmp_path / "procedures_20240201.csv", csv_text(PROC_HEADER, [proc_row()]))
+    result = run("ingest", "--db", "postgresql://nobody:secret@127.0.0.1:1/none", str(good),
+                 env={"KYPHOWATCH_DEMO": "1"})
+    assert result.returncode == 4
+    assert "cannot open warehouse" in result.stderr
+    assert "secret" not in result.stderr  # password redacted
+    assert "Traceback" not in result.stderr
