@@ -70,6 +70,6 @@ def snapshot(db_url: str) -> dict[str, list[tuple]]:
         for table in SNAPSHOT_TABLES:
             cols = [c for c in table.columns if c.name not in _VOLATILE]
             rows = conn.execute(sa.select(*cols)).all()
-            out[table.name] = sorted((tuple(str(v) for v in row) for row in rows))
+            out[table.name] = sorted(tuple(str(v) for v in row) for row in rows)
     engine.dispose()
     return out
