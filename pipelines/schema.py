@@ -20,11 +20,13 @@ Design notes
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -236,6 +238,14 @@ alert_outbox = sa.Table(
     sa.Column("sent_at", sa.DateTime(timezone=True)),
 )
 
+# Digest of the views.sql last applied, so views are re-created only when the file changes.
+schema_views = sa.Table(
+    "schema_views",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("digest", sa.String(DIGEST), nullable=False),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
@@ -249,7 +259,12 @@ def _migration_1(conn: sa.Connection) -> None:
     metadata.create_all(conn, checkfirst=True)
 
 
-MIGRATIONS = {1: _migration_1}
+def _migration_2(conn: sa.Connection) -> None:
+    """Version 2: remember which views.sql is applied (avoids re-creating views on every start)."""
+    schema_views.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _migration_1, 2: _migration_2}
 
 
 def _views_sql(sql_dir: Path) -> list[str]:
@@ -261,31 +276,76 @@ def _views_sql(sql_dir: Path) -> list[str]:
     return [stmt.strip() for stmt in "\n".join(lines).split(";") if stmt.strip()]
 
 
+def _is_current(engine: sa.Engine, digest: str | None) -> bool:
+    """True when every migration and the current views are already applied (no lock needed)."""
+    try:
+        with engine.connect() as conn:
+            versions = set(conn.scalars(sa.select(schema_version.c.version)))
+            views = conn.execute(
+                sa.select(schema_views.c.digest).where(schema_views.c.name == "views")
+            ).scalar_one_or_none()
+    except sa.exc.DBAPIError:
+        return False  # tables missing: a first start
+    return versions >= set(MIGRATIONS) and (digest is None or views == digest)
+
+
+@contextmanager
+def _migration_lock(engine: sa.Engine) -> Iterator[None]:
+    """Serialise migrations across processes (a file lock beside a SQLite database).
+
+    PostgreSQL is serialised inside the migration transaction with an advisory lock.
+    """
+    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    import fcntl
+
+    with open(f"{database}.migrate-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Arbitrary constant naming kyphowatch's migration lock among PostgreSQL advisory locks.
+_ADVISORY_LOCK_KEY = 7_406_108
+
+
 def migrate(engine: sa.Engine, sql_dir: Path | None = None) -> int:
     """Bring the database up to :data:`SCHEMA_VERSION`; return the version now in force.
 
-    Safe to call on every start and from several processes: each step runs in its own
-    transaction and is recorded in ``schema_version``.
+    Safe to call on every start and from several processes at once: the steps run in
+    one transaction under a lock, each recorded in ``schema_version``; views are
+    re-created only when ``sql/views.sql`` changed.
     """
+    import hashlib
     from datetime import UTC, datetime
 
     from pipelines.settings import REPO_DIR
 
     sql_dir = sql_dir or REPO_DIR / "sql"
-    with engine.begin() as conn:
+    views_path = sql_dir / "views.sql"
+    digest = hashlib.sha256(views_path.read_bytes()).hexdigest() if views_path.exists() else None
+    if _is_current(engine, digest):
+        return max(MIGRATIONS)
+    with _migration_lock(engine), engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_ADVISORY_LOCK_KEY)))
         schema_version.create(conn, checkfirst=True)
         applied = set(conn.scalars(sa.select(schema_version.c.version)))
-    for version in sorted(MIGRATIONS):
-        if version in applied:
-            continue
-        with engine.begin() as conn:
+        for version in sorted(set(MIGRATIONS) - applied):
             MIGRATIONS[version](conn)
             conn.execute(
                 schema_version.insert().values(version=version, applied_at=datetime.now(UTC))
             )
-    statements = _views_sql(sql_dir)
-    if statements:
-        with engine.begin() as conn:
-            for statement in statements:
+        current = conn.execute(
+            sa.select(schema_views.c.digest).where(schema_views.c.name == "views")
+        ).scalar_one_or_none()
+        if digest is not None and current != digest:
+            for statement in _views_sql(sql_dir):
                 conn.exec_driver_sql(statement)
+            conn.execute(schema_views.delete().where(schema_views.c.name == "views"))
+            conn.execute(schema_views.insert().values(name="views", digest=digest))
     return max(MIGRATIONS)

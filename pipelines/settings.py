@@ -30,6 +30,14 @@ KYPHOWATCH_WEBHOOK_URL
     URL that receives JSON alert posts.
 KYPHOWATCH_REPORT_BASE_URL
     Base URL (or path) quoted in alerts as "where to look".
+KYPHOWATCH_MAIL_FROM
+    Sender of alert e-mails. Default ``kyphowatch <kyphowatch@localhost>``.
+KYPHOWATCH_ALERT_QUARANTINE_SHARE
+    A loaded file whose quarantined share of rows is above this raises a data-quality
+    alert. Default 0.10.
+KYPHOWATCH_SILENT_SITE_DAYS
+    A site that used to send procedures and sent none for this many days raises a
+    data-quality alert. Default 60.
 """
 
 from __future__ import annotations
@@ -74,6 +82,9 @@ class Settings:
     smtp_url: str | None = None
     webhook_url: str | None = None
     report_base_url: str | None = None
+    mail_from: str = "kyphowatch <kyphowatch@localhost>"
+    alert_quarantine_share: float = 0.10
+    silent_site_days: int = 60
 
     def with_db(self, db_url: str | None) -> Settings:
         """Return a copy with ``db_url`` replaced when one is given (CLI ``--db``)."""
@@ -128,7 +139,11 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         "smtp_url": env.get("KYPHOWATCH_SMTP_URL") or None,
         "webhook_url": env.get("KYPHOWATCH_WEBHOOK_URL") or None,
         "report_base_url": env.get("KYPHOWATCH_REPORT_BASE_URL") or None,
+        "alert_quarantine_share": _float(env, "KYPHOWATCH_ALERT_QUARANTINE_SHARE", 0.10, 0.0, 1.0),
+        "silent_site_days": int(_float(env, "KYPHOWATCH_SILENT_SITE_DAYS", 60, 1, 3650)),
     }
+    if env.get("KYPHOWATCH_MAIL_FROM"):
+        values["mail_from"] = env["KYPHOWATCH_MAIL_FROM"]
     if env.get("KYPHOWATCH_PROFILE"):
         values["profile_path"] = Path(env["KYPHOWATCH_PROFILE"])
     values.update({key: value for key, value in overrides.items() if value is not None})

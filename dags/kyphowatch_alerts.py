@@ -1,0 +1,58 @@
+"""Raise alerts for new signals and data-quality facts, then deliver them.
+
+Runs when the monitor updates the signals Asset and every 15 minutes, so deliveries that
+failed (mail server or webhook down) are retried without waiting for new data. Alerts are
+de-duplicated by key and episode and delivered through a transactional outbox: each alert
+reaches each channel once, with a stable Message-ID / Idempotency-Key (docs/operations.md).
+The ``as_of`` param (YYYY-MM-DD) fixes the date for the "site stopped sending" rule.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from kyphowatch_assets import SIGNALS
+
+default_args = {"owner": "kyphowatch", "retries": 2, "retry_delay": timedelta(minutes=1)}
+
+
+@dag(
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("*/15 * * * *", timezone="UTC"), assets=SIGNALS
+    ),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args,
+    params={"as_of": Param("", type="string", description="YYYY-MM-DD; empty = newest data")},
+    tags=["kyphowatch", "alerts"],
+    doc_md=__doc__,
+)
+def kyphowatch_alerts():
+    @task
+    def sync_alerts(params: dict | None = None) -> dict:
+        """Create alerts (and their outbox rows) for conditions not alerted yet."""
+        from datetime import date
+
+        from kyphowatch_config import build_settings
+
+        from pipelines.alerts import sync_alerts as sync
+
+        as_of = date.fromisoformat(params["as_of"]) if params and params.get("as_of") else None
+        return sync(build_settings(), as_of).to_dict()
+
+    @task
+    def deliver_outbox() -> dict:
+        """Send queued alert messages; fail (and retry) if some could not be sent."""
+        from kyphowatch_config import build_settings
+
+        from pipelines.alerts import deliver_outbox as deliver
+
+        result = deliver(build_settings())
+        result.raise_if_retrying()
+        return result.to_dict()
+
+    sync_alerts() >> deliver_outbox()
+
+
+kyphowatch_alerts()

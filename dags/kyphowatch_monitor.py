@@ -1,0 +1,48 @@
+"""Recompute the surveillance charts and tests and store the signals they raise.
+
+Runs whenever the warehouse Assets change (``kyphowatch_ingest`` loaded something). The
+monitor is deterministic for a given ``as_of`` and warehouse content, so a rerun gives the
+same signals. ``as_of`` comes from the ``as_of`` param (YYYY-MM-DD, to rerun for a past
+date); when empty the engine uses the newest procedure date in the warehouse. The run's
+data interval is not used: for an asset-triggered run it is the time the event arrived,
+not a date the data describes, and would make reruns depend on the wall clock.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import Param, dag, task
+from kyphowatch_assets import COMPLICATIONS, PROCEDURES, SIGNALS
+
+default_args = {"owner": "kyphowatch", "retries": 2, "retry_delay": timedelta(minutes=1)}
+
+
+@dag(
+    schedule=(PROCEDURES | COMPLICATIONS),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args,
+    params={"as_of": Param("", type="string", description="YYYY-MM-DD; empty = newest data")},
+    tags=["kyphowatch", "surveillance"],
+    doc_md=__doc__,
+)
+def kyphowatch_monitor():
+    @task(outlets=[SIGNALS])
+    def run_monitor(params: dict | None = None) -> dict:
+        """Run the monitor for ``as_of`` and store its signals; return the run summary."""
+        from datetime import date
+
+        from kyphowatch_config import build_settings
+
+        from pipelines.surveillance.engine import run_monitor as monitor
+
+        as_of = date.fromisoformat(params["as_of"]) if params and params.get("as_of") else None
+        result = monitor(build_settings(), as_of)
+        return {"run_key": result.run_key, "as_of": str(result.as_of),
+                "signals": len(result.signals), "new_signal_keys": result.new_signal_keys}
+
+    run_monitor()
+
+
+kyphowatch_monitor()

@@ -1,0 +1,609 @@
+"""Which warehouse facts raise an alert, and the life cycle of an alert once raised.
+
+Conditions
+----------
+Every sync recomputes the set of *active conditions* from the warehouse:
+
+* an active signal (``signal.active``): category ``safety`` (this includes the sentinel
+  rule, which the engine reports as a ``sentinel_event`` signal) and ``process`` go to the
+  safety recipients; ``under_reporting`` goes to the data-quality recipients;
+* a rejected extract (``file_ledger.status = 'rejected'``);
+* a loaded extract whose quarantined share of rows is above ``quarantine_share``;
+* a site that used to send procedures but has sent none for ``silent_days`` before
+  ``as_of`` (default: the newest procedure date in the warehouse, so the rule measures a
+  site against the rest of the registry, not against the wall clock).
+
+Each condition has a stable ``dedupe_key``: ``signal:<site>:<metric>:<direction>`` (all
+active signals of one site, metric and direction -- every method and signal episode --
+make one alert that lists them), ``rejected:<checksum>``, ``quarantine:<checksum>``,
+``silent:<site_id>``.
+
+Episodes
+--------
+There is one alert per ``(dedupe_key, episode)``; the alert id is the SHA-256 of both, so a
+rerun (or two syncs racing each other) can never create a second copy. A condition that
+persists raises nothing new, even after a human resolved its alert. A new episode of the
+same key is raised once the alert is resolved and the condition breaches again: it was
+seen *cleared* after the alert was raised and is active again, or (for signals) a signal
+episode appears that the resolved alert did not cover. Sync records the clear / return it observes
+as audit rows by ``kyphowatch`` whose state does not change; those rows are the memory
+that tells a re-breach from a persisting breach.
+
+Life cycle
+----------
+``open -> acknowledged -> resolved`` (``open -> resolved`` is allowed too). Every change,
+and the creation itself, is a row in ``alert_audit`` with who, when and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from pipelines.db import make_engine
+from pipelines.errors import InputRejected
+from pipelines.schema import alert, alert_audit, alert_outbox, file_ledger, procedure, signal
+from pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_migrated: set[str] = set()
+_migrate_lock = threading.Lock()
+
+
+def warehouse(settings: Settings) -> sa.Engine:
+    """Return an engine for the warehouse, migrating its schema once per process.
+
+    Alert syncs and deliveries run often (every few minutes) and sometimes side by side;
+    re-creating the analyst views on every call would be wasted work and, on SQLite, two
+    processes re-creating the same view can trip over each other.
+    """
+    with _migrate_lock:
+        first = settings.db_url not in _migrated
+        engine = make_engine(settings.db_url, migrate=first)
+        _migrated.add(settings.db_url)
+    return engine
+
+SAFETY = "safety"
+DATA_QUALITY = "data_quality"
+KINDS = (SAFETY, DATA_QUALITY)
+
+OPEN = "open"
+ACKNOWLEDGED = "acknowledged"
+RESOLVED = "resolved"
+STATES = (OPEN, ACKNOWLEDGED, RESOLVED)
+TRANSITIONS = {OPEN: {ACKNOWLEDGED, RESOLVED}, ACKNOWLEDGED: {RESOLVED}, RESOLVED: set()}
+
+SYSTEM_ACTOR = "kyphowatch"
+CONDITION_CLEARED = "condition cleared"
+CONDITION_RETURNED = "condition active again"
+
+# Signal category -> alert kind. Process signals (e.g. no MDT discussion) are a matter of
+# clinical governance, so they go to the safety recipients.
+CATEGORY_KIND = {"safety": SAFETY, "process": SAFETY, "under_reporting": DATA_QUALITY}
+
+# A site "used to send" when it had at least this many procedures in the year before the
+# silent window; a site that never sent much is not reported as having stopped.
+MIN_PRIOR_PROCEDURES = 3
+PRIOR_WINDOW_DAYS = 365
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One fact that deserves an alert while it is true."""
+
+    kind: str
+    dedupe_key: str
+    title: str
+    payload: dict[str, Any]
+    signal_key: str | None = None
+    site_id: str | None = None
+    metric: str | None = None
+
+
+@dataclass
+class SyncResult:
+    """What one :func:`sync_alerts` call did."""
+
+    created: list[str] = field(default_factory=list)
+    persisting: int = 0
+    cleared: int = 0
+    returned: int = 0
+    active_conditions: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly summary."""
+        return {
+            "created": list(self.created),
+            "persisting": self.persisting,
+            "cleared": self.cleared,
+            "returned": self.returned,
+            "active_conditions": self.active_conditions,
+        }
+
+
+def alert_id_for(dedupe_key: str, episode: int) -> str:
+    """Return the deterministic id of episode ``episode`` of ``dedupe_key``."""
+    return hashlib.sha256(f"{dedupe_key}\x1f{episode}".encode()).hexdigest()
+
+
+def _iso(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return value
+
+
+def _as_date(value: Any) -> date | None:
+    if value is None or isinstance(value, date) and not isinstance(value, datetime):
+        return value
+    if isinstance(value, datetime):
+        return value.date()
+    return date.fromisoformat(str(value)[:10])
+
+
+def where_to_look(settings: Settings, site_id: str | None) -> str:
+    """Return where a reader finds the report behind an alert about ``site_id``."""
+    if settings.report_base_url:
+        base = settings.report_base_url.rstrip("/")
+        return f"{base}/{site_id}" if site_id else base
+    command = f"kyphowatch report --site {site_id}" if site_id else "kyphowatch report"
+    return f"{settings.report_dir} (or run: {command})"
+
+
+_SIGNAL_FIELDS = (
+    "signal_key", "site_id", "metric", "method", "direction", "category", "episode_start",
+    "signal_date", "observed", "expected", "n", "ci_low", "ci_high", "statistic", "threshold",
+    "p_value", "baseline", "citation", "profile_name", "profile_version",
+)  # fmt: skip
+
+
+def _signal_summary(row: sa.RowMapping) -> dict[str, Any]:
+    return {name: _iso(row[name]) for name in _SIGNAL_FIELDS}
+
+
+def _signal_conditions(conn: sa.Connection, settings: Settings) -> list[Condition]:
+    """Return one condition per (site, metric, direction) with at least one active signal.
+
+    Several methods (CUSUM, funnel, p-chart...) often flag the same problem, and a CUSUM
+    can restart and signal again while the drift lasts; one alert per site, metric and
+    direction lists them all instead of sending a message per method and episode.
+    """
+    rows = conn.execute(
+        sa.select(signal)
+        .where(signal.c.active.is_(True))
+        .order_by(signal.c.site_id, signal.c.metric, signal.c.direction,
+                  signal.c.episode_start, signal.c.method, signal.c.signal_key)  # fmt: skip
+    ).mappings()
+    groups: dict[tuple[str, str, str], list[sa.RowMapping]] = {}
+    for row in rows:
+        groups.setdefault((row["site_id"], row["metric"], row["direction"]), []).append(row)
+    conditions = []
+    for (site_id, metric, direction), members in groups.items():
+        primary = members[0]  # the earliest episode: "since when"
+        kind = CATEGORY_KIND.get(primary["category"], SAFETY)
+        methods = sorted({m["method"] for m in members})
+        if any(m["method"] == "sentinel" for m in members):
+            title = f"Sentinel event at {site_id}: {metric}"
+        else:
+            label = {"safety": "Safety", "process": "Process"}.get(primary["category"], "Data")
+            side = "above" if direction == "up" else "below"
+            title = f"{label} signal at {site_id}: {metric} {side} expected ({', '.join(methods)})"
+        payload = {
+            "type": "signal",
+            **_signal_summary(primary),
+            "methods": methods,
+            "signal_keys": sorted(m["signal_key"] for m in members),
+            "signals": [_signal_summary(m) for m in members],
+            "where": where_to_look(settings, site_id),
+        }
+        conditions.append(
+            Condition(
+                kind=kind,
+                dedupe_key=f"signal:{site_id}:{metric}:{direction}",
+                title=title,
+                payload=payload,
+                signal_key=primary["signal_key"],
+                site_id=site_id,
+                metric=metric,
+            )
+        )
+    return conditions
+
+
+def _ledger_conditions(
+    conn: sa.Connection, settings: Settings, quarantine_share: float
+) -> list[Condition]:
+    conditions = []
+    rows = conn.execute(sa.select(file_ledger).order_by(file_ledger.c.source_checksum))
+    for row in rows.mappings():
+        checksum = row["source_checksum"]
+        common = {
+            "file_name": row["file_name"],
+            "checksum": checksum,
+            "file_kind": row["kind"],
+            "extract_ts": row["extract_ts"],
+            "processed_at": _iso(row["processed_at"]),
+            "where": where_to_look(settings, None),
+        }
+        if row["status"] == "rejected":
+            conditions.append(
+                Condition(
+                    kind=DATA_QUALITY,
+                    dedupe_key=f"rejected:{checksum}",
+                    title=f"Extract rejected: {row['file_name']}",
+                    payload={"type": "rejected_file", "reason": row["reason"], **common},
+                )
+            )
+            continue
+        rows_read = row["rows_read"] or 0
+        quarantined = row["rows_quarantined"] or 0
+        if rows_read and quarantined / rows_read > quarantine_share:
+            try:
+                reasons = json.loads(row["quarantine_reasons"] or "{}")
+            except ValueError:
+                reasons = {}
+            share = quarantined / rows_read
+            conditions.append(
+                Condition(
+                    kind=DATA_QUALITY,
+                    dedupe_key=f"quarantine:{checksum}",
+                    title=f"{share:.0%} of rows quarantined in {row['file_name']}",
+                    payload={
+                        "type": "quarantine_share",
+                        "rows_read": rows_read,
+                        "rows_quarantined": quarantined,
+                        "share": round(share, 4),
+                        "threshold": quarantine_share,
+                        "quarantine_reasons": reasons,
+                        **common,
+                    },
+                )
+            )
+    return conditions
+
+
+def _silent_site_conditions(
+    conn: sa.Connection, settings: Settings, as_of: date | None, silent_days: int
+) -> list[Condition]:
+    if as_of is None:
+        as_of = _as_date(conn.scalar(sa.select(sa.func.max(procedure.c.procedure_date))))
+        if as_of is None:
+            return []
+    window_start = as_of - timedelta(days=silent_days)
+    prior_start = window_start - timedelta(days=PRIOR_WINDOW_DAYS)
+    last_date = sa.func.max(procedure.c.procedure_date)
+    prior_count = sa.func.sum(
+        sa.case((procedure.c.procedure_date > prior_start, 1), else_=0)
+    )
+    query = (
+        sa.select(procedure.c.site_id, last_date.label("last_date"), prior_count.label("prior"))
+        .where(procedure.c.procedure_date <= as_of)
+        .group_by(procedure.c.site_id)
+        .order_by(procedure.c.site_id)
+    )
+    conditions = []
+    for site_id, last, prior in conn.execute(query):
+        last = _as_date(last)
+        if last > window_start or (prior or 0) < MIN_PRIOR_PROCEDURES:
+            continue
+        days = (as_of - last).days
+        conditions.append(
+            Condition(
+                kind=DATA_QUALITY,
+                dedupe_key=f"silent:{site_id}",
+                title=f"Site {site_id} has sent no procedures for {days} days",
+                payload={
+                    "type": "silent_site",
+                    "site_id": site_id,
+                    "last_procedure_date": last.isoformat(),
+                    "days_silent": days,
+                    "silent_days_threshold": silent_days,
+                    "as_of": as_of.isoformat(),
+                    "where": where_to_look(settings, site_id),
+                },
+                site_id=site_id,
+            )
+        )
+    return conditions
+
+
+def collect_conditions(
+    conn: sa.Connection,
+    settings: Settings,
+    as_of: date | None = None,
+    *,
+    quarantine_share: float | None = None,
+    silent_days: int | None = None,
+) -> list[Condition]:
+    """Return every alert-worthy condition that is true in the warehouse now.
+
+    Thresholds default to the settings (``alert_quarantine_share``, ``silent_site_days``).
+    """
+    if quarantine_share is None:
+        quarantine_share = settings.alert_quarantine_share
+    if silent_days is None:
+        silent_days = settings.silent_site_days
+    conditions = [
+        *_signal_conditions(conn, settings),
+        *_ledger_conditions(conn, settings, quarantine_share),
+        *_silent_site_conditions(conn, settings, as_of, silent_days),
+    ]
+    return sorted(conditions, key=lambda c: c.dedupe_key)
+
+
+def channels_for(settings: Settings, kind: str) -> list[str]:
+    """Return the delivery channels configured for alerts of ``kind``."""
+    channels = []
+    recipients = settings.recipients_safety if kind == SAFETY else settings.recipients_data
+    if settings.smtp_url and recipients:
+        channels.append("email")
+    if settings.webhook_url:
+        channels.append("webhook")
+    return channels
+
+
+def message_id_for(alert_id: str, channel: str) -> str:
+    """Return the idempotency key of one alert on one channel (stable across retries)."""
+    return f"<{alert_id}.{channel}@kyphowatch>"
+
+
+def _latest_alerts(conn: sa.Connection) -> dict[str, sa.RowMapping]:
+    latest: dict[str, sa.RowMapping] = {}
+    for row in conn.execute(sa.select(alert).order_by(alert.c.episode)).mappings():
+        latest[row["dedupe_key"]] = row
+    return latest
+
+
+def _condition_markers(conn: sa.Connection) -> dict[str, str]:
+    """Return, per alert, the last clear / return observation recorded by sync."""
+    query = (
+        sa.select(alert_audit.c.alert_id, alert_audit.c.reason)
+        .where(
+            alert_audit.c.actor == SYSTEM_ACTOR,
+            alert_audit.c.reason.in_([CONDITION_CLEARED, CONDITION_RETURNED]),
+        )
+        .order_by(alert_audit.c.audit_id)
+    )
+    return {alert_id: reason for alert_id, reason in conn.execute(query)}
+
+
+def _audit(
+    conn: sa.Connection, alert_id: str, from_state: str | None, to_state: str, actor: str,
+    reason: str, now: datetime,
+) -> None:  # fmt: skip
+    conn.execute(
+        alert_audit.insert().values(
+            alert_id=alert_id, from_state=from_state, to_state=to_state, actor=actor,
+            reason=reason, at=now,
+        )  # fmt: skip
+    )
+
+
+def _create(engine: sa.Engine, settings: Settings, condition: Condition, episode: int,
+            now: datetime) -> str | None:  # fmt: skip
+    """Insert the alert, its audit row and its outbox rows in one transaction."""
+    alert_id = alert_id_for(condition.dedupe_key, episode)
+    payload = {"kind": condition.kind, "episode": episode, **condition.payload}
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                alert.insert().values(
+                    alert_id=alert_id,
+                    kind=condition.kind,
+                    dedupe_key=condition.dedupe_key,
+                    episode=episode,
+                    signal_key=condition.signal_key,
+                    site_id=condition.site_id,
+                    metric=condition.metric,
+                    title=condition.title[:255],
+                    payload=json.dumps(payload, sort_keys=True, default=str),
+                    state=OPEN,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            _audit(conn, alert_id, None, OPEN, SYSTEM_ACTOR, f"raised: {condition.title}", now)
+            for channel in channels_for(settings, condition.kind):
+                conn.execute(
+                    alert_outbox.insert().values(
+                        alert_id=alert_id,
+                        channel=channel,
+                        status="queued",
+                        attempts=0,
+                        message_id=message_id_for(alert_id, channel),
+                    )
+                )
+    except sa.exc.IntegrityError:
+        # Another sync created the same (dedupe_key, episode) first: nothing to do.
+        log.info("alert %s already exists", alert_id[:12])
+        return None
+    return alert_id
+
+
+def _new_signal_episode(condition: Condition, previous: sa.RowMapping) -> bool:
+    """Return whether ``condition`` holds a signal episode the previous alert did not cover."""
+    keys = set(condition.payload.get("signal_keys") or ())
+    covered = set(json.loads(previous["payload"]).get("signal_keys") or ())
+    return bool(keys - covered)
+
+
+def sync_alerts(
+    settings: Settings,
+    as_of: date | None = None,
+    *,
+    quarantine_share: float | None = None,
+    silent_days: int | None = None,
+) -> SyncResult:
+    """Raise alerts for new conditions and record conditions that cleared or came back."""
+    engine = warehouse(settings)
+    now = datetime.now(UTC)
+    result = SyncResult()
+    try:
+        with engine.connect() as conn:
+            conditions = collect_conditions(
+                conn, settings, as_of, quarantine_share=quarantine_share, silent_days=silent_days
+            )
+            latest = _latest_alerts(conn)
+            markers = _condition_markers(conn)
+        result.active_conditions = len(conditions)
+        for kind in KINDS:
+            if any(c.kind == kind for c in conditions) and not channels_for(settings, kind):
+                log.warning("no delivery channel configured for %s alerts", kind)
+        active_keys = set()
+        for condition in conditions:
+            active_keys.add(condition.dedupe_key)
+            previous = latest.get(condition.dedupe_key)
+            cleared = previous is not None and markers.get(previous["alert_id"]) == CONDITION_CLEARED
+            rebreach = previous is not None and previous["state"] == RESOLVED and (
+                cleared or _new_signal_episode(condition, previous)
+            )
+            if previous is None or rebreach:
+                episode = 1 if previous is None else previous["episode"] + 1
+                created = _create(engine, settings, condition, episode, now)
+                if created:
+                    result.created.append(created)
+                    log.info("raised %s alert %s: %s", condition.kind, created[:12], condition.title)
+            elif cleared:
+                with engine.begin() as conn:
+                    _audit(conn, previous["alert_id"], previous["state"], previous["state"],
+                           SYSTEM_ACTOR, CONDITION_RETURNED, now)  # fmt: skip
+                result.returned += 1
+            else:
+                result.persisting += 1
+        for key, previous in latest.items():
+            if key in active_keys or markers.get(previous["alert_id"]) == CONDITION_CLEARED:
+                continue
+            with engine.begin() as conn:
+                _audit(conn, previous["alert_id"], previous["state"], previous["state"],
+                       SYSTEM_ACTOR, CONDITION_CLEARED, now)  # fmt: skip
+            result.cleared += 1
+    finally:
+        engine.dispose()
+    return result
+
+
+# --- reading and changing alerts ---------------------------------------------------
+
+
+def find_alert(conn: sa.Connection, id_or_prefix: str) -> sa.RowMapping:
+    """Return the alert whose id is ``id_or_prefix`` or starts with it (unique prefix)."""
+    prefix = (id_or_prefix or "").strip().lower()
+    if not prefix or any(ch not in "0123456789abcdef" for ch in prefix):
+        raise InputRejected(f"not an alert id: {id_or_prefix!r} (expected hex digits)")
+    rows = (
+        conn.execute(sa.select(alert).where(alert.c.alert_id.startswith(prefix)).limit(2))
+        .mappings()
+        .all()
+    )
+    if not rows:
+        raise InputRejected(f"no alert with id {id_or_prefix!r}")
+    if len(rows) > 1:
+        raise InputRejected(f"alert id prefix {id_or_prefix!r} is ambiguous; give more digits")
+    return rows[0]
+
+
+def list_alerts(
+    settings: Settings, *, state: str | None = None, kind: str | None = None
+) -> list[dict[str, Any]]:
+    """Return alerts (newest first) with their delivery status per channel."""
+    if state is not None and state not in STATES:
+        raise InputRejected(f"unknown state {state!r}; choose from {', '.join(STATES)}")
+    if kind is not None and kind not in KINDS:
+        raise InputRejected(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    engine = warehouse(settings)
+    try:
+        with engine.connect() as conn:
+            query = sa.select(alert).order_by(alert.c.created_at.desc(), alert.c.alert_id)
+            if state:
+                query = query.where(alert.c.state == state)
+            if kind:
+                query = query.where(alert.c.kind == kind)
+            alerts = [dict(row) for row in conn.execute(query).mappings()]
+            deliveries: dict[str, dict[str, str]] = {}
+            for row in conn.execute(sa.select(alert_outbox)).mappings():
+                deliveries.setdefault(row["alert_id"], {})[row["channel"]] = row["status"]
+    finally:
+        engine.dispose()
+    for item in alerts:
+        item["delivery"] = deliveries.get(item["alert_id"], {})
+    return alerts
+
+
+def alert_detail(settings: Settings, id_or_prefix: str) -> dict[str, Any]:
+    """Return one alert with its payload, audit trail and outbox rows."""
+    engine = warehouse(settings)
+    try:
+        with engine.connect() as conn:
+            row = dict(find_alert(conn, id_or_prefix))
+            alert_id = row["alert_id"]
+            row["payload"] = json.loads(row["payload"])
+            row["audit"] = [
+                dict(r)
+                for r in conn.execute(
+                    sa.select(alert_audit)
+                    .where(alert_audit.c.alert_id == alert_id)
+                    .order_by(alert_audit.c.audit_id)
+                ).mappings()
+            ]
+            row["outbox"] = [
+                dict(r)
+                for r in conn.execute(
+                    sa.select(alert_outbox)
+                    .where(alert_outbox.c.alert_id == alert_id)
+                    .order_by(alert_outbox.c.channel)
+                ).mappings()
+            ]
+    finally:
+        engine.dispose()
+    return row
+
+
+def _transition(settings: Settings, id_or_prefix: str, to_state: str, actor: str,
+                reason: str) -> dict[str, Any]:  # fmt: skip
+    actor = (actor or "").strip()
+    reason = (reason or "").strip()
+    if not actor:
+        raise InputRejected("say who you are (--by NAME)")
+    if not reason:
+        raise InputRejected("give a reason (--reason TEXT)")
+    engine = warehouse(settings)
+    now = datetime.now(UTC)
+    try:
+        with engine.begin() as conn:
+            row = find_alert(conn, id_or_prefix)
+            from_state = row["state"]
+            if to_state not in TRANSITIONS[from_state]:
+                raise InputRejected(
+                    f"alert {row['alert_id'][:12]} is {from_state}; it cannot become {to_state}"
+                )
+            changed = conn.execute(
+                alert.update()
+                .where(alert.c.alert_id == row["alert_id"], alert.c.state == from_state)
+                .values(state=to_state, updated_at=now)
+            ).rowcount
+            if changed != 1:
+                raise InputRejected(
+                    f"alert {row['alert_id'][:12]} was changed by someone else; look again"
+                )
+            _audit(conn, row["alert_id"], from_state, to_state, actor, reason, now)
+    finally:
+        engine.dispose()
+    log.info("alert %s: %s -> %s by %s", row["alert_id"][:12], from_state, to_state, actor)
+    return {"alert_id": row["alert_id"], "from_state": from_state, "to_state": to_state}
+
+
+def acknowledge(settings: Settings, id_or_prefix: str, *, by: str, reason: str) -> dict[str, Any]:
+    """Mark an open alert as acknowledged by ``by`` for ``reason``."""
+    return _transition(settings, id_or_prefix, ACKNOWLEDGED, by, reason)
+
+
+def resolve(settings: Settings, id_or_prefix: str, *, by: str, reason: str) -> dict[str, Any]:
+    """Mark an open or acknowledged alert as resolved by ``by`` for ``reason``."""
+    return _transition(settings, id_or_prefix, RESOLVED, by, reason)

@@ -1,0 +1,170 @@
+"""The landing directory: pick up finished extract files, load them, file them away.
+
+Hospitals (or an SFTP job) drop extracts into a landing directory. A file is picked up
+only when it looks complete: temporary names (``*.part``, ``*.tmp``, ...) and dotfiles are
+ignored, and a file must not have been modified for ``min_age_seconds`` (writers that
+upload under the final name are still writing until the size and modification time
+settle). After :func:`pipelines.ingest.ingest_paths` has processed the files, loaded and
+duplicate files move to ``archive/<YYYY-MM-DD>/`` and rejected files to ``rejected/`` with a
+one-line ``<name>.reason.txt`` beside them.
+
+Everything is safe to rerun: ingest is idempotent (a file already loaded is reported as a
+duplicate), and a file whose twin with the same checksum is already in the archive (e.g.
+the move was interrupted after the copy) is simply removed from landing. This module does
+not import Airflow; the DAGs and the landing trigger call into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.settings import Settings
+
+if TYPE_CHECKING:  # the landing trigger imports this module: keep pandas & co. out of it
+    from pipelines.ingest import IngestReport
+
+log = logging.getLogger(__name__)
+
+# Names that uploaders and editors use while a file is still being written.
+PARTIAL_SUFFIXES = (".part", ".tmp", ".partial", ".filepart", ".crdownload", ".swp", ".lock")
+
+
+def is_complete_name(name: str) -> bool:
+    """Return whether ``name`` looks like a finished file rather than one being written."""
+    lowered = name.lower()
+    return not (
+        name.startswith(".") or name.endswith("~") or lowered.endswith(PARTIAL_SUFFIXES)
+    )
+
+
+def landing_files(landing_dir: Path) -> list[Path]:
+    """Return the regular files in ``landing_dir`` with complete-looking names, by name."""
+    landing_dir = Path(landing_dir)
+    if not landing_dir.is_dir():
+        return []
+    return sorted(
+        path for path in landing_dir.iterdir() if path.is_file() and is_complete_name(path.name)
+    )
+
+
+def stable_files(landing_dir: Path, min_age_seconds: float, *, now: float | None = None) -> list[Path]:
+    """Return landing files whose size and modification time have not changed for a while.
+
+    A file's modification time moves with every write, so "not modified for
+    ``min_age_seconds``" is the same as "size and mtime unchanged for that long" without
+    having to remember earlier observations (the trigger and a cron run agree).
+    """
+    now = time.time() if now is None else now
+    stable = []
+    for path in landing_files(landing_dir):
+        try:
+            modified = path.stat().st_mtime
+        except FileNotFoundError:  # picked up by someone else meanwhile
+            continue
+        if now - modified >= min_age_seconds:
+            stable.append(path)
+    return stable
+
+
+def file_checksum(path: Path) -> str:
+    """Return the checksum ingest uses for ``path`` (SHA-256 of the bytes)."""
+    from pipelines.ingest.reader import file_checksum as checksum
+
+    return checksum(path)
+
+
+def _same_content(left: Path, right: Path) -> bool:
+    return left.stat().st_size == right.stat().st_size and file_checksum(left) == file_checksum(
+        right
+    )
+
+
+def _move(source: Path, target_dir: Path) -> Path | None:
+    """Move ``source`` into ``target_dir``; return the new path (None if a twin was there)."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / source.name
+    if target.exists():
+        if _same_content(source, target):
+            source.unlink()
+            log.info("%s already filed as %s; removed from landing", source.name, target)
+            return None
+        # same name, different content: keep both, the newcomer carries its checksum
+        checksum = file_checksum(source)[:12]
+        target = target_dir / f"{source.stem}.{checksum}{source.suffix}"
+        if target.exists():
+            source.unlink()
+            return None
+    # os.replace is atomic on one filesystem; shutil.move copies then deletes across
+    # filesystems, and a crash in between is repaired by the twin check above on rerun.
+    try:
+        os.replace(source, target)
+    except OSError:
+        shutil.move(str(source), str(target))
+    return target
+
+
+def _field(result: Any, name: str) -> Any:
+    return result[name] if isinstance(result, dict) else getattr(result, name)
+
+
+def ingest_landing(settings: Settings, landing_dir: Path, *, min_age_seconds: float = 0.0
+                   ) -> IngestReport:  # fmt: skip
+    """Load the settled files in ``landing_dir``; leave them where they are."""
+    from pipelines.ingest import IngestReport, ingest_paths
+
+    files = stable_files(Path(landing_dir), min_age_seconds)
+    if not files:
+        log.info("landing %s: nothing to pick up", landing_dir)
+        return IngestReport([])
+    return ingest_paths(settings, files)
+
+
+def file_away(results: list[Any], archive_dir: Path, rejected_dir: Path, *,
+              today: date | None = None) -> None:  # fmt: skip
+    """Move each processed file to ``archive/<date>/`` or ``rejected/`` (with its reason).
+
+    ``results`` are ``FileResult`` objects or their ``to_dict()`` form (as passed between
+    Airflow tasks). Files no longer in landing (moved by an earlier attempt) are skipped.
+    """
+    archive_dir, rejected_dir = Path(archive_dir), Path(rejected_dir)
+    day = (today or datetime.now(UTC).date()).isoformat()
+    for result in results:
+        source = Path(_field(result, "path"))
+        if not source.exists():
+            continue
+        if _field(result, "status") == "rejected":
+            moved = _move(source, rejected_dir)
+            reason_path = rejected_dir / f"{(moved or rejected_dir / source.name).name}.reason.txt"
+            reason = " ".join((_field(result, "reason") or "rejected").split())
+            reason_path.write_text(reason + "\n", encoding="utf-8")
+            log.warning("%s rejected: %s", source.name, reason)
+        else:
+            _move(source, archive_dir / day)
+
+
+def loaded_kinds(results: list[Any]) -> list[str]:
+    """Return the extract kinds (sorted) for which some file changed the warehouse."""
+    return sorted(
+        {_field(r, "kind") for r in results if _field(r, "status") == "loaded" and _field(r, "kind")}
+    )
+
+
+def process_landing(
+    settings: Settings,
+    landing_dir: Path,
+    archive_dir: Path,
+    rejected_dir: Path,
+    *,
+    min_age_seconds: float = 0.0,
+    today: date | None = None,
+) -> IngestReport:
+    """Ingest the complete files in ``landing_dir`` and move each to archive or rejected."""
+    report = ingest_landing(settings, landing_dir, min_age_seconds=min_age_seconds)
+    file_away(report.files, archive_dir, rejected_dir, today=today)
+    return report
