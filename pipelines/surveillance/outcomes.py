@@ -1,0 +1,379 @@
+"""Derive one outcome flag per monitored unit (procedure or patient) from the warehouse.
+
+Why recompute everything on each run: corrections and late-arriving complications restate
+history. Reading the *current* ``procedure`` and ``complication`` tables and deriving every
+flag again makes each result a pure function of (tables, as_of, profile), so reruns are
+deterministic and a correction simply changes the next run.
+
+Maturity rule (the one that keeps the charts unbiased)
+------------------------------------------------------
+A unit counts for the CUSUM, funnel, p-chart and rare-event tests only once its outcome
+window has closed: ``index_date + window_days <= as_of``. Before that, a unit without an
+event is not yet a non-event, and counting only the early events of immature units would
+make every recent period look worse than it is. So immature units are left out entirely,
+*including* those with an event already observed. Sentinel events are the exception: any
+one is a signal on its own, so they count on their event date. Process failures (no MDT
+discussion) are known at the procedure and need no window either.
+
+* per-procedure metrics: the unit is the procedure, index date the procedure date;
+* per-patient metrics: the unit is the patient *within a site* (``site_id``,
+  ``patient_hash``); the index procedure is their first procedure at that site, and events
+  on any of their procedures at that site within the window count. The returned
+  ``unit_id`` is the index ``procedure_id``, never the patient digest.
+
+An event counts when ``index_date <= event_date <= index_date + window_days``; events dated
+before the index procedure cannot be outcomes of it and are ignored (the contract checks
+flag such rows). Only rows with ``procedure_date <= as_of`` and ``event_date <= as_of``
+are read, so a run "as of" a past date sees the past (with today's corrections applied).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from pipelines.schema import complication, procedure
+from pipelines.surveillance.profile import Metric, Profile
+
+EPOCH = date(1970, 1, 1)
+COVARIATES = (
+    "age_years",
+    "sex",
+    "steroid_use",
+    "levels_treated",
+    "indication",
+    "anaesthesia",
+    "balloons",
+)
+OUTCOME_COLUMNS = (
+    "site_id",
+    "site_code",
+    "unit_id",
+    "index_date",
+    "index_day",
+    "y",
+    "event_day",
+    *COVARIATES,
+)
+
+
+def day_number(value: date) -> int:
+    """Return days since 1970-01-01 (the integer time axis used by the engine)."""
+    return (value - EPOCH).days
+
+
+def day_to_date(day: int) -> date:
+    """Return the calendar date of an engine day number."""
+    return date.fromordinal(EPOCH.toordinal() + int(day))
+
+
+def _days(text_values: pd.Series) -> np.ndarray:
+    """Turn ISO date strings into int64 day numbers (vectorised, no per-row date objects)."""
+    parsed = pd.to_datetime(text_values, format="%Y-%m-%d")
+    return parsed.to_numpy().astype("datetime64[D]").astype(np.int64)
+
+
+@dataclass
+class Snapshot:
+    """The current warehouse rows up to ``as_of``, reduced to what the metrics need."""
+
+    as_of: date
+    procedures: pd.DataFrame
+    complications: pd.DataFrame
+    fingerprint: str
+
+    @property
+    def as_of_day(self) -> int:
+        return day_number(self.as_of)
+
+
+def latest_procedure_date(conn: sa.Connection) -> date | None:
+    """Return the newest procedure date in the warehouse (the default as_of), or None."""
+    value = conn.execute(sa.select(sa.func.max(procedure.c.procedure_date))).scalar()
+    if value is None:
+        return None
+    if isinstance(value, str):  # defensive: some drivers hand back text for aggregates
+        return date.fromisoformat(value[:10])
+    return value
+
+
+def _as_text(column: sa.ColumnElement) -> sa.ColumnElement:
+    # ISO text on both SQLite and PostgreSQL; parsed in one vectorised call below.
+    return sa.cast(column, sa.String(10))
+
+
+def _fetch(conn: sa.Connection, statement: sa.Select) -> list[tuple]:
+    """Return all rows as the driver's plain tuples.
+
+    Reading a million rows through SQLAlchemy Row objects takes about twice as long as the
+    driver's own tuples. Every column read here is text, an integer or a boolean (0/1 on
+    SQLite), which the callers convert in bulk, so the driver's values suffice.
+    """
+    result = conn.execute(statement)
+    try:
+        return result.cursor.fetchall()
+    finally:
+        result.close()
+
+
+def _fingerprint(procedures: pd.DataFrame, complications: pd.DataFrame) -> str:
+    """Return an order-independent content hash of every value the metrics read."""
+    digest = hashlib.sha256()
+    for name, frame in (("procedure", procedures), ("complication", complications)):
+        hashes = pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
+        mixed = hashes * np.uint64(0x9E3779B97F4A7C15)
+        digest.update(
+            f"{name}:{len(frame)}:{int(hashes.sum(dtype=np.uint64))}:"
+            f"{int(np.bitwise_xor.reduce(mixed)) if len(mixed) else 0}:"
+            f"{','.join(frame.columns)}".encode()
+        )
+    return digest.hexdigest()
+
+
+def _column(matrix: np.ndarray, index: int) -> np.ndarray:
+    return matrix[:, index] if matrix.size else np.empty(0, dtype=object)
+
+
+def _sorted_codes(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Return integer codes whose order follows the sorted distinct values, and the values."""
+    codes, uniques = pd.factorize(values)
+    uniques = [str(u) for u in uniques]
+    order = np.argsort(np.asarray(uniques, dtype=object), kind="mergesort")
+    remap = np.empty(len(uniques), dtype=np.int64)
+    remap[order] = np.arange(len(uniques))
+    return remap[codes] if len(codes) else codes.astype(np.int64), [uniques[i] for i in order]
+
+
+def load_snapshot(conn: sa.Connection, profile: Profile, as_of: date) -> Snapshot:
+    """Read the procedure and complication columns the profile needs, up to ``as_of``.
+
+    Procedures come back ordered by (site, procedure date, a hash of procedure_id): the
+    order the sequential charts consume. The hash only breaks ties between procedures on
+    the same day, identically on every database (a collation-dependent ORDER BY would not).
+    Strings are turned into integer codes at once; that is what makes a million rows cheap.
+    """
+    needs_patient = any(m.denominator == "patient" for m in profile.metrics if m.kind == "outcome")
+    event_types = sorted(
+        {t for m in profile.metrics if m.numerator is not None for t in m.numerator.event_types}
+    )
+    proc_columns = [
+        procedure.c.procedure_id,
+        procedure.c.site_id,
+        _as_text(procedure.c.procedure_date).label("procedure_date"),
+        *(procedure.c[name] for name in COVARIATES),
+        procedure.c.mdt_discussed,
+    ]
+    if needs_patient:
+        proc_columns.append(procedure.c.patient_hash)
+    names = [c.name for c in proc_columns]
+    matrix = np.array(
+        _fetch(conn, sa.select(*proc_columns).where(procedure.c.procedure_date <= as_of)),
+        dtype=object,
+    ).reshape(-1, len(names))
+    col = {name: _column(matrix, i) for i, name in enumerate(names)}
+    del matrix
+    site_code, sites = _sorted_codes(col["site_id"])
+    day = _days(col["procedure_date"]) if len(site_code) else np.zeros(0, np.int64)
+    procedure_id = col["procedure_id"]
+    tie = pd.util.hash_array(procedure_id) if len(procedure_id) else np.zeros(0, np.uint64)
+    order = np.lexsort((tie, day, site_code))
+    frame = {
+        # object dtype on purpose: pandas would otherwise copy a million ids into Arrow strings
+        "procedure_id": pd.Series(procedure_id[order], dtype=object),
+        "tie_hash": tie[order],
+        "site_code": site_code[order],
+        "site_id": pd.Categorical.from_codes(site_code[order], categories=sites)
+        if sites
+        else pd.Categorical([]),
+        "procedure_day": day[order],
+    }
+    for name in ("age_years", "levels_treated", "balloons"):
+        frame[name] = col[name][order].astype(np.int64)
+    for name in ("steroid_use", "mdt_discussed"):
+        frame[name] = col[name][order].astype(bool)
+    for name in ("sex", "indication", "anaesthesia"):
+        codes, categories = _sorted_codes(col[name][order])
+        frame[name] = pd.Categorical.from_codes(codes, categories=categories)
+    if needs_patient:
+        # Replace the digest by an integer code at once: it is needed only for grouping
+        # and must never leave this module.
+        frame["patient_code"] = pd.factorize(col["patient_hash"][order])[0]
+    procedures = pd.DataFrame(frame)
+    comp_columns = [
+        complication.c.procedure_id,
+        _as_text(complication.c.event_date).label("event_date"),
+        complication.c.event_type,
+        complication.c.symptomatic,
+        complication.c.severity,
+    ]
+    comp_matrix = np.array(
+        _fetch(
+            conn,
+            sa.select(*comp_columns).where(
+                complication.c.event_date <= as_of,
+                complication.c.event_type.in_(event_types),
+            ),
+        )
+        if event_types
+        else [],
+        dtype=object,
+    ).reshape(-1, len(comp_columns))
+    comp_col = {c.name: _column(comp_matrix, i) for i, c in enumerate(comp_columns)}
+    position = pd.Index(procedure_id[order], dtype=object).get_indexer(
+        pd.Index(comp_col["procedure_id"], dtype=object)
+    )
+    complications = pd.DataFrame(
+        {
+            "procedure_row": position.astype(np.int64),  # -1: procedure not (yet) known
+            "event_day": _days(comp_col["event_date"])
+            if len(position)
+            else np.zeros(0, np.int64),
+            "event_type": pd.Categorical(comp_col["event_type"]),
+            "symptomatic": comp_col["symptomatic"].astype(bool),
+            "severity": pd.Categorical(comp_col["severity"]),
+        }
+    )
+    complications = complications.loc[complications["procedure_row"] >= 0].reset_index(drop=True)
+    # The id's hash stands in for the id itself (hashing a million strings twice is slow).
+    tie_hash = procedures["tie_hash"].to_numpy()
+    fingerprint = _fingerprint(
+        procedures.drop(columns=["site_code", "procedure_id"]).assign(
+            site_id=procedures["site_code"], sex=procedures["sex"].cat.codes,
+            indication=procedures["indication"].cat.codes,
+            anaesthesia=procedures["anaesthesia"].cat.codes,
+        ),
+        complications.assign(
+            procedure_row=tie_hash[complications["procedure_row"].to_numpy()],
+            event_type=complications["event_type"].astype(object),
+            severity=complications["severity"].astype(object),
+        ),
+    )
+    return Snapshot(
+        as_of=as_of, procedures=procedures, complications=complications, fingerprint=fingerprint
+    )
+
+
+def _matching_events(snapshot: Snapshot, metric: Metric) -> pd.DataFrame:
+    """Return the complication rows that satisfy the metric's numerator filters."""
+    numerator = metric.numerator
+    comps = snapshot.complications
+    if numerator is None or comps.empty:
+        return comps.iloc[0:0]
+    mask = comps["event_type"].isin(numerator.event_types) & comps["severity"].isin(
+        numerator.severities
+    )
+    if numerator.symptomatic is not None:
+        mask &= comps["symptomatic"] == numerator.symptomatic
+    return comps.loc[mask]
+
+
+def derive_outcomes(snapshot: Snapshot, metric: Metric) -> pd.DataFrame:
+    """Return one row per *mature* unit of ``metric`` with its outcome flag and covariates.
+
+    Columns: site_id (categorical), site_code, unit_id, index_date, index_day, y (0/1),
+    event_day (first counted event, -1 when none) and the case-mix covariates. Rows are in
+    chart order: site, index date, then a fixed hash of the unit id (see load_snapshot).
+    """
+    if metric.kind != "outcome" or metric.window_days is None:
+        raise ValueError(f"metric {metric.id} is not an outcome metric")
+    procs = snapshot.procedures
+    window = metric.window_days
+    n_procs = len(procs)
+    if metric.denominator == "patient" and n_procs:
+        # First procedure per patient within the site. Rows are already in (site, date,
+        # tie-hash) order, so the first row of each (site, patient) pair is the index one.
+        pair = procs["site_code"].to_numpy(np.int64) * (
+            int(procs["patient_code"].max()) + 1
+        ) + procs["patient_code"].to_numpy(np.int64)
+        _, first_rows = np.unique(pair, return_index=True)
+        index_rows = np.sort(first_rows)
+        unit_of_pair = pd.Series(np.arange(len(index_rows)), index=pair[index_rows])
+        unit_of_row = unit_of_pair.reindex(pair).to_numpy()
+    else:
+        index_rows = np.arange(n_procs)
+        unit_of_row = np.arange(n_procs)
+    index_day = procs["procedure_day"].to_numpy(np.int64)[index_rows]
+    mature = index_day + window <= snapshot.as_of_day
+    first_event = np.full(len(index_rows), -1, dtype=np.int64)
+    events = _matching_events(snapshot, metric)
+    if len(events) and len(index_rows):
+        unit = unit_of_row[events["procedure_row"].to_numpy(np.int64)]
+        event_day = events["event_day"].to_numpy(np.int64)
+        start = index_day[unit]
+        in_window = (event_day >= start) & (event_day <= start + window)
+        unit, event_day = unit[in_window], event_day[in_window]
+        if len(unit):
+            # Earliest counted event per unit.
+            order = np.lexsort((event_day, unit))
+            unit, event_day = unit[order], event_day[order]
+            first = np.r_[True, unit[1:] != unit[:-1]]
+            first_event[unit[first]] = event_day[first]
+    rows = index_rows[mature]
+    units = pd.DataFrame(
+        {
+            "site_id": _take(procs["site_id"], rows),
+            "site_code": procs["site_code"].to_numpy(np.int64)[rows],
+            "unit_id": pd.Series(procs["procedure_id"].to_numpy()[rows], dtype=object),
+            "index_date": index_day[mature].astype("datetime64[D]"),
+            "index_day": index_day[mature],
+            "y": (first_event[mature] >= 0).astype(np.int8),
+            "event_day": first_event[mature],
+            **{name: _take(procs[name], rows) for name in COVARIATES},
+        }
+    )
+    return units
+
+
+def _take(column: pd.Series, rows: np.ndarray):
+    """Return ``column[rows]`` as an array, keeping categoricals categorical (no string copies)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return pd.Categorical.from_codes(
+            column.cat.codes.to_numpy()[rows], dtype=column.dtype
+        )
+    return column.to_numpy()[rows]
+
+
+def sentinel_events(snapshot: Snapshot, metric: Metric) -> pd.DataFrame:
+    """Return sentinel events (counted at once, no maturity): site_id, event_day, event_type.
+
+    When the metric has a window, only events within it of their procedure count.
+    """
+    events = _matching_events(snapshot, metric)
+    procs = snapshot.procedures
+    position = events["procedure_row"].to_numpy(np.int64)
+    frame = pd.DataFrame(
+        {
+            "site_id": _take(procs["site_id"], position),
+            "event_day": events["event_day"].to_numpy(np.int64),
+            "event_type": events["event_type"].astype(object).to_numpy(),
+            "procedure_day": procs["procedure_day"].to_numpy(np.int64)[position],
+        }
+    )
+    if metric.window_days is not None:
+        frame = frame.loc[
+            (frame["event_day"] >= frame["procedure_day"])
+            & (frame["event_day"] <= frame["procedure_day"] + metric.window_days)
+        ]
+    return frame.sort_values(["site_id", "event_day", "event_type"], kind="mergesort").reset_index(
+        drop=True
+    )
+
+
+def process_outcomes(snapshot: Snapshot, metric: Metric) -> pd.DataFrame:
+    """Return one row per procedure with ``failed`` = the process requirement was not met."""
+    procs = snapshot.procedures
+    if metric.process_field is None:
+        raise ValueError(f"metric {metric.id} is not a process metric")
+    failed = procs[metric.process_field].to_numpy(bool) == metric.process_failure_value
+    return pd.DataFrame(
+        {
+            "site_id": procs["site_id"].to_numpy(),
+            "index_day": procs["procedure_day"].to_numpy(np.int64),
+            "failed": failed.astype(np.int8),
+        }
+    )

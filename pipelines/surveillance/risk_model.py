@@ -1,0 +1,236 @@
+"""Case-mix model for the risk-adjusted CUSUM: who is expected to have the event.
+
+A site that treats older, steroid-using, multi-level or malignant cases should not signal
+merely for its case mix. The model is a logistic regression (statsmodels GLM, Binomial,
+logit link) fitted on the pooled *mature* units of all sites, with these covariates:
+
+* ``age10``: (age_years - 70) / 10 -- effect per 10 years, centred so the intercept is a
+  70-year-old;
+* ``sex_M``, ``sex_U`` (reference F);
+* ``steroid_use`` (0/1);
+* ``levels_treated - 1`` (per extra level);
+* ``indication_malignancy``, ``indication_haemangioma``, ``indication_other``
+  (reference osteoporosis);
+* ``anaesthesia_general`` (reference local);
+* ``balloons - 1`` (bipedicular vs unipedicular).
+
+Columns that are constant in the data are dropped (a dummy for a category nobody has).
+For speed the fit uses identical covariate patterns aggregated to (events, trials), which
+gives exactly the same estimates as the per-case fit; log-likelihood, deviance and AIC are
+reported on the per-case (Bernoulli) scale.
+
+Recalibration: the pooled data may include sites that are out of control, and the guidance
+baseline is the agreed reference. The intercept is therefore shifted by ``delta`` (solved
+numerically, Brent's method) so that the mean expected risk over the fitted population
+equals the profile baseline; the model keeps only the *relative* case-mix effects.
+
+Fallback: with fewer events (or non-events) than ``min_events``, or fewer than 10 per
+parameter, or when the fit fails to converge or separates, every case gets the flat
+baseline and the reason is logged and stored with the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, special
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_TERMS = (
+    "age10",
+    "sex_M",
+    "sex_U",
+    "steroid_use",
+    "extra_levels",
+    "indication_malignancy",
+    "indication_haemangioma",
+    "indication_other",
+    "anaesthesia_general",
+    "extra_balloon",
+)
+EVENTS_PER_PARAMETER = 10
+_P_FLOOR = 1e-6
+
+
+def design_matrix(frame: pd.DataFrame) -> pd.DataFrame:
+    """Return the candidate covariate columns (no intercept) for units in ``frame``.
+
+    Categorical columns are fastest as pandas ``category`` dtype (as outcomes delivers them).
+    """
+    sex = frame["sex"]
+    indication = frame["indication"]
+    return pd.DataFrame(
+        {
+            "age10": (frame["age_years"].to_numpy(float) - 70.0) / 10.0,
+            "sex_M": sex.eq("M").to_numpy(float),
+            "sex_U": sex.eq("U").to_numpy(float),
+            "steroid_use": frame["steroid_use"].to_numpy(float),
+            "extra_levels": frame["levels_treated"].to_numpy(float) - 1.0,
+            "indication_malignancy": indication.eq("malignancy").to_numpy(float),
+            "indication_haemangioma": indication.eq("haemangioma").to_numpy(float),
+            "indication_other": indication.eq("other").to_numpy(float),
+            "anaesthesia_general": frame["anaesthesia"].eq("general").to_numpy(float),
+            "extra_balloon": frame["balloons"].to_numpy(float) - 1.0,
+        },
+        index=frame.index,
+    )
+
+
+@dataclass
+class RiskModel:
+    """A fitted (or flat fallback) expected-risk model for one metric."""
+
+    metric: str
+    baseline: float
+    kind: str  # "logistic" | "flat"
+    terms: tuple[str, ...] = ()
+    coefficients: dict[str, float] = field(default_factory=dict)
+    standard_errors: dict[str, float] = field(default_factory=dict)
+    calibration_shift: float = 0.0
+    n: int = 0
+    events: int = 0
+    aic: float | None = None
+    deviance: float | None = None
+    c_statistic: float | None = None
+    reason: str | None = None
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """Return the recalibrated expected risk for each unit in ``frame``."""
+        if self.kind == "flat" or frame.empty:
+            return np.full(len(frame), self.baseline, dtype=float)
+        x = design_matrix(frame)
+        eta = np.full(len(frame), self.coefficients["intercept"] + self.calibration_shift)
+        for term in self.terms:
+            eta += self.coefficients[term] * x[term].to_numpy()
+        return np.clip(special.expit(eta), _P_FLOOR, 1.0 - _P_FLOOR)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready description stored in ``monitor_run.models``."""
+
+        def _round(value: float | None) -> float | None:
+            return None if value is None or not math.isfinite(value) else round(value, 6)
+
+        return {
+            "metric": self.metric,
+            "kind": self.kind,
+            "baseline": self.baseline,
+            "terms": list(self.terms),
+            "coefficients": {k: _round(v) for k, v in self.coefficients.items()},
+            "standard_errors": {k: _round(v) for k, v in self.standard_errors.items()},
+            "calibration_shift": _round(self.calibration_shift),
+            "n": self.n,
+            "events": self.events,
+            "aic": _round(self.aic),
+            "deviance": _round(self.deviance),
+            "c_statistic": _round(self.c_statistic),
+            "reason": self.reason,
+        }
+
+
+def _flat(metric: str, baseline: float, n: int, events: int, reason: str) -> RiskModel:
+    log.info("risk model %s: flat baseline %.5g (%s)", metric, baseline, reason)
+    return RiskModel(
+        metric=metric, baseline=baseline, kind="flat", n=n, events=events, reason=reason
+    )
+
+
+def _c_statistic(eta: np.ndarray, events: np.ndarray, trials: np.ndarray) -> float:
+    """Return the area under the ROC curve from pattern-level counts (ties count one half)."""
+    order = np.argsort(eta, kind="mergesort")
+    eta, events, nonevents = eta[order], events[order], (trials - events)[order]
+    # Merge patterns whose linear predictors are equal: they are ties.
+    boundaries = np.r_[True, np.diff(eta) > 1e-12]
+    ids = np.cumsum(boundaries) - 1
+    e = np.bincount(ids, weights=events)
+    f = np.bincount(ids, weights=nonevents)
+    below = np.cumsum(f) - f
+    total = e.sum() * f.sum()
+    return float(np.sum(e * (below + 0.5 * f)) / total) if total else float("nan")
+
+
+def _shift_to_baseline(eta: np.ndarray, weights: np.ndarray, baseline: float) -> float:
+    """Return the intercept shift that makes the weighted mean risk equal ``baseline``."""
+
+    def gap(delta: float) -> float:
+        return float(np.average(special.expit(eta + delta), weights=weights)) - baseline
+
+    return float(optimize.brentq(gap, -30.0, 30.0, xtol=1e-12))
+
+
+def fit_risk_model(
+    metric: str, units: pd.DataFrame, baseline: float, *, min_events: int = 50
+) -> RiskModel:
+    """Fit the case-mix model on pooled mature ``units`` (columns y + covariates) and recalibrate."""
+    import statsmodels.api as sm
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning
+
+    n = len(units)
+    events = int(units["y"].sum()) if n else 0
+    nonevents = n - events
+    if min(events, nonevents) < min_events:
+        return _flat(
+            metric,
+            baseline,
+            n,
+            events,
+            f"too few events to fit: {events} events, {nonevents} non-events "
+            f"(need {min_events} of each)",
+        )
+    x = design_matrix(units)
+    x["y"] = units["y"].to_numpy(float)
+    patterns = x.groupby(list(CANDIDATE_TERMS), sort=True, observed=True)["y"].agg(["sum", "count"])
+    covariates = patterns.index.to_frame(index=False)
+    varying = [t for t in CANDIDATE_TERMS if covariates[t].nunique() > 1]
+    if min(events, nonevents) < EVENTS_PER_PARAMETER * (len(varying) + 1):
+        return _flat(
+            metric,
+            baseline,
+            n,
+            events,
+            f"too few events for {len(varying) + 1} parameters: {events} events, "
+            f"{nonevents} non-events (need {EVENTS_PER_PARAMETER} per parameter)",
+        )
+    exog = sm.add_constant(covariates[varying].to_numpy(float), has_constant="add")
+    if np.linalg.matrix_rank(exog) < exog.shape[1]:
+        return _flat(metric, baseline, n, events,
+                     "covariates are collinear in these data (rank-deficient design)")
+    successes = patterns["sum"].to_numpy(float)
+    trials = patterns["count"].to_numpy(float)
+    endog = np.column_stack([successes, trials - successes])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            warnings.simplefilter("error", PerfectSeparationWarning)
+            result = sm.GLM(endog, exog, family=sm.families.Binomial()).fit()
+    except (ConvergenceWarning, PerfectSeparationWarning, np.linalg.LinAlgError, ValueError) as exc:
+        return _flat(metric, baseline, n, events, f"fit failed: {type(exc).__name__}: {exc}")
+    params = np.asarray(result.params, dtype=float)
+    bse = np.asarray(result.bse, dtype=float)
+    if not np.all(np.isfinite(params)) or not np.all(np.isfinite(bse)):
+        return _flat(metric, baseline, n, events, "fit gave non-finite estimates")
+    eta = exog @ params
+    p = np.clip(special.expit(eta), _P_FLOOR, 1.0 - _P_FLOOR)
+    # Per-case Bernoulli log-likelihood (the grouped fit's own llf adds binomial constants).
+    llf = float(np.sum(successes * np.log(p) + (trials - successes) * np.log1p(-p)))
+    names = ("intercept", *varying)
+    return RiskModel(
+        metric=metric,
+        baseline=baseline,
+        kind="logistic",
+        terms=tuple(varying),
+        coefficients=dict(zip(names, params.tolist(), strict=True)),
+        standard_errors=dict(zip(names, bse.tolist(), strict=True)),
+        calibration_shift=_shift_to_baseline(eta, trials, baseline),
+        n=n,
+        events=events,
+        aic=-2.0 * llf + 2.0 * len(params),
+        deviance=-2.0 * llf,
+        c_statistic=_c_statistic(eta, successes, trials),
+    )
