@@ -15,24 +15,19 @@ Connections (all optional; an ``extra`` field ``{"url": ...}`` always wins)
 Variables (optional): ``kyphowatch_pseudonym_key``, ``kyphowatch_archive_dir``,
 ``kyphowatch_rejected_dir``, ``kyphowatch_recipients_safety``, ``kyphowatch_recipients_data``.
 
-The landing directory comes from ``KYPHOWATCH_LANDING_DIR`` only: the landing watcher is
-built when the DAG file is parsed, and a Variable lookup there would hit the metadata
-database on every parse (and could disagree with the task side).
+The landing directory comes from ``KYPHOWATCH_LANDING_DIR`` only (through
+``pipelines.settings``, a light import): the landing watcher is built when the DAG file is
+parsed, and a Variable lookup there would hit the metadata database on every parse (and
+could disagree with the task side).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-
-# How long a landed file must sit unchanged before it is picked up, and how often the
-# triggerer looks. Environment-only for the same reason as the landing directory.
-DEFAULT_MIN_AGE_SECONDS = 30.0
-DEFAULT_POLL_SECONDS = 10.0
+from pipelines.settings import load_settings
 
 
 @dataclass(frozen=True)
@@ -47,17 +42,17 @@ class LandingDirs:
 
 def landing_dir() -> Path:
     """Return the landing directory (environment only; safe at parse time)."""
-    return Path(os.environ.get("KYPHOWATCH_LANDING_DIR") or REPO_DIR / "var" / "landing")
+    return load_settings().landing_dir
 
 
 def landing_min_age_seconds() -> float:
     """Return how long a file must be unchanged before pick-up."""
-    return float(os.environ.get("KYPHOWATCH_LANDING_MIN_AGE_SECONDS") or DEFAULT_MIN_AGE_SECONDS)
+    return load_settings().landing_min_age_seconds
 
 
 def landing_poll_seconds() -> float:
     """Return the landing watcher's polling interval."""
-    return float(os.environ.get("KYPHOWATCH_LANDING_POLL_SECONDS") or DEFAULT_POLL_SECONDS)
+    return load_settings().landing_poll_seconds
 
 
 def _variable(key: str) -> str | None:
@@ -117,8 +112,6 @@ def webhook_url(conn) -> str:
 
 def build_settings():
     """Return ``Settings`` from Airflow connections/variables, falling back to the environment."""
-    from pipelines.settings import load_settings
-
     overrides: dict[str, object] = {}
     for conn_id, field, to_url in (
         ("kyphowatch_warehouse", "db_url", warehouse_url),
@@ -140,12 +133,12 @@ def build_settings():
 
 def landing_dirs() -> LandingDirs:
     """Return the landing, archive and rejected directories for this deployment."""
-    base = REPO_DIR / "var"
-    archive = _variable("kyphowatch_archive_dir") or os.environ.get("KYPHOWATCH_ARCHIVE_DIR")
-    rejected = _variable("kyphowatch_rejected_dir") or os.environ.get("KYPHOWATCH_REJECTED_DIR")
+    settings = load_settings()
+    archive = _variable("kyphowatch_archive_dir")
+    rejected = _variable("kyphowatch_rejected_dir")
     return LandingDirs(
-        landing=landing_dir(),
-        archive=Path(archive or base / "archive"),
-        rejected=Path(rejected or base / "rejected"),
-        min_age_seconds=landing_min_age_seconds(),
+        landing=settings.landing_dir,
+        archive=Path(archive) if archive else settings.archive_dir,
+        rejected=Path(rejected) if rejected else settings.rejected_dir,
+        min_age_seconds=settings.landing_min_age_seconds,
     )

@@ -30,6 +30,12 @@ KYPHOWATCH_WEBHOOK_URL
     URL that receives JSON alert posts.
 KYPHOWATCH_REPORT_BASE_URL
     Base URL (or path) quoted in alerts as "where to look".
+KYPHOWATCH_LANDING_DIR / KYPHOWATCH_ARCHIVE_DIR / KYPHOWATCH_REJECTED_DIR
+    Where extracts land, where loaded ones are archived, where rejected ones go.
+    Defaults ``var/landing``, ``var/archive``, ``var/rejected``.
+KYPHOWATCH_LANDING_MIN_AGE_SECONDS / KYPHOWATCH_LANDING_POLL_SECONDS
+    How long a landed file must stay unchanged before pick-up (default 30) and how often
+    the landing watcher looks (default 10).
 KYPHOWATCH_MAIL_FROM
     Sender of alert e-mails. Default ``kyphowatch <kyphowatch@localhost>``.
 KYPHOWATCH_ALERT_QUARANTINE_SHARE
@@ -83,6 +89,11 @@ class Settings:
     webhook_url: str | None = None
     report_base_url: str | None = None
     mail_from: str = "kyphowatch <kyphowatch@localhost>"
+    landing_dir: Path = Path("var/landing")
+    archive_dir: Path = Path("var/archive")
+    rejected_dir: Path = Path("var/rejected")
+    landing_min_age_seconds: float = 30.0
+    landing_poll_seconds: float = 10.0
     alert_quarantine_share: float = 0.10
     silent_site_days: int = 60
 
@@ -142,6 +153,13 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         "alert_quarantine_share": _float(env, "KYPHOWATCH_ALERT_QUARANTINE_SHARE", 0.10, 0.0, 1.0),
         "silent_site_days": int(_float(env, "KYPHOWATCH_SILENT_SITE_DAYS", 60, 1, 3650)),
     }
+    for name in ("landing_dir", "archive_dir", "rejected_dir"):
+        if env.get(f"KYPHOWATCH_{name.upper()}"):
+            values[name] = Path(env[f"KYPHOWATCH_{name.upper()}"])
+    values["landing_min_age_seconds"] = _float(
+        env, "KYPHOWATCH_LANDING_MIN_AGE_SECONDS", 30.0, 0.0, 86_400.0
+    )
+    values["landing_poll_seconds"] = _float(env, "KYPHOWATCH_LANDING_POLL_SECONDS", 10.0, 0.1, 3600.0)
     if env.get("KYPHOWATCH_MAIL_FROM"):
         values["mail_from"] = env["KYPHOWATCH_MAIL_FROM"]
     if env.get("KYPHOWATCH_PROFILE"):

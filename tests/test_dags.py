@@ -88,7 +88,11 @@ def test_importing_a_dag_file_imports_nothing_heavy(airflow_env, dag_id):
         sys.path.insert(0, "dags")
         import {dag_id}
         added = set(sys.modules) - before
-        print(sorted(m for m in added if m.split(".")[0] in {HEAVY!r} or m.startswith("pipelines")))
+        # The settings module (dataclasses and os only) is what the landing watcher needs
+        # at parse time; everything else in pipelines/ belongs inside tasks.
+        light = {{"pipelines", "pipelines.errors", "pipelines.settings"}}
+        print(sorted(m for m in added if m.split(".")[0] in {HEAVY!r}
+                     or (m.startswith("pipelines") and m not in light)))
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
