@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+import numpy as np
 import pandas as pd
 
 _SEPARATOR = "\x1f"  # cannot occur in a site id
@@ -33,8 +34,11 @@ def pseudonymise_column(key: bytes, sites: pd.Series, references: pd.Series) -> 
         sites[present].astype("str") + _SEPARATOR + references[present].astype("str")
     )
     codes, uniques = pd.factorize(pairs)
-    digests = [hmac.new(key, value.encode(), hashlib.sha256).hexdigest() for value in uniques]
+    # One C call per distinct pair (hmac.digest), then a vectorised gather by code.
+    digests = np.array(
+        [hmac.digest(key, value.encode(), "sha256").hex() for value in uniques], dtype=object
+    )
     out = pd.Series(None, index=references.index, dtype=object)
     if len(codes):
-        out[present] = [digests[code] for code in codes]
+        out[present] = digests.take(codes)
     return out

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.contract import COLUMNS, FALSE_WORDS, TRUE_WORDS, ColumnSpec
+from pipelines.ingest.reader import paused_gc
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,8 @@ def _runner(expectations_dir: str, kind: str) -> SuiteRunner:
 
 def _text_frame(records: list[list[str]], columns: list[str], kind: str) -> pd.DataFrame:
     # Arrow-backed strings: vectorised string operations are several times faster.
-    by_name = dict(zip(columns, zip(*records, strict=True), strict=True)) if records else {}
+    with paused_gc():  # transposing builds one tuple per column from every row list
+        by_name = dict(zip(columns, zip(*records, strict=True), strict=True)) if records else {}
     frame = pd.DataFrame(
         {
             spec.name: pd.Series(by_name.get(spec.name, ("",) * len(records)), dtype="str")
