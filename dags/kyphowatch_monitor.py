@@ -6,6 +6,9 @@ same signals. ``as_of`` comes from the ``as_of`` param (YYYY-MM-DD, to rerun for
 date); when empty the engine uses the newest procedure date in the warehouse. The run's
 data interval is not used: for an asset-triggered run it is the time the event arrived,
 not a date the data describes, and would make reruns depend on the wall clock.
+
+After the signals are stored, the HTML evidence report for the same ``as_of`` is written to
+the report directory (the "where to look" quoted in alerts).
 """
 
 from __future__ import annotations
@@ -42,7 +45,18 @@ def kyphowatch_monitor():
         return {"run_key": result.run_key, "as_of": str(result.as_of),
                 "signals": len(result.signals), "new_signal_keys": result.new_signal_keys}
 
-    run_monitor()
+    @task
+    def write_report(summary: dict) -> str:
+        """Write the HTML evidence report for the same ``as_of``; return its path."""
+        from datetime import date
+
+        from kyphowatch_config import build_settings
+
+        from pipelines.report import write_report as write
+
+        return str(write(build_settings(), as_of=date.fromisoformat(summary["as_of"])))
+
+    write_report(run_monitor())
 
 
 kyphowatch_monitor()

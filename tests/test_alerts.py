@@ -158,6 +158,24 @@ def test_persisting_signal_raises_nothing_new_and_rebreach_after_resolve_does(
     assert len(sink.messages()) == 3
 
 
+def test_episodes_seen_while_open_belong_to_that_alert_and_headline_is_newest(
+        db_url, make_settings):
+    settings = make_settings(db_url)
+    insert_signal(db_url)
+    (first,) = sync_alerts(settings).created
+    insert_signal(db_url, method="funnel_12m")  # same breach, seen while the alert is open
+    result = sync_alerts(settings)
+    assert result.created == [] and result.absorbed == 1
+    resolve(settings, first, by="dr.lee", reason="reviewed")
+    assert sync_alerts(settings).created == []  # nothing new happened since the review
+    insert_signal(db_url, episode_start=date(2024, 6, 1))  # a genuinely new episode
+    (second,) = sync_alerts(settings).created
+    payload = alert_detail(settings, second)["payload"]
+    assert payload["episode_start"] == "2024-06-01"  # the headline is the new evidence
+    reasons = [r["reason"] for r in _rows(db_url, alert_audit, alert_audit.c.alert_id == first)]
+    assert "1 further signal episode(s) of the same breach" in reasons
+
+
 def test_condition_that_returns_while_alert_is_open_stays_one_alert(db_url, make_settings):
     settings = make_settings(db_url)
     key = insert_signal(db_url)

@@ -116,6 +116,7 @@ class SyncResult:
     persisting: int = 0
     cleared: int = 0
     returned: int = 0
+    absorbed: int = 0  # open alerts that learned of further episodes of their breach
     active_conditions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +126,7 @@ class SyncResult:
             "persisting": self.persisting,
             "cleared": self.cleared,
             "returned": self.returned,
+            "absorbed": self.absorbed,
             "active_conditions": self.active_conditions,
         }
 
@@ -153,7 +155,7 @@ def where_to_look(settings: Settings, site_id: str | None) -> str:
     if settings.report_base_url:
         base = settings.report_base_url.rstrip("/")
         return f"{base}/{site_id}" if site_id else base
-    command = f"kyphowatch report --site {site_id}" if site_id else "kyphowatch report"
+    command = f"kyphowatch site {site_id}" if site_id else "kyphowatch report"
     return f"{settings.report_dir} (or run: {command})"
 
 
@@ -186,7 +188,10 @@ def _signal_conditions(conn: sa.Connection, settings: Settings) -> list[Conditio
         groups.setdefault((row["site_id"], row["metric"], row["direction"]), []).append(row)
     conditions = []
     for (site_id, metric, direction), members in groups.items():
-        primary = members[0]  # the earliest episode: "since when"
+        # The headline describes the most recent evidence (a re-breach must not be reported
+        # with the numbers of an episode that was already resolved); the rest are listed.
+        primary = max(members, key=lambda m: (m["signal_date"], m["episode_start"],
+                                              m["signal_key"]))
         kind = CATEGORY_KIND.get(primary["category"], SAFETY)
         methods = sorted({m["method"] for m in members})
         if any(m["method"] == "sentinel" for m in members):
@@ -386,6 +391,33 @@ def _audit(
     )
 
 
+def _absorb_new_signals(
+    engine: sa.Engine, previous: sa.RowMapping, condition: Condition, now: datetime
+) -> bool:
+    """Record signal episodes that appeared while an alert is open or acknowledged.
+
+    They belong to the same breach, so no new message is sent, but the alert must know
+    them: otherwise, once resolved, the next sync would mistake them for a new breach.
+    """
+    if previous["state"] == RESOLVED:
+        return False
+    payload = json.loads(previous["payload"])
+    covered = set(payload.get("signal_keys") or ())
+    added = set(condition.payload.get("signal_keys") or ()) - covered
+    if not added:
+        return False
+    payload["signal_keys"] = sorted(covered | added)
+    with engine.begin() as conn:
+        conn.execute(
+            alert.update()
+            .where(alert.c.alert_id == previous["alert_id"])
+            .values(payload=json.dumps(payload, sort_keys=True), updated_at=now)
+        )
+        _audit(conn, previous["alert_id"], previous["state"], previous["state"], SYSTEM_ACTOR,
+               f"{len(added)} further signal episode(s) of the same breach", now)  # fmt: skip
+    return True
+
+
 def _create(engine: sa.Engine, settings: Settings, condition: Condition, episode: int,
             now: datetime) -> str | None:  # fmt: skip
     """Insert the alert, its audit row and its outbox rows in one transaction."""
@@ -476,6 +508,8 @@ def sync_alerts(
                            SYSTEM_ACTOR, CONDITION_RETURNED, now)  # fmt: skip
                 result.returned += 1
             else:
+                if _absorb_new_signals(engine, previous, condition, now):
+                    result.absorbed += 1
                 result.persisting += 1
         for key, previous in latest.items():
             if key in active_keys or markers.get(previous["alert_id"]) == CONDITION_CLEARED:
