@@ -795,13 +795,15 @@ def _persist(engine: sa.Engine, result: MonitorResult, attempts: int = 3) -> Non
 def _persist_once(engine: sa.Engine, result: MonitorResult) -> None:
     now = datetime.now(UTC)
     with engine.begin() as conn:
-        existing = dict(
-            conn.execute(
-                sa.select(signal.c.signal_key, signal.c.first_seen_run).where(
-                    signal.c.profile_name == result.profile_name
-                )
-            ).all()
-        )
+        stored = conn.execute(
+            sa.select(signal.c.signal_key, signal.c.first_seen_run, signal.c.signal_date).where(
+                signal.c.profile_name == result.profile_name
+            )
+        ).all()
+        existing = {key: first_seen for key, first_seen, _ in stored}
+        # A run for a past as_of (a rerun or backfill) cannot see episodes that signalled
+        # later, so it must not deactivate them; only what it could have derived is judged.
+        judged = {key for key, _, signal_date in stored if signal_date <= result.as_of}
         run_exists = conn.execute(
             sa.select(monitor_run.c.run_key).where(monitor_run.c.run_key == result.run_key)
         ).first()
@@ -838,7 +840,7 @@ def _persist_once(engine: sa.Engine, result: MonitorResult) -> None:
                 .values({f: sa.bindparam(f"b_{f}") for f in _UPDATABLE}),
                 updates,
             )
-        gone = [key for key in existing if key not in present]
+        gone = [key for key in judged if key not in present]
         for start in range(0, len(gone), 500):
             conn.execute(
                 signal.update()
