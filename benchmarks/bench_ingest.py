@@ -127,7 +127,8 @@ class FreshPostgres:
         self.name = f"kw_bench_{uuid.uuid4().hex[:12]}"
         self.admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
         with self.admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{self.name}"'))  # noqa: S608 -- generated name
+            # Identifiers cannot be bound parameters: quote with the dialect's own rules.
+            conn.execute(sa.text("CREATE DATABASE " + conn.dialect.identifier_preparer.quote(self.name)))
         return sa.make_url(PG_ADMIN_URL).set(database=self.name).render_as_string(
             hide_password=False
         )
@@ -136,7 +137,8 @@ class FreshPostgres:
         import sqlalchemy as sa
 
         with self.admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))  # noqa: S608
+            conn.execute(sa.text("DROP DATABASE IF EXISTS "
+                                 + conn.dialect.identifier_preparer.quote(self.name) + " WITH (FORCE)"))
         self.admin.dispose()
 
 
@@ -231,17 +233,22 @@ def sqlite_floor(db_url: str, path: Path) -> dict:
     import sqlite3
 
     database = Path(db_url.removeprefix("sqlite:///")).with_name("floor.db")  # not the warehouse
-    table = f"floor_{path.name.split('_')[0]}"
+    # Identifiers (our own file's header) cannot be bound; quote them SQLite's way.
+    def quote(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    table = quote("floor_" + path.name.split("_")[0])
     started = time.perf_counter()
     conn = sqlite3.connect(database)
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         header = next(reader)
-        columns = ", ".join(f'"{c}" text' for c in header)
-        conn.execute(f"CREATE TABLE {table} ({columns})")
+        columns = ", ".join(quote(c) + " text" for c in header)
+        conn.execute("CREATE TABLE " + table + " (" + columns + ")")
         marks = ", ".join("?" * len(header))
         with conn:
-            cursor = conn.executemany(f"INSERT INTO {table} VALUES ({marks})", reader)  # noqa: S608
+            insert = "INSERT INTO " + table + " VALUES (" + marks + ")"  # noqa: S608 -- quoted identifiers, values bound
+            cursor = conn.executemany(insert, reader)
             rows = cursor.rowcount
     conn.close()
     return {"seconds": time.perf_counter() - started, "rows": rows}

@@ -42,7 +42,8 @@ def kyphowatch_monitor():
 
         as_of = date.fromisoformat(params["as_of"]) if params and params.get("as_of") else None
         result = monitor(build_settings(), as_of)
-        return {"run_key": result.run_key, "as_of": str(result.as_of),
+        as_of_text = result.as_of.isoformat() if result.as_of else None
+        return {"run_key": result.run_key, "as_of": as_of_text,
                 "signals": len(result.signals), "new_signal_keys": result.new_signal_keys}
 
     @task
@@ -54,6 +55,10 @@ def kyphowatch_monitor():
 
         from pipelines.report import write_report as write
 
+        if summary["as_of"] in (None, "None"):  # no procedures yet (only complications landed)
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            raise AirflowSkipException("no procedures in the warehouse yet: nothing to report")
         return str(write(build_settings(), as_of=date.fromisoformat(summary["as_of"])))
 
     write_report(run_monitor())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 PROCEDURES = "procedures"
 COMPLICATIONS = "complications"
@@ -87,7 +88,7 @@ KEY_COLUMN = {PROCEDURES: "procedure_id", COMPLICATIONS: "complication_id"}
 
 _KIND_RE = re.compile(r"^(procedures|complications)[^/]*\.csv(\.gz)?$", re.IGNORECASE)
 # Extract timestamp in the file name: _YYYYMMDD or _YYYYMMDDTHHMMSS (orders corrections).
-_STAMP_RE = re.compile(r"(\d{8})(?:T(\d{6}))?")
+_STAMP_RE = re.compile(r"(?:^|[_.-])(\d{8})(?:T(\d{6}))?(?=[_.-])", re.IGNORECASE)
 
 
 def kind_of(file_name: str) -> str | None:
@@ -99,11 +100,18 @@ def kind_of(file_name: str) -> str | None:
 def extract_stamp(file_name: str) -> str:
     """Return the sortable extract timestamp carried in the file name.
 
-    ``procedures_20240105.csv`` -> ``20240105T000000``. A name without a stamp sorts
-    before every stamped delivery (``00000000T000000``); ties are broken by checksum.
+    The stamp is the last ``YYYYMMDD`` or ``YYYYMMDDTHHMMSS`` token of the name (between
+    ``_``, ``-`` or ``.``) that is a real date and time:
+    ``procedures_S001_20240105.csv`` -> ``20240105T000000``,
+    ``procedures_20240105T153000_fixed.csv`` -> ``20240105T153000``. A name without a stamp sorts
+    before every stamped delivery (``00000000T000000``). Two deliveries with the same stamp
+    are ordered by checksum, which is deterministic but arbitrary: senders who correct a
+    file on the same day must give the time (``T153000``); the loader warns on a clash.
     """
-    matches = _STAMP_RE.findall(file_name)
-    if not matches:
-        return "00000000T000000"
-    day, time = matches[-1]
-    return f"{day}T{time or '000000'}"
+    for day, time in reversed(_STAMP_RE.findall(file_name)):
+        try:
+            datetime.strptime(day + (time or "000000"), "%Y%m%d%H%M%S")
+        except ValueError:
+            continue  # eight digits that are not a date (a numeric site id, say)
+        return f"{day}T{time or '000000'}"
+    return "00000000T000000"

@@ -12,8 +12,8 @@ from pipelines import schema
 def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
     """Create an engine for ``db_url`` and bring its schema up to date.
 
-    For SQLite the parent directory is created, foreign-key enforcement is on and
-    the journal is WAL so a reader (the CLI) never blocks a loader.
+    For SQLite the parent directory is created and the journal is WAL, so a reader (the
+    CLI, a report) never blocks a loader.
     """
     url = sa.make_url(db_url)
     if url.get_backend_name() == "sqlite":

@@ -48,6 +48,7 @@ KYPHOWATCH_SILENT_SITE_DAYS
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -106,6 +107,10 @@ class Settings:
         if self.pseudonym_key:
             return self.pseudonym_key.encode("utf-8")
         if self.demo:
+            logging.getLogger("kyphowatch.settings").warning(
+                "demo mode: pseudonymising with the public demo key; synthetic data only "
+                "(set KYPHOWATCH_PSEUDONYM_KEY and unset KYPHOWATCH_DEMO for real extracts)"
+            )
             return DEMO_PSEUDONYM_KEY.encode("utf-8")
         raise ConfigurationError(
             "no pseudonymisation key: set KYPHOWATCH_PSEUDONYM_KEY (or the Airflow "

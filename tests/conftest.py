@@ -37,7 +37,7 @@ def _pg_available() -> tuple[bool, str]:
 def pg_admin_url() -> str:
     ok, reason = _pg_available()
     if not ok:
-        if os.environ.get("CI"):
+        if os.environ.get("CI", "").lower() in {"true", "1", "yes"}:
             pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
         pytest.skip(reason)
     return _pg_admin_url()
@@ -49,11 +49,15 @@ def pg_url(pg_admin_url: str):
     name = f"kw_test_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        # Identifiers cannot be bound parameters: quote with the dialect's own rules.
+        conn.exec_driver_sql("CREATE DATABASE " + conn.dialect.identifier_preparer.quote(name))
     url = sa.make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
     yield url
     with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.exec_driver_sql(
+            "DROP DATABASE IF EXISTS "
+            + conn.dialect.identifier_preparer.quote(name) + " WITH (FORCE)"
+        )
     admin.dispose()
 
 

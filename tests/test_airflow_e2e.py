@@ -49,7 +49,8 @@ def _create_db(admin_url: str, prefix: str) -> tuple[str, str]:
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        # Identifiers cannot be bound parameters: quote with the dialect's own rules.
+        conn.exec_driver_sql("CREATE DATABASE " + conn.dialect.identifier_preparer.quote(name))
     admin.dispose()
     url = sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     return name, url
@@ -58,7 +59,10 @@ def _create_db(admin_url: str, prefix: str) -> tuple[str, str]:
 def _drop_db(admin_url: str, name: str) -> None:
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.exec_driver_sql(
+            "DROP DATABASE IF EXISTS "
+            + conn.dialect.identifier_preparer.quote(name) + " WITH (FORCE)"
+        )
     admin.dispose()
 
 

@@ -195,3 +195,34 @@ def test_missing_file_and_unknown_names(tmp_path, sqlite_url, settings_for):
     statuses = {f.path.split("/")[-1]: f.status for f in report.files}
     assert statuses == {"procedures_20240201.csv": "loaded", "nope.csv": "rejected"}
     assert report.exit_code == 2
+
+
+def test_pending_complication_that_contradicts_its_procedure_is_quarantined_later(
+        tmp_path, sqlite_url, settings_for):
+    settings = settings_for(sqlite_url, max_bad_row_share=0.9)
+    comps = csv_text(COMP_HEADER, [comp_row("C1", "P1", date="2024-01-01"),  # before P1
+                                   comp_row("C2", "P2", date="2024-01-06")])
+    [first] = ingest_paths(settings, [write(tmp_path / "complications_20240201.csv", comps)]).files
+    assert first.pending == 2 and first.quarantined == 0
+    [second] = ingest_paths(settings, [write(tmp_path / "procedures_20240201.csv", procs())]).files
+    assert second.promoted == 1
+    engine = sa.create_engine(sqlite_url)
+    with engine.connect() as conn:
+        reasons = conn.execute(sa.select(schema.quarantine.c.record_id,
+                                         schema.quarantine.c.reasons)).all()
+        ledger = dict(conn.execute(sa.select(schema.file_ledger.c.file_name,
+                                             schema.file_ledger.c.rows_quarantined)).all())
+        current = set(conn.scalars(sa.select(schema.complication.c.complication_id)))
+    assert [(r.record_id, json.loads(r.reasons)) for r in reasons] == [
+        ("C1", ["event_date:before_procedure"])]
+    assert ledger["complications_20240201.csv"] == 1  # counted against the file that sent it
+    assert current == {"C2"}
+
+
+def test_same_stamp_deliveries_warn(tmp_path, sqlite_url, settings_for, caplog):
+    settings = settings_for(sqlite_url)
+    ingest_paths(settings, [write(tmp_path / "a" / "procedures_20240201.csv", procs())])
+    corrected = procs().replace("osteoporosis", "malignancy", 1)
+    with caplog.at_level("WARNING"):
+        ingest_paths(settings, [write(tmp_path / "b" / "procedures_20240201_fixed.csv", corrected)])
+    assert "same extract stamp" in caplog.text

@@ -80,7 +80,8 @@ def test_views_return_rows(db_url, settings_for):
     run_monitor(settings_for(db_url))
     with engine.connect() as conn:
         def rows(view):
-            return [dict(r._mapping) for r in conn.execute(sa.text(f"select * from {view}"))]
+            return [dict(r._mapping) for r in conn.execute(
+                sa.select(sa.literal_column("*")).select_from(sa.table(view)))]
 
         rates = rows("v_site_metric_rates")
         assert {r["site_id"] for r in rates} == {"S001", "S002"}

@@ -199,7 +199,7 @@ def _deliver_one(engine: sa.Engine, settings: Settings, row: sa.RowMapping, chan
 
     recipients = settings.recipients_safety if row["kind"] == SAFETY else settings.recipients_data
     try:
-        message = render(dict(row))
+        message = render(dict(row), synthetic=settings.demo)
         channel.send(message, row["message_id"], recipients, handover)
     except LeaseLost:
         log.warning("alert %s via %s: lease taken over by another run", key[0][:12], key[1])

@@ -118,8 +118,11 @@ _LINES = {
 }
 
 
-def render(alert_row: dict[str, Any]) -> Message:
-    """Render an ``alert`` row (payload as stored JSON or dict) into a :class:`Message`."""
+def render(alert_row: dict[str, Any], *, synthetic: bool = False) -> Message:
+    """Render an ``alert`` row (payload as stored JSON or dict) into a :class:`Message`.
+
+    ``synthetic`` (demo mode) marks the message as coming from synthetic data.
+    """
     payload = alert_row["payload"]
     if isinstance(payload, str):
         payload = json.loads(payload)
@@ -138,7 +141,8 @@ def render(alert_row: dict[str, Any]) -> Message:
         f"Acknowledge: kyphowatch alerts ack {alert_id[:12]} --by NAME --reason TEXT",
         f"Resolve:     kyphowatch alerts resolve {alert_id[:12]} --by NAME --reason TEXT",
         "",
-        "Synthetic surveillance signal; statistics are screening tools, not a finding.",
+        ("Synthetic data (demo). " if synthetic else "")
+        + "Control-chart signals are screening results for review, not a finding.",
     ]
     rows = "".join(
         f"<tr><th align='left'>{html.escape(name)}</th><td>{html.escape(value)}</td></tr>"

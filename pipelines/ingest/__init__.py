@@ -10,6 +10,8 @@ import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from pipelines.contract import PROCEDURES, extract_stamp, kind_of
 from pipelines.db import make_engine, redact_url
 from pipelines.errors import ExternalSystemError
@@ -61,11 +63,7 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     results: list[FileResult] = []
     try:
         for path in expand_paths(paths):
-            result = load_file(
-                engine, path, key=key, chunk_rows=settings.chunk_rows,
-                max_bad_share=settings.max_bad_row_share,
-                expectations_dir=settings.expectations_dir, processing_day=processing_day,
-            )
+            result = _load_or_explain(engine, path, settings, key, processing_day, results)
             log.info(
                 "%s: %s read=%d inserted=%d updated=%d quarantined=%d pending=%d%s",
                 path.name, result.status, result.rows_read, result.inserted, result.updated,
@@ -76,3 +74,25 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     finally:
         engine.dispose()
     return IngestReport(results)
+
+
+def _load_or_explain(engine, path: Path, settings: Settings, key: bytes, processing_day,
+                     done: list[FileResult]) -> FileResult:
+    """Load one file; turn a warehouse failure into a clear error naming what did load.
+
+    The file's own transaction has rolled back, so rerunning the same command is safe.
+    """
+    try:
+        return load_file(
+            engine, path, key=key, chunk_rows=settings.chunk_rows,
+            max_bad_share=settings.max_bad_row_share,
+            expectations_dir=settings.expectations_dir, processing_day=processing_day,
+        )
+    except sa.exc.DBAPIError as exc:
+        loaded = sum(1 for r in done if r.status == "loaded")
+        first_line = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise ExternalSystemError(
+            f"warehouse {redact_url(settings.db_url)} failed while loading {path.name} "
+            f"({type(getattr(exc, 'orig', exc)).__name__}: {first_line}); that file was rolled "
+            f"back, {loaded} earlier file(s) stay loaded; rerun the same command"
+        ) from exc

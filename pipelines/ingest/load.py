@@ -473,6 +473,15 @@ def promote_pending(conn: sa.Connection, key: bytes | None = None) -> int:
         conn.execute(
             _insert_for(conn, schema.quarantine).values(payload).on_conflict_do_nothing()
         )
+        # The quarantine-share alert reads the ledger: count these rows against the file
+        # that sent them (rows_pending stays "pending when loaded").
+        per_file = Counter(row["source_checksum"] for row in payload)
+        for source, count in per_file.items():
+            conn.execute(
+                schema.file_ledger.update()
+                .where(schema.file_ledger.c.source_checksum == source)
+                .values(rows_quarantined=schema.file_ledger.c.rows_quarantined + count)
+            )
         ids = [row["complication_id"] for row in bad]
         conn.execute(pend.delete().where(pend.c.complication_id.in_(ids)))
     columns = COMPLICATION_VALUE_COLUMNS + ["source_checksum", "extract_ts"]
@@ -617,6 +626,30 @@ def max_plausible_date(file_name: str, processing_day: date) -> date:
         return processing_day
 
 
+def _warn_on_stamp_clash(
+    engine: sa.Engine, name: str, kind: str, extract_ts: str, checksum: str
+) -> None:
+    """Warn when another delivery of the same kind carries the same extract stamp.
+
+    Their order (which version of a corrected row wins) then falls to the checksum:
+    deterministic, but not what the sender meant. Senders should add the time (THHMMSS).
+    """
+    ledger = schema.file_ledger
+    with engine.connect() as conn:
+        other = conn.execute(
+            sa.select(ledger.c.file_name).where(
+                ledger.c.kind == kind, ledger.c.extract_ts == extract_ts,
+                ledger.c.status == "loaded", ledger.c.source_checksum != checksum,
+            ).limit(1)
+        ).scalar_one_or_none()
+    if other:
+        log.warning(
+            "%s has the same extract stamp (%s) as %s; corrections between them are ordered "
+            "by checksum. Ask the sender to stamp files with the time (_YYYYMMDDTHHMMSS).",
+            name, extract_ts, other,
+        )
+
+
 def load_file(
     engine: sa.Engine, path: Path, *, key: bytes, chunk_rows: int, max_bad_share: float,
     expectations_dir: Path, processing_day: date,
@@ -642,6 +675,7 @@ def load_file(
         extract = open_extract(path)
         result.kind, result.dropped_columns = extract.kind, extract.dropped_columns
         extract_ts = extract_stamp(path.name)
+        _warn_on_stamp_clash(engine, path.name, extract.kind, extract_ts, checksum)
         with engine.begin() as conn:
             stage = _stage_table(extract.kind)
             stage.drop(conn, checkfirst=True)

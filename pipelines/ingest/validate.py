@@ -60,6 +60,8 @@ class SuiteRunner:
     """Runs one GX expectation suite on pandas DataFrames, reusing one ephemeral context."""
 
     def __init__(self, suite_json: dict):
+        # Not configuration: GX reads this switch at import to turn its usage analytics
+        # off (extracts are clinical data; nothing about them should leave the machine).
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
