@@ -79,3 +79,7 @@ def test_alpha_for_arl_and_matched_design():
     distance = [abs(np.log(a / 2000)) for a in alternatives]
     assert matched.critical_count == int(np.argmin(distance)) + 1
     assert matched.arl0_cases == pytest.approx(50 / matched.attained_alpha)
+    # Worked by hand: P(X >= 10 | 50, 0.11) = 0.0434 -> ARL0 1151 cases; P(X >= 11) = 0.0183
+    # -> 2738 cases. |ln(2738/2000)| = 0.31 < |ln(1151/2000)| = 0.55, so 11 events.
+    assert matched.critical_count == 11
+    assert matched.arl0_cases == pytest.approx(2737.8, rel=1e-3)
