@@ -10,10 +10,15 @@ from __future__ import annotations
 import os
 import uuid
 
+import hypothesis  # noqa: F401 -- imported first, see below
 import pytest
 import sqlalchemy as sa
 
 from pipelines.settings import load_settings
+
+# hypothesis is imported up front: its pytest plugin otherwise imports (and compiles) it at
+# session end, after libraries have raised the recursion limit, which trips a CPython 3.11
+# compiler check ("AST constructor recursion depth mismatch") and fails the whole run.
 
 DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 

@@ -88,6 +88,12 @@ def test_excess_leaks_are_flagged_and_in_control_sites_mostly_not(db_url, settin
     assert flagged["episode_start"] <= flagged["signal_date"]
     methods = {s["method"] for s in result.signals if s["site_id"] == "S008"}
     assert {"ra_cusum", "funnel_cumulative"} <= methods
+    # The RA chart's threshold is simulated over the fitted risks, not the flat chart's.
+    ra = next(s for s in result.signals if s["method"] == "ra_cusum")
+    detail = json.loads(ra["detail"]) if isinstance(ra["detail"], str) else ra["detail"]
+    assert detail["threshold_method"].startswith("simulation")
+    assert ra["threshold"] != flagged["threshold"]
+    assert abs(ra["threshold"] - flagged["threshold"]) < 1.0
     models = json.loads(make_engine(db_url).connect().execute(
         sa.select(monitor_run.c.models)).scalar())
     leak_model = models["cement_leak"]
