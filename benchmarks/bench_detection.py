@@ -40,12 +40,19 @@ BURN_IN = VOLUME_PER_YEAR  # the shift starts after one in-control year
 SHIFT = 2.0
 SEED = 20240601
 
+def profile_rate(metric_id: str) -> float:
+    """Return a metric's baseline rate (events / total) from the HTG108 guidance profile."""
+    profile = yaml.safe_load((REPO / "profiles" / "htg108.yaml").read_text())
+    baseline = next(m for m in profile["metrics"] if m["id"] == metric_id)["baseline"]
+    return baseline["events"] / baseline["total"]
+
+
 METRICS = [
-    # (label, p0, odds ratio of the chart, true odds ratio of the shift)
-    ("cement_leak (up)", 0.11, 2.0, 2.0),
-    ("cement_leak (down: under-reporting)", 0.11, 0.5, 0.5),
-    ("symptomatic_cement_leak", 1 / 360, 2.0, 2.0),
-    ("new_fracture", 0.23, 2.0, 2.0),
+    # (label, p0 from the profile, odds ratio of the chart, true odds ratio of the shift)
+    ("cement_leak (up)", profile_rate("cement_leak"), 2.0, 2.0),
+    ("cement_leak (down: under-reporting)", profile_rate("cement_leak"), 0.5, 0.5),
+    ("symptomatic_cement_leak", profile_rate("symptomatic_cement_leak"), 2.0, 2.0),
+    ("new_fracture", profile_rate("new_fracture"), 2.0, 2.0),
     ("major_event", MAJOR_EVENT_RATE, 2.0, 2.0),
 ]
 
