@@ -55,6 +55,7 @@ def make_data(rng):
     site, day = site[order], day[order]
     age_effect = rng.normal(0.0, 0.5, N_CASES)
     risk = 1.0 / (1.0 + np.exp(-(np.log(0.11 / 0.89) + age_effect)))
+    risk *= METRICS["cement_leak"] / risk.mean()  # recalibrated: in control for both charts
     outcomes = {
         "cement_leak": (rng.random(N_CASES) < risk).astype(np.int8),
         "symptomatic_cement_leak": (rng.random(N_CASES) < 1 / 360).astype(np.int8),
