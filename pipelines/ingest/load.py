@@ -514,28 +514,44 @@ def _settle_complications(conn: sa.Connection, ids: sa.Select | None = None) -> 
     conn.execute(delete_pending)
 
 
-def _merge_procedures(conn, stage, checksum, extract_ts, result: FileResult) -> None:
-    names = PROCEDURE_VALUE_COLUMNS
-    key = "procedure_id"
-    first_delivery = _none_present(conn, stage, schema.procedure, key)
+def _merge_into(
+    conn: sa.Connection, stage: sa.Table, *, current: sa.Table, history: sa.Table, key: str,
+    names: list[str], checksum: str, extract_ts: str, only: sa.ColumnElement | None = None,
+) -> dict[str, int]:
+    """Append staged rows to ``history``; merge those matching ``only`` into ``current``.
+
+    Returns the inserted/updated/unchanged/stale counts. When none of the staged keys is
+    present yet (a first delivery, the bulk case) plain INSERTs replace the conflict-
+    handling ones and the counts need no join.
+    """
+    first_delivery = _none_present(conn, stage, current, key)
     if first_delivery:
-        counts = {"inserted": _staged_count(conn, stage, None), "unchanged": 0, "updated": 0,
+        counts = {"inserted": _staged_count(conn, stage, only), "unchanged": 0, "updated": 0,
                   "stale": 0}
     else:
-        counts = _classify(conn, stage, schema.procedure, key, names, checksum, extract_ts)
+        counts = _classify(conn, stage, current, key, names, checksum, extract_ts, only)
     columns = names + ["source_checksum", "extract_ts"]
     select = _stage_select(stage, names, checksum, extract_ts)
-    if _none_present(conn, stage, schema.procedure_version, key):
-        _insert_from(conn, schema.procedure_version, select, columns)
+    if _none_present(conn, stage, history, key):
+        _insert_from(conn, history, select, columns)
     else:
         conn.execute(
-            _insert_for(conn, schema.procedure_version).from_select(columns, select)
-            .on_conflict_do_nothing()
+            _insert_for(conn, history).from_select(columns, select).on_conflict_do_nothing()
         )
+    to_current = select if only is None else select.where(only)
     if first_delivery:
-        _insert_from(conn, schema.procedure, select, columns)
+        _insert_from(conn, current, to_current, columns)
     else:
-        _upsert_from(conn, schema.procedure, key, select, columns)
+        _upsert_from(conn, current, key, to_current, columns)
+    return counts
+
+
+def _merge_procedures(conn, stage, checksum, extract_ts, result: FileResult) -> None:
+    counts = _merge_into(
+        conn, stage, current=schema.procedure, history=schema.procedure_version,
+        key="procedure_id", names=PROCEDURE_VALUE_COLUMNS, checksum=checksum,
+        extract_ts=extract_ts,
+    )
     for name, value in counts.items():
         setattr(result, name, value)
     result.promoted = promote_pending(conn)
@@ -543,37 +559,22 @@ def _merge_procedures(conn, stage, checksum, extract_ts, result: FileResult) -> 
 
 def _merge_complications(conn, stage, checksum, extract_ts, result: FileResult) -> None:
     names = COMPLICATION_VALUE_COLUMNS
-    key = "complication_id"
     comp, pend, proc = schema.complication, schema.pending_complication, schema.procedure
     # EXISTS, not IN: NOT IN (subquery) cannot become an anti-join in PostgreSQL and turns
     # quadratic once the procedure ids outgrow work_mem (staged procedure_id is never null).
     known = sa.exists().where(proc.c.procedure_id == stage.c.procedure_id)
-    first_delivery = _none_present(conn, stage, comp, key)
-    if first_delivery:
-        counts = {"inserted": _staged_count(conn, stage, known), "unchanged": 0, "updated": 0,
-                  "stale": 0}
-    else:
-        counts = _classify(conn, stage, comp, key, names, checksum, extract_ts, known)
+    counts = _merge_into(
+        conn, stage, current=comp, history=schema.complication_version, key="complication_id",
+        names=names, checksum=checksum, extract_ts=extract_ts, only=known,
+    )
     columns = names + ["source_checksum", "extract_ts"]
-    select = _stage_select(stage, names, checksum, extract_ts)
-    if _none_present(conn, stage, schema.complication_version, key):
-        _insert_from(conn, schema.complication_version, select, columns)
-    else:
-        conn.execute(
-            _insert_for(conn, schema.complication_version).from_select(columns, select)
-            .on_conflict_do_nothing()
-        )
-    if first_delivery:
-        _insert_from(conn, comp, select.where(known), columns)
-    else:
-        _upsert_from(conn, comp, key, select.where(known), columns)
     pending_select = sa.select(
         *[stage.c[n] for n in names],
         sa.literal(checksum, sa.String).label("source_checksum"),
         sa.literal(extract_ts, sa.String).label("extract_ts"),
         stage.c.record_number.label("source_record"),
     ).where(~known)
-    _upsert_from(conn, pend, key, pending_select, columns + ["source_record"])
+    _upsert_from(conn, pend, "complication_id", pending_select, columns + ["source_record"])
     result.pending = _staged_count(conn, stage, ~known)
     for name, value in counts.items():
         setattr(result, name, value)
