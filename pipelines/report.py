@@ -244,8 +244,13 @@ def render_report(settings: Settings, as_of: date | None = None) -> str:
         for _key, chart in sorted(charts["funnel"].items()):
             if chart["window"] != "cumulative":
                 continue
-            parts.append(_img(funnel_png(chart, labels.get(chart["metric"], chart["metric"])),
-                              f"funnel {chart['metric']}"))
+            label = labels.get(chart["metric"], chart["metric"])
+            if not np.asarray(chart["n"], float).sum():
+                # An empty plot would read as "no problem"; say why there is nothing yet.
+                parts.append(f"<p><b>{html.escape(label)}</b>: no mature units yet (the outcome "
+                             "window has not closed for any procedure).</p>")
+                continue
+            parts.append(_img(funnel_png(chart, label), f"funnel {chart['metric']}"))
     if charts.get("cusum"):
         parts.append("<h2>CUSUM charts for sites with a CUSUM signal</h2>")
         flagged = sorted({(s["metric"], s["method"], s["direction"], s["site_id"])
