@@ -173,28 +173,19 @@ CORRECTION_SHARE = 0.01
 CORRECTION_LAG = (7, 60)  # days after the first delivery's extract date
 PROCEDURE_CORRECTED_FIELDS = ("levels_treated", "age_years", "anaesthesia")
 COMPLICATION_CORRECTED_FIELDS = ("severity", "symptomatic")
+_ROW_DEFECTS = (
+    "bad_date",
+    "future_date",
+    "out_of_range",
+    "unknown_enum",
+    "empty_required",
+    "formula",
+    "bad_site_id",
+    "duplicate_id",
+)
 DEFECTS = {
-    "procedures": (
-        "bad_date",
-        "future_date",
-        "out_of_range",
-        "unknown_enum",
-        "empty_required",
-        "formula",
-        "bad_site_id",
-        "duplicate_id",
-    ),
-    "complications": (
-        "bad_date",
-        "future_date",
-        "out_of_range",
-        "unknown_enum",
-        "empty_required",
-        "formula",
-        "bad_site_id",
-        "duplicate_id",
-        "event_before_procedure",
-    ),
+    "procedures": _ROW_DEFECTS,
+    "complications": (*_ROW_DEFECTS, "event_before_procedure"),
 }
 FORMULA = '=HYPERLINK("http://x","y")'
 FUTURE_OFFSET_DAYS = 3650  # future dates are 10-11 years after the extract date
