@@ -11,8 +11,9 @@ import argparse
 import importlib
 import logging
 import sys
+from datetime import date
 
-from pipelines.errors import KyphowatchError
+from pipelines.errors import InputRejected, KyphowatchError
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = (
@@ -24,6 +25,16 @@ COMMAND_MODULES = (
 )
 
 log = logging.getLogger("kyphowatch")
+
+
+def parse_as_of(text: str | None) -> date | None:
+    """Parse an ``--as-of`` value (YYYY-MM-DD) or raise InputRejected; None when not given."""
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InputRejected(f"--as-of {text!r} is not a date (expected YYYY-MM-DD)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from pipelines.errors import ExternalSystemError, InputRejected
+from pipelines.errors import ExternalSystemError
 from pipelines.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -327,13 +327,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    as_of = None
-    if args.as_of:
-        try:
-            as_of = date.fromisoformat(args.as_of)
-        except ValueError:
-            raise InputRejected(
-                f"--as-of {args.as_of!r} is not a date (expected YYYY-MM-DD)") from None
-    path = write_report(load_settings(db_url=args.db), args.out, as_of)
+    from pipelines.cli import parse_as_of
+
+    path = write_report(load_settings(db_url=args.db), args.out, parse_as_of(args.as_of))
     print(path)
     return 0

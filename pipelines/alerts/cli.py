@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import date
 from typing import Any
 
 from pipelines.alerts import lifecycle, outbox
 from pipelines.alerts.render import render
-from pipelines.errors import InputRejected
+from pipelines.cli import parse_as_of
 from pipelines.settings import load_settings
 
 
@@ -28,15 +27,6 @@ def _json_default(value: Any) -> str:
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=_json_default))
-
-
-def _as_of(text: str | None) -> date | None:
-    if not text:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError as exc:
-        raise InputRejected(f"--as-of must be a date like 2024-06-30, got {text!r}") from exc
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -99,7 +89,7 @@ def _requeue(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    result = lifecycle.sync_alerts(_settings(args), _as_of(args.as_of))
+    result = lifecycle.sync_alerts(_settings(args), parse_as_of(args.as_of))
     _print_json(result.to_dict())
     return 0
 

@@ -11,21 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import date
 from typing import Any
 
+from pipelines.cli import parse_as_of
 from pipelines.errors import InputRejected
 from pipelines.settings import load_settings
-
-
-def parse_as_of(text: str | None) -> date | None:
-    """Parse an ``--as-of`` value (YYYY-MM-DD) or raise InputRejected."""
-    if text is None:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise InputRejected(f"--as-of {text!r} is not a date (expected YYYY-MM-DD)") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
