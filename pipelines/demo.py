@@ -46,6 +46,7 @@ def _child_env(sink: MailSink) -> dict[str, str]:
         "AIRFLOW_HOME": str(AIRFLOW_HOME),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_DIR / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_DIR / "plugins"),
         "PYTHONPATH": os.pathsep.join([str(REPO_DIR), str(REPO_DIR / "dags")]),
         "KYPHOWATCH_DEMO": "1",
         "KYPHOWATCH_DB_URL": f"sqlite:///{DEMO_DB}",

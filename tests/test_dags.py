@@ -39,6 +39,7 @@ def airflow_env(tmp_path_factory):
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)]),
     }
