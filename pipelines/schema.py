@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = sa.MetaData()
 
@@ -239,6 +239,53 @@ alert_outbox = sa.Table(
     sa.Column("sent_at", sa.DateTime(timezone=True)),
 )
 
+# --- analyst tables (issue 5): the monitor's current picture, for SQL tools ------------
+# Written by the monitor in the same transaction as its signals. Each holds only the newest
+# as_of per profile: a backfill for an earlier date leaves them alone.
+
+site_month_metric = sa.Table(
+    "site_month_metric",
+    metadata,
+    sa.Column("profile_name", sa.String(64), primary_key=True),
+    sa.Column("site_id", sa.String(8), primary_key=True),
+    sa.Column("metric", sa.String(48), primary_key=True),
+    sa.Column("month", sa.String(7), primary_key=True),  # YYYY-MM of the unit's index date
+    sa.Column("denominator", sa.String(16), nullable=False),  # procedure | patient
+    sa.Column("units", sa.Integer, nullable=False),  # mature units (the monitor's n)
+    sa.Column("events", sa.Integer, nullable=False),
+    sa.Column("expected", sa.Float, nullable=False),  # sum of case-mix expected risks
+    sa.Column("baseline", sa.Float, nullable=False),
+    sa.Column("run_key", sa.String(DIGEST), nullable=False),
+    sa.Column("as_of", sa.Date, nullable=False),
+)
+
+chart_status = sa.Table(
+    "chart_status",
+    metadata,
+    sa.Column("profile_name", sa.String(64), primary_key=True),
+    sa.Column("site_id", sa.String(8), primary_key=True),
+    sa.Column("metric", sa.String(48), primary_key=True),
+    # signal | under_reporting | immature | in_control (pipelines.evidence)
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("n", sa.Integer),
+    sa.Column("events", sa.Integer),
+    sa.Column("rate", sa.Float),
+    sa.Column("ci_low", sa.Float),
+    sa.Column("ci_high", sa.Float),
+    sa.Column("expected", sa.Float),
+    sa.Column("baseline", sa.Float, nullable=False),
+    sa.Column("cusum_chart", sa.String(48)),
+    sa.Column("cusum_value", sa.Float),
+    sa.Column("cusum_threshold", sa.Float),
+    sa.Column("funnel_position", sa.String(16)),
+    sa.Column("signals_recent", sa.Integer, nullable=False),
+    sa.Column("signals_total", sa.Integer, nullable=False),
+    sa.Column("run_key", sa.String(DIGEST), nullable=False),
+    sa.Column("as_of", sa.Date, nullable=False),
+    sa.Column("profile_version", sa.String(32), nullable=False),
+)
+
 # Digest of the views.sql last applied, so views are re-created only when the file changes.
 schema_views = sa.Table(
     "schema_views",
@@ -270,7 +317,13 @@ def _migration_3(conn: sa.Connection) -> None:
     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_procedure_patient")
 
 
-MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3}
+def _migration_4(conn: sa.Connection) -> None:
+    """Version 4: the monitor's current picture for analysts (site_month_metric, chart_status)."""
+    site_month_metric.create(conn, checkfirst=True)
+    chart_status.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4}
 
 
 def _views_sql(sql_dir: Path) -> list[str]:

@@ -5,32 +5,42 @@
 -- contains a semicolon. No view exposes a patient or operator digest or a raw quarantined row.
 -- Documented in docs/analyst-guide.md.
 
--- Monthly counts per site by procedure month (descriptive: no outcome window or maturity
--- rule is applied here, unlike the monitor -- see docs/analyst-guide.md).
+-- Retired in schema version 4 (descriptive counts that disagreed with the monitor):
+-- replaced by v_site_month_rates. The DROP stays so upgraded databases lose it.
 DROP VIEW IF EXISTS v_site_metric_rates;
-CREATE VIEW v_site_metric_rates AS
+
+-- The monitor's figures per site, metric and calendar month of the index date (procedure
+-- date, or the patient's first procedure at the site for per-patient metrics). Only mature
+-- units are counted (outcome window closed by as_of), exactly as in the charts, so the
+-- months of a site add up to the monitor's n and events. expected is the sum of the
+-- case-mix expected risks (the baseline when the metric has no risk model). Holds only
+-- the newest as_of per profile.
+DROP VIEW IF EXISTS v_site_month_rates;
+CREATE VIEW v_site_month_rates AS
 SELECT
-    p.site_id AS site_id,
-    SUBSTR(CAST(p.procedure_date AS VARCHAR(10)), 1, 7) AS month,
-    COUNT(*) AS procedures,
-    SUM(CASE WHEN c.leaks > 0 THEN 1 ELSE 0 END) AS leaks,
-    SUM(CASE WHEN c.symptomatic_leaks > 0 THEN 1 ELSE 0 END) AS symptomatic_leaks,
-    SUM(CASE WHEN c.major_events > 0 THEN 1 ELSE 0 END) AS major_events,
-    SUM(CASE WHEN p.mdt_discussed THEN 0 ELSE 1 END) AS mdt_missing,
-    ROUND(SUM(CASE WHEN c.leaks > 0 THEN 1 ELSE 0 END) * 1.0 / COUNT(*), 4) AS leak_rate
-FROM procedure p
+    profile_name, site_id, metric, month, denominator, units, events, expected, baseline,
+    CASE WHEN units > 0 THEN CAST(events AS DOUBLE PRECISION) / units END AS rate,
+    CASE WHEN expected > 0 THEN CAST(events AS DOUBLE PRECISION) / expected END AS o_to_e,
+    run_key, as_of
+FROM site_month_metric;
+
+-- Current status per site and metric from the newest monitor run (the report's grid),
+-- with the number of open or acknowledged alerts for that site and metric.
+DROP VIEW IF EXISTS v_chart_status;
+CREATE VIEW v_chart_status AS
+SELECT
+    s.profile_name, s.site_id, s.metric, s.status, s.reason, s.n, s.events, s.rate,
+    s.ci_low, s.ci_high, s.expected, s.baseline, s.cusum_chart, s.cusum_value,
+    s.cusum_threshold, s.funnel_position, s.signals_recent, s.signals_total,
+    COALESCE(a.open_alerts, 0) AS open_alerts,
+    s.run_key, s.as_of, s.profile_version
+FROM chart_status s
 LEFT JOIN (
-    SELECT
-        procedure_id,
-        SUM(CASE WHEN event_type = 'cement_leak' THEN 1 ELSE 0 END) AS leaks,
-        SUM(CASE WHEN event_type = 'cement_leak' AND symptomatic THEN 1 ELSE 0 END) AS symptomatic_leaks,
-        SUM(CASE WHEN event_type IN ('death', 'paralysis', 'cord_compression', 'canal_intrusion',
-                                     'motor_deficit', 'radiculopathy', 'paraesthesia')
-                  AND severity IN ('major', 'fatal') THEN 1 ELSE 0 END) AS major_events
-    FROM complication
-    GROUP BY procedure_id
-) c ON c.procedure_id = p.procedure_id
-GROUP BY p.site_id, SUBSTR(CAST(p.procedure_date AS VARCHAR(10)), 1, 7);
+    SELECT site_id, metric, COUNT(*) AS open_alerts
+    FROM alert
+    WHERE state IN ('open', 'acknowledged')
+    GROUP BY site_id, metric
+) a ON a.site_id = s.site_id AND a.metric = s.metric;
 
 -- Signals present in the latest monitor run, newest first.
 DROP VIEW IF EXISTS v_active_signals;
@@ -55,6 +65,41 @@ SELECT
     MAX(quarantined_at) AS last_quarantined_at
 FROM quarantine
 GROUP BY kind, reasons;
+
+-- Quarantined rows per site (as written in the rejected row) and extract kind.
+DROP VIEW IF EXISTS v_quarantine_by_site;
+CREATE VIEW v_quarantine_by_site AS
+SELECT
+    site_id,
+    kind,
+    COUNT(*) AS rows_quarantined,
+    COUNT(DISTINCT source_checksum) AS files,
+    MAX(quarantined_at) AS last_quarantined_at
+FROM quarantine
+GROUP BY site_id, kind;
+
+-- Alerts not yet resolved, with the delivery status per channel (never the payload).
+DROP VIEW IF EXISTS v_open_alerts;
+CREATE VIEW v_open_alerts AS
+SELECT
+    a.alert_id, a.kind, a.site_id, a.metric, a.title, a.state, a.episode, a.created_at,
+    a.updated_at,
+    o.email_status, o.email_attempts, o.email_sent_at,
+    o.webhook_status, o.webhook_attempts, o.webhook_sent_at
+FROM alert a
+LEFT JOIN (
+    SELECT
+        alert_id,
+        MAX(CASE WHEN channel = 'email' THEN status END) AS email_status,
+        MAX(CASE WHEN channel = 'email' THEN attempts END) AS email_attempts,
+        MAX(CASE WHEN channel = 'email' THEN sent_at END) AS email_sent_at,
+        MAX(CASE WHEN channel = 'webhook' THEN status END) AS webhook_status,
+        MAX(CASE WHEN channel = 'webhook' THEN attempts END) AS webhook_attempts,
+        MAX(CASE WHEN channel = 'webhook' THEN sent_at END) AS webhook_sent_at
+    FROM alert_outbox
+    GROUP BY alert_id
+) o ON o.alert_id = a.alert_id
+WHERE a.state IN ('open', 'acknowledged');
 
 -- The most recent 200 files seen by the loader, with their outcome.
 DROP VIEW IF EXISTS v_file_ledger_recent;

@@ -48,7 +48,7 @@ from scipy import stats
 
 from pipelines.db import make_engine, redact_url
 from pipelines.errors import ExternalSystemError
-from pipelines.schema import monitor_run, signal
+from pipelines.schema import chart_status, monitor_run, signal, site_month_metric
 from pipelines.settings import Settings
 from pipelines.surveillance import cusum, funnel, pchart, rare
 from pipelines.surveillance.arl import threshold_for_arl, threshold_for_arl_risk_adjusted
@@ -148,6 +148,9 @@ class MonitorResult:
     summary: dict[str, Any] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     site_metrics: list[dict[str, Any]] = field(default_factory=list)
+    # Mature units, events and expected events per site, metric and index month (the
+    # ``site_month_metric`` table; not part of to_dict()).
+    site_months: list[dict[str, Any]] = field(default_factory=list, repr=False)
     # Chart series for the report (arrays; not part of to_dict()).
     charts: dict[str, Any] = field(default_factory=dict, repr=False)
     persisted: bool = False
@@ -249,6 +252,17 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
+def _month_labels(day: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Return (month index per day, 'YYYY-MM' label per month index) for epoch days."""
+    months = np.asarray(day, dtype=np.int64).astype("datetime64[D]").astype("datetime64[M]")
+    codes = months.astype(np.int64)
+    if not len(codes):
+        return codes, []
+    first = int(codes.min())
+    labels = [str(m) for m in np.arange(first, int(codes.max()) + 1).astype("datetime64[M]")]
+    return codes - first, labels
+
+
 def _month_start(day: int) -> int:
     return int(np.datetime64(int(day), "D").astype("datetime64[M]").astype("datetime64[D]")
                .astype(np.int64))
@@ -281,6 +295,7 @@ class _Computation:
         self.models: dict[str, Any] = {}
         self.summary: dict[str, Any] = {"metrics": {}}
         self.site_metrics: dict[tuple[str, str], dict[str, Any]] = {}
+        self.site_months: list[dict[str, Any]] = []
         self.charts: dict[str, Any] = {"cusum": {}, "funnel": {}, "pchart": {}}
         # funnel rows to be decided together (FDR across sites and metrics)
         self.funnel_tests: list[dict[str, Any]] = []
@@ -295,6 +310,31 @@ class _Computation:
                 "citation": metric.citation,
             }
         return self.site_metrics[key]
+
+    def _monthly(self, metric: Metric, group: np.ndarray, y: np.ndarray, day: np.ndarray,
+                 expected: np.ndarray) -> None:
+        """Aggregate units, events and expected events per site and month of the index date.
+
+        ``group``/``y``/``day``/``expected`` are exactly the units the charts use (mature
+        only), so the months of a site add up to its ``site_metrics`` n and events.
+        """
+        if not len(group):
+            return
+        month, labels = _month_labels(day)
+        cell = group.astype(np.int64) * len(labels) + month
+        cells, inverse = np.unique(cell, return_inverse=True)
+        units = np.bincount(inverse)
+        events = np.bincount(inverse, weights=y)
+        expect = np.bincount(inverse, weights=expected)
+        baseline = float(metric.baseline.rate)
+        denominator = metric.denominator or "procedure"
+        for i, c in enumerate(cells.tolist()):
+            self.site_months.append({
+                "site_id": self.sites[c // len(labels)], "metric": metric.id,
+                "month": labels[c % len(labels)], "denominator": denominator,
+                "units": int(units[i]), "events": int(round(events[i])),
+                "expected": float(expect[i]), "baseline": baseline,
+            })
 
     # -- outcome metrics ------------------------------------------------------------------
     def outcome_metric(self, metric: Metric) -> None:
@@ -314,6 +354,7 @@ class _Computation:
             self.models[metric.id] = model.to_dict()
             expected_risk = model.predict(units)
         expected_per_site = np.bincount(group, weights=expected_risk, minlength=n_sites)
+        self._monthly(metric, group, y, day, expected_risk)
         low, high = exact_interval(events_per_site, n_per_site)
         for code, site in enumerate(self.sites):
             entry = self._site_entry(site, metric)
@@ -683,6 +724,12 @@ class _Computation:
             return
         frame["month"] = frame["index_day"].to_numpy().astype("datetime64[D]").astype(
             "datetime64[M]")
+        # process_outcomes keeps one row per procedure, in the snapshot's order
+        self._monthly(
+            metric, self.snapshot.procedures["site_code"].to_numpy(np.int64),
+            frame["failed"].to_numpy(np.int64), frame["index_day"].to_numpy(np.int64),
+            np.full(len(frame), float(metric.baseline.rate)),
+        )
         totals = frame.groupby("site_id", observed=True)["failed"].agg(["sum", "count"])
         low, high = exact_interval(totals["sum"].to_numpy(), totals["count"].to_numpy())
         for i, (site, row) in enumerate(totals.iterrows()):
@@ -775,10 +822,12 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
             profile_version=profile.version, data_fingerprint=snapshot.fingerprint,
             signals=rows, summary=work.summary, models=work.models,
             site_metrics=[work.site_metrics[k] for k in sorted(work.site_metrics)],
+            site_months=sorted(work.site_months,
+                               key=lambda r: (r["metric"], r["site_id"], r["month"])),
             charts=work.charts,
         )
         if persist:
-            _persist(engine, result)
+            _persist(engine, result, profile)
         result.seconds = time.perf_counter() - started
         log.info(
             "monitor %s as of %s: %d signals (%d new), %d procedures, %.2fs (read %.2fs)",
@@ -807,15 +856,19 @@ _UPDATABLE = tuple(
 )
 
 
-def _persist(engine: sa.Engine, result: MonitorResult, attempts: int = 3) -> None:
+def _persist(engine: sa.Engine, result: MonitorResult, profile: Profile,
+             attempts: int = 3) -> None:
     """Record the run and upsert its signals by key; deactivate keys no longer derived.
+
+    Also replaces the profile's current picture (``chart_status``, ``site_month_metric``)
+    when this run is at least as new as the stored one.
 
     Two monitors racing on the same new key is resolved by retrying: the loser sees the
     row on its second attempt and updates it instead.
     """
     for attempt in range(1, attempts + 1):
         try:
-            _persist_once(engine, result)
+            _persist_once(engine, result, profile)
             result.persisted = True
             return
         except sa.exc.IntegrityError:
@@ -824,7 +877,7 @@ def _persist(engine: sa.Engine, result: MonitorResult, attempts: int = 3) -> Non
             log.warning("monitor: concurrent run wrote the same signals; retrying (%d)", attempt)
 
 
-def _persist_once(engine: sa.Engine, result: MonitorResult) -> None:
+def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile) -> None:
     now = datetime.now(UTC)
     with engine.begin() as conn:
         stored = conn.execute(
@@ -880,3 +933,42 @@ def _persist_once(engine: sa.Engine, result: MonitorResult) -> None:
                 .values(active=False)
             )
         result.new_signal_keys = sorted(row["signal_key"] for row in inserts)
+        _replace_current_picture(conn, result, profile)
+
+
+def _replace_current_picture(conn: sa.Connection, result: MonitorResult,
+                             profile: Profile) -> None:
+    """Replace the profile's ``chart_status`` and ``site_month_metric`` rows with this run's.
+
+    Only when this run's as_of is on or after the stored one: a backfill for a past date
+    must not overwrite newer figures. A rerun for the same as_of replaces them (corrections).
+    Rows are deleted and bulk inserted (one executemany per table).
+    """
+    from pipelines.evidence import status_rows
+
+    stamp = {"run_key": result.run_key, "as_of": result.as_of}
+    for table in (chart_status, site_month_metric):
+        mine = table.c.profile_name == result.profile_name
+        stored = conn.execute(sa.select(sa.func.max(table.c.as_of)).where(mine)).scalar()
+        if stored is not None and _as_date(stored) > result.as_of:
+            log.info("monitor: %s holds as_of %s, newer than this run's %s; left unchanged",
+                     table.name, stored, result.as_of)
+            continue
+        conn.execute(table.delete().where(mine))
+        if table is chart_status:
+            columns = [c.name for c in chart_status.columns]
+            rows = [{k: row.get(k) for k in columns if k in row}
+                    for row in status_rows(result, profile)]
+            extra = {"profile_version": result.profile_version}
+        else:
+            rows = result.site_months
+            extra = {}
+        if rows:
+            conn.execute(table.insert(), [
+                {**row, **stamp, **extra, "profile_name": result.profile_name}
+                for row in rows
+            ])
+
+
+def _as_date(value: Any) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
