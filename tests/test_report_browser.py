@@ -1,0 +1,302 @@
+"""The HTML report in a real browser: Debian's headless Chromium, driven by Playwright.
+
+A small registry (four sites, one with a high cement-leak rate) goes through the monitor
+and the report writer, then:
+
+* A: the report opened from disk (``file://``): charts render with a non-zero size, the
+  console shows no error, no page error is raised, nothing is fetched from outside, and the
+  link to a site page leads to a page whose charts render too;
+* B: the same report published with ``publish_report`` and served by the Airflow plugin
+  (``plugins/kyphowatch_report.py``) from a real ``airflow api-server`` with the simple auth
+  manager: anonymous requests are refused, ``/kyphowatch/report/`` lands on
+  ``latest/index.html`` for a logged-in user (the UI's ``_token`` cookie), the report's
+  Content-Security-Policy causes no violation, traversal is 404, and the plugin's
+  navigation link is listed by ``/api/v2/plugins``.
+
+Playwright's Python package brings only its driver; the browser is ``/usr/bin/chromium``
+(``apt-get install chromium``; ``.ci/run`` installs it). Without it the tests skip with the
+reason printed, except under ``CI=true`` where they fail. Full-page screenshots are saved
+to ``test-artifacts/report-browser/`` (git-ignored); their paths are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from pipelines.db import make_engine
+from pipelines.mailsink import free_port
+from pipelines.report import publish_report, write_report
+from pipelines.surveillance.engine import run_monitor
+from tests.test_airflow_e2e import _wait_for_port
+from tests.test_engine import build_sites
+
+pytestmark = pytest.mark.timeout(600)
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path(os.environ.get("KYPHOWATCH_CHROMIUM", "/usr/bin/chromium"))
+ARTIFACTS = REPO / "test-artifacts" / "report-browser"
+CHROMIUM_ARGS = [
+    # Playwright adds --headless itself (headless=True) and a fresh --user-data-dir is given
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+DRIFT_SITE = "S004"
+PREFIX = "/kyphowatch/report"
+# every chart (inline <svg>, or an <img>) with its rendered size; images must be decoded
+CHARTS_JS = """() => [...document.querySelectorAll('svg:not(svg svg), img')].map(e => {
+    const r = e.getBoundingClientRect();
+    return {tag: e.tagName.toLowerCase(), width: r.width, height: r.height,
+            decoded: e.tagName.toLowerCase() !== 'img' || (e.complete && e.naturalWidth > 0)};
+})"""
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"true", "1", "yes"}
+
+
+@pytest.fixture(scope="module")
+def playwright():
+    if not CHROMIUM.exists():
+        reason = f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
+        if _in_ci():
+            pytest.fail(f"CI must run the browser tests: {reason}")
+        print(f"\nskipping browser tests: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        yield driver
+
+
+@contextmanager
+def _browser(playwright, profile: Path) -> Iterator:
+    """A Chromium context with a fresh profile, closed afterwards."""
+    context = playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+        viewport={"width": 1280, "height": 900},
+    )  # fmt: skip
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+class PageWatch:
+    """Console messages, page errors and requests of one page."""
+
+    def __init__(self, page, allowed_origins: tuple[str, ...]) -> None:
+        self.page = page
+        self.console: list[str] = []
+        self.errors: list[str] = []
+        self.outside: list[str] = []
+        self.failed: list[str] = []
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        page.on("requestfailed", lambda r: self.failed.append(f"{r.url}: {r.failure}"))
+        page.on("request", lambda r: None if r.url.startswith(allowed_origins)
+                else self.outside.append(r.url))  # fmt: skip
+
+    def check_clean(self) -> None:
+        problems = [m for m in self.console if m.startswith(("error", "warning"))]
+        assert problems == [], problems
+        assert self.errors == [], self.errors
+        assert self.failed == [], self.failed
+        assert self.outside == [], self.outside
+
+
+def _check_charts(page, at_least: int = 1) -> list[dict]:
+    charts = page.evaluate(CHARTS_JS)
+    assert len(charts) >= at_least, f"{page.url}: {len(charts)} charts"
+    for chart in charts:
+        assert chart["width"] > 0 and chart["height"] > 0, (page.url, chart)
+        assert chart["decoded"], (page.url, chart)
+    return charts
+
+
+def _screenshot(page, name: str, capsys) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    with capsys.disabled():
+        print(f"\nscreenshot: {path}")
+    return path
+
+
+def _settings_with_data(sqlite_url, settings_for):
+    engine = make_engine(sqlite_url)
+    build_sites(engine, sites=4, per_site=300, leak={DRIFT_SITE: 0.35}, seed=2)
+    engine.dispose()
+    settings = settings_for(sqlite_url)
+    run_monitor(settings)
+    return settings
+
+
+def _visit_index_and_site(page, watch: PageWatch, url: str, name: str, capsys) -> None:
+    page.goto(url, wait_until="load")
+    assert page.url.endswith("/index.html"), page.url
+    _check_charts(page, at_least=0)  # the overview is mostly tables: what is drawn renders
+    _screenshot(page, f"{name}-index", capsys)
+    page.locator('a[href$="funnels.html"]').first.click()
+    page.wait_for_load_state("load")
+    assert page.url.endswith("/funnels.html"), page.url
+    _check_charts(page)
+    _screenshot(page, f"{name}-funnels", capsys)
+    page.go_back(wait_until="load")
+    link = page.locator(f'a[href$="sites/{DRIFT_SITE}.html"]').first
+    link.click()
+    page.wait_for_load_state("load")
+    assert page.url.endswith(f"/sites/{DRIFT_SITE}.html"), page.url
+    assert DRIFT_SITE in page.content()
+    _check_charts(page)
+    _screenshot(page, f"{name}-{DRIFT_SITE}", capsys)
+    watch.check_clean()
+
+
+def test_report_from_disk_renders_without_errors(playwright, sqlite_url, settings_for,
+                                                 tmp_path, capsys):  # fmt: skip
+    settings = _settings_with_data(sqlite_url, settings_for)
+    index = write_report(settings, tmp_path / "report")
+    with _browser(playwright, tmp_path / "profile") as context:
+        page = context.new_page()
+        watch = PageWatch(page, allowed_origins=("file://", "data:"))
+        _visit_index_and_site(page, watch, index.as_uri(), "disk", capsys)
+
+
+# ---------------------------------------------------------------- through the Airflow plugin
+
+
+def _http(url: str, token: str | None = None, data: dict | None = None):
+    """(status, headers, body) of a GET, or of a JSON POST when ``data`` is given."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = None
+    if data is not None:
+        body = json.dumps(data).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=body, headers=headers)
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+@pytest.fixture
+def api_server(tmp_path, sqlite_url, settings_for):
+    """A real ``airflow api-server`` with the plugin, serving a published report."""
+    settings = _settings_with_data(sqlite_url, settings_for)
+    publish_report(settings)
+    password = secrets.token_urlsafe(12)
+    passwords = tmp_path / "passwords.json"
+    passwords.write_text(json.dumps({"analyst": password}))
+    empty_dags = tmp_path / "dags"
+    empty_dags.mkdir()
+    port = free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(empty_dags),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "analyst:viewer",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+        "PYTHONPATH": str(REPO),
+        "KYPHOWATCH_REPORT_DIR": str(settings.report_dir),
+    }  # fmt: skip
+    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+    log_path = tmp_path / "api-server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1",
+             "--port", str(port)],
+            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    failed = True
+    try:
+        assert _wait_for_port(port, time.monotonic() + 120), "api-server did not listen"
+        deadline = time.monotonic() + 60
+        while _http(base + "/api/v2/monitor/health")[0] != 200:
+            assert process.poll() is None, "api-server exited"
+            assert time.monotonic() < deadline, "api-server never became healthy"
+            time.sleep(0.5)
+        status, _, body = _http(base + "/auth/token",
+                                data={"username": "analyst", "password": password})  # fmt: skip
+        assert status == 201, body
+        yield {"base": base, "token": json.loads(body)["access_token"], "settings": settings}
+        failed = False
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        if failed:
+            print(log_path.read_bytes()[-12_000:].decode("utf-8", "replace"))
+
+
+@pytest.mark.airflow_e2e
+def test_report_through_the_airflow_plugin(playwright, api_server, tmp_path, capsys):
+    base, token = api_server["base"], api_server["token"]
+    report = base + PREFIX
+
+    # anonymous callers get nothing, not even a 404 that tells what exists
+    for path in ("/", "/latest/index.html", "/latest/report.json"):
+        status, _, _ = _http(report + path)
+        assert status == 401, path
+
+    status, headers, _ = _http(report + "/", token)
+    assert status == 307 and headers["Location"] == "latest/index.html"
+    status, headers, body = _http(report + "/latest/index.html", token)
+    assert status == 200 and body.startswith(b"<!DOCTYPE html>")
+    assert headers["Content-Type"] == "text/html; charset=utf-8"
+    assert headers["Cache-Control"] == "no-store"
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    for path in ("/..%2f..%2fetc/passwd", "/latest/..%2f..%2f..%2f..%2fetc/passwd",
+                 "/%2fetc/passwd", "/latest/../../../../etc/passwd"):  # fmt: skip
+        status, _, body = _http(report + path, token)
+        assert status == 404, (path, body[:200])
+        assert b"root:" not in body
+
+    # the plugin is registered, with its app and its navigation link
+    status, _, body = _http(base + "/api/v2/plugins", token)
+    assert status == 200, body
+    plugins = {p["name"]: p for p in json.loads(body)["plugins"]}
+    plugin = plugins["kyphowatch_report"]
+    assert [a["url_prefix"] for a in plugin["fastapi_apps"]] == [PREFIX]
+    [view] = plugin["external_views"]
+    assert view["destination"] == "nav" and view["href"] == PREFIX.lstrip("/") + "/"
+
+    with _browser(playwright, tmp_path / "profile") as context:
+        # the cookie the Airflow UI login sets
+        context.add_cookies([{"name": "_token", "value": token, "url": base}])
+        page = context.new_page()
+        watch = PageWatch(page, allowed_origins=(base + "/", "data:"))
+        _visit_index_and_site(page, watch, report + "/", "plugin", capsys)
+        assert page.url.startswith(report + "/latest/sites/"), page.url
