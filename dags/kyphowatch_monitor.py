@@ -7,8 +7,9 @@ date); when empty the engine uses the newest procedure date in the warehouse. Th
 data interval is not used: for an asset-triggered run it is the time the event arrived,
 not a date the data describes, and would make reruns depend on the wall clock.
 
-After the signals are stored, the HTML evidence report for the same ``as_of`` is written to
-the report directory (the "where to look" quoted in alerts).
+After the signals are stored, the HTML evidence report for the same ``as_of`` is published
+to ``<report dir>/<as_of>/`` and ``<report dir>/latest`` is repointed to it when it is the
+newest; the ``kyphowatch_report`` plugin serves it in the Airflow UI, and alerts link to it.
 """
 
 from __future__ import annotations
@@ -48,18 +49,18 @@ def kyphowatch_monitor():
 
     @task
     def write_report(summary: dict) -> str:
-        """Write the HTML evidence report for the same ``as_of``; return its path."""
+        """Publish the HTML evidence report for the same ``as_of``; return its index path."""
         from datetime import date
 
         from kyphowatch_config import build_settings
 
-        from pipelines.report import write_report as write
+        from pipelines.report import publish_report
 
         if summary["as_of"] in (None, "None"):  # no procedures yet (only complications landed)
             from airflow.sdk.exceptions import AirflowSkipException
 
             raise AirflowSkipException("no procedures in the warehouse yet: nothing to report")
-        return str(write(build_settings(), as_of=date.fromisoformat(summary["as_of"])))
+        return str(publish_report(build_settings(), date.fromisoformat(summary["as_of"])))
 
     write_report(run_monitor())
 

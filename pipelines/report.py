@@ -1,124 +1,142 @@
-"""``kyphowatch report``: one self-contained HTML file for the safety committee.
+"""``kyphowatch report``: the static HTML evidence report for analysts and safety teams.
 
-Why a single file: it is mailed, archived and opened offline, so every chart is a PNG
-embedded as a data URI and there is no script or external stylesheet. The report shows the
-monitor's signals, a funnel plot per metric, CUSUM charts for sites with a CUSUM signal,
-p-charts, and the data-quality picture (files loaded or rejected, rows quarantined by
-reason). It never shows a patient or operator reference: the engine reads neither, and the
-data-quality section reports counts only, never quarantined raw values.
+Layout of a report directory::
 
-matplotlib is imported inside the plotting functions with the Agg backend, so importing
-this module (the CLI does, for ``--help``) stays cheap and needs no display.
+    index.html           overview: status grid (sites x metrics), open alerts, data quality
+    funnels.html         a funnel plot per metric, flagged sites labelled
+    methods.html         baselines with their HTG108 sections, thresholds and their designed
+                         false-alarm rates, risk models and their fit, profile and as-of date
+    sites/<SITE>.html    per site: CUSUM and risk-adjusted CUSUM over time, quarterly
+                         p-chart, observed versus expected, case mix against the network,
+                         recent complications, signals, alerts and their history
+    report.json          the overview as data (the same rows as ``kyphowatch sites --json``)
+
+Why it is built this way: the report is opened from disk, from an e-mail or through the
+Airflow plugin, so every page is static HTML with inline SVG charts (see
+:mod:`pipelines.svgplot`), no script and nothing fetched from the network. Every number on a
+site page comes from :func:`pipelines.evidence.site_payload`, the same function behind
+``kyphowatch site --json``; the per-site figures carry ``data-field`` attributes so that
+agreement is tested. No patient or operator reference is ever read: the engine turns
+patient digests into counters, case mix is aggregated in SQL, and the data-quality section
+shows counts and reasons, never quarantined raw values.
+
+:func:`publish_report` writes ``<report_dir>/<as_of>/`` and then repoints the
+``<report_dir>/latest`` symlink, so a reader (or the Airflow plugin) never sees a half
+written report and a backfill for an old date never replaces a newer ``latest``.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import json
 import logging
-from datetime import date
+import os
+import shutil
+import tempfile
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 
+from pipelines import evidence
 from pipelines.errors import ExternalSystemError
 from pipelines.settings import Settings, load_settings
+from pipelines.svgplot import EPOCH, Chart, decimate
 
 log = logging.getLogger(__name__)
 
-MAX_CUSUM_CHARTS = 12
-MAX_PCHART_SITES = 6
+METHOD_NAMES = {
+    "bernoulli_cusum": "Bernoulli CUSUM",
+    "ra_cusum": "risk-adjusted CUSUM (Steiner)",
+    "funnel_cumulative": "funnel (cumulative)",
+    "funnel_12m": "funnel (rolling 12 months)",
+    "pchart": "quarterly p-chart",
+    "rare_exact": "exact rare-event test",
+    "sentinel": "sentinel event",
+    "process": "process measure",
+}
+STATUS_MARK = {  # text marks, so the grid reads the same printed in black and white
+    evidence.STATUS_SIGNAL: "\u25b2 signal",
+    evidence.STATUS_UNDER_REPORTING: "\u25bc under-reporting?",
+    evidence.STATUS_IMMATURE: "\u2026 immature",
+    evidence.STATUS_IN_CONTROL: "\u2713 in control",
+}
+
+CSS = """body{font-family:sans-serif;margin:1.5em auto;max-width:1150px;color:#111;padding:0 1em}
+nav{border-bottom:2px solid #333;padding:.4em 0;margin-bottom:1em}nav a{margin-right:1.2em}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0 1.5em}
+td,th{border:1px solid #999;padding:3px 6px;text-align:left;vertical-align:top}
+th{background:#eee}td.num{text-align:right;font-variant-numeric:tabular-nums}
+h2{border-bottom:1px solid #444;margin-top:1.8em}svg.chart{max-width:100%;height:auto;
+display:block;margin:.4em 0 1em}.note{color:#444;font-size:12px}
+.st-signal{background:#fdd;font-weight:bold}.st-under_reporting{background:#ffe9c6;
+font-weight:bold}.st-immature{background:#f2f2f2;color:#555}.st-in_control{background:#fff}
+@media print{nav{display:none}a{color:#000;text-decoration:none}
+.st-signal,.st-under_reporting,.st-immature{background:none}h2{break-before:auto}
+svg.chart{break-inside:avoid}}"""
 
 
-def _plt():
-    import matplotlib
+# -- small HTML helpers -------------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
 
 
-def _png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    _plt().close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
 
 
-def _img(data: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * float(value):.1f}%"
 
 
-def funnel_png(chart: dict[str, Any], label: str) -> str:
-    """Return a base64 PNG funnel plot: each site's proportion against exact limits."""
-    from pipelines.surveillance import funnel
-
-    plt = _plt()
-    n = np.asarray(chart["n"], float)
-    events = np.asarray(chart["events"], float)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if n.max(initial=0) > 0:
-        curves = funnel.funnel_curves(chart["p0"], max(n.max() * 1.1, 10),
-                                      coverages=(0.95, chart["limit"]))
-        for key, style in (("95", ":"), (f"{100 * chart['limit']:g}", "--")):
-            ax.plot(curves["n"], curves[f"upper_{key}"], style, color="grey", lw=1,
-                    label=f"{key}% limits")
-            ax.plot(curves["n"], curves[f"lower_{key}"], style, color="grey", lw=1)
-        has = n > 0
-        ax.scatter(n[has], events[has] / n[has], s=14, color="tab:blue", zorder=3)
-        ax.axhline(chart["p0"], color="black", lw=1, label="baseline")
-        ax.set_xscale("log")
-        ax.legend(fontsize=7)
-    ax.set_xlabel("mature units (cumulative)")
-    ax.set_ylabel("proportion")
-    ax.set_title(label, fontsize=10)
-    return _png(fig)
+def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+    """Return a table; cells are trusted HTML (callers escape text with :func:`_esc`)."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = "".join(f"<td class='num'>{c}</td>" if i in numeric else f"<td>{c}</td>"
+                        for i, c in enumerate(row))
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def cusum_png(chart: dict[str, Any], site_code: int, title: str) -> str:
-    """Return a base64 PNG of one site's CUSUM path with its threshold and signals."""
-    plt = _plt()
-    rows = np.flatnonzero(np.asarray(chart["group"]) == site_code)
-    days = np.asarray(chart["day"])[rows].astype("datetime64[D]")
-    stat = np.asarray(chart["statistic"])[rows]
-    signals = np.asarray(chart["signal"])[rows]
-    fig, ax = plt.subplots(figsize=(7, 2.8))
-    ax.plot(days, stat, lw=0.8)
-    ax.axhline(chart["h"], color="red", ls="--", lw=1, label=f"h = {chart['h']:.2f}")
-    ax.scatter(days[signals], stat[signals], color="red", s=18, zorder=3)
-    ax.set_ylabel("CUSUM")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    fig.autofmt_xdate()
-    return _png(fig)
+def _field(value: Any, name: str, metric: str | None = None, digits: int = 4) -> str:
+    """Return a number cell tagged with its JSON field (tests compare it with the CLI)."""
+    attrs = f" data-field='{_esc(name)}'"
+    if metric:
+        attrs += f" data-metric='{_esc(metric)}'"
+    raw = "" if value is None else repr(value)
+    return f"<span{attrs} data-value='{_esc(raw)}'>{_esc(_num(value, digits))}</span>"
 
 
-def pchart_png(chart: dict[str, Any], site_codes: list[int], title: str) -> str:
-    """Return a base64 PNG of quarterly proportions with the exact upper limit per site."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    x = np.arange(len(chart["labels"]))
-    for code in site_codes:
-        n = chart["n"][code]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            p = np.where(n > 0, chart["events"][code] / np.where(n > 0, n, 1), np.nan)
-        line = ax.plot(x, p, marker="o", ms=3, lw=1, label=chart["sites"][code])
-        if "limit" in chart:
-            ax.plot(x, chart["limit"][code], ls="--", lw=0.8, color=line[0].get_color())
-    ax.axhline(chart["p0"], color="black", lw=1)
-    step = max(1, len(x) // 12)
-    ax.set_xticks(x[::step], [chart["labels"][i] for i in x[::step]], fontsize=7, rotation=45)
-    ax.set_ylabel("proportion")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    return _png(fig)
+def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
+    up = "../" * depth
+    nav = (f"<nav><a href='{up}index.html'>Overview</a><a href='{up}funnels.html'>Funnel plots"
+           f"</a><a href='{up}methods.html'>Methods</a></nav>")
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>{nav}"
+            f"<h1>{_esc(title)}</h1>{subtitle}{body}</body></html>\n")
 
+
+def _day(value: Any) -> int:
+    when = value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+    return (when - EPOCH).days
+
+
+# -- data ------------------------------------------------------------------------------
 
 def data_quality(settings: Settings) -> dict[str, Any]:
     """Return file-ledger counts by kind and status, and quarantined rows by reason."""
@@ -140,7 +158,8 @@ def data_quality(settings: Settings) -> dict[str, Any]:
                 .group_by(quarantine.c.kind, quarantine.c.reasons)
             ).all()
             rejected = conn.execute(
-                sa.select(file_ledger.c.file_name, file_ledger.c.reason)
+                sa.select(file_ledger.c.file_name, file_ledger.c.reason,
+                          file_ledger.c.processed_at)
                 .where(file_ledger.c.status == "rejected")
                 .order_by(file_ledger.c.processed_at.desc()).limit(20)
             ).all()
@@ -162,166 +181,544 @@ def data_quality(settings: Settings) -> dict[str, Any]:
                    "rows_quarantined": int(q or 0)} for k, s, c, r, q in files],
         "quarantine": [{"kind": k, "reason": r, "rows": c}
                        for (k, r), c in sorted(by_reason.items())],
-        "rejected": [{"file": f, "reason": r} for f, r in rejected],
+        "rejected": [{"file": f, "reason": r, "at": evidence._iso(at)}
+                     for f, r, at in rejected],
     }
 
 
-def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+class ReportData:
+    """Everything one report renders, gathered once."""
+
+    def __init__(self, settings: Settings, as_of: date | None) -> None:
+        from pipelines.surveillance.engine import evaluate
+        from pipelines.surveillance.profile import load_profile
+
+        self.profile = load_profile(settings.profile_path)
+        self.result = evaluate(settings, as_of, profile=self.profile)
+        self.as_of = self.result.as_of
+        site_ids = sorted({m["site_id"] for m in self.result.site_metrics})
+        self.facts = evidence.read_site_facts(settings, self.as_of, sites=site_ids)
+        self.quality = data_quality(settings)
+        self.sites = evidence.sites_payload(self.result, self.profile, self.facts)
+        self.complications = evidence.recent_complications_by_site(settings, self.as_of)
+        self.labels = {m.id: m.label for m in self.profile.metrics}
+        self.metric_ids = [m.id for m in self.profile.metrics]
+
+    def site(self, site_id: str) -> dict[str, Any]:
+        return evidence.site_payload(self.result, self.profile, self.facts, site_id,
+                                     self.complications.get(site_id, []))
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, date):
-        return value.isoformat()
-    return str(value)
+# -- charts ----------------------------------------------------------------------------
+
+def funnel_svg(chart: dict[str, Any], label: str, flagged: set[str]) -> str:
+    """Return the funnel plot: each site's proportion against exact 95% and 99.8% limits."""
+    from pipelines.surveillance import funnel
+
+    n = np.asarray(chart["n"], float)
+    events = np.asarray(chart["events"], float)
+    has = n > 0
+    limit = chart["limit"]
+    key = f"{100 * limit:g}"
+    plot = Chart(title=f"{label}: funnel plot (cumulative, mature units)",
+                 x_label="mature units per site (log scale)",
+                 y_label="proportion with event", x_scale="log", y_min=0.0, height=340,
+                 description=f"Funnel plot for {label}: {int(has.sum())} sites.")
+    # Start the curves near the smallest site: exact limits are jagged at tiny n and would
+    # squash the points the reader came for into the bottom of the plot.
+    n_min = max(1.0, 0.5 * float(n[has].min())) if has.any() else 1.0
+    n_max = max(n.max(initial=1) * 1.2, 20)
+    curves = funnel.funnel_curves(chart["p0"], n_max, n_min=n_min, coverages=(0.95, limit))
+    plot.line(curves["n"], curves["upper_95"], label="95% limits", style="dot", width=1)
+    plot.line(curves["n"], curves["lower_95"], style="dot", width=1)
+    plot.line(curves["n"], curves[f"upper_{key}"], label=f"{key}% limits (exact)",
+              style="dash", width=1)
+    plot.line(curves["n"], curves[f"lower_{key}"], style="dash", width=1)
+    phi = float(chart.get("phi") or 1.0)
+    if phi > 1.0:
+        adjusted = funnel.funnel_curves(chart["p0"], n_max, n_min=n_min,
+                                        coverages=(limit,), phi=phi,
+                                        overdispersion="multiplicative")
+        plot.line(adjusted["n"], adjusted[f"upper_{key}"], style="dashdot", width=1,
+                  label=f"{key}% limits, overdispersion \u03c6={phi:.2f}")
+        plot.line(adjusted["n"], adjusted[f"lower_{key}"], style="dashdot", width=1)
+    plot.hline(chart["p0"], label=f"baseline {chart['p0']:.4g}", style="solid")
+    sites = chart["sites"]
+    rate = np.divide(events, n, out=np.zeros_like(events), where=has)
+    mark = np.array([s in flagged for s in sites])
+    tips = [f"{s}: {int(e)}/{int(k)}" for s, e, k in zip(sites, events, n, strict=True)]
+    plain = has & ~mark
+    plot.points(n[plain], rate[plain], label="site", marker="circle", filled=False,
+                tips=[t for t, keep in zip(tips, plain, strict=True) if keep])
+    if mark[has].any():
+        chosen = has & mark
+        plot.points(n[chosen], rate[chosen], label="flagged site", marker="triangle",
+                    texts=[s for s, keep in zip(sites, chosen, strict=True) if keep],
+                    tips=[t for t, keep in zip(tips, chosen, strict=True) if keep])
+    return plot.render()
 
 
-CSS = """body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}
-table{border-collapse:collapse;font-size:12px;margin:0.5em 0 1.5em}
-td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#eee}
-h2{border-bottom:2px solid #444;margin-top:2em}img{max-width:100%;margin:0.3em 0}
-.note{color:#555;font-size:12px}"""
+def cusum_svg(chart: dict[str, Any], site_id: str, title: str) -> str | None:
+    """Return one site's CUSUM path over time with its threshold and signal points."""
+    if site_id not in chart["sites"]:
+        return None
+    code = chart["sites"].index(site_id)
+    group = np.asarray(chart["group"])
+    start, stop = np.searchsorted(group, [code, code + 1])
+    if start == stop:
+        return None
+    days = np.asarray(chart["day"])[start:stop].astype(float)
+    stat = np.asarray(chart["statistic"])[start:stop].astype(float)
+    fired = np.asarray(chart["signal"])[start:stop].astype(bool)
+    plot = Chart(title=title, x_label="index date (procedure, or first procedure per patient)",
+                 y_label="CUSUM statistic (log-likelihood ratio)", x_scale="date", y_min=0.0,
+                 description=f"{title}: {len(stat)} mature units, {int(fired.sum())} signals.")
+    x, y = decimate(days, stat)
+    plot.line(x, y, label="CUSUM", width=1.1)
+    plot.hline(chart["h"], label=f"threshold h = {chart['h']:.3f}", style="dash")
+    if fired.any():
+        plot.points(days[fired], stat[fired], label="signal (chart resets)", marker="triangle",
+                    tips=[f"signal {(EPOCH + timedelta(days=int(d))).isoformat()}"
+                          for d in days[fired]])
+    return plot.render()
 
 
-def render_report(settings: Settings, as_of: date | None = None) -> str:
-    """Return the report HTML for ``as_of`` (default: newest procedure date)."""
-    from pipelines.surveillance.engine import evaluate
-    from pipelines.surveillance.profile import load_profile
+def pchart_svg(chart: dict[str, Any], site_id: str, title: str) -> str | None:
+    """Return the site's quarterly proportions with the exact upper limit and baseline."""
+    if site_id not in chart["sites"]:
+        return None
+    code = chart["sites"].index(site_id)
+    n = np.asarray(chart["n"][code], float)
+    if not n.any():
+        return None
+    events = np.asarray(chart["events"][code], float)
+    starts = []
+    for label in chart["labels"]:
+        year, quarter = label.split("-Q")
+        starts.append((date(int(year), 3 * (int(quarter) - 1) + 1, 1) - EPOCH).days)
+    x = np.asarray(starts, float) + 45  # plot each quarter at its middle
+    has = n > 0
+    p = np.divide(events, n, out=np.full_like(events, np.nan), where=has)
+    plot = Chart(title=title, x_label="quarter (plotted at mid-quarter)",
+                 y_label="proportion with event", x_scale="date", y_min=0.0,
+                 description=f"{title}: {int(has.sum())} closed quarters with units.")
+    limit = np.asarray(chart["limit"][code], float) if "limit" in chart else None
+    if limit is not None:
+        plot.line(x[has], limit[has], label="upper limit (exact, 0.1%)", style="dash", width=1)
+    plot.hline(chart["p0"], label=f"baseline {chart['p0']:.4g}", style="solid")
+    plot.line(x[has], p[has], width=1, style="dot")
+    with np.errstate(invalid="ignore"):
+        above = has & (p > limit) if limit is not None else np.zeros(len(n), bool)
+    plot.points(x[has & ~above], p[has & ~above], label="quarter", marker="circle",
+                filled=False, tips=[f"{lab}: {int(e)}/{int(k)}" for lab, e, k, keep in zip(
+                    chart["labels"], events, n, has & ~above, strict=True) if keep])
+    if above.any():
+        plot.points(x[above], p[above], label="above limit", marker="square",
+                    tips=[f"{lab}: {int(e)}/{int(k)}" for lab, e, k, keep in zip(
+                        chart["labels"], events, n, above, strict=True) if keep])
+    return plot.render()
 
-    profile = load_profile(settings.profile_path)
-    result = evaluate(settings, as_of, profile=profile)
-    quality = data_quality(settings)
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kyphowatch report"
-             f"</title><style>{CSS}</style></head><body>"]
-    parts.append("<h1>kyphowatch surveillance report</h1>")
-    if result.as_of is None:
-        parts.append("<p>The warehouse holds no procedures yet.</p>")
-    else:
-        parts.append(
-            f"<p>Profile <b>{html.escape(profile.name)} {html.escape(profile.version)}</b> "
-            f"({html.escape(profile.source_title)}, "
-            f"<a href='{html.escape(profile.source_url)}'>{html.escape(profile.source_url)}</a>)"
-            f", as of <b>{result.as_of.isoformat()}</b>, {result.summary.get('procedures', 0)} "
-            f"procedures at {result.summary.get('sites', 0)} sites. Run "
-            f"<code>{result.run_key[:16]}</code>.</p>"
-            "<p class='note'>Only units whose outcome window has closed are charted; sentinel "
-            "events count at once. Episodes are listed once, with the date the chart started "
-            "rising.</p>"
-        )
-    parts.append("<h2>Signals</h2>")
-    signals = sorted(result.signals, key=lambda s: (s["signal_date"], s["site_id"]),
-                     reverse=True)
-    counts = {}
-    for s in signals:
-        counts[(s["metric"], s["method"], s["category"])] = counts.get(
-            (s["metric"], s["method"], s["category"]), 0) + 1
-    parts.append(_html_table(["metric", "method", "category", "signals"],
-                             [[m, me, c, n] for (m, me, c), n in sorted(counts.items())]))
-    parts.append(_html_table(
-        ["site", "metric", "method", "direction", "category", "episode start", "signalled",
-         "observed", "n", "expected", "95% CI", "statistic", "threshold", "p", "citation"],
-        [[s["site_id"], s["metric"], s["method"], s["direction"], s["category"],
-          s["episode_start"], s["signal_date"], s["observed"], s["n"], s["expected"],
-          f"{_cell(s['ci_low'])}-{_cell(s['ci_high'])}" if s["ci_low"] is not None else None,
-          s["statistic"], s["threshold"], s["p_value"], s["citation"]] for s in signals[:300]],
-    ))
-    if len(signals) > 300:
-        parts.append(f"<p class='note'>{len(signals) - 300} older signals not shown "
-                     "(see the v_active_signals view).</p>")
-    charts = result.charts
-    labels = {m.id: m.label for m in profile.metrics}
-    if charts.get("funnel"):
-        parts.append("<h2>Funnel plots (cumulative, mature units)</h2>")
-        for _key, chart in sorted(charts["funnel"].items()):
-            if chart["window"] != "cumulative":
+
+# -- pages -----------------------------------------------------------------------------
+
+def _header(data: ReportData) -> str:
+    r, p = data.result, data.profile
+    return (f"<p>Profile <b>{_esc(p.name)} {_esc(p.version)}</b> ({_esc(p.source_title)}), "
+            f"data as of <b>{r.as_of.isoformat()}</b>: {r.summary.get('procedures', 0)} "
+            f"procedures at {r.summary.get('sites', 0)} sites. Monitor run "
+            f"<code>{r.run_key[:16]}</code>.</p>")
+
+
+def _status_cell(status: str, href: str, reason: str) -> str:
+    return (f"<td class='st-{status}' title='{_esc(reason)}'><a href='{href}'>"
+            f"{_esc(STATUS_MARK[status])}</a></td>")
+
+
+def index_page(data: ReportData) -> str:
+    """Return the overview: status grid, open alerts and data quality."""
+    body = [_header(data)]
+    counts = {s: sum(1 for site in data.sites if site["status"] == s) for s in STATUS_MARK}
+    body.append("<p>" + " \u00b7 ".join(f"{counts[s]} {_esc(evidence.STATUS_LABELS[s])}"
+                                          for s in evidence.STATUS_ORDER) + " (worst metric "
+                "per site). A status is <i>signal</i> when a chart signalled within the last "
+                f"{data.profile.design.funnel_rolling_days} days or an episode is ongoing; "
+                "see <a href='methods.html'>Methods</a>.</p>")
+    body.append("<h2>Status by site and metric</h2>")
+    headers = ["site", *[data.labels[m] for m in data.metric_ids], "open alerts",
+               "last procedure", "newest extract", "rows quarantined", "complications pending"]
+    rows = []
+    ordered = sorted(data.sites, key=lambda s: (evidence.STATUS_ORDER.index(s["status"]),
+                                                s["site_id"]))
+    for site in ordered:
+        href = f"sites/{site['site_id']}.html"
+        cells = [f"<a href='{href}'>{_esc(site['site_id'])}</a>"]
+        for metric in data.metric_ids:
+            entry = site["metrics"].get(metric)
+            if entry is None:
+                cells.append("<td>-</td>")
                 continue
-            label = labels.get(chart["metric"], chart["metric"])
-            if not np.asarray(chart["n"], float).sum():
-                # An empty plot would read as "no problem"; say why there is nothing yet.
-                parts.append(f"<p><b>{html.escape(label)}</b>: no mature units yet (the outcome "
-                             "window has not closed for any procedure).</p>")
-                continue
-            parts.append(_img(funnel_png(chart, label), f"funnel {chart['metric']}"))
-    if charts.get("cusum"):
-        parts.append("<h2>CUSUM charts for sites with a CUSUM signal</h2>")
-        flagged = sorted({(s["metric"], s["method"], s["direction"], s["site_id"])
-                          for s in signals if s["method"] in ("bernoulli_cusum", "ra_cusum")})
-        drawn = 0
-        # Deterioration first: those are the charts a committee reads first.
-        flagged.sort(key=lambda f: (f[2] != "up", f[0], f[1], f[3]))
-        for metric, method, direction, site in flagged:
-            chart = charts["cusum"].get(f"{metric}:{method}:{direction}")
-            if chart is None or drawn >= MAX_CUSUM_CHARTS:
-                continue
-            code = chart["sites"].index(site)
-            parts.append(_img(cusum_png(chart, code, f"{site} {metric} {method} {direction}"),
-                              f"cusum {site} {metric}"))
-            drawn += 1
-        if len(flagged) > drawn:
-            parts.append(f"<p class='note'>{len(flagged) - drawn} more charts not drawn; use "
-                         "<code>kyphowatch site SITE_ID</code>.</p>")
-    if charts.get("pchart"):
-        parts.append("<h2>Quarterly p-charts (closed, mature quarters)</h2>")
-        for metric, chart in sorted(charts["pchart"].items()):
-            flagged_sites = sorted({s["site_id"] for s in signals if s["metric"] == metric})
-            codes = [chart["sites"].index(s) for s in flagged_sites if s in chart["sites"]]
-            if not codes:
-                totals = np.asarray(chart["n"]).sum(axis=1)
-                codes = [int(c) for c in np.argsort(-totals)[:3]]
-            parts.append(_img(pchart_png(chart, codes[:MAX_PCHART_SITES],
-                                         labels.get(metric, metric)), f"p-chart {metric}"))
-    parts.append("<h2>Data quality</h2>")
-    parts.append(_html_table(["kind", "status", "files", "rows read", "rows quarantined"],
-                             [[f["kind"], f["status"], f["files"], f["rows_read"],
-                               f["rows_quarantined"]] for f in quality["files"]]))
-    parts.append(_html_table(["kind", "quarantine reason", "rows"],
-                             [[q["kind"], q["reason"], q["rows"]] for q in quality["quarantine"]]))
-    if quality["rejected"]:
-        parts.append(_html_table(["rejected file", "reason"],
-                                 [[r["file"], r["reason"]] for r in quality["rejected"]]))
-    if result.models:
-        parts.append("<h2>Risk models</h2>")
-        parts.append(_html_table(
-            ["metric", "kind", "n", "events", "c-statistic", "calibration shift", "note"],
-            [[m["metric"], m["kind"], m["n"], m["events"], m["c_statistic"],
-              m["calibration_shift"], m["reason"]] for m in result.models.values()],
+            cells.append(_status_cell(entry["status"], f"{href}#{metric}", entry["reason"]))
+        cells += [str(site["open_alerts"]), _esc(site["last_procedure_date"]),
+                  _esc(site["newest_extract"]), str(site["rows_quarantined"]),
+                  str(site["complications_pending"])]
+        rows.append(cells)
+    # status cells come pre-wrapped in <td>; build this table by hand
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    trs = []
+    for cells in rows:
+        tds = [c if c.startswith("<td") else f"<td>{c}</td>" for c in cells]
+        trs.append("<tr>" + "".join(tds) + "</tr>")
+    body.append(f"<table class='grid'><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}"
+                "</tbody></table>")
+    open_alerts = [(site, a) for site in sorted(data.facts.alerts)
+                   for a in data.facts.alerts[site] if a["state"] != "resolved"]
+    body.append(f"<h2>Open alerts ({len(open_alerts)})</h2>")
+    if open_alerts:
+        body.append(_table(
+            ["site", "kind", "metric", "title", "state", "raised", "alert id"],
+            [[f"<a href='sites/{_esc(s)}.html#alerts'>{_esc(s)}</a>", _esc(a["kind"]),
+              _esc(a["metric"]), _esc(a["title"]), _esc(a["state"]), _esc(a["created_at"]),
+              f"<code>{_esc(a['alert_id'][:12])}</code>"] for s, a in open_alerts],
         ))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    else:
+        body.append("<p>No open site alerts.</p>")
+    q = data.quality
+    body.append("<h2>Data quality</h2>")
+    body.append(_table(["kind", "status", "files", "rows read", "rows quarantined"],
+                       [[_esc(f["kind"]), _esc(f["status"]), str(f["files"]),
+                         str(f["rows_read"]), str(f["rows_quarantined"])] for f in q["files"]],
+                       numeric={2, 3, 4}))
+    if q["quarantine"]:
+        body.append(_table(["kind", "quarantine reason", "rows"],
+                           [[_esc(x["kind"]), _esc(x["reason"]), str(x["rows"])]
+                            for x in q["quarantine"]], numeric={2}))
+    if q["rejected"]:
+        body.append("<h3>Rejected files (newest 20)</h3>")
+        body.append(_table(["file", "reason", "processed"],
+                           [[_esc(x["file"]), _esc(x["reason"]), _esc(x["at"])]
+                            for x in q["rejected"]]))
+    return _page("kyphowatch surveillance report", "\n".join(body))
+
+
+def funnels_page(data: ReportData) -> str:
+    """Return the funnel plots, one per metric, with flagged sites labelled and listed."""
+    body = [_header(data), "<p class='note'>Each point is a site: its proportion of mature "
+            "units with the event against its number of mature units. Sites outside the "
+            "99.8% limits or with a current signal for the metric are drawn as filled "
+            "triangles and labelled.</p>"]
+    status = {(r["site_id"], r["metric"]): r for r in
+              evidence.status_rows(data.result, data.profile)}
+    for key, chart in sorted(data.result.charts.get("funnel", {}).items()):
+        if chart["window"] != "cumulative":
+            continue
+        metric = chart["metric"]
+        label = data.labels.get(metric, metric)
+        body.append(f"<h2 id='{_esc(metric)}'>{_esc(label)}</h2>")
+        if not np.asarray(chart["n"], float).sum():
+            body.append("<p>No mature units yet: the outcome window has not closed for any "
+                        "procedure.</p>")
+            continue
+        flagged = {s for s in chart["sites"]
+                   if status.get((s, metric), {}).get("funnel_position") in ("above", "below")
+                   or status.get((s, metric), {}).get("status") in (
+                       evidence.STATUS_SIGNAL, evidence.STATUS_UNDER_REPORTING)}
+        body.append(funnel_svg(chart, label, flagged))
+        rows = []
+        for s in sorted(flagged):
+            row = status[(s, metric)]
+            rows.append([f"<a href='sites/{_esc(s)}.html#{_esc(metric)}'>{_esc(s)}</a>",
+                         _esc(evidence.STATUS_LABELS[row["status"]]),
+                         _esc(row["funnel_position"]), _num(row["events"]), _num(row["n"]),
+                         _num(row["rate"]), f"{_num(row['ci_low'])}\u2013{_num(row['ci_high'])}"])
+        if rows:
+            body.append(_table(["site", "status", "funnel position", "events", "units", "rate",
+                                "exact 95% CI"], rows, numeric={3, 4, 5}))
+        del key
+    return _page("Funnel plots", "\n".join(body))
+
+
+def _metric_table(m: dict[str, Any]) -> str:
+    metric = m["metric"]
+    rows = [
+        ["status", _esc(evidence.STATUS_LABELS[m["status"]]) + f" <span class='note'>("
+         f"{_esc(m['status_reason'])})</span>"],
+        ["mature units", _field(m.get("n"), "n", metric)],
+        ["events", _field(m.get("events"), "events", metric)],
+        ["rate", _field(m.get("rate"), "rate", metric)],
+        ["exact 95% CI", _field(m.get("ci_low"), "ci_low", metric) + " \u2013 "
+         + _field(m.get("ci_high"), "ci_high", metric)],
+        ["baseline", _field(m.get("baseline"), "baseline", metric)
+         + f" <span class='note'>({_esc(m.get('citation'))})</span>"],
+    ]
+    oe = m.get("observed_expected")
+    if oe:
+        rows += [
+            ["expected (case mix)", _field(oe["expected"], "expected", metric)],
+            ["expected at baseline", _field(oe["expected_at_baseline"], "expected_at_baseline",
+                                            metric)],
+            ["observed / expected", _field(oe["o_to_e"], "o_to_e", metric) + " (95% CI "
+             + _field(oe["o_to_e_ci_low"], "o_to_e_ci_low", metric) + " \u2013 "
+             + _field(oe["o_to_e_ci_high"], "o_to_e_ci_high", metric) + ")"],
+        ]
+    for name, c in sorted((m.get("cusum") or {}).items()):
+        rows.append([f"CUSUM {_esc(name)}", _field(c["value"], f"cusum.{name}.value", metric)
+                     + " / h " + _field(c["h"], f"cusum.{name}.h", metric)
+                     + f" ({c['signals']} signals in history)"])
+    for window, f in sorted((m.get("funnel") or {}).items()):
+        rows.append([f"funnel {window}", f"{_esc(f['position'])}, z "
+                     + _field(f["z_adjusted"], f"funnel.{window}.z_adjusted", metric)
+                     + f", {f['events']}/{f['n']}"])
+    if m.get("rare"):
+        r = m["rare"]
+        rows.append([f"rolling {r['rolling_days']} days", f"{r['events']}/{r['n']}, exact p "
+                     + _field(r["p_value"], "rare.p_value", metric)])
+    return _table(["figure", "value"], rows)
+
+
+def site_page(data: ReportData, site_id: str) -> str:
+    """Return one site's page."""
+    payload = data.site(site_id)
+    charts = data.result.charts
+    body = [_header(data)]
+    body.append(f"<p>Worst status: <b>{_esc(evidence.STATUS_LABELS[payload['status']])}</b>. "
+                "Metrics: " + ", ".join(f"<a href='#{_esc(m['metric'])}'>{_esc(m['label'])}</a>"
+                                        for m in payload["metrics"]) + ".</p>")
+    dq = payload["data_quality"]
+    body.append(_table(["procedures", "last procedure", "newest extract", "rows quarantined",
+                        "complications pending"],
+                       [[_num(dq["procedures"]), _esc(dq["last_procedure_date"]),
+                         _esc(dq["newest_extract"]), _num(dq["rows_quarantined"]),
+                         _num(dq["complications_pending"])]]))
+    for m in payload["metrics"]:
+        metric = m["metric"]
+        body.append(f"<h2 id='{_esc(metric)}'>{_esc(m['label'])}</h2>")
+        body.append(_metric_table(m))
+        for chart_key, chart in sorted(charts.get("cusum", {}).items()):
+            if chart["metric"] != metric:
+                continue
+            name = METHOD_NAMES.get(chart["method"], chart["method"])
+            way = "deterioration (up)" if chart["direction"] == "up" else (
+                "fewer events than baseline (down)")
+            svg = cusum_svg(chart, site_id, f"{site_id} {m['label']}: {name}, {way}")
+            if svg:
+                body.append(svg)
+            del chart_key
+        if metric in charts.get("pchart", {}):
+            svg = pchart_svg(charts["pchart"][metric], site_id,
+                             f"{site_id} {m['label']}: quarterly p-chart")
+            if svg:
+                body.append(svg)
+        signals = [s for s in payload["signals"] if s["metric"] == metric]
+        if signals:
+            body.append(f"<h3>Signals ({len(signals)})</h3>")
+            body.append(_table(
+                ["method", "direction", "category", "episode start", "signalled", "observed",
+                 "n", "expected", "95% CI", "statistic", "threshold", "p"],
+                [[_esc(METHOD_NAMES.get(s["method"], s["method"])), _esc(s["direction"]),
+                  _esc(s["category"]), _esc(s["episode_start"]), _esc(s["signal_date"]),
+                  _num(s["observed"]), _num(s["n"]), _num(s["expected"]),
+                  f"{_num(s['ci_low'])}\u2013{_num(s['ci_high'])}"
+                  if s["ci_low"] is not None else "-",
+                  _num(s["statistic"]), _num(s["threshold"]), _num(s["p_value"])]
+                 for s in sorted(signals, key=lambda s: s["signal_date"], reverse=True)],
+                numeric={5, 6, 7, 9, 10, 11},
+            ))
+    mix = payload["casemix"]
+    body.append("<h2 id='casemix'>Case mix against the network</h2>")
+    labels = {"procedures": "procedures", "mean_age": "mean age (years)",
+              "share_age_80_plus": "aged 80 or over", "share_female": "female",
+              "share_malignancy": "malignancy indication", "share_steroid_use": "steroid use",
+              "share_general_anaesthesia": "general anaesthesia",
+              "mean_levels": "levels treated (mean)", "share_3plus_levels": "3 or more levels"}
+    rows = []
+    for key, label in labels.items():
+        site_value, network_value = mix["site"].get(key), mix["network"].get(key)
+        fmt = _pct if key.startswith("share_") else _num
+        rows.append([_esc(label), fmt(site_value), fmt(network_value)])
+    body.append(_table(["characteristic", site_id, "network"], rows, numeric={1, 2}))
+    body.append("<h2 id='complications'>Recent complications</h2>")
+    if payload["recent_complications"]:
+        body.append("<p class='note'>Newest first, at most "
+                    f"{evidence.RECENT_COMPLICATIONS}; no patient, operator or record "
+                    "reference is shown.</p>")
+        body.append(_table(["event date", "type", "severity", "symptomatic", "level"],
+                           [[_esc(c["event_date"]), _esc(c["event_type"]), _esc(c["severity"]),
+                             "yes" if c["symptomatic"] else "no", _esc(c["vertebral_level"])]
+                            for c in payload["recent_complications"]]))
+    else:
+        body.append("<p>No complications reported.</p>")
+    body.append("<h2 id='alerts'>Alerts</h2>")
+    if payload["alerts"]:
+        for a in payload["alerts"]:
+            body.append(f"<h3>{_esc(a['title'])} <span class='note'>({_esc(a['state'])}, "
+                        f"episode {a['episode']}, id {_esc(a['alert_id'][:12])})</span></h3>")
+            body.append(_table(["at", "from", "to", "by", "reason"],
+                               [[_esc(h["at"]), _esc(h["from_state"]), _esc(h["to_state"]),
+                                 _esc(h["actor"]), _esc(h["reason"])] for h in a["history"]]))
+    else:
+        body.append("<p>No alerts for this site.</p>")
+    return _page(f"Site {site_id}", "\n".join(body), depth=1)
+
+
+def methods_page(data: ReportData) -> str:
+    """Return the methods page: baselines, thresholds, models, profile and data as-of."""
+    p, r = data.profile, data.result
+    d = p.design
+    body = [_header(data)]
+    body.append(f"<p>Source: <a href='{_esc(p.source_url)}'>{_esc(p.source_title)}</a>. "
+                f"Profile file version {_esc(p.version)}. Only units whose outcome window has "
+                "closed are charted; sentinel events count at once.</p>")
+    body.append("<h2>Baselines</h2>")
+    rows = []
+    for m in p.metrics:
+        b = m.baseline
+        counts = f"{b.events}/{b.total}" if b.events is not None else "-"
+        span = f"{b.low:.4g}\u2013{b.high:.4g}" if b.low is not None else "-"
+        rows.append([_esc(m.label), _esc(m.kind), _num(b.rate), counts, span,
+                     _esc(m.denominator), _num(m.window_days),
+                     _esc(f"{p.citation} section {b.section}"),
+                     _esc(", ".join(METHOD_NAMES.get(x, x) for x in m.methods))])
+    body.append(_table(["metric", "kind", "baseline rate", "events/total", "guidance range",
+                        "denominator", "outcome window (days)", "guidance section", "methods"],
+                       rows))
+    body.append("<h2>Thresholds and their designed false-alarm rates</h2>")
+    body.append(f"<p>Every CUSUM is designed for an in-control average run length ARL0 = "
+                f"{d.arl0:g} units: with {d.typical_annual_volume} units per site a year that "
+                f"is a false-alarm probability of about "
+                f"{100 * (1 - np.exp(-d.typical_annual_volume / d.arl0)):.1f}% per site, chart "
+                f"and year (target {100 * d.annual_false_alarm_probability:g}%). The threshold "
+                "h is computed for that ARL0, never tuned.</p>")
+    rows = []
+    for key, chart in sorted(r.charts.get("cusum", {}).items()):
+        metric = p.metric(chart["metric"])
+        odds = metric.detect.odds_ratio if chart["direction"] == "up" else (
+            1 / metric.detect.odds_ratio)
+        how = ("simulation over the fitted case-mix risks" if chart["method"] == "ra_cusum"
+               else "Markov-chain ARL at the baseline")
+        rows.append([_esc(metric.label), _esc(METHOD_NAMES[chart["method"]]),
+                     _esc(chart["direction"]), f"{odds:.3g}", f"{chart['h']:.4f}",
+                     f"{metric.detect.arl0:g}", _esc(how)])
+        del key
+    body.append(_table(["metric", "chart", "direction", "odds ratio to detect", "h", "ARL0",
+                        "how h was found"], rows))
+    body.append(_table(["method", "false-alarm design"], [
+        ["funnel plot", f"exact binomial limits at {100 * d.funnel_limit:g}% two-sided "
+         f"({100 * (1 - d.funnel_limit) / 2:g}% per side), multiplicative overdispersion; a "
+         f"site is flagged only if its exact p-value also survives Benjamini-Hochberg at q = "
+         f"{d.funnel_fdr_q:g} across all sites, metrics and directions of the evaluation"],
+        ["quarterly p-chart", f"exact binomial limit at {100 * (1 - d.pchart_limit) / 2:g}% "
+         "per side per quarter (closed, mature quarters only)"],
+        ["rare-event test", f"one-sided exact binomial test at alpha = {d.rare_alpha:g} on "
+         f"the rolling {d.rare_rolling_days} days"],
+        ["sentinel event", "any single event is a signal (no false-alarm rate by design)"],
+    ]))
+    body.append("<h2>Risk models</h2>")
+    if r.models:
+        body.append(_table(
+            ["metric", "kind", "units", "events", "terms", "c-statistic", "AIC",
+             "calibration shift", "note"],
+            [[_esc(m["metric"]), _esc(m["kind"]), _num(m["n"]), _num(m["events"]),
+              _esc(", ".join(m["terms"])), _num(m["c_statistic"]), _num(m["aic"]),
+              _num(m["calibration_shift"]), _esc(m["reason"])] for m in r.models.values()],
+        ))
+    body.append("<h2>Data</h2>")
+    body.append(_table(["item", "value"], [
+        ["as of", _esc(r.as_of.isoformat())], ["procedures", _num(r.summary.get("procedures"))],
+        ["sites", _num(r.summary.get("sites"))], ["monitor run key", _esc(r.run_key)],
+        ["data fingerprint", _esc(r.data_fingerprint)],
+        ["evaluation points", _num(r.summary.get("evaluation_points"))],
+    ]))
+    return _page("Methods", "\n".join(body))
+
+
+def render_report(settings: Settings, as_of: date | None = None) -> dict[str, str]:
+    """Return the report as ``{relative path: text}`` for ``as_of`` (default: newest data)."""
+    data = ReportData(settings, as_of)
+    if data.as_of is None:
+        empty = _page("kyphowatch surveillance report",
+                      "<p>The warehouse holds no procedures yet: nothing to report.</p>")
+        return {"index.html": empty, "report.json": json.dumps({"as_of": None, "sites": []})}
+    pages = {
+        "index.html": index_page(data),
+        "funnels.html": funnels_page(data),
+        "methods.html": methods_page(data),
+        "report.json": json.dumps({
+            "as_of": data.as_of.isoformat(), "run_key": data.result.run_key,
+            "profile": {"name": data.profile.name, "version": data.profile.version},
+            "sites": data.sites,
+        }, indent=2, sort_keys=True),
+    }
+    for site in data.sites:
+        pages[f"sites/{site['site_id']}.html"] = site_page(data, site["site_id"])
+    return pages
 
 
 def write_report(settings: Settings, out_dir: Path | None = None,
                  as_of: date | None = None) -> Path:
-    """Write ``kyphowatch-report-<as_of>.html`` into ``out_dir`` and return its path."""
+    """Write the report into ``out_dir`` (default: the report dir) and return its index.
+
+    Pages are written to a temporary directory beside ``out_dir`` and moved in one by one
+    with atomic renames; site pages of sites no longer in the data are removed.
+    """
     out_dir = Path(out_dir or settings.report_dir)
-    text = render_report(settings, as_of)
+    pages = render_report(settings, as_of)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = as_of.isoformat() if as_of else "latest"
-    path = out_dir / f"kyphowatch-report-{stamp}.html"
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-    return path
+    (out_dir / "sites").mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    try:
+        for relative, text in pages.items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+        for relative in pages:
+            os.replace(staging / relative, out_dir / relative)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for stale in (out_dir / "sites").glob("*.html"):
+        if f"sites/{stale.name}" not in pages:
+            stale.unlink()
+    log.info("report: %d pages written to %s", len(pages), out_dir)
+    return out_dir / "index.html"
+
+
+def publish_report(settings: Settings, as_of: date | None = None) -> Path:
+    """Write ``<report_dir>/<as_of>/`` and point ``<report_dir>/latest`` at it if newest."""
+    from pipelines.surveillance.engine import _open_engine
+    from pipelines.surveillance.outcomes import latest_procedure_date
+
+    if as_of is None:
+        engine = _open_engine(settings)
+        try:
+            with engine.connect() as conn:
+                as_of = latest_procedure_date(conn)
+        finally:
+            engine.dispose()
+    root = Path(settings.report_dir)
+    folder = as_of.isoformat() if as_of else "empty"
+    index = write_report(settings, root / folder, as_of)
+    latest = root / "latest"
+    current = os.readlink(latest) if latest.is_symlink() else ""
+    if not current or folder >= current:
+        # Replace the link atomically: a new link beside it, then rename over it.
+        temporary = root / f".latest-{os.getpid()}"
+        if temporary.is_symlink() or temporary.exists():
+            temporary.unlink()
+        temporary.symlink_to(folder)
+        os.replace(temporary, latest)
+    return index
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``report`` sub-command."""
     parser = subparsers.add_parser(
-        "report", help="write the HTML surveillance report",
-        description="Write a self-contained HTML report (signals, funnel plots, CUSUM charts, "
-        "p-charts, data quality).",
+        "report", help="write the HTML evidence report",
+        description="Write the static HTML report (overview, funnel plots, a page per site, "
+        "methods) into a directory; it works offline and opens from disk.",
     )
     parser.add_argument("--db", help="warehouse URL (default: KYPHOWATCH_DB_URL)")
-    parser.add_argument("--out", type=Path, help="output directory (default: report dir)")
+    parser.add_argument("--out", type=Path,
+                        help="output directory (default: <report dir>/<as-of>, and the "
+                        "<report dir>/latest link is updated)")
     parser.add_argument("--as-of", help="evaluate as of this date (default: newest procedure)")
     parser.set_defaults(handler=_handle)
 
@@ -329,6 +726,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _handle(args: argparse.Namespace) -> int:
     from pipelines.cli import parse_as_of
 
-    path = write_report(load_settings(db_url=args.db), args.out, parse_as_of(args.as_of))
+    settings = load_settings(db_url=args.db)
+    as_of = parse_as_of(args.as_of)
+    if args.out:
+        path = write_report(settings, args.out, as_of)
+    else:
+        path = publish_report(settings, as_of)
     print(path)
     return 0

@@ -29,7 +29,9 @@ KYPHOWATCH_SMTP_URL
 KYPHOWATCH_WEBHOOK_URL
     URL that receives JSON alert posts.
 KYPHOWATCH_REPORT_BASE_URL
-    Base URL (or path) quoted in alerts as "where to look".
+    Base URL where the report directory is served, quoted in alerts as "where to look"
+    (``<base>/latest/sites/<SITE>.html``); with the Airflow plugin that is
+    ``http://<airflow-host>:8080/kyphowatch/report``.
 KYPHOWATCH_LANDING_DIR / KYPHOWATCH_ARCHIVE_DIR / KYPHOWATCH_REJECTED_DIR
     Where extracts land, where loaded ones are archived, where rejected ones go.
     Defaults ``var/landing``, ``var/archive``, ``var/rejected``.

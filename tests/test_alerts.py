@@ -61,7 +61,7 @@ def make_settings(settings_for):
             webhook_url=webhook_url,
             recipients_safety=(SAFETY_TO,),
             recipients_data=(DATA_TO,),
-            report_base_url="https://reports.example.org/sites",
+            report_base_url="https://reports.example.org/kyphowatch/report",
         )
 
     return _make
@@ -115,7 +115,7 @@ def test_each_alert_goes_out_once_per_channel_to_the_right_people(db_url, sink, 
     text = safety.get_body(("plain",)).get_content()
     for expected in ("S003", "cement_leak", "bernoulli_cusum", "0.21", "0.105", "0.15 to 0.28",
                      "4.5", "NICE HTG108 2.4.1", "2024-01-01", "2024-03-31",
-                     "https://reports.example.org/sites/S003", "funnel: observed"):
+                     "https://reports.example.org/kyphowatch/report/latest/sites/S003.html", "funnel: observed"):
         assert expected in text, expected
     assert safety.get_body(("html",)) is not None
 

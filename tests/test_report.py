@@ -1,15 +1,23 @@
-"""The HTML report and the analyst views, on SQLite and PostgreSQL."""
+"""The HTML evidence report, the drill-down commands and the analyst views."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 from datetime import UTC, date, datetime
+from html.parser import HTMLParser
+from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
+from pipelines.alerts.lifecycle import sync_alerts
 from pipelines.cli import main as cli_main
 from pipelines.db import make_engine
-from pipelines.report import write_report
+from pipelines.evidence import csv_cell, write_csv
+from pipelines.report import publish_report, write_report
 from pipelines.schema import file_ledger, pending_complication, quarantine
 from pipelines.surveillance.engine import run_monitor
 from tests.test_engine import build_sites
@@ -41,32 +49,180 @@ def _data_quality_rows(engine):
         conn.execute(pending_complication.insert().values(**pending))
 
 
-def test_report_renders_without_patient_references(sqlite_url, settings_for, tmp_path):
-    engine = make_engine(sqlite_url)
+def _report_registry(db_url, settings_for, *, alerts=True):
+    """Four sites, S004 leaking at 35% (baseline 10.6%), data-quality rows, alerts raised."""
+    engine = make_engine(db_url)
     build_sites(engine, sites=4, per_site=300, leak={"S004": 0.35}, seed=2)
     _data_quality_rows(engine)
-    settings = settings_for(sqlite_url)
+    settings = settings_for(db_url)
     run_monitor(settings)
-    path = write_report(settings, tmp_path / "out")
-    text = path.read_text(encoding="utf-8")
-    assert text.startswith("<!DOCTYPE html>")
-    assert "Funnel plots" in text and "CUSUM charts" in text and "p-charts" in text
-    assert text.count("data:image/png;base64,") >= 3
-    assert "S004" in text and "bad_date" in text and "missing column event_date" in text
-    assert "<script" not in text and "http://" not in text.replace("https://", "")
-    assert SECRET_PATIENT_REF not in text
+    if alerts:
+        sync_alerts(settings)
+    return engine, settings
+
+
+class _Fields(HTMLParser):
+    """Collect ``data-field`` spans (metric, field -> value) and grid status cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: dict[tuple[str, str], str] = {}
+        self.status_cells: list[str] = []
+        self.svgs = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "data-field" in attrs:
+            self.fields[(attrs.get("data-metric"), attrs["data-field"])] = attrs["data-value"]
+        if tag == "td" and (attrs.get("class") or "").startswith("st-"):
+            self.status_cells.append(attrs["class"][3:])
+        if tag == "svg":
+            self.svgs += 1
+
+
+def _parse(path: Path) -> _Fields:
+    parser = _Fields()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def _grid_row(index_html: str, site: str) -> str:
+    start = index_html.index(f"<a href='sites/{site}.html'>{site}</a>")
+    return index_html[start:index_html.index("</tr>", start)]
+
+
+def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, settings_for,
+                                                               tmp_path):
+    engine, settings = _report_registry(sqlite_url, settings_for)
+    index = write_report(settings, tmp_path / "out")
+    out = index.parent
+    pages = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert pages == ["funnels.html", "index.html", "methods.html", "report.json",
+                     "sites/S001.html", "sites/S002.html", "sites/S003.html", "sites/S004.html"]
+    text = index.read_text(encoding="utf-8")
+    # overview: S004 is marked as a signal on cement leak; S001 is in control everywhere
+    assert "st-signal" in _grid_row(text, "S004") and "st-signal" not in _grid_row(text, "S001")
+    assert "missing column event_date" in text and "bad_date" in text
+    site_page = (out / "sites" / "S004.html").read_text(encoding="utf-8")
+    parsed = _parse(out / "sites" / "S004.html")
+    assert parsed.svgs >= 4  # CUSUM up, down, risk-adjusted, p-chart for cement leak at least
+    assert "signal (chart resets)" in site_page and "threshold h = " in site_page
+    assert "Case mix against the network" in site_page and "Recent complications" in site_page
+    assert "raised: " in site_page and "(open, episode 1" in site_page  # alert and its audit
+    funnels = (out / "funnels.html").read_text(encoding="utf-8")
+    assert ">S004</text>" in funnels  # the drifting site is labelled on the funnel plot
+    methods = (out / "methods.html").read_text(encoding="utf-8")
+    for needle in ("NICE HTG108 section 2.4.1", "NICE HTG108 section 2.4.2",
+                   "NICE HTG108 section 2.4.4", "ARL0", "Benjamini-Hochberg"):
+        assert needle in methods
+    everything = "\n".join((out / p).read_text(encoding="utf-8") for p in pages)
+    # offline: no script, no stylesheet or image fetched from anywhere
+    assert "<script" not in everything and "<link" not in everything
+    assert not re.search(r"""src=["']?(https?:)?//""", everything)
+    # no patient or operator reference, raw or pseudonymised, and no record id
+    assert SECRET_PATIENT_REF not in everything
     with engine.connect() as conn:
-        hashes = conn.execute(sa.text("select patient_hash, operator_hash from procedure")).all()
-    assert not any(h in text for row in hashes for h in row if h)
+        refs = conn.execute(sa.text(
+            "select patient_hash, operator_hash, procedure_id from procedure")).all()
+        refs += conn.execute(sa.text("select complication_id, procedure_id from complication")).all()
+    leaked = {value for row in refs for value in row if value and value in everything}
+    assert not leaked
+
+
+def test_report_numbers_equal_site_json(db_url, settings_for, tmp_path, capsys):
+    _, settings = _report_registry(db_url, settings_for)
+    out = write_report(settings, tmp_path / "out").parent
+    assert cli_main(["site", "S004", "--db", db_url, "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    fields = _parse(out / "sites" / "S004.html").fields
+    compared = 0
+    for metric in payload["metrics"]:
+        expected = {name: metric.get(name) for name in
+                    ("n", "events", "rate", "ci_low", "ci_high", "baseline")}
+        for name, value in (metric.get("observed_expected") or {}).items():
+            if name != "observed":
+                expected[name] = value
+        for chart, values in (metric.get("cusum") or {}).items():
+            expected[f"cusum.{chart}.value"] = values["value"]
+            expected[f"cusum.{chart}.h"] = values["h"]
+        for name, value in expected.items():
+            shown = fields[(metric["metric"], name)]
+            assert (shown or None) == (None if value is None else repr(value)), (metric, name)
+            compared += 1
+    assert compared > 40
+    leak = next(m for m in payload["metrics"] if m["metric"] == "cement_leak")
+    assert leak["status"] == "signal" and payload["status"] == "signal"
+    # the overview data equals `kyphowatch sites --json`
+    assert cli_main(["sites", "--db", db_url, "--json"]) == 0
+    sites = json.loads(capsys.readouterr().out)
+    report_json = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report_json["sites"] == sites["sites"]
+    assert report_json["run_key"] == sites["run_key"] == payload["run_key"]
+
+
+def test_sites_command_flagged_json_and_csv(sqlite_url, settings_for, capsys):
+    _report_registry(sqlite_url, settings_for, alerts=False)
+    assert cli_main(["sites", "--db", sqlite_url, "--flagged", "--json"]) == 0
+    flagged = json.loads(capsys.readouterr().out)["sites"]
+    assert "S004" in {s["site_id"] for s in flagged}
+    assert all(s["flagged"] and s["status"] in ("signal", "under_reporting") for s in flagged)
+    assert "S001" not in {s["site_id"] for s in flagged}
+    assert cli_main(["sites", "--db", sqlite_url, "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["site"] for r in rows] == ["S001", "S002", "S003", "S004"]
+    assert rows[3]["cement_leak"] == "signal" and rows[3]["procedures"] == "300"
+    assert cli_main(["site", "S004", "--db", sqlite_url, "--csv", "--metric", "cement_leak"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["metric"] for r in rows] == ["cement_leak"] and rows[0]["status"] == "signal"
+    assert cli_main(["site", "S004", "--db", sqlite_url]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("site S004: signal") and "bernoulli_cusum" in text
+    # mistakes get one line and exit 2
+    assert cli_main(["site", "S999", "--db", sqlite_url]) == 2
+    assert "unknown site" in capsys.readouterr().err
+    assert cli_main(["site", "S004", "--db", sqlite_url, "--metric", "leaks"]) == 2
+    with pytest.raises(SystemExit) as usage:  # argparse: --json and --csv exclude each other
+        cli_main(["sites", "--db", sqlite_url, "--json", "--csv"])
+    assert usage.value.code == 2
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+    ("+1+1", "'+1+1"), ("-2+3", "'-2+3"), ("@SUM(A1)", "'@SUM(A1)"), ("\tcmd", "'\tcmd"),
+    ("\rcmd", "'\rcmd"), ("S004", "S004"), ("in control", "in control"), (-0.5, -0.5),
+    (3, 3), (None, ""),
+])
+def test_csv_cells_that_look_like_formulas_are_neutralised(value, expected):
+    assert csv_cell(value) == expected
+    buffer = io.StringIO()
+    write_csv(buffer, ["h"], [[value]])
+    assert list(csv.reader(io.StringIO(buffer.getvalue(), newline="")))[1][0] == str(expected)
+
+
+def test_publish_report_keeps_latest_on_the_newest_as_of(sqlite_url, settings_for):
+    _, settings = _report_registry(sqlite_url, settings_for, alerts=False)
+    root = Path(settings.report_dir)
+    newest = publish_report(settings)
+    assert (root / "latest").resolve() == newest.parent.resolve()
+    older = publish_report(settings, date(2023, 1, 31))
+    assert older.parent.name == "2023-01-31" and older.exists()
+    # a backfill for an older date does not move `latest`
+    assert (root / "latest").resolve() == newest.parent.resolve()
+    assert "data as of <b>2023-01-31</b>" in older.read_text(encoding="utf-8")
 
 
 def test_report_command(sqlite_url, tmp_path, capsys, monkeypatch):
     engine = make_engine(sqlite_url)
     insert(engine, [procedure_row("P1", "S001", date(2024, 1, 1))])
     monkeypatch.setenv("KYPHOWATCH_DEMO", "1")
-    assert cli_main(["report", "--db", sqlite_url, "--out", str(tmp_path),
+    monkeypatch.setenv("KYPHOWATCH_REPORT_DIR", str(tmp_path / "reports"))
+    assert cli_main(["report", "--db", sqlite_url, "--out", str(tmp_path / "one"),
                      "--as-of", "2024-03-01"]) == 0
-    assert (tmp_path / "kyphowatch-report-2024-03-01.html").exists()
+    assert (tmp_path / "one" / "sites" / "S001.html").exists()
+    # an immature site: no unit has completed its outcome window
+    assert "st-immature" in (tmp_path / "one" / "index.html").read_text(encoding="utf-8")
+    assert cli_main(["report", "--db", sqlite_url]) == 0
+    assert (tmp_path / "reports" / "latest" / "index.html").exists()
     assert cli_main(["report", "--db", sqlite_url, "--as-of", "March"]) == 2
 
 
@@ -83,12 +239,6 @@ def test_views_return_rows(db_url, settings_for):
             return [dict(r._mapping) for r in conn.execute(
                 sa.select(sa.literal_column("*")).select_from(sa.table(view)))]
 
-        rates = rows("v_site_metric_rates")
-        assert {r["site_id"] for r in rates} == {"S001", "S002"}
-        jan = next(r for r in rates if r["site_id"] == "S001" and r["month"] == "2023-01")
-        assert jan["major_events"] >= 1 and jan["mdt_missing"] == 1
-        assert sum(r["procedures"] for r in rates) == 401
-        assert sum(r["leaks"] for r in rates) > 0
         assert rows("v_active_signals")
         assert [r["reasons"] for r in rows("v_quarantine_summary")] == ['["bad_date"]']
         assert {r["status"] for r in rows("v_file_ledger_recent")} == {"loaded", "rejected"}

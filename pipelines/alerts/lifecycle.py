@@ -43,6 +43,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -151,12 +152,16 @@ def _as_date(value: Any) -> date | None:
 
 
 def where_to_look(settings: Settings, site_id: str | None) -> str:
-    """Return where a reader finds the report behind an alert about ``site_id``."""
+    """Return where a reader finds the report page behind an alert about ``site_id``.
+
+    ``report_base_url`` is where the report directory is served (the Airflow plugin serves
+    it at ``<airflow>/kyphowatch/report``); ``latest`` always points at the newest report.
+    """
+    page = f"latest/sites/{site_id}.html" if site_id else "latest/index.html"
     if settings.report_base_url:
-        base = settings.report_base_url.rstrip("/")
-        return f"{base}/{site_id}" if site_id else base
+        return f"{settings.report_base_url.rstrip('/')}/{page}"
     command = f"kyphowatch site {site_id}" if site_id else "kyphowatch report"
-    return f"{settings.report_dir} (or run: {command})"
+    return f"{Path(settings.report_dir) / page} (or run: {command})"
 
 
 _SIGNAL_FIELDS = (

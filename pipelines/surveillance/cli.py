@@ -1,8 +1,9 @@
 """``kyphowatch monitor`` and ``kyphowatch site``: run the monitor and drill into one site.
 
 ``monitor`` recomputes everything and stores the run and its signals (the same call the
-pipeline makes after each load); ``site`` recomputes without writing and shows, per metric,
-the numbers behind that site's signals. Neither prints a patient or operator reference: the
+pipeline makes after each load). ``sites`` and ``site`` recompute without writing and print
+the report's overview grid and site page as text, JSON or CSV; the numbers come from
+:mod:`pipelines.evidence`, like the report's. Neither prints a patient or operator reference: the
 engine never reads operator digests and turns patient digests into counters at once.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import date
 from typing import Any
 
 from pipelines.cli import parse_as_of
@@ -30,17 +32,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     monitor.add_argument("--json", action="store_true", help="print the full result as JSON")
     monitor.set_defaults(handler=handle_monitor)
 
+    sites = subparsers.add_parser(
+        "sites", help="list every site with its status per metric",
+        description="One row per site: worst status, status per metric, open alerts and "
+        "data quality -- the overview grid of the report.",
+    )
+    sites.add_argument("--db", help="warehouse URL (default: KYPHOWATCH_DB_URL)")
+    sites.add_argument("--as-of", help="evaluate as of this date (default: newest procedure)")
+    sites.add_argument("--flagged", action="store_true",
+                       help="only sites with a current signal or suspected under-reporting")
+    _add_format(sites)
+    sites.set_defaults(handler=handle_sites)
+
     site = subparsers.add_parser(
         "site", help="drill down into one site's metrics and signals",
-        description="Per metric: mature units, events, rate with exact 95%% CI, baseline, "
-        "CUSUM values against their thresholds, funnel position and signals.",
+        description="Per metric: status, mature units, events, rate with exact 95%% CI, "
+        "baseline, observed/expected, CUSUM values against their thresholds, funnel position; "
+        "then signals, alerts, case mix and recent complications (the report's site page).",
     )
     site.add_argument("site_id", metavar="SITE_ID")
     site.add_argument("--db", help="warehouse URL (default: KYPHOWATCH_DB_URL)")
     site.add_argument("--metric", help="only this metric")
     site.add_argument("--as-of", help="evaluate as of this date (default: newest procedure)")
-    site.add_argument("--json", action="store_true", help="print as JSON")
+    _add_format(site)
     site.set_defaults(handler=handle_site)
+
+
+def _add_format(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help="print as JSON")
+    group.add_argument("--csv", action="store_true",
+                       help="print as CSV (cells that a spreadsheet would run as a formula "
+                       "are prefixed with an apostrophe)")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -99,51 +122,109 @@ def handle_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
-def handle_site(args: argparse.Namespace) -> int:
-    """Print one site's per-metric figures and signals (recomputed, nothing stored)."""
+def _evidence(args: argparse.Namespace, site: str | None = None):
+    """Return (result, profile, facts, complications) for the drill-down commands."""
+    from pipelines import evidence
     from pipelines.surveillance.engine import evaluate
+    from pipelines.surveillance.profile import load_profile
 
     settings = load_settings(db_url=args.db)
-    result = evaluate(settings, parse_as_of(args.as_of))
+    profile = load_profile(settings.profile_path)
+    result = evaluate(settings, parse_as_of(args.as_of), profile=profile)
+    if result.as_of is None:
+        raise InputRejected("the warehouse holds no procedures yet: nothing to show")
+    facts = evidence.read_site_facts(settings, result.as_of,
+                                     sites=[site] if site is not None else None)
+    complications = (evidence.recent_complications_by_site(settings, result.as_of, site)
+                     if site is not None else {})
+    return result, profile, facts, complications
+
+
+def handle_sites(args: argparse.Namespace) -> int:
+    """Print every site's status per metric (the report's overview grid)."""
+    from pipelines import evidence
+
+    result, profile, facts, _ = _evidence(args)
+    rows = evidence.sites_payload(result, profile, facts)
+    if args.flagged:
+        rows = [r for r in rows if r["flagged"]]
+    metric_ids = [m.id for m in profile.metrics]
+    if args.json:
+        print(json.dumps({"as_of": result.as_of.isoformat(), "run_key": result.run_key,
+                          "profile": {"name": profile.name, "version": profile.version},
+                          "sites": rows}, indent=2, sort_keys=True))
+        return 0
+    headers = ["site", "status", *metric_ids, "open_alerts", "procedures",
+               "last_procedure_date", "newest_extract", "rows_quarantined",
+               "complications_pending"]
+    table = [[r["site_id"], r["status"],
+              *[(r["metrics"].get(m) or {}).get("status", "-") for m in metric_ids],
+              r["open_alerts"], r["procedures"], r["last_procedure_date"],
+              r["newest_extract"], r["rows_quarantined"], r["complications_pending"]]
+             for r in rows]
+    if args.csv:
+        evidence.write_csv(sys.stdout, headers, table)
+        return 0
+    print(f"{len(rows)} sites{' flagged' if args.flagged else ''}: profile {profile.name} "
+          f"{profile.version}, as of {result.as_of.isoformat()}")
+    if table:
+        print(_table(headers, [[_fmt(c) for c in row] for row in table]))
+    return 0
+
+
+def handle_site(args: argparse.Namespace) -> int:
+    """Print one site's figures, signals and alerts (recomputed, nothing stored)."""
+    from pipelines import evidence
+
     site = args.site_id.strip().upper()
-    metrics = [m for m in result.site_metrics if m["site_id"] == site]
-    if not metrics:
+    result, profile, facts, complications = _evidence(args, site)
+    known_sites = {m["site_id"] for m in result.site_metrics}
+    if site not in known_sites:
         raise InputRejected(f"unknown site {args.site_id!r}: no procedures from it up to "
-                            f"{result.as_of.isoformat() if result.as_of else 'now'}")
+                            f"{result.as_of.isoformat()}")
     if args.metric:
-        known = sorted({m["metric"] for m in metrics})
+        known = [m.id for m in profile.metrics]
         if args.metric not in known:
             raise InputRejected(f"unknown metric {args.metric!r} (known: {', '.join(known)})")
-        metrics = [m for m in metrics if m["metric"] == args.metric]
-    signals = [s for s in result.signals if s["site_id"] == site
-               and (not args.metric or s["metric"] == args.metric)]
+    payload = evidence.site_payload(result, profile, facts, site, complications.get(site, []),
+                                    metric=args.metric)
     if args.json:
-        payload = result.to_dict()
-        print(json.dumps({
-            "site_id": site, "as_of": payload["as_of"], "profile": payload["profile"],
-            "metrics": [m for m in payload["site_metrics"] if m["site_id"] == site
-                        and (not args.metric or m["metric"] == args.metric)],
-            "signals": [s for s in payload["signals"] if s["site_id"] == site
-                        and (not args.metric or s["metric"] == args.metric)],
-        }, indent=2, sort_keys=True))
+        print(json.dumps(payload, indent=2, sort_keys=True))
         return 0
-    print(f"site {site}: profile {result.profile_name} {result.profile_version}, "
-          f"as of {result.as_of.isoformat()}")
+    headers = ["metric", "status", "n", "events", "rate", "ci_low", "ci_high", "baseline",
+               "expected", "o_to_e", "cusum", "funnel", "signals"]
     rows = []
-    for m in metrics:
+    for m in payload["metrics"]:
+        oe = m.get("observed_expected") or {}
         cusum = "; ".join(f"{name} {_fmt(c['value'])}/{_fmt(c['h'])}"
-                          for name, c in sorted(m.get("cusum", {}).items()))
+                          for name, c in sorted((m.get("cusum") or {}).items()))
         funnel = "; ".join(f"{w} {f['position']} (z {_fmt(f['z_adjusted'])})"
-                           for w, f in sorted(m.get("funnel", {}).items()))
-        interval = (f"{_fmt(m.get('ci_low'))}-{_fmt(m.get('ci_high'))}"
-                    if m.get("ci_low") is not None else "-")
-        rows.append([m["metric"], _fmt(m.get("n")), _fmt(m.get("events")), _fmt(m.get("rate")),
-                     interval, _fmt(m["baseline"]), cusum or "-", funnel or "-",
-                     str(sum(1 for s in signals if s["metric"] == m["metric"]))])
-    print(_table(["metric", "n", "events", "rate", "95% CI", "baseline", "CUSUM value/h",
-                  "funnel", "signals"], rows))
-    if signals:
+                           for w, f in sorted((m.get("funnel") or {}).items()))
+        rows.append([m["metric"], m["status"], m.get("n"), m.get("events"), m.get("rate"),
+                     m.get("ci_low"), m.get("ci_high"), m["baseline"], oe.get("expected"),
+                     oe.get("o_to_e"), cusum or "-", funnel or "-",
+                     sum(1 for s in payload["signals"] if s["metric"] == m["metric"])])
+    if args.csv:
+        evidence.write_csv(sys.stdout, headers, rows)
+        return 0
+    print(f"site {site}: {evidence.STATUS_LABELS[payload['status']]}; profile "
+          f"{profile.name} {profile.version}, as of {payload['as_of']}")
+    print(_table(headers, [[_fmt(c) for c in row] for row in rows]))
+    if payload["signals"]:
         print()
-        print(_table(SIGNAL_HEADERS, _signal_rows(signals)))
+        print(_table(SIGNAL_HEADERS, _signal_rows(
+            [dict(s, episode_start=date.fromisoformat(s["episode_start"]),
+                  signal_date=date.fromisoformat(s["signal_date"])) for s in payload["signals"]]
+        )))
+    if payload["alerts"]:
+        print()
+        print(_table(["alert", "kind", "metric", "state", "raised", "title"],
+                     [[a["alert_id"][:12], a["kind"], a["metric"] or "-", a["state"],
+                       a["created_at"][:19], a["title"]] for a in payload["alerts"]]))
+    dq = payload["data_quality"]
+    print()
+    print(f"data: {dq['procedures']} procedures, last {dq['last_procedure_date']}, newest "
+          f"extract {dq['newest_extract']}, {dq['rows_quarantined']} rows quarantined, "
+          f"{dq['complications_pending']} complications pending")
     sys.stdout.flush()
     return 0

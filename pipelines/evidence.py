@@ -1,0 +1,406 @@
+"""The evidence behind a flag: per-site status, drill-down figures and data-quality facts.
+
+The HTML report, ``kyphowatch sites`` / ``kyphowatch site`` and the ``chart_status`` table
+all show numbers from this module, so they agree by construction: the report's site page
+and ``kyphowatch site SITE --json`` are two renderings of the same :func:`site_payload`.
+
+Status of a site for one metric (the overview grid)
+---------------------------------------------------
+* ``signal`` -- a safety or process signal whose episode signalled within the profile's
+  recent window (``design.funnel.rolling_days``, 365 days by default) before ``as_of``, or a
+  funnel / rare-event episode that is still ongoing at ``as_of``;
+* ``under_reporting`` -- the same, for a downward (fewer events than the baseline) signal;
+* ``immature`` -- no unit of this site has completed its outcome window yet, so there is
+  nothing to judge (for example new fractures need 365 days of follow-up);
+* ``in_control`` -- mature data and no recent signal.
+
+Older episodes stay listed on the site page (and ``v_active_signals``) but do not colour the
+grid: a CUSUM that signalled three years ago and was reset is history, not a current flag.
+Alerts have their own life cycle (``kyphowatch alerts``); open alerts are shown beside the
+status, never folded into it, so the status is a pure function of data, profile and as_of.
+
+Nothing here reads a patient or operator reference: case mix is aggregated in SQL and the
+recent-complication list carries only date, type, severity and level.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from pipelines.errors import ExternalSystemError
+from pipelines.settings import Settings
+
+STATUS_SIGNAL = "signal"
+STATUS_UNDER_REPORTING = "under_reporting"
+STATUS_IMMATURE = "immature"
+STATUS_IN_CONTROL = "in_control"
+STATUS_LABELS = {
+    STATUS_SIGNAL: "signal",
+    STATUS_UNDER_REPORTING: "under-reporting suspected",
+    STATUS_IMMATURE: "immature data",
+    STATUS_IN_CONTROL: "in control",
+}
+# Grid order: what a safety committee must read first comes first.
+STATUS_ORDER = (STATUS_SIGNAL, STATUS_UNDER_REPORTING, STATUS_IMMATURE, STATUS_IN_CONTROL)
+RECENT_COMPLICATIONS = 20
+
+
+def _detail(signal: dict[str, Any]) -> dict[str, Any]:
+    detail = signal.get("detail") or {}
+    if isinstance(detail, str):
+        try:
+            return json.loads(detail)
+        except ValueError:
+            return {}
+    return detail
+
+
+def _as_date(value: Any) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+
+
+def is_current(signal: dict[str, Any], as_of: date, recent_days: int) -> bool:
+    """Return True if a signal should colour today's status (recent, or still ongoing)."""
+    if _detail(signal).get("ongoing"):
+        return True
+    return _as_date(signal["signal_date"]) > as_of - timedelta(days=recent_days)
+
+
+def metric_status(metric_row: dict[str, Any], signals: list[dict[str, Any]], as_of: date,
+                  recent_days: int) -> tuple[str, str]:
+    """Return ``(status, reason)`` for one site and metric; see the module docstring."""
+    current = [s for s in signals if is_current(s, as_of, recent_days)]
+    current.sort(key=lambda s: (_as_date(s["signal_date"]), s["method"]), reverse=True)
+    for wanted, status in ((("safety", "process"), STATUS_SIGNAL),
+                           (("under_reporting",), STATUS_UNDER_REPORTING)):
+        hits = [s for s in current if s["category"] in wanted]
+        if hits:
+            newest = hits[0]
+            methods = sorted({s["method"] for s in hits})
+            return status, (f"{', '.join(methods)}; newest signalled "
+                            f"{_as_date(newest['signal_date']).isoformat()}")
+    if metric_row.get("kind") == "outcome" and not metric_row.get("n"):
+        window = metric_row.get("window_days")
+        return STATUS_IMMATURE, f"no unit has completed its {window}-day outcome window"
+    return STATUS_IN_CONTROL, "no signal in the recent window"
+
+
+def status_rows(result, profile) -> list[dict[str, Any]]:
+    """Return one status row per site and metric for a monitor result (grid and table)."""
+    if result.as_of is None:
+        return []
+    recent = profile.design.funnel_rolling_days
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for s in result.signals:
+        by_pair.setdefault((s["site_id"], s["metric"]), []).append(s)
+    rows = []
+    for m in result.site_metrics:
+        signals = by_pair.get((m["site_id"], m["metric"]), [])
+        status, reason = metric_status(m, signals, result.as_of, recent)
+        cusum_up = {k: v for k, v in (m.get("cusum") or {}).items() if k.endswith("_up")}
+        cusum_key = max(cusum_up, key=lambda k: (cusum_up[k]["value"] or 0) / cusum_up[k]["h"],
+                        default=None)
+        rows.append({
+            "site_id": m["site_id"], "metric": m["metric"], "status": status,
+            "reason": reason, "n": m.get("n"), "events": m.get("events"),
+            "rate": m.get("rate"), "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"),
+            "expected": m.get("expected"), "baseline": m["baseline"],
+            "cusum_chart": cusum_key,
+            "cusum_value": cusum_up[cusum_key]["value"] if cusum_key else None,
+            "cusum_threshold": cusum_up[cusum_key]["h"] if cusum_key else None,
+            "funnel_position": ((m.get("funnel") or {}).get("cumulative") or {}).get("position"),
+            "signals_recent": sum(1 for s in signals if is_current(s, result.as_of, recent)),
+            "signals_total": len(signals),
+        })
+    return rows
+
+
+# -- warehouse facts --------------------------------------------------------------------
+
+@dataclass
+class SiteFacts:
+    """Per-site facts read from the warehouse (no patient or operator reference)."""
+
+    deliveries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    pending: dict[str, int] = field(default_factory=dict)
+    alerts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    casemix: dict[str, dict[str, Any]] = field(default_factory=dict)
+    network_casemix: dict[str, Any] = field(default_factory=dict)
+
+
+def _casemix_columns(procedure: sa.Table) -> list[sa.ColumnElement]:
+    def share(condition) -> sa.ColumnElement:
+        return sa.func.avg(sa.case((condition, 1.0), else_=0.0))
+
+    return [
+        sa.func.count().label("procedures"),
+        sa.func.avg(procedure.c.age_years * 1.0).label("mean_age"),
+        share(procedure.c.age_years >= 80).label("share_age_80_plus"),
+        share(procedure.c.sex == "F").label("share_female"),
+        share(procedure.c.indication == "malignancy").label("share_malignancy"),
+        share(procedure.c.steroid_use).label("share_steroid_use"),
+        share(procedure.c.anaesthesia == "general").label("share_general_anaesthesia"),
+        sa.func.avg(procedure.c.levels_treated * 1.0).label("mean_levels"),
+        share(procedure.c.levels_treated >= 3).label("share_3plus_levels"),
+    ]
+
+
+CASEMIX_FIELDS = ("procedures", "mean_age", "share_age_80_plus", "share_female",
+                  "share_malignancy", "share_steroid_use", "share_general_anaesthesia",
+                  "mean_levels", "share_3plus_levels")
+
+
+def _number(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    return round(float(value), 6)
+
+
+def read_site_facts(settings: Settings, as_of: date | None,
+                    sites: list[str] | None = None) -> SiteFacts:
+    """Read deliveries, quarantine, pending rows, alerts and case mix per site.
+
+    ``sites`` limits the alert and complication detail to those sites (the drill-down);
+    counts are always read for every site.
+    """
+    from pipelines.db import make_engine, redact_url
+    from pipelines.schema import (
+        alert,
+        alert_audit,
+        pending_complication,
+        procedure,
+        quarantine,
+    )
+
+    facts = SiteFacts()
+    try:
+        engine = make_engine(settings.db_url)
+        with engine.connect() as conn:
+            in_range = procedure.c.procedure_date <= as_of if as_of else sa.true()
+            for row in conn.execute(
+                sa.select(procedure.c.site_id, sa.func.max(procedure.c.extract_ts),
+                          sa.func.max(procedure.c.procedure_date))
+                .group_by(procedure.c.site_id)
+            ):
+                facts.deliveries[row[0]] = {"newest_extract": row[1],
+                                            "last_procedure_date": _iso(row[2])}
+            facts.quarantined = {
+                site: int(count) for site, count in conn.execute(
+                    sa.select(quarantine.c.site_id, sa.func.count())
+                    .group_by(quarantine.c.site_id))
+                if site is not None
+            }
+            facts.pending = {
+                site: int(count) for site, count in conn.execute(
+                    sa.select(pending_complication.c.site_id, sa.func.count())
+                    .group_by(pending_complication.c.site_id))
+            }
+            columns = _casemix_columns(procedure)
+            for row in conn.execute(
+                sa.select(procedure.c.site_id, *columns).where(in_range)
+                .group_by(procedure.c.site_id)
+            ).mappings():
+                facts.casemix[row["site_id"]] = {f: _number(row[f]) for f in CASEMIX_FIELDS}
+            network = conn.execute(sa.select(*columns).where(in_range)).mappings().first()
+            facts.network_casemix = {f: _number(network[f]) for f in CASEMIX_FIELDS}
+            query = sa.select(alert).order_by(alert.c.created_at.desc(), alert.c.alert_id)
+            if sites is not None:
+                query = query.where(alert.c.site_id.in_(sites))
+            alert_rows = [dict(r) for r in conn.execute(query).mappings()]
+            audit: dict[str, list[dict[str, Any]]] = {}
+            if sites is not None and alert_rows:
+                for r in conn.execute(
+                    sa.select(alert_audit)
+                    .where(alert_audit.c.alert_id.in_([a["alert_id"] for a in alert_rows]))
+                    .order_by(alert_audit.c.audit_id)
+                ).mappings():
+                    audit.setdefault(r["alert_id"], []).append(
+                        {"at": _iso(r["at"]), "from_state": r["from_state"],
+                         "to_state": r["to_state"], "actor": r["actor"], "reason": r["reason"]}
+                    )
+        engine.dispose()
+    except sa.exc.SQLAlchemyError as exc:
+        raise ExternalSystemError(
+            f"cannot read warehouse {redact_url(settings.db_url)}: {type(exc).__name__}"
+        ) from exc
+    for a in alert_rows:
+        if a["site_id"] is None:
+            continue
+        facts.alerts.setdefault(a["site_id"], []).append({
+            "alert_id": a["alert_id"], "kind": a["kind"], "metric": a["metric"],
+            "title": a["title"], "state": a["state"], "episode": a["episode"],
+            "created_at": _iso(a["created_at"]), "updated_at": _iso(a["updated_at"]),
+            "history": audit.get(a["alert_id"], []),
+        })
+    return facts
+
+
+def _iso(value: Any) -> Any:
+    if value is None:
+        return None
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+# -- payloads (the JSON the CLI prints and the report renders) ----------------------------
+
+def observed_expected(metric_row: dict[str, Any]) -> dict[str, Any] | None:
+    """Return observed, expected (case-mix and baseline) and O/E with its exact 95% CI.
+
+    The O/E interval treats the expected count as fixed and scales the Clopper-Pearson
+    interval of the observed proportion by n/E.
+    """
+    n, events = metric_row.get("n"), metric_row.get("events")
+    if metric_row.get("kind") != "outcome" or not n:
+        return None
+    expected = metric_row.get("expected") or n * metric_row["baseline"]
+    ratio = events / expected if expected else None
+    scale = n / expected if expected else None
+    return {
+        "observed": events, "expected": _number(expected),
+        "expected_at_baseline": _number(n * metric_row["baseline"]),
+        "o_to_e": _number(ratio),
+        "o_to_e_ci_low": _number(metric_row["ci_low"] * scale) if scale else None,
+        "o_to_e_ci_high": _number(metric_row["ci_high"] * scale) if scale else None,
+    }
+
+
+def sites_payload(result, profile, facts: SiteFacts) -> list[dict[str, Any]]:
+    """Return one row per site: status per metric, worst status, alerts and data quality."""
+    statuses: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in status_rows(result, profile):
+        statuses.setdefault(row["site_id"], {})[row["metric"]] = row
+    out = []
+    for site in sorted(statuses):
+        per_metric = statuses[site]
+        worst = min((r["status"] for r in per_metric.values()), key=STATUS_ORDER.index)
+        alerts = facts.alerts.get(site, [])
+        delivery = facts.deliveries.get(site, {})
+        out.append({
+            "site_id": site,
+            "status": worst,
+            "flagged": worst in (STATUS_SIGNAL, STATUS_UNDER_REPORTING),
+            "metrics": {m: {k: r[k] for k in ("status", "reason", "n", "events", "rate",
+                                              "signals_recent")}
+                        for m, r in sorted(per_metric.items())},
+            "open_alerts": sum(1 for a in alerts if a["state"] != "resolved"),
+            "procedures": (facts.casemix.get(site) or {}).get("procedures", 0),
+            "last_procedure_date": delivery.get("last_procedure_date"),
+            "newest_extract": delivery.get("newest_extract"),
+            "rows_quarantined": facts.quarantined.get(site, 0),
+            "complications_pending": facts.pending.get(site, 0),
+        })
+    return out
+
+
+def site_payload(result, profile, facts: SiteFacts, site_id: str,
+                 complications: list[dict[str, Any]],
+                 metric: str | None = None) -> dict[str, Any]:
+    """Return everything the site page shows, as JSON-ready data."""
+    payload = result.to_dict()
+    status = {(r["metric"]): r for r in status_rows(result, profile) if r["site_id"] == site_id}
+    metrics = []
+    for m in payload["site_metrics"]:
+        if m["site_id"] != site_id or (metric and m["metric"] != metric):
+            continue
+        row = dict(m)
+        row["status"] = status[m["metric"]]["status"]
+        row["status_reason"] = status[m["metric"]]["reason"]
+        row["observed_expected"] = observed_expected(m)
+        metrics.append(row)
+    site_row = next((s for s in sites_payload(result, profile, facts)
+                     if s["site_id"] == site_id), {})
+    return {
+        "site_id": site_id,
+        "as_of": payload["as_of"],
+        "profile": payload["profile"],
+        "run_key": payload["run_key"],
+        "status": site_row.get("status"),
+        "metrics": metrics,
+        "signals": [s for s in payload["signals"] if s["site_id"] == site_id
+                    and (not metric or s["metric"] == metric)],
+        "alerts": [a for a in facts.alerts.get(site_id, [])
+                   if not metric or a["metric"] in (None, metric)],
+        "data_quality": {k: site_row.get(k) for k in (
+            "procedures", "last_procedure_date", "newest_extract", "rows_quarantined",
+            "complications_pending")},
+        "casemix": {"site": facts.casemix.get(site_id, {}), "network": facts.network_casemix},
+        "recent_complications": complications,
+    }
+
+
+def recent_complications_by_site(settings: Settings, as_of: date | None,
+                                 site_id: str | None = None,
+                                 limit: int = RECENT_COMPLICATIONS) -> dict[str, list[dict]]:
+    """Return each site's newest complications (date, type, severity, level; no references).
+
+    One windowed query for all sites (``row_number()`` runs on SQLite and PostgreSQL alike).
+    """
+    from pipelines.db import make_engine, redact_url
+    from pipelines.schema import complication
+
+    rank = sa.func.row_number().over(
+        partition_by=complication.c.site_id,
+        order_by=(complication.c.event_date.desc(), complication.c.event_type,
+                  complication.c.complication_id),
+    ).label("rank")
+    inner = sa.select(complication.c.site_id, complication.c.event_date,
+                      complication.c.event_type, complication.c.severity,
+                      complication.c.symptomatic, complication.c.vertebral_level, rank)
+    if as_of:
+        inner = inner.where(complication.c.event_date <= as_of)
+    if site_id is not None:
+        inner = inner.where(complication.c.site_id == site_id)
+    ranked = inner.subquery()
+    query = (sa.select(ranked.c.site_id, ranked.c.event_date, ranked.c.event_type,
+                       ranked.c.severity, ranked.c.symptomatic, ranked.c.vertebral_level)
+             .where(ranked.c.rank <= limit)
+             .order_by(ranked.c.site_id, ranked.c.rank))
+    try:
+        engine = make_engine(settings.db_url)
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
+        engine.dispose()
+    except sa.exc.SQLAlchemyError as exc:
+        raise ExternalSystemError(
+            f"cannot read warehouse {redact_url(settings.db_url)}: {type(exc).__name__}"
+        ) from exc
+    out: dict[str, list[dict]] = {}
+    for site, day, kind, severity, symptomatic, level in rows:
+        out.setdefault(site, []).append({
+            "event_date": _iso(day), "event_type": kind, "severity": severity,
+            "symptomatic": bool(symptomatic), "vertebral_level": level,
+        })
+    return out
+
+
+# Cells a spreadsheet would evaluate as a formula (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """Return ``value`` safe for a spreadsheet: text starting like a formula gets a ``'``."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return "" if value is None else value
+
+
+def write_csv(stream, headers: list[str], rows: list[list[Any]]) -> None:
+    """Write ``rows`` as CSV with every text cell neutralised by :func:`csv_cell`."""
+    import csv
+
+    # RFC 4180 line ends: the writer then quotes any cell holding a bare CR or LF, which
+    # would otherwise split the row.
+    writer = csv.writer(stream, lineterminator="\r\n")
+    writer.writerow([csv_cell(h) for h in headers])
+    for row in rows:
+        writer.writerow([csv_cell(c) for c in row])

@@ -1,0 +1,318 @@
+"""Small inline-SVG charts for the report: readable on screen and printed in black and white.
+
+Why not matplotlib: the report has a page per site and a registry can have a thousand
+sites; matplotlib costs tens of milliseconds per figure and its SVG output is large, where
+these charts are built in about a millisecond as plain text. They need no script and no
+font or stylesheet from the network, so a report opens from disk or an e-mail attachment.
+
+Series are told apart by dash pattern and marker shape, never by colour alone; axes carry
+labels with units; date axes print ISO dates (``YYYY-MM`` or ``YYYY-MM-DD``). Every chart is
+an ``<svg role="img">`` with a ``<title>`` and ``<desc>`` for screen readers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import math
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+
+import numpy as np
+
+DASHES = {"solid": "", "dash": "6 3", "dot": "1.5 2.5", "dashdot": "6 2 1.5 2", "long": "10 4"}
+EPOCH = date(1970, 1, 1)
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 1:
+        return f"{value:.4g}"
+    return f"{value:.3g}"
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Return round tick values covering [low, high] (1, 2, 2.5 or 5 times a power of 10)."""
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        return [low]
+    raw = (high - low) / max(count, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    ticks = []
+    value = first
+    while value <= high + step * 1e-9:
+        ticks.append(round(value, 12))
+        value += step
+    return ticks
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Return 1-2-5 ticks between ``low`` and ``high`` (both > 0)."""
+    ticks = []
+    for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10.0 ** exponent
+            if low <= value <= high:
+                ticks.append(value)
+    return ticks
+
+
+def date_ticks(low: int, high: int) -> tuple[list[int], str]:
+    """Return tick positions (days since 1970-01-01) at month, quarter or year starts."""
+    first, last = EPOCH + timedelta(days=int(low)), EPOCH + timedelta(days=int(high))
+    months = (last.year - first.year) * 12 + last.month - first.month
+    step = next(s for s in (1, 3, 6, 12, 24, 60) if months / s <= 8)
+    ticks = []
+    year, month = first.year, first.month
+    while True:
+        month_index = (year * 12 + month - 1)
+        if month_index % step == 0:
+            day = (date(year, month, 1) - EPOCH).days
+            if day > high:
+                break
+            if day >= low:
+                ticks.append(day)
+        month += 1
+        if month > 12:
+            year, month = year + 1, 1
+        if date(year, month, 1) > last:
+            break
+    style = "%Y" if step >= 12 else "%Y-%m"
+    return ticks, style
+
+
+def decimate(x: np.ndarray, y: np.ndarray, max_points: int = 1200) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first, min, max and last point of each bucket so peaks survive thinning."""
+    if len(x) <= max_points:
+        return x, y
+    buckets = np.array_split(np.arange(len(x)), max_points // 4)
+    keep = set()
+    for b in buckets:
+        seg = y[b]
+        keep.update((int(b[0]), int(b[np.argmin(seg)]), int(b[np.argmax(seg)]), int(b[-1])))
+    index = np.array(sorted(keep))
+    return x[index], y[index]
+
+
+@dataclass
+class _Series:
+    kind: str  # line | points | hline | errorbar
+    x: np.ndarray
+    y: np.ndarray
+    label: str | None = None
+    style: str = "solid"
+    marker: str = "circle"
+    filled: bool = True
+    width: float = 1.4
+    step: bool = False
+    tone: str = "#111"
+    y2: np.ndarray | None = None
+    texts: list[str] | None = None
+    tips: list[str] | None = None
+
+
+@dataclass
+class Chart:
+    """An x/y chart rendered to an inline SVG string."""
+
+    title: str
+    x_label: str
+    y_label: str
+    x_scale: str = "linear"  # linear | log | date
+    width: int = 720
+    height: int = 280
+    y_min: float | None = None
+    y_max: float | None = None
+    description: str = ""
+    series: list[_Series] = field(default_factory=list)
+
+    def line(self, x, y, *, label=None, style="solid", width=1.4, step=False, tone="#111"):
+        """Add a line (``step=True`` draws a staircase, for cumulative statistics)."""
+        self.series.append(_Series("line", np.asarray(x, float), np.asarray(y, float), label,
+                                   style=style, width=width, step=step, tone=tone))
+
+    def points(self, x, y, *, label=None, marker="circle", filled=True, texts=None, tips=None,
+               tone="#111"):
+        """Add markers; ``texts`` labels points on the chart, ``tips`` adds hover titles."""
+        self.series.append(_Series("points", np.asarray(x, float), np.asarray(y, float), label,
+                                   marker=marker, filled=filled, texts=texts, tips=tips,
+                                   tone=tone))
+
+    def hline(self, y, *, label=None, style="dash", tone="#111"):
+        """Add a horizontal reference line across the plot."""
+        self.series.append(_Series("hline", np.array([]), np.array([float(y)]), label,
+                                   style=style, tone=tone))
+
+    def errorbars(self, x, low, high, *, label=None):
+        """Add vertical interval bars."""
+        self.series.append(_Series("errorbar", np.asarray(x, float), np.asarray(low, float),
+                                   label, y2=np.asarray(high, float)))
+
+    # -- rendering ------------------------------------------------------------------------
+    def _ranges(self) -> tuple[float, float, float, float]:
+        xs = [s.x for s in self.series if s.x.size]
+        ys = [s.y for s in self.series] + [s.y2 for s in self.series if s.y2 is not None]
+        xv = np.concatenate(xs) if xs else np.array([0.0, 1.0])
+        yv = np.concatenate(ys) if ys else np.array([0.0, 1.0])
+        xv, yv = xv[np.isfinite(xv)], yv[np.isfinite(yv)]
+        if self.x_scale == "log":
+            xv = xv[xv > 0]
+        x0, x1 = (float(xv.min()), float(xv.max())) if xv.size else (0.0, 1.0)
+        y0, y1 = (float(yv.min()), float(yv.max())) if yv.size else (0.0, 1.0)
+        if self.y_min is not None:
+            y0 = self.y_min
+        if self.y_max is not None:
+            y1 = self.y_max
+        if self.x_scale == "log":
+            x0, x1 = max(x0, 1.0) / 1.3, max(x1, 1.0) * 1.3
+        elif x1 == x0:
+            x0, x1 = x0 - 1, x1 + 1
+        if y1 == y0:
+            y1 = y0 + (abs(y0) or 1.0)
+        pad = (y1 - y0) * 0.05
+        return x0, x1, (y0 if self.y_min is not None else y0 - pad), y1 + pad
+
+    def render(self) -> str:
+        """Return the chart as an ``<svg>`` element."""
+        left, right, top, bottom = 64, 16, 30, 52
+        legend = [s for s in self.series if s.label]
+        legend_rows = math.ceil(len(legend) / 3)
+        height = self.height + 16 * legend_rows
+        plot_w, plot_h = self.width - left - right, self.height - top - bottom
+        x0, x1, y0, y1 = self._ranges()
+        log = self.x_scale == "log"
+
+        def sx(value):
+            value = np.asarray(value, float)
+            if log:
+                lo, hi = math.log10(x0), math.log10(x1)
+                return left + (np.log10(np.maximum(value, 1e-12)) - lo) / (hi - lo) * plot_w
+            return left + (value - x0) / (x1 - x0) * plot_w
+
+        def sy(value):
+            value = np.clip(np.asarray(value, float), y0, y1)
+            return top + plot_h - (value - y0) / (y1 - y0) * plot_h
+
+        # Deterministic ids (same report, same bytes); titles differ between charts on a page.
+        ident = "c" + hashlib.sha1(f"{self.title}|{self.y_label}|{self.x_label}".encode()).hexdigest()[:10]
+        out = [
+            f'<svg xmlns="http://www.w3.org/2000/svg" role="img" class="chart" '
+            f'viewBox="0 0 {self.width} {height}" width="{self.width}" height="{height}" '
+            f'aria-labelledby="{ident}t {ident}d" font-family="sans-serif" font-size="11">',
+            f'<title id="{ident}t">{_esc(self.title)}</title>',
+            f'<desc id="{ident}d">{_esc(self.description or self.title)}</desc>',
+            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" '
+            'stroke="#444" stroke-width="0.8"/>',
+            f'<text x="{self.width / 2:.0f}" y="16" text-anchor="middle" font-size="13" '
+            f'font-weight="bold">{_esc(self.title)}</text>',
+        ]
+        # axes and grid
+        if self.x_scale == "date":
+            xt, style = date_ticks(int(x0), int(x1))
+            x_text = [(EPOCH + timedelta(days=t)).strftime(style) for t in xt]
+        elif log:
+            xt = log_ticks(x0, x1)
+            x_text = [_fmt(t) for t in xt]
+        else:
+            xt = nice_ticks(x0, x1)
+            x_text = [_fmt(t) for t in xt]
+        for t, text in zip(xt, x_text, strict=True):
+            px = float(sx(t))
+            out.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{top + plot_h}" '
+                       'stroke="#ddd" stroke-width="0.6"/>')
+            out.append(f'<text x="{px:.1f}" y="{top + plot_h + 14}" text-anchor="middle">'
+                       f'{_esc(text)}</text>')
+        for t in nice_ticks(y0, y1):
+            py = float(sy(t))
+            out.append(f'<line x1="{left}" y1="{py:.1f}" x2="{left + plot_w}" y2="{py:.1f}" '
+                       'stroke="#ddd" stroke-width="0.6"/>')
+            out.append(f'<text x="{left - 5}" y="{py + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
+        out.append(f'<text x="{left + plot_w / 2:.0f}" y="{top + plot_h + 32}" '
+                   f'text-anchor="middle">{_esc(self.x_label)}</text>')
+        out.append(f'<text transform="translate(14,{top + plot_h / 2:.0f}) rotate(-90)" '
+                   f'text-anchor="middle">{_esc(self.y_label)}</text>')
+        for s in self.series:
+            out.extend(self._draw(s, sx, sy, left, plot_w))
+        # legend under the plot: a sample of each series' line or marker, then its label
+        for i, s in enumerate(legend):
+            col, row = i % 3, i // 3
+            lx = left + col * (plot_w / 3)
+            ly = top + plot_h + 46 + row * 16
+            if s.kind in ("line", "hline"):
+                out.append(self._path([(lx, ly), (lx + 26, ly)], s))
+            elif s.kind == "points":
+                out.append(_marker(s.marker, lx + 13, ly, s.filled, s.tone))
+            else:
+                out.append(f'<line x1="{lx + 13}" y1="{ly - 5}" x2="{lx + 13}" y2="{ly + 5}" '
+                           'stroke="#111"/>')
+            out.append(f'<text x="{lx + 32:.1f}" y="{ly + 4}">{_esc(s.label)}</text>')
+        out.append("</svg>")
+        return "\n".join(out)
+
+    @staticmethod
+    def _path(points, s: _Series) -> str:
+        dash = DASHES.get(s.style, "")
+        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+        text = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+        return (f'<polyline points="{text}" fill="none" stroke="{s.tone}" '
+                f'stroke-width="{s.width}"{dash_attr}/>')
+
+    def _draw(self, s: _Series, sx, sy, left, plot_w) -> list[str]:
+        if s.kind == "hline":
+            y = float(sy(s.y[0]))
+            return [self._path([(left, y), (left + plot_w, y)], s)]
+        ok = np.isfinite(s.x) & np.isfinite(s.y)
+        if self.x_scale == "log":
+            ok &= s.x > 0
+        x, y = s.x[ok], s.y[ok]
+        if s.kind == "line":
+            if s.step:
+                x, y = np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1]
+            px, py = sx(x), sy(y)
+            return [self._path(list(zip(px.tolist(), py.tolist(), strict=True)), s)] if len(px) else []
+        if s.kind == "errorbar":
+            hi = s.y2[ok]
+            parts = []
+            for xv, lo_v, hi_v in zip(sx(x).tolist(), sy(y).tolist(), sy(hi).tolist(), strict=True):
+                parts.append(f'<path d="M{xv - 3:.1f},{lo_v:.1f}h6M{xv:.1f},{lo_v:.1f}V{hi_v:.1f}'
+                             f'M{xv - 3:.1f},{hi_v:.1f}h6" stroke="#111" stroke-width="0.9" '
+                             'fill="none"/>')
+            return parts
+        parts = []
+        texts = [t for t, k in zip(s.texts, ok, strict=True) if k] if s.texts else None
+        tips = [t for t, k in zip(s.tips, ok, strict=True) if k] if s.tips else None
+        for i, (xv, yv) in enumerate(zip(sx(x).tolist(), sy(y).tolist(), strict=True)):
+            mark = _marker(s.marker, xv, yv, s.filled, s.tone)
+            if tips:
+                mark = f"<g><title>{_esc(tips[i])}</title>{mark}</g>"
+            parts.append(mark)
+            if texts and texts[i]:
+                parts.append(f'<text x="{xv + 5:.1f}" y="{yv - 5:.1f}" font-size="10" '
+                             f'font-weight="bold">{_esc(texts[i])}</text>')
+        return parts
+
+
+def _marker(shape: str, x: float, y: float, filled: bool, tone: str = "#111") -> str:
+    fill = tone if filled else "#fff"
+    common = f'fill="{fill}" stroke="{tone}" stroke-width="1"'
+    if shape == "square":
+        return f'<rect x="{x - 3:.1f}" y="{y - 3:.1f}" width="6" height="6" {common}/>'
+    if shape == "triangle":
+        return (f'<path d="M{x:.1f},{y - 4.5:.1f}L{x + 4:.1f},{y + 3:.1f}L{x - 4:.1f},'
+                f'{y + 3:.1f}Z" {common}/>')
+    if shape == "diamond":
+        return (f'<path d="M{x:.1f},{y - 4.5:.1f}L{x + 4.5:.1f},{y:.1f}L{x:.1f},{y + 4.5:.1f}'
+                f'L{x - 4.5:.1f},{y:.1f}Z" {common}/>')
+    if shape == "cross":
+        return (f'<path d="M{x - 4:.1f},{y - 4:.1f}L{x + 4:.1f},{y + 4:.1f}M{x - 4:.1f},'
+                f'{y + 4:.1f}L{x + 4:.1f},{y - 4:.1f}" stroke="{tone}" stroke-width="1.6"/>')
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" {common}/>'
