@@ -2,7 +2,7 @@
 
 The HTML report, ``kyphowatch sites`` / ``kyphowatch site`` and the ``chart_status`` table
 all show numbers from this module, so they agree by construction: the report's site page
-and ``kyphowatch site SITE --json`` are two renderings of the same :func:`site_payload`.
+and ``kyphowatch site SITE --json`` are two renderings of the same :meth:`Evidence.site_payload`.
 
 Status of a site for one metric (the overview grid)
 ---------------------------------------------------
@@ -302,40 +302,58 @@ def sites_payload(result, profile, facts: SiteFacts) -> list[dict[str, Any]]:
     return out
 
 
-def site_payload(result, profile, facts: SiteFacts, site_id: str,
-                 complications: list[dict[str, Any]],
-                 metric: str | None = None) -> dict[str, Any]:
-    """Return everything the site page shows, as JSON-ready data."""
-    payload = result.to_dict()
-    status = {(r["metric"]): r for r in status_rows(result, profile) if r["site_id"] == site_id}
-    metrics = []
-    for m in payload["site_metrics"]:
-        if m["site_id"] != site_id or (metric and m["metric"] != metric):
-            continue
-        row = dict(m)
-        row["status"] = status[m["metric"]]["status"]
-        row["status_reason"] = status[m["metric"]]["reason"]
-        row["observed_expected"] = observed_expected(m)
-        metrics.append(row)
-    site_row = next((s for s in sites_payload(result, profile, facts)
-                     if s["site_id"] == site_id), {})
-    return {
-        "site_id": site_id,
-        "as_of": payload["as_of"],
-        "profile": payload["profile"],
-        "run_key": payload["run_key"],
-        "status": site_row.get("status"),
-        "metrics": metrics,
-        "signals": [s for s in payload["signals"] if s["site_id"] == site_id
-                    and (not metric or s["metric"] == metric)],
-        "alerts": [a for a in facts.alerts.get(site_id, [])
-                   if not metric or a["metric"] in (None, metric)],
-        "data_quality": {k: site_row.get(k) for k in (
-            "procedures", "last_procedure_date", "newest_extract", "rows_quarantined",
-            "complications_pending")},
-        "casemix": {"site": facts.casemix.get(site_id, {}), "network": facts.network_casemix},
-        "recent_complications": complications,
-    }
+class Evidence:
+    """One monitor result with its warehouse facts; per-site payloads without recomputing.
+
+    ``to_dict()``, the status rows and the site rows are derived once, so a report with a
+    page per site costs linear, not quadratic, time in the number of sites.
+    """
+
+    def __init__(self, result, profile, facts: SiteFacts,
+                 complications: dict[str, list[dict[str, Any]]] | None = None) -> None:
+        self.result, self.profile, self.facts = result, profile, facts
+        self.complications = complications or {}
+        self.payload = result.to_dict()
+        self.status = {(r["site_id"], r["metric"]): r for r in status_rows(result, profile)}
+        self.sites = sites_payload(result, profile, facts)
+        self._site_rows = {s["site_id"]: s for s in self.sites}
+        self._metrics: dict[str, list[dict[str, Any]]] = {}
+        for m in self.payload["site_metrics"]:
+            self._metrics.setdefault(m["site_id"], []).append(m)
+        self._signals: dict[str, list[dict[str, Any]]] = {}
+        for s in self.payload["signals"]:
+            self._signals.setdefault(s["site_id"], []).append(s)
+
+    def site_payload(self, site_id: str, metric: str | None = None) -> dict[str, Any]:
+        """Return everything the site page shows, as JSON-ready data."""
+        metrics = []
+        for m in self._metrics.get(site_id, []):
+            if metric and m["metric"] != metric:
+                continue
+            row = dict(m)
+            row["status"] = self.status[(site_id, m["metric"])]["status"]
+            row["status_reason"] = self.status[(site_id, m["metric"])]["reason"]
+            row["observed_expected"] = observed_expected(m)
+            metrics.append(row)
+        site_row = self._site_rows.get(site_id, {})
+        return {
+            "site_id": site_id,
+            "as_of": self.payload["as_of"],
+            "profile": self.payload["profile"],
+            "run_key": self.payload["run_key"],
+            "status": site_row.get("status"),
+            "metrics": metrics,
+            "signals": [s for s in self._signals.get(site_id, [])
+                        if not metric or s["metric"] == metric],
+            "alerts": [a for a in self.facts.alerts.get(site_id, [])
+                       if not metric or a["metric"] in (None, metric)],
+            "data_quality": {k: site_row.get(k) for k in (
+                "procedures", "last_procedure_date", "newest_extract", "rows_quarantined",
+                "complications_pending")},
+            "casemix": {"site": self.facts.casemix.get(site_id, {}),
+                        "network": self.facts.network_casemix},
+            "recent_complications": self.complications.get(site_id, []),
+        }
 
 
 def recent_complications_by_site(settings: Settings, as_of: date | None,

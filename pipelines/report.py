@@ -14,7 +14,7 @@ Layout of a report directory::
 Why it is built this way: the report is opened from disk, from an e-mail or through the
 Airflow plugin, so every page is static HTML with inline SVG charts (see
 :mod:`pipelines.svgplot`), no script and nothing fetched from the network. Every number on a
-site page comes from :func:`pipelines.evidence.site_payload`, the same function behind
+site page comes from :meth:`pipelines.evidence.Evidence.site_payload`, the same call behind
 ``kyphowatch site --json``; the per-site figures carry ``data-field`` attributes so that
 agreement is tested. No patient or operator reference is ever read: the engine turns
 patient digests into counters, case mix is aggregated in SQL, and the data-quality section
@@ -199,14 +199,16 @@ class ReportData:
         site_ids = sorted({m["site_id"] for m in self.result.site_metrics})
         self.facts = evidence.read_site_facts(settings, self.as_of, sites=site_ids)
         self.quality = data_quality(settings)
-        self.sites = evidence.sites_payload(self.result, self.profile, self.facts)
-        self.complications = evidence.recent_complications_by_site(settings, self.as_of)
+        self.evidence = evidence.Evidence(
+            self.result, self.profile, self.facts,
+            evidence.recent_complications_by_site(settings, self.as_of),
+        )
+        self.sites = self.evidence.sites
         self.labels = {m.id: m.label for m in self.profile.metrics}
         self.metric_ids = [m.id for m in self.profile.metrics]
 
     def site(self, site_id: str) -> dict[str, Any]:
-        return evidence.site_payload(self.result, self.profile, self.facts, site_id,
-                                     self.complications.get(site_id, []))
+        return self.evidence.site_payload(site_id)
 
 
 # -- charts ----------------------------------------------------------------------------
@@ -406,8 +408,7 @@ def funnels_page(data: ReportData) -> str:
             "units with the event against its number of mature units. Sites outside the "
             "99.8% limits or with a current signal for the metric are drawn as filled "
             "triangles and labelled.</p>"]
-    status = {(r["site_id"], r["metric"]): r for r in
-              evidence.status_rows(data.result, data.profile)}
+    status = data.evidence.status
     for key, chart in sorted(data.result.charts.get("funnel", {}).items()):
         if chart["window"] != "cumulative":
             continue

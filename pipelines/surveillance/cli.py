@@ -186,8 +186,8 @@ def handle_site(args: argparse.Namespace) -> int:
         known = [m.id for m in profile.metrics]
         if args.metric not in known:
             raise InputRejected(f"unknown metric {args.metric!r} (known: {', '.join(known)})")
-    payload = evidence.site_payload(result, profile, facts, site, complications.get(site, []),
-                                    metric=args.metric)
+    payload = evidence.Evidence(result, profile, facts, complications).site_payload(
+        site, metric=args.metric)
     if args.json:
         print(json.dumps(payload, indent=2, sort_keys=True))
         return 0
