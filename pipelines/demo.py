@@ -137,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         print(safety[0].get_body(("plain",)).get_content())
     summary = _summary(f"sqlite:///{DEMO_DB}")
     print("summary:", json.dumps(summary))
+    report = Path(env["KYPHOWATCH_REPORT_DIR"]) / "latest" / "index.html"
+    print(f"evidence report: {report if report.exists() else 'NOT WRITTEN'}")
     print(f"Airflow log: {DEMO_DIR / 'airflow-run.log'}; "
-          f"try: kyphowatch alerts list --db sqlite:///{DEMO_DB}")  # fmt: skip
-    return 0 if proc.returncode == 0 and messages else 1
+          f"try: kyphowatch sites --flagged --db sqlite:///{DEMO_DB}")  # fmt: skip
+    return 0 if proc.returncode == 0 and messages and report.exists() else 1
 
 
 if __name__ == "__main__":
