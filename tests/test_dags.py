@@ -188,6 +188,10 @@ def test_the_three_dags_run_end_to_end_with_dag_test(airflow_env, tmp_path, drif
         subjects = [m["Subject"] for m in sink.messages()]
         assert len(subjects) == len(outbox)
         assert any("S002" in s and "cement_leak" in s for s in subjects)
+        # the monitor DAG published the evidence report and `latest` points at it
+        latest = tmp_path / "reports" / "latest"
+        assert latest.is_symlink() and (latest / "sites" / "S002.html").exists()
+        latest_target = latest.resolve()
 
         # a second ingest run with nothing new emits no warehouse Asset events
         again = _run_dags(env, "kyphowatch_ingest", "kyphowatch_alerts")
@@ -207,4 +211,7 @@ def test_the_three_dags_run_end_to_end_with_dag_test(airflow_env, tmp_path, drif
         first = snapshot()
         _run_dags(env, "kyphowatch_monitor", conf={"as_of": "2023-06-30"})
         assert snapshot() == first and len(first[0]) == 1
+        # the backfill published its own dated report and left `latest` alone
+        assert (tmp_path / "reports" / "2023-06-30" / "index.html").exists()
+        assert latest.resolve() == latest_target
         engine.dispose()
