@@ -318,7 +318,9 @@ class Evidence:
         self.sites = sites_payload(result, profile, facts)
         self._site_rows = {s["site_id"]: s for s in self.sites}
         self._metrics: dict[str, list[dict[str, Any]]] = {}
-        for m in self.payload["site_metrics"]:
+        order = {m.id: i for i, m in enumerate(profile.metrics)}  # the profile's order
+        for m in sorted(self.payload["site_metrics"],
+                        key=lambda m: (m["site_id"], order.get(m["metric"], len(order)))):
             self._metrics.setdefault(m["site_id"], []).append(m)
         self._signals: dict[str, list[dict[str, Any]]] = {}
         for s in self.payload["signals"]:
