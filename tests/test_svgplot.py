@@ -1,0 +1,92 @@
+"""The inline-SVG charts: ticks, ISO date axes, thinning that keeps peaks, valid markup."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from datetime import date
+
+import numpy as np
+import pytest
+
+from pipelines.svgplot import EPOCH, Chart, date_ticks, decimate, log_ticks, nice_ticks
+
+
+def _day(text: str) -> int:
+    return (date.fromisoformat(text) - EPOCH).days
+
+
+@pytest.mark.parametrize(("low", "high", "expected"), [
+    (0.0, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),
+    (0.0, 4.3, [0.0, 1.0, 2.0, 3.0, 4.0]),
+    (0.013, 0.047, [0.02, 0.03, 0.04]),
+    (-3.0, 3.0, [-2.0, 0.0, 2.0]),
+    (0.0, 2750.0, [0.0, 1000.0, 2000.0]),
+])
+def test_nice_ticks_are_round_and_cover_the_range(low, high, expected):
+    assert nice_ticks(low, high) == pytest.approx(expected)
+
+
+def test_log_ticks_are_one_two_five():
+    assert log_ticks(3, 600) == [5, 10, 20, 50, 100, 200, 500]
+
+
+@pytest.mark.parametrize(("start", "end", "labels"), [
+    ("2023-01-15", "2023-06-30", ["2023-02", "2023-03", "2023-04", "2023-05", "2023-06"]),
+    ("2022-01-01", "2023-12-31", ["2022-01", "2022-04", "2022-07", "2022-10", "2023-01",
+                                  "2023-04", "2023-07", "2023-10"]),
+    ("2015-03-01", "2024-12-31", ["2016", "2018", "2020", "2022", "2024"]),
+])
+def test_date_ticks_fall_on_period_starts_with_iso_labels(start, end, labels):
+    ticks, style = date_ticks(_day(start), _day(end))
+    shown = [date.fromordinal(EPOCH.toordinal() + t).strftime(style) for t in ticks]
+    assert shown == labels
+    assert all(date.fromordinal(EPOCH.toordinal() + t).day == 1 for t in ticks)
+
+
+def test_decimate_keeps_every_peak_and_both_ends():
+    rng = np.random.default_rng(3)
+    x = np.arange(20_000, dtype=float)
+    y = rng.random(20_000)
+    y[[7, 9_999, 19_990]] = [5.0, 6.0, 7.0]  # isolated spikes, like CUSUM signals
+    thin_x, thin_y = decimate(x, y, max_points=800)
+    assert len(thin_x) <= 800
+    assert {7.0, 9_999.0, 19_990.0} <= set(thin_x.tolist())
+    assert thin_x[0] == 0 and thin_x[-1] == 19_999 and np.all(np.diff(thin_x) > 0)
+    short_x, short_y = decimate(x[:50], y[:50])
+    assert np.array_equal(short_x, x[:50])
+
+
+def test_chart_is_valid_svg_with_title_labels_and_legend():
+    chart = Chart(title="S001 <leak> & more", x_label="index date", y_label="CUSUM",
+                  x_scale="date", y_min=0.0)
+    days = np.arange(_day("2023-01-01"), _day("2023-12-31"), 7, dtype=float)
+    chart.line(days, np.linspace(0, 5, len(days)), label="CUSUM")
+    chart.hline(4.2, label="threshold h = 4.2")
+    chart.points(days[-1:], [5.0], label="signal", marker="triangle", texts=["S001"])
+    svg = chart.render()
+    root = ET.fromstring(svg)  # well-formed XML (text is escaped)
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.get("role") == "img"
+    assert root.find(f"{ns}title").text == "S001 <leak> & more"
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert "index date" in texts and "CUSUM" in texts and "threshold h = 4.2" in texts
+    assert "2023-01" in texts and "S001" in texts
+    assert chart.render() == svg  # deterministic: same chart, same bytes
+
+
+def test_series_differ_by_dash_and_marker_and_all_ink_is_grey():
+    chart = Chart(title="t", x_label="x", y_label="y")
+    chart.line([1, 2], [1, 2], label="a", style="solid")
+    chart.line([1, 2], [2, 1], label="b", style="dash")
+    chart.line([1, 2], [1, 1], label="c", style="dot")
+    chart.points([1.5], [1.5], label="d", marker="square")
+    svg = chart.render()
+    dashes = set(re.findall(r'stroke-dasharray="([^"]+)"', svg))
+    assert len(dashes) >= 2  # dash and dot differ; solid has none
+    for colour in re.findall(r'(?:stroke|fill)="(#[0-9a-fA-F]{3,6})"', svg):
+        digits = colour[1:]
+        if len(digits) == 3:
+            digits = "".join(c * 2 for c in digits)
+        r, g, b = (digits[i:i + 2] for i in (0, 2, 4))
+        assert r == g == b, colour  # grey levels only: the chart prints in black and white
