@@ -174,6 +174,16 @@ def test_report_from_disk_renders_without_errors(playwright, sqlite_url, setting
         page = context.new_page()
         watch = PageWatch(page, allowed_origins=("file://", "data:"))
         _visit_index_and_site(page, watch, index.as_uri(), "disk", capsys)
+        # printed (the safety committee's paper copy): navigation hidden, charts kept
+        page.emulate_media(media="print")
+        assert page.locator("nav").is_hidden()
+        _check_charts(page, at_least=4)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        pdf = ARTIFACTS / f"disk-{DRIFT_SITE}.pdf"
+        page.pdf(path=str(pdf), format="A4", print_background=False)
+        assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 20_000
+        with capsys.disabled():
+            print(f"\nprinted: {pdf}")
 
 
 # ---------------------------------------------------------------- through the Airflow plugin
