@@ -208,3 +208,20 @@ def test_sqlite_and_postgres_return_identical_rows(sqlite_url, request, settings
     for view in lite:
         assert lite[view], view
         assert lite[view] == pg[view], view
+
+
+def test_bulk_insert_round_trips_awkward_text_and_nulls(db_url):
+    from pipelines.surveillance.engine import _bulk_insert
+
+    engine = make_engine(db_url)
+    row = {"site_id": "S001", "metric": "cement_leak", "status": "in_control",
+           "reason": "tab\there, back\\slash,\nnew line; 'quote' \"double\" \\N",
+           "baseline": 0.1, "signals_recent": 0, "signals_total": 0, "rate": 1 / 3}
+    constants = {"profile_name": "p", "run_key": "k" * 64, "as_of": date(2024, 2, 29),
+                 "profile_version": "1"}
+    with engine.begin() as conn:
+        _bulk_insert(conn, chart_status, [row], constants)
+    (stored,) = table_rows(engine, chart_status)
+    assert stored["reason"] == row["reason"] and stored["rate"] == row["rate"]
+    assert stored["n"] is None and stored["cusum_chart"] is None
+    assert str(stored["as_of"])[:10] == "2024-02-29"
