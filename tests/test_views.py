@@ -97,6 +97,9 @@ def test_views_agree_with_the_monitor(db_url, settings_for):
         if r["expected"] > 0:
             assert r["o_to_e"] == pytest.approx(r["events"] / r["expected"])
         assert len(r["month"]) == 7 and r["as_of"] is not None
+        as_of = result.as_of
+        year, month = int(r["month"][:4]), int(r["month"][5:])
+        assert r["months_before_as_of"] == (as_of.year - year) * 12 + as_of.month - month >= 0
     checked = 0
     for m in result.site_metrics:
         if m["kind"] == "sentinel" or not m.get("n"):
@@ -225,3 +228,24 @@ def test_bulk_insert_round_trips_awkward_text_and_nulls(db_url):
     assert stored["reason"] == row["reason"] and stored["rate"] == row["rate"]
     assert stored["n"] is None and stored["cusum_chart"] is None
     assert str(stored["as_of"])[:10] == "2024-02-29"
+
+
+def test_upgrading_a_version_3_warehouse_adds_the_tables_and_drops_the_old_view(db_url):
+    from pipelines import schema
+
+    engine = make_engine(db_url)
+    with engine.begin() as conn:  # put the warehouse back as version 3 left it
+        for view in VIEWS:
+            conn.exec_driver_sql(f"DROP VIEW IF EXISTS {view}")
+        conn.exec_driver_sql("CREATE VIEW v_site_metric_rates AS SELECT site_id FROM procedure")
+        schema.chart_status.drop(conn)
+        schema.site_month_metric.drop(conn)
+        conn.execute(schema.schema_version.delete().where(schema.schema_version.c.version == 4))
+        conn.execute(schema.schema_views.update().values(digest="version 3"))
+    engine.dispose()
+    engine = make_engine(db_url)
+    inspector = sa.inspect(engine)
+    assert {"chart_status", "site_month_metric"} <= set(inspector.get_table_names())
+    assert set(inspector.get_view_names()) == VIEWS
+    with engine.connect() as conn:
+        assert max(conn.scalars(sa.select(schema.schema_version.c.version))) == 4
