@@ -5,6 +5,9 @@ failed (mail server or webhook down) are retried without waiting for new data. A
 de-duplicated by key and episode and delivered through a transactional outbox: each alert
 reaches each channel once, with a stable Message-ID / Idempotency-Key (docs/operations.md).
 The ``as_of`` param (YYYY-MM-DD) fixes the date for the "site stopped sending" rule.
+
+When a sync raised alerts (or attached new episodes to open ones) the evidence report is
+published again, so the report that the alert links to lists the alert.
 """
 
 from __future__ import annotations
@@ -52,7 +55,22 @@ def kyphowatch_alerts():
         result.raise_if_retrying()
         return result.to_dict()
 
-    sync_alerts() >> deliver_outbox()
+    @task
+    def refresh_report(summary: dict) -> str:
+        """Republish the newest report when this sync raised or extended alerts."""
+        if not (summary.get("created") or summary.get("absorbed")):
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            raise AirflowSkipException("no new alerts: the published report is current")
+        from kyphowatch_config import build_settings
+
+        from pipelines.report import publish_report
+
+        return str(publish_report(build_settings()))
+
+    synced = sync_alerts()
+    synced >> deliver_outbox()
+    refresh_report(synced)
 
 
 kyphowatch_alerts()

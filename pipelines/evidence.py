@@ -47,6 +47,10 @@ STATUS_LABELS = {
 }
 # Grid order: what a safety committee must read first comes first.
 STATUS_ORDER = (STATUS_SIGNAL, STATUS_UNDER_REPORTING, STATUS_IMMATURE, STATUS_IN_CONTROL)
+# A site's overall status is its most severe metric status, except that an immature metric
+# does not outweigh mature ones in control: "immature" overall means nothing is mature yet.
+SITE_STATUS_PRECEDENCE = (STATUS_SIGNAL, STATUS_UNDER_REPORTING, STATUS_IN_CONTROL,
+                          STATUS_IMMATURE)
 RECENT_COMPLICATIONS = 20
 
 
@@ -282,7 +286,8 @@ def sites_payload(result, profile, facts: SiteFacts) -> list[dict[str, Any]]:
     out = []
     for site in sorted(statuses):
         per_metric = statuses[site]
-        worst = min((r["status"] for r in per_metric.values()), key=STATUS_ORDER.index)
+        worst = min((r["status"] for r in per_metric.values()),
+                    key=SITE_STATUS_PRECEDENCE.index)
         alerts = facts.alerts.get(site, [])
         delivery = facts.deliveries.get(site, {})
         out.append({

@@ -341,8 +341,9 @@ def index_page(data: ReportData) -> str:
     body = [_header(data)]
     counts = {s: sum(1 for site in data.sites if site["status"] == s) for s in STATUS_MARK}
     body.append("<p>" + " \u00b7 ".join(f"{counts[s]} {_esc(evidence.STATUS_LABELS[s])}"
-                                          for s in evidence.STATUS_ORDER) + " (worst metric "
-                "per site). A status is <i>signal</i> when a chart signalled within the last "
+                                          for s in evidence.STATUS_ORDER) + " (sites, by their "
+                "most severe metric; a site is immature only when no metric is mature yet). A "
+                "status is <i>signal</i> when a chart signalled within the last "
                 f"{data.profile.design.funnel_rolling_days} days or an episode is ongoing; "
                 "see <a href='methods.html'>Methods</a>.</p>")
     body.append("<h2>Status by site and metric</h2>")
@@ -375,6 +376,8 @@ def index_page(data: ReportData) -> str:
     open_alerts = [(site, a) for site in sorted(data.facts.alerts)
                    for a in data.facts.alerts[site] if a["state"] != "resolved"]
     body.append(f"<h2>Open alerts ({len(open_alerts)})</h2>")
+    body.append("<p class='note'>As recorded when this report was written; "
+                "<code>kyphowatch alerts list</code> shows the live state.</p>")
     if open_alerts:
         body.append(_table(
             ["site", "kind", "metric", "title", "state", "raised", "alert id"],

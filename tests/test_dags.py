@@ -192,10 +192,14 @@ def test_the_three_dags_run_end_to_end_with_dag_test(airflow_env, tmp_path, drif
         latest = tmp_path / "reports" / "latest"
         assert latest.is_symlink() and (latest / "sites" / "S002.html").exists()
         latest_target = latest.resolve()
+        # ... and the alerts DAG republished it, so the page the alert links to lists it
+        assert runs[2]["tasks"]["refresh_report"] == "success"
+        assert "raised: " in (latest / "sites" / "S002.html").read_text(encoding="utf-8")
 
         # a second ingest run with nothing new emits no warehouse Asset events
         again = _run_dags(env, "kyphowatch_ingest", "kyphowatch_alerts")
         assert again[0]["tasks"]["announce_procedures"] == "skipped"
+        assert again[1]["tasks"]["refresh_report"] == "skipped"  # nothing new to show
         assert len(sink.messages()) == len(subjects)
 
         # rerunning the monitor for a past date twice gives the same result
