@@ -172,8 +172,9 @@ def read_site_facts(settings: Settings, as_of: date | None,
                     sites: list[str] | None = None) -> SiteFacts:
     """Read deliveries, quarantine, pending rows, alerts and case mix per site.
 
-    ``sites`` limits the alert and complication detail to those sites (the drill-down);
-    counts are always read for every site.
+    ``sites`` limits the alerts to those sites and adds each alert's audit trail (the site
+    pages); ``None`` reads every site's alerts without their trail (the overview). Counts
+    and case mix are always read for every site.
     """
     from pipelines.db import make_engine, redact_url
     from pipelines.schema import (
@@ -185,6 +186,7 @@ def read_site_facts(settings: Settings, as_of: date | None,
     )
 
     facts = SiteFacts()
+    engine = None
     try:
         engine = make_engine(settings.db_url)
         with engine.connect() as conn:
@@ -195,7 +197,7 @@ def read_site_facts(settings: Settings, as_of: date | None,
                 .group_by(procedure.c.site_id)
             ):
                 facts.deliveries[row[0]] = {"newest_extract": row[1],
-                                            "last_procedure_date": _iso(row[2])}
+                                            "last_procedure_date": iso(row[2])}
             facts.quarantined = {
                 site: int(count) for site, count in conn.execute(
                     sa.select(quarantine.c.site_id, sa.func.count())
@@ -227,27 +229,30 @@ def read_site_facts(settings: Settings, as_of: date | None,
                     .order_by(alert_audit.c.audit_id)
                 ).mappings():
                     audit.setdefault(r["alert_id"], []).append(
-                        {"at": _iso(r["at"]), "from_state": r["from_state"],
+                        {"at": iso(r["at"]), "from_state": r["from_state"],
                          "to_state": r["to_state"], "actor": r["actor"], "reason": r["reason"]}
                     )
-        engine.dispose()
     except sa.exc.SQLAlchemyError as exc:
         raise ExternalSystemError(
             f"cannot read warehouse {redact_url(settings.db_url)}: {type(exc).__name__}"
         ) from exc
+    finally:
+        if engine is not None:
+            engine.dispose()
     for a in alert_rows:
         if a["site_id"] is None:
             continue
         facts.alerts.setdefault(a["site_id"], []).append({
             "alert_id": a["alert_id"], "kind": a["kind"], "metric": a["metric"],
             "title": a["title"], "state": a["state"], "episode": a["episode"],
-            "created_at": _iso(a["created_at"]), "updated_at": _iso(a["updated_at"]),
+            "created_at": iso(a["created_at"]), "updated_at": iso(a["updated_at"]),
             "history": audit.get(a["alert_id"], []),
         })
     return facts
 
 
-def _iso(value: Any) -> Any:
+def iso(value: Any) -> Any:
+    """Return dates and datetimes as ISO text (None stays None)."""
     if value is None:
         return None
     if hasattr(value, "isoformat"):
@@ -390,19 +395,22 @@ def recent_complications_by_site(settings: Settings, as_of: date | None,
                        ranked.c.severity, ranked.c.symptomatic, ranked.c.vertebral_level)
              .where(ranked.c.rank <= limit)
              .order_by(ranked.c.site_id, ranked.c.rank))
+    engine = None
     try:
         engine = make_engine(settings.db_url)
         with engine.connect() as conn:
             rows = conn.execute(query).all()
-        engine.dispose()
     except sa.exc.SQLAlchemyError as exc:
         raise ExternalSystemError(
             f"cannot read warehouse {redact_url(settings.db_url)}: {type(exc).__name__}"
         ) from exc
+    finally:
+        if engine is not None:
+            engine.dispose()
     out: dict[str, list[dict]] = {}
     for site, day, kind, severity, symptomatic, level in rows:
         out.setdefault(site, []).append({
-            "event_date": _iso(day), "event_type": kind, "severity": severity,
+            "event_date": iso(day), "event_type": kind, "severity": severity,
             "symptomatic": bool(symptomatic), "vertebral_level": level,
         })
     return out

@@ -181,7 +181,7 @@ def data_quality(settings: Settings) -> dict[str, Any]:
                    "rows_quarantined": int(q or 0)} for k, s, c, r, q in files],
         "quarantine": [{"kind": k, "reason": r, "rows": c}
                        for (k, r), c in sorted(by_reason.items())],
-        "rejected": [{"file": f, "reason": r, "at": evidence._iso(at)}
+        "rejected": [{"file": f, "reason": r, "at": evidence.iso(at)}
                      for f, r, at in rejected],
     }
 
@@ -412,7 +412,7 @@ def funnels_page(data: ReportData) -> str:
             "99.8% limits or with a current signal for the metric are drawn as filled "
             "triangles and labelled.</p>"]
     status = data.evidence.status
-    for key, chart in sorted(data.result.charts.get("funnel", {}).items()):
+    for _, chart in sorted(data.result.charts.get("funnel", {}).items()):
         if chart["window"] != "cumulative":
             continue
         metric = chart["metric"]
@@ -437,7 +437,6 @@ def funnels_page(data: ReportData) -> str:
         if rows:
             body.append(_table(["site", "status", "funnel position", "events", "units", "rate",
                                 "exact 95% CI"], rows, numeric={3, 4, 5}))
-        del key
     return _page("Funnel plots", "\n".join(body))
 
 
@@ -497,7 +496,7 @@ def site_page(data: ReportData, site_id: str) -> str:
         metric = m["metric"]
         body.append(f"<h2 id='{_esc(metric)}'>{_esc(m['label'])}</h2>")
         body.append(_metric_table(m))
-        for chart_key, chart in sorted(charts.get("cusum", {}).items()):
+        for _, chart in sorted(charts.get("cusum", {}).items()):
             if chart["metric"] != metric:
                 continue
             name = METHOD_NAMES.get(chart["method"], chart["method"])
@@ -506,7 +505,6 @@ def site_page(data: ReportData, site_id: str) -> str:
             svg = cusum_svg(chart, site_id, f"{site_id} {m['label']}: {name}, {way}")
             if svg:
                 body.append(svg)
-            del chart_key
         if metric in charts.get("pchart", {}):
             svg = pchart_svg(charts["pchart"][metric], site_id,
                              f"{site_id} {m['label']}: quarterly p-chart")
@@ -593,7 +591,7 @@ def methods_page(data: ReportData) -> str:
                 f"and year (target {100 * d.annual_false_alarm_probability:g}%). The threshold "
                 "h is computed for that ARL0, never tuned.</p>")
     rows = []
-    for key, chart in sorted(r.charts.get("cusum", {}).items()):
+    for _, chart in sorted(r.charts.get("cusum", {}).items()):
         metric = p.metric(chart["metric"])
         odds = metric.detect.odds_ratio if chart["direction"] == "up" else (
             1 / metric.detect.odds_ratio)
@@ -602,7 +600,6 @@ def methods_page(data: ReportData) -> str:
         rows.append([_esc(metric.label), _esc(METHOD_NAMES[chart["method"]]),
                      _esc(chart["direction"]), f"{odds:.3g}", f"{chart['h']:.4f}",
                      f"{metric.detect.arl0:g}", _esc(how)])
-        del key
     body.append(_table(["metric", "chart", "direction", "odds ratio to detect", "h", "ARL0",
                         "how h was found"], rows))
     body.append(_table(["method", "false-alarm design"], [
