@@ -18,7 +18,7 @@ from pipelines.cli import main as cli_main
 from pipelines.db import make_engine
 from pipelines.evidence import csv_cell, write_csv
 from pipelines.report import publish_report, write_report
-from pipelines.schema import file_ledger, pending_complication, quarantine
+from pipelines.schema import file_ledger, migrate, pending_complication, quarantine
 from pipelines.surveillance.engine import run_monitor
 from tests.test_engine import build_sites
 from tests.test_outcomes import complication_row, digest, insert, procedure_row
@@ -181,6 +181,11 @@ def test_sites_command_flagged_json_and_csv(sqlite_url, settings_for, capsys):
     assert cli_main(["site", "S999", "--db", sqlite_url]) == 2
     assert "unknown site" in capsys.readouterr().err
     assert cli_main(["site", "S004", "--db", sqlite_url, "--metric", "leaks"]) == 2
+    assert cli_main(["sites", "--db", sqlite_url, "--as-of", "2024-13-01"]) == 2
+    # an unreachable warehouse is an external failure: exit 4, one line, no traceback
+    capsys.readouterr()
+    assert cli_main(["sites", "--db", "postgresql+psycopg://nobody@127.0.0.1:1/none"]) == 4
+    assert "Traceback" not in capsys.readouterr().err
     with pytest.raises(SystemExit) as usage:  # argparse: --json and --csv exclude each other
         cli_main(["sites", "--db", sqlite_url, "--json", "--csv"])
     assert usage.value.code == 2
@@ -197,6 +202,14 @@ def test_csv_cells_that_look_like_formulas_are_neutralised(value, expected):
     buffer = io.StringIO()
     write_csv(buffer, ["h"], [[value]])
     assert list(csv.reader(io.StringIO(buffer.getvalue(), newline="")))[1][0] == str(expected)
+
+
+def test_sites_on_an_empty_warehouse_lists_nothing(sqlite_url, capsys):
+    migrate(make_engine(sqlite_url))
+    assert cli_main(["sites", "--db", sqlite_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"as_of": None, "sites": []}
+    assert cli_main(["site", "S001", "--db", sqlite_url]) == 2
+    assert "no procedures yet" in capsys.readouterr().err
 
 
 def test_publish_report_keeps_latest_on_the_newest_as_of(sqlite_url, settings_for):

@@ -132,7 +132,9 @@ def _evidence(args: argparse.Namespace, site: str | None = None):
     profile = load_profile(settings.profile_path)
     result = evaluate(settings, parse_as_of(args.as_of), profile=profile)
     if result.as_of is None:
-        raise InputRejected("the warehouse holds no procedures yet: nothing to show")
+        if site is not None:
+            raise InputRejected(f"unknown site {site!r}: the warehouse holds no procedures yet")
+        return result, profile, evidence.SiteFacts(), {}
     facts = evidence.read_site_facts(settings, result.as_of,
                                      sites=[site] if site is not None else None)
     complications = (evidence.recent_complications_by_site(settings, result.as_of, site)
@@ -145,6 +147,12 @@ def handle_sites(args: argparse.Namespace) -> int:
     from pipelines import evidence
 
     result, profile, facts, _ = _evidence(args)
+    if result.as_of is None:
+        if args.json:
+            print(json.dumps({"as_of": None, "sites": []}))
+        elif not args.csv:
+            print("no procedures in the warehouse yet: no sites to show")
+        return 0
     rows = evidence.sites_payload(result, profile, facts)
     if args.flagged:
         rows = [r for r in rows if r["flagged"]]
