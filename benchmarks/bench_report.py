@@ -27,7 +27,7 @@ TARGET_RATIO = 3.0
 
 
 def main() -> int:
-    """Build the registry, time evaluate() and write_report(); return 1 if over target."""
+    """Build the registry, time evaluate() and write_report(); print PASS or MISS."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=300)
     args = parser.parse_args()
@@ -61,10 +61,11 @@ def main() -> int:
     print(f"registry: {result.summary['procedures']} procedures, {pages} sites, as of "
           f"{result.as_of or date.min}")
     print(f"baseline evaluate(): {baseline:.2f} s")
+    verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
     print(f"write_report():      {report:.2f} s  ratio {ratio:.2f}x (target <= "
-          f"{TARGET_RATIO:g}x)  {1000 * (report - baseline) / max(pages, 1):.1f} ms per site "
-          f"page beyond the evaluation, {size / 1e6:.1f} MB in all")
-    return 0 if ratio <= TARGET_RATIO else 1
+          f"{TARGET_RATIO:g}x: {verdict})  {1000 * (report - baseline) / max(pages, 1):.1f} ms "
+          f"per site page beyond the evaluation, {size / 1e6:.1f} MB in all")
+    return 0  # a benchmark reports, it does not gate (benchmarks/README.md)
 
 
 if __name__ == "__main__":
