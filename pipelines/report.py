@@ -44,7 +44,7 @@ import sqlalchemy as sa
 from pipelines import evidence
 from pipelines.errors import ExternalSystemError
 from pipelines.settings import Settings, load_settings
-from pipelines.svgplot import EPOCH, Chart, decimate
+from pipelines.svgplot import EPOCH, Chart, decimate, forest
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def funnel_svg(chart: dict[str, Any], label: str, flagged: set[str]) -> str:
     has = n > 0
     limit = chart["limit"]
     key = f"{100 * limit:g}"
-    plot = Chart(title=f"{label}: funnel plot (cumulative, mature units)",
+    plot = Chart(title=f"Funnel plot: {label}",
                  x_label="mature units per site (log scale)",
                  y_label="proportion with event", x_scale="log", y_min=0.0, height=340,
                  description=f"Funnel plot for {label}: {int(has.sum())} sites.")
@@ -405,38 +405,68 @@ def index_page(data: ReportData) -> str:
     return _page("kyphowatch surveillance report", "\n".join(body))
 
 
+FUNNEL_WINDOWS = {"cumulative": "cumulative, all mature units",
+                  "rolling": "rolling window of the last {days} days"}
+
+
 def funnels_page(data: ReportData) -> str:
-    """Return the funnel plots, one per metric, with flagged sites labelled and listed."""
+    """Return the funnel plots per metric (cumulative and rolling), flagged sites labelled."""
+    from pipelines.surveillance.engine import exact_interval
+
+    days = data.profile.design.funnel_rolling_days
     body = [_header(data), "<p class='note'>Each point is a site: its proportion of mature "
             "units with the event against its number of mature units. Sites outside the "
-            "99.8% limits or with a current signal for the metric are drawn as filled "
-            "triangles and labelled.</p>"]
+            "99.8% limits of that plot, or with a current signal for the metric, are drawn "
+            "as filled triangles, labelled and listed under the plot. The cumulative plot "
+            "shows the whole history; the rolling plot the last "
+            f"{days} days, where a recent change shows first.</p>"]
     status = data.evidence.status
-    for _, chart in sorted(data.result.charts.get("funnel", {}).items()):
-        if chart["window"] != "cumulative":
+    funnels = data.result.charts.get("funnel", {})
+    positions = {(m["site_id"], m["metric"]): m.get("funnel") or {}
+                 for m in data.result.site_metrics}
+    for metric in data.metric_ids:
+        if f"{metric}:cumulative" not in funnels:
             continue
-        metric = chart["metric"]
-        label = data.labels.get(metric, metric)
+        label = data.labels[metric]
         body.append(f"<h2 id='{_esc(metric)}'>{_esc(label)}</h2>")
-        if not np.asarray(chart["n"], float).sum():
-            body.append("<p>No mature units yet: the outcome window has not closed for any "
-                        "procedure.</p>")
-            continue
-        flagged = {s for s in chart["sites"]
-                   if status.get((s, metric), {}).get("funnel_position") in ("above", "below")
-                   or status.get((s, metric), {}).get("status") in (
-                       evidence.STATUS_SIGNAL, evidence.STATUS_UNDER_REPORTING)}
-        body.append(funnel_svg(chart, label, flagged))
-        rows = []
-        for s in sorted(flagged):
-            row = status[(s, metric)]
-            rows.append([f"<a href='sites/{_esc(s)}.html#{_esc(metric)}'>{_esc(s)}</a>",
-                         _esc(evidence.STATUS_LABELS[row["status"]]),
-                         _esc(row["funnel_position"]), _num(row["events"]), _num(row["n"]),
-                         _num(row["rate"]), f"{_num(row['ci_low'])}\u2013{_num(row['ci_high'])}"])
-        if rows:
-            body.append(_table(["site", "status", "funnel position", "events", "units", "rate",
-                                "exact 95% CI"], rows, numeric={3, 4, 5}))
+        for window, caption in FUNNEL_WINDOWS.items():
+            chart = funnels.get(f"{metric}:{window}")
+            if chart is None:
+                continue
+            n = np.asarray(chart["n"], float)
+            events = np.asarray(chart["events"], float)
+            title = f"{label} ({caption.format(days=days)})"
+            if not n.sum():
+                body.append(f"<p>{_esc(title)}: no mature units (the outcome window has not "
+                            "closed for any procedure in it).</p>")
+                continue
+            flagged = {
+                s for s in chart["sites"]
+                if (positions.get((s, metric), {}).get(window) or {}).get("position")
+                in ("above", "below")
+                or status.get((s, metric), {}).get("status") in (
+                    evidence.STATUS_SIGNAL, evidence.STATUS_UNDER_REPORTING)
+            }
+            body.append(funnel_svg(chart, title, flagged))
+            low, high = exact_interval(events, n)
+            rows = []
+            for code, site in enumerate(chart["sites"]):
+                if site not in flagged:
+                    continue
+                position = (positions.get((site, metric), {}).get(window) or {}).get(
+                    "position", "no data")
+                rate = events[code] / n[code] if n[code] else None
+                rows.append([
+                    f"<a href='sites/{_esc(site)}.html#{_esc(metric)}'>{_esc(site)}</a>",
+                    _esc(evidence.STATUS_LABELS[status[(site, metric)]["status"]]),
+                    _esc(position), _num(int(events[code])), _num(int(n[code])), _num(rate),
+                    f"{_num(float(low[code]))}\u2013{_num(float(high[code]))}"
+                    if n[code] else "-",
+                ])
+            if rows:
+                body.append(_table(["site", "status", "position in this plot", "events",
+                                    "units", "rate", "exact 95% CI"], rows,
+                                   numeric={3, 4, 5}))
     return _page("Funnel plots", "\n".join(body))
 
 
@@ -492,6 +522,15 @@ def site_page(data: ReportData, site_id: str) -> str:
                        [[_num(dq["procedures"]), _esc(dq["last_procedure_date"]),
                          _esc(dq["newest_extract"]), _num(dq["rows_quarantined"]),
                          _num(dq["complications_pending"])]]))
+    ratios = [(m["label"], m["observed_expected"]) for m in payload["metrics"]
+              if m["kind"] == "outcome"]
+    if ratios:
+        body.append(forest(
+            [(label, oe and oe["o_to_e"], oe and oe["o_to_e_ci_low"],
+              oe and oe["o_to_e_ci_high"]) for label, oe in ratios],
+            title=f"{site_id}: observed / expected events (exact 95% CI)",
+            x_label="observed / expected (1 = as expected for the case mix)",
+        ))
     for m in payload["metrics"]:
         metric = m["metric"]
         body.append(f"<h2 id='{_esc(metric)}'>{_esc(m['label'])}</h2>")

@@ -316,3 +316,64 @@ def _marker(shape: str, x: float, y: float, filled: bool, tone: str = "#111") ->
         return (f'<path d="M{x - 4:.1f},{y - 4:.1f}L{x + 4:.1f},{y + 4:.1f}M{x - 4:.1f},'
                 f'{y + 4:.1f}L{x + 4:.1f},{y - 4:.1f}" stroke="{tone}" stroke-width="1.6"/>')
     return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" {common}/>'
+
+
+def forest(rows: list[tuple[str, float, float, float]], *, title: str, x_label: str,
+           reference: float = 1.0, width: int = 720) -> str:
+    """Return a forest plot: one row per ``(label, estimate, low, high)`` with its interval.
+
+    Used for observed/expected ratios: a square at the estimate, a bar for the interval
+    and a dashed reference line (1 = as expected). Intervals running past the axis end in
+    an arrow head and their upper bound is written beside them.
+    """
+    # room for the longest label (about 6 px a character at 11 px sans-serif)
+    left = min(380, 20 + 6 * max((len(r[0]) for r in rows), default=10))
+    right, top, row_h = 70, 30, 24
+    height = top + row_h * len(rows) + 48
+    plot_w = width - left - right
+    # The axis shows every estimate (and at least twice the reference), at most 20x;
+    # only interval tails may run past it.
+    estimates = [e for _, e, _, _ in rows if e is not None and math.isfinite(e)]
+    x1 = min(max([2.0 * reference, *(1.25 * e for e in estimates)]), 20.0)
+    ticks = nice_ticks(0.0, x1)
+    x1 = max(x1, ticks[-1])
+
+    def sx(value: float) -> float:
+        return left + min(max(value, 0.0), x1) / x1 * plot_w
+
+    ident = "f" + hashlib.sha1(f"{title}|{x_label}".encode()).hexdigest()[:10]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" class="chart" '
+        f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'aria-labelledby="{ident}t" font-family="sans-serif" font-size="11">',
+        f'<title id="{ident}t">{_esc(title)}</title>',
+        f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13" '
+        f'font-weight="bold">{_esc(title)}</text>',
+    ]
+    bottom = top + row_h * len(rows)
+    for t in ticks:
+        px = sx(t)
+        out.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{bottom}" stroke="#ddd" '
+                   'stroke-width="0.6"/>')
+        out.append(f'<text x="{px:.1f}" y="{bottom + 14}" text-anchor="middle">{_fmt(t)}</text>')
+    ref = sx(reference)
+    out.append(f'<line x1="{ref:.1f}" y1="{top}" x2="{ref:.1f}" y2="{bottom}" stroke="#111" '
+               'stroke-dasharray="6 3"/>')
+    out.append(f'<text x="{left + plot_w / 2:.0f}" y="{bottom + 32}" text-anchor="middle">'
+               f'{_esc(x_label)}</text>')
+    for i, (label, estimate, low, high) in enumerate(rows):
+        y = top + row_h * i + row_h / 2
+        out.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{_esc(label)}</text>')
+        if estimate is None or low is None or high is None:
+            out.append(f'<text x="{left + 4}" y="{y + 4:.1f}">no mature units</text>')
+            continue
+        x_low, x_high = sx(low), sx(high)
+        out.append(f'<line x1="{x_low:.1f}" y1="{y:.1f}" x2="{x_high:.1f}" y2="{y:.1f}" '
+                   'stroke="#111" stroke-width="1.4"/>')
+        if high > x1:
+            out.append(f'<path d="M{x_high:.1f},{y:.1f}l-6,-4v8z" fill="#111"/>')
+            out.append(f'<text x="{x_high + 4:.1f}" y="{y + 4:.1f}">{_fmt(high)}</text>')
+        out.append(f'<rect x="{sx(estimate) - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" '
+                   'fill="#111"/>')
+    out.append("</svg>")
+    return "\n".join(out)

@@ -9,7 +9,7 @@ from datetime import date
 import numpy as np
 import pytest
 
-from pipelines.svgplot import EPOCH, Chart, date_ticks, decimate, log_ticks, nice_ticks
+from pipelines.svgplot import EPOCH, Chart, date_ticks, decimate, forest, log_ticks, nice_ticks
 
 
 def _day(text: str) -> int:
@@ -90,3 +90,18 @@ def test_series_differ_by_dash_and_marker_and_all_ink_is_grey():
             digits = "".join(c * 2 for c in digits)
         r, g, b = (digits[i:i + 2] for i in (0, 2, 4))
         assert r == g == b, colour  # grey levels only: the chart prints in black and white
+
+
+def test_forest_plot_rows_reference_line_and_clipped_intervals():
+    svg = forest([("Cement leakage", 3.7, 3.1, 4.2), ("Major complication", 0.0, 0.0, 19.9),
+                  ("New fracture", None, None, None)],
+                 title="S004: observed / expected", x_label="observed / expected")
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert {"Cement leakage", "Major complication", "New fracture"} <= set(texts)
+    assert "no mature units" in texts  # a metric without data says so instead of a dot
+    assert "19.9" in texts  # the clipped upper bound is written beside its arrow head
+    assert len([r for r in root.iter(f"{ns}rect")]) == 2  # one square per estimate
+    dashed = [ln for ln in root.iter(f"{ns}line") if ln.get("stroke-dasharray")]
+    assert len(dashed) == 1  # the reference line at 1
