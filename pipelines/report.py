@@ -20,9 +20,11 @@ agreement is tested. No patient or operator reference is ever read: the engine t
 patient digests into counters, case mix is aggregated in SQL, and the data-quality section
 shows counts and reasons, never quarantined raw values.
 
-:func:`publish_report` writes ``<report_dir>/<as_of>/`` and then repoints the
-``<report_dir>/latest`` symlink, so a reader (or the Airflow plugin) never sees a half
-written report and a backfill for an old date never replaces a newer ``latest``.
+:func:`publish_report` renders into ``<report_dir>/builds/<as_of>-<stamp>/`` and then swaps
+two symlinks, ``<report_dir>/<as_of>`` and (when this is the newest date)
+``<report_dir>/latest``, so a reader (or the Airflow plugin) never sees a half-written
+report, a republished date replaces its pages all at once, and a backfill for an old date
+never replaces a newer ``latest``. Old dated reports are pruned (``KYPHOWATCH_REPORT_KEEP``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import logging
 import os
 import shutil
 import tempfile
-from datetime import date, timedelta
+import time
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -698,10 +701,13 @@ def write_report(settings: Settings, out_dir: Path | None = None,
     """Write the report into ``out_dir`` (default: the report dir) and return its index.
 
     Pages are written to a temporary directory beside ``out_dir`` and moved in one by one
-    with atomic renames; site pages of sites no longer in the data are removed.
+    with atomic renames. When ``out_dir`` already held a kyphowatch report (its
+    ``report.json``), site pages of sites no longer in the data are removed; other files
+    are never touched.
     """
     out_dir = Path(out_dir or settings.report_dir)
     pages = render_report(settings, as_of)
+    ours = (out_dir / "report.json").exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sites").mkdir(exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
@@ -714,15 +720,47 @@ def write_report(settings: Settings, out_dir: Path | None = None,
             os.replace(staging / relative, out_dir / relative)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for stale in (out_dir / "sites").glob("*.html"):
-        if f"sites/{stale.name}" not in pages:
-            stale.unlink()
+    if ours:
+        for stale in (out_dir / "sites").glob("*.html"):
+            if f"sites/{stale.name}" not in pages:
+                stale.unlink()
     log.info("report: %d pages written to %s", len(pages), out_dir)
     return out_dir / "index.html"
 
 
+BUILDS = "builds"
+LATEST = "latest"
+EMPTY = "empty"
+
+
+def _point(link: Path, target: str) -> None:
+    """Make ``link`` a symlink to ``target`` atomically (a new link renamed over the old)."""
+    if link.exists() and not link.is_symlink():
+        shutil.rmtree(link)  # a real directory left by an older kyphowatch
+    temporary = link.with_name(f".{link.name}-{os.getpid()}")
+    if temporary.is_symlink() or temporary.exists():
+        temporary.unlink()
+    temporary.symlink_to(target)
+    os.replace(temporary, link)
+
+
+def _dated(name: str) -> date | None:
+    try:
+        return date.fromisoformat(name)
+    except ValueError:
+        return None
+
+
 def publish_report(settings: Settings, as_of: date | None = None) -> Path:
-    """Write ``<report_dir>/<as_of>/`` and point ``<report_dir>/latest`` at it if newest."""
+    """Publish the report for ``as_of`` and move ``latest`` to it if it is the newest.
+
+    Layout under the report dir: ``builds/<as_of>-<stamp>/`` holds each complete render;
+    ``<as_of>`` is a symlink to the newest build of that date and ``latest`` a symlink to
+    the newest date. Every change is a symlink swap, so readers (and the Airflow plugin)
+    see a whole old report or a whole new one, even when the same date is republished.
+    ``latest`` only points at ``empty`` (the no-data page) until real data is published.
+    Dated reports beyond ``settings.report_keep`` are deleted, oldest first.
+    """
     from pipelines.surveillance.engine import _open_engine
     from pipelines.surveillance.outcomes import latest_procedure_date
 
@@ -734,18 +772,42 @@ def publish_report(settings: Settings, as_of: date | None = None) -> Path:
         finally:
             engine.dispose()
     root = Path(settings.report_dir)
-    folder = as_of.isoformat() if as_of else "empty"
-    index = write_report(settings, root / folder, as_of)
-    latest = root / "latest"
-    current = os.readlink(latest) if latest.is_symlink() else ""
-    if not current or folder >= current:
-        # Replace the link atomically: a new link beside it, then rename over it.
-        temporary = root / f".latest-{os.getpid()}"
-        if temporary.is_symlink() or temporary.exists():
-            temporary.unlink()
-        temporary.symlink_to(folder)
-        os.replace(temporary, latest)
-    return index
+    folder = as_of.isoformat() if as_of else EMPTY
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    build = root / BUILDS / f"{folder}-{stamp}-{os.getpid()}"
+    write_report(settings, build, as_of)
+    previous = os.readlink(root / folder) if (root / folder).is_symlink() else None
+    _point(root / folder, f"{BUILDS}/{build.name}")
+    if previous and (root / previous).is_dir():
+        os.utime(root / previous)  # unlinked now: _prune keeps it ten minutes for readers
+    latest = root / LATEST
+    current = _dated(os.readlink(latest)) if latest.is_symlink() else None
+    if as_of is not None and (current is None or as_of >= current):
+        _point(latest, folder)
+    elif as_of is None and not latest.is_symlink():
+        _point(latest, folder)
+    _prune(root, settings.report_keep)
+    return root / folder / "index.html"
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Delete dated reports beyond the newest ``keep`` and builds no link points to.
+
+    Builds that lost their link less than ten minutes ago are kept for readers still
+    paging through them.
+    """
+    latest = root / LATEST
+    protected = os.readlink(latest) if latest.is_symlink() else None
+    dated = sorted((p for p in root.iterdir() if p.is_symlink() and _dated(p.name)),
+                   key=lambda p: p.name, reverse=True)
+    for link in dated[keep:]:
+        if link.name != protected:
+            link.unlink()
+    linked = {Path(os.readlink(p)).name for p in root.iterdir() if p.is_symlink()}
+    cutoff = time.time() - 600
+    for build in (root / BUILDS).iterdir():
+        if build.name not in linked and build.stat().st_mtime < cutoff:
+            shutil.rmtree(build, ignore_errors=True)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -757,8 +819,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--db", help="warehouse URL (default: KYPHOWATCH_DB_URL)")
     parser.add_argument("--out", type=Path,
-                        help="output directory (default: <report dir>/<as-of>, and the "
-                        "<report dir>/latest link is updated)")
+                        help="write into this directory only (default: publish into the "
+                        "report dir as <as-of>/ and move the latest link if newest)")
     parser.add_argument("--as-of", help="evaluate as of this date (default: newest procedure)")
     parser.set_defaults(handler=_handle)
 

@@ -22,6 +22,9 @@ KYPHOWATCH_PROFILE
     Path of the guidance profile YAML. Default: the bundled HTG108 profile.
 KYPHOWATCH_REPORT_DIR
     Where reports and charts are written. Default ``var/reports``.
+KYPHOWATCH_REPORT_KEEP
+    How many dated reports (one per as-of date) are kept; older ones are deleted when a
+    report is published, never the one ``latest`` points to. Default 90.
 KYPHOWATCH_ALERT_RECIPIENTS_SAFETY / KYPHOWATCH_ALERT_RECIPIENTS_DATA
     Comma-separated e-mail recipients for safety and data-quality alerts.
 KYPHOWATCH_SMTP_URL
@@ -86,6 +89,7 @@ class Settings:
     expectations_dir: Path = field(default_factory=lambda: _bundled("expectations"))
     sql_dir: Path = field(default_factory=lambda: _bundled("sql"))
     report_dir: Path = Path("var/reports")
+    report_keep: int = 90
     recipients_safety: tuple[str, ...] = ()
     recipients_data: tuple[str, ...] = ()
     smtp_url: str | None = None
@@ -152,6 +156,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         "max_bad_row_share": _float(env, "KYPHOWATCH_MAX_BAD_ROW_SHARE", 0.5, 0.0, 1.0),
         "chunk_rows": int(_float(env, "KYPHOWATCH_CHUNK_ROWS", 100_000, 1, 10_000_000)),
         "report_dir": Path(env.get("KYPHOWATCH_REPORT_DIR") or "var/reports"),
+        "report_keep": int(_float(env, "KYPHOWATCH_REPORT_KEEP", 90, 1, 100_000)),
         "recipients_safety": _split(env.get("KYPHOWATCH_ALERT_RECIPIENTS_SAFETY")),
         "recipients_data": _split(env.get("KYPHOWATCH_ALERT_RECIPIENTS_DATA")),
         "smtp_url": env.get("KYPHOWATCH_SMTP_URL") or None,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import os
 import re
 from datetime import UTC, date, datetime
 from html.parser import HTMLParser
@@ -212,16 +214,60 @@ def test_sites_on_an_empty_warehouse_lists_nothing(sqlite_url, capsys):
     assert "no procedures yet" in capsys.readouterr().err
 
 
+def _link(path: Path) -> str:
+    return os.readlink(path)
+
+
 def test_publish_report_keeps_latest_on_the_newest_as_of(sqlite_url, settings_for):
     _, settings = _report_registry(sqlite_url, settings_for, alerts=False)
     root = Path(settings.report_dir)
     newest = publish_report(settings)
-    assert (root / "latest").resolve() == newest.parent.resolve()
+    assert _link(root / "latest") == newest.parent.name == "2023-06-24"
     older = publish_report(settings, date(2023, 1, 31))
     assert older.parent.name == "2023-01-31" and older.exists()
     # a backfill for an older date does not move `latest`
-    assert (root / "latest").resolve() == newest.parent.resolve()
+    assert _link(root / "latest") == "2023-06-24"
     assert "data as of <b>2023-01-31</b>" in older.read_text(encoding="utf-8")
+    # republishing a date swaps in a whole new build; the old one stays for readers a while
+    first_build = _link(root / "2023-06-24")
+    publish_report(settings)
+    assert _link(root / "2023-06-24") != first_build
+    assert (root / first_build / "index.html").exists()
+    assert (root / "latest" / "sites" / "S004.html").exists()
+
+
+def test_latest_moves_from_the_empty_page_to_the_first_data(sqlite_url, settings_for):
+    migrate(make_engine(sqlite_url))
+    settings = settings_for(sqlite_url)
+    root = Path(settings.report_dir)
+    empty = publish_report(settings)
+    assert _link(root / "latest") == "empty" and "no procedures yet" in empty.read_text()
+    build_sites(make_engine(sqlite_url), sites=2, per_site=50, seed=5)
+    publish_report(settings)
+    assert _link(root / "latest") == "2023-06-24"
+    publish_report(settings)  # an empty page never replaces real data
+    assert _link(root / "latest") == "2023-06-24"
+
+
+def test_old_dated_reports_are_pruned_but_never_latest(sqlite_url, settings_for):
+    _, settings = _report_registry(sqlite_url, settings_for, alerts=False)
+    settings = dataclasses.replace(settings, report_keep=2)
+    root = Path(settings.report_dir)
+    for day in (date(2023, 6, 24), date(2023, 3, 31), date(2023, 4, 30), date(2023, 5, 31)):
+        publish_report(settings, day)
+    dated = sorted(p.name for p in root.iterdir() if p.is_symlink() and p.name[0].isdigit())
+    # the newest two dates, plus the one `latest` points to
+    assert dated == ["2023-05-31", "2023-06-24"]
+    assert _link(root / "latest") == "2023-06-24"
+    # builds nobody links to are removed once they are ten minutes old; the build that a
+    # republish just replaced is kept for readers still paging through it
+    for build in (root / "builds").iterdir():
+        os.utime(build, (0, 0))
+    replaced = Path(_link(root / "2023-06-24")).name
+    publish_report(settings, date(2023, 6, 24))
+    remaining = {p.name for p in (root / "builds").iterdir()}
+    linked = {Path(_link(root / d)).name for d in ("2023-05-31", "2023-06-24")}
+    assert remaining == linked | {replaced} and len(remaining) == 3
 
 
 def test_report_command(sqlite_url, tmp_path, capsys, monkeypatch):

@@ -224,7 +224,10 @@ class _Quarantine:
                     "record_number": record_number,
                     "file_name": self.extract.path.name,
                     "kind": self.extract.kind,
-                    "site_id": str(site)[:64] if site else None,
+                    # Only a well-formed site id is kept as a column (views and the report
+                    # group by it); in a shifted row this field can hold anything, even a
+                    # patient reference, which stays only inside raw_values (pseudonymised).
+                    "site_id": str(site) if site and SITE_RE.match(str(site)) else None,
                     "record_id": str(record_id)[:255] if record_id else None,
                     "raw_values": _raw_for_quarantine(values, self.key),
                     "reasons": json.dumps(sorted(set(reasons))),
