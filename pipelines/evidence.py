@@ -6,9 +6,10 @@ and ``kyphowatch site SITE --json`` are two renderings of the same :meth:`Eviden
 
 Status of a site for one metric (the overview grid)
 ---------------------------------------------------
-* ``signal`` -- a safety or process signal whose episode signalled within the profile's
-  recent window (``design.funnel.rolling_days``, 365 days by default) before ``as_of``, or a
-  funnel / rare-event episode that is still ongoing at ``as_of``;
+* ``signal`` -- a safety or process signal whose episode signalled (for the funnel, p-chart
+  and rare-event tests: was last flagged) within the profile's recent window
+  (``design.funnel.rolling_days``, 365 days by default) before ``as_of``, or an episode of
+  those tests that is still ongoing at ``as_of``;
 * ``under_reporting`` -- the same, for a downward (fewer events than the baseline) signal;
 * ``immature`` -- no unit of this site has completed its outcome window yet, so there is
   nothing to judge (for example new fractures need 365 days of follow-up);
@@ -48,7 +49,8 @@ STATUS_LABELS = {
 # Grid order: what a safety committee must read first comes first.
 STATUS_ORDER = (STATUS_SIGNAL, STATUS_UNDER_REPORTING, STATUS_IMMATURE, STATUS_IN_CONTROL)
 # A site's overall status is its most severe metric status, except that an immature metric
-# does not outweigh mature ones in control: "immature" overall means nothing is mature yet.
+# does not outweigh mature ones in control: "immature" overall means no outcome metric is
+# mature yet (see sites_payload).
 SITE_STATUS_PRECEDENCE = (STATUS_SIGNAL, STATUS_UNDER_REPORTING, STATUS_IN_CONTROL,
                           STATUS_IMMATURE)
 RECENT_COMPLICATIONS = 20
@@ -69,10 +71,17 @@ def _as_date(value: Any) -> date:
 
 
 def is_current(signal: dict[str, Any], as_of: date, recent_days: int) -> bool:
-    """Return True if a signal should colour today's status (recent, or still ongoing)."""
-    if _detail(signal).get("ongoing"):
+    """Return True if a signal should colour today's status (recent, or still ongoing).
+
+    For the funnel, p-chart and rare-event tests ``signal_date`` is when the episode was
+    first flagged; what counts is when it was *last* flagged (``detail.last_flagged``), so
+    a long episode that ended recently is still recent.
+    """
+    detail = _detail(signal)
+    if detail.get("ongoing"):
         return True
-    return _as_date(signal["signal_date"]) > as_of - timedelta(days=recent_days)
+    last = _as_date(detail.get("last_flagged") or signal["signal_date"])
+    return last > as_of - timedelta(days=recent_days)
 
 
 def metric_status(metric_row: dict[str, Any], signals: list[dict[str, Any]], as_of: date,
@@ -286,6 +295,7 @@ def observed_expected(metric_row: dict[str, Any]) -> dict[str, Any] | None:
 def sites_payload(result, profile, facts: SiteFacts) -> list[dict[str, Any]]:
     """Return one row per site: status per metric, worst status, alerts and data quality."""
     statuses: dict[str, dict[str, dict[str, Any]]] = {}
+    kinds = {m["metric"]: m.get("kind") for m in result.site_metrics}
     for row in status_rows(result, profile):
         statuses.setdefault(row["site_id"], {})[row["metric"]] = row
     out = []
@@ -293,6 +303,12 @@ def sites_payload(result, profile, facts: SiteFacts) -> list[dict[str, Any]]:
         per_metric = statuses[site]
         worst = min((r["status"] for r in per_metric.values()),
                     key=SITE_STATUS_PRECEDENCE.index)
+        outcome = [r["status"] for m, r in per_metric.items() if kinds.get(m) == "outcome"]
+        if worst == STATUS_IN_CONTROL and outcome and all(
+                st == STATUS_IMMATURE for st in outcome):
+            # sentinel and process metrics are never immature; with no outcome metric
+            # mature yet there is nothing to call "in control"
+            worst = STATUS_IMMATURE
         alerts = facts.alerts.get(site, [])
         delivery = facts.deliveries.get(site, {})
         out.append({

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -13,10 +13,12 @@ AS_OF = date(2024, 6, 30)
 PROFILE = SimpleNamespace(design=SimpleNamespace(funnel_rolling_days=365))
 
 
-def _signal(category, signal_date, ongoing=False, method="bernoulli_cusum"):
+def _signal(category, signal_date, ongoing=False, method="bernoulli_cusum", last=None):
+    detail = {"ongoing": ongoing} if ongoing else {}
+    if last:
+        detail["last_flagged"] = last.isoformat()
     return {"site_id": "S001", "metric": "cement_leak", "category": category,
-            "method": method, "signal_date": signal_date,
-            "detail": {"ongoing": True} if ongoing else {}}
+            "method": method, "signal_date": signal_date, "detail": detail}
 
 
 OUTCOME = {"kind": "outcome", "n": 120, "window_days": 30}
@@ -36,6 +38,14 @@ OUTCOME = {"kind": "outcome", "n": 120, "window_days": 30}
     # ... unless the episode is still ongoing at as_of (funnel, rare-event tests)
     (OUTCOME, [_signal("safety", date(2022, 1, 31), ongoing=True, method="funnel_12m")],
      "signal"),
+    # a long p-chart or funnel episode: first flagged years ago, last flagged recently
+    (OUTCOME, [_signal("safety", date(2022, 3, 31), method="pchart",
+                       last=date(2024, 3, 31))], "signal"),
+    (OUTCOME, [_signal("safety", date(2022, 3, 31), method="pchart",
+                       last=date(2023, 3, 31))], "in_control"),
+    # detail as stored in the signal table: a JSON string
+    (OUTCOME, [dict(_signal("safety", date(2021, 1, 31), method="funnel_12m"),
+                    detail='{"last_flagged": "2024-05-31", "ongoing": false}')], "signal"),
     ({"kind": "outcome", "n": 0, "window_days": 365}, [], "immature"),
     # a sentinel metric has no denominator and is never immature
     ({"kind": "sentinel"}, [], "in_control"),
@@ -45,9 +55,16 @@ def test_metric_status(row, signals, status):
 
 
 def _result(statuses: dict[str, list[str]]):
-    """A monitor result whose sites have the given per-metric states."""
+    """A monitor result whose sites have the given per-metric states.
+
+    Every site also has a sentinel and a process metric, as with the HTG108 profile; those
+    are never immature.
+    """
     metrics, signals = [], []
     for site, states in statuses.items():
+        for kind in ("sentinel", "process"):
+            metrics.append({"site_id": site, "metric": kind, "kind": kind, "n": 10,
+                            "baseline": 0.0})
         for i, state in enumerate(states):
             metric = f"m{i}"
             metrics.append({"site_id": site, "metric": metric, "kind": "outcome",
@@ -71,3 +88,22 @@ def test_site_status_is_the_most_severe_metric_but_immature_only_when_nothing_is
     assert {s: r["status"] for s, r in rows.items()} == {
         "S001": "in_control", "S002": "immature", "S003": "signal", "S004": "under_reporting"}
     assert [s for s, r in rows.items() if r["flagged"]] == ["S003", "S004"]
+
+
+def test_engine_pchart_episodes_say_when_they_were_last_flagged(sqlite_url, settings_for):
+    from pipelines.db import make_engine
+    from pipelines.surveillance.engine import evaluate
+    from tests.test_engine import build_sites
+
+    build_sites(make_engine(sqlite_url), sites=3, per_site=600, leak={"S003": 0.4}, seed=8)
+    result = evaluate(settings_for(sqlite_url))
+    episodes = [s for s in result.signals if s["method"] == "pchart" and s["site_id"] == "S003"]
+    assert episodes
+    for s in episodes:
+        detail = evidence._detail(s)
+        last = date.fromisoformat(detail["last_flagged"])
+        assert s["signal_date"] <= last <= result.as_of
+        after = last + timedelta(days=1)
+        assert after.day == 1 and after.month in (1, 4, 7, 10)  # the end of a quarter
+    newest = max(episodes, key=lambda s: s["signal_date"])
+    assert evidence._detail(newest)["ongoing"] is True  # the site leaks to the end

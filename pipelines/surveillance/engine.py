@@ -648,6 +648,10 @@ class _Computation:
                         p_value=_finite(res.p_value[code, last_in_run]),
                         detail={
                             "period": "quarter", "alpha": alpha,
+                            "last_flagged": day_to_date(int(np.datetime64(
+                                (q_first + last_in_run + 1) * 3, "M").astype("datetime64[D]")
+                                .astype(np.int64)) - 1),
+                            "ongoing": last_in_run == n_periods - 1,
                             "quarters": [
                                 {"quarter": labels[k], "events": int(events[code, k]),
                                  "n": int(n[code, k]),
