@@ -216,8 +216,17 @@ class ReportData:
 
 # -- charts ----------------------------------------------------------------------------
 
-def funnel_svg(chart: dict[str, Any], label: str, flagged: set[str]) -> str:
-    """Return the funnel plot: each site's proportion against exact 95% and 99.8% limits."""
+def funnel_svg(chart: dict[str, Any], label: str, signalled: set[str],
+               outside: set[str]) -> str:
+    """Return the funnel plot: each site's proportion against the limits that decided.
+
+    Exact binomial 95% and 99.8% limits are always drawn. When the engine found the sites
+    overdispersed at ``as_of`` it decided with the phi-adjusted 99.8% limits instead, and
+    those are drawn too and named as the decision limits, so no site sits inside the drawn
+    decision limits while the engine calls it outside (or the reverse). ``signalled`` sites
+    (a current signal for the metric) are filled triangles; ``outside`` sites (beyond the
+    decision limit but not significant after Benjamini-Hochberg) are hollow squares.
+    """
     from pipelines.surveillance import funnel
 
     n = np.asarray(chart["n"], float)
@@ -225,6 +234,7 @@ def funnel_svg(chart: dict[str, Any], label: str, flagged: set[str]) -> str:
     has = n > 0
     limit = chart["limit"]
     key = f"{100 * limit:g}"
+    mode = chart.get("overdispersion_mode", "none")
     plot = Chart(title=f"Funnel plot: {label}",
                  x_label="mature units per site (log scale)",
                  y_label="proportion with event", x_scale="log", y_min=0.0, height=340,
@@ -234,32 +244,38 @@ def funnel_svg(chart: dict[str, Any], label: str, flagged: set[str]) -> str:
     n_min = max(1.0, 0.5 * float(n[has].min())) if has.any() else 1.0
     n_max = max(n.max(initial=1) * 1.2, 20)
     curves = funnel.funnel_curves(chart["p0"], n_max, n_min=n_min, coverages=(0.95, limit))
-    plot.line(curves["n"], curves["upper_95"], label="95% limits", style="dot", width=1)
+    exact_label = f"{key}% limits (exact)" + ("" if mode != "none" else ", decision")
+    plot.line(curves["n"], curves["upper_95"], label="95% limits (exact)", style="dot", width=1)
     plot.line(curves["n"], curves["lower_95"], style="dot", width=1)
-    plot.line(curves["n"], curves[f"upper_{key}"], label=f"{key}% limits (exact)",
-              style="dash", width=1)
+    plot.line(curves["n"], curves[f"upper_{key}"], label=exact_label, style="dash", width=1)
     plot.line(curves["n"], curves[f"lower_{key}"], style="dash", width=1)
-    phi = float(chart.get("phi") or 1.0)
-    if phi > 1.0:
-        adjusted = funnel.funnel_curves(chart["p0"], n_max, n_min=n_min,
-                                        coverages=(limit,), phi=phi,
-                                        overdispersion="multiplicative")
-        plot.line(adjusted["n"], adjusted[f"upper_{key}"], style="dashdot", width=1,
-                  label=f"{key}% limits, overdispersion \u03c6={phi:.2f}")
-        plot.line(adjusted["n"], adjusted[f"lower_{key}"], style="dashdot", width=1)
+    if mode != "none":
+        phi = float(chart.get("phi") or 1.0)
+        adjusted = funnel.funnel_curves(chart["p0"], n_max, n_min=n_min, coverages=(limit,),
+                                        phi=phi, overdispersion=mode)
+        plot.line(adjusted["n"], adjusted[f"upper_{key}"], style="dashdot", width=1.2,
+                  label=f"{key}% limits, overdispersion \u03c6={phi:.2f}, decision")
+        plot.line(adjusted["n"], adjusted[f"lower_{key}"], style="dashdot", width=1.2)
     plot.hline(chart["p0"], label=f"baseline {chart['p0']:.4g}", style="solid")
     sites = chart["sites"]
     rate = np.divide(events, n, out=np.zeros_like(events), where=has)
-    mark = np.array([s in flagged for s in sites])
     tips = [f"{s}: {int(e)}/{int(k)}" for s, e, k in zip(sites, events, n, strict=True)]
-    plain = has & ~mark
+    in_signal = np.array([s in signalled for s in sites]) & has
+    in_outside = np.array([s in outside for s in sites]) & has & ~in_signal
+    plain = has & ~in_signal & ~in_outside
+
+    def pick(mask, values):
+        return [v for v, keep in zip(values, mask, strict=True) if keep]
+
     plot.points(n[plain], rate[plain], label="site", marker="circle", filled=False,
-                tips=[t for t, keep in zip(tips, plain, strict=True) if keep])
-    if mark[has].any():
-        chosen = has & mark
-        plot.points(n[chosen], rate[chosen], label="flagged site", marker="triangle",
-                    texts=[s for s, keep in zip(sites, chosen, strict=True) if keep],
-                    tips=[t for t, keep in zip(tips, chosen, strict=True) if keep])
+                tips=pick(plain, tips))
+    if in_outside.any():
+        plot.points(n[in_outside], rate[in_outside], marker="square", filled=False,
+                    label="outside, not significant after FDR",
+                    texts=pick(in_outside, sites), tips=pick(in_outside, tips))
+    if in_signal.any():
+        plot.points(n[in_signal], rate[in_signal], label="current signal", marker="triangle",
+                    texts=pick(in_signal, sites), tips=pick(in_signal, tips))
     return plot.render()
 
 
@@ -409,7 +425,7 @@ def index_page(data: ReportData) -> str:
 
 
 FUNNEL_WINDOWS = {"cumulative": "cumulative, all mature units",
-                  "rolling": "rolling window of the last {days} days"}
+                  "rolling": "units that matured in the last {days} days"}
 
 
 def funnels_page(data: ReportData) -> str:
@@ -418,11 +434,13 @@ def funnels_page(data: ReportData) -> str:
 
     days = data.profile.design.funnel_rolling_days
     body = [_header(data), "<p class='note'>Each point is a site: its proportion of mature "
-            "units with the event against its number of mature units. Sites outside the "
-            "99.8% limits of that plot, or with a current signal for the metric, are drawn "
-            "as filled triangles, labelled and listed under the plot. The cumulative plot "
-            "shows the whole history; the rolling plot the last "
-            f"{days} days, where a recent change shows first.</p>"]
+            "units with the event against its number of mature units. Sites with a current "
+            "signal for the metric are filled triangles; sites outside the decision limits "
+            "of that plot whose exact p-value did not survive the Benjamini-Hochberg "
+            "correction are hollow squares; both are labelled and listed under the plot. "
+            "The cumulative plot shows the whole history; the rolling plot the units whose "
+            f"outcome window closed in the last {days} days, where a recent change shows "
+            "first.</p>"]
     status = data.evidence.status
     funnels = data.result.charts.get("funnel", {})
     positions = {(m["site_id"], m["metric"]): m.get("funnel") or {}
@@ -443,14 +461,13 @@ def funnels_page(data: ReportData) -> str:
                 body.append(f"<p>{_esc(title)}: no mature units (the outcome window has not "
                             "closed for any procedure in it).</p>")
                 continue
-            flagged = {
-                s for s in chart["sites"]
-                if (positions.get((s, metric), {}).get(window) or {}).get("position")
-                in ("above", "below")
-                or status.get((s, metric), {}).get("status") in (
-                    evidence.STATUS_SIGNAL, evidence.STATUS_UNDER_REPORTING)
-            }
-            body.append(funnel_svg(chart, title, flagged))
+            signalled = {s for s in chart["sites"] if status.get((s, metric), {}).get(
+                "status") in (evidence.STATUS_SIGNAL, evidence.STATUS_UNDER_REPORTING)}
+            outside = {s for s in chart["sites"]
+                       if (positions.get((s, metric), {}).get(window) or {}).get("position")
+                       in ("above", "below")}
+            flagged = signalled | outside
+            body.append(funnel_svg(chart, title, signalled, outside))
             low, high = exact_interval(events, n)
             rows = []
             for code, site in enumerate(chart["sites"]):

@@ -12,9 +12,11 @@ from datetime import UTC, date, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from pipelines import report as report_module
 from pipelines.alerts.lifecycle import sync_alerts
 from pipelines.cli import main as cli_main
 from pipelines.db import make_engine
@@ -304,3 +306,32 @@ def test_views_return_rows(db_url, settings_for):
         assert [r["complication_id"] for r in rows("v_pending_complications")] == ["C-pending"]
         for view in ("v_quarantine_summary", "v_file_ledger_recent"):
             assert SECRET_PATIENT_REF not in json.dumps(rows(view), default=str)
+
+
+@pytest.mark.parametrize(("leak", "seed"), [({"S004": 0.35}, 2), ({}, 11)])
+def test_funnel_plot_draws_the_limits_the_engine_decided_with(sqlite_url, settings_for, leak,
+                                                              seed):
+    from pipelines.surveillance import funnel
+    from pipelines.surveillance.engine import evaluate
+
+    build_sites(make_engine(sqlite_url), sites=6, per_site=300, leak=leak, seed=seed)
+    result = evaluate(settings_for(sqlite_url))
+    modes = set()
+    for chart in result.charts["funnel"].values():
+        mode = chart["overdispersion_mode"]
+        modes.add(mode)
+        od = funnel.Overdispersion(phi=chart["phi"], tau2=0.0, n_sites=0,
+                                   overdispersed=mode != "none")
+        for m in result.site_metrics:
+            stored = (m.get("funnel") or {}).get(chart["window"])
+            if m["metric"] != chart["metric"] or not stored or not stored["n"]:
+                continue
+            # the curve the report draws, evaluated at this site's n, is the engine's limit
+            lower, upper = funnel._limits(np.array([stored["n"]], float), chart["p0"],
+                                          chart["limit"], mode, od)
+            assert upper[0] == pytest.approx(stored["upper"]), (chart["metric"], m["site_id"])
+            assert lower[0] == pytest.approx(stored["lower"]), (chart["metric"], m["site_id"])
+        svg = report_module.funnel_svg(chart, "t", set(), set())
+        decision = "overdispersion" if mode != "none" else "(exact), decision"
+        assert decision in svg and svg.count("decision") == 1
+    assert modes  # at least one funnel was drawn

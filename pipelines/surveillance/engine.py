@@ -524,6 +524,7 @@ class _Computation:
                 lower = np.full(n.shape, np.nan)
                 upper = np.full(n.shape, np.nan)
                 phi = np.ones(n_points)
+                modes = ["none"] * n_points
                 for j in sorted(candidates):
                     if not n[:, j].any():
                         continue
@@ -534,7 +535,9 @@ class _Computation:
                     z_adj[:, j] = res.z_adjusted
                     lower[:, j], upper[:, j] = res.limits[limit]
                     phi[j] = res.overdispersion.phi if res.overdispersion_mode != "none" else 1.0
-                test.update(outside=outside, z=z_adj, lower=lower, upper=upper, phi=phi)
+                    modes[j] = res.overdispersion_mode
+                test.update(outside=outside, z=z_adj, lower=lower, upper=upper, phi=phi,
+                            modes=modes)
                 self._funnel_signals(test, window)
 
     def _funnel_signals(self, test: dict[str, Any], window: str) -> None:
@@ -548,7 +551,8 @@ class _Computation:
         self.charts["funnel"][f"{metric.id}:{window}"] = {
             "metric": metric.id, "window": window, "p0": p0, "sites": self.sites,
             "n": n[:, last], "events": events[:, last], "phi": float(test["phi"][last]),
-            "limit": design.funnel_limit,
+            # which limits decided at as_of: exact binomial ("none") or overdispersion-adjusted
+            "overdispersion_mode": test["modes"][last], "limit": design.funnel_limit,
         }
         for code, site in enumerate(self.sites):
             entry = self._site_entry(site, metric)
