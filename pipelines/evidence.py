@@ -177,13 +177,15 @@ def _number(value: Any) -> Any:
     return round(float(value), 6)
 
 
-def read_site_facts(settings: Settings, as_of: date | None,
-                    sites: list[str] | None = None) -> SiteFacts:
+def read_site_facts(settings: Settings, as_of: date | None, *, site: str | None = None,
+                    with_audit: bool = True) -> SiteFacts:
     """Read deliveries, quarantine, pending rows, alerts and case mix per site.
 
-    ``sites`` limits the alerts to those sites and adds each alert's audit trail (the site
-    pages); ``None`` reads every site's alerts without their trail (the overview). Counts
-    and case mix are always read for every site.
+    ``site`` limits the alerts to that site (the drill-down); ``with_audit`` adds each
+    alert's audit trail (the site pages; the overview needs only states). Counts and case
+    mix are always read for every site. Deliveries and case mix are limited to procedures
+    dated on or before ``as_of``; quarantine, pending rows and alerts are the warehouse's
+    current state (their timestamps are processing times, not data dates).
     """
     from pipelines.db import make_engine, redact_url
     from pipelines.schema import (
@@ -203,7 +205,7 @@ def read_site_facts(settings: Settings, as_of: date | None,
             for row in conn.execute(
                 sa.select(procedure.c.site_id, sa.func.max(procedure.c.extract_ts),
                           sa.func.max(procedure.c.procedure_date))
-                .group_by(procedure.c.site_id)
+                .where(in_range).group_by(procedure.c.site_id)
             ):
                 facts.deliveries[row[0]] = {"newest_extract": row[1],
                                             "last_procedure_date": iso(row[2])}
@@ -227,16 +229,19 @@ def read_site_facts(settings: Settings, as_of: date | None,
             network = conn.execute(sa.select(*columns).where(in_range)).mappings().first()
             facts.network_casemix = {f: _number(network[f]) for f in CASEMIX_FIELDS}
             query = sa.select(alert).order_by(alert.c.created_at.desc(), alert.c.alert_id)
-            if sites is not None:
-                query = query.where(alert.c.site_id.in_(sites))
+            if site is not None:
+                query = query.where(alert.c.site_id == site)
             alert_rows = [dict(r) for r in conn.execute(query).mappings()]
             audit: dict[str, list[dict[str, Any]]] = {}
-            if sites is not None and alert_rows:
-                for r in conn.execute(
-                    sa.select(alert_audit)
-                    .where(alert_audit.c.alert_id.in_([a["alert_id"] for a in alert_rows]))
-                    .order_by(alert_audit.c.audit_id)
-                ).mappings():
+            if with_audit and alert_rows:
+                # a join, not an IN list of every alert id: that list would outgrow the
+                # drivers' bound-parameter limits on a registry with years of alerts
+                trail = (sa.select(alert_audit)
+                         .join(alert, alert.c.alert_id == alert_audit.c.alert_id)
+                         .where(alert.c.site_id.isnot(None) if site is None
+                                else alert.c.site_id == site)
+                         .order_by(alert_audit.c.audit_id))
+                for r in conn.execute(trail).mappings():
                     audit.setdefault(r["alert_id"], []).append(
                         {"at": iso(r["at"]), "from_state": r["from_state"],
                          "to_state": r["to_state"], "actor": r["actor"], "reason": r["reason"]}

@@ -34,6 +34,7 @@ import html
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -45,11 +46,13 @@ import numpy as np
 import sqlalchemy as sa
 
 from pipelines import evidence
+from pipelines.contract import SITE_PATTERN
 from pipelines.errors import ExternalSystemError
 from pipelines.settings import Settings, load_settings
 from pipelines.svgplot import EPOCH, Chart, decimate, forest
 
 log = logging.getLogger(__name__)
+SITE_RE = re.compile(SITE_PATTERN)
 
 METHOD_NAMES = {
     "bernoulli_cusum": "Bernoulli CUSUM",
@@ -146,6 +149,7 @@ def data_quality(settings: Settings) -> dict[str, Any]:
     from pipelines.db import make_engine, redact_url
     from pipelines.schema import file_ledger, quarantine
 
+    engine = None
     try:
         engine = make_engine(settings.db_url)
         with engine.connect() as conn:
@@ -166,11 +170,13 @@ def data_quality(settings: Settings) -> dict[str, Any]:
                 .where(file_ledger.c.status == "rejected")
                 .order_by(file_ledger.c.processed_at.desc()).limit(20)
             ).all()
-        engine.dispose()
     except sa.exc.SQLAlchemyError as exc:
         raise ExternalSystemError(
             f"cannot read warehouse {redact_url(settings.db_url)}: {type(exc).__name__}"
         ) from exc
+    finally:
+        if engine is not None:
+            engine.dispose()
     by_reason: dict[tuple[str, str], int] = {}
     for kind, reasons, count in reasons_rows:
         try:
@@ -199,8 +205,7 @@ class ReportData:
         self.profile = load_profile(settings.profile_path)
         self.result = evaluate(settings, as_of, profile=self.profile)
         self.as_of = self.result.as_of
-        site_ids = sorted({m["site_id"] for m in self.result.site_metrics})
-        self.facts = evidence.read_site_facts(settings, self.as_of, sites=site_ids)
+        self.facts = evidence.read_site_facts(settings, self.as_of)
         self.quality = data_quality(settings)
         self.evidence = evidence.Evidence(
             self.result, self.profile, self.facts,
@@ -325,7 +330,8 @@ def pchart_svg(chart: dict[str, Any], site_id: str, title: str) -> str | None:
                  description=f"{title}: {int(has.sum())} closed quarters with units.")
     limit = np.asarray(chart["limit"][code], float) if "limit" in chart else None
     if limit is not None:
-        plot.line(x[has], limit[has], label="upper limit (exact, 0.1%)", style="dash", width=1)
+        plot.line(x[has], limit[has], style="dash", width=1,
+                  label=f"upper limit (exact, {100 * chart['alpha']:g}% per quarter)")
     plot.hline(chart["p0"], label=f"baseline {chart['p0']:.4g}", style="solid")
     plot.line(x[has], p[has], width=1, style="dot")
     with np.errstate(invalid="ignore"):
@@ -351,7 +357,7 @@ def _header(data: ReportData) -> str:
 
 
 def _status_cell(status: str, href: str, reason: str) -> str:
-    return (f"<td class='st-{status}' title='{_esc(reason)}'><a href='{href}'>"
+    return (f"<td class='st-{status}' title='{_esc(reason)}'><a href='{_esc(href)}'>"
             f"{_esc(STATUS_MARK[status])}</a></td>")
 
 
@@ -373,7 +379,7 @@ def index_page(data: ReportData) -> str:
                                                 s["site_id"]))
     for site in ordered:
         href = f"sites/{site['site_id']}.html"
-        cells = [f"<a href='{href}'>{_esc(site['site_id'])}</a>"]
+        cells = [f"<a href='{_esc(href)}'>{_esc(site['site_id'])}</a>"]
         for metric in data.metric_ids:
             entry = site["metrics"].get(metric)
             if entry is None:
@@ -709,6 +715,11 @@ def render_report(settings: Settings, as_of: date | None = None) -> dict[str, st
         }, indent=2, sort_keys=True),
     }
     for site in data.sites:
+        # Site ids become file names and links; the contract guarantees their form, and a
+        # report must never write outside its folder if a warehouse was filled some other way.
+        if not SITE_RE.match(site["site_id"]):
+            raise ExternalSystemError(f"warehouse holds a malformed site id "
+                                      f"{site['site_id']!r}; not writing its page")
         pages[f"sites/{site['site_id']}.html"] = site_page(data, site["site_id"])
     return pages
 

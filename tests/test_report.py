@@ -335,3 +335,20 @@ def test_funnel_plot_draws_the_limits_the_engine_decided_with(sqlite_url, settin
         decision = "overdispersion" if mode != "none" else "(exact), decision"
         assert decision in svg and svg.count("decision") == 1
     assert modes  # at least one funnel was drawn
+
+
+def test_a_past_as_of_shows_only_data_up_to_that_date(sqlite_url, settings_for, tmp_path,
+                                                      capsys):
+    _, settings = _report_registry(sqlite_url, settings_for, alerts=False)
+    out = write_report(settings, tmp_path / "past", as_of=date(2023, 1, 31)).parent
+    assert cli_main(["site", "S004", "--db", sqlite_url, "--json", "--as-of", "2023-01-31"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["as_of"] == "2023-01-31"
+    assert payload["data_quality"]["last_procedure_date"] <= "2023-01-31"
+    assert all(c["event_date"] <= "2023-01-31" for c in payload["recent_complications"])
+    fields = _parse(out / "sites" / "S004.html").fields
+    leak = next(m for m in payload["metrics"] if m["metric"] == "cement_leak")
+    assert fields[("cement_leak", "n")] == repr(leak["n"]) and leak["n"] < 279
+    report_json = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    row = next(s for s in report_json["sites"] if s["site_id"] == "S004")
+    assert row["last_procedure_date"] == payload["data_quality"]["last_procedure_date"]

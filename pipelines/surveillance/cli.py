@@ -135,11 +135,17 @@ def _evidence(args: argparse.Namespace, site: str | None = None):
         if site is not None:
             raise InputRejected(f"unknown site {site!r}: the warehouse holds no procedures yet")
         return result, profile, evidence.SiteFacts(), {}
-    facts = evidence.read_site_facts(settings, result.as_of,
-                                     sites=[site] if site is not None else None)
+    facts = evidence.read_site_facts(settings, result.as_of, site=site,
+                                     with_audit=site is not None)
     complications = (evidence.recent_complications_by_site(settings, result.as_of, site)
                      if site is not None else {})
     return result, profile, facts, complications
+
+
+def _sites_headers(profile) -> list[str]:
+    return ["site", "status", *[m.id for m in profile.metrics], "open_alerts", "procedures",
+            "last_procedure_date", "newest_extract", "rows_quarantined",
+            "complications_pending"]
 
 
 def handle_sites(args: argparse.Namespace) -> int:
@@ -150,7 +156,9 @@ def handle_sites(args: argparse.Namespace) -> int:
     if result.as_of is None:
         if args.json:
             print(json.dumps({"as_of": None, "sites": []}))
-        elif not args.csv:
+        elif args.csv:
+            evidence.write_csv(sys.stdout, _sites_headers(profile), [])
+        else:
             print("no procedures in the warehouse yet: no sites to show")
         return 0
     rows = evidence.sites_payload(result, profile, facts)
@@ -162,9 +170,7 @@ def handle_sites(args: argparse.Namespace) -> int:
                           "profile": {"name": profile.name, "version": profile.version},
                           "sites": rows}, indent=2, sort_keys=True))
         return 0
-    headers = ["site", "status", *metric_ids, "open_alerts", "procedures",
-               "last_procedure_date", "newest_extract", "rows_quarantined",
-               "complications_pending"]
+    headers = _sites_headers(profile)
     table = [[r["site_id"], r["status"],
               *[(r["metrics"].get(m) or {}).get("status", "-") for m in metric_ids],
               r["open_alerts"], r["procedures"], r["last_procedure_date"],
