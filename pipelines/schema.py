@@ -255,6 +255,8 @@ site_month_metric = sa.Table(
     sa.Column("events", sa.Integer, nullable=False),
     sa.Column("expected", sa.Float, nullable=False),  # sum of case-mix expected risks
     sa.Column("baseline", sa.Float, nullable=False),
+    # 0 for the month of as_of, 11 for the oldest month of the last twelve
+    sa.Column("months_before_as_of", sa.Integer, nullable=False),
     sa.Column("run_key", sa.String(DIGEST), nullable=False),
     sa.Column("as_of", sa.Date, nullable=False),
 )

@@ -15,17 +15,16 @@ DROP VIEW IF EXISTS v_site_metric_rates;
 -- months of a site add up to the monitor's n and events. expected is the sum of the
 -- case-mix expected risks (the baseline when the metric has no risk model). Holds only
 -- the newest as_of per profile. months_before_as_of is 0 for the month of as_of, 11 for
--- the oldest month of the last twelve.
+-- the oldest month of the last twelve: months of the INDEX date, so new-fracture units
+-- (365-day window) of the last twelve months are not mature yet. The report's rolling
+-- funnel instead takes units whose outcome window closed in the last 365 days.
 DROP VIEW IF EXISTS v_site_month_rates;
 CREATE VIEW v_site_month_rates AS
 SELECT
     profile_name, site_id, metric, month, denominator, units, events, expected, baseline,
     CASE WHEN units > 0 THEN CAST(events AS DOUBLE PRECISION) / units END AS rate,
     CASE WHEN expected > 0 THEN CAST(events AS DOUBLE PRECISION) / expected END AS o_to_e,
-    (CAST(SUBSTR(CAST(as_of AS VARCHAR(10)), 1, 4) AS INTEGER) * 12
-        + CAST(SUBSTR(CAST(as_of AS VARCHAR(10)), 6, 2) AS INTEGER))
-    - (CAST(SUBSTR(month, 1, 4) AS INTEGER) * 12 + CAST(SUBSTR(month, 6, 2) AS INTEGER))
-        AS months_before_as_of,
+    months_before_as_of,
     run_key, as_of
 FROM site_month_metric;
 

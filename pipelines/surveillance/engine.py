@@ -331,9 +331,14 @@ class _Computation:
         month = [labels[c] for c in (cells % len(labels)).tolist()]
         baseline = float(metric.baseline.rate)
         denominator = metric.denominator or "procedure"
+        # Computed here, not in the view: SQL that turns a date into text depends on the
+        # PostgreSQL session's DateStyle.
+        as_of_month = int(np.datetime64(int(self.as_of_day), "D").astype("datetime64[M]")
+                          .astype(np.int64))
         self.site_months.extend(
             {"site_id": s, "metric": metric.id, "month": m, "denominator": denominator,
-             "units": u, "events": e, "expected": x, "baseline": baseline}
+             "units": u, "events": e, "expected": x, "baseline": baseline,
+             "months_before_as_of": as_of_month - ((int(m[:4]) - 1970) * 12 + int(m[5:7]) - 1)}
             for s, m, u, e, x in zip(site, month, units, events, expect, strict=True)
         )
 
