@@ -168,6 +168,21 @@ def test_wrong_field_count_row_is_quarantined_without_raw_reference(tmp_path, sq
     assert "PT-SECRET" not in raw and json.loads(raw)["field_count"] == 5
 
 
+def test_quarantine_keeps_a_site_column_only_for_well_formed_site_ids(tmp_path, sqlite_url,
+                                                                      settings_for):
+    # A shifted or mistyped row can carry anything in the site field, even a patient
+    # number; views and reports group quarantine by that column, so only real site ids stay.
+    rows = [proc_row("P3", site="9434765919"), proc_row("P4", site="s001"),
+            proc_row("P5", date="2024-13-01")]
+    path = write(tmp_path / "procedures_20240201.csv", procs(*rows))
+    ingest_paths(settings_for(sqlite_url, max_bad_row_share=0.9), [path])
+    engine = sa.create_engine(sqlite_url)
+    with engine.connect() as conn:
+        sites = dict(conn.execute(sa.select(schema.quarantine.c.record_id,
+                                            schema.quarantine.c.site_id)).all())
+    assert sites == {"P3": None, "P4": None, "P5": "S001"}
+
+
 def test_complication_rules_against_the_warehouse(tmp_path, sqlite_url, settings_for):
     settings = settings_for(sqlite_url, max_bad_row_share=0.9)
     ingest_paths(settings, [write(tmp_path / "procedures_20240201.csv", procs())])
