@@ -137,6 +137,11 @@ def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
             f"<h1>{_esc(title)}</h1>{subtitle}{body}</body></html>\n")
 
 
+def _utc(stamp: str | None) -> str:
+    """Return an ISO timestamp to the second (stored in UTC; SQLite drops the offset)."""
+    return "-" if not stamp else stamp[:19].replace("T", " ")
+
+
 def _day(value: Any) -> int:
     when = value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
     return (when - EPOCH).days
@@ -367,7 +372,7 @@ def index_page(data: ReportData) -> str:
     counts = {s: sum(1 for site in data.sites if site["status"] == s) for s in STATUS_MARK}
     body.append("<p>" + " \u00b7 ".join(f"{counts[s]} {_esc(evidence.STATUS_LABELS[s])}"
                                           for s in evidence.STATUS_ORDER) + " (sites, by their "
-                "most severe metric; a site is immature only when no metric is mature yet). A "
+                "most severe metric; a site is immature only when no outcome metric is mature yet). A "
                 "status is <i>signal</i> when a chart signalled within the last "
                 f"{data.profile.design.funnel_rolling_days} days or an episode is ongoing; "
                 "see <a href='methods.html'>Methods</a>.</p>")
@@ -405,9 +410,9 @@ def index_page(data: ReportData) -> str:
                 "<code>kyphowatch alerts list</code> shows the live state.</p>")
     if open_alerts:
         body.append(_table(
-            ["site", "kind", "metric", "title", "state", "raised", "alert id"],
+            ["site", "kind", "metric", "title", "state", "raised (UTC)", "alert id"],
             [[f"<a href='sites/{_esc(s)}.html#alerts'>{_esc(s)}</a>", _esc(a["kind"]),
-              _esc(a["metric"]), _esc(a["title"]), _esc(a["state"]), _esc(a["created_at"]),
+              _esc(a["metric"]), _esc(a["title"]), _esc(a["state"]), _esc(_utc(a["created_at"])),
               f"<code>{_esc(a['alert_id'][:12])}</code>"] for s, a in open_alerts],
         ))
     else:
@@ -619,8 +624,8 @@ def site_page(data: ReportData, site_id: str) -> str:
         for a in payload["alerts"]:
             body.append(f"<h3>{_esc(a['title'])} <span class='note'>({_esc(a['state'])}, "
                         f"episode {a['episode']}, id {_esc(a['alert_id'][:12])})</span></h3>")
-            body.append(_table(["at", "from", "to", "by", "reason"],
-                               [[_esc(h["at"]), _esc(h["from_state"]), _esc(h["to_state"]),
+            body.append(_table(["at (UTC)", "from", "to", "by", "reason"],
+                               [[_esc(_utc(h["at"])), _esc(h["from_state"]), _esc(h["to_state"]),
                                  _esc(h["actor"]), _esc(h["reason"])] for h in a["history"]]))
     else:
         body.append("<p>No alerts for this site.</p>")
