@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from pipelines import schema
+from pipelines.errors import ExternalSystemError
 
 
 def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
@@ -39,3 +42,24 @@ def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
 def redact_url(db_url: str) -> str:
     """Return the URL with any password hidden, for logs and messages."""
     return sa.make_url(db_url).render_as_string(hide_password=True)
+
+
+@contextmanager
+def reading(db_url: str) -> Iterator[sa.Connection]:
+    """Yield a connection for read-only queries; dispose of the engine afterwards.
+
+    A database failure becomes one :class:`ExternalSystemError` line naming the (redacted)
+    warehouse -- exit code 4 on the command line, no traceback.
+    """
+    engine = None
+    try:
+        engine = make_engine(db_url)
+        with engine.connect() as conn:
+            yield conn
+    except sa.exc.SQLAlchemyError as exc:
+        raise ExternalSystemError(
+            f"cannot read warehouse {redact_url(db_url)}: {type(exc).__name__}"
+        ) from exc
+    finally:
+        if engine is not None:
+            engine.dispose()

@@ -33,7 +33,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from pipelines.errors import ExternalSystemError
 from pipelines.settings import Settings
 
 STATUS_SIGNAL = "signal"
@@ -187,7 +186,7 @@ def read_site_facts(settings: Settings, as_of: date | None, *, site: str | None 
     dated on or before ``as_of``; quarantine, pending rows and alerts are the warehouse's
     current state (their timestamps are processing times, not data dates).
     """
-    from pipelines.db import make_engine, redact_url
+    from pipelines.db import reading
     from pipelines.schema import (
         alert,
         alert_audit,
@@ -197,62 +196,52 @@ def read_site_facts(settings: Settings, as_of: date | None, *, site: str | None 
     )
 
     facts = SiteFacts()
-    engine = None
-    try:
-        engine = make_engine(settings.db_url)
-        with engine.connect() as conn:
-            in_range = procedure.c.procedure_date <= as_of if as_of else sa.true()
-            for row in conn.execute(
-                sa.select(procedure.c.site_id, sa.func.max(procedure.c.extract_ts),
-                          sa.func.max(procedure.c.procedure_date))
-                .where(in_range).group_by(procedure.c.site_id)
-            ):
-                facts.deliveries[row[0]] = {"newest_extract": row[1],
-                                            "last_procedure_date": iso(row[2])}
-            facts.quarantined = {
-                site: int(count) for site, count in conn.execute(
-                    sa.select(quarantine.c.site_id, sa.func.count())
-                    .group_by(quarantine.c.site_id))
-                if site is not None
-            }
-            facts.pending = {
-                site: int(count) for site, count in conn.execute(
-                    sa.select(pending_complication.c.site_id, sa.func.count())
-                    .group_by(pending_complication.c.site_id))
-            }
-            columns = _casemix_columns(procedure)
-            for row in conn.execute(
-                sa.select(procedure.c.site_id, *columns).where(in_range)
-                .group_by(procedure.c.site_id)
-            ).mappings():
-                facts.casemix[row["site_id"]] = {f: _number(row[f]) for f in CASEMIX_FIELDS}
-            network = conn.execute(sa.select(*columns).where(in_range)).mappings().first()
-            facts.network_casemix = {f: _number(network[f]) for f in CASEMIX_FIELDS}
-            query = sa.select(alert).order_by(alert.c.created_at.desc(), alert.c.alert_id)
-            if site is not None:
-                query = query.where(alert.c.site_id == site)
-            alert_rows = [dict(r) for r in conn.execute(query).mappings()]
-            audit: dict[str, list[dict[str, Any]]] = {}
-            if with_audit and alert_rows:
-                # a join, not an IN list of every alert id: that list would outgrow the
-                # drivers' bound-parameter limits on a registry with years of alerts
-                trail = (sa.select(alert_audit)
-                         .join(alert, alert.c.alert_id == alert_audit.c.alert_id)
-                         .where(alert.c.site_id.isnot(None) if site is None
-                                else alert.c.site_id == site)
-                         .order_by(alert_audit.c.audit_id))
-                for r in conn.execute(trail).mappings():
-                    audit.setdefault(r["alert_id"], []).append(
-                        {"at": iso(r["at"]), "from_state": r["from_state"],
-                         "to_state": r["to_state"], "actor": r["actor"], "reason": r["reason"]}
-                    )
-    except sa.exc.SQLAlchemyError as exc:
-        raise ExternalSystemError(
-            f"cannot read warehouse {redact_url(settings.db_url)}: {type(exc).__name__}"
-        ) from exc
-    finally:
-        if engine is not None:
-            engine.dispose()
+    with reading(settings.db_url) as conn:
+        in_range = procedure.c.procedure_date <= as_of if as_of else sa.true()
+        for row in conn.execute(
+            sa.select(procedure.c.site_id, sa.func.max(procedure.c.extract_ts),
+                      sa.func.max(procedure.c.procedure_date))
+            .where(in_range).group_by(procedure.c.site_id)
+        ):
+            facts.deliveries[row[0]] = {"newest_extract": row[1],
+                                        "last_procedure_date": iso(row[2])}
+        facts.quarantined = {
+            site: int(count) for site, count in conn.execute(
+                sa.select(quarantine.c.site_id, sa.func.count())
+                .group_by(quarantine.c.site_id))
+            if site is not None
+        }
+        facts.pending = {
+            site: int(count) for site, count in conn.execute(
+                sa.select(pending_complication.c.site_id, sa.func.count())
+                .group_by(pending_complication.c.site_id))
+        }
+        columns = _casemix_columns(procedure)
+        for row in conn.execute(
+            sa.select(procedure.c.site_id, *columns).where(in_range)
+            .group_by(procedure.c.site_id)
+        ).mappings():
+            facts.casemix[row["site_id"]] = {f: _number(row[f]) for f in CASEMIX_FIELDS}
+        network = conn.execute(sa.select(*columns).where(in_range)).mappings().first()
+        facts.network_casemix = {f: _number(network[f]) for f in CASEMIX_FIELDS}
+        query = sa.select(alert).order_by(alert.c.created_at.desc(), alert.c.alert_id)
+        if site is not None:
+            query = query.where(alert.c.site_id == site)
+        alert_rows = [dict(r) for r in conn.execute(query).mappings()]
+        audit: dict[str, list[dict[str, Any]]] = {}
+        if with_audit and alert_rows:
+            # a join, not an IN list of every alert id: that list would outgrow the
+            # drivers' bound-parameter limits on a registry with years of alerts
+            trail = (sa.select(alert_audit)
+                     .join(alert, alert.c.alert_id == alert_audit.c.alert_id)
+                     .where(alert.c.site_id.isnot(None) if site is None
+                            else alert.c.site_id == site)
+                     .order_by(alert_audit.c.audit_id))
+            for r in conn.execute(trail).mappings():
+                audit.setdefault(r["alert_id"], []).append(
+                    {"at": iso(r["at"]), "from_state": r["from_state"],
+                     "to_state": r["to_state"], "actor": r["actor"], "reason": r["reason"]}
+                )
     for a in alert_rows:
         if a["site_id"] is None:
             continue
@@ -396,7 +385,7 @@ def recent_complications_by_site(settings: Settings, as_of: date | None,
 
     One windowed query for all sites (``row_number()`` runs on SQLite and PostgreSQL alike).
     """
-    from pipelines.db import make_engine, redact_url
+    from pipelines.db import reading
     from pipelines.schema import complication
 
     rank = sa.func.row_number().over(
@@ -416,18 +405,8 @@ def recent_complications_by_site(settings: Settings, as_of: date | None,
                        ranked.c.severity, ranked.c.symptomatic, ranked.c.vertebral_level)
              .where(ranked.c.rank <= limit)
              .order_by(ranked.c.site_id, ranked.c.rank))
-    engine = None
-    try:
-        engine = make_engine(settings.db_url)
-        with engine.connect() as conn:
-            rows = conn.execute(query).all()
-    except sa.exc.SQLAlchemyError as exc:
-        raise ExternalSystemError(
-            f"cannot read warehouse {redact_url(settings.db_url)}: {type(exc).__name__}"
-        ) from exc
-    finally:
-        if engine is not None:
-            engine.dispose()
+    with reading(settings.db_url) as conn:
+        rows = conn.execute(query).all()
     out: dict[str, list[dict]] = {}
     for site, day, kind, severity, symptomatic, level in rows:
         out.setdefault(site, []).append({

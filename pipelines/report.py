@@ -151,37 +151,27 @@ def _day(value: Any) -> int:
 
 def data_quality(settings: Settings) -> dict[str, Any]:
     """Return file-ledger counts by kind and status, and quarantined rows by reason."""
-    from pipelines.db import make_engine, redact_url
+    from pipelines.db import reading
     from pipelines.schema import file_ledger, quarantine
 
-    engine = None
-    try:
-        engine = make_engine(settings.db_url)
-        with engine.connect() as conn:
-            files = conn.execute(
-                sa.select(file_ledger.c.kind, file_ledger.c.status, sa.func.count(),
-                          sa.func.sum(file_ledger.c.rows_read),
-                          sa.func.sum(file_ledger.c.rows_quarantined))
-                .group_by(file_ledger.c.kind, file_ledger.c.status)
-                .order_by(file_ledger.c.kind, file_ledger.c.status)
-            ).all()
-            reasons_rows = conn.execute(
-                sa.select(quarantine.c.kind, quarantine.c.reasons, sa.func.count())
-                .group_by(quarantine.c.kind, quarantine.c.reasons)
-            ).all()
-            rejected = conn.execute(
-                sa.select(file_ledger.c.file_name, file_ledger.c.reason,
-                          file_ledger.c.processed_at)
-                .where(file_ledger.c.status == "rejected")
-                .order_by(file_ledger.c.processed_at.desc()).limit(20)
-            ).all()
-    except sa.exc.SQLAlchemyError as exc:
-        raise ExternalSystemError(
-            f"cannot read warehouse {redact_url(settings.db_url)}: {type(exc).__name__}"
-        ) from exc
-    finally:
-        if engine is not None:
-            engine.dispose()
+    with reading(settings.db_url) as conn:
+        files = conn.execute(
+            sa.select(file_ledger.c.kind, file_ledger.c.status, sa.func.count(),
+                      sa.func.sum(file_ledger.c.rows_read),
+                      sa.func.sum(file_ledger.c.rows_quarantined))
+            .group_by(file_ledger.c.kind, file_ledger.c.status)
+            .order_by(file_ledger.c.kind, file_ledger.c.status)
+        ).all()
+        reasons_rows = conn.execute(
+            sa.select(quarantine.c.kind, quarantine.c.reasons, sa.func.count())
+            .group_by(quarantine.c.kind, quarantine.c.reasons)
+        ).all()
+        rejected = conn.execute(
+            sa.select(file_ledger.c.file_name, file_ledger.c.reason,
+                      file_ledger.c.processed_at)
+            .where(file_ledger.c.status == "rejected")
+            .order_by(file_ledger.c.processed_at.desc()).limit(20)
+        ).all()
     by_reason: dict[tuple[str, str], int] = {}
     for kind, reasons, count in reasons_rows:
         try:
