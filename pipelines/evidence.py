@@ -34,100 +34,68 @@ from typing import Any
 import sqlalchemy as sa
 
 from pipelines.settings import Settings
+from pipelines.surveillance import levels
 
-STATUS_SIGNAL = "signal"
-STATUS_UNDER_REPORTING = "under_reporting"
-STATUS_IMMATURE = "immature"
-STATUS_IN_CONTROL = "in_control"
-STATUS_LABELS = {
-    STATUS_SIGNAL: "signal",
-    STATUS_UNDER_REPORTING: "under-reporting suspected",
-    STATUS_IMMATURE: "immature data",
-    STATUS_IN_CONTROL: "in control",
-}
+# The status of a site and metric is its level (pipelines.surveillance.levels).
+STATUS_ALARM = levels.ALARM
+STATUS_WATCH = levels.WATCH
+STATUS_UNDER_REPORTING = levels.UNDER_REPORTING
+STATUS_IMMATURE = levels.IMMATURE
+STATUS_IN_CONTROL = levels.IN_CONTROL
+STATUS_LABELS = dict(levels.LEVEL_LABELS)
 # Grid order: what a safety committee must read first comes first.
-STATUS_ORDER = (STATUS_SIGNAL, STATUS_UNDER_REPORTING, STATUS_IMMATURE, STATUS_IN_CONTROL)
+STATUS_ORDER = levels.LEVELS
+FLAGGED = (STATUS_ALARM, STATUS_WATCH, STATUS_UNDER_REPORTING)
 # A site's overall status is its most severe metric status, except that an immature metric
 # does not outweigh mature ones in control: "immature" overall means no outcome metric is
 # mature yet (see sites_payload).
-SITE_STATUS_PRECEDENCE = (STATUS_SIGNAL, STATUS_UNDER_REPORTING, STATUS_IN_CONTROL,
-                          STATUS_IMMATURE)
+SITE_STATUS_PRECEDENCE = (STATUS_ALARM, STATUS_WATCH, STATUS_UNDER_REPORTING,
+                          STATUS_IN_CONTROL, STATUS_IMMATURE)
 RECENT_COMPLICATIONS = 20
 
 
 def _detail(signal: dict[str, Any]) -> dict[str, Any]:
-    detail = signal.get("detail") or {}
-    if isinstance(detail, str):
-        try:
-            return json.loads(detail)
-        except ValueError:
-            return {}
-    return detail
+    return levels.detail_of(signal)
 
 
 def _as_date(value: Any) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 
-def is_current(signal: dict[str, Any], as_of: date, recent_days: int) -> bool:
-    """Return True if a signal should colour today's status (recent, or still ongoing).
-
-    For the funnel, p-chart and rare-event tests ``signal_date`` is when the episode was
-    first flagged; what counts is when it was *last* flagged (``detail.last_flagged``), so
-    a long episode that ended recently is still recent.
-    """
-    detail = _detail(signal)
-    if detail.get("ongoing"):
-        return True
-    last = _as_date(detail.get("last_flagged") or signal["signal_date"])
-    return last > as_of - timedelta(days=recent_days)
-
-
-def metric_status(metric_row: dict[str, Any], signals: list[dict[str, Any]], as_of: date,
-                  recent_days: int) -> tuple[str, str]:
-    """Return ``(status, reason)`` for one site and metric; see the module docstring."""
-    current = [s for s in signals if is_current(s, as_of, recent_days)]
-    current.sort(key=lambda s: (_as_date(s["signal_date"]), s["method"]), reverse=True)
-    for wanted, status in ((("safety", "process"), STATUS_SIGNAL),
-                           (("under_reporting",), STATUS_UNDER_REPORTING)):
-        hits = [s for s in current if s["category"] in wanted]
-        if hits:
-            newest = hits[0]
-            methods = sorted({s["method"] for s in hits})
-            return status, (f"{', '.join(methods)}; newest signalled "
-                            f"{_as_date(newest['signal_date']).isoformat()}")
-    if metric_row.get("kind") == "outcome" and not metric_row.get("n"):
-        window = metric_row.get("window_days")
-        return STATUS_IMMATURE, f"no unit has completed its {window}-day outcome window"
-    return STATUS_IN_CONTROL, "no signal in the recent window"
-
-
 def status_rows(result, profile) -> list[dict[str, Any]]:
     """Return one status row per site and metric for a monitor result (grid and table)."""
     if result.as_of is None:
         return []
-    recent = profile.design.funnel_rolling_days
+    hold = profile.design.hold_days
+    windows = {m.id: m.window_days for m in profile.metrics}
     by_pair: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for s in result.signals:
         by_pair.setdefault((s["site_id"], s["metric"]), []).append(s)
     rows = []
     for m in result.site_metrics:
         signals = by_pair.get((m["site_id"], m["metric"]), [])
-        status, reason = metric_status(m, signals, result.as_of, recent)
-        cusum_up = {k: v for k, v in (m.get("cusum") or {}).items() if k.endswith("_up")}
-        cusum_key = max(cusum_up, key=lambda k: (cusum_up[k]["value"] or 0) / cusum_up[k]["h"],
+        level = m.get("level") or {"level": STATUS_IN_CONTROL, "reason": "no current signal"}
+        charts = {k: v for k, v in (m.get("cusum") or {}).items()
+                  if k.endswith("_up") and v.get("h") and v.get("role") != "watch"}
+        cusum_key = max(charts, key=lambda k: (charts[k]["value"] or 0) / charts[k]["h"],
                         default=None)
+        window = windows.get(m["metric"])
         rows.append({
-            "site_id": m["site_id"], "metric": m["metric"], "status": status,
-            "reason": reason, "n": m.get("n"), "events": m.get("events"),
+            "site_id": m["site_id"], "metric": m["metric"], "status": level["level"],
+            "reason": level["reason"], "n": m.get("n"), "events": m.get("events"),
             "rate": m.get("rate"), "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"),
             "expected": m.get("expected"), "baseline": m["baseline"],
             "cusum_chart": cusum_key,
-            "cusum_value": cusum_up[cusum_key]["value"] if cusum_key else None,
-            "cusum_threshold": cusum_up[cusum_key]["h"] if cusum_key else None,
+            "cusum_value": charts[cusum_key]["value"] if cusum_key else None,
+            "cusum_threshold": charts[cusum_key]["h"] if cusum_key else None,
             "funnel_position": ((m.get("funnel") or {}).get("cumulative") or {}).get("position"),
-            "signals_recent": sum(1 for s in signals if is_current(s, result.as_of, recent)),
+            "signals_recent": sum(1 for s in signals
+                                  if levels.is_current(s, result.as_of, hold, window)),
             "signals_total": len(signals),
+            "level_since": _as_date(level["since"]) if level.get("since") else None,
+            "level_detail": json.dumps(
+                {k: v for k, v in level.items() if k not in ("level", "reason")},
+                sort_keys=True, default=str),
         })
     return rows
 
@@ -308,7 +276,7 @@ def sites_payload(result, profile, facts: SiteFacts) -> list[dict[str, Any]]:
         out.append({
             "site_id": site,
             "status": worst,
-            "flagged": worst in (STATUS_SIGNAL, STATUS_UNDER_REPORTING),
+            "flagged": worst in FLAGGED,
             "metrics": {m: {k: r[k] for k in ("status", "reason", "n", "events", "rate",
                                               "signals_recent")}
                         for m, r in sorted(per_metric.items())},

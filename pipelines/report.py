@@ -65,7 +65,8 @@ METHOD_NAMES = {
     "process": "process measure",
 }
 STATUS_MARK = {  # text marks, so the grid reads the same printed in black and white
-    evidence.STATUS_SIGNAL: "\u25b2 signal",
+    evidence.STATUS_ALARM: "\u25b2 alarm",
+    evidence.STATUS_WATCH: "\u25b3 watch",
     evidence.STATUS_UNDER_REPORTING: "\u25bc under-reporting?",
     evidence.STATUS_IMMATURE: "\u2026 immature",
     evidence.STATUS_IN_CONTROL: "\u2713 in control",
@@ -78,10 +79,10 @@ td,th{border:1px solid #999;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#eee}td.num{text-align:right;font-variant-numeric:tabular-nums}
 h2{border-bottom:1px solid #444;margin-top:1.8em}svg.chart{max-width:100%;height:auto;
 display:block;margin:.4em 0 1em}.note{color:#444;font-size:12px}
-.st-signal{background:#fdd;font-weight:bold}.st-under_reporting{background:#ffe9c6;
+.st-alarm{background:#fdd;font-weight:bold}.st-watch{background:#fff3c4}.st-under_reporting{background:#ffe9c6;
 font-weight:bold}.st-immature{background:#f2f2f2;color:#555}.st-in_control{background:#fff}
 @media print{nav{display:none}a{color:#000;text-decoration:none}
-.st-signal,.st-under_reporting,.st-immature{background:none}h2{break-before:auto}
+.st-alarm,.st-watch,.st-under_reporting,.st-immature{background:none}h2{break-before:auto}
 svg.chart{break-inside:avoid}}"""
 
 
@@ -363,8 +364,10 @@ def index_page(data: ReportData) -> str:
     body.append("<p>" + " \u00b7 ".join(f"{counts[s]} {_esc(evidence.STATUS_LABELS[s])}"
                                           for s in evidence.STATUS_ORDER) + " (sites, by their "
                 "most severe metric; a site is immature only when no outcome metric is mature yet). A "
-                "status is <i>signal</i> when a chart signalled within the last "
-                f"{data.profile.design.funnel_rolling_days} days or an episode is ongoing; "
+                "site is at <i>alarm</i> when its metric's alarm chart (threshold from the "
+                "network false-alarm budget) crossed within the last "
+                f"{data.profile.design.hold_days} days, at <i>watch</i> when its watch threshold "
+                "did or several corroborating methods agree; "
                 "see <a href='methods.html'>Methods</a>.</p>")
     body.append("<h2>Status by site and metric</h2>")
     headers = ["site", *[data.labels[m] for m in data.metric_ids], "open alerts",
@@ -463,7 +466,7 @@ def funnels_page(data: ReportData) -> str:
                             "closed for any procedure in it).</p>")
                 continue
             signalled = {s for s in chart["sites"] if status.get((s, metric), {}).get(
-                "status") in (evidence.STATUS_SIGNAL, evidence.STATUS_UNDER_REPORTING)}
+                "status") in evidence.FLAGGED}
             outside = {s for s in chart["sites"]
                        if (positions.get((s, metric), {}).get(window) or {}).get("position")
                        in ("above", "below")}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = sa.MetaData()
 
@@ -286,6 +286,28 @@ chart_status = sa.Table(
     sa.Column("run_key", sa.String(DIGEST), nullable=False),
     sa.Column("as_of", sa.Date, nullable=False),
     sa.Column("profile_version", sa.String(32), nullable=False),
+    # Version 5: the level (status) since when, and its evidence as JSON (levels.grade)
+    sa.Column("level_since", sa.Date),
+    sa.Column("level_detail", sa.Text),
+)
+
+# Every alarm, watch and under-reporting episode of the newest run (levels.level_episodes):
+# the alert sync summarises past episodes in one digest instead of e-mailing each.
+level_episode = sa.Table(
+    "level_episode",
+    metadata,
+    sa.Column("profile_name", sa.String(64), primary_key=True),
+    sa.Column("site_id", sa.String(8), primary_key=True),
+    sa.Column("metric", sa.String(48), primary_key=True),
+    sa.Column("direction", sa.String(8), primary_key=True),
+    sa.Column("level", sa.String(16), primary_key=True),
+    sa.Column("start_date", sa.Date, primary_key=True),  # first detectable day
+    sa.Column("last_date", sa.Date, nullable=False),  # last day flagged
+    sa.Column("end_date", sa.Date),  # last + hold_days; NULL while current
+    sa.Column("signals", sa.Integer, nullable=False),
+    sa.Column("run_key", sa.String(DIGEST), nullable=False),
+    sa.Column("as_of", sa.Date, nullable=False),
+    sa.Column("profile_version", sa.String(32), nullable=False),
 )
 
 # Digest of the views.sql last applied, so views are re-created only when the file changes.
@@ -325,7 +347,19 @@ def _migration_4(conn: sa.Connection) -> None:
     chart_status.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4}
+def _migration_5(conn: sa.Connection) -> None:
+    """Version 5: graded levels (chart_status.level_since / level_detail, level_episode)."""
+    present = {c["name"] for c in sa.inspect(conn).get_columns("chart_status")}
+    for column in ("level_since", "level_detail"):
+        if column not in present:
+            kind = "DATE" if column == "level_since" else "TEXT"
+            # fixed identifiers from this module, no user input
+            conn.exec_driver_sql(f"ALTER TABLE chart_status ADD COLUMN {column} {kind}")
+    level_episode.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4,
+              5: _migration_5}
 
 
 def _views_sql(sql_dir: Path) -> list[str]:

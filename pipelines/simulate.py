@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import brentq
@@ -63,6 +64,10 @@ from pipelines.contract import (
     kind_of,
 )
 from pipelines.errors import InputRejected
+
+if TYPE_CHECKING:
+    from pipelines.surveillance.outcomes import Snapshot
+    from pipelines.surveillance.profile import Profile
 
 GENERATOR = "kyphowatch.simulate"
 MODEL_VERSION = 1
@@ -992,6 +997,101 @@ def simulate(
     temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, out_dir / "manifest.json")
     return manifest
+
+
+def simulate_snapshot(
+    profile: Profile,
+    *,
+    sites: int,
+    start: date,
+    end: date,
+    seed: int,
+    drifts: Iterable[Drift | str] = (),
+    volume_scale: float = 1.0,
+    as_of: date | None = None,
+) -> tuple[Snapshot, dict]:
+    """Simulate a registry straight into a monitor :class:`Snapshot`: no files, no database.
+
+    The cohort, outcomes and complications are the same draws as :func:`simulate` with the
+    same arguments (same seed streams, same keyed draws), so a site's procedures and events
+    are the ones its extracts would carry, with their true values. Unlike the files, every
+    event dated up to ``as_of`` (default ``end``) is present: no reporting lag, no
+    corrections, no bad rows. The rows are shaped as the warehouse hands them to
+    :func:`pipelines.surveillance.outcomes.load_snapshot` (ISO dates, contract strings,
+    booleans, whole numbers; a patient number stands in for ``patient_hash``) and coded by
+    :func:`pipelines.surveillance.outcomes.snapshot_from_rows`.
+
+    Returns ``(snapshot, info)``; ``info`` holds ``site_ids``, ``annual_volume`` (site id ->
+    procedures a year, after ``volume_scale``), ``drifts`` (the parsed :class:`Drift` tuple),
+    ``start``, ``end`` and ``as_of``.
+    """
+    from pipelines.surveillance.outcomes import snapshot_from_rows, snapshot_needs
+
+    _check_arguments(sites, start, end, seed, 0.0, "monthly", volume_scale)
+    site_ids = site_id_list(sites)
+    drifts = _check_drifts(drifts, sites, site_ids, end)
+    as_of = end if as_of is None else as_of
+    if not isinstance(as_of, date):
+        raise InputRejected("as_of must be a date")
+
+    names = ("sites", "cohort", "bad")
+    streams = dict(zip(names, (np.random.default_rng(child) for child in
+                               np.random.SeedSequence(seed).spawn(len(names))), strict=True))
+    cohort = _simulate_cohort(streams, sites, _day(start), _day(end), volume_scale, drifts,
+                              site_ids)
+    proc = cohort["proc"]
+    keyed = _Keyed(seed)
+    outcomes = _simulate_outcomes(keyed, proc, drifts, site_ids)
+    comp = _build_complications(keyed, proc, cohort["fracture"], outcomes)
+    formatter = _Formatter(site_ids, cohort, outcomes, comp)
+    needs_patient, event_types = snapshot_needs(profile)
+    as_of_day = _day(as_of)
+
+    def ids(rows: np.ndarray) -> np.ndarray:
+        if not rows.size:
+            return np.empty(0, dtype=object)
+        return formatter.procedure_ids(rows).astype(object)
+
+    idx = np.flatnonzero(proc["day"] <= as_of_day)
+    proc_rows = {
+        "procedure_id": ids(idx),
+        "site_id": np.asarray(site_ids, dtype=object)[proc["site"][idx]],
+        "procedure_date": np.asarray(_iso(proc["day"][idx]), dtype=object),
+        "age_years": proc["age"][idx].astype(np.int64),
+        "sex": np.asarray(SEXES, dtype=object)[proc["sex"][idx]],
+        "steroid_use": proc["steroid"][idx].astype(bool),
+        "levels_treated": proc["levels"][idx].astype(np.int64),
+        "indication": np.asarray(INDICATIONS, dtype=object)[proc["indication"][idx]],
+        "anaesthesia": np.asarray(ANAESTHESIA, dtype=object)[proc["anaesthesia"][idx]],
+        "balloons": proc["balloons"][idx].astype(np.int64),
+        "mdt_discussed": outcomes["mdt_discussed"][idx].astype(bool),
+    }
+    if needs_patient:
+        proc_rows["patient_hash"] = proc["patient"][idx].astype(np.int64)
+
+    type_codes = [EVENT_TYPES.index(name) for name in event_types]
+    keep = ((comp["day"] <= as_of_day) & (proc["day"][comp["proc"]] <= as_of_day)
+            & np.isin(comp["type"], type_codes))
+    chosen = np.flatnonzero(keep)
+    chosen = chosen[np.lexsort((comp["type"][chosen], comp["day"][chosen], comp["proc"][chosen]))]
+    comp_rows = {
+        "procedure_id": ids(comp["proc"][chosen]),
+        "event_date": np.asarray(_iso(comp["day"][chosen]), dtype=object),
+        "event_type": np.asarray(EVENT_TYPES, dtype=object)[comp["type"][chosen]],
+        "symptomatic": comp["symptomatic"][chosen].astype(bool),
+        "severity": np.asarray(SEVERITIES, dtype=object)[comp["severity"][chosen]],
+    }
+    snapshot = snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient)
+    info = {
+        "site_ids": site_ids,
+        "annual_volume": {site_id: float(volume) for site_id, volume in
+                          zip(site_ids, cohort["annual_volume"], strict=True)},
+        "drifts": drifts,
+        "start": start,
+        "end": end,
+        "as_of": as_of,
+    }
+    return snapshot, info
 
 
 def _render_chunks(formatter: _Formatter, kind: str, entity, wrong, bad: _BadRows, ext_day: int,

@@ -49,9 +49,15 @@ from scipy import stats
 
 from pipelines.db import make_engine, redact_url
 from pipelines.errors import ExternalSystemError
-from pipelines.schema import chart_status, monitor_run, signal, site_month_metric
+from pipelines.schema import (
+    chart_status,
+    level_episode,
+    monitor_run,
+    signal,
+    site_month_metric,
+)
 from pipelines.settings import Settings
-from pipelines.surveillance import cusum, funnel, pchart, rare
+from pipelines.surveillance import budget, cusum, funnel, levels, pchart, rare, survival
 from pipelines.surveillance.arl import threshold_for_arl, threshold_for_arl_risk_adjusted
 from pipelines.surveillance.outcomes import (
     Snapshot,
@@ -76,6 +82,9 @@ SIGNAL_FIELDS = (
 FUNNEL_WINDOWS = ("cumulative", "rolling")
 FUNNEL_METHOD = {"cumulative": "funnel_cumulative", "rolling": "funnel_12m"}
 INTERVAL_LEVEL = 0.95
+# Outcome windows up to this long are charted in the order outcomes became known (see
+# outcome_metric); longer ones (a year of follow-up) in index order, plus the window.
+INFORMATION_ORDER_MAX_WINDOW = 31
 
 
 # Simulation size for risk-adjusted thresholds: the standard error of the simulated ARL0 is
@@ -107,6 +116,19 @@ def risk_adjusted_threshold(risks: np.ndarray, odds_ratio: float, arl0: float) -
 def cached_threshold(p0: float, odds_ratio: float, arl0: float, direction: str) -> float:
     """Return ``threshold_for_arl`` for a design, computed once per process."""
     return float(threshold_for_arl(p0, odds_ratio, arl0, direction))
+
+
+def _shift_odds(risk: np.ndarray, p_from: float, p_to: float) -> np.ndarray:
+    """Return ``risk`` with every odds multiplied by odds(p_to) / odds(p_from).
+
+    Moves a case-mix model calibrated to the baseline to the guidance range's edge while
+    keeping each patient's relative risk.
+    """
+    if p_from == p_to or not len(risk):
+        return risk
+    shift = np.log(p_to / (1 - p_to)) - np.log(p_from / (1 - p_from))
+    logit = np.log(risk / (1 - risk)) + shift
+    return 1.0 / (1.0 + np.exp(-logit))
 
 
 def exact_interval(events, n, level: float = INTERVAL_LEVEL) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +176,8 @@ class MonitorResult:
     site_months: list[dict[str, Any]] = field(default_factory=list, repr=False)
     # Chart series for the report (arrays; not part of to_dict()).
     charts: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Every alarm / watch / under-reporting episode (levels.level_episodes).
+    level_episodes: list[dict[str, Any]] = field(default_factory=list, repr=False)
     persisted: bool = False
     seconds: float = 0.0
 
@@ -379,14 +403,27 @@ class _Computation:
         }
         detect = metric.detect
         assert detect is not None
+        window = metric.window_days or 0
+        if self.profile.design.budget is not None and window <= INFORMATION_ORDER_MAX_WINDOW:
+            # Outcomes in the order they became known: an event on its day, an event-free
+            # case when its window closes. The same increments, about a window earlier.
+            known = np.where(y == 1, units["event_day"].to_numpy(np.int64), day + window)
+            order = np.lexsort((known, group))
+            c_group, c_y, c_day, lag = group[order], y[order], known[order], 0
+        else:
+            order = np.arange(len(units))
+            c_group, c_y, c_day, lag = group, y, day, window
         for direction in detect.directions:
             odds_ratio = detect.odds_ratio if direction == "up" else 1.0 / detect.odds_ratio
+            reference = self._reference(metric, direction)
             if "bernoulli_cusum" in metric.methods:
-                self._cusum(metric, "bernoulli_cusum", direction, odds_ratio, units, group, y,
-                            day, np.full(len(units), p0))
+                self._cusum(metric, "bernoulli_cusum", direction, odds_ratio, c_group, c_y,
+                            c_day, np.full(len(units), reference), lag)
             if "ra_cusum" in metric.methods and direction == "up":
-                self._cusum(metric, "ra_cusum", direction, odds_ratio, units, group, y, day,
-                            expected_risk)
+                self._cusum(metric, "ra_cusum", direction, odds_ratio, c_group, c_y, c_day,
+                            _shift_odds(expected_risk, p0, reference)[order], lag)
+        if "tte_cusum" in metric.methods:
+            self._tte(metric)
         if "funnel" in metric.methods:
             self._funnel_prepare(metric, group, y, day)
         if "pchart" in metric.methods:
@@ -394,35 +431,125 @@ class _Computation:
         if "rare" in metric.methods:
             self._rare(metric, group, y, day)
 
-    def _cusum(self, metric: Metric, method: str, direction: str, odds_ratio: float,
-               units: pd.DataFrame, group: np.ndarray, y: np.ndarray, day: np.ndarray,
-               risk: np.ndarray) -> None:
-        detect = metric.detect
-        p0 = metric.baseline.rate
-        risk_varies = method == "ra_cusum" and len(risk) and float(np.ptp(risk)) > 0
-        if risk_varies:
-            h = risk_adjusted_threshold(risk, odds_ratio, detect.arl0)
-            threshold_method = f"simulation over the fitted risks ({RA_THRESHOLD_RUNS} runs)"
-        else:
-            h = cached_threshold(round(p0, 12), odds_ratio, detect.arl0, direction)
-            threshold_method = "Markov chain at the baseline"
+    def _reference(self, metric: Metric, direction: str) -> float:
+        """Return the rate charts in ``direction`` test against (range edge under a budget)."""
+        if self.profile.design.budget is None:
+            return metric.baseline.rate
+        return metric.reference(direction)
+
+    def _role(self, metric: Metric, method: str, direction: str) -> str:
+        """Return a chart's role: ``alarm`` (budgeted), or ``corroborating`` (fixed ARL0).
+
+        Under a false-alarm budget the metric's alarm chart (upward) and every downward
+        CUSUM (under-reporting) get per-site thresholds from the budget; the other charts
+        keep the profile's ARL0 and add evidence. Without a budget every chart alarms.
+        """
+        if self.profile.design.budget is None:
+            return "alarm"
+        if direction == "down" and method in ("bernoulli_cusum", "ra_cusum", "tte_cusum"):
+            return "alarm"
+        if metric.alarm is not None and metric.alarm.method == method and direction == "up":
+            return "alarm"
+        return "corroborating"
+
+    def _site_years(self, group: np.ndarray, day: np.ndarray) -> np.ndarray:
+        """Return the years each site has been contributing units (first index to as_of)."""
         n_sites = len(self.sites)
-        result = cusum.grouped_cusum(group, y, risk, odds_ratio, h, n_groups=n_sites)
+        first = np.full(n_sites, self.as_of_day, dtype=np.int64)
+        if len(group):
+            np.minimum.at(first, group, day)
+        return np.maximum((self.as_of_day - first + 1) / 365.25, 1.0)
+
+    def _budget_thresholds(self, metric: Metric, direction: str, odds_ratio: float,
+                           group: np.ndarray, day: np.ndarray, risk: np.ndarray,
+                           level: str) -> tuple[np.ndarray, np.ndarray]:
+        """Return (h per site, ARL0 per site) from the false-alarm budget.
+
+        ``ARL0 = units a year / false alarms per site-year`` (:mod:`budget`). The threshold
+        is the Bernoulli CUSUM's at the site's mean reference risk, rounded to two
+        significant figures (for a risk-adjusted chart an approximation whose accuracy the
+        slow test checks by simulation).
+        """
+        n_sites = len(self.sites)
+        rate = budget.chart_rate(self.profile, metric, direction, level)
+        units = np.bincount(group, minlength=n_sites).astype(float)
+        mean_risk = np.bincount(group, weights=risk, minlength=n_sites) / np.maximum(units, 1)
+        volume = units / self._site_years(group, day)
+        h = np.full(n_sites, np.inf)
+        arl0 = np.zeros(n_sites)
+        for code in range(n_sites):
+            if not units[code]:
+                continue
+            arl0[code] = budget.arl0_for(volume[code], rate)
+            p_site = budget.significant(float(mean_risk[code]), 2)
+            h[code] = budget.bernoulli_threshold(p_site, odds_ratio,
+                                                 budget.significant(arl0[code], 2), direction)
+        return h, arl0
+
+    def _cusum(self, metric: Metric, method: str, direction: str, odds_ratio: float,
+               group: np.ndarray, y: np.ndarray, day: np.ndarray, risk: np.ndarray,
+               lag: int) -> None:
+        """Run one CUSUM per site (rows in chart order; ``day + lag`` is when a row is known)."""
+        detect = metric.detect
+        role = self._role(metric, method, direction)
+        n_sites = len(self.sites)
+        if self.profile.design.budget is not None and role == "alarm":
+            h_sites, arl0_sites = self._budget_thresholds(metric, direction, odds_ratio, group,
+                                                          day, risk, "alarm")
+            threshold_method = "Markov chain per site, ARL0 from the false-alarm budget"
+        else:
+            risk_varies = method == "ra_cusum" and len(risk) and float(np.ptp(risk)) > 0
+            if risk_varies:
+                h = risk_adjusted_threshold(risk, odds_ratio, detect.arl0)
+                threshold_method = f"simulation over the fitted risks ({RA_THRESHOLD_RUNS} runs)"
+            else:
+                h = cached_threshold(round(float(risk[0]) if len(risk) else
+                                           metric.baseline.rate, 12),
+                                     odds_ratio, detect.arl0, direction)
+                threshold_method = "Markov chain at the reference rate"
+            h_sites = np.full(n_sites, float(h))
+            arl0_sites = np.full(n_sites, float(detect.arl0))
+        finite_h = np.where(np.isfinite(h_sites), h_sites, 1e9)
+        result = cusum.grouped_cusum(group, y, risk, odds_ratio, finite_h, n_groups=n_sites)
+        self._record_cusum(metric, method, direction, odds_ratio, role, group, y, day, risk,
+                           lag, result, h_sites, arl0_sites, threshold_method)
+        if self.profile.design.budget is not None and role == "alarm" and direction == "up":
+            # The watch threshold: the same chart at the (looser) watch budget.
+            h_watch, arl0_watch = self._budget_thresholds(metric, direction, odds_ratio, group,
+                                                          day, risk, "watch")
+            watch = cusum.grouped_cusum(group, y, risk, odds_ratio,
+                                        np.where(np.isfinite(h_watch), h_watch, 1e9),
+                                        n_groups=n_sites)
+            self._record_cusum(metric, method, direction, odds_ratio, "watch", group, y, day,
+                               risk, lag, watch, h_watch, arl0_watch, threshold_method)
+
+    def _record_cusum(self, metric: Metric, method: str, direction: str, odds_ratio: float,
+                      role: str, group: np.ndarray, y: np.ndarray, day: np.ndarray,
+                      risk: np.ndarray, lag: int, result: cusum.CusumResult, h_sites: np.ndarray,
+                      arl0_sites: np.ndarray, threshold_method: str) -> None:
+        """Store a CUSUM pass: chart series, per-site figures and one signal per crossing."""
+        n_sites = len(self.sites)
         stat = result.statistic
         signal_rows = result.signal_rows
         starts = np.searchsorted(group, np.arange(n_sites), side="left")
-        label = f"{metric.id}:{method}:{direction}"
-        self.charts["cusum"][label] = {
-            "metric": metric.id, "method": method, "direction": direction, "h": h,
-            "group": group, "day": day, "statistic": stat, "signal": result.signal,
-            "sites": self.sites,
-        }
+        name = method if role != "watch" else f"{method}_watch"
+        if role != "watch":
+            label = f"{metric.id}:{method}:{direction}"
+            self.charts["cusum"][label] = {
+                "metric": metric.id, "method": method, "direction": direction,
+                "h": float(np.nanmedian(np.where(np.isfinite(h_sites), h_sites, np.nan)))
+                if np.isfinite(h_sites).any() else None,
+                "h_sites": h_sites, "role": role,
+                "group": group, "day": day, "statistic": stat, "signal": result.signal,
+                "sites": self.sites,
+            }
         summary = result.summary
         for code, site in enumerate(self.sites):
             entry = self._site_entry(site, metric)
-            entry.setdefault("cusum", {})[f"{method}_{direction}"] = {
-                "value": _finite(summary.last_value[code]), "h": h,
-                "signals": int(summary.n_signals[code]),
+            entry.setdefault("cusum", {})[f"{name}_{direction}"] = {
+                "value": _finite(summary.last_value[code]), "h": _finite(h_sites[code]),
+                "signals": int(summary.n_signals[code]), "role": role,
+                "arl0": _finite(arl0_sites[code]),
             }
         if not signal_rows.size:
             return
@@ -443,17 +570,83 @@ class _Computation:
             observed = cum_y[row] - (cum_y[rise_from - 1] if rise_from > 0 else 0)
             expected = cum_e[row] - (cum_e[rise_from - 1] if rise_from > 0 else 0.0)
             self.builder.add(
-                metric, self.sites[code], method, direction, day_to_date(day[begin]),
+                metric, self.sites[code], name, direction, day_to_date(day[begin]),
                 day_to_date(day[row]), observed=float(observed), n=n, expected=float(expected),
-                statistic=float(stat[row]), threshold=h,
+                statistic=float(stat[row]), threshold=float(h_sites[code]),
                 detail={
-                    "odds_ratio": odds_ratio, "arl0": detect.arl0,
-                    "window_days": metric.window_days,
-                    "detectable_on": day_to_date(day[row] + metric.window_days),
+                    "odds_ratio": odds_ratio, "arl0": _finite(arl0_sites[code]),
+                    "window_days": metric.window_days, "role": role,
+                    "detectable_on": day_to_date(day[row] + lag),
+                    "chart_order": "outcome known" if lag == 0 else "index date",
                     "risk_adjusted": method == "ra_cusum",
+                    "reference_rate": _finite(float(np.mean(risk[rise_from:row + 1]))),
                     "threshold_method": threshold_method,
                 },
             )
+
+    def _tte(self, metric: Metric) -> None:
+        """Run the time-to-event CUSUM (partial follow-up; :mod:`survival`) for every site."""
+        units = derive_outcomes(self.snapshot, metric, include_immature=True)
+        if units.empty:
+            return
+        detect = metric.detect
+        theta = detect.odds_ratio  # designed as a hazard ratio of the same size
+        reference = self._reference(metric, "up")
+        n_sites = len(self.sites)
+        follow = survival.follow_up(
+            units["site_code"].to_numpy(np.int64), units["index_day"].to_numpy(np.int64),
+            units["event_day"].to_numpy(np.int64), n_sites, int(metric.window_days),
+            self.as_of_day, reference)
+        mu = follow.mean_daily_expected()
+        role = self._role(metric, "tte_cusum", "up")
+        levels_to_run = [role] + (["watch"] if role == "alarm" and self.profile.design.budget
+                                  else [])
+        days = follow.days
+        for level in levels_to_run:
+            if self.profile.design.budget is not None:
+                rate = budget.chart_rate(self.profile, metric, "up", level)
+                arl0_days = budget.significant(365.25 / rate, 2)
+            else:
+                arl0_days = float(detect.arl0)  # legacy: the profile's ARL0, read as days
+            h = np.array([budget.poisson_threshold(budget.significant(float(m), 2), theta,
+                                                   arl0_days) if m > 0 else np.inf
+                          for m in mu])
+            result = survival.tte_cusum(follow.expected, follow.observed, theta,
+                                        np.where(np.isfinite(h), h, 1e9))
+            name = "tte_cusum" if level != "watch" else "tte_cusum_watch"
+            if level != "watch":
+                self.charts.setdefault("tte", {})[metric.id] = {
+                    "metric": metric.id, "sites": self.sites, "first_day": follow.first_day,
+                    "statistic": result.statistic, "h_sites": h,
+                    "hazard": follow.hazard.tolist(),
+                }
+            for code, site in enumerate(self.sites):
+                entry = self._site_entry(site, metric)
+                entry.setdefault("cusum", {})[f"{name}_up"] = {
+                    "value": _finite(result.statistic[code, -1]), "h": _finite(h[code]),
+                    "signals": int(result.signal[code].sum()), "role": level,
+                    "arl0_days": arl0_days, "expected_per_day": _finite(mu[code]),
+                }
+            for code, col in zip(*np.nonzero(result.signal), strict=True):
+                stat = result.statistic[code]
+                zero = np.flatnonzero((stat[:col] <= 1e-12) | result.signal[code, :col])
+                begin = int(zero[-1]) + 1 if zero.size else 0
+                observed = float(follow.observed[code, begin:col + 1].sum())
+                expected = float(follow.expected[code, begin:col + 1].sum())
+                self.builder.add(
+                    metric, self.sites[code], name, "up", day_to_date(int(days[begin])),
+                    day_to_date(int(days[col])), observed=observed, n=None,
+                    expected=expected, statistic=float(stat[col]), threshold=float(h[code]),
+                    detail={
+                        "role": level, "hazard_ratio": theta, "arl0_days": arl0_days,
+                        "window_days": metric.window_days, "reference_rate": reference,
+                        "detectable_on": day_to_date(int(days[col])),
+                        "chart_order": "event day (partial follow-up)",
+                        "expected_per_day": _finite(mu[code]),
+                        "threshold_method": "Markov chain of the daily Poisson CUSUM, "
+                                            "ARL0 from the false-alarm budget",
+                    },
+                )
 
     def _site_cumulative(self, group: np.ndarray, y: np.ndarray, mature_day: np.ndarray,
                          points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -500,9 +693,11 @@ class _Computation:
             if not tests:
                 continue
             for test in tests:
-                p_up, p_down, _ = funnel.exact_binomial_pvalues(
-                    test["events"], test["n"], test["metric"].baseline.rate
-                )
+                metric = test["metric"]
+                p_up, _, _ = funnel.exact_binomial_pvalues(
+                    test["events"], test["n"], self._reference(metric, "up"))
+                _, p_down, _ = funnel.exact_binomial_pvalues(
+                    test["events"], test["n"], self._reference(metric, "down"))
                 test["pvals"] = {"up": p_up, "down": p_down}
                 test["q"] = {d: np.full(test["n"].shape, np.nan) for d in ("up", "down")}
             candidates = {n_points - 1}
@@ -528,6 +723,8 @@ class _Computation:
                 z_adj = np.full(n.shape, np.nan)
                 lower = np.full(n.shape, np.nan)
                 upper = np.full(n.shape, np.nan)
+                edge_lower = np.full(n.shape, np.nan)
+                edge_upper = np.full(n.shape, np.nan)
                 phi = np.ones(n_points)
                 modes = ["none"] * n_points
                 for j in sorted(candidates):
@@ -535,14 +732,25 @@ class _Computation:
                         continue
                     res = funnel.funnel(events[:, j], n[:, j], metric.baseline.rate,
                                         coverages=(0.95, limit), overdispersion="multiplicative")
-                    outside["up"][:, j] = res.above[limit]
-                    outside["down"][:, j] = res.below[limit]
+                    # Under a guidance range, "outside" is judged against limits drawn around
+                    # the range's edge for each direction; the display keeps the baseline's.
+                    edges = {d: self._reference(metric, d) for d in ("up", "down")}
+                    by_direction = {
+                        d: res if edges[d] == metric.baseline.rate else funnel.funnel(
+                            events[:, j], n[:, j], edges[d], coverages=(0.95, limit),
+                            overdispersion="multiplicative")
+                        for d in ("up", "down")
+                    }
+                    outside["up"][:, j] = by_direction["up"].above[limit]
+                    outside["down"][:, j] = by_direction["down"].below[limit]
+                    edge_upper[:, j] = by_direction["up"].limits[limit][1]
+                    edge_lower[:, j] = by_direction["down"].limits[limit][0]
                     z_adj[:, j] = res.z_adjusted
                     lower[:, j], upper[:, j] = res.limits[limit]
                     phi[j] = res.overdispersion.phi if res.overdispersion_mode != "none" else 1.0
                     modes[j] = res.overdispersion_mode
                 test.update(outside=outside, z=z_adj, lower=lower, upper=upper, phi=phi,
-                            modes=modes)
+                            modes=modes, edge_lower=edge_lower, edge_upper=edge_upper)
                 self._funnel_signals(test, window)
 
     def _funnel_signals(self, test: dict[str, Any], window: str) -> None:
@@ -592,6 +800,11 @@ class _Computation:
                         threshold=float(test["upper" if direction == "up" else "lower"][code, j]),
                         p_value=float(test["pvals"][direction][code, j]),
                         detail={
+                            "role": "corroborating" if self.profile.design.budget else "alarm",
+                            "rate": float(events[code, j] / n[code, j]),
+                            "limit_rate": _finite(test["edge_upper" if direction == "up"
+                                                       else "edge_lower"][code, j]),
+                            "reference_rate": self._reference(metric, direction),
                             "window": window,
                             "rolling_days": design.funnel_rolling_days if window == "rolling"
                             else None,
@@ -633,7 +846,7 @@ class _Computation:
         }
         for direction in metric.detect.directions:
             side = "upper" if direction == "up" else "lower"
-            res = pchart.pchart(events, n, p0, alpha, side=side)
+            res = pchart.pchart(events, n, self._reference(metric, direction), alpha, side=side)
             if direction == "up":
                 self.charts["pchart"][metric.id]["limit"] = res.limit
             for code in np.flatnonzero(res.signal.any(axis=1)).tolist():
@@ -656,6 +869,8 @@ class _Computation:
                         threshold=_finite(res.limit[code, last_in_run]),
                         p_value=_finite(res.p_value[code, last_in_run]),
                         detail={
+                            "role": "corroborating" if self.profile.design.budget else "alarm",
+                            "reference_rate": self._reference(metric, direction),
                             "period": "quarter", "alpha": alpha,
                             "last_flagged": day_to_date(int(np.datetime64(
                                 (q_first + last_in_run + 1) * 3, "M").astype("datetime64[D]")
@@ -673,7 +888,11 @@ class _Computation:
 
     def _rare(self, metric: Metric, group, y, day) -> None:
         design = self.profile.design
-        p0 = metric.baseline.rate
+        p0 = self._reference(metric, "up")
+        role = self._role(metric, "rare", "up")
+        alpha = design.rare_alpha
+        if design.budget is not None and role == "alarm":
+            alpha = budget.rare_alpha(budget.chart_rate(self.profile, metric, "up"))
         mature = day + metric.window_days
         points = self.eval_days
         n_cum, e_cum = self._site_cumulative(group, y, mature, points)
@@ -683,7 +902,7 @@ class _Computation:
         pvals = np.full(n.shape, np.nan)
         network = []
         for j in range(len(points)):
-            res = rare.rare_event_tests(events[:, j], n[:, j], p0, alpha=design.rare_alpha)
+            res = rare.rare_event_tests(events[:, j], n[:, j], p0, alpha=alpha)
             flagged[:, j] = res.signal
             pvals[:, j] = res.p_binomial
             network.append(res.network_p_binomial)
@@ -698,7 +917,7 @@ class _Computation:
             }
         for code in np.flatnonzero(flagged.any(axis=1)).tolist():
             for first, j in _runs(flagged[code]):
-                critical = rare.critical_event_count(n[code, j], p0, design.rare_alpha)
+                critical = rare.critical_event_count(n[code, j], p0, alpha)
                 self.builder.add(
                     metric, self.sites[code], "rare_exact", "up",
                     day_to_date(_month_start(points[first])), day_to_date(points[first]),
@@ -706,12 +925,70 @@ class _Computation:
                     expected=float(n[code, j] * p0), statistic=float(events[code, j]),
                     threshold=_finite(critical), p_value=_finite(pvals[code, j]),
                     detail={
-                        "test": "exact binomial, one-sided", "alpha": design.rare_alpha,
+                        "role": role, "reference_rate": p0,
+                        "test": "exact binomial, one-sided", "alpha": alpha,
                         "rolling_days": design.rare_rolling_days,
                         "first_flagged": day_to_date(points[first]),
                         "last_flagged": day_to_date(points[j]), "ongoing": j == last,
                     },
                 )
+
+    # -- levels ---------------------------------------------------------------------------
+    def grade(self) -> None:
+        """Give every site and metric its level (:mod:`levels`) and list the level episodes."""
+        by_pair: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in self.builder.rows.values():
+            by_pair.setdefault((row["site_id"], row["metric"]), []).append(row)
+        as_of = day_to_date(self.as_of_day)
+        design = self.profile.design
+        self.level_episodes: list[dict[str, Any]] = []
+        for metric in self.profile.metrics:
+            for site in self.sites:
+                entry = self._site_entry(site, metric)
+                signals = by_pair.get((site, metric.id), [])
+                entry["level"] = levels.grade(metric, entry, signals, as_of, design)
+                self.level_episodes += levels.level_episodes(metric, site, signals, as_of,
+                                                             design)
+        self.level_episodes.sort(key=lambda e: (e["start"], e["site_id"], e["metric"],
+                                                e["level"]))
+        self.summary["levels"] = {
+            name: sum(1 for e in self.site_metrics.values() if e["level"]["level"] == name)
+            for name in levels.LEVELS
+        }
+        self.summary["alarm_budget"] = self.budget_summary()
+
+    def budget_summary(self) -> dict[str, Any] | None:
+        """Return the false-alarm budget and what it means for this network, per year.
+
+        The expected number is for every site performing at the top of the guidance range
+        (the worst in-control case); sites nearer the baseline false-alarm less.
+        """
+        design = self.profile.design
+        if design.budget is None:
+            return None
+        per_metric = {}
+        for metric in self.profile.metrics:
+            if metric.alarm is None:
+                continue
+            rate = budget.chart_rate(self.profile, metric, "up")
+            active = sum(1 for site in self.sites
+                         if self.site_metrics.get((site, metric.id), {}).get("n"))
+            per_metric[metric.id] = {
+                "method": metric.alarm.method, "share": metric.alarm.share,
+                "per_site_year": rate, "sites": active,
+                "expected_false_alarms_per_year": round(rate * active, 4),
+            }
+        total = sum(m["expected_false_alarms_per_year"] for m in per_metric.values())
+        return {
+            "safety_per_100_site_years": design.budget.safety_per_100_site_years,
+            "under_reporting_per_100_site_years":
+                design.budget.under_reporting_per_100_site_years,
+            "watch_per_site_year": design.budget.watch_per_site_year,
+            "metrics": per_metric,
+            "expected_false_alarms_per_year": round(total, 3),
+            "note": "false safety alarms a year for this network if every site performed at "
+                    "the top of the guidance range; sentinel events are not false alarms",
+        }
 
     # -- sentinel and process -------------------------------------------------------------
     def sentinel_metric(self, metric: Metric) -> None:
@@ -783,6 +1060,7 @@ def compute(profile: Profile, snapshot: Snapshot) -> _Computation:
         else:
             work.process_metric(metric)
     work.funnel_decide()
+    work.grade()
     return work
 
 
@@ -839,6 +1117,11 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
             site_months=sorted(work.site_months,
                                key=lambda r: (r["metric"], r["site_id"], r["month"])),
             charts=work.charts,
+            level_episodes=[{"site_id": e["site_id"], "metric": e["metric"],
+                             "direction": e["direction"], "level": e["level"],
+                             "start_date": e["start"], "last_date": e["last"],
+                             "end_date": e["end"], "signals": e["signals"]}
+                            for e in work.level_episodes],
         )
         if persist:
             _persist(engine, result, profile)
@@ -963,14 +1246,16 @@ def _replace_current_picture(conn: sa.Connection, result: MonitorResult,
 
     constants = {"profile_name": result.profile_name, "run_key": result.run_key,
                  "as_of": result.as_of, "profile_version": result.profile_version}
-    for table in (chart_status, site_month_metric):
+    for table in (chart_status, site_month_metric, level_episode):
         mine = table.c.profile_name == result.profile_name
         stored = conn.execute(sa.select(sa.func.max(table.c.as_of)).where(mine)).scalar()
         if stored is not None and _as_date(stored) > result.as_of:
             log.info("monitor: %s holds as_of %s, newer than this run's %s; left unchanged",
                      table.name, stored, result.as_of)
             continue
-        rows = status_rows(result, profile) if table is chart_status else result.site_months
+        rows = {chart_status.name: lambda: status_rows(result, profile),
+                site_month_metric.name: lambda: result.site_months,
+                level_episode.name: lambda: result.level_episodes}[table.name]()
         conn.execute(table.delete().where(mine))
         _bulk_insert(conn, table, rows, constants)
 

@@ -149,18 +149,27 @@ def _sorted_codes(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return remap[codes] if len(codes) else codes.astype(np.int64), [uniques[i] for i in order]
 
 
-def load_snapshot(conn: sa.Connection, profile: Profile, as_of: date) -> Snapshot:
-    """Read the procedure and complication columns the profile needs, up to ``as_of``.
-
-    Procedures come back ordered by (site, procedure date, a hash of procedure_id): the
-    order the sequential charts consume. The hash only breaks ties between procedures on
-    the same day, identically on every database (a collation-dependent ORDER BY would not).
-    Strings are turned into integer codes at once; that is what makes a million rows cheap.
-    """
+def snapshot_needs(profile: Profile) -> tuple[bool, list[str]]:
+    """Return (whether a patient key is needed, the event types any numerator counts)."""
     needs_patient = any(m.denominator == "patient" for m in profile.metrics if m.kind == "outcome")
     event_types = sorted(
         {t for m in profile.metrics if m.numerator is not None for t in m.numerator.event_types}
     )
+    return needs_patient, event_types
+
+
+PROCEDURE_ROW_COLUMNS = (
+    "procedure_id", "site_id", "procedure_date", *COVARIATES, "mdt_discussed",
+)
+COMPLICATION_ROW_COLUMNS = ("procedure_id", "event_date", "event_type", "symptomatic", "severity")
+
+
+def load_snapshot(conn: sa.Connection, profile: Profile, as_of: date) -> Snapshot:
+    """Read the procedure and complication columns the profile needs, up to ``as_of``.
+
+    The rows are then coded and ordered by :func:`snapshot_from_rows`.
+    """
+    needs_patient, event_types = snapshot_needs(profile)
     proc_columns = [
         procedure.c.procedure_id,
         procedure.c.site_id,
@@ -175,8 +184,50 @@ def load_snapshot(conn: sa.Connection, profile: Profile, as_of: date) -> Snapsho
         _fetch(conn, sa.select(*proc_columns).where(procedure.c.procedure_date <= as_of)),
         dtype=object,
     ).reshape(-1, len(names))
-    col = {name: _column(matrix, i) for i, name in enumerate(names)}
+    proc_rows = {name: _column(matrix, i) for i, name in enumerate(names)}
     del matrix
+    comp_columns = [
+        complication.c.procedure_id,
+        _as_text(complication.c.event_date).label("event_date"),
+        complication.c.event_type,
+        complication.c.symptomatic,
+        complication.c.severity,
+    ]
+    comp_matrix = np.array(
+        _fetch(
+            conn,
+            sa.select(*comp_columns).where(
+                complication.c.event_date <= as_of,
+                complication.c.event_type.in_(event_types),
+            ),
+        )
+        if event_types
+        else [],
+        dtype=object,
+    ).reshape(-1, len(comp_columns))
+    comp_rows = {c.name: _column(comp_matrix, i) for i, c in enumerate(comp_columns)}
+    del comp_matrix
+    return snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient)
+
+
+def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np.ndarray],
+                       as_of: date, needs_patient: bool) -> Snapshot:
+    """Code, order and fingerprint warehouse-shaped rows: the pure half of load_snapshot.
+
+    ``proc_rows`` maps each name of ``PROCEDURE_ROW_COLUMNS`` (plus ``patient_hash`` when
+    ``needs_patient``) to one array of values as the database driver hands them: dates as
+    ISO text ``YYYY-MM-DD``, booleans as bool or 0/1, whole numbers, strings; any value that
+    identifies a patient will do as ``patient_hash``, it is only used for grouping.
+    ``comp_rows`` maps each name of ``COMPLICATION_ROW_COLUMNS`` likewise. The caller has
+    already kept only rows dated on or before ``as_of`` (and only the event types the
+    profile counts); complications of unknown procedures are dropped here.
+
+    Procedures come back ordered by (site, procedure date, a hash of procedure_id): the
+    order the sequential charts consume. The hash only breaks ties between procedures on
+    the same day, identically on every database (a collation-dependent ORDER BY would not).
+    Strings are turned into integer codes at once; that is what makes a million rows cheap.
+    """
+    col = proc_rows
     site_code, sites = _sorted_codes(col["site_id"])
     day = _days(col["procedure_date"]) if len(site_code) else np.zeros(0, np.int64)
     procedure_id = col["procedure_id"]
@@ -204,26 +255,7 @@ def load_snapshot(conn: sa.Connection, profile: Profile, as_of: date) -> Snapsho
         # and must never leave this module.
         frame["patient_code"] = pd.factorize(col["patient_hash"][order])[0]
     procedures = pd.DataFrame(frame)
-    comp_columns = [
-        complication.c.procedure_id,
-        _as_text(complication.c.event_date).label("event_date"),
-        complication.c.event_type,
-        complication.c.symptomatic,
-        complication.c.severity,
-    ]
-    comp_matrix = np.array(
-        _fetch(
-            conn,
-            sa.select(*comp_columns).where(
-                complication.c.event_date <= as_of,
-                complication.c.event_type.in_(event_types),
-            ),
-        )
-        if event_types
-        else [],
-        dtype=object,
-    ).reshape(-1, len(comp_columns))
-    comp_col = {c.name: _column(comp_matrix, i) for i, c in enumerate(comp_columns)}
+    comp_col = comp_rows
     position = pd.Index(procedure_id[order], dtype=object).get_indexer(
         pd.Index(comp_col["procedure_id"], dtype=object)
     )
@@ -272,12 +304,15 @@ def _matching_events(snapshot: Snapshot, metric: Metric) -> pd.DataFrame:
     return comps.loc[mask]
 
 
-def derive_outcomes(snapshot: Snapshot, metric: Metric) -> pd.DataFrame:
+def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
+                    include_immature: bool = False) -> pd.DataFrame:
     """Return one row per *mature* unit of ``metric`` with its outcome flag and covariates.
 
     Columns: site_id (categorical), site_code, unit_id, index_date, index_day, y (0/1),
     event_day (first counted event, -1 when none) and the case-mix covariates. Rows are in
     chart order: site, index date, then a fixed hash of the unit id (see load_snapshot).
+    ``include_immature`` keeps units still in follow-up too (the time-to-event chart counts
+    their events as they happen); their ``y`` is 1 only if the event has already occurred.
     """
     if metric.kind != "outcome" or metric.window_days is None:
         raise ValueError(f"metric {metric.id} is not an outcome metric")
@@ -313,6 +348,8 @@ def derive_outcomes(snapshot: Snapshot, metric: Metric) -> pd.DataFrame:
             unit, event_day = unit[order], event_day[order]
             first = np.r_[True, unit[1:] != unit[:-1]]
             first_event[unit[first]] = event_day[first]
+    if include_immature:
+        mature = np.ones(len(index_rows), dtype=bool)
     rows = index_rows[mature]
     units = pd.DataFrame(
         {

@@ -26,11 +26,14 @@ CATEGORIES = ("safety", "under_reporting", "process")
 DENOMINATORS = ("procedure", "patient")
 DIRECTIONS = ("up", "down")
 METHODS_BY_KIND = {
-    "outcome": ("bernoulli_cusum", "ra_cusum", "funnel", "pchart", "rare"),
+    "outcome": ("bernoulli_cusum", "ra_cusum", "tte_cusum", "funnel", "pchart", "rare"),
     "sentinel": ("sentinel",),
     "process": ("process",),
 }
 PROCESS_FIELDS = ("mdt_discussed", "steroid_use")
+# Methods that can carry a metric's alarm: sequential charts whose threshold is derived per
+# site from the false-alarm budget, or the rolling exact test whose alpha is.
+ALARM_METHODS = ("bernoulli_cusum", "ra_cusum", "tte_cusum", "rare")
 # Category of a downward signal: fewer events than the baseline most often means missing reports.
 DOWN_CATEGORY = "under_reporting"
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
@@ -72,6 +75,28 @@ class Detect:
 
 
 @dataclass(frozen=True)
+class Alarm:
+    """Which chart decides a metric's alarm level, and its share of the safety budget."""
+
+    method: str
+    share: float
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The false alarms the safety team accepts, for a site performing within the guidance.
+
+    ``safety_per_100_site_years`` is the network target for false *alarm* e-mails; each
+    metric's alarm chart receives ``alarm.share`` of it. ``under_reporting_per_100_site_years``
+    is split equally over the downward charts, ``watch_per_site_year`` is per alarm chart.
+    """
+
+    safety_per_100_site_years: float
+    under_reporting_per_100_site_years: float
+    watch_per_site_year: float
+
+
+@dataclass(frozen=True)
 class Metric:
     """One monitored metric of a profile."""
 
@@ -88,6 +113,20 @@ class Metric:
     detect: Detect | None = None
     process_field: str | None = None
     process_failure_value: bool = False
+    alarm: Alarm | None = None
+
+    def reference(self, direction: str) -> float:
+        """Return the rate a chart in ``direction`` tests against (the guidance range's edge).
+
+        Where the guidance gives a range, it is an indifference zone: upward charts test
+        against its top, under-reporting charts against its bottom; a point baseline is used
+        as it is.
+        """
+        if direction == "up" and self.baseline.high is not None:
+            return self.baseline.high
+        if direction == "down" and self.baseline.low is not None:
+            return self.baseline.low
+        return self.baseline.rate
 
     def category_for(self, direction: str) -> str:
         """Return the signal category for a chart direction (down means under-reporting)."""
@@ -108,6 +147,10 @@ class Design:
     rare_alpha: float = 0.001
     rare_rolling_days: int = 365
     risk_min_events: int = 50
+    budget: Budget | None = None
+    hold_days: int = 365
+    backfill_max_age_days: int = 90
+    watch_min_methods: int = 2
 
 
 @dataclass(frozen=True)
@@ -227,6 +270,7 @@ _METRIC_KEYS = {
     "detect",
     "methods",
     "process",
+    "alarm",
 }
 
 
@@ -242,6 +286,8 @@ def _design(reader: _Reader, data: Any) -> Design:
             "pchart",
             "rare",
             "risk_model",
+            "false_alarm_budget",
+            "levels",
         },
     )
     volume = reader.integer(
@@ -265,6 +311,30 @@ def _design(reader: _Reader, data: Any) -> Design:
     pchart = reader.mapping(data.get("pchart") or {}, "design.pchart", allowed={"limit"})
     rare = reader.mapping(data.get("rare") or {}, "design.rare", allowed={"alpha", "rolling_days"})
     risk = reader.mapping(data.get("risk_model") or {}, "design.risk_model", allowed={"min_events"})
+    budget = None
+    if data.get("false_alarm_budget") is not None:
+        raw = reader.mapping(
+            data["false_alarm_budget"], "design.false_alarm_budget",
+            allowed={"safety_per_100_site_years", "under_reporting_per_100_site_years",
+                     "watch_per_site_year"},
+        )
+        where = "design.false_alarm_budget"
+        budget = Budget(
+            safety_per_100_site_years=reader.number(
+                reader.required(raw, "safety_per_100_site_years", where),
+                f"{where}.safety_per_100_site_years", low=0.0, high=100.0, low_open=True),
+            under_reporting_per_100_site_years=reader.number(
+                raw.get("under_reporting_per_100_site_years", 2.0),
+                f"{where}.under_reporting_per_100_site_years", low=0.0, high=100.0,
+                low_open=True),
+            watch_per_site_year=reader.number(
+                raw.get("watch_per_site_year", 0.2), f"{where}.watch_per_site_year",
+                low=0.0, high=10.0, low_open=True),
+        )
+    levels = reader.mapping(
+        data.get("levels") or {}, "design.levels",
+        allowed={"hold_days", "backfill_max_age_days", "watch_min_methods"},
+    )
     return Design(
         arl0=arl0,
         typical_annual_volume=volume,
@@ -289,6 +359,18 @@ def _design(reader: _Reader, data: Any) -> Design:
         ),
         risk_min_events=reader.integer(
             risk.get("min_events", 50), "design.risk_model.min_events", low=1, high=10**6
+        ),
+        budget=budget,
+        hold_days=reader.integer(
+            levels.get("hold_days", 365), "design.levels.hold_days", low=1, high=3660
+        ),
+        backfill_max_age_days=reader.integer(
+            levels.get("backfill_max_age_days", 90), "design.levels.backfill_max_age_days",
+            low=0, high=3660,
+        ),
+        watch_min_methods=reader.integer(
+            levels.get("watch_min_methods", 2), "design.levels.watch_min_methods", low=1,
+            high=10,
         ),
     )
 
@@ -386,6 +468,8 @@ def _metric(reader: _Reader, data: Any, path: str, design: Design, citation: str
         if "arl0" in detect_data:
             arl0 = reader.number(detect_data["arl0"], f"{path}.detect.arl0", low=10, high=10**7)
         detect = Detect(odds_ratio=odds_ratio, directions=directions, arl0=arl0)
+        if "tte_cusum" in methods and not window_days:
+            raise reader.fail(f"{path}.methods", "tte_cusum needs a follow-up window_days > 0")
     elif kind == "sentinel":
         if data.get("window_days") is not None:
             window_days = reader.integer(
@@ -408,6 +492,19 @@ def _metric(reader: _Reader, data: Any, path: str, design: Design, citation: str
     for key in ("detect", "window_days") if kind == "process" else ():
         if data.get(key) is not None:
             raise reader.fail(f"{path}.{key}", f"is not used by a {kind} metric")
+    alarm = None
+    if data.get("alarm") is not None:
+        if kind != "outcome":
+            raise reader.fail(f"{path}.alarm", f"is not used by a {kind} metric (it alarms on "
+                              "every event or failure)")
+        raw = reader.mapping(data["alarm"], f"{path}.alarm", allowed={"method", "share"})
+        method = reader.choice(reader.required(raw, "method", f"{path}.alarm"),
+                               f"{path}.alarm.method", ALARM_METHODS)
+        if method not in methods:
+            raise reader.fail(f"{path}.alarm.method", f"{method!r} is not in the metric's methods")
+        alarm = Alarm(method=method, share=reader.number(
+            reader.required(raw, "share", f"{path}.alarm"), f"{path}.alarm.share", low=0.0,
+            high=1.0, low_open=True))
     return Metric(
         id=metric_id,
         label=label,
@@ -422,6 +519,7 @@ def _metric(reader: _Reader, data: Any, path: str, design: Design, citation: str
         detect=detect,
         process_field=process_field,
         process_failure_value=failure_value,
+        alarm=alarm,
     )
 
 
@@ -448,6 +546,12 @@ def parse_profile(data: Any, origin: str = "<profile>", path: Path | None = None
         if any(existing.id == metric.id for existing in metrics):
             raise reader.fail(f"metrics[{index}].id", f"duplicate metric id {metric.id!r}")
         metrics.append(metric)
+    shares = sum(m.alarm.share for m in metrics if m.alarm is not None)
+    if design.budget is not None and shares > 1.0 + 1e-9:
+        raise reader.fail("metrics", f"alarm shares add up to {shares:g}; they may not exceed 1 "
+                          "(each is a share of design.false_alarm_budget)")
+    if design.budget is not None and not any(m.alarm for m in metrics):
+        raise reader.fail("design.false_alarm_budget", "no metric has an alarm chart to spend it")
     return Profile(
         name=name,
         version=version,
