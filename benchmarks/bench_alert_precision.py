@@ -24,8 +24,8 @@ Design (all in memory: :func:`pipelines.simulate.simulate_snapshot` and
 
 Rules compared on each snapshot:
 
-* OLD: ``profiles/htg108.yaml`` with ``design.false_alarm_budget`` removed and
-  ``design.arl0: 2000``. An alarm is any signal with category safety, direction up, for
+* OLD: ``profiles/htg108.yaml`` with ``design.false_alarm_budget`` removed,
+  ``design.arl0: 2000``, and only the methods the OLD engine had (no ``tte_cusum``). An alarm is any signal with category safety, direction up, for
   cement_leak or new_fracture (any method), detectable on ``detail["detectable_on"]``
   (CUSUMs) or else its signal date. Signals become e-mail episodes per (site, metric): a new
   episode starts when the previous alarm of that pair is more than 365 days earlier.
@@ -46,8 +46,14 @@ than half of the drifts were detected.
 False e-mails count in-control (site, metric) pairs only: the drifting site's drifting
 metric is excluded (for a cement_leak drift also its symptomatic_cement_leak). The main
 figure covers cement_leak + new_fracture (the sum of the two per-metric rates); the
-"all metrics" figure adds symptomatic_cement_leak and major_event (every alarm metric except
-sentinel_event and mdt_discussion).
+"all alarm metrics" figure adds symptomatic_cement_leak and major_event (every alarm metric
+except sentinel_event and mdt_discussion); "+ sentinel" adds the sentinel_event e-mails for
+context (each is a real death, paralysis or cord compression, not a false alarm).
+
+One deviation from "signal date when there is no ``detectable_on``": a p-chart signal is
+dated at its quarter's end but can only be seen once that quarter's outcome windows have
+closed, so its window is added (30 days for cement_leak, 365 for new_fracture); otherwise
+a fracture p-chart would be credited with e-mails a year before its data existed.
 
 Backfill: one more registry, 60 sites, 2021-01-01..2024-12-31, 2 drifts. OLD: every active
 signal of category safety or under_reporting made an e-mail on the first alert sync, so the
@@ -63,7 +69,8 @@ cement_leak OR 2 at 150-250 a year: median <= 180 days; backfill e-mails <= 1 + 
 and under-reporting episodes current at as_of.
 
 Run: ``.venv/bin/python benchmarks/bench_alert_precision.py [--quick] [--seeds N]
-[--null-seeds N] [--jobs N]`` (full run: a few minutes on 2 cores; exits 0).
+[--null-seeds N] [--jobs N]`` (full run about 4 minutes on 2 cores, ``--quick`` under
+a minute; exits 0).
 """
 
 from __future__ import annotations
@@ -101,13 +108,18 @@ ONSET_FIRST, ONSET_LAST = date(2022, 10, 1), date(2023, 12, 31)
 ELIGIBLE = (50.0, 400.0)  # procedures a year of a site that may drift
 BAND = (150.0, 250.0)  # the volume band of the delay targets
 MAIN_METRICS = ("cement_leak", "new_fracture")
-NOT_ALARM_METRICS = ("sentinel_event", "mdt_discussion")
+# Every alarm metric except sentinel_event and mdt_discussion.
+ALL_ALARM_METRICS = (*MAIN_METRICS, "symptomatic_cement_leak", "major_event")
+# Sentinel events are reported too, for context (each one is a real event, never "false").
+RATE_METRICS = (*ALL_ALARM_METRICS, "sentinel_event")
 # Which metrics a drift raises (a symptomatic leak is a leak).
 AFFECTED = {"cement_leak": ("cement_leak", "symptomatic_cement_leak"),
             "new_fracture": ("new_fracture",)}
 CELLS = (("cement_leak", 1.5), ("cement_leak", 2.0), ("cement_leak", 3.0),
          ("new_fracture", 1.5), ("new_fracture", 2.0), ("new_fracture", 2.5),
          ("new_fracture", 3.0))
+# The methods of the OLD engine (profile 1.0.0).
+OLD_METHODS = ("bernoulli_cusum", "ra_cusum", "funnel", "pchart", "rare", "sentinel", "process")
 EPISODE_GAP_DAYS = 365  # OLD rules: a new e-mail when the previous alarm is older than this
 FALLBACK_RATE = 0.015  # false e-mails per site-year for the reference when unmeasured
 BASE_SEED = 20_250_108
@@ -126,10 +138,20 @@ NOT_AVAILABLE = "NEW rules: not available (engine has no level_episodes)"
 
 
 def legacy_profile() -> Profile:
-    """Return the bundled profile with the false-alarm budget removed and ARL0 2,000."""
+    """Return the OLD rules: the bundled profile without the false-alarm budget, ARL0 2,000.
+
+    Methods the OLD engine did not have (``tte_cusum``) are dropped too: without a budget
+    every chart alarms, so keeping them would add alarms the OLD rules never sent.
+    """
     data = yaml.safe_load(PROFILE_PATH.read_text(encoding="utf-8"))
     data["design"].pop("false_alarm_budget", None)
     data["design"]["arl0"] = 2000
+    for metric in data["metrics"]:
+        methods = metric.get("methods") or []
+        metric["methods"] = [m for m in methods if m in OLD_METHODS]
+        alarm = metric.get("alarm")
+        if isinstance(alarm, dict) and alarm.get("method") not in metric["methods"]:
+            metric.pop("alarm")
     return parse_profile(data, origin="legacy")
 
 
@@ -193,12 +215,22 @@ def backfill_registry() -> dict:
 # --- one registry (runs in a worker process) ---------------------------------------------
 
 
-def _detectable_day(row: dict) -> int:
+def _detectable_day(row: dict, profile: Profile) -> int:
+    """Return the day a signal could first be e-mailed.
+
+    CUSUMs carry ``detectable_on``; funnels and the rare test are dated at the evaluation
+    that saw them (their units are mature by then). A p-chart signal is dated at the end of
+    its quarter, but the quarter is only charted once its last unit's window has closed, so
+    its window is added (a year for new_fracture).
+    """
     detail = json.loads(row["detail"]) if isinstance(row["detail"], str) else row["detail"]
     when = detail.get("detectable_on") if detail else None
     if when:
         return day_number(date.fromisoformat(str(when)[:10]))
-    return day_number(row["signal_date"])
+    day = day_number(row["signal_date"])
+    if row["method"] == "pchart":
+        day += int(profile.metric(row["metric"]).window_days or 0)
+    return day
 
 
 def _as_day(value) -> int | None:
@@ -215,7 +247,7 @@ def _first_sync_count(work, episodes, snapshot, profile) -> tuple[int, str] | No
         from pipelines.alerts import lifecycle
     except Exception:  # the alert package itself is not importable here
         return None
-    plan_fn = getattr(lifecycle, "first_sync_plan", None)
+    plan_fn = getattr(lifecycle, "per lifecycle.first_sync_plan", None)
     if plan_fn is None:
         return None
     offered = {"work": work, "computation": work, "episodes": episodes,
@@ -233,17 +265,17 @@ def _first_sync_count(work, episodes, snapshot, profile) -> tuple[int, str] | No
     except TypeError:  # a signature this benchmark does not know: use the level rules
         return None
     if isinstance(plan, int):
-        return plan, "first_sync_plan"
+        return plan, "per lifecycle.first_sync_plan"
     if isinstance(plan, dict):
         for key in ("emails", "messages", "mails", "sends"):
             if key in plan:
                 value = plan[key]
-                return (value if isinstance(value, int) else len(value)), "first_sync_plan"
+                return (value if isinstance(value, int) else len(value)), "per lifecycle.first_sync_plan"
     for attribute in ("emails", "messages"):
         if hasattr(plan, attribute):
             value = getattr(plan, attribute)
-            return (value if isinstance(value, int) else len(value)), "first_sync_plan"
-    return len(plan), "first_sync_plan"
+            return (value if isinstance(value, int) else len(value)), "per lifecycle.first_sync_plan"
+    return len(plan), "per lifecycle.first_sync_plan"
 
 
 def run_registry(task: dict) -> dict:
@@ -255,7 +287,7 @@ def run_registry(task: dict) -> dict:
     old_work = compute(old, snapshot)
     old_signals = [
         (row["site_id"], row["metric"], row["method"], row["direction"], row["category"],
-         _detectable_day(row))
+         _detectable_day(row, old))
         for row in old_work.builder.sorted_rows()
     ]
     new_work = compute(new, snapshot)
@@ -285,12 +317,15 @@ def run_registry(task: dict) -> dict:
 # --- analysis ----------------------------------------------------------------------------
 
 
-def old_email_starts(signals, metrics=None) -> dict[tuple[str, str], list[int]]:
-    """Return e-mail episode start days per (site, metric) under the OLD rules."""
+def old_email_starts(signals) -> dict[tuple[str, str], list[int]]:
+    """Return e-mail episode start days per (site, metric) under the OLD rules.
+
+    Every metric with an upward safety signal is included (sentinel_event too); the callers
+    pick the metrics they count.
+    """
     alarms: dict[tuple[str, str], list[int]] = defaultdict(list)
     for site, metric, _method, direction, category, day in signals:
-        if category == "safety" and direction == "up" and metric not in NOT_ALARM_METRICS and (
-                metrics is None or metric in metrics):
+        if category == "safety" and direction == "up":
             alarms[(site, metric)].append(day)
     starts = {}
     for key, days in alarms.items():
@@ -305,7 +340,7 @@ def new_email_starts(episodes, level="alarm") -> dict[tuple[str, str], list[int]
     """Return episode start days per (site, metric) for one level (direction up)."""
     starts: dict[tuple[str, str], list[int]] = defaultdict(list)
     for site, metric, direction, ep_level, start, _end in episodes:
-        if ep_level == level and direction == "up" and metric not in NOT_ALARM_METRICS:
+        if ep_level == level and direction == "up":
             starts[(site, metric)].append(start)
     return {key: sorted(days) for key, days in starts.items()}
 
@@ -323,7 +358,6 @@ def false_alarm_rates(results, starts_of) -> dict:
     site_years: dict[str, float] = defaultdict(float)
     alarmed_sites = 0
     n_sites = 0
-    metrics = ("cement_leak", "new_fracture", "symptomatic_cement_leak", "major_event")
     for result in results:
         starts = starts_of(result)
         drifting = {(d.site_id, m) for d in result["task"]["drifts"] for m in AFFECTED[d.metric]}
@@ -331,18 +365,19 @@ def false_alarm_rates(results, starts_of) -> dict:
         for site in result["volumes"]:
             n_sites += 1
             any_false = False
-            for metric in metrics:
+            for metric in RATE_METRICS:
                 if (site, metric) in drifting:
                     continue
                 site_years[metric] += years
                 count = len(starts.get((site, metric), ()))
                 emails[metric] += count
-                any_false |= count > 0
+                any_false |= count > 0 and metric in ALL_ALARM_METRICS
             alarmed_sites += any_false
-    per_100 = {m: 100.0 * emails[m] / site_years[m] for m in metrics}
+    per_100 = {m: 100.0 * emails[m] / site_years[m] for m in RATE_METRICS}
     return {"emails": dict(emails), "site_years": dict(site_years), "per_100": per_100,
             "main": sum(per_100[m] for m in MAIN_METRICS),
-            "all": sum(per_100.values()),
+            "all": sum(per_100[m] for m in ALL_ALARM_METRICS),
+            "with_sentinel": sum(per_100.values()),
             "share_sites": alarmed_sites / max(n_sites, 1)}
 
 
@@ -456,20 +491,25 @@ def print_report(figures: dict, backfill: dict, n_drift: int, n_null: int) -> No
     old, new = figures["old"], figures["new"]
     print("\nfalse safety e-mails per 100 site-years (in-control site x metric pairs)")
     header = (f"{'rules':6} {'cement_leak':>12} {'new_fracture':>13} {'leak+fracture':>14}"
-              f" {'all alarm metrics':>18} {'sites ever at alarm':>20}")
+              f" {'all alarm metrics':>18} {'+ sentinel':>11} {'sites ever at alarm':>20}")
     print(header)
     print("-" * len(header))
     rows = [("OLD", old)] + ([("NEW", new)] if available else [])
     for name, f in rows:
         print(f"{name:6} {f['per_100']['cement_leak']:12.2f} {f['per_100']['new_fracture']:13.2f}"
-              f" {f['main']:14.2f} {f['all']:18.2f} {f['share_sites']:19.1%}")
+              f" {f['main']:14.2f} {f['all']:18.2f} {f['with_sentinel']:11.2f}"
+              f" {f['share_sites']:19.1%}")
     print(f"  (all alarm metrics adds symptomatic_cement_leak "
           f"{old['per_100']['symptomatic_cement_leak']:.2f} and major_event "
           f"{old['per_100']['major_event']:.2f} under OLD"
           + (f"; {new['per_100']['symptomatic_cement_leak']:.2f} and "
              f"{new['per_100']['major_event']:.2f} under NEW" if available else "")
-          + f"; e-mails OLD {sum(old['emails'].values())} over "
-          f"{old['site_years']['cement_leak']:.0f} leak site-years)")
+          + f"; OLD sent {old['emails']['cement_leak']} leak and "
+          f"{old['emails']['new_fracture']} fracture e-mails over "
+          f"{old['site_years']['cement_leak']:.0f} and {old['site_years']['new_fracture']:.0f}"
+          " in-control site-years. '+ sentinel' adds sentinel_event e-mails, real events that"
+          " are never false; 'sites ever at alarm': share of site registries with a false"
+          " e-mail on any alarm metric)")
     if not available:
         print(NOT_AVAILABLE)
     print("reference false-alarm rate r (per site-year): " + ", ".join(
@@ -520,7 +560,8 @@ def print_report(figures: dict, backfill: dict, n_drift: int, n_null: int) -> No
           f" alert sync: OLD {backfill['old']} (one per (site, metric, direction) with an"
           " active safety or under-reporting signal); NEW "
           + (f"{backfill['new']} {backfill['how']} ({backfill['current']} alarm/under-reporting"
-             " episodes current at as_of)" if backfill["new"] is not None else NOT_AVAILABLE))
+             " episodes current at as_of)" if backfill["new"] is not None
+             else "not available (engine has no level_episodes)"))
 
     print(f"\ntargets ({n_drift} drift registries, {n_null} without drift)")
 

@@ -36,6 +36,7 @@ SELECT
     s.profile_name, s.site_id, s.metric, s.status, s.reason, s.n, s.events, s.rate,
     s.ci_low, s.ci_high, s.expected, s.baseline, s.cusum_chart, s.cusum_value,
     s.cusum_threshold, s.funnel_position, s.signals_recent, s.signals_total,
+    s.level_since,
     COALESCE(a.open_alerts, 0) AS open_alerts,
     s.run_key, s.as_of, s.profile_version
 FROM chart_status s
@@ -123,3 +124,13 @@ SELECT
     complication_id, procedure_id, site_id, event_date, event_type, symptomatic, severity,
     extract_ts
 FROM pending_complication;
+
+-- Every alarm, watch and under-reporting episode of the newest monitor run (one row per
+-- episode; end_date is NULL while the episode is current).
+DROP VIEW IF EXISTS v_level_episodes;
+CREATE VIEW v_level_episodes AS
+SELECT
+    profile_name, site_id, metric, direction, level, start_date, last_date, end_date,
+    CASE WHEN end_date IS NULL THEN 1 ELSE 0 END AS is_current,
+    signals, run_key, as_of, profile_version
+FROM level_episode;

@@ -17,9 +17,9 @@ from test_alerts_support import (
     DATA_TO,
     SAFETY_TO,
     WebhookRecorder,
+    insert_episode,
     insert_ledger,
-    insert_signal,
-    set_signal_active,
+    insert_level,
 )
 
 from pipelines import cli
@@ -82,10 +82,10 @@ def _message_ids(sink):
 def test_each_alert_goes_out_once_per_channel_to_the_right_people(db_url, sink, hook,
                                                                  make_settings):
     settings = make_settings(db_url, sink.url, hook.url)
-    insert_signal(db_url, site="S003", metric="cement_leak")
-    insert_signal(db_url, site="S003", metric="cement_leak", method="funnel")  # same alert
-    insert_signal(db_url, site="S007", metric="complication_reporting", method="funnel",
-                  category="under_reporting")
+    insert_level(db_url, site="S003", metric="cement_leak")  # every method: one alert
+    insert_level(db_url, site="S007", metric="cement_leak", level="under_reporting",
+                 direction="down")
+    insert_level(db_url, site="S009", metric="cement_leak", level="in_control")
     insert_ledger(db_url, name="procedures_20240201.csv", status="rejected",
                   reason="missing required column procedure_date")
 
@@ -113,21 +113,28 @@ def test_each_alert_goes_out_once_per_channel_to_the_right_people(db_url, sink, 
     # the safety e-mail carries the content a clinician needs
     safety = by_to[SAFETY_TO][0]
     text = safety.get_body(("plain",)).get_content()
-    for expected in ("S003", "cement_leak", "bernoulli_cusum", "0.21", "0.105", "0.15 to 0.28",
-                     "4.5", "NICE HTG108 2.4.1", "2024-01-01", "2024-03-31",
-                     "https://reports.example.org/kyphowatch/report/latest/sites/S003.html", "funnel: observed"):
+    assert "ALARM" in safety["Subject"] and "S003" in safety["Subject"]
+    for expected in ("S003", "21%", "HTG108", "2024-01-01", "risk-adjusted CUSUM", "5.3",
+                     "4.5", "funnel (last 12 months)",
+                     "https://reports.example.org/kyphowatch/report/latest/sites/S003.html",
+                     "kyphowatch alerts resolve", "screening results"):
         assert expected in text, expected
-    assert safety.get_body(("html",)) is not None
+    # the earliest evidence is listed, and only once
+    assert text.count("risk-adjusted CUSUM") == 1
+    html_part = safety.get_body(("html",)).get_content()
+    assert "href=\"https://reports.example.org/kyphowatch/report/latest/sites/S003.html" in (
+        html_part.replace("'", '"'))
+    assert "kyphowatch alerts resolve" in html_part and "screening results" in html_part
 
     # a second run sends nothing more
     again = deliver_outbox(settings)
     assert again.sent == [] and len(sink.messages()) == 3 and len(hook.requests) == 3
 
 
-def test_persisting_signal_raises_nothing_new_and_rebreach_after_resolve_does(
+def test_persisting_alarm_raises_nothing_new_and_rebreach_after_resolve_does(
         db_url, sink, make_settings):
     settings = make_settings(db_url, sink.url)
-    key = insert_signal(db_url)
+    insert_level(db_url)
     first = sync_alerts(settings).created
     assert len(first) == 1
     assert sync_alerts(settings).created == []  # persisting
@@ -135,63 +142,82 @@ def test_persisting_signal_raises_nothing_new_and_rebreach_after_resolve_does(
 
     acknowledge(settings, first[0][:10], by="dr.lee", reason="looking at S003 cases")
     resolve(settings, first[0][:10], by="dr.lee", reason="case review done")
-    # still active after resolve: the same breach, not a new one
+    # still at alarm after a human resolved it: the same breach, not a new one
     assert sync_alerts(settings).created == []
 
-    set_signal_active(db_url, key, False)
+    insert_level(db_url, level="in_control")
     assert sync_alerts(settings).cleared == 1
     assert sync_alerts(settings).cleared == 0  # recorded once
-    set_signal_active(db_url, key, True)
+    insert_level(db_url, since=date(2024, 6, 1), signal_keys=("k2",))
     second = sync_alerts(settings).created
-    assert second == [alert_id_for("signal:S003:cement_leak:up", 2)]
+    key = "level:htg108:S003:cement_leak:up"
+    assert second == [alert_id_for(key, 2)]
     episodes = sorted(r["episode"] for r in _rows(db_url, alert))
     assert episodes == [1, 2]
 
-    # another method flagging the same site and metric while the alert is open: same alert
-    insert_signal(db_url, method="funnel")
-    assert sync_alerts(settings).created == []
-    # a new signal episode after the alert was resolved is a new alert
+    # a new crossing of the alarm chart after the alert was resolved is a new alert
     resolve(settings, second[0], by="dr.lee", reason="reviewed")
-    insert_signal(db_url, episode_start=date(2024, 6, 1))
-    assert sync_alerts(settings).created == [alert_id_for("signal:S003:cement_leak:up", 3)]
+    insert_level(db_url, since=date(2024, 6, 1), signal_keys=("k2", "k3"))
+    assert sync_alerts(settings).created == [alert_id_for(key, 3)]
     deliver_outbox(settings)
     assert len(sink.messages()) == 3
 
 
-def test_episodes_seen_while_open_belong_to_that_alert_and_headline_is_newest(
-        db_url, make_settings):
+def test_cleared_level_closes_its_alert_automatically_with_an_audit_row(db_url, make_settings):
     settings = make_settings(db_url)
-    insert_signal(db_url)
+    insert_level(db_url)
+    (alert_id,) = sync_alerts(settings).created
+    insert_level(db_url, level="watch")  # below alarm now: the alarm condition cleared
+    result = sync_alerts(settings)
+    assert result.closed == 1
+    (row,) = _rows(db_url, alert, alert.c.alert_id == alert_id)
+    assert row["state"] == "resolved"
+    trail = _rows(db_url, alert_audit, alert_audit.c.alert_id == alert_id)
+    assert (trail[-1]["from_state"], trail[-1]["to_state"], trail[-1]["actor"],
+            trail[-1]["reason"]) == ("open", "resolved", "kyphowatch", "condition cleared")
+
+
+def test_new_crossings_while_open_belong_to_that_alert(db_url, make_settings):
+    settings = make_settings(db_url)
+    insert_level(db_url)
     (first,) = sync_alerts(settings).created
-    insert_signal(db_url, method="funnel_12m")  # same breach, seen while the alert is open
+    insert_level(db_url, signal_keys=("k1", "k2"))  # the chart crossed again: same breach
     result = sync_alerts(settings)
     assert result.created == [] and result.absorbed == 1
-    resolve(settings, first, by="dr.lee", reason="reviewed")
-    assert sync_alerts(settings).created == []  # nothing new happened since the review
-    insert_signal(db_url, episode_start=date(2024, 6, 1))  # a genuinely new episode
-    (second,) = sync_alerts(settings).created
-    payload = alert_detail(settings, second)["payload"]
-    assert payload["episode_start"] == "2024-06-01"  # the headline is the new evidence
     reasons = [r["reason"] for r in _rows(db_url, alert_audit, alert_audit.c.alert_id == first)]
     assert "1 further signal episode(s) of the same breach" in reasons
 
 
-def test_condition_that_returns_while_alert_is_open_stays_one_alert(db_url, make_settings):
-    settings = make_settings(db_url)
-    key = insert_signal(db_url)
-    (alert_id,) = sync_alerts(settings).created
-    set_signal_active(db_url, key, False)
-    sync_alerts(settings)
-    set_signal_active(db_url, key, True)
-    result = sync_alerts(settings)
-    assert result.created == [] and result.returned == 1
-    reasons = [r["reason"] for r in _rows(db_url, alert_audit, alert_audit.c.alert_id == alert_id)]
-    assert reasons[1:] == ["condition cleared", "condition active again"]
+def test_watch_is_one_weekly_digest_and_history_one_summary(db_url, sink, make_settings):
+    settings = make_settings(db_url, sink.url)
+    for site in ("S001", "S002", "S004"):
+        insert_level(db_url, site=site, level="watch")
+    insert_level(db_url, site="S003")  # one current alarm
+    for n, site in enumerate(("S005", "S006", "S007", "S008")):  # past episodes
+        insert_episode(db_url, site=site, start=date(2021, 1 + n, 1), end=date(2022, 1, 1))
+    created = sync_alerts(settings).created
+    rows = {r["alert_id"]: r for r in _rows(db_url, alert)}
+    keys = sorted(rows[a]["dedupe_key"] for a in created)
+    assert keys == ["digest:history:htg108:2024-03-31", "digest:watch:htg108:2024-W13",
+                    "level:htg108:S003:cement_leak:up"]
+    assert sync_alerts(settings).created == []  # the same week, nothing new
+    deliver_outbox(settings)
+    assert len(sink.messages()) == 3
+    history = next(json.loads(r["payload"]) for r in rows.values()
+                   if r["dedupe_key"].startswith("digest:history"))
+    assert [i["site_id"] for i in history["items"]] == ["S005", "S006", "S007", "S008"]
+    # a later run: the past episodes are covered, so no second summary
+    for site in ("S001", "S002", "S003", "S004"):
+        insert_level(db_url, site=site, level="watch", as_of=date(2024, 4, 30))
+    assert [k for k in (rows.get(a, {}).get("dedupe_key") for a in sync_alerts(settings).created)
+            ] == [None]  # only the new week's watch digest (not in the old rows)
+    assert not [r for r in _rows(db_url, alert) if r["dedupe_key"].startswith("digest:history")
+                and r["dedupe_key"] != "digest:history:htg108:2024-03-31"]
 
 
 def test_life_cycle_is_audited_and_invalid_transitions_are_refused(db_url, make_settings):
     settings = make_settings(db_url)
-    insert_signal(db_url)
+    insert_level(db_url)
     (alert_id,) = sync_alerts(settings).created
     acknowledge(settings, alert_id[:8], by="dr.lee", reason="reviewing")
     with pytest.raises(InputRejected, match="cannot become acknowledged"):
@@ -215,7 +241,7 @@ def test_life_cycle_is_audited_and_invalid_transitions_are_refused(db_url, make_
 
 def test_cli_lists_shows_and_exits_2_on_mistakes(db_url, make_settings, capsys):
     settings = make_settings(db_url)
-    insert_signal(db_url)
+    insert_level(db_url)
     (alert_id,) = sync_alerts(settings).created
     assert cli.main(["alerts", "list", "--db", db_url, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -237,7 +263,7 @@ def test_mail_server_down_then_up_delivers_every_alert_exactly_once(db_url, tmp_
     port = free_port()
     settings = make_settings(db_url, f"smtp://127.0.0.1:{port}", hook.url)
     for site in ("S001", "S002", "S003"):
-        insert_signal(db_url, site=site)
+        insert_level(db_url, site=site)
     sync_alerts(settings)
 
     down = deliver_outbox(settings)
@@ -259,7 +285,7 @@ def test_mail_server_down_then_up_delivers_every_alert_exactly_once(db_url, tmp_
 def test_webhook_server_error_is_retried_with_the_same_key(db_url, make_settings):
     with WebhookRecorder(status=503) as failing:
         settings = make_settings(db_url, webhook_url=failing.url)
-        insert_signal(db_url)
+        insert_level(db_url)
         sync_alerts(settings)
         assert len(deliver_outbox(settings).retrying) == 1
         failing.status = 200
@@ -300,7 +326,7 @@ def test_delivery_killed_part_way_then_retried_sends_nothing_twice_and_loses_not
         db_url, sink, hook, make_settings, kill_at):
     settings = make_settings(db_url, sink.url, hook.url)
     for site in ("S001", "S002", "S003", "S004"):
-        insert_signal(db_url, site=site)
+        insert_level(db_url, site=site)
     alert_ids = sync_alerts(settings).created
     config = {
         "db_url": db_url, "smtp_url": sink.url, "webhook_url": hook.url,
@@ -330,7 +356,7 @@ def test_delivery_killed_part_way_then_retried_sends_nothing_twice_and_loses_not
 
 def test_unconfirmed_delivery_can_be_requeued_by_an_operator(db_url, sink, make_settings):
     settings = make_settings(db_url, sink.url)
-    insert_signal(db_url)
+    insert_level(db_url)
     (alert_id,) = sync_alerts(settings).created
     engine = make_engine(db_url)
     with engine.begin() as conn:  # what a run that died right after hand-over leaves behind
@@ -384,7 +410,7 @@ def test_concurrent_syncs_create_each_alert_once(db_url, make_settings):
 
     settings = make_settings(db_url, webhook_url="http://127.0.0.1:9/never")
     for site in ("S001", "S002", "S003", "S004", "S005"):
-        insert_signal(db_url, site=site)
+        insert_level(db_url, site=site)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: sync_alerts(settings), range(4)))
     assert sum(len(r.created) for r in results) == 5

@@ -40,6 +40,74 @@ def insert_signal(db_url: str, *, site: str = "S003", metric: str = "cement_leak
     return key
 
 
+def level_detail(*, direction: str = "up", since: date = date(2024, 1, 1),
+                 signal_keys: tuple[str, ...] = ("k1",)) -> dict:
+    """Return a level_detail document as the monitor writes it (levels.grade)."""
+    return {
+        "direction": direction, "since": since.isoformat(), "first_evidence": since.isoformat(),
+        "agree": 2, "methods_total": 5,
+        "strongest": {"method": "funnel_12m", "method_label": "funnel (last 12 months)",
+                      "p_value": 0.0004},
+        "evidence": [
+            {"method": "ra_cusum", "method_label": "risk-adjusted CUSUM",
+             "detectable_on": since.isoformat(), "episode_start": "2023-11-02",
+             "statistic": 5.3, "threshold": 4.5, "statistic_label": "CUSUM statistic",
+             "statistic_is_rate": False, "observed": 25, "expected": 12.6, "n": 120,
+             "rate": 25 / 120, "p_value": None, "signal_key": signal_keys[0]},
+            {"method": "funnel_12m", "method_label": "funnel (last 12 months)",
+             "detectable_on": "2024-03-31", "episode_start": "2024-03-01",
+             "statistic": 0.21, "threshold": 0.18, "statistic_label": "rate",
+             "statistic_is_rate": True, "observed": 42, "expected": 21.1, "n": 200,
+             "rate": 0.21, "p_value": 0.0004, "signal_key": "k-funnel"},
+        ],
+        "recent": {"window_days": 365, "n": 200, "events": 42, "rate": 0.21},
+        "guidance": {"low": 0.07, "high": 0.11, "baseline": 0.1056,
+                     "citation": "NICE HTG108 section 2.4.1"},
+        "case_mix": "explains little", "next_step": "Work down the investigation pyramid.",
+        "signal_keys": list(signal_keys),
+    }
+
+
+def insert_level(db_url: str, *, site: str = "S003", metric: str = "cement_leak",
+                 level: str = "alarm", as_of: date = date(2024, 3, 31),
+                 profile: str = "htg108", **detail) -> None:
+    """Write (or replace) the chart_status row of one site and metric at ``level``."""
+    from pipelines.schema import chart_status
+
+    row = {
+        "profile_name": profile, "site_id": site, "metric": metric, "status": level,
+        "reason": f"{level} for the test", "n": 600, "events": 90, "rate": 0.15,
+        "ci_low": 0.12, "ci_high": 0.18, "expected": 66.0, "baseline": 0.1056,
+        "cusum_chart": "ra_cusum_up", "cusum_value": 5.3, "cusum_threshold": 4.5,
+        "funnel_position": "above", "signals_recent": 2, "signals_total": 3, "run_key": "r1",
+        "as_of": as_of, "profile_version": "1.1.0",
+        "level_since": detail.get("since", date(2024, 1, 1)) if level != "in_control" else None,
+        "level_detail": json.dumps(level_detail(**detail) if level != "in_control" else {}),
+    }
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(chart_status.delete().where(chart_status.c.profile_name == profile,
+                                                 chart_status.c.site_id == site,
+                                                 chart_status.c.metric == metric))
+        conn.execute(chart_status.insert().values(**row))
+    engine.dispose()
+
+
+def insert_episode(db_url: str, *, site: str, metric: str = "cement_leak",
+                   level: str = "alarm", start: date, end: date | None,
+                   as_of: date = date(2024, 3, 31), profile: str = "htg108") -> None:
+    """Write one level_episode row (a past episode when ``end`` is set)."""
+    from pipelines.schema import level_episode
+
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(level_episode.insert().values(
+            profile_name=profile, site_id=site, metric=metric, direction="up", level=level,
+            start_date=start, last_date=start, end_date=end, signals=1, run_key="r1",
+            as_of=as_of, profile_version="1.1.0"))
+    engine.dispose()
+
+
 def set_signal_active(db_url: str, key: str, active: bool) -> None:
     engine = make_engine(db_url)
     with engine.begin() as conn:

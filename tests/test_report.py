@@ -105,7 +105,7 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
                      "sites/S001.html", "sites/S002.html", "sites/S003.html", "sites/S004.html"]
     text = index.read_text(encoding="utf-8")
     # overview: S004 is marked as a signal on cement leak; S001 is in control everywhere
-    assert "st-signal" in _grid_row(text, "S004") and "st-signal" not in _grid_row(text, "S001")
+    assert "st-alarm" in _grid_row(text, "S004") and "st-alarm" not in _grid_row(text, "S001")
     assert "missing column event_date" in text and "bad_date" in text
     site_page = (out / "sites" / "S004.html").read_text(encoding="utf-8")
     parsed = _parse(out / "sites" / "S004.html")
@@ -155,7 +155,7 @@ def test_report_numbers_equal_site_json(db_url, settings_for, tmp_path, capsys):
             compared += 1
     assert compared > 40
     leak = next(m for m in payload["metrics"] if m["metric"] == "cement_leak")
-    assert leak["status"] == "signal" and payload["status"] == "signal"
+    assert leak["status"] == "alarm" and payload["status"] == "alarm"
     # the overview data equals `kyphowatch sites --json`
     assert cli_main(["sites", "--db", db_url, "--json"]) == 0
     sites = json.loads(capsys.readouterr().out)
@@ -169,18 +169,18 @@ def test_sites_command_flagged_json_and_csv(sqlite_url, settings_for, capsys):
     assert cli_main(["sites", "--db", sqlite_url, "--flagged", "--json"]) == 0
     flagged = json.loads(capsys.readouterr().out)["sites"]
     assert "S004" in {s["site_id"] for s in flagged}
-    assert all(s["flagged"] and s["status"] in ("signal", "under_reporting") for s in flagged)
+    assert all(s["flagged"] and s["status"] in ("alarm", "watch", "under_reporting") for s in flagged)
     assert "S001" not in {s["site_id"] for s in flagged}
     assert cli_main(["sites", "--db", sqlite_url, "--csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["site"] for r in rows] == ["S001", "S002", "S003", "S004"]
-    assert rows[3]["cement_leak"] == "signal" and rows[3]["procedures"] == "300"
+    assert rows[3]["cement_leak"] == "alarm" and rows[3]["procedures"] == "300"
     assert cli_main(["site", "S004", "--db", sqlite_url, "--csv", "--metric", "cement_leak"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [r["metric"] for r in rows] == ["cement_leak"] and rows[0]["status"] == "signal"
+    assert [r["metric"] for r in rows] == ["cement_leak"] and rows[0]["status"] == "alarm"
     assert cli_main(["site", "S004", "--db", sqlite_url]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("site S004: signal") and "bernoulli_cusum" in text
+    assert text.startswith("site S004: alarm") and "ra_cusum" in text
     # mistakes get one line and exit 2
     assert cli_main(["site", "S999", "--db", sqlite_url]) == 2
     assert "unknown site" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import date, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ LONGEST_LAG = max(FRACTURE_REPORT_LAG)
 
 @pytest.fixture(scope="module")
 def profile():
-    return load_profile("profiles/htg108.yaml")
+    return load_profile(Path(__file__).resolve().parents[1] / "profiles" / "htg108.yaml")
 
 
 def per_site(snapshot) -> dict[str, int]:

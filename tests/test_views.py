@@ -25,7 +25,7 @@ DRIFTING = "S004"
 VIEWS = {
     "v_active_signals", "v_chart_status", "v_file_ledger_recent", "v_open_alerts",
     "v_pending_complications", "v_quarantine_by_site", "v_quarantine_summary",
-    "v_site_month_rates",
+    "v_site_month_rates", "v_level_episodes",
 }
 # Column names that would mean a view leaks a reference, a raw row or an alert payload.
 # (procedure_id / complication_id are the registry's record ids, not personal references.)
@@ -77,7 +77,8 @@ def test_views_agree_with_the_monitor(db_url, settings_for):
 
     status = {(r["site_id"], r["metric"]): r for r in view_rows(engine, "v_chart_status")}
     assert len(status) == len(result.site_metrics)
-    assert status[(DRIFTING, "cement_leak")]["status"] == "signal"
+    assert status[(DRIFTING, "cement_leak")]["status"] == "alarm"
+    assert status[(DRIFTING, "cement_leak")]["level_since"] is not None
     assert status[(DRIFTING, "cement_leak")]["open_alerts"] >= 1
     assert all(r["run_key"] == result.run_key and r["profile_name"] == "htg108"
                for r in status.values())
@@ -248,4 +249,4 @@ def test_upgrading_a_version_3_warehouse_adds_the_tables_and_drops_the_old_view(
     assert {"chart_status", "site_month_metric"} <= set(inspector.get_table_names())
     assert set(inspector.get_view_names()) == VIEWS
     with engine.connect() as conn:
-        assert max(conn.scalars(sa.select(schema.schema_version.c.version))) == 4
+        assert max(conn.scalars(sa.select(schema.schema_version.c.version))) == 5

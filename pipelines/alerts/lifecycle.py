@@ -4,19 +4,31 @@ Conditions
 ----------
 Every sync recomputes the set of *active conditions* from the warehouse:
 
-* an active signal (``signal.active``): category ``safety`` (this includes the sentinel
-  rule, which the engine reports as a ``sentinel_event`` signal) and ``process`` go to the
-  safety recipients; ``under_reporting`` goes to the data-quality recipients;
+* a site and metric at level ``alarm`` in the newest monitor run of the configured profile
+  (``chart_status``; :mod:`pipelines.surveillance.levels`) goes to the safety recipients,
+  one at ``under_reporting`` to the data-quality recipients. ``watch`` is never e-mailed
+  one by one: the sites at watch make one weekly digest (one per ISO week of ``as_of``);
+* a sentinel event (``signal`` of method ``sentinel``) is one alert per event, and a process
+  failure (method ``process``) one per site and metric, as before;
 * a rejected extract (``file_ledger.status = 'rejected'``);
 * a loaded extract whose quarantined share of rows is above ``quarantine_share``;
 * a site that used to send procedures but has sent none for ``silent_days`` before
   ``as_of`` (default: the newest procedure date in the warehouse, so the rule measures a
   site against the rest of the registry, not against the wall clock).
 
-Each condition has a stable ``dedupe_key``: ``signal:<site>:<metric>:<direction>`` (all
-active signals of one site, metric and direction -- every method and signal episode --
-make one alert that lists them), ``rejected:<checksum>``, ``quarantine:<checksum>``,
-``silent:<site_id>``.
+First run and backfill: alarm and under-reporting *episodes that already ended*
+(``level_episode.end_date`` set) and sentinel events older than the profile's
+``backfill_max_age_days`` before ``as_of`` are not e-mailed one by one: every sync gathers
+those not yet covered by an alert or an earlier digest into one digest. A first sync of a
+4-year registry therefore sends the alarms that are current plus at most one digest.
+
+Each condition has a stable ``dedupe_key``: ``level:<profile>:<site>:<metric>:<direction>``,
+``sentinel:<profile>:<signal_key>``, ``signal:<site>:<metric>:<direction>`` (process),
+``rejected:<checksum>``, ``quarantine:<checksum>``, ``silent:<site_id>``,
+``digest:watch:<profile>:<ISO week>``, ``digest:history:<profile>:<as_of>``.
+
+A level or silent-site condition that is no longer true *closes its alert automatically*:
+the alert becomes ``resolved`` with an audit row by ``kyphowatch`` ("condition cleared").
 
 Episodes
 --------
@@ -50,7 +62,16 @@ import sqlalchemy as sa
 
 from pipelines.db import make_engine
 from pipelines.errors import InputRejected
-from pipelines.schema import alert, alert_audit, alert_outbox, file_ledger, procedure, signal
+from pipelines.schema import (
+    alert,
+    alert_audit,
+    alert_outbox,
+    chart_status,
+    file_ledger,
+    level_episode,
+    procedure,
+    signal,
+)
 from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,6 +139,7 @@ class SyncResult:
     cleared: int = 0
     returned: int = 0
     absorbed: int = 0  # open alerts that learned of further episodes of their breach
+    closed: int = 0  # alerts resolved by the system because their condition cleared
     active_conditions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +150,7 @@ class SyncResult:
             "cleared": self.cleared,
             "returned": self.returned,
             "absorbed": self.absorbed,
+            "closed": self.closed,
             "active_conditions": self.active_conditions,
         }
 
@@ -175,24 +198,30 @@ def _signal_summary(row: sa.RowMapping) -> dict[str, Any]:
     return {name: _iso(row[name]) for name in _SIGNAL_FIELDS}
 
 
-def _signal_conditions(conn: sa.Connection, settings: Settings) -> list[Condition]:
-    """Return one condition per (site, metric, direction) with at least one active signal.
+def _signal_conditions(conn: sa.Connection, settings: Settings,
+                       profile_name: str) -> list[Condition]:
+    """Return the rule-based conditions: one per sentinel event, one per process breach.
 
-    Several methods (CUSUM, funnel, p-chart...) often flag the same problem, and a CUSUM
-    can restart and signal again while the drift lasts; one alert per site, metric and
-    direction lists them all instead of sending a message per method and episode.
+    Outcome metrics raise alerts through their level (:func:`_level_conditions`), which
+    already combines every method's signals.
     """
     rows = conn.execute(
         sa.select(signal)
-        .where(signal.c.active.is_(True))
+        .where(signal.c.active.is_(True), signal.c.profile_name == profile_name,
+               signal.c.method.in_(("sentinel", "process")))
         .order_by(signal.c.site_id, signal.c.metric, signal.c.direction,
                   signal.c.episode_start, signal.c.method, signal.c.signal_key)  # fmt: skip
     ).mappings()
     groups: dict[tuple[str, str, str], list[sa.RowMapping]] = {}
     for row in rows:
-        groups.setdefault((row["site_id"], row["metric"], row["direction"]), []).append(row)
+        if row["method"] == "sentinel":
+            # every sentinel event is its own alert: a second death is a second message
+            groups[(row["site_id"], row["metric"], row["signal_key"])] = [row]
+        else:
+            groups.setdefault((row["site_id"], row["metric"], row["direction"]), []).append(row)
     conditions = []
-    for (site_id, metric, direction), members in groups.items():
+    for (site_id, metric, group_key), members in groups.items():
+        direction = members[0]["direction"]
         # The headline describes the most recent evidence (a re-breach must not be reported
         # with the numbers of an episode that was already resolved); the rest are listed.
         primary = max(members, key=lambda m: (m["signal_date"], m["episode_start"],
@@ -212,11 +241,15 @@ def _signal_conditions(conn: sa.Connection, settings: Settings) -> list[Conditio
             "signal_keys": sorted(m["signal_key"] for m in members),
             "signals": [_signal_summary(m) for m in members],
             "where": where_to_look(settings, site_id),
+            "episode_key": _episode_key(site_id, metric, direction, "alarm",
+                                        primary["episode_start"]),
         }
+        sentinel = primary["method"] == "sentinel"
         conditions.append(
             Condition(
                 kind=kind,
-                dedupe_key=f"signal:{site_id}:{metric}:{direction}",
+                dedupe_key=(f"sentinel:{profile_name}:{group_key}" if sentinel
+                            else f"signal:{site_id}:{metric}:{direction}"),
                 title=title,
                 payload=payload,
                 signal_key=primary["signal_key"],
@@ -225,6 +258,198 @@ def _signal_conditions(conn: sa.Connection, settings: Settings) -> list[Conditio
             )
         )
     return conditions
+
+
+LEVEL_KIND = {"alarm": SAFETY, "under_reporting": DATA_QUALITY}
+# Conditions whose alert closes itself once the condition is no longer true (a digest once
+# its week or run has passed).
+AUTO_CLOSE_PREFIXES = ("level:", "silent:", "digest:")
+
+
+def _current_profile(settings: Settings):
+    from pipelines.surveillance.profile import load_profile
+
+    return load_profile(settings.profile_path)
+
+
+def _newest_status(conn: sa.Connection, profile_name: str) -> list[sa.RowMapping]:
+    """Return the newest monitor run's status rows of ``profile_name`` (empty before a run)."""
+    return list(conn.execute(
+        sa.select(chart_status).where(chart_status.c.profile_name == profile_name)
+        .order_by(chart_status.c.site_id, chart_status.c.metric)
+    ).mappings())
+
+
+def _level_payload(row: sa.RowMapping, profile, settings: Settings) -> dict[str, Any]:
+    detail = json.loads(row["level_detail"] or "{}")
+    metric = next((m for m in profile.metrics if m.id == row["metric"]), None)
+    where = where_to_look(settings, row["site_id"])
+    return {
+        "type": "level",
+        "site_id": row["site_id"],
+        "metric": row["metric"],
+        "metric_label": metric.label if metric else row["metric"],
+        "direction": detail.get("direction") or "up",
+        "level": row["status"],
+        "since": detail.get("since"),
+        "as_of": _iso(_as_date(row["as_of"])),
+        "recent": detail.get("recent"),
+        "guidance": detail.get("guidance"),
+        "agree": detail.get("agree"),
+        "methods_total": detail.get("methods_total"),
+        "strongest": detail.get("strongest"),
+        "evidence": detail.get("evidence") or [],
+        "case_mix": detail.get("case_mix"),
+        "next_step": detail.get("next_step"),
+        "where": where,
+        "where_is_url": bool(settings.report_base_url),
+        "profile_name": row["profile_name"],
+        "profile_version": row["profile_version"],
+        "signal_keys": detail.get("signal_keys") or [],
+        "episode_key": _episode_key(row["site_id"], row["metric"],
+                                    detail.get("direction") or "up", row["status"],
+                                    detail.get("since")),
+    }
+
+
+def _episode_key(site: str, metric: str, direction: str, level: str, start: Any) -> str:
+    return f"{site}:{metric}:{direction}:{level}:{_iso(start)}"
+
+
+def _level_conditions(status: list[sa.RowMapping], profile, settings: Settings
+                      ) -> list[Condition]:
+    """Return one condition per site and metric at alarm or under-reporting."""
+    conditions = []
+    for row in status:
+        kind = LEVEL_KIND.get(row["status"])
+        metric = next((m for m in profile.metrics if m.id == row["metric"]), None)
+        if kind is None or metric is None or metric.kind != "outcome":
+            continue  # sentinel events and process failures have conditions of their own
+        payload = _level_payload(row, profile, settings)
+        word = "Alarm" if row["status"] == "alarm" else "Under-reporting suspected"
+        conditions.append(Condition(
+            kind=kind,
+            dedupe_key=f"level:{profile.name}:{row['site_id']}:{row['metric']}:"
+                       f"{payload['direction']}",
+            title=f"{word} at {row['site_id']}: {payload['metric_label']}",
+            payload=payload,
+            site_id=row["site_id"],
+            metric=row["metric"],
+        ))
+    return conditions
+
+
+def _watch_digest(status: list[sa.RowMapping], profile, settings: Settings
+                  ) -> list[Condition]:
+    """Return the weekly digest of sites at watch (one per ISO week of as_of), if any."""
+    watch = [r for r in status if r["status"] == "watch"]
+    if not watch:
+        return []
+    as_of = _as_date(watch[0]["as_of"])
+    year, week, _ = as_of.isocalendar()
+    period = f"{year}-W{week:02d}"
+    items = []
+    for row in watch:
+        detail = json.loads(row["level_detail"] or "{}")
+        metric = next((m for m in profile.metrics if m.id == row["metric"]), None)
+        items.append({
+            "site_id": row["site_id"], "metric": row["metric"],
+            "metric_label": metric.label if metric else row["metric"], "level": "watch",
+            "since": detail.get("since"), "until": None,
+            "rate": (detail.get("recent") or {}).get("rate"),
+            "guidance": detail.get("guidance"), "agree": detail.get("agree"),
+            "reason": row["reason"],
+        })
+    return [Condition(
+        kind=SAFETY,
+        dedupe_key=f"digest:watch:{profile.name}:{period}",
+        title=f"Weekly watch list {period}: {len(items)} site-metric(s)",
+        payload={"type": "digest", "digest": "watch", "as_of": as_of.isoformat(),
+                 "period": period, "items": items,
+                 "where": where_to_look(settings, None),
+                 "where_is_url": bool(settings.report_base_url)},
+    )]
+
+
+def _covered_episodes(conn: sa.Connection) -> set[str]:
+    """Return the episode keys already e-mailed as an alert or listed in a digest."""
+    covered: set[str] = set()
+    for (payload,) in conn.execute(
+        sa.select(alert.c.payload).where(
+            sa.or_(alert.c.dedupe_key.startswith("level:"),
+                   alert.c.dedupe_key.startswith("sentinel:"),
+                   alert.c.dedupe_key.startswith("digest:history:")))
+    ):
+        data = json.loads(payload or "{}")
+        if data.get("episode_key"):
+            covered.add(data["episode_key"])
+        covered.update(data.get("item_keys") or ())
+    return covered
+
+
+def _history_digest(conn: sa.Connection, profile, settings: Settings,
+                    sentinel: list[Condition]) -> tuple[list[Condition], set[str]]:
+    """Return (the digest of past episodes not yet covered, keys of sentinel events in it).
+
+    Past episodes: alarm and under-reporting episodes that ended, and sentinel events older
+    than ``backfill_max_age_days`` before as_of. They are summarised, never e-mailed one by
+    one (a first sync of years of history would otherwise flood the inbox).
+    """
+    rows = list(conn.execute(
+        sa.select(level_episode).where(
+            level_episode.c.profile_name == profile.name,
+            level_episode.c.end_date.isnot(None),
+            level_episode.c.level.in_(tuple(LEVEL_KIND)),
+        ).order_by(level_episode.c.start_date, level_episode.c.site_id)
+    ).mappings())
+    as_of = _as_date(conn.scalar(sa.select(sa.func.max(chart_status.c.as_of)).where(
+        chart_status.c.profile_name == profile.name)))
+    if as_of is None:
+        return [], set()
+    covered = _covered_episodes(conn)
+    labels = {m.id: m.label for m in profile.metrics}
+    items, keys, old_sentinels = [], [], set()
+    for row in rows:
+        key = _episode_key(row["site_id"], row["metric"], row["direction"], row["level"],
+                           row["start_date"])
+        if key in covered:
+            continue
+        keys.append(key)
+        items.append({
+            "site_id": row["site_id"], "metric": row["metric"],
+            "metric_label": labels.get(row["metric"], row["metric"]), "level": row["level"],
+            "since": _iso(_as_date(row["start_date"])),
+            "until": _iso(_as_date(row["end_date"])), "rate": None, "guidance": None,
+            "agree": None, "reason": f"{row['signals']} signal(s); ended",
+        })
+    cutoff = as_of - timedelta(days=profile.design.backfill_max_age_days)
+    for condition in sentinel:
+        day = _as_date(condition.payload.get("signal_date"))
+        key = condition.payload["episode_key"]
+        if day is None or day >= cutoff:
+            continue
+        old_sentinels.add(condition.dedupe_key)
+        if key in covered:
+            continue
+        keys.append(key)
+        items.append({
+            "site_id": condition.site_id, "metric": condition.metric,
+            "metric_label": labels.get(condition.metric, condition.metric),
+            "level": "alarm", "since": _iso(day), "until": _iso(day), "rate": None,
+            "guidance": None, "agree": None, "reason": "sentinel event (reviewed locally?)",
+        })
+    if not items:
+        return [], old_sentinels
+    digest = Condition(
+        kind=SAFETY,
+        dedupe_key=f"digest:history:{profile.name}:{as_of.isoformat()}",
+        title=f"History summary: {len(items)} past episode(s), not e-mailed one by one",
+        payload={"type": "digest", "digest": "backfill", "as_of": as_of.isoformat(),
+                 "period": None, "items": items, "item_keys": keys,
+                 "where": where_to_look(settings, None),
+                 "where_is_url": bool(settings.report_base_url)},
+    )
+    return [digest], old_sentinels
 
 
 def _ledger_conditions(
@@ -340,8 +565,17 @@ def collect_conditions(
         quarantine_share = settings.alert_quarantine_share
     if silent_days is None:
         silent_days = settings.silent_site_days
+    profile = _current_profile(settings)
+    status = _newest_status(conn, profile.name)
+    rules = _signal_conditions(conn, settings, profile.name)
+    history, old_sentinels = _history_digest(conn, profile, settings,
+                                             [c for c in rules
+                                              if c.dedupe_key.startswith("sentinel:")])
     conditions = [
-        *_signal_conditions(conn, settings),
+        *_level_conditions(status, profile, settings),
+        *[c for c in rules if c.dedupe_key not in old_sentinels],
+        *_watch_digest(status, profile, settings),
+        *history,
         *_ledger_conditions(conn, settings, quarantine_share),
         *_silent_site_conditions(conn, settings, as_of, silent_days),
     ]
@@ -519,10 +753,22 @@ def sync_alerts(
         for key, previous in latest.items():
             if key in active_keys or markers.get(previous["alert_id"]) == CONDITION_CLEARED:
                 continue
+            closes = key.startswith(AUTO_CLOSE_PREFIXES) and previous["state"] != RESOLVED
             with engine.begin() as conn:
-                _audit(conn, previous["alert_id"], previous["state"], previous["state"],
-                       SYSTEM_ACTOR, CONDITION_CLEARED, now)  # fmt: skip
+                if closes:
+                    # resolved by the system: the condition is no longer true
+                    changed = conn.execute(
+                        alert.update()
+                        .where(alert.c.alert_id == previous["alert_id"],
+                               alert.c.state == previous["state"])
+                        .values(state=RESOLVED, updated_at=now)
+                    ).rowcount
+                    closes = changed == 1
+                _audit(conn, previous["alert_id"], previous["state"],
+                       RESOLVED if closes else previous["state"], SYSTEM_ACTOR,
+                       CONDITION_CLEARED, now)  # fmt: skip
             result.cleared += 1
+            result.closed += int(closes)
     finally:
         engine.dispose()
     return result

@@ -29,14 +29,14 @@ from scipy import sparse
 from scipy.sparse.linalg import spsolve
 from scipy.stats import poisson
 
-from pipelines.surveillance.arl import threshold_for_arl
+from pipelines.surveillance.arl import arl_markov, markov_grid
 from pipelines.surveillance.profile import Metric, Profile
 
 # Smallest ARL0 the derivation hands out (a tiny site or an enormous budget); below this a
 # chart would signal on one or two events, which is a sentinel rule, not a chart.
 MIN_ARL0 = 50.0
 # States of the Markov chain for the time-to-event chart: error in h well below 1 %.
-_POISSON_STATES = 1500
+_POISSON_STATES = 600
 
 
 def significant(value: float, digits: int = 3) -> float:
@@ -74,10 +74,45 @@ def arl0_for(volume_per_year: float, rate_per_year: float) -> float:
     return max(MIN_ARL0, significant(max(volume_per_year, 1.0) / rate_per_year))
 
 
-@lru_cache(maxsize=4096)
+# Threshold curves: the in-control ARL on a grid of h, from which any site's h is read by
+# interpolating ln(ARL) (nearly linear in h). One curve per design serves every site, so a
+# network of 1,000 sites costs a few dozen Markov-chain solves, not one bisection per site.
+_H_STEP = 0.25
+_H_MAX = 30.0
+_ARL_CEILING = 1e9
+
+
+def _interpolate_h(h_grid: np.ndarray, log_arl: np.ndarray, arl0: float) -> float:
+    """Return the h at which the curve reaches ``arl0`` (linear in ln ARL between points)."""
+    target = math.log(arl0)
+    if target <= log_arl[0]:
+        return float(h_grid[0])
+    if target > log_arl[-1]:
+        raise ValueError(f"ARL0 {arl0:g} is beyond the threshold curve (h up to {h_grid[-1]})")
+    return float(np.interp(target, log_arl, h_grid))
+
+
+@lru_cache(maxsize=256)
+def _bernoulli_curve(p0: float, odds_ratio: float, direction: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Return (h grid, ln in-control ARL) of the Bernoulli CUSUM for (p0, odds ratio)."""
+    grid = markov_grid(p0, odds_ratio, _H_MAX)
+    hs, logs = [], []
+    h = _H_STEP
+    while h <= _H_MAX:
+        arl = arl_markov(p0, p0, odds_ratio, h, direction, grid=grid)
+        hs.append(h)
+        logs.append(math.log(arl))
+        if arl > _ARL_CEILING:
+            break
+        h += _H_STEP
+    return np.asarray(hs), np.maximum.accumulate(np.asarray(logs))
+
+
 def bernoulli_threshold(p0: float, odds_ratio: float, arl0: float, direction: str) -> float:
-    """Return h of the Bernoulli CUSUM for (p0, odds ratio) at ``arl0`` (Markov chain)."""
-    return float(threshold_for_arl(p0, odds_ratio, arl0, direction))
+    """Return h of the Bernoulli CUSUM for (p0, odds ratio) at ``arl0`` (Markov-chain curve)."""
+    h_grid, log_arl = _bernoulli_curve(p0, odds_ratio, direction)
+    return _interpolate_h(h_grid, log_arl, arl0)
 
 
 def _poisson_chain(mu: float, theta: float, h: float, mu_true: float) -> float:
@@ -120,27 +155,57 @@ def poisson_cusum_arl(mu: float, theta: float, h: float, mu_true: float | None =
     return _poisson_chain(mu, theta, h, mu if mu_true is None else mu_true)
 
 
-@lru_cache(maxsize=4096)
+# Expected events a day on which the time-to-event curves are computed (log-spaced); a
+# site's curve is interpolated between its two neighbours in ln(mu).
+_MU_GRID = tuple(float(x) for x in np.geomspace(0.001, 4.0, 9))
+_POISSON_H_STEP = 0.5
+# Far beyond any budget (ARL0 in expected events): the curve stops here.
+_POISSON_CEILING = 1e6
+
+
+@lru_cache(maxsize=64)
+def _poisson_curves(theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return (h grid, ln(ARL in expected events) per mu grid point x h) for hazard ratio theta.
+
+    In expected-event time the chart is nearly free of the site's volume; the remaining
+    dependence (daily steps) is carried by the mu grid.
+    """
+    h_grid = np.arange(_POISSON_H_STEP, 20.0 + 1e-9, _POISSON_H_STEP)
+    table = np.empty((len(_MU_GRID), len(h_grid)))
+    for i, mu in enumerate(_MU_GRID):
+        for j, h in enumerate(h_grid):
+            if j and table[i, j - 1] > math.log(_POISSON_CEILING):
+                table[i, j] = table[i, j - 1] + 1.0  # beyond any budget; keep it increasing
+                continue
+            table[i, j] = math.log(poisson_cusum_arl(mu, theta, float(h)) * mu)
+        table[i] = np.maximum.accumulate(table[i])
+    return h_grid, table
+
+
 def poisson_threshold(mu: float, theta: float, arl0_days: float) -> float:
-    """Return h of the daily time-to-event CUSUM at ``arl0_days`` (bisection, Markov chain).
+    """Return h of the daily time-to-event CUSUM at ``arl0_days``.
 
     ``mu`` is the site's expected events per day at the reference hazard and ``theta`` the
-    hazard ratio the chart is designed to detect.
+    hazard ratio the chart is designed to detect. The in-control ARL comes from the Markov
+    chain of :func:`poisson_cusum_arl`, tabulated once per ``theta`` on a grid of ``mu`` and
+    ``h`` and interpolated (``tests/test_budget.py`` checks the result by simulation).
     """
     if mu <= 0:
         return math.inf
-    lo, hi = 0.05, 2.0
-    while poisson_cusum_arl(mu, theta, hi) < arl0_days:
-        lo, hi = hi, hi * 2.0
-        if hi > 200:
-            raise RuntimeError("time-to-event threshold above 200; check the budget")
-    while hi - lo > 1e-3:
-        mid = (lo + hi) / 2.0
-        if poisson_cusum_arl(mu, theta, mid) >= arl0_days:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    h_grid, table = _poisson_curves(float(theta))
+    grid = np.log(np.asarray(_MU_GRID))
+    x = float(np.clip(math.log(mu), grid[0], grid[-1]))
+    k = int(np.clip(np.searchsorted(grid, x) - 1, 0, len(grid) - 2))
+    w = (x - grid[k]) / (grid[k + 1] - grid[k])
+    curve = (1 - w) * table[k] + w * table[k + 1]
+    target = arl0_days * mu
+    h = _interpolate_h(h_grid, curve, target)
+    # One Newton step on the site's own chain removes the interpolation error.
+    slope = float(np.interp(h, h_grid[1:], np.diff(curve) / _POISSON_H_STEP))
+    actual = math.log(poisson_cusum_arl(mu, theta, h) * mu)
+    if slope > 0:
+        h += (math.log(target) - actual) / slope
+    return float(h)
 
 
 def rare_alpha(rate_per_year: float, evaluations_per_year: int = 12) -> float:
