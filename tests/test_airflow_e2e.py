@@ -123,7 +123,7 @@ class AirflowStack:
 
 
 def _drift_emails(sink: MailSink) -> list:
-    return [m for m in sink.messages() if DRIFT_SITE in m["Subject"] and "cement_leak" in m["Subject"]]
+    return [m for m in sink.messages() if DRIFT_SITE in m["Subject"] and "cement leak" in m["Subject"].lower()]
 
 
 def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys):

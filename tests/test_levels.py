@@ -54,11 +54,16 @@ OLD = AS_OF - timedelta(days=400)
     (SITE, [sig("ra_cusum", OLD, role="alarm", detectable=OLD)], "in_control"),
     # the same chart at its watch threshold: watch, never alarm
     (SITE, [sig("ra_cusum_watch", RECENT, role="watch", detectable=RECENT)], "watch"),
-    # one corroborating method alone is not enough; two agreeing are a watch
-    (SITE, [sig("bernoulli_cusum", RECENT, role="corroborating", detectable=RECENT)],
+    # two corroborating methods are not enough (they read the same data); three are a watch
+    (SITE, [sig("bernoulli_cusum", RECENT, role="corroborating", detectable=RECENT),
+            sig("funnel_12m", RECENT, role="corroborating", ongoing=True, p=1e-4)],
      "in_control"),
     (SITE, [sig("bernoulli_cusum", RECENT, role="corroborating", detectable=RECENT),
-            sig("funnel_12m", RECENT, role="corroborating", ongoing=True, p=1e-4)], "watch"),
+            sig("funnel_12m", RECENT, role="corroborating", ongoing=True, p=1e-4),
+            sig("pchart", RECENT, role="corroborating", p=1e-3)], "watch"),
+    # a watch lasts 90 days after its crossing, an alarm 365
+    (SITE, [sig("ra_cusum_watch", AS_OF - timedelta(days=120), role="watch",
+                detectable=AS_OF - timedelta(days=120))], "in_control"),
     # a downward alarm chart: under-reporting (data quality)
     (SITE, [sig("bernoulli_cusum", RECENT, role="alarm", direction="down",
                 detectable=RECENT)], "under_reporting"),
@@ -69,9 +74,10 @@ OLD = AS_OF - timedelta(days=400)
                 detectable=RECENT)], "alarm"),
     # rows written before levels existed carry no role: every method was an alarm then
     (SITE, [sig("pchart", RECENT)], "alarm"),
-    # a long funnel episode still ongoing at as_of keeps the site at watch with a second
+    # a long funnel episode still ongoing at as_of counts as current evidence
     (SITE, [sig("funnel_12m", OLD, role="corroborating", ongoing=True, p=1e-3),
-            sig("funnel_cumulative", OLD, role="corroborating", last=RECENT, p=1e-3)],
+            sig("funnel_cumulative", OLD, role="corroborating", last=RECENT, p=1e-3),
+            sig("bernoulli_cusum", RECENT, role="corroborating", detectable=RECENT)],
      "watch"),
 ])
 def test_level_rules(site, signals, level):
@@ -123,15 +129,16 @@ def test_evidence_lists_every_method_once_oldest_first_with_statistics_in_one_un
         sig("funnel_12m", RECENT, role="corroborating", ongoing=True, p=1e-12),
         sig("ra_cusum", early, role="alarm", detectable=early, key="a"),
         sig("ra_cusum", RECENT, role="alarm", detectable=RECENT, key="b"),
-        sig("ra_cusum_watch", early - timedelta(days=50), role="watch",
-            detectable=early - timedelta(days=50)),
+        sig("ra_cusum_watch", RECENT - timedelta(days=10), role="watch",
+            detectable=RECENT - timedelta(days=10)),
+        sig("bernoulli_cusum", early, role="corroborating", detectable=early),  # too old
     ]
     graded = levels.grade(LEAK, SITE, signals, AS_OF, PROFILE.design)
     assert graded["level"] == "alarm"
     assert graded["since"] == early.isoformat()  # the first crossing of the episode
     methods = [e["method"] for e in graded["evidence"]]
-    assert methods == ["ra_cusum_watch", "ra_cusum", "funnel_12m"]
-    assert graded["evidence"][1]["signal_key"] == "a"  # the earliest crossing, not the newest
+    assert methods == ["ra_cusum", "ra_cusum_watch", "funnel_12m"]
+    assert graded["evidence"][0]["signal_key"] == "a"  # the earliest crossing, not the newest
     funnel = graded["evidence"][2]
     assert funnel["statistic_is_rate"] and (funnel["statistic"], funnel["threshold"]) == (
         0.21, 0.16)  # a rate against a rate, not a z-score against a proportion

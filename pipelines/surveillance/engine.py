@@ -406,23 +406,34 @@ class _Computation:
         assert detect is not None
         window = metric.window_days or 0
         if self.profile.design.budget is not None and window <= INFORMATION_ORDER_MAX_WINDOW:
-            # Outcomes in the order they became known: an event on its day, an event-free
-            # case when its window closes. The same increments, about a window earlier.
-            known = np.where(y == 1, units["event_day"].to_numpy(np.int64), day + window)
-            order = np.lexsort((known, group))
-            c_group, c_y, c_day, lag = group[order], y[order], known[order], 0
+            # Outcomes in the order they became known: an event on its day (the case may
+            # still be inside its window), an event-free case when its window closes. The
+            # same increments, up to a window earlier, and exactly what a nightly run on
+            # as_of can see: nothing known after as_of is in the chart.
+            known_units = derive_outcomes(self.snapshot, metric, include_immature=True)
+            event_day = known_units["event_day"].to_numpy(np.int64)
+            index_day = known_units["index_day"].to_numpy(np.int64)
+            seen = (index_day + window <= self.as_of_day) | (event_day >= 0)
+            known_units = known_units.loc[seen]
+            k_y = known_units["y"].to_numpy(np.int64)
+            known = np.where(k_y == 1, event_day[seen], index_day[seen] + window)
+            k_group = known_units["site_code"].to_numpy(np.int64)
+            order = np.lexsort((known, k_group))
+            c_group, c_y, c_day, lag = k_group[order], k_y[order], known[order], 0
+            c_risk = (model.predict(known_units) if model is not None
+                      else np.full(len(known_units), p0))[order]
         else:
-            order = np.arange(len(units))
             c_group, c_y, c_day, lag = group, y, day, window
+            c_risk = expected_risk
         for direction in detect.directions:
             odds_ratio = detect.odds_ratio if direction == "up" else 1.0 / detect.odds_ratio
             reference = self._reference(metric, direction)
             if "bernoulli_cusum" in metric.methods:
                 self._cusum(metric, "bernoulli_cusum", direction, odds_ratio, c_group, c_y,
-                            c_day, np.full(len(units), reference), lag)
+                            c_day, np.full(len(c_y), reference), lag)
             if "ra_cusum" in metric.methods and direction == "up":
                 self._cusum(metric, "ra_cusum", direction, odds_ratio, c_group, c_y, c_day,
-                            _shift_odds(expected_risk, p0, reference)[order], lag)
+                            _shift_odds(c_risk, p0, reference), lag)
         if "tte_cusum" in metric.methods:
             self._tte(metric)
         if "funnel" in metric.methods:

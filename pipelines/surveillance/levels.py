@@ -10,8 +10,9 @@ Levels (most severe first; docs/statistics.md section 8):
   events and process failures are alarms by rule (every one is reviewed). Only alarms
   e-mail the safety team.
 * ``watch`` -- short of an alarm: the alarm chart crossed its *watch* threshold (the same
-  chart at the looser ``watch_per_site_year`` budget), or at least ``watch_min_methods``
-  corroborating methods (the other CUSUMs, funnels, p-chart) flag the site currently.
+  chart at the looser ``watch_per_site_year`` budget) within ``watch_hold_days`` (90), or at
+  least ``watch_min_methods`` (3) corroborating methods (the other CUSUMs, funnels,
+  p-chart) flag the site within that time.
   Watch shows in the report, ``kyphowatch sites`` and the weekly digest; it is not e-mailed.
 * ``under_reporting`` -- a downward alarm chart (against the bottom of the guidance range)
   crossed: fewer events than even the best the guidance reports, most often missing reports.
@@ -236,20 +237,21 @@ def grade(metric, site_row: dict[str, Any], signals: list[dict[str, Any]], as_of
     ``site_row`` is the engine's per-site figures for the metric (n, rate, funnel...),
     ``signals`` every signal of this site and metric, ``design`` the profile's design.
     """
-    hold = design.hold_days
+    hold, watch_hold = design.hold_days, design.watch_hold_days
     window = metric.window_days
     site = site_row["site_id"]
-    current = [s for s in signals if is_current(s, as_of, hold, window)]
+    current = [s for s in signals if is_current(
+        s, as_of, hold if role_of(s) == ALARM else watch_hold, window)]
     result: dict[str, Any] = {"level": IN_CONTROL, "direction": None, "since": None}
 
-    def chain(members):
-        return [e for e in episodes(members, as_of, hold, window) if e["end"] is None]
+    def chain(members, days=hold):
+        return [e for e in episodes(members, as_of, days, window) if e["end"] is None]
 
     up = [s for s in signals if s["direction"] == "up"]
     down = [s for s in signals if s["direction"] == "down"]
     alarm_up = chain([s for s in up if role_of(s) == ALARM])
     alarm_down = chain([s for s in down if role_of(s) == ALARM])
-    watch_up = chain([s for s in up if role_of(s) == WATCH])
+    watch_up = chain([s for s in up if role_of(s) == WATCH], watch_hold)
     corroborating = {s["method"] for s in current
                      if s["direction"] == "up" and role_of(s) == "corroborating"}
     if alarm_up:
@@ -320,7 +322,7 @@ def reason_text(level: dict[str, Any]) -> str:
 def level_episodes(metric, site: str, signals: list[dict[str, Any]], as_of: date,
                    design) -> list[dict[str, Any]]:
     """Return every alarm, watch and under-reporting episode of one site and metric."""
-    hold, window = design.hold_days, metric.window_days
+    window = metric.window_days
     out = []
     groups = (
         (ALARM, "up", [s for s in signals if s["direction"] == "up" and role_of(s) == ALARM]),
@@ -329,6 +331,7 @@ def level_episodes(metric, site: str, signals: list[dict[str, Any]], as_of: date
          [s for s in signals if s["direction"] == "down" and role_of(s) == ALARM]),
     )
     for level, direction, members in groups:
+        hold = design.watch_hold_days if level == WATCH else design.hold_days
         for episode in episodes(members, as_of, hold, window):
             out.append({
                 "site_id": site, "metric": metric.id, "direction": direction, "level": level,

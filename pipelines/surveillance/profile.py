@@ -149,6 +149,7 @@ class Design:
     risk_min_events: int = 50
     budget: Budget | None = None
     hold_days: int = 365
+    watch_hold_days: int = 90
     backfill_max_age_days: int = 90
     watch_min_methods: int = 2
 
@@ -333,7 +334,8 @@ def _design(reader: _Reader, data: Any) -> Design:
         )
     levels = reader.mapping(
         data.get("levels") or {}, "design.levels",
-        allowed={"hold_days", "backfill_max_age_days", "watch_min_methods"},
+        allowed={"hold_days", "watch_hold_days", "backfill_max_age_days",
+                 "watch_min_methods"},
     )
     return Design(
         arl0=arl0,
@@ -363,6 +365,10 @@ def _design(reader: _Reader, data: Any) -> Design:
         budget=budget,
         hold_days=reader.integer(
             levels.get("hold_days", 365), "design.levels.hold_days", low=1, high=3660
+        ),
+        watch_hold_days=reader.integer(
+            levels.get("watch_hold_days", 90), "design.levels.watch_hold_days", low=1,
+            high=3660,
         ),
         backfill_max_age_days=reader.integer(
             levels.get("backfill_max_age_days", 90), "design.levels.backfill_max_age_days",
