@@ -401,31 +401,35 @@ def fmt_days(value: float) -> str:
 _threshold_cache: dict[tuple[float, float, float], float] = {}
 
 
-def reference_delay(series: dict, drift: Drift, metric, volume_rate: float, as_of_day: int,
-                    start_day: int) -> float:
-    """Delay of a Bernoulli CUSUM designed for the true odds ratio at the matched rate."""
-    index_day, y = series["index_day"], series["y"]
-    window = int(metric.window_days)
+def reference_delay(job: tuple) -> float:
+    """Delay of a Bernoulli CUSUM designed for the true odds ratio at the matched rate.
+
+    ``job`` = (index days and outcomes of the drifting site's mature units, true odds ratio,
+    onset day, window days, baseline p0, false e-mails per site-year r, as_of day, first
+    day of the data). ARL0 = mature units a year / r; the chart detects when the crossing
+    unit's window has closed; the first detection on or after the onset counts.
+    """
+    index_day, y, odds_ratio, onset, window, p0, rate, as_of_day, start_day = job
     mature_years = max((as_of_day - window - start_day + 1) / 365.25, 1e-9)
     units_per_year = len(index_day) / mature_years
-    if not len(index_day) or units_per_year <= 0:
+    if not len(index_day):
         return float("inf")
-    p0 = float(metric.baseline.rate)
-    arl0 = max(units_per_year / volume_rate, 2.0)
-    key = (round(p0, 12), float(drift.odds_ratio), float(f"{arl0:.3g}"))
+    arl0 = float(f"{max(units_per_year / rate, 2.0):.3g}")
+    key = (round(p0, 12), float(odds_ratio), arl0)
     if key not in _threshold_cache:
-        _threshold_cache[key] = float(threshold_for_arl(p0, drift.odds_ratio, key[2], "up"))
-    h = _threshold_cache[key]
-    result = grouped_cusum(np.zeros(len(y), np.int64), y.astype(np.int64), p0,
-                           drift.odds_ratio, h, n_groups=1)
-    onset = day_number(drift.from_date)
+        _threshold_cache[key] = float(threshold_for_arl(p0, odds_ratio, arl0, "up"))
+    result = grouped_cusum(np.zeros(len(y), np.int64), y.astype(np.int64), p0, odds_ratio,
+                           _threshold_cache[key], n_groups=1)
     known = index_day[result.signal_rows] + window
     after = known[known >= onset]
     return float(after[0] - onset) if after.size else float("inf")
 
 
-def analyse(results: list[dict], profile: Profile) -> dict:
-    """Turn the registry results into the figures the report prints."""
+def analyse(results: list[dict], profile: Profile, mapper=map) -> dict:
+    """Turn the registry results into the figures the report prints.
+
+    ``mapper`` runs the reference charts (a process pool's ``map`` in parallel).
+    """
     available = all(r["episodes"] is not None for r in results)
     old = false_alarm_rates(results, lambda r: old_email_starts(r["old_signals"]))
     new = false_alarm_rates(results, lambda r: new_email_starts(r["episodes"])) if available else None
@@ -434,7 +438,7 @@ def analyse(results: list[dict], profile: Profile) -> dict:
         measured = new["emails"].get(metric, 0) / new["site_years"][metric] if new else 0.0
         rates[metric] = (measured, "NEW rules") if measured > 0 else (
             FALLBACK_RATE, "fallback" if new is None else "fallback (NEW sent none)")
-    drifts = []
+    drifts, jobs = [], []
     for result in results:
         if result["task"]["kind"] != "drift":
             continue
@@ -458,10 +462,16 @@ def analyse(results: list[dict], profile: Profile) -> dict:
                 else float("nan"),
                 "watch": delay(first_on_or_after(watch_starts.get(key), onset)) if available
                 else float("nan"),
-                "reference": reference_delay(series, drift, profile.metric(drift.metric),
-                                             rates[drift.metric][0], result["as_of_day"],
-                                             start_day),
             })
+            metric = profile.metric(drift.metric)
+            jobs.append((series["index_day"], series["y"], drift.odds_ratio, onset,
+                         int(metric.window_days), float(metric.baseline.rate),
+                         rates[drift.metric][0], result["as_of_day"], start_day))
+    # Same designs together, so each process solves a threshold once.
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][5], jobs[i][2], len(jobs[i][0])))
+    delays = list(mapper(reference_delay, [jobs[i] for i in order]))
+    for i, value in zip(order, delays, strict=True):
+        drifts[i]["reference"] = value
     return {"available": available, "old": old, "new": new, "rates": rates, "drifts": drifts}
 
 
@@ -657,14 +667,17 @@ def main() -> int:
           f"{BAND[0]:g}-{BAND[1]:g}); onsets {ONSET_FIRST}..{ONSET_LAST}")
     # The backfill registry (4 years, the longest) goes first so it does not straggle.
     tasks = [backfill_registry()] + design_registries(n_drift, n_null)
-    if args.jobs > 1:
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(run_registry, tasks))
-    else:
-        results = [run_registry(task) for task in tasks]
-    evaluated = time.perf_counter()
-    backfill_result = results.pop(0)
-    figures = analyse(results, legacy_profile())
+    pool = ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else None
+    try:
+        results = list(pool.map(run_registry, tasks)) if pool else [
+            run_registry(task) for task in tasks]
+        evaluated = time.perf_counter()
+        backfill_result = results.pop(0)
+        figures = analyse(results, legacy_profile(),
+                          (lambda fn, items: pool.map(fn, items, chunksize=4)) if pool else map)
+    finally:
+        if pool:
+            pool.shutdown()
     backfill = backfill_figures(backfill_result)
     work = sum(r["seconds"] for r in results) + backfill_result["seconds"]
     print(f"{len(tasks)} registries: simulation and both rule sets {evaluated - started:.0f} s"

@@ -26,7 +26,6 @@ recent-complication list carries only date, type, severity and level.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -63,41 +62,8 @@ def _as_date(value: Any) -> date:
 
 
 def status_rows(result, profile) -> list[dict[str, Any]]:
-    """Return one status row per site and metric for a monitor result (grid and table)."""
-    if result.as_of is None:
-        return []
-    hold = profile.design.hold_days
-    windows = {m.id: m.window_days for m in profile.metrics}
-    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for s in result.signals:
-        by_pair.setdefault((s["site_id"], s["metric"]), []).append(s)
-    rows = []
-    for m in result.site_metrics:
-        signals = by_pair.get((m["site_id"], m["metric"]), [])
-        level = m.get("level") or {"level": STATUS_IN_CONTROL, "reason": "no current signal"}
-        charts = {k: v for k, v in (m.get("cusum") or {}).items()
-                  if k.endswith("_up") and v.get("h") and v.get("role") != "watch"}
-        cusum_key = max(charts, key=lambda k: (charts[k]["value"] or 0) / charts[k]["h"],
-                        default=None)
-        window = windows.get(m["metric"])
-        rows.append({
-            "site_id": m["site_id"], "metric": m["metric"], "status": level["level"],
-            "reason": level["reason"], "n": m.get("n"), "events": m.get("events"),
-            "rate": m.get("rate"), "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"),
-            "expected": m.get("expected"), "baseline": m["baseline"],
-            "cusum_chart": cusum_key,
-            "cusum_value": charts[cusum_key]["value"] if cusum_key else None,
-            "cusum_threshold": charts[cusum_key]["h"] if cusum_key else None,
-            "funnel_position": ((m.get("funnel") or {}).get("cumulative") or {}).get("position"),
-            "signals_recent": sum(1 for s in signals
-                                  if levels.is_current(s, result.as_of, hold, window)),
-            "signals_total": len(signals),
-            "level_since": _as_date(level["since"]) if level.get("since") else None,
-            "level_detail": json.dumps(
-                {k: v for k, v in level.items() if k not in ("level", "reason")},
-                sort_keys=True, default=str),
-        })
-    return rows
+    """Return one status row per site and metric (see :func:`levels.status_rows`)."""
+    return levels.status_rows(result, profile)
 
 
 # -- warehouse facts --------------------------------------------------------------------

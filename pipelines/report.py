@@ -200,11 +200,11 @@ class ReportData:
     """Everything one report renders, gathered once."""
 
     def __init__(self, settings: Settings, as_of: date | None) -> None:
-        from pipelines.surveillance.engine import evaluate
         from pipelines.surveillance.profile import load_profile
+        from pipelines.surveillance.runs import read_or_compute
 
         self.profile = load_profile(settings.profile_path)
-        self.result = evaluate(settings, as_of, profile=self.profile)
+        self.result = read_or_compute(settings, self.profile, as_of)
         self.as_of = self.result.as_of
         self.facts = evidence.read_site_facts(settings, self.as_of)
         self.quality = data_quality(settings)
@@ -285,6 +285,26 @@ def funnel_svg(chart: dict[str, Any], label: str, signalled: set[str],
     return plot.render()
 
 
+def tte_svg(chart: dict[str, Any], site_id: str, title: str) -> str | None:
+    """Return one site's time-to-event CUSUM (partial follow-up) with its threshold."""
+    series = (chart.get("series") or {}).get(site_id)
+    if not series or not len(series["day"]):
+        return None
+    days = np.asarray(series["day"], dtype=float)
+    stat = np.asarray(series["statistic"], dtype=float)
+    h = series.get("h")
+    plot = Chart(title=title, x_label="calendar date (events counted on their day)",
+                 y_label="CUSUM statistic (log-likelihood ratio)", x_scale="date", y_min=0.0,
+                 description=f"{title}: the statistic rises with each event and falls with "
+                             "the time patients spend at risk without one"
+                             + (f"; threshold h = {h:.3f}." if h is not None else "."))
+    x, y = decimate(days, stat)
+    plot.line(x, y, label="time-to-event CUSUM", width=1.1)
+    if h is not None:
+        plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
+    return plot.render()
+
+
 def cusum_svg(chart: dict[str, Any], site_id: str, title: str) -> str | None:
     """Return one site's CUSUM path over time with its threshold and signal points."""
     if site_id not in chart["sites"]:
@@ -297,12 +317,20 @@ def cusum_svg(chart: dict[str, Any], site_id: str, title: str) -> str | None:
     days = np.asarray(chart["day"])[start:stop].astype(float)
     stat = np.asarray(chart["statistic"])[start:stop].astype(float)
     fired = np.asarray(chart["signal"])[start:stop].astype(bool)
-    plot = Chart(title=title, x_label="index date (procedure, or first procedure per patient)",
+    h_sites = np.asarray(chart.get("h_sites", []), dtype=float)
+    h = float(h_sites[code]) if code < len(h_sites) and np.isfinite(h_sites[code]) else (
+        chart.get("h"))
+    x_label = ("date the outcome was known" if chart.get("order") == "outcome known"
+               else "index date (procedure, or first procedure per patient)")
+    plot = Chart(title=title, x_label=x_label,
                  y_label="CUSUM statistic (log-likelihood ratio)", x_scale="date", y_min=0.0,
-                 description=f"{title}: {len(stat)} mature units, {int(fired.sum())} signals.")
+                 description=f"{title}: {len(stat)} points shown, {int(fired.sum())} "
+                             f"crossings of the site's threshold h = {h:.3f}."
+                 if h is not None else f"{title}: {len(stat)} points shown.")
     x, y = decimate(days, stat)
     plot.line(x, y, label="CUSUM", width=1.1)
-    plot.hline(chart["h"], label=f"threshold h = {chart['h']:.3f}", style="dash")
+    if h is not None:
+        plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
     if fired.any():
         plot.points(days[fired], stat[fired], label="signal (chart resets)", marker="triangle",
                     tips=[f"signal {(EPOCH + timedelta(days=int(d))).isoformat()}"
@@ -573,6 +601,11 @@ def site_page(data: ReportData, site_id: str) -> str:
             svg = cusum_svg(chart, site_id, f"{site_id} {m['label']}: {name}, {way}")
             if svg:
                 body.append(svg)
+        if metric in charts.get("tte", {}):
+            svg = tte_svg(charts["tte"][metric], site_id,
+                          f"{site_id} {m['label']}: time-to-event CUSUM, deterioration (up)")
+            if svg:
+                body.append(svg)
         if metric in charts.get("pchart", {}):
             svg = pchart_svg(charts["pchart"][metric], site_id,
                              f"{site_id} {m['label']}: quarterly p-chart")
@@ -826,16 +859,12 @@ def publish_report(settings: Settings, as_of: date | None = None) -> Path:
     ``latest`` only points at ``empty`` (the no-data page) until real data is published.
     Dated reports beyond ``settings.report_keep`` are deleted, oldest first.
     """
-    from pipelines.surveillance.engine import _open_engine
+    from pipelines.db import reading
     from pipelines.surveillance.outcomes import latest_procedure_date
 
     if as_of is None:
-        engine = _open_engine(settings)
-        try:
-            with engine.connect() as conn:
-                as_of = latest_procedure_date(conn)
-        finally:
-            engine.dispose()
+        with reading(settings.db_url) as conn:
+            as_of = latest_procedure_date(conn)
     root = Path(settings.report_dir)
     folder = as_of.isoformat() if as_of else EMPTY
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 metadata = sa.MetaData()
 
@@ -291,6 +291,16 @@ chart_status = sa.Table(
     sa.Column("level_detail", sa.Text),
 )
 
+# The stored monitor run (pipelines.surveillance.runs): the one hand-off from computing to
+# reading. Part "core" and one part per site, zlib-compressed JSON.
+monitor_run_part = sa.Table(
+    "monitor_run_part",
+    metadata,
+    sa.Column("run_key", sa.String(DIGEST), primary_key=True),
+    sa.Column("part", sa.String(64), primary_key=True),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+)
+
 # Every alarm, watch and under-reporting episode of the newest run (levels.level_episodes):
 # the alert sync summarises past episodes in one digest instead of e-mailing each.
 level_episode = sa.Table(
@@ -358,8 +368,13 @@ def _migration_5(conn: sa.Connection) -> None:
     level_episode.create(conn, checkfirst=True)
 
 
+def _migration_6(conn: sa.Connection) -> None:
+    """Version 6: the stored monitor run (monitor_run_part), read by report, CLI and alerts."""
+    monitor_run_part.create(conn, checkfirst=True)
+
+
 MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4,
-              5: _migration_5}
+              5: _migration_5, 6: _migration_6}
 
 
 def _views_sql(sql_dir: Path) -> list[str]:

@@ -249,4 +249,4 @@ def test_upgrading_a_version_3_warehouse_adds_the_tables_and_drops_the_old_view(
     assert {"chart_status", "site_month_metric"} <= set(inspector.get_table_names())
     assert set(inspector.get_view_names()) == VIEWS
     with engine.connect() as conn:
-        assert max(conn.scalars(sa.select(schema.schema_version.c.version))) == 5
+        assert max(conn.scalars(sa.select(schema.schema_version.c.version))) == schema.SCHEMA_VERSION

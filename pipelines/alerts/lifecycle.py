@@ -358,7 +358,8 @@ def _watch_digest(status: list[sa.RowMapping], profile, settings: Settings
             "since": detail.get("since"), "until": None,
             "rate": (detail.get("recent") or {}).get("rate"),
             "guidance": detail.get("guidance"), "agree": detail.get("agree"),
-            "reason": row["reason"],
+            "reason": "by " + ", ".join(e["method_label"] for e in detail.get("evidence") or [])
+            if detail.get("evidence") else None,
         })
     return [Condition(
         kind=SAFETY,

@@ -125,12 +125,13 @@ def handle_monitor(args: argparse.Namespace) -> int:
 def _evidence(args: argparse.Namespace, site: str | None = None):
     """Return (result, profile, facts, complications) for the drill-down commands."""
     from pipelines import evidence
-    from pipelines.surveillance.engine import evaluate
     from pipelines.surveillance.profile import load_profile
+    from pipelines.surveillance.runs import read_or_compute
 
     settings = load_settings(db_url=args.db)
     profile = load_profile(settings.profile_path)
-    result = evaluate(settings, parse_as_of(args.as_of), profile=profile)
+    # the stored run: no chart series are shown here, so none are read
+    result = read_or_compute(settings, profile, parse_as_of(args.as_of), sites=[])
     if result.as_of is None:
         if site is not None:
             raise InputRejected(f"unknown site {site!r}: the warehouse holds no procedures yet")
@@ -187,7 +188,7 @@ def handle_sites(args: argparse.Namespace) -> int:
 
 
 def handle_site(args: argparse.Namespace) -> int:
-    """Print one site's figures, signals and alerts (recomputed, nothing stored)."""
+    """Print one site's figures, signals and alerts (from the stored monitor run)."""
     from pipelines import evidence
 
     site = args.site_id.strip().upper()

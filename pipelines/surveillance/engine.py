@@ -37,7 +37,6 @@ import json
 import logging
 import operator
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import lru_cache
 from typing import Any
@@ -70,6 +69,7 @@ from pipelines.surveillance.outcomes import (
 )
 from pipelines.surveillance.profile import Metric, Profile, load_profile
 from pipelines.surveillance.risk_model import RiskModel, fit_risk_model
+from pipelines.surveillance.runs import MonitorResult, store_run
 
 log = logging.getLogger(__name__)
 
@@ -156,63 +156,6 @@ def _finite(value: Any) -> float | None:
         return None
     value = float(value)
     return value if np.isfinite(value) else None
-
-
-@dataclass
-class MonitorResult:
-    """Everything one monitor run derived; ``to_dict()`` is the JSON form."""
-
-    run_key: str
-    as_of: date | None
-    profile_name: str
-    profile_version: str
-    data_fingerprint: str
-    signals: list[dict[str, Any]] = field(default_factory=list)
-    new_signal_keys: list[str] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-    models: dict[str, Any] = field(default_factory=dict)
-    site_metrics: list[dict[str, Any]] = field(default_factory=list)
-    # Mature units, events and expected events per site, metric and index month (the
-    # ``site_month_metric`` table; not part of to_dict()).
-    site_months: list[dict[str, Any]] = field(default_factory=list, repr=False)
-    # Chart series for the report (arrays; not part of to_dict()).
-    charts: dict[str, Any] = field(default_factory=dict, repr=False)
-    # Every alarm / watch / under-reporting episode (levels.level_episodes).
-    level_episodes: list[dict[str, Any]] = field(default_factory=list, repr=False)
-    persisted: bool = False
-    seconds: float = 0.0
-
-    @property
-    def active_signals(self) -> list[dict[str, Any]]:
-        """Return the signals present in this run (all of ``signals``)."""
-        return [s for s in self.signals if s.get("active", True)]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict (dates as ISO strings, detail decoded)."""
-
-        def clean(row: dict[str, Any]) -> dict[str, Any]:
-            out = {}
-            for key, value in row.items():
-                if isinstance(value, date):
-                    out[key] = value.isoformat()
-                elif key == "detail" and isinstance(value, str):
-                    out[key] = json.loads(value)
-                else:
-                    out[key] = value
-            return out
-
-        return {
-            "run_key": self.run_key,
-            "as_of": self.as_of.isoformat() if self.as_of else None,
-            "profile": {"name": self.profile_name, "version": self.profile_version},
-            "data_fingerprint": self.data_fingerprint,
-            "persisted": self.persisted,
-            "signals": [clean(s) for s in self.signals],
-            "new_signal_keys": list(self.new_signal_keys),
-            "summary": self.summary,
-            "models": self.models,
-            "site_metrics": [clean(m) for m in self.site_metrics],
-        }
 
 
 class _Builder:
@@ -552,6 +495,7 @@ class _Computation:
                 "h": float(np.nanmedian(np.where(np.isfinite(h_sites), h_sites, np.nan)))
                 if np.isfinite(h_sites).any() else None,
                 "h_sites": h_sites, "role": role,
+                "order": "outcome known" if lag == 0 else "index date",
                 "group": group, "day": day, "statistic": stat, "signal": result.signal,
                 "sites": self.sites,
             }
@@ -1243,6 +1187,7 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile) ->
             )
         result.new_signal_keys = sorted(row["signal_key"] for row in inserts)
         _replace_current_picture(conn, result, profile)
+        store_run(conn, result)
 
 
 def _replace_current_picture(conn: sa.Connection, result: MonitorResult,
@@ -1254,8 +1199,6 @@ def _replace_current_picture(conn: sa.Connection, result: MonitorResult,
     or a new kyphowatch version deriving the status differently). Rows are deleted and bulk
     inserted (COPY on PostgreSQL): about 0.1 s for 13,500 monthly rows.
     """
-    from pipelines.evidence import status_rows
-
     constants = {"profile_name": result.profile_name, "run_key": result.run_key,
                  "as_of": result.as_of, "profile_version": result.profile_version}
     for table in (chart_status, site_month_metric, level_episode):
@@ -1265,7 +1208,7 @@ def _replace_current_picture(conn: sa.Connection, result: MonitorResult,
             log.info("monitor: %s holds as_of %s, newer than this run's %s; left unchanged",
                      table.name, stored, result.as_of)
             continue
-        rows = {chart_status.name: lambda: status_rows(result, profile),
+        rows = {chart_status.name: lambda: levels.status_rows(result, profile),
                 site_month_metric.name: lambda: result.site_months,
                 level_episode.name: lambda: result.level_episodes}[table.name]()
         conn.execute(table.delete().where(mine))

@@ -1,0 +1,303 @@
+"""The stored monitor run: the one hand-off from computing to reading.
+
+The monitor computes a run once and stores it, in the same transaction as its signals
+(:func:`store_run`). The report, ``kyphowatch sites`` / ``site`` and the alert renderer read
+that stored run (:func:`load_run`) instead of evaluating the network again, so they show
+the numbers of one computation, identified by its ``run_key``, and a drill-down costs one
+read instead of a full monitor.
+
+A run is stored in parts (``monitor_run_part``): ``core`` holds the signals, the per-site
+figures and levels, the summary, the models and the small chart data (funnels, p-charts);
+``site:<id>`` holds that site's chart series (CUSUM and time-to-event statistics), thinned
+to at most :data:`MAX_POINTS_PER_SITE` points per chart. ``kyphowatch site S012`` reads two
+parts, ``sites`` one, the report all. Parts are zlib-compressed JSON: portable across SQLite
+and PostgreSQL and readable without kyphowatch.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from pipelines.schema import monitor_run, monitor_run_part
+
+CORE = "core"
+# Points kept per site and chart: every crossing, the last point, and an even spread.
+MAX_POINTS_PER_SITE = 600
+_SERIES_KEYS = ("group", "day", "statistic", "signal")
+
+
+@dataclass
+class MonitorResult:
+    """Everything one monitor run derived; ``to_dict()`` is the JSON form."""
+
+    run_key: str
+    as_of: date | None
+    profile_name: str
+    profile_version: str
+    data_fingerprint: str
+    signals: list[dict[str, Any]] = field(default_factory=list)
+    new_signal_keys: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    site_metrics: list[dict[str, Any]] = field(default_factory=list)
+    # Mature units, events and expected events per site, metric and index month (the
+    # ``site_month_metric`` table; not part of to_dict()).
+    site_months: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # Chart series for the report (arrays; not part of to_dict()).
+    charts: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Every alarm / watch / under-reporting episode (levels.level_episodes).
+    level_episodes: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    persisted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def active_signals(self) -> list[dict[str, Any]]:
+        """Return the signals present in this run (all of ``signals``)."""
+        return [s for s in self.signals if s.get("active", True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (dates as ISO strings, detail decoded)."""
+
+        def clean(row: dict[str, Any]) -> dict[str, Any]:
+            out = {}
+            for key, value in row.items():
+                if isinstance(value, date):
+                    out[key] = value.isoformat()
+                elif key == "detail" and isinstance(value, str):
+                    out[key] = json.loads(value)
+                else:
+                    out[key] = value
+            return out
+
+        return {
+            "run_key": self.run_key,
+            "as_of": self.as_of.isoformat() if self.as_of else None,
+            "profile": {"name": self.profile_name, "version": self.profile_version},
+            "data_fingerprint": self.data_fingerprint,
+            "persisted": self.persisted,
+            "signals": [clean(s) for s in self.signals],
+            "new_signal_keys": list(self.new_signal_keys),
+            "summary": self.summary,
+            "models": self.models,
+            "site_metrics": [clean(m) for m in self.site_metrics],
+        }
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _pack(data: Any) -> bytes:
+    return zlib.compress(json.dumps(data, default=_json_default, separators=(",", ":"))
+                         .encode("utf-8"), 6)
+
+
+def _unpack(blob: bytes) -> Any:
+    return json.loads(zlib.decompress(bytes(blob)).decode("utf-8"))
+
+
+def _thin(n: int, signal: np.ndarray) -> np.ndarray:
+    """Return the indices to keep of a series of ``n`` points (crossings always kept)."""
+    if n <= MAX_POINTS_PER_SITE:
+        return np.arange(n)
+    keep = np.unique(np.r_[np.linspace(0, n - 1, MAX_POINTS_PER_SITE).astype(np.int64),
+                           np.flatnonzero(signal), n - 1])
+    return keep
+
+
+def _site_series(result) -> dict[str, dict[str, Any]]:
+    """Return each site's thinned chart series: {site: {chart label: {...}}}."""
+    per_site: dict[str, dict[str, Any]] = {}
+    for label, chart in (result.charts.get("cusum") or {}).items():
+        group = np.asarray(chart["group"])
+        sites = chart["sites"]
+        starts = np.searchsorted(group, np.arange(len(sites)), side="left")
+        ends = np.searchsorted(group, np.arange(len(sites)), side="right")
+        h_sites = np.asarray(chart.get("h_sites", np.full(len(sites), chart["h"] or np.nan)),
+                             dtype=float)
+        for code, site in enumerate(sites):
+            a, b = int(starts[code]), int(ends[code])
+            if a == b:
+                continue
+            signal = np.asarray(chart["signal"][a:b], dtype=bool)
+            keep = _thin(b - a, signal)
+            per_site.setdefault(site, {})[f"cusum|{label}"] = {
+                "day": np.asarray(chart["day"][a:b])[keep],
+                "statistic": np.round(np.asarray(chart["statistic"][a:b])[keep], 5),
+                "signal": signal[keep].astype(np.int8),
+                "h": float(h_sites[code]) if np.isfinite(h_sites[code]) else None,
+            }
+    for metric_id, chart in (result.charts.get("tte") or {}).items():
+        statistic = np.asarray(chart["statistic"])
+        for code, site in enumerate(chart["sites"]):
+            row = statistic[code]
+            keep = _thin(len(row), np.zeros(len(row), bool))
+            h = float(chart["h_sites"][code])
+            per_site.setdefault(site, {})[f"tte|{metric_id}"] = {
+                "day": chart["first_day"] + keep, "statistic": np.round(row[keep], 5),
+                "h": h if np.isfinite(h) else None,
+            }
+    return per_site
+
+
+def _core(result) -> dict[str, Any]:
+    data = result.to_dict()
+    charts = result.charts or {}
+    data["charts"] = {
+        "funnel": charts.get("funnel") or {},
+        "pchart": charts.get("pchart") or {},
+        "cusum_meta": {label: {k: v for k, v in chart.items()
+                               if k not in (*_SERIES_KEYS, "h_sites")}
+                       | {"h_sites": np.asarray(chart.get("h_sites", []), dtype=float)}
+                       for label, chart in (charts.get("cusum") or {}).items()},
+        "tte_meta": {m: {"sites": c["sites"], "hazard": c["hazard"],
+                         "h_sites": np.asarray(c["h_sites"], dtype=float)}
+                     for m, c in (charts.get("tte") or {}).items()},
+    }
+    data["level_episodes"] = result.level_episodes
+    data["seconds"] = result.seconds
+    return data
+
+
+def store_run(conn: sa.Connection, result) -> None:
+    """Store ``result`` under its run key (replacing an earlier copy of the same run)."""
+    conn.execute(monitor_run_part.delete().where(monitor_run_part.c.run_key == result.run_key))
+    rows = [{"run_key": result.run_key, "part": CORE, "payload": _pack(_core(result))}]
+    for site, series in sorted(_site_series(result).items()):
+        rows.append({"run_key": result.run_key, "part": f"site:{site}",
+                     "payload": _pack(series)})
+    conn.execute(monitor_run_part.insert(), rows)
+
+
+def _nan_floats(values: list) -> np.ndarray:
+    return np.asarray([np.nan if v is None else v for v in values], dtype=float)
+
+
+def find_run(conn: sa.Connection, profile, as_of: date | None = None) -> sa.RowMapping | None:
+    """Return the newest stored run of this profile version (for ``as_of`` when given)."""
+    query = (sa.select(monitor_run)
+             .join(monitor_run_part, sa.and_(monitor_run_part.c.run_key == monitor_run.c.run_key,
+                                             monitor_run_part.c.part == CORE))
+             .where(monitor_run.c.profile_name == profile.name,
+                    monitor_run.c.profile_version == profile.version))
+    if as_of is not None:
+        query = query.where(monitor_run.c.as_of == as_of)
+    query = query.order_by(monitor_run.c.as_of.desc(), monitor_run.c.computed_at.desc())
+    return conn.execute(query.limit(1)).mappings().first()
+
+
+def load_run(conn: sa.Connection, profile, as_of: date | None = None, *,
+             sites: list[str] | None = None):
+    """Return the stored :class:`MonitorResult` for ``as_of`` (newest when None), or None.
+
+    ``sites`` limits the chart series read to those sites (``None``: every site; ``[]``:
+    none, for commands that show no chart).
+    """
+    row = find_run(conn, profile, as_of)
+    if row is None:
+        return None
+    run_key = row["run_key"]
+    core = _unpack(conn.execute(sa.select(monitor_run_part.c.payload).where(
+        monitor_run_part.c.run_key == run_key, monitor_run_part.c.part == CORE)).scalar_one())
+    query = sa.select(monitor_run_part.c.part, monitor_run_part.c.payload).where(
+        monitor_run_part.c.run_key == run_key, monitor_run_part.c.part != CORE)
+    if sites is not None:
+        query = query.where(monitor_run_part.c.part.in_([f"site:{s}" for s in sites]))
+    series = {part[len("site:"):]: _unpack(blob) for part, blob in conn.execute(query)} if (
+        sites is None or sites) else {}
+    for s in core["signals"]:
+        s["episode_start"] = date.fromisoformat(s["episode_start"])
+        s["signal_date"] = date.fromisoformat(s["signal_date"])
+        s["detail"] = json.dumps(s["detail"], sort_keys=True)
+    charts = _rebuild_charts(core["charts"], series)
+    return MonitorResult(
+        run_key=run_key, as_of=date.fromisoformat(core["as_of"]),
+        profile_name=core["profile"]["name"], profile_version=core["profile"]["version"],
+        data_fingerprint=core["data_fingerprint"], signals=core["signals"],
+        new_signal_keys=[], summary=core["summary"], models=core["models"],
+        site_metrics=core["site_metrics"], charts=charts,
+        level_episodes=core.get("level_episodes") or [], persisted=True,
+        seconds=core.get("seconds") or 0.0,
+    )
+
+
+def _rebuild_charts(stored: dict[str, Any], series: dict[str, dict[str, Any]]) -> dict:
+    """Return charts shaped as the engine made them, from the thinned per-site series."""
+    charts: dict[str, Any] = {"funnel": {}, "pchart": {}, "cusum": {}, "tte": {}}
+    for key, chart in stored["funnel"].items():
+        charts["funnel"][key] = dict(chart, n=np.asarray(chart["n"]),
+                                     events=np.asarray(chart["events"]))
+    for key, chart in stored["pchart"].items():
+        rebuilt = dict(chart, events=np.asarray(chart["events"]), n=np.asarray(chart["n"]))
+        if chart.get("limit") is not None:
+            rebuilt["limit"] = _nan_floats_2d(chart["limit"])
+        charts["pchart"][key] = rebuilt
+    for label, meta in stored["cusum_meta"].items():
+        sites = meta["sites"]
+        parts = {k: [] for k in _SERIES_KEYS}
+        for code, site in enumerate(sites):
+            piece = series.get(site, {}).get(f"cusum|{label}")
+            if piece is None:
+                continue
+            parts["group"].append(np.full(len(piece["day"]), code, dtype=np.int64))
+            parts["day"].append(np.asarray(piece["day"], dtype=np.int64))
+            parts["statistic"].append(np.asarray(piece["statistic"], dtype=float))
+            parts["signal"].append(np.asarray(piece["signal"], dtype=bool))
+        chart = dict(meta, h_sites=_nan_floats(meta.get("h_sites") or []))
+        for k in _SERIES_KEYS:
+            chart[k] = np.concatenate(parts[k]) if parts[k] else np.zeros(
+                0, dtype=bool if k == "signal" else float if k == "statistic" else np.int64)
+        charts["cusum"][label] = chart
+    for metric_id, meta in stored.get("tte_meta", {}).items():
+        charts["tte"][metric_id] = {
+            "sites": meta["sites"], "hazard": meta["hazard"],
+            "h_sites": _nan_floats(meta["h_sites"]),
+            "series": {site: series[site][f"tte|{metric_id}"] for site in meta["sites"]
+                       if f"tte|{metric_id}" in series.get(site, {})},
+        }
+    return charts
+
+
+def _nan_floats_2d(values: list) -> np.ndarray:
+    return np.asarray([[np.nan if v is None else v for v in row] for row in values],
+                      dtype=float)
+
+
+def read_or_compute(settings, profile, as_of: date | None = None, *,
+                    sites: list[str] | None = None):
+    """Return the stored run for ``as_of`` (default: the newest procedure date).
+
+    When no run is stored for that date and profile version (a past ``--as-of``, or data
+    loaded but not yet monitored) the monitor computes and stores one first, so every
+    reader after it reads the same run.
+    """
+    from pipelines.db import reading
+    from pipelines.surveillance.outcomes import latest_procedure_date
+
+    with reading(settings.db_url) as conn:
+        wanted = as_of or latest_procedure_date(conn)
+        result = load_run(conn, profile, wanted, sites=sites) if wanted else None
+    if result is not None:
+        return result
+    # The compute side, imported only when there is nothing stored to read.
+    from pipelines.surveillance.engine import run_monitor
+
+    computed = run_monitor(settings, wanted)
+    if not computed.persisted:
+        return computed  # an empty warehouse: nothing to store or read back
+    # Read back what was stored, so every reader sees the same shapes and numbers.
+    with reading(settings.db_url) as conn:
+        return load_run(conn, profile, computed.as_of, sites=sites) or computed

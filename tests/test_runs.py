@@ -1,0 +1,86 @@
+"""The stored monitor run is the one hand-off: readers show the stored run's numbers."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import numpy as np
+
+from pipelines.cli import main as cli_main
+from pipelines.db import make_engine
+from pipelines.surveillance import engine as engine_module
+from pipelines.surveillance.engine import run_monitor
+from pipelines.surveillance.profile import load_profile
+from pipelines.surveillance.runs import load_run, read_or_compute
+from tests.test_engine import build_sites
+from tests.test_outcomes import complication_row, insert
+
+
+def test_a_stored_run_reads_back_equal_to_what_was_computed(db_url, settings_for):
+    build_sites(make_engine(db_url), sites=4, per_site=400, leak={"S004": 0.3}, seed=5)
+    settings = settings_for(db_url)
+    computed = run_monitor(settings)
+    profile = load_profile(settings.profile_path)
+    with make_engine(db_url).connect() as conn:
+        stored = load_run(conn, profile)
+    assert stored.run_key == computed.run_key and stored.as_of == computed.as_of
+    assert stored.to_dict()["signals"] == computed.to_dict()["signals"]
+    assert stored.to_dict()["site_metrics"] == json.loads(json.dumps(
+        computed.to_dict()["site_metrics"]))
+    assert stored.summary == json.loads(json.dumps(computed.summary))
+    # chart series are thinned per site but keep every crossing, exactly
+    label = "cement_leak:ra_cusum:up"
+    full, thin = computed.charts["cusum"][label], stored.charts["cusum"][label]
+    assert int(np.sum(full["signal"])) == int(np.sum(thin["signal"])) > 0
+    crossings = np.asarray(full["statistic"])[np.asarray(full["signal"])]
+    assert np.allclose(np.asarray(thin["statistic"])[np.asarray(thin["signal"])], crossings,
+                       atol=1e-5)
+
+
+def test_readers_do_not_recompute_and_show_one_run_key(sqlite_url, settings_for, capsys,
+                                                       monkeypatch, tmp_path):
+    engine = make_engine(sqlite_url)
+    end = build_sites(engine, sites=4, per_site=400, leak={"S004": 0.3}, seed=6)
+    settings = settings_for(sqlite_url)
+    result = run_monitor(settings)
+
+    calls = []
+    original = engine_module.compute
+    monkeypatch.setattr(engine_module, "compute",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert cli_main(["site", "S004", "--db", sqlite_url, "--json"]) == 0
+    site = json.loads(capsys.readouterr().out)
+    assert cli_main(["sites", "--db", sqlite_url, "--json"]) == 0
+    sites = json.loads(capsys.readouterr().out)
+    assert calls == []  # neither command evaluated the network
+    assert site["run_key"] == sites["run_key"] == result.run_key
+    leak = next(m for m in site["metrics"] if m["metric"] == "cement_leak")
+    computed = next(m for m in result.site_metrics
+                    if m["site_id"] == "S004" and m["metric"] == "cement_leak")
+    assert (leak["n"], leak["events"], leak["level"]["level"]) == (
+        computed["n"], computed["events"], computed["level"]["level"])
+
+    # Late complications change the data: readers keep showing the stored run until the
+    # monitor runs again (one computation, one set of numbers), then the new one.
+    insert(engine, [], [complication_row(f"CLATE{i}", f"PS001-{i:05d}", "S001",
+                                         end - timedelta(days=200)) for i in range(3)])
+    assert cli_main(["site", "S001", "--db", sqlite_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run_key"] == result.run_key
+    newer = run_monitor(settings)
+    assert newer.run_key != result.run_key
+    assert cli_main(["site", "S001", "--db", sqlite_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run_key"] == newer.run_key
+
+
+def test_a_past_as_of_without_a_stored_run_is_computed_once_and_stored(sqlite_url,
+                                                                        settings_for):
+    end = build_sites(make_engine(sqlite_url), sites=3, per_site=300, seed=7)
+    settings = settings_for(sqlite_url)
+    profile = load_profile(settings.profile_path)
+    past = end - timedelta(days=120)
+    first = read_or_compute(settings, profile, past)
+    assert first.as_of == past and first.persisted
+    with make_engine(sqlite_url).connect() as conn:
+        again = load_run(conn, profile, past)
+    assert again.run_key == first.run_key
