@@ -12,6 +12,22 @@ from pipelines import schema
 from pipelines.errors import ExternalSystemError
 
 
+def require_warehouse(db_url: str) -> None:
+    """Raise ConfigError (exit 3) when ``db_url`` names a SQLite file that does not exist.
+
+    Read commands (``sites``, ``site``, ``report``, ``alerts list``) call this first: a typo
+    in ``--db`` must be an error naming the path, never a new, empty warehouse.
+    """
+    from pipelines.errors import ConfigError
+
+    url = sa.make_url(db_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        if not Path(url.database).is_file():
+            raise ConfigError(f"no warehouse at {url.database} (a read command never creates "
+                              "one: check --db or KYPHOWATCH_DB_URL, or load data with "
+                              "kyphowatch ingest first)")
+
+
 def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
     """Create an engine for ``db_url`` and bring its schema up to date.
 

@@ -921,8 +921,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _handle(args: argparse.Namespace) -> int:
     from pipelines.cli import parse_as_of
+    from pipelines.db import require_warehouse
 
     settings = load_settings(db_url=args.db)
+    require_warehouse(settings.db_url)
     as_of = parse_as_of(args.as_of)
     if args.out:
         path = write_report(settings, args.out, as_of)

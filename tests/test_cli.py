@@ -63,3 +63,30 @@ def test_unreachable_warehouse_is_exit_4(tmp_path):
     assert "cannot open warehouse" in result.stderr
     assert "secret" not in result.stderr  # password redacted
     assert "Traceback" not in result.stderr
+
+
+def test_read_commands_never_create_a_warehouse_and_say_where_they_looked(tmp_path):
+    missing = tmp_path / "typo" / "warehouse.db"
+    for command in (["sites"], ["site", "S001"], ["report"], ["alerts", "list"]):
+        result = run(*command, "--db", f"sqlite:///{missing}", env={"KYPHOWATCH_DEMO": "1"})
+        assert result.returncode == 3, (command, result.stderr)
+        assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert not missing.parent.exists()  # no directory, no empty warehouse
+
+
+def test_broken_pipe_is_quiet_and_future_dates_are_rejected(tmp_path):
+    good = write(tmp_path / "procedures_20240201.csv",
+                 csv_text(PROC_HEADER, [proc_row(f"P{i}") for i in range(1, 40)]))
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    env = dict(os.environ, KYPHOWATCH_DEMO="1", KYPHOWATCH_REPORT_DIR=str(tmp_path / "r"))
+    assert run("ingest", "--db", db, str(good), env=env).returncode == 0
+    # `kyphowatch sites | head -1`: the reader is gone before the output is written (`true`
+    # exits at once, long before Python has started), so every write hits a closed pipe
+    shell = f"{sys.executable} -m pipelines.cli sites --db {db} | true; exit ${{PIPESTATUS[0]}}"
+    piped = subprocess.run(["bash", "-c", shell], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert "BrokenPipe" not in piped.stderr and "Traceback" not in piped.stderr
+    future = run("sites", "--db", db, "--as-of", "2030-01-01", env=env)
+    assert future.returncode == 2
+    assert "2030-01-01 is after the newest procedure" in future.stderr

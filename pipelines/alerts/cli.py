@@ -29,8 +29,18 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=_json_default))
 
 
+def _read_settings(args: argparse.Namespace):
+    from pipelines.db import require_warehouse
+
+    settings = _settings(args)
+    require_warehouse(settings.db_url)
+    return settings
+
+
 def _list(args: argparse.Namespace) -> int:
-    alerts = lifecycle.list_alerts(_settings(args), state=args.state, kind=args.kind)
+    alerts = lifecycle.list_alerts(_read_settings(args), state=args.state, kind=args.kind)
+    if args.site:
+        alerts = [a for a in alerts if a["site_id"] == args.site.strip().upper()]
     if args.json:
         for item in alerts:
             item["payload"] = json.loads(item["payload"])
@@ -39,6 +49,7 @@ def _list(args: argparse.Namespace) -> int:
     if not alerts:
         print("no alerts")
         return 0
+    print(f"{'alert':<12}  {'state':<12} {'kind':<12} {'raised (UTC)':<16}  title  [delivery]")
     for item in alerts:
         delivery = ", ".join(f"{k}:{v}" for k, v in sorted(item["delivery"].items())) or "-"
         created = _json_default(item["created_at"])[:16]
@@ -48,7 +59,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    detail = lifecycle.alert_detail(_settings(args), args.id)
+    detail = lifecycle.alert_detail(_read_settings(args), args.id)
     if args.json:
         _print_json(detail)
         return 0
@@ -115,6 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = add("list", _list, "list alerts, newest first")
     sub.add_argument("--state", choices=lifecycle.STATES)
     sub.add_argument("--kind", choices=lifecycle.KINDS)
+    sub.add_argument("--site", help="only alerts about this site")
     sub.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub = add("show", _show, "show one alert with its audit trail and deliveries")

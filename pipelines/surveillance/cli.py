@@ -125,10 +125,12 @@ def handle_monitor(args: argparse.Namespace) -> int:
 def _evidence(args: argparse.Namespace, site: str | None = None):
     """Return (result, profile, facts, complications) for the drill-down commands."""
     from pipelines import evidence
+    from pipelines.db import require_warehouse
     from pipelines.surveillance.profile import load_profile
     from pipelines.surveillance.runs import read_or_compute
 
     settings = load_settings(db_url=args.db)
+    require_warehouse(settings.db_url)
     profile = load_profile(settings.profile_path)
     # the stored run: no chart series are shown here, so none are read
     result = read_or_compute(settings, profile, parse_as_of(args.as_of), sites=[])

@@ -288,7 +288,14 @@ def read_or_compute(settings, profile, as_of: date | None = None, *,
     from pipelines.surveillance.outcomes import latest_procedure_date
 
     with reading(settings.db_url) as conn:
-        wanted = as_of or latest_procedure_date(conn)
+        newest = latest_procedure_date(conn)
+        if as_of is not None and newest is not None and as_of > newest:
+            from pipelines.errors import InputRejected
+
+            raise InputRejected(f"--as-of {as_of.isoformat()} is after the newest procedure "
+                                f"in the warehouse ({newest.isoformat()}); choose a date on "
+                                "or before it")
+        wanted = as_of or newest
         result = load_run(conn, profile, wanted, sites=sites) if wanted else None
     if result is not None:
         return result
