@@ -31,12 +31,14 @@ Rules compared on each snapshot:
   episode starts when the previous alarm of that pair is more than 365 days earlier.
 * NEW: the bundled profile; e-mails are ``level_episodes`` with level alarm, direction up,
   metric cement_leak or new_fracture, sent on their ``start``. Watch = level watch.
-* Reference: per planted drift, one Bernoulli CUSUM on the drifting site's mature units of
-  that metric, flat p0 = the profile baseline, designed for the TRUE odds ratio, with
-  ARL0 = the site's mature units a year / r, where r is the NEW rules' measured false e-mails
+* Reference: per planted drift, one Bernoulli CUSUM on the drifting site's units of that
+  metric, flat p0 = the profile baseline, designed for the TRUE odds ratio, with
+  ARL0 = the site's units a year / r, where r is the NEW rules' measured false e-mails
   per site-year for that metric (0.015 when the NEW rules are not available or sent none):
-  the same per-site false-alarm rate. It detects on the crossing unit's index date + the
-  metric's window (the day the crossing outcome is known).
+  the same per-site false-alarm rate. It sees the same information as the NEW charts: for
+  30-day outcomes the units in the order their outcomes became known (detected on the
+  crossing outcome's day); for the 365-day new-fracture proportion, the mature units in
+  index order (detected when the crossing unit's year has closed).
 
 For every system the delay is from the onset to the first e-mail episode that starts on or
 after the onset (an episode that began before it was a false alarm); a drift not detected
@@ -95,7 +97,7 @@ sys.path.insert(0, str(REPO))
 from pipelines.simulate import Drift, simulate_snapshot  # noqa: E402
 from pipelines.surveillance.arl import threshold_for_arl  # noqa: E402
 from pipelines.surveillance.cusum import grouped_cusum  # noqa: E402
-from pipelines.surveillance.engine import compute  # noqa: E402
+from pipelines.surveillance.engine import INFORMATION_ORDER_MAX_WINDOW, compute  # noqa: E402
 from pipelines.surveillance.outcomes import day_number, derive_outcomes  # noqa: E402
 from pipelines.surveillance.profile import Profile, load_profile, parse_profile  # noqa: E402
 
@@ -307,10 +309,24 @@ def run_registry(task: dict) -> dict:
     series = []
     for drift in task["drifts"]:
         metric = old.metric(drift.metric)
-        units = derive_outcomes(snapshot, metric)
-        mine = units.loc[units["site_id"].astype(str) == drift.site_id]
-        series.append({"index_day": mine["index_day"].to_numpy(np.int64),
-                       "y": mine["y"].to_numpy(np.int8)})
+        window = int(metric.window_days)
+        if window <= INFORMATION_ORDER_MAX_WINDOW:
+            # The same information the NEW charts use: outcomes in the order they became
+            # known (an event on its day, an event-free case when its window closed).
+            units = derive_outcomes(snapshot, metric, include_immature=True)
+            mine = units.loc[units["site_id"].astype(str) == drift.site_id]
+            index = mine["index_day"].to_numpy(np.int64)
+            event = mine["event_day"].to_numpy(np.int64)
+            seen = (index + window <= snapshot.as_of_day) | (event >= 0)
+            y = mine["y"].to_numpy(np.int8)[seen]
+            known = np.where(y == 1, event[seen], index[seen] + window)
+            order = np.argsort(known, kind="stable")
+            series.append({"index_day": known[order], "y": y[order], "lag": 0})
+        else:
+            units = derive_outcomes(snapshot, metric)
+            mine = units.loc[units["site_id"].astype(str) == drift.site_id]
+            series.append({"index_day": mine["index_day"].to_numpy(np.int64),
+                           "y": mine["y"].to_numpy(np.int8), "lag": window})
     result["series"] = series
     if task["kind"] == "backfill":
         result["first_sync"] = (_first_sync_count(new_work, raw, snapshot, new)
@@ -404,12 +420,14 @@ _threshold_cache: dict[tuple[float, float, float], float] = {}
 def reference_delay(job: tuple) -> float:
     """Delay of a Bernoulli CUSUM designed for the true odds ratio at the matched rate.
 
-    ``job`` = (index days and outcomes of the drifting site's mature units, true odds ratio,
+    ``job`` = (chart days and outcomes of the drifting site's units, true odds ratio,
     onset day, window days, baseline p0, false e-mails per site-year r, as_of day, first
-    day of the data). ARL0 = mature units a year / r; the chart detects when the crossing
-    unit's window has closed; the first detection on or after the onset counts.
+    day of the data, lag). ARL0 = units a year / r. For short windows the units come in the
+    order their outcomes became known, as the NEW charts see them (lag 0: a crossing is seen
+    on its day); otherwise in index order, seen when the crossing unit's window closed (lag =
+    window). The first detection on or after the onset counts.
     """
-    index_day, y, odds_ratio, onset, window, p0, rate, as_of_day, start_day = job
+    index_day, y, odds_ratio, onset, window, p0, rate, as_of_day, start_day, lag = job
     mature_years = max((as_of_day - window - start_day + 1) / 365.25, 1e-9)
     units_per_year = len(index_day) / mature_years
     if not len(index_day):
@@ -420,7 +438,7 @@ def reference_delay(job: tuple) -> float:
         _threshold_cache[key] = float(threshold_for_arl(p0, odds_ratio, arl0, "up"))
     result = grouped_cusum(np.zeros(len(y), np.int64), y.astype(np.int64), p0, odds_ratio,
                            _threshold_cache[key], n_groups=1)
-    known = index_day[result.signal_rows] + window
+    known = index_day[result.signal_rows] + lag
     after = known[known >= onset]
     return float(after[0] - onset) if after.size else float("inf")
 
@@ -466,7 +484,8 @@ def analyse(results: list[dict], profile: Profile, mapper=map) -> dict:
             metric = profile.metric(drift.metric)
             jobs.append((series["index_day"], series["y"], drift.odds_ratio, onset,
                          int(metric.window_days), float(metric.baseline.rate),
-                         rates[drift.metric][0], result["as_of_day"], start_day))
+                         rates[drift.metric][0], result["as_of_day"], start_day,
+                         int(series.get("lag", metric.window_days))))
     # Same designs together, so each process solves a threshold once.
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i][5], jobs[i][2], len(jobs[i][0])))
     delays = list(mapper(reference_delay, [jobs[i] for i in order]))

@@ -280,10 +280,19 @@ def _newest_status(conn: sa.Connection, profile_name: str) -> list[sa.RowMapping
     ).mappings())
 
 
+def _page(settings: Settings, site_id: str | None) -> str:
+    """Return the report page's URL, or its path when no base URL is set (the e-mail adds
+    how to get a link, and the command that shows the same)."""
+    if settings.report_base_url:
+        return where_to_look(settings, site_id)
+    page = f"latest/sites/{site_id}.html" if site_id else "latest/index.html"
+    return str(Path(settings.report_dir) / page)
+
+
 def _level_payload(row: sa.RowMapping, profile, settings: Settings) -> dict[str, Any]:
     detail = json.loads(row["level_detail"] or "{}")
     metric = next((m for m in profile.metrics if m.id == row["metric"]), None)
-    where = where_to_look(settings, row["site_id"])
+    where = _page(settings, row["site_id"])
     return {
         "type": "level",
         "site_id": row["site_id"],
@@ -367,7 +376,7 @@ def _watch_digest(status: list[sa.RowMapping], profile, settings: Settings
         title=f"Weekly watch list {period}: {len(items)} site-metric(s)",
         payload={"type": "digest", "digest": "watch", "as_of": as_of.isoformat(),
                  "period": period, "items": items,
-                 "where": where_to_look(settings, None),
+                 "where": _page(settings, None),
                  "where_is_url": bool(settings.report_base_url)},
     )]
 
@@ -447,7 +456,7 @@ def _history_digest(conn: sa.Connection, profile, settings: Settings,
         title=f"History summary: {len(items)} past episode(s), not e-mailed one by one",
         payload={"type": "digest", "digest": "backfill", "as_of": as_of.isoformat(),
                  "period": None, "items": items, "item_keys": keys,
-                 "where": where_to_look(settings, None),
+                 "where": _page(settings, None),
                  "where_is_url": bool(settings.report_base_url)},
     )
     return [digest], old_sentinels
