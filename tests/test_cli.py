@@ -90,3 +90,4 @@ def test_broken_pipe_is_quiet_and_future_dates_are_rejected(tmp_path):
     future = run("sites", "--db", db, "--as-of", "2030-01-01", env=env)
     assert future.returncode == 2
     assert "2030-01-01 is after the newest procedure" in future.stderr
+    assert "longest outcome window" in future.stderr

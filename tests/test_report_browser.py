@@ -148,7 +148,7 @@ def _visit_index_and_site(page, watch: PageWatch, url: str, name: str, capsys) -
     page.goto(url, wait_until="load")
     assert page.url.endswith("/index.html"), page.url
     # the overview is a status grid, not charts; the drifting site is marked as a signal
-    assert page.locator(f"tr:has(a[href='sites/{DRIFT_SITE}.html']) td.st-signal").count() >= 1
+    assert page.locator(f"tr:has(a[href='sites/{DRIFT_SITE}.html']) td.st-alarm").count() >= 1
     _screenshot(page, f"{name}-index", capsys)
     page.locator('a[href$="funnels.html"]').first.click()
     page.wait_for_load_state("load")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import numpy as np
@@ -289,12 +289,17 @@ def read_or_compute(settings, profile, as_of: date | None = None, *,
 
     with reading(settings.db_url) as conn:
         newest = latest_procedure_date(conn)
-        if as_of is not None and newest is not None and as_of > newest:
+        # A later as_of lets outcome windows close (up to the longest one); beyond that no
+        # figure can change, so the date is a mistake (2030 for 2023, say).
+        horizon = max((m.window_days or 0 for m in profile.metrics), default=0)
+        if as_of is not None and newest is not None and (
+                as_of > newest + timedelta(days=horizon)):
             from pipelines.errors import InputRejected
 
-            raise InputRejected(f"--as-of {as_of.isoformat()} is after the newest procedure "
-                                f"in the warehouse ({newest.isoformat()}); choose a date on "
-                                "or before it")
+            raise InputRejected(
+                f"--as-of {as_of.isoformat()} is after the newest procedure in the warehouse "
+                f"({newest.isoformat()}) plus the longest outcome window ({horizon} days); "
+                "choose an earlier date")
         wanted = as_of or newest
         result = load_run(conn, profile, wanted, sites=sites) if wanted else None
     if result is not None:
