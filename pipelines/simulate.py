@@ -49,8 +49,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.special import expit, logit
 
 from pipelines.contract import (
     ANAESTHESIA,
@@ -354,6 +352,8 @@ def calibrated_intercepts() -> dict[str, float]:
     )
 
     def solve(linear: np.ndarray, target: float, scale: np.ndarray | float = 1.0) -> float:
+        from scipy.optimize import brentq  # only when calibrating (once, cached)
+
         return float(brentq(lambda b: float(np.mean(scale * expit(b + linear))) - target, -30, 30,
                             xtol=1e-12))
 
@@ -886,6 +886,20 @@ def _prepare_out_dir(out_dir: Path) -> None:
     if clashes:
         raise InputRejected(f"output directory {out_dir} already holds extract files "
                             f"({clashes[0]}, ...); choose an empty directory")
+
+
+def expit(x):
+    """Return scipy's logistic function (imported on first use: the CLI starts faster)."""
+    from scipy.special import expit as scipy_expit
+
+    return scipy_expit(x)
+
+
+def logit(p):
+    """Return scipy's logit (imported on first use)."""
+    from scipy.special import logit as scipy_logit
+
+    return scipy_logit(p)
 
 
 def site_id_list(sites: int) -> list[str]:

@@ -9,16 +9,32 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
 from pipelines.contract import PROCEDURES, extract_stamp, kind_of
 from pipelines.db import make_engine, redact_url
 from pipelines.errors import ExternalSystemError
-from pipelines.ingest.load import FileResult, IngestReport, load_file
 from pipelines.settings import Settings
 
+if TYPE_CHECKING:
+    from pipelines.ingest.load import FileResult, IngestReport
+
 __all__ = ["FileResult", "IngestReport", "ingest_paths", "expand_paths"]
+
+
+def __getattr__(name: str):
+    """Import the loader (pandas, Great Expectations) only when it is used.
+
+    ``kyphowatch site`` and the other read commands import this package to register the
+    ``ingest`` sub-command; they should not pay for the loader's imports.
+    """
+    if name in ("FileResult", "IngestReport", "load_file"):
+        from pipelines.ingest import load
+
+        return getattr(load, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +67,8 @@ def expand_paths(paths: list[Path]) -> list[Path]:
 
 def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     """Validate and load every extract under ``paths`` into the configured warehouse."""
+    from pipelines.ingest.load import IngestReport
+
     key = settings.require_pseudonym_key()
     try:
         engine = make_engine(settings.db_url)
@@ -82,6 +100,8 @@ def _load_or_explain(engine, path: Path, settings: Settings, key: bytes, process
 
     The file's own transaction has rolled back, so rerunning the same command is safe.
     """
+    from pipelines.ingest.load import load_file
+
     try:
         return load_file(
             engine, path, key=key, chunk_rows=settings.chunk_rows,

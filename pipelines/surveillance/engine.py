@@ -546,8 +546,8 @@ class _Computation:
         if units.empty:
             return
         detect = metric.detect
-        theta = detect.odds_ratio  # designed as a hazard ratio of the same size
         reference = self._reference(metric, "up")
+        theta = survival.hazard_ratio_for(reference, detect.odds_ratio)
         n_sites = len(self.sites)
         follow = survival.follow_up(
             units["site_code"].to_numpy(np.int64), units["index_day"].to_numpy(np.int64),

@@ -276,6 +276,16 @@ def _nan_floats_2d(values: list) -> np.ndarray:
                       dtype=float)
 
 
+def _newest_procedure_date(conn: sa.Connection) -> date | None:
+    """Return the newest procedure date (the default as_of) without importing the engine."""
+    from pipelines.schema import procedure
+
+    value = conn.execute(sa.select(sa.func.max(procedure.c.procedure_date))).scalar()
+    if value is None:
+        return None
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+
+
 def read_or_compute(settings, profile, as_of: date | None = None, *,
                     sites: list[str] | None = None):
     """Return the stored run for ``as_of`` (default: the newest procedure date).
@@ -285,10 +295,9 @@ def read_or_compute(settings, profile, as_of: date | None = None, *,
     reader after it reads the same run.
     """
     from pipelines.db import reading
-    from pipelines.surveillance.outcomes import latest_procedure_date
 
     with reading(settings.db_url) as conn:
-        newest = latest_procedure_date(conn)
+        newest = _newest_procedure_date(conn)
         # A later as_of lets outcome windows close (up to the longest one); beyond that no
         # figure can change, so the date is a mistake (2030 for 2023, say).
         horizon = max((m.window_days or 0 for m in profile.metrics), default=0)

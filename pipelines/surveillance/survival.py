@@ -62,6 +62,18 @@ class FollowUp:
         return last_year / span
 
 
+def hazard_ratio_for(p_ref: float, odds_ratio: float) -> float:
+    """Return the hazard ratio that moves the risk over the window from p_ref by ``odds_ratio``.
+
+    The profile states the shift to detect as an odds ratio on the per-patient proportion
+    (``detect.odds_ratio``); under proportional hazards the same shift is
+    ``ln(1 - p1) / ln(1 - p_ref)`` with ``p1`` the shifted proportion (OR 2 at 23 %: 1.79).
+    """
+    odds = p_ref / (1.0 - p_ref) * odds_ratio
+    p1 = odds / (1.0 + odds)
+    return math.log1p(-p1) / math.log1p(-p_ref)
+
+
 def reference_hazard(index_day: np.ndarray, end_day: np.ndarray, event: np.ndarray,
                      window: int, p_ref: float) -> np.ndarray:
     """Return the per-day hazard in each 30-day follow-up bin, scaled to ``p_ref`` over ``window``.
