@@ -243,8 +243,9 @@ def sites_payload(result, profile, facts: SiteFacts) -> list[dict[str, Any]]:
             "site_id": site,
             "status": worst,
             "flagged": worst in FLAGGED,
-            "metrics": {m: {k: r[k] for k in ("status", "reason", "n", "events", "rate",
-                                              "signals_recent")}
+            "metrics": {m: {**{k: r[k] for k in ("status", "reason", "n", "events", "rate",
+                                                 "signals_recent")},
+                            "since": iso(r.get("level_since"))}
                         for m, r in sorted(per_metric.items())},
             "open_alerts": sum(1 for a in alerts if a["state"] != "resolved"),
             "procedures": (facts.casemix.get(site) or {}).get("procedures", 0),

@@ -178,9 +178,19 @@ def test_sites_command_flagged_json_and_csv(sqlite_url, settings_for, capsys):
     assert cli_main(["site", "S004", "--db", sqlite_url, "--csv", "--metric", "cement_leak"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["metric"] for r in rows] == ["cement_leak"] and rows[0]["status"] == "alarm"
+    # tidy CSV: one value per column, missing values empty (never a formula-guarded "'-")
+    assert rows[0]["alarm_chart"] == "ra_cusum_up" and float(rows[0]["alarm_statistic"]) >= 0
+    assert "'-" not in json.dumps(rows)
+    assert cli_main(["sites", "--db", sqlite_url]) == 0
+    grid = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in grid) <= 100
+    assert grid[3].startswith("S004  ALARM")  # most severe first, under the two header rows
     assert cli_main(["site", "S004", "--db", sqlite_url]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("site S004: alarm") and "ra_cusum" in text
+    assert text.startswith("site S004: alarm") and "cement_leak: alarm since" in text
+    assert max(len(line) for line in text.splitlines()) <= 100  # fits a terminal
+    assert cli_main(["site", "S004", "--db", sqlite_url, "--wide"]) == 0
+    assert "ra_cusum" in capsys.readouterr().out  # every column and the signals table
     # mistakes get one line and exit 2
     assert cli_main(["site", "S999", "--db", sqlite_url]) == 2
     assert "unknown site" in capsys.readouterr().err

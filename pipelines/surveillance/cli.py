@@ -64,6 +64,8 @@ def _add_format(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--csv", action="store_true",
                        help="print as CSV (cells that a spreadsheet would run as a formula "
                        "are prefixed with an apostrophe)")
+    parser.add_argument("--wide", action="store_true",
+                        help="every column in the text table (default: fits 100 columns)")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -145,6 +147,14 @@ def _evidence(args: argparse.Namespace, site: str | None = None):
     return result, profile, facts, complications
 
 
+# Short forms for the 100-column tables (``--wide`` shows the full names).
+_SHORT_LEVEL = {"alarm": "ALARM", "watch": "watch", "under_reporting": "under",
+                "immature": "imm", "in_control": "ok"}
+_SHORT_METRIC = {"cement_leak": "leak", "symptomatic_cement_leak": "s.leak",
+                 "new_fracture": "fract", "major_event": "major", "sentinel_event": "sentnl",
+                 "mdt_discussion": "mdt"}
+
+
 def _sites_headers(profile) -> list[str]:
     return ["site", "status", *[m.id for m in profile.metrics], "open_alerts", "procedures",
             "last_procedure_date", "newest_extract", "rows_quarantined",
@@ -175,7 +185,7 @@ def handle_sites(args: argparse.Namespace) -> int:
         return 0
     headers = _sites_headers(profile)
     table = [[r["site_id"], r["status"],
-              *[(r["metrics"].get(m) or {}).get("status", "-") for m in metric_ids],
+              *[(r["metrics"].get(m) or {}).get("status") for m in metric_ids],
               r["open_alerts"], r["procedures"], r["last_procedure_date"],
               r["newest_extract"], r["rows_quarantined"], r["complications_pending"]]
              for r in rows]
@@ -183,9 +193,28 @@ def handle_sites(args: argparse.Namespace) -> int:
         evidence.write_csv(sys.stdout, headers, table)
         return 0
     print(f"{len(rows)} sites{' flagged' if args.flagged else ''}: profile {profile.name} "
-          f"{profile.version}, as of {result.as_of.isoformat()}")
-    if table:
-        print(_table(headers, [[_fmt(c) for c in row] for row in table]))
+          f"{profile.version}, as of {result.as_of.isoformat()}; most severe first")
+    order = sorted(range(len(rows)), key=lambda i: (
+        evidence.STATUS_ORDER.index(rows[i]["status"]), rows[i]["site_id"]))
+    if args.wide:
+        if table:
+            print(_table(headers, [[_fmt(c) for c in table[i]] for i in order]))
+        return 0
+    short = [_SHORT_METRIC.get(m, m[:6]) for m in metric_ids]
+    compact = []
+    for i in order:
+        r = rows[i]
+        since = [m.get("since") for m in (r["metrics"] or {}).values() if m.get("since")]
+        compact.append([r["site_id"], _SHORT_LEVEL.get(r["status"], r["status"]),
+                        *[_SHORT_LEVEL.get((r["metrics"].get(m) or {}).get("status"), "-")
+                          for m in metric_ids],
+                        min(since) if since else "-", _fmt(r["open_alerts"]),
+                        _fmt(r["procedures"]), _fmt(r["last_procedure_date"])])
+    if compact:
+        print(_table(["site", "level", *short, "since", "alerts", "procs", "last proc"],
+                     compact))
+        print("levels: ALARM, watch, under (under-reporting?), imm (immature), ok (in control)")
+        print("--wide for every column; kyphowatch site SITE for the evidence")
     return 0
 
 
@@ -208,26 +237,49 @@ def handle_site(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(payload, indent=2, sort_keys=True))
         return 0
-    headers = ["metric", "status", "n", "events", "rate", "ci_low", "ci_high", "baseline",
-               "expected", "o_to_e", "cusum", "funnel", "signals"]
+    # One value per column (tidy): the chart that decides the level, its statistic and
+    # threshold, and each funnel's position, rather than compound strings.
+    headers = ["metric", "status", "since", "n", "events", "rate", "ci_low", "ci_high",
+               "baseline", "expected", "o_to_e", "alarm_chart", "alarm_statistic",
+               "alarm_threshold", "funnel_cumulative", "funnel_12m", "signals"]
     rows = []
     for m in payload["metrics"]:
         oe = m.get("observed_expected") or {}
-        cusum = "; ".join(f"{name} {_fmt(c['value'])}/{_fmt(c['h'])}"
-                          for name, c in sorted((m.get("cusum") or {}).items()))
-        funnel = "; ".join(f"{w} {f['position']} (z {_fmt(f['z_adjusted'])})"
-                           for w, f in sorted((m.get("funnel") or {}).items()))
-        rows.append([m["metric"], m["status"], m.get("n"), m.get("events"), m.get("rate"),
-                     m.get("ci_low"), m.get("ci_high"), m["baseline"], oe.get("expected"),
-                     oe.get("o_to_e"), cusum or "-", funnel or "-",
+        charts = {k: c for k, c in (m.get("cusum") or {}).items() if c.get("role") == "alarm"
+                  and k.endswith("_up")} or {k: c for k, c in (m.get("cusum") or {}).items()
+                                             if k.endswith("_up")}
+        chart = min(charts, default=None)
+        funnels = m.get("funnel") or {}
+        rows.append([m["metric"], m["status"], (m.get("level") or {}).get("since"),
+                     m.get("n"), m.get("events"), m.get("rate"), m.get("ci_low"),
+                     m.get("ci_high"), m["baseline"], oe.get("expected"), oe.get("o_to_e"),
+                     chart, charts[chart]["value"] if chart else None,
+                     charts[chart]["h"] if chart else None,
+                     (funnels.get("cumulative") or {}).get("position"),
+                     (funnels.get("rolling") or {}).get("position"),
                      sum(1 for s in payload["signals"] if s["metric"] == m["metric"])])
     if args.csv:
         evidence.write_csv(sys.stdout, headers, rows)
         return 0
     print(f"site {site}: {evidence.STATUS_LABELS[payload['status']]}; profile "
           f"{profile.name} {profile.version}, as of {payload['as_of']}")
-    print(_table(headers, [[_fmt(c) for c in row] for row in rows]))
-    if payload["signals"]:
+    if args.wide:
+        print(_table(headers, [[_fmt(c) for c in row] for row in rows]))
+    else:
+        def pct(value):
+            return "-" if value is None else f"{100 * value:.3g}%"
+
+        print(_table(
+            ["metric", "level", "since", "n", "events", "rate", "95% CI", "O/E", "chart/h"],
+            [[_SHORT_METRIC.get(r[0], r[0]), _SHORT_LEVEL.get(r[1], r[1]), _fmt(r[2]),
+              _fmt(r[3]), _fmt(r[4]), pct(r[5]),
+              f"{pct(r[6])}-{pct(r[7])}" if r[6] is not None else "-", _fmt(r[10]),
+              f"{_fmt(r[12])}/{_fmt(r[13])}" if r[11] else "-"] for r in rows]))
+        for m in payload["metrics"]:
+            level = m.get("level") or {}
+            if level.get("level") in ("alarm", "watch", "under_reporting"):
+                print(f"  {m['metric']}: {level.get('reason')}")
+    if payload["signals"] and args.wide:
         print()
         print(_table(SIGNAL_HEADERS, _signal_rows(
             [dict(s, episode_start=date.fromisoformat(s["episode_start"]),
@@ -237,11 +289,12 @@ def handle_site(args: argparse.Namespace) -> int:
         print()
         print(_table(["alert", "kind", "metric", "state", "raised", "title"],
                      [[a["alert_id"][:12], a["kind"], a["metric"] or "-", a["state"],
-                       a["created_at"][:19], a["title"]] for a in payload["alerts"]]))
+                       a["created_at"][:16], a["title"]] for a in payload["alerts"]]))
     dq = payload["data_quality"]
     print()
     print(f"data: {dq['procedures']} procedures, last {dq['last_procedure_date']}, newest "
-          f"extract {dq['newest_extract']}, {dq['rows_quarantined']} rows quarantined, "
+          f"extract {dq['newest_extract']},")
+    print(f"      {dq['rows_quarantined']} rows quarantined, "
           f"{dq['complications_pending']} complications pending")
     sys.stdout.flush()
     return 0
