@@ -715,6 +715,13 @@ def _new_signal_episode(condition: Condition, previous: sa.RowMapping) -> bool:
     return bool(keys - covered)
 
 
+def _priority(condition: Condition) -> int:
+    """Return the sending order of a condition's alert: 0 safety, 1 data quality, 2 digest."""
+    if condition.dedupe_key.startswith("digest:"):
+        return 2
+    return 0 if condition.kind == SAFETY else 1
+
+
 def sync_alerts(
     settings: Settings,
     as_of: date | None = None,
@@ -738,7 +745,10 @@ def sync_alerts(
             if any(c.kind == kind for c in conditions) and not channels_for(settings, kind):
                 log.warning("no delivery channel configured for %s alerts", kind)
         active_keys = set()
-        for condition in conditions:
+        # Alarms first, then data quality, then digests: the outbox sends in creation order,
+        # so the e-mail a safety lead must read arrives before the summaries.
+        conditions = sorted(conditions, key=lambda c: (_priority(c), c.dedupe_key))
+        for position, condition in enumerate(conditions):
             active_keys.add(condition.dedupe_key)
             previous = latest.get(condition.dedupe_key)
             cleared = previous is not None and markers.get(previous["alert_id"]) == CONDITION_CLEARED
@@ -747,7 +757,8 @@ def sync_alerts(
             )
             if previous is None or rebreach:
                 episode = 1 if previous is None else previous["episode"] + 1
-                created = _create(engine, settings, condition, episode, now)
+                created = _create(engine, settings, condition, episode,
+                                  now + timedelta(microseconds=position))
                 if created:
                     result.created.append(created)
                     log.info("raised %s alert %s: %s", condition.kind, created[:12], condition.title)
