@@ -193,7 +193,10 @@ def test_monitor_and_site_commands(sqlite_url, settings_for, capsys, monkeypatch
     assert "active signals" in capsys.readouterr().out
     assert cli_main(["site", "S003", "--db", sqlite_url, "--metric", "cement_leak"]) == 0
     out = capsys.readouterr().out
-    assert "cement_leak" in out and "bernoulli_cusum_up" in out
+    assert "ALARM" in out and "cement_leak: alarm since" in out  # the compact table
+    assert cli_main(["site", "S003", "--db", sqlite_url, "--metric", "cement_leak",
+                     "--wide"]) == 0
+    assert "ra_cusum_up" in capsys.readouterr().out  # the alarm chart, in every column
     assert cli_main(["site", "S003", "--db", sqlite_url, "--json"]) == 0
     site = json.loads(capsys.readouterr().out)
     leak = next(m for m in site["metrics"] if m["metric"] == "cement_leak")
