@@ -1,19 +1,17 @@
 """The evidence behind a flag: per-site status, drill-down figures and data-quality facts.
 
 The HTML report, ``kyphowatch sites`` / ``kyphowatch site`` and the ``chart_status`` table
-all show numbers from this module, so they agree by construction: the report's site page
-and ``kyphowatch site SITE --json`` are two renderings of the same :meth:`Evidence.site_payload`.
+all show numbers from one stored monitor run (:mod:`pipelines.surveillance.runs`) through
+this module, so they agree by construction: the report's site page and
+``kyphowatch site SITE --json`` are two renderings of the same :meth:`Evidence.site_payload`.
 
 Status of a site for one metric (the overview grid)
 ---------------------------------------------------
-* ``signal`` -- a safety or process signal whose episode signalled (for the funnel, p-chart
-  and rare-event tests: was last flagged) within the profile's recent window
-  (``design.funnel.rolling_days``, 365 days by default) before ``as_of``, or an episode of
-  those tests that is still ongoing at ``as_of``;
-* ``under_reporting`` -- the same, for a downward (fewer events than the baseline) signal;
-* ``immature`` -- no unit of this site has completed its outcome window yet, so there is
-  nothing to judge (for example new fractures need 365 days of follow-up);
-* ``in_control`` -- mature data and no recent signal.
+The status is the metric's level, graded by the monitor (:mod:`pipelines.surveillance.levels`):
+``alarm`` (the alarm chart, with its budget-derived per-site threshold, crossed within the
+hold), ``watch``, ``under_reporting``, ``immature`` (no unit has completed its outcome
+window yet) or ``in_control``. A site's status is its most severe metric status; it is
+``immature`` only when no outcome metric is mature.
 
 Older episodes stay listed on the site page (and ``v_active_signals``) but do not colour the
 grid: a CUSUM that signalled three years ago and was reset is history, not a current flag.
