@@ -1,4 +1,10 @@
-"""Warehouse connection: one engine per URL, schema migrated on first use."""
+"""Warehouse connection: the one way every stage opens the warehouse.
+
+:func:`open_warehouse` is the entry point (engine, schema migration, a first round trip, and
+one :class:`ExternalSystemError` line naming the redacted URL when it fails); :func:`reading`
+wraps it for read-only commands. Callers hand the engine or connection down rather than
+opening their own.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +61,28 @@ def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
     return engine
 
 
+def open_warehouse(db_url: str, *, migrate: bool = True) -> sa.Engine:
+    """Return a migrated engine whose connection has answered one query.
+
+    Any database failure (unreachable server, bad credentials, a locked or corrupt SQLite
+    file) becomes one :class:`ExternalSystemError` naming the redacted URL: exit code 4 on
+    the command line, a clear task failure in Airflow, never a traceback.
+    """
+    engine = None
+    try:
+        engine = make_engine(db_url, migrate=migrate)
+        with engine.connect() as conn:
+            conn.execute(sa.select(1))
+        return engine
+    except sa.exc.SQLAlchemyError as exc:
+        if engine is not None:
+            engine.dispose()
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ExternalSystemError(
+            f"cannot open warehouse {redact_url(db_url)}: {first_line}"
+        ) from exc
+
+
 def redact_url(db_url: str) -> str:
     """Return the URL with any password hidden, for logs and messages."""
     return sa.make_url(db_url).render_as_string(hide_password=True)
@@ -67,9 +95,8 @@ def reading(db_url: str) -> Iterator[sa.Connection]:
     A database failure becomes one :class:`ExternalSystemError` line naming the (redacted)
     warehouse -- exit code 4 on the command line, no traceback.
     """
-    engine = None
+    engine = open_warehouse(db_url)
     try:
-        engine = make_engine(db_url)
         with engine.connect() as conn:
             yield conn
     except sa.exc.SQLAlchemyError as exc:
@@ -77,5 +104,4 @@ def reading(db_url: str) -> Iterator[sa.Connection]:
             f"cannot read warehouse {redact_url(db_url)}: {type(exc).__name__}"
         ) from exc
     finally:
-        if engine is not None:
-            engine.dispose()
+        engine.dispose()

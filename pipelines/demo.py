@@ -25,7 +25,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from pipelines.db import make_engine
+from pipelines.db import open_warehouse
 from pipelines.mailsink import MailSink
 from pipelines.schema import alert, alert_outbox, file_ledger, signal
 from pipelines.settings import REPO_DIR
@@ -71,7 +71,7 @@ def _run(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Com
 
 
 def _summary(db_url: str) -> dict[str, object]:
-    engine = make_engine(db_url)
+    engine = open_warehouse(db_url)
     try:
         with engine.connect() as conn:
             def count(table, *where):

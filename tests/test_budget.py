@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +106,26 @@ def test_time_to_event_threshold_by_simulation_of_daily_counts():
     alarms = int(result.signal.sum())
     expected = rate * sites * days / 365.25
     assert abs(alarms - expected) < 4 * math.sqrt(expected) + 2, (alarms, expected)
+
+
+def test_documented_threshold_tables_are_the_engines():
+    """docs/statistics.md carries the tables the engine's functions give for the profile."""
+    from pipelines.surveillance.threshold_tables import markdown
+
+    documented = (Path(__file__).resolve().parents[1] / "docs" / "statistics.md").read_text(
+        encoding="utf-8")
+    for row in markdown(PROFILE).splitlines():
+        if row:
+            assert row in documented, f"docs/statistics.md is missing or differs: {row}"
+
+
+def test_budget_spent_at_baseline_lowers_the_threshold_and_keeps_arl0_at_the_pooled_rate():
+    """The pooled-rate design: ARL0 holds at 0.106 while the chart tests against 0.11."""
+    from pipelines.surveillance.arl import arl_markov
+
+    edge = budget.bernoulli_threshold(0.11, 2.0, 15000, "up")
+    pooled = budget.bernoulli_threshold(0.11, 2.0, 15000, "up", 0.106)
+    assert pooled < edge
+    assert arl_markov(0.106, 0.11, 2.0, pooled, "up") == pytest.approx(15000, rel=0.02)
+    # At the top of the range the same threshold false-alarms more often, by a bounded factor.
+    assert 1.4 < 15000 / arl_markov(0.11, 0.11, 2.0, pooled, "up") < 2.0

@@ -244,3 +244,13 @@ def test_statistical_end_to_end_with_the_simulator(tmp_path, sqlite_url, setting
                 and s["method"] == "bernoulli_cusum"]
     fracture_mature = sum(m["n"] for m in result.site_metrics if m["metric"] == "new_fracture")
     assert len(fracture) <= stats.poisson.ppf(0.999, fracture_mature / arl0)
+
+
+def test_every_outcome_method_a_profile_may_name_has_a_charting_routine():
+    """The engine's method registry covers the profile's vocabulary, and nothing else."""
+    from pipelines.surveillance.engine import OUTCOME_METHODS, _Computation
+    from pipelines.surveillance.profile import METHODS_BY_KIND
+
+    assert set(OUTCOME_METHODS) == set(METHODS_BY_KIND["outcome"])
+    for routine in OUTCOME_METHODS.values():
+        assert callable(getattr(_Computation, routine))

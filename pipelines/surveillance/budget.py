@@ -93,14 +93,19 @@ def _interpolate_h(h_grid: np.ndarray, log_arl: np.ndarray, arl0: float) -> floa
 
 
 @lru_cache(maxsize=256)
-def _bernoulli_curve(p0: float, odds_ratio: float, direction: str
+def _bernoulli_curve(p0: float, odds_ratio: float, direction: str, p_true: float | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (h grid, ln in-control ARL) of the Bernoulli CUSUM for (p0, odds ratio)."""
+    """Return (h grid, ln ARL) of the Bernoulli CUSUM for (p0, odds ratio).
+
+    The chart tests against ``p0``; the ARL is that of a unit whose true rate is ``p_true``
+    (``p0`` when not given: the classical in-control ARL).
+    """
     grid = markov_grid(p0, odds_ratio, _H_MAX)
+    truth = p0 if p_true is None else p_true
     hs, logs = [], []
     h = _H_STEP
     while h <= _H_MAX:
-        arl = arl_markov(p0, p0, odds_ratio, h, direction, grid=grid)
+        arl = arl_markov(truth, p0, odds_ratio, h, direction, grid=grid)
         hs.append(h)
         logs.append(math.log(arl))
         if arl > _ARL_CEILING:
@@ -109,10 +114,23 @@ def _bernoulli_curve(p0: float, odds_ratio: float, direction: str
     return np.asarray(hs), np.maximum.accumulate(np.asarray(logs))
 
 
-def bernoulli_threshold(p0: float, odds_ratio: float, arl0: float, direction: str) -> float:
-    """Return h of the Bernoulli CUSUM for (p0, odds ratio) at ``arl0`` (Markov-chain curve)."""
-    h_grid, log_arl = _bernoulli_curve(p0, odds_ratio, direction)
+def bernoulli_threshold(p0: float, odds_ratio: float, arl0: float, direction: str,
+                        p_true: float | None = None) -> float:
+    """Return h of the Bernoulli CUSUM for (p0, odds ratio) at ``arl0`` (Markov-chain curve).
+
+    ``p_true`` is the in-control rate at which ``arl0`` is to hold (default ``p0``): with
+    the budget spent at the baseline, the chart tests against the range edge ``p0`` while
+    its false alarms are counted for a site at the guidance's pooled rate.
+    """
+    h_grid, log_arl = _bernoulli_curve(p0, odds_ratio, direction, p_true)
     return _interpolate_h(h_grid, log_arl, arl0)
+
+
+def bernoulli_arl(p0: float, odds_ratio: float, h: float, direction: str,
+                  p_true: float | None = None) -> float:
+    """Return the ARL at ``h`` read off the same curve (for reporting, not for design)."""
+    h_grid, log_arl = _bernoulli_curve(p0, odds_ratio, direction, p_true)
+    return float(math.exp(np.interp(h, h_grid, log_arl)))
 
 
 def _poisson_chain(mu: float, theta: float, h: float, mu_true: float) -> float:
@@ -164,11 +182,12 @@ _POISSON_CEILING = 1e6
 
 
 @lru_cache(maxsize=64)
-def _poisson_curves(theta: float) -> tuple[np.ndarray, np.ndarray]:
+def _poisson_curves(theta: float, ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Return (h grid, ln(ARL in expected events) per mu grid point x h) for hazard ratio theta.
 
     In expected-event time the chart is nearly free of the site's volume; the remaining
-    dependence (daily steps) is carried by the mu grid.
+    dependence (daily steps) is carried by the mu grid. ``ratio`` is the true hazard over
+    the chart's reference hazard (1: the classical in-control ARL).
     """
     h_grid = np.arange(_POISSON_H_STEP, 20.0 + 1e-9, _POISSON_H_STEP)
     table = np.empty((len(_MU_GRID), len(h_grid)))
@@ -177,22 +196,24 @@ def _poisson_curves(theta: float) -> tuple[np.ndarray, np.ndarray]:
             if j and table[i, j - 1] > math.log(_POISSON_CEILING):
                 table[i, j] = table[i, j - 1] + 1.0  # beyond any budget; keep it increasing
                 continue
-            table[i, j] = math.log(poisson_cusum_arl(mu, theta, float(h)) * mu)
+            table[i, j] = math.log(poisson_cusum_arl(mu, theta, float(h), mu * ratio) * mu)
         table[i] = np.maximum.accumulate(table[i])
     return h_grid, table
 
 
-def poisson_threshold(mu: float, theta: float, arl0_days: float) -> float:
+def poisson_threshold(mu: float, theta: float, arl0_days: float, ratio: float = 1.0) -> float:
     """Return h of the daily time-to-event CUSUM at ``arl0_days``.
 
     ``mu`` is the site's expected events per day at the reference hazard and ``theta`` the
     hazard ratio the chart is designed to detect. The in-control ARL comes from the Markov
     chain of :func:`poisson_cusum_arl`, tabulated once per ``theta`` on a grid of ``mu`` and
     ``h`` and interpolated (``tests/test_budget.py`` checks the result by simulation).
+    ``ratio`` is the in-control hazard over the reference hazard: ``arl0_days`` holds for a
+    site whose true hazard is ``ratio`` times the one the chart tests against.
     """
     if mu <= 0:
         return math.inf
-    h_grid, table = _poisson_curves(float(theta))
+    h_grid, table = _poisson_curves(float(theta), float(ratio))
     grid = np.log(np.asarray(_MU_GRID))
     x = float(np.clip(math.log(mu), grid[0], grid[-1]))
     k = int(np.clip(np.searchsorted(grid, x) - 1, 0, len(grid) - 2))
@@ -202,10 +223,23 @@ def poisson_threshold(mu: float, theta: float, arl0_days: float) -> float:
     h = _interpolate_h(h_grid, curve, target)
     # One Newton step on the site's own chain removes the interpolation error.
     slope = float(np.interp(h, h_grid[1:], np.diff(curve) / _POISSON_H_STEP))
-    actual = math.log(poisson_cusum_arl(mu, theta, h) * mu)
+    actual = math.log(poisson_cusum_arl(mu, theta, h, mu * ratio) * mu)
     if slope > 0:
         h += (math.log(target) - actual) / slope
     return float(h)
+
+
+def poisson_arl_days(mu: float, theta: float, h: float, ratio: float = 1.0) -> float:
+    """Return the ARL in days at ``h`` read off the tabulated curves (for reporting)."""
+    if mu <= 0:
+        return math.inf
+    h_grid, table = _poisson_curves(float(theta), float(ratio))
+    grid = np.log(np.asarray(_MU_GRID))
+    x = float(np.clip(math.log(mu), grid[0], grid[-1]))
+    k = int(np.clip(np.searchsorted(grid, x) - 1, 0, len(grid) - 2))
+    w = (x - grid[k]) / (grid[k + 1] - grid[k])
+    curve = (1 - w) * table[k] + w * table[k + 1]
+    return float(math.exp(np.interp(h, h_grid, curve)) / mu)
 
 
 def rare_alpha(rate_per_year: float, evaluations_per_year: int = 12) -> float:

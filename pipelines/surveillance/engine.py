@@ -35,8 +35,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import operator
 import time
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import lru_cache
 from typing import Any
@@ -46,8 +48,7 @@ import pandas as pd
 import sqlalchemy as sa
 from scipy import stats
 
-from pipelines.db import make_engine, redact_url
-from pipelines.errors import ExternalSystemError
+from pipelines.db import open_warehouse
 from pipelines.schema import (
     chart_status,
     level_episode,
@@ -117,6 +118,38 @@ def risk_adjusted_threshold(risks: np.ndarray, odds_ratio: float, arl0: float) -
 def cached_threshold(p0: float, odds_ratio: float, arl0: float, direction: str) -> float:
     """Return ``threshold_for_arl`` for a design, computed once per process."""
     return float(threshold_for_arl(p0, odds_ratio, arl0, direction))
+
+
+@dataclass(frozen=True)
+class _ChartedUnits:
+    """One outcome metric's units, handed to every charting routine.
+
+    ``group``/``y``/``day`` are the mature units in index order; the ``c_`` arrays are the
+    CUSUM order (outcome known, or index order with ``lag`` days until a unit is known) and
+    ``c_risk`` their case-mix risk at the baseline ``p0``.
+    """
+
+    group: np.ndarray
+    y: np.ndarray
+    day: np.ndarray
+    c_group: np.ndarray
+    c_y: np.ndarray
+    c_day: np.ndarray
+    c_risk: np.ndarray
+    lag: int
+    p0: float
+
+
+# The method registry: every outcome method a profile may name (profile.METHODS_BY_KIND) and
+# the routine of ``_Computation`` that charts it. A new method is one routine and one entry.
+OUTCOME_METHODS = {
+    "bernoulli_cusum": "_cusums",
+    "ra_cusum": "_cusums",
+    "tte_cusum": "_tte",
+    "funnel": "_funnel_prepare",
+    "pchart": "_pchart",
+    "rare": "_rare",
+}
 
 
 def _shift_odds(risk: np.ndarray, p_from: float, p_to: float) -> np.ndarray:
@@ -262,6 +295,8 @@ class _Computation:
         self.eval_days = _evaluation_days(first, self.as_of_day)
         self.builder = _Builder(profile)
         self.models: dict[str, Any] = {}
+        # False alarms a year per alarm chart if every site sat at the range edge.
+        self.edge_false_alarms: dict[str, float] = {}
         self.summary: dict[str, Any] = {"metrics": {}}
         self.site_metrics: dict[tuple[str, str], dict[str, Any]] = {}
         self.site_months: list[dict[str, Any]] = []
@@ -368,23 +403,29 @@ class _Computation:
         else:
             c_group, c_y, c_day, lag = group, y, day, window
             c_risk = expected_risk
+        charted = _ChartedUnits(group=group, y=y, day=day, c_group=c_group, c_y=c_y,
+                                c_day=c_day, c_risk=c_risk, lag=lag, p0=p0)
+        done: set[str] = set()
+        for method, routine in OUTCOME_METHODS.items():  # registry order: CUSUMs first
+            if method in metric.methods and routine not in done:  # the CUSUMs share one pass per direction
+                done.add(routine)
+                getattr(self, routine)(metric, charted)
+
+    def _cusums(self, metric: Metric, units: _ChartedUnits) -> None:
+        """Run the metric's Bernoulli and risk-adjusted CUSUMs in each direction."""
+        detect = metric.detect
+        assert detect is not None
         for direction in detect.directions:
             odds_ratio = detect.odds_ratio if direction == "up" else 1.0 / detect.odds_ratio
             reference = self._reference(metric, direction)
             if "bernoulli_cusum" in metric.methods:
-                self._cusum(metric, "bernoulli_cusum", direction, odds_ratio, c_group, c_y,
-                            c_day, np.full(len(c_y), reference), lag)
+                self._cusum(metric, "bernoulli_cusum", direction, odds_ratio, units.c_group,
+                            units.c_y, units.c_day, np.full(len(units.c_y), reference),
+                            units.lag)
             if "ra_cusum" in metric.methods and direction == "up":
-                self._cusum(metric, "ra_cusum", direction, odds_ratio, c_group, c_y, c_day,
-                            _shift_odds(c_risk, p0, reference), lag)
-        if "tte_cusum" in metric.methods:
-            self._tte(metric)
-        if "funnel" in metric.methods:
-            self._funnel_prepare(metric, group, y, day)
-        if "pchart" in metric.methods:
-            self._pchart(metric, group, y, day)
-        if "rare" in metric.methods:
-            self._rare(metric, group, y, day)
+                self._cusum(metric, "ra_cusum", direction, odds_ratio, units.c_group,
+                            units.c_y, units.c_day,
+                            _shift_odds(units.c_risk, units.p0, reference), units.lag)
 
     def _reference(self, metric: Metric, direction: str) -> float:
         """Return the rate charts in ``direction`` test against (range edge under a budget)."""
@@ -415,6 +456,11 @@ class _Computation:
             np.minimum.at(first, group, day)
         return np.maximum((self.as_of_day - first + 1) / 365.25, 1.0)
 
+    def _spent_at_baseline(self, direction: str) -> bool:
+        """Return True when upward false alarms are counted at the pooled baseline rate."""
+        budget_ = self.profile.design.budget
+        return budget_ is not None and budget_.spent_at == "baseline" and direction == "up"
+
     def _budget_thresholds(self, metric: Metric, direction: str, odds_ratio: float,
                            group: np.ndarray, day: np.ndarray, risk: np.ndarray,
                            level: str) -> tuple[np.ndarray, np.ndarray]:
@@ -423,22 +469,39 @@ class _Computation:
         ``ARL0 = units a year / false alarms per site-year`` (:mod:`budget`). The threshold
         is the Bernoulli CUSUM's at the site's mean reference risk, rounded to two
         significant figures (for a risk-adjusted chart an approximation whose accuracy the
-        slow test checks by simulation).
+        slow test checks by simulation). With the budget spent at the baseline
+        (``design.false_alarm_budget.spent_at``) the ARL0 holds for the site's case mix at
+        the pooled rate while the chart still tests against the range edge; the ARL at the
+        edge itself is kept in ``self.edge_arl`` for the budget summary.
         """
         n_sites = len(self.sites)
         rate = budget.chart_rate(self.profile, metric, direction, level)
         units = np.bincount(group, minlength=n_sites).astype(float)
         mean_risk = np.bincount(group, weights=risk, minlength=n_sites) / np.maximum(units, 1)
+        at_baseline = self._spent_at_baseline(direction)
+        edge, pooled = self._reference(metric, direction), float(metric.baseline.rate)
         volume = units / self._site_years(group, day)
         h = np.full(n_sites, np.inf)
         arl0 = np.zeros(n_sites)
+        edge_arl = np.zeros(n_sites)
         for code in range(n_sites):
             if not units[code]:
                 continue
             arl0[code] = budget.arl0_for(volume[code], rate)
             p_site = budget.significant(float(mean_risk[code]), 2)
+            # The site's case mix at the pooled rate: its rounded reference risk moved back
+            # by the same odds ratio, so the curve cache stays keyed on two figures of p.
+            p_true = (budget.significant(float(_shift_odds(np.array([p_site]), edge,
+                                                           pooled)[0]), 3)
+                      if at_baseline else None)
             h[code] = budget.bernoulli_threshold(p_site, odds_ratio,
-                                                 budget.significant(arl0[code], 2), direction)
+                                                 budget.significant(arl0[code], 2), direction,
+                                                 p_true)
+            edge_arl[code] = (budget.bernoulli_arl(p_site, odds_ratio, h[code], direction)
+                              if at_baseline else arl0[code])
+        if level == "alarm":
+            self.edge_false_alarms[metric.id] = float(np.sum(
+                np.divide(volume, edge_arl, out=np.zeros(n_sites), where=edge_arl > 0)))
         return h, arl0
 
     def _cusum(self, metric: Metric, method: str, direction: str, odds_ratio: float,
@@ -540,7 +603,7 @@ class _Computation:
                 },
             )
 
-    def _tte(self, metric: Metric) -> None:
+    def _tte(self, metric: Metric, _units: _ChartedUnits | None = None) -> None:
         """Run the time-to-event CUSUM (partial follow-up; :mod:`survival`) for every site."""
         units = derive_outcomes(self.snapshot, metric, include_immature=True)
         if units.empty:
@@ -559,14 +622,26 @@ class _Computation:
                                   else [])
         days = follow.days
         for level in levels_to_run:
+            ratio = 1.0
             if self.profile.design.budget is not None:
                 rate = budget.chart_rate(self.profile, metric, "up", level)
                 arl0_days = budget.significant(365.25 / rate, 2)
+                if self._spent_at_baseline("up"):
+                    # In-control hazard at the pooled rate over the reference (range-edge)
+                    # hazard: the same ratio for every site (one reference hazard shape).
+                    ratio = budget.significant(
+                        math.log1p(-float(metric.baseline.rate)) / math.log1p(-reference), 3)
             else:
                 arl0_days = float(detect.arl0)  # legacy: the profile's ARL0, read as days
             h = np.array([budget.poisson_threshold(budget.significant(float(m), 2), theta,
-                                                   arl0_days) if m > 0 else np.inf
+                                                   arl0_days, ratio) if m > 0 else np.inf
                           for m in mu])
+            if level != "watch" and self.profile.design.budget is not None:
+                edge = [budget.poisson_arl_days(budget.significant(float(m), 2), theta,
+                                                float(hh)) if m > 0 and ratio != 1.0
+                        else arl0_days for m, hh in zip(mu, h, strict=True)]
+                self.edge_false_alarms[metric.id] = float(sum(
+                    365.25 / a for a, m in zip(edge, mu, strict=True) if m > 0))
             result = survival.tte_cusum(follow.expected, follow.observed, theta,
                                         np.where(np.isfinite(h), h, 1e9))
             name = "tte_cusum" if level != "watch" else "tte_cusum_watch"
@@ -622,7 +697,8 @@ class _Computation:
             events[code] = cum[k]
         return n, events
 
-    def _funnel_prepare(self, metric: Metric, group, y, day) -> None:
+    def _funnel_prepare(self, metric: Metric, units: _ChartedUnits) -> None:
+        group, y, day = units.group, units.y, units.day
         design = self.profile.design
         mature = day + metric.window_days
         points = self.eval_days
@@ -774,7 +850,8 @@ class _Computation:
                         },
                     )
 
-    def _pchart(self, metric: Metric, group, y, day) -> None:
+    def _pchart(self, metric: Metric, units: _ChartedUnits) -> None:
+        group, y, day = units.group, units.y, units.day
         design = self.profile.design
         p0 = metric.baseline.rate
         alpha = (1.0 - design.pchart_limit) / 2.0
@@ -842,7 +919,8 @@ class _Computation:
                         },
                     )
 
-    def _rare(self, metric: Metric, group, y, day) -> None:
+    def _rare(self, metric: Metric, units: _ChartedUnits) -> None:
+        group, y, day = units.group, units.y, units.day
         design = self.profile.design
         p0 = self._reference(metric, "up")
         role = self._role(metric, "rare", "up")
@@ -916,8 +994,10 @@ class _Computation:
     def budget_summary(self) -> dict[str, Any] | None:
         """Return the false-alarm budget and what it means for this network, per year.
 
-        The expected number is for every site performing at the top of the guidance range
-        (the worst in-control case); sites nearer the baseline false-alarm less.
+        ``expected_false_alarms_per_year`` holds for sites at the in-control rate the budget
+        is spent at (``spent_at``: the guidance's pooled rate, or the range edge);
+        ``if_every_site_at_range_edge`` is the worst in-control case, from each site's
+        threshold and Markov-chain ARL at the edge.
         """
         design = self.profile.design
         if design.budget is None:
@@ -929,21 +1009,30 @@ class _Computation:
             rate = budget.chart_rate(self.profile, metric, "up")
             active = sum(1 for site in self.sites
                          if self.site_metrics.get((site, metric.id), {}).get("n"))
+            expected = round(rate * active, 4)
             per_metric[metric.id] = {
                 "method": metric.alarm.method, "share": metric.alarm.share,
                 "per_site_year": rate, "sites": active,
-                "expected_false_alarms_per_year": round(rate * active, 4),
+                "expected_false_alarms_per_year": expected,
+                "if_every_site_at_range_edge": round(
+                    self.edge_false_alarms.get(metric.id, expected), 4),
             }
         total = sum(m["expected_false_alarms_per_year"] for m in per_metric.values())
+        edge = sum(m["if_every_site_at_range_edge"] for m in per_metric.values())
+        spent_at = design.budget.spent_at
         return {
             "safety_per_100_site_years": design.budget.safety_per_100_site_years,
             "under_reporting_per_100_site_years":
                 design.budget.under_reporting_per_100_site_years,
             "watch_per_site_year": design.budget.watch_per_site_year,
+            "spent_at": spent_at,
             "metrics": per_metric,
             "expected_false_alarms_per_year": round(total, 3),
-            "note": "false safety alarms a year for this network if every site performed at "
-                    "the top of the guidance range; sentinel events are not false alarms",
+            "if_every_site_at_range_edge": round(edge, 3),
+            "note": ("false safety alarms a year for this network if every site performed at "
+                     + ("the guidance's pooled rate" if spent_at == "baseline"
+                        else "the top of the guidance range")
+                     + "; sentinel events are not false alarms"),
         }
 
     # -- sentinel and process -------------------------------------------------------------
@@ -1026,25 +1115,12 @@ def run_key_for(as_of: date, profile: Profile, fingerprint: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _open_engine(settings: Settings) -> sa.Engine:
-    try:
-        engine = make_engine(settings.db_url)
-        with engine.connect() as conn:
-            conn.execute(sa.select(1))
-        return engine
-    except sa.exc.SQLAlchemyError as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ExternalSystemError(
-            f"cannot open warehouse {redact_url(settings.db_url)}: {first_line}"
-        ) from exc
-
-
 def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = False,
              profile: Profile | None = None) -> MonitorResult:
     """Compute the monitor for ``as_of`` (default: newest procedure date); optionally store it."""
     started = time.perf_counter()
     profile = profile or load_profile(settings.profile_path)
-    engine = _open_engine(settings)
+    engine = open_warehouse(settings.db_url)
     try:
         with engine.connect() as conn:
             as_of = as_of or latest_procedure_date(conn)

@@ -82,6 +82,9 @@ class Alarm:
     share: float
 
 
+BUDGET_SPENT_AT = ("baseline", "range_edge")
+
+
 @dataclass(frozen=True)
 class Budget:
     """The false alarms the safety team accepts, for a site performing within the guidance.
@@ -89,11 +92,20 @@ class Budget:
     ``safety_per_100_site_years`` is the network target for false *alarm* e-mails; each
     metric's alarm chart receives ``alarm.share`` of it. ``under_reporting_per_100_site_years``
     is split equally over the downward charts, ``watch_per_site_year`` is per alarm chart.
+
+    ``spent_at`` says for which in-control site an upward chart's false alarms are counted:
+    ``baseline`` (a site at the guidance's pooled rate, the profile's ``baseline``; the
+    network the guidance describes) or ``range_edge`` (a site at the top of the range: the
+    worst in-control case, which leaves part of the budget unspent for a network at the
+    pooled rate). Upward charts test against the range edge either way; downward charts
+    are always counted at the bottom edge, so a site inside the range is not flagged for
+    under-reporting.
     """
 
     safety_per_100_site_years: float
     under_reporting_per_100_site_years: float
     watch_per_site_year: float
+    spent_at: str = "range_edge"
 
 
 @dataclass(frozen=True)
@@ -317,7 +329,7 @@ def _design(reader: _Reader, data: Any) -> Design:
         raw = reader.mapping(
             data["false_alarm_budget"], "design.false_alarm_budget",
             allowed={"safety_per_100_site_years", "under_reporting_per_100_site_years",
-                     "watch_per_site_year"},
+                     "watch_per_site_year", "spent_at"},
         )
         where = "design.false_alarm_budget"
         budget = Budget(
@@ -331,6 +343,8 @@ def _design(reader: _Reader, data: Any) -> Design:
             watch_per_site_year=reader.number(
                 raw.get("watch_per_site_year", 0.2), f"{where}.watch_per_site_year",
                 low=0.0, high=10.0, low_open=True),
+            spent_at=reader.choice(raw.get("spent_at", "range_edge"), f"{where}.spent_at",
+                                   BUDGET_SPENT_AT),
         )
     levels = reader.mapping(
         data.get("levels") or {}, "design.levels",
