@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 metadata = sa.MetaData()
 
@@ -328,6 +328,16 @@ schema_views = sa.Table(
     sa.Column("digest", sa.String(DIGEST), nullable=False),
 )
 
+# The pseudonym key in force (pipelines.ingest.keys): the HMAC of a fixed label under the key,
+# never the key. One row has retired_at NULL; a rotation retires it and adds the new one.
+pseudonym_key = sa.Table(
+    "pseudonym_key",
+    metadata,
+    sa.Column("fingerprint", sa.String(DIGEST), primary_key=True),
+    sa.Column("first_used_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("retired_at", sa.DateTime(timezone=True)),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
@@ -373,8 +383,13 @@ def _migration_6(conn: sa.Connection) -> None:
     monitor_run_part.create(conn, checkfirst=True)
 
 
+def _migration_7(conn: sa.Connection) -> None:
+    """Version 7: the pseudonym key fingerprint (pseudonym_key), recorded on the next load."""
+    pseudonym_key.create(conn, checkfirst=True)
+
+
 MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4,
-              5: _migration_5, 6: _migration_6}
+              5: _migration_5, 6: _migration_6, 7: _migration_7}
 
 
 def _views_sql(sql_dir: Path) -> list[str]:
