@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "pipelines.simulate",
     "pipelines.ingest.cli",
     "pipelines.ingest.keys",
+    "pipelines.roles",
     "pipelines.surveillance.cli",
     "pipelines.alerts.cli",
     "pipelines.report",

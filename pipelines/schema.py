@@ -434,6 +434,26 @@ def _migration_lock(engine: sa.Engine) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _grant_view_reads(conn: sa.Connection) -> None:
+    """Grant SELECT on every view to the database's analyst role (PostgreSQL, sql/roles.sql).
+
+    Views are dropped and re-created when views.sql changes, which drops their grants; the
+    role is named by the database setting ``kyphowatch.analyst_role`` (unset: nothing to do).
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    analyst = conn.execute(sa.text("SELECT current_setting('kyphowatch.analyst_role', true)")
+                           ).scalar_one_or_none()
+    if not analyst:
+        return
+    quote = conn.dialect.identifier_preparer.quote
+    views = conn.scalars(sa.text(
+        "SELECT viewname FROM pg_views WHERE schemaname = current_schema() ORDER BY viewname"))
+    for view in list(views):
+        # Identifiers cannot be bound parameters: quoted with the dialect's own rules.
+        conn.exec_driver_sql("GRANT SELECT ON " + quote(view) + " TO " + quote(analyst))
+
+
 # Arbitrary constant naming kyphowatch's migration lock among PostgreSQL advisory locks.
 _ADVISORY_LOCK_KEY = 7_406_108
 
@@ -471,6 +491,7 @@ def migrate(engine: sa.Engine, sql_dir: Path | None = None) -> int:
         if digest is not None and current != digest:
             for statement in _views_sql(sql_dir):
                 conn.exec_driver_sql(statement)
+            _grant_view_reads(conn)
             conn.execute(schema_views.delete().where(schema_views.c.name == "views"))
             conn.execute(schema_views.insert().values(name="views", digest=digest))
     return max(MIGRATIONS)
