@@ -237,3 +237,59 @@ def test_cli_rotate_reads_the_new_key_from_the_environment(tmp_path, monkeypatch
     assert "re-keyed" in out.out
     for text in (out.out, out.err):
         assert KEY_1 not in text and KEY_2 not in text
+
+
+_KILL_MIDWAY = """
+import os, signal, sys
+from pathlib import Path
+import sqlalchemy as sa
+from pipelines.ingest.keys import rotate
+
+def die(table):
+    if table == "procedure_version":  # procedure already rewritten, transaction open
+        os.kill(os.getpid(), signal.SIGKILL)
+
+url, old, new, files = sys.argv[1:5]
+rotate(sa.create_engine(url), old.encode(), new.encode(), [Path(files)], step=die)
+"""
+
+
+def test_rotation_killed_midway_leaves_the_old_state(db_url, settings_for, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    files = _extracts(tmp_path / "in")
+    _load(settings_for, db_url, [files], KEY_1)
+    before = _key_state(db_url)
+    killed = subprocess.run([sys.executable, "-c", _KILL_MIDWAY, db_url, KEY_1, KEY_2,
+                             str(files)], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert _key_state(db_url) == before
+    rotate(sa.create_engine(db_url), KEY_1.encode(), KEY_2.encode(), [files])  # then it works
+    assert _key_state(db_url) != before
+
+
+def test_unexplained_digest_in_quarantine_refuses_rotation_unless_redacted(
+        db_url, settings_for, tmp_path):
+    files = _extracts(tmp_path / "in")
+    _load(settings_for, db_url, [files], KEY_1)
+    stray = secrets.token_hex(32)  # a digest no field of the supplied extracts explains
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        record = conn.execute(sa.select(schema.quarantine).limit(1)).mappings().one()
+        conn.execute(schema.quarantine.update().where(
+            schema.quarantine.c.source_checksum == record["source_checksum"],
+            schema.quarantine.c.record_number == record["record_number"],
+        ).values(raw_values=json.dumps({**json.loads(record["raw_values"]), "note": stray})))
+    before = _key_state(db_url)
+    with pytest.raises(InputRejected, match="--redact-unexplained"):
+        rotate(engine, KEY_1.encode(), KEY_2.encode(), [files])
+    assert _key_state(db_url) == before
+    result = rotate(engine, KEY_1.encode(), KEY_2.encode(), [files], redact_unexplained=True)
+    assert result["digests_redacted"] == 1
+    with engine.connect() as conn:
+        texts = " ".join(conn.scalars(sa.select(schema.quarantine.c.raw_values)))
+    engine.dispose()
+    assert stray not in texts and "digest-redacted-at-key-rotation" in texts

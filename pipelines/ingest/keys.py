@@ -85,7 +85,8 @@ def key_problems(key: bytes) -> list[str]:
     return problems
 
 
-def check_key_strength(key: bytes, source: str = "KYPHOWATCH_PSEUDONYM_KEY") -> bytes:
+def check_key_strength(key: bytes, source: str = "KYPHOWATCH_PSEUDONYM_KEY (or the Airflow "
+                                                  "variable kyphowatch_pseudonym_key)") -> bytes:
     """Return ``key`` unchanged, or raise :class:`WeakKeyError` naming the problem (never the key)."""
     problems = key_problems(key)
     if problems:
@@ -180,6 +181,7 @@ class RotationPlan:
     files_missing: list[str] = field(default_factory=list)
     mapping: dict[str, str] = field(default_factory=dict)  # old digest -> new digest
     unmatched: int = 0  # stored reference digests no supplied extract explains
+    unexplained_tokens: int = 0  # digest-shaped values in quarantine/ledger JSON, unexplained
 
 
 def _digest(key: bytes, site: str, value: str) -> str:
@@ -295,13 +297,20 @@ def plan_rotation(conn: sa.Connection, old_key: bytes, new_key: bytes,
         _candidates(old_key, new_key, path, checksum in detail_files,
                     references | tokens, plan.mapping)
     plan.unmatched = len(references - plan.mapping.keys())
+    plan.unexplained_tokens = len(tokens - plan.mapping.keys())
     loaded_files = set(conn.scalars(sa.select(schema.procedure_version.c.source_checksum)
                                     .distinct())) | detail_files
     plan.files_missing = sorted(ledger[c] for c in loaded_files - seen if c in ledger)
     return plan
 
 
-def _apply(conn: sa.Connection, mapping: dict[str, str], *, step=None) -> dict[str, int]:
+# Replaces a digest-shaped value in quarantine or the ledger that no supplied field explains,
+# when the operator chose --redact-unexplained: left as it was, it would stay an old-key digest.
+UNEXPLAINED = "digest-redacted-at-key-rotation"
+
+
+def _apply(conn: sa.Connection, mapping: dict[str, str], *, redact: bool = False,
+           step=None) -> dict[str, int]:
     """Rewrite every stored digest through ``mapping``; return rows changed per table."""
     changed: dict[str, int] = {}
     for table, columns in _REFERENCE_COLUMNS:
@@ -323,8 +332,11 @@ def _apply(conn: sa.Connection, mapping: dict[str, str], *, step=None) -> dict[s
         pk = [c.name for c in table.primary_key]
         updates = []
         for row in conn.execute(sa.select(*[table.c[n] for n in pk + list(columns)])).mappings():
-            new = {c: _HEX_DIGEST.sub(lambda m: mapping.get(m.group(0), m.group(0)), row[c])
-                   if row[c] else row[c] for c in columns}
+            def swap(match: re.Match) -> str:
+                old = match.group(0)
+                return mapping.get(old, UNEXPLAINED if redact else old)
+
+            new = {c: _HEX_DIGEST.sub(swap, row[c]) if row[c] else row[c] for c in columns}
             if any(new[c] != row[c] for c in columns):
                 updates.append({**{f"k_{n}": row[n] for n in pk}, **new})
         if updates:
@@ -339,12 +351,14 @@ def _apply(conn: sa.Connection, mapping: dict[str, str], *, step=None) -> dict[s
 
 
 def rotate(engine: sa.Engine, old_key: bytes, new_key: bytes, extract_paths: list[Path],
-           *, step=None) -> dict:
+           *, redact_unexplained: bool = False, step=None) -> dict:
     """Re-key every stored digest from ``old_key`` to ``new_key`` in one transaction.
 
     Refused (nothing changes) when ``old_key`` is not the warehouse's recorded key, the new
     key fails the strength screen or equals the old one, or a loaded file is missing from
-    ``extract_paths`` / a stored reference digest is explained by no supplied extract.
+    ``extract_paths`` / a stored reference digest is explained by no supplied extract. A
+    digest-shaped value in quarantine or the ledger that no field explains also refuses the
+    rotation, unless ``redact_unexplained`` replaces it with :data:`UNEXPLAINED`.
     ``step`` is called after each table (tests use it to fail midway).
     """
     check_key_strength(new_key, "the new key")
@@ -368,7 +382,14 @@ def rotate(engine: sa.Engine, old_key: bytes, new_key: bytes, extract_paths: lis
                 f"{plan.unmatched} stored reference digest(s) unexplained; supply every "
                 "loaded extract (the archive directory) with --extracts. Nothing was changed."
             )
-        changed = _apply(conn, plan.mapping, step=step)
+        if plan.unexplained_tokens and not redact_unexplained:
+            raise InputRejected(
+                f"cannot re-key: {plan.unexplained_tokens} digest-shaped value(s) in quarantine "
+                "or the file ledger are not explained by any field of the supplied extracts; "
+                "supply the missing extracts, or rerun with --redact-unexplained to replace "
+                f"them with {UNEXPLAINED!r}. Nothing was changed."
+            )
+        changed = _apply(conn, plan.mapping, redact=redact_unexplained, step=step)
         now = datetime.now(UTC)
         table = schema.pseudonym_key
         conn.execute(table.update().where(table.c.retired_at.is_(None)).values(retired_at=now))
@@ -376,6 +397,7 @@ def rotate(engine: sa.Engine, old_key: bytes, new_key: bytes, extract_paths: lis
                                            retired_at=None))
     return {"old_fingerprint": old_print, "new_fingerprint": new_print,
             "files_used": len(plan.files_used), "digests_rekeyed": len(plan.mapping),
+            "digests_redacted": plan.unexplained_tokens if redact_unexplained else 0,
             "rows_changed": changed}
 
 
@@ -403,6 +425,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rot.add_argument("--extracts", nargs="+", type=Path, metavar="PATH",
                      help="the loaded extract files or directories (default: the archive "
                           "directory, KYPHOWATCH_ARCHIVE_DIR)")
+    rot.add_argument("--redact-unexplained", action="store_true",
+                     help="replace digest-shaped quarantine/ledger values that no supplied "
+                          "field explains (instead of refusing the rotation)")
     rot.set_defaults(handler=_run_rotate)
 
 
@@ -451,12 +476,15 @@ def _run_rotate(args: argparse.Namespace) -> int:
     engine = open_warehouse(settings.db_url)
     try:
         result = rotate(engine, settings.pseudonym_key.encode("utf-8"),
-                        new_raw.encode("utf-8"), args.extracts or [settings.archive_dir])
+                        new_raw.encode("utf-8"), args.extracts or [settings.archive_dir],
+                        redact_unexplained=args.redact_unexplained)
     finally:
         engine.dispose()
     print(f"re-keyed {result['digests_rekeyed']} digest(s) from {result['files_used']} "
           f"extract(s): {result['old_fingerprint'][:16]}... retired, "
           f"{result['new_fingerprint'][:16]}... active")
+    if result["digests_redacted"]:
+        print(f"  {result['digests_redacted']} unexplained digest(s) redacted")
     for table, rows in result["rows_changed"].items():
         print(f"  {table:<20} {rows:>8} row(s) changed")
     print(f"now set KYPHOWATCH_PSEUDONYM_KEY to the value of {args.new_key_env}")
