@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-BENCH_KEY = "kyphowatch-benchmark-key"  # synthetic data only
+BENCH_KEY = "kyphowatch-benchmark-key-synthetic-data-only"  # synthetic data only
 SIM = {  # about 1.0M procedures in one file (about 66.8k per unit of volume_scale)
     "sites": 200,
     "start": "2022-01-01",

@@ -20,6 +20,8 @@ from pipelines.errors import InputRejected, KyphowatchError
 COMMAND_MODULES = (
     "pipelines.simulate",
     "pipelines.ingest.cli",
+    "pipelines.ingest.keys",
+    "pipelines.roles",
     "pipelines.surveillance.cli",
     "pipelines.alerts.cli",
     "pipelines.report",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 metadata = sa.MetaData()
 
@@ -328,6 +328,16 @@ schema_views = sa.Table(
     sa.Column("digest", sa.String(DIGEST), nullable=False),
 )
 
+# The pseudonym key in force (pipelines.ingest.keys): the HMAC of a fixed label under the key,
+# never the key. One row has retired_at NULL; a rotation retires it and adds the new one.
+pseudonym_key = sa.Table(
+    "pseudonym_key",
+    metadata,
+    sa.Column("fingerprint", sa.String(DIGEST), primary_key=True),
+    sa.Column("first_used_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("retired_at", sa.DateTime(timezone=True)),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,
@@ -373,8 +383,13 @@ def _migration_6(conn: sa.Connection) -> None:
     monitor_run_part.create(conn, checkfirst=True)
 
 
+def _migration_7(conn: sa.Connection) -> None:
+    """Version 7: the pseudonym key fingerprint (pseudonym_key), recorded on the next load."""
+    pseudonym_key.create(conn, checkfirst=True)
+
+
 MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4,
-              5: _migration_5, 6: _migration_6}
+              5: _migration_5, 6: _migration_6, 7: _migration_7}
 
 
 def _views_sql(sql_dir: Path) -> list[str]:
@@ -419,6 +434,26 @@ def _migration_lock(engine: sa.Engine) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _grant_view_reads(conn: sa.Connection) -> None:
+    """Grant SELECT on every view to the database's analyst role (PostgreSQL, sql/roles.sql).
+
+    Views are dropped and re-created when views.sql changes, which drops their grants; the
+    role is named by the database setting ``kyphowatch.analyst_role`` (unset: nothing to do).
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    analyst = conn.execute(sa.text("SELECT current_setting('kyphowatch.analyst_role', true)")
+                           ).scalar_one_or_none()
+    if not analyst:
+        return
+    quote = conn.dialect.identifier_preparer.quote
+    views = conn.scalars(sa.text(
+        "SELECT viewname FROM pg_views WHERE schemaname = current_schema() ORDER BY viewname"))
+    for view in list(views):
+        # Identifiers cannot be bound parameters: quoted with the dialect's own rules.
+        conn.exec_driver_sql("GRANT SELECT ON " + quote(view) + " TO " + quote(analyst))
+
+
 # Arbitrary constant naming kyphowatch's migration lock among PostgreSQL advisory locks.
 _ADVISORY_LOCK_KEY = 7_406_108
 
@@ -456,6 +491,7 @@ def migrate(engine: sa.Engine, sql_dir: Path | None = None) -> int:
         if digest is not None and current != digest:
             for statement in _views_sql(sql_dir):
                 conn.exec_driver_sql(statement)
+            _grant_view_reads(conn)
             conn.execute(schema_views.delete().where(schema_views.c.name == "views"))
             conn.execute(schema_views.insert().values(name="views", digest=digest))
     return max(MIGRATIONS)

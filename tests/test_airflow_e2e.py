@@ -161,7 +161,7 @@ def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys):
             {"conn_type": "generic", "extra": {"url": wh_url}}),
         "AIRFLOW_CONN_KYPHOWATCH_SMTP": json.dumps(
             {"conn_type": "smtp", "host": sink.host, "port": sink.port}),
-        "AIRFLOW_VAR_KYPHOWATCH_PSEUDONYM_KEY": "e2e-test-key-" + secrets.token_hex(8),
+        "AIRFLOW_VAR_KYPHOWATCH_PSEUDONYM_KEY": secrets.token_hex(32),
         "AIRFLOW_VAR_KYPHOWATCH_ARCHIVE_DIR": str(tmp_path / "archive"),
         "AIRFLOW_VAR_KYPHOWATCH_REJECTED_DIR": str(tmp_path / "rejected"),
         "KYPHOWATCH_LANDING_DIR": str(landing),

@@ -67,9 +67,10 @@ def expand_paths(paths: list[Path]) -> list[Path]:
 
 def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     """Validate and load every extract under ``paths`` into the configured warehouse."""
+    from pipelines.ingest.keys import check_key_strength, ensure_key
     from pipelines.ingest.load import IngestReport
 
-    key = settings.require_pseudonym_key()
+    key = check_key_strength(settings.require_pseudonym_key())
     try:
         engine = make_engine(settings.db_url)
     except Exception as exc:  # the warehouse is an external system: say which one failed
@@ -80,6 +81,14 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     processing_day = datetime.now(UTC).date()
     results: list[FileResult] = []
     try:
+        # Before any file: a key other than the warehouse's would give a patient two digests.
+        try:
+            ensure_key(engine, key)
+        except sa.exc.DBAPIError as exc:
+            raise ExternalSystemError(
+                f"warehouse {redact_url(settings.db_url)} failed while checking the pseudonym "
+                f"key fingerprint ({type(getattr(exc, 'orig', exc)).__name__}); nothing loaded"
+            ) from exc
         for path in expand_paths(paths):
             result = _load_or_explain(engine, path, settings, key, processing_day, results)
             log.info(
