@@ -349,8 +349,9 @@ operator_chart = sa.Table(
     sa.Column("statistic", sa.Float),  # CUSUM now, or the smallest p-value
     sa.Column("threshold", sa.Float),  # h, or alpha
     sa.Column("head_start", sa.Float),
-    sa.Column("signal_date", sa.Date),  # first signal (NULL: none)
-    sa.Column("signal_procedure", sa.Integer),  # the operator's procedure count at the signal
+    sa.Column("signal_date", sa.Date),  # latest signal (NULL: none)
+    sa.Column("signal_procedure", sa.Integer),  # the operator's procedure count at that signal
+    sa.Column("signals", sa.Integer, nullable=False),
     sa.Column("first_procedure_date", sa.Date, nullable=False),
     sa.Column("run_key", sa.String(DIGEST), nullable=False),
     sa.Column("as_of", sa.Date, nullable=False),
