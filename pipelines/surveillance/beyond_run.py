@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from pipelines import schema
+from pipelines.reference import reference_for
 from pipelines.surveillance.beyond import BeyondSite, parse_beyond_site
 from pipelines.surveillance.devices import calibration_rate, lot_tests, product_charts
 from pipelines.surveillance.operators import operator_charts, operator_rare_tests
@@ -128,17 +130,24 @@ def store_beyond_site(conn: sa.Connection, profile: Profile, as_of: date, run_ke
     return True
 
 
-def run_beyond_site(engine: sa.Engine, profile: Profile, snapshot: Snapshot, run_key: str
-                    ) -> dict[str, int]:
-    """Compute and store the operator and device charts; return how many rows and signals."""
+def run_beyond_site(engine: sa.Engine, profile: Profile, snapshot: Snapshot, run_key: str,
+                    expectations_dir: Path) -> dict[str, int]:
+    """Draft new Yellow Cards; compute and store the operator and device charts; count them."""
     design = parse_beyond_site(profile)
+    counts: dict[str, int] = {}
+    if design.regulator is not None:
+        from pipelines.regulator import draft_new
+
+        with engine.begin() as conn:
+            counts["yellow_card_drafts_new"] = draft_new(conn, design.regulator,
+                                                         reference_for(expectations_dir))
     if design.operators is None and design.devices is None:
-        return {}
+        return counts
     with engine.connect() as conn:
         rows = compute_beyond_site(conn, profile, snapshot, design)
     with engine.begin() as conn:
         store_beyond_site(conn, profile, snapshot.as_of, run_key, rows)
-    counts = {name: len(found) for name, found in rows.items()}
+    counts.update({name: len(found) for name, found in rows.items()})
     counts.update({f"{name}_signalled": sum(1 for r in found if r.get("signal_date"))
                    for name, found in rows.items()})
     log.info("beyond_site: %s", counts)

@@ -5,7 +5,7 @@ Products (DELTA-style, Resnic et al. 2010)
 For each product named in the procedures (``balloon_product`` or ``cement_product``) and each
 metric of ``beyond_site.devices.metrics``, the expected risk of the product's cases comes from
 a case-mix model fitted on the cases of *all other products of the same kind*, calibrated to
-their observed rate. Observed/expected (O/E) summarises it; the sequential test is the
+their observed rate in the same calendar quarter (:func:`concurrent`). Observed/expected (O/E) summarises it; the sequential test is the
 risk-adjusted CUSUM on the product's cases in date order (alternative odds ratio
 ``odds_ratio``), charted like a site: it may spend ``safety_per_100_site_years / 100 x
 alarm.share`` false device alerts per product-year, so ``ARL0 = the product's procedures a
@@ -61,6 +61,37 @@ def calibration_rate(metric: Metric, units: pd.DataFrame) -> float:
     if metric.alarm.method == "rare" or units.empty:
         return metric.baseline.rate
     return float(units["y"].mean())
+
+
+QUARTER_DAYS = 91
+# Fewer comparator events than this in a quarter: that quarter keeps the whole-period model.
+MIN_QUARTER_EVENTS = 5
+
+
+def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame,
+               others_risk: np.ndarray) -> np.ndarray:
+    """Recalibrate a product's expected risks to the other products *in the same quarter*.
+
+    DELTA compares a device with its concurrent alternatives: a rise that every product
+    shares (a season, a bad operator using all of them) is not the product's. Per calendar
+    quarter the log odds move by ``logit(others' observed rate) - logit(others' mean
+    expected risk)``.
+    """
+    quarter = day // QUARTER_DAYS
+    other_quarter = others["index_day"].to_numpy(np.int64) // QUARTER_DAYS
+    other_y = others["y"].to_numpy(float)
+    adjusted = risk.copy()
+    for q in np.unique(quarter):
+        mask = other_quarter == q
+        events = other_y[mask].sum()
+        if events < MIN_QUARTER_EVENTS or events == mask.sum():
+            continue
+        shift = (np.log(events / (mask.sum() - events))
+                 - np.log(others_risk[mask].mean() / (1 - others_risk[mask].mean())))
+        mine = quarter == q
+        odds = adjusted[mine] / (1 - adjusted[mine]) * np.exp(shift)
+        adjusted[mine] = odds / (1 + odds)
+    return adjusted
 
 
 def lot_alpha(false_alarms_per_year: float, lots_tested: int) -> float:
@@ -138,7 +169,8 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
                     continue  # nothing to compare with
                 model = fit_risk_model(metric.id, others, calibration_rate(metric, others),
                                        min_events=profile.design.risk_min_events)
-                risk = model.predict(cases)
+                risk = concurrent(model.predict(cases), cases["index_day"].to_numpy(np.int64),
+                                  others, model.predict(others))
                 expected = float(risk.sum())
                 events = int(cases["y"].sum())
                 test = _product_chart(metric, profile, design, cases, risk, as_of_day)
