@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "pipelines.surveillance.cli",
     "pipelines.alerts.cli",
     "pipelines.report",
+    "pipelines.regulator",
 )
 
 log = logging.getLogger("kyphowatch")

@@ -22,6 +22,8 @@ EVENT_TYPES = (
     "new_fracture",
     "adjacent_fracture",
     "balloon_rupture",
+    "device_failure",  # contract 1.1: any other device malfunction (HTG108 2.4.3)
+    "cement_embolism",  # contract 1.1: cement reaching the venous system or lungs (2.5.1)
     "radiculopathy",
     "paraesthesia",
     "motor_deficit",
@@ -38,6 +40,9 @@ SEVERITIES = ("minor", "major", "fatal")
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 SITE_PATTERN = r"^[A-Z0-9]{3,8}$"
+LOT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,31}$"
+# GS1 (14 digits), HIBCC (starts with +) and ICCBBA device identifiers, at most 40 characters.
+UDI_DI_PATTERN = r"^[A-Za-z0-9+][A-Za-z0-9+./-]{0,39}$"
 LEVEL_PATTERN = r"^(C[1-7]|T([1-9]|1[0-2])|L[1-5]|S[1-5])$"
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no"})
@@ -70,6 +75,12 @@ PROCEDURE_COLUMNS = (
     ColumnSpec("sex", "enum", allowed=SEXES),
     ColumnSpec("steroid_use", "bool"),
     ColumnSpec("mdt_discussed", "bool"),
+    # Version 1.1 (issue 12): optional device columns. Product names must be in the device
+    # reference list (reference/devices.yaml) or its alias file; docs/contract.md.
+    ColumnSpec("balloon_product", "text", required=False),
+    ColumnSpec("cement_product", "text", required=False),
+    ColumnSpec("cement_lot", "text", required=False),
+    ColumnSpec("udi_di", "text", required=False),
 )
 
 COMPLICATION_COLUMNS = (

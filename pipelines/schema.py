@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 metadata = sa.MetaData()
 
@@ -50,6 +50,17 @@ def _procedure_columns() -> list[sa.Column]:
         sa.Column("mdt_discussed", sa.Boolean, nullable=False),
         sa.Column("source_checksum", sa.String(DIGEST), nullable=False),
         sa.Column("extract_ts", sa.String(32), nullable=False),
+        *_device_columns(),
+    ]
+
+
+def _device_columns() -> list[sa.Column]:
+    """Version 8: the optional device columns of a procedure (reference names, lot, UDI-DI)."""
+    return [
+        sa.Column("balloon_product", sa.String(64)),
+        sa.Column("cement_product", sa.String(64)),
+        sa.Column("cement_lot", sa.String(32)),
+        sa.Column("udi_di", sa.String(40)),
     ]
 
 
@@ -320,6 +331,90 @@ level_episode = sa.Table(
     sa.Column("profile_version", sa.String(32), nullable=False),
 )
 
+# --- beyond the site (issue 12, version 8): operators, devices, the regulator ---------
+# Operators appear only by their display pseudonym (pipelines.surveillance.operators), never
+# by reference or digest. Each chart table holds the newest run per profile.
+
+operator_chart = sa.Table(
+    "operator_chart",
+    metadata,
+    sa.Column("profile_name", sa.String(64), primary_key=True),
+    sa.Column("site_id", sa.String(8), primary_key=True),
+    sa.Column("operator", sa.String(16), primary_key=True),  # display pseudonym OP-xxxxxxxxxx
+    sa.Column("metric", sa.String(48), primary_key=True),
+    sa.Column("method", sa.String(16), nullable=False),  # fir_cusum | rare
+    sa.Column("procedures", sa.Integer, nullable=False),
+    sa.Column("events", sa.Integer, nullable=False),
+    sa.Column("expected", sa.Float, nullable=False),
+    sa.Column("statistic", sa.Float),  # CUSUM now, or the smallest p-value
+    sa.Column("threshold", sa.Float),  # h, or alpha
+    sa.Column("head_start", sa.Float),
+    sa.Column("signal_date", sa.Date),  # latest signal (NULL: none)
+    sa.Column("signal_procedure", sa.Integer),  # the operator's procedure count at that signal
+    sa.Column("signals", sa.Integer, nullable=False),
+    sa.Column("first_procedure_date", sa.Date, nullable=False),
+    sa.Column("run_key", sa.String(DIGEST), nullable=False),
+    sa.Column("as_of", sa.Date, nullable=False),
+)
+
+device_product_chart = sa.Table(
+    "device_product_chart",
+    metadata,
+    sa.Column("profile_name", sa.String(64), primary_key=True),
+    sa.Column("product", sa.String(64), primary_key=True),
+    sa.Column("metric", sa.String(48), primary_key=True),
+    sa.Column("kind", sa.String(8), nullable=False),  # balloon | cement
+    sa.Column("procedures", sa.Integer, nullable=False),
+    sa.Column("events", sa.Integer, nullable=False),
+    sa.Column("expected", sa.Float, nullable=False),  # from the other products' risk model
+    sa.Column("observed_expected", sa.Float),
+    sa.Column("statistic", sa.Float),  # sequential test: CUSUM of the O/E log-likelihood ratio
+    sa.Column("threshold", sa.Float),
+    sa.Column("signal_date", sa.Date),
+    sa.Column("device_failures", sa.Integer, nullable=False),  # balloon rupture etc.
+    sa.Column("run_key", sa.String(DIGEST), nullable=False),
+    sa.Column("as_of", sa.Date, nullable=False),
+)
+
+device_lot_test = sa.Table(
+    "device_lot_test",
+    metadata,
+    sa.Column("profile_name", sa.String(64), primary_key=True),
+    sa.Column("product", sa.String(64), primary_key=True),
+    sa.Column("lot", sa.String(32), primary_key=True),
+    sa.Column("metric", sa.String(48), primary_key=True),
+    sa.Column("procedures", sa.Integer, nullable=False),
+    sa.Column("sites", sa.Integer, nullable=False),
+    sa.Column("events", sa.Integer, nullable=False),
+    sa.Column("expected", sa.Float, nullable=False),
+    sa.Column("p_value", sa.Float, nullable=False),
+    sa.Column("alpha", sa.Float, nullable=False),
+    sa.Column("signal_date", sa.Date),
+    sa.Column("run_key", sa.String(DIGEST), nullable=False),
+    sa.Column("as_of", sa.Date, nullable=False),
+)
+
+# One Yellow Card draft per device-related complication, ever (pipelines.regulator).
+yellow_card = sa.Table(
+    "yellow_card",
+    metadata,
+    sa.Column("complication_id", sa.String(64), primary_key=True),
+    sa.Column("site_id", sa.String(8), nullable=False),
+    sa.Column("event_date", sa.Date, nullable=False),
+    sa.Column("event_type", sa.String(24), nullable=False),
+    sa.Column("severity", sa.String(8), nullable=False),
+    sa.Column("draft", sa.Text, nullable=False),  # JSON; pseudonymised
+    sa.Column("state", sa.String(16), nullable=False),  # drafted | exported | sent
+    sa.Column("drafted_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("exported_at", sa.DateTime(timezone=True)),
+    sa.Column("sent_at", sa.DateTime(timezone=True)),
+    sa.Column("sent_by", sa.String(128)),
+    sa.Column("mhra_reference", sa.String(64)),
+    sa.Index("ix_yellow_card_site_state", "site_id", "state"),
+)
+
+BEYOND_SITE_TABLES = (operator_chart, device_product_chart, device_lot_test, yellow_card)
+
 # Digest of the views.sql last applied, so views are re-created only when the file changes.
 schema_views = sa.Table(
     "schema_views",
@@ -388,8 +483,28 @@ def _migration_7(conn: sa.Connection) -> None:
     pseudonym_key.create(conn, checkfirst=True)
 
 
+def _migration_8(conn: sa.Connection) -> None:
+    """Version 8: device columns on procedures; operator, device and Yellow Card tables.
+
+    Independent of version 7: it only adds columns and tables, so it applies after 6 or 7.
+    """
+    inspector = sa.inspect(conn)
+    quote = conn.dialect.identifier_preparer.quote
+    for table in (procedure, procedure_version):
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in _device_columns():
+            if column.name not in present:
+                # fixed identifiers and types from this module, no user input
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(" ".join(
+                    ["ALTER TABLE", quote(table.name), "ADD COLUMN", quote(column.name), kind]))
+    for table in BEYOND_SITE_TABLES:
+        table.create(conn, checkfirst=True)
+
+
 MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4,
-              5: _migration_5, 6: _migration_6, 7: _migration_7}
+              5: _migration_5, 6: _migration_6, 7: _migration_7,
+              8: _migration_8}
 
 
 def _views_sql(sql_dir: Path) -> list[str]:

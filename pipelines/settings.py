@@ -27,6 +27,13 @@ KYPHOWATCH_REPORT_KEEP
     report is published, never the one ``latest`` points to. Default 90.
 KYPHOWATCH_ALERT_RECIPIENTS_SAFETY / KYPHOWATCH_ALERT_RECIPIENTS_DATA
     Comma-separated e-mail recipients for safety and data-quality alerts.
+KYPHOWATCH_CLINICAL_LEADS
+    Who receives a site's confidential training-review alerts (operator learning curves):
+    ``SITE=address`` pairs separated by commas, a site repeated for several addresses, e.g.
+    ``S001=lead@a.example,S002=lead@b.example``. A site without a lead gets no e-mail (the
+    alert stays in ``alerts list``); training reviews never go to the webhook.
+KYPHOWATCH_ALERT_RECIPIENTS_DEVICE
+    Comma-separated recipients of device and cement-lot alerts. Default: the safety list.
 KYPHOWATCH_SMTP_URL
     ``smtp://host:port`` (optionally ``smtp://user:pass@host:port``) for e-mail alerts.
 KYPHOWATCH_WEBHOOK_URL
@@ -92,6 +99,8 @@ class Settings:
     report_keep: int = 90
     recipients_safety: tuple[str, ...] = ()
     recipients_data: tuple[str, ...] = ()
+    recipients_device: tuple[str, ...] = ()
+    clinical_leads: dict[str, tuple[str, ...]] = field(default_factory=dict)
     smtp_url: str | None = None
     webhook_url: str | None = None
     report_base_url: str | None = None
@@ -129,6 +138,18 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
+def _clinical_leads(value: str | None) -> dict[str, tuple[str, ...]]:
+    leads: dict[str, tuple[str, ...]] = {}
+    for pair in _split(value):
+        site, _, address = pair.partition("=")
+        if not site.strip() or "@" not in address:
+            raise ConfigurationError(
+                f"KYPHOWATCH_CLINICAL_LEADS: {pair!r} is not SITE=address (e.g. S001=lead@a.example)"
+            )
+        leads[site.strip()] = (*leads.get(site.strip(), ()), address.strip())
+    return leads
+
+
 def _float(env: dict[str, str], name: str, default: float, low: float, high: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -159,6 +180,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         "report_keep": int(_float(env, "KYPHOWATCH_REPORT_KEEP", 90, 1, 100_000)),
         "recipients_safety": _split(env.get("KYPHOWATCH_ALERT_RECIPIENTS_SAFETY")),
         "recipients_data": _split(env.get("KYPHOWATCH_ALERT_RECIPIENTS_DATA")),
+        "recipients_device": _split(env.get("KYPHOWATCH_ALERT_RECIPIENTS_DEVICE")),
+        "clinical_leads": _clinical_leads(env.get("KYPHOWATCH_CLINICAL_LEADS")),
         "smtp_url": env.get("KYPHOWATCH_SMTP_URL") or None,
         "webhook_url": env.get("KYPHOWATCH_WEBHOOK_URL") or None,
         "report_base_url": env.get("KYPHOWATCH_REPORT_BASE_URL") or None,

@@ -95,7 +95,11 @@ def warehouse(settings: Settings) -> sa.Engine:
 
 SAFETY = "safety"
 DATA_QUALITY = "data_quality"
-KINDS = (SAFETY, DATA_QUALITY)
+# Issue 12: an operator's learning curve, confidential to the site's clinical lead; a device,
+# product or cement lot (pipelines.alerts.beyond).
+TRAINING_REVIEW = "training_review"
+DEVICE = "device"
+KINDS = (SAFETY, DATA_QUALITY, TRAINING_REVIEW, DEVICE)
 
 OPEN = "open"
 ACKNOWLEDGED = "acknowledged"
@@ -571,6 +575,8 @@ def collect_conditions(
 
     Thresholds default to the settings (``alert_quarantine_share``, ``silent_site_days``).
     """
+    from pipelines.alerts.beyond import beyond_site_conditions
+
     if quarantine_share is None:
         quarantine_share = settings.alert_quarantine_share
     if silent_days is None:
@@ -588,17 +594,27 @@ def collect_conditions(
         *history,
         *_ledger_conditions(conn, settings, quarantine_share),
         *_silent_site_conditions(conn, settings, as_of, silent_days),
+        *beyond_site_conditions(conn, settings, profile, as_of),
     ]
     return sorted(conditions, key=lambda c: c.dedupe_key)
 
 
-def channels_for(settings: Settings, kind: str) -> list[str]:
+def recipients_for(settings: Settings, kind: str, site_id: str | None = None) -> tuple[str, ...]:
+    """Return the e-mail recipients of an alert of ``kind`` (training reviews: the site's lead)."""
+    if kind == TRAINING_REVIEW:
+        return settings.clinical_leads.get(site_id or "", ())
+    if kind == DEVICE:
+        return settings.recipients_device or settings.recipients_safety
+    return settings.recipients_safety if kind == SAFETY else settings.recipients_data
+
+
+def channels_for(settings: Settings, kind: str, site_id: str | None = None) -> list[str]:
     """Return the delivery channels configured for alerts of ``kind``."""
     channels = []
-    recipients = settings.recipients_safety if kind == SAFETY else settings.recipients_data
-    if settings.smtp_url and recipients:
+    if settings.smtp_url and recipients_for(settings, kind, site_id):
         channels.append("email")
-    if settings.webhook_url:
+    # A training review is confidential to the site's lead: never posted to a shared channel.
+    if settings.webhook_url and kind != TRAINING_REVIEW:
         channels.append("webhook")
     return channels
 
@@ -691,7 +707,7 @@ def _create(engine: sa.Engine, settings: Settings, condition: Condition, episode
                 )
             )
             _audit(conn, alert_id, None, OPEN, SYSTEM_ACTOR, f"raised: {condition.title}", now)
-            for channel in channels_for(settings, condition.kind):
+            for channel in channels_for(settings, condition.kind, condition.site_id):
                 conn.execute(
                     alert_outbox.insert().values(
                         alert_id=alert_id,
@@ -742,7 +758,8 @@ def sync_alerts(
             markers = _condition_markers(conn)
         result.active_conditions = len(conditions)
         for kind in KINDS:
-            if any(c.kind == kind for c in conditions) and not channels_for(settings, kind):
+            mine = [c for c in conditions if c.kind == kind]
+            if mine and not any(channels_for(settings, kind, c.site_id) for c in mine):
                 log.warning("no delivery channel configured for %s alerts", kind)
         active_keys = set()
         # Alarms first, then data quality, then digests: the outbox sends in creation order,

@@ -45,7 +45,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from pipelines.alerts.channels import Channel, DeliveryUncertain, NotDelivered, make_channels
-from pipelines.alerts.lifecycle import SAFETY, find_alert, warehouse
+from pipelines.alerts.lifecycle import find_alert, recipients_for, warehouse
 from pipelines.alerts.render import render
 from pipelines.errors import ExternalSystemError, InputRejected
 from pipelines.schema import alert, alert_audit, alert_outbox
@@ -123,7 +123,8 @@ def _update(engine: sa.Engine, row: sa.RowMapping, expect_status: str, expect_at
 
 def _candidates(engine: sa.Engine, cutoff: datetime) -> list[sa.RowMapping]:
     query = (
-        sa.select(alert_outbox, alert.c.kind, alert.c.title, alert.c.payload, alert.c.episode)
+        sa.select(alert_outbox, alert.c.kind, alert.c.title, alert.c.payload, alert.c.episode,
+                  alert.c.site_id)
         .join(alert, alert.c.alert_id == alert_outbox.c.alert_id)
         .where(
             sa.or_(
@@ -197,7 +198,7 @@ def _deliver_one(engine: sa.Engine, settings: Settings, row: sa.RowMapping, chan
             raise LeaseLost(f"lease on {key} was taken over")
         notify("handed_over", *key)
 
-    recipients = settings.recipients_safety if row["kind"] == SAFETY else settings.recipients_data
+    recipients = recipients_for(settings, row["kind"], row["site_id"])
     try:
         message = render(dict(row), synthetic=settings.demo)
         channel.send(message, row["message_id"], recipients, handover)

@@ -376,13 +376,18 @@ _LINES = {
 }
 
 
+_KIND_LABELS = {"safety": "safety", "training_review": "confidential training review",
+                "device": "device"}
+
+
 def _table_body(p: dict[str, Any], title: str, kind: str,
                 alert_line: tuple[str, str]) -> _Body:  # fmt: skip
     """Return the body of the older payload types: the title over a label/value table."""
-    lines = _LINES.get(p.get("type"), lambda _: [])(p)
+    # Payloads of issue 12 (operators, devices, Yellow Cards) carry their own label/value lines.
+    lines = _LINES.get(p.get("type"), lambda q: [(str(a), str(b)) for a, b in q.get("lines", [])])(p)
     lines.append(("Where to look", str(p.get("where"))))
     lines.append(alert_line)
-    label = "safety" if kind == "safety" else "data quality"
+    label = _KIND_LABELS.get(kind, "data quality")
     width = max(len(name) for name, _ in lines) + 2
     text = [title, "", *(f"{(name + ':').ljust(width)} {value}" for name, value in lines)]
     markup = f"<h2 style='font-size:19px;margin:0 0 12px'>{_esc(title)}</h2>{_table_html(lines)}"

@@ -28,6 +28,7 @@ import pandas as pd
 
 from pipelines.contract import COLUMNS, FALSE_WORDS, TRUE_WORDS, ColumnSpec
 from pipelines.ingest.reader import paused_gc
+from pipelines.reference import product_parameters
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,11 @@ def validate_chunk(
             checked[spec.name] = checked[spec.name].str.lower()
         _derive(raw.reset_index(drop=True), spec, checked)
     runner = _runner(str(expectations_dir), kind)
+    # Product aliases become reference names here (stored that way); the suite gets the names.
+    products = product_parameters(checked, kind, expectations_dir)
     failing = runner.failing_rows(
-        checked, {"min_epoch_day": _epoch_day(EARLIEST_DATE), "max_epoch_day": _epoch_day(max_date)}
+        checked, {"min_epoch_day": _epoch_day(EARLIEST_DATE), "max_epoch_day": _epoch_day(max_date),
+                  **products}
     )
     bad_positions = np.fromiter(failing.keys(), dtype=np.int64, count=len(failing))
     good_mask = np.ones(len(checked), dtype=bool)

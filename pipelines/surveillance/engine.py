@@ -59,6 +59,7 @@ from pipelines.schema import (
 from pipelines.settings import Settings
 from pipelines.surveillance import budget, cusum, funnel, levels, pchart, rare, survival
 from pipelines.surveillance.arl import threshold_for_arl, threshold_for_arl_risk_adjusted
+from pipelines.surveillance.beyond_run import run_beyond_site
 from pipelines.surveillance.outcomes import (
     Snapshot,
     day_to_date,
@@ -1157,6 +1158,9 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
         )
         if persist:
             _persist(engine, result, profile)
+            # Operators, devices and lots on the same snapshot (issue 12; beyond_run.py).
+            result.summary["beyond_site"] = run_beyond_site(engine, profile, snapshot, run_key,
+                                                           settings.expectations_dir)
         result.seconds = time.perf_counter() - started
         log.info(
             "monitor %s as of %s: %d signals (%d new), %d procedures, %.2fs (read %.2fs)",

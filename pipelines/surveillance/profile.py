@@ -270,7 +270,8 @@ class _Reader:
         return value
 
 
-_TOP_KEYS = {"name", "version", "title", "source", "design", "metrics"}
+# beyond_site (operators, devices, the regulator) is read by pipelines.surveillance.beyond.
+_TOP_KEYS = {"name", "version", "title", "source", "design", "metrics", "beyond_site"}
 _METRIC_KEYS = {
     "id",
     "label",

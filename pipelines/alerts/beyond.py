@@ -1,0 +1,159 @@
+"""Alert conditions beyond the site (issue 12): operators, devices, cement lots, Yellow Cards.
+
+* ``training_review`` -- an operator's learning-curve chart signalled within the profile's
+  ``design.hold_days``. Confidential: it goes to the site's clinical lead only
+  (``KYPHOWATCH_CLINICAL_LEADS``), never to the webhook, and names the operator only by
+  pseudonym (``OP-`` and ten hex digits of the stored digest).
+* ``device`` -- a product's sequential test or a cement lot's exact test signalled.
+* ``data_quality`` -- a device-related major or fatal event has had no Yellow Card draft
+  marked sent for ``beyond_site.regulator.send_within_days`` (:mod:`pipelines.regulator`).
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from pipelines import schema
+from pipelines.alerts.lifecycle import (
+    DATA_QUALITY,
+    DEVICE,
+    TRAINING_REVIEW,
+    Condition,
+    _as_date,
+    where_to_look,
+)
+from pipelines.settings import Settings
+from pipelines.surveillance.beyond import parse_beyond_site
+from pipelines.surveillance.profile import Profile
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _recent(rows, as_of: date | None, hold_days: int):
+    for row in rows:
+        signal = _as_date(row["signal_date"])
+        current = _as_date(row["as_of"])
+        if signal is not None and signal >= (as_of or current) - timedelta(days=hold_days):
+            yield row, signal
+
+
+def _operator_conditions(conn: sa.Connection, settings: Settings, profile: Profile,
+                         as_of: date | None) -> list[Condition]:
+    table = schema.operator_chart
+    rows = conn.execute(sa.select(table).where(table.c.profile_name == profile.name)
+                        .order_by(table.c.site_id, table.c.operator, table.c.metric)).mappings()
+    conditions = []
+    for row, signal in _recent(rows, as_of, profile.design.hold_days):
+        metric = profile.metric(row["metric"])
+        how = ("learning-curve CUSUM with head start" if row["method"] == "fir_cusum"
+               else "exact test, last 365 days")
+        lines = [
+            ("Site", row["site_id"]), ("Operator (pseudonym)", row["operator"]),
+            ("Metric", metric.label), ("Method", how),
+            ("Procedures charted", row["procedures"]),
+            ("Events / expected", f"{row['events']} / {_fmt(row['expected'], 1)}"),
+            ("Signal date", signal.isoformat()),
+        ]
+        if row["signal_procedure"]:
+            lines.append(("Signal at the operator's procedure", row["signal_procedure"]))
+        lines.append(("Statistic / threshold",
+                      f"{_fmt(row['statistic'], 3)} / {_fmt(row['threshold'], 3)}"))
+        lines.append(("What to do", "review this operator's recent cases and training "
+                      "(HTG108 1.2); map the pseudonym with the site's own key material"))
+        conditions.append(Condition(
+            kind=TRAINING_REVIEW,
+            dedupe_key=f"training:{row['site_id']}:{row['operator']}:{row['metric']}",
+            title=f"Training review at {row['site_id']}: operator {row['operator']}, "
+                  f"{metric.label.lower()} above peers",
+            payload={"type": "operator_signal", "site_id": row["site_id"],
+                     "operator": row["operator"], "metric": row["metric"],
+                     "method": row["method"], "signal_date": signal.isoformat(),
+                     "lines": lines, "where": where_to_look(settings, row["site_id"])},
+            site_id=row["site_id"], metric=row["metric"],
+        ))
+    return conditions
+
+
+def _device_conditions(conn: sa.Connection, settings: Settings, profile: Profile,
+                       as_of: date | None) -> list[Condition]:
+    conditions = []
+    products = schema.device_product_chart
+    rows = conn.execute(sa.select(products).where(products.c.profile_name == profile.name)
+                        .order_by(products.c.product, products.c.metric)).mappings()
+    for row, signal in _recent(rows, as_of, profile.design.hold_days):
+        metric = profile.metric(row["metric"])
+        lines = [("Product", f"{row['product']} ({row['kind']})"), ("Metric", metric.label),
+                 ("Procedures", row["procedures"]),
+                 ("Events / expected from other products",
+                  f"{row['events']} / {_fmt(row['expected'], 1)}"),
+                 ("Observed / expected", _fmt(row["observed_expected"])),
+                 ("Device failures recorded", row["device_failures"]),
+                 ("Signal date", signal.isoformat())]
+        conditions.append(Condition(
+            kind=DEVICE, dedupe_key=f"device:product:{row['product']}:{row['metric']}",
+            title=f"Device: {row['product']} {metric.label.lower()} above other products",
+            payload={"type": "device_product", "product": row["product"],
+                     "metric": row["metric"], "signal_date": signal.isoformat(),
+                     "lines": lines, "where": where_to_look(settings, None)},
+            metric=row["metric"],
+        ))
+    lots = schema.device_lot_test
+    rows = conn.execute(sa.select(lots).where(lots.c.profile_name == profile.name)
+                        .order_by(lots.c.product, lots.c.lot)).mappings()
+    for row, signal in _recent(rows, as_of, profile.design.hold_days):
+        metric = profile.metric(row["metric"])
+        lines = [("Cement", row["product"]), ("Lot", row["lot"]), ("Metric", metric.label),
+                 ("Procedures / sites", f"{row['procedures']} / {row['sites']}"),
+                 ("Events / expected", f"{row['events']} / {_fmt(row['expected'], 1)}"),
+                 ("p-value / alpha", f"{row['p_value']:.2g} / {row['alpha']:.2g}"),
+                 ("What to do", "quarantine the lot's stock and tell the manufacturer; "
+                  "each device-related event also needs a Yellow Card (kyphowatch regulator)")]
+        conditions.append(Condition(
+            kind=DEVICE, dedupe_key=f"device:lot:{row['product']}:{row['lot']}:{row['metric']}",
+            title=f"Cement lot {row['lot']} of {row['product']}: excess {metric.label.lower()} "
+                  f"across {row['sites']} sites",
+            payload={"type": "device_lot", "product": row["product"], "lot": row["lot"],
+                     "metric": row["metric"], "signal_date": signal.isoformat(),
+                     "lines": lines, "where": where_to_look(settings, None)},
+            metric=row["metric"],
+        ))
+    return conditions
+
+
+def beyond_site_conditions(conn: sa.Connection, settings: Settings, profile: Profile,
+                           as_of: date | None = None) -> list[Condition]:
+    """Return the training-review, device and Yellow Card conditions true now."""
+    design = parse_beyond_site(profile)
+    conditions: list[Condition] = []
+    if design.operators is not None:
+        conditions += _operator_conditions(conn, settings, profile, as_of)
+    if design.devices is not None:
+        conditions += _device_conditions(conn, settings, profile, as_of)
+    if design.regulator is not None:
+        from pipelines.regulator import overdue_by_site
+
+        for site_id, overdue in overdue_by_site(conn, design.regulator, as_of).items():
+            oldest = min(item["event_date"] for item in overdue)
+            conditions.append(Condition(
+                kind=DATA_QUALITY, dedupe_key=f"yellow_card_overdue:{site_id}",
+                title=f"Site {site_id}: {len(overdue)} device-related major event(s) without "
+                      f"a Yellow Card marked sent after {design.regulator.send_within_days} days",
+                payload={"type": "yellow_card_overdue", "site_id": site_id,
+                         "events": len(overdue), "oldest_event_date": oldest,
+                         "send_within_days": design.regulator.send_within_days,
+                         "lines": [("Site", site_id), ("Events without a sent report",
+                                                       len(overdue)),
+                                   ("Oldest event", oldest),
+                                   ("What to do", "kyphowatch regulator export --site "
+                                    f"{site_id}, submit, then kyphowatch regulator mark-sent")],
+                         "where": where_to_look(settings, site_id)},
+                site_id=site_id,
+            ))
+    return conditions

@@ -1,0 +1,233 @@
+"""Beyond the site: the profile's ``beyond_site`` section and the FIR CUSUM threshold.
+
+Operators (:mod:`pipelines.surveillance.operators`), devices and cement lots
+(:mod:`pipelines.surveillance.devices`) and the Yellow Card drafts (:mod:`pipelines.regulator`)
+read their settings from the profile's ``beyond_site`` section, parsed and checked here. The
+false-alarm rates come from ``design.false_alarm_budget`` exactly as for the site charts
+(docs/statistics.md section 9): a chart spends ``safety_per_100_site_years / 100 x
+alarm.share`` of the metric per operator-year or per product-year.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse.linalg import spsolve
+
+from pipelines.contract import EVENT_TYPES, SEVERITIES
+from pipelines.surveillance.arl import _transition_matrix, markov_grid
+from pipelines.surveillance.budget import significant
+from pipelines.surveillance.profile import Metric, Profile, ProfileError
+
+_H_MAX = 30.0
+
+
+@dataclass(frozen=True)
+class OperatorDesign:
+    """Learning-curve charts per pseudonymous operator."""
+
+    cusum_metric: str
+    odds_ratio: float
+    head_start: float
+    rare_metric: str | None
+
+
+@dataclass(frozen=True)
+class DeviceDesign:
+    """Product comparisons, lot clustering and device-failure counts."""
+
+    metrics: tuple[str, ...]
+    odds_ratio: float
+    lot_metric: str
+    lot_false_alarms_per_year: float
+    lot_min_procedures: int
+    failure_event_types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeviceRule:
+    """A complication is device-related when its type (and severity, if given) match."""
+
+    event_types: tuple[str, ...]
+    severities: tuple[str, ...] = SEVERITIES
+
+
+@dataclass(frozen=True)
+class RegulatorDesign:
+    """Which complications get a Yellow Card draft, and how soon one must be sent."""
+
+    rules: tuple[DeviceRule, ...]
+    send_within_days: int
+
+    def is_device_related(self, event_type: str, severity: str) -> bool:
+        """Return True when a complication matches one of the rules."""
+        return any(event_type in r.event_types and severity in r.severities for r in self.rules)
+
+
+@dataclass(frozen=True)
+class BeyondSite:
+    """The parsed ``beyond_site`` section."""
+
+    operators: OperatorDesign | None
+    devices: DeviceDesign | None
+    regulator: RegulatorDesign | None
+
+
+def _fail(path: str, message: str) -> ProfileError:
+    return ProfileError(f"profile beyond_site.{path}: {message}")
+
+
+def _number(data: dict, key: str, path: str, low: float, high: float) -> float:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _fail(f"{path}.{key}", f"must be a number between {low} and {high}, got {value!r}")
+    return float(value)
+
+
+def _names(value: Any, path: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or any(v not in allowed for v in value):
+        raise _fail(path, f"must be a non-empty list of {', '.join(allowed)}")
+    return tuple(value)
+
+
+def _alarm_metric(profile: Profile, metric_id: Any, path: str) -> Metric:
+    if not isinstance(metric_id, str):
+        raise _fail(path, "must name a metric")
+    metric = profile.metric(metric_id)
+    if metric.kind != "outcome" or metric.alarm is None or metric.denominator != "procedure":
+        raise _fail(path, f"{metric_id} must be a per-procedure outcome metric with an alarm chart")
+    return metric
+
+
+def parse_beyond_site(profile: Profile) -> BeyondSite:
+    """Return the profile's ``beyond_site`` settings (every part None when absent)."""
+    data = profile.raw.get("beyond_site") or {}
+    if not isinstance(data, dict):
+        raise _fail("(section)", "must be a mapping")
+    operators = devices = regulator = None
+    if data.get("operators"):
+        raw = data["operators"]
+        _alarm_metric(profile, raw.get("cusum_metric"), "operators.cusum_metric")
+        rare = raw.get("rare_metric")
+        if rare is not None:
+            _alarm_metric(profile, rare, "operators.rare_metric")
+        operators = OperatorDesign(
+            cusum_metric=raw["cusum_metric"],
+            odds_ratio=_number(raw, "odds_ratio", "operators", 1.01, 20.0),
+            head_start=_number(raw, "head_start", "operators", 0.0, 0.9),
+            rare_metric=rare,
+        )
+    if data.get("devices"):
+        raw = data["devices"]
+        metric_ids = raw.get("metrics") or []
+        for index, metric_id in enumerate(metric_ids):
+            _alarm_metric(profile, metric_id, f"devices.metrics[{index}]")
+        _alarm_metric(profile, raw.get("lot_metric"), "devices.lot_metric")
+        devices = DeviceDesign(
+            metrics=tuple(metric_ids),
+            odds_ratio=_number(raw, "odds_ratio", "devices", 1.01, 20.0),
+            lot_metric=raw["lot_metric"],
+            lot_false_alarms_per_year=_number(raw, "lot_false_alarms_per_year", "devices",
+                                              1e-6, 12.0),
+            lot_min_procedures=int(_number(raw, "lot_min_procedures", "devices", 1, 100_000)),
+            failure_event_types=_names(raw.get("failure_event_types"),
+                                       "devices.failure_event_types", EVENT_TYPES),
+        )
+    if data.get("regulator"):
+        raw = data["regulator"]
+        rules = []
+        for index, rule in enumerate(raw.get("device_related") or []):
+            where = f"regulator.device_related[{index}]"
+            if not isinstance(rule, dict):
+                raise _fail(where, "must be a mapping with event_types (and severities)")
+            rules.append(DeviceRule(
+                event_types=_names(rule.get("event_types"), f"{where}.event_types", EVENT_TYPES),
+                severities=_names(rule.get("severities", list(SEVERITIES)),
+                                  f"{where}.severities", SEVERITIES),
+            ))
+        if not rules:
+            raise _fail("regulator.device_related", "needs at least one rule")
+        regulator = RegulatorDesign(
+            rules=tuple(rules),
+            send_within_days=int(_number(raw, "send_within_days", "regulator", 1, 3650)),
+        )
+    return BeyondSite(operators=operators, devices=devices, regulator=regulator)
+
+
+def rate_per_unit_year(profile: Profile, metric: Metric) -> float:
+    """Return the false alarms per operator- or product-year a chart of ``metric`` may spend."""
+    budget = profile.design.budget
+    if budget is None or metric.alarm is None:
+        raise ProfileError(f"profile {profile.name}: beyond_site needs design.false_alarm_budget "
+                           f"and an alarm share for {metric.id}")
+    return budget.safety_per_100_site_years / 100.0 * metric.alarm.share
+
+
+def fir_arl(p: float, p0: float, odds_ratio: float, h: float, head_start: float) -> float:
+    """Return the Markov-chain ARL of the Bernoulli CUSUM started at ``head_start x h``.
+
+    Same chain as :func:`pipelines.surveillance.arl.arl_markov` (Brook & Evans), read at the
+    head-start state instead of 0 (Lucas & Crosier 1982).
+    """
+    grid = markov_grid(p0, odds_ratio, h)
+    transitions = _transition_matrix(p, grid, h)
+    n_states = transitions.shape[0]
+    system = (sparse.identity(n_states, format="csc") - transitions.tocsc()).tocsc()
+    lengths = np.atleast_1d(spsolve(system, np.ones(n_states)))
+    start = min(n_states - 1, int(round(head_start * h / grid.unit)))
+    return float(lengths[start])
+
+
+_H_STEP = 0.25
+
+
+@lru_cache(maxsize=64)
+def _fir_curve(p0: float, odds_ratio: float, head_start: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return (h grid, ln in-control ARL from the head start): one curve serves every volume."""
+    hs, logs = [], []
+    h = _H_STEP
+    while h <= _H_MAX:
+        arl = fir_arl(p0, p0, odds_ratio, h, head_start)
+        hs.append(h)
+        logs.append(math.log(arl))
+        if arl > 1e9:
+            break
+        h += _H_STEP
+    return np.asarray(hs), np.maximum.accumulate(np.asarray(logs))
+
+
+def fir_threshold(p0: float, odds_ratio: float, arl0: float, head_start: float) -> float:
+    """Return the h whose in-control ARL *from the head start* is ``arl0``.
+
+    The head start shortens the in-control ARL, so h is larger than without it: the budget
+    is spent by the chart as it runs (it restarts at the head start after each signal). As
+    for the site charts (:mod:`pipelines.surveillance.budget`), h is read off one curve of
+    ln ARL against h per design by linear interpolation; inputs are rounded to three
+    significant figures (a stable h from night to night).
+    """
+    h_grid, log_arl = _fir_curve(significant(p0), float(odds_ratio), float(head_start))
+    target = math.log(significant(arl0))
+    if target > log_arl[-1]:
+        raise ValueError(f"ARL0 {arl0:g} needs h above {h_grid[-1]}")
+    return float(np.interp(target, log_arl, h_grid))
+
+
+def arl0_for_volume(volume_per_year: float, rate_per_year: float) -> float:
+    """Return ARL0 (cases) for ``volume_per_year`` cases at ``rate_per_year`` false alarms."""
+    return max(50.0, significant(max(volume_per_year, 1.0) / rate_per_year))
+
+
+def years_between(first_day: int, last_day: int) -> float:
+    """Return the years from ``first_day`` to ``last_day`` (day numbers), at least one."""
+    return max((last_day - first_day + 1) / 365.25, 1.0)
+
+
+def finite(value: float) -> float | None:
+    """Return ``value`` as a float, or None when it is not finite."""
+    value = float(value)
+    return value if math.isfinite(value) else None

@@ -1,0 +1,154 @@
+"""Run the operator and device charts for one monitor run and store them (schema version 8).
+
+Called by :func:`pipelines.surveillance.engine.evaluate` after the site charts are stored, on
+the same snapshot. The chart tables (``operator_chart``, ``device_product_chart``,
+``device_lot_test``) hold the newest run per profile: a backfill for an earlier date leaves
+them alone, like the site's current picture.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from pipelines import schema
+from pipelines.reference import reference_for
+from pipelines.surveillance.beyond import BeyondSite, parse_beyond_site
+from pipelines.surveillance.devices import calibration_rate, lot_tests, product_charts
+from pipelines.surveillance.operators import operator_charts, operator_rare_tests
+from pipelines.surveillance.outcomes import Snapshot, derive_outcomes
+from pipelines.surveillance.profile import Profile
+from pipelines.surveillance.risk_model import fit_risk_model
+
+log = logging.getLogger(__name__)
+
+EXTRA_COLUMNS = ("operator_hash", "balloon_product", "cement_product", "cement_lot")
+
+
+def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
+    procedure = schema.procedure
+    rows = conn.execute(
+        sa.select(procedure.c.procedure_id, *(procedure.c[name] for name in EXTRA_COLUMNS))
+        .where(procedure.c.procedure_date <= as_of)
+    ).all()
+    frame = pd.DataFrame(rows, columns=["procedure_id", *EXTRA_COLUMNS], dtype=object)
+    return frame.set_index("procedure_id")
+
+
+def _failures(conn: sa.Connection, as_of: date, event_types: tuple[str, ...]) -> pd.DataFrame:
+    complication, procedure = schema.complication, schema.procedure
+    rows = conn.execute(
+        sa.select(procedure.c.balloon_product, procedure.c.cement_product)
+        .select_from(complication.join(
+            procedure, procedure.c.procedure_id == complication.c.procedure_id))
+        .where(complication.c.event_date <= as_of, complication.c.event_type.in_(event_types))
+    ).all()
+    return pd.DataFrame(rows, columns=["balloon_product", "cement_product"], dtype=object)
+
+
+def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.DataFrame
+           ) -> pd.DataFrame:
+    """Mature units of a per-procedure metric, with the network risk and the extra columns."""
+    metric = profile.metric(metric_id)
+    units = derive_outcomes(snapshot, metric)
+    joined = extras.reindex(pd.Index(units["unit_id"], dtype=object))
+    for name in EXTRA_COLUMNS:
+        units[name] = joined[name].to_numpy()
+    model = fit_risk_model(metric.id, units, calibration_rate(metric, units),
+                           min_events=profile.design.risk_min_events)
+    units["risk"] = model.predict(units)
+    return units
+
+
+def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapshot,
+                        design: BeyondSite | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Return the operator, product and lot rows for ``snapshot`` (no writes)."""
+    design = design or parse_beyond_site(profile)
+    out: dict[str, list[dict[str, Any]]] = {"operators": [], "products": [], "lots": []}
+    if design.operators is None and design.devices is None:
+        return out
+    as_of_day = snapshot.as_of_day
+    extras = _extras(conn, snapshot.as_of)
+    cache: dict[str, pd.DataFrame] = {}
+
+    def units(metric_id: str) -> pd.DataFrame:
+        if metric_id not in cache:
+            cache[metric_id] = _units(snapshot, profile, metric_id, extras)
+        return cache[metric_id]
+
+    if design.operators is not None:
+        ops = design.operators
+        out["operators"] = operator_charts(units(ops.cusum_metric), profile, ops, as_of_day)
+        if ops.rare_metric:
+            out["operators"] += operator_rare_tests(units(ops.rare_metric), profile, ops,
+                                                    as_of_day)
+    if design.devices is not None:
+        dev = design.devices
+        failures = _failures(conn, snapshot.as_of, dev.failure_event_types)
+        out["products"] = product_charts({m: units(m) for m in dev.metrics}, profile, dev,
+                                         failures, as_of_day)
+        lot_units = units(dev.lot_metric)
+        lot_units = lot_units.loc[lot_units["cement_product"].notna()
+                                  & lot_units["cement_lot"].notna()]
+        out["lots"] = lot_tests(
+            pd.DataFrame({"product": lot_units["cement_product"].to_numpy(),
+                          "lot": lot_units["cement_lot"].to_numpy(),
+                          "site_id": np.asarray(lot_units["site_id"], dtype=object),
+                          "index_day": lot_units["index_day"].to_numpy(),
+                          "y": lot_units["y"].to_numpy(), "risk": lot_units["risk"].to_numpy()}),
+            dev, as_of_day)
+    return out
+
+
+TABLES = {"operators": schema.operator_chart, "products": schema.device_product_chart,
+          "lots": schema.device_lot_test}
+
+
+def store_beyond_site(conn: sa.Connection, profile: Profile, as_of: date, run_key: str,
+                      rows: dict[str, list[dict[str, Any]]]) -> bool:
+    """Replace the profile's operator and device rows when this run is the newest; say if it was."""
+    for table in TABLES.values():
+        mine = table.c.profile_name == profile.name
+        stored = conn.execute(sa.select(sa.func.max(table.c.as_of)).where(mine)).scalar()
+        if stored is not None and date.fromisoformat(str(stored)[:10]) > as_of:
+            log.info("beyond_site: %s holds a newer run (%s); left alone", table.name, stored)
+            return False
+    for name, table in TABLES.items():
+        mine = table.c.profile_name == profile.name
+        conn.execute(table.delete().where(mine))
+        if rows[name]:
+            conn.execute(table.insert(), [
+                {**row, "profile_name": profile.name, "run_key": run_key, "as_of": as_of}
+                for row in rows[name]
+            ])
+    return True
+
+
+def run_beyond_site(engine: sa.Engine, profile: Profile, snapshot: Snapshot, run_key: str,
+                    expectations_dir: Path) -> dict[str, int]:
+    """Draft new Yellow Cards; compute and store the operator and device charts; count them."""
+    design = parse_beyond_site(profile)
+    counts: dict[str, int] = {}
+    if design.regulator is not None:
+        from pipelines.regulator import draft_new
+
+        with engine.begin() as conn:
+            counts["yellow_card_drafts_new"] = draft_new(conn, design.regulator,
+                                                         reference_for(expectations_dir))
+    if design.operators is None and design.devices is None:
+        return counts
+    with engine.connect() as conn:
+        rows = compute_beyond_site(conn, profile, snapshot, design)
+    with engine.begin() as conn:
+        store_beyond_site(conn, profile, snapshot.as_of, run_key, rows)
+    counts.update({name: len(found) for name, found in rows.items()})
+    counts.update({f"{name}_signalled": sum(1 for r in found if r.get("signal_date"))
+                   for name, found in rows.items()})
+    log.info("beyond_site: %s", counts)
+    return counts

@@ -1,0 +1,156 @@
+"""Operator learning curves: a risk-adjusted CUSUM with a head start per pseudonymous operator.
+
+Why
+---
+NICE HTG108 recommendation 1.2 asks that clinicians be trained to an appropriate level before
+doing the procedure. A new operator's early cases carry the learning curve; the site's chart
+dilutes them among the site's other operators. So each operator gets their own chart from
+their first procedure in the warehouse.
+
+What
+----
+* Cement leak (``beyond_site.operators.cusum_metric``): the Steiner risk-adjusted CUSUM
+  (:func:`pipelines.surveillance.cusum.cusum_weights`) against the network's case-mix expected
+  risk (a model fitted on every operator, calibrated to the network's observed rate: an
+  operator like their peers is in control), alternative odds ratio ``odds_ratio`` (3), with a
+  fast initial response (FIR, Lucas & Crosier 1982): the chart starts, and restarts after each
+  signal, at ``head_start x h`` so that early excess is seen within a few cases.
+* Major events (``rare_metric``): too rare for a CUSUM per operator; the rolling 365-day
+  exact Poisson test of the site's rare chart, on the operator's own cases.
+
+Thresholds are not tuned: an operator chart may spend ``safety_per_100_site_years / 100 x
+alarm.share`` false training-review alerts per operator-year (the same share as the site chart
+of the metric), so ``ARL0 = operator's procedures a year / that rate`` and ``h`` solves the
+Markov-chain ARL *from the head start* (:func:`pipelines.surveillance.beyond.fir_threshold`) at
+the network's mean risk. docs/statistics.md section 9.
+
+Pseudonyms
+----------
+Operators are shown only as ``OP-`` and the first ten hex digits of their stored HMAC digest
+(the digest itself never leaves the warehouse's procedure table). A site's clinical lead maps
+it back by computing the HMAC of their own operator references with the key (the key holder's
+material); nothing in the warehouse holds a raw reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipelines.surveillance.beyond import (
+    OperatorDesign,
+    arl0_for_volume,
+    finite,
+    fir_threshold,
+    rate_per_unit_year,
+    years_between,
+)
+from pipelines.surveillance.budget import rare_alpha
+from pipelines.surveillance.cusum import cusum_weights
+from pipelines.surveillance.outcomes import day_to_date
+from pipelines.surveillance.profile import Profile
+from pipelines.surveillance.rare import poisson_upper_pvalue
+
+PSEUDONYM_PREFIX = "OP-"
+PSEUDONYM_DIGITS = 10
+ROLLING_DAYS = 365
+
+
+def operator_pseudonym(operator_hash: str) -> str:
+    """Return the display pseudonym of an operator digest (never the digest or a reference)."""
+    return PSEUDONYM_PREFIX + operator_hash[:PSEUDONYM_DIGITS]
+
+
+@dataclass(frozen=True)
+class FirPath:
+    """One operator's chart: statistic per case and the positions of its signals."""
+
+    statistic: np.ndarray
+    signals: np.ndarray  # indices of signalling cases
+
+
+def fir_cusum(y, p, odds_ratio: float, h: float, head_start: float) -> FirPath:
+    """Run one risk-adjusted CUSUM with head start ``head_start x h``; restart there after a signal."""
+    weights = cusum_weights(np.asarray(y), np.asarray(p, dtype=float), odds_ratio).tolist()
+    start = head_start * h
+    value = start
+    path = np.empty(len(weights))
+    signals = []
+    for index, weight in enumerate(weights):  # an operator has hundreds of cases, not millions
+        value = max(0.0, value + weight)
+        path[index] = value
+        if value >= h:
+            signals.append(index)
+            value = start
+    return FirPath(statistic=path, signals=np.asarray(signals, dtype=np.int64))
+
+
+def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesign,
+                    as_of_day: int) -> list[dict]:
+    """Chart every operator of ``units`` for the CUSUM metric.
+
+    ``units`` holds one mature procedure per row in (site, date) order with ``site_id``,
+    ``operator_hash`` (rows without an operator are ignored), ``index_day``, ``y`` and
+    ``risk`` (the network's case-mix expected risk).
+    """
+    metric = profile.metric(design.cusum_metric)
+    known = units.loc[units["operator_hash"].notna()]
+    if known.empty:
+        return []
+    rate = rate_per_unit_year(profile, metric)
+    mean_risk = float(units["risk"].mean())
+    rows = []
+    grouped = known.sort_values(["site_id", "operator_hash"], kind="stable").groupby(
+        ["site_id", "operator_hash"], sort=True, observed=True)
+    for (site_id, operator_hash), cases in grouped:
+        day = cases["index_day"].to_numpy(np.int64)
+        y = cases["y"].to_numpy(np.int64)
+        risk = cases["risk"].to_numpy(float)
+        volume = len(cases) / years_between(int(day[0]), as_of_day)
+        h = fir_threshold(mean_risk, design.odds_ratio, arl0_for_volume(volume, rate),
+                          design.head_start)
+        path = fir_cusum(y, risk, design.odds_ratio, h, design.head_start)
+        last = int(path.signals[-1]) if len(path.signals) else None
+        rows.append({
+            "site_id": str(site_id), "operator": operator_pseudonym(str(operator_hash)),
+            "metric": metric.id, "method": "fir_cusum", "procedures": len(cases),
+            "events": int(y.sum()), "expected": float(risk.sum()),
+            "statistic": finite(path.statistic[-1]), "threshold": h,
+            "head_start": design.head_start,
+            "signal_date": day_to_date(int(day[last])) if last is not None else None,
+            "signal_procedure": last + 1 if last is not None else None,
+            "signals": len(path.signals),
+            "first_procedure_date": day_to_date(int(day[0])),
+        })
+    return rows
+
+
+def operator_rare_tests(units: pd.DataFrame, profile: Profile, design: OperatorDesign,
+                        as_of_day: int) -> list[dict]:
+    """Exact Poisson test of each operator's major events in the last 365 days."""
+    if design.rare_metric is None:
+        return []
+    metric = profile.metric(design.rare_metric)
+    alpha = rare_alpha(rate_per_unit_year(profile, metric))
+    known = units.loc[units["operator_hash"].notna()]
+    rows = []
+    for (site_id, operator_hash), cases in known.groupby(["site_id", "operator_hash"],
+                                                          sort=True, observed=True):
+        day = cases["index_day"].to_numpy(np.int64)
+        recent = day > as_of_day - ROLLING_DAYS
+        events = int(cases["y"].to_numpy(np.int64)[recent].sum())
+        expected = float(cases["risk"].to_numpy(float)[recent].sum())
+        p_value = float(poisson_upper_pvalue(events, expected)) if events else 1.0
+        signalled = events > 0 and p_value <= alpha
+        rows.append({
+            "site_id": str(site_id), "operator": operator_pseudonym(str(operator_hash)),
+            "metric": metric.id, "method": "rare", "procedures": int(recent.sum()),
+            "events": events, "expected": expected, "statistic": p_value, "threshold": alpha,
+            "head_start": None,
+            "signal_date": day_to_date(as_of_day) if signalled else None,
+            "signal_procedure": None, "signals": int(signalled),
+            "first_procedure_date": day_to_date(int(day[0])),
+        })
+    return rows
