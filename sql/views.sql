@@ -104,7 +104,9 @@ LEFT JOIN (
     FROM alert_outbox
     GROUP BY alert_id
 ) o ON o.alert_id = a.alert_id
-WHERE a.state IN ('open', 'acknowledged');
+-- Training reviews are confidential to the site's clinical lead (HTG108 1.2 training; the
+-- operator appears only by pseudonym): they are not on the analysts' open-alert list.
+WHERE a.state IN ('open', 'acknowledged') AND a.kind <> 'training_review';
 
 -- The most recent 200 files seen by the loader, with their outcome.
 DROP VIEW IF EXISTS v_file_ledger_recent;
