@@ -8,6 +8,12 @@ settle). After :func:`pipelines.ingest.ingest_paths` has processed the files, lo
 duplicate files move to ``archive/<YYYY-MM-DD>/`` and rejected files to ``rejected/`` with a
 one-line ``<name>.reason.txt`` beside them.
 
+Landing is a trust boundary (issue 14): every entry with a complete name is offered to
+ingest, which refuses symlinks, FIFOs, devices and files owned by users outside
+``KYPHOWATCH_ALLOWED_OWNER_UIDS`` with a clear reason; such an entry is then removed from
+landing (never followed, moved or archived as a link) and its reason written to
+``rejected/``. Archived files are regular files: the bytes, not a link to them.
+
 Everything is safe to rerun: ingest is idempotent (a file already loaded is reported as a
 duplicate), and a file whose twin with the same checksum is already in the archive (e.g.
 the move was interrupted after the copy) is simply removed from landing. This module does
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import time
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -44,13 +51,25 @@ def is_complete_name(name: str) -> bool:
 
 
 def landing_files(landing_dir: Path) -> list[Path]:
-    """Return the regular files in ``landing_dir`` with complete-looking names, by name."""
+    """Return the entries of ``landing_dir`` with complete-looking names, by name.
+
+    Every entry but a directory is returned, symlinks, FIFOs and devices included, so that
+    ingest refuses them with a reason instead of their being ignored forever (or followed).
+    """
     landing_dir = Path(landing_dir)
     if not landing_dir.is_dir():
         return []
-    return sorted(
-        path for path in landing_dir.iterdir() if path.is_file() and is_complete_name(path.name)
-    )
+    found = []
+    for path in landing_dir.iterdir():
+        if not is_complete_name(path.name):
+            continue
+        try:
+            if stat.S_ISDIR(path.lstat().st_mode):
+                continue
+        except FileNotFoundError:  # picked up by someone else meanwhile
+            continue
+        found.append(path)
+    return sorted(found)
 
 
 def stable_files(landing_dir: Path, min_age_seconds: float, *, now: float | None = None) -> list[Path]:
@@ -64,7 +83,7 @@ def stable_files(landing_dir: Path, min_age_seconds: float, *, now: float | None
     stable = []
     for path in landing_files(landing_dir):
         try:
-            modified = path.stat().st_mtime
+            modified = path.lstat().st_mtime  # never follow a link out of landing
         except FileNotFoundError:  # picked up by someone else meanwhile
             continue
         if now - modified >= min_age_seconds:
@@ -80,13 +99,31 @@ def file_checksum(path: Path) -> str:
 
 
 def _same_content(left: Path, right: Path) -> bool:
-    return left.stat().st_size == right.stat().st_size and file_checksum(left) == file_checksum(
-        right
-    )
+    try:
+        return left.stat().st_size == right.stat().st_size and file_checksum(
+            left) == file_checksum(right)
+    except OSError:  # an unreadable file cannot be shown to be a twin: keep both
+        return False
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _move(source: Path, target_dir: Path) -> Path | None:
-    """Move ``source`` into ``target_dir``; return the new path (None if a twin was there)."""
+    """Move ``source`` into ``target_dir``; return the new path (None if a twin was there).
+
+    Only a regular file is moved; anything else (a symlink, FIFO, device) is removed from
+    landing and nothing is filed: archiving a link would keep a pointer, not the data.
+    """
+    if not _is_regular(source):
+        source.unlink()
+        log.warning("%s is not a regular file; removed from landing, nothing archived",
+                    source.name)
+        return None
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / source.name
     if target.exists():
@@ -95,7 +132,10 @@ def _move(source: Path, target_dir: Path) -> Path | None:
             log.info("%s already filed as %s; removed from landing", source.name, target)
             return None
         # same name, different content: keep both, the newcomer carries its checksum
-        checksum = file_checksum(source)[:12]
+        try:
+            checksum = file_checksum(source)[:12]
+        except OSError:  # unreadable (why it was rejected): name it by time instead
+            checksum = f"unread{time.time_ns()}"
         target = target_dir / f"{source.stem}.{checksum}{source.suffix}"
         if target.exists():
             source.unlink()
@@ -136,9 +176,10 @@ def file_away(results: list[Any], archive_dir: Path, rejected_dir: Path, *,
     day = (today or datetime.now(UTC).date()).isoformat()
     for result in results:
         source = Path(_field(result, "path"))
-        if not source.exists():
+        if not os.path.lexists(source):
             continue
         if _field(result, "status") == "rejected":
+            rejected_dir.mkdir(parents=True, exist_ok=True)
             moved = _move(source, rejected_dir)
             reason_path = rejected_dir / f"{(moved or rejected_dir / source.name).name}.reason.txt"
             reason = " ".join((_field(result, "reason") or "rejected").split())

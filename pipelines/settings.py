@@ -56,6 +56,27 @@ KYPHOWATCH_ALERT_QUARANTINE_SHARE
 KYPHOWATCH_SILENT_SITE_DAYS
     A site that used to send procedures and sent none for this many days raises a
     data-quality alert. Default 60.
+KYPHOWATCH_INGEST_MAX_FILE_BYTES / KYPHOWATCH_INGEST_MAX_DECOMPRESSED_BYTES
+    Largest extract file on disk (default 2 GiB) and largest decompressed content of a
+    ``.gz`` extract (default 4 GiB); a larger file is rejected.
+KYPHOWATCH_INGEST_MAX_COMPRESSION_RATIO
+    A ``.gz`` extract whose decompressed bytes exceed this multiple of the compressed bytes
+    read so far is rejected as a decompression bomb. Default 100.
+KYPHOWATCH_INGEST_MAX_LINE_CHARS
+    Longest line, and longest record spanning lines, in characters; checked while reading,
+    before the line is held whole. Default 1048576.
+KYPHOWATCH_INGEST_MAX_FIELDS
+    A row with more fields than this rejects the file. Default 1000.
+KYPHOWATCH_INGEST_MAX_ROWS
+    Records (blank lines included) per file above which the file is rejected. Default
+    20000000.
+KYPHOWATCH_INGEST_MAX_SECONDS
+    Wall-time budget for reading and validating one file. Default 1800.
+KYPHOWATCH_QUARANTINE_PREVIEW_FIELDS
+    A misshapen row is kept in quarantine as the keyed hashes of at most this many of its
+    first fields. Default 16.
+KYPHOWATCH_ALLOWED_OWNER_UIDS
+    Comma-separated user ids whose files ingest accepts. Default: the process's own uid.
 """
 
 from __future__ import annotations
@@ -112,6 +133,16 @@ class Settings:
     landing_poll_seconds: float = 10.0
     alert_quarantine_share: float = 0.10
     silent_site_days: int = 60
+    # Hostile-input limits (issue 14); see docs/operations.md "Input limits".
+    ingest_max_file_bytes: int = 2 * 1024**3
+    ingest_max_decompressed_bytes: int = 4 * 1024**3
+    ingest_max_compression_ratio: float = 100.0
+    ingest_max_line_chars: int = 1 << 20
+    ingest_max_fields: int = 1000
+    ingest_max_rows: int = 20_000_000
+    ingest_max_seconds: float = 1800.0
+    quarantine_preview_fields: int = 16
+    allowed_owner_uids: tuple[int, ...] = field(default_factory=lambda: (os.getuid(),))
 
     def with_db(self, db_url: str | None) -> Settings:
         """Return a copy with ``db_url`` replaced when one is given (CLI ``--db``)."""
@@ -163,6 +194,39 @@ def _float(env: dict[str, str], name: str, default: float, low: float, high: flo
     return value
 
 
+def _uids(env: dict[str, str]) -> tuple[int, ...]:
+    raw = env.get("KYPHOWATCH_ALLOWED_OWNER_UIDS")
+    if not raw:
+        return (os.getuid(),)
+    try:
+        return tuple(int(part) for part in _split(raw))
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"KYPHOWATCH_ALLOWED_OWNER_UIDS={raw!r} must be comma-separated numeric user ids"
+        ) from exc
+
+
+def _limits(env: dict[str, str]) -> dict[str, object]:
+    """The hostile-input limits (issue 14), each overridable from the environment."""
+    gib = 1024**3
+    return {
+        "ingest_max_file_bytes": int(
+            _float(env, "KYPHOWATCH_INGEST_MAX_FILE_BYTES", 2 * gib, 1, 1024 * gib)),
+        "ingest_max_decompressed_bytes": int(
+            _float(env, "KYPHOWATCH_INGEST_MAX_DECOMPRESSED_BYTES", 4 * gib, 1, 1024 * gib)),
+        "ingest_max_compression_ratio": _float(
+            env, "KYPHOWATCH_INGEST_MAX_COMPRESSION_RATIO", 100.0, 2.0, 100_000.0),
+        "ingest_max_line_chars": int(
+            _float(env, "KYPHOWATCH_INGEST_MAX_LINE_CHARS", 1 << 20, 1024, 1 << 30)),
+        "ingest_max_fields": int(_float(env, "KYPHOWATCH_INGEST_MAX_FIELDS", 1000, 20, 1_000_000)),
+        "ingest_max_rows": int(_float(env, "KYPHOWATCH_INGEST_MAX_ROWS", 20_000_000, 1, 1e10)),
+        "ingest_max_seconds": _float(env, "KYPHOWATCH_INGEST_MAX_SECONDS", 1800.0, 0.1, 86_400.0),
+        "quarantine_preview_fields": int(
+            _float(env, "KYPHOWATCH_QUARANTINE_PREVIEW_FIELDS", 16, 0, 1000)),
+        "allowed_owner_uids": _uids(env),
+    }
+
+
 def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Settings:
     """Build :class:`Settings` from the environment, then apply explicit overrides.
 
@@ -199,5 +263,6 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         values["mail_from"] = env["KYPHOWATCH_MAIL_FROM"]
     if env.get("KYPHOWATCH_PROFILE"):
         values["profile_path"] = Path(env["KYPHOWATCH_PROFILE"])
+    values.update(_limits(env))
     values.update({key: value for key, value in overrides.items() if value is not None})
     return Settings(**values)  # type: ignore[arg-type]

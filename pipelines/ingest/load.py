@@ -32,10 +32,15 @@ import sqlalchemy as sa
 
 from pipelines import schema
 from pipelines.contract import (
+    COLUMNS,
     COMPLICATIONS,
+    FALSE_WORDS,
+    ID_PATTERN,
     KEY_COLUMN,
+    LEVEL_PATTERN,
     PROCEDURES,
     SITE_PATTERN,
+    TRUE_WORDS,
     extract_stamp,
     kind_of,
 )
@@ -43,9 +48,13 @@ from pipelines.ingest.pseudonymise import pseudonymise_column
 from pipelines.ingest.reader import (
     ExtractFile,
     FileRejected,
+    ReadLimits,
+    check_time,
     iter_chunks,
+    open_checked,
     open_extract,
     paused_gc,
+    unread_checksum,
 )
 from pipelines.ingest.validate import validate_chunk
 
@@ -58,8 +67,8 @@ COMPLICATION_VALUE_COLUMNS = [
     c.name for c in schema.complication.columns if c.name not in ("source_checksum", "extract_ts")
 ]
 SITE_RE = re.compile(SITE_PATTERN)
-# Raw values longer than this are cut in quarantine (a huge field is the reason, not the data).
-QUARANTINE_VALUE_CHARS = 256
+ID_RE = re.compile(ID_PATTERN)
+UNSTAMPED = "00000000T000000"
 
 
 @dataclass
@@ -76,6 +85,7 @@ class FileResult:
     updated: int = 0
     unchanged: int = 0
     stale: int = 0  # older than the version already current; kept in history only
+    ambiguous: int = 0  # changed rows the stamps cannot order (the file is then held)
     quarantined: int = 0
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     pending: int = 0
@@ -203,21 +213,71 @@ def _python_values(column: pd.Series) -> list:
 # --- quarantine ----------------------------------------------------------------------
 
 
-def _raw_for_quarantine(values: dict, key: bytes) -> str:
-    """Serialise raw values for quarantine, pseudonymising references and cutting huge fields."""
+# A quarantined value is stored as text only when it has its column's shape; anything
+# else (a patient reference typed into ``indication``, a shifted row) is stored as its
+# keyed hash under ``<column>_hmac``. References are always hashed (``*_hash``).
+_SHAPES = {
+    "id": re.compile(ID_PATTERN),
+    "site": re.compile(SITE_PATTERN),
+    "level": re.compile(LEVEL_PATTERN),
+    "date": re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"),
+    "int": re.compile(r"^[+-]?[0-9]{1,9}$"),
+}
+_SPECS = {kind: {spec.name: spec for spec in specs} for kind, specs in COLUMNS.items()}
+# Columns that reach quarantine already pseudonymised (rows taken back from staging).
+_HASH_COLUMNS = {"patient_hash", "operator_hash"}
+
+
+def _has_shape(kind: str, name: str, value: str) -> bool:
+    """Whether ``value`` looks like a value of column ``name`` (safe to store as text)."""
+    spec = _SPECS[kind].get(name)
+    if spec is None:
+        return False
+    if spec.dtype in _SHAPES:
+        return bool(_SHAPES[spec.dtype].match(value))
+    if spec.dtype == "enum":
+        return value in spec.allowed
+    if spec.dtype == "bool":
+        return value.lower() in TRUE_WORDS | FALSE_WORDS
+    return False  # free text and any type without a shape rule: never stored raw
+
+
+def _keyed(key: bytes, value: str) -> str:
+    from pipelines.ingest.pseudonymise import pseudonymise
+
+    return pseudonymise(key, "", value)
+
+
+def _raw_for_quarantine(values: dict, key: bytes, kind: str = PROCEDURES) -> str:
+    """Serialise a row's values for quarantine: well-shaped values as text, others hashed.
+
+    Patient and operator references become their pseudonym (``*_hash``, the same digest the
+    warehouse uses); a value failing its column's shape check becomes ``<column>_hmac``.
+    """
     from pipelines.ingest.pseudonymise import pseudonymise
 
     clean: dict[str, object] = {}
-    site = str(values.get("site_id") or "")
+    raw_site = str(values.get("site_id") or "")
     for name, value in values.items():
         if name in ("patient_ref", "operator_ref"):
             clean[name.replace("_ref", "_hash")] = (
-                pseudonymise(key, site, str(value)) if value not in (None, "") else None
+                pseudonymise(key, raw_site, str(value)) if value not in (None, "") else None
             )
             continue
-        if isinstance(value, str) and len(value) > QUARANTINE_VALUE_CHARS:
-            value = value[:QUARANTINE_VALUE_CHARS] + f"...[{len(value)} chars]"
-        clean[name] = value if not isinstance(value, date) else value.isoformat()
+        if value is None or value == "" or name in _HASH_COLUMNS:
+            clean[name] = value
+            continue
+        if isinstance(value, date):
+            clean[name] = value.isoformat()
+            continue
+        if isinstance(value, (bool, int)):
+            clean[name] = value
+            continue
+        text = str(value)
+        if _has_shape(kind, name, text.strip()):
+            clean[name] = text
+        else:
+            clean[f"{name}_hmac"] = _keyed(key, text)
     return json.dumps(clean, sort_keys=True, default=str)
 
 
@@ -250,8 +310,10 @@ class _Quarantine:
                     # group by it); in a shifted row this field can hold anything, even a
                     # patient reference, which stays only inside raw_values (pseudonymised).
                     "site_id": str(site) if site and SITE_RE.match(str(site)) else None,
-                    "record_id": str(record_id)[:255] if record_id else None,
-                    "raw_values": _raw_for_quarantine(values, self.key),
+                    "record_id": (str(record_id) if record_id and ID_RE.match(str(record_id))
+                                  else None),
+                    "raw_values": (values["preview"] if "preview" in values
+                                   else _raw_for_quarantine(values, self.key, self.extract.kind)),
                     "reasons": json.dumps(sorted(set(reasons))),
                     "quarantined_at": now,
                 }
@@ -263,20 +325,25 @@ class _Quarantine:
 # --- the load ------------------------------------------------------------------------
 
 
-def _misshapen(row: list[str], extract: ExtractFile, key: bytes) -> dict:
-    """Describe a row with the wrong number of fields without storing any reference.
+def _misshapen(row: list[str], extract: ExtractFile, key: bytes, preview_fields: int) -> dict:
+    """Describe a row with the wrong number of fields as a bounded, keyed-hash preview.
 
-    Fields cannot be matched to columns reliably when the count is wrong, so every
-    value is stored only as its HMAC (the record number locates it in the sender's file).
+    Fields cannot be matched to columns reliably when the count is wrong, so no value is
+    stored as text: only the keyed hashes of the first ``preview_fields`` fields (the record
+    number locates the row in the sender's file), never one entry per field of a row that
+    may have a thousand.
     """
-    from pipelines.ingest.pseudonymise import pseudonymise
-
-    site = row[extract.header.index("site_id")] if len(row) > extract.header.index("site_id") else ""
-    return {
-        "site_id": site.strip() if SITE_RE.match(site.strip()) else None,
+    site_index = extract.header.index("site_id")
+    site = row[site_index].strip() if len(row) > site_index else ""
+    preview = {
         "field_count": len(row),
         "expected_field_count": len(extract.header),
-        "field_hmacs": [pseudonymise(key, "", value) for value in row],
+        "preview_fields": min(len(row), preview_fields),
+        "fields_hmac": [_keyed(key, value) for value in row[:preview_fields]],
+    }
+    return {
+        "site_id": site if SITE_RE.match(site) else None,
+        "preview": json.dumps(preview, sort_keys=True),
     }
 
 
@@ -301,14 +368,16 @@ def _stage_file(
     chunk_rows: int,
     expectations_dir: Path,
     max_date: date,
+    preview_fields: int = 16,
 ) -> int:
     """Validate the file chunk by chunk into staging and quarantine; return rows read."""
     rows_read = 0
     for chunk in iter_chunks(extract, chunk_rows):
+        check_time(extract)
         rows_read += len(chunk.records) + len(chunk.bad_shape)
         quarantine.add(
             [
-                (number, _misshapen(row, extract, key), ["row:wrong_field_count"])
+                (number, _misshapen(row, extract, key, preview_fields), ["row:wrong_field_count"])
                 for number, row in chunk.bad_shape
             ]
         )
@@ -395,6 +464,11 @@ def _classify(
     existing = sa.tuple_(current.c.extract_ts, current.c.source_checksum)
     same = sa.and_(*[stage.c[v].is_not_distinct_from(current.c[v]) for v in values if v != key])
     matched = current.c[key].is_not(None)
+    # A change the stamps cannot order (see _hold_unordered_corrections): the file has no
+    # stamp, or the same stamp as the current version.
+    unordered = matched & ~same
+    if extract_ts != UNSTAMPED:
+        unordered = unordered & (current.c.extract_ts == extract_ts)
     query = sa.select(
         sa.func.count().label("total"),
         sa.func.coalesce(sa.func.sum(sa.case((~matched, 1), else_=0)), 0).label("inserted"),
@@ -405,11 +479,13 @@ def _classify(
         sa.func.coalesce(
             sa.func.sum(sa.case((matched & ~same & (incoming <= existing), 1), else_=0)), 0
         ).label("stale"),
+        sa.func.coalesce(sa.func.sum(sa.case((unordered, 1), else_=0)), 0).label("ambiguous"),
     ).select_from(stage.outerjoin(current, current.c[key] == stage.c[key]))
     if only is not None:
         query = query.where(only)
     row = conn.execute(query).mappings().one()
-    return {name: int(row[name]) for name in ("inserted", "unchanged", "updated", "stale")}
+    return {name: int(row[name])
+            for name in ("inserted", "unchanged", "updated", "stale", "ambiguous")}
 
 
 def _none_present(conn: sa.Connection, stage: sa.Table, target: sa.Table, key: str) -> bool:
@@ -552,7 +628,7 @@ def _merge_into(
     first_delivery = _none_present(conn, stage, current, key)
     if first_delivery:
         counts = {"inserted": _staged_count(conn, stage, only), "unchanged": 0, "updated": 0,
-                  "stale": 0}
+                  "stale": 0, "ambiguous": 0}
     else:
         counts = _classify(conn, stage, current, key, names, checksum, extract_ts, only)
     columns = names + ["source_checksum", "extract_ts"]
@@ -678,27 +754,42 @@ def _warn_on_stamp_clash(
 
 def load_file(
     engine: sa.Engine, path: Path, *, key: bytes, chunk_rows: int, max_bad_share: float,
-    expectations_dir: Path, processing_day: date,
+    expectations_dir: Path, processing_day: date, limits: ReadLimits | None = None,
+    preview_fields: int | None = None,
 ) -> FileResult:
-    """Validate and load one extract file; never raises for a bad file (it is reported)."""
-    from pipelines.ingest.reader import file_checksum
+    """Validate and load one extract file; never raises for a bad file (it is reported).
 
+    Each file is judged alone: a file that vanished, cannot be read or may not be read
+    (see :func:`pipelines.ingest.reader.open_checked`) is rejected with its reason and a
+    ledger row, and the caller goes on with the next file. ``limits`` and
+    ``preview_fields`` default to the configured settings.
+    """
+    if limits is None or preview_fields is None:
+        from pipelines.settings import load_settings
+
+        configured = load_settings()
+        limits = limits or ReadLimits.from_settings(configured)
+        preview_fields = (configured.quarantine_preview_fields if preview_fields is None
+                          else preview_fields)
     result = FileResult(path=str(path), kind=kind_of(path.name), status="loaded")
-    if not path.is_file():
-        result.status, result.reason = "rejected", f"{path}: no such file"
-        return result
-    checksum = file_checksum(path)
-    result.checksum = checksum
     ledger = schema.file_ledger
-    with engine.connect() as conn:
-        status = conn.execute(
-            sa.select(ledger.c.status).where(ledger.c.source_checksum == checksum)
-        ).scalar_one_or_none()
-    if status == "loaded":
-        result.status, result.reason = "duplicate", "already loaded (same checksum)"
-        return result
+    extract: ExtractFile | None = None
     try:
-        extract = open_extract(path)
+        handle, checksum = open_checked(path, limits)
+        result.checksum = checksum
+        try:
+            with engine.connect() as conn:
+                status = conn.execute(
+                    sa.select(ledger.c.status).where(ledger.c.source_checksum == checksum)
+                ).scalar_one_or_none()
+        except BaseException:
+            handle.close()
+            raise
+        if status == "loaded":
+            handle.close()
+            result.status, result.reason = "duplicate", "already loaded (same checksum)"
+            return result
+        extract = open_extract(path, limits, key, handle=handle, checksum=checksum)
         result.kind, result.dropped_columns = extract.kind, extract.dropped_columns
         extract_ts = extract_stamp(path.name)
         _warn_on_stamp_clash(engine, path.name, extract.kind, extract_ts, checksum)
@@ -709,7 +800,7 @@ def load_file(
             quarantine = _Quarantine(conn, extract, key)
             result.rows_read = _stage_file(
                 conn, extract, stage, quarantine, key, chunk_rows, expectations_dir,
-                max_plausible_date(path.name, processing_day),
+                max_plausible_date(path.name, processing_day), preview_fields,
             )
             _analyze(conn, stage)
             _check_whole_file(conn, extract, stage, quarantine)
@@ -725,6 +816,7 @@ def load_file(
                 _merge_procedures(conn, stage, checksum, extract_ts, result)
             else:
                 _merge_complications(conn, stage, checksum, extract_ts, result)
+            _hold_unordered_corrections(path.name, extract_ts, result)
             if result.inserted >= LARGE_LOAD_ROWS:
                 # a large load changes the targets' statistics; the next nightly file's
                 # joins are planned with them (autovacuum may not have run yet)
@@ -734,7 +826,32 @@ def load_file(
             conn.execute(ledger.insert().values(_ledger_values(extract, path, checksum, result)))
     except FileRejected as exc:
         result.status, result.reason = "rejected", str(exc)
-        for name in ("inserted", "updated", "unchanged", "stale", "pending", "promoted"):
+        for name in ("inserted", "updated", "unchanged", "stale", "pending", "promoted",
+                     "ambiguous"):
             setattr(result, name, 0)
-        record_rejection(engine, path, checksum, result)
+        record_rejection(engine, path, result.checksum or unread_checksum(path), result)
+    finally:
+        if extract is not None:
+            extract.close()
     return result
+
+
+def _hold_unordered_corrections(name: str, extract_ts: str, result: FileResult) -> None:
+    """Reject a file whose corrections cannot be ordered against the current version.
+
+    A changed row is ordered by the extract stamps of the two deliveries. When the new file
+    has no stamp, or the same stamp as the version it would replace, only the checksum
+    could order them: the correction would be kept or dropped by chance (an unstamped
+    correction always loses to a stamped delivery). Such a file is held, rejected with
+    "needs a stamp" (a data-quality alert), and nothing from it is stored; re-sent with a
+    later stamp (``_YYYYMMDDTHHMMSS``) it loads.
+    """
+    if not result.ambiguous:
+        return
+    why = ("has no extract stamp" if extract_ts == UNSTAMPED
+           else f"has the same extract stamp ({extract_ts}) as the version it would replace")
+    raise FileRejected(
+        f"{name}: needs a stamp: it changes {result.ambiguous} existing row(s) but {why}, "
+        "so which value is current cannot be decided; re-send it named with a later "
+        "_YYYYMMDDTHHMMSS stamp"
+    )

@@ -1,12 +1,18 @@
-"""Read an extract file safely: file-level checks, then rows in bounded chunks.
+"""Read an extract file safely: trust checks, file-level checks, then rows in bounded chunks.
 
 File-level problems raise :class:`FileRejected` with a one-line reason; the caller
 rolls back everything it stored for the file. Row-level shape problems (a row with
 the wrong number of fields) are not file problems: they come back as bad records so
-the row can be quarantined with its raw values.
+the row can be quarantined (as a bounded, keyed-hash preview).
 
-Every row is read as text. Typing and rule checks happen later (``validate``), so
-what reaches quarantine is exactly what the hospital sent.
+Every row is read as text. Typing and rule checks happen later (``validate``).
+
+Hostile input (issue 14) is bounded here, while streaming, before anything is held whole:
+the file must be a regular file owned by an allowed user, opened without following
+symlinks; its decompressed size and compression ratio, line length (and the length of a
+record spanning lines), fields per row, records per file and wall time are capped by
+:class:`ReadLimits`; chunks are cut by characters as well as rows, so memory depends on
+the limits, not on the input.
 """
 
 from __future__ import annotations
@@ -15,31 +21,69 @@ import csv
 import gc
 import gzip
 import hashlib
+import hmac
 import io
-import itertools
 import logging
+import os
+import re
+import stat
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from pipelines.contract import COLUMNS, kind_of
 from pipelines.errors import InputRejected
 
 log = logging.getLogger(__name__)
 
-# A single field larger than this is a broken file (an unterminated quote swallowing
-# the rest of the file, usually), not a long value; long values are row-level rejects.
-MAX_FIELD_BYTES = 1_000_000
 _GZIP_MAGIC = b"\x1f\x8b"
-# Lines are handed to the CSV parser in batches of about this many characters, so the NUL
-# check runs once per batch instead of once per line.
-_LINE_BATCH_CHARS = 1 << 20
+# Text is read and split into lines in blocks of this many characters.
+_BLOCK_CHARS = 1 << 20
+# A chunk handed to validation holds at most this many characters of row text (besides at
+# most ``chunk_rows`` rows): long rows cannot make a chunk, and its DataFrames, unbounded.
+CHUNK_CHARS = 32 << 20
+# The compression ratio is judged only past this many decompressed bytes: tiny files
+# (a header and a few rows) compress arbitrarily well and are harmless.
+_RATIO_FLOOR_BYTES = 4 << 20
+# Line separators other than CR/LF that str.splitlines() would also split on; csv must not.
+_OTHER_SEPARATORS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_CSV_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
 
 
 class FileRejected(InputRejected):
     """The whole file is unusable; ``reason`` is one line naming the problem."""
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Hard limits on one extract file (issue 14); defaults match :class:`Settings`."""
+
+    max_file_bytes: int = 2 * 1024**3
+    max_decompressed_bytes: int = 4 * 1024**3
+    max_compression_ratio: float = 100.0
+    max_line_chars: int = 1 << 20
+    max_fields: int = 1000
+    max_rows: int = 20_000_000
+    max_seconds: float = 1800.0
+    allowed_owner_uids: tuple[int, ...] = field(default_factory=lambda: (os.getuid(),))
+
+    @classmethod
+    def from_settings(cls, settings) -> ReadLimits:
+        """Take the limits from a :class:`pipelines.settings.Settings`."""
+        return cls(
+            max_file_bytes=settings.ingest_max_file_bytes,
+            max_decompressed_bytes=settings.ingest_max_decompressed_bytes,
+            max_compression_ratio=settings.ingest_max_compression_ratio,
+            max_line_chars=settings.ingest_max_line_chars,
+            max_fields=settings.ingest_max_fields,
+            max_rows=settings.ingest_max_rows,
+            max_seconds=settings.ingest_max_seconds,
+            allowed_owner_uids=tuple(settings.allowed_owner_uids),
+        )
 
 
 @dataclass
@@ -53,38 +97,205 @@ class Chunk:
 
 @dataclass
 class ExtractFile:
-    """An extract file with its kind, checksum and header, ready to stream rows."""
+    """An open extract file with its kind, checksum and header, ready to stream rows.
+
+    ``handle`` is the file opened once by :func:`open_checked`; every later read goes
+    through it, so the bytes checked are the bytes loaded even if the name is swapped.
+    """
 
     path: Path
     kind: str
     checksum: str
     header: list[str]
     columns: list[str]  # contract columns present, in file order
-    dropped_columns: list[str]
+    dropped_columns: list[str]  # unknown header cells, as "column N name_hmac <hex>"
     missing_optional: list[str]
+    handle: BinaryIO | None = None
+    limits: ReadLimits = field(default_factory=ReadLimits)
+    started: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        """Close the file handle (idempotent)."""
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 def file_checksum(path: Path) -> str:
     """Return the SHA-256 of the file's bytes (identifies a delivery in the ledger)."""
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        return _checksum(handle)
+
+
+def _checksum(handle: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    handle.seek(0)
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    """Open as UTF-8 text (BOM tolerated), transparently gunzipping ``.gz`` files."""
-    with path.open("rb") as probe:
-        magic = probe.read(2)
-    if path.name.lower().endswith(".gz") or magic == _GZIP_MAGIC:
-        raw: io.BufferedIOBase = gzip.open(path, "rb")  # type: ignore[assignment]
-    else:
-        raw = path.open("rb")
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline="")
+def unread_checksum(path: Path) -> str:
+    """Ledger key for a file whose bytes could not be read: a digest of its name.
+
+    Deterministic, so a rerun refreshes the same ledger row instead of adding one.
+    """
+    return hashlib.sha256(b"unreadable\x1f" + path.name.encode("utf-8", "replace")).hexdigest()
 
 
-def _translate(exc: BaseException, path: Path) -> FileRejected:
+_KINDS_OF_NODE = (
+    (stat.S_ISLNK, "is a symbolic link; only regular files are read (copy the file in instead)"),
+    (stat.S_ISFIFO, "is a FIFO (named pipe), not a regular file"),
+    (stat.S_ISCHR, "is a character device, not a regular file"),
+    (stat.S_ISBLK, "is a block device, not a regular file"),
+    (stat.S_ISSOCK, "is a socket, not a regular file"),
+    (stat.S_ISDIR, "is a directory, not a file"),
+)
+
+
+def node_problem(info: os.stat_result, limits: ReadLimits) -> str | None:
+    """Why a file with this ``lstat`` may not be read, or None when it may."""
+    for test, problem in _KINDS_OF_NODE:
+        if test(info.st_mode):
+            return problem
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_uid not in limits.allowed_owner_uids:
+        return (
+            f"is owned by uid {info.st_uid}, not an allowed owner "
+            "(KYPHOWATCH_ALLOWED_OWNER_UIDS)"
+        )
+    return None
+
+
+def open_checked(path: Path, limits: ReadLimits) -> tuple[BinaryIO, str]:
+    """Open ``path`` as a trusted extract and return the open handle and its checksum.
+
+    Refuses (``FileRejected``) a vanished or unreadable file, a symlink (``O_NOFOLLOW``), a
+    FIFO, device or socket, a file owned by a user outside ``limits.allowed_owner_uids`` and
+    a file over ``limits.max_file_bytes``. The node is checked with ``lstat`` before it is
+    opened (opening a device or FIFO can block or have side effects) and again with
+    ``fstat`` after, so a swap in between is caught.
+    """
+    name = path.name
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        raise FileRejected(f"{name}: no such file (it vanished before it could be read)") from None
+    except OSError as exc:
+        raise FileRejected(f"{name}: cannot be examined ({_os_reason(exc)})") from exc
+    problem = node_problem(before, limits)
+    if problem:
+        raise FileRejected(f"{name}: {problem}")
+    if before.st_size > limits.max_file_bytes:
+        raise FileRejected(
+            f"{name}: {before.st_size} bytes exceeds the {limits.max_file_bytes}-byte file "
+            "limit (KYPHOWATCH_INGEST_MAX_FILE_BYTES)"
+        )
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise FileRejected(f"{name}: no such file (it vanished before it could be read)") from None
+    except OSError as exc:
+        raise FileRejected(f"{name}: cannot be opened ({_os_reason(exc)})") from exc
+    handle = os.fdopen(descriptor, "rb")
+    try:
+        after = os.fstat(descriptor)
+        if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+            raise FileRejected(f"{name}: replaced while being opened; not read")
+        problem = node_problem(after, limits)
+        if problem:
+            raise FileRejected(f"{name}: {problem}")
+        checksum = _checksum(handle)
+    except FileRejected:
+        handle.close()
+        raise
+    except OSError as exc:
+        handle.close()
+        raise FileRejected(f"{name}: unreadable ({_os_reason(exc)})") from exc
+    return handle, checksum
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OS error as a short phrase without the path (the caller names the file)."""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if exc.errno is not None and exc.errno == getattr(os, "ELOOP", None):
+        return "is a symbolic link; only regular files are read"
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+class _Metered(io.RawIOBase):
+    """Passes bytes through while enforcing the size, ratio and time budgets of one file."""
+
+    def __init__(self, source: BinaryIO, compressed: BinaryIO | None, name: str,
+                 limits: ReadLimits, started: float):
+        self._source, self._compressed, self._name = source, compressed, name
+        self._limits, self._started = limits, started
+        self.bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self._source.readinto(buffer)
+        self.bytes += count
+        limits = self._limits
+        if self.bytes > limits.max_decompressed_bytes:
+            raise FileRejected(
+                f"{self._name}: content exceeds the {limits.max_decompressed_bytes}-byte "
+                "decompressed-size limit (KYPHOWATCH_INGEST_MAX_DECOMPRESSED_BYTES)"
+            )
+        if self._compressed is not None and self.bytes > _RATIO_FLOOR_BYTES:
+            consumed = max(self._compressed.tell(), 1)
+            if self.bytes > limits.max_compression_ratio * consumed:
+                raise FileRejected(
+                    f"{self._name}: decompresses more than {limits.max_compression_ratio:g} "
+                    "times its compressed size (a decompression bomb?); limit "
+                    "KYPHOWATCH_INGEST_MAX_COMPRESSION_RATIO"
+                )
+        _check_time(self._name, limits, self._started)
+        return count
+
+
+def check_time(extract: ExtractFile) -> None:
+    """Reject the file once its wall-time budget is spent (called between chunks)."""
+    _check_time(extract.path.name, extract.limits, extract.started)
+
+
+def _check_time(name: str, limits: ReadLimits, started: float) -> None:
+    if time.monotonic() - started > limits.max_seconds:
+        raise FileRejected(
+            f"{name}: not read within the {limits.max_seconds:g}-second budget per file "
+            "(KYPHOWATCH_INGEST_MAX_SECONDS)"
+        )
+
+
+def _open_text(extract: ExtractFile) -> io.TextIOBase:
+    """Open the checked handle as UTF-8 text (BOM tolerated), gunzipping ``.gz`` files."""
+    handle = extract.handle
+    if handle is None:
+        raise FileRejected(f"{extract.path.name}: file is not open")
+    handle.seek(0)
+    magic = handle.read(2)
+    handle.seek(0)
+    compressed = None
+    source: BinaryIO = handle
+    if extract.path.name.lower().endswith(".gz") or magic == _GZIP_MAGIC:
+        # fileobj given: closing the GzipFile leaves the checked handle open
+        source = gzip.GzipFile(fileobj=handle, mode="rb")  # type: ignore[assignment]
+        compressed = handle
+    metered = _Metered(source, compressed, extract.path.name, extract.limits, extract.started)
+    text = io.TextIOWrapper(
+        io.BufferedReader(metered, buffer_size=1 << 16),
+        encoding="utf-8-sig", errors="strict", newline="",
+    )
+    text._CHUNK_SIZE = 1 << 16  # fewer, larger reads: the meter runs once per 64 KiB
+    return text
+
+
+def _translate(exc: BaseException, path: Path, limits: ReadLimits) -> FileRejected:
     """Turn a low-level read error into a one-line, user-facing rejection."""
     name = path.name
     if isinstance(exc, UnicodeDecodeError):
@@ -99,38 +310,70 @@ def _translate(exc: BaseException, path: Path) -> FileRejected:
         if "NUL" in text:
             return FileRejected(f"{name}: contains NUL bytes; this is not a text CSV file")
         if "field larger" in text:
+            # A field on one line cannot get here (the line limit is checked first), so
+            # the field spans lines: a quote opened and not closed, or a huge quoted value.
             return FileRejected(
-                f"{name}: a field exceeds {MAX_FIELD_BYTES} bytes (unbalanced quote?)"
+                f"{name}: a quoted field spanning lines exceeds {limits.max_line_chars} "
+                "characters (an unclosed quote?)"
             )
         return FileRejected(f"{name}: malformed CSV ({text})")
+    if isinstance(exc, OSError):
+        return FileRejected(f"{name}: unreadable ({_os_reason(exc)})")
     return FileRejected(f"{name}: unreadable ({type(exc).__name__}: {exc})")
 
 
-def open_extract(path: Path) -> ExtractFile:
-    """Check the file as a whole and read its header.
+def _hash_text(key: bytes | None, text: str) -> str:
+    """Keyed HMAC of free text (a header cell) so it can be recognised, never read."""
+    return hmac.new(key or b"", text.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
 
-    Raises :class:`FileRejected` when the name is not an extract name, the file is
-    empty, not UTF-8, not CSV with a comma delimiter, or lacks required columns.
+
+def open_extract(path: Path, limits: ReadLimits | None = None, key: bytes | None = None,
+                 *, handle: BinaryIO | None = None, checksum: str | None = None) -> ExtractFile:
+    """Check the file as a whole and read its header; the result holds the open file.
+
+    Raises :class:`FileRejected` when the file may not be read (see :func:`open_checked`),
+    the name is not an extract name, the file is empty, not UTF-8, not CSV with a comma
+    delimiter, or lacks required columns. Unknown header cells are reported by position
+    and keyed hash only (a header cell may hold anything, even a patient reference).
+    The caller closes the result (:meth:`ExtractFile.close`).
     """
+    limits = limits or ReadLimits()
     kind = kind_of(path.name)
+    if handle is None or checksum is None:
+        handle, checksum = open_checked(path, limits)
+    try:
+        return _read_header(path, kind, handle, checksum, limits, key)
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _read_header(path: Path, kind: str | None, handle: BinaryIO, checksum: str,
+                 limits: ReadLimits, key: bytes | None) -> ExtractFile:
     if kind is None:
         raise FileRejected(
             f"{path.name}: not an extract name; expected procedures*.csv[.gz] or "
             "complications*.csv[.gz]"
         )
-    if not path.is_file():
-        raise FileRejected(f"{path.name}: not a file")
-    if path.stat().st_size == 0:
+    if os.fstat(handle.fileno()).st_size == 0:
         raise FileRejected(f"{path.name}: empty file (no header row)")
-    checksum = file_checksum(path)
-    csv.field_size_limit(MAX_FIELD_BYTES)
+    extract = ExtractFile(path=path, kind=kind, checksum=checksum, header=[], columns=[],
+                          dropped_columns=[], missing_optional=[], handle=handle, limits=limits)
+    csv.field_size_limit(limits.max_line_chars)
     try:
-        with _open_text(path) as text:
-            header_row = next(csv.reader(text), None)
+        with _open_text(extract) as text:
+            header_row = next(csv.reader(_bounded_lines(text, extract, [0, 0])), None)
+    except FileRejected:
+        raise
     except Exception as exc:  # every read error becomes a file rejection
-        raise _translate(exc, path) from exc
+        raise _translate(exc, path, limits) from exc
     if not header_row or all(not cell.strip() for cell in header_row):
         raise FileRejected(f"{path.name}: empty file (no header row)")
+    if len(header_row) > limits.max_fields:
+        raise FileRejected(
+            f"{path.name}: the header has {len(header_row)} fields; the limit is "
+            f"{limits.max_fields} (KYPHOWATCH_INGEST_MAX_FIELDS)"
+        )
     header = [cell.strip().lower() for cell in header_row]
     specs = COLUMNS[kind]
     required = [spec.name for spec in specs if spec.required]
@@ -147,19 +390,20 @@ def open_extract(path: Path) -> ExtractFile:
     if duplicated:
         raise FileRejected(f"{path.name}: duplicated column(s): {', '.join(duplicated)}")
     known = {spec.name for spec in specs}
-    dropped = [name for name in header if name not in known]
+    # Unknown columns may carry free text, and a header cell itself may hold an
+    # identifier: report them by position and keyed hash, never by their text.
+    dropped = [
+        f"column {position} name_hmac {_hash_text(key, name)}"
+        for position, name in enumerate(header, start=1) if name not in known
+    ]
     if dropped:
-        # Unknown columns may carry free text (and so identifiers): never stored.
-        log.warning("%s: dropping %d unknown column(s): %s", path.name, len(dropped), dropped)
-    return ExtractFile(
-        path=path,
-        kind=kind,
-        checksum=checksum,
-        header=header,
-        columns=[name for name in header if name in known],
-        dropped_columns=dropped,
-        missing_optional=[spec.name for spec in specs if spec.name not in header],
-    )
+        log.warning("%s: dropping %d unknown column(s) at position(s) %s", path.name,
+                    len(dropped), [p for p, n in enumerate(header, start=1) if n not in known])
+    extract.header = header
+    extract.columns = [name for name in header if name in known]
+    extract.dropped_columns = dropped
+    extract.missing_optional = [spec.name for spec in specs if spec.name not in header]
+    return extract
 
 
 @contextmanager
@@ -180,19 +424,72 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _line_batches(text: io.TextIOBase) -> Iterator[list[str]]:
-    """Yield the file's lines in batches, failing at the first line holding a NUL byte.
+def _split_lines(data: str) -> list[str]:
+    """Split text into CSV lines ending in LF, CRLF or CR (as ``newline=""`` reading does).
 
-    NUL means binary data (PostgreSQL text cannot hold it). Lines before the offending
-    one are still handed over first, so the parser reports any earlier problem first,
-    exactly as a line-by-line check would.
+    The last element is whatever follows the last line end ('' when there is none).
     """
-    for lines in iter(lambda: text.readlines(_LINE_BATCH_CHARS), []):
-        if "\x00" in "".join(lines):
-            first_bad = next(i for i, line in enumerate(lines) if "\x00" in line)
-            yield lines[:first_bad]
+    if _OTHER_SEPARATORS.search(data) is None:
+        lines = data.splitlines(keepends=True)  # C speed; splits on CR/LF/CRLF only here
+    else:
+        lines = _CSV_LINE.findall(data)
+    if lines and lines[-1][-1:] in ("\n", "\r"):
+        lines.append("")
+    elif not lines:
+        lines.append("")
+    return lines
+
+
+def _bounded_lines(text: io.TextIOBase, extract: ExtractFile, span: list[int]) -> Iterator[str]:
+    """Yield the file's lines, rejecting the file at the first over-long line or NUL byte.
+
+    Text is read in blocks, so a line is measured while it is still being read: a line
+    longer than ``max_line_chars`` is rejected with at most one block beyond it in memory.
+    ``span`` is shared with the consumer: ``span[0]`` counts characters yielded since the
+    consumer last completed a record (it resets it), so a record that spans lines through
+    quoted line breaks is capped too; ``span[1]`` counts all characters yielded.
+    A trailing CR is held back until the next block (it may be the first half of CRLF).
+    """
+    name, limit = extract.path.name, extract.limits.max_line_chars
+    tail = ""
+    line_number = 0
+    while True:
+        block = text.read(_BLOCK_CHARS)
+        nul = block.find("\x00")
+        data = tail + (block if nul < 0 else block[:nul])
+        lines = _split_lines(data)
+        tail = lines.pop()
+        if block and nul < 0 and not tail and lines and lines[-1].endswith("\r"):
+            tail = lines.pop() + tail
+        if lines and max(map(len, lines)) > limit:
+            too_long = next(i for i, line in enumerate(lines) if len(line) > limit)
+            raise FileRejected(
+                f"{name}: line {line_number + too_long + 1} exceeds the {limit}-character "
+                "line limit (KYPHOWATCH_INGEST_MAX_LINE_CHARS)"
+            )
+        if nul >= 0:
+            yield from lines
             raise csv.Error("line contains NUL")
-        yield lines
+        if len(tail) > limit:
+            raise FileRejected(
+                f"{name}: line {line_number + len(lines) + 1} exceeds the {limit}-character "
+                "line limit (KYPHOWATCH_INGEST_MAX_LINE_CHARS)"
+            )
+        for line in lines:
+            line_number += 1
+            span[0] += len(line)
+            span[1] += len(line)
+            if span[0] > limit:
+                raise FileRejected(
+                    f"{name}: a record ending at line {line_number} spans more than {limit} "
+                    "characters over several lines (an unclosed quote?)"
+                )
+            yield line
+        if not block:
+            if tail:
+                span[0] += len(tail)
+                yield tail
+            return
 
 
 def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
@@ -200,40 +497,60 @@ def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
 
     Records are re-ordered to ``extract.columns`` (unknown columns removed). Record
     numbers count data records from 1, so a quarantined row can be found in the file.
-    Blank lines are skipped. Read errors raise :class:`FileRejected`.
+    Blank lines are skipped (but count towards the record limit). A chunk is also cut at
+    :data:`CHUNK_CHARS` characters of text. Read errors and exceeded limits raise
+    :class:`FileRejected`.
     """
+    limits, name = extract.limits, extract.path.name
     width = len(extract.header)
     keep = [extract.header.index(name) for name in extract.columns]
     reorder = keep != list(range(width))  # most files: every column known, in order
     records: list[list[str]] = []
     numbers: list[int] = []
     bad_shape: list[tuple[int, list[str]]] = []
-    number = 0
+    number = blank = 0
+    span = [0, 0]  # see _bounded_lines
+    chunk_start = 0
+    max_rows, max_fields = limits.max_rows, limits.max_fields
+    csv.field_size_limit(limits.max_line_chars)
     try:
-        with _open_text(extract.path) as text:
-            reader = csv.reader(
-                itertools.chain.from_iterable(_line_batches(text)), strict=False
-            )
+        with _open_text(extract) as text:
+            reader = csv.reader(_bounded_lines(text, extract, span), strict=False)
             next(reader, None)  # header, already checked
+            span[0] = 0
             # The collector is paused while a chunk is built (see paused_gc) and running
             # whenever the caller has the chunk.
             collecting = gc.isenabled()
             gc.disable()
             try:
                 for row in reader:
+                    span[0] = 0
                     if not row or (len(row) == 1 and not row[0].strip()):
+                        blank += 1
+                        if number + blank > max_rows:
+                            raise _too_many_rows(name, max_rows)
                         continue
                     number += 1
+                    if number + blank > max_rows:
+                        raise _too_many_rows(name, max_rows)
                     if len(row) != width:
+                        if len(row) > max_fields:
+                            raise FileRejected(
+                                f"{name}: record {number} has {len(row)} fields; the limit "
+                                f"is {max_fields} (KYPHOWATCH_INGEST_MAX_FIELDS)"
+                            )
                         bad_shape.append((number, row))
                     else:
                         records.append([row[i] for i in keep] if reorder else row)
                         numbers.append(number)
-                    if len(records) + len(bad_shape) >= chunk_rows:
+                    if (len(records) + len(bad_shape) >= chunk_rows
+                            or span[1] - chunk_start >= CHUNK_CHARS):
                         if collecting:
                             gc.enable()
                         yield Chunk(records, numbers, bad_shape)
                         records, numbers, bad_shape = [], [], []
+                        chunk_start = span[1]
+                        _check_time(name, limits, extract.started)
                         gc.disable()
             finally:
                 if collecting:
@@ -241,6 +558,13 @@ def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
     except FileRejected:
         raise
     except Exception as exc:  # every read error becomes a file rejection
-        raise _translate(exc, extract.path) from exc
+        raise _translate(exc, extract.path, limits) from exc
     if records or bad_shape:
         yield Chunk(records, numbers, bad_shape)
+
+
+def _too_many_rows(name: str, max_rows: int) -> FileRejected:
+    return FileRejected(
+        f"{name}: more than {max_rows} records (blank lines included); the limit is "
+        "KYPHOWATCH_INGEST_MAX_ROWS"
+    )
