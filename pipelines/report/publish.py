@@ -18,7 +18,7 @@ from pipelines.report.common import (
     _page,
 )
 from pipelines.report.data import ReportData
-from pipelines.report.funnels import funnels_page
+from pipelines.report.funnels import build_funnel_templates, funnels_page
 from pipelines.report.methods import methods_page
 from pipelines.report.overview import index_page
 from pipelines.report.site import site_page
@@ -35,8 +35,8 @@ def render_report(settings: Settings, as_of: date | None = None) -> dict[str, st
                       "<p>The warehouse holds no procedures yet: nothing to report.</p>")
         return {"index.html": empty, "report.json": json.dumps({"as_of": None, "sites": []})}
     pages = {
-        "index.html": index_page(data),
         "funnels.html": funnels_page(data),
+        "index.html": index_page(data),
         "methods.html": methods_page(data),
         "report.json": json.dumps({
             "as_of": data.as_of.isoformat(), "run_key": data.result.run_key,
@@ -50,7 +50,10 @@ def render_report(settings: Settings, as_of: date | None = None) -> dict[str, st
         if not SITE_RE.match(site["site_id"]):
             raise ExternalSystemError(f"warehouse holds a malformed site id "
                                       f"{site['site_id']!r}; not writing its page")
+    build_funnel_templates(data)
+    for site in data.sites:
         pages[f"sites/{site['site_id']}.html"] = site_page(data, site["site_id"])
+    pages.update(data.files)  # the data behind every chart, as CSV beside its page
     return pages
 
 
@@ -79,8 +82,9 @@ def write_report(settings: Settings, out_dir: Path | None = None,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if ours:
-        for stale in (out_dir / "sites").glob("*.html"):
-            if f"sites/{stale.name}" not in pages:
+        for stale in [*(out_dir / "sites").glob("*.html"), *(out_dir / "sites").glob("*.csv"),
+                      *out_dir.glob("funnel-*.csv")]:
+            if stale.relative_to(out_dir).as_posix() not in pages:
                 stale.unlink()
     log.info("report: %d pages written to %s", len(pages), out_dir)
     return out_dir / "index.html"
