@@ -179,6 +179,7 @@ def read_site_facts(settings: Settings, as_of: date | None, *, site: str | None 
             continue
         facts.alerts.setdefault(a["site_id"], []).append({
             "alert_id": a["alert_id"], "kind": a["kind"], "metric": a["metric"],
+            "signal_key": a["signal_key"],
             "title": a["title"], "state": a["state"], "episode": a["episode"],
             "created_at": iso(a["created_at"]), "updated_at": iso(a["updated_at"]),
             "history": audit.get(a["alert_id"], []),
@@ -370,3 +371,68 @@ def write_csv(stream, headers: list[str], rows: list[list[Any]]) -> None:
     writer.writerow([csv_cell(h) for h in headers])
     for row in rows:
         writer.writerow([csv_cell(c) for c in row])
+
+
+def monthly_figures(settings: Settings, run_key: str,
+                    profile_name: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Return the stored run's mature units, events and expected events per index month.
+
+    Keyed by ``(site, metric)``, oldest month first. The rows are the ``site_month_metric``
+    table the monitor wrote with this run; a run that has since been replaced as the
+    profile's current picture (an older ``--as-of``) has none, and the report then shows
+    no monthly charts rather than another run's months.
+    """
+    from pipelines.db import reading
+    from pipelines.schema import site_month_metric as months
+
+    query = (sa.select(months.c.site_id, months.c.metric, months.c.month, months.c.units,
+                       months.c.events, months.c.expected, months.c.months_before_as_of)
+             .where(months.c.profile_name == profile_name, months.c.run_key == run_key)
+             .order_by(months.c.site_id, months.c.metric, months.c.month))
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    with reading(settings.db_url) as conn:
+        for site, metric, month, units, events, expected, before in conn.execute(query):
+            out.setdefault((site, metric), []).append({
+                "month": month, "units": int(units), "events": int(events),
+                "expected": float(expected), "months_before_as_of": int(before)})
+    return out
+
+
+def recent_observed_expected(monthly: dict[tuple[str, str], list[dict[str, Any]]],
+                             recent: int = 12) -> dict[tuple[str, str], dict[str, Any]]:
+    """Return O/E over the last ``recent`` index months, per ``(site, metric)``, with an
+    exact 95% CI (one vectorised computation for the whole network).
+
+    Same interval as :func:`observed_expected`: the expected count is treated as fixed
+    and the Clopper-Pearson interval of the observed proportion is scaled by n/E.
+    """
+    import numpy as np
+    from scipy import stats
+
+    keys, units, events, expected, counted = [], [], [], [], []
+    for key, months in monthly.items():
+        rows = [m for m in months if m["months_before_as_of"] < recent and m["units"]]
+        if not rows:
+            continue
+        keys.append(key)
+        counted.append(len(rows))
+        units.append(sum(m["units"] for m in rows))
+        events.append(sum(m["events"] for m in rows))
+        expected.append(sum(m["expected"] for m in rows))
+    if not keys:
+        return {}
+    n, k = np.asarray(units, float), np.asarray(events, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        low = np.where(k > 0, stats.beta.ppf(0.025, k, n - k + 1), 0.0)
+        high = np.where(k < n, stats.beta.ppf(0.975, k + 1, n - k), 1.0)
+    out = {}
+    for i, key in enumerate(keys):
+        e = expected[i]
+        scale = units[i] / e if e else None
+        out[key] = {"months": counted[i], "n": units[i], "observed": events[i],
+                    "expected": _number(e), "rate": _number(events[i] / units[i]),
+                    "rate_ci_low": _number(float(low[i])), "rate_ci_high": _number(float(high[i])),
+                    "o_to_e": _number(events[i] / e) if e else None,
+                    "o_to_e_ci_low": _number(float(low[i]) * scale) if scale else None,
+                    "o_to_e_ci_high": _number(float(high[i]) * scale) if scale else None}
+    return out

@@ -1,6 +1,6 @@
 """Airflow plugin: the published kyphowatch report, served by the Airflow API server.
 
-Registers :func:`pipelines.report_app.create_report_app` under ``/kyphowatch/report`` (``/``
+Registers :func:`pipelines.report.app.create_report_app` under ``/kyphowatch/report`` (``/``
 redirects to ``latest/index.html``) and a "Safety report" entry in the Airflow UI's
 navigation, which shows the report inside the UI.
 
@@ -23,7 +23,7 @@ from airflow.api_fastapi.core_api.security import requires_access_view
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends
 
-from pipelines.report_app import create_report_app
+from pipelines.report.app import create_report_app
 from pipelines.settings import load_settings
 
 URL_PREFIX = "/kyphowatch/report"

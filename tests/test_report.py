@@ -100,9 +100,19 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
     engine, settings = _report_registry(sqlite_url, settings_for)
     index = write_report(settings, tmp_path / "out")
     out = index.parent
-    pages = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    pages = [f for f in files if not f.endswith(".csv")]
     assert pages == ["funnels.html", "index.html", "methods.html", "report.json",
                      "sites/S001.html", "sites/S002.html", "sites/S003.html", "sites/S004.html"]
+    # every chart links to its data, and every linked CSV was written
+    for page in pages:
+        if not page.endswith(".html"):
+            continue
+        html_text = (out / page).read_text(encoding="utf-8")
+        links = re.findall(r"<a href='([^']+\.csv)' download>", html_text)
+        assert html_text.count("<svg") - html_text.count("class=\"spark\"") == len(links), page
+        for link in links:
+            assert (out / page).parent.joinpath(link).resolve().is_file(), (page, link)
     text = index.read_text(encoding="utf-8")
     # overview: S004 is marked as a signal on cement leak; S001 is in control everywhere
     assert "st-alarm" in _grid_row(text, "S004") and "st-alarm" not in _grid_row(text, "S001")
@@ -114,7 +124,19 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
     assert "Case mix against the network" in site_page and "Recent complications" in site_page
     assert "raised: " in site_page and "(open, episode 1" in site_page  # alert and its audit
     funnels = (out / "funnels.html").read_text(encoding="utf-8")
-    assert ">S004</text>" in funnels  # the drifting site is labelled on the funnel plot
+    # a funnel labels exactly the sites outside its limits; its CSV gives every site's class
+    for window in ("cumulative", "rolling"):
+        rows = list(csv.DictReader(io.StringIO(
+            (out / f"funnel-cement_leak-{window}.csv").read_text(encoding="utf-8"))))
+        assert [r["site"] for r in rows] == ["S001", "S002", "S003", "S004"]
+        svg = re.search(r"<svg.*?</svg>", funnels[funnels.index("units that matured" if
+                        window == "rolling" else "Cement leakage (any) (cumulative"):],
+                        re.S).group(0)
+        for r in rows:
+            outside = r["class"].startswith("outside")
+            assert (f">{r['site']}</text>" in svg) == outside, (window, r)
+        assert float(rows[3]["rate"]) > 0.25 and rows[3]["lower_limit"] != ""
+    assert "funnel_12m" not in re.sub(r"<[^>]+>", " ", site_page)  # readable method names
     methods = (out / "methods.html").read_text(encoding="utf-8")
     for needle in ("NICE HTG108 section 2.4.1", "NICE HTG108 section 2.4.2",
                    "NICE HTG108 section 2.4.4", "ARL0", "Benjamini-Hochberg"):
@@ -341,7 +363,7 @@ def test_funnel_plot_draws_the_limits_the_engine_decided_with(sqlite_url, settin
                                           chart["limit"], mode, od)
             assert upper[0] == pytest.approx(stored["upper"]), (chart["metric"], m["site_id"])
             assert lower[0] == pytest.approx(stored["lower"]), (chart["metric"], m["site_id"])
-        svg = report_module.funnel_svg(chart, "t", set(), set())
+        svg = report_module.funnel_svg(chart, "t", {})
         decision = "overdispersion" if mode != "none" else "(exact), decision"
         assert decision in svg and svg.count("decision") == 1
     assert modes  # at least one funnel was drawn

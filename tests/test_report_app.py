@@ -1,4 +1,4 @@
-"""The report web app (``pipelines.report_app``) with FastAPI's TestClient, no Airflow.
+"""The report web app (``pipelines.report.app``) with FastAPI's TestClient, no Airflow.
 
 A hand-made report directory of the published shape: two dated report directories, a
 ``latest`` symlink to the newer one, and some things that must never be served (a file
@@ -13,7 +13,7 @@ import pytest
 from fastapi import Depends, HTTPException, Request
 from fastapi.testclient import TestClient
 
-from pipelines.report_app import CONTENT_SECURITY_POLICY, create_report_app
+from pipelines.report.app import CONTENT_SECURITY_POLICY, create_report_app
 
 PAGE = "<!doctype html><title>{title}</title><svg width='40' height='20'><rect/></svg>"
 

@@ -9,7 +9,15 @@ from datetime import date
 import numpy as np
 import pytest
 
-from pipelines.svgplot import EPOCH, Chart, date_ticks, decimate, forest, log_ticks, nice_ticks
+from pipelines.report.svgplot import (
+    EPOCH,
+    Chart,
+    date_ticks,
+    decimate,
+    forest,
+    log_ticks,
+    nice_ticks,
+)
 
 
 def _day(text: str) -> int:

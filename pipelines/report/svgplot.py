@@ -8,6 +8,11 @@ font or stylesheet from the network, so a report opens from disk or an e-mail at
 Series are told apart by dash pattern and marker shape, never by colour alone; axes carry
 labels with units; date axes print ISO dates (``YYYY-MM`` or ``YYYY-MM-DD``). Every chart is
 an ``<svg role="img">`` with a ``<title>`` and ``<desc>`` for screen readers.
+
+Text is 12 units high and the page never shrinks a chart below its natural width (it
+scrolls inside its box on a phone instead, see ``pipelines.report.common.CSS``), so chart
+text is never smaller than 12 px on screen. Point labels are placed so they do not overlap
+each other (:func:`place_labels`).
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ class _Series:
     y2: np.ndarray | None = None
     texts: list[str] | None = None
     tips: list[str] | None = None
+    size: float = 1.0
 
 
 @dataclass
@@ -141,10 +147,20 @@ class Chart:
                                    style=style, width=width, step=step, tone=tone))
 
     def points(self, x, y, *, label=None, marker="circle", filled=True, texts=None, tips=None,
-               tone="#111"):
+               tone="#111", size=1.0):
         """Add markers; ``texts`` labels points on the chart, ``tips`` adds hover titles."""
         self.series.append(_Series("points", np.asarray(x, float), np.asarray(y, float), label,
                                    marker=marker, filled=filled, texts=texts, tips=tips,
+                                   tone=tone, size=size))
+
+    def band(self, low, high, *, label=None, tone="#e4e4e4"):
+        """Add a shaded horizontal band (a guidance range) behind everything else."""
+        self.series.insert(0, _Series("band", np.array([]), np.array([float(low), float(high)]),
+                                      label, tone=tone))
+
+    def cloud(self, x, y, *, label=None, tone="#777"):
+        """Add many small dots as one path (thousands of sites cost one element)."""
+        self.series.append(_Series("cloud", np.asarray(x, float), np.asarray(y, float), label,
                                    tone=tone))
 
     def hline(self, y, *, label=None, style="dash", tone="#111"):
@@ -173,7 +189,7 @@ class Chart:
         if self.y_max is not None:
             y1 = self.y_max
         if self.x_scale == "log":
-            x0, x1 = max(x0, 1.0) / 1.3, max(x1, 1.0) * 1.3
+            x0, x1 = x0 / 1.3, max(x1, x0 * 1.01) * 1.3
         elif x1 == x0:
             x0, x1 = x0 - 1, x1 + 1
         if y1 == y0:
@@ -185,7 +201,11 @@ class Chart:
         """Return the chart as an ``<svg>`` element."""
         left, right, top, bottom = 64, 16, 30, 52
         legend = [s for s in self.series if s.label]
-        legend_rows = math.ceil(len(legend) / 3)
+        longest = max((len(s.label) for s in legend), default=0)
+        plot_w = self.width - left - right
+        # as many legend columns as fit the longest label at about 6.5 units a character
+        columns = next((c for c in (3, 2) if 34 + 6.5 * longest <= plot_w / c), 1)
+        legend_rows = math.ceil(len(legend) / columns)
         height = self.height + 16 * legend_rows
         plot_w, plot_h = self.width - left - right, self.height - top - bottom
         x0, x1, y0, y1 = self._ranges()
@@ -207,13 +227,13 @@ class Chart:
         out = [
             f'<svg xmlns="http://www.w3.org/2000/svg" role="img" class="chart" '
             f'viewBox="0 0 {self.width} {height}" width="{self.width}" height="{height}" '
-            f'aria-labelledby="{ident}t {ident}d" font-family="sans-serif" font-size="11">',
+            f'aria-labelledby="{ident}t {ident}d" font-family="sans-serif" font-size="12">',
             f'<title id="{ident}t">{_esc(self.title)}</title>',
             f'<desc id="{ident}d">{_esc(self.description or self.title)}</desc>',
             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" '
             'stroke="#444" stroke-width="0.8"/>',
             f'<text x="{self.width / 2:.0f}" y="16" text-anchor="middle" font-size="13" '
-            f'font-weight="bold">{_esc(self.title)}</text>',
+            f'font-weight="bold">{_esc(_shorten(self.title, self.width // 7))}</text>',
         ]
         # axes and grid
         if self.x_scale == "date":
@@ -240,21 +260,30 @@ class Chart:
                    f'text-anchor="middle">{_esc(self.x_label)}</text>')
         out.append(f'<text transform="translate(14,{top + plot_h / 2:.0f}) rotate(-90)" '
                    f'text-anchor="middle">{_esc(self.y_label)}</text>')
+        labels: list[tuple[float, float, str]] = []
         for s in self.series:
-            out.extend(self._draw(s, sx, sy, left, plot_w))
+            out.extend(self._draw(s, sx, sy, left, plot_w, labels))
+        out.extend(place_labels(labels, (left, top, left + plot_w, top + plot_h)))
+        self.project = lambda x, y: (float(sx(x)), float(sy(y)))
         # legend under the plot: a sample of each series' line or marker, then its label
         for i, s in enumerate(legend):
-            col, row = i % 3, i // 3
-            lx = left + col * (plot_w / 3)
+            col, row = i % columns, i // columns
+            lx = left + col * (plot_w / columns)
             ly = top + plot_h + 46 + row * 16
             if s.kind in ("line", "hline"):
                 out.append(self._path([(lx, ly), (lx + 26, ly)], s))
+            elif s.kind == "band":
+                out.append(f'<rect x="{lx}" y="{ly - 5}" width="26" height="10" '
+                           f'fill="{s.tone}"/>')
+            elif s.kind == "cloud":
+                out.append(f'<circle cx="{lx + 13}" cy="{ly}" r="2" fill="{s.tone}"/>')
             elif s.kind == "points":
                 out.append(_marker(s.marker, lx + 13, ly, s.filled, s.tone))
             else:
                 out.append(f'<line x1="{lx + 13}" y1="{ly - 5}" x2="{lx + 13}" y2="{ly + 5}" '
                            'stroke="#111"/>')
-            out.append(f'<text x="{lx + 32:.1f}" y="{ly + 4}">{_esc(s.label)}</text>')
+            out.append(f'<text x="{lx + 32:.1f}" y="{ly + 4}">'
+                       f'{_esc(_shorten(s.label, int((plot_w / columns - 34) / 6.5)))}</text>')
         out.append("</svg>")
         return "\n".join(out)
 
@@ -266,10 +295,14 @@ class Chart:
         return (f'<polyline points="{text}" fill="none" stroke="{s.tone}" '
                 f'stroke-width="{s.width}"{dash_attr}/>')
 
-    def _draw(self, s: _Series, sx, sy, left, plot_w) -> list[str]:
+    def _draw(self, s: _Series, sx, sy, left, plot_w, labels) -> list[str]:
         if s.kind == "hline":
             y = float(sy(s.y[0]))
             return [self._path([(left, y), (left + plot_w, y)], s)]
+        if s.kind == "band":
+            y_high, y_low = float(sy(s.y[1])), float(sy(s.y[0]))
+            return [f'<rect x="{left}" y="{y_high:.1f}" width="{plot_w}" '
+                    f'height="{max(y_low - y_high, 0.5):.1f}" fill="{s.tone}"/>']
         ok = np.isfinite(s.x) & np.isfinite(s.y)
         if self.x_scale == "log":
             ok &= s.x > 0
@@ -279,6 +312,13 @@ class Chart:
                 x, y = np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1]
             px, py = sx(x), sy(y)
             return [self._path(list(zip(px.tolist(), py.tolist(), strict=True)), s)] if len(px) else []
+        if s.kind == "cloud":
+            if not len(x):
+                return []
+            dots = "".join(f"M{a:.1f},{b:.1f}h0" for a, b in zip(sx(x).tolist(), sy(y).tolist(),
+                                                               strict=True))
+            return [f'<path d="{dots}" stroke="{s.tone}" stroke-width="4" '
+                    'stroke-linecap="round" fill="none"/>']
         if s.kind == "errorbar":
             hi = s.y2[ok]
             parts = []
@@ -291,35 +331,90 @@ class Chart:
         texts = [t for t, k in zip(s.texts, ok, strict=True) if k] if s.texts else None
         tips = [t for t, k in zip(s.tips, ok, strict=True) if k] if s.tips else None
         for i, (xv, yv) in enumerate(zip(sx(x).tolist(), sy(y).tolist(), strict=True)):
-            mark = _marker(s.marker, xv, yv, s.filled, s.tone)
+            mark = _marker(s.marker, xv, yv, s.filled, s.tone, s.size)
             if tips:
                 mark = f"<g><title>{_esc(tips[i])}</title>{mark}</g>"
             parts.append(mark)
             if texts and texts[i]:
-                parts.append(f'<text x="{xv + 5:.1f}" y="{yv - 5:.1f}" font-size="10" '
-                             f'font-weight="bold">{_esc(texts[i])}</text>')
+                labels.append((xv, yv, texts[i]))
         return parts
 
 
-def _marker(shape: str, x: float, y: float, filled: bool, tone: str = "#111") -> str:
+def _shorten(text: str, chars: int) -> str:
+    """Return ``text`` cut to ``chars`` characters with an ellipsis (the full text is in
+    the title and description)."""
+    text = str(text)
+    return text if len(text) <= max(chars, 8) else text[:max(chars, 8) - 1] + "\u2026"
+
+
+LABEL_CHAR_W, LABEL_H = 7.0, 12.0  # bold 11-unit sans-serif: a generous box per character
+
+
+def place_labels(labels: list[tuple[float, float, str]],
+                 frame: tuple[float, float, float, float]) -> list[str]:
+    """Return ``<text>`` elements labelling points so that no two labels overlap.
+
+    Each label tries eight places around its point, then steps further out vertically; a
+    label moved away from its point gets a thin leader line. Labels are placed from the top
+    of the plot down, so the outliers a reader looks for keep the closest places.
+    """
+    left, top, right, bottom = frame
+    placed: list[tuple[float, float, float, float]] = []
+    out = []
+    for x, y, text in sorted(labels, key=lambda item: (item[1], item[0])):
+        w, h = LABEL_CHAR_W * len(text) + 2, LABEL_H
+        candidates = [(x + 6, y - 6 - h), (x + 6, y + 6), (x - 6 - w, y - 6 - h),
+                      (x - 6 - w, y + 6), (x - w / 2, y - 8 - h), (x - w / 2, y + 8),
+                      (x + 7, y - h / 2), (x - 7 - w, y - h / 2)]
+        for step in range(1, 12):
+            candidates += [(x + 6, y - 6 - h - step * h), (x + 6, y + 6 + step * h),
+                           (x - 6 - w, y - 6 - h - step * h), (x - 6 - w, y + 6 + step * h)]
+        chosen = None
+        for cx, cy in candidates:
+            cx = min(max(cx, left + 1), right - w - 1)
+            cy = min(max(cy, top + 1), bottom - h - 1)
+            box = (cx, cy, cx + w, cy + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                       for b in placed):
+                chosen = box
+                break
+        if chosen is None:
+            continue  # no room at all: the table under the chart still names the site
+        placed.append(chosen)
+        cx, cy = chosen[0], chosen[1]
+        near_x = min(max(x, cx), cx + w)
+        near_y = min(max(y, cy), cy + h)
+        if math.hypot(near_x - x, near_y - y) > 12:
+            out.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{near_x:.1f}" y2="{near_y:.1f}" '
+                       'stroke="#555" stroke-width="0.6"/>')
+        out.append(f'<text x="{cx + 1:.1f}" y="{cy + h - 2:.1f}" font-size="11" '
+                   f'font-weight="bold">{_esc(text)}</text>')
+    return out
+
+
+def _marker(shape: str, x: float, y: float, filled: bool, tone: str = "#111",
+            size: float = 1.0) -> str:
     fill = tone if filled else "#fff"
-    common = f'fill="{fill}" stroke="{tone}" stroke-width="1"'
+    k = size
+    common = f'fill="{fill}" stroke="{tone}" stroke-width="{1.0 if k <= 1 else 1.6}"'
     if shape == "square":
-        return f'<rect x="{x - 3:.1f}" y="{y - 3:.1f}" width="6" height="6" {common}/>'
+        return (f'<rect x="{x - 3 * k:.1f}" y="{y - 3 * k:.1f}" width="{6 * k:g}" '
+                f'height="{6 * k:g}" {common}/>')
     if shape == "triangle":
-        return (f'<path d="M{x:.1f},{y - 4.5:.1f}L{x + 4:.1f},{y + 3:.1f}L{x - 4:.1f},'
-                f'{y + 3:.1f}Z" {common}/>')
+        return (f'<path d="M{x:.1f},{y - 4.5 * k:.1f}L{x + 4 * k:.1f},{y + 3 * k:.1f}'
+                f'L{x - 4 * k:.1f},{y + 3 * k:.1f}Z" {common}/>')
     if shape == "diamond":
-        return (f'<path d="M{x:.1f},{y - 4.5:.1f}L{x + 4.5:.1f},{y:.1f}L{x:.1f},{y + 4.5:.1f}'
-                f'L{x - 4.5:.1f},{y:.1f}Z" {common}/>')
+        return (f'<path d="M{x:.1f},{y - 4.5 * k:.1f}L{x + 4.5 * k:.1f},{y:.1f}L{x:.1f},'
+                f'{y + 4.5 * k:.1f}L{x - 4.5 * k:.1f},{y:.1f}Z" {common}/>')
     if shape == "cross":
-        return (f'<path d="M{x - 4:.1f},{y - 4:.1f}L{x + 4:.1f},{y + 4:.1f}M{x - 4:.1f},'
-                f'{y + 4:.1f}L{x + 4:.1f},{y - 4:.1f}" stroke="{tone}" stroke-width="1.6"/>')
-    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" {common}/>'
+        return (f'<path d="M{x - 4 * k:.1f},{y - 4 * k:.1f}L{x + 4 * k:.1f},{y + 4 * k:.1f}'
+                f'M{x - 4 * k:.1f},{y + 4 * k:.1f}L{x + 4 * k:.1f},{y - 4 * k:.1f}" '
+                f'stroke="{tone}" stroke-width="1.6"/>')
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{3 * k:g}" {common}/>'
 
 
 def forest(rows: list[tuple[str, float, float, float]], *, title: str, x_label: str,
-           reference: float = 1.0, width: int = 720) -> str:
+           reference: float = 1.0, width: int = 720, description: str = "") -> str:
     """Return a forest plot: one row per ``(label, estimate, low, high)`` with its interval.
 
     Used for observed/expected ratios: a square at the estimate, a bar for the interval
@@ -327,7 +422,7 @@ def forest(rows: list[tuple[str, float, float, float]], *, title: str, x_label: 
     an arrow head and their upper bound is written beside them.
     """
     # room for the longest label (about 6 px a character at 11 px sans-serif)
-    left = min(380, 20 + 6 * max((len(r[0]) for r in rows), default=10))
+    left = min(380, 20 + 6.5 * max((len(r[0]) for r in rows), default=10))
     right, top, row_h = 70, 30, 24
     height = top + row_h * len(rows) + 48
     plot_w = width - left - right
@@ -345,8 +440,9 @@ def forest(rows: list[tuple[str, float, float, float]], *, title: str, x_label: 
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" role="img" class="chart" '
         f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-        f'aria-labelledby="{ident}t" font-family="sans-serif" font-size="11">',
+        f'aria-labelledby="{ident}t {ident}d" font-family="sans-serif" font-size="12">',
         f'<title id="{ident}t">{_esc(title)}</title>',
+        f'<desc id="{ident}d">{_esc(description or title)}</desc>',
         f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13" '
         f'font-weight="bold">{_esc(title)}</text>',
     ]

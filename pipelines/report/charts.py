@@ -1,0 +1,436 @@
+"""The report's charts as inline SVG (see :mod:`pipelines.report.svgplot`), with their data.
+
+Every chart function returns the SVG and the rows behind it (``headers, rows``), so the page
+can offer the data as CSV next to the chart. Nothing here computes a statistic: limits,
+thresholds and classes come from the stored monitor run; the only arithmetic is drawing
+(cumulative sums for the VLAD, rates from counts, limits evaluated along a curve).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import date
+from typing import Any
+
+import numpy as np
+
+from pipelines.report.common import _esc, _pct
+from pipelines.report.svgplot import EPOCH, Chart, decimate
+
+# Rates below this are "rare": their funnel is drawn as observed against expected counts,
+# since a proportion axis would show a line of zeros.
+RARE_RATE = 0.01
+FUNNEL_CLASS_TEXT = {
+    "significant": "outside the limits, significant after FDR",
+    "outside": "outside the limits, not significant after FDR",
+    "within": "in control",
+    "no data": "no mature units",
+}
+
+Drawn = tuple[str, list[str], list[list[Any]]]
+
+
+_ORDINAL0 = EPOCH.toordinal()
+
+
+def _iso(day: float) -> str:
+    return date.fromordinal(_ORDINAL0 + int(day)).isoformat()
+
+
+def _month_mid(month: str) -> int:
+    year, number = int(month[:4]), int(month[5:7])
+    return (date(year, number, 15) - EPOCH).days
+
+
+# -- sparkline -----------------------------------------------------------------------
+
+def sparkline(months: list[dict[str, Any]], low: float | None, high: float | None,
+              what: str) -> str:
+    """Return a 12-month sparkline of the monthly rate with the guidance range shaded.
+
+    Months without mature units leave a gap. ``what`` names site and metric for the
+    screen-reader label, which also states the first and last rate.
+    """
+    recent = sorted((m for m in months if m["months_before_as_of"] < 12),
+                    key=lambda m: m["month"])
+    rates = [m["events"] / m["units"] if m["units"] else None for m in recent]
+    shown = [r for r in rates if r is not None]
+    if not shown:
+        return ""
+    width, height, pad = 108, 26, 3
+    top_value = max([*shown, high or 0.0, 1e-9]) * 1.1
+    step = (width - 2 * pad) / 11
+
+    def sy(value: float) -> float:
+        return height - pad - value / top_value * (height - 2 * pad)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="spark" role="img" '
+             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+             f'aria-label="{_esc(what)}: monthly rate over the last 12 months, '
+             f'{_pct(shown[0])} to {_pct(shown[-1])}">']
+    if low is not None and high is not None:
+        parts.append(f'<rect x="0" y="{sy(high):.1f}" width="{width}" '
+                     f'height="{max(sy(low) - sy(high), 1):.1f}" fill="#ddd"/>')
+    segment: list[str] = []
+    segments = []
+    offset = 12 - len(recent)
+    last_point = None
+    for i, rate in enumerate(rates):
+        if rate is None:
+            if segment:
+                segments.append(segment)
+            segment = []
+            continue
+        x = pad + (offset + i) * step
+        segment.append(f"{x:.1f},{sy(rate):.1f}")
+        last_point = (x, sy(rate))
+    if segment:
+        segments.append(segment)
+    for points in segments:
+        parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="#111" '
+                     'stroke-width="1.2"/>')
+    if last_point:
+        parts.append(f'<circle cx="{last_point[0]:.1f}" cy="{last_point[1]:.1f}" r="2" '
+                     'fill="#111"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# -- VLAD ----------------------------------------------------------------------------
+
+def vlad_svg(months: list[dict[str, Any]], title: str, *, direction: str,
+             flags: list[tuple[str, float]], odds_ratio: float) -> Drawn | None:
+    """Return the cumulative observed-minus-expected (VLAD) chart by index month.
+
+    Expected is the case-mix expected count the monitor stored for each month. ``flags``
+    are ``(name, h)`` thresholds of the CUSUMs for ``direction``; each is drawn as a flag
+    level h / ln(OR) excess events above the lowest point so far (for ``down``: fewer
+    events, below the highest point). That is the least excess a CUSUM crossing needs
+    (the log-likelihood ratio gains at most ln(OR) per excess event), so the VLAD reaching
+    a flag level shows how a crossing came about; the CUSUM itself decides.
+    """
+    rows = [m for m in months if m["units"]]
+    if not rows:
+        return None
+    x = np.array([_month_mid(m["month"]) for m in rows], float)
+    diff = np.array([m["events"] - m["expected"] for m in rows], float)
+    path = np.cumsum(diff)
+    start = np.concatenate([[0.0], path[:-1]])
+    log_or = abs(math.log(odds_ratio)) if odds_ratio and odds_ratio != 1 else None
+    up = direction != "down"
+    plot = Chart(title=title, x_label="index month (procedure, or first procedure per patient)",
+                 y_label="observed \u2212 expected events (cumulative)", x_scale="date",
+                 description="")
+    plot.hline(0.0, label="as expected for the case mix", style="solid", tone="#777")
+    plot.line(x, path, label="observed \u2212 expected", width=1.6, step=False)
+    flag_columns = []
+    styles = ["dash", "dot", "dashdot"]
+    for i, (name, h) in enumerate(flags):
+        if not log_or or not h:
+            continue
+        excess = h / log_or
+        anchor = np.minimum.accumulate(start) if up else np.maximum.accumulate(start)
+        level = anchor + excess if up else anchor - excess
+        plot.line(x, level, label=f"{name} flag level ({excess:.1f} events)",
+                  style=styles[i % 3], width=1, step=True)
+        flag_columns.append((f"flag_level_{name.replace(' ', '_')}", level))
+    end = float(path[-1])
+    turned = max(range(len(path)), key=lambda i: (path[i] - path[:i + 1].min()) if up
+                 else (path[:i + 1].max() - path[i]))
+    plot.description = (
+        f"{title}: cumulative observed minus expected events by month, "
+        f"{rows[0]['month']} to {rows[-1]['month']}. The line ends at {end:+.1f} events "
+        f"({'more' if end > 0 else 'fewer'} than expected for the case mix); it rises most "
+        f"steeply up to {rows[turned]['month']}. Flag levels show how far it must rise "
+        f"({'more' if up else 'fewer'} events) before the CUSUM can signal.")
+    headers = ["month", "mature_units", "observed", "expected", "observed_minus_expected",
+               "cumulative_observed_minus_expected", *[c for c, _ in flag_columns]]
+    data = [[m["month"], m["units"], m["events"], round(m["expected"], 4), round(float(d), 4),
+             round(float(c), 4), *[round(float(col[i]), 4) for _, col in flag_columns]]
+            for i, (m, d, c) in enumerate(zip(rows, diff, path, strict=True))]
+    return plot.render(), headers, data
+
+
+# -- p-chart -------------------------------------------------------------------------
+
+def pchart_svg(chart: dict[str, Any], site_id: str, title: str, *,
+               guidance: tuple[float | None, float | None] = (None, None)) -> Drawn | None:
+    """Return the site's quarterly proportions with the exact upper limit, the baseline and
+    the guidance range shaded."""
+    if site_id not in chart["sites"]:
+        return None
+    code = chart["sites"].index(site_id)
+    n = np.asarray(chart["n"][code], float)
+    if not n.any():
+        return None
+    events = np.asarray(chart["events"][code], float)
+    starts = []
+    for label in chart["labels"]:
+        year, quarter = label.split("-Q")
+        starts.append((date(int(year), 3 * (int(quarter) - 1) + 1, 1) - EPOCH).days)
+    x = np.asarray(starts, float) + 45  # plot each quarter at its middle
+    has = n > 0
+    p = np.divide(events, n, out=np.full_like(events, np.nan), where=has)
+    low, high = guidance
+    plot = Chart(title=title, x_label="quarter (plotted at mid-quarter)",
+                 y_label="proportion with event", x_scale="date", y_min=0.0)
+    if low is not None and high is not None:
+        plot.band(low, high, label=f"guidance range {_pct(low)}\u2013{_pct(high)}")
+    limit = np.asarray(chart["limit"][code], float) if "limit" in chart else None
+    if limit is not None:
+        plot.line(x[has], limit[has], style="dash", width=1,
+                  label=f"upper limit (exact, {100 * chart['alpha']:g}% per quarter)")
+    plot.hline(chart["p0"], label=f"baseline {_pct(chart['p0'])}", style="solid")
+    plot.line(x[has], p[has], width=1, style="dot")
+    with np.errstate(invalid="ignore"):
+        above = has & (p > limit) if limit is not None else np.zeros(len(n), bool)
+    plot.points(x[has & ~above], p[has & ~above], label="quarter", marker="circle",
+                filled=False, tips=[f"{lab}: {int(e)}/{int(k)}" for lab, e, k, keep in zip(
+                    chart["labels"], events, n, has & ~above, strict=True) if keep])
+    if above.any():
+        plot.points(x[above], p[above], label="above limit", marker="square",
+                    tips=[f"{lab}: {int(e)}/{int(k)}" for lab, e, k, keep in zip(
+                        chart["labels"], events, n, above, strict=True) if keep])
+    labels = [lab for lab, keep in zip(chart["labels"], has, strict=True) if keep]
+    last = labels[-1] if labels else "-"
+    plot.description = (
+        f"{title}: {int(has.sum())} closed quarters with units, the last ({last}) at "
+        f"{_pct(p[has][-1])}; {int(above.sum())} quarters above the exact upper limit"
+        + (f" ({', '.join(lab for lab, a in zip(chart['labels'], above, strict=True) if a)})"
+           if above.any() else "") + ".")
+    headers = ["quarter", "mature_units", "events", "rate", "upper_limit", "baseline",
+               "guidance_low", "guidance_high"]
+    data = [[lab, int(k), int(e), float(e / k) if k else None,
+             float(limit[i]) if limit is not None and np.isfinite(limit[i]) else None,
+             chart["p0"], low, high]
+            for i, (lab, k, e) in enumerate(zip(chart["labels"], n, events, strict=True))]
+    return plot.render(), headers, data
+
+
+# -- CUSUMs --------------------------------------------------------------------------
+
+def cusum_svg(chart: dict[str, Any], site_id: str, title: str) -> Drawn | None:
+    """Return one site's CUSUM path over time with its threshold and signal points."""
+    if site_id not in chart["sites"]:
+        return None
+    code = chart["sites"].index(site_id)
+    group = np.asarray(chart["group"])
+    start, stop = np.searchsorted(group, [code, code + 1])
+    if start == stop:
+        return None
+    days = np.asarray(chart["day"])[start:stop].astype(float)
+    stat = np.asarray(chart["statistic"])[start:stop].astype(float)
+    fired = np.asarray(chart["signal"])[start:stop].astype(bool)
+    h_sites = np.asarray(chart.get("h_sites", []), dtype=float)
+    h = float(h_sites[code]) if code < len(h_sites) and np.isfinite(h_sites[code]) else (
+        chart.get("h"))
+    x_label = ("date the outcome was known" if chart.get("order") == "outcome known"
+               else "index date (procedure, or first procedure per patient)")
+    crossings = [_iso(d) for d in days[fired]]
+    description = (f"{title}: the statistic now stands at {stat[-1]:.2f}"
+                   + (f" against the site's threshold h = {h:.3f}" if h is not None else "")
+                   + f"; {len(crossings)} crossings"
+                   + (f", the last on {crossings[-1]}" if crossings else "") + ".")
+    plot = Chart(title=title, x_label=x_label,
+                 y_label="CUSUM statistic (log-likelihood ratio)", x_scale="date", y_min=0.0,
+                 description=description)
+    x, y = decimate(days, stat)
+    plot.line(x, y, label="CUSUM", width=1.1)
+    if h is not None:
+        plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
+    if fired.any():
+        plot.points(days[fired], stat[fired], label="signal (chart resets)", marker="triangle",
+                    tips=[f"signal {d}" for d in crossings])
+    headers = ["date", "statistic", "signal", "threshold_h"]
+    data = [[_iso(d), s, f, h] for d, s, f in zip(
+        days.tolist(), np.round(stat, 5).tolist(), fired.astype(int).tolist(), strict=True)]
+    return plot.render(), headers, data
+
+
+def tte_svg(chart: dict[str, Any], site_id: str, title: str) -> Drawn | None:
+    """Return one site's time-to-event CUSUM (partial follow-up) with its threshold."""
+    series = (chart.get("series") or {}).get(site_id)
+    if not series or not len(series["day"]):
+        return None
+    days = np.asarray(series["day"], dtype=float)
+    stat = np.asarray(series["statistic"], dtype=float)
+    h = series.get("h")
+    plot = Chart(title=title, x_label="calendar date (events counted on their day)",
+                 y_label="CUSUM statistic (log-likelihood ratio)", x_scale="date", y_min=0.0,
+                 description=f"{title}: the statistic rises with each event and falls with "
+                             "the time patients spend at risk without one; it now stands at "
+                             f"{stat[-1]:.2f}"
+                             + (f" against the threshold h = {h:.3f}." if h is not None
+                                else "."))
+    x, y = decimate(days, stat)
+    plot.line(x, y, label="time-to-event CUSUM", width=1.1)
+    if h is not None:
+        plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
+    headers = ["date", "statistic", "threshold_h"]
+    data = [[_iso(d), s, h] for d, s in zip(days.tolist(), np.round(stat, 5).tolist(),
+                                            strict=True)]
+    return plot.render(), headers, data
+
+
+# -- funnels -------------------------------------------------------------------------
+
+SITE_TOKEN = "\x00SITE\x00"
+
+
+def funnel_svg(chart: dict[str, Any], label: str, classes: dict[str, str],
+               highlight: str | None = None) -> str:
+    """Return the funnel plot: each site against the limits that decided.
+
+    Exact binomial 95% and 99.8% limits are always drawn. When the engine found the sites
+    overdispersed at ``as_of`` it decided with the phi-adjusted 99.8% limits instead, and
+    those are drawn too and named as the decision limits, so no site sits inside the drawn
+    decision limits while the engine calls it outside (or the reverse).
+
+    ``classes`` maps sites to ``significant`` (outside and significant after the
+    Benjamini-Hochberg correction: filled triangles, labelled), ``outside`` (outside but
+    not significant: hollow squares, labelled) or ``within`` (small grey dots). The legend
+    names each class, so shape and text carry it, not colour.
+
+    Rare events (baseline below :data:`RARE_RATE`) are drawn as observed against expected
+    events (both counts), so sites with no event spread along the expected axis instead
+    of sitting on a line of zeros. ``highlight`` draws one site as a large black diamond.
+    """
+    template = funnel_template(chart, label, classes, highlight is not None)
+    return template.for_site(highlight) if highlight else template.svg
+
+
+def funnel_template(chart: dict[str, Any], label: str, classes: dict[str, str],
+                    with_site: bool) -> FunnelTemplate:
+    """Return the funnel drawn once per metric and window; site pages add their marker."""
+    from pipelines.surveillance import funnel
+
+    n = np.asarray(chart["n"], float)
+    events = np.asarray(chart["events"], float)
+    has = n > 0
+    limit = chart["limit"]
+    key = f"{100 * limit:g}"
+    mode = chart.get("overdispersion_mode", "none")
+    p0 = float(chart["p0"])
+    rare = p0 < RARE_RATE
+    title = f"{SITE_TOKEN} highlighted: {label}" if with_site else f"Funnel plot: {label}"
+    if rare:
+        plot = Chart(title=title, x_label="expected events at the baseline (log scale)",
+                     y_label="observed events", x_scale="log", y_min=0.0, height=340)
+        x_of = n * p0
+        y_of = events
+
+        def curve_y(curves, name):
+            return curves[name] * curves["n"]
+
+        def curve_x(curves):
+            return curves["n"] * p0
+    else:
+        plot = Chart(title=title, x_label="mature units per site (log scale)",
+                     y_label="proportion with event", x_scale="log", y_min=0.0, height=340)
+        x_of = n
+        y_of = np.divide(events, n, out=np.zeros_like(events), where=has)
+
+        def curve_y(curves, name):
+            return curves[name]
+
+        def curve_x(curves):
+            return curves["n"]
+    # Start the curves near the smallest site: exact limits are jagged at tiny n and would
+    # squash the points the reader came for into the bottom of the plot.
+    n_min = max(1.0, 0.5 * float(n[has].min())) if has.any() else 1.0
+    n_max = max(n.max(initial=1) * 1.2, 20)
+    curves = funnel.funnel_curves(p0, n_max, n_min=n_min, coverages=(0.95, limit))
+    exact_label = f"{key}% limits (exact)" + ("" if mode != "none" else ", decision")
+    plot.line(curve_x(curves), curve_y(curves, "upper_95"), label="95% limits (exact)",
+              style="dot", width=1)
+    plot.line(curve_x(curves), curve_y(curves, "lower_95"), style="dot", width=1)
+    plot.line(curve_x(curves), curve_y(curves, f"upper_{key}"), label=exact_label,
+              style="dash", width=1)
+    plot.line(curve_x(curves), curve_y(curves, f"lower_{key}"), style="dash", width=1)
+    if mode != "none":
+        phi = float(chart.get("phi") or 1.0)
+        adjusted = funnel.funnel_curves(p0, n_max, n_min=n_min, coverages=(limit,),
+                                        phi=phi, overdispersion=mode)
+        plot.line(curve_x(adjusted), curve_y(adjusted, f"upper_{key}"), style="dashdot",
+                  width=1.2, label=f"{key}% limits, overdispersion \u03c6={phi:.2f}, decision")
+        plot.line(curve_x(adjusted), curve_y(adjusted, f"lower_{key}"), style="dashdot",
+                  width=1.2)
+    if rare:
+        plot.line(curve_x(curves), curves["n"] * p0, label="as expected (observed = expected)",
+                  style="solid", width=1)
+    else:
+        plot.hline(p0, label=f"baseline {_pct(p0)}", style="solid")
+    sites = chart["sites"]
+    tips = [f"{s}: {int(e)} events in {int(k)} units" for s, e, k in
+            zip(sites, events, n, strict=True)]
+    kind = np.array([classes.get(s, "within") for s in sites])
+    significant = (kind == "significant") & has
+    outside = (kind == "outside") & has
+    plain = has & ~significant & ~outside
+
+    def pick(mask, values):
+        return [v for v, keep in zip(values, mask, strict=True) if keep]
+
+    plot.cloud(x_of[plain], y_of[plain], label=f"in control ({int(plain.sum())} sites)")
+    if outside.any():
+        plot.points(x_of[outside], y_of[outside], marker="square", filled=False,
+                    label=f"outside, not significant after FDR ({int(outside.sum())})",
+                    texts=pick(outside, sites), tips=pick(outside, tips))
+    if significant.any():
+        plot.points(x_of[significant], y_of[significant], marker="triangle",
+                    label=f"outside, significant after FDR ({int(significant.sum())})",
+                    texts=pick(significant, sites), tips=pick(significant, tips), size=1.3)
+    stand_out = ", ".join(pick(significant, sites)) or "none"
+    plot.description = (
+        f"{label}: {int(has.sum())} sites; "
+        + ("observed against expected events. " if rare else "proportion against units. ")
+        + f"Outside the limits and significant after FDR: {stand_out}; outside but not "
+        f"significant: {', '.join(pick(outside, sites)) or 'none'}."
+        + (f" {SITE_TOKEN} is the large black diamond." if with_site else ""))
+    return FunnelTemplate(plot.render(), plot,
+                          dict(zip(sites, zip(x_of, y_of, has, strict=True), strict=True)))
+
+
+class FunnelTemplate:
+    """A funnel rendered once; :meth:`for_site` adds one highlighted site (site pages)."""
+
+    def __init__(self, svg: str, plot: Chart, points: dict[str, tuple]) -> None:
+        self.svg, self.plot, self.points = svg, plot, points
+
+    def for_site(self, site: str) -> str:
+        """Return the funnel naming and highlighting ``site``."""
+        # the site's own point label would print beside the highlight's: drop it
+        own = f'font-weight="bold">{_esc(site)}</text>'
+        svg = re.sub(r'<text [^>]*' + re.escape(own), "", self.svg)
+        return svg.replace("</svg>", self.marker(site) + "</svg>").replace(
+            SITE_TOKEN, _esc(site))
+
+    def marker(self, site: str) -> str:
+        """Return the highlighted marker and label of ``site`` (empty when it has no data)."""
+        from pipelines.report.svgplot import _marker
+
+        point = self.points.get(site)
+        if not point or not point[2]:
+            return ""
+        x, y = self.plot.project(point[0], point[1])
+        return (f"<g><title>{_esc(site)} (this site)</title>"
+                f"{_marker('diamond', x, y, True, '#111', 2.0)}</g>"
+                f'<text x="{x + 12:.1f}" y="{y + 4:.1f}" font-size="13" font-weight="bold">'
+                f"{_esc(site)}</text>")
+
+
+def funnel_data(chart: dict[str, Any], classes: dict[str, str],
+                limits: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Return the funnel's data: one row per site with its decision limits at its n."""
+    p0 = float(chart["p0"])
+    headers = ["site", "mature_units", "events", "rate", "expected_events_at_baseline",
+               "lower_limit", "upper_limit", "class"]
+    rows = []
+    for site, k, e in zip(chart["sites"], chart["n"], chart["events"], strict=True):
+        k, e = int(k), int(e)
+        entry = limits.get(site) or {}
+        rows.append([site, k, e, (e / k) if k else None, k * p0, entry.get("lower"),
+                     entry.get("upper"),
+                     FUNNEL_CLASS_TEXT.get(classes.get(site, "no data"), "no mature units")])
+    return headers, rows

@@ -1,0 +1,228 @@
+"""Shared pieces of the report pages: names, status marks, style sheet, HTML helpers."""
+
+from __future__ import annotations
+
+import html
+import re
+from datetime import date
+from typing import Any
+
+from pipelines import evidence
+from pipelines.contract import SITE_PATTERN
+from pipelines.report.svgplot import EPOCH
+
+SITE_RE = re.compile(SITE_PATTERN)
+
+METHOD_NAMES = {
+    "bernoulli_cusum": "Bernoulli CUSUM",
+    "ra_cusum": "risk-adjusted CUSUM (Steiner)",
+    "tte_cusum": "time-to-event CUSUM",
+    "rare": "exact rare-event test",
+    "bernoulli_cusum_watch": "Bernoulli CUSUM (watch threshold)",
+    "ra_cusum_watch": "risk-adjusted CUSUM (watch threshold)",
+    "tte_cusum_watch": "time-to-event CUSUM (watch threshold)",
+    "funnel_cumulative": "funnel (cumulative)",
+    "funnel_12m": "funnel (rolling 12 months)",
+    "pchart": "quarterly p-chart",
+    "rare_exact": "exact rare-event test",
+    "sentinel": "sentinel event",
+    "process": "process measure",
+}
+STATUS_MARK = {  # text marks, so the grid reads the same printed in black and white
+    evidence.STATUS_ALARM: "\u25b2 alarm",
+    evidence.STATUS_WATCH: "\u25b3 watch",
+    evidence.STATUS_UNDER_REPORTING: "\u25bc under-reporting?",
+    evidence.STATUS_IMMATURE: "\u2026 immature",
+    evidence.STATUS_IN_CONTROL: "\u2713 in control",
+}
+
+# Phones (400 px): the page never scrolls sideways. Tables and charts scroll inside their own
+# box (.scroll); charts keep their natural width there, so their 12-unit text stays 12 px;
+# the grid's first column (the site) stays in view while its box scrolls.
+CSS = """body{font-family:sans-serif;margin:1.5em auto;max-width:1150px;color:#111;padding:0 1em;
+line-height:1.35}*{box-sizing:border-box}
+nav{border-bottom:2px solid #333;padding:.4em 0;margin-bottom:1em;display:flex;flex-wrap:wrap;
+gap:.3em 1.2em}a{color:#0b3d91}
+.scroll{max-width:100%;overflow-x:auto;margin:.5em 0 1.5em;position:relative}
+table{border-collapse:separate;border-spacing:0;font-size:13px}
+td,th{border:1px solid #999;border-width:0 1px 1px 0;padding:3px 6px;text-align:left;
+vertical-align:top;background:#fff}tr>:first-child{border-left-width:1px}
+thead tr:first-child>*{border-top-width:1px}
+th{background:#eee}td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.grid td:first-child,table.grid th:first-child{position:sticky;left:0;z-index:1;
+box-shadow:2px 0 0 #666}table.grid td{min-width:10em}table.grid td:first-child{min-width:0}
+h2{border-bottom:1px solid #444;margin-top:1.8em}p,li,summary{overflow-wrap:anywhere}
+figure{margin:.4em 0 1.4em}figure .scroll{margin:0}
+svg.chart{display:block;max-width:none;height:auto}
+figcaption{font-size:13px;margin-top:.2em}.note{color:#444;font-size:13px}
+.lead{font-size:17px;border-left:4px solid #111;padding-left:.6em}
+.cell-level{font-weight:bold;display:block}.cell-line{display:block;white-space:nowrap}
+.mark{display:inline-block;border:1px solid #333;border-radius:3px;padding:0 3px;
+font-size:11px;font-weight:bold;margin-right:3px}
+.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);
+white-space:nowrap}svg.spark{display:block;margin-top:2px}
+.st-alarm{background:#fdd}.st-watch{background:#fff3c4}.st-under_reporting{background:#ffe9c6}
+.st-immature{background:#f2f2f2;color:#444}.st-in_control{background:#fff}
+a:focus{outline:3px solid #111;outline-offset:1px}
+@media print{nav{display:none}a{color:#000;text-decoration:none}
+.st-alarm,.st-watch,.st-under_reporting,.st-immature{background:none}h2{break-before:auto}
+svg.chart{break-inside:avoid}.scroll{overflow:visible}}"""
+
+
+# -- small HTML helpers -------------------------------------------------------------------
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _pct(value: Any) -> str:
+    """Return a proportion as a percentage: 23.1%, 0.28%, 0.066% (never 0.0% for a rate)."""
+    if value is None:
+        return "-"
+    percent = 100 * float(value)
+    if percent == 0:
+        return "0%"
+    if abs(percent) >= 1:
+        return f"{percent:.1f}%"
+    return f"{percent:.2g}%"
+
+
+def guidance_text(metric) -> str:
+    """Return the guidance range (or baseline) of a profile metric, in %, with its section."""
+    b = metric.baseline
+    if b.low is not None and b.high is not None:
+        return f"guidance range {_pct(b.low)}\u2013{_pct(b.high)}"
+    return f"guidance baseline {_pct(b.rate)}"
+
+
+def readable_stamp(stamp: Any) -> str:
+    """Return an extract stamp (``20261031T000000``) or timestamp as ``2026-10-31 [HH:MM]``."""
+    if not stamp:
+        return "-"
+    text = str(stamp)
+    if re.fullmatch(r"\d{8}T\d{6}.*", text):
+        text = f"{text[:4]}-{text[4:6]}-{text[6:8]} {text[9:11]}:{text[11:13]}"
+    text = text[:16].replace("T", " ")
+    return text.removesuffix(" 00:00")
+
+
+def method_name(code: str | None) -> str:
+    """Return the readable name of a method or chart code (``funnel_12m``, ``ra_cusum_up``)."""
+    if not code:
+        return "-"
+    if code in METHOD_NAMES:
+        return METHOD_NAMES[code]
+    for suffix, way in (("_up", "up"), ("_down", "down")):
+        if code.endswith(suffix) and code[: -len(suffix)] in METHOD_NAMES:
+            return f"{METHOD_NAMES[code[: -len(suffix)]]}, {way}"
+    return code.replace("_", " ")
+
+
+def strength_text(level: dict[str, Any] | None) -> str:
+    """Return how strong a level's evidence is: ``p = 1e-12, 4 of 6 methods``."""
+    if not level:
+        return ""
+    parts = []
+    strongest = level.get("strongest") or {}
+    if strongest.get("p_value") is not None:
+        parts.append(f"p = {strongest['p_value']:.1g}")
+    agree, total = level.get("agree"), level.get("methods_total")
+    if agree:
+        parts.append(f"{agree} of {total} methods" if total else
+                     f"{agree} method{'s' if agree > 1 else ''}")
+    return ", ".join(parts)
+
+
+def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset(),
+           caption: str = "") -> str:
+    """Return a table in a box that scrolls sideways on a phone; cells are trusted HTML
+    (callers escape text with :func:`_esc`)."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = "".join(f"<td class='num'>{c}</td>" if i in numeric else f"<td>{c}</td>"
+                        for i, c in enumerate(row))
+        body.append(f"<tr>{cells}</tr>")
+    cap = f"<caption class='sr'>{_esc(caption)}</caption>" if caption else ""
+    return (f"<div class='scroll'><table>{cap}<thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def csv_text(headers: list[str], rows: list[list[Any]]) -> str:
+    """Return chart data as CSV, formula-safe by the rules of :func:`evidence.csv_cell`.
+
+    Text starting like a formula gets a ``'``; numbers stay numbers (negative ones too);
+    None and NaN are empty cells. Written here rather than through ``evidence.write_csv``
+    because a report writes thousands of these files: one pass, no per-cell calls.
+    """
+    import csv
+    import io
+
+    unsafe = evidence._FORMULA_START
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow([evidence.csv_cell(h) for h in headers])
+    writer.writerows(
+        [("'" + v if v.startswith(unsafe) else v) if type(v) is str
+         else "" if v is None or v != v else v for v in row] for row in rows)
+    return buffer.getvalue()
+
+
+def figure(svg: str, csv_href: str, what: str) -> str:
+    """Return a chart in its scrolling box with the link to its data as CSV beside it."""
+    return (f"<figure><div class='scroll'>{svg}</div><figcaption><a href='{_esc(csv_href)}' "
+            f"download>Data behind this chart (CSV): {_esc(what)}</a></figcaption></figure>")
+
+
+def _field(value: Any, name: str, metric: str | None = None, digits: int = 4) -> str:
+    """Return a number cell tagged with its JSON field (tests compare it with the CLI)."""
+    attrs = f" data-field='{_esc(name)}'"
+    if metric:
+        attrs += f" data-metric='{_esc(metric)}'"
+    raw = "" if value is None else repr(value)
+    return f"<span{attrs} data-value='{_esc(raw)}'>{_esc(_num(value, digits))}</span>"
+
+
+def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
+    up = "../" * depth
+    nav = (f"<nav><a href='{up}index.html'>Overview</a><a href='{up}funnels.html'>Funnel plots"
+           f"</a><a href='{up}methods.html'>Methods</a></nav>")
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>{nav}"
+            f"<h1>{_esc(title)}</h1>{subtitle}{body}</body></html>\n")
+
+
+def _utc(stamp: str | None) -> str:
+    """Return an ISO timestamp to the second (stored in UTC; SQLite drops the offset)."""
+    return "-" if not stamp else stamp[:19].replace("T", " ")
+
+
+def _day(value: Any) -> int:
+    when = value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+    return (when - EPOCH).days
+
+
+
+
+def _header(data) -> str:
+    """Return the line naming profile, as-of date, volume and monitor run."""
+    r, p = data.result, data.profile
+    return (f"<p>Profile <b>{_esc(p.name)} {_esc(p.version)}</b> ({_esc(p.source_title)}), "
+            f"data as of <b>{r.as_of.isoformat()}</b>: {r.summary.get('procedures', 0)} "
+            f"procedures at {r.summary.get('sites', 0)} sites. Monitor run "
+            f"<code>{r.run_key[:16]}</code>.</p>")
+
+

@@ -1,0 +1,158 @@
+"""What one report renders, read once from the stored monitor run and the warehouse."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Any
+
+import sqlalchemy as sa
+
+from pipelines import evidence
+from pipelines.settings import Settings
+
+# -- data ------------------------------------------------------------------------------
+
+def data_quality(settings: Settings) -> dict[str, Any]:
+    """Return file-ledger counts by kind and status, and quarantined rows by reason."""
+    from pipelines.db import reading
+    from pipelines.schema import file_ledger, quarantine
+
+    with reading(settings.db_url) as conn:
+        files = conn.execute(
+            sa.select(file_ledger.c.kind, file_ledger.c.status, sa.func.count(),
+                      sa.func.sum(file_ledger.c.rows_read),
+                      sa.func.sum(file_ledger.c.rows_quarantined))
+            .group_by(file_ledger.c.kind, file_ledger.c.status)
+            .order_by(file_ledger.c.kind, file_ledger.c.status)
+        ).all()
+        reasons_rows = conn.execute(
+            sa.select(quarantine.c.kind, quarantine.c.reasons, sa.func.count())
+            .group_by(quarantine.c.kind, quarantine.c.reasons)
+        ).all()
+        rejected = conn.execute(
+            sa.select(file_ledger.c.file_name, file_ledger.c.reason,
+                      file_ledger.c.processed_at)
+            .where(file_ledger.c.status == "rejected")
+            .order_by(file_ledger.c.processed_at.desc()).limit(20)
+        ).all()
+    by_reason: dict[tuple[str, str], int] = {}
+    for kind, reasons, count in reasons_rows:
+        try:
+            codes = json.loads(reasons) if reasons else []
+        except ValueError:
+            codes = [str(reasons)]
+        for code in codes or ["unknown"]:
+            by_reason[(kind, str(code))] = by_reason.get((kind, str(code)), 0) + int(count)
+    return {
+        "files": [{"kind": k or "-", "status": s, "files": int(c), "rows_read": int(r or 0),
+                   "rows_quarantined": int(q or 0)} for k, s, c, r, q in files],
+        "quarantine": [{"kind": k, "reason": r, "rows": c}
+                       for (k, r), c in sorted(by_reason.items())],
+        "rejected": [{"file": f, "reason": r, "at": evidence.iso(at)}
+                     for f, r, at in rejected],
+    }
+
+
+class ReportData:
+    """Everything one report renders, gathered once."""
+
+    def __init__(self, settings: Settings, as_of: date | None) -> None:
+        from pipelines.surveillance.profile import load_profile
+        from pipelines.surveillance.runs import read_or_compute
+
+        self.profile = load_profile(settings.profile_path)
+        self.result = read_or_compute(settings, self.profile, as_of)
+        self.as_of = self.result.as_of
+        self.facts = evidence.read_site_facts(settings, self.as_of)
+        self.quality = data_quality(settings)
+        self.evidence = evidence.Evidence(
+            self.result, self.profile, self.facts,
+            evidence.recent_complications_by_site(settings, self.as_of),
+        )
+        self.sites = self.evidence.sites
+        self.labels = {m.id: m.label for m in self.profile.metrics}
+        self.metric_ids = [m.id for m in self.profile.metrics]
+        self.metrics = {m.id: m for m in self.profile.metrics}
+        self.rows = {(m["site_id"], m["metric"]): m for m in self.result.site_metrics}
+        self.levels = {key: row.get("level") or {} for key, row in self.rows.items()}
+        self.signals_by_key = {s["signal_key"]: s for s in self.result.signals}
+        # Monthly figures the monitor stored with this run: sparklines, VLAD, recent O/E.
+        self.months = (evidence.monthly_figures(settings, self.result.run_key,
+                                                self.profile.name) if self.as_of else {})
+        self.recent_oe = evidence.recent_observed_expected(self.months)
+        self.funnel_class = self._funnel_classes()
+        # CSV files written beside the pages: {relative path: text}
+        self.files: dict[str, str] = {}
+
+    def _funnel_classes(self) -> dict[tuple[str, str, str], str]:
+        """Return each site's class on each funnel plot: ``significant`` (outside the
+        decision limits and significant after the Benjamini-Hochberg correction, i.e. the
+        funnel method signals now), ``outside`` (outside but not significant), ``within``
+        or ``no data``; keyed by ``(metric, window, site)``."""
+        from pipelines.surveillance.levels import detail_of
+
+        method_of = {"cumulative": "funnel_cumulative", "rolling": "funnel_12m"}
+        ongoing = {(s["site_id"], s["metric"], s["method"]) for s in self.result.signals
+                   if s["method"] in method_of.values() and detail_of(s).get("ongoing")}
+        out = {}
+        for (site, metric), row in self.rows.items():
+            for window, entry in (row.get("funnel") or {}).items():
+                position = (entry or {}).get("position", "no data")
+                if position in ("above", "below"):
+                    significant = (site, metric, method_of.get(window)) in ongoing
+                    out[(metric, window, site)] = "significant" if significant else "outside"
+                else:
+                    out[(metric, window, site)] = position
+        return out
+
+    def site(self, site_id: str) -> dict[str, Any]:
+        return self.evidence.site_payload(site_id)
+
+
+
+    # -- read-side views shared by the overview and the site pages ---------------------
+
+    def rate_view(self, site: str, metric: str) -> dict[str, Any] | None:
+        """Return the rate a reader should see first: the last 12 months when the monitor
+        stored them (a recent change shows there), else all mature units."""
+        recent = self.recent_oe.get((site, metric))
+        if recent:
+            return {"rate": recent["rate"], "n": recent["n"], "events": recent["observed"],
+                    "ci_low": recent["rate_ci_low"], "ci_high": recent["rate_ci_high"],
+                    "span": "last 12 months"}
+        row = self.rows.get((site, metric)) or {}
+        if not row.get("n"):
+            return None
+        return {"rate": row.get("rate"), "n": row["n"], "events": row.get("events"),
+                "ci_low": row.get("ci_low"), "ci_high": row.get("ci_high"),
+                "span": "all mature units"}
+
+    def marks(self, site: str, metric: str) -> list[tuple[str, str]]:
+        """Return Making Data Count-style marks ``(letter, meaning)`` for one cell.
+
+        Variation (from the graded level): ``H`` special cause, higher than expected
+        (alarm or watch); ``L`` special cause, lower (under-reporting suspected); ``~``
+        common cause only. Assurance against the top of the guidance range, from the exact
+        95% CI of the rate shown: ``P`` the whole interval is at or below it (the site
+        consistently meets the guidance), ``F`` the whole interval is above it
+        (consistently fails), ``?`` the interval straddles it (hit and miss).
+        """
+        status = self.evidence.status.get((site, metric), {}).get("status")
+        out = []
+        if status in (evidence.STATUS_ALARM, evidence.STATUS_WATCH):
+            out.append(("H", "special-cause variation: higher than expected"))
+        elif status == evidence.STATUS_UNDER_REPORTING:
+            out.append(("L", "special-cause variation: lower than the guidance range"))
+        elif status == evidence.STATUS_IN_CONTROL:
+            out.append(("~", "common-cause variation only"))
+        high = self.metrics[metric].baseline.high
+        view = self.rate_view(site, metric)
+        if high is not None and view and view.get("ci_low") is not None:
+            if view["ci_high"] <= high:
+                out.append(("P", "consistently within the guidance range (assured)"))
+            elif view["ci_low"] > high:
+                out.append(("F", "consistently above the guidance range"))
+            else:
+                out.append(("?", "hit and miss against the guidance range"))
+        return out

@@ -1,0 +1,112 @@
+"""The funnel plots page (``funnels.html``) and the funnels drawn on site pages.
+
+Markers tell three classes apart by shape and by text in the legend: outside the decision
+limits and significant after the Benjamini-Hochberg correction (filled triangle), outside
+but not significant (hollow square), in control (small dot). Only outside sites are
+labelled, and labels are placed so they never overlap. Rare events are drawn as observed
+against expected counts. Each funnel's data is written once, as
+``funnel-<metric>-<window>.csv`` beside ``funnels.html``; site pages link to the same file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines import evidence
+from pipelines.report.charts import FUNNEL_CLASS_TEXT, funnel_data, funnel_template
+from pipelines.report.common import (
+    _esc,
+    _header,
+    _page,
+    _pct,
+    _table,
+    csv_text,
+    figure,
+)
+from pipelines.report.data import ReportData
+
+FUNNEL_WINDOWS = {"cumulative": "cumulative, all mature units",
+                  "rolling": "units that matured in the last {days} days"}
+
+
+def funnel_csv_name(metric: str, window: str) -> str:
+    """Return the file name of a funnel's data (beside ``funnels.html``)."""
+    return f"funnel-{metric}-{window}.csv"
+
+
+def _charts(data: ReportData):
+    """Yield ``(metric, window, chart, title, classes)`` for every funnel with data."""
+    days = data.profile.design.funnel_rolling_days
+    funnels = data.result.charts.get("funnel", {})
+    for metric in data.metric_ids:
+        for window, caption in FUNNEL_WINDOWS.items():
+            chart = funnels.get(f"{metric}:{window}")
+            if chart is None:
+                continue
+            title = f"{data.labels[metric]} ({caption.format(days=days)})"
+            classes = {s: data.funnel_class.get((metric, window, s), "no data")
+                       for s in chart["sites"]}
+            yield metric, window, chart, title, classes
+
+
+def build_funnel_templates(data: ReportData) -> None:
+    """Draw each funnel once for the site pages (``data.funnel_templates``)."""
+    data.funnel_templates = {}
+    for metric, window, chart, title, classes in _charts(data):
+        if np.asarray(chart["n"], float).sum():
+            data.funnel_templates[(metric, window)] = funnel_template(chart, title, classes,
+                                                                      True)
+
+
+def funnels_page(data: ReportData) -> str:
+    """Return the funnel plots per metric (cumulative and rolling), outside sites listed."""
+    from pipelines.surveillance.engine import exact_interval
+
+    days = data.profile.design.funnel_rolling_days
+    body = [_header(data), "<p class='note'>Each point is a site: its proportion of mature "
+            "units with the event against its number of mature units (for rare events: its "
+            "observed against its expected number of events). Filled triangles: outside the "
+            "decision limits <i>and</i> significant after the Benjamini-Hochberg correction "
+            "across all sites, metrics and directions. Hollow squares: outside the limits "
+            "but not significant after that correction. Small dots: in control. Outside "
+            "sites are labelled and listed under the plot. The cumulative plot shows the "
+            f"whole history; the rolling plot the units whose outcome window closed in the "
+            f"last {days} days, where a recent change shows first.</p>"]
+    current = None
+    for metric, window, chart, title, classes in _charts(data):
+        if metric != current:
+            body.append(f"<h2 id='{_esc(metric)}'>{_esc(data.labels[metric])}</h2>")
+            current = metric
+        n = np.asarray(chart["n"], float)
+        events = np.asarray(chart["events"], float)
+        if not n.sum():
+            body.append(f"<p>{_esc(title)}: no mature units (the outcome window has not "
+                        "closed for any procedure in it).</p>")
+            continue
+        limits = {s: (data.rows.get((s, metric), {}).get("funnel") or {}).get(window) or {}
+                  for s in chart["sites"]}
+        headers, rows = funnel_data(chart, classes, limits)
+        name = funnel_csv_name(metric, window)
+        data.files[name] = csv_text(headers, rows)
+        template = funnel_template(chart, title, classes, False)
+        body.append(figure(template.svg, name, f"{title}, every site"))
+        low, high = exact_interval(events, n)
+        listed = []
+        for code, site in enumerate(chart["sites"]):
+            kind = classes.get(site)
+            if kind not in ("significant", "outside"):
+                continue
+            position = limits[site].get("position", "no data")
+            listed.append((kind != "significant", site, [
+                f"<a href='sites/{_esc(site)}.html#{_esc(metric)}'>{_esc(site)}</a>",
+                _esc(FUNNEL_CLASS_TEXT[kind]), _esc(position),
+                _esc(evidence.STATUS_LABELS[data.evidence.status[(site, metric)]["status"]]),
+                str(int(events[code])), str(int(n[code])), _pct(events[code] / n[code]),
+                f"{_pct(float(low[code]))}\u2013{_pct(float(high[code]))}",
+            ]))
+        if listed:
+            body.append(_table(["site", "class", "position", "level now", "events", "units",
+                                "rate", "exact 95% CI"],
+                               [row for *_, row in sorted(listed)], numeric={4, 5, 6},
+                               caption=f"{title}: sites outside the limits"))
+    return _page("Funnel plots", "\n".join(body))
