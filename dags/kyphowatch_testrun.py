@@ -5,7 +5,8 @@ metadata database and the ``KYPHOWATCH_*`` environment set::
 
     python dags/kyphowatch_testrun.py kyphowatch_ingest kyphowatch_monitor kyphowatch_alerts
 
-Prints one JSON line per DAG run (state and task states) and exits 1 if any run failed.
+Prints one JSON line per DAG run (state and task states), then one with the number of
+network evaluations the runs performed, and exits 1 if any run failed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         state = str(run.state)
         ok = ok and state == "success"
         print(json.dumps({"dag_id": dag_id, "state": state, "tasks": tasks}), flush=True)
+    # How many network evaluations these runs performed (the stored run is read, not redone).
+    engine = sys.modules.get("pipelines.surveillance.engine")
+    evaluations = engine.evaluations_in_this_process() if engine else 0
+    print(json.dumps({"evaluations": evaluations}), flush=True)
     return 0 if ok else 1
 
 

@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in proc.stdout.splitlines():
             if line.startswith("{"):
                 run = json.loads(line)
+                if "evaluations" in run:
+                    print(f"    network evaluations in this cycle: {run['evaluations']}")
+                    continue
                 tasks = ", ".join(f"{k}={v}" for k, v in run.get("tasks", {}).items())
                 print(f"    {run.get('dag_id')}: {run.get('state')} ({tasks})")
         messages = sink.messages()

@@ -60,7 +60,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from pipelines.db import make_engine
+from pipelines.db import open_warehouse
 from pipelines.errors import InputRejected
 from pipelines.schema import (
     alert,
@@ -89,7 +89,7 @@ def warehouse(settings: Settings) -> sa.Engine:
     """
     with _migrate_lock:
         first = settings.db_url not in _migrated
-        engine = make_engine(settings.db_url, migrate=first)
+        engine = open_warehouse(settings.db_url, migrate=first)
         _migrated.add(settings.db_url)
     return engine
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from pipelines.contract import PROCEDURES, extract_stamp, kind_of
-from pipelines.db import make_engine, redact_url
+from pipelines.db import open_warehouse, redact_url
 from pipelines.errors import ExternalSystemError
 from pipelines.settings import Settings
 
@@ -71,13 +71,7 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     from pipelines.ingest.load import IngestReport
 
     key = check_key_strength(settings.require_pseudonym_key())
-    try:
-        engine = make_engine(settings.db_url)
-    except Exception as exc:  # the warehouse is an external system: say which one failed
-        raise ExternalSystemError(
-            f"cannot open warehouse {redact_url(settings.db_url)}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
+    engine = open_warehouse(settings.db_url)  # ExternalSystemError (exit 4) when unreachable
     processing_day = datetime.now(UTC).date()
     results: list[FileResult] = []
     try:

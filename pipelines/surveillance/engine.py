@@ -1116,9 +1116,22 @@ def run_key_for(as_of: date, profile: Profile, fingerprint: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# Network evaluations run by this process. One Airflow cycle (ingest, monitor, alerts, run
+# in one process by dags/kyphowatch_testrun.py) must evaluate exactly once: every reader
+# reads the stored run. The test run prints this and tests/test_dags.py checks it.
+_evaluations = 0
+
+
+def evaluations_in_this_process() -> int:
+    """Return how many times :func:`evaluate` has run in this process."""
+    return _evaluations
+
+
 def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = False,
              profile: Profile | None = None) -> MonitorResult:
     """Compute the monitor for ``as_of`` (default: newest procedure date); optionally store it."""
+    global _evaluations
+    _evaluations += 1
     started = time.perf_counter()
     profile = profile or load_profile(settings.profile_path)
     engine = open_warehouse(settings.db_url)
