@@ -293,3 +293,36 @@ def test_unexplained_digest_in_quarantine_refuses_rotation_unless_redacted(
         texts = " ".join(conn.scalars(sa.select(schema.quarantine.c.raw_values)))
     engine.dispose()
     assert stray not in texts and "digest-redacted-at-key-rotation" in texts
+
+
+def test_rotation_waits_for_a_running_load_batch_on_postgres(pg_url, settings_for, tmp_path):
+    """A batch holds the key (shared lock); a rotation waits for it, then runs."""
+    import threading
+    import time
+
+    from pipelines.db import make_engine
+    from pipelines.ingest.keys import key_in_use
+
+    files = _extracts(tmp_path / "in")
+    _load(settings_for, pg_url, [files], KEY_1)
+    before = _key_state(pg_url)
+    engine = make_engine(pg_url)
+    outcome: dict = {}
+
+    def rotate_in_background():
+        try:
+            outcome["result"] = rotate(engine, KEY_1.encode(), KEY_2.encode(), [files])
+        except Exception as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    with key_in_use(engine, KEY_1.encode()):  # a load batch in progress
+        worker = threading.Thread(target=rotate_in_background)
+        worker.start()
+        time.sleep(2.0)
+        assert worker.is_alive() and _key_state(pg_url) == before  # waiting, nothing changed
+    worker.join(timeout=120)
+    assert "error" not in outcome and outcome["result"]["digests_rekeyed"] > 0
+    with pytest.raises(KeyMismatchError):  # the next batch under the old key is refused
+        with key_in_use(engine, KEY_1.encode()):
+            pass
+    engine.dispose()

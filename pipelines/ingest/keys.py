@@ -26,6 +26,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,8 +109,34 @@ def _lock(conn: sa.Connection) -> None:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_KEY_LOCK)))
 
 
-# Arbitrary constant naming the key-registry lock among PostgreSQL advisory locks.
+# Arbitrary constants naming kyphowatch's key locks among PostgreSQL advisory locks: the
+# registry (pseudonym_key writes) and the batch lock every ingest batch holds shared for its
+# whole run, which a rotation takes exclusively -- so no load writes old-key digests while a
+# rotation reads and rewrites them.
 _KEY_LOCK = 7_406_109
+_BATCH_LOCK = 7_406_110
+
+
+@contextmanager
+def key_in_use(engine: sa.Engine, key: bytes) -> Iterator[str]:
+    """Check ``key`` against the warehouse (:func:`ensure_key`) and hold it for a load batch.
+
+    On PostgreSQL a session-level shared advisory lock is held until the block ends, so a
+    rotation waits for running batches and new batches wait for the rotation (then are
+    refused: the key changed). SQLite has a single writer; a rotation whose snapshot a load
+    changed fails on its first write and rolls back.
+    """
+    if engine.dialect.name != "postgresql":
+        yield ensure_key(engine, key)
+        return
+    with engine.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_lock_shared(_BATCH_LOCK)))
+        holder.commit()
+        try:
+            yield ensure_key(engine, key)
+        finally:
+            holder.execute(sa.select(sa.func.pg_advisory_unlock_shared(_BATCH_LOCK)))
+            holder.commit()
 
 
 def active_fingerprints(conn: sa.Connection) -> list[str]:
@@ -366,6 +393,8 @@ def rotate(engine: sa.Engine, old_key: bytes, new_key: bytes, extract_paths: lis
     if old_print == new_print:
         raise InputRejected("the new key is the key already in use; nothing to rotate")
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # wait for running load batches, block new ones
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_BATCH_LOCK)))
         _lock(conn)
         active = active_fingerprints(conn)
         if active and old_print not in active:
