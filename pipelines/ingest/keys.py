@@ -452,8 +452,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rot.add_argument("--new-key-env", required=True, metavar="VAR",
                      help="environment variable holding the new key (never pass it as an argument)")
     rot.add_argument("--extracts", nargs="+", type=Path, metavar="PATH",
-                     help="the loaded extract files or directories (default: the archive "
-                          "directory, KYPHOWATCH_ARCHIVE_DIR)")
+                     help="the loaded extract files or directories (default: the archive and "
+                          "rejected directories, KYPHOWATCH_ARCHIVE_DIR and _REJECTED_DIR)")
     rot.add_argument("--redact-unexplained", action="store_true",
                      help="replace digest-shaped quarantine/ledger values that no supplied "
                           "field explains (instead of refusing the rotation)")
@@ -505,7 +505,8 @@ def _run_rotate(args: argparse.Namespace) -> int:
     engine = open_warehouse(settings.db_url)
     try:
         result = rotate(engine, settings.pseudonym_key.encode("utf-8"),
-                        new_raw.encode("utf-8"), args.extracts or [settings.archive_dir],
+                        new_raw.encode("utf-8"),
+                        args.extracts or [settings.archive_dir, settings.rejected_dir],
                         redact_unexplained=args.redact_unexplained)
     finally:
         engine.dispose()
