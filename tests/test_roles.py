@@ -20,6 +20,8 @@ import pytest
 import sqlalchemy as sa
 
 from pipelines import schema
+from pipelines.alerts.lifecycle import sync_alerts
+from pipelines.alerts.outbox import deliver_outbox
 from pipelines.errors import ConfigError
 from pipelines.ingest import ingest_paths
 from pipelines.roles import RoleSet, apply_roles, roles_from_env
@@ -134,6 +136,17 @@ def test_each_role_does_its_job_and_nothing_more(warehouse, settings_for, tmp_pa
     assert result.persisted
     with loader.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(schema.monitor_run)) == 1
+    # Alerts as the loader: the half-quarantined file raises a data-quality alert; delivery to
+    # a closed port records a failed attempt (rows again).
+    alert_settings = settings_for(url("loader"), smtp_url="smtp://127.0.0.1:9",
+                                  recipients_data=("data@example.org",),
+                                  recipients_safety=("safety@example.org",))
+    sync_alerts(alert_settings, result.as_of)
+    deliver_outbox(alert_settings)
+    with loader.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(schema.alert)) >= 1
+        attempts = conn.scalar(sa.select(sa.func.sum(schema.alert_outbox.c.attempts)))
+    assert attempts and attempts >= 1
 
     # Analyst: reads every view, no table, writes nothing.
     analyst = sa.create_engine(url("analyst"))
