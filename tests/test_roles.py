@@ -81,7 +81,7 @@ def warehouse(request, pg_admin_url):
         pytest.skip("psql not installed: the deploy script's path cannot run here")
     roles = _role_set()
     suffix = uuid.uuid4().hex[:10]
-    database, airflow_db = f"kw_roles_{suffix}", f"kw_airflow_{suffix}"
+    database, airflow_db = f"kw_roles_{suffix}", f"kw_roles_airflow_{suffix}"
     admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
     quote = admin.dialect.identifier_preparer.quote
     if request.param != "init-script":
