@@ -47,6 +47,7 @@ def _extracts(directory):
         proc_row("P1", patient="PT-1"), proc_row("P2", patient="PT-2"),
         proc_row("P3", site="S002", patient="PT-1", operator_ref="OP-9"),
         proc_row("P4", patient="PT-4", age_years="old"),  # quarantined: bad age
+        proc_row("P8", site=" S003 ", patient="  PT-8 ", operator_ref=" OP-8"),  # padded
     ]))
     write(directory / "procedures_20240301.csv",
           csv_text(PROC_HEADER, [proc_row("P2", patient="PT-2b"), proc_row("P5", patient="PT-5")])
@@ -165,7 +166,7 @@ def test_rotation_equals_a_fresh_load_under_the_new_key(db_url, settings_for, tm
     _load(settings_for, db_url, [files], KEY_1)
     old = snapshot(db_url)
     result = rotate(sa.create_engine(db_url), KEY_1.encode(), KEY_2.encode(), [files])
-    assert result["rows_changed"]["procedure"] == 4 and result["rows_changed"]["quarantine"] == 2
+    assert result["rows_changed"]["procedure"] == 5 and result["rows_changed"]["quarantine"] == 2
     rotated = snapshot(db_url)
     assert rotated != old
     fresh_url = f"sqlite:///{tmp_path / 'fresh.db'}"

@@ -263,17 +263,17 @@ def _candidates(old_key: bytes, new_key: bytes, path: Path, every_field: bool,
     if every_field:
         for cell in header:
             consider("", cell)
+            consider("", cell.strip().lower())  # header names as the reader normalises them
     for row in rows:
         site = row[site_at] if site_at is not None and site_at < len(row) else ""
         for i in refs:
-            if i < len(row) and row[i] != "":
-                consider(site, row[i])
+            if i < len(row) and row[i].strip() != "":
+                consider(site.strip(), row[i].strip())  # the validator strips every field
         if every_field:
             for cell in row:
-                consider("", cell)
-                consider(site, cell)
-                if site.strip() != site:
-                    consider(site.strip(), cell)
+                for variant in {cell, cell.strip()}:
+                    for site_variant in {"", site, site.strip()}:
+                        consider(site_variant, variant)
 
 
 _REFERENCE_COLUMNS = (
