@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from pipelines import schema
 from pipelines.cli import build_parser, main
+from pipelines.db import make_engine
 from pipelines.errors import InputRejected
 from pipelines.ingest import ingest_paths
 from pipelines.ingest.keys import (
@@ -20,6 +26,7 @@ from pipelines.ingest.keys import (
     WeakKeyError,
     check_key_strength,
     key_fingerprint,
+    key_in_use,
     key_problems,
     rotate,
 )
@@ -256,10 +263,6 @@ rotate(sa.create_engine(url), old.encode(), new.encode(), [Path(files)], step=di
 
 
 def test_rotation_killed_midway_leaves_the_old_state(db_url, settings_for, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     files = _extracts(tmp_path / "in")
     _load(settings_for, db_url, [files], KEY_1)
     before = _key_state(db_url)
@@ -298,12 +301,6 @@ def test_unexplained_digest_in_quarantine_refuses_rotation_unless_redacted(
 
 def test_rotation_waits_for_a_running_load_batch_on_postgres(pg_url, settings_for, tmp_path):
     """A batch holds the key (shared lock); a rotation waits for it, then runs."""
-    import threading
-    import time
-
-    from pipelines.db import make_engine
-    from pipelines.ingest.keys import key_in_use
-
     files = _extracts(tmp_path / "in")
     _load(settings_for, pg_url, [files], KEY_1)
     before = _key_state(pg_url)
