@@ -27,18 +27,23 @@ fi
 # ./sql/roles.sql:/opt/kyphowatch/roles.sql:ro
 ROLES_SQL="${KYPHOWATCH_ROLES_SQL:-$(dirname "$0")/../sql/roles.sql}"
 [ -f "$ROLES_SQL" ] || ROLES_SQL=/opt/kyphowatch/roles.sql
+# Names are fixed in production; the overrides let tests run this script on a shared server.
 WAREHOUSE_DB="${KYPHOWATCH_DB_NAME:-kyphowatch}"
+AIRFLOW_DB="${AIRFLOW_DB_NAME:-airflow}"
+OWNER_ROLE="${KYPHOWATCH_OWNER_ROLE:-kyphowatch_owner}"
+LOADER_ROLE="${KYPHOWATCH_LOADER_ROLE:-kyphowatch_loader}"
+ANALYST_ROLE="${KYPHOWATCH_ANALYST_ROLE:-kyphowatch_analyst}"
 
-psql -v ON_ERROR_STOP=1 --username postgres -v pw="$AIRFLOW_DB_PASSWORD" <<'EOSQL'
-CREATE USER airflow PASSWORD :'pw';
-CREATE DATABASE airflow OWNER airflow;
+psql -v ON_ERROR_STOP=1 --username postgres -v pw="$AIRFLOW_DB_PASSWORD" -v name="$AIRFLOW_DB" <<'EOSQL'
+CREATE USER :"name" PASSWORD :'pw';
+CREATE DATABASE :"name" OWNER :"name";
 EOSQL
 psql -v ON_ERROR_STOP=1 --username postgres -v db="$WAREHOUSE_DB" <<'EOSQL'
 CREATE DATABASE :"db";
 EOSQL
 psql -v ON_ERROR_STOP=1 --username postgres --dbname "$WAREHOUSE_DB" \
     -v database="$WAREHOUSE_DB" \
-    -v owner_role=kyphowatch_owner -v owner_password="$KYPHOWATCH_OWNER_PASSWORD" \
-    -v loader_role=kyphowatch_loader -v loader_password="$KYPHOWATCH_LOADER_PASSWORD" \
-    -v analyst_role=kyphowatch_analyst -v analyst_password="$KYPHOWATCH_ANALYST_PASSWORD" \
+    -v owner_role="$OWNER_ROLE" -v owner_password="$KYPHOWATCH_OWNER_PASSWORD" \
+    -v loader_role="$LOADER_ROLE" -v loader_password="$KYPHOWATCH_LOADER_PASSWORD" \
+    -v analyst_role="$ANALYST_ROLE" -v analyst_password="$KYPHOWATCH_ANALYST_PASSWORD" \
     --single-transaction -f "$ROLES_SQL"

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from pipelines import schema
 from pipelines.cli import build_parser, main
+from pipelines.db import make_engine
 from pipelines.errors import InputRejected
 from pipelines.ingest import ingest_paths
 from pipelines.ingest.keys import (
@@ -20,6 +26,7 @@ from pipelines.ingest.keys import (
     WeakKeyError,
     check_key_strength,
     key_fingerprint,
+    key_in_use,
     key_problems,
     rotate,
 )
@@ -47,6 +54,7 @@ def _extracts(directory):
         proc_row("P1", patient="PT-1"), proc_row("P2", patient="PT-2"),
         proc_row("P3", site="S002", patient="PT-1", operator_ref="OP-9"),
         proc_row("P4", patient="PT-4", age_years="old"),  # quarantined: bad age
+        proc_row("P8", site=" S003 ", patient="  PT-8 ", operator_ref=" OP-8"),  # padded
     ]))
     write(directory / "procedures_20240301.csv",
           csv_text(PROC_HEADER, [proc_row("P2", patient="PT-2b"), proc_row("P5", patient="PT-5")])
@@ -165,7 +173,7 @@ def test_rotation_equals_a_fresh_load_under_the_new_key(db_url, settings_for, tm
     _load(settings_for, db_url, [files], KEY_1)
     old = snapshot(db_url)
     result = rotate(sa.create_engine(db_url), KEY_1.encode(), KEY_2.encode(), [files])
-    assert result["rows_changed"]["procedure"] == 4 and result["rows_changed"]["quarantine"] == 2
+    assert result["rows_changed"]["procedure"] == 5 and result["rows_changed"]["quarantine"] == 2
     rotated = snapshot(db_url)
     assert rotated != old
     fresh_url = f"sqlite:///{tmp_path / 'fresh.db'}"
@@ -255,10 +263,6 @@ rotate(sa.create_engine(url), old.encode(), new.encode(), [Path(files)], step=di
 
 
 def test_rotation_killed_midway_leaves_the_old_state(db_url, settings_for, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     files = _extracts(tmp_path / "in")
     _load(settings_for, db_url, [files], KEY_1)
     before = _key_state(db_url)
@@ -293,3 +297,30 @@ def test_unexplained_digest_in_quarantine_refuses_rotation_unless_redacted(
         texts = " ".join(conn.scalars(sa.select(schema.quarantine.c.raw_values)))
     engine.dispose()
     assert stray not in texts and "digest-redacted-at-key-rotation" in texts
+
+
+def test_rotation_waits_for_a_running_load_batch_on_postgres(pg_url, settings_for, tmp_path):
+    """A batch holds the key (shared lock); a rotation waits for it, then runs."""
+    files = _extracts(tmp_path / "in")
+    _load(settings_for, pg_url, [files], KEY_1)
+    before = _key_state(pg_url)
+    engine = make_engine(pg_url)
+    outcome: dict = {}
+
+    def rotate_in_background():
+        try:
+            outcome["result"] = rotate(engine, KEY_1.encode(), KEY_2.encode(), [files])
+        except Exception as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    with key_in_use(engine, KEY_1.encode()):  # a load batch in progress
+        worker = threading.Thread(target=rotate_in_background)
+        worker.start()
+        time.sleep(2.0)
+        assert worker.is_alive() and _key_state(pg_url) == before  # waiting, nothing changed
+    worker.join(timeout=120)
+    assert "error" not in outcome and outcome["result"]["digests_rekeyed"] > 0
+    with pytest.raises(KeyMismatchError):  # the next batch under the old key is refused
+        with key_in_use(engine, KEY_1.encode()):
+            pass
+    engine.dispose()

@@ -20,6 +20,8 @@ import pytest
 import sqlalchemy as sa
 
 from pipelines import schema
+from pipelines.alerts.lifecycle import sync_alerts
+from pipelines.alerts.outbox import deliver_outbox
 from pipelines.errors import ConfigError
 from pipelines.ingest import ingest_paths
 from pipelines.roles import RoleSet, apply_roles, roles_from_env
@@ -54,22 +56,44 @@ def _psql_apply(admin_url: str, database: str, roles: RoleSet) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.fixture(params=["python", "psql"])
+def _run_init_script(admin_url: str, database: str, airflow_db: str, roles: RoleSet) -> None:
+    """Run deploy/postgres-init.sh itself against the local server, with test names."""
+    url = sa.make_url(admin_url)
+    env = {"PATH": os.environ["PATH"], "PGHOST": url.host or "127.0.0.1",
+           "PGPORT": str(url.port or 5432), "POSTGRES_PASSWORD": secrets.token_hex(16),
+           "AIRFLOW_DB_PASSWORD": secrets.token_hex(16), "AIRFLOW_DB_NAME": airflow_db,
+           "KYPHOWATCH_DB_NAME": database,
+           "KYPHOWATCH_OWNER_ROLE": roles.owner_role,
+           "KYPHOWATCH_LOADER_ROLE": roles.loader_role,
+           "KYPHOWATCH_ANALYST_ROLE": roles.analyst_role,
+           "KYPHOWATCH_OWNER_PASSWORD": roles.owner_password,
+           "KYPHOWATCH_LOADER_PASSWORD": roles.loader_password,
+           "KYPHOWATCH_ANALYST_PASSWORD": roles.analyst_password}
+    result = subprocess.run(["bash", str(REPO / "deploy" / "postgres-init.sh")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(params=["python", "psql", "init-script"])
 def warehouse(request, pg_admin_url):
-    """A fresh database with the three roles applied (by pipelines.roles or by psql)."""
-    if request.param == "psql" and not shutil.which("psql"):
+    """A fresh database with the three roles: by pipelines.roles, by psql, or by the init script."""
+    if request.param != "python" and not shutil.which("psql"):
         pytest.skip("psql not installed: the deploy script's path cannot run here")
     roles = _role_set()
-    database = f"kw_roles_{uuid.uuid4().hex[:10]}"
+    suffix = uuid.uuid4().hex[:10]
+    database, airflow_db = f"kw_roles_{suffix}", f"kw_roles_airflow_{suffix}"
     admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
     quote = admin.dialect.identifier_preparer.quote
-    with admin.connect() as conn:
-        conn.exec_driver_sql("CREATE DATABASE " + quote(database))
+    if request.param != "init-script":
+        with admin.connect() as conn:
+            conn.exec_driver_sql("CREATE DATABASE " + quote(database))
     try:
         if request.param == "python":
             apply_roles(pg_admin_url, database, roles)
-        else:
+        elif request.param == "psql":
             _psql_apply(pg_admin_url, database, roles)
+        else:
+            _run_init_script(pg_admin_url, database, airflow_db, roles)
 
         def url(role: str) -> str:
             return sa.make_url(pg_admin_url).set(
@@ -80,8 +104,9 @@ def warehouse(request, pg_admin_url):
         yield roles, url, admin
     finally:
         with admin.connect() as conn:
-            conn.exec_driver_sql("DROP DATABASE IF EXISTS " + quote(database) + " WITH (FORCE)")
-            for role in (roles.analyst_role, roles.loader_role, roles.owner_role):
+            for name in (database, airflow_db):
+                conn.exec_driver_sql("DROP DATABASE IF EXISTS " + quote(name) + " WITH (FORCE)")
+            for role in (roles.analyst_role, roles.loader_role, roles.owner_role, airflow_db):
                 conn.exec_driver_sql("DROP ROLE IF EXISTS " + quote(role))
         admin.dispose()
 
@@ -134,6 +159,17 @@ def test_each_role_does_its_job_and_nothing_more(warehouse, settings_for, tmp_pa
     assert result.persisted
     with loader.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(schema.monitor_run)) == 1
+    # Alerts as the loader: the half-quarantined file raises a data-quality alert; delivery to
+    # a closed port records a failed attempt (rows again).
+    alert_settings = settings_for(url("loader"), smtp_url="smtp://127.0.0.1:9",
+                                  recipients_data=("data@example.org",),
+                                  recipients_safety=("safety@example.org",))
+    sync_alerts(alert_settings, result.as_of)
+    deliver_outbox(alert_settings)
+    with loader.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(schema.alert)) >= 1
+        attempts = conn.scalar(sa.select(sa.func.sum(schema.alert_outbox.c.attempts)))
+    assert attempts and attempts >= 1
 
     # Analyst: reads every view, no table, writes nothing.
     analyst = sa.create_engine(url("analyst"))

@@ -7,6 +7,7 @@ tests: files (or directories of files) in, one :class:`FileResult` per file out.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,22 +68,16 @@ def expand_paths(paths: list[Path]) -> list[Path]:
 
 def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     """Validate and load every extract under ``paths`` into the configured warehouse."""
-    from pipelines.ingest.keys import check_key_strength, ensure_key
+    from pipelines.ingest.keys import check_key_strength
     from pipelines.ingest.load import IngestReport
 
     key = check_key_strength(settings.require_pseudonym_key())
     engine = open_warehouse(settings.db_url)  # ExternalSystemError (exit 4) when unreachable
     processing_day = datetime.now(UTC).date()
     results: list[FileResult] = []
+    key_held = ExitStack()
     try:
-        # Before any file: a key other than the warehouse's would give a patient two digests.
-        try:
-            ensure_key(engine, key)
-        except sa.exc.DBAPIError as exc:
-            raise ExternalSystemError(
-                f"warehouse {redact_url(settings.db_url)} failed while checking the pseudonym "
-                f"key fingerprint ({type(getattr(exc, 'orig', exc)).__name__}); nothing loaded"
-            ) from exc
+        _hold_key(key_held, engine, key, settings)
         for path in expand_paths(paths):
             result = _load_or_explain(engine, path, settings, key, processing_day, results)
             log.info(
@@ -93,8 +88,26 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
             )
             results.append(result)
     finally:
+        key_held.close()
         engine.dispose()
     return IngestReport(results)
+
+
+def _hold_key(stack: ExitStack, engine, key: bytes, settings: Settings) -> None:
+    """Before any file: refuse a key other than the warehouse's, and hold it for the batch.
+
+    Another key would give a patient two digests; the hold keeps a key rotation from running
+    while this batch writes digests (pipelines.ingest.keys.key_in_use).
+    """
+    from pipelines.ingest.keys import key_in_use
+
+    try:
+        stack.enter_context(key_in_use(engine, key))
+    except sa.exc.DBAPIError as exc:
+        raise ExternalSystemError(
+            f"warehouse {redact_url(settings.db_url)} failed while checking the pseudonym "
+            f"key fingerprint ({type(getattr(exc, 'orig', exc)).__name__}); nothing loaded"
+        ) from exc
 
 
 def _load_or_explain(engine, path: Path, settings: Settings, key: bytes, processing_day,

@@ -26,6 +26,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,8 +113,34 @@ def _lock(conn: sa.Connection) -> None:
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_KEY_LOCK)))
 
 
-# Arbitrary constant naming the key-registry lock among PostgreSQL advisory locks.
+# Arbitrary constants naming kyphowatch's key locks among PostgreSQL advisory locks: the
+# registry (pseudonym_key writes) and the batch lock every ingest batch holds shared for its
+# whole run, which a rotation takes exclusively -- so no load writes old-key digests while a
+# rotation reads and rewrites them.
 _KEY_LOCK = 7_406_109
+_BATCH_LOCK = 7_406_110
+
+
+@contextmanager
+def key_in_use(engine: sa.Engine, key: bytes) -> Iterator[str]:
+    """Check ``key`` against the warehouse (:func:`ensure_key`) and hold it for a load batch.
+
+    On PostgreSQL a session-level shared advisory lock is held until the block ends, so a
+    rotation waits for running batches and new batches wait for the rotation (then are
+    refused: the key changed). SQLite has a single writer; a rotation whose snapshot a load
+    changed fails on its first write and rolls back.
+    """
+    if engine.dialect.name != "postgresql":
+        yield ensure_key(engine, key)
+        return
+    with engine.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_lock_shared(_BATCH_LOCK)))
+        holder.commit()
+        try:
+            yield ensure_key(engine, key)
+        finally:
+            holder.execute(sa.select(sa.func.pg_advisory_unlock_shared(_BATCH_LOCK)))
+            holder.commit()
 
 
 def active_fingerprints(conn: sa.Connection) -> list[str]:
@@ -240,17 +267,17 @@ def _candidates(old_key: bytes, new_key: bytes, path: Path, every_field: bool,
     if every_field:
         for cell in header:
             consider("", cell)
+            consider("", cell.strip().lower())  # header names as the reader normalises them
     for row in rows:
         site = row[site_at] if site_at is not None and site_at < len(row) else ""
         for i in refs:
-            if i < len(row) and row[i] != "":
-                consider(site, row[i])
+            if i < len(row) and row[i].strip() != "":
+                consider(site.strip(), row[i].strip())  # the validator strips every field
         if every_field:
             for cell in row:
-                consider("", cell)
-                consider(site, cell)
-                if site.strip() != site:
-                    consider(site.strip(), cell)
+                for variant in {cell, cell.strip()}:
+                    for site_variant in {"", site, site.strip()}:
+                        consider(site_variant, variant)
 
 
 _REFERENCE_COLUMNS = (
@@ -370,6 +397,8 @@ def rotate(engine: sa.Engine, old_key: bytes, new_key: bytes, extract_paths: lis
     if old_print == new_print:
         raise InputRejected("the new key is the key already in use; nothing to rotate")
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # wait for running load batches, block new ones
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_BATCH_LOCK)))
         _lock(conn)
         active = active_fingerprints(conn)
         if active and old_print not in active:
@@ -427,8 +456,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rot.add_argument("--new-key-env", required=True, metavar="VAR",
                      help="environment variable holding the new key (never pass it as an argument)")
     rot.add_argument("--extracts", nargs="+", type=Path, metavar="PATH",
-                     help="the loaded extract files or directories (default: the archive "
-                          "directory, KYPHOWATCH_ARCHIVE_DIR)")
+                     help="the loaded extract files or directories (default: the archive and "
+                          "rejected directories, KYPHOWATCH_ARCHIVE_DIR and _REJECTED_DIR)")
     rot.add_argument("--redact-unexplained", action="store_true",
                      help="replace digest-shaped quarantine/ledger values that no supplied "
                           "field explains (instead of refusing the rotation)")
@@ -480,7 +509,8 @@ def _run_rotate(args: argparse.Namespace) -> int:
     engine = open_warehouse(settings.db_url)
     try:
         result = rotate(engine, settings.pseudonym_key.encode("utf-8"),
-                        new_raw.encode("utf-8"), args.extracts or [settings.archive_dir],
+                        new_raw.encode("utf-8"),
+                        args.extracts or [settings.archive_dir, settings.rejected_dir],
                         redact_unexplained=args.redact_unexplained)
     finally:
         engine.dispose()
