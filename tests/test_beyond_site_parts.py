@@ -139,3 +139,19 @@ def test_fir_cusum_restarts_at_the_head_start_and_pseudonyms_hide_the_digest():
     assert path.statistic[-1] == pytest.approx(0.9 - 0.1823, abs=1e-3)
     digest = "ab" * 32
     assert operator_pseudonym(digest) == "OP-ababababab" and digest not in operator_pseudonym(digest)
+
+
+@pytest.mark.parametrize(("events", "n", "expected"), [
+    (0, 5, 38 / 360),  # a young warehouse: the guidance's pooled rate
+    (9, 100, 38 / 360),
+    (30, 30, 38 / 360),  # no non-events
+    (30, 200, 0.15),  # enough data: the network's observed rate
+])
+def test_calibration_rate_falls_back_to_the_guidance(events, n, expected):
+    import pandas as pd
+
+    from pipelines.surveillance.devices import calibration_rate
+
+    metric = load_profile(REPO_DIR / "profiles" / "htg108.yaml").metric("cement_leak")
+    units = pd.DataFrame({"y": [1] * events + [0] * (n - events)})
+    assert calibration_rate(metric, units) == pytest.approx(expected)

@@ -48,6 +48,7 @@ from pipelines.surveillance.profile import Metric, Profile
 from pipelines.surveillance.rare import poisson_upper_pvalue
 
 EVALUATIONS_PER_YEAR = 12
+MIN_CALIBRATION_EVENTS = 10
 LOT_KEY_SEPARATOR = "\x1f"  # flagged lots are "product<US>lot" (a lot id is per product)
 
 
@@ -55,12 +56,15 @@ def calibration_rate(metric: Metric, units: pd.DataFrame) -> float:
     """Return the rate expected risks are calibrated to: observed, or the guidance's for rare events.
 
     A rare metric's observed network rate is often 0 (no expected events, so any event would
-    be infinitely surprising); its expected counts use the guidance's pooled rate instead.
+    be infinitely surprising); its expected counts use the guidance's pooled rate instead, as
+    do a young warehouse's (fewer than ``MIN_CALIBRATION_EVENTS`` events, or no non-events).
     """
     assert metric.alarm is not None
-    if metric.alarm.method == "rare" or units.empty:
+    events = int(units["y"].sum()) if not units.empty else 0
+    if (metric.alarm.method == "rare" or events < MIN_CALIBRATION_EVENTS
+            or events == len(units)):
         return metric.baseline.rate
-    return float(units["y"].mean())
+    return events / len(units)
 
 
 QUARTER_DAYS = 91
