@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "pipelines.alerts.cli",
     "pipelines.report",
     "pipelines.regulator",
+    "pipelines.beyond_pages",
 )
 
 log = logging.getLogger("kyphowatch")

@@ -70,9 +70,10 @@ def test_new_operator_and_bad_lot_are_found_and_go_to_the_right_people(
 
 
 def test_no_raw_operator_reference_in_alerts_report_or_exports(registry, sqlite_url, settings_for,
-                                                                tmp_path):
+                                                                tmp_path, monkeypatch):
     from pipelines.report import write_report
 
+    monkeypatch.setenv("KYPHOWATCH_DEMO", "1")
     with MailSink(tmp_path / "mail") as sink:
         settings = _settings(settings_for, sqlite_url, smtp_url=sink.url)
         ingest_paths(settings, registry["paths"])
@@ -81,6 +82,11 @@ def test_no_raw_operator_reference_in_alerts_report_or_exports(registry, sqlite_
         deliver_outbox(settings)
     write_report(settings, tmp_path / "report")
     export(settings, tmp_path / "regulator")
+    assert main(["beyond-report", "--db", sqlite_url, "--out", str(tmp_path / "beyond")]) == 0
+    devices = (tmp_path / "beyond" / "devices.html").read_text()
+    assert f"<tr class=flag><td>KYPHON-HV-R</td><td>{BAD_LOT}</td>" in devices
+    s001 = (tmp_path / "beyond" / "operators" / "S001.html").read_text()
+    assert "confidential" in s001 and s001.count("<tr class=flag>") >= 1
     # raw operator references and their stored digests; the pseudonym is OP- and 10 hex digits
     secrets = {NEW_OPERATOR} | {f"OP-S00{s}-{i}" for s in range(1, 5) for i in range(3)}
     secrets |= {h for h in (r["operator_hash"] for r in _rows(sqlite_url, schema.procedure)) if h}
@@ -89,6 +95,7 @@ def test_no_raw_operator_reference_in_alerts_report_or_exports(registry, sqlite_
     texts += [p.read_text(errors="replace") for p in (tmp_path / "report").rglob("*")
               if p.is_file() and p.suffix in (".html", ".csv", ".json", ".svg", ".txt")]
     texts += [p.read_text() for p in (tmp_path / "regulator").iterdir()]
+    texts += [p.read_text() for p in (tmp_path / "beyond").rglob("*.html")]
     assert any("OP-" in t for t in texts)  # operators do appear, by pseudonym
     assert any("Training review" in t for t in texts)
     for text in texts:
