@@ -210,7 +210,9 @@ def main() -> int:
         " independent of any rate."
     )
     print(f"\nruntime {time.perf_counter() - started:.1f} s")
-    return 0
+    from benchmarks.beyond_site_scenarios import main as beyond_site_scenarios
+
+    return beyond_site_scenarios()  # issue 12: operators and cement lots, PASS/MISS
 
 
 if __name__ == "__main__":

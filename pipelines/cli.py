@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "pipelines.alerts.cli",
     "pipelines.report",
     "pipelines.regulator",
+    "pipelines.beyond_pages",
 )
 
 log = logging.getLogger("kyphowatch")

@@ -22,8 +22,6 @@ EVENT_TYPES = (
     "new_fracture",
     "adjacent_fracture",
     "balloon_rupture",
-    "device_failure",  # contract 1.1: any other device malfunction (HTG108 2.4.3)
-    "cement_embolism",  # contract 1.1: cement reaching the venous system or lungs (2.5.1)
     "radiculopathy",
     "paraesthesia",
     "motor_deficit",
@@ -35,6 +33,9 @@ EVENT_TYPES = (
     "allergy",
     "death",
     "other",
+    # contract 1.1, appended so that earlier codes keep their position
+    "device_failure",  # a device malfunction other than a balloon rupture (HTG108 2.4.3)
+    "cement_embolism",  # cement in the venous system or the lungs (2.5.1)
 )
 SEVERITIES = ("minor", "major", "fatal")
 

@@ -138,7 +138,8 @@ def draft_new(conn: sa.Connection, design: RegulatorDesign,
             severity=row["severity"],
             draft=json.dumps(build_draft(row, reference), sort_keys=True),
             state="drafted", drafted_at=now,
-        ).on_conflict_do_nothing(index_elements=["complication_id"])).rowcount
+        ).on_conflict_do_nothing(index_elements=["complication_id"])
+            .returning(ledger.c.complication_id)).first() is not None
     return added
 
 

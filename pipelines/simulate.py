@@ -55,6 +55,7 @@ from pipelines.contract import (
     COMPLICATION_COLUMNS,
     EVENT_TYPES,
     INDICATIONS,
+    LOT_PATTERN,
     PROCEDURE_COLUMNS,
     SEVERITIES,
     SEXES,
@@ -207,20 +208,73 @@ _ISO_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 class Drift:
     """A change in one site's risk: the odds of ``metric`` times ``odds_ratio`` from a date."""
 
-    site_id: str
+    site_id: str  # for a PRODUCT, LOT or OPERATOR drift: the product, lot or SITE-NN
     metric: str
     odds_ratio: float
     from_date: date
+    # Issue 12: what drifts (SITE, PRODUCT, LOT, OPERATOR); an operator drift applies to the
+    # operator's first ``first_procedures`` procedures (a learning curve), not from a date.
+    target: str = "SITE"
+    first_procedures: int = 0
 
     def spec(self) -> str:
-        """Return the ``SITE:METRIC:ODDS_RATIO:FROM_DATE`` text that parses back to this drift."""
-        return f"{self.site_id}:{self.metric}:{self.odds_ratio:g}:{self.from_date.isoformat()}"
+        """Return the drift text (``SITE:METRIC:ODDS_RATIO:FROM_DATE`` etc.) that parses back."""
+        if self.target == "OPERATOR":
+            return (f"OPERATOR:{self.site_id}:{self.metric}:{self.odds_ratio:g}:"
+                    f"{self.first_procedures}")
+        text = f"{self.site_id}:{self.metric}:{self.odds_ratio:g}:{self.from_date.isoformat()}"
+        return text if self.target == "SITE" else f"{self.target}:{text}"
+
+
+# Issue 12: products each site uses (reference/devices.yaml), monthly cement lots, UDI-DIs.
+BALLOON_PRODUCTS = ("KYPHON-XPANDER-II", "KYPHON-EXPRESS-II", "VERTOBAL-15", "STABILIT-BT")
+CEMENT_PRODUCTS = ("KYPHON-HV-R", "OSTEOPAL-V", "VERTECEM-V")
+LOT_PREFIX = {"KYPHON-HV-R": "HVR", "OSTEOPAL-V": "OSV", "VERTECEM-V": "VCV"}
+BALLOON_UDI_DI = ("00643169007222", "00643169007239", "04046963000017", "00885074000012")
+# Share of a site's procedures done with its second product (the rest: its main product).
+SECOND_PRODUCT_SHARE = 0.2
+TARGET_DRIFT_METRICS = ("cement_leak", "symptomatic_cement_leak", "major_event")
+_OPERATOR_RE = re.compile(r"^([A-Z0-9]{3,8})-(\d{1,3})$")
+
+
+def _parse_target_drift(parts: list[str], shown: str) -> Drift:
+    """Parse ``PRODUCT|LOT:NAME:METRIC:OR:FROM_DATE`` or ``OPERATOR:SITE-NN:METRIC:OR:FIRST_N``."""
+    target, name, metric, ratio_text, last = parts
+    target = target.upper()
+    if metric not in TARGET_DRIFT_METRICS:
+        raise InputRejected(f"drift {shown}: a {target} drift's metric must be one of "
+                            f"{', '.join(TARGET_DRIFT_METRICS)}")
+    try:
+        odds_ratio = float(ratio_text)
+    except ValueError:
+        raise InputRejected(f"drift {shown}: odds ratio {ratio_text!r} is not a number") from None
+    if not (math.isfinite(odds_ratio) and 0 < odds_ratio <= 1000):
+        raise InputRejected(f"drift {shown}: odds ratio must be above 0 and at most 1000")
+    if target == "OPERATOR":
+        if not _OPERATOR_RE.match(name):
+            raise InputRejected(f"drift {shown}: operator must be SITE-NN, e.g. S001-02")
+        if not last.isdigit() or not 1 <= int(last) <= 100_000:
+            raise InputRejected(f"drift {shown}: expected OPERATOR:SITE-NN:METRIC:OR:FIRST_N, "
+                                "FIRST_N the number of first procedures affected")
+        return Drift(name, metric, odds_ratio, EPOCH, target, int(last))
+    if target == "PRODUCT" and name not in BALLOON_PRODUCTS + CEMENT_PRODUCTS:
+        raise InputRejected(f"drift {shown}: product must be one of "
+                            f"{', '.join(BALLOON_PRODUCTS + CEMENT_PRODUCTS)}")
+    if target == "LOT" and not re.match(LOT_PATTERN, name):
+        raise InputRejected(f"drift {shown}: lot must match {LOT_PATTERN}, e.g. HVR-202403")
+    return Drift(name, metric, odds_ratio, _parse_date(last, f"drift {shown}: start date"), target)
 
 
 def parse_drift(text: str) -> Drift:
-    """Parse ``SITE:METRIC:ODDS_RATIO:FROM_DATE``; raise InputRejected with one line if bad."""
+    """Parse a drift; raise InputRejected with one line if bad.
+
+    ``SITE:METRIC:ODDS_RATIO:FROM_DATE``, or (issue 12) ``PRODUCT:NAME:METRIC:OR:FROM_DATE``,
+    ``LOT:LOT_ID:METRIC:OR:FROM_DATE``, ``OPERATOR:SITE-NN:METRIC:OR:FIRST_N``.
+    """
     shown = repr(text)[:80]
     parts = [part.strip() for part in str(text).split(":")]
+    if len(parts) == 5 and parts[0].upper() in ("PRODUCT", "LOT", "OPERATOR"):
+        return _parse_target_drift(parts, shown)
     if len(parts) != 4:
         raise InputRejected(
             f"drift {shown}: expected SITE:METRIC:ODDS_RATIO:FROM_DATE, "
@@ -375,10 +429,50 @@ def _drift_offsets(
     """Return the log-odds shift of ``metric`` for each procedure (0 where no drift applies)."""
     offset = np.zeros(site.size)
     for drift in drifts:
-        if drift.metric == metric:
+        if drift.metric == metric and drift.target == "SITE":
             hit = (site == site_ids.index(drift.site_id)) & (day >= _day(drift.from_date))
             offset[hit] += math.log(drift.odds_ratio)
     return offset
+
+
+def _assign_devices(keyed: _Keyed, proc: dict, site_ids: list) -> dict:
+    """Give each procedure a balloon, a cement, a monthly cement lot and its operator rank.
+
+    Each site has a main balloon and cement (by site number) and uses the next product in the
+    list for ``SECOND_PRODUCT_SHARE`` of its procedures; a cement lot is the product's lot of
+    the procedure's month, shared by every site using it. Draws are keyed, so the outcomes of
+    other metrics do not change.
+    """
+    key, site = proc["key"], proc["site"]
+    balloon = (site + (keyed.uniform(key, "balloon product") < SECOND_PRODUCT_SHARE)) % len(
+        BALLOON_PRODUCTS)
+    cement = (site + (keyed.uniform(key, "cement product") < SECOND_PRODUCT_SHARE)) % len(
+        CEMENT_PRODUCTS)
+    month = proc["day"].astype("datetime64[D]").astype("datetime64[M]").astype(str)
+    prefix = np.asarray([LOT_PREFIX[name] for name in CEMENT_PRODUCTS])[cement]
+    lot = np.strings.add(np.strings.add(prefix, "-"), np.strings.replace(month, "-", ""))
+    # each operator's procedures in date order: 1 for their first
+    order = np.lexsort((key, proc["day"], proc["operator"], site))
+    pair = (site * 1000 + proc["operator"])[order]
+    starts = np.r_[True, pair[1:] != pair[:-1]]
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(pair.size), 0))
+    rank = np.empty(pair.size, np.int64)
+    rank[order] = np.arange(pair.size) - run_start + 1
+    return {"balloon": balloon, "cement": cement, "lot": lot, "operator_rank": rank}
+
+
+def _target_mask(drift: Drift, proc: dict, devices: dict, site_ids: list) -> np.ndarray:
+    """Return which procedures a PRODUCT, LOT or OPERATOR drift applies to."""
+    if drift.target == "OPERATOR":
+        site_text, number = drift.site_id.rsplit("-", 1)
+        return ((proc["site"] == site_ids.index(site_text)) & (proc["operator"] == int(number))
+                & (devices["operator_rank"] <= drift.first_procedures))
+    after = proc["day"] >= _day(drift.from_date)
+    if drift.target == "LOT":
+        return after & (devices["lot"] == drift.site_id)
+    if drift.site_id in BALLOON_PRODUCTS:
+        return after & (devices["balloon"] == BALLOON_PRODUCTS.index(drift.site_id))
+    return after & (devices["cement"] == CEMENT_PRODUCTS.index(drift.site_id))
 
 
 # --- the cohort --------------------------------------------------------------------------
@@ -496,8 +590,14 @@ def _simulate_outcomes(keyed: _Keyed, proc: dict, drifts, site_ids) -> dict:
     intercepts = calibrated_intercepts()
     design = _design(proc["age"], proc["sex"], proc["steroid"], proc["levels"], proc["indication"])
 
+    devices = _assign_devices(keyed, proc, site_ids)
+
     def offsets(metric: str) -> np.ndarray:
-        return _drift_offsets(drifts, metric, proc["site"], proc["day"], site_ids)
+        offset = _drift_offsets(drifts, metric, proc["site"], proc["day"], site_ids)
+        for drift in drifts:
+            if drift.target != "SITE" and drift.metric == metric:
+                offset[_target_mask(drift, proc, devices, site_ids)] += math.log(drift.odds_ratio)
+        return offset
 
     leak_risk = expit(intercepts["cement_leak"] + _linear(design, "cement_leak")
                       + offsets("cement_leak"))
@@ -526,6 +626,7 @@ def _simulate_outcomes(keyed: _Keyed, proc: dict, drifts, site_ids) -> dict:
         "major": major,
         "minor": minor,
         "mdt_discussed": mdt_discussed,
+        "devices": devices,
     }
 
 
@@ -655,6 +756,7 @@ class _Formatter:
         self.proc = cohort["proc"]
         self.pat_seq = cohort["pat_seq"]
         self.mdt = outcomes["mdt_discussed"]
+        self.devices = outcomes["devices"]
         self.comp = comp
         self.seq_width = max(6, len(str(int(self.proc["seq"].max(initial=0)))))
         self.pat_width = max(5, len(str(int(self.pat_seq.max(initial=0)))))
@@ -693,6 +795,10 @@ class _Formatter:
             np.asarray(SEXES)[proc["sex"][idx]].tolist(),
             _bools(proc["steroid"][idx]),
             _bools(self.mdt[idx]),
+            np.asarray(BALLOON_PRODUCTS)[self.devices["balloon"][idx]].tolist(),
+            np.asarray(CEMENT_PRODUCTS)[self.devices["cement"][idx]].tolist(),
+            self.devices["lot"][idx].tolist(),
+            np.asarray(BALLOON_UDI_DI)[self.devices["balloon"][idx]].tolist(),
         ]
 
     def complications(self, idx: np.ndarray, wrong: np.ndarray) -> list[list[str]]:
@@ -868,8 +974,10 @@ def _check_drifts(drifts, sites: int, site_ids: list[str], end: date) -> tuple[D
         drift = parse_drift(drift) if isinstance(drift, str) else drift
         if not isinstance(drift, Drift):
             raise InputRejected(f"drift {drift!r} is neither a Drift nor a drift spec")
-        if drift.site_id not in site_ids:
-            raise InputRejected(f"drift {drift.spec()}: site {drift.site_id} is not simulated "
+        site_id = drift.site_id.rsplit("-", 1)[0] if drift.target == "OPERATOR" else (
+            drift.site_id if drift.target == "SITE" else None)
+        if site_id is not None and site_id not in site_ids:
+            raise InputRejected(f"drift {drift.spec()}: site {site_id} is not simulated "
                                 f"(sites are {site_ids[0]}..{site_ids[-1]})")
         if drift.from_date > end:
             raise InputRejected(f"drift {drift.spec()}: starts after the end date {end}")
@@ -1156,9 +1264,12 @@ def _manifest(*, sites, start, end, seed, drifts, bad_row_rate, cadence, single_
 
     drift_rows = []
     for drift in drifts:
-        site = site_ids.index(drift.site_id)
-        affected = (proc["site"] == site) & (proc["day"] >= _day(drift.from_date))
-        drift_rows.append({"spec": drift.spec(), "site_id": drift.site_id,
+        if drift.target == "SITE":
+            site = site_ids.index(drift.site_id)
+            affected = (proc["site"] == site) & (proc["day"] >= _day(drift.from_date))
+        else:
+            affected = _target_mask(drift, proc, outcomes["devices"], site_ids)
+        drift_rows.append({"spec": drift.spec(), "target": drift.target, "site_id": drift.site_id,
                            "metric": drift.metric, "odds_ratio": drift.odds_ratio,
                            "from_date": drift.from_date.isoformat(),
                            "procedures_affected": int(affected.sum())})
@@ -1247,7 +1358,9 @@ def register(subparsers) -> None:
     parser.add_argument("--drift", action="append", default=[],
                         metavar="SITE:METRIC:ODDS_RATIO:FROM_DATE",
                         help=f"raise the odds of METRIC ({', '.join(DRIFT_METRICS)}) at SITE "
-                        "from FROM_DATE; repeatable")
+                        "from FROM_DATE; also PRODUCT:NAME:METRIC:OR:FROM_DATE, "
+                        "LOT:LOT_ID:METRIC:OR:FROM_DATE and OPERATOR:SITE-NN:METRIC:OR:FIRST_N "
+                        "(the operator's first N procedures); repeatable")
     parser.add_argument("--bad-row-rate", default="0", help="share of defective rows, 0-0.5")
     parser.add_argument("--cadence", default="monthly", help="daily, weekly or monthly extracts")
     parser.add_argument("--single-file", action="store_true",

@@ -217,6 +217,54 @@ def fir_threshold(p0: float, odds_ratio: float, arl0: float, head_start: float) 
     return float(np.interp(target, log_arl, h_grid))
 
 
+def fir_first_year_probability(p0: float, odds_ratio: float, h: float, head_start: float,
+                               volume: int) -> float:
+    """Return P(an in-control chart started at the head start signals within ``volume`` cases).
+
+    The head start makes early false alarms likelier than the ARL says: for an operator's
+    first year this probability, not ``volume / ARL``, is what spends the budget.
+    """
+    grid = markov_grid(p0, odds_ratio, h)
+    transitions = _transition_matrix(p0, grid, h)
+    n_states = transitions.shape[0]
+    survival = np.ones(n_states)  # P(no signal in the remaining steps | state)
+    for _ in range(int(volume)):
+        survival = transitions @ survival
+    start = min(n_states - 1, int(round(head_start * h / grid.unit)))
+    return float(1.0 - survival[start])
+
+
+@lru_cache(maxsize=512)
+def _first_year_threshold(p0: float, odds_ratio: float, volume: int, rate: float,
+                          head_start: float) -> float:
+    low, high = 0.5, _H_MAX
+    for _ in range(30):  # bisection: the probability falls as h grows
+        middle = (low + high) / 2
+        if fir_first_year_probability(p0, odds_ratio, middle, head_start, volume) > rate:
+            low = middle
+        else:
+            high = middle
+        if high - low < 0.01:
+            break
+    return high
+
+
+def operator_threshold(p0: float, odds_ratio: float, volume_per_year: float, rate: float,
+                       head_start: float) -> float:
+    """Return h for an operator chart with a head start: both spending limits hold.
+
+    (a) the first year from the head start signals falsely with probability at most
+    ``rate`` (the head start's cost falls there), and (b) the steady in-control ARL from the
+    head start is at least ``volume / rate`` cases (every later year). The larger h wins.
+    Volume and rate are rounded to two and three significant figures (cache; stable h).
+    """
+    volume = max(1, int(significant(max(volume_per_year, 1.0), 2)))
+    first_year = _first_year_threshold(significant(p0), float(odds_ratio), volume,
+                                       significant(rate), float(head_start))
+    steady = fir_threshold(p0, odds_ratio, arl0_for_volume(volume, rate), head_start)
+    return max(first_year, steady)
+
+
 def arl0_for_volume(volume_per_year: float, rate_per_year: float) -> float:
     """Return ARL0 (cases) for ``volume_per_year`` cases at ``rate_per_year`` false alarms."""
     return max(50.0, significant(max(volume_per_year, 1.0) / rate_per_year))

@@ -20,7 +20,12 @@ import sqlalchemy as sa
 from pipelines import schema
 from pipelines.reference import reference_for
 from pipelines.surveillance.beyond import BeyondSite, parse_beyond_site
-from pipelines.surveillance.devices import calibration_rate, lot_tests, product_charts
+from pipelines.surveillance.devices import (
+    LOT_KEY_SEPARATOR,
+    calibration_rate,
+    lot_tests,
+    product_charts,
+)
 from pipelines.surveillance.operators import operator_charts, operator_rare_tests
 from pipelines.surveillance.outcomes import Snapshot, derive_outcomes
 from pipelines.surveillance.profile import Profile
@@ -91,8 +96,6 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
     if design.devices is not None:
         dev = design.devices
         failures = _failures(conn, snapshot.as_of, dev.failure_event_types)
-        out["products"] = product_charts({m: units(m) for m in dev.metrics}, profile, dev,
-                                         failures, as_of_day)
         lot_units = units(dev.lot_metric)
         lot_units = lot_units.loc[lot_units["cement_product"].notna()
                                   & lot_units["cement_lot"].notna()]
@@ -103,6 +106,10 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
                           "index_day": lot_units["index_day"].to_numpy(),
                           "y": lot_units["y"].to_numpy(), "risk": lot_units["risk"].to_numpy()}),
             dev, as_of_day)
+        flagged = frozenset(row["product"] + LOT_KEY_SEPARATOR + row["lot"]
+                            for row in out["lots"] if row["signal_date"])
+        out["products"] = product_charts({m: units(m) for m in dev.metrics}, profile, dev,
+                                         failures, as_of_day, flagged)
     return out
 
 

@@ -3,9 +3,9 @@
 Products (DELTA-style, Resnic et al. 2010)
 -----------------------------------------
 For each product named in the procedures (``balloon_product`` or ``cement_product``) and each
-metric of ``beyond_site.devices.metrics``, the expected risk of the product's cases comes from
-a case-mix model fitted on the cases of *all other products of the same kind*, calibrated to
-their observed rate in the same calendar quarter (:func:`concurrent`). Observed/expected (O/E) summarises it; the sequential test is the
+metric of ``beyond_site.devices.metrics``, the expected risk of the product's cases is the
+network's case-mix risk recalibrated to *the other products of the same kind* in the same
+calendar quarter (:func:`concurrent`; one model per metric keeps a million-procedure run fast). Observed/expected (O/E) summarises it; the sequential test is the
 risk-adjusted CUSUM on the product's cases in date order (alternative odds ratio
 ``odds_ratio``), charted like a site: it may spend ``safety_per_100_site_years / 100 x
 alarm.share`` false device alerts per product-year, so ``ARL0 = the product's procedures a
@@ -46,21 +46,25 @@ from pipelines.surveillance.operators import ROLLING_DAYS
 from pipelines.surveillance.outcomes import day_to_date
 from pipelines.surveillance.profile import Metric, Profile
 from pipelines.surveillance.rare import poisson_upper_pvalue
-from pipelines.surveillance.risk_model import fit_risk_model
 
 EVALUATIONS_PER_YEAR = 12
+MIN_CALIBRATION_EVENTS = 10
+LOT_KEY_SEPARATOR = "\x1f"  # flagged lots are "product<US>lot" (a lot id is per product)
 
 
 def calibration_rate(metric: Metric, units: pd.DataFrame) -> float:
     """Return the rate expected risks are calibrated to: observed, or the guidance's for rare events.
 
     A rare metric's observed network rate is often 0 (no expected events, so any event would
-    be infinitely surprising); its expected counts use the guidance's pooled rate instead.
+    be infinitely surprising); its expected counts use the guidance's pooled rate instead, as
+    do a young warehouse's (fewer than ``MIN_CALIBRATION_EVENTS`` events, or no non-events).
     """
     assert metric.alarm is not None
-    if metric.alarm.method == "rare" or units.empty:
+    events = int(units["y"].sum()) if not units.empty else 0
+    if (metric.alarm.method == "rare" or events < MIN_CALIBRATION_EVENTS
+            or events == len(units)):
         return metric.baseline.rate
-    return float(units["y"].mean())
+    return events / len(units)
 
 
 QUARTER_DAYS = 91
@@ -148,11 +152,15 @@ def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign, cases
 
 
 def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
-                   design: DeviceDesign, failures: pd.DataFrame, as_of_day: int) -> list[dict]:
+                   design: DeviceDesign, failures: pd.DataFrame, as_of_day: int,
+                   flagged_lots: frozenset[str] = frozenset()) -> list[dict]:
     """Compare each product with the other products of its kind, per metric.
 
-    ``units_by_metric`` maps a metric id to its mature units with the product columns;
-    ``failures`` has one row per device-failure complication with the product columns.
+    ``units_by_metric`` maps a metric id to its mature units with the product columns and
+    ``risk`` (the network case-mix model); ``failures`` has one row per device-failure
+    complication with the product columns. Balloons are compared without the cases of
+    ``flagged_lots`` (``product<US>lot`` keys of cement lots whose own test signalled): a bad lot would otherwise be
+    blamed on whichever balloon its sites happen to use.
     """
     rows = []
     for metric_id in design.metrics:
@@ -160,6 +168,10 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
         units = units_by_metric[metric_id]
         for column, kind in PRODUCT_COLUMNS.items():
             named = units.loc[units[column].notna()]
+            if kind == "balloon" and flagged_lots:
+                lot_key = (named["cement_product"].astype(str) + LOT_KEY_SEPARATOR
+                           + named["cement_lot"].astype(str))
+                named = named.loc[~lot_key.isin(flagged_lots)]
             for product in sorted(named[column].unique()):
                 mine = named[column] == product
                 others = named.loc[~mine]
@@ -167,10 +179,9 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
                 cases = named.loc[mine].sort_values("index_day", kind="stable")
                 if others.empty:
                     continue  # nothing to compare with
-                model = fit_risk_model(metric.id, others, calibration_rate(metric, others),
-                                       min_events=profile.design.risk_min_events)
-                risk = concurrent(model.predict(cases), cases["index_day"].to_numpy(np.int64),
-                                  others, model.predict(others))
+                risk = concurrent(cases["risk"].to_numpy(float),
+                                  cases["index_day"].to_numpy(np.int64),
+                                  others, others["risk"].to_numpy(float))
                 expected = float(risk.sum())
                 events = int(cases["y"].sum())
                 test = _product_chart(metric, profile, design, cases, risk, as_of_day)

@@ -1172,8 +1172,7 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
         if persist:
             _persist(engine, result, profile)
             # Operators, devices and lots on the same snapshot (issue 12; beyond_run.py).
-            result.summary["beyond_site"] = run_beyond_site(engine, profile, snapshot, run_key,
-                                                           settings.expectations_dir)
+            run_beyond_site(engine, profile, snapshot, run_key, settings.expectations_dir)
         result.seconds = time.perf_counter() - started
         log.info(
             "monitor %s as of %s: %d signals (%d new), %d procedures, %.2fs (read %.2fs)",

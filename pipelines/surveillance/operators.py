@@ -20,9 +20,11 @@ What
 
 Thresholds are not tuned: an operator chart may spend ``safety_per_100_site_years / 100 x
 alarm.share`` false training-review alerts per operator-year (the same share as the site chart
-of the metric), so ``ARL0 = operator's procedures a year / that rate`` and ``h`` solves the
-Markov-chain ARL *from the head start* (:func:`pipelines.surveillance.beyond.fir_threshold`) at
-the network's mean risk. docs/statistics.md section 9.
+of the metric). A head start makes early false alarms likelier than ``volume / ARL`` says, so
+``h`` (:func:`pipelines.surveillance.beyond.operator_threshold`, Markov chain at the network's
+mean risk) is the larger of: the h whose probability of a false signal within the operator's
+first year of cases, started at the head start, is that rate; and the h whose in-control ARL
+from the head start is ``procedures a year / rate``. docs/statistics.md section 9.
 
 Pseudonyms
 ----------
@@ -41,9 +43,8 @@ import pandas as pd
 
 from pipelines.surveillance.beyond import (
     OperatorDesign,
-    arl0_for_volume,
     finite,
-    fir_threshold,
+    operator_threshold,
     rate_per_unit_year,
     years_between,
 )
@@ -109,8 +110,7 @@ def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesig
         y = cases["y"].to_numpy(np.int64)
         risk = cases["risk"].to_numpy(float)
         volume = len(cases) / years_between(int(day[0]), as_of_day)
-        h = fir_threshold(mean_risk, design.odds_ratio, arl0_for_volume(volume, rate),
-                          design.head_start)
+        h = operator_threshold(mean_risk, design.odds_ratio, volume, rate, design.head_start)
         path = fir_cusum(y, risk, design.odds_ratio, h, design.head_start)
         last = int(path.signals[-1]) if len(path.signals) else None
         rows.append({

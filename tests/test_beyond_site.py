@@ -1,0 +1,183 @@
+"""Operators, devices and Yellow Cards end to end: ingest -> monitor -> alerts, report, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import date
+
+import pytest
+import sqlalchemy as sa
+
+from pipelines import schema
+from pipelines.alerts import deliver_outbox, sync_alerts
+from pipelines.cli import main
+from pipelines.db import make_engine
+from pipelines.ingest import ingest_paths
+from pipelines.mailsink import MailSink
+from pipelines.regulator import export, mark_sent
+from pipelines.surveillance.engine import run_monitor
+from tests.beyond_helpers import BAD_LOT, NEW_OPERATOR, write_registry
+
+LEAD = "lead.s001@example.org"
+SAFETY = "safety@example.org"
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return write_registry(tmp_path / "in")
+
+
+def _settings(settings_for, db_url, **extra):
+    return settings_for(db_url, recipients_safety=(SAFETY,), recipients_data=("data@example.org",),
+                        clinical_leads={"S001": (LEAD,)}, **extra)
+
+
+def _rows(db_url, table):
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(sa.select(table)).mappings()]
+    engine.dispose()
+    return rows
+
+
+def test_new_operator_and_bad_lot_are_found_and_go_to_the_right_people(
+        registry, db_url, settings_for, tmp_path):
+    with MailSink(tmp_path / "mail") as sink:
+        settings = _settings(settings_for, db_url, smtp_url=sink.url)
+        ingest_paths(settings, registry["paths"])
+        run_monitor(settings)
+        sync_alerts(settings)
+        deliver_outbox(settings)
+        messages = sink.messages()
+    operators = _rows(db_url, schema.operator_chart)
+    flagged = [r for r in operators if r["signal_date"] is not None]
+    # the planted learner at S001 and nobody at the other sites
+    assert {r["site_id"] for r in flagged} == {"S001"}
+    assert all(r["operator"].startswith("OP-") and len(r["operator"]) == 13 for r in operators)
+    lots = {r["lot"]: r for r in _rows(db_url, schema.device_lot_test)}
+    assert lots[BAD_LOT]["signal_date"] is not None and lots[BAD_LOT]["sites"] == 4
+    assert not [lot for lot, r in lots.items() if lot != BAD_LOT and r["signal_date"]]
+    alerts = _rows(db_url, schema.alert)
+    kinds = {a["kind"] for a in alerts}
+    assert {"training_review", "device"} <= kinds
+    training = [m for m in messages if "training review" in m["Subject"]]
+    assert training and all(m["To"] == LEAD for m in training)
+    assert not [m for m in messages if m["To"] == LEAD and "training review" not in m["Subject"]]
+    device = [m for m in messages if "device" in m["Subject"]]
+    assert device and all(m["To"] == SAFETY for m in device)
+
+
+def test_no_raw_operator_reference_in_alerts_report_or_exports(registry, sqlite_url, settings_for,
+                                                                tmp_path, monkeypatch):
+    from pipelines.report import write_report
+
+    monkeypatch.setenv("KYPHOWATCH_DEMO", "1")
+    with MailSink(tmp_path / "mail") as sink:
+        settings = _settings(settings_for, sqlite_url, smtp_url=sink.url)
+        ingest_paths(settings, registry["paths"])
+        run_monitor(settings)
+        sync_alerts(settings)
+        deliver_outbox(settings)
+    write_report(settings, tmp_path / "report")
+    export(settings, tmp_path / "regulator")
+    assert main(["beyond-report", "--db", sqlite_url, "--out", str(tmp_path / "beyond")]) == 0
+    devices = (tmp_path / "beyond" / "devices.html").read_text()
+    assert f"<tr class=flag><td>KYPHON-HV-R</td><td>{BAD_LOT}</td>" in devices
+    s001 = (tmp_path / "beyond" / "operators" / "S001.html").read_text()
+    assert "confidential" in s001 and s001.count("<tr class=flag>") >= 1
+    # raw operator references and their stored digests; the pseudonym is OP- and 10 hex digits
+    secrets = {NEW_OPERATOR} | {f"OP-S00{s}-{i}" for s in range(1, 5) for i in range(3)}
+    secrets |= {h for h in (r["operator_hash"] for r in _rows(sqlite_url, schema.procedure)) if h}
+    texts = [json.dumps([a["title"], a["payload"]]) for a in _rows(sqlite_url, schema.alert)]
+    texts += [p.read_text(errors="replace") for p in (tmp_path / "mail").glob("*.eml")]
+    texts += [p.read_text(errors="replace") for p in (tmp_path / "report").rglob("*")
+              if p.is_file() and p.suffix in (".html", ".csv", ".json", ".svg", ".txt")]
+    texts += [p.read_text() for p in (tmp_path / "regulator").iterdir()]
+    texts += [p.read_text() for p in (tmp_path / "beyond").rglob("*.html")]
+    assert any("OP-" in t for t in texts)  # operators do appear, by pseudonym
+    assert any("Training review" in t for t in texts)
+    for text in texts:
+        leaked = [s for s in secrets if s in text]
+        assert not leaked, leaked[:3]
+
+
+def test_each_device_related_event_is_drafted_exactly_once(registry, db_url, settings_for,
+                                                           tmp_path):
+    settings = _settings(settings_for, db_url)
+    ingest_paths(settings, registry["paths"])
+    planted = len(registry["device_related"])
+    run_monitor(settings)
+    assert len(_rows(db_url, schema.yellow_card)) == planted  # drafted by the monitor
+    first = export(settings, tmp_path / "out1")
+    run_monitor(settings)  # a rerun drafts nothing new
+    assert len(_rows(db_url, schema.yellow_card)) == planted
+    # the same complications delivered again, corrected (a later extract stamp)
+    again = registry["paths"][1].with_name("complications_29991231.csv")
+    again.write_text(registry["paths"][1].read_text().replace("balloon_rupture,false",
+                                                              "balloon_rupture,true"))
+    [corrected] = ingest_paths(settings, [again]).files
+    assert corrected.updated > 0
+    second = export(settings, tmp_path / "out2")
+    drafts = _rows(db_url, schema.yellow_card)
+    assert sorted(d["complication_id"] for d in drafts) == sorted(registry["device_related"])
+    assert (first["new_drafts"], first["exported"]) == (0, planted)
+    assert (second["new_drafts"], second["exported"]) == (0, planted)  # exported, not sent
+    [json_file] = (tmp_path / "out1").glob(f"yellow_card_{drafts[0]['site_id']}_*.json")
+    content = json.loads(json_file.read_text())
+    major = [d for d in content["drafts"] if d["site_complication_ref"] == "CMAJOR"]
+    if major:
+        assert major[0]["cement_manufacturer"] == "Example Spine Ltd"
+        assert major[0]["outcome"].startswith("serious")
+    csv_files = list((tmp_path / "out1").glob("*.csv"))
+    rows = [r for path in csv_files for r in csv.DictReader(path.open())]
+    assert len(rows) == len(registry["device_related"])
+    assert {r["udi_di"] for r in rows} == {"00643169007222"}
+    assert all(r["state"] == "drafted" for r in rows)  # exported from now on
+    assert {d["state"] for d in drafts} == {"exported"}
+
+
+def test_overdue_major_event_raises_data_quality_until_marked_sent(registry, sqlite_url,
+                                                                   settings_for, tmp_path):
+    from pipelines.alerts.beyond import beyond_site_conditions
+    from pipelines.surveillance.profile import load_profile
+
+    settings = _settings(settings_for, sqlite_url)
+    ingest_paths(settings, registry["paths"])
+    run_monitor(settings)
+    profile = load_profile(settings.profile_path)
+    engine = make_engine(sqlite_url)
+    late = date(2025, 1, 1)  # CMAJOR (2024-06-23) is more than 30 days old then
+
+    def overdue(as_of):
+        with engine.connect() as conn:
+            return [c for c in beyond_site_conditions(conn, settings, profile, as_of)
+                    if c.dedupe_key.startswith("yellow_card_overdue:")]
+
+    assert overdue(registry["end"]) == []  # still within 30 days
+    [condition] = overdue(late)
+    assert condition.payload["events"] == 1 and condition.kind == "data_quality"
+    mark_sent(settings, "CMAJOR", by="dr lead", mhra_reference="YC-2024-0001")
+    assert overdue(late) == []
+    engine.dispose()
+
+
+def test_regulator_command_line(registry, sqlite_url, settings_for, tmp_path, capsys,
+                                monkeypatch):
+    monkeypatch.setenv("KYPHOWATCH_DEMO", "1")
+    settings = _settings(settings_for, sqlite_url)
+    ingest_paths(settings, registry["paths"])
+    assert main(["regulator", "export", "--db", sqlite_url, "--out", str(tmp_path / "x")]) == 0
+    capsys.readouterr()
+    assert main(["regulator", "list", "--db", sqlite_url, "--json", "--state", "exported"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert len(listed) == len(registry["device_related"])
+    assert all("patient" not in json.dumps(r["draft"]).replace("patient_age_band", "").replace(
+        "patient_sex", "") for r in listed)
+    assert main(["regulator", "mark-sent", "CMAJOR", "--by", "lead", "--db", sqlite_url]) == 0
+    assert main(["regulator", "mark-sent", "CMAJOR", "--by", "lead", "--db", sqlite_url]) == 2
+    assert main(["regulator", "mark-sent", "NOPE", "--by", "lead", "--db", sqlite_url]) == 2
+    assert "no Yellow Card draft" in capsys.readouterr().err
+    missing = f"sqlite:///{tmp_path / 'absent.db'}"
+    assert main(["regulator", "list", "--db", missing]) == 3
+    assert main(["regulator", "export", "--db", missing, "--out", str(tmp_path / "y")]) == 3

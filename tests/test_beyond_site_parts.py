@@ -1,0 +1,157 @@
+"""Parts of issue 12: migration 8 on an older warehouse, simulator drifts, profile checks, h."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from datetime import date
+
+import pytest
+import sqlalchemy as sa
+
+from pipelines import schema
+from pipelines.errors import InputRejected
+from pipelines.settings import REPO_DIR
+from pipelines.simulate import parse_drift, simulate
+from pipelines.surveillance.beyond import (
+    fir_first_year_probability,
+    operator_threshold,
+    parse_beyond_site,
+)
+from pipelines.surveillance.operators import fir_cusum, operator_pseudonym
+from pipelines.surveillance.profile import ProfileError, load_profile, parse_profile
+
+DEVICE_COLUMNS = ("balloon_product", "cement_product", "cement_lot", "udi_di")
+
+
+def test_migration_8_upgrades_a_version_6_warehouse_with_data(db_url):
+    engine = sa.create_engine(db_url)
+    schema.migrate(engine)
+    with engine.begin() as conn:  # turn it back into a version-6 warehouse holding a row
+        for table in schema.BEYOND_SITE_TABLES:
+            table.drop(conn)
+        for table in ("procedure", "procedure_version"):
+            for column in DEVICE_COLUMNS:
+                conn.exec_driver_sql(f'ALTER TABLE "{table}" DROP COLUMN {column}')
+        conn.execute(schema.schema_version.delete().where(schema.schema_version.c.version == 8))
+        conn.exec_driver_sql(
+            "INSERT INTO procedure (procedure_id, site_id, patient_hash, procedure_date, "
+            "levels_treated, indication, anaesthesia, balloons, age_years, sex, steroid_use, "
+            "mdt_discussed, source_checksum, extract_ts) VALUES ('P1', 'S001', 'h', "
+            "'2024-01-01', 1, 'other', 'local', 1, 70, 'F', false, true, 'c', 't')")
+    schema.migrate(engine)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(schema.procedure)).mappings().one()
+        versions = set(conn.scalars(sa.select(schema.schema_version.c.version)))
+        tables = set(sa.inspect(conn).get_table_names())
+    engine.dispose()
+    assert 8 in versions and {t.name for t in schema.BEYOND_SITE_TABLES} <= tables
+    assert row["procedure_id"] == "P1" and all(row[c] is None for c in DEVICE_COLUMNS)
+
+
+@pytest.mark.parametrize(("text", "phrase"), [
+    ("PRODUCT:NOPE:cement_leak:2:2024-01-01", "product must be one of"),
+    ("LOT:=BAD:cement_leak:2:2024-01-01", "lot must match"),
+    ("OPERATOR:S001:cement_leak:3:30", "operator must be SITE-NN"),
+    ("OPERATOR:S001-01:cement_leak:3:soon", "FIRST_N"),
+    ("OPERATOR:S001-01:new_fracture:3:30", "metric must be one of"),
+    ("LOT:HVR-202401:cement_leak:0:2024-01-01", "above 0"),
+])
+def test_bad_device_drifts_are_rejected_in_one_line(text, phrase):
+    with pytest.raises(InputRejected, match=phrase):
+        parse_drift(text)
+
+
+@pytest.mark.parametrize("text", [
+    "PRODUCT:VERTOBAL-15:cement_leak:2:2024-01-01",
+    "LOT:HVR-202401:major_event:4:2024-01-01",
+    "OPERATOR:S002-03:cement_leak:3:30",
+    "S001:cement_leak:2:2024-01-01",
+])
+def test_drift_specs_parse_back(text):
+    assert parse_drift(text).spec() == text
+
+
+def test_simulator_writes_devices_and_drifts_exactly_the_named_cases(tmp_path):
+    out = tmp_path / "sim"
+    manifest = simulate(out, sites=3, start=date(2023, 1, 1), end=date(2023, 12, 31), seed=5,
+                        drifts=["OPERATOR:S001-01:cement_leak:3:30",
+                                "LOT:HVR-202306:cement_leak:4:2023-06-01"])
+    rows = [row for path in sorted(out.glob("procedures_*.csv"))
+            for row in csv.DictReader(path.open())]
+    assert {r["cement_lot"][:4] for r in rows} <= {"HVR-", "OSV-", "VCV-"}
+    assert all(r["balloon_product"] and r["udi_di"] for r in rows)
+    lots = {r["cement_lot"] for r in rows if r["cement_lot"] == "HVR-202306"}
+    assert lots, "the drifted lot was used"
+    by_target = {d["target"]: d["procedures_affected"] for d in manifest["drift"]}
+    operator_cases = {r["procedure_id"] for r in rows if r["operator_ref"] == "OP-S001-01"}
+    assert by_target["OPERATOR"] == min(30, len(operator_cases))
+    assert by_target["LOT"] == len({r["procedure_id"] for r in rows
+                                    if r["cement_lot"] == "HVR-202306"})
+    json.dumps(manifest)  # still JSON
+
+
+def test_device_drifts_leave_every_other_value_unchanged(tmp_path):
+    simulate(tmp_path / "a", sites=2, start=date(2023, 1, 1), end=date(2023, 6, 30), seed=9)
+    drifted = simulate(tmp_path / "b", sites=2, start=date(2023, 1, 1), end=date(2023, 6, 30),
+                       seed=9, drifts=["PRODUCT:KYPHON-EXPRESS-II:major_event:50:2023-01-01"])
+    assert drifted["drift"][0]["procedures_affected"] > 0
+    procedures = sorted(p.name for p in (tmp_path / "a").glob("procedures_*.csv"))
+    for name in procedures:  # the procedures, devices included, are the same
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    complications = sorted(p.name for p in (tmp_path / "a").glob("complications_*.csv"))
+    assert any((tmp_path / "a" / n).read_text() != (tmp_path / "b" / n).read_text()
+               for n in complications)
+
+
+def _profile_with(change):
+    profile = load_profile(REPO_DIR / "profiles" / "htg108.yaml")
+    data = copy.deepcopy(profile.raw)
+    change(data["beyond_site"])
+    return parse_profile(data)
+
+
+@pytest.mark.parametrize(("change", "phrase"), [
+    (lambda d: d["operators"].update(head_start=1.5), "operators.head_start"),
+    (lambda d: d["operators"].update(cusum_metric="new_fracture"), "per-procedure outcome"),
+    (lambda d: d["devices"].update(failure_event_types=["bent_needle"]), "failure_event_types"),
+    (lambda d: d["regulator"].update(device_related=[]), "needs at least one rule"),
+    (lambda d: d["regulator"].update(send_within_days=0), "send_within_days"),
+])
+def test_bad_beyond_site_settings_name_the_key(change, phrase):
+    with pytest.raises(ProfileError, match=phrase):
+        parse_beyond_site(_profile_with(change))
+
+
+@pytest.mark.parametrize("volume", [30, 60, 200])
+def test_operator_threshold_spends_at_most_the_rate_in_the_first_year(volume):
+    p0, rate = 38 / 360, 0.0135
+    h = operator_threshold(p0, 3.0, volume, rate, 0.5)
+    assert fir_first_year_probability(p0, 3.0, h, 0.5, volume) <= rate * 1.01
+    assert fir_first_year_probability(p0, 3.0, h * 0.9, 0.5, volume) > rate  # not wasteful
+
+
+def test_fir_cusum_restarts_at_the_head_start_and_pseudonyms_hide_the_digest():
+    path = fir_cusum([1, 1, 1, 1, 0], [0.1] * 5, 3.0, 1.8, 0.5)
+    # an event weighs ln 3 - ln 1.2 = 0.92: from h/2 = 0.9 one event crosses h = 1.8 each time
+    assert path.signals.tolist() == [0, 1, 2, 3]
+    assert path.statistic[-1] == pytest.approx(0.9 - 0.1823, abs=1e-3)
+    digest = "ab" * 32
+    assert operator_pseudonym(digest) == "OP-ababababab" and digest not in operator_pseudonym(digest)
+
+
+@pytest.mark.parametrize(("events", "n", "expected"), [
+    (0, 5, 38 / 360),  # a young warehouse: the guidance's pooled rate
+    (9, 100, 38 / 360),
+    (30, 30, 38 / 360),  # no non-events
+    (30, 200, 0.15),  # enough data: the network's observed rate
+])
+def test_calibration_rate_falls_back_to_the_guidance(events, n, expected):
+    import pandas as pd
+
+    from pipelines.surveillance.devices import calibration_rate
+
+    metric = load_profile(REPO_DIR / "profiles" / "htg108.yaml").metric("cement_leak")
+    units = pd.DataFrame({"y": [1] * events + [0] * (n - events)})
+    assert calibration_rate(metric, units) == pytest.approx(expected)
