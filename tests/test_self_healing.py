@@ -25,7 +25,7 @@ from pipelines.alerts.watchdog import HEARTBEAT_KEY, outage_key, run_watchdog
 from pipelines.db import make_engine
 from pipelines.ingest import ingest_paths
 from pipelines.landing import unmonitored_kinds
-from pipelines.mailsink import MailSink, free_port
+from pipelines.mailsink import MailSink, free_port, message_files
 from pipelines.schema import alert, alert_audit, alert_outbox, file_ledger
 from pipelines.simulate import simulate
 from pipelines.surveillance.engine import run_monitor
@@ -209,7 +209,13 @@ def test_rejected_file_alert_leaves_with_the_ingest_run(airflow_env, tmp_path):
         assert run["state"] == "success", run
         assert run["tasks"]["data_quality_alerts"] == "success"
         subjects = [m["Subject"] for m in sink.messages()]
+        mails = message_files(tmp_path / "mail")
     assert len(subjects) == 1 and "procedures_bad.csv" in subjects[0], subjects
+    # from the file being set aside to the e-mail arriving, within the same ingest run
+    moved = (tmp_path / "rejected" / "procedures_bad.csv.reason.txt").stat().st_mtime
+    latency = mails[0].stat().st_mtime - moved
+    print(f"rejected file -> data-quality e-mail: {latency:.1f} s")
+    assert 0 <= latency < 60
 
 
 # --- the pieces, without Airflow ---------------------------------------------------------
