@@ -44,20 +44,20 @@ KYPHOWATCH_LANDING_MIN_AGE_SECONDS / KYPHOWATCH_LANDING_POLL_SECONDS
 KYPHOWATCH_LANDING_REANNOUNCE_SECONDS
     A file still in landing this long after it was announced (its ingest failed) is
     announced again, so it is picked up once the cause is fixed. Default 120.
-KYPHOWATCH_MAIL_FROM
-    Sender of alert e-mails. Default ``kyphowatch <kyphowatch@localhost>``.
-KYPHOWATCH_ALERT_QUARANTINE_SHARE
-    A loaded file whose quarantined share of rows is above this raises a data-quality
-    alert. Default 0.10.
-KYPHOWATCH_SILENT_SITE_DAYS
-    A site that used to send procedures and sent none for this many days (counted from
-    today) raises a data-quality alert. Default 60.
 KYPHOWATCH_HEARTBEAT_HOURS
     No extract received from any site for this many hours raises a data-quality alert
     (the watchdog). Default 72: a long weekend without files is not an alarm.
 KYPHOWATCH_CHANNEL_OUTAGE_MINUTES
     An alert channel (SMTP or webhook) that has failed to deliver for this long raises an
     alert on the other channel. Default 30.
+KYPHOWATCH_MAIL_FROM
+    Sender of alert e-mails. Default ``kyphowatch <kyphowatch@localhost>``.
+KYPHOWATCH_ALERT_QUARANTINE_SHARE
+    A loaded file whose quarantined share of rows is above this raises a data-quality
+    alert. Default 0.10.
+KYPHOWATCH_SILENT_SITE_DAYS
+    A site that used to send procedures and sent none for this many days raises a
+    data-quality alert. Default 60.
 """
 
 from __future__ import annotations
@@ -130,10 +130,10 @@ class Settings:
     landing_min_age_seconds: float = 30.0
     landing_poll_seconds: float = 10.0
     landing_reannounce_seconds: float = 120.0
-    alert_quarantine_share: float = 0.10
-    silent_site_days: int = 60
     heartbeat_hours: float = 72.0
     channel_outage_minutes: float = 30.0
+    alert_quarantine_share: float = 0.10
+    silent_site_days: int = 60
 
     def with_db(self, db_url: str | None) -> Settings:
         """Return a copy with ``db_url`` replaced when one is given (CLI ``--db``)."""

@@ -674,12 +674,8 @@ def _absorb_new_signals(
 
 
 def _create(engine: sa.Engine, settings: Settings, condition: Condition, episode: int,
-            now: datetime, channels: list[str] | None = None) -> str | None:  # fmt: skip
-    """Insert the alert, its audit row and its outbox rows in one transaction.
-
-    ``channels`` defaults to every channel configured for the condition's kind (the
-    watchdog passes the one channel that still works when the other is down).
-    """
+            now: datetime) -> str | None:  # fmt: skip
+    """Insert the alert, its audit row and its outbox rows in one transaction."""
     alert_id = alert_id_for(condition.dedupe_key, episode)
     payload = {"kind": condition.kind, "episode": episode, **condition.payload}
     try:
@@ -701,9 +697,7 @@ def _create(engine: sa.Engine, settings: Settings, condition: Condition, episode
                 )
             )
             _audit(conn, alert_id, None, OPEN, SYSTEM_ACTOR, f"raised: {condition.title}", now)
-            if channels is None:
-                channels = channels_for(settings, condition.kind)
-            for channel in channels:
+            for channel in channels_for(settings, condition.kind):
                 conn.execute(
                     alert_outbox.insert().values(
                         alert_id=alert_id,

@@ -84,7 +84,14 @@ def raise_once(engine: sa.Engine, settings: Settings, condition: Condition, now:
                    SYSTEM_ACTOR, f"still true: {condition.title}"[:500], now)  # fmt: skip
         return None
     episode = 1 if previous is None else previous["episode"] + 1
-    return _create(engine, settings, condition, episode, now, channels=channels)
+    alert_id = _create(engine, settings, condition, episode, now)
+    if alert_id is not None and channels is not None:
+        # Only the channels asked for: an outage is not announced on the broken channel
+        # (a delivery run in the instant between the two commits meets that channel down).
+        with engine.begin() as conn:
+            conn.execute(alert_outbox.delete().where(
+                alert_outbox.c.alert_id == alert_id, alert_outbox.c.channel.notin_(channels)))
+    return alert_id
 
 
 def clear(engine: sa.Engine, dedupe_key: str, now: datetime) -> bool:
