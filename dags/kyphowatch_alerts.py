@@ -4,10 +4,14 @@ Runs when the monitor updates the signals Asset and every 15 minutes, so deliver
 failed (mail server or webhook down) are retried without waiting for new data. Alerts are
 de-duplicated by key and episode and delivered through a transactional outbox: each alert
 reaches each channel once, with a stable Message-ID / Idempotency-Key (docs/operations.md).
-The ``as_of`` param (YYYY-MM-DD) fixes the date for the "site stopped sending" rule.
+The ``as_of`` param (YYYY-MM-DD) fixes the date for the "site stopped sending" rule
+(default: today by the wall clock).
 
-When a sync raised alerts (or attached new episodes to open ones) the evidence report is
-published again, so the report that the alert links to lists the alert.
+Order: sync, then the watchdog (no extracts for ``KYPHOWATCH_HEARTBEAT_HOURS``, a delivery
+channel down for ``KYPHOWATCH_CHANNEL_OUTAGE_MINUTES``: ``pipelines.alerts.watchdog``), then
+-- when the sync raised alerts or attached new episodes to open ones -- the evidence report is
+published again, and only then is the outbox delivered. An e-mail therefore never links to a
+page that does not exist yet, and the page it links to lists the alert.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from datetime import timedelta
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 from kyphowatch_assets import SIGNALS
+from kyphowatch_notify import NOTIFY_ARGS
 
-default_args = {"owner": "kyphowatch", "retries": 2, "retry_delay": timedelta(minutes=1)}
+default_args = {"owner": "kyphowatch", "retries": 2, "retry_delay": timedelta(minutes=1),
+                **NOTIFY_ARGS}
 
 
 @dag(
@@ -45,6 +51,15 @@ def kyphowatch_alerts():
         return sync(build_settings(), as_of).to_dict()
 
     @task
+    def watchdog() -> dict:
+        """Raise or clear the heartbeat and channel-outage alerts (by the wall clock)."""
+        from kyphowatch_config import build_settings
+
+        from pipelines.alerts.watchdog import run_watchdog
+
+        return run_watchdog(build_settings()).to_dict()
+
+    @task(trigger_rule="none_failed")
     def deliver_outbox() -> dict:
         """Send queued alert messages; fail (and retry) if some could not be sent."""
         from kyphowatch_config import build_settings
@@ -69,8 +84,8 @@ def kyphowatch_alerts():
         return str(publish_report(build_settings()))
 
     synced = sync_alerts()
-    synced >> deliver_outbox()
-    refresh_report(synced)
+    refreshed = refresh_report(synced)
+    synced >> watchdog() >> refreshed >> deliver_outbox()
 
 
 kyphowatch_alerts()

@@ -12,7 +12,12 @@
 from __future__ import annotations
 
 from airflow.sdk import Asset, AssetWatcher
-from kyphowatch_config import landing_dir, landing_min_age_seconds, landing_poll_seconds
+from kyphowatch_config import (
+    landing_dir,
+    landing_min_age_seconds,
+    landing_poll_seconds,
+    landing_reannounce_seconds,
+)
 from kyphowatch_triggers import LandingFilesTrigger
 
 LANDING = Asset(
@@ -25,6 +30,7 @@ LANDING = Asset(
                 directory=str(landing_dir().resolve()),
                 min_age_seconds=landing_min_age_seconds(),
                 poke_interval=landing_poll_seconds(),
+                reannounce_seconds=landing_reannounce_seconds(),
             ),
         )
     ],

@@ -55,6 +55,11 @@ def landing_poll_seconds() -> float:
     return load_settings().landing_poll_seconds
 
 
+def landing_reannounce_seconds() -> float:
+    """Return after how long a file still waiting in landing is announced again."""
+    return load_settings().landing_reannounce_seconds
+
+
 def _variable(key: str) -> str | None:
     from airflow.sdk import Variable
 

@@ -18,8 +18,10 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, task
 from kyphowatch_assets import COMPLICATIONS, PROCEDURES, SIGNALS
+from kyphowatch_notify import NOTIFY_ARGS
 
-default_args = {"owner": "kyphowatch", "retries": 2, "retry_delay": timedelta(minutes=1)}
+default_args = {"owner": "kyphowatch", "retries": 2, "retry_delay": timedelta(minutes=1),
+                **NOTIFY_ARGS}
 
 
 @dag(

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dag_ids", nargs="+")
     parser.add_argument("--conf", default="{}", help="JSON params for every run")
+    parser.add_argument("--no-retries", action="store_true",
+                        help="fail on the first error (dag.test() would wait out retry_delay)")
     args = parser.parse_args(argv)
     sys.path[:0] = [str(DAGS_DIR), str(DAGS_DIR.parent)]
 
@@ -36,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for dag_id in args.dag_ids:
         dag = bag.get_dag(dag_id)
+        if args.no_retries:
+            for task in dag.tasks:
+                task.retries = 0
         run = dag.test(run_conf=json.loads(args.conf))
         tasks = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
         state = str(run.state)

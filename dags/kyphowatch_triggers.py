@@ -7,9 +7,16 @@ fits. :class:`LandingFilesTrigger` polls the directory for as long as the trigge
 fires one event whenever files appear (or change) that have settled: complete names,
 unchanged for ``min_age_seconds`` (:func:`pipelines.landing.stable_files`).
 
-It remembers what it announced (name, size, mtime) only in memory: after a triggerer
-restart the files still in landing are announced once more, which at worst starts an
-ingest run that finds them already loaded (ingest is idempotent).
+Nothing is stranded. Every run of ``kyphowatch_ingest`` moves each file it processed out of
+landing (archive or rejected), so a file that is *still* in landing has not been dealt with
+-- typically because ingest failed (warehouse unreachable) and exhausted its retries. The
+trigger therefore announces a file again once it has sat in landing for
+``reannounce_seconds`` since its last announcement (default 120 s,
+``KYPHOWATCH_LANDING_REANNOUNCE_SECONDS``): when the cause is fixed, the files are picked up
+within that time instead of waiting for the 02:00 safety-net run. The memory itself is the
+landing directory (durable by construction); the in-memory map only holds when each file
+was last announced, so a triggerer restart announces the files still waiting once more,
+which at worst starts an ingest run that finds them already loaded (ingest is idempotent).
 
 The triggerer imports this module by its class path ``kyphowatch_triggers.LandingFilesTrigger``,
 so the DAGs folder and the repository root must be on the triggerer's ``PYTHONPATH``
@@ -19,6 +26,7 @@ so the DAGs folder and the repository root must be on the triggerer's ``PYTHONPA
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -44,11 +52,13 @@ class LandingFilesTrigger(BaseEventTrigger):
     """Fire an event each time settled extract files show up in ``directory``."""
 
     def __init__(self, directory: str, min_age_seconds: float = 30.0,
-                 poke_interval: float = 10.0, **kwargs: Any) -> None:  # fmt: skip
+                 poke_interval: float = 10.0, reannounce_seconds: float = 120.0,
+                 **kwargs: Any) -> None:  # fmt: skip
         super().__init__(**kwargs)
         self.directory = str(directory)
         self.min_age_seconds = float(min_age_seconds)
         self.poke_interval = float(poke_interval)
+        self.reannounce_seconds = float(reannounce_seconds)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """Return the class path and the arguments that rebuild this trigger."""
@@ -58,19 +68,30 @@ class LandingFilesTrigger(BaseEventTrigger):
                 "directory": self.directory,
                 "min_age_seconds": self.min_age_seconds,
                 "poke_interval": self.poke_interval,
+                "reannounce_seconds": self.reannounce_seconds,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        """Poll forever; yield an event listing the newly settled files."""
-        announced: dict[str, tuple[int, int]] = {}
+        """Poll forever; yield an event listing new files and files still waiting."""
+        # name -> (size, mtime_ns, monotonic time of the last announcement)
+        announced: dict[str, tuple[int, int, float]] = {}
         while True:
             settled = await asyncio.to_thread(_settled, self.directory, self.min_age_seconds)
-            new = sorted(name for name, sig in settled.items() if announced.get(name) != sig)
+            now = time.monotonic()
             # forget files that left landing, so the same name dropped again fires again
-            announced = {name: sig for name, sig in announced.items() if name in settled}
-            if new:
-                announced.update({name: settled[name] for name in new})
-                self.log.info("landing %s: %d new file(s): %s", self.directory, len(new), new)
-                yield TriggerEvent({"directory": self.directory, "files": new})
+            announced = {name: seen for name, seen in announced.items() if name in settled}
+            new = sorted(name for name, sig in settled.items()
+                         if announced.get(name, (None, None, 0.0))[:2] != sig)  # fmt: skip
+            waiting = sorted(
+                name for name in settled
+                if name not in new and now - announced[name][2] >= self.reannounce_seconds
+            )
+            if new or waiting:
+                for name in (*new, *waiting):
+                    announced[name] = (*settled[name], now)
+                self.log.info("landing %s: %d new file(s) %s, %d still waiting %s",
+                              self.directory, len(new), new, len(waiting), waiting)  # fmt: skip
+                yield TriggerEvent({"directory": self.directory, "files": new,
+                                    "waiting": waiting})  # fmt: skip
             await asyncio.sleep(self.poke_interval)

@@ -190,10 +190,48 @@ def file_away(results: list[Any], archive_dir: Path, rejected_dir: Path, *,
 
 
 def loaded_kinds(results: list[Any]) -> list[str]:
-    """Return the extract kinds (sorted) for which some file changed the warehouse."""
+    """Return the extract kinds (sorted) for which some file of *this* try changed the warehouse.
+
+    Not what the ingest DAG announces from: see :func:`unmonitored_kinds`.
+    """
     return sorted(
         {_field(r, "kind") for r in results if _field(r, "status") == "loaded" and _field(r, "kind")}
     )
+
+
+def unmonitored_kinds(settings: Settings) -> list[str]:
+    """Return the extract kinds (sorted) the warehouse holds news of that no monitor run saw.
+
+    A kind is news when a file of that kind changed rows (``file_ledger``: loaded, rows
+    inserted or updated) after the newest stored monitor run was computed, or when no monitor
+    run exists yet. This follows the warehouse, not the current try: a file that loaded in
+    an earlier try that was killed before announcing is reported by the retry (which sees
+    only duplicates), so the monitor still runs. A monitor rerun for a past ``as_of`` also
+    counts as "seen"; that only matters if someone backfills between a load and its
+    announce, and the nightly ingest run then does not re-announce -- trigger the monitor.
+    """
+    import sqlalchemy as sa
+
+    from pipelines.db import make_engine
+    from pipelines.schema import file_ledger, monitor_run
+
+    newest_run = sa.select(sa.func.max(monitor_run.c.computed_at)).scalar_subquery()
+    query = (
+        sa.select(file_ledger.c.kind)
+        .where(
+            file_ledger.c.status == "loaded",
+            file_ledger.c.kind.isnot(None),
+            file_ledger.c.rows_inserted + file_ledger.c.rows_updated > 0,
+            sa.or_(newest_run.is_(None), file_ledger.c.processed_at > newest_run),
+        )
+        .distinct()
+    )
+    engine = make_engine(settings.db_url)
+    try:
+        with engine.connect() as conn:
+            return sorted(conn.execute(query).scalars())
+    finally:
+        engine.dispose()
 
 
 def process_landing(

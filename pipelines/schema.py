@@ -583,11 +583,15 @@ def migrate(engine: sa.Engine, sql_dir: Path | None = None) -> int:
     import hashlib
     from datetime import UTC, datetime
 
-    from pipelines.settings import REPO_DIR
+    from pipelines.errors import ConfigError
+    from pipelines.settings import bundled_path
 
-    sql_dir = sql_dir or REPO_DIR / "sql"
+    sql_dir = sql_dir or bundled_path("sql")
     views_path = sql_dir / "views.sql"
-    digest = hashlib.sha256(views_path.read_bytes()).hexdigest() if views_path.exists() else None
+    if not views_path.exists():  # an incomplete install must not run without analyst views
+        raise ConfigError(f"{views_path} is missing: the kyphowatch install is incomplete "
+                          "(reinstall the package; the wheel ships sql/ as package data)")
+    digest = hashlib.sha256(views_path.read_bytes()).hexdigest()
     if _is_current(engine, digest):
         return max(MIGRATIONS)
     with _migration_lock(engine), engine.begin() as conn:

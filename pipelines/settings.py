@@ -48,6 +48,15 @@ KYPHOWATCH_LANDING_DIR / KYPHOWATCH_ARCHIVE_DIR / KYPHOWATCH_REJECTED_DIR
 KYPHOWATCH_LANDING_MIN_AGE_SECONDS / KYPHOWATCH_LANDING_POLL_SECONDS
     How long a landed file must stay unchanged before pick-up (default 30) and how often
     the landing watcher looks (default 10).
+KYPHOWATCH_LANDING_REANNOUNCE_SECONDS
+    A file still in landing this long after it was announced (its ingest failed) is
+    announced again, so it is picked up once the cause is fixed. Default 120.
+KYPHOWATCH_HEARTBEAT_HOURS
+    No extract received from any site for this many hours raises a data-quality alert
+    (the watchdog). Default 72: a long weekend without files is not an alarm.
+KYPHOWATCH_CHANNEL_OUTAGE_MINUTES
+    An alert channel (SMTP or webhook) that has failed to deliver for this long raises an
+    alert on the other channel. Default 30.
 KYPHOWATCH_MAIL_FROM
     Sender of alert e-mails. Default ``kyphowatch <kyphowatch@localhost>``.
 KYPHOWATCH_ALERT_QUARANTINE_SHARE
@@ -99,9 +108,28 @@ class ConfigurationError(ConfigError):
     """A required setting is missing or invalid; the message says which and how to fix it."""
 
 
-def _bundled(relative: str) -> Path:
-    """Return a file shipped with the repository (expectations, sql, profiles)."""
+BUNDLED_PACKAGE = "pipelines._bundled"
+
+
+def bundled_path(relative: str) -> Path:
+    """Return a data file shipped with kyphowatch (``expectations/``, ``profiles/``, ``sql/``).
+
+    An installed wheel carries them as package data in ``pipelines/_bundled/`` (copied there
+    by the build, ``setup.py``), found through :mod:`importlib.resources`; a source checkout
+    or an editable install reads them from the repository root, where they are maintained.
+    """
+    from importlib import resources
+
+    try:
+        shipped = resources.files(BUNDLED_PACKAGE).joinpath(relative)
+        if shipped.is_file() or shipped.is_dir():
+            return Path(str(shipped))
+    except ModuleNotFoundError:  # source tree: no _bundled copy
+        pass
     return REPO_DIR / relative
+
+
+_bundled = bundled_path
 
 
 @dataclass(frozen=True)
@@ -131,6 +159,9 @@ class Settings:
     rejected_dir: Path = Path("var/rejected")
     landing_min_age_seconds: float = 30.0
     landing_poll_seconds: float = 10.0
+    landing_reannounce_seconds: float = 120.0
+    heartbeat_hours: float = 72.0
+    channel_outage_minutes: float = 30.0
     alert_quarantine_share: float = 0.10
     silent_site_days: int = 60
     # Hostile-input limits (issue 14); see docs/operations.md "Input limits".
@@ -251,6 +282,9 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         "report_base_url": env.get("KYPHOWATCH_REPORT_BASE_URL") or None,
         "alert_quarantine_share": _float(env, "KYPHOWATCH_ALERT_QUARANTINE_SHARE", 0.10, 0.0, 1.0),
         "silent_site_days": int(_float(env, "KYPHOWATCH_SILENT_SITE_DAYS", 60, 1, 3650)),
+        "heartbeat_hours": _float(env, "KYPHOWATCH_HEARTBEAT_HOURS", 72.0, 0.01, 24 * 365),
+        "channel_outage_minutes": _float(env, "KYPHOWATCH_CHANNEL_OUTAGE_MINUTES", 30.0,
+                                         0.0, 7 * 24 * 60),
     }
     for name in ("landing_dir", "archive_dir", "rejected_dir"):
         if env.get(f"KYPHOWATCH_{name.upper()}"):
@@ -259,6 +293,9 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         env, "KYPHOWATCH_LANDING_MIN_AGE_SECONDS", 30.0, 0.0, 86_400.0
     )
     values["landing_poll_seconds"] = _float(env, "KYPHOWATCH_LANDING_POLL_SECONDS", 10.0, 0.1, 3600.0)
+    values["landing_reannounce_seconds"] = _float(
+        env, "KYPHOWATCH_LANDING_REANNOUNCE_SECONDS", 120.0, 1.0, 86_400.0
+    )
     if env.get("KYPHOWATCH_MAIL_FROM"):
         values["mail_from"] = env["KYPHOWATCH_MAIL_FROM"]
     if env.get("KYPHOWATCH_PROFILE"):

@@ -7,10 +7,16 @@ on the local PostgreSQL, plus a fresh PostgreSQL warehouse and the SMTP sink. Ex
 from the simulator (one site drifting) are dropped into the landing directory; the test
 measures the time until the safety e-mail arrives, then drops the same files again and
 checks that no second e-mail follows. Component logs are printed when something fails.
+
+Two variants: LocalExecutor, and CeleryExecutor with the machine's real Redis broker (a queue
+of its own) and two Celery workers -- the compose topology without containers. In the
+Celery variant one worker is SIGKILLed while it runs ``run_monitor``: the task is retried on
+the other worker, and still exactly one e-mail arrives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -87,13 +93,15 @@ def _drop_files(files: list[Path], landing: Path) -> float:
 class AirflowStack:
     """The Airflow components as subprocesses, each in its own process group."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path,
+                 components: dict[str, list[str]] | None = None) -> None:  # fmt: skip
         self.env = env
         self.log_dir = log_dir
+        self.components = components or COMPONENTS
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self) -> None:
-        for name, args in COMPONENTS.items():
+        for name, args in self.components.items():
             log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "airflow", *args], env=self.env, cwd=REPO,
@@ -122,11 +130,57 @@ class AirflowStack:
             print(path.read_bytes()[-tail:].decode("utf-8", "replace"))
 
 
+def _ancestors(pid: int) -> list[int]:
+    """Return the parent chain of ``pid`` (from /proc), nearest first."""
+    chain = []
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain
+
+
+def _kill_worker_mid_task(stack: AirflowStack, meta: sa.Engine, deadline: float) -> str:
+    """SIGKILL the Celery worker running ``run_monitor`` (and its children); return its name."""
+    workers = {p.pid: name for name, p in stack.processes.items() if name.startswith("worker")}
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        with meta.connect() as conn:
+            pid = conn.execute(sa.text(
+                "select pid from task_instance where dag_id = 'kyphowatch_monitor' "
+                "and task_id = 'run_monitor' and state = 'running' and pid is not null"
+            )).scalar()  # fmt: skip
+        owner = next((workers[p] for p in _ancestors(pid) if p in workers), None) if pid else None
+        if owner:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            os.killpg(stack.processes[owner].pid, signal.SIGKILL)
+            stack.processes.pop(owner).wait(10)
+            return owner
+        time.sleep(0.2)
+    raise AssertionError("run_monitor never ran on a Celery worker: nothing to kill")
+
+
 def _drift_emails(sink: MailSink) -> list:
     return [m for m in sink.messages() if DRIFT_SITE in m["Subject"] and "cement leak" in m["Subject"].lower()]
 
 
-def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys):
+def _redis_available() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("executor", ["LocalExecutor", "CeleryExecutor"])
+def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys, executor):
+    if executor == "CeleryExecutor" and not _redis_available():
+        pytest.skip("no Redis broker on 127.0.0.1:6379 for the CeleryExecutor variant")
     meta_name, meta_url = _create_db(pg_admin_url, "kw_airflow")
     wh_name, wh_url = _create_db(pg_admin_url, "kw_wh")
     meta_url = meta_url.replace("postgresql://", "postgresql+psycopg://", 1)
@@ -145,7 +199,7 @@ def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys):
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta_url,
         # psycopg 3 is async-capable; Airflow would otherwise look for asyncpg
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": meta_url,
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTOR": executor,
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -173,7 +227,25 @@ def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys):
     }  # fmt: skip
     env.pop("KYPHOWATCH_DB_URL", None)
     env.pop("KYPHOWATCH_DEMO", None)
-    stack = AirflowStack(env, logs)
+    components = dict(COMPONENTS)
+    if executor == "CeleryExecutor":
+        # The machine's real Redis as broker; a queue of our own, so parallel runs on the
+        # same Redis never take each other's tasks. Two workers, as with --scale worker=2.
+        queue = f"kw_{uuid.uuid4().hex[:10]}"
+        env.update({
+            "AIRFLOW__CELERY__BROKER_URL": "redis://127.0.0.1:6379/0",
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + meta_url.replace("+psycopg", "", 1),
+            "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
+            # notice a killed worker's task within seconds (default 300 s)
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+        })  # fmt: skip
+        for number in (1, 2):
+            components[f"worker-{number}"] = [
+                "celery", "worker", "--queues", queue, "--concurrency", "2", "--skip-serve-logs",
+                "--celery-hostname", f"{queue}-{number}@%h",
+            ]  # fmt: skip
+    stack = AirflowStack(env, logs, components)
     failed = True
     try:
         migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env,
@@ -199,6 +271,11 @@ def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys):
         landed = _drop_files(files, landing)
         arrived = None
         deadline = time.monotonic() + EMAIL_DEADLINE_SECONDS
+        killed = None
+        if executor == "CeleryExecutor":
+            # a worker SIGKILLed mid-task: the task is retried on the other worker
+            killed = _kill_worker_mid_task(stack, meta, time.monotonic() + 240)
+            deadline += 240
         while time.monotonic() < deadline:
             stack.check_alive()
             if _drift_emails(sink):
@@ -208,13 +285,22 @@ def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys):
         assert arrived is not None, f"no alert e-mail for {DRIFT_SITE} within the deadline"
         latency = arrived - landed
         with capsys.disabled():
-            print(f"\nlanding -> alert e-mail latency: {latency:.1f} s")
+            print(f"\nlanding -> alert e-mail latency ({executor}): {latency:.1f} s"
+                  + (f" ({killed} SIGKILLed during run_monitor)" if killed else ""))
 
         time.sleep(5)  # let the rest of that delivery run finish
         first_round = sink.messages()
         assert len(_drift_emails(sink)) == 1
         ids = [m["Message-ID"] for m in first_round]
         assert len(ids) == len(set(ids))
+        if killed:
+            with meta.connect() as conn:
+                tries = conn.execute(sa.text(
+                    "select state, try_number from task_instance "
+                    "where dag_id = 'kyphowatch_monitor' and task_id = 'run_monitor'")).all()
+            # the killed try was retried to success (later monitor runs may still be going)
+            assert ("success", True) in [(state, n >= 2) for state, n in tries], tries
+            assert "failed" not in {state for state, _ in tries}, tries
 
         # the same files again: loaded already, so no new signals and no new e-mail
         _drop_files(files, landing)

@@ -395,14 +395,17 @@ def test_data_quality_rules_quarantine_share_and_silent_site(db_url, make_settin
         conn.execute(procedure.insert(), rows)
     engine.dispose()
 
-    sync_alerts(settings)
+    newest = start + timedelta(days=539)  # the silent rule counts from the clock: replay then
+    sync_alerts(settings, newest)
     keys = {a["dedupe_key"]: a for a in list_alerts(settings)}
     assert [k.split(":")[0] for k in sorted(keys)] == ["quarantine", "silent"]
     assert keys["silent:S002"]["kind"] == "data_quality"
     payload = json.loads(keys["silent:S002"]["payload"])
     assert payload["days_silent"] > 60
-    # a past as_of when S002 still sent: nothing new, and the rerun is stable
-    assert sync_alerts(settings).created == []
+    # the rerun is stable
+    assert sync_alerts(settings, newest).created == []
+    # by today's clock (years later) S002 is no longer an active site: the alert closes
+    assert sync_alerts(settings).closed == 1
 
 
 def test_concurrent_syncs_create_each_alert_once(db_url, make_settings):

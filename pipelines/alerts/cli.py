@@ -146,6 +146,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             sub.add_argument("--channel", choices=("email", "webhook"))
 
     sub = add("sync", _sync, "raise alerts for new signals and data-quality facts")
-    sub.add_argument("--as-of", help="date for the silent-site rule (default: newest data)")
+    sub.add_argument("--as-of", help="date for the silent-site rule (default: today)")
 
     add("deliver", _deliver, "send queued alert messages (exit 4 if some must be retried)")

@@ -13,8 +13,12 @@ Every sync recomputes the set of *active conditions* from the warehouse:
 * a rejected extract (``file_ledger.status = 'rejected'``);
 * a loaded extract whose quarantined share of rows is above ``quarantine_share``;
 * a site that used to send procedures but has sent none for ``silent_days`` before
-  ``as_of`` (default: the newest procedure date in the warehouse, so the rule measures a
-  site against the rest of the registry, not against the wall clock).
+  ``as_of`` (default: today by the wall clock, so a whole feed that stops is noticed too;
+  a past ``as_of`` replays the rule for that date).
+
+The watchdog (:mod:`pipelines.alerts.watchdog`: no extracts at all, a delivery channel
+down) and the failure notifier (:mod:`pipelines.alerts.failures`) raise and clear their
+own alerts (keys ``watchdog:...`` and ``failure:...``); sync leaves those alone.
 
 First run and backfill: alarm and under-reporting *episodes that already ended*
 (``level_episode.end_date`` set) and sentinel events older than the profile's
@@ -268,6 +272,8 @@ LEVEL_KIND = {"alarm": SAFETY, "under_reporting": DATA_QUALITY}
 # Conditions whose alert closes itself once the condition is no longer true (a digest once
 # its week or run has passed).
 AUTO_CLOSE_PREFIXES = ("level:", "silent:", "digest:")
+# Alerts raised and cleared outside sync (watchdog, task failures): not sync's conditions.
+EXTERNAL_PREFIXES = ("watchdog:", "failure:")
 
 
 def _current_profile(settings: Settings):
@@ -522,9 +528,9 @@ def _silent_site_conditions(
     conn: sa.Connection, settings: Settings, as_of: date | None, silent_days: int
 ) -> list[Condition]:
     if as_of is None:
-        as_of = _as_date(conn.scalar(sa.select(sa.func.max(procedure.c.procedure_date))))
-        if as_of is None:
-            return []
+        # The wall clock, not the newest procedure date: measured against the newest data,
+        # a registry whose every feed stopped would never look silent.
+        as_of = datetime.now(UTC).date()
     window_start = as_of - timedelta(days=silent_days)
     prior_start = window_start - timedelta(days=PRIOR_WINDOW_DAYS)
     last_date = sa.func.max(procedure.c.procedure_date)
@@ -789,7 +795,8 @@ def sync_alerts(
                     result.absorbed += 1
                 result.persisting += 1
         for key, previous in latest.items():
-            if key in active_keys or markers.get(previous["alert_id"]) == CONDITION_CLEARED:
+            if (key in active_keys or key.startswith(EXTERNAL_PREFIXES)
+                    or markers.get(previous["alert_id"]) == CONDITION_CLEARED):
                 continue
             closes = key.startswith(AUTO_CLOSE_PREFIXES) and previous["state"] != RESOLVED
             with engine.begin() as conn:

@@ -368,11 +368,40 @@ def _silent_lines(p: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _task_failure_lines(p: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("DAG", str(p.get("dag_id"))),
+        ("Task", f"{p.get('task_id')} (try {p.get('try_number')})"),
+        ("Run", str(p.get("run_id"))),
+        ("Error", str(p.get("error"))),
+        ("Next", "fix the cause; the next success closes this alert, and files still in "
+                 "landing are picked up again automatically"),
+    ]
+
+
+def _heartbeat_lines(p: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("Last extract", str(p.get("last_extract_at"))),
+        ("Silent for", f"{p.get('hours_silent')} hours (threshold {p.get('threshold_hours')} h)"),
+    ]
+
+
+def _channel_outage_lines(p: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("Channel", str(p.get("channel"))),
+        ("Failing since", f"{p.get('failing_since')} ({p.get('minutes')} minutes; threshold "
+                          f"{p.get('threshold_minutes')})"),  # fmt: skip
+    ]
+
+
 _LINES = {
     "signal": _signal_lines,
     "rejected_file": _rejected_lines,
     "quarantine_share": _quarantine_lines,
     "silent_site": _silent_lines,
+    "task_failure": _task_failure_lines,
+    "heartbeat": _heartbeat_lines,
+    "channel_outage": _channel_outage_lines,
 }
 
 
