@@ -201,6 +201,8 @@ def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
            f"</a><a href='{up}methods.html'>Methods</a></nav>")
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            # an empty inline icon: the browser would otherwise fetch /favicon.ico
+            f"<link rel='icon' href='data:,'>"
             f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>{nav}"
             f"<h1>{_esc(title)}</h1>{subtitle}{body}</body></html>\n")
 
