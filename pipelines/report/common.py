@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 from datetime import date
 from typing import Any
@@ -172,11 +173,19 @@ def csv_text(headers: list[str], rows: list[list[Any]]) -> str:
 
     unsafe = evidence._FORMULA_START
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer = csv.writer(buffer, lineterminator="\r\n")  # writes None as an empty cell
     writer.writerow([evidence.csv_cell(h) for h in headers])
-    writer.writerows(
-        [("'" + v if v.startswith(unsafe) else v) if type(v) is str
-         else "" if v is None or v != v else v for v in row] for row in rows)
+    if not rows:
+        return buffer.getvalue()
+    columns = list(zip(*rows, strict=True))
+    for i, column in enumerate(columns):
+        kinds = set(map(type, column))
+        if kinds == {float} and not math.isnan(math.fsum(column)):
+            continue  # plain numbers (the long series): nothing to do
+        if str in kinds or float in kinds:  # text to neutralise, or NaN to empty
+            columns[i] = [("'" + v if v.startswith(unsafe) else v) if type(v) is str
+                          else None if v != v else v for v in column]
+    writer.writerows(zip(*columns, strict=True))
     return buffer.getvalue()
 
 
