@@ -391,10 +391,11 @@ def monthly_figures(settings: Settings, run_key: str,
              .order_by(months.c.site_id, months.c.metric, months.c.month))
     out: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with reading(settings.db_url) as conn:
-        for site, metric, month, units, events, expected, before in conn.execute(query):
-            out.setdefault((site, metric), []).append({
-                "month": month, "units": int(units), "events": int(events),
-                "expected": float(expected), "months_before_as_of": int(before)})
+        rows = conn.execute(query).all()  # one fetch; iterating fetches row by row
+    for site, metric, month, units, events, expected, before in rows:
+        out.setdefault((site, metric), []).append({
+            "month": month, "units": int(units), "events": int(events),
+            "expected": float(expected), "months_before_as_of": int(before)})
     return out
 
 

@@ -95,7 +95,7 @@ def date_ticks(low: int, high: int) -> tuple[list[int], str]:
     return ticks, style
 
 
-def decimate(x: np.ndarray, y: np.ndarray, max_points: int = 1200) -> tuple[np.ndarray, np.ndarray]:
+def decimate(x: np.ndarray, y: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
     """Keep the first, min, max and last point of each bucket so peaks survive thinning."""
     if len(x) <= max_points:
         return x, y
