@@ -117,6 +117,13 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
     # overview: S004 is marked as a signal on cement leak; S001 is in control everywhere
     assert "st-alarm" in _grid_row(text, "S004") and "st-alarm" not in _grid_row(text, "S001")
     assert "missing column event_date" in text and "bad_date" in text
+    # open alerts carry their signal date and the level now; extracts show as dates
+    alerts = text[text.index("<h2 id='alerts'>"):text.index("<h2 id='quality'>")]
+    assert "<th>signal date</th>" in alerts and "<th>level now</th>" in alerts
+    alert_row = alerts[alerts.index("sites/S004.html#alerts"):]
+    alert_row = alert_row[:alert_row.index("</tr>")]
+    assert re.search(r"<td>alarm</td>.*<td>\d{4}-\d{2}-\d{2}</td>", alert_row), alert_row
+    assert not re.search(r"\d{8}T\d{6}", text)  # no raw extract stamps
     site_page = (out / "sites" / "S004.html").read_text(encoding="utf-8")
     parsed = _parse(out / "sites" / "S004.html")
     assert parsed.svgs >= 4  # CUSUM up, down, risk-adjusted, p-chart for cement leak at least
@@ -137,6 +144,9 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
             assert (f">{r['site']}</text>" in svg) == outside, (window, r)
         assert float(rows[3]["rate"]) > 0.25 and rows[3]["lower_limit"] != ""
     assert "funnel_12m" not in re.sub(r"<[^>]+>", " ", site_page)  # readable method names
+    # rare events are drawn as counts, not as a row of zero proportions
+    major = funnels[funnels.index("<h2 id='major_event'>"):]
+    assert "expected events at the baseline" in major and "observed events" in major
     # the flag in words: the grid cell and the site page's first sentence
     row_text = re.sub(r"<[^>]+>", " ", _grid_row(text, "S004"))
     assert re.search(r"alarm .*since \d{4}-\d{2}-\d{2}.* of \d methods", row_text), row_text
