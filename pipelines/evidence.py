@@ -219,11 +219,15 @@ def observed_expected(metric_row: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def sites_payload(result, profile, facts: SiteFacts) -> list[dict[str, Any]]:
-    """Return one row per site: status per metric, worst status, alerts and data quality."""
+def sites_payload(result, profile, facts: SiteFacts,
+                  rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Return one row per site: status per metric, worst status, alerts and data quality.
+
+    ``rows`` are the run's status rows when the caller already has them.
+    """
     statuses: dict[str, dict[str, dict[str, Any]]] = {}
     kinds = {m["metric"]: m.get("kind") for m in result.site_metrics}
-    for row in status_rows(result, profile):
+    for row in rows if rows is not None else status_rows(result, profile):
         statuses.setdefault(row["site_id"], {})[row["metric"]] = row
     out = []
     for site in sorted(statuses):
@@ -268,8 +272,9 @@ class Evidence:
         self.result, self.profile, self.facts = result, profile, facts
         self.complications = complications or {}
         self.payload = result.to_dict()
-        self.status = {(r["site_id"], r["metric"]): r for r in status_rows(result, profile)}
-        self.sites = sites_payload(result, profile, facts)
+        rows = status_rows(result, profile)
+        self.status = {(r["site_id"], r["metric"]): r for r in rows}
+        self.sites = sites_payload(result, profile, facts, rows)
         self._site_rows = {s["site_id"]: s for s in self.sites}
         self._metrics: dict[str, list[dict[str, Any]]] = {}
         order = {m.id: i for i, m in enumerate(profile.metrics)}  # the profile's order
