@@ -232,8 +232,8 @@ class Chart:
             f'<desc id="{ident}d">{_esc(self.description or self.title)}</desc>',
             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" '
             'stroke="#444" stroke-width="0.8"/>',
-            f'<text x="{self.width / 2:.0f}" y="16" text-anchor="middle" font-size="13" '
-            f'font-weight="bold">{_esc(_shorten(self.title, self.width // 7))}</text>',
+            f'<text x="{left}" y="16" font-size="13" '  # left: in view on a phone
+            f'font-weight="bold">{_esc(_shorten(self.title, (self.width - left) // 7))}</text>',
         ]
         # axes and grid
         if self.x_scale == "date":
