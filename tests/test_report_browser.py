@@ -11,7 +11,14 @@ and the report writer, then:
   manager: anonymous requests are refused, ``/kyphowatch/report/`` lands on
   ``latest/index.html`` for a logged-in user (the UI's ``_token`` cookie), the report's
   Content-Security-Policy causes no violation, traversal is 404, and the plugin's
-  navigation link is listed by ``/api/v2/plugins``.
+  navigation link is listed by ``/api/v2/plugins``;
+* C (slow, about a minute): a simulated 60-site, 4-year registry with two planted drifts,
+  ingested, monitored and reported, served over HTTP: the drifting sites head the grid with
+  level, since-date and strength as visible text; the site page's first sentence names the
+  metric, the rate in % and the guidance range; every chart's CSV link downloads its data;
+  Tab reaches the first site link and Enter opens it; at 400 px the page never scrolls
+  sideways, chart text is at least 11 px on screen and the site column stays in view; no
+  console error and no request outside the server.
 
 Playwright's Python package brings only its driver; the browser is ``/usr/bin/chromium``
 (``apt-get install chromium``; ``.ci/run`` installs it). Without it the tests skip with the
