@@ -192,8 +192,8 @@ def csv_text(headers: list[str], rows: list[list[Any]]) -> str:
         plain = plain and not any(c in joined for c in ',"\r\n')
         columns[i] = cells
     if plain:
-        return head.getvalue() + "".join(
-            ",".join(row) + "\r\n" for row in zip(*columns, strict=True))
+        return (head.getvalue() + "\r\n".join(map(",".join, zip(*columns, strict=True)))
+                + "\r\n")
     body = io.StringIO()
     csv.writer(body, lineterminator="\r\n").writerows(zip(*columns, strict=True))
     return head.getvalue() + body.getvalue()

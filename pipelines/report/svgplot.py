@@ -97,14 +97,17 @@ def date_ticks(low: int, high: int) -> tuple[list[int], str]:
 
 def decimate(x: np.ndarray, y: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
     """Keep the first, min, max and last point of each bucket so peaks survive thinning."""
-    if len(x) <= max_points:
+    n = len(x)
+    if n <= max_points:
         return x, y
-    buckets = np.array_split(np.arange(len(x)), max_points // 4)
-    keep = set()
-    for b in buckets:
-        seg = y[b]
-        keep.update((int(b[0]), int(b[np.argmin(seg)]), int(b[np.argmax(seg)]), int(b[-1])))
-    index = np.array(sorted(keep))
+    buckets = max_points // 4
+    bucket = np.arange(n) * buckets // n  # contiguous, nearly equal buckets
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    ends = np.r_[starts[1:], n] - 1
+    order = np.lexsort((y, bucket))  # by bucket, then by value
+    lowest = order[starts]
+    highest = order[ends]
+    index = np.unique(np.concatenate([starts, ends, lowest, highest]))
     return x[index], y[index]
 
 
