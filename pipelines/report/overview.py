@@ -90,7 +90,7 @@ def _cell(data: ReportData, site: str, metric: str, entry: dict[str, Any]) -> st
     spark = ""
     months = data.months.get((site, metric))
     m = data.metrics[metric]
-    if months and m.kind == "outcome":
+    if months and m.kind != "sentinel":  # sentinel events have no monthly rate
         spark = sparkline(months, m.baseline.low, m.baseline.high, f"{site} {label}")
     text = "".join(f"<span class='cell-line'>{_esc(line)}</span>" for line in lines)
     return (f"<td class='st-{status}'><a href='sites/{_esc(site)}.html#{_esc(metric)}'>"
