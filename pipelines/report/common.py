@@ -51,7 +51,7 @@ vertical-align:top;background:#fff}tr>:first-child{border-left-width:1px}
 thead tr:first-child>*{border-top-width:1px}
 th{background:#eee}td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.grid td:first-child,table.grid th:first-child{position:sticky;left:0;z-index:1;
-box-shadow:2px 0 0 #666}table.grid td{min-width:10em}table.grid td:first-child{min-width:0}
+box-shadow:2px 0 0 #666}table.grid td{min-width:10em}table.grid th .cell-line{white-space:normal;max-width:8em;font-size:12px}table.grid td:first-child{min-width:0}
 h2{border-bottom:1px solid #444;margin-top:1.8em}p,li,summary{overflow-wrap:anywhere}
 figure{margin:.4em 0 1.4em}figure .scroll{margin:0}
 svg.chart{display:block;max-width:none;height:auto}
