@@ -1,4 +1,4 @@
-"""Build hook: ship ``expectations/``, ``profiles/`` and ``sql/`` inside the wheel.
+"""Build hook: ship ``expectations/``, ``profiles/``, ``reference/`` and ``sql/`` inside the wheel.
 
 They stay at the repository root (where the design keeps and reviews them); a wheel copies
 them to ``pipelines/_bundled/`` so an installed package finds them through
@@ -15,7 +15,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-DATA_DIRS = ("expectations", "profiles", "sql")
+DATA_DIRS = ("expectations", "profiles", "reference", "sql")
 DATA_SUFFIXES = (".json", ".yaml", ".yml", ".sql")
 
 

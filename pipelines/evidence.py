@@ -219,11 +219,15 @@ def observed_expected(metric_row: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def sites_payload(result, profile, facts: SiteFacts) -> list[dict[str, Any]]:
-    """Return one row per site: status per metric, worst status, alerts and data quality."""
+def sites_payload(result, profile, facts: SiteFacts,
+                  rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Return one row per site: status per metric, worst status, alerts and data quality.
+
+    ``rows`` are the run's status rows when the caller already has them.
+    """
     statuses: dict[str, dict[str, dict[str, Any]]] = {}
     kinds = {m["metric"]: m.get("kind") for m in result.site_metrics}
-    for row in status_rows(result, profile):
+    for row in rows if rows is not None else status_rows(result, profile):
         statuses.setdefault(row["site_id"], {})[row["metric"]] = row
     out = []
     for site in sorted(statuses):
@@ -268,8 +272,9 @@ class Evidence:
         self.result, self.profile, self.facts = result, profile, facts
         self.complications = complications or {}
         self.payload = result.to_dict()
-        self.status = {(r["site_id"], r["metric"]): r for r in status_rows(result, profile)}
-        self.sites = sites_payload(result, profile, facts)
+        rows = status_rows(result, profile)
+        self.status = {(r["site_id"], r["metric"]): r for r in rows}
+        self.sites = sites_payload(result, profile, facts, rows)
         self._site_rows = {s["site_id"]: s for s in self.sites}
         self._metrics: dict[str, list[dict[str, Any]]] = {}
         order = {m.id: i for i, m in enumerate(profile.metrics)}  # the profile's order
@@ -391,10 +396,11 @@ def monthly_figures(settings: Settings, run_key: str,
              .order_by(months.c.site_id, months.c.metric, months.c.month))
     out: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with reading(settings.db_url) as conn:
-        for site, metric, month, units, events, expected, before in conn.execute(query):
-            out.setdefault((site, metric), []).append({
-                "month": month, "units": int(units), "events": int(events),
-                "expected": float(expected), "months_before_as_of": int(before)})
+        rows = conn.execute(query).all()  # one fetch; iterating fetches row by row
+    for site, metric, month, units, events, expected, before in rows:
+        out.setdefault((site, metric), []).append({
+            "month": month, "units": int(units), "events": int(events),
+            "expected": float(expected), "months_before_as_of": int(before)})
     return out
 
 

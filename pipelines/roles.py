@@ -106,9 +106,9 @@ def apply_roles(admin_url: str, database: str, roles: RoleSet,
 
     ``admin_url`` is a superuser URL; it is pointed at ``database`` (which must exist).
     """
-    from pipelines.settings import REPO_DIR
+    from pipelines.settings import bundled_path
 
-    text = (roles_sql or REPO_DIR / "sql" / "roles.sql").read_text(encoding="utf-8")
+    text = (roles_sql or bundled_path("sql/roles.sql")).read_text(encoding="utf-8")
     values = {"database": database, **{k: getattr(roles, k) for k in (
         "owner_role", "loader_role", "analyst_role",
         "owner_password", "loader_password", "analyst_password")}}

@@ -117,6 +117,13 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
     # overview: S004 is marked as a signal on cement leak; S001 is in control everywhere
     assert "st-alarm" in _grid_row(text, "S004") and "st-alarm" not in _grid_row(text, "S001")
     assert "missing column event_date" in text and "bad_date" in text
+    # open alerts carry their signal date and the level now; extracts show as dates
+    alerts = text[text.index("<h2 id='alerts'>"):text.index("<h2 id='quality'>")]
+    assert "<th>signal date</th>" in alerts and "<th>level now</th>" in alerts
+    alert_row = alerts[alerts.index("sites/S004.html#alerts"):]
+    alert_row = alert_row[:alert_row.index("</tr>")]
+    assert re.search(r"<td>alarm</td>.*<td>\d{4}-\d{2}-\d{2}</td>", alert_row), alert_row
+    assert not re.search(r"\d{8}T\d{6}", text)  # no raw extract stamps
     site_page = (out / "sites" / "S004.html").read_text(encoding="utf-8")
     parsed = _parse(out / "sites" / "S004.html")
     assert parsed.svgs >= 4  # CUSUM up, down, risk-adjusted, p-chart for cement leak at least
@@ -137,13 +144,24 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
             assert (f">{r['site']}</text>" in svg) == outside, (window, r)
         assert float(rows[3]["rate"]) > 0.25 and rows[3]["lower_limit"] != ""
     assert "funnel_12m" not in re.sub(r"<[^>]+>", " ", site_page)  # readable method names
+    # rare events are drawn as counts, not as a row of zero proportions
+    major = funnels[funnels.index("<h2 id='major_event'>"):]
+    assert "expected events at the baseline" in major and "observed events" in major
+    # the flag in words: the grid cell and the site page's first sentence
+    row_text = re.sub(r"<[^>]+>", " ", _grid_row(text, "S004"))
+    assert re.search(r"alarm .*since \d{4}-\d{2}-\d{2}.* of \d methods", row_text), row_text
+    assert re.search(r"\d+\.\d% of \d+ .*guidance 7\.0%\u201311\.0%", row_text), row_text
+    lead = re.search(r"<p class='lead'>(.*?)</p>", site_page).group(1)
+    assert lead.startswith("Cement leakage (any) at S004 is at alarm since"), lead
+    assert re.search(r"\d+\.\d% of \d+ procedures", lead) and "7.0%\u201311.0%" in lead
     methods = (out / "methods.html").read_text(encoding="utf-8")
     for needle in ("NICE HTG108 section 2.4.1", "NICE HTG108 section 2.4.2",
                    "NICE HTG108 section 2.4.4", "ARL0", "Benjamini-Hochberg"):
         assert needle in methods
     everything = "\n".join((out / p).read_text(encoding="utf-8") for p in pages)
     # offline: no script, no stylesheet or image fetched from anywhere
-    assert "<script" not in everything and "<link" not in everything
+    assert "<script" not in everything
+    assert set(re.findall(r"<link[^>]*>", everything)) == {"<link rel='icon' href='data:,'>"}
     assert not re.search(r"""src=["']?(https?:)?//""", everything)
     # no patient or operator reference, raw or pseudonymised, and no record id
     assert SECRET_PATIENT_REF not in everything
@@ -384,3 +402,34 @@ def test_a_past_as_of_shows_only_data_up_to_that_date(sqlite_url, settings_for, 
     report_json = json.loads((out / "report.json").read_text(encoding="utf-8"))
     row = next(s for s in report_json["sites"] if s["site_id"] == "S004")
     assert row["last_procedure_date"] == payload["data_quality"]["last_procedure_date"]
+
+
+def test_chart_labels_never_overlap():
+    from pipelines.report.svgplot import LABEL_CHAR_W, LABEL_H, place_labels
+
+    rng = np.random.default_rng(3)
+    points = [(float(x), float(y), f"S{i:03d}") for i, (x, y) in
+              enumerate(zip(rng.uniform(100, 140, 25), rng.uniform(60, 90, 25), strict=True))]
+    texts = [t for t in place_labels(points, (0, 0, 700, 300)) if t.startswith("<text")]
+    boxes = []
+    for element in texts:
+        x, y = (float(v) for v in re.search(r'x="([\d.]+)" y="([\d.]+)"', element).groups())
+        name = re.search(r">([^<]+)</text>", element).group(1)
+        boxes.append((x - 1, y + 2 - LABEL_H, x - 1 + LABEL_CHAR_W * len(name) + 2, y + 2))
+    assert len(boxes) >= 20  # crowded, yet most labels found a place
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] - 1e-6 and b[0] < a[2] - 1e-6 and a[1] < b[3] - 1e-6
+                        and b[1] < a[3] - 1e-6), (a, b)
+
+
+def test_chart_csv_is_tidy_and_formula_safe():
+    from pipelines.report.common import csv_text
+
+    text = csv_text(["site", "value", "note"],
+                    [["S001", -0.5, "=HYPERLINK(1)"], ["S002", None, "@x"],
+                     ["S003", float("nan"), None], ["S004", 2, "ok"]])
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    assert rows == [["site", "value", "note"], ["S001", "-0.5", "'=HYPERLINK(1)"],
+                    ["S002", "", "'@x"], ["S003", "", ""], ["S004", "2", "ok"]]
+    assert text.endswith("\r\n")

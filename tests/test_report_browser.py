@@ -11,7 +11,14 @@ and the report writer, then:
   manager: anonymous requests are refused, ``/kyphowatch/report/`` lands on
   ``latest/index.html`` for a logged-in user (the UI's ``_token`` cookie), the report's
   Content-Security-Policy causes no violation, traversal is 404, and the plugin's
-  navigation link is listed by ``/api/v2/plugins``.
+  navigation link is listed by ``/api/v2/plugins``;
+* C (slow, about a minute): a simulated 60-site, 4-year registry with two planted drifts,
+  ingested, monitored and reported, served over HTTP: the drifting sites head the grid with
+  level, since-date and strength as visible text; the site page's first sentence names the
+  metric, the rate in % and the guidance range; every chart's CSV link downloads its data;
+  Tab reaches the first site link and Enter opens it; at 400 px the page never scrolls
+  sideways, chart text is at least 11 px on screen and the site column stays in view; no
+  console error and no request outside the server.
 
 Playwright's Python package brings only its driver; the browser is ``/usr/bin/chromium``
 (``apt-get install chromium``; ``.ci/run`` installs it). Without it the tests skip with the
@@ -21,8 +28,11 @@ to ``test-artifacts/report-browser/`` (git-ignored); their paths are printed.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -32,6 +42,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -311,3 +322,158 @@ def test_report_through_the_airflow_plugin(playwright, api_server, tmp_path, cap
         watch = PageWatch(page, allowed_origins=(base + "/", "data:"))
         _visit_index_and_site(page, watch, report + "/", "plugin", capsys)
         assert page.url.startswith(report + "/latest/sites/"), page.url
+
+
+# ---------------------------------------------------------------- a 60-site network, by HTTP
+
+NETWORK_DRIFTS = {"S012": "cement_leak:3.0:2025-03-01", "S031": "new_fracture:2.5:2024-01-01"}
+# Each SVG text's on-screen font size: its computed size times the chart's scale on screen.
+CHART_TEXT_JS = """() => [...document.querySelectorAll('svg.chart')].flatMap(svg => {
+    const scale = svg.getBoundingClientRect().width / svg.viewBox.baseVal.width;
+    return [...svg.querySelectorAll('text')].filter(t => t.textContent.trim()).map(t => ({
+        text: t.textContent, px: parseFloat(getComputedStyle(t).fontSize) * scale,
+        height: t.getBoundingClientRect().height}));
+})"""
+PAGE_SCROLL_JS = "() => [document.documentElement.scrollWidth, window.innerWidth]"
+
+
+@contextmanager
+def _serve(directory: Path) -> Iterator[str]:
+    """Serve ``directory`` over HTTP on localhost (downloads need a real origin)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _network_report(tmp_path, settings_for) -> Path:
+    """Simulate 60 sites over four years with two planted drifts; monitor; write the report."""
+    from pipelines.ingest import ingest_paths
+    from pipelines.simulate import simulate
+
+    extracts = tmp_path / "extracts"
+    simulate(extracts, sites=60, start=date(2022, 1, 1), end=date(2025, 12, 31), seed=11,
+             drifts=[f"{site}:{spec}" for site, spec in NETWORK_DRIFTS.items()],
+             single_file=True)
+    settings = settings_for(f"sqlite:///{tmp_path / 'warehouse.db'}")
+    ingest_paths(settings, sorted(extracts.glob("*.csv*")))
+    run_monitor(settings)
+    return write_report(settings, tmp_path / "report").parent
+
+
+def _check_phone_layout(page, url: str) -> None:
+    page.goto(url, wait_until="load")
+    scroll_width, width = page.evaluate(PAGE_SCROLL_JS)
+    assert scroll_width <= width, f"{url}: the page scrolls sideways ({scroll_width} > {width})"
+    texts = page.evaluate(CHART_TEXT_JS)
+    assert texts, url
+    small = [t for t in texts if t["px"] < 11 or t["height"] < 11]
+    assert not small, (url, small[:5])
+
+
+@pytest.mark.slow
+def test_network_report_reads_in_ten_seconds(playwright, settings_for, tmp_path, capsys):
+    """60 sites, 4 years, two planted drifts: what an analyst must see without hovering."""
+    report = _network_report(tmp_path, settings_for)
+    with _serve(report) as base, _browser(playwright, tmp_path / "profile") as context:
+        page = context.new_page()
+        watch = PageWatch(page, allowed_origins=(base + "/", "data:"))
+        page.goto(base + "/index.html", wait_until="load")
+        _screenshot(page, "network-index-desktop", capsys)
+        # the drifting sites head the grid, with level, since-date and strength as text
+        rows = page.locator("table.grid").first.locator("tbody tr")
+        top = [rows.nth(i).locator("th a").inner_text() for i in range(2)]
+        assert sorted(top) == sorted(NETWORK_DRIFTS), top
+        for site, spec in NETWORK_DRIFTS.items():
+            metric = spec.split(":")[0]
+            cell = page.locator(f"tr#site-{site} td:has(a[href='sites/{site}.html#{metric}'])")
+            text = cell.inner_text()
+            assert "alarm" in text, text
+            assert re.search(r"since \d{4}-\d{2}-\d{2}", text), text
+            assert re.search(r"p = \d(\.\d+)?e-\d+, \d of \d methods", text), text
+            assert re.search(r"\d+(\.\d)?% of \d+ .*guidance \d+(\.\d)?%", text), text
+        # in-control sites are folded away, yet listed
+        assert page.locator("details#in-control tbody tr").count() >= 20
+        assert not page.locator("details#in-control").get_attribute("open")
+
+        # keyboard only: tabbing from the top reaches the first drifting site's link
+        wanted = {f"sites/{site}.html" for site in top[:1]}
+        reached = None
+        for _ in range(30):
+            page.keyboard.press("Tab")
+            href = page.evaluate("() => document.activeElement.getAttribute('href')")
+            if href in wanted:
+                reached = href
+                break
+        assert reached, "the first site link is not reachable by Tab"
+        with page.expect_navigation(wait_until="load"):
+            page.keyboard.press("Enter")
+        assert page.url.endswith("/" + reached), page.url
+
+        # the site page opens with a sentence naming metric, rate in % and guidance range
+        page.goto(f"{base}/sites/S012.html", wait_until="load")
+        lead = page.locator("p.lead").first.inner_text()
+        assert lead.startswith("Cement leakage (any) at S012 is at alarm since"), lead
+        assert re.search(r"\d+\.\d% of \d+ procedures", lead), lead
+        assert "guidance range of 7.0%\u201311.0%" in lead, lead
+        _screenshot(page, "network-S012-desktop", capsys)
+        # every chart has its data next to it, and the link downloads it
+        figures = page.locator("figure")
+        assert figures.count() == page.locator("svg.chart").count() >= 8
+        for i in range(figures.count()):
+            link = figures.nth(i).locator("figcaption a[download]")
+            assert "S012" in link.inner_text()  # link texts name the site
+            # every link is fetched by the browser; the first three are clicked and must
+            # arrive as downloads (clicking all of them only adds time)
+            href = link.evaluate("a => a.href")
+            if i < 3:
+                with page.expect_download(timeout=60_000) as download:
+                    link.click()
+                assert download.value.url == href
+                text = Path(download.value.path()).read_text(encoding="utf-8")
+            else:
+                response = page.request.get(href)
+                assert response.ok, href
+                text = response.text()
+            table = list(csv.reader(io.StringIO(text, newline="")))
+            assert len(table) >= 2 and len(table[0]) >= 2, href
+            assert all(len(row) == len(table[0]) for row in table), href
+        descs = page.evaluate("() => [...document.querySelectorAll('svg.chart desc')]"
+                              ".map(d => d.textContent)")
+        assert len(descs) == figures.count() and all(len(d) > 40 for d in descs)
+        watch.check_clean()
+
+    # phones: 400 px wide, nothing scrolls sideways but tables and charts in their boxes
+    with _serve(report) as base, _browser(playwright, tmp_path / "phone") as context:
+        page = context.new_page()
+        page.set_viewport_size({"width": 400, "height": 860})
+        watch = PageWatch(page, allowed_origins=(base + "/", "data:"))
+        for path in ("sites/S012.html", "sites/S031.html", "funnels.html"):
+            _check_phone_layout(page, f"{base}/{path}")
+        _screenshot(page, "network-funnels-phone", capsys)
+        page.goto(f"{base}/index.html", wait_until="load")
+        scroll_width, width = page.evaluate(PAGE_SCROLL_JS)
+        assert scroll_width <= width
+        # the site column stays in view while the grid scrolls inside its box
+        grid = page.locator("table.grid").first
+        box = page.locator("div.scroll:has(table.grid)").first
+        box.evaluate("b => b.scrollLeft = 600")
+        first = grid.locator("tbody tr th").first.bounding_box()
+        assert first and first["x"] >= 0 and first["x"] + first["width"] <= width
+        _screenshot(page, "network-index-phone", capsys)
+        page.goto(f"{base}/sites/S012.html", wait_until="load")
+        _screenshot(page, "network-S012-phone", capsys)
+        watch.check_clean()

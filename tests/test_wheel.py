@@ -21,8 +21,8 @@ import pytest
 import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("pipelines", "expectations", "profiles", "sql", "pyproject.toml", "setup.py",
-                 "README.md")  # fmt: skip
+PROJECT_FILES = ("pipelines", "expectations", "profiles", "reference", "sql", "pyproject.toml",
+                 "setup.py", "README.md")  # fmt: skip
 
 
 def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -2,14 +2,21 @@
 
 Layout of a report directory::
 
-    index.html           overview: status grid (sites x metrics), open alerts, data quality
-    funnels.html         a funnel plot per metric, flagged sites labelled
+    index.html           overview: one row per site, most severe first; each flagged cell
+                         states level, since, strength and rate against the guidance range
+    funnels.html         funnel plots per metric: significant / outside / in control
     methods.html         baselines with their HTG108 sections, thresholds and their designed
                          false-alarm rates, risk models and their fit, profile and as-of date
-    sites/<SITE>.html    per site: CUSUM and risk-adjusted CUSUM over time, quarterly
-                         p-chart, observed versus expected, case mix against the network,
+    sites/<SITE>.html    per site: a sentence per flagged metric, then VLAD, p-chart, CUSUMs
+                         and a highlighted funnel per metric, recent and whole O/E, case mix,
                          recent complications, signals, alerts and their history
+    *.csv                the data behind every chart, linked under it
     report.json          the overview as data (the same rows as ``kyphowatch sites --json``)
+
+One module per part: :mod:`.overview`, :mod:`.site`, :mod:`.funnels`, :mod:`.methods`
+(pages), :mod:`.charts` and :mod:`.svgplot` (charts), :mod:`.data` (what a report reads),
+:mod:`.publish` (writing, publishing, the ``report`` command), :mod:`.app` (the web app the
+Airflow plugin serves). This module re-exports what ``dags/``, the CLI and tests import.
 
 Why it is built this way: the report is opened from disk, from an e-mail or through the
 Airflow plugin, so every page is static HTML with inline SVG charts (see

@@ -9,8 +9,7 @@ thresholds and classes come from the stored monitor run; the only arithmetic is 
 from __future__ import annotations
 
 import math
-import re
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import numpy as np
@@ -31,11 +30,13 @@ FUNNEL_CLASS_TEXT = {
 Drawn = tuple[str, list[str], list[list[Any]]]
 
 
-_ORDINAL0 = EPOCH.toordinal()
-
-
 def _iso(day: float) -> str:
-    return date.fromordinal(_ORDINAL0 + int(day)).isoformat()
+    return (EPOCH + timedelta(days=int(day))).isoformat()
+
+
+def _isos(days) -> list[str]:
+    """Return days since 1970-01-01 as ISO dates, all at once."""
+    return np.asarray(days, dtype="int64").astype("datetime64[D]").astype(str).tolist()
 
 
 def _month_mid(month: str) -> int:
@@ -243,8 +244,8 @@ def cusum_svg(chart: dict[str, Any], site_id: str, title: str) -> Drawn | None:
         plot.points(days[fired], stat[fired], label="signal (chart resets)", marker="triangle",
                     tips=[f"signal {d}" for d in crossings])
     headers = ["date", "statistic", "signal", "threshold_h"]
-    data = [[_iso(d), s, f, h] for d, s, f in zip(
-        days.tolist(), np.round(stat, 5).tolist(), fired.astype(int).tolist(), strict=True)]
+    data = [[d, s, f, h] for d, s, f in zip(
+        _isos(days), np.round(stat, 5).tolist(), fired.astype(int).tolist(), strict=True)]
     return plot.render(), headers, data
 
 
@@ -268,8 +269,7 @@ def tte_svg(chart: dict[str, Any], site_id: str, title: str) -> Drawn | None:
     if h is not None:
         plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
     headers = ["date", "statistic", "threshold_h"]
-    data = [[_iso(d), s, h] for d, s in zip(days.tolist(), np.round(stat, 5).tolist(),
-                                            strict=True)]
+    data = [[d, s, h] for d, s in zip(_isos(days), np.round(stat, 5).tolist(), strict=True)]
     return plot.render(), headers, data
 
 
@@ -402,7 +402,11 @@ class FunnelTemplate:
         """Return the funnel naming and highlighting ``site``."""
         # the site's own point label would print beside the highlight's: drop it
         own = f'font-weight="bold">{_esc(site)}</text>'
-        svg = re.sub(r'<text [^>]*' + re.escape(own), "", self.svg)
+        svg = self.svg
+        end = svg.find(own)
+        if end >= 0:
+            start = svg.rfind("<text ", 0, end)
+            svg = svg[:start] + svg[end + len(own):]
         return svg.replace("</svg>", self.marker(site) + "</svg>").replace(
             SITE_TOKEN, _esc(site))
 

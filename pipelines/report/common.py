@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 from datetime import date
 from typing import Any
@@ -50,7 +51,7 @@ vertical-align:top;background:#fff}tr>:first-child{border-left-width:1px}
 thead tr:first-child>*{border-top-width:1px}
 th{background:#eee}td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.grid td:first-child,table.grid th:first-child{position:sticky;left:0;z-index:1;
-box-shadow:2px 0 0 #666}table.grid td{min-width:10em}table.grid td:first-child{min-width:0}
+box-shadow:2px 0 0 #666}table.grid td{min-width:10em}table.grid th .cell-line{white-space:normal;max-width:8em;font-size:12px}table.grid td:first-child{min-width:0}
 h2{border-bottom:1px solid #444;margin-top:1.8em}p,li,summary{overflow-wrap:anywhere}
 figure{margin:.4em 0 1.4em}figure .scroll{margin:0}
 svg.chart{display:block;max-width:none;height:auto}
@@ -165,19 +166,37 @@ def csv_text(headers: list[str], rows: list[list[Any]]) -> str:
 
     Text starting like a formula gets a ``'``; numbers stay numbers (negative ones too);
     None and NaN are empty cells. Written here rather than through ``evidence.write_csv``
-    because a report writes thousands of these files: one pass, no per-cell calls.
+    because a report writes thousands of these files (CUSUM series of hundreds of rows):
+    the work is done column by column, and columns of plain numbers and plain text (no
+    comma, quote or line break) are joined directly instead of through the csv module.
     """
     import csv
     import io
 
+    head = io.StringIO()
+    csv.writer(head, lineterminator="\r\n").writerow([evidence.csv_cell(h) for h in headers])
+    if not rows:
+        return head.getvalue()
     unsafe = evidence._FORMULA_START
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow([evidence.csv_cell(h) for h in headers])
-    writer.writerows(
-        [("'" + v if v.startswith(unsafe) else v) if type(v) is str
-         else "" if v is None or v != v else v for v in row] for row in rows)
-    return buffer.getvalue()
+    columns = list(zip(*rows, strict=True))
+    plain = True
+    for i, column in enumerate(columns):
+        kinds = set(map(type, column))
+        if kinds <= {int, float} and not math.isnan(math.fsum(column)):
+            columns[i] = list(map(repr, column))  # the long series: numbers only
+            continue
+        cells = [("'" + v if v.startswith(unsafe) else v) if type(v) is str
+                 else "" if v is None or v != v else repr(v) if type(v) in (int, float)
+                 else str(v) for v in column]
+        joined = "\x00".join(cells)
+        plain = plain and not any(c in joined for c in ',"\r\n')
+        columns[i] = cells
+    if plain:
+        return (head.getvalue() + "\r\n".join(map(",".join, zip(*columns, strict=True)))
+                + "\r\n")
+    body = io.StringIO()
+    csv.writer(body, lineterminator="\r\n").writerows(zip(*columns, strict=True))
+    return head.getvalue() + body.getvalue()
 
 
 def figure(svg: str, csv_href: str, what: str) -> str:
@@ -201,6 +220,8 @@ def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
            f"</a><a href='{up}methods.html'>Methods</a></nav>")
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            # an empty inline icon: the browser would otherwise fetch /favicon.ico
+            f"<link rel='icon' href='data:,'>"
             f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>{nav}"
             f"<h1>{_esc(title)}</h1>{subtitle}{body}</body></html>\n")
 

@@ -90,7 +90,7 @@ def _cell(data: ReportData, site: str, metric: str, entry: dict[str, Any]) -> st
     spark = ""
     months = data.months.get((site, metric))
     m = data.metrics[metric]
-    if months and m.kind == "outcome":
+    if months and m.kind != "sentinel":  # sentinel events have no monthly rate
         spark = sparkline(months, m.baseline.low, m.baseline.high, f"{site} {label}")
     text = "".join(f"<span class='cell-line'>{_esc(line)}</span>" for line in lines)
     return (f"<td class='st-{status}'><a href='sites/{_esc(site)}.html#{_esc(metric)}'>"
@@ -105,9 +105,14 @@ def _grid(data: ReportData, sites: list[dict[str, Any]], caption: str) -> str:
     trs = []
     for site in sites:
         sid = site["site_id"]
+        # which metrics carry the level, so a flag in a column off screen is not missed
+        which = [data.labels[m].split(" (")[0] for m in data.metric_ids
+                 if (site["metrics"].get(m) or {}).get("status") == site["status"]
+                 and site["status"] in evidence.FLAGGED]
         cells = [f"<th scope='row'><a href='sites/{_esc(sid)}.html'>{_esc(sid)}</a>"
                  f"<span class='cell-line'>{_esc(evidence.STATUS_LABELS[site['status']])}"
-                 "</span></th>"]
+                 "</span>" + (f"<span class='note cell-line'>{_esc('; '.join(which))}</span>"
+                              if which else "") + "</th>"]
         for metric in data.metric_ids:
             entry = site["metrics"].get(metric)
             cells.append("<td>-</td>" if entry is None else _cell(data, sid, metric, entry))

@@ -264,7 +264,8 @@ def _metric_section(data: ReportData, site_id: str, m: dict[str, Any], payload, 
             continue
         figures.parts.append(figure(template.for_site(site_id),
                                     f"../{funnel_csv_name(metric_id, window)}",
-                                    f"{label} funnel ({window}), every site"))
+                                    f"{label} funnel ({window}), every site, {site_id} "
+                                    "highlighted"))
     out.extend(figures.parts)
     figures.parts = []
     signals = [s for s in payload["signals"] if s["metric"] == metric_id]
