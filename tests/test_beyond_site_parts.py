@@ -155,3 +155,12 @@ def test_calibration_rate_falls_back_to_the_guidance(events, n, expected):
     metric = load_profile(REPO_DIR / "profiles" / "htg108.yaml").metric("cement_leak")
     units = pd.DataFrame({"y": [1] * events + [0] * (n - events)})
     assert calibration_rate(metric, units) == pytest.approx(expected)
+
+
+def test_clinical_leads_setting_maps_sites_and_rejects_a_bad_pair():
+    from pipelines.settings import ConfigurationError, load_settings
+
+    settings = load_settings({"KYPHOWATCH_CLINICAL_LEADS": "S001=a@x.org, S001=b@x.org,S002=c@y.org"})
+    assert settings.clinical_leads == {"S001": ("a@x.org", "b@x.org"), "S002": ("c@y.org",)}
+    with pytest.raises(ConfigurationError, match="SITE=address"):
+        load_settings({"KYPHOWATCH_CLINICAL_LEADS": "S001:a@x.org"})

@@ -187,15 +187,20 @@ _H_STEP = 0.25
 
 
 @lru_cache(maxsize=64)
-def _fir_curve(p0: float, odds_ratio: float, head_start: float) -> tuple[np.ndarray, np.ndarray]:
-    """Return (h grid, ln in-control ARL from the head start): one curve serves every volume."""
+def _fir_curve(p0: float, odds_ratio: float, head_start: float, ceiling: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Return (h grid, ln in-control ARL from the head start) up to an ARL of ``ceiling``.
+
+    One curve serves every volume whose ARL0 is below the ceiling (a power of ten), so a
+    run solves the chain for the h it needs, not up to an ARL of a billion.
+    """
     hs, logs = [], []
     h = _H_STEP
     while h <= _H_MAX:
         arl = fir_arl(p0, p0, odds_ratio, h, head_start)
         hs.append(h)
         logs.append(math.log(arl))
-        if arl > 1e9:
+        if arl > ceiling:
             break
         h += _H_STEP
     return np.asarray(hs), np.maximum.accumulate(np.asarray(logs))
@@ -210,7 +215,8 @@ def fir_threshold(p0: float, odds_ratio: float, arl0: float, head_start: float) 
     ln ARL against h per design by linear interpolation; inputs are rounded to three
     significant figures (a stable h from night to night).
     """
-    h_grid, log_arl = _fir_curve(significant(p0), float(odds_ratio), float(head_start))
+    ceiling = 10.0 ** (math.ceil(math.log10(max(arl0, 10.0))) + 1)
+    h_grid, log_arl = _fir_curve(significant(p0), float(odds_ratio), float(head_start), ceiling)
     target = math.log(significant(arl0))
     if target > log_arl[-1]:
         raise ValueError(f"ARL0 {arl0:g} needs h above {h_grid[-1]}")
