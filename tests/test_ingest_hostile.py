@@ -172,7 +172,10 @@ CASES: list[Case] = [
               "line limit", file_name=BAD_NAME + ".gz", pg=True),
     file_case("long_line_no_final_newline", two_good() + "z" * (3 << 20), "line limit", pg=True),
     file_case("unclosed_quote_runs_on", two_good() + 'B9,S001,"PT-9' + "\nmore text" * 200_000,
-              "spans more than 1048576 characters over several lines", pg=True),
+              "exceeds 1048576 characters (an unclosed quote?)", pg=True),
+    file_case("record_of_many_multiline_fields", two_good() + '"a\n",' * 1_200_000 + "x\n",
+              "spans more than 1048576 characters over several lines (an unclosed quote?)",
+              pg=True),
     file_case("long_quoted_field_one_line", two_good() + 'B9,S001,"' + "q" * (1_100_000) + '",x\n',
               "line limit", pg=True),
     # --- D2: fields per row -----------------------------------------------------------
