@@ -184,7 +184,7 @@ def file_away(results: list[Any], archive_dir: Path, rejected_dir: Path, *,
             reason_path = rejected_dir / f"{(moved or rejected_dir / source.name).name}.reason.txt"
             reason = " ".join((_field(result, "reason") or "rejected").split())
             reason_path.write_text(reason + "\n", encoding="utf-8")
-            log.warning("%s rejected: %s", source.name, reason)
+            log.warning("rejected: %s", reason)  # the reason names the file (as stored)
         else:
             _move(source, archive_dir / day)
 

@@ -376,11 +376,11 @@ def run_case(case: Case, db_url: str, tmp_path: Path, settings_for, monkeypatch,
                                     + result.stale + result.quarantined + result.pending)
     _good_rows_present(db_url)
     if case.secrets:
-        stored = _warehouse_text(db_url)
-        output = json.dumps(report.to_dict()) + caplog.text
-        for secret in case.secrets:
-            assert secret not in stored
-            assert secret not in output
+        stored = _warehouse_text(db_url).lower()
+        output = (json.dumps(report.to_dict()) + caplog.text).lower()
+        for secret in case.secrets:  # case-blind: header cells are lower-cased
+            assert secret.lower() not in stored
+            assert secret.lower() not in output
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -490,3 +490,47 @@ def test_landing_refuses_links_and_special_files_and_archives_bytes(tmp_path, sq
     reason = (rejected / "procedures_20240102.csv.reason.txt").read_text()
     assert "symbolic link" in reason
     assert outside.exists(), "the link's target outside landing must be left alone"
+
+
+NAME_CANARY = "PTNAMECANARY7"
+CELL_CANARIES = ("PTCELLCANARY1", "PTCELLCANARY2", "PTCELLCANARY3", "PTCELLCANARY4",
+                 "PTHEADERCANARY5")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_canaries_never_reach_the_warehouse_logs_or_summary(backend, tmp_path, settings_for,
+                                                            caplog, request):
+    """Identifiers planted in wrong columns, a header cell and a file name appear nowhere:
+    not in any warehouse table (quarantine and ledger included), the log, or the ingest JSON.
+
+    Known gap, asserted so it cannot grow: the file's own path stays in the summary's
+    ``path`` field (the landing workflow moves the file by it) and in the one per-file log
+    line of ``pipelines.ingest`` (not this change's module); neither is stored.
+    """
+    db_url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
+    c1, c2, c3, c4, header = CELL_CANARIES
+    rows = [
+        proc_row("B1", patient="PT-B1"), proc_row("B2", patient="PT-B2"),
+        proc_row("B3", indication=c1),                      # patient reference in a text column
+        proc_row("B4", site=c2, patient="S001"),            # site and patient swapped
+        proc_row("B5", date=c3),                            # reference in a date column
+    ]
+    text = csv_text(PROC_HEADER + [header], rows) + f"B6,S001,{c4},OP\n"  # misshapen row
+    bad = write(tmp_path / "in" / f"procedures_{NAME_CANARY}_20240201.csv", text)
+    comps = write(tmp_path / "in" / f"complications_{NAME_CANARY}_20240202.csv",
+                  csv_text(COMP_HEADER, [comp_row("C1", "B1"), comp_row("C2", "B1", site=c1)]))
+    report = ingest_paths(settings_for(db_url, max_bad_row_share=0.9), [bad, comps])
+    assert [f.status for f in report.files] == ["loaded", "loaded"]
+    assert report.files[0].quarantined == 4 and report.files[0].inserted == 2
+    stored = _warehouse_text(db_url)
+    summary = report.to_dict()
+    for entry in summary["files"]:
+        entry.pop("path")  # the known gap (see docstring)
+    printed = json.dumps(summary)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name != "pipelines.ingest")
+    stored, printed, logged = stored.lower(), printed.lower(), logged.lower()
+    for canary in (*CELL_CANARIES, NAME_CANARY):  # case-blind: header cells are lower-cased
+        assert canary.lower() not in stored, canary
+        assert canary.lower() not in printed, canary
+        assert canary.lower() not in logged, canary
+    assert "name_hmac" in stored  # the file is still recognisable by its keyed hash

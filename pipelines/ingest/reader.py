@@ -324,6 +324,31 @@ def _translate(exc: BaseException, path: Path, limits: ReadLimits) -> FileReject
     return FileRejected(f"{name}: unreadable ({type(exc).__name__}: {exc})")
 
 
+# A file name is stored and reported as sent only when every part of it (split at ``_``,
+# ``-`` and ``.``) is the kind, ``csv``/``gz``, an extract stamp, a site id or a
+# lower-case word. Anything else (an identifier typed into a name) is replaced by a hash.
+_NAME_PART_STRICT = re.compile(r"^([0-9]{8}(T[0-9]{6})?|[A-Z0-9]{3,8}|[a-z]{1,20})$")
+
+
+def display_name(name: str, key: bytes | None) -> str:
+    """The file name as stored in the warehouse and shown in reasons and logs.
+
+    A name made only of expected parts is kept; otherwise it becomes
+    ``<kind>_<stamp>_name_hmac_<16 hex>.csv[.gz]`` (the keyed hash lets whoever holds the
+    key match it to the sender's file; nobody can read it).
+    """
+    parts = [part for part in re.split(r"[_.-]", name) if part]
+    kind = kind_of(name)
+    if parts and all(_NAME_PART_STRICT.match(part)
+                     or part.lower() in ("procedures", "complications", "csv", "gz")
+                     for part in parts):
+        return name
+    from pipelines.contract import extract_stamp
+
+    suffix = ".csv.gz" if name.lower().endswith(".gz") else ".csv"
+    return f"{kind or 'file'}_{extract_stamp(name)}_name_hmac_{_hash_text(key, name)[:16]}{suffix}"
+
+
 def _hash_text(key: bytes | None, text: str) -> str:
     """Keyed HMAC of free text (a header cell) so it can be recognised, never read."""
     return hmac.new(key or b"", text.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
@@ -399,7 +424,8 @@ def _read_header(path: Path, kind: str | None, handle: BinaryIO, checksum: str,
         for position, name in enumerate(header, start=1) if name not in known
     ]
     if dropped:
-        log.warning("%s: dropping %d unknown column(s) at position(s) %s", path.name,
+        log.warning("%s: dropping %d unknown column(s) at position(s) %s",
+                    display_name(path.name, key),
                     len(dropped), [p for p, n in enumerate(header, start=1) if n not in known])
     extract.header = header
     extract.columns = [name for name in header if name in known]
