@@ -155,14 +155,26 @@ def _field(result: Any, name: str) -> Any:
 
 def ingest_landing(settings: Settings, landing_dir: Path, *, min_age_seconds: float = 0.0
                    ) -> IngestReport:  # fmt: skip
-    """Load the settled files in ``landing_dir``; leave them where they are."""
-    from pipelines.ingest import IngestReport, ingest_paths
+    """Load the settled files in ``landing_dir``; leave them where they are.
+
+    A symlink to a directory is refused here: handed to ingest, it would be expanded and
+    the files behind it read (ingest refuses every other non-regular entry itself).
+    """
+    from pipelines.ingest import FileResult, IngestReport, ingest_paths
 
     files = stable_files(Path(landing_dir), min_age_seconds)
     if not files:
         log.info("landing %s: nothing to pick up", landing_dir)
         return IngestReport([])
-    return ingest_paths(settings, files)
+    linked_dirs = [path for path in files if path.is_symlink() and path.is_dir()]
+    refused = [
+        FileResult(path=str(path), kind=None, status="rejected",
+                   reason="a symbolic link to a directory; only regular files are read")
+        for path in linked_dirs
+    ]
+    loadable = [path for path in files if path not in linked_dirs]
+    report = ingest_paths(settings, loadable) if loadable else IngestReport([])
+    return IngestReport(refused + report.files)
 
 
 def file_away(results: list[Any], archive_dir: Path, rejected_dir: Path, *,

@@ -474,12 +474,15 @@ def test_landing_refuses_links_and_special_files_and_archives_bytes(tmp_path, sq
     outside = write(tmp_path / "outside" / "procedures_20240101.csv", two_good())
     (landing / "procedures_20240102.csv").symlink_to(outside)
     os.mkfifo(landing / "procedures_20240103.csv")
+    (landing / "procedures_20240104").symlink_to(outside.parent)  # a link to a directory
     write(landing / GOOD_PROCS, csv_text(PROC_HEADER, [proc_row("G1", patient="PT-G1")]))
     report = process_landing(settings_for(sqlite_url), landing, archive, rejected)
     statuses = {Path(f.path).name: (f.status, f.reason or "") for f in report.files}
     assert statuses["procedures_20240102.csv"][0] == "rejected"
     assert "symbolic link" in statuses["procedures_20240102.csv"][1]
     assert "FIFO" in statuses["procedures_20240103.csv"][1]
+    assert statuses["procedures_20240104"] == (
+        "rejected", "a symbolic link to a directory; only regular files are read")
     assert statuses[GOOD_PROCS][0] == "loaded"
     assert report.exit_code == 2
     assert not any(landing.iterdir())
@@ -490,6 +493,11 @@ def test_landing_refuses_links_and_special_files_and_archives_bytes(tmp_path, sq
     reason = (rejected / "procedures_20240102.csv.reason.txt").read_text()
     assert "symbolic link" in reason
     assert outside.exists(), "the link's target outside landing must be left alone"
+    engine = sa.create_engine(sqlite_url)
+    with engine.connect() as conn:
+        loaded = set(conn.execute(sa.select(schema.procedure.c.procedure_id)).scalars())
+    engine.dispose()
+    assert loaded == {"G1"}, "nothing behind a link may be loaded"
 
 
 NAME_CANARY = "PTNAMECANARY7"

@@ -7,7 +7,9 @@ contradict their procedure, share of bad rows) and merged with set-based SQL:
 
 * every delivered row is kept in ``*_version`` (the correction history);
 * the current table keeps, per business key, the version from the newest delivery,
-  ordered by ``(extract_ts, source_checksum)``. Because that order is a property of
+  ordered by ``(extract_ts, source_checksum)``; a file whose changes that order cannot
+  decide on its stamp alone (no stamp, or the current version's stamp) is held as "needs a
+  stamp" instead of letting the checksum decide (``_hold_unordered_corrections``). Because that order is a property of
   the deliveries, not of the load order, loading files again, in any order, or after
   a crash (the transaction rolls back), ends in the same state as one clean load;
 * a complication whose procedure is unknown waits in ``pending_complication`` and is
