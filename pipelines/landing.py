@@ -157,8 +157,10 @@ def ingest_landing(settings: Settings, landing_dir: Path, *, min_age_seconds: fl
                    ) -> IngestReport:  # fmt: skip
     """Load the settled files in ``landing_dir``; leave them where they are.
 
-    A symlink to a directory is refused here: handed to ingest, it would be expanded and
-    the files behind it read (ingest refuses every other non-regular entry itself).
+    Refused here, before ingest: a symlink to a directory (ingest would expand it and read
+    the files behind it) and a regular file with more than one hard link (the name in
+    landing shares its bytes with a name elsewhere, which could change the archived copy).
+    Ingest refuses every other non-regular entry itself.
     """
     from pipelines.ingest import FileResult, IngestReport, ingest_paths
 
@@ -166,15 +168,29 @@ def ingest_landing(settings: Settings, landing_dir: Path, *, min_age_seconds: fl
     if not files:
         log.info("landing %s: nothing to pick up", landing_dir)
         return IngestReport([])
-    linked_dirs = [path for path in files if path.is_symlink() and path.is_dir()]
-    refused = [
-        FileResult(path=str(path), kind=None, status="rejected",
-                   reason="a symbolic link to a directory; only regular files are read")
-        for path in linked_dirs
-    ]
-    loadable = [path for path in files if path not in linked_dirs]
+    refused = []
+    for path in files:
+        reason = _landing_problem(path)
+        if reason:
+            refused.append(FileResult(path=str(path), kind=None, status="rejected", reason=reason))
+    refused_paths = {result.path for result in refused}
+    loadable = [path for path in files if str(path) not in refused_paths]
     report = ingest_paths(settings, loadable) if loadable else IngestReport([])
     return IngestReport(refused + report.files)
+
+
+def _landing_problem(path: Path) -> str | None:
+    """Why landing refuses ``path`` before ingest sees it, or None."""
+    try:
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode) and path.is_dir():
+            return "a symbolic link to a directory; only regular files are read"
+    except OSError:
+        return None  # vanished or unreadable: ingest reports it
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        return (f"{path.name}: has {info.st_nlink} hard links; landing accepts files with one "
+                "link only (copy the file in)")
+    return None
 
 
 def file_away(results: list[Any], archive_dir: Path, rejected_dir: Path, *,

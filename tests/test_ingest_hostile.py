@@ -475,6 +475,7 @@ def test_landing_refuses_links_and_special_files_and_archives_bytes(tmp_path, sq
     (landing / "procedures_20240102.csv").symlink_to(outside)
     os.mkfifo(landing / "procedures_20240103.csv")
     (landing / "procedures_20240104").symlink_to(outside.parent)  # a link to a directory
+    os.link(outside, landing / "procedures_20240105.csv")  # a hard link to a file outside
     write(landing / GOOD_PROCS, csv_text(PROC_HEADER, [proc_row("G1", patient="PT-G1")]))
     report = process_landing(settings_for(sqlite_url), landing, archive, rejected)
     statuses = {Path(f.path).name: (f.status, f.reason or "") for f in report.files}
@@ -483,6 +484,8 @@ def test_landing_refuses_links_and_special_files_and_archives_bytes(tmp_path, sq
     assert "FIFO" in statuses["procedures_20240103.csv"][1]
     assert statuses["procedures_20240104"] == (
         "rejected", "a symbolic link to a directory; only regular files are read")
+    assert statuses["procedures_20240105.csv"][0] == "rejected"
+    assert "has 2 hard links" in statuses["procedures_20240105.csv"][1]
     assert statuses[GOOD_PROCS][0] == "loaded"
     assert report.exit_code == 2
     assert not any(landing.iterdir())
