@@ -1,7 +1,7 @@
 # kyphowatch: two commands do all set-up.
 #   make demo   create .venv, install, run the whole chain on the embedded SQLite default
 #   make test   same set-up, then the whole test suite
-# Also: make bench (benchmarks), make lint, make lock (refresh constraints.txt), make clean.
+# Also: make bench (benchmarks), make fuzz (long property-based fuzz of ingest), make lint, make lock (refresh constraints.txt), make clean.
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -12,7 +12,7 @@ ifeq ($(shell command -v $(PYTHON) 2>/dev/null),)
 PYTHON := python3
 endif
 
-.PHONY: demo test bench lint lock clean install
+.PHONY: demo test bench fuzz lint lock clean install
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# The fuzz test runs a few examples in `make test`; here FUZZ_EXAMPLES of them (with shrinking).
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	KYPHOWATCH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q --timeout=0 tests/test_ingest_fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

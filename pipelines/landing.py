@@ -155,14 +155,42 @@ def _field(result: Any, name: str) -> Any:
 
 def ingest_landing(settings: Settings, landing_dir: Path, *, min_age_seconds: float = 0.0
                    ) -> IngestReport:  # fmt: skip
-    """Load the settled files in ``landing_dir``; leave them where they are."""
-    from pipelines.ingest import IngestReport, ingest_paths
+    """Load the settled files in ``landing_dir``; leave them where they are.
+
+    Refused here, before ingest: a symlink to a directory (ingest would expand it and read
+    the files behind it) and a regular file with more than one hard link (the name in
+    landing shares its bytes with a name elsewhere, which could change the archived copy).
+    Ingest refuses every other non-regular entry itself.
+    """
+    from pipelines.ingest import FileResult, IngestReport, ingest_paths
 
     files = stable_files(Path(landing_dir), min_age_seconds)
     if not files:
         log.info("landing %s: nothing to pick up", landing_dir)
         return IngestReport([])
-    return ingest_paths(settings, files)
+    refused = []
+    for path in files:
+        reason = _landing_problem(path)
+        if reason:
+            refused.append(FileResult(path=str(path), kind=None, status="rejected", reason=reason))
+    refused_paths = {result.path for result in refused}
+    loadable = [path for path in files if str(path) not in refused_paths]
+    report = ingest_paths(settings, loadable) if loadable else IngestReport([])
+    return IngestReport(refused + report.files)
+
+
+def _landing_problem(path: Path) -> str | None:
+    """Why landing refuses ``path`` before ingest sees it, or None."""
+    try:
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode) and path.is_dir():
+            return "a symbolic link to a directory; only regular files are read"
+    except OSError:
+        return None  # vanished or unreadable: ingest reports it
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        return (f"{path.name}: has {info.st_nlink} hard links; landing accepts files with one "
+                "link only (copy the file in)")
+    return None
 
 
 def file_away(results: list[Any], archive_dir: Path, rejected_dir: Path, *,
@@ -184,7 +212,7 @@ def file_away(results: list[Any], archive_dir: Path, rejected_dir: Path, *,
             reason_path = rejected_dir / f"{(moved or rejected_dir / source.name).name}.reason.txt"
             reason = " ".join((_field(result, "reason") or "rejected").split())
             reason_path.write_text(reason + "\n", encoding="utf-8")
-            log.warning("%s rejected: %s", source.name, reason)
+            log.warning("rejected: %s", reason)  # the reason names the file (as stored)
         else:
             _move(source, archive_dir / day)
 

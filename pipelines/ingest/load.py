@@ -7,7 +7,9 @@ contradict their procedure, share of bad rows) and merged with set-based SQL:
 
 * every delivered row is kept in ``*_version`` (the correction history);
 * the current table keeps, per business key, the version from the newest delivery,
-  ordered by ``(extract_ts, source_checksum)``. Because that order is a property of
+  ordered by ``(extract_ts, source_checksum)``; a file whose changes that order cannot
+  decide on its stamp alone (no stamp, or the current version's stamp) is held as "needs a
+  stamp" instead of letting the checksum decide (``_hold_unordered_corrections``). Because that order is a property of
   the deliveries, not of the load order, loading files again, in any order, or after
   a crash (the transaction rolls back), ends in the same state as one clean load;
 * a complication whose procedure is unknown waits in ``pending_complication`` and is
@@ -50,6 +52,7 @@ from pipelines.ingest.reader import (
     FileRejected,
     ReadLimits,
     check_time,
+    display_name,
     iter_chunks,
     open_checked,
     open_extract,
@@ -284,8 +287,10 @@ def _raw_for_quarantine(values: dict, key: bytes, kind: str = PROCEDURES) -> str
 class _Quarantine:
     """Collects quarantined rows for one file and writes them in batches."""
 
-    def __init__(self, conn: sa.Connection, extract: ExtractFile, key: bytes):
+    def __init__(self, conn: sa.Connection, extract: ExtractFile, key: bytes,
+                 file_name: str | None = None):
         self.conn, self.extract, self.key = conn, extract, key
+        self.file_name = file_name or extract.path.name
         self.reasons: Counter[str] = Counter()
         self.count = 0
 
@@ -304,7 +309,7 @@ class _Quarantine:
                 {
                     "source_checksum": self.extract.checksum,
                     "record_number": record_number,
-                    "file_name": self.extract.path.name,
+                    "file_name": self.file_name,
                     "kind": self.extract.kind,
                     # Only a well-formed site id is kept as a column (views and the report
                     # group by it); in a shifted row this field can hold anything, even a
@@ -682,13 +687,12 @@ def _merge_complications(conn, stage, checksum, extract_ts, result: FileResult) 
     _settle_complications(conn, sa.select(stage.c.complication_id))
 
 
-def _ledger_values(extract: ExtractFile | None, path: Path, checksum: str | None,
-                   result: FileResult) -> dict:
+def _ledger_values(file_name: str, checksum: str | None, result: FileResult) -> dict:
     return {
         "source_checksum": checksum,
-        "file_name": path.name,
+        "file_name": file_name,
         "kind": result.kind,
-        "extract_ts": extract_stamp(path.name),
+        "extract_ts": extract_stamp(file_name),
         "status": result.status,
         "reason": result.reason,
         "rows_read": result.rows_read,
@@ -703,11 +707,12 @@ def _ledger_values(extract: ExtractFile | None, path: Path, checksum: str | None
     }
 
 
-def record_rejection(engine: sa.Engine, path: Path, checksum: str | None, result: FileResult) -> None:
+def record_rejection(engine: sa.Engine, file_name: str, checksum: str | None,
+                     result: FileResult) -> None:
     """Write (or refresh) the ledger row of a rejected file in its own transaction."""
     if checksum is None:
-        return  # nothing readable to key the ledger on (missing file)
-    values = _ledger_values(None, path, checksum, result)
+        return  # nothing readable to key the ledger on
+    values = _ledger_values(file_name, checksum, result)
     with engine.begin() as conn:
         statement = _insert_for(conn, schema.file_ledger).values(values)
         conn.execute(statement.on_conflict_do_update(
@@ -774,6 +779,9 @@ def load_file(
     result = FileResult(path=str(path), kind=kind_of(path.name), status="loaded")
     ledger = schema.file_ledger
     extract: ExtractFile | None = None
+    # The name as stored and reported: a name with an unexpected part (an identifier typed
+    # into it) is replaced by a keyed hash (see reader.display_name).
+    shown = display_name(path.name, key)
     try:
         handle, checksum = open_checked(path, limits)
         result.checksum = checksum
@@ -792,12 +800,12 @@ def load_file(
         extract = open_extract(path, limits, key, handle=handle, checksum=checksum)
         result.kind, result.dropped_columns = extract.kind, extract.dropped_columns
         extract_ts = extract_stamp(path.name)
-        _warn_on_stamp_clash(engine, path.name, extract.kind, extract_ts, checksum)
+        _warn_on_stamp_clash(engine, shown, extract.kind, extract_ts, checksum)
         with engine.begin() as conn:
             stage = _stage_table(extract.kind)
             stage.drop(conn, checkfirst=True)
             stage.create(conn)
-            quarantine = _Quarantine(conn, extract, key)
+            quarantine = _Quarantine(conn, extract, key, shown)
             result.rows_read = _stage_file(
                 conn, extract, stage, quarantine, key, chunk_rows, expectations_dir,
                 max_plausible_date(path.name, processing_day), preview_fields,
@@ -816,20 +824,20 @@ def load_file(
                 _merge_procedures(conn, stage, checksum, extract_ts, result)
             else:
                 _merge_complications(conn, stage, checksum, extract_ts, result)
-            _hold_unordered_corrections(path.name, extract_ts, result)
+            _hold_unordered_corrections(shown, extract_ts, result)
             if result.inserted >= LARGE_LOAD_ROWS:
                 # a large load changes the targets' statistics; the next nightly file's
                 # joins are planned with them (autovacuum may not have run yet)
                 for target in TARGETS[extract.kind]:
                     _analyze(conn, target)
             stage.drop(conn)
-            conn.execute(ledger.insert().values(_ledger_values(extract, path, checksum, result)))
+            conn.execute(ledger.insert().values(_ledger_values(shown, checksum, result)))
     except FileRejected as exc:
-        result.status, result.reason = "rejected", str(exc)
+        result.status, result.reason = "rejected", str(exc).replace(path.name, shown)
         for name in ("inserted", "updated", "unchanged", "stale", "pending", "promoted",
                      "ambiguous"):
             setattr(result, name, 0)
-        record_rejection(engine, path, result.checksum or unread_checksum(path), result)
+        record_rejection(engine, shown, result.checksum or unread_checksum(path), result)
     finally:
         if extract is not None:
             extract.close()
