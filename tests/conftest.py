@@ -84,8 +84,8 @@ def db_url(request, tmp_path) -> str:
 def settings_for(tmp_path):
     """Build demo-mode settings for a given warehouse URL."""
 
-    def _make(db_url: str, **overrides):
-        env = {"KYPHOWATCH_DEMO": "1", "KYPHOWATCH_REPORT_DIR": str(tmp_path / "reports")}
-        return load_settings(env, db_url=db_url, **overrides)
+    def _make(db_url: str, env: dict[str, str] | None = None, **overrides):
+        base = {"KYPHOWATCH_DEMO": "1", "KYPHOWATCH_REPORT_DIR": str(tmp_path / "reports")}
+        return load_settings({**base, **(env or {})}, db_url=db_url, **overrides)
 
     return _make

@@ -150,7 +150,8 @@ def test_accepted_variants_load(tmp_path, sqlite_url, settings_for):
     assert [f.inserted for f in report.files] == [2, 2, 0]
     # unknown header cells are reported by position and keyed hash, never by their text
     [dropped] = report.files[0].dropped_columns
-    assert dropped.startswith("column 14 name_hmac ") and "free_text" not in dropped
+    position = len(PROC_HEADER) + 1  # 1-based: the first column after the contract's
+    assert dropped.startswith(f"column {position} name_hmac ") and "free_text" not in dropped
     engine = sa.create_engine(sqlite_url)
     with engine.connect() as conn:
         flags = dict(conn.execute(sa.select(schema.procedure.c.procedure_id, schema.procedure.c.steroid_use)).all())

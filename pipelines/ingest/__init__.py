@@ -117,12 +117,15 @@ def _load_or_explain(engine, path: Path, settings: Settings, key: bytes, process
     The file's own transaction has rolled back, so rerunning the same command is safe.
     """
     from pipelines.ingest.load import load_file
+    from pipelines.ingest.reader import ReadLimits
 
     try:
         return load_file(
             engine, path, key=key, chunk_rows=settings.chunk_rows,
             max_bad_share=settings.max_bad_row_share,
             expectations_dir=settings.expectations_dir, processing_day=processing_day,
+            limits=ReadLimits.from_settings(settings),
+            preview_fields=settings.quarantine_preview_fields,
         )
     except sa.exc.DBAPIError as exc:
         loaded = sum(1 for r in done if r.status == "loaded")
