@@ -168,6 +168,8 @@ def ingest_landing(settings: Settings, landing_dir: Path, *, min_age_seconds: fl
     if not files:
         log.info("landing %s: nothing to pick up", landing_dir)
         return IngestReport([])
+    key = settings.require_pseudonym_key()
+    files = [_with_shown_name(path, key) for path in files]
     refused = []
     for path in files:
         reason = _landing_problem(path)
@@ -177,6 +179,30 @@ def ingest_landing(settings: Settings, landing_dir: Path, *, min_age_seconds: fl
     loadable = [path for path in files if str(path) not in refused_paths]
     report = ingest_paths(settings, loadable) if loadable else IngestReport([])
     return IngestReport(refused + report.files)
+
+
+def _with_shown_name(path: Path, key: bytes) -> Path:
+    """Rename a landed file whose name has unexpected parts to the name ingest shows.
+
+    A name with an identifier typed into it would otherwise travel on in the ingest
+    report, the Airflow task's logged return value and the archive. The shown name
+    (``reader.display_name``) keeps kind and stamp and a keyed hash of the rest, so whoever
+    holds the key can still match it to the sender's file. Renaming in the same directory
+    is atomic; when the target exists or the rename fails the file keeps its name (ingest
+    still stores and reports only the shown name).
+    """
+    from pipelines.ingest.reader import display_name
+
+    shown = display_name(path.name, key)
+    target = path.with_name(shown)
+    if shown == path.name or os.path.lexists(target):
+        return path
+    try:
+        os.rename(path, target)
+    except OSError:
+        return path
+    log.info("landing: a file name with unexpected parts was renamed to %s", shown)
+    return target
 
 
 def _landing_problem(path: Path) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import shutil
 import socket
@@ -514,10 +515,10 @@ def test_canaries_never_reach_the_warehouse_logs_or_summary(backend, tmp_path, s
     """Identifiers planted in wrong columns, a header cell and a file name appear nowhere:
     not in any warehouse table (quarantine and ledger included), the log, or the ingest JSON.
 
-    Known gap, asserted so it cannot grow: the file's own path stays in the summary's
-    ``path`` field (the landing workflow moves the file by it) and in the one per-file log
-    line of ``pipelines.ingest`` (not this change's module); neither is stored.
+    The summary's ``path`` and the per-file log line carry the shown name too; landing
+    renames such a file to its shown name before ingest (test_landing_renames_...).
     """
+    caplog.set_level(logging.DEBUG)  # every record any logger emits is searched
     db_url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url")
     c1, c2, c3, c4, header = CELL_CANARIES
     rows = [
@@ -534,14 +535,33 @@ def test_canaries_never_reach_the_warehouse_logs_or_summary(backend, tmp_path, s
     assert [f.status for f in report.files] == ["loaded", "loaded"]
     assert report.files[0].quarantined == 4 and report.files[0].inserted == 2
     stored = _warehouse_text(db_url)
-    summary = report.to_dict()
-    for entry in summary["files"]:
-        entry.pop("path")  # the known gap (see docstring)
-    printed = json.dumps(summary)
-    logged = "\n".join(r.getMessage() for r in caplog.records if r.name != "pipelines.ingest")
+    printed = json.dumps(report.to_dict())
+    logged = "\n".join(r.getMessage() for r in caplog.records)
     stored, printed, logged = stored.lower(), printed.lower(), logged.lower()
     for canary in (*CELL_CANARIES, NAME_CANARY):  # case-blind: header cells are lower-cased
         assert canary.lower() not in stored, canary
         assert canary.lower() not in printed, canary
         assert canary.lower() not in logged, canary
     assert "name_hmac" in stored  # the file is still recognisable by its keyed hash
+
+
+def test_landing_renames_a_file_whose_name_holds_an_identifier(tmp_path, sqlite_url, settings_for,
+                                                              caplog):
+    """D6: a landed file named with a patient reference is renamed to its shown name before
+    ingest, so the report (an Airflow task's logged return value), the logs and the archive
+    carry only the keyed hash of the name."""
+    caplog.set_level(logging.DEBUG)
+    landing, archive, rejected = tmp_path / "landing", tmp_path / "archive", tmp_path / "rejected"
+    landing.mkdir()
+    write(landing / f"procedures_{NAME_CANARY}_20240201.csv",
+          csv_text(PROC_HEADER, [proc_row("G1", patient="PT-G1")]))
+    report = process_landing(settings_for(sqlite_url), landing, archive, rejected)
+    [result] = report.files
+    assert result.status == "loaded" and result.inserted == 1
+    assert "name_hmac" in result.shown_name and Path(result.path).name == result.shown_name
+    printed = json.dumps(report.to_dict()).lower()
+    logged = "\n".join(r.getMessage() for r in caplog.records).lower()
+    archived = [p.name.lower() for p in archive.rglob("*")]
+    assert archived and not any(NAME_CANARY.lower() in name for name in archived)
+    assert NAME_CANARY.lower() not in printed and NAME_CANARY.lower() not in logged
+    assert not any(landing.iterdir())

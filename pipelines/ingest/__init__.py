@@ -70,6 +70,7 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     """Validate and load every extract under ``paths`` into the configured warehouse."""
     from pipelines.ingest.keys import check_key_strength
     from pipelines.ingest.load import IngestReport
+    from pipelines.ingest.reader import display_name
 
     key = check_key_strength(settings.require_pseudonym_key())
     engine = open_warehouse(settings.db_url)  # ExternalSystemError (exit 4) when unreachable
@@ -82,8 +83,9 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
             result = _load_or_explain(engine, path, settings, key, processing_day, results)
             log.info(
                 "%s: %s read=%d inserted=%d updated=%d quarantined=%d pending=%d%s",
-                path.name, result.status, result.rows_read, result.inserted, result.updated,
-                result.quarantined, result.pending,
+                result.shown_name or display_name(path.name, key), result.status,
+                result.rows_read, result.inserted, result.updated, result.quarantined,
+                result.pending,
                 f" reason={result.reason}" if result.reason else "",
             )
             results.append(result)

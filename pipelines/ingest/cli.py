@@ -32,7 +32,7 @@ def _format(report) -> str:
         f"{'quarant.':>8} {'pending':>7}"
     ]
     for f in report.files:
-        name = Path(f.path).name
+        name = f.shown_name or Path(f.path).name
         lines.append(
             f"{name[:36]:<36} {f.status:<9} {f.rows_read:>8} {f.inserted:>8} {f.updated:>7} "
             f"{f.unchanged + f.stale:>7} {f.quarantined:>8} {f.pending:>7}"

@@ -94,10 +94,16 @@ class FileResult:
     pending: int = 0
     promoted: int = 0  # pending complications that found their procedure in this file
     dropped_columns: list[str] = field(default_factory=list)
+    # The file name as stored and reported (reader.display_name): the sender's name, or a
+    # keyed hash of it when it holds unexpected parts (an identifier typed into it).
+    shown_name: str | None = None
 
     def to_dict(self) -> dict:
-        """Return a JSON-ready dict."""
-        return asdict(self)
+        """Return a JSON-ready dict; ``path`` carries the shown name, never a raw one."""
+        values = asdict(self)
+        if self.shown_name:
+            values["path"] = str(Path(self.path).with_name(self.shown_name))
+        return values
 
 
 @dataclass
@@ -782,6 +788,7 @@ def load_file(
     # The name as stored and reported: a name with an unexpected part (an identifier typed
     # into it) is replaced by a keyed hash (see reader.display_name).
     shown = display_name(path.name, key)
+    result.shown_name = shown
     try:
         handle, checksum = open_checked(path, limits)
         result.checksum = checksum

@@ -328,6 +328,9 @@ def _translate(exc: BaseException, path: Path, limits: ReadLimits) -> FileReject
 # ``-`` and ``.``) is the kind, ``csv``/``gz``, an extract stamp, a site id or a
 # lower-case word. Anything else (an identifier typed into a name) is replaced by a hash.
 _NAME_PART_STRICT = re.compile(r"^([0-9]{8}(T[0-9]{6})?|[A-Z0-9]{3,8}|[a-z]{1,20})$")
+# A name display_name already produced (landing renames such files): shown as it is.
+_SHOWN_NAME = re.compile(
+    r"^(procedures|complications|file)_[0-9]{8}(T[0-9]{6})?_name_hmac_[0-9a-f]{16}\.csv(\.gz)?$")
 
 
 def display_name(name: str, key: bytes | None) -> str:
@@ -337,6 +340,8 @@ def display_name(name: str, key: bytes | None) -> str:
     ``<kind>_<stamp>_name_hmac_<16 hex>.csv[.gz]`` (the keyed hash lets whoever holds the
     key match it to the sender's file; nobody can read it).
     """
+    if _SHOWN_NAME.match(name):
+        return name
     parts = [part for part in re.split(r"[_.-]", name) if part]
     kind = kind_of(name)
     if parts and all(_NAME_PART_STRICT.match(part)
