@@ -25,8 +25,8 @@ COMMAND_MODULES = (
     "pipelines.surveillance.cli",
     "pipelines.alerts.cli",
     "pipelines.report",
-    "pipelines.regulator",
-    "pipelines.beyond_pages",
+    "pipelines.alerts.regulator",
+    "pipelines.report.beyond",
 )
 
 log = logging.getLogger("kyphowatch")

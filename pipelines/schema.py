@@ -394,7 +394,7 @@ device_lot_test = sa.Table(
     sa.Column("as_of", sa.Date, nullable=False),
 )
 
-# One Yellow Card draft per device-related complication, ever (pipelines.regulator).
+# One Yellow Card draft per device-related complication, ever (pipelines.alerts.regulator).
 yellow_card = sa.Table(
     "yellow_card",
     metadata,

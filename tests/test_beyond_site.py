@@ -11,11 +11,11 @@ import sqlalchemy as sa
 
 from pipelines import schema
 from pipelines.alerts import deliver_outbox, sync_alerts
+from pipelines.alerts.regulator import export, mark_sent
 from pipelines.cli import main
 from pipelines.db import make_engine
 from pipelines.ingest import ingest_paths
 from pipelines.mailsink import MailSink
-from pipelines.regulator import export, mark_sent
 from pipelines.surveillance.engine import run_monitor
 from tests.beyond_helpers import BAD_LOT, NEW_OPERATOR, write_registry
 

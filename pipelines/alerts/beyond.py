@@ -6,7 +6,7 @@
   pseudonym (``OP-`` and ten hex digits of the stored digest).
 * ``device`` -- a product's sequential test or a cement lot's exact test signalled.
 * ``data_quality`` -- a device-related major or fatal event has had no Yellow Card draft
-  marked sent for ``beyond_site.regulator.send_within_days`` (:mod:`pipelines.regulator`).
+  marked sent for ``beyond_site.regulator.send_within_days`` (:mod:`pipelines.alerts.regulator`).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def beyond_site_conditions(conn: sa.Connection, settings: Settings, profile: Pro
     if design.devices is not None:
         conditions += _device_conditions(conn, settings, profile, as_of)
     if design.regulator is not None:
-        from pipelines.regulator import overdue_by_site
+        from pipelines.alerts.regulator import overdue_by_site
 
         for site_id, overdue in overdue_by_site(conn, design.regulator, as_of).items():
             oldest = min(item["event_date"] for item in overdue)

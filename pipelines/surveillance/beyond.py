@@ -1,7 +1,7 @@
 """Beyond the site: the profile's ``beyond_site`` section and the FIR CUSUM threshold.
 
 Operators (:mod:`pipelines.surveillance.operators`), devices and cement lots
-(:mod:`pipelines.surveillance.devices`) and the Yellow Card drafts (:mod:`pipelines.regulator`)
+(:mod:`pipelines.surveillance.devices`) and the Yellow Card drafts (:mod:`pipelines.alerts.regulator`)
 read their settings from the profile's ``beyond_site`` section, parsed and checked here. The
 false-alarm rates come from ``design.false_alarm_budget`` exactly as for the site charts
 (docs/statistics.md section 9): a chart spends ``safety_per_100_site_years / 100 x

@@ -143,7 +143,7 @@ def run_beyond_site(engine: sa.Engine, profile: Profile, snapshot: Snapshot, run
     design = parse_beyond_site(profile)
     counts: dict[str, int] = {}
     if design.regulator is not None:
-        from pipelines.regulator import draft_new
+        from pipelines.alerts.regulator import draft_new
 
         with engine.begin() as conn:
             counts["yellow_card_drafts_new"] = draft_new(conn, design.regulator,
