@@ -545,6 +545,43 @@ def test_canaries_never_reach_the_warehouse_logs_or_summary(backend, tmp_path, s
     assert "name_hmac" in stored  # the file is still recognisable by its keyed hash
 
 
+def test_canaries_never_reach_alerts_or_the_report(tmp_path, sqlite_url, settings_for, caplog):
+    """The same canaries, followed downstream: the data-quality alert the quarantined rows
+    raise (e-mail text and HTML), the monitor, and the published evidence report."""
+    from pipelines.alerts import deliver_outbox, sync_alerts
+    from pipelines.mailsink import MailSink
+    from pipelines.report import publish_report
+    from pipelines.surveillance.engine import run_monitor
+
+    caplog.set_level(logging.DEBUG)
+    c1, c2, c3, c4, header = CELL_CANARIES
+    rows = [proc_row(f"G{i}", patient=f"PT-G{i}") for i in range(8)] + [
+        proc_row("B3", indication=c1), proc_row("B4", site=c2, patient="S001"),
+        proc_row("B5", date=c3)]
+    text = csv_text(PROC_HEADER + [header], rows) + f"B6,S001,{c4},OP\n"
+    write(tmp_path / "in" / f"procedures_{NAME_CANARY}_20240201.csv", text)
+    with MailSink(tmp_path / "mail") as sink:
+        settings = settings_for(sqlite_url, max_bad_row_share=0.9, smtp_url=sink.url,
+                                recipients_data=("data@example.org",),
+                                recipients_safety=("safety@example.org",))
+        report = ingest_paths(settings, [tmp_path / "in"])
+        assert report.files[0].quarantined == 4
+        run_monitor(settings)
+        created = sync_alerts(settings).created
+        assert created, "a file with 4 of 12 rows quarantined raises a data-quality alert"
+        deliver_outbox(settings)
+        mails = [m.as_string() for m in sink.messages()]
+    # the alert names the file, by its shown name: the path the canaries could have taken
+    assert any("name_hmac" in mail for mail in mails)
+    index = publish_report(settings)
+    published = [path.read_text(encoding="utf-8", errors="replace")
+                 for path in index.parent.rglob("*") if path.is_file()]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    everything = "\n".join([*mails, *published, logged]).lower()
+    for canary in (*CELL_CANARIES, NAME_CANARY):
+        assert canary.lower() not in everything, canary
+
+
 def test_landing_renames_a_file_whose_name_holds_an_identifier(tmp_path, sqlite_url, settings_for,
                                                               caplog):
     """D6: a landed file named with a patient reference is renamed to its shown name before

@@ -65,7 +65,8 @@ def _run_dag(env: dict, dag_id: str, *, no_retries: bool = True) -> dict:
     if no_retries:
         args.append("--no-retries")
     proc = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    runs = [line for line in lines if "dag_id" in line]  # the last line counts evaluations
     assert runs, proc.stderr[-5000:]
     return runs[-1]
 
