@@ -839,6 +839,8 @@ def sync_alerts(
             latest = _latest_alerts(conn)
             markers = _condition_markers(conn)
             monitored = _monitored_under(conn, profile)
+            active_signals = set(conn.execute(
+                sa.select(signal.c.signal_key).where(signal.c.active)).scalars())
         result.active_conditions = len(conditions)
         for kind in KINDS:
             mine = [c for c in conditions if c.kind == kind]
@@ -854,8 +856,10 @@ def sync_alerts(
             previous = latest.get(condition.dedupe_key)
             legacy = latest.get(condition.legacy_key) if condition.legacy_key else None
             if previous is None and legacy is not None and (
-                    (_alert_profile(legacy) or ("",))[0] == condition.payload.get("profile_name")):
-                # stored before the key carried the profile: the same condition's alert
+                    (_alert_profile(legacy) or (condition.payload.get("profile_name"),))[0]
+                    == condition.payload.get("profile_name")):
+                # stored before the key carried the profile (and, for operator and device
+                # alerts, before the payload named one): the same condition's alert
                 previous = legacy
                 adopted.add(condition.legacy_key)
             cleared = previous is not None and markers.get(previous["alert_id"]) == CONDITION_CLEARED
@@ -884,10 +888,16 @@ def sync_alerts(
                     or markers.get(previous["alert_id"]) == CONDITION_CLEARED):
                 continue
             owner = _alert_profile(previous)
-            # The monitor now runs another profile (or version) and no longer confirms this
-            # alert's condition: it was the old profile's, so it closes whatever its kind.
+            # The monitor now runs another profile and no longer confirms this alert's
+            # condition: it was the old profile's, so it closes whatever its kind. After a
+            # version bump of the same profile, only where the new version dropped the
+            # finding (its signal retired, or a level or digest that cleared): a sentinel
+            # event that merely aged into the history digest stays with its reader.
             replaced = (monitored and owner is not None
-                        and owner != (profile.name, profile.version))
+                        and owner != (profile.name, profile.version)
+                        and (owner[0] != profile.name or key.startswith(AUTO_CLOSE_PREFIXES)
+                             or (previous["signal_key"] is not None
+                                 and previous["signal_key"] not in active_signals)))
             closes = ((key.startswith(AUTO_CLOSE_PREFIXES) or replaced)
                       and previous["state"] != RESOLVED)
             reason = (profile_replaced_reason(owner, profile.name, profile.version)
