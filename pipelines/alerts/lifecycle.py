@@ -27,9 +27,19 @@ those not yet covered by an alert or an earlier digest into one digest. A first 
 4-year registry therefore sends the alarms that are current plus at most one digest.
 
 Each condition has a stable ``dedupe_key``: ``level:<profile>:<site>:<metric>:<direction>``,
-``sentinel:<profile>:<signal_key>``, ``signal:<site>:<metric>:<direction>`` (process),
-``rejected:<checksum>``, ``quarantine:<checksum>``, ``silent:<site_id>``,
-``digest:watch:<profile>:<ISO week>``, ``digest:history:<profile>:<as_of>``.
+``sentinel:<profile>:<signal_key>``, ``signal:<profile>:<site>:<metric>:<direction>``
+(process), ``rejected:<checksum>``, ``quarantine:<checksum>``, ``silent:<site_id>``,
+``digest:watch:<profile>:<ISO week>``, ``digest:history:<profile>:<as_of>`` (operator and
+device keys: :mod:`pipelines.alerts.beyond`). ``<profile>`` is the profile's name, not its
+version: a version bump that still finds a condition continues its episode (no second
+message; the payload and the audit trail record the new version). Process, operator and
+device alerts stored before their key named the profile are read under the old key
+(``Condition.legacy_key``), so an upgrade re-sends nothing.
+
+Profile switch: once the monitor has run under the configured profile's name and version,
+an open alert of another profile (or, after a version bump, one whose finding the new
+version dropped) is closed by ``kyphowatch`` with the reason
+``profile htg108 1.2.0 replaced by 1.3.0`` (the engine retired its signals).
 
 A level or silent-site condition that is no longer true *closes its alert automatically*:
 the alert becomes ``resolved`` with an audit row by ``kyphowatch`` ("condition cleared").

@@ -14,6 +14,8 @@ Why it is built this way
   sentinel event its date; for the process measure the first failure of the month. Rerunning
   tomorrow re-derives the same episode and so the same key: rows are upserted by key, and
   keys no longer derived (a correction removed the excess) are marked ``active = false``.
+  So are the active signals of any other profile, or other version of this one, that this
+  run does not derive again (a profile switch; ``summary["retired_profiles"]`` records it).
 * **History, not only today.** Every episode in the data's history is derived on every run
   (the funnel and rare tests are evaluated at each month end plus ``as_of``, the p-chart at
   each closed quarter). That is what makes an episode's start -- and thus its key -- stable.
