@@ -209,3 +209,7 @@ def test_operator_and_device_keys_carry_the_profile_and_old_keys_are_not_resent(
     assert result.created == [] and result.cleared == 0
     states = {a["alert_id"]: a["state"] for a in _rows(sqlite_url, schema.alert)}
     assert all(states[a["alert_id"]] == "open" for a in beyond)
+    # the adopted alerts now record the profile, so a later switch can retire them
+    stamped = {a["alert_id"]: json.loads(a["payload"]).get("profile_version")
+               for a in _rows(sqlite_url, schema.alert)}
+    assert all(stamped[a["alert_id"]] == "1.2.0" for a in beyond)

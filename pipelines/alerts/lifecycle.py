@@ -715,23 +715,29 @@ def _note_profile_version(engine: sa.Engine, previous: sa.RowMapping, condition:
     The episode is the same (the key carries the profile's name, not its version), so
     nothing is sent again; the alert's payload and audit trail say which version holds it.
     """
+    new_name = condition.payload.get("profile_name")
     new_version = condition.payload.get("profile_version")
+    if not new_name or not new_version or (
+            json.loads(previous["payload"] or "{}").get("profile_version") == new_version):
+        return False  # the usual case: no transaction for it
     with engine.begin() as conn:
         stored = conn.execute(sa.select(alert.c.payload).where(
             alert.c.alert_id == previous["alert_id"])).scalar_one()
         payload = json.loads(stored or "{}")
         old_version = payload.get("profile_version")
-        if not new_version or not old_version or old_version == new_version:
+        if old_version == new_version:
             return False
-        payload["profile_version"] = new_version
+        # An operator or device alert from before payloads named the profile gets it now.
+        payload.update(profile_name=new_name, profile_version=new_version)
         conn.execute(
             alert.update()
             .where(alert.c.alert_id == previous["alert_id"])
             .values(payload=json.dumps(payload, sort_keys=True, default=str), updated_at=now)
         )
+        was = f"(was {old_version})" if old_version else "(recorded from now on)"
         _audit(conn, previous["alert_id"], previous["state"], previous["state"], SYSTEM_ACTOR,
-               f"now confirmed under profile {payload.get('profile_name')} {new_version} "
-               f"(was {old_version}): the same episode", now)  # fmt: skip
+               f"now confirmed under profile {new_name} {new_version} {was}: the same episode",
+               now)  # fmt: skip
     return True
 
 
