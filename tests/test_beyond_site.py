@@ -181,3 +181,35 @@ def test_regulator_command_line(registry, sqlite_url, settings_for, tmp_path, ca
     missing = f"sqlite:///{tmp_path / 'absent.db'}"
     assert main(["regulator", "list", "--db", missing]) == 3
     assert main(["regulator", "export", "--db", missing, "--out", str(tmp_path / "y")]) == 3
+
+
+def test_operator_and_device_keys_carry_the_profile_and_old_keys_are_not_resent(
+        registry, sqlite_url, settings_for):
+    """Issue 13 item 6: the key names the profile; an alert stored by the previous release
+    under the key without it (and a payload without the profile) is read, not re-sent."""
+    settings = _settings(settings_for, sqlite_url)
+    ingest_paths(settings, registry["paths"])
+    run_monitor(settings)
+    created = sync_alerts(settings).created
+    beyond = [a for a in _rows(sqlite_url, schema.alert) if a["alert_id"] in created
+              and a["kind"] in ("training_review", "device")]
+    assert {a["dedupe_key"].split(":")[0] for a in beyond} == {"training", "device"}
+    assert all(":htg108:" in a["dedupe_key"] for a in beyond)
+    engine = make_engine(sqlite_url)
+    with engine.begin() as conn:  # as the previous release stored them
+        for row in beyond:
+            payload = json.loads(row["payload"])
+            payload.pop("profile_name"), payload.pop("profile_version")
+            conn.execute(schema.alert.update()
+                         .where(schema.alert.c.alert_id == row["alert_id"])
+                         .values(dedupe_key=row["dedupe_key"].replace(":htg108:", ":", 1),
+                                 payload=json.dumps(payload)))
+    engine.dispose()
+    result = sync_alerts(settings)
+    assert result.created == [] and result.cleared == 0
+    states = {a["alert_id"]: a["state"] for a in _rows(sqlite_url, schema.alert)}
+    assert all(states[a["alert_id"]] == "open" for a in beyond)
+    # the adopted alerts now record the profile, so a later switch can retire them
+    stamped = {a["alert_id"]: json.loads(a["payload"]).get("profile_version")
+               for a in _rows(sqlite_url, schema.alert)}
+    assert all(stamped[a["alert_id"]] == "1.2.0" for a in beyond)

@@ -44,6 +44,11 @@ def _recent(rows, as_of: date | None, hold_days: int):
             yield row, signal
 
 
+def _owner(profile: Profile) -> dict[str, str]:
+    """Return the payload fields that say which profile raised an alert (profile switches)."""
+    return {"profile_name": profile.name, "profile_version": profile.version}
+
+
 def _operator_conditions(conn: sa.Connection, settings: Settings, profile: Profile,
                          as_of: date | None) -> list[Condition]:
     table = schema.operator_chart
@@ -69,13 +74,16 @@ def _operator_conditions(conn: sa.Connection, settings: Settings, profile: Profi
                       "(HTG108 1.2); map the pseudonym with the site's own key material"))
         conditions.append(Condition(
             kind=TRAINING_REVIEW,
-            dedupe_key=f"training:{row['site_id']}:{row['operator']}:{row['metric']}",
+            dedupe_key=f"training:{profile.name}:{row['site_id']}:{row['operator']}:"
+                       f"{row['metric']}",
+            legacy_key=f"training:{row['site_id']}:{row['operator']}:{row['metric']}",
             title=f"Training review at {row['site_id']}: operator {row['operator']}, "
                   f"{metric.label.lower()} above peers",
             payload={"type": "operator_signal", "site_id": row["site_id"],
                      "operator": row["operator"], "metric": row["metric"],
                      "method": row["method"], "signal_date": signal.isoformat(),
-                     "lines": lines, "where": where_to_look(settings, row["site_id"])},
+                     "lines": lines, "where": where_to_look(settings, row["site_id"]),
+                     **_owner(profile)},
             site_id=row["site_id"], metric=row["metric"],
         ))
     return conditions
@@ -97,11 +105,13 @@ def _device_conditions(conn: sa.Connection, settings: Settings, profile: Profile
                  ("Device failures recorded", row["device_failures"]),
                  ("Signal date", signal.isoformat())]
         conditions.append(Condition(
-            kind=DEVICE, dedupe_key=f"device:product:{row['product']}:{row['metric']}",
+            kind=DEVICE,
+            dedupe_key=f"device:product:{profile.name}:{row['product']}:{row['metric']}",
+            legacy_key=f"device:product:{row['product']}:{row['metric']}",
             title=f"Device: {row['product']} {metric.label.lower()} above other products",
             payload={"type": "device_product", "product": row["product"],
                      "metric": row["metric"], "signal_date": signal.isoformat(),
-                     "lines": lines, "where": where_to_look(settings, None)},
+                     "lines": lines, "where": where_to_look(settings, None), **_owner(profile)},
             metric=row["metric"],
         ))
     lots = schema.device_lot_test
@@ -116,12 +126,14 @@ def _device_conditions(conn: sa.Connection, settings: Settings, profile: Profile
                  ("What to do", "quarantine the lot's stock and tell the manufacturer; "
                   "each device-related event also needs a Yellow Card (kyphowatch regulator)")]
         conditions.append(Condition(
-            kind=DEVICE, dedupe_key=f"device:lot:{row['product']}:{row['lot']}:{row['metric']}",
+            kind=DEVICE,
+            dedupe_key=f"device:lot:{profile.name}:{row['product']}:{row['lot']}:{row['metric']}",
+            legacy_key=f"device:lot:{row['product']}:{row['lot']}:{row['metric']}",
             title=f"Cement lot {row['lot']} of {row['product']}: excess {metric.label.lower()} "
                   f"across {row['sites']} sites",
             payload={"type": "device_lot", "product": row["product"], "lot": row["lot"],
                      "metric": row["metric"], "signal_date": signal.isoformat(),
-                     "lines": lines, "where": where_to_look(settings, None)},
+                     "lines": lines, "where": where_to_look(settings, None), **_owner(profile)},
             metric=row["metric"],
         ))
     return conditions

@@ -27,9 +27,19 @@ those not yet covered by an alert or an earlier digest into one digest. A first 
 4-year registry therefore sends the alarms that are current plus at most one digest.
 
 Each condition has a stable ``dedupe_key``: ``level:<profile>:<site>:<metric>:<direction>``,
-``sentinel:<profile>:<signal_key>``, ``signal:<site>:<metric>:<direction>`` (process),
-``rejected:<checksum>``, ``quarantine:<checksum>``, ``silent:<site_id>``,
-``digest:watch:<profile>:<ISO week>``, ``digest:history:<profile>:<as_of>``.
+``sentinel:<profile>:<signal_key>``, ``signal:<profile>:<site>:<metric>:<direction>``
+(process), ``rejected:<checksum>``, ``quarantine:<checksum>``, ``silent:<site_id>``,
+``digest:watch:<profile>:<ISO week>``, ``digest:history:<profile>:<as_of>`` (operator and
+device keys: :mod:`pipelines.alerts.beyond`). ``<profile>`` is the profile's name, not its
+version: a version bump that still finds a condition continues its episode (no second
+message; the payload and the audit trail record the new version). Process, operator and
+device alerts stored before their key named the profile are read under the old key
+(``Condition.legacy_key``), so an upgrade re-sends nothing.
+
+Profile switch: once the monitor has run under the configured profile's name and version,
+an open alert of another profile (or, after a version bump, one whose finding the new
+version dropped) is closed by ``kyphowatch`` with the reason
+``profile htg108 1.2.0 replaced by 1.3.0`` (the engine retired its signals).
 
 A level or silent-site condition that is no longer true *closes its alert automatically*:
 the alert becomes ``resolved`` with an audit row by ``kyphowatch`` ("condition cleared").
@@ -73,6 +83,7 @@ from pipelines.schema import (
     chart_status,
     file_ledger,
     level_episode,
+    monitor_run,
     procedure,
     signal,
 )
@@ -114,6 +125,9 @@ TRANSITIONS = {OPEN: {ACKNOWLEDGED, RESOLVED}, ACKNOWLEDGED: {RESOLVED}, RESOLVE
 SYSTEM_ACTOR = "kyphowatch"
 CONDITION_CLEARED = "condition cleared"
 CONDITION_RETURNED = "condition active again"
+# Audit reason of an alert closed because the monitor now runs another profile (or another
+# version of it): "profile htg108 1.1.0 replaced by 1.2.0" (profile_replaced_reason).
+PROFILE_REPLACED_PATTERN = "profile % replaced by %"
 
 # Signal category -> alert kind. Process signals (e.g. no MDT discussion) are a matter of
 # clinical governance, so they go to the safety recipients.
@@ -136,6 +150,10 @@ class Condition:
     signal_key: str | None = None
     site_id: str | None = None
     metric: str | None = None
+    # The key this condition had before the profile became part of it (process alerts):
+    # an alert still stored under it is read as this condition's alert, so an upgrade
+    # re-sends nothing.
+    legacy_key: str | None = None
 
 
 @dataclass
@@ -148,6 +166,7 @@ class SyncResult:
     returned: int = 0
     absorbed: int = 0  # open alerts that learned of further episodes of their breach
     closed: int = 0  # alerts resolved by the system because their condition cleared
+    retired: int = 0  # of those, alerts closed because their profile was replaced
     active_conditions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +178,7 @@ class SyncResult:
             "returned": self.returned,
             "absorbed": self.absorbed,
             "closed": self.closed,
+            "retired": self.retired,
             "active_conditions": self.active_conditions,
         }
 
@@ -257,12 +277,13 @@ def _signal_conditions(conn: sa.Connection, settings: Settings,
             Condition(
                 kind=kind,
                 dedupe_key=(f"sentinel:{profile_name}:{group_key}" if sentinel
-                            else f"signal:{site_id}:{metric}:{direction}"),
+                            else f"signal:{profile_name}:{site_id}:{metric}:{direction}"),
                 title=title,
                 payload=payload,
                 signal_key=primary["signal_key"],
                 site_id=site_id,
                 metric=metric,
+                legacy_key=None if sentinel else f"signal:{site_id}:{metric}:{direction}",
             )
         )
     return conditions
@@ -385,7 +406,8 @@ def _watch_digest(status: list[sa.RowMapping], profile, settings: Settings
         dedupe_key=f"digest:watch:{profile.name}:{period}",
         title=f"Weekly watch list {period}: {len(items)} site-metric(s)",
         payload={"type": "digest", "digest": "watch", "as_of": as_of.isoformat(),
-                 "period": period, "items": items,
+                 "period": period, "items": items, "profile_name": profile.name,
+                 "profile_version": profile.version,
                  "where": _page(settings, None),
                  "where_is_url": bool(settings.report_base_url)},
     )]
@@ -466,6 +488,7 @@ def _history_digest(conn: sa.Connection, profile, settings: Settings,
         title=f"History summary: {len(items)} past episode(s), not e-mailed one by one",
         payload={"type": "digest", "digest": "backfill", "as_of": as_of.isoformat(),
                  "period": None, "items": items, "item_keys": keys,
+                 "profile_name": profile.name, "profile_version": profile.version,
                  "where": _page(settings, None),
                  "where_is_url": bool(settings.report_base_url)},
     )
@@ -638,16 +661,84 @@ def _latest_alerts(conn: sa.Connection) -> dict[str, sa.RowMapping]:
 
 
 def _condition_markers(conn: sa.Connection) -> dict[str, str]:
-    """Return, per alert, the last clear / return observation recorded by sync."""
+    """Return, per alert, the last clear / return observation recorded by sync.
+
+    An alert closed because its profile was replaced counts as cleared: should the old
+    profile come back and find the condition again, that is a new episode.
+    """
     query = (
         sa.select(alert_audit.c.alert_id, alert_audit.c.reason)
         .where(
             alert_audit.c.actor == SYSTEM_ACTOR,
-            alert_audit.c.reason.in_([CONDITION_CLEARED, CONDITION_RETURNED]),
+            sa.or_(alert_audit.c.reason.in_([CONDITION_CLEARED, CONDITION_RETURNED]),
+                   alert_audit.c.reason.like(PROFILE_REPLACED_PATTERN)),
         )
         .order_by(alert_audit.c.audit_id)
     )
-    return {alert_id: reason for alert_id, reason in conn.execute(query)}
+    return {alert_id: CONDITION_CLEARED if reason.startswith("profile ") else reason
+            for alert_id, reason in conn.execute(query)}
+
+
+def _alert_profile(row: sa.RowMapping) -> tuple[str, str] | None:
+    """Return the (name, version) of the profile an alert was last confirmed under, if any.
+
+    Ledger, silent-site, watchdog and failure alerts belong to no profile (None).
+    """
+    payload = json.loads(row["payload"] or "{}")
+    name, version = payload.get("profile_name"), payload.get("profile_version")
+    return (str(name), str(version)) if name and version else None
+
+
+def profile_replaced_reason(old: tuple[str, str], new_name: str, new_version: str) -> str:
+    """Return the audit reason of an alert closed because its profile was replaced."""
+    successor = new_version if old[0] == new_name else f"{new_name} {new_version}"
+    return f"profile {old[0]} {old[1]} replaced by {successor}"
+
+
+def _monitored_under(conn: sa.Connection, profile) -> bool:
+    """Return whether the monitor has run under exactly this profile name and version.
+
+    Until it has, the stored signals and levels are still the old profile's picture, so an
+    edited profile file alone retires nothing.
+    """
+    return conn.execute(
+        sa.select(monitor_run.c.run_key).where(
+            monitor_run.c.profile_name == profile.name,
+            monitor_run.c.profile_version == profile.version).limit(1)
+    ).first() is not None
+
+
+def _note_profile_version(engine: sa.Engine, previous: sa.RowMapping, condition: Condition,
+                          now: datetime) -> bool:
+    """Record that a persisting alert is now confirmed under a new version of its profile.
+
+    The episode is the same (the key carries the profile's name, not its version), so
+    nothing is sent again; the alert's payload and audit trail say which version holds it.
+    """
+    new_name = condition.payload.get("profile_name")
+    new_version = condition.payload.get("profile_version")
+    if not new_name or not new_version or (
+            json.loads(previous["payload"] or "{}").get("profile_version") == new_version):
+        return False  # the usual case: no transaction for it
+    with engine.begin() as conn:
+        stored = conn.execute(sa.select(alert.c.payload).where(
+            alert.c.alert_id == previous["alert_id"])).scalar_one()
+        payload = json.loads(stored or "{}")
+        old_version = payload.get("profile_version")
+        if old_version == new_version:
+            return False
+        # An operator or device alert from before payloads named the profile gets it now.
+        payload.update(profile_name=new_name, profile_version=new_version)
+        conn.execute(
+            alert.update()
+            .where(alert.c.alert_id == previous["alert_id"])
+            .values(payload=json.dumps(payload, sort_keys=True, default=str), updated_at=now)
+        )
+        was = f"(was {old_version})" if old_version else "(recorded from now on)"
+        _audit(conn, previous["alert_id"], previous["state"], previous["state"], SYSTEM_ACTOR,
+               f"now confirmed under profile {new_name} {new_version} {was}: the same episode",
+               now)  # fmt: skip
+    return True
 
 
 def _audit(
@@ -755,6 +846,7 @@ def sync_alerts(
     engine = warehouse(settings)
     now = datetime.now(UTC)
     result = SyncResult()
+    profile = _current_profile(settings)
     try:
         with engine.connect() as conn:
             conditions = collect_conditions(
@@ -762,18 +854,30 @@ def sync_alerts(
             )
             latest = _latest_alerts(conn)
             markers = _condition_markers(conn)
+            monitored = _monitored_under(conn, profile)
+            active_signals = set(conn.execute(
+                sa.select(signal.c.signal_key).where(signal.c.active)).scalars())
         result.active_conditions = len(conditions)
         for kind in KINDS:
             mine = [c for c in conditions if c.kind == kind]
             if mine and not any(channels_for(settings, kind, c.site_id) for c in mine):
                 log.warning("no delivery channel configured for %s alerts", kind)
         active_keys = set()
+        adopted = set()  # legacy keys read as the alert of a condition's current key
         # Alarms first, then data quality, then digests: the outbox sends in creation order,
         # so the e-mail a safety lead must read arrives before the summaries.
         conditions = sorted(conditions, key=lambda c: (_priority(c), c.dedupe_key))
         for position, condition in enumerate(conditions):
             active_keys.add(condition.dedupe_key)
             previous = latest.get(condition.dedupe_key)
+            legacy = latest.get(condition.legacy_key) if condition.legacy_key else None
+            if previous is None and legacy is not None and (
+                    (_alert_profile(legacy) or (condition.payload.get("profile_name"),))[0]
+                    == condition.payload.get("profile_name")):
+                # stored before the key carried the profile (and, for operator and device
+                # alerts, before the payload named one): the same condition's alert
+                previous = legacy
+                adopted.add(condition.legacy_key)
             cleared = previous is not None and markers.get(previous["alert_id"]) == CONDITION_CLEARED
             rebreach = previous is not None and previous["state"] == RESOLVED and (
                 cleared or _new_signal_episode(condition, previous)
@@ -793,12 +897,27 @@ def sync_alerts(
             else:
                 if _absorb_new_signals(engine, previous, condition, now):
                     result.absorbed += 1
+                _note_profile_version(engine, previous, condition, now)
                 result.persisting += 1
         for key, previous in latest.items():
-            if (key in active_keys or key.startswith(EXTERNAL_PREFIXES)
+            if (key in active_keys or key in adopted or key.startswith(EXTERNAL_PREFIXES)
                     or markers.get(previous["alert_id"]) == CONDITION_CLEARED):
                 continue
-            closes = key.startswith(AUTO_CLOSE_PREFIXES) and previous["state"] != RESOLVED
+            owner = _alert_profile(previous)
+            # The monitor now runs another profile and no longer confirms this alert's
+            # condition: it was the old profile's, so it closes whatever its kind. After a
+            # version bump of the same profile, only where the new version dropped the
+            # finding (its signal retired, or a level or digest that cleared): a sentinel
+            # event that merely aged into the history digest stays with its reader.
+            replaced = (monitored and owner is not None
+                        and owner != (profile.name, profile.version)
+                        and (owner[0] != profile.name or key.startswith(AUTO_CLOSE_PREFIXES)
+                             or (previous["signal_key"] is not None
+                                 and previous["signal_key"] not in active_signals)))
+            closes = ((key.startswith(AUTO_CLOSE_PREFIXES) or replaced)
+                      and previous["state"] != RESOLVED)
+            reason = (profile_replaced_reason(owner, profile.name, profile.version)
+                      if replaced and owner is not None else CONDITION_CLEARED)
             with engine.begin() as conn:
                 if closes:
                     # resolved by the system: the condition is no longer true
@@ -811,9 +930,10 @@ def sync_alerts(
                     closes = changed == 1
                 _audit(conn, previous["alert_id"], previous["state"],
                        RESOLVED if closes else previous["state"], SYSTEM_ACTOR,
-                       CONDITION_CLEARED, now)  # fmt: skip
+                       reason, now)  # fmt: skip
             result.cleared += 1
             result.closed += int(closes)
+            result.retired += int(closes and replaced)
     finally:
         engine.dispose()
     return result

@@ -14,6 +14,8 @@ Why it is built this way
   sentinel event its date; for the process measure the first failure of the month. Rerunning
   tomorrow re-derives the same episode and so the same key: rows are upserted by key, and
   keys no longer derived (a correction removed the excess) are marked ``active = false``.
+  So are the active signals of any other profile, or other version of this one, that this
+  run does not derive again (a profile switch; ``summary["retired_profiles"]`` records it).
 * **History, not only today.** Every episode in the data's history is derived on every run
   (the funnel and rare tests are evaluated at each month end plus ``as_of``, the p-chart at
   each closed quarter). That is what makes an episode's start -- and thus its key -- stable.
@@ -1234,6 +1236,10 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile) ->
         # A run for a past as_of (a rerun or backfill) cannot see episodes that signalled
         # later, so it must not deactivate them; only what it could have derived is judged.
         judged = {key for key, _, signal_date in stored if signal_date <= result.as_of}
+        present = {row["signal_key"] for row in result.signals}
+        retired = _retire_replaced_profiles(conn, result, present)
+        if retired:
+            result.summary["retired_profiles"] = retired
         run_exists = conn.execute(
             sa.select(monitor_run.c.run_key).where(monitor_run.c.run_key == result.run_key)
         ).first()
@@ -1248,11 +1254,12 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile) ->
                     computed_at=now,
                 )
             )
-        present = set()
+        elif retired:  # a rerun of a stored run after another profile ran: keep the record
+            conn.execute(monitor_run.update().where(monitor_run.c.run_key == result.run_key)
+                         .values(summary=json.dumps(result.summary, sort_keys=True)))
         inserts, updates = [], []
         for row in result.signals:
             key = row["signal_key"]
-            present.add(key)
             row["active"] = True
             row["last_seen_run"] = result.run_key
             if key in existing:
@@ -1280,6 +1287,41 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile) ->
         result.new_signal_keys = sorted(row["signal_key"] for row in inserts)
         _replace_current_picture(conn, result, profile)
         store_run(conn, result)
+
+
+def _retire_replaced_profiles(conn: sa.Connection, result: MonitorResult,
+                              present: set[str]) -> list[dict[str, Any]]:
+    """Deactivate the active signals of every other profile, or other version of this one.
+
+    The configured profile is the one the monitor runs; a signal another profile (or an
+    earlier version) raised and this run does not derive again is that profile's finding,
+    not this one's, and would otherwise stay active for ever. A signal this run derives
+    again keeps its key (the key carries the profile's name, not its version) and is
+    updated to this version by the upsert. Returns one entry per retired profile version
+    (the audit entry, kept in the run's summary) and logs it.
+    """
+    replaced = sa.or_(signal.c.profile_name != result.profile_name,
+                      signal.c.profile_version != result.profile_version)
+    stale = conn.execute(
+        sa.select(signal.c.signal_key, signal.c.profile_name, signal.c.profile_version)
+        .where(signal.c.active, replaced)
+    ).all()
+    by_profile: dict[tuple[str, str], list[str]] = {}
+    for key, name, version in stale:
+        if key not in present:
+            by_profile.setdefault((name, version), []).append(key)
+    retired = []
+    for (name, version), keys in sorted(by_profile.items()):
+        for start in range(0, len(keys), 500):
+            conn.execute(signal.update().where(signal.c.signal_key.in_(keys[start:start + 500]))
+                         .values(active=False))
+        successor = (result.profile_version if name == result.profile_name
+                     else f"{result.profile_name} {result.profile_version}")
+        reason = f"profile {name} {version} replaced by {successor}"
+        log.warning("monitor: %s: %d active signal(s) retired", reason, len(keys))
+        retired.append({"profile_name": name, "profile_version": version,
+                        "signals": len(keys), "reason": reason})
+    return retired
 
 
 def _replace_current_picture(conn: sa.Connection, result: MonitorResult,
