@@ -43,6 +43,7 @@ from pipelines.alerts.lifecycle import (
 )
 from pipelines.alerts.watchdog import clear, raise_once
 from pipelines.db import make_engine
+from pipelines.errors import ExternalSystemError
 from pipelines.schema import alert
 from pipelines.settings import Settings
 
@@ -113,7 +114,8 @@ def report_failure(settings: Settings, failure: TaskFailure, *,
             alert_id = raise_once(engine, settings, condition, now)
         finally:
             engine.dispose()
-    except sa.exc.SQLAlchemyError as exc:
+    except (sa.exc.SQLAlchemyError, ExternalSystemError) as exc:
+        # open_warehouse reports an unreachable warehouse as ExternalSystemError
         log.error("warehouse unavailable (%s): sending the failure notice directly",
                   summarise_error(exc))  # fmt: skip
         return {"raised": None, "direct": _send_direct(settings, failure, condition)}
