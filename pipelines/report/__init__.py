@@ -17,8 +17,8 @@ Layout of a report directory::
 
 One module per part: :mod:`.overview`, :mod:`.site`, :mod:`.funnels`, :mod:`.methods`
 (pages), :mod:`.charts` and :mod:`.svgplot` (charts), :mod:`.data` (what a report reads),
-:mod:`.beyond` (devices page, confidential operator pages), :mod:`.publish` (writing, publishing, the ``report`` command), :mod:`.app` (the web app the
-Airflow plugin serves). This module re-exports what ``dags/``, the CLI and tests import.
+:mod:`.beyond` (devices page, confidential operator pages), :mod:`.publish` (writing,
+publishing, the ``report`` command), :mod:`.app` (the web app the Airflow plugin serves). This module re-exports what ``dags/``, the CLI and tests import.
 
 Why it is built this way: the report is opened from disk, from an e-mail or through the
 Airflow plugin, so every page is static HTML with inline SVG charts (see
