@@ -102,7 +102,7 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
     out = index.parent
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     pages = [f for f in files if not f.endswith(".csv")]
-    assert pages == ["funnels.html", "index.html", "methods.html", "report.json",
+    assert pages == ["devices.html", "funnels.html", "index.html", "methods.html", "report.json",
                      "sites/S001.html", "sites/S002.html", "sites/S003.html", "sites/S004.html"]
     # every chart links to its data, and every linked CSV was written
     for page in pages:

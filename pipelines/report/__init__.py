@@ -5,6 +5,8 @@ Layout of a report directory::
     index.html           overview: one row per site, most severe first; each flagged cell
                          states level, since, strength and rate against the guidance range
     funnels.html         funnel plots per metric: significant / outside / in control
+    devices.html         products against the other products of their kind, cement lots
+                         (operator pages are confidential: ``kyphowatch beyond-report``)
     methods.html         baselines with their HTG108 sections, thresholds and their designed
                          false-alarm rates, risk models and their fit, profile and as-of date
     sites/<SITE>.html    per site: a sentence per flagged metric, then VLAD, p-chart, CUSUMs
@@ -15,8 +17,8 @@ Layout of a report directory::
 
 One module per part: :mod:`.overview`, :mod:`.site`, :mod:`.funnels`, :mod:`.methods`
 (pages), :mod:`.charts` and :mod:`.svgplot` (charts), :mod:`.data` (what a report reads),
-:mod:`.publish` (writing, publishing, the ``report`` command), :mod:`.app` (the web app the
-Airflow plugin serves). This module re-exports what ``dags/``, the CLI and tests import.
+:mod:`.beyond` (devices page, confidential operator pages), :mod:`.publish` (writing,
+publishing, the ``report`` command), :mod:`.app` (the web app the Airflow plugin serves). This module re-exports what ``dags/``, the CLI and tests import.
 
 Why it is built this way: the report is opened from disk, from an e-mail or through the
 Airflow plugin, so every page is static HTML with inline SVG charts (see

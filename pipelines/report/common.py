@@ -217,7 +217,8 @@ def _field(value: Any, name: str, metric: str | None = None, digits: int = 4) ->
 def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
     up = "../" * depth
     nav = (f"<nav><a href='{up}index.html'>Overview</a><a href='{up}funnels.html'>Funnel plots"
-           f"</a><a href='{up}methods.html'>Methods</a></nav>")
+           f"</a><a href='{up}devices.html'>Devices and cement lots</a>"
+           f"<a href='{up}methods.html'>Methods</a></nav>")
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
             # an empty inline icon: the browser would otherwise fetch /favicon.ico

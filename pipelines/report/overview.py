@@ -134,8 +134,9 @@ def _alert_signal(data: ReportData, alert: dict[str, Any]) -> tuple[str, str]:
             evidence.STATUS_LABELS.get(status, "-") if status else "-")
 
 
-def index_page(data: ReportData) -> str:
-    """Return the overview: the graded grid, open alerts and data quality."""
+def index_page(data: ReportData, devices: str = "") -> str:
+    """Return the overview: the graded grid, open alerts, devices (``devices``: the section
+    from :func:`pipelines.report.beyond.overview_section`) and data quality."""
     body = [_header(data)]
     counts = {s: sum(1 for site in data.sites if site["status"] == s) for s in STATUS_MARK}
     body.append("<p>" + " \u00b7 ".join(f"<b>{counts[s]}</b> {_esc(evidence.STATUS_LABELS[s])}"
@@ -189,6 +190,7 @@ def index_page(data: ReportData) -> str:
                             "raised (UTC)", "alert id"], rows, caption="Open alerts"))
     else:
         body.append("<p>No open site alerts.</p>")
+    body.append(devices)
     q = data.quality
     body.append("<h2 id='quality'>Data quality</h2>")
     newest = max((s["newest_extract"] for s in data.sites if s["newest_extract"]), default=None)

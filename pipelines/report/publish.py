@@ -13,6 +13,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from pipelines.errors import ExternalSystemError
+from pipelines.report.beyond import overview_section, read_beyond, render_devices
 from pipelines.report.common import (
     SITE_RE,
     _page,
@@ -34,9 +35,15 @@ def render_report(settings: Settings, as_of: date | None = None) -> dict[str, st
         empty = _page("kyphowatch surveillance report",
                       "<p>The warehouse holds no procedures yet: nothing to report.</p>")
         return {"index.html": empty, "report.json": json.dumps({"as_of": None, "sites": []})}
+    # Products and cement lots are network-wide evidence: in the report. Operator pages are
+    # confidential to each site's lead and stay out (pipelines/report/beyond.py).
+    stored = read_beyond(settings, data.profile.name, operators=False)
+    rare = {m.id for m in data.profile.metrics if m.alarm is not None
+            and m.alarm.method == "rare"}
     pages = {
         "funnels.html": funnels_page(data),
-        "index.html": index_page(data),
+        "index.html": index_page(data, overview_section(
+            stored["products"], stored["lots"], data.labels, data.as_of)),
         "methods.html": methods_page(data),
         "report.json": json.dumps({
             "as_of": data.as_of.isoformat(), "run_key": data.result.run_key,
@@ -44,6 +51,8 @@ def render_report(settings: Settings, as_of: date | None = None) -> dict[str, st
             "sites": data.sites,
         }, indent=2, sort_keys=True),
     }
+    pages.update(render_devices(stored["products"], stored["lots"], data.labels, rare,
+                                as_of=data.as_of))
     for site in data.sites:
         # Site ids become file names and links; the contract guarantees their form, and a
         # report must never write outside its folder if a warehouse was filled some other way.
@@ -83,7 +92,7 @@ def write_report(settings: Settings, out_dir: Path | None = None,
         shutil.rmtree(staging, ignore_errors=True)
     if ours:
         for stale in [*(out_dir / "sites").glob("*.html"), *(out_dir / "sites").glob("*.csv"),
-                      *out_dir.glob("funnel-*.csv")]:
+                      *out_dir.glob("funnel-*.csv"), *out_dir.glob("devices-*.csv")]:
             if stale.relative_to(out_dir).as_posix() not in pages:
                 stale.unlink()
     log.info("report: %d pages written to %s", len(pages), out_dir)
