@@ -5,7 +5,9 @@ provider's ``FileTrigger`` is a plain ``BaseTrigger`` (and fires once, then ends
 ``FileDeleteTrigger`` deletes the file it finds -- we need the file for ingest -- so neither
 fits. :class:`LandingFilesTrigger` polls the directory for as long as the triggerer runs and
 fires one event whenever files appear (or change) that have settled: complete names,
-unchanged for ``min_age_seconds`` (:func:`pipelines.landing.stable_files`).
+unchanged for ``min_age_seconds`` (:func:`pipelines.landing.stable_files`). Between polls it
+sleeps ``poke_interval`` or until the next waiting file settles, whichever is sooner, so a
+file is announced about ``min_age_seconds`` after its last write, not up to a poll later.
 
 Nothing is stranded. Every run of ``kyphowatch_ingest`` moves each file it processed out of
 landing (archive or rejected), so a file that is *still* in landing has not been dealt with
@@ -32,11 +34,17 @@ from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
+# woken this much after a file's computed settle time, so file-system timestamp rounding
+# never makes it look a hair too young and cost a second sleep
+SETTLE_MARGIN_SECONDS = 0.2
 
-def _settled(directory: str, min_age_seconds: float) -> dict[str, tuple[int, int]]:
+
+def _settled(directory: str, min_age_seconds: float
+             ) -> tuple[dict[str, tuple[int, int]], float | None]:  # fmt: skip
+    """Return the settled files (name -> size, mtime) and the seconds until the next settles."""
     from pathlib import Path
 
-    from pipelines.landing import stable_files
+    from pipelines.landing import seconds_until_settled, stable_files
 
     found = {}
     for path in stable_files(Path(directory), min_age_seconds):
@@ -45,7 +53,7 @@ def _settled(directory: str, min_age_seconds: float) -> dict[str, tuple[int, int
         except FileNotFoundError:
             continue
         found[path.name] = (stat.st_size, stat.st_mtime_ns)
-    return found
+    return found, seconds_until_settled(Path(directory), min_age_seconds)
 
 
 class LandingFilesTrigger(BaseEventTrigger):
@@ -77,7 +85,8 @@ class LandingFilesTrigger(BaseEventTrigger):
         # name -> (size, mtime_ns, monotonic time of the last announcement)
         announced: dict[str, tuple[int, int, float]] = {}
         while True:
-            settled = await asyncio.to_thread(_settled, self.directory, self.min_age_seconds)
+            settled, next_settles = await asyncio.to_thread(
+                _settled, self.directory, self.min_age_seconds)  # fmt: skip
             now = time.monotonic()
             # forget files that left landing, so the same name dropped again fires again
             announced = {name: seen for name, seen in announced.items() if name in settled}
@@ -94,4 +103,9 @@ class LandingFilesTrigger(BaseEventTrigger):
                               self.directory, len(new), new, len(waiting), waiting)  # fmt: skip
                 yield TriggerEvent({"directory": self.directory, "files": new,
                                     "waiting": waiting})  # fmt: skip
-            await asyncio.sleep(self.poke_interval)
+            # wake when the next waiting file settles, not at the next poll: up to a poll
+            # interval less latency, same settle rule (a file still written is not settled)
+            pause = self.poke_interval
+            if next_settles is not None:
+                pause = min(pause, next_settles + SETTLE_MARGIN_SECONDS)
+            await asyncio.sleep(pause)

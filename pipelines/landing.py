@@ -91,6 +91,28 @@ def stable_files(landing_dir: Path, min_age_seconds: float, *, now: float | None
     return stable
 
 
+def seconds_until_settled(landing_dir: Path, min_age_seconds: float, *,
+                          now: float | None = None) -> float | None:  # fmt: skip
+    """Return how long until the next landing file not yet settled becomes settled.
+
+    ``None`` when every file has settled already (or there are none). The landing watcher
+    sleeps this long instead of a whole poll interval, so a file is announced when it has
+    been unchanged for ``min_age_seconds`` -- not up to a poll interval later. A file still
+    being written moves its modification time, so waking early never announces it early:
+    :func:`stable_files` decides, with the same rule as before.
+    """
+    now = time.time() if now is None else now
+    waits = []
+    for path in landing_files(landing_dir):
+        try:
+            modified = path.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if now - modified < min_age_seconds:
+            waits.append(modified + min_age_seconds - now)
+    return min(waits) if waits else None
+
+
 def file_checksum(path: Path) -> str:
     """Return the checksum ingest uses for ``path`` (SHA-256 of the bytes)."""
     from pipelines.ingest.reader import file_checksum as checksum

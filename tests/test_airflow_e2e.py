@@ -17,14 +17,9 @@ the other worker, and still exactly one e-mail arrives.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import secrets
-import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from datetime import date
@@ -33,101 +28,23 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from pipelines.airflow_stack import (
+    COMPONENTS,
+    AirflowStack,
+    airflow_env,
+    create_database,
+    drop_database,
+    wait_for_port,
+)
+from pipelines.airflow_stack import drop_files as _drop_files
 from pipelines.mailsink import MailSink, free_port
 from pipelines.simulate import simulate
 
 pytestmark = [pytest.mark.airflow_e2e, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[1]
-DAGS = REPO / "dags"
-COMPONENTS = {
-    "api-server": ["api-server", "--apps", "execution", "--host", "127.0.0.1"],
-    "scheduler": ["scheduler"],
-    "dag-processor": ["dag-processor"],
-    "triggerer": ["triggerer"],
-}
 DRIFT_SITE = "S002"
 EMAIL_DEADLINE_SECONDS = 360
 QUIET_PERIOD_SECONDS = 90
-
-
-def _create_db(admin_url: str, prefix: str) -> tuple[str, str]:
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        # Identifiers cannot be bound parameters: quote with the dialect's own rules.
-        conn.exec_driver_sql("CREATE DATABASE " + conn.dialect.identifier_preparer.quote(name))
-    admin.dispose()
-    url = sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    return name, url
-
-
-def _drop_db(admin_url: str, name: str) -> None:
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(
-            "DROP DATABASE IF EXISTS "
-            + conn.dialect.identifier_preparer.quote(name) + " WITH (FORCE)"
-        )
-    admin.dispose()
-
-
-def _wait_for_port(port: int, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.5)
-    return False
-
-
-def _drop_files(files: list[Path], landing: Path) -> float:
-    """Copy under a temporary name, then rename: the watcher never sees half a file."""
-    for path in files:
-        temporary = landing / f"{path.name}.part"
-        shutil.copyfile(path, temporary)
-        temporary.replace(landing / path.name)
-    return time.time()
-
-
-class AirflowStack:
-    """The Airflow components as subprocesses, each in its own process group."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path,
-                 components: dict[str, list[str]] | None = None) -> None:  # fmt: skip
-        self.env = env
-        self.log_dir = log_dir
-        self.components = components or COMPONENTS
-        self.processes: dict[str, subprocess.Popen] = {}
-
-    def start(self) -> None:
-        for name, args in self.components.items():
-            log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", *args], env=self.env, cwd=REPO,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-
-    def check_alive(self) -> None:
-        dead = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
-        assert not dead, f"Airflow components exited: {dead}"
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for process in self.processes.values():
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
-
-    def print_logs(self, tail: int = 12_000) -> None:
-        for path in sorted(self.log_dir.glob("*.log")):
-            print(f"\n===== {path.name} (last {tail} chars) =====")
-            print(path.read_bytes()[-tail:].decode("utf-8", "replace"))
 
 
 def _ancestors(pid: int) -> list[int]:
@@ -181,8 +98,8 @@ def _redis_available() -> bool:
 def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys, executor):
     if executor == "CeleryExecutor" and not _redis_available():
         pytest.skip("no Redis broker on 127.0.0.1:6379 for the CeleryExecutor variant")
-    meta_name, meta_url = _create_db(pg_admin_url, "kw_airflow")
-    wh_name, wh_url = _create_db(pg_admin_url, "kw_wh")
+    meta_name, meta_url = create_database(pg_admin_url, "kw_airflow")
+    wh_name, wh_url = create_database(pg_admin_url, "kw_wh")
     meta_url = meta_url.replace("postgresql://", "postgresql+psycopg://", 1)
     extracts = tmp_path / "extracts"
     simulate(extracts, sites=3, start=date(2023, 1, 1), end=date(2023, 9, 30), seed=11,
@@ -193,40 +110,16 @@ def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys, exe
     logs.mkdir()
     api_port = free_port()
     sink = MailSink(tmp_path / "mail").start()
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(tmp_path / "airflow"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta_url,
-        # psycopg 3 is async-capable; Airflow would otherwise look for asyncpg
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": meta_url,
-        "AIRFLOW__CORE__EXECUTOR": executor,
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__API__PORT": str(api_port),
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)]),
-        # configuration through Airflow connections and variables, as in production
-        "AIRFLOW_CONN_KYPHOWATCH_WAREHOUSE": json.dumps(
-            {"conn_type": "generic", "extra": {"url": wh_url}}),
-        "AIRFLOW_CONN_KYPHOWATCH_SMTP": json.dumps(
-            {"conn_type": "smtp", "host": sink.host, "port": sink.port}),
-        "AIRFLOW_VAR_KYPHOWATCH_PSEUDONYM_KEY": secrets.token_hex(32),
-        "AIRFLOW_VAR_KYPHOWATCH_ARCHIVE_DIR": str(tmp_path / "archive"),
-        "AIRFLOW_VAR_KYPHOWATCH_REJECTED_DIR": str(tmp_path / "rejected"),
-        "KYPHOWATCH_LANDING_DIR": str(landing),
-        "KYPHOWATCH_LANDING_MIN_AGE_SECONDS": "2",
-        "KYPHOWATCH_LANDING_POLL_SECONDS": "1",
-        "KYPHOWATCH_ALERT_RECIPIENTS_SAFETY": "safety@example.org",
-        "KYPHOWATCH_ALERT_RECIPIENTS_DATA": "data@example.org",
-        "KYPHOWATCH_REPORT_DIR": str(tmp_path / "reports"),
-    }  # fmt: skip
-    env.pop("KYPHOWATCH_DB_URL", None)
-    env.pop("KYPHOWATCH_DEMO", None)
+    # 2 s / 1 s settle/poll and 1 s heartbeats keep the test short; bench_latency.py
+    # measures the same stack at the defaults
+    env = airflow_env(root=tmp_path, meta_url=meta_url, warehouse_url=wh_url, landing=landing,
+                      smtp_host=sink.host, smtp_port=sink.port, api_port=api_port,
+                      executor=executor, overrides={
+                          "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+                          "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+                          "KYPHOWATCH_LANDING_MIN_AGE_SECONDS": "2",
+                          "KYPHOWATCH_LANDING_POLL_SECONDS": "1",
+                      })  # fmt: skip
     components = dict(COMPONENTS)
     if executor == "CeleryExecutor":
         # The machine's real Redis as broker; a queue of our own, so parallel runs on the
@@ -248,23 +141,13 @@ def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys, exe
     stack = AirflowStack(env, logs, components)
     failed = True
     try:
-        migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env,
-                                 cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+        stack.migrate()
         stack.start()
-        assert _wait_for_port(api_port, time.monotonic() + 120), "api-server did not listen"
+        assert wait_for_port(api_port, time.monotonic() + 120), "api-server did not listen"
 
         # wait until the triggerer runs the landing watcher
         meta = sa.create_engine(meta_url)
-        deadline = time.monotonic() + 180
-        watching = False
-        while time.monotonic() < deadline and not watching:
-            stack.check_alive()
-            with meta.connect() as conn:
-                watching = bool(conn.execute(sa.text(
-                    "select count(*) from trigger where classpath like '%LandingFilesTrigger' "
-                    "and triggerer_id is not null")).scalar())  # fmt: skip
-            time.sleep(1)
+        watching = stack.wait_until_watching(meta, time.monotonic() + 180)
         assert watching, "the landing watcher never started in the triggerer"
         time.sleep(2)
 
@@ -319,5 +202,5 @@ def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys, exe
         sink.stop()
         if failed:
             stack.print_logs()
-        _drop_db(pg_admin_url, meta_name)
-        _drop_db(pg_admin_url, wh_name)
+        drop_database(pg_admin_url, meta_name)
+        drop_database(pg_admin_url, wh_name)

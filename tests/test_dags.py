@@ -131,6 +131,31 @@ def test_landing_trigger_is_an_event_trigger_and_fires_once_per_new_file(airflow
     assert "unexpected" not in proc.stdout
 
 
+def test_landing_trigger_fires_when_a_file_settles_not_at_the_next_poll(airflow_env, tmp_path):
+    # settle 1.5 s, poll 30 s: polling alone would announce the file only after 30 s
+    proc = _python(airflow_env, f"""
+        import asyncio, sys, time
+        from pathlib import Path
+        sys.path.insert(0, "dags")
+        from kyphowatch_triggers import LandingFilesTrigger
+        trigger = LandingFilesTrigger(directory={str(tmp_path)!r}, min_age_seconds=1.5,
+                                      poke_interval=30)
+
+        async def main():
+            run = trigger.run()
+            path = Path({str(tmp_path)!r}) / "procedures_20240101.csv"
+            path.write_text("x")
+            written = path.stat().st_mtime
+            payload = (await asyncio.wait_for(run.__anext__(), 20)).payload
+            print(payload["files"], round(time.time() - written, 2))
+        asyncio.run(main())
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files, waited = proc.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert files == "['procedures_20240101.csv']"
+    assert 1.5 <= float(waited) < 6.0  # settled first, then announced within seconds
+
+
 @pytest.fixture
 def drifting_extracts(tmp_path_factory):
     out = tmp_path_factory.mktemp("extracts")

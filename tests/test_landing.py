@@ -11,7 +11,12 @@ import pytest
 import sqlalchemy as sa
 
 from pipelines.db import make_engine
-from pipelines.landing import is_complete_name, process_landing, stable_files
+from pipelines.landing import (
+    is_complete_name,
+    process_landing,
+    seconds_until_settled,
+    stable_files,
+)
 from pipelines.schema import file_ledger, procedure
 from pipelines.simulate import simulate
 
@@ -62,6 +67,22 @@ def test_recently_modified_files_wait_until_they_settle(tmp_path):
     os.utime(path, (now, now))
     assert stable_files(landing, 30, now=now + 5) == []
     assert stable_files(landing, 30, now=now + 31) == [path]
+
+
+def test_the_watcher_knows_when_the_next_file_settles(tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    assert seconds_until_settled(landing, 30) is None  # nothing waiting
+    older, newer = landing / "procedures_20240101.csv", landing / "complications_20240101.csv"
+    older.write_text("x")
+    newer.write_text("x")
+    (landing / "procedures_20240102.csv.part").write_text("x")  # not a complete name: ignored
+    now = time.time()
+    os.utime(older, (now - 25, now - 25))
+    os.utime(newer, (now - 10, now - 10))
+    assert seconds_until_settled(landing, 30, now=now) == pytest.approx(5)
+    assert seconds_until_settled(landing, 30, now=now + 6) == pytest.approx(14)
+    assert seconds_until_settled(landing, 30, now=now + 21) is None  # both settled
 
 
 def test_loaded_files_are_archived_and_rejected_ones_explained(sqlite_url, settings_for, tmp_path,
