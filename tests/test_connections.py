@@ -8,7 +8,6 @@ keep their type (without the provider Airflow stored "generic" and the task fail
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,25 +17,16 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from tests.airflow_helpers import migrated_airflow_env
+
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "dags"
 
 
 @pytest.fixture(scope="module")
 def airflow_env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("airflow_home")
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)]),
-    }
-    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
-    return env
+    """Environment for Airflow subprocesses, with a freshly migrated SQLite metadata DB."""
+    return migrated_airflow_env(tmp_path_factory.mktemp("airflow_home"))
 
 
 def _airflow(env: dict, *args: str) -> None:

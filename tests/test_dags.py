@@ -8,7 +8,6 @@ session) and ``DAGS_FOLDER`` set to ``dags/``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pipelines.db import make_engine
 from pipelines.mailsink import MailSink
 from pipelines.schema import alert, alert_outbox, monitor_run, signal
 from pipelines.simulate import simulate
+from tests.airflow_helpers import migrated_airflow_env
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "dags"
@@ -33,20 +33,7 @@ HEAVY = ("pandas", "great_expectations", "statsmodels", "scipy", "sqlalchemy", "
 @pytest.fixture(scope="session")
 def airflow_env(tmp_path_factory):
     """Environment for Airflow subprocesses, with a freshly migrated SQLite metadata DB."""
-    home = tmp_path_factory.mktemp("airflow_home")
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)]),
-    }
-    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
-    return env
+    return migrated_airflow_env(tmp_path_factory.mktemp("airflow_home"), plugins=True)
 
 
 def _python(env: dict, code: str, timeout: int = 300) -> subprocess.CompletedProcess:

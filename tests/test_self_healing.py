@@ -8,7 +8,6 @@ PostgreSQL URL on a closed port.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pipelines.mailsink import MailSink, free_port, message_files
 from pipelines.schema import alert, alert_audit, alert_outbox, file_ledger
 from pipelines.simulate import simulate
 from pipelines.surveillance.engine import run_monitor
+from tests.airflow_helpers import migrated_airflow_env
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "dags"
@@ -45,19 +45,7 @@ def extracts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def airflow_env(tmp_path_factory):
     """Environment for Airflow subprocesses, with a freshly migrated SQLite metadata DB."""
-    home = tmp_path_factory.mktemp("airflow_home")
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(DAGS)]),
-    }
-    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
-    return env
+    return migrated_airflow_env(tmp_path_factory.mktemp("airflow_home"))
 
 
 def _run_dag(env: dict, dag_id: str, *, no_retries: bool = True) -> dict:
