@@ -340,44 +340,42 @@ def plan_rotation(conn: sa.Connection, old_key: bytes, new_key: bytes,
 UNEXPLAINED = "digest-redacted-at-key-rotation"
 
 
+def _rewrite(conn: sa.Connection, table: sa.Table, columns, transform) -> int:
+    """Apply ``transform`` to ``columns`` of every row of ``table``; return rows changed."""
+    pk = [c.name for c in table.primary_key]
+    updates = []
+    for row in conn.execute(sa.select(*[table.c[n] for n in pk + list(columns)])).mappings():
+        new = {c: transform(row[c]) for c in columns}
+        if any(new[c] != row[c] for c in columns):
+            updates.append({**{f"k_{n}": row[n] for n in pk}, **new})
+    if updates:
+        stmt = table.update().where(
+            *[table.c[n] == sa.bindparam(f"k_{n}") for n in pk]
+        ).values({c: sa.bindparam(c) for c in columns})
+        conn.execute(stmt, updates)
+    return len(updates)
+
+
 def _apply(conn: sa.Connection, mapping: dict[str, str], *, redact: bool = False,
            step=None) -> dict[str, int]:
     """Rewrite every stored digest through ``mapping``; return rows changed per table."""
-    changed: dict[str, int] = {}
-    for table, columns in _REFERENCE_COLUMNS:
-        pk = [c.name for c in table.primary_key]
-        updates = []
-        for row in conn.execute(sa.select(*[table.c[n] for n in pk + list(columns)])).mappings():
-            new = {c: mapping.get(row[c], row[c]) for c in columns}
-            if any(new[c] != row[c] for c in columns):
-                updates.append({**{f"k_{n}": row[n] for n in pk}, **new})
-        if updates:
-            stmt = table.update().where(
-                *[table.c[n] == sa.bindparam(f"k_{n}") for n in pk]
-            ).values({c: sa.bindparam(c) for c in columns})
-            conn.execute(stmt, updates)
-        changed[table.name] = len(updates)
-        if step:
-            step(table.name)
-    for table, columns in _TEXT_COLUMNS:
-        pk = [c.name for c in table.primary_key]
-        updates = []
-        for row in conn.execute(sa.select(*[table.c[n] for n in pk + list(columns)])).mappings():
-            def swap(match: re.Match) -> str:
-                old = match.group(0)
-                return mapping.get(old, UNEXPLAINED if redact else old)
 
-            new = {c: _HEX_DIGEST.sub(swap, row[c]) if row[c] else row[c] for c in columns}
-            if any(new[c] != row[c] for c in columns):
-                updates.append({**{f"k_{n}": row[n] for n in pk}, **new})
-        if updates:
-            stmt = table.update().where(
-                *[table.c[n] == sa.bindparam(f"k_{n}") for n in pk]
-            ).values({c: sa.bindparam(c) for c in columns})
-            conn.execute(stmt, updates)
-        changed[table.name] = len(updates)
-        if step:
-            step(table.name)
+    def digest(value):  # a column that holds one digest
+        return mapping.get(value, value)
+
+    def swap(match: re.Match) -> str:
+        old = match.group(0)
+        return mapping.get(old, UNEXPLAINED if redact else old)
+
+    def text(value):  # free text (quarantine values, ledger notes) with digests inside
+        return _HEX_DIGEST.sub(swap, value) if value else value
+
+    changed: dict[str, int] = {}
+    for tables, transform in ((_REFERENCE_COLUMNS, digest), (_TEXT_COLUMNS, text)):
+        for table, columns in tables:
+            changed[table.name] = _rewrite(conn, table, columns, transform)
+            if step:
+                step(table.name)
     return changed
 
 
