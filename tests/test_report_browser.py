@@ -47,11 +47,11 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.airflow_stack import wait_for_port
 from pipelines.db import make_engine
 from pipelines.mailsink import free_port
 from pipelines.report import publish_report, write_report
 from pipelines.surveillance.engine import run_monitor
-from tests.test_airflow_e2e import _wait_for_port
 from tests.test_engine import build_sites
 
 pytestmark = pytest.mark.timeout(600)
@@ -260,7 +260,7 @@ def api_server(tmp_path, sqlite_url, settings_for):
     base = f"http://127.0.0.1:{port}"
     failed = True
     try:
-        assert _wait_for_port(port, time.monotonic() + 120), "api-server did not listen"
+        assert wait_for_port(port, time.monotonic() + 120), "api-server did not listen"
         deadline = time.monotonic() + 60
         while _http(base + "/api/v2/monitor/health")[0] != 200:
             assert process.poll() is None, "api-server exited"
