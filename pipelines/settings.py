@@ -238,22 +238,32 @@ def _uids(env: dict[str, str]) -> tuple[int, ...]:
 
 
 def _limits(env: dict[str, str]) -> dict[str, object]:
-    """The hostile-input limits (issue 14), each overridable from the environment."""
+    """The hostile-input limits (issue 14), each overridable from the environment.
+
+    The defaults are the :class:`Settings` field defaults (one place); the bounds are what
+    an override may set.
+    """
     gib = 1024**3
+    d = Settings  # dataclass field defaults, read from the class
     return {
         "ingest_max_file_bytes": int(
-            _float(env, "KYPHOWATCH_INGEST_MAX_FILE_BYTES", 2 * gib, 1, 1024 * gib)),
-        "ingest_max_decompressed_bytes": int(
-            _float(env, "KYPHOWATCH_INGEST_MAX_DECOMPRESSED_BYTES", 4 * gib, 1, 1024 * gib)),
+            _float(env, "KYPHOWATCH_INGEST_MAX_FILE_BYTES", d.ingest_max_file_bytes, 1, 1024 * gib)),
+        "ingest_max_decompressed_bytes": int(_float(
+            env, "KYPHOWATCH_INGEST_MAX_DECOMPRESSED_BYTES", d.ingest_max_decompressed_bytes, 1,
+            1024 * gib)),
         "ingest_max_compression_ratio": _float(
-            env, "KYPHOWATCH_INGEST_MAX_COMPRESSION_RATIO", 100.0, 2.0, 100_000.0),
-        "ingest_max_line_chars": int(
-            _float(env, "KYPHOWATCH_INGEST_MAX_LINE_CHARS", 1 << 20, 1024, 1 << 30)),
-        "ingest_max_fields": int(_float(env, "KYPHOWATCH_INGEST_MAX_FIELDS", 1000, 20, 1_000_000)),
-        "ingest_max_rows": int(_float(env, "KYPHOWATCH_INGEST_MAX_ROWS", 20_000_000, 1, 1e10)),
-        "ingest_max_seconds": _float(env, "KYPHOWATCH_INGEST_MAX_SECONDS", 1800.0, 0.1, 86_400.0),
-        "quarantine_preview_fields": int(
-            _float(env, "KYPHOWATCH_QUARANTINE_PREVIEW_FIELDS", 16, 0, 1000)),
+            env, "KYPHOWATCH_INGEST_MAX_COMPRESSION_RATIO", d.ingest_max_compression_ratio, 2.0,
+            100_000.0),
+        "ingest_max_line_chars": int(_float(
+            env, "KYPHOWATCH_INGEST_MAX_LINE_CHARS", d.ingest_max_line_chars, 1024, 1 << 30)),
+        "ingest_max_fields": int(
+            _float(env, "KYPHOWATCH_INGEST_MAX_FIELDS", d.ingest_max_fields, 20, 1_000_000)),
+        "ingest_max_rows": int(
+            _float(env, "KYPHOWATCH_INGEST_MAX_ROWS", d.ingest_max_rows, 1, 1e10)),
+        "ingest_max_seconds": _float(
+            env, "KYPHOWATCH_INGEST_MAX_SECONDS", d.ingest_max_seconds, 0.1, 86_400.0),
+        "quarantine_preview_fields": int(_float(
+            env, "KYPHOWATCH_QUARANTINE_PREVIEW_FIELDS", d.quarantine_preview_fields, 0, 1000)),
         "allowed_owner_uids": _uids(env),
     }
 

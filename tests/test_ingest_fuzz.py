@@ -22,6 +22,7 @@ import io
 import os
 import resource
 import tempfile
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -35,8 +36,8 @@ from pipelines.settings import load_settings
 
 EXAMPLES = int(os.environ.get("KYPHOWATCH_FUZZ_EXAMPLES", "25"))
 CEILING_BYTES = 1024**3
-LIMITS = ReadLimits(max_line_chars=4096, max_fields=40, max_rows=300, max_seconds=60.0,
-                    max_compression_ratio=50.0)
+LIMITS = replace(ReadLimits.defaults(), max_line_chars=4096, max_fields=40, max_rows=300,
+                 max_seconds=60.0, max_compression_ratio=50.0)
 NAMES = [spec.name for spec in COLUMNS[PROCEDURES]]
 PLAUSIBLE = ["P1", "S001", "PT-1", "2024-01-05", "1", "2", "78", "F", "true", "local",
              "osteoporosis", "", " ", "2024-02-30", "=cmd()", "s001", "-5", "1e3"]

@@ -62,16 +62,24 @@ class FileRejected(InputRejected):
 
 @dataclass(frozen=True)
 class ReadLimits:
-    """Hard limits on one extract file (issue 14); defaults match :class:`Settings`."""
+    """Hard limits on one extract file (issue 14), taken from :class:`Settings`
+    (:meth:`from_settings`; ``ReadLimits.defaults()`` for the configured defaults)."""
 
-    max_file_bytes: int = 2 * 1024**3
-    max_decompressed_bytes: int = 4 * 1024**3
-    max_compression_ratio: float = 100.0
-    max_line_chars: int = 1 << 20
-    max_fields: int = 1000
-    max_rows: int = 20_000_000
-    max_seconds: float = 1800.0
-    allowed_owner_uids: tuple[int, ...] = field(default_factory=lambda: (os.getuid(),))
+    max_file_bytes: int
+    max_decompressed_bytes: int
+    max_compression_ratio: float
+    max_line_chars: int
+    max_fields: int
+    max_rows: int
+    max_seconds: float
+    allowed_owner_uids: tuple[int, ...]
+
+    @classmethod
+    def defaults(cls) -> ReadLimits:
+        """The limits of a default :class:`pipelines.settings.Settings`."""
+        from pipelines.settings import Settings
+
+        return cls.from_settings(Settings())
 
     @classmethod
     def from_settings(cls, settings) -> ReadLimits:
@@ -113,7 +121,7 @@ class ExtractFile:
     dropped_columns: list[str]  # unknown header cells, as "column N name_hmac <hex>"
     missing_optional: list[str]
     handle: BinaryIO | None = None
-    limits: ReadLimits = field(default_factory=ReadLimits)
+    limits: ReadLimits = field(default_factory=ReadLimits.defaults)
     started: float = field(default_factory=time.monotonic)
 
     def close(self) -> None:
@@ -369,7 +377,7 @@ def open_extract(path: Path, limits: ReadLimits | None = None, key: bytes | None
     and keyed hash only (a header cell may hold anything, even a patient reference).
     The caller closes the result (:meth:`ExtractFile.close`).
     """
-    limits = limits or ReadLimits()
+    limits = limits or ReadLimits.defaults()
     kind = kind_of(path.name)
     if handle is None or checksum is None:
         handle, checksum = open_checked(path, limits)
