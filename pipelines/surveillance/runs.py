@@ -296,7 +296,9 @@ def load_run(conn: sa.Connection, profile, as_of: date | None = None, *,
     for s in core["signals"]:
         s["episode_start"] = date.fromisoformat(s["episode_start"])
         s["signal_date"] = date.fromisoformat(s["signal_date"])
-        s["detail"] = json.dumps(s["detail"], sort_keys=True)
+        # detail stays a dict here (the engine's own result holds JSON text; readers go
+        # through levels.detail_of, which takes either): re-encoding it only for every
+        # reader to decode it again cost a drill-down a fifth of its time.
     charts = _rebuild_charts(core["charts"], series)
     return MonitorResult(
         run_key=run_key, as_of=date.fromisoformat(core["as_of"]),
