@@ -44,7 +44,7 @@ import pandas as pd
 from pipelines.surveillance.beyond import (
     OperatorDesign,
     finite,
-    operator_threshold,
+    operator_thresholds,
     rate_per_unit_year,
     years_between,
 )
@@ -72,20 +72,41 @@ class FirPath:
     signals: np.ndarray  # indices of signalling cases
 
 
-def fir_cusum(y, p, odds_ratio: float, h: float, head_start: float) -> FirPath:
-    """Run one risk-adjusted CUSUM with head start ``head_start x h``; restart there after a signal."""
+def fir_cusum(y, p, odds_ratio: float, h, head_start: float,
+              start: float | None = None) -> FirPath:
+    """Run one risk-adjusted CUSUM; restart at ``head_start x h`` after a signal.
+
+    ``h`` is one threshold or one per case (a new operator's h1 then h2); the chart starts
+    at ``start x h`` of the first case (``start`` defaults to ``head_start``). A signal
+    restarts the chart at ``head_start`` times the threshold in force.
+    """
     weights = cusum_weights(np.asarray(y), np.asarray(p, dtype=float), odds_ratio).tolist()
-    start = head_start * h
-    value = start
+    limits = np.broadcast_to(np.asarray(h, dtype=float), (len(weights),)).tolist()
+    value = (head_start if start is None else start) * (limits[0] if limits else 0.0)
     path = np.empty(len(weights))
     signals = []
-    for index, weight in enumerate(weights):  # an operator has hundreds of cases, not millions
+    for index, (weight, limit) in enumerate(zip(weights, limits, strict=True)):
+        # an operator has hundreds of cases, not millions: a plain loop is fast enough
         value = max(0.0, value + weight)
         path[index] = value
-        if value >= h:
+        if value >= limit:
             signals.append(index)
-            value = start
+            value = head_start * limit
     return FirPath(statistic=path, signals=np.asarray(signals, dtype=np.int64))
+
+
+def new_operators(known: pd.DataFrame, established_within_days: int) -> pd.Series:
+    """Return, per (site, operator), whether the operator is new to the site.
+
+    The warehouse does not hold an operator's career: their first procedure in it is their
+    first ever only when they began after the site's data did. So an operator whose first
+    procedure falls within ``established_within_days`` of the site's first procedure with
+    an operator recorded (extracts from before ``operator_ref`` was captured do not count)
+    was already practising at first sync: established, not new.
+    """
+    first = known.groupby(["site_id", "operator_hash"], sort=True, observed=True)["index_day"].min()
+    site_first = first.groupby(level="site_id", observed=True).transform("min")
+    return (first - site_first) > established_within_days
 
 
 def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesign,
@@ -94,7 +115,10 @@ def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesig
 
     ``units`` holds one mature procedure per row in (site, date) order with ``site_id``,
     ``operator_hash`` (rows without an operator are ignored), ``index_day``, ``y`` and
-    ``risk`` (the network's case-mix expected risk).
+    ``risk`` (the network's case-mix expected risk). A new operator
+    (:func:`new_operators`) is charted with the learning-phase threshold for their first
+    ``learning_procedures`` cases and the steady one after; the row's ``threshold`` is the
+    one in force at the operator's latest case.
     """
     metric = profile.metric(design.cusum_metric)
     known = units.loc[units["operator_hash"].notna()]
@@ -102,6 +126,7 @@ def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesig
         return []
     rate = rate_per_unit_year(profile, metric)
     mean_risk = float(units["risk"].mean())
+    is_new = new_operators(known, design.established_within_days)
     rows = []
     grouped = known.sort_values(["site_id", "operator_hash"], kind="stable").groupby(
         ["site_id", "operator_hash"], sort=True, observed=True)
@@ -110,14 +135,17 @@ def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesig
         y = cases["y"].to_numpy(np.int64)
         risk = cases["risk"].to_numpy(float)
         volume = len(cases) / years_between(int(day[0]), as_of_day)
-        h = operator_threshold(mean_risk, design.odds_ratio, volume, rate, design.head_start)
-        path = fir_cusum(y, risk, design.odds_ratio, h, design.head_start)
+        thresholds = operator_thresholds(mean_risk, design, volume, rate,
+                                         new=bool(is_new.loc[(site_id, operator_hash)]))
+        h = thresholds.per_case(len(cases))
+        path = fir_cusum(y, risk, design.odds_ratio, h, design.head_start,
+                         start=thresholds.start)
         last = int(path.signals[-1]) if len(path.signals) else None
         rows.append({
             "site_id": str(site_id), "operator": operator_pseudonym(str(operator_hash)),
             "metric": metric.id, "method": "fir_cusum", "procedures": len(cases),
             "events": int(y.sum()), "expected": float(risk.sum()),
-            "statistic": finite(path.statistic[-1]), "threshold": h,
+            "statistic": finite(path.statistic[-1]), "threshold": float(h[-1]),
             "head_start": design.head_start,
             "signal_date": day_to_date(int(day[last])) if last is not None else None,
             "signal_procedure": last + 1 if last is not None else None,
