@@ -13,18 +13,20 @@ What
   (:func:`pipelines.surveillance.cusum.cusum_weights`) against the network's case-mix expected
   risk (a model fitted on every operator, calibrated to the network's observed rate: an
   operator like their peers is in control), alternative odds ratio ``odds_ratio`` (3), with a
-  fast initial response (FIR, Lucas & Crosier 1982): the chart starts, and restarts after each
-  signal, at ``head_start x h`` so that early excess is seen within a few cases.
+  fast initial response (FIR, Lucas & Crosier 1982): a new operator's chart starts, and every
+  chart restarts after a signal, at ``head_start x h`` so that early excess is seen within a
+  few cases.
 * Major events (``rare_metric``): too rare for a CUSUM per operator; the rolling 365-day
   exact Poisson test of the site's rare chart, on the operator's own cases.
 
-Thresholds are not tuned: an operator chart may spend ``safety_per_100_site_years / 100 x
+Thresholds are not tuned: an operator chart may spend ``r = safety_per_100_site_years / 100 x
 alarm.share`` false training-review alerts per operator-year (the same share as the site chart
-of the metric). A head start makes early false alarms likelier than ``volume / ARL`` says, so
-``h`` (:func:`pipelines.surveillance.beyond.operator_threshold`, Markov chain at the network's
-mean risk) is the larger of: the h whose probability of a false signal within the operator's
-first year of cases, started at the head start, is that rate; and the h whose in-control ARL
-from the head start is ``procedures a year / rate``. docs/statistics.md section 9.
+of the metric), so ``r x tenure_years`` over a stated tenure. Recommendation 1.2 says the
+risk is in training, so a *new* operator (:func:`new_operators`: began after the site's data
+did) has ``learning_share`` of that spent on their first ``learning_procedures`` cases
+(threshold h1) and the rest on the remaining years (h2); an operator already practising at
+first sync has one h at ``r`` a year (:func:`pipelines.surveillance.beyond.operator_thresholds`,
+Markov chain at the network's mean risk). docs/statistics.md section 9.
 
 Pseudonyms
 ----------
