@@ -232,3 +232,25 @@ def test_clinical_leads_setting_maps_sites_and_rejects_a_bad_pair():
     assert settings.clinical_leads == {"S001": ("a@x.org", "b@x.org"), "S002": ("c@y.org",)}
     with pytest.raises(ConfigurationError, match="SITE=address"):
         load_settings({"KYPHOWATCH_CLINICAL_LEADS": "S001:a@x.org"})
+
+
+def test_operator_charts_give_a_new_operator_the_learning_phase_and_not_an_established_one():
+    from pipelines.surveillance.operators import operator_charts
+
+    profile = load_profile(REPO_DIR / "profiles" / "htg108.yaml")
+    design, rate = _operator_design()
+    p = 0.1
+    units = pd.DataFrame({  # "a" practises from the site's first day; "b" begins on day 300
+        "site_id": ["S1"] * 105, "operator_hash": ["a" * 64] * 100 + ["b" * 64] * 5,
+        "index_day": list(range(100)) + list(range(300, 305)), "y": [0] * 105, "risk": p,
+    })
+    rows = {r["operator"]: r for r in operator_charts(units, profile, design, as_of_day=364)}
+    established, new = rows["OP-" + "a" * 10], rows["OP-" + "b" * 10]
+    assert established["threshold"] == operator_thresholds(p, design, 100, rate, new=False).steady
+    h1 = operator_thresholds(p, design, 5, rate, new=True).learning
+    assert new["threshold"] == h1  # 5 cases: still in the learning phase
+    # the new chart starts at the head start and loses ln(1 + 2p) per event-free case
+    assert new["statistic"] == pytest.approx(0.5 * h1 - 5 * np.log1p(2 * p))
+    assert new["statistic"] > 0
+    assert established["statistic"] == 0.0  # an established chart starts at 0
+    assert new["signals"] == established["signals"] == 0
