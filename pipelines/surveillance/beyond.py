@@ -1,4 +1,4 @@
-"""Beyond the site: the profile's ``beyond_site`` section and the FIR CUSUM threshold.
+"""Beyond the site: the profile's ``beyond_site`` section and the operator thresholds.
 
 Operators (:mod:`pipelines.surveillance.operators`), devices and cement lots
 (:mod:`pipelines.surveillance.devices`) and the Yellow Card drafts (:mod:`pipelines.alerts.regulator`)
@@ -238,15 +238,14 @@ def fir_threshold(p0: float, odds_ratio: float, arl0: float, head_start: float) 
     return float(np.interp(target, log_arl, h_grid))
 
 
-def _restart_chain(p: float, p0: float, odds_ratio: float, h: float, head_start: float,
-                   h_max: float | None = None) -> tuple[sparse.csr_array, np.ndarray, int]:
+def _restart_chain(p0: float, odds_ratio: float, h: float, head_start: float
+                   ) -> tuple[sparse.csr_array, np.ndarray, int]:
     """Return (transitions among non-signal states, P(signal) per state, head-start state).
 
-    The chain of :func:`fir_arl` on the grid for ``h_max`` (default ``h``), so that charts
-    with different thresholds share one grid.
+    The in-control chain of :func:`fir_arl` (Brook & Evans) at ``p0``.
     """
-    grid = markov_grid(p0, odds_ratio, max(h, h_max or h))
-    transitions = _transition_matrix(p, grid, h)
+    grid = markov_grid(p0, odds_ratio, h)
+    transitions = _transition_matrix(p0, grid, h)
     n_states = transitions.shape[0]
     signal = 1.0 - np.asarray(transitions.sum(axis=1)).ravel()
     start = min(n_states - 1, int(round(head_start * h / grid.unit)))
@@ -262,7 +261,7 @@ def learning_false_signals(p0: float, odds_ratio: float, h: float, head_start: f
     carried case by case (Brook & Evans), so the head start's cost is counted exactly
     rather than through ``procedures / ARL``.
     """
-    transitions, signal, start = _restart_chain(p0, p0, odds_ratio, h, head_start)
+    transitions, signal, start = _restart_chain(p0, odds_ratio, h, head_start)
     transposed = transitions.T.tocsr()
     dist = np.zeros(transitions.shape[0])
     dist[start] = 1.0
@@ -347,9 +346,10 @@ def operator_thresholds(p0: float, design: OperatorDesign, volume_per_year: floa
     """Return the thresholds of one operator chart (Markov chain at the network's mean risk).
 
     A new operator: h1 spends :func:`learning_budget` in expected false signals over the
-    first ``learning_procedures`` cases from the head start; h2 has an in-control ARL from
-    the head start of ``volume / steady_rate`` cases (at least h1). So the expected false training
-    reviews over the stated tenure are ``rate x tenure_years``: ``rate`` per operator-year.
+    first ``learning_procedures`` cases from the head start; h2 (at least h1) has an
+    in-control ARL from the head start of ``volume / steady_rate`` cases. So the expected
+    false training reviews over the stated tenure are ``rate x tenure_years``: ``rate`` per
+    operator-year.
     An operator already practising when the site's data begin (not new) has no learning
     phase: h has an in-control ARL from the head start of ``volume / rate``, and the chart
     starts at 0 (a head start there would spend budget on nobody's learning curve).
