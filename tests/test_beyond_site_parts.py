@@ -246,7 +246,9 @@ def test_operator_charts_give_a_new_operator_the_learning_phase_and_not_an_estab
     })
     rows = {r["operator"]: r for r in operator_charts(units, profile, design, as_of_day=364)}
     established, new = rows["OP-" + "a" * 10], rows["OP-" + "b" * 10]
-    assert established["threshold"] == operator_thresholds(p, design, 100, rate, new=False).steady
+    volume = 100 / (365 / 365.25)  # "a": 100 cases in 365 days
+    assert established["threshold"] == operator_thresholds(p, design, volume, rate,
+                                                           new=False).steady
     h1 = operator_thresholds(p, design, 5, rate, new=True).learning
     assert new["threshold"] == h1  # 5 cases: still in the learning phase
     # the new chart starts at the head start and loses ln(1 + 2p) per event-free case
@@ -254,3 +256,11 @@ def test_operator_charts_give_a_new_operator_the_learning_phase_and_not_an_estab
     assert new["statistic"] > 0
     assert established["statistic"] == 0.0  # an established chart starts at 0
     assert new["signals"] == established["signals"] == 0
+
+
+def test_operator_volume_counts_observed_time_floored_at_a_quarter():
+    from pipelines.surveillance.operators import operator_volume
+
+    assert operator_volume(30, 0, 182) == pytest.approx(30 / (183 / 365.25))  # not 30 a year
+    assert operator_volume(5, 0, 9) == pytest.approx(20.0)  # ten days: a quarter's floor
+    assert operator_volume(120, 0, 730) == pytest.approx(120 / (731 / 365.25))

@@ -48,7 +48,6 @@ from pipelines.surveillance.beyond import (
     finite,
     operator_thresholds,
     rate_per_unit_year,
-    years_between,
 )
 from pipelines.surveillance.budget import rare_alpha
 from pipelines.surveillance.cusum import cusum_weights
@@ -59,6 +58,11 @@ from pipelines.surveillance.rare import poisson_upper_pvalue
 PSEUDONYM_PREFIX = "OP-"
 PSEUDONYM_DIGITS = 10
 ROLLING_DAYS = 365
+# Shortest observed time a volume is measured over. ``beyond.years_between`` floors it at a
+# year, which understates a young chart's volume (30 cases in six months read as 30 a year)
+# and so lowers h: more false reviews than the design says, in the year a new operator
+# leaves the learning phase. A quarter keeps the estimate from a few days' cases in bounds.
+MIN_VOLUME_YEARS = 0.25
 
 
 def operator_pseudonym(operator_hash: str) -> str:
@@ -95,6 +99,11 @@ def fir_cusum(y, p, odds_ratio: float, h, head_start: float,
             signals.append(index)
             value = head_start * limit
     return FirPath(statistic=path, signals=np.asarray(signals, dtype=np.int64))
+
+
+def operator_volume(cases: int, first_day: int, as_of_day: int) -> float:
+    """Return an operator's procedures a year: cases over their observed time (at least 0.25 y)."""
+    return cases / max((as_of_day - first_day + 1) / 365.25, MIN_VOLUME_YEARS)
 
 
 def new_operators(known: pd.DataFrame, established_within_days: int) -> pd.Series:
@@ -136,7 +145,7 @@ def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesig
         day = cases["index_day"].to_numpy(np.int64)
         y = cases["y"].to_numpy(np.int64)
         risk = cases["risk"].to_numpy(float)
-        volume = len(cases) / years_between(int(day[0]), as_of_day)
+        volume = operator_volume(len(cases), int(day[0]), as_of_day)
         thresholds = operator_thresholds(mean_risk, design, volume, rate,
                                          new=bool(is_new.loc[(site_id, operator_hash)]))
         h = thresholds.per_case(len(cases))
