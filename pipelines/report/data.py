@@ -84,6 +84,7 @@ class ReportData:
         self.funnel_class = self._funnel_classes()
         # CSV files written beside the pages: {relative path: text}
         self.files: dict[str, str] = {}
+        self._cusum_series: dict[str, Any] = {}
 
     def _funnel_classes(self) -> dict[tuple[str, str, str], str]:
         """Return each site's class on each funnel plot: ``significant`` (outside the
@@ -109,6 +110,14 @@ class ReportData:
     def site(self, site_id: str) -> dict[str, Any]:
         return self.evidence.site_payload(site_id)
 
+    def cusum_series(self, key: str):
+        """Return the run's CUSUM chart ``key`` indexed by site (once per report)."""
+        from pipelines.report.charts import CusumSeries
+
+        series = self._cusum_series.get(key)
+        if series is None:
+            series = self._cusum_series[key] = CusumSeries(self.result.charts["cusum"][key])
+        return series
 
 
     # -- read-side views shared by the overview and the site pages ---------------------
