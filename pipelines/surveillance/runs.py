@@ -56,6 +56,8 @@ class MonitorResult:
     level_episodes: list[dict[str, Any]] = field(default_factory=list, repr=False)
     persisted: bool = False
     seconds: float = 0.0
+    # Threshold designs read from the warehouse and computed by this run (threshold_store).
+    thresholds: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def active_signals(self) -> list[dict[str, Any]]:
