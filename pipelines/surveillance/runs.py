@@ -62,6 +62,8 @@ class MonitorResult:
     procedure_facts: dict[str, Any] | None = field(default=None, repr=False)
     persisted: bool = False
     seconds: float = 0.0
+    # Threshold designs read from the warehouse and computed by this run (threshold_store).
+    thresholds: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def active_signals(self) -> list[dict[str, Any]]:
