@@ -197,3 +197,23 @@ def test_loading_the_ingest_modules_does_not_import_gx():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_flagged_rows_are_audited_in_bounded_batches(monkeypatch):
+    calls = []
+
+    def fake_gx(expectations_dir, kind, frame, parameters):  # agrees: every row is bad
+        calls.append(len(frame))
+        return {position: ["x:bad"] for position in range(len(frame))
+                if frame["x"].iloc[position] % 2 == 0}
+
+    monkeypatch.setattr(fastcheck, "AUDIT_FLUSH_ROWS", 50)
+    monkeypatch.setattr("pipelines.ingest.gxaudit.failing_rows", fake_gx)
+    audit = Audit("unused", PROCEDURES, sample_rows=0)
+    for start in range(0, 1_000, 100):
+        part = pd.DataFrame({"x": range(start, start + 100)})
+        audit.add(part, range(start, start + 100),
+                  {i: ["x:bad"] for i in range(0, 100, 2)}, {})
+    summary = audit.verify()
+    assert summary["flagged"] == 500 and sum(calls) == 500
+    assert max(calls) <= 50 + 100  # a batch is checked once it reaches the flush size

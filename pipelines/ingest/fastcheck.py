@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # rows with probability 1 - (1 - p)^2000 >= 95 % in that very file; a systematic error
 # (a rule interpreted differently) is caught by the equivalence tests before release.
 AUDIT_SAMPLE_ROWS = 2_000
+# Flagged rows are checked by GX in batches of this many as they accumulate, so a file of
+# mostly bad rows is audited in full with bounded memory (a batch costs GX about 1 s).
+AUDIT_FLUSH_ROWS = 20_000
 
 _NOT_NULL = "expect_column_values_to_not_be_null"
 _MATCH = "expect_column_values_to_match_regex"
@@ -190,6 +193,8 @@ class Audit:
     sampled_keys: np.ndarray | None = None
     parameters: dict | None = None
     rows_seen: int = 0
+    flagged_checked: int = 0
+    seconds: float = 0.0
 
     def add(self, checked: pd.DataFrame, record_numbers: np.ndarray,
             failing: dict[int, list[str]], parameters: dict) -> None:
@@ -206,6 +211,10 @@ class Audit:
             rows["__record_number"] = numbers[flagged]
             self.flagged.append(rows)
             self.flagged_reasons.extend(failing[int(position)] for position in flagged)
+            if len(self.flagged_reasons) >= AUDIT_FLUSH_ROWS:
+                self._check(self.flagged, self.flagged_reasons)
+                self.flagged_checked += len(self.flagged_reasons)
+                self.flagged, self.flagged_reasons = [], []
         passed = np.ones(len(checked), dtype=bool)
         passed[flagged] = False
         if not passed.any() or self.sample_rows <= 0:
@@ -225,40 +234,44 @@ class Audit:
 
     @property
     def rows_to_check(self) -> int:
-        """Rows the GX audit will validate (flagged plus sampled)."""
+        """Rows the GX audit has still to validate (flagged not yet checked, plus sampled)."""
         sampled = 0 if self.sampled is None else len(self.sampled)
         return sum(len(frame) for frame in self.flagged) + sampled
 
     def verify(self) -> dict:
         """Run GX on the kept rows and compare reasons row by row; raise on any difference.
 
-        Returns a summary (rows seen, flagged, sampled, seconds) for the log. Nothing is
+        Returns a summary (rows seen, flagged, sampled, GX seconds) for the log. Nothing is
         imported when there is nothing to check (an empty file).
         """
-        import time
-
         frames = list(self.flagged)
         expected = list(self.flagged_reasons)
         if self.sampled is not None:
             frames.append(self.sampled)
             expected.extend([] for _ in range(len(self.sampled)))
-        summary = {"rows_seen": self.rows_seen, "flagged": len(self.flagged_reasons),
-                   "sampled": 0 if self.sampled is None else len(self.sampled), "seconds": 0.0}
-        if not frames:
-            return summary
+        if frames:
+            self._check(frames, expected)
+        return {"rows_seen": self.rows_seen,
+                "flagged": self.flagged_checked + len(self.flagged_reasons),
+                "sampled": 0 if self.sampled is None else len(self.sampled),
+                "seconds": self.seconds}
+
+    def _check(self, frames: list[pd.DataFrame], expected: list[list[str]]) -> None:
+        import time
+
+        from pipelines.ingest import gxaudit
+
         started = time.perf_counter()
         frame = pd.concat(frames, ignore_index=True)
         numbers = frame.pop("__record_number").to_numpy()
-        from pipelines.ingest.validate import gx_runner
-
-        runner = gx_runner(self.expectations_dir, self.kind)
-        actual = runner.failing_rows(frame, self.parameters or {})
+        actual = gxaudit.failing_rows(self.expectations_dir, self.kind, frame,
+                                      self.parameters or {})
+        self.seconds += time.perf_counter() - started
         differ = [
             (int(numbers[position]), sorted(want), sorted(actual.get(position, [])))
             for position, want in enumerate(expected)
             if sorted(want) != sorted(actual.get(position, []))
         ]
-        summary["seconds"] = time.perf_counter() - started
         if differ:
             # Record numbers and reason codes only: never a value (it may identify a patient).
             shown = "; ".join(f"record {number}: fast {fast} vs GX {gx}"
@@ -267,5 +280,3 @@ class Audit:
                 f"{self.kind} validation disagrees with the GX suite on {len(differ)} of "
                 f"{len(frame)} audited rows ({shown}); the file is not loaded"
             )
-        log.debug("GX audit of %s: %s", self.kind, summary)
-        return summary

@@ -46,6 +46,7 @@ from pipelines.contract import (
     extract_stamp,
     kind_of,
 )
+from pipelines.ingest import gxaudit
 from pipelines.ingest.fastcheck import Audit
 from pipelines.ingest.pseudonymise import pseudonymise_column
 from pipelines.ingest.reader import (
@@ -869,6 +870,8 @@ def load_file(
             result.status, result.reason = "duplicate", "already loaded (same checksum)"
             return result
         extract = open_extract(path, limits, key, handle=handle, checksum=checksum)
+        # A readable extract will be audited: GX's import starts now, on another core.
+        gxaudit.prestart(str(expectations_dir), extract.kind)
         result.kind, result.dropped_columns = extract.kind, extract.dropped_columns
         extract_ts = extract_stamp(path.name)
         _warn_on_stamp_clash(engine, shown, extract.kind, extract_ts, checksum)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipelines.contract import COLUMNS, FALSE_WORDS, TRUE_WORDS, ColumnSpec
 from pipelines.ingest.fastcheck import Audit, FastSuite, UnsupportedSuite
@@ -158,9 +159,14 @@ def _text_frame(records: list[list[str]], columns: list[str], kind: str) -> pd.D
     # Arrow-backed strings: vectorised string operations are several times faster.
     with paused_gc():  # transposing builds one tuple per column from every row list
         by_name = dict(zip(columns, zip(*records, strict=True), strict=True)) if records else {}
+    # pyarrow converts a tuple of str about 10x faster than pandas' own sequence path;
+    # the Series is the same (dtype "str", Arrow-backed).
     frame = pd.DataFrame(
         {
-            spec.name: pd.Series(by_name.get(spec.name, ("",) * len(records)), dtype="str")
+            spec.name: pd.Series(
+                pa.array(by_name.get(spec.name, ("",) * len(records)), type=pa.large_string()),
+                dtype="str",
+            )
             for spec in COLUMNS[kind]
         }
     )
