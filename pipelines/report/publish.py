@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -42,6 +42,7 @@ def render_report(settings: Settings, as_of: date | None = None) -> dict[str, st
         return _empty_pages()
     site_ids = _site_ids(data)
     pages = _network_pages(settings, data)
+    build_funnel_templates(data)
     pages.update(_site_pages(data, site_ids))
     return pages
 
@@ -66,7 +67,7 @@ def _site_ids(data: ReportData) -> list[str]:
 
 def _network_pages(settings: Settings, data: ReportData) -> dict[str, str]:
     """Return the overview, funnels, methods and devices pages, ``report.json`` and the CSV
-    files behind their charts; draw the funnels the site pages highlight."""
+    files behind their charts."""
     # Products and cement lots are network-wide evidence: in the report. Operator pages are
     # confidential to each site's lead and stay out (pipelines/report/beyond.py).
     stored = read_beyond(settings, data.profile.name, operators=False)
@@ -88,7 +89,6 @@ def _network_pages(settings: Settings, data: ReportData) -> dict[str, str]:
                                 as_of=data.as_of))
     pages.update(data.files)  # the funnels' data, beside funnels.html
     data.files = {}
-    build_funnel_templates(data)
     return pages
 
 
@@ -139,9 +139,10 @@ def default_workers() -> int:
     return max(1, min(cpus, 4)) if hasattr(os, "fork") else 1
 
 
-def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer,
-                workers: int) -> None:
-    """Draw and write every site page, in ``workers`` processes.
+def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer, workers: int,
+                first: Callable[[], None]) -> None:
+    """Call ``first`` (the network pages), then draw and write every site page, in
+    ``workers`` processes (``first`` runs in this one while the others draw).
 
     Each page depends on the report's data alone, so the bytes do not depend on which
     process drew it. Workers are forked after everything is read (they share it, copy on
@@ -153,6 +154,7 @@ def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer,
     chunks = [site_ids[i:i + SITE_CHUNK] for i in range(0, len(site_ids), SITE_CHUNK)]
     workers = max(1, min(workers, len(chunks)))
     if workers == 1:
+        first()
         for relative, text in _site_pages(data, site_ids):
             writer.write(relative, text)
         return
@@ -194,6 +196,7 @@ def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer,
         children.append((pid, read_end))
     failures = []
     try:
+        first()
         work()
     finally:
         for pid, read_end in children:
@@ -241,10 +244,14 @@ def write_report(settings: Settings, out_dir: Path | None = None,
                 writer.write(relative, text)
         else:
             site_ids = _site_ids(data)
-            for relative, text in _network_pages(settings, data).items():
-                writer.write(relative, text)
+            build_funnel_templates(data)  # before the workers fork: every site page uses them
+
+            def network_pages() -> None:
+                for relative, text in _network_pages(settings, data).items():
+                    writer.write(relative, text)
+
             _draw_sites(data, site_ids, writer,
-                        default_workers() if workers is None else workers)
+                        default_workers() if workers is None else workers, network_pages)
         if fresh:
             os.rename(staging, out_dir)
         else:
