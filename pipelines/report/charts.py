@@ -49,6 +49,7 @@ def _iso_days(days) -> list[str]:
     return table[days - low * 1024].tolist()
 
 
+@lru_cache(maxsize=4096)
 def _month_mid(month: str) -> int:
     year, number = int(month[:4]), int(month[5:7])
     return (date(year, number, 15) - EPOCH).days
@@ -147,8 +148,10 @@ def vlad_svg(months: list[dict[str, Any]], title: str, *, direction: str,
                   style=styles[i % 3], width=1, step=True)
         flag_columns.append((f"flag_level_{name.replace(' ', '_')}", level))
     end = float(path[-1])
-    turned = max(range(len(path)), key=lambda i: (path[i] - path[:i + 1].min()) if up
-                 else (path[:i + 1].max() - path[i]))
+    # the month where the rise (fall) from the lowest (highest) point so far is largest;
+    # argmax takes the first such month
+    turned = int(np.argmax(path - np.minimum.accumulate(path) if up
+                           else np.maximum.accumulate(path) - path))
     plot.description = (
         f"{title}: cumulative observed minus expected events by month, "
         f"{rows[0]['month']} to {rows[-1]['month']}. The line ends at {end:+.1f} events "

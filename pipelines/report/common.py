@@ -236,11 +236,20 @@ def figure(svg: str, csv_href: str, what: str) -> str:
 
 def _field(value: Any, name: str, metric: str | None = None, digits: int = 4) -> str:
     """Return a number cell tagged with its JSON field (tests compare it with the CLI)."""
-    attrs = f" data-field='{_esc(name)}'"
+    attrs = f" data-field='{_esc_name(name)}'"
     if metric:
-        attrs += f" data-metric='{_esc(metric)}'"
-    raw = "" if value is None else repr(value)
-    return f"<span{attrs} data-value='{_esc(raw)}'>{_esc(_num(value, digits))}</span>"
+        attrs += f" data-metric='{_esc_name(metric)}'"
+    if value is None:
+        return f"<span{attrs} data-value=''>-</span>"
+    if type(value) in (int, float):  # digits, sign, point, e, inf, nan: nothing to escape
+        return f"<span{attrs} data-value='{value!r}'>{_num(value, digits)}</span>"
+    return f"<span{attrs} data-value='{_esc(repr(value))}'>{_esc(_num(value, digits))}</span>"
+
+
+@lru_cache(maxsize=4096)
+def _esc_name(text: str) -> str:
+    """Return :func:`_esc` of a field or metric name (a few names, escaped once each)."""
+    return _esc(text)
 
 
 def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
