@@ -27,7 +27,12 @@ from pipelines.surveillance.devices import (
     product_charts,
 )
 from pipelines.surveillance.operators import operator_charts, operator_rare_tests
-from pipelines.surveillance.outcomes import Snapshot, derive_outcomes
+from pipelines.surveillance.outcomes import (
+    Snapshot,
+    copy_columns,
+    derive_outcomes,
+    streams_copy,
+)
 from pipelines.surveillance.profile import Profile
 from pipelines.surveillance.risk_model import fit_risk_model
 
@@ -38,10 +43,20 @@ EXTRA_COLUMNS = ("operator_hash", "balloon_product", "cement_product", "cement_l
 
 def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
     procedure = schema.procedure
-    rows = conn.execute(
-        sa.select(procedure.c.procedure_id, *(procedure.c[name] for name in EXTRA_COLUMNS))
-        .where(procedure.c.procedure_date <= as_of)
-    ).all()
+    statement = (sa.select(procedure.c.procedure_id,
+                           *(procedure.c[name] for name in EXTRA_COLUMNS))
+                 .where(procedure.c.procedure_date <= as_of))
+    if streams_copy(conn):
+        # Streamed as categoricals: a few operators and products, not a string per row.
+        # CSV cannot tell NULL from '' apart; neither names an operator or a product.
+        columns = copy_columns(conn, statement, {"procedure_id": "object",
+                                                 **dict.fromkeys(EXTRA_COLUMNS, "category")})
+        for name in EXTRA_COLUMNS:
+            values = columns[name]
+            if "" in values.categories:
+                columns[name] = values.remove_categories([""])
+        return pd.DataFrame(columns).set_index("procedure_id")
+    rows = conn.execute(statement).all()
     frame = pd.DataFrame(rows, columns=["procedure_id", *EXTRA_COLUMNS], dtype=object)
     return frame.set_index("procedure_id")
 
