@@ -29,6 +29,17 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _helper: subprocess.Popen | None = None
+_owner = 0  # pid of the process that started the helper (a forked child must not share it)
+
+
+def _own_helper() -> subprocess.Popen | None:
+    """Return this process's running helper; forget one inherited across a fork."""
+    global _helper
+    if _helper is not None and _owner != os.getpid():
+        _helper = None  # the parent's pipes: leave them (and the helper) to the parent
+    if _helper is not None and _helper.poll() is not None:
+        _helper = None
+    return _helper
 
 
 def prestart(expectations_dir: str, kind: str) -> None:
@@ -36,9 +47,9 @@ def prestart(expectations_dir: str, kind: str) -> None:
 
     Failing to start is logged; the audit then runs in-process.
     """
-    global _helper
+    global _helper, _owner
     with _lock:
-        if _helper is not None and _helper.poll() is None:
+        if _own_helper() is not None:
             return
         env = dict(os.environ)
         # Not configuration: GX reads this switch at import (see validate.SuiteRunner).
@@ -48,6 +59,7 @@ def prestart(expectations_dir: str, kind: str) -> None:
                 [sys.executable, "-m", "pipelines.ingest.gxaudit", expectations_dir, kind],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
             )
+            _owner = os.getpid()
         except OSError as exc:
             log.warning("GX audit helper not started (%s); auditing in-process", exc)
             _helper = None
@@ -56,7 +68,7 @@ def prestart(expectations_dir: str, kind: str) -> None:
 def _stop() -> None:
     global _helper
     with _lock:
-        if _helper is not None:
+        if _own_helper() is not None:
             try:
                 _helper.stdin.close()
                 _helper.wait(timeout=5)
@@ -73,8 +85,8 @@ def failing_rows(expectations_dir: str, kind: str, frame, parameters: dict) -> d
     """Return GX's {row position: [reasons]} for ``frame``, from the helper if running."""
     global _helper
     with _lock:
-        helper = _helper
-        if helper is not None and helper.poll() is None:
+        helper = _own_helper()
+        if helper is not None:
             try:
                 pickle.dump((expectations_dir, kind, frame, parameters), helper.stdin,
                             protocol=pickle.HIGHEST_PROTOCOL)

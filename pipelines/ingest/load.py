@@ -559,8 +559,10 @@ def _none_present(conn: sa.Connection, keys: pd.Series, target: sa.Table, key: s
     first load then skips the classification join and the conflict handling, whose result
     is known: every row is new.
     """
-    values = keys.tolist()
     column = target.c[key]
+    if conn.execute(sa.select(column).limit(1)).first() is None:
+        return True  # an empty target (a first load): no key lists to send
+    values = keys.tolist()
     for start in range(0, len(values), KEY_BATCH):
         probe = sa.select(column).where(column.in_(values[start:start + KEY_BATCH])).limit(1)
         if conn.execute(probe).first() is not None:
