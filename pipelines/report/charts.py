@@ -49,6 +49,13 @@ def _iso_days(days) -> list[str]:
     return table[days - low * 1024].tolist()
 
 
+@lru_cache(maxsize=1024)
+def _quarter_start(label: str) -> int:
+    """Return the first day of a quarter (``2024-Q3``) in days since 1970-01-01."""
+    year, quarter = label.split("-Q")
+    return (date(int(year), 3 * (int(quarter) - 1) + 1, 1) - EPOCH).days
+
+
 @lru_cache(maxsize=4096)
 def _month_mid(month: str) -> int:
     year, number = int(month[:4]), int(month[5:7])
@@ -179,11 +186,8 @@ def pchart_svg(chart: dict[str, Any], site_id: str, title: str, *,
     if not n.any():
         return None
     events = np.asarray(chart["events"][code], float)
-    starts = []
-    for label in chart["labels"]:
-        year, quarter = label.split("-Q")
-        starts.append((date(int(year), 3 * (int(quarter) - 1) + 1, 1) - EPOCH).days)
-    x = np.asarray(starts, float) + 45  # plot each quarter at its middle
+    x = np.asarray([_quarter_start(label) for label in chart["labels"]],
+                   float) + 45  # plot each quarter at its middle
     has = n > 0
     p = np.divide(events, n, out=np.full_like(events, np.nan), where=has)
     low, high = guidance

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 EMPTY_PAGES = "The warehouse holds no procedures yet: nothing to report."
-# Sites a worker takes at a time: small enough to even out two workers, large enough that
-# taking them costs nothing next to drawing them.
+# Most sites a worker takes at a time: small enough to even out the workers, large enough
+# that taking them costs nothing next to drawing them.
 SITE_CHUNK = 8
 
 
@@ -151,7 +151,8 @@ def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer, workers:
     A worker never touches the database, logs or exits through Python's shutdown
     (``os._exit``), so forking is safe inside an Airflow task or a test.
     """
-    chunks = [site_ids[i:i + SITE_CHUNK] for i in range(0, len(site_ids), SITE_CHUNK)]
+    size = max(1, min(SITE_CHUNK, -(-len(site_ids) // (4 * max(workers, 1)))))
+    chunks = [site_ids[i:i + size] for i in range(0, len(site_ids), size)]
     workers = max(1, min(workers, len(chunks)))
     if workers == 1:
         first()

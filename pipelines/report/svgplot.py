@@ -306,7 +306,7 @@ class Chart:
                 out.append(f'<line x1="{lx + 13}" y1="{ly - 5}" x2="{lx + 13}" y2="{ly + 5}" '
                            'stroke="#111"/>')
             out.append(f'<text x="{lx + 32:.1f}" y="{ly + 4}">'
-                       f'{_esc(_shorten(s.label, int((plot_w / columns - 34) / 6.5)))}</text>')
+                       f'{_legend_text(s.label, int((plot_w / columns - 34) / 6.5))}</text>')
         out.append("</svg>")
         return "\n".join(out)
 
@@ -369,6 +369,12 @@ class Chart:
             if texts and texts[i]:
                 labels.append((xv, yv, texts[i]))
         return parts
+
+
+@lru_cache(maxsize=4096)
+def _legend_text(label: str, chars: int) -> str:
+    """Return a legend label shortened and escaped (charts of a report share most labels)."""
+    return _esc(_shorten(label, chars))
 
 
 @lru_cache(maxsize=1024)
