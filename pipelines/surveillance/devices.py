@@ -220,24 +220,28 @@ def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign, cases
             others["y"].to_numpy(np.int64), others["risk"].to_numpy(float), as_of_day)
         alpha = rare_alpha(rate)
         signal = day_to_date(as_of_day) if events and p_value <= alpha else None
-        return {"statistic": p_value, "threshold": alpha, "signal_date": signal}
+        return {"statistic": p_value, "threshold": alpha, "signal_date": signal,
+                "signals": int(signal is not None)}
     volume = len(cases) / years_between(int(day[0]), as_of_day)
     h = fir_threshold(float(risk.mean()), design.odds_ratio, arl0_for_volume(volume, rate), 0.0)
     value, signals = product_cusum(y, risk, design.odds_ratio, h)
     return {"statistic": finite(value), "threshold": h,
-            "signal_date": day_to_date(int(day[signals[-1]])) if signals else None}
+            "signal_date": day_to_date(int(day[signals[-1]])) if signals else None,
+            "signals": len(signals)}
 
 
 def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
                    design: DeviceDesign, failures: pd.DataFrame, as_of_day: int,
-                   flagged_lots: frozenset[str] = frozenset()) -> list[dict]:
+                   flagged_lots: frozenset[str] = frozenset(), *,
+                   count_signals: bool = False) -> list[dict]:
     """Compare each product with the other products of its kind, per metric.
 
     ``units_by_metric`` maps a metric id to its mature units with the product columns and
     ``risk`` (the network case-mix model); ``failures`` has one row per device-failure
     complication with the product columns. Balloons are compared without the cases of
     ``flagged_lots`` (``product<US>lot`` keys of cement lots whose own test signalled): a bad lot would otherwise be
-    blamed on whichever balloon its sites happen to use.
+    blamed on whichever balloon its sites happen to use. ``count_signals`` adds ``signals``:
+    how many times the CUSUM signalled (and restarted), or whether the rare test did now.
     """
     rows = []
     for metric_id in design.metrics:
@@ -265,6 +269,8 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
                 expected = float(risk.sum())
                 events = int(cases["y"].sum())
                 test = _product_chart(metric, profile, design, cases, risk, others, as_of_day)
+                if not count_signals:
+                    del test["signals"]
                 rows.append({
                     "product": str(product), "metric": metric.id, "kind": kind,
                     "procedures": len(cases), "events": events, "expected": expected,
