@@ -3,15 +3,20 @@
 Products (DELTA-style, Resnic et al. 2010)
 -----------------------------------------
 For each product named in the procedures (``balloon_product`` or ``cement_product``) and each
-metric of ``beyond_site.devices.metrics``, the expected risk of the product's cases is the
-network's case-mix risk recalibrated to *the other products of the same kind* in the same
-calendar quarter (:func:`concurrent`; one model per metric keeps a million-procedure run fast). Observed/expected (O/E) summarises it; the sequential test is the
-risk-adjusted CUSUM on the product's cases in date order (alternative odds ratio
-``odds_ratio``), charted like a site: it may spend ``safety_per_100_site_years / 100 x
-alarm.share`` false device alerts per product-year, so ``ARL0 = the product's procedures a
-year / that rate`` (Markov chain at the mean expected risk). Metrics whose site alarm is the
-rare exact test (major events) get the rolling 365-day exact Poisson test instead, with the
-same alpha as the site's rare chart for that share.
+metric of ``beyond_site.devices.metrics``, the product is compared with *the other products of
+the same kind* (DELTA's concurrent alternatives). For a CUSUM metric, the expected risk of the
+product's cases is the network's case-mix risk recalibrated to the comparators' observed rate
+per block of quarters (:func:`concurrent`, :func:`recalibration_blocks`: 91-day quarters from
+the comparison's first day, pooled until the comparators have ``MIN_BLOCK_EVENTS`` events;
+one model per metric keeps a million-procedure run fast). Observed/expected (O/E) summarises
+it; the sequential test is the risk-adjusted CUSUM on the product's cases in date order
+(alternative odds ratio ``odds_ratio``), charted like a site: it may spend
+``safety_per_100_site_years / 100 x alarm.share`` false device alerts per product-year, so
+``ARL0 = the product's procedures a year / that rate`` (Markov chain at the mean expected
+risk). Metrics whose site alarm is the rare exact test (major events) get the exact
+conditional test of the product's events in the last 365 days given the comparators'
+(:func:`conditional_rare_pvalue`), with the same alpha as the site's rare chart for that
+share.
 
 Cement lots
 -----------
