@@ -1,4 +1,4 @@
-"""Operator and cement-lot scenarios of the detection benchmark (issue 12).
+"""Operator, cement-lot and undrifted-device scenarios of the detection benchmark (issue 12).
 
 Called by ``bench_detection.py``; prints PASS or MISS against the issue's targets:
 
