@@ -1,4 +1,4 @@
-"""Operator and cement-lot scenarios of the detection benchmark (issue 12).
+"""Operator, cement-lot and undrifted-device scenarios of the detection benchmark (issue 12).
 
 Called by ``bench_detection.py``; prints PASS or MISS against the issue's targets:
 
@@ -17,32 +17,62 @@ Called by ``bench_detection.py``; prints PASS or MISS against the issue's target
    hazard) of the profile's median ``tenure_years``; the same with every tenure exactly
    ``tenure_years`` (the identity the thresholds are derived from); and operators
    established at first sync (no learning phase).
+4. false device alerts per product-year on undrifted simulated registries
+   (:func:`_device_false_alarms`): ``DEVICE_REGISTRIES`` registries of ``DEVICE_SITES``
+   sites over three years from :func:`pipelines.simulate.simulate_snapshot`, each charted
+   as simulated and again after ``DEVICE_REDRAWS`` redraws of every outcome from its fitted
+   case-mix risk; products assigned as the simulator does (a main product per site by site
+   number, the next one for ``SECOND_PRODUCT_SHARE`` of its procedures), with no product,
+   lot or site effect, so every device alert is false. The cement-leak CUSUM counts all its
+   signals over the three years; the major-event rare test is evaluated at every month end
+   of years two and three (a full 365-day window), as the monthly budget assumes. Budget:
+   ``safety_per_100_site_years / 100 x alarm.share`` per product-year (docs/statistics.md
+   section 9); PASS when the Poisson 95 % interval of the measured rate reaches down to
+   the budget.
 
-Case mix: expected risks are drawn logit-normal around the guidance's pooled leak rate
+Case mix (scenarios 1-3): expected risks are drawn logit-normal around the guidance's pooled leak rate
 (38/360) with a standard deviation of 0.5 on the logit scale (about the spread of the
 simulator's case-mix model); the chart sees the true expected risk of each case.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
+from datetime import date, timedelta
 
 import numpy as np
 import pandas as pd
 
 from pipelines.settings import REPO_DIR
+from pipelines.simulate import (
+    BALLOON_PRODUCTS,
+    CEMENT_PRODUCTS,
+    SECOND_PRODUCT_SHARE,
+    simulate_snapshot,
+)
 from pipelines.surveillance.beyond import (
     learning_budget,
     operator_thresholds,
     parse_beyond_site,
     rate_per_unit_year,
 )
+from pipelines.surveillance.budget import rare_alpha
 from pipelines.surveillance.cusum import alternative_probability, cusum_weights
-from pipelines.surveillance.devices import lot_alpha, lot_tests
+from pipelines.surveillance.devices import (
+    calibration_rate,
+    conditional_rare_pvalue,
+    lot_alpha,
+    lot_tests,
+    product_charts,
+)
 from pipelines.surveillance.operators import fir_cusum
+from pipelines.surveillance.outcomes import derive_outcomes
 from pipelines.surveillance.profile import load_profile
 from pipelines.surveillance.rare import poisson_upper_pvalue
+from pipelines.surveillance.risk_model import fit_risk_model
 
 OPERATOR_VOLUME = 60  # procedures a year (the simulator's PROCEDURES_PER_OPERATOR_YEAR)
 LEARNING_OR, LEARNING_CASES, TARGET_MEDIAN = 3.0, 30, 25
@@ -53,6 +83,11 @@ SEED = 20261206
 FALSE_ALARM_OPERATOR_YEARS = 20_000.0
 # other volumes, smaller simulations (the figure per volume is a check, not the target)
 OTHER_VOLUMES = ((20, 10_000.0), (200, 4_000.0))
+# Undrifted registries for the false device alerts (scenario 4); KW_DEVICE_SCALE < 1 for a
+# quick look while developing (fewer redraws).
+DEVICE_SITES, DEVICE_START, DEVICE_END = 300, date(2022, 1, 1), date(2024, 12, 31)
+DEVICE_REGISTRIES = 4
+DEVICE_REDRAWS = max(0, int(20 * float(os.environ.get("KW_DEVICE_SCALE", "1"))))
 
 
 def _risks(rng: np.random.Generator, p: float, n) -> np.ndarray:
@@ -155,6 +190,113 @@ def _lot_detection(profile, design, rng, runs: int = 1000) -> tuple[float, float
     return float(np.median(found_at)), lot_alpha(design.lot_false_alarms_per_year, LOTS_TESTED)
 
 
+def _device_units(profile, design, seed: int) -> dict[str, pd.DataFrame]:
+    """Mature units per device metric of one undrifted registry, with products and risk."""
+    snapshot, _ = simulate_snapshot(profile, sites=DEVICE_SITES, start=DEVICE_START,
+                                    end=DEVICE_END, seed=seed)
+    rng = np.random.default_rng(seed)
+    frames = {m: derive_outcomes(snapshot, profile.metric(m)) for m in design.metrics}
+    ids = pd.Index(sorted(set().union(*(f["unit_id"] for f in frames.values()))))
+    # the simulator's rule: site number modulo the list, the next product for a share
+    draws = {name: pd.Series(rng.random((len(ids),)) < SECOND_PRODUCT_SHARE, index=ids)
+             for name in ("balloon", "cement")}
+    out = {}
+    for metric_id, units in frames.items():
+        metric = profile.metric(metric_id)
+        site = units["site_code"].to_numpy(np.int64)
+        for column, names, key in (("balloon_product", BALLOON_PRODUCTS, "balloon"),
+                                   ("cement_product", CEMENT_PRODUCTS, "cement")):
+            second = draws[key].reindex(units["unit_id"]).to_numpy(bool)
+            units[column] = np.asarray(names, dtype=object)[(site + second) % len(names)]
+        units["cement_lot"] = None
+        model = fit_risk_model(metric.id, units, calibration_rate(metric, units),
+                               min_events=profile.design.risk_min_events)
+        units["risk"] = model.predict(units)
+        out[metric_id] = units
+    return out
+
+
+def _month_ends(start: date, end: date) -> list[int]:
+    """Return the month-end day numbers from one year after ``start`` up to ``end``."""
+    days, current = [], date(start.year + 1, start.month, 1)
+    while True:
+        following = date(current.year + current.month // 12, current.month % 12 + 1, 1)
+        if following - timedelta(days=1) > end:
+            return days
+        days.append((following - timedelta(days=1) - date(1970, 1, 1)).days)
+        current = following
+
+
+def _rare_signals(units: pd.DataFrame, alpha: float, evaluations: list[int]) -> tuple[int, float]:
+    """Return (signalling evaluations, product-years evaluated) of the engine's rare test."""
+    signals, product_years = 0, 0.0
+    day, y, risk = (units["index_day"].to_numpy(np.int64), units["y"].to_numpy(np.int64),
+                    units["risk"].to_numpy(float))
+    for column in ("balloon_product", "cement_product"):
+        product = units[column].to_numpy()
+        for name in np.unique(product):
+            mine = product == name
+            for as_of_day in evaluations:
+                seen = day <= as_of_day
+                _, _, p_value = conditional_rare_pvalue(
+                    day[mine & seen], y[mine & seen], risk[mine & seen], day[~mine & seen],
+                    y[~mine & seen], risk[~mine & seen], as_of_day)
+                signals += int(p_value <= alpha)
+            product_years += len(evaluations) / 12.0
+    return signals, product_years
+
+
+def _device_false_alarms(profile, design, seed: int) -> dict[str, list[float]]:
+    """Count false device alerts and product-years on undrifted registries (scenario 4)."""
+    leak_design = dataclasses.replace(design, metrics=("cement_leak",))
+    rare_metric = profile.metric("major_event")
+    alpha = rare_alpha(rate_per_unit_year(profile, rare_metric))
+    evaluations = _month_ends(DEVICE_START, DEVICE_END)
+    end_day = (DEVICE_END - date(1970, 1, 1)).days
+    years = (end_day - (DEVICE_START - date(1970, 1, 1)).days + 1) / 365.25
+    totals = {"leak": [0.0, 0.0], "major": [0.0, 0.0]}
+    empty = pd.DataFrame(columns=["balloon_product", "cement_product"])
+    rng = np.random.default_rng(seed)
+    for registry in range(DEVICE_REGISTRIES):
+        units = _device_units(profile, design, seed + registry)
+        for redraw in range(DEVICE_REDRAWS + 1):
+            if redraw:  # the same case mix, every outcome drawn again from its fitted risk
+                units = {m: u.assign(y=(rng.random(len(u)) < u["risk"].to_numpy()
+                                        ).astype(np.int64)) for m, u in units.items()}
+            rows = product_charts({"cement_leak": units["cement_leak"]}, profile, leak_design,
+                                  empty, end_day, count_signals=True)
+            totals["leak"][0] += sum(row["signals"] for row in rows)
+            totals["leak"][1] += len(rows) * years
+            found, product_years = _rare_signals(units["major_event"], alpha, evaluations)
+            totals["major"][0] += found
+            totals["major"][1] += product_years
+    return totals
+
+
+def _poisson_interval(count: float, exposure: float) -> tuple[float, float]:
+    """Return the exact 95 % interval of a Poisson rate (Garwood)."""
+    from scipy import stats
+
+    low = stats.chi2.ppf(0.025, 2 * count) / 2 if count else 0.0
+    high = stats.chi2.ppf(0.975, 2 * count + 2) / 2
+    return low / exposure, high / exposure
+
+
+def _print_device_false_alarms(profile, design) -> None:
+    totals = _device_false_alarms(profile, design, SEED + 2)
+    for key, metric_id, test in (("leak", "cement_leak", "CUSUM, all signals over 3 years"),
+                                 ("major", "major_event", "rare test at each month end")):
+        budget = rate_per_unit_year(profile, profile.metric(metric_id))
+        count, exposure = totals[key]
+        low, high = _poisson_interval(count, exposure)
+        verdict = "PASS" if low <= budget else "MISS"
+        print(f"  false device alerts per product-year, {metric_id} ({test}), undrifted "
+              f"registries ({DEVICE_REGISTRIES} x {DEVICE_SITES} sites x {DEVICE_REDRAWS + 1} "
+              f"outcome draws; {exposure:,.0f} product-years): {count:.0f} alerts, "
+              f"{count / exposure:.4f} (95 % {low:.4f}-{high:.4f}; budget {budget:.4f}) "
+              f"{verdict}")
+
+
 def main() -> int:
     """Print the scenarios with PASS or MISS."""
     started = time.perf_counter()
@@ -211,6 +353,7 @@ def main() -> int:
     print(f"  cement lot, leak OR {LOT_OR:g} at {LOT_SITES} sites (alpha {alpha_lot:.1e} per "
           f"lot, {LOTS_TESTED} lots tested): median found at the lot's procedure "
           f"{median_lot:.0f} (target < {LOT_TARGET}) {verdict}")
+    _print_device_false_alarms(profile, beyond.devices)
     print(f"  runtime {time.perf_counter() - started:.1f} s")
     return 0
 

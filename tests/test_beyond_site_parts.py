@@ -264,3 +264,87 @@ def test_operator_volume_counts_observed_time_floored_at_a_quarter():
     assert operator_volume(30, 0, 182) == pytest.approx(30 / (183 / 365.25))  # not 30 a year
     assert operator_volume(5, 0, 9) == pytest.approx(20.0)  # ten days: a quarter's floor
     assert operator_volume(120, 0, 730) == pytest.approx(120 / (731 / 365.25))
+
+
+# --- products against the other products (issue 12 follow-up: false device alarms) ---------
+
+
+@pytest.mark.parametrize(("events", "blocks"), [
+    ([30, 80, 200, 10], [0, 0, 1, 1]),  # pooled until 100 events; a short last block joins
+    ([500], [0]),
+    ([5, 5], [0, 0]),  # a young warehouse: one block (and too few events to recalibrate)
+    ([100, 100, 100], [0, 1, 2]),
+])
+def test_recalibration_blocks_pool_quarters_until_the_comparators_have_events(events, blocks):
+    from pipelines.surveillance.devices import recalibration_blocks
+
+    assert recalibration_blocks(np.asarray(events)).tolist() == blocks
+
+
+def test_a_few_comparator_days_do_not_recalibrate_a_product_alone():
+    """The 1,000-site registry's OSTEOPAL-V signal: 25 days of a quarter set the expected."""
+    from pipelines.surveillance.devices import QUARTER_DAYS, concurrent
+
+    rng = np.random.default_rng(3)
+    p = 0.1
+    # comparators: the last 10 days of a quarter at over twice the model's odds (22 events,
+    # by chance or season), then a full quarter at the model's rate; the product's own cases
+    # are in those 10 days
+    first = np.arange(QUARTER_DAYS - 10, QUARTER_DAYS)
+    days = np.r_[np.repeat(first, 10), QUARTER_DAYS + rng.integers(0, QUARTER_DAYS, 9000)]
+    y = np.r_[np.ones(22), np.zeros(78), rng.random(9000) < p].astype(np.int64)
+    others = pd.DataFrame({"index_day": days, "y": y})
+    adjusted = concurrent(np.full(10, p), first, others, np.full(days.size, p), origin=0)
+    # the 10 days have 22 events, not enough alone: they are pooled with the next quarter
+    pooled = (y.sum() / (y.size - y.sum())) / (p / (1 - p))
+    assert adjusted == pytest.approx(np.full(10, pooled * p / (1 - p + pooled * p)))
+    assert abs(adjusted[0] - p) < 0.01  # not the 0.22 the 10 days alone would give
+
+
+def test_rare_product_test_is_the_exact_binomial_given_all_events():
+    from scipy import stats
+
+    from pipelines.surveillance.devices import conditional_rare_pvalue
+
+    as_of = 1000
+    day = np.full(50, as_of - 10)  # one stratum: the newest quarter
+    y = np.r_[np.ones(9), np.zeros(41)].astype(np.int64)
+    other_day = np.full(150, as_of - 20)
+    other_y = np.r_[np.ones(6), np.zeros(144)].astype(np.int64)
+    events, expected, p_value = conditional_rare_pvalue(
+        day, y, np.full(50, 0.02), other_day, other_y, np.full(150, 0.02), as_of)
+    assert events == 9
+    assert expected == pytest.approx(15 * 0.25)  # 15 events, the product's quarter of the risk
+    assert p_value == pytest.approx(stats.binom.sf(8, 15, 0.25))
+    old = day - 400  # outside the 365-day window: not counted
+    assert conditional_rare_pvalue(old, y, np.full(50, 0.02), other_day, other_y,
+                                   np.full(150, 0.02), as_of)[0] == 0
+
+
+def test_rare_product_test_holds_its_size_when_the_comparators_are_noisy():
+    """A product at the comparators' rate: the test's size stays at alpha.
+
+    Testing against an expected count recalibrated to the comparators' observed count (the
+    1.3.0 code) takes their Poisson noise for knowledge and rejects several times too often.
+    """
+    from pipelines.surveillance.devices import conditional_rare_pvalue
+    from pipelines.surveillance.rare import poisson_upper_pvalue
+
+    rng = np.random.default_rng(12)
+    alpha, runs, expected_mine, expected_others = 0.005, 4000, 20.0, 60.0
+    mine_events = rng.poisson(expected_mine, runs)
+    other_events = rng.poisson(expected_others, runs)
+    as_of = 500
+    ours = old = 0
+    for o, c in zip(mine_events.tolist(), other_events.tolist(), strict=True):
+        # one case per event plus event-free cases carrying the expected risk
+        day, other_day = np.full(o + 1, as_of), np.full(c + 1, as_of)
+        y, other_y = np.r_[np.ones(o), 0].astype(np.int64), np.r_[np.ones(c), 0].astype(np.int64)
+        risk = np.r_[np.zeros(o), expected_mine]
+        other_risk = np.r_[np.zeros(c), expected_others]
+        ours += conditional_rare_pvalue(day, y, risk, other_day, other_y, other_risk,
+                                        as_of)[2] <= alpha
+        recalibrated = expected_mine * c / expected_others
+        old += poisson_upper_pvalue(o, recalibrated) <= alpha if o else False
+    assert ours / runs <= alpha * 1.3  # exact (conservative) test; Monte Carlo tolerance
+    assert old / runs > 2 * alpha  # the recalibrated expected overspends: this test can fail
