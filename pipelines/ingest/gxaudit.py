@@ -1,7 +1,7 @@
 """The GX audit in a helper process, so the GX import overlaps the load.
 
 Importing Great Expectations and building its context costs 3-6 s of CPU per process
-(measured 3.8 s on an idle 2-core machine), more than validating a whole small file. The
+(measured 3.8 s on a 2-core machine at light load), more than validating a whole small file. The
 audit only needs GX at the end of a file, so :func:`prestart` launches a helper process
 as soon as a file is known to be readable: it imports GX on another core while this
 process reads, validates and stages the file. At the end of the file the audit's rows
