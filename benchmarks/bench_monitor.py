@@ -37,12 +37,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 PG_ADMIN_URL = os.environ.get("KYPHOWATCH_TEST_PG_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TARGET_RATIO = 4.0
 TARGET_PEAK_MB = 600.0
+
+_BUILD = r"""
+import json, sys
+sys.path.insert(0, "benchmarks")
+from monitor_data import build_warehouse
+from pipelines.db import make_engine
+from pipelines.settings import Settings
+from pipelines.surveillance.profile import load_profile
+engine = make_engine(sys.argv[1])
+built = build_warehouse(engine, load_profile(Settings().profile_path),
+                        volume_scale=json.loads(sys.argv[2]))
+print(json.dumps({**built, "as_of": built["as_of"].isoformat()}))
+"""
 
 _FLOOR = r"""
 import io, json, sys, time
@@ -123,27 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import sqlalchemy as sa
-    from monitor_data import build_warehouse
-
-    from pipelines.db import make_engine
-    from pipelines.settings import Settings
-    from pipelines.surveillance.profile import load_profile
 
     name = f"kw_bench_{uuid.uuid4().hex[:12]}"
+    # Everything heavy runs in children: a child's ru_maxrss counts the pages it shares with
+    # its parent at fork, so this process stays small (no pandas, no warehouse in memory).
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql("CREATE DATABASE " + conn.dialect.identifier_preparer.quote(name))
     url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     try:
-        engine = make_engine(url)
-        built = build_warehouse(engine, load_profile(Settings().profile_path),
-                                volume_scale=args.scale)
-        engine.dispose()
+        built, _ = _child(_BUILD, url, json.dumps(args.scale))
         print(f"kyphowatch monitor benchmark: {built['procedures']:,} procedures, "
               f"{built['complications']:,} complications, as of {built['as_of']} "
               f"(warehouse built in {built['seconds']:.0f} s)\n", flush=True)
         reports = str(REPO / "var" / "bench" / "monitor_reports")
-        floor, floor_mb = _child(_FLOOR, url, built["as_of"].isoformat())
+        floor, floor_mb = _child(_FLOOR, url, built["as_of"])
         first, first_mb = _child(_MONITOR, url, reports)
         second, second_mb = _child(_MONITOR, url, reports)
     finally:

@@ -54,7 +54,9 @@ def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
         for name in EXTRA_COLUMNS:
             values = columns[name]
             if "" in values.categories:
-                columns[name] = values.remove_categories([""])
+                values = values.remove_categories([""])
+            # sorted, so that charts grouped by operator or product come in name order
+            columns[name] = values.reorder_categories(sorted(values.categories))
         return pd.DataFrame(columns).set_index("procedure_id")
     rows = conn.execute(statement).all()
     frame = pd.DataFrame(rows, columns=["procedure_id", *EXTRA_COLUMNS], dtype=object)
@@ -77,13 +79,20 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
     """Mature units of a per-procedure metric, with the network risk and the extra columns."""
     metric = profile.metric(metric_id)
     units = derive_outcomes(snapshot, metric)
-    joined = extras.reindex(pd.Index(units["unit_id"], dtype=object))
-    for name in EXTRA_COLUMNS:
-        units[name] = joined[name].to_numpy()
     model = fit_risk_model(metric.id, units, calibration_rate(metric, units),
                            min_events=profile.design.risk_min_events)
-    units["risk"] = model.predict(units)
-    return units
+    # Only the columns the operator and device charts read: the charts copy their units
+    # per product and operator, so every column left out is saved many times over.
+    slim = pd.DataFrame({"site_id": units["site_id"].array,
+                         "index_day": units["index_day"].to_numpy(np.int64),
+                         "y": units["y"].to_numpy(np.int64), "risk": model.predict(units)})
+    position = extras.index.get_indexer(pd.Index(units["unit_id"], dtype=object))
+    for name in EXTRA_COLUMNS:
+        values = extras[name].array
+        slim[name] = (values.take(position, allow_fill=True)
+                      if isinstance(values, pd.Categorical)
+                      else pd.Series(values).reindex(position).to_numpy())
+    return slim
 
 
 def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapshot,

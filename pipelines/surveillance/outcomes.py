@@ -30,14 +30,12 @@ are read, so a run "as of" a past date sees the past (with today's corrections a
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from datetime import date
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
-from pandas.api.types import union_categoricals
 
 from pipelines.schema import complication, procedure
 from pipelines.surveillance.profile import Metric, Profile
@@ -141,53 +139,59 @@ def copy_columns(conn: sa.Connection, statement: sa.Select,
                  kinds: dict[str, str]) -> dict[str, np.ndarray | pd.Categorical]:
     """Return the statement's columns as compact arrays, streamed with COPY in batches.
 
-    No row ever becomes a Python tuple: PostgreSQL sends CSV, which pandas' C parser turns
+    No row ever becomes a Python tuple: PostgreSQL sends CSV, which Arrow's reader turns
     into one typed array per column, batch by batch (:data:`READ_BATCH_BYTES` of text).
     ``kinds`` gives each selected column's kind, in the statement's order: ``int``,
-    ``bool`` (``t``/``f``), ``category`` (a few distinct strings: integer codes plus the
-    strings once) or ``object`` (one string per row, e.g. ids). The statement is compiled by
-    SQLAlchemy and its values are bound by the driver; ``COPY`` only wraps it. PostgreSQL
-    sends one message per row, so a batch always ends at a row's end.
+    ``bool`` (``t``/``f``), ``category`` (a few distinct strings: dictionary-encoded by
+    Arrow, so no Python string per row is ever made) or ``object`` (one string per row,
+    e.g. ids). An unquoted empty field (SQL NULL) is missing. The statement is compiled by
+    SQLAlchemy and its values are bound by the driver; ``COPY`` only wraps it.
     """
+    import pyarrow as pa
+    from pyarrow import csv as pa_csv
+
     compiled = statement.compile(dialect=conn.dialect,
                                  compile_kwargs={"render_postcompile": True})
     names = list(kinds)
-    dtypes = {name: {"int": np.int64, "bool": bool, "category": "category",
-                     "object": object}[kind] for name, kind in kinds.items()}
-    parts: dict[str, list] = {name: [] for name in names}
-
-    def parse(blocks: list[bytes]) -> None:
-        frame = pd.read_csv(io.BytesIO(b"".join(blocks)), header=None, names=names,
-                            dtype=dtypes, true_values=["t"], false_values=["f"],
-                            keep_default_na=False, na_values=[], engine="c")
-        for name in names:
-            values = frame[name]
-            parts[name].append(values.array if kinds[name] == "category"
-                               else values.to_numpy())
-
+    types = {"int": pa.int64(), "bool": pa.bool_(),
+             "category": pa.dictionary(pa.int32(), pa.string()), "object": pa.string()}
+    read_options = pa_csv.ReadOptions(column_names=names, use_threads=False)
+    convert_options = pa_csv.ConvertOptions(
+        column_types={name: types[kind] for name, kind in kinds.items()},
+        true_values=["t"], false_values=["f"], null_values=[""],
+        strings_can_be_null=True, quoted_strings_can_be_null=False)
+    tables = []
     driver = conn.connection.driver_connection
     with driver.cursor() as cursor, cursor.copy(
         "COPY (" + str(compiled) + ") TO STDOUT (FORMAT csv)", compiled.params
     ) as stream:
-        blocks: list[bytes] = []
-        size = 0
-        for block in stream:
-            blocks.append(bytes(block))
-            size += len(block)
-            if size >= READ_BATCH_BYTES:
-                parse(blocks)
-                blocks, size = [], 0
-        if blocks:
-            parse(blocks)
+        # PostgreSQL sends one message per row, so a batch always ends at a row's end.
+        batch = bytearray()
+        while data := stream.read():
+            batch += data
+            if len(batch) >= READ_BATCH_BYTES:
+                tables.append(pa_csv.read_csv(pa.py_buffer(batch), read_options=read_options,
+                                              convert_options=convert_options))
+                batch = bytearray()
+        if batch:
+            tables.append(pa_csv.read_csv(pa.py_buffer(batch), read_options=read_options,
+                                          convert_options=convert_options))
+    schema = pa.schema([(name, types[kind]) for name, kind in kinds.items()])
+    table = pa.concat_tables(tables).unify_dictionaries() if tables else schema.empty_table()
+    del tables
     columns: dict[str, np.ndarray | pd.Categorical] = {}
     for name in names:
-        chunks = parts[name]
+        column = table.column(name)
         if kinds[name] == "category":
-            columns[name] = (union_categoricals(chunks) if chunks
-                             else pd.Categorical(np.empty(0, dtype=object)))
+            columns[name] = column.to_pandas().array
+        elif kinds[name] == "object":
+            columns[name] = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
         else:
-            empty = np.empty(0, dtype=dtypes[name])
-            columns[name] = np.concatenate(chunks) if chunks else empty
+            columns[name] = column.to_numpy()
+        table = table.drop_columns([name])
+    del table
+    # Arrow's allocator keeps freed batches for its own reuse; the monitor has none.
+    pa.default_memory_pool().release_unused()
     return columns
 
 
