@@ -226,6 +226,15 @@ class AirflowStack:
             kill_tree(process.pid)
             return process.wait(10)
 
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run one ``airflow`` CLI command with the stack's environment; raise if it fails."""
+        done = subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"airflow {' '.join(args)} failed:\n"
+                               + done.stdout[-3000:] + done.stderr[-3000:])  # fmt: skip
+        return done
+
     def check_alive(self) -> None:
         """Raise AssertionError naming any component that has exited."""
         dead = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}

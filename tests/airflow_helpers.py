@@ -4,6 +4,7 @@ and pieces of the real-stack tests (Celery set-up, a mail sink that can hang mid
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
@@ -134,8 +136,8 @@ class _StallingHandler(_SaveHandler):
 class StallingMailSink(MailSink):
     """The SMTP sink, able to hang once in the middle of a delivery (see _StallingHandler)."""
 
-    def __init__(self, directory: Path, stall_at: str) -> None:
-        super().__init__(directory)
+    def __init__(self, directory: Path, stall_at: str, port: int = 0) -> None:
+        super().__init__(directory, port=port)
         self.handler = _StallingHandler(self.directory, stall_at)
 
     def start(self) -> StallingMailSink:
@@ -154,3 +156,38 @@ class StallingMailSink(MailSink):
     def release(self) -> None:
         """Let a hanging session go on (its client is usually dead by then)."""
         self.handler.released.set()
+
+
+class WebhookSink:
+    """A real HTTP server that stores each JSON POST as a file (de-duplicates nothing)."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server hook name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.json"
+                (sink.directory / f".{name}").write_bytes(body)
+                (sink.directory / f".{name}").replace(sink.directory / name)
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def posts(self) -> list[dict]:
+        """Return every JSON body received so far, oldest first."""
+        return [json.loads(p.read_text()) for p in sorted(self.directory.glob("[!.]*.json"))]
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()

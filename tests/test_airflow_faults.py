@@ -2,7 +2,7 @@
 
 The same topology as ``tests/test_airflow_e2e.py`` (``pipelines/airflow_stack.py``:
 scheduler, dag-processor, triggerer, api-server, PostgreSQL metadata and warehouse, the SMTP
-sink), started once per executor; the faults follow each other on that one stack:
+sink, plus a webhook sink as the second channel), started once per executor; the faults follow each other on that one stack:
 
 1. **Scheduler SIGKILLed mid-ingest** -- once the warehouse holds every dropped file and
    before the ingest run has announced anything, the scheduler's whole process tree is
@@ -23,15 +23,22 @@ sink), started once per executor; the faults follow each other on that one stack
    accepting connections, new files land, ingest fails through its retries and one failure
    e-mail goes to the data-quality recipients; connections are allowed again and the files
    are loaded and monitored without anyone triggering anything.
+5. **SMTP down for an hour, no extract for three days** (LocalExecutor only) -- the sink
+   stops, a rejected file's alert reaches the webhook (the second channel) while its e-mail
+   waits; simulated time moves that alert an hour back and every file 73 hours back; one
+   alerts run (triggered by hand, standing in for the 15-minute tick) raises the channel
+   outage on the webhook only and the heartbeat on both; once the sink is back, the
+   ``deliver_outbox`` retry sends each waiting e-mail once.
 
-The CeleryExecutor variant runs cases 1-3 (the warehouse case does not depend on the
-executor and costs three minutes of retries). Deadlines, not sleeps: every wait polls its
+The CeleryExecutor variant runs cases 1-3; cases 4 and 5 do not depend on the executor and
+cost three and two minutes of Airflow retry delays. Deadlines, not sleeps: every wait polls its
 condition until a generous deadline, so a slow shared machine only makes the test slower.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -52,7 +59,13 @@ from pipelines.airflow_stack import (
 )
 from pipelines.mailsink import free_port
 from pipelines.simulate import simulate
-from tests.airflow_helpers import StallingMailSink, ancestors, redis_available, use_celery
+from tests.airflow_helpers import (
+    StallingMailSink,
+    WebhookSink,
+    ancestors,
+    redis_available,
+    use_celery,
+)
 
 pytestmark = [pytest.mark.airflow_e2e, pytest.mark.timeout(1500)]
 
@@ -172,6 +185,7 @@ def test_faults_on_the_real_stack(pg_admin_url, tmp_path, capsys, executor):
     api_port = free_port()
     stall_at = "rcpt" if executor == "LocalExecutor" else "data"
     sink = StallingMailSink(root / "mail", stall_at).start()
+    hook = WebhookSink(root / "hook")
     env = airflow_env(root=root, meta_url=meta_url, warehouse_url=wh_url, landing=landing,
                       smtp_host=sink.host, smtp_port=sink.port, api_port=api_port,
                       executor=executor, overrides={
@@ -187,6 +201,9 @@ def test_faults_on_the_real_stack(pg_admin_url, tmp_path, capsys, executor):
                           "KYPHOWATCH_LANDING_POLL_SECONDS": "1",
                           "KYPHOWATCH_LANDING_REANNOUNCE_SECONDS": "10",
                       })  # fmt: skip
+    # a second channel, to carry the news that the first one is down
+    env["AIRFLOW_CONN_KYPHOWATCH_WEBHOOK"] = json.dumps({"conn_type": "http",
+                                                         "extra": {"url": hook.url}})
     components = dict(COMPONENTS)
     if executor == "CeleryExecutor":
         use_celery(env, components, meta_url)
@@ -238,7 +255,7 @@ def test_faults_on_the_real_stack(pg_admin_url, tmp_path, capsys, executor):
         report.append(f"{killed} SIGKILLed during deliver_outbox (server hung at {stall_at})")
 
         def delivered() -> bool:
-            rows = [r for r in _outbox(wh) if r.channel == "email"]
+            rows = _outbox(wh)
             tries = _tries(meta, "kyphowatch_alerts", "deliver_outbox")
             return bool(rows) and all(r.status == "sent" for r in rows) and ("success", 2) in [
                 (state, min(n, 2)) for state, n in tries]  # fmt: skip
@@ -257,6 +274,8 @@ def test_faults_on_the_real_stack(pg_admin_url, tmp_path, capsys, executor):
         ids = _ids(sink)
         assert len(ids) == len(set(ids)), "an e-mail arrived twice"
         assert sorted(r.message_id for r in _outbox(wh) if r.channel == "email") == sorted(ids)
+        posted = [p["id"] for p in hook.posts()]
+        assert sorted(r.message_id for r in _outbox(wh) if r.channel == "webhook") == sorted(posted)
 
         # 3. the triggerer restarts; a file dropped meanwhile is picked up when it is back
         stack.stop_component("triggerer")
@@ -305,7 +324,51 @@ def test_faults_on_the_real_stack(pg_admin_url, tmp_path, capsys, executor):
             report.append(f"warehouse down: failure e-mail after {noticed:.0f} s; fixed: "
                           f"files loaded {loaded_after:.0f} s later, no manual trigger")
 
+        if executor == "LocalExecutor":
+            # 5. SMTP down for an hour and no extract for three days, in simulated time
+            smtp_port = sink.port
+            sink.stop()
+            bad = root / "complications_20231020T120000.csv"
+            # other bytes than case 3's file: the same bytes are the same (already rejected) file
+            bad.write_text("still,not,an,extract\n", encoding="utf-8")
+            drop_files([bad], landing)
+            _wait(lambda: any(bad.name in json.dumps(p) for p in hook.posts()), 180, stack,
+                  "the rejected-file alert on the webhook while SMTP is down")  # fmt: skip
+            waiting = _wait(lambda: [r for r in _outbox(wh) if r.channel == "email"
+                                     and r.status == "queued" and r.last_error], 60, stack,
+                            "the e-mail to wait in the outbox")  # fmt: skip
+            with wh.begin() as conn:
+                # the waiting e-mail was raised an hour ago; the newest extract came 73 h ago
+                conn.execute(sa.text(
+                    "update alert set created_at = created_at - make_interval(mins => 61) "
+                    "where alert_id in (select alert_id from alert_outbox "
+                    "where channel = 'email' and status = 'queued')"))  # fmt: skip
+                conn.execute(sa.text("update file_ledger set processed_at = "
+                                     "processed_at - make_interval(hours => 73)"))  # fmt: skip
+            stack.cli("dags", "trigger", "kyphowatch_alerts")  # stands in for the 15-min tick
+
+            def posted(*words: str) -> list[dict]:
+                return [p for p in hook.posts() if all(w in p["title"] for w in words)]
+
+            _wait(lambda: posted("email has failed to deliver") and posted("No extracts"), 240,
+                  stack, "the outage and heartbeat alerts on the webhook")  # fmt: skip
+            outage = [r for r in _outbox(wh) if r.dedupe_key == "watchdog:channel:email"]
+            assert [r.channel for r in outage] == ["webhook"], outage  # not on the broken channel
+            sink = StallingMailSink(root / "mail", stall_at, port=smtp_port).start()
+            _wait(lambda: all(r.status == "sent" for r in _outbox(wh)), 240, stack,
+                  "the waiting e-mails to go out once SMTP is back")  # fmt: skip
+            assert len(_subjects(sink, bad.name)) == 1
+            assert len(_subjects(sink, "No extracts received")) == 1
+            assert not _subjects(sink, "failed to deliver")
+            assert not _subjects(sink, "kyphowatch_alerts."), "the retry should have healed it"
+            assert len(posted("email has failed to deliver")) == 1
+            report.append(f"SMTP down 61 min (simulated), {len(waiting)} e-mail(s) waiting: "
+                          "outage and 73 h heartbeat alerts on the webhook, e-mails sent once "
+                          "after SMTP returned")
+
         time.sleep(5)  # a delivery still under way would show up as a duplicate
+        posted_ids = [p["id"] for p in hook.posts()]
+        assert len(posted_ids) == len(set(posted_ids)), "a webhook post arrived twice"
         ids = _ids(sink)
         assert len(ids) == len(set(ids)), "an e-mail arrived twice"
         assert len(_subjects(sink, DRIFT_SITE, "cement leak")) == 1
@@ -316,6 +379,7 @@ def test_faults_on_the_real_stack(pg_admin_url, tmp_path, capsys, executor):
         stack.stop()
         sink.release()
         sink.stop()
+        hook.close()
         meta.dispose()
         wh.dispose()
         if failed:
