@@ -76,28 +76,29 @@ class ReportData:
         from pipelines.surveillance.runs import read_or_compute
 
         self.profile = load_profile(settings.profile_path)
-        # Site facts (case mix aggregated over every procedure) and recent complications
-        # (a window query) are read in threads while this thread decodes the stored run:
-        # their time is the database's, which runs with the GIL released (SQLite and
-        # psycopg), and they return few rows. The monthly figures return many rows, and
-        # fetching those in a thread would hand the GIL back and forth per row (slower
-        # than reading them here). Facts and complications start at once for the date the
-        # run will have (as_of, else the newest procedure) and are read again in the rare
-        # case the run's date differs (an empty warehouse).
+        # Recent complications (a window query over every complication) are read in a
+        # thread while this thread decodes the stored run, and the site facts (the run's
+        # stored deliveries and case mix, plus alerts and counts) while it reads the monthly
+        # figures: their time is the database's, which runs with the GIL released (SQLite
+        # and psycopg), and they return few rows. The monthly figures return many rows, and
+        # fetching those in a thread would hand the GIL back and forth per row (slower than
+        # reading them here). Complications start at once for the date the run will have
+        # (as_of, else the newest procedure) and are read again in the rare case the run's
+        # date differs (an empty warehouse).
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="report-read") as pool:
             guess = as_of or _newest_procedure_date(settings)
-            facts = pool.submit(evidence.read_site_facts, settings, guess)
             complications = pool.submit(evidence.recent_complications_by_site, settings, guess)
             self.result = read_or_compute(settings, self.profile, as_of)
             self.as_of = self.result.as_of
+            facts = pool.submit(evidence.read_site_facts, settings, self.as_of,
+                                stored=self.result.procedure_facts)
+            if self.as_of != guess:
+                complications = pool.submit(evidence.recent_complications_by_site, settings,
+                                            self.as_of)
             self.quality = data_quality(settings)
             # Monthly figures the monitor stored with this run: sparklines, VLAD, recent O/E.
             self.months = (evidence.monthly_figures(settings, self.result.run_key,
                                                     self.profile.name) if self.as_of else {})
-            if self.as_of != guess:
-                facts = pool.submit(evidence.read_site_facts, settings, self.as_of)
-                complications = pool.submit(evidence.recent_complications_by_site, settings,
-                                            self.as_of)
             self.labels = {m.id: m.label for m in self.profile.metrics}
             self.metric_ids = [m.id for m in self.profile.metrics]
             self.metrics = {m.id: m for m in self.profile.metrics}

@@ -335,7 +335,7 @@ def _prune(root: Path, keep: int) -> None:
     """Delete dated reports beyond the newest ``keep`` and builds no link points to.
 
     Builds that lost their link less than ten minutes ago are kept for readers still
-    paging through them.
+    paging through them, builds still being written (staging folders) for a day.
     """
     latest = root / LATEST
     protected = os.readlink(latest) if latest.is_symlink() else None
@@ -347,7 +347,10 @@ def _prune(root: Path, keep: int) -> None:
     linked = {Path(os.readlink(p)).name for p in root.iterdir() if p.is_symlink()}
     cutoff = time.time() - 600
     for build in (root / BUILDS).iterdir():
-        if build.name not in linked and build.stat().st_mtime < cutoff:
+        # ".<build>-…" is a build still being written (write_report's staging folder): its
+        # own mtime does not move while its pages go into sites/, so it gets a day
+        if build.name not in linked and build.stat().st_mtime < (
+                cutoff - 86_400 if build.name.startswith(".") else cutoff):
             shutil.rmtree(build, ignore_errors=True)
 
 
