@@ -11,6 +11,7 @@ and it imports nothing from Airflow: the components run as ``python -m airflow``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -127,6 +128,46 @@ def airflow_env(*, root: Path, meta_url: str, warehouse_url: str, landing: Path,
     return env
 
 
+def _children(pid: int) -> list[int]:
+    """Return the direct children of ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Return every live descendant of ``pid``, parents before children."""
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for parent in frontier for child in _children(parent)]
+        found.extend(children)
+        frontier = children
+    return found
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and all its descendants; return the pids signalled.
+
+    The process is stopped first (SIGSTOP), so it cannot start children while its tree is
+    collected, then everything gets SIGKILL in the same instant.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGSTOP)
+    tree = [pid, *descendants(pid)]
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+    return tree
+
+
 class AirflowStack:
     """The Airflow components as subprocesses, each in its own process group."""
 
@@ -147,12 +188,52 @@ class AirflowStack:
 
     def start(self) -> None:
         """Start every component, logging to ``<log_dir>/<name>.log``."""
-        for name, args in self.components.items():
-            log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", *args], env=self.env, cwd=REPO,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+        for name in self.components:
+            self.start_component(name)
+
+    def start_component(self, name: str) -> None:
+        """Start (or restart) one component; its log is appended to, so earlier lives stay."""
+        if name in self.processes and self.processes[name].poll() is None:
+            raise RuntimeError(f"{name} is already running")
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        log.write(f"\n===== {name} started at {time.time():.1f} =====\n".encode())
+        log.flush()
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "airflow", *self.components[name]], env=self.env, cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def kill_component(self, name: str) -> list[int]:
+        """SIGKILL one component and every process it started; return the pids killed.
+
+        As when its container or machine dies: the whole process tree goes at once, task
+        processes included (the task supervisor puts each task in a process group of its
+        own, so killing the component's group alone would leave them running).
+        """
+        process = self.processes.pop(name)
+        killed = kill_tree(process.pid)
+        process.wait(10)
+        return killed
+
+    def stop_component(self, name: str, timeout: float = 30) -> int:
+        """Stop one component as a service manager would (SIGTERM, then SIGKILL); return its code."""
+        process = self.processes.pop(name)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(process.pid)
+            return process.wait(10)
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run one ``airflow`` CLI command with the stack's environment; raise if it fails."""
+        done = subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"airflow {' '.join(args)} failed:\n"
+                               + done.stdout[-3000:] + done.stderr[-3000:])  # fmt: skip
+        return done
 
     def check_alive(self) -> None:
         """Raise AssertionError naming any component that has exited."""

@@ -19,11 +19,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import time
-import uuid
 from datetime import date
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -39,25 +36,13 @@ from pipelines.airflow_stack import (
 from pipelines.airflow_stack import drop_files as _drop_files
 from pipelines.mailsink import MailSink, free_port
 from pipelines.simulate import simulate
+from tests.airflow_helpers import ancestors, redis_available, use_celery
 
 pytestmark = [pytest.mark.airflow_e2e, pytest.mark.timeout(900)]
 
 DRIFT_SITE = "S002"
 EMAIL_DEADLINE_SECONDS = 360
 QUIET_PERIOD_SECONDS = 90
-
-
-def _ancestors(pid: int) -> list[int]:
-    """Return the parent chain of ``pid`` (from /proc), nearest first."""
-    chain = []
-    while pid > 1:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-        chain.append(pid)
-    return chain
 
 
 def _kill_worker_mid_task(stack: AirflowStack, meta: sa.Engine, deadline: float) -> str:
@@ -70,7 +55,7 @@ def _kill_worker_mid_task(stack: AirflowStack, meta: sa.Engine, deadline: float)
                 "select pid from task_instance where dag_id = 'kyphowatch_monitor' "
                 "and task_id = 'run_monitor' and state = 'running' and pid is not null"
             )).scalar()  # fmt: skip
-        owner = next((workers[p] for p in _ancestors(pid) if p in workers), None) if pid else None
+        owner = next((workers[p] for p in ancestors(pid) if p in workers), None) if pid else None
         if owner:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
@@ -85,18 +70,9 @@ def _drift_emails(sink: MailSink) -> list:
     return [m for m in sink.messages() if DRIFT_SITE in m["Subject"] and "cement leak" in m["Subject"].lower()]
 
 
-def _redis_available() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("executor", ["LocalExecutor", "CeleryExecutor"])
 def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys, executor):
-    if executor == "CeleryExecutor" and not _redis_available():
+    if executor == "CeleryExecutor" and not redis_available():
         pytest.skip("no Redis broker on 127.0.0.1:6379 for the CeleryExecutor variant")
     meta_name, meta_url = create_database(pg_admin_url, "kw_airflow")
     wh_name, wh_url = create_database(pg_admin_url, "kw_wh")
@@ -122,22 +98,8 @@ def test_landed_file_becomes_one_alert_email(pg_admin_url, tmp_path, capsys, exe
                       })  # fmt: skip
     components = dict(COMPONENTS)
     if executor == "CeleryExecutor":
-        # The machine's real Redis as broker; a queue of our own, so parallel runs on the
-        # same Redis never take each other's tasks. Two workers, as with --scale worker=2.
-        queue = f"kw_{uuid.uuid4().hex[:10]}"
-        env.update({
-            "AIRFLOW__CELERY__BROKER_URL": "redis://127.0.0.1:6379/0",
-            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + meta_url.replace("+psycopg", "", 1),
-            "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
-            # notice a killed worker's task within seconds (default 300 s)
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
-        })  # fmt: skip
-        for number in (1, 2):
-            components[f"worker-{number}"] = [
-                "celery", "worker", "--queues", queue, "--concurrency", "2", "--skip-serve-logs",
-                "--celery-hostname", f"{queue}-{number}@%h",
-            ]  # fmt: skip
+        # the machine's real Redis as broker, two workers, as with --scale worker=2
+        use_celery(env, components, meta_url)
     stack = AirflowStack(env, logs, components)
     failed = True
     try:

@@ -26,7 +26,6 @@ import math
 import numpy as np
 from scipy import sparse
 from scipy.sparse.linalg import spsolve
-from scipy.stats import poisson
 
 from pipelines.surveillance import threshold_store
 from pipelines.surveillance.arl import arl_markov, markov_grid
@@ -156,6 +155,10 @@ def _poisson_chain(mu: float, theta: float, h: float, mu_true: float) -> float:
     step = drift / per_drift
     n_states = max(1, math.ceil(h / step - 1e-9))
     jump_steps = jump / step
+    # imported here: scipy.stats costs 1-3 s to import, and the alerts and CLI paths that
+    # import this module for its design helpers never reach this function
+    from scipy.stats import poisson
+
     k_max = int(poisson.ppf(1 - 1e-12, mu_true)) + 2
     states = np.arange(n_states)
     rows, cols, values = [], [], []
