@@ -108,6 +108,7 @@ fields = ("signal_key", "statistic", "threshold", "observed", "expected", "n", "
 digest = hashlib.sha256(json.dumps([{k: s[k] for k in fields} for s in result.signals],
                                    default=str).encode()).hexdigest()
 print(json.dumps({"seconds": seconds, "signals": len(result.signals), "digest": digest,
+                  "timings": result.timings,
                   "thresholds": result.thresholds,
                   "computed_in_process": threshold_store.computations()}))
 """
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                            ("monitor, second run (fresh process)", second, second_mb)):
         print(f"{label:44} {run['seconds']:8.2f} {mb:8.0f}   thresholds {run['thresholds']}, "
               f"{run['signals']} signals")
+        print(f"{'':44}   steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in run["timings"].items()))
     ratio = second["seconds"] / floor["seconds"]
     first_ratio = first["seconds"] / floor["seconds"]
     peak = max(first_mb, second_mb)

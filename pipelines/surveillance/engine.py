@@ -1185,6 +1185,7 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
         with threshold_store.active(store):
             work = compute(profile, snapshot)
         threshold_store.save_store(engine, store)
+        computed = time.perf_counter()
         run_key = run_key_for(as_of, profile, snapshot.fingerprint)
         rows = work.builder.sorted_rows()
         for row in rows:
@@ -1210,10 +1211,14 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
                             for e in work.level_episodes],
             thresholds=store.counts(),
         )
+        result.timings = {"read": loaded - started, "compute": computed - loaded}
         if persist:
             _persist(engine, result, profile)
+            stored = time.perf_counter()
             # Operators, devices and lots on the same snapshot (issue 12; beyond_run.py).
             run_beyond_site(engine, profile, snapshot, run_key, settings.expectations_dir)
+            result.timings.update(store=stored - computed,
+                                  beyond_site=time.perf_counter() - stored)
         result.seconds = time.perf_counter() - started
         log.info(
             "monitor %s as of %s: %d signals (%d new), %d procedures, %.2fs (read %.2fs); "

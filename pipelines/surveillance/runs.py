@@ -64,6 +64,8 @@ class MonitorResult:
     seconds: float = 0.0
     # Threshold designs read from the warehouse and computed by this run (threshold_store).
     thresholds: dict[str, int] = field(default_factory=dict, repr=False)
+    # Seconds per step: read, compute, and when stored, store and beyond_site.
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def active_signals(self) -> list[dict[str, Any]]:
