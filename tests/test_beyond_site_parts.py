@@ -348,3 +348,32 @@ def test_rare_product_test_holds_its_size_when_the_comparators_are_noisy():
         old += poisson_upper_pvalue(o, recalibrated) <= alpha if o else False
     assert ours / runs <= alpha * 1.3  # exact (conservative) test; Monte Carlo tolerance
     assert old / runs > 2 * alpha  # the recalibrated expected overspends: this test can fail
+
+
+def _quarters_of_comparators(rng, p_by_quarter, per_quarter=4000):
+    from pipelines.surveillance.devices import QUARTER_DAYS
+
+    days = np.concatenate([q * QUARTER_DAYS + rng.integers(0, QUARTER_DAYS, per_quarter)
+                           for q in range(len(p_by_quarter))])
+    truth = np.repeat(p_by_quarter, per_quarter)
+    return pd.DataFrame({"index_day": days, "y": (rng.random(days.size) < truth).astype(int)})
+
+
+def test_recalibration_keeps_a_real_common_rise_and_drops_quarterly_noise():
+    from pipelines.surveillance.devices import QUARTER_DAYS, concurrent
+
+    rng = np.random.default_rng(21)
+    p, quarters = 0.1, 12
+    mine_day = np.arange(quarters) * QUARTER_DAYS + 45  # one product case mid-quarter
+    # every product at the model's rate: the quarterly shifts are noise (SE ~0.05) and go
+    flat = _quarters_of_comparators(rng, np.full(quarters, p))
+    adjusted = concurrent(np.full(quarters, p), mine_day, flat, np.full(len(flat), p), origin=0)
+    pooled = flat["y"].mean()
+    unshrunk = flat.groupby(flat["index_day"] // QUARTER_DAYS)["y"].mean().to_numpy()
+    assert np.abs(adjusted - pooled).max() < 0.5 * np.abs(unshrunk - pooled).max()
+    # a common rise (odds x 2 from the seventh quarter, a season or a coding change): kept
+    odds = np.where(np.arange(quarters) < 6, p / (1 - p), 2 * p / (1 - p))
+    rise = _quarters_of_comparators(rng, odds / (1 + odds))
+    adjusted = concurrent(np.full(quarters, p), mine_day, rise, np.full(len(rise), p), origin=0)
+    assert adjusted[:6] == pytest.approx(np.full(6, p), abs=0.01)
+    assert adjusted[6:] == pytest.approx(np.full(6, odds[-1] / (1 + odds[-1])), abs=0.01)

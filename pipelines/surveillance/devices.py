@@ -119,18 +119,44 @@ def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame,
     blocks = recalibration_blocks(np.bincount(other_quarter, weights=other_y,
                                               minlength=n_quarters))
     block, other_block = blocks[quarter], blocks[other_quarter]
+    n_blocks = int(blocks.max(initial=-1)) + 1
+    events = np.bincount(other_block, weights=other_y, minlength=n_blocks)
+    cases = np.bincount(other_block, minlength=n_blocks).astype(float)
+    risk_sum = np.bincount(other_block, weights=others_risk, minlength=n_blocks)
+    # blocks that can be recalibrated: enough events, and some non-events
+    valid = (events >= MIN_BLOCK_EVENTS) & (events < cases)
+    shift = np.zeros(n_blocks)
+    if valid.any():
+        shift[valid] = shrunk_shifts(events[valid], cases[valid], risk_sum[valid] / cases[valid])
     adjusted = risk.copy()
-    for b in np.unique(block):
-        mask = other_block == b
-        events = other_y[mask].sum()
-        if events < MIN_BLOCK_EVENTS or events == mask.sum():
-            continue  # too few comparator events in the whole period: the network model
-        mean = others_risk[mask].mean()
-        shift = np.log(events / (mask.sum() - events)) - np.log(mean / (1 - mean))
-        mine = block == b
-        odds = adjusted[mine] / (1 - adjusted[mine]) * np.exp(shift)
-        adjusted[mine] = odds / (1 + odds)
+    odds = adjusted / (1 - adjusted) * np.exp(shift[block])
+    adjusted = odds / (1 + odds)
     return adjusted
+
+
+def _logit(p):
+    return np.log(p / (1 - p))
+
+
+def shrunk_shifts(events: np.ndarray, cases: np.ndarray, mean_risk: np.ndarray) -> np.ndarray:
+    """Return each block's log-odds shift, shrunk toward the whole period's by its reliability.
+
+    A block's shift ``logit(observed rate) - logit(mean expected risk)`` is estimated with
+    variance ``1 / (events x (1 - rate))``; taken at face value, that noise alone lets a
+    product's CUSUM spend about 1.4 times its budget (benchmark scenario 4). Empirical Bayes
+    (method of moments): the spread of the true shifts is ``tau2 = max(0, var(shifts) -
+    mean(variances))``, and each shift keeps the share ``tau2 / (tau2 + variance)`` of its
+    distance from the pooled shift. A real common trend (tau2 large) is kept; noise (tau2
+    ~ 0) is not. Fewer than three blocks cannot estimate the spread: the shifts stand.
+    """
+    rate = events / cases
+    shift = _logit(rate) - _logit(mean_risk)
+    if shift.size < 3:
+        return shift
+    variance = 1.0 / (events * (1.0 - rate))
+    pooled = _logit(events.sum() / cases.sum()) - _logit(np.sum(mean_risk * cases) / cases.sum())
+    tau2 = max(0.0, float(np.var(shift, ddof=1) - variance.mean()))
+    return pooled + (shift - pooled) * tau2 / (tau2 + variance)
 
 
 RARE_STRATA = 4  # the rare test's 365 days in four strata of about a quarter each
@@ -146,8 +172,9 @@ def conditional_rare_pvalue(day: np.ndarray, y: np.ndarray, risk: np.ndarray,
     together (``n``), the product's count is Binomial(``n``, ``E / (E + F)``) under the null,
     where ``E`` and ``F`` are the two sides' case-mix expected counts (network model). The
     common rate of the quarter cancels, so the comparators' own Poisson noise is not taken
-    for a known expected count (a recalibrated expected is: it inflates the false alarms of a
-    test at alpha ~ 1e-4 several-fold). ``expected`` is the sum of ``n x E / (E + F)``.
+    for a known expected count (a recalibrated expected is: at alpha 1.25e-4 that spent 2.4
+    times the budget on undrifted 1,000-site registries). ``expected`` is the sum of
+    ``n x E / (E + F)``.
     """
     from scipy import stats  # only when a rare product chart runs
 
