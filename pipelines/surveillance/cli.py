@@ -10,6 +10,7 @@ engine never reads operator digests and turns patient digests into counters at o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from datetime import date
@@ -233,7 +234,12 @@ def handle_site(args: argparse.Namespace) -> int:
         known = [m.id for m in profile.metrics]
         if args.metric not in known:
             raise InputRejected(f"unknown metric {args.metric!r} (known: {', '.join(known)})")
-    payload = evidence.Evidence(result, profile, facts, complications).site_payload(
+    # A site's payload reads only its own rows: derive the evidence from those alone rather
+    # than from every site's (a fifth of a drill-down's time on a 1,000-site network).
+    own = dataclasses.replace(
+        result, site_metrics=[m for m in result.site_metrics if m["site_id"] == site],
+        signals=[s for s in result.signals if s["site_id"] == site])
+    payload = evidence.Evidence(own, profile, facts, complications).site_payload(
         site, metric=args.metric)
     if args.json:
         print(json.dumps(payload, indent=2, sort_keys=True))
