@@ -1,40 +1,78 @@
-"""Operator and cement-lot scenarios of the detection benchmark (issue 12).
+"""Operator, cement-lot and undrifted-device scenarios of the detection benchmark (issue 12).
 
 Called by ``bench_detection.py``; prints PASS or MISS against the issue's targets:
 
 1. a new operator whose cement-leak odds ratio is 3 for their first 30 procedures is alarmed
    within a median of 25 procedures (the engine's FIR risk-adjusted CUSUM, ``fir_cusum``, at
-   the threshold the engine derives for that operator's volume);
+   the learning-phase and steady thresholds the engine derives for a new operator at
+   ``OPERATOR_VOLUME``), printed with the best median any chart could reach at the same
+   learning budget (a Neyman-Pearson bound, :func:`_best_median`), so the result is judged
+   against what is possible, not only against the target;
 2. a cement lot with a leak odds ratio of 4, used at 5 sites, is found before the lot's
    60th procedure (the engine's exact lot test, ``lot_tests``, evaluated as the lot's
    procedures arrive, with the Bonferroni alpha of a network testing ``LOTS_TESTED`` lots);
 3. false training-review alerts of in-control operators stay within the budget per
-   operator-year (the cement-leak CUSUM's share: 3 per 100 x 0.45 = 0.0135).
+   operator-year (the cement-leak CUSUM's share: 3 per 100 x 0.45 = 0.0135), over at least
+   20,000 operator-years: new operators with exponential tenures (a constant leaving
+   hazard) of the profile's median ``tenure_years``; the same with every tenure exactly
+   ``tenure_years`` (the identity the thresholds are derived from); and operators
+   established at first sync (no learning phase).
+4. false device alerts per product-year on undrifted simulated registries
+   (:func:`_device_false_alarms`): ``DEVICE_REGISTRIES`` registries of ``DEVICE_SITES``
+   sites over three years from :func:`pipelines.simulate.simulate_snapshot`, each charted
+   as simulated and again after ``DEVICE_REDRAWS`` redraws of every outcome from its fitted
+   case-mix risk; products assigned as the simulator does (a main product per site by site
+   number, the next one for ``SECOND_PRODUCT_SHARE`` of its procedures), with no product,
+   lot or site effect, so every device alert is false. The cement-leak CUSUM counts all its
+   signals over the three years; the major-event rare test is evaluated at every month end
+   of years two and three (a full 365-day window), as the monthly budget assumes. Budget:
+   ``safety_per_100_site_years / 100 x alarm.share`` per product-year (docs/statistics.md
+   section 9); PASS when the Poisson 95 % interval of the measured rate reaches down to
+   the budget.
 
-Case mix: expected risks are drawn logit-normal around the guidance's pooled leak rate
+Case mix (scenarios 1-3): expected risks are drawn logit-normal around the guidance's pooled leak rate
 (38/360) with a standard deviation of 0.5 on the logit scale (about the spread of the
 simulator's case-mix model); the chart sees the true expected risk of each case.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
+from datetime import date, timedelta
 
 import numpy as np
 import pandas as pd
 
 from pipelines.settings import REPO_DIR
+from pipelines.simulate import (
+    BALLOON_PRODUCTS,
+    CEMENT_PRODUCTS,
+    SECOND_PRODUCT_SHARE,
+    simulate_snapshot,
+)
 from pipelines.surveillance.beyond import (
-    operator_threshold,
+    learning_budget,
+    operator_thresholds,
     parse_beyond_site,
     rate_per_unit_year,
 )
-from pipelines.surveillance.cusum import alternative_probability
-from pipelines.surveillance.devices import lot_alpha, lot_tests
+from pipelines.surveillance.budget import rare_alpha
+from pipelines.surveillance.cusum import alternative_probability, cusum_weights
+from pipelines.surveillance.devices import (
+    calibration_rate,
+    conditional_rare_pvalue,
+    lot_alpha,
+    lot_tests,
+    product_charts,
+)
 from pipelines.surveillance.operators import fir_cusum
+from pipelines.surveillance.outcomes import derive_outcomes
 from pipelines.surveillance.profile import load_profile
 from pipelines.surveillance.rare import poisson_upper_pvalue
+from pipelines.surveillance.risk_model import fit_risk_model
 
 OPERATOR_VOLUME = 60  # procedures a year (the simulator's PROCEDURES_PER_OPERATOR_YEAR)
 LEARNING_OR, LEARNING_CASES, TARGET_MEDIAN = 3.0, 30, 25
@@ -42,41 +80,87 @@ LOT_OR, LOT_SITES, LOT_TARGET = 4.0, 5, 60
 # Lots tested at one evaluation in a 60-site network after 4 years: 3 cements x 48 months.
 LOTS_TESTED = 144
 SEED = 20261206
+FALSE_ALARM_OPERATOR_YEARS = 20_000.0
+# other volumes, smaller simulations (the figure per volume is a check, not the target)
+OTHER_VOLUMES = ((20, 10_000.0), (200, 4_000.0))
+# Undrifted registries for the false device alerts (scenario 4); KW_DEVICE_SCALE < 1 for a
+# quick look while developing (fewer redraws).
+DEVICE_SITES, DEVICE_START, DEVICE_END = 300, date(2022, 1, 1), date(2024, 12, 31)
+DEVICE_REGISTRIES = 4
+DEVICE_REDRAWS = max(0, int(20 * float(os.environ.get("KW_DEVICE_SCALE", "1"))))
 
 
 def _risks(rng: np.random.Generator, p: float, n) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(math.log(p / (1 - p)) + rng.normal(0.0, 0.5, n))))
 
 
-def _learning_curve(profile, design, rng, runs: int = 2000) -> tuple[float, float, float]:
+def _thresholds(profile, design, new: bool, volume: int = OPERATOR_VOLUME):
     metric = profile.metric(design.cusum_metric)
-    p0 = metric.baseline.rate
     rate = rate_per_unit_year(profile, metric)
-    h = operator_threshold(p0, design.odds_ratio, OPERATOR_VOLUME, rate, design.head_start)
+    return operator_thresholds(metric.baseline.rate, design, volume, rate, new=new)
+
+
+def _learning_curve(profile, design, rng, runs: int = 2000) -> tuple[object, float, float]:
+    p0 = profile.metric(design.cusum_metric).baseline.rate
+    thresholds = _thresholds(profile, design, new=True)
+    h = thresholds.per_case(400)
     delays = []
     for _ in range(runs):
         risk = _risks(rng, p0, 400)
         truth = risk.copy()
         truth[:LEARNING_CASES] = alternative_probability(risk[:LEARNING_CASES], LEARNING_OR)
         y = (rng.random(risk.size) < truth).astype(np.int64)
-        path = fir_cusum(y, risk, design.odds_ratio, h, design.head_start)
+        path = fir_cusum(y, risk, design.odds_ratio, h, design.head_start,
+                         start=thresholds.start)
         delays.append(int(path.signals[0]) + 1 if len(path.signals) else math.inf)
     delays = np.asarray(delays, dtype=float)
-    return h, float(np.median(delays)), float(np.mean(delays <= LEARNING_CASES))
+    return thresholds, float(np.median(delays)), float(np.mean(delays <= LEARNING_CASES))
 
 
-def _false_training_alerts(profile, design, rng, operators: int = 4000, years: int = 5
-                           ) -> tuple[float, float]:
-    metric = profile.metric(design.cusum_metric)
-    p0 = metric.baseline.rate
-    rate = rate_per_unit_year(profile, metric)
-    h = operator_threshold(p0, design.odds_ratio, OPERATOR_VOLUME, rate, design.head_start)
-    alarms = 0
-    for _ in range(operators):
-        risk = _risks(rng, p0, OPERATOR_VOLUME * years)
+def _best_median(p0: float, alpha: float, rng, runs: int = 200_000, horizon: int = 40
+                 ) -> int | None:
+    """Return the smallest n at which any test of size ``alpha`` can have power 1/2.
+
+    A chart whose false signals within its first n cases have probability at most
+    ``alpha`` is, stopped at n, a test of that size, so by the Neyman-Pearson lemma its
+    power by n is at most that of the likelihood-ratio test on n cases (which knows n and
+    the true odds ratio). Its median alarm is therefore at least the first n where that
+    test's power reaches 1/2, i.e. where ``P0(S_n >= median_1 S_n) <= alpha`` for the
+    log-likelihood ratio ``S_n`` (Steiner weights, the same case mix; ties have probability
+    0). ``P0`` is estimated under H1 by importance sampling: ``E1[exp(-S_n); S_n >= m]``.
+    """
+    risk = _risks(rng, p0, (runs, horizon))
+    y = rng.random(risk.shape) < alternative_probability(risk, LEARNING_OR)
+    llr = np.cumsum(cusum_weights(y, risk, LEARNING_OR), axis=1)
+    for n in range(1, horizon + 1):
+        s_n = llr[:, n - 1]
+        size = float(np.mean(np.exp(-s_n) * (s_n >= np.median(s_n))))
+        if size <= alpha:
+            return n
+    return None
+
+
+def _run_operators(profile, design, rng, tenures: np.ndarray, new: bool,
+                   volume: int = OPERATOR_VOLUME) -> tuple[float, float]:
+    """Return (false signals per operator-year, mean false signals in the first N cases)."""
+    p0 = profile.metric(design.cusum_metric).baseline.rate
+    thresholds = _thresholds(profile, design, new=new, volume=volume)
+    alarms = early = 0
+    for years in tenures:
+        cases = max(1, int(round(years * volume)))
+        risk = _risks(rng, p0, cases)
         y = (rng.random(risk.size) < risk).astype(np.int64)
-        alarms += len(fir_cusum(y, risk, design.odds_ratio, h, design.head_start).signals)
-    return alarms / (operators * years), rate
+        signals = fir_cusum(y, risk, design.odds_ratio, thresholds.per_case(cases),
+                            design.head_start, start=thresholds.start).signals
+        alarms += len(signals)
+        early += int(np.sum(signals < design.learning_procedures))
+    return alarms / float(np.sum(tenures)), early / len(tenures)
+
+
+def _tenure_mix(rng, median_years: float, operator_years: float) -> np.ndarray:
+    """Tenures with a constant leaving hazard (exponential) and the profile's median."""
+    drawn = rng.exponential(median_years / math.log(2.0), int(operator_years))
+    return drawn[: int(np.searchsorted(np.cumsum(drawn), operator_years)) + 1]
 
 
 def _lot_detection(profile, design, rng, runs: int = 1000) -> tuple[float, float]:
@@ -106,30 +190,170 @@ def _lot_detection(profile, design, rng, runs: int = 1000) -> tuple[float, float
     return float(np.median(found_at)), lot_alpha(design.lot_false_alarms_per_year, LOTS_TESTED)
 
 
+def _device_units(profile, design, seed: int) -> dict[str, pd.DataFrame]:
+    """Mature units per device metric of one undrifted registry, with products and risk."""
+    snapshot, _ = simulate_snapshot(profile, sites=DEVICE_SITES, start=DEVICE_START,
+                                    end=DEVICE_END, seed=seed)
+    rng = np.random.default_rng(seed)
+    frames = {m: derive_outcomes(snapshot, profile.metric(m)) for m in design.metrics}
+    ids = pd.Index(sorted(set().union(*(f["unit_id"] for f in frames.values()))))
+    # the simulator's rule: site number modulo the list, the next product for a share
+    draws = {name: pd.Series(rng.random((len(ids),)) < SECOND_PRODUCT_SHARE, index=ids)
+             for name in ("balloon", "cement")}
+    out = {}
+    for metric_id, units in frames.items():
+        metric = profile.metric(metric_id)
+        site = units["site_code"].to_numpy(np.int64)
+        for column, names, key in (("balloon_product", BALLOON_PRODUCTS, "balloon"),
+                                   ("cement_product", CEMENT_PRODUCTS, "cement")):
+            second = draws[key].reindex(units["unit_id"]).to_numpy(bool)
+            units[column] = np.asarray(names, dtype=object)[(site + second) % len(names)]
+        units["cement_lot"] = None
+        model = fit_risk_model(metric.id, units, calibration_rate(metric, units),
+                               min_events=profile.design.risk_min_events)
+        units["risk"] = model.predict(units)
+        out[metric_id] = units
+    return out
+
+
+def _month_ends(start: date, end: date) -> list[int]:
+    """Return the month-end day numbers from one year after ``start`` up to ``end``."""
+    days, current = [], date(start.year + 1, start.month, 1)
+    while True:
+        following = date(current.year + current.month // 12, current.month % 12 + 1, 1)
+        if following - timedelta(days=1) > end:
+            return days
+        days.append((following - timedelta(days=1) - date(1970, 1, 1)).days)
+        current = following
+
+
+def _rare_signals(units: pd.DataFrame, alpha: float, evaluations: list[int]) -> tuple[int, float]:
+    """Return (signalling evaluations, product-years evaluated) of the engine's rare test."""
+    signals, product_years = 0, 0.0
+    day, y, risk = (units["index_day"].to_numpy(np.int64), units["y"].to_numpy(np.int64),
+                    units["risk"].to_numpy(float))
+    for column in ("balloon_product", "cement_product"):
+        product = units[column].to_numpy()
+        for name in np.unique(product):
+            mine = product == name
+            for as_of_day in evaluations:
+                seen = day <= as_of_day
+                _, _, p_value = conditional_rare_pvalue(
+                    day[mine & seen], y[mine & seen], risk[mine & seen], day[~mine & seen],
+                    y[~mine & seen], risk[~mine & seen], as_of_day)
+                signals += int(p_value <= alpha)
+            product_years += len(evaluations) / 12.0
+    return signals, product_years
+
+
+def _device_false_alarms(profile, design, seed: int) -> dict[str, list[float]]:
+    """Count false device alerts and product-years on undrifted registries (scenario 4)."""
+    leak_design = dataclasses.replace(design, metrics=("cement_leak",))
+    rare_metric = profile.metric("major_event")
+    alpha = rare_alpha(rate_per_unit_year(profile, rare_metric))
+    evaluations = _month_ends(DEVICE_START, DEVICE_END)
+    end_day = (DEVICE_END - date(1970, 1, 1)).days
+    years = (end_day - (DEVICE_START - date(1970, 1, 1)).days + 1) / 365.25
+    totals = {"leak": [0.0, 0.0], "major": [0.0, 0.0]}
+    empty = pd.DataFrame(columns=["balloon_product", "cement_product"])
+    rng = np.random.default_rng(seed)
+    for registry in range(DEVICE_REGISTRIES):
+        units = _device_units(profile, design, seed + registry)
+        for redraw in range(DEVICE_REDRAWS + 1):
+            if redraw:  # the same case mix, every outcome drawn again from its fitted risk
+                units = {m: u.assign(y=(rng.random(len(u)) < u["risk"].to_numpy()
+                                        ).astype(np.int64)) for m, u in units.items()}
+            rows = product_charts({"cement_leak": units["cement_leak"]}, profile, leak_design,
+                                  empty, end_day, count_signals=True)
+            totals["leak"][0] += sum(row["signals"] for row in rows)
+            totals["leak"][1] += len(rows) * years
+            found, product_years = _rare_signals(units["major_event"], alpha, evaluations)
+            totals["major"][0] += found
+            totals["major"][1] += product_years
+    return totals
+
+
+def _poisson_interval(count: float, exposure: float) -> tuple[float, float]:
+    """Return the exact 95 % interval of a Poisson rate (Garwood)."""
+    from scipy import stats
+
+    low = stats.chi2.ppf(0.025, 2 * count) / 2 if count else 0.0
+    high = stats.chi2.ppf(0.975, 2 * count + 2) / 2
+    return low / exposure, high / exposure
+
+
+def _print_device_false_alarms(profile, design) -> None:
+    totals = _device_false_alarms(profile, design, SEED + 2)
+    for key, metric_id, test in (("leak", "cement_leak", "CUSUM, all signals over 3 years"),
+                                 ("major", "major_event", "rare test at each month end")):
+        budget = rate_per_unit_year(profile, profile.metric(metric_id))
+        count, exposure = totals[key]
+        low, high = _poisson_interval(count, exposure)
+        verdict = "PASS" if low <= budget else "MISS"
+        print(f"  false device alerts per product-year, {metric_id} ({test}), undrifted "
+              f"registries ({DEVICE_REGISTRIES} x {DEVICE_SITES} sites x {DEVICE_REDRAWS + 1} "
+              f"outcome draws; {exposure:,.0f} product-years): {count:.0f} alerts, "
+              f"{count / exposure:.4f} (95 % {low:.4f}-{high:.4f}; budget {budget:.4f}) "
+              f"{verdict}")
+
+
 def main() -> int:
-    """Print the three scenarios with PASS or MISS."""
+    """Print the scenarios with PASS or MISS."""
     started = time.perf_counter()
     profile = load_profile(REPO_DIR / "profiles" / "htg108.yaml")
     beyond = parse_beyond_site(profile)
     assert beyond.operators is not None and beyond.devices is not None
+    ops = beyond.operators
     rng = np.random.default_rng(SEED)
+    metric = profile.metric(ops.cusum_metric)
+    rate = rate_per_unit_year(profile, metric)
+    alpha = learning_budget(ops, rate)
     print("\noperators and cement lots (issue 12)")
-    h, median, within = _learning_curve(profile, beyond.operators, rng)
+    thresholds, median, within = _learning_curve(profile, ops, rng)
     verdict = "PASS" if median <= TARGET_MEDIAN else "MISS"
+    best = _best_median(metric.baseline.rate, alpha, rng)
     print(f"  new operator, leak OR {LEARNING_OR:g} for the first {LEARNING_CASES} procedures, "
-          f"{OPERATOR_VOLUME}/year (h {h:.2f}, head start {beyond.operators.head_start:g} h): "
-          f"median alarm at procedure {median:.0f} (target <= {TARGET_MEDIAN}) {verdict}; "
-          f"{within:.0%} alarmed within the first {LEARNING_CASES}")
-    false_rate, budget = _false_training_alerts(profile, beyond.operators, rng)
-    verdict = "PASS" if false_rate <= budget * 1.1 else "MISS"
-    print(f"  false training-review alerts per operator-year (in control, {OPERATOR_VOLUME}/year,"
-          f" 20,000 operator-years): {false_rate:.4f} (budget {budget:.4f}, +10 % "
-          f"simulation tolerance) {verdict}")
-    median_lot, alpha = _lot_detection(profile, beyond.devices, rng)
+          f"{OPERATOR_VOLUME}/year (h1 {thresholds.learning:.2f} for the first "
+          f"{ops.learning_procedures}, then h2 {thresholds.steady:.2f}; head start "
+          f"{ops.head_start:g} h): median alarm at procedure {median:.0f} (target <= "
+          f"{TARGET_MEDIAN}) {verdict}; {within:.0%} alarmed within the first {LEARNING_CASES}")
+    print(f"    best achievable median at the learning budget ({alpha:.4f} expected false "
+          f"signals in the first {ops.learning_procedures}; Neyman-Pearson bound): {best}")
+    mix = _tenure_mix(rng, ops.tenure_years, FALSE_ALARM_OPERATOR_YEARS)
+    false_rate, _ = _run_operators(profile, ops, rng, mix, new=True)
+    verdict = "PASS" if false_rate <= rate * 1.1 else "MISS"
+    print(f"  false training reviews per operator-year, new operators in control, "
+          f"{OPERATOR_VOLUME}/year, exponential tenures of median {ops.tenure_years:g} years "
+          f"(mean {np.mean(mix):.1f}; {len(mix):,} operators, {np.sum(mix):,.0f} "
+          f"operator-years): {false_rate:.4f} (budget {rate:.4f}, +10 % simulation "
+          f"tolerance) {verdict}")
+    fixed = np.full(int(FALSE_ALARM_OPERATOR_YEARS / ops.tenure_years), ops.tenure_years)
+    fixed_rate, early = _run_operators(profile, ops, rng, fixed, new=True)
+    print(f"    every new operator staying exactly {ops.tenure_years:g} years (the design "
+          f"identity): {fixed_rate:.4f}; false signals in the first "
+          f"{ops.learning_procedures} procedures {early:.4f} per operator (designed "
+          f"{alpha:.4f})")
+    established = np.full(int(FALSE_ALARM_OPERATOR_YEARS / 5), 5.0)
+    settled_rate, _ = _run_operators(profile, ops, rng, established, new=False)
+    verdict = "PASS" if settled_rate <= rate * 1.1 else "MISS"
+    print(f"  false training reviews per operator-year, operators established at first sync "
+          f"(h {_thresholds(profile, ops, new=False).steady:.2f}, chart from 0): "
+          f"{settled_rate:.4f} (budget {rate:.4f}) {verdict}")
+    for volume, operator_years in OTHER_VOLUMES:
+        tenures = np.full(int(operator_years / ops.tenure_years), ops.tenure_years)
+        figures = [_run_operators(profile, ops, rng, tenures, new=new, volume=volume)[0]
+                   for new in (True, False)]
+        verdict = "PASS" if max(figures) <= rate * 1.1 else "MISS"
+        print(f"    at {volume} procedures a year ({operator_years:,.0f} operator-years each, "
+              f"tenures of {ops.tenure_years:g} years): new {figures[0]:.4f}, established "
+              f"{figures[1]:.4f} (budget {rate:.4f}) {verdict}")
+    # its own stream: the lot figure does not move when the operator scenarios change
+    median_lot, alpha_lot = _lot_detection(profile, beyond.devices, np.random.default_rng(SEED + 1))
     verdict = "PASS" if median_lot < LOT_TARGET else "MISS"
-    print(f"  cement lot, leak OR {LOT_OR:g} at {LOT_SITES} sites (alpha {alpha:.1e} per lot, "
-          f"{LOTS_TESTED} lots tested): median found at the lot's procedure {median_lot:.0f} "
-          f"(target < {LOT_TARGET}) {verdict}")
+    print(f"  cement lot, leak OR {LOT_OR:g} at {LOT_SITES} sites (alpha {alpha_lot:.1e} per "
+          f"lot, {LOTS_TESTED} lots tested): median found at the lot's procedure "
+          f"{median_lot:.0f} (target < {LOT_TARGET}) {verdict}")
+    _print_device_false_alarms(profile, beyond.devices)
     print(f"  runtime {time.perf_counter() - started:.1f} s")
     return 0
 

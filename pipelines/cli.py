@@ -16,18 +16,23 @@ from datetime import date
 
 from pipelines.errors import InputRejected, KyphowatchError
 
-# Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES = (
-    "pipelines.simulate",
-    "pipelines.ingest.cli",
-    "pipelines.ingest.keys",
-    "pipelines.roles",
-    "pipelines.surveillance.cli",
-    "pipelines.alerts.cli",
-    "pipelines.report",
-    "pipelines.alerts.regulator",
-    "pipelines.report.beyond",
-)
+# Each sub-command and the module that registers it, in the order they appear in --help.
+# A command line imports only its command's module: importing them all costs seconds
+# (scipy, pandas, GX), which a one-site drill-down must not pay. tests/test_cli.py checks
+# that this map and what the modules register agree.
+COMMANDS = {
+    "simulate": "pipelines.simulate",
+    "ingest": "pipelines.ingest.cli",
+    "keys": "pipelines.ingest.keys",
+    "roles": "pipelines.roles",
+    "monitor": "pipelines.surveillance.cli",
+    "sites": "pipelines.surveillance.cli",
+    "site": "pipelines.surveillance.cli",
+    "alerts": "pipelines.alerts.cli",
+    "report": "pipelines.report",
+    "regulator": "pipelines.alerts.regulator",
+    "beyond-report": "pipelines.report.beyond",
+}
 
 log = logging.getLogger("kyphowatch")
 
@@ -42,15 +47,24 @@ def parse_as_of(text: str | None) -> date | None:
         raise InputRejected(f"--as-of {text!r} is not a date (expected YYYY-MM-DD)") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the top-level parser with every available sub-command registered."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Return the top-level parser.
+
+    Args:
+        command: register only the module that provides this sub-command; None (or a
+            name that is not a command, so that argparse can report it) registers all.
+    """
     parser = argparse.ArgumentParser(
         prog="kyphowatch",
         description="Adverse-event surveillance for balloon kyphoplasty registries.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
+    if command in COMMANDS:
+        module_names = [COMMANDS[command]]
+    else:
+        module_names = list(dict.fromkeys(COMMANDS.values()))
+    for module_name in module_names:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
@@ -62,9 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """Return the sub-command named in ``argv`` (the first word that is not an option)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

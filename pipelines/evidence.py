@@ -78,28 +78,6 @@ class SiteFacts:
     network_casemix: dict[str, Any] = field(default_factory=dict)
 
 
-def _casemix_columns(procedure: sa.Table) -> list[sa.ColumnElement]:
-    def share(condition) -> sa.ColumnElement:
-        return sa.func.avg(sa.case((condition, 1.0), else_=0.0))
-
-    return [
-        sa.func.count().label("procedures"),
-        sa.func.avg(procedure.c.age_years * 1.0).label("mean_age"),
-        share(procedure.c.age_years >= 80).label("share_age_80_plus"),
-        share(procedure.c.sex == "F").label("share_female"),
-        share(procedure.c.indication == "malignancy").label("share_malignancy"),
-        share(procedure.c.steroid_use).label("share_steroid_use"),
-        share(procedure.c.anaesthesia == "general").label("share_general_anaesthesia"),
-        sa.func.avg(procedure.c.levels_treated * 1.0).label("mean_levels"),
-        share(procedure.c.levels_treated >= 3).label("share_3plus_levels"),
-    ]
-
-
-CASEMIX_FIELDS = ("procedures", "mean_age", "share_age_80_plus", "share_female",
-                  "share_malignancy", "share_steroid_use", "share_general_anaesthesia",
-                  "mean_levels", "share_3plus_levels")
-
-
 def _number(value: Any) -> Any:
     if value is None:
         return None
@@ -109,8 +87,12 @@ def _number(value: Any) -> Any:
 
 
 def read_site_facts(settings: Settings, as_of: date | None, *, site: str | None = None,
-                    with_audit: bool = True) -> SiteFacts:
+                    with_audit: bool = True, stored: dict[str, Any] | None = None) -> SiteFacts:
     """Read deliveries, quarantine, pending rows, alerts and case mix per site.
+
+    ``stored`` is the run's ``procedure_facts`` (deliveries and case mix aggregated once by
+    the monitor, :func:`pipelines.surveillance.runs.procedure_facts`); without it (a run
+    stored before facts were) they are aggregated here.
 
     ``site`` limits the alerts to that site (the drill-down); ``with_audit`` adds each
     alert's audit trail (the site pages; the overview needs only states). Counts and case
@@ -119,24 +101,15 @@ def read_site_facts(settings: Settings, as_of: date | None, *, site: str | None 
     current state (their timestamps are processing times, not data dates).
     """
     from pipelines.db import reading
-    from pipelines.schema import (
-        alert,
-        alert_audit,
-        pending_complication,
-        procedure,
-        quarantine,
-    )
+    from pipelines.schema import alert, alert_audit, pending_complication, quarantine
+    from pipelines.surveillance.runs import procedure_facts
 
     facts = SiteFacts()
     with reading(settings.db_url) as conn:
-        in_range = procedure.c.procedure_date <= as_of if as_of else sa.true()
-        for row in conn.execute(
-            sa.select(procedure.c.site_id, sa.func.max(procedure.c.extract_ts),
-                      sa.func.max(procedure.c.procedure_date))
-            .where(in_range).group_by(procedure.c.site_id)
-        ):
-            facts.deliveries[row[0]] = {"newest_extract": row[1],
-                                        "last_procedure_date": iso(row[2])}
+        aggregated = stored if stored is not None else procedure_facts(conn, as_of)
+        facts.deliveries = aggregated["deliveries"]
+        facts.casemix = aggregated["casemix"]
+        facts.network_casemix = aggregated["network_casemix"]
         facts.quarantined = {
             site: int(count) for site, count in conn.execute(
                 sa.select(quarantine.c.site_id, sa.func.count())
@@ -148,14 +121,6 @@ def read_site_facts(settings: Settings, as_of: date | None, *, site: str | None 
                 sa.select(pending_complication.c.site_id, sa.func.count())
                 .group_by(pending_complication.c.site_id))
         }
-        columns = _casemix_columns(procedure)
-        for row in conn.execute(
-            sa.select(procedure.c.site_id, *columns).where(in_range)
-            .group_by(procedure.c.site_id)
-        ).mappings():
-            facts.casemix[row["site_id"]] = {f: _number(row[f]) for f in CASEMIX_FIELDS}
-        network = conn.execute(sa.select(*columns).where(in_range)).mappings().first()
-        facts.network_casemix = {f: _number(network[f]) for f in CASEMIX_FIELDS}
         query = sa.select(alert).order_by(alert.c.created_at.desc(), alert.c.alert_id)
         if site is not None:
             query = query.where(alert.c.site_id == site)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 metadata = sa.MetaData()
 
@@ -415,6 +415,21 @@ yellow_card = sa.Table(
 
 BEYOND_SITE_TABLES = (operator_chart, device_product_chart, device_lot_test, yellow_card)
 
+# Version 9: CUSUM thresholds and ARL curves, computed once per design and profile version
+# and read by every later monitor (pipelines.surveillance.threshold_store).
+threshold_design = sa.Table(
+    "threshold_design",
+    metadata,
+    sa.Column("design_key", sa.String(DIGEST), primary_key=True),  # hash(kind, design, profile)
+    sa.Column("kind", sa.String(48), nullable=False),
+    sa.Column("design", sa.Text, nullable=False),  # JSON: the design's parameters
+    sa.Column("profile_name", sa.String(64), nullable=False),
+    sa.Column("profile_version", sa.String(32), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),  # JSON: h, or the curve's arrays
+    sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_threshold_design_profile", "profile_name", "profile_version"),
+)
+
 # Digest of the views.sql last applied, so views are re-created only when the file changes.
 schema_views = sa.Table(
     "schema_views",
@@ -502,9 +517,14 @@ def _migration_8(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _migration_9(conn: sa.Connection) -> None:
+    """Version 9: stored threshold designs (threshold_design); only adds a table."""
+    threshold_design.create(conn, checkfirst=True)
+
+
 MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4,
               5: _migration_5, 6: _migration_6, 7: _migration_7,
-              8: _migration_8}
+              8: _migration_8, 9: _migration_9}
 
 
 def _views_sql(sql_dir: Path) -> list[str]:

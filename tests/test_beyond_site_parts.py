@@ -7,6 +7,8 @@ import csv
 import json
 from datetime import date
 
+import numpy as np
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 
@@ -15,11 +17,15 @@ from pipelines.errors import InputRejected
 from pipelines.settings import REPO_DIR
 from pipelines.simulate import parse_drift, simulate
 from pipelines.surveillance.beyond import (
-    fir_first_year_probability,
-    operator_threshold,
+    fir_arl,
+    learning_budget,
+    learning_false_signals,
+    operator_thresholds,
     parse_beyond_site,
+    rate_per_unit_year,
+    steady_rate,
 )
-from pipelines.surveillance.operators import fir_cusum, operator_pseudonym
+from pipelines.surveillance.operators import fir_cusum, new_operators, operator_pseudonym
 from pipelines.surveillance.profile import ProfileError, load_profile, parse_profile
 
 DEVICE_COLUMNS = ("balloon_product", "cement_product", "cement_lot", "udi_di")
@@ -114,6 +120,8 @@ def _profile_with(change):
 
 @pytest.mark.parametrize(("change", "phrase"), [
     (lambda d: d["operators"].update(head_start=1.5), "operators.head_start"),
+    (lambda d: d["operators"].update(learning_share=1.0), "operators.learning_share"),
+    (lambda d: d["operators"].pop("tenure_years"), "operators.tenure_years"),
     (lambda d: d["operators"].update(cusum_metric="new_fracture"), "per-procedure outcome"),
     (lambda d: d["devices"].update(failure_event_types=["bent_needle"]), "failure_event_types"),
     (lambda d: d["regulator"].update(device_related=[]), "needs at least one rule"),
@@ -124,12 +132,52 @@ def test_bad_beyond_site_settings_name_the_key(change, phrase):
         parse_beyond_site(_profile_with(change))
 
 
+def _operator_design():
+    profile = load_profile(REPO_DIR / "profiles" / "htg108.yaml")
+    design = parse_beyond_site(profile).operators
+    return design, rate_per_unit_year(profile, profile.metric(design.cusum_metric))
+
+
 @pytest.mark.parametrize("volume", [30, 60, 200])
-def test_operator_threshold_spends_at_most_the_rate_in_the_first_year(volume):
-    p0, rate = 38 / 360, 0.0135
-    h = operator_threshold(p0, 3.0, volume, rate, 0.5)
-    assert fir_first_year_probability(p0, 3.0, h, 0.5, volume) <= rate * 1.01
-    assert fir_first_year_probability(p0, 3.0, h * 0.9, 0.5, volume) > rate  # not wasteful
+def test_new_operator_thresholds_spend_the_tenure_budget(volume):
+    design, rate = _operator_design()
+    p0 = 0.106  # the network mean risk as the thresholds round it (three figures)
+    h = operator_thresholds(p0, design, volume, rate, new=True)
+    alpha = learning_budget(design, rate)
+    assert alpha == pytest.approx(design.learning_share * rate * design.tenure_years)
+    # h1 spends the learning budget over the first N procedures, and not much less
+    spent = learning_false_signals(p0, 3.0, h.learning, 0.5, design.learning_procedures)
+    assert alpha * 0.9 <= spent <= alpha * 1.005
+    assert learning_false_signals(p0, 3.0, h.learning * 0.9, 0.5,
+                                  design.learning_procedures) > alpha
+    # h2: the rest of the tenure budget over the remaining years, ARL read from the head start
+    years = design.tenure_years - design.learning_procedures / volume
+    assert alpha + steady_rate(design, rate, volume) * years == pytest.approx(
+        rate * design.tenure_years)
+    arl = fir_arl(p0, p0, 3.0, h.steady, 0.5)
+    assert arl == pytest.approx(volume / steady_rate(design, rate, volume), rel=0.03)
+    assert h.steady >= h.learning
+    assert h.per_case(40).tolist() == [h.learning] * 30 + [h.steady] * 10
+    # h1 does not depend on volume (the phase is counted in procedures)
+    assert operator_thresholds(p0, design, 2 * volume, rate, new=True).learning == h.learning
+
+
+def test_established_operator_has_no_learning_phase_and_spends_the_rate():
+    design, rate = _operator_design()
+    h = operator_thresholds(0.106, design, 60, rate, new=False)
+    assert h.learning is None and h.start == 0.0 and set(h.per_case(5).tolist()) == {h.steady}
+    assert fir_arl(0.106, 0.106, 3.0, h.steady, 0.5) == pytest.approx(60 / rate, rel=0.03)
+
+
+def test_learning_false_signals_match_a_simulation_with_restarts():
+    p0, h, head_start, n = 38 / 360, 2.5, 0.5, 30  # a low h: several signals per run
+    expected = learning_false_signals(p0, 3.0, h, head_start, n)
+    rng = np.random.default_rng(3)
+    runs = 20_000
+    y = rng.random((runs, n)) < p0
+    signals = sum(len(fir_cusum(row, np.full(n, p0), 3.0, h, head_start).signals) for row in y)
+    standard_error = np.sqrt(expected / runs)  # about Poisson
+    assert abs(signals / runs - expected) < 4 * standard_error + 0.01 * expected
 
 
 def test_fir_cusum_restarts_at_the_head_start_and_pseudonyms_hide_the_digest():
@@ -141,6 +189,28 @@ def test_fir_cusum_restarts_at_the_head_start_and_pseudonyms_hide_the_digest():
     assert operator_pseudonym(digest) == "OP-ababababab" and digest not in operator_pseudonym(digest)
 
 
+def test_fir_cusum_uses_the_threshold_in_force_and_can_start_at_zero():
+    # an event weighs ln 3 - ln 1.2 = 0.916; a non-event -0.182
+    y, p = [1, 1, 1, 1, 1], [0.1] * 5
+    path = fir_cusum(y, p, 3.0, [1.8, 1.8, 4.0, 4.0, 4.0], 0.5, start=0.0)
+    # from 0: 0.92, 1.83 (signal at h1 = 1.8, restart at 0.9), 1.82, 2.73, 3.65 (< h2 = 4)
+    assert path.signals.tolist() == [1]
+    assert path.statistic[0] == pytest.approx(0.9163, abs=1e-3)
+    assert path.statistic[-1] == pytest.approx(0.9 + 3 * 0.9163, abs=1e-3)
+
+
+def test_new_operators_are_those_who_began_after_the_sites_data():
+    known = pd.DataFrame({
+        "site_id": ["S1"] * 4 + ["S2"] * 2,
+        "operator_hash": ["a", "b", "c", "a", "a", "b"],
+        "index_day": [100, 250, 281, 400, 0, 181],
+    })
+    is_new = new_operators(known, 180)
+    # S1 begins on day 100: b (day 250) is within 180 days, c (281) is not; S2 begins at 0
+    assert is_new.to_dict() == {("S1", "a"): False, ("S1", "b"): False, ("S1", "c"): True,
+                                ("S2", "a"): False, ("S2", "b"): True}
+
+
 @pytest.mark.parametrize(("events", "n", "expected"), [
     (0, 5, 38 / 360),  # a young warehouse: the guidance's pooled rate
     (9, 100, 38 / 360),
@@ -148,8 +218,6 @@ def test_fir_cusum_restarts_at_the_head_start_and_pseudonyms_hide_the_digest():
     (30, 200, 0.15),  # enough data: the network's observed rate
 ])
 def test_calibration_rate_falls_back_to_the_guidance(events, n, expected):
-    import pandas as pd
-
     from pipelines.surveillance.devices import calibration_rate
 
     metric = load_profile(REPO_DIR / "profiles" / "htg108.yaml").metric("cement_leak")
@@ -164,3 +232,148 @@ def test_clinical_leads_setting_maps_sites_and_rejects_a_bad_pair():
     assert settings.clinical_leads == {"S001": ("a@x.org", "b@x.org"), "S002": ("c@y.org",)}
     with pytest.raises(ConfigurationError, match="SITE=address"):
         load_settings({"KYPHOWATCH_CLINICAL_LEADS": "S001:a@x.org"})
+
+
+def test_operator_charts_give_a_new_operator_the_learning_phase_and_not_an_established_one():
+    from pipelines.surveillance.operators import operator_charts
+
+    profile = load_profile(REPO_DIR / "profiles" / "htg108.yaml")
+    design, rate = _operator_design()
+    p = 0.1
+    units = pd.DataFrame({  # "a" practises from the site's first day; "b" begins on day 300
+        "site_id": ["S1"] * 105, "operator_hash": ["a" * 64] * 100 + ["b" * 64] * 5,
+        "index_day": list(range(100)) + list(range(300, 305)), "y": [0] * 105, "risk": p,
+    })
+    rows = {r["operator"]: r for r in operator_charts(units, profile, design, as_of_day=364)}
+    established, new = rows["OP-" + "a" * 10], rows["OP-" + "b" * 10]
+    volume = 100 / (365 / 365.25)  # "a": 100 cases in 365 days
+    assert established["threshold"] == operator_thresholds(p, design, volume, rate,
+                                                           new=False).steady
+    h1 = operator_thresholds(p, design, 5, rate, new=True).learning
+    assert new["threshold"] == h1  # 5 cases: still in the learning phase
+    # the new chart starts at the head start and loses ln(1 + 2p) per event-free case
+    assert new["statistic"] == pytest.approx(0.5 * h1 - 5 * np.log1p(2 * p))
+    assert new["statistic"] > 0
+    assert established["statistic"] == 0.0  # an established chart starts at 0
+    assert new["signals"] == established["signals"] == 0
+
+
+def test_operator_volume_counts_observed_time_floored_at_a_quarter():
+    from pipelines.surveillance.operators import operator_volume
+
+    assert operator_volume(30, 0, 182) == pytest.approx(30 / (183 / 365.25))  # not 30 a year
+    assert operator_volume(5, 0, 9) == pytest.approx(20.0)  # ten days: a quarter's floor
+    assert operator_volume(120, 0, 730) == pytest.approx(120 / (731 / 365.25))
+
+
+# --- products against the other products (issue 12 follow-up: false device alarms) ---------
+
+
+@pytest.mark.parametrize(("events", "blocks"), [
+    ([30, 80, 200, 10], [0, 0, 1, 1]),  # pooled until 100 events; a short last block joins
+    ([500], [0]),
+    ([5, 5], [0, 0]),  # a young warehouse: one block (and too few events to recalibrate)
+    ([100, 100, 100], [0, 1, 2]),
+])
+def test_recalibration_blocks_pool_quarters_until_the_comparators_have_events(events, blocks):
+    from pipelines.surveillance.devices import recalibration_blocks
+
+    assert recalibration_blocks(np.asarray(events)).tolist() == blocks
+
+
+def test_a_few_comparator_days_do_not_recalibrate_a_product_alone():
+    """The 1,000-site registry's OSTEOPAL-V signal: 25 days of a quarter set the expected."""
+    from pipelines.surveillance.devices import QUARTER_DAYS, concurrent
+
+    rng = np.random.default_rng(3)
+    p = 0.1
+    # comparators: the last 10 days of a quarter at over twice the model's odds (22 events,
+    # by chance or season), then a full quarter at the model's rate; the product's own cases
+    # are in those 10 days
+    first = np.arange(QUARTER_DAYS - 10, QUARTER_DAYS)
+    days = np.r_[np.repeat(first, 10), QUARTER_DAYS + rng.integers(0, QUARTER_DAYS, 9000)]
+    y = np.r_[np.ones(22), np.zeros(78), rng.random(9000) < p].astype(np.int64)
+    others = pd.DataFrame({"index_day": days, "y": y})
+    adjusted = concurrent(np.full(10, p), first, others, np.full(days.size, p), origin=0)
+    # the 10 days have 22 events, not enough alone: they are pooled with the next quarter
+    pooled = (y.sum() / (y.size - y.sum())) / (p / (1 - p))
+    assert adjusted == pytest.approx(np.full(10, pooled * p / (1 - p + pooled * p)))
+    assert abs(adjusted[0] - p) < 0.01  # not the 0.22 the 10 days alone would give
+
+
+def test_rare_product_test_is_the_exact_binomial_given_all_events():
+    from scipy import stats
+
+    from pipelines.surveillance.devices import conditional_rare_pvalue
+
+    as_of = 1000
+    day = np.full(50, as_of - 10)  # one stratum: the newest quarter
+    y = np.r_[np.ones(9), np.zeros(41)].astype(np.int64)
+    other_day = np.full(150, as_of - 20)
+    other_y = np.r_[np.ones(6), np.zeros(144)].astype(np.int64)
+    events, expected, p_value = conditional_rare_pvalue(
+        day, y, np.full(50, 0.02), other_day, other_y, np.full(150, 0.02), as_of)
+    assert events == 9
+    assert expected == pytest.approx(15 * 0.25)  # 15 events, the product's quarter of the risk
+    assert p_value == pytest.approx(stats.binom.sf(8, 15, 0.25))
+    old = day - 400  # outside the 365-day window: not counted
+    assert conditional_rare_pvalue(old, y, np.full(50, 0.02), other_day, other_y,
+                                   np.full(150, 0.02), as_of)[0] == 0
+
+
+def test_rare_product_test_holds_its_size_when_the_comparators_are_noisy():
+    """A product at the comparators' rate: the test's size stays at alpha.
+
+    Testing against an expected count recalibrated to the comparators' observed count (the
+    1.3.0 code) takes their Poisson noise for knowledge and rejects several times too often.
+    """
+    from pipelines.surveillance.devices import conditional_rare_pvalue
+    from pipelines.surveillance.rare import poisson_upper_pvalue
+
+    rng = np.random.default_rng(12)
+    alpha, runs, expected_mine, expected_others = 0.005, 4000, 20.0, 60.0
+    mine_events = rng.poisson(expected_mine, runs)
+    other_events = rng.poisson(expected_others, runs)
+    as_of = 500
+    ours = old = 0
+    for o, c in zip(mine_events.tolist(), other_events.tolist(), strict=True):
+        # one case per event plus event-free cases carrying the expected risk
+        day, other_day = np.full(o + 1, as_of), np.full(c + 1, as_of)
+        y, other_y = np.r_[np.ones(o), 0].astype(np.int64), np.r_[np.ones(c), 0].astype(np.int64)
+        risk = np.r_[np.zeros(o), expected_mine]
+        other_risk = np.r_[np.zeros(c), expected_others]
+        ours += conditional_rare_pvalue(day, y, risk, other_day, other_y, other_risk,
+                                        as_of)[2] <= alpha
+        recalibrated = expected_mine * c / expected_others
+        old += poisson_upper_pvalue(o, recalibrated) <= alpha if o else False
+    assert ours / runs <= alpha * 1.3  # exact (conservative) test; Monte Carlo tolerance
+    assert old / runs > 2 * alpha  # the recalibrated expected overspends: this test can fail
+
+
+def _quarters_of_comparators(rng, p_by_quarter, per_quarter=4000):
+    from pipelines.surveillance.devices import QUARTER_DAYS
+
+    days = np.concatenate([q * QUARTER_DAYS + rng.integers(0, QUARTER_DAYS, per_quarter)
+                           for q in range(len(p_by_quarter))])
+    truth = np.repeat(p_by_quarter, per_quarter)
+    return pd.DataFrame({"index_day": days, "y": (rng.random(days.size) < truth).astype(int)})
+
+
+def test_recalibration_keeps_a_real_common_rise_and_drops_quarterly_noise():
+    from pipelines.surveillance.devices import QUARTER_DAYS, concurrent
+
+    rng = np.random.default_rng(21)
+    p, quarters = 0.1, 12
+    mine_day = np.arange(quarters) * QUARTER_DAYS + 45  # one product case mid-quarter
+    # every product at the model's rate: the quarterly shifts are noise (SE ~0.05) and go
+    flat = _quarters_of_comparators(rng, np.full(quarters, p))
+    adjusted = concurrent(np.full(quarters, p), mine_day, flat, np.full(len(flat), p), origin=0)
+    pooled = flat["y"].mean()
+    unshrunk = flat.groupby(flat["index_day"] // QUARTER_DAYS)["y"].mean().to_numpy()
+    assert np.abs(adjusted - pooled).max() < 0.5 * np.abs(unshrunk - pooled).max()
+    # a common rise (odds x 2 from the seventh quarter, a season or a coding change): kept
+    odds = np.where(np.arange(quarters) < 6, p / (1 - p), 2 * p / (1 - p))
+    rise = _quarters_of_comparators(rng, odds / (1 + odds))
+    adjusted = concurrent(np.full(quarters, p), mine_day, rise, np.full(len(rise), p), origin=0)
+    assert adjusted[:6] == pytest.approx(np.full(6, p), abs=0.01)
+    assert adjusted[6:] == pytest.approx(np.full(6, odds[-1] / (1 + odds[-1])), abs=0.01)

@@ -28,6 +28,18 @@ def test_every_command_registers(capsys):
     assert "unavailable" not in capsys.readouterr().err
 
 
+def test_command_map_matches_what_the_modules_register():
+    """``pipelines.cli.COMMANDS`` (which module to import for a command) says the truth."""
+    from pipelines.cli import COMMANDS
+
+    everything = set(build_parser()._subparsers._group_actions[0].choices)
+    assert set(COMMANDS) == everything
+    for command, module in COMMANDS.items():
+        # only that command's module is imported, and it registers the command
+        alone = set(build_parser(command)._subparsers._group_actions[0].choices)
+        assert command in alone, (command, module)
+
+
 def test_ingest_exit_codes_and_json(tmp_path):
     good = write(tmp_path / "ok" / "procedures_20240201.csv",
                  csv_text(PROC_HEADER, [proc_row("P1", patient="PT-SECRET-1")]))

@@ -173,6 +173,51 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
     assert not leaked
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file()}
+
+
+def test_report_bytes_do_not_depend_on_workers_and_a_rerun_rewrites_only_changes(
+        sqlite_url, settings_for, tmp_path):
+    _, settings = _report_registry(sqlite_url, settings_for)
+    one = write_report(settings, tmp_path / "one", workers=1).parent
+    three = write_report(settings, tmp_path / "three", workers=3).parent
+    assert _tree(one) == _tree(three) and len(_tree(one)) > 40
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging
+    # a rerun into the same folder: unchanged pages are not rewritten (same inode and
+    # mtime), a page changed on disk is, and the page of a site no longer in the data goes
+    (three / "sites" / "S002.html").write_text("edited", encoding="utf-8")
+    (three / "sites" / "S999.html").write_text("a site that left", encoding="utf-8")
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in three.rglob("*")
+              if p.is_file()}
+    write_report(settings, three, workers=2)
+    assert _tree(three) == _tree(one)
+    changed = {p.relative_to(three).as_posix() for p, stamp in stamps.items()
+               if not p.exists() or (p.stat().st_ino, p.stat().st_mtime_ns) != stamp}
+    assert changed == {"sites/S002.html", "sites/S999.html"}
+
+
+def test_a_failing_site_page_fails_the_report_and_leaves_no_folder(sqlite_url, settings_for,
+                                                                   tmp_path, monkeypatch):
+    from pipelines.report import publish
+
+    _, settings = _report_registry(sqlite_url, settings_for, alerts=False)
+    real = publish.site_page
+
+    def site_page(data, site_id):
+        if site_id == "S003":
+            raise ValueError("S003 cannot be drawn")
+        return real(data, site_id)
+
+    monkeypatch.setattr(publish, "site_page", site_page)
+    for workers in (1, 2):  # in this process, or in a forked worker
+        with pytest.raises((ValueError, RuntimeError), match="S003 cannot be drawn"):
+            write_report(settings, tmp_path / "out", workers=workers)
+        assert not (tmp_path / "out").exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_report_numbers_equal_site_json(db_url, settings_for, tmp_path, capsys):
     _, settings = _report_registry(db_url, settings_for)
     out = write_report(settings, tmp_path / "out").parent

@@ -216,7 +216,9 @@ class RotationPlan:
 
 
 def _digest(key: bytes, site: str, value: str) -> str:
-    return hmac.digest(key, f"{site}{_SEPARATOR}{value}".encode(), "sha256").hex()
+    from pipelines.ingest.pseudonymise import pseudonymise  # the same digest as at ingest
+
+    return pseudonymise(key, site, value)
 
 
 def _extract_files(paths: Iterable[Path]) -> Iterator[Path]:

@@ -9,12 +9,13 @@ thresholds and classes come from the stored monitor run; the only arithmetic is 
 from __future__ import annotations
 
 import math
-from datetime import date, timedelta
+from datetime import date
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from pipelines.report.common import _esc, _pct
+from pipelines.report.common import CsvBody, _esc, _pct, float_texts
 from pipelines.report.svgplot import EPOCH, Chart, decimate
 
 # Rates below this are "rare": their funnel is drawn as observed against expected counts,
@@ -30,15 +31,32 @@ FUNNEL_CLASS_TEXT = {
 Drawn = tuple[str, list[str], list[list[Any]]]
 
 
-def _iso(day: float) -> str:
-    return (EPOCH + timedelta(days=int(day))).isoformat()
+@lru_cache(maxsize=64)
+def _iso_table(block: int) -> np.ndarray:
+    """Return the ISO dates of 1,024 days from day ``block * 1024`` (a lookup table)."""
+    days = np.arange(block * 1024, (block + 1) * 1024, dtype="int64")
+    return np.array(days.astype("datetime64[D]").astype(str).tolist(), dtype=object)
 
 
-def _isos(days) -> list[str]:
-    """Return days since 1970-01-01 as ISO dates, all at once."""
-    return np.asarray(days, dtype="int64").astype("datetime64[D]").astype(str).tolist()
+def _iso_days(days) -> list[str]:
+    """Return days since 1970-01-01 as ISO dates, all at once (looked up, not formatted:
+    a report writes millions of them and they repeat)."""
+    days = np.asarray(days, dtype="int64")
+    if not days.size:
+        return []
+    low, high = int(days.min()) // 1024, int(days.max()) // 1024
+    table = np.concatenate([_iso_table(b) for b in range(low, high + 1)])
+    return table[days - low * 1024].tolist()
 
 
+@lru_cache(maxsize=1024)
+def _quarter_start(label: str) -> int:
+    """Return the first day of a quarter (``2024-Q3``) in days since 1970-01-01."""
+    year, quarter = label.split("-Q")
+    return (date(int(year), 3 * (int(quarter) - 1) + 1, 1) - EPOCH).days
+
+
+@lru_cache(maxsize=4096)
 def _month_mid(month: str) -> int:
     year, number = int(month[:4]), int(month[5:7])
     return (date(year, number, 15) - EPOCH).days
@@ -137,8 +155,10 @@ def vlad_svg(months: list[dict[str, Any]], title: str, *, direction: str,
                   style=styles[i % 3], width=1, step=True)
         flag_columns.append((f"flag_level_{name.replace(' ', '_')}", level))
     end = float(path[-1])
-    turned = max(range(len(path)), key=lambda i: (path[i] - path[:i + 1].min()) if up
-                 else (path[:i + 1].max() - path[i]))
+    # the month where the rise (fall) from the lowest (highest) point so far is largest;
+    # argmax takes the first such month
+    turned = int(np.argmax(path - np.minimum.accumulate(path) if up
+                           else np.maximum.accumulate(path) - path))
     plot.description = (
         f"{title}: cumulative observed minus expected events by month, "
         f"{rows[0]['month']} to {rows[-1]['month']}. The line ends at {end:+.1f} events "
@@ -166,11 +186,8 @@ def pchart_svg(chart: dict[str, Any], site_id: str, title: str, *,
     if not n.any():
         return None
     events = np.asarray(chart["events"][code], float)
-    starts = []
-    for label in chart["labels"]:
-        year, quarter = label.split("-Q")
-        starts.append((date(int(year), 3 * (int(quarter) - 1) + 1, 1) - EPOCH).days)
-    x = np.asarray(starts, float) + 45  # plot each quarter at its middle
+    x = np.asarray([_quarter_start(label) for label in chart["labels"]],
+                   float) + 45  # plot each quarter at its middle
     has = n > 0
     p = np.divide(events, n, out=np.full_like(events, np.nan), where=has)
     low, high = guidance
@@ -211,24 +228,58 @@ def pchart_svg(chart: dict[str, Any], site_id: str, title: str, *,
 
 # -- CUSUMs --------------------------------------------------------------------------
 
-def cusum_svg(chart: dict[str, Any], site_id: str, title: str) -> Drawn | None:
-    """Return one site's CUSUM path over time with its threshold and signal points."""
-    if site_id not in chart["sites"]:
+class CusumSeries:
+    """One CUSUM chart's points for every site, indexed once: a report draws the chart
+    for each of its sites, and finding a site's slice must not cost a pass over them all."""
+
+    def __init__(self, chart: dict[str, Any]) -> None:
+        self.chart = chart
+        self.code = {site: i for i, site in enumerate(chart["sites"])}
+        group = np.asarray(chart["group"])
+        self.bounds = np.searchsorted(group, np.arange(len(chart["sites"]) + 1)).tolist()
+        self.day = np.asarray(chart["day"])
+        self.statistic = np.asarray(chart["statistic"])
+        self.signal = np.asarray(chart["signal"])
+        self.h_sites = np.asarray(chart.get("h_sites", []), dtype=float)
+
+
+def _h_text(h: Any) -> str:
+    """Return a threshold as its CSV cell (empty when missing)."""
+    return "" if h is None or h != h else repr(h)
+
+
+def _series_lines(days: np.ndarray, stat: np.ndarray, *middle: list[str],
+                  last: str) -> CsvBody:
+    """Return CSV lines ``date,statistic[,middle...],last`` for one site's series."""
+    columns = [_iso_days(days), float_texts(np.round(stat, 5)), *middle]
+    suffix = "," + last
+    # the constant last column is joined in as part of the separator: no per-row work
+    return CsvBody((suffix + "\r\n").join(map(",".join, zip(*columns, strict=True)))
+                   + suffix + "\r\n")
+
+
+def cusum_svg(chart: dict[str, Any], site_id: str, title: str,
+              series: CusumSeries | None = None) -> Drawn | None:
+    """Return one site's CUSUM path over time with its threshold and signal points.
+
+    ``series`` is the chart indexed by :class:`CusumSeries` (made here when not given).
+    """
+    series = series or CusumSeries(chart)
+    code = series.code.get(site_id)
+    if code is None:
         return None
-    code = chart["sites"].index(site_id)
-    group = np.asarray(chart["group"])
-    start, stop = np.searchsorted(group, [code, code + 1])
+    start, stop = series.bounds[code], series.bounds[code + 1]
     if start == stop:
         return None
-    days = np.asarray(chart["day"])[start:stop].astype(float)
-    stat = np.asarray(chart["statistic"])[start:stop].astype(float)
-    fired = np.asarray(chart["signal"])[start:stop].astype(bool)
-    h_sites = np.asarray(chart.get("h_sites", []), dtype=float)
+    days = series.day[start:stop].astype(float)
+    stat = series.statistic[start:stop].astype(float)
+    fired = series.signal[start:stop].astype(bool)
+    h_sites = series.h_sites
     h = float(h_sites[code]) if code < len(h_sites) and np.isfinite(h_sites[code]) else (
         chart.get("h"))
     x_label = ("date the outcome was known" if chart.get("order") == "outcome known"
                else "index date (procedure, or first procedure per patient)")
-    crossings = [_iso(d) for d in days[fired]]
+    crossings = _iso_days(days[fired])
     description = (f"{title}: the statistic now stands at {stat[-1]:.2f}"
                    + (f" against the site's threshold h = {h:.3f}" if h is not None else "")
                    + f"; {len(crossings)} crossings"
@@ -244,9 +295,8 @@ def cusum_svg(chart: dict[str, Any], site_id: str, title: str) -> Drawn | None:
         plot.points(days[fired], stat[fired], label="signal (chart resets)", marker="triangle",
                     tips=[f"signal {d}" for d in crossings])
     headers = ["date", "statistic", "signal", "threshold_h"]
-    data = [[d, s, f, h] for d, s, f in zip(
-        _isos(days), np.round(stat, 5).tolist(), fired.astype(int).tolist(), strict=True)]
-    return plot.render(), headers, data
+    flags = np.where(fired, "1", "0").tolist()
+    return plot.render(), headers, _series_lines(days, stat, flags, last=_h_text(h))
 
 
 def tte_svg(chart: dict[str, Any], site_id: str, title: str) -> Drawn | None:
@@ -269,8 +319,7 @@ def tte_svg(chart: dict[str, Any], site_id: str, title: str) -> Drawn | None:
     if h is not None:
         plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
     headers = ["date", "statistic", "threshold_h"]
-    data = [[d, s, h] for d, s in zip(_isos(days), np.round(stat, 5).tolist(), strict=True)]
-    return plot.render(), headers, data
+    return plot.render(), headers, _series_lines(days, stat, last=_h_text(h))
 
 
 # -- funnels -------------------------------------------------------------------------

@@ -6,7 +6,10 @@ import html
 import math
 import re
 from datetime import date
+from functools import lru_cache
 from typing import Any
+
+import numpy as np
 
 from pipelines import evidence
 from pipelines.contract import SITE_PATTERN
@@ -161,6 +164,32 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozen
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
+class CsvBody(str):
+    """Data rows already written as CSV, each line ended by CRLF: ISO dates and numbers
+    only, so nothing to quote or neutralise. The long chart series are formatted so, column
+    by column, in :mod:`pipelines.report.charts`; :func:`csv_text` puts them under the header
+    as they are."""
+
+
+def float_texts(values: np.ndarray) -> list[str]:
+    """Return floats as :func:`csv_text` writes them: ``repr``, and NaN as an empty cell."""
+    values = np.asarray(values, dtype=float)
+    texts = list(map(repr, values.tolist()))
+    for i in np.flatnonzero(np.isnan(values)).tolist():
+        texts[i] = ""
+    return texts
+
+
+@lru_cache(maxsize=64)
+def _csv_head(headers: tuple[str, ...]) -> str:
+    import csv
+    import io
+
+    head = io.StringIO()
+    csv.writer(head, lineterminator="\r\n").writerow([evidence.csv_cell(h) for h in headers])
+    return head.getvalue()
+
+
 def csv_text(headers: list[str], rows: list[list[Any]]) -> str:
     """Return chart data as CSV, formula-safe by the rules of :func:`evidence.csv_cell`.
 
@@ -173,10 +202,11 @@ def csv_text(headers: list[str], rows: list[list[Any]]) -> str:
     import csv
     import io
 
-    head = io.StringIO()
-    csv.writer(head, lineterminator="\r\n").writerow([evidence.csv_cell(h) for h in headers])
+    head = _csv_head(tuple(headers))
     if not rows:
-        return head.getvalue()
+        return head
+    if isinstance(rows, CsvBody):
+        return head + rows
     unsafe = evidence._FORMULA_START
     columns = list(zip(*rows, strict=True))
     plain = True
@@ -192,11 +222,10 @@ def csv_text(headers: list[str], rows: list[list[Any]]) -> str:
         plain = plain and not any(c in joined for c in ',"\r\n')
         columns[i] = cells
     if plain:
-        return (head.getvalue() + "\r\n".join(map(",".join, zip(*columns, strict=True)))
-                + "\r\n")
+        return head + "\r\n".join(map(",".join, zip(*columns, strict=True))) + "\r\n"
     body = io.StringIO()
     csv.writer(body, lineterminator="\r\n").writerows(zip(*columns, strict=True))
-    return head.getvalue() + body.getvalue()
+    return head + body.getvalue()
 
 
 def figure(svg: str, csv_href: str, what: str) -> str:
@@ -207,11 +236,20 @@ def figure(svg: str, csv_href: str, what: str) -> str:
 
 def _field(value: Any, name: str, metric: str | None = None, digits: int = 4) -> str:
     """Return a number cell tagged with its JSON field (tests compare it with the CLI)."""
-    attrs = f" data-field='{_esc(name)}'"
+    attrs = f" data-field='{_esc_name(name)}'"
     if metric:
-        attrs += f" data-metric='{_esc(metric)}'"
-    raw = "" if value is None else repr(value)
-    return f"<span{attrs} data-value='{_esc(raw)}'>{_esc(_num(value, digits))}</span>"
+        attrs += f" data-metric='{_esc_name(metric)}'"
+    if value is None:
+        return f"<span{attrs} data-value=''>-</span>"
+    if type(value) in (int, float):  # digits, sign, point, e, inf, nan: nothing to escape
+        return f"<span{attrs} data-value='{value!r}'>{_num(value, digits)}</span>"
+    return f"<span{attrs} data-value='{_esc(repr(value))}'>{_esc(_num(value, digits))}</span>"
+
+
+@lru_cache(maxsize=4096)
+def _esc_name(text: str) -> str:
+    """Return :func:`_esc` of a field or metric name (a few names, escaped once each)."""
+    return _esc(text)
 
 
 def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:

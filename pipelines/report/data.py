@@ -54,36 +54,66 @@ def data_quality(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _newest_procedure_date(settings: Settings) -> date | None:
+    """Return the newest procedure date (the date a report defaults to), or None."""
+    from pipelines.db import reading
+    from pipelines.schema import procedure
+
+    with reading(settings.db_url) as conn:
+        value = conn.execute(sa.select(sa.func.max(procedure.c.procedure_date))).scalar()
+    if value is None or isinstance(value, date):
+        return value
+    return date.fromisoformat(str(value)[:10])
+
+
 class ReportData:
     """Everything one report renders, gathered once."""
 
     def __init__(self, settings: Settings, as_of: date | None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from pipelines.surveillance.profile import load_profile
         from pipelines.surveillance.runs import read_or_compute
 
         self.profile = load_profile(settings.profile_path)
-        self.result = read_or_compute(settings, self.profile, as_of)
-        self.as_of = self.result.as_of
-        self.facts = evidence.read_site_facts(settings, self.as_of)
-        self.quality = data_quality(settings)
-        self.evidence = evidence.Evidence(
-            self.result, self.profile, self.facts,
-            evidence.recent_complications_by_site(settings, self.as_of),
-        )
-        self.sites = self.evidence.sites
-        self.labels = {m.id: m.label for m in self.profile.metrics}
-        self.metric_ids = [m.id for m in self.profile.metrics]
-        self.metrics = {m.id: m for m in self.profile.metrics}
-        self.rows = {(m["site_id"], m["metric"]): m for m in self.result.site_metrics}
-        self.levels = {key: row.get("level") or {} for key, row in self.rows.items()}
-        self.signals_by_key = {s["signal_key"]: s for s in self.result.signals}
-        # Monthly figures the monitor stored with this run: sparklines, VLAD, recent O/E.
-        self.months = (evidence.monthly_figures(settings, self.result.run_key,
-                                                self.profile.name) if self.as_of else {})
+        # Recent complications (a window query over every complication) are read in a
+        # thread while this thread decodes the stored run, and the site facts (the run's
+        # stored deliveries and case mix, plus alerts and counts) while it reads the monthly
+        # figures: their time is the database's, which runs with the GIL released (SQLite
+        # and psycopg), and they return few rows. The monthly figures return many rows, and
+        # fetching those in a thread would hand the GIL back and forth per row (slower than
+        # reading them here). Complications start at once for the date the run will have
+        # (as_of, else the newest procedure) and are read again in the rare case the run's
+        # date differs (an empty warehouse).
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="report-read") as pool:
+            guess = as_of or _newest_procedure_date(settings)
+            complications = pool.submit(evidence.recent_complications_by_site, settings, guess)
+            self.result = read_or_compute(settings, self.profile, as_of)
+            self.as_of = self.result.as_of
+            facts = pool.submit(evidence.read_site_facts, settings, self.as_of,
+                                stored=self.result.procedure_facts)
+            if self.as_of != guess:
+                complications = pool.submit(evidence.recent_complications_by_site, settings,
+                                            self.as_of)
+            self.quality = data_quality(settings)
+            # Monthly figures the monitor stored with this run: sparklines, VLAD, recent O/E.
+            self.months = (evidence.monthly_figures(settings, self.result.run_key,
+                                                    self.profile.name) if self.as_of else {})
+            self.labels = {m.id: m.label for m in self.profile.metrics}
+            self.metric_ids = [m.id for m in self.profile.metrics]
+            self.metrics = {m.id: m for m in self.profile.metrics}
+            self.rows = {(m["site_id"], m["metric"]): m for m in self.result.site_metrics}
+            self.levels = {key: row.get("level") or {} for key, row in self.rows.items()}
+            self.signals_by_key = {s["signal_key"]: s for s in self.result.signals}
+            self.funnel_class = self._funnel_classes()
+            self.facts = facts.result()
+            self.evidence = evidence.Evidence(self.result, self.profile, self.facts,
+                                              complications.result())
+            self.sites = self.evidence.sites
         self.recent_oe = evidence.recent_observed_expected(self.months)
-        self.funnel_class = self._funnel_classes()
         # CSV files written beside the pages: {relative path: text}
         self.files: dict[str, str] = {}
+        self._cusum_series: dict[str, Any] = {}
 
     def _funnel_classes(self) -> dict[tuple[str, str, str], str]:
         """Return each site's class on each funnel plot: ``significant`` (outside the
@@ -109,6 +139,14 @@ class ReportData:
     def site(self, site_id: str) -> dict[str, Any]:
         return self.evidence.site_payload(site_id)
 
+    def cusum_series(self, key: str):
+        """Return the run's CUSUM chart ``key`` indexed by site (once per report)."""
+        from pipelines.report.charts import CusumSeries
+
+        series = self._cusum_series.get(key)
+        if series is None:
+            series = self._cusum_series[key] = CusumSeries(self.result.charts["cusum"][key])
+        return series
 
 
     # -- read-side views shared by the overview and the site pages ---------------------

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -28,18 +29,51 @@ from pipelines.settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 
+EMPTY_PAGES = "The warehouse holds no procedures yet: nothing to report."
+# Most sites a worker takes at a time: small enough to even out the workers, large enough
+# that taking them costs nothing next to drawing them.
+SITE_CHUNK = 8
+
+
 def render_report(settings: Settings, as_of: date | None = None) -> dict[str, str]:
     """Return the report as ``{relative path: text}`` for ``as_of`` (default: newest data)."""
     data = ReportData(settings, as_of)
     if data.as_of is None:
-        empty = _page("kyphowatch surveillance report",
-                      "<p>The warehouse holds no procedures yet: nothing to report.</p>")
-        return {"index.html": empty, "report.json": json.dumps({"as_of": None, "sites": []})}
+        return _empty_pages()
+    site_ids = _site_ids(data)
+    pages = _network_pages(settings, data)
+    build_funnel_templates(data)
+    pages.update(_site_pages(data, site_ids))
+    return pages
+
+
+def _empty_pages() -> dict[str, str]:
+    return {"index.html": _page("kyphowatch surveillance report", f"<p>{EMPTY_PAGES}</p>"),
+            "report.json": json.dumps({"as_of": None, "sites": []})}
+
+
+def _site_ids(data: ReportData) -> list[str]:
+    """Return the sites to draw a page for, after checking each id's form.
+
+    Site ids become file names and links; the contract guarantees their form, and a report
+    must never write outside its folder if a warehouse was filled some other way.
+    """
+    for site in data.sites:
+        if not SITE_RE.match(site["site_id"]):
+            raise ExternalSystemError(f"warehouse holds a malformed site id "
+                                      f"{site['site_id']!r}; not writing its page")
+    return [site["site_id"] for site in data.sites]
+
+
+def _network_pages(settings: Settings, data: ReportData) -> dict[str, str]:
+    """Return the overview, funnels, methods and devices pages, ``report.json`` and the CSV
+    files behind their charts."""
     # Products and cement lots are network-wide evidence: in the report. Operator pages are
     # confidential to each site's lead and stay out (pipelines/report/beyond.py).
     stored = read_beyond(settings, data.profile.name, operators=False)
     rare = {m.id for m in data.profile.metrics if m.alarm is not None
             and m.alarm.method == "rare"}
+    data.files = {}
     pages = {
         "funnels.html": funnels_page(data),
         "index.html": index_page(data, overview_section(
@@ -53,49 +87,189 @@ def render_report(settings: Settings, as_of: date | None = None) -> dict[str, st
     }
     pages.update(render_devices(stored["products"], stored["lots"], data.labels, rare,
                                 as_of=data.as_of))
-    for site in data.sites:
-        # Site ids become file names and links; the contract guarantees their form, and a
-        # report must never write outside its folder if a warehouse was filled some other way.
-        if not SITE_RE.match(site["site_id"]):
-            raise ExternalSystemError(f"warehouse holds a malformed site id "
-                                      f"{site['site_id']!r}; not writing its page")
-    build_funnel_templates(data)
-    for site in data.sites:
-        pages[f"sites/{site['site_id']}.html"] = site_page(data, site["site_id"])
-    pages.update(data.files)  # the data behind every chart, as CSV beside its page
+    pages.update(data.files)  # the funnels' data, beside funnels.html
+    data.files = {}
     return pages
 
 
+def _site_pages(data: ReportData, site_ids: list[str]) -> Iterator[tuple[str, str]]:
+    """Yield ``(relative path, text)`` of each site's page and the CSV files beside it."""
+    for site_id in site_ids:
+        data.files = {}
+        page = site_page(data, site_id)
+        yield f"sites/{site_id}.html", page
+        yield from data.files.items()  # the data behind every chart, as CSV
+    data.files = {}
+
+
+class _Writer:
+    """Writes pages into a staging directory, leaving out those ``current`` already holds
+    with the same bytes (a rerun for the same data rewrites only what changed)."""
+
+    def __init__(self, staging: Path, current: Path | None) -> None:
+        self.staging, self.current = str(staging), str(current) if current else None
+        self.names: list[str] = []  # every page of the report, written or not
+
+    def write(self, relative: str, text: str) -> None:
+        self.names.append(relative)
+        blob = text.encode("utf-8")
+        if self.current is not None and _same_bytes(os.path.join(self.current, relative),
+                                                    blob):
+            return
+        with open(os.path.join(self.staging, relative), "wb") as handle:
+            handle.write(blob)
+
+
+def _same_bytes(path: str, blob: bytes) -> bool:
+    try:
+        if os.stat(path).st_size != len(blob):
+            return False
+        with open(path, "rb") as handle:
+            return handle.read() == blob
+    except OSError:
+        return False
+
+
+def default_workers() -> int:
+    """Return how many processes draw site pages: the CPUs this process may use, at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4)) if hasattr(os, "fork") else 1
+
+
+def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer, workers: int,
+                first: Callable[[], None]) -> None:
+    """Call ``first`` (the network pages), then draw and write every site page, in
+    ``workers`` processes (``first`` runs in this one while the others draw).
+
+    Each page depends on the report's data alone, so the bytes do not depend on which
+    process drew it. Workers are forked after everything is read (they share it, copy on
+    write), take chunks of :data:`SITE_CHUNK` sites from a shared counter, write their
+    pages straight into the staging directory and report the names back through a pipe.
+    A worker never touches the database, logs or exits through Python's shutdown
+    (``os._exit``), so forking is safe inside an Airflow task or a test.
+    """
+    size = max(1, min(SITE_CHUNK, -(-len(site_ids) // (4 * max(workers, 1)))))
+    chunks = [site_ids[i:i + size] for i in range(0, len(site_ids), size)]
+    workers = max(1, min(workers, len(chunks)))
+    if workers == 1:
+        first()
+        for relative, text in _site_pages(data, site_ids):
+            writer.write(relative, text)
+        return
+    import multiprocessing
+    import pickle
+    import traceback
+
+    counter = multiprocessing.get_context("fork").Value("i", 0)
+
+    def work() -> None:
+        while True:
+            with counter.get_lock():
+                taken = counter.value
+                counter.value += 1
+            if taken >= len(chunks):
+                return
+            for relative, text in _site_pages(data, chunks[taken]):
+                writer.write(relative, text)
+
+    children = []
+    for _ in range(workers - 1):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(read_end)
+            code = 0
+            try:
+                writer.names = []
+                work()
+                answer = ("ok", writer.names)
+            except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+                answer, code = ("error", traceback.format_exc(limit=5)), 1
+            try:
+                with os.fdopen(write_end, "wb") as pipe:
+                    pickle.dump(answer, pipe)
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        children.append((pid, read_end))
+    failures = []
+    try:
+        first()
+        work()
+    finally:
+        for pid, read_end in children:
+            with os.fdopen(read_end, "rb") as pipe:
+                try:
+                    status, payload = pickle.load(pipe)
+                except (EOFError, pickle.UnpicklingError):
+                    status, payload = "error", "the worker died without an answer"
+            _, exit_status = os.waitpid(pid, 0)
+            if status == "ok" and exit_status == 0:
+                writer.names.extend(payload)
+            else:
+                failures.append(str(payload))
+    if failures:
+        raise RuntimeError("a report worker failed:\n" + failures[0])
+
+
 def write_report(settings: Settings, out_dir: Path | None = None,
-                 as_of: date | None = None) -> Path:
+                 as_of: date | None = None, *, workers: int | None = None) -> Path:
     """Write the report into ``out_dir`` (default: the report dir) and return its index.
 
-    Pages are written to a temporary directory beside ``out_dir`` and moved in one by one
-    with atomic renames. When ``out_dir`` already held a kyphowatch report (its
-    ``report.json``), site pages of sites no longer in the data are removed; other files
-    are never touched.
+    A new ``out_dir`` (every :func:`publish_report` build) is written as a staging
+    directory beside it and renamed into place at once. Into an existing ``out_dir``
+    pages are written to a staging directory inside it and moved in one by one with atomic
+    renames; pages whose bytes did not change are left as they are. When ``out_dir``
+    already held a kyphowatch report (its ``report.json``), site pages of sites no longer
+    in the data are removed; other files are never touched. Site pages are drawn in
+    ``workers`` processes (default :func:`default_workers`); the output is the same for
+    any number.
     """
     out_dir = Path(out_dir or settings.report_dir)
-    pages = render_report(settings, as_of)
-    ours = (out_dir / "report.json").exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sites").mkdir(exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    data = ReportData(settings, as_of)
+    fresh = not out_dir.exists()
+    ours = not fresh and (out_dir / "report.json").exists()
+    if fresh:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
-        for relative, text in pages.items():
-            target = staging / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
-        for relative in pages:
-            os.replace(staging / relative, out_dir / relative)
+        (staging / "sites").mkdir()
+        writer = _Writer(staging, None if fresh else out_dir)
+        if data.as_of is None:
+            for relative, text in _empty_pages().items():
+                writer.write(relative, text)
+        else:
+            site_ids = _site_ids(data)
+            build_funnel_templates(data)  # before the workers fork: every site page uses them
+
+            def network_pages() -> None:
+                for relative, text in _network_pages(settings, data).items():
+                    writer.write(relative, text)
+
+            _draw_sites(data, site_ids, writer,
+                        default_workers() if workers is None else workers, network_pages)
+        if fresh:
+            os.rename(staging, out_dir)
+        else:
+            (out_dir / "sites").mkdir(exist_ok=True)
+            for folder, _, names in os.walk(staging):
+                target = out_dir / Path(folder).relative_to(staging)
+                for name in names:
+                    os.replace(os.path.join(folder, name), target / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if ours:
+        pages = set(writer.names)
         for stale in [*(out_dir / "sites").glob("*.html"), *(out_dir / "sites").glob("*.csv"),
                       *out_dir.glob("funnel-*.csv"), *out_dir.glob("devices-*.csv")]:
             if stale.relative_to(out_dir).as_posix() not in pages:
                 stale.unlink()
-    log.info("report: %d pages written to %s", len(pages), out_dir)
+    log.info("report: %d pages written to %s", len(writer.names), out_dir)
     return out_dir / "index.html"
 
 
@@ -161,7 +335,7 @@ def _prune(root: Path, keep: int) -> None:
     """Delete dated reports beyond the newest ``keep`` and builds no link points to.
 
     Builds that lost their link less than ten minutes ago are kept for readers still
-    paging through them.
+    paging through them, builds still being written (staging folders) for a day.
     """
     latest = root / LATEST
     protected = os.readlink(latest) if latest.is_symlink() else None
@@ -173,7 +347,10 @@ def _prune(root: Path, keep: int) -> None:
     linked = {Path(os.readlink(p)).name for p in root.iterdir() if p.is_symlink()}
     cutoff = time.time() - 600
     for build in (root / BUILDS).iterdir():
-        if build.name not in linked and build.stat().st_mtime < cutoff:
+        # ".<build>-…" is a build still being written (write_report's staging folder): its
+        # own mtime does not move while its pages go into sites/, so it gets a day
+        if build.name not in linked and build.stat().st_mtime < (
+                cutoff - 86_400 if build.name.startswith(".") else cutoff):
             shutil.rmtree(build, ignore_errors=True)
 
 

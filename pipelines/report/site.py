@@ -252,7 +252,8 @@ def _metric_section(data: ReportData, site_id: str, m: dict[str, Any], payload, 
         name = METHOD_NAMES.get(chart["method"], chart["method"])
         way = "more events (up)" if chart["direction"] == "up" else "fewer events (down)"
         slug = key.replace(":", "-")
-        figures.add(cusum_svg(chart, site_id, f"{site_id} {label}: {name}, {way}"),
+        figures.add(cusum_svg(chart, site_id, f"{site_id} {label}: {name}, {way}",
+                              data.cusum_series(key)),
                     slug, f"{site_id} {label}, {name} {chart['direction']}")
     if metric_id in charts.get("tte", {}):
         figures.add(tte_svg(charts["tte"][metric_id], site_id,

@@ -22,6 +22,7 @@ import html
 import math
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from functools import lru_cache
 
 import numpy as np
 
@@ -93,6 +94,14 @@ def date_ticks(low: int, high: int) -> tuple[list[int], str]:
             break
     style = "%Y" if step >= 12 else "%Y-%m"
     return ticks, style
+
+
+@lru_cache(maxsize=256)
+def _date_axis(low: int, high: int) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """Return date-axis ticks and their labels; charts of one report share a few ranges."""
+    ticks, style = date_ticks(low, high)
+    return (tuple(float(t) for t in ticks),
+            tuple((EPOCH + timedelta(days=t)).strftime(style) for t in ticks))
 
 
 def decimate(x: np.ndarray, y: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
@@ -214,16 +223,27 @@ class Chart:
         x0, x1, y0, y1 = self._ranges()
         log = self.x_scale == "log"
 
+        lo, hi = (math.log10(x0), math.log10(x1)) if log else (0.0, 1.0)
+
         def sx(value):
             value = np.asarray(value, float)
             if log:
-                lo, hi = math.log10(x0), math.log10(x1)
                 return left + (np.log10(np.maximum(value, 1e-12)) - lo) / (hi - lo) * plot_w
             return left + (value - x0) / (x1 - x0) * plot_w
 
         def sy(value):
             value = np.clip(np.asarray(value, float), y0, y1)
             return top + plot_h - (value - y0) / (y1 - y0) * plot_h
+
+        # Scalar twins of sx and sy for ticks: the same float64 arithmetic in the same
+        # order (so the same bytes), without numpy's per-call cost on a single number.
+        def sx1(value: float) -> float:
+            if log:
+                return float(sx(value))
+            return left + (float(value) - x0) / (x1 - x0) * plot_w
+
+        def sy1(value: float) -> float:
+            return top + plot_h - (min(max(float(value), y0), y1) - y0) / (y1 - y0) * plot_h
 
         # Deterministic ids (same report, same bytes); titles differ between charts on a page.
         ident = "c" + hashlib.sha1(f"{self.title}|{self.y_label}|{self.x_label}".encode()).hexdigest()[:10]
@@ -240,22 +260,22 @@ class Chart:
         ]
         # axes and grid
         if self.x_scale == "date":
-            xt, style = date_ticks(int(x0), int(x1))
-            x_text = [(EPOCH + timedelta(days=t)).strftime(style) for t in xt]
+            xt, x_text = _date_axis(int(x0), int(x1))
         elif log:
             xt = log_ticks(x0, x1)
             x_text = [_fmt(t) for t in xt]
         else:
             xt = nice_ticks(x0, x1)
             x_text = [_fmt(t) for t in xt]
+        bottom_y, label_y = top + plot_h, top + plot_h + 14
         for t, text in zip(xt, x_text, strict=True):
-            px = float(sx(t))
-            out.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{top + plot_h}" '
+            px = sx1(t)
+            out.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{bottom_y}" '
                        'stroke="#ddd" stroke-width="0.6"/>')
-            out.append(f'<text x="{px:.1f}" y="{top + plot_h + 14}" text-anchor="middle">'
+            out.append(f'<text x="{px:.1f}" y="{label_y}" text-anchor="middle">'
                        f'{_esc(text)}</text>')
         for t in nice_ticks(y0, y1):
-            py = float(sy(t))
+            py = sy1(t)
             out.append(f'<line x1="{left}" y1="{py:.1f}" x2="{left + plot_w}" y2="{py:.1f}" '
                        'stroke="#ddd" stroke-width="0.6"/>')
             out.append(f'<text x="{left - 5}" y="{py + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
@@ -265,7 +285,7 @@ class Chart:
                    f'text-anchor="middle">{_esc(self.y_label)}</text>')
         labels: list[tuple[float, float, str]] = []
         for s in self.series:
-            out.extend(self._draw(s, sx, sy, left, plot_w, labels))
+            out.extend(self._draw(s, sx, sy, sy1, left, plot_w, labels))
         out.extend(place_labels(labels, (left, top, left + plot_w, top + plot_h)))
         self.project = lambda x, y: (float(sx(x)), float(sy(y)))
         # legend under the plot: a sample of each series' line or marker, then its label
@@ -286,27 +306,31 @@ class Chart:
                 out.append(f'<line x1="{lx + 13}" y1="{ly - 5}" x2="{lx + 13}" y2="{ly + 5}" '
                            'stroke="#111"/>')
             out.append(f'<text x="{lx + 32:.1f}" y="{ly + 4}">'
-                       f'{_esc(_shorten(s.label, int((plot_w / columns - 34) / 6.5)))}</text>')
+                       f'{_legend_text(s.label, int((plot_w / columns - 34) / 6.5))}</text>')
         out.append("</svg>")
         return "\n".join(out)
 
     @staticmethod
     def _path(points, s: _Series) -> str:
+        return Chart._polyline([v for point in points for v in point], s)
+
+    @staticmethod
+    def _polyline(flat: list[float], s: _Series) -> str:
+        """Return a polyline through ``flat`` = [x0, y0, x1, y1, ...]."""
         dash = DASHES.get(s.style, "")
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-        flat = [v for point in points for v in point]
         # one formatting call for the whole path: charts of a thousand-site report are
         # mostly these numbers
-        text = ("%.1f,%.1f " * len(points) % tuple(flat)).rstrip()
+        text = (_pair_format(len(flat) // 2) % tuple(flat)).rstrip()
         return (f'<polyline points="{text}" fill="none" stroke="{s.tone}" '
                 f'stroke-width="{s.width}"{dash_attr}/>')
 
-    def _draw(self, s: _Series, sx, sy, left, plot_w, labels) -> list[str]:
+    def _draw(self, s: _Series, sx, sy, sy1, left, plot_w, labels) -> list[str]:
         if s.kind == "hline":
-            y = float(sy(s.y[0]))
+            y = sy1(s.y[0])
             return [self._path([(left, y), (left + plot_w, y)], s)]
         if s.kind == "band":
-            y_high, y_low = float(sy(s.y[1])), float(sy(s.y[0]))
+            y_high, y_low = sy1(s.y[1]), sy1(s.y[0])
             return [f'<rect x="{left}" y="{y_high:.1f}" width="{plot_w}" '
                     f'height="{max(y_low - y_high, 0.5):.1f}" fill="{s.tone}"/>']
         ok = np.isfinite(s.x) & np.isfinite(s.y)
@@ -316,8 +340,9 @@ class Chart:
         if s.kind == "line":
             if s.step:
                 x, y = np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1]
-            px, py = sx(x), sy(y)
-            return [self._path(list(zip(px.tolist(), py.tolist(), strict=True)), s)] if len(px) else []
+            if not len(x):
+                return []
+            return [self._polyline(np.column_stack([sx(x), sy(y)]).ravel().tolist(), s)]
         if s.kind == "cloud":
             if not len(x):
                 return []
@@ -344,6 +369,17 @@ class Chart:
             if texts and texts[i]:
                 labels.append((xv, yv, texts[i]))
         return parts
+
+
+@lru_cache(maxsize=4096)
+def _legend_text(label: str, chars: int) -> str:
+    """Return a legend label shortened and escaped (charts of a report share most labels)."""
+    return _esc(_shorten(label, chars))
+
+
+@lru_cache(maxsize=1024)
+def _pair_format(points: int) -> str:
+    return "%.1f,%.1f " * points
 
 
 def _shorten(text: str, chars: int) -> str:

@@ -1,4 +1,4 @@
-"""Beyond the site: the profile's ``beyond_site`` section and the FIR CUSUM threshold.
+"""Beyond the site: the profile's ``beyond_site`` section and the operator thresholds.
 
 Operators (:mod:`pipelines.surveillance.operators`), devices and cement lots
 (:mod:`pipelines.surveillance.devices`) and the Yellow Card drafts (:mod:`pipelines.alerts.regulator`)
@@ -29,12 +29,22 @@ _H_MAX = 30.0
 
 @dataclass(frozen=True)
 class OperatorDesign:
-    """Learning-curve charts per pseudonymous operator."""
+    """Learning-curve charts per pseudonymous operator.
+
+    ``learning_procedures`` (N), ``learning_share`` and ``tenure_years`` (T) split a new
+    operator's budget, ``rate x T`` false training reviews over the tenure, between the
+    first N procedures and the rest; ``established_within_days`` says who is not new
+    (docs/statistics.md section 9).
+    """
 
     cusum_metric: str
     odds_ratio: float
     head_start: float
     rare_metric: str | None
+    learning_procedures: int
+    learning_share: float
+    tenure_years: float
+    established_within_days: int
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,11 @@ def parse_beyond_site(profile: Profile) -> BeyondSite:
             odds_ratio=_number(raw, "odds_ratio", "operators", 1.01, 20.0),
             head_start=_number(raw, "head_start", "operators", 0.0, 0.9),
             rare_metric=rare,
+            learning_procedures=int(_number(raw, "learning_procedures", "operators", 1, 1000)),
+            learning_share=_number(raw, "learning_share", "operators", 0.05, 0.95),
+            tenure_years=_number(raw, "tenure_years", "operators", 1.0, 50.0),
+            established_within_days=int(_number(raw, "established_within_days", "operators",
+                                                0, 3650)),
         )
     if data.get("devices"):
         raw = data["devices"]
@@ -223,52 +238,141 @@ def fir_threshold(p0: float, odds_ratio: float, arl0: float, head_start: float) 
     return float(np.interp(target, log_arl, h_grid))
 
 
-def fir_first_year_probability(p0: float, odds_ratio: float, h: float, head_start: float,
-                               volume: int) -> float:
-    """Return P(an in-control chart started at the head start signals within ``volume`` cases).
+def _restart_chain(p0: float, odds_ratio: float, h: float, head_start: float
+                   ) -> tuple[sparse.csr_array, np.ndarray, int]:
+    """Return (transitions among non-signal states, P(signal) per state, head-start state).
 
-    The head start makes early false alarms likelier than the ARL says: for an operator's
-    first year this probability, not ``volume / ARL``, is what spends the budget.
+    The in-control chain of :func:`fir_arl` (Brook & Evans) at ``p0``.
     """
     grid = markov_grid(p0, odds_ratio, h)
     transitions = _transition_matrix(p0, grid, h)
     n_states = transitions.shape[0]
-    survival = np.ones(n_states)  # P(no signal in the remaining steps | state)
-    for _ in range(int(volume)):
-        survival = transitions @ survival
+    signal = 1.0 - np.asarray(transitions.sum(axis=1)).ravel()
     start = min(n_states - 1, int(round(head_start * h / grid.unit)))
-    return float(1.0 - survival[start])
+    return transitions, signal, start
+
+
+def learning_false_signals(p0: float, odds_ratio: float, h: float, head_start: float,
+                           procedures: int) -> float:
+    """Return the expected false signals of an in-control chart in its first ``procedures``.
+
+    The chart starts at ``head_start x h`` and restarts there after each signal, as
+    :func:`pipelines.surveillance.operators.fir_cusum` does; the state distribution is
+    carried case by case (Brook & Evans), so the head start's cost is counted exactly
+    rather than through ``procedures / ARL``.
+    """
+    transitions, signal, start = _restart_chain(p0, odds_ratio, h, head_start)
+    transposed = transitions.T.tocsr()
+    dist = np.zeros(transitions.shape[0])
+    dist[start] = 1.0
+    expected = 0.0
+    for _ in range(int(procedures)):
+        fired = float(dist @ signal)
+        expected += fired
+        dist = transposed @ dist
+        dist[start] += fired
+    return expected
 
 
 @lru_cache(maxsize=512)
-def _first_year_threshold(p0: float, odds_ratio: float, volume: int, rate: float,
-                          head_start: float) -> float:
-    low, high = 0.5, _H_MAX
-    for _ in range(30):  # bisection: the probability falls as h grows
+def _learning_threshold(p0: float, odds_ratio: float, procedures: int, alpha: float,
+                        head_start: float) -> float:
+    low, high = 0.25, _H_MAX
+    for _ in range(40):  # bisection: the expected false signals fall as h grows
         middle = (low + high) / 2
-        if fir_first_year_probability(p0, odds_ratio, middle, head_start, volume) > rate:
+        if learning_false_signals(p0, odds_ratio, middle, head_start, procedures) > alpha:
             low = middle
         else:
             high = middle
         if high - low < 0.01:
             break
+    # the grid follows h, so the count is not quite monotone in h: step up until it holds
+    while learning_false_signals(p0, odds_ratio, high, head_start, procedures) > alpha:
+        high += 0.01
     return high
 
 
-def operator_threshold(p0: float, odds_ratio: float, volume_per_year: float, rate: float,
+def learning_threshold(p0: float, odds_ratio: float, procedures: int, alpha: float,
                        head_start: float) -> float:
-    """Return h for an operator chart with a head start: both spending limits hold.
+    """Return h1: the learning phase's expected false signals in ``procedures`` are ``alpha``.
 
-    (a) the first year from the head start signals falsely with probability at most
-    ``rate`` (the head start's cost falls there), and (b) the steady in-control ARL from the
-    head start is at least ``volume / rate`` cases (every later year). The larger h wins.
-    Volume and rate are rounded to two and three significant figures (cache; stable h).
+    Independent of the operator's volume (the phase is counted in procedures). Inputs are
+    rounded to three significant figures (cache; a stable h from night to night).
+    """
+    return _learning_threshold(significant(p0), float(odds_ratio), int(procedures),
+                               significant(alpha), float(head_start))
+
+
+@dataclass(frozen=True)
+class OperatorThresholds:
+    """The thresholds of one operator's chart: h1 for the first N procedures, h2 after."""
+
+    learning: float | None  # None: established at first sync, no learning phase
+    steady: float
+    learning_procedures: int
+    start: float  # where the chart starts, as a share of its first threshold
+
+    def per_case(self, n_cases: int) -> np.ndarray:
+        """Return the threshold in force at each of ``n_cases`` cases."""
+        h = np.full(n_cases, self.steady)
+        if self.learning is not None:
+            h[:self.learning_procedures] = self.learning
+        return h
+
+
+def learning_budget(design: OperatorDesign, rate: float) -> float:
+    """Return the expected false training reviews a new operator may spend in their first N.
+
+    ``learning_share x rate x tenure_years``: the operator's budget over the stated tenure,
+    the share the profile puts on the learning phase (HTG108 recommendation 1.2).
+    """
+    return design.learning_share * rate * design.tenure_years
+
+
+def steady_rate(design: OperatorDesign, rate: float, volume_per_year: float) -> float:
+    """Return the false alerts per year left for a new operator after their first N cases.
+
+    The rest of the tenure budget, ``(1 - learning_share) x rate x T``, spread over the
+    ``T - N / volume`` years that remain (at least one year: a very low-volume operator's
+    learning phase may fill the stated tenure; spreading over one year then spends less).
+    """
+    years = max(design.tenure_years - design.learning_procedures / max(volume_per_year, 1.0),
+                1.0)
+    return (1.0 - design.learning_share) * rate * design.tenure_years / years
+
+
+def operator_thresholds(p0: float, design: OperatorDesign, volume_per_year: float,
+                        rate: float, *, new: bool) -> OperatorThresholds:
+    """Return the thresholds of one operator chart (Markov chain at the network's mean risk).
+
+    A new operator: h1 spends :func:`learning_budget` in expected false signals over the
+    first ``learning_procedures`` cases from the head start; h2 (at least h1) has an
+    in-control ARL from the head start of ``volume / steady_rate`` cases. So the expected
+    false training reviews over the stated tenure are ``rate x tenure_years``: ``rate`` per
+    operator-year.
+    An operator already practising when the site's data begin (not new) has no learning
+    phase: h has an in-control ARL from the head start of ``volume / rate``, and the chart
+    starts at 0 (a head start there would spend budget on nobody's learning curve).
+    Volume is rounded to two significant figures (cache; stable h).
     """
     volume = max(1, int(significant(max(volume_per_year, 1.0), 2)))
-    first_year = _first_year_threshold(significant(p0), float(odds_ratio), volume,
-                                       significant(rate), float(head_start))
-    steady = fir_threshold(p0, odds_ratio, arl0_for_volume(volume, rate), head_start)
-    return max(first_year, steady)
+    if not new:
+        steady = fir_threshold(p0, design.odds_ratio, arl0_for_volume(volume, rate),
+                               design.head_start)
+        return OperatorThresholds(learning=None, steady=steady,
+                                  learning_procedures=0, start=0.0)
+    learning = learning_threshold(p0, design.odds_ratio, design.learning_procedures,
+                                  learning_budget(design, rate), design.head_start)
+    steady = fir_threshold(p0, design.odds_ratio,
+                           arl0_for_volume(volume, steady_rate(design, rate, volume)),
+                           design.head_start)
+    # A low-volume operator's years are few cases, so h2 can come out below h1; the steady
+    # phase is then held at h1 (it spends less than its share: a statistic just under h1 at
+    # the switch must not signal for the switch alone).
+    steady = max(steady, learning)
+    return OperatorThresholds(learning=learning, steady=steady,
+                              learning_procedures=design.learning_procedures,
+                              start=design.head_start)
 
 
 def arl0_for_volume(volume_per_year: float, rate_per_year: float) -> float:

@@ -27,7 +27,12 @@ from pipelines.surveillance.devices import (
     product_charts,
 )
 from pipelines.surveillance.operators import operator_charts, operator_rare_tests
-from pipelines.surveillance.outcomes import Snapshot, derive_outcomes
+from pipelines.surveillance.outcomes import (
+    Snapshot,
+    copy_columns,
+    derive_outcomes,
+    streams_copy,
+)
 from pipelines.surveillance.profile import Profile
 from pipelines.surveillance.risk_model import fit_risk_model
 
@@ -38,10 +43,22 @@ EXTRA_COLUMNS = ("operator_hash", "balloon_product", "cement_product", "cement_l
 
 def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
     procedure = schema.procedure
-    rows = conn.execute(
-        sa.select(procedure.c.procedure_id, *(procedure.c[name] for name in EXTRA_COLUMNS))
-        .where(procedure.c.procedure_date <= as_of)
-    ).all()
+    statement = (sa.select(procedure.c.procedure_id,
+                           *(procedure.c[name] for name in EXTRA_COLUMNS))
+                 .where(procedure.c.procedure_date <= as_of))
+    if streams_copy(conn):
+        # Streamed as categoricals: a few operators and products, not a string per row.
+        # CSV cannot tell NULL from '' apart; neither names an operator or a product.
+        columns = copy_columns(conn, statement, {"procedure_id": "object",
+                                                 **dict.fromkeys(EXTRA_COLUMNS, "category")})
+        for name in EXTRA_COLUMNS:
+            values = columns[name]
+            if "" in values.categories:
+                values = values.remove_categories([""])
+            # sorted, so that charts grouped by operator or product come in name order
+            columns[name] = values.reorder_categories(sorted(values.categories))
+        return pd.DataFrame(columns).set_index("procedure_id")
+    rows = conn.execute(statement).all()
     frame = pd.DataFrame(rows, columns=["procedure_id", *EXTRA_COLUMNS], dtype=object)
     return frame.set_index("procedure_id")
 
@@ -62,13 +79,20 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
     """Mature units of a per-procedure metric, with the network risk and the extra columns."""
     metric = profile.metric(metric_id)
     units = derive_outcomes(snapshot, metric)
-    joined = extras.reindex(pd.Index(units["unit_id"], dtype=object))
-    for name in EXTRA_COLUMNS:
-        units[name] = joined[name].to_numpy()
     model = fit_risk_model(metric.id, units, calibration_rate(metric, units),
                            min_events=profile.design.risk_min_events)
-    units["risk"] = model.predict(units)
-    return units
+    # Only the columns the operator and device charts read: the charts copy their units
+    # per product and operator, so every column left out is saved many times over.
+    slim = pd.DataFrame({"site_id": units["site_id"].array,
+                         "index_day": units["index_day"].to_numpy(np.int64),
+                         "y": units["y"].to_numpy(np.int64), "risk": model.predict(units)})
+    position = extras.index.get_indexer(pd.Index(units["unit_id"], dtype=object))
+    for name in EXTRA_COLUMNS:
+        values = extras[name].array
+        slim[name] = (values.take(position, allow_fill=True)
+                      if isinstance(values, pd.Categorical)
+                      else pd.Series(values).reindex(position).to_numpy())
+    return slim
 
 
 def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapshot,

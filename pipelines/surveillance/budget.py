@@ -22,13 +22,12 @@ network consequences in ``benchmarks/bench_alert_precision.py``; docs/statistics
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import numpy as np
 from scipy import sparse
 from scipy.sparse.linalg import spsolve
-from scipy.stats import poisson
 
+from pipelines.surveillance import threshold_store
 from pipelines.surveillance.arl import arl_markov, markov_grid
 from pipelines.surveillance.profile import Metric, Profile
 
@@ -92,14 +91,24 @@ def _interpolate_h(h_grid: np.ndarray, log_arl: np.ndarray, arl0: float) -> floa
     return float(np.interp(target, log_arl, h_grid))
 
 
-@lru_cache(maxsize=256)
 def _bernoulli_curve(p0: float, odds_ratio: float, direction: str, p_true: float | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Return (h grid, ln ARL) of the Bernoulli CUSUM for (p0, odds ratio).
 
     The chart tests against ``p0``; the ARL is that of a unit whose true rate is ``p_true``
-    (``p0`` when not given: the classical in-control ARL).
+    (``p0`` when not given: the classical in-control ARL). Computed once per design and
+    stored (:mod:`pipelines.surveillance.threshold_store`).
     """
+    return threshold_store.cached(
+        "bernoulli_arl_curve",
+        {"p0": float(p0), "odds_ratio": float(odds_ratio), "direction": direction,
+         "p_true": None if p_true is None else float(p_true), "h_step": _H_STEP,
+         "h_max": _H_MAX, "arl_ceiling": _ARL_CEILING},
+        lambda: _compute_bernoulli_curve(p0, odds_ratio, direction, p_true))
+
+
+def _compute_bernoulli_curve(p0: float, odds_ratio: float, direction: str,
+                             p_true: float | None) -> tuple[np.ndarray, np.ndarray]:
     grid = markov_grid(p0, odds_ratio, _H_MAX)
     truth = p0 if p_true is None else p_true
     hs, logs = [], []
@@ -146,6 +155,10 @@ def _poisson_chain(mu: float, theta: float, h: float, mu_true: float) -> float:
     step = drift / per_drift
     n_states = max(1, math.ceil(h / step - 1e-9))
     jump_steps = jump / step
+    # imported here: scipy.stats costs 1-3 s to import, and the alerts and CLI paths that
+    # import this module for its design helpers never reach this function
+    from scipy.stats import poisson
+
     k_max = int(poisson.ppf(1 - 1e-12, mu_true)) + 2
     states = np.arange(n_states)
     rows, cols, values = [], [], []
@@ -181,14 +194,22 @@ _POISSON_H_STEP = 0.5
 _POISSON_CEILING = 1e6
 
 
-@lru_cache(maxsize=64)
 def _poisson_curves(theta: float, ratio: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Return (h grid, ln(ARL in expected events) per mu grid point x h) for hazard ratio theta.
 
     In expected-event time the chart is nearly free of the site's volume; the remaining
     dependence (daily steps) is carried by the mu grid. ``ratio`` is the true hazard over
-    the chart's reference hazard (1: the classical in-control ARL).
+    the chart's reference hazard (1: the classical in-control ARL). Computed once per
+    design and stored (:mod:`pipelines.surveillance.threshold_store`).
     """
+    return threshold_store.cached(
+        "poisson_arl_curves",
+        {"theta": float(theta), "ratio": float(ratio), "mu_grid": list(_MU_GRID),
+         "h_step": _POISSON_H_STEP, "ceiling": _POISSON_CEILING, "states": _POISSON_STATES},
+        lambda: _compute_poisson_curves(theta, ratio))
+
+
+def _compute_poisson_curves(theta: float, ratio: float) -> tuple[np.ndarray, np.ndarray]:
     h_grid = np.arange(_POISSON_H_STEP, 20.0 + 1e-9, _POISSON_H_STEP)
     table = np.empty((len(_MU_GRID), len(h_grid)))
     for i, mu in enumerate(_MU_GRID):
@@ -213,6 +234,17 @@ def poisson_threshold(mu: float, theta: float, arl0_days: float, ratio: float = 
     """
     if mu <= 0:
         return math.inf
+    # The Newton step solves the site's own chain: stored per design like the curves.
+    return threshold_store.cached(
+        "poisson_threshold",
+        {"mu": float(mu), "theta": float(theta), "arl0_days": float(arl0_days),
+         "ratio": float(ratio), "mu_grid": list(_MU_GRID), "h_step": _POISSON_H_STEP,
+         "states": _POISSON_STATES},
+        lambda: _compute_poisson_threshold(mu, theta, arl0_days, ratio))
+
+
+def _compute_poisson_threshold(mu: float, theta: float, arl0_days: float, ratio: float
+                               ) -> float:
     h_grid, table = _poisson_curves(float(theta), float(ratio))
     grid = np.log(np.asarray(_MU_GRID))
     x = float(np.clip(math.log(mu), grid[0], grid[-1]))

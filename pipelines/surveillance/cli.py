@@ -141,7 +141,8 @@ def _evidence(args: argparse.Namespace, site: str | None = None):
             raise InputRejected(f"unknown site {site!r}: the warehouse holds no procedures yet")
         return result, profile, evidence.SiteFacts(), {}
     facts = evidence.read_site_facts(settings, result.as_of, site=site,
-                                     with_audit=site is not None)
+                                     with_audit=site is not None,
+                                     stored=result.procedure_facts)
     complications = (evidence.recent_complications_by_site(settings, result.as_of, site)
                      if site is not None else {})
     return result, profile, facts, complications

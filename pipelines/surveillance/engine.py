@@ -42,7 +42,6 @@ import operator
 import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -59,7 +58,16 @@ from pipelines.schema import (
     site_month_metric,
 )
 from pipelines.settings import Settings
-from pipelines.surveillance import budget, cusum, funnel, levels, pchart, rare, survival
+from pipelines.surveillance import (
+    budget,
+    cusum,
+    funnel,
+    levels,
+    pchart,
+    rare,
+    survival,
+    threshold_store,
+)
 from pipelines.surveillance.arl import threshold_for_arl, threshold_for_arl_risk_adjusted
 from pipelines.surveillance.beyond_run import run_beyond_site
 from pipelines.surveillance.outcomes import (
@@ -96,31 +104,57 @@ INFORMATION_ORDER_MAX_WINDOW = 31
 # (ARL0 standard error about 1.5 %). The seed is fixed so the same data give the same h.
 RA_THRESHOLD_RUNS = 4000
 RA_THRESHOLD_SEED = 20000441  # Steiner et al. (2000), Biostatistics 1:441
+# The case mix a risk-adjusted threshold is simulated over, and stored under
+# (docs/statistics.md section 3): CASE_MIX_BINS equal-probability bins of the fitted risks,
+# each represented by its mid quantile rounded to CASE_MIX_LOGIT_STEP on the logit scale.
+# The simulation draws risks with replacement, so only their distribution matters; 100 bins
+# move h by less than CASE_MIX_H_TOLERANCE (tests/test_threshold_store.py), while a new day
+# of data leaves the bins, and so the stored h, unchanged.
+CASE_MIX_BINS = 100
+CASE_MIX_LOGIT_STEP = 0.05
+CASE_MIX_H_TOLERANCE = 0.05
 
-_ra_threshold_cache: dict[tuple[str, float, float], float] = {}
+
+def binned_case_mix(risks: np.ndarray) -> np.ndarray:
+    """Return the case mix as integer logit steps: one per equal-probability bin, sorted."""
+    risks = np.asarray(risks, dtype=np.float64)
+    mid = np.quantile(risks, (np.arange(CASE_MIX_BINS) + 0.5) / CASE_MIX_BINS)
+    mid = np.clip(mid, 1e-9, 1 - 1e-9)
+    return np.round(np.log(mid / (1 - mid)) / CASE_MIX_LOGIT_STEP).astype(np.int64)
+
+
+def case_mix_risks(steps: np.ndarray) -> np.ndarray:
+    """Return the risks a binned case mix stands for (inverse of :func:`binned_case_mix`)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(steps, dtype=np.float64) * CASE_MIX_LOGIT_STEP))
 
 
 def risk_adjusted_threshold(risks: np.ndarray, odds_ratio: float, arl0: float) -> float:
     """Return h for the risk-adjusted CUSUM at the in-control ARL0, for this case mix.
 
     With heterogeneous expected risks the in-control run length of a Steiner CUSUM differs
-    from the flat chart's at the mean risk, so h is found by simulation over the fitted
-    risks themselves (:func:`pipelines.surveillance.arl.threshold_for_arl_risk_adjusted`).
-    Cached per distinct risk array within the process.
+    from the flat chart's at the mean risk, so h is found by simulation over the case mix
+    (:func:`pipelines.surveillance.arl.threshold_for_arl_risk_adjusted`), binned by
+    :func:`binned_case_mix`. Stored per design and binned case mix
+    (:mod:`pipelines.surveillance.threshold_store`): a later run reads it.
     """
-    digest = hashlib.sha256(np.ascontiguousarray(risks, dtype=np.float64).tobytes()).hexdigest()
-    key = (digest, float(odds_ratio), float(arl0))
-    if key not in _ra_threshold_cache:
-        _ra_threshold_cache[key] = float(threshold_for_arl_risk_adjusted(
-            risks, odds_ratio, arl0, n_runs=RA_THRESHOLD_RUNS, seed=RA_THRESHOLD_SEED,
-        ))
-    return _ra_threshold_cache[key]
+    steps = binned_case_mix(risks)
+    return threshold_store.cached(
+        "ra_cusum_h_simulated",
+        {"case_mix_logit_steps": steps.tolist(), "logit_step": CASE_MIX_LOGIT_STEP,
+         "odds_ratio": float(odds_ratio), "arl0": float(arl0), "runs": RA_THRESHOLD_RUNS,
+         "seed": RA_THRESHOLD_SEED},
+        lambda: float(threshold_for_arl_risk_adjusted(
+            case_mix_risks(steps), odds_ratio, arl0, n_runs=RA_THRESHOLD_RUNS,
+            seed=RA_THRESHOLD_SEED)))
 
 
-@lru_cache(maxsize=256)
 def cached_threshold(p0: float, odds_ratio: float, arl0: float, direction: str) -> float:
-    """Return ``threshold_for_arl`` for a design, computed once per process."""
-    return float(threshold_for_arl(p0, odds_ratio, arl0, direction))
+    """Return ``threshold_for_arl`` for a design, computed once and stored."""
+    return threshold_store.cached(
+        "bernoulli_h_markov",
+        {"p0": float(p0), "odds_ratio": float(odds_ratio), "arl0": float(arl0),
+         "direction": direction},
+        lambda: float(threshold_for_arl(p0, odds_ratio, arl0, direction)))
 
 
 @dataclass(frozen=True)
@@ -522,7 +556,8 @@ class _Computation:
             risk_varies = method == "ra_cusum" and len(risk) and float(np.ptp(risk)) > 0
             if risk_varies:
                 h = risk_adjusted_threshold(risk, odds_ratio, detect.arl0)
-                threshold_method = f"simulation over the fitted risks ({RA_THRESHOLD_RUNS} runs)"
+                threshold_method = (f"simulation over the fitted case mix in {CASE_MIX_BINS} "
+                                    f"bins ({RA_THRESHOLD_RUNS} runs)")
             else:
                 h = cached_threshold(round(float(risk[0]) if len(risk) else
                                            metric.baseline.rate, 12),
@@ -1146,7 +1181,11 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
                                      profile_version=profile.version, data_fingerprint="")
             snapshot = load_snapshot(conn, profile, as_of)
         loaded = time.perf_counter()
-        work = compute(profile, snapshot)
+        store = threshold_store.open_store(engine, profile.name, profile.version)
+        with threshold_store.active(store):
+            work = compute(profile, snapshot)
+        threshold_store.save_store(engine, store)
+        computed = time.perf_counter()
         run_key = run_key_for(as_of, profile, snapshot.fingerprint)
         rows = work.builder.sorted_rows()
         for row in rows:
@@ -1170,16 +1209,23 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
                              "start_date": e["start"], "last_date": e["last"],
                              "end_date": e["end"], "signals": e["signals"]}
                             for e in work.level_episodes],
+            thresholds=store.counts(),
         )
+        result.timings = {"read": loaded - started, "compute": computed - loaded}
         if persist:
             _persist(engine, result, profile)
+            stored = time.perf_counter()
             # Operators, devices and lots on the same snapshot (issue 12; beyond_run.py).
             run_beyond_site(engine, profile, snapshot, run_key, settings.expectations_dir)
+            result.timings.update(store=stored - computed,
+                                  beyond_site=time.perf_counter() - stored)
         result.seconds = time.perf_counter() - started
         log.info(
-            "monitor %s as of %s: %d signals (%d new), %d procedures, %.2fs (read %.2fs)",
+            "monitor %s as of %s: %d signals (%d new), %d procedures, %.2fs (read %.2fs); "
+            "thresholds: %d read, %d computed",
             profile.name, as_of, len(rows), len(result.new_signal_keys),
-            len(snapshot.procedures), result.seconds, loaded - started,
+            len(snapshot.procedures), result.seconds, loaded - started, store.read,
+            store.computed,
         )
         return result
     finally:

@@ -13,18 +13,20 @@ What
   (:func:`pipelines.surveillance.cusum.cusum_weights`) against the network's case-mix expected
   risk (a model fitted on every operator, calibrated to the network's observed rate: an
   operator like their peers is in control), alternative odds ratio ``odds_ratio`` (3), with a
-  fast initial response (FIR, Lucas & Crosier 1982): the chart starts, and restarts after each
-  signal, at ``head_start x h`` so that early excess is seen within a few cases.
+  fast initial response (FIR, Lucas & Crosier 1982): a new operator's chart starts, and every
+  chart restarts after a signal, at ``head_start x h`` so that early excess is seen within a
+  few cases.
 * Major events (``rare_metric``): too rare for a CUSUM per operator; the rolling 365-day
   exact Poisson test of the site's rare chart, on the operator's own cases.
 
-Thresholds are not tuned: an operator chart may spend ``safety_per_100_site_years / 100 x
+Thresholds are not tuned: an operator chart may spend ``r = safety_per_100_site_years / 100 x
 alarm.share`` false training-review alerts per operator-year (the same share as the site chart
-of the metric). A head start makes early false alarms likelier than ``volume / ARL`` says, so
-``h`` (:func:`pipelines.surveillance.beyond.operator_threshold`, Markov chain at the network's
-mean risk) is the larger of: the h whose probability of a false signal within the operator's
-first year of cases, started at the head start, is that rate; and the h whose in-control ARL
-from the head start is ``procedures a year / rate``. docs/statistics.md section 9.
+of the metric), so ``r x tenure_years`` over a stated tenure. Recommendation 1.2 says the
+risk is in training, so a *new* operator (:func:`new_operators`: began after the site's data
+did) has ``learning_share`` of that spent on their first ``learning_procedures`` cases
+(threshold h1) and the rest on the remaining years (h2); an operator already practising at
+first sync has one h at ``r`` a year (:func:`pipelines.surveillance.beyond.operator_thresholds`,
+Markov chain at the network's mean risk). docs/statistics.md section 9.
 
 Pseudonyms
 ----------
@@ -44,9 +46,8 @@ import pandas as pd
 from pipelines.surveillance.beyond import (
     OperatorDesign,
     finite,
-    operator_threshold,
+    operator_thresholds,
     rate_per_unit_year,
-    years_between,
 )
 from pipelines.surveillance.budget import rare_alpha
 from pipelines.surveillance.cusum import cusum_weights
@@ -57,6 +58,11 @@ from pipelines.surveillance.rare import poisson_upper_pvalue
 PSEUDONYM_PREFIX = "OP-"
 PSEUDONYM_DIGITS = 10
 ROLLING_DAYS = 365
+# Shortest observed time a volume is measured over. ``beyond.years_between`` floors it at a
+# year, which understates a young chart's volume (30 cases in six months read as 30 a year)
+# and so lowers h: more false reviews than the design says, in the year a new operator
+# leaves the learning phase. A quarter keeps the estimate from a few days' cases in bounds.
+MIN_VOLUME_YEARS = 0.25
 
 
 def operator_pseudonym(operator_hash: str) -> str:
@@ -72,20 +78,46 @@ class FirPath:
     signals: np.ndarray  # indices of signalling cases
 
 
-def fir_cusum(y, p, odds_ratio: float, h: float, head_start: float) -> FirPath:
-    """Run one risk-adjusted CUSUM with head start ``head_start x h``; restart there after a signal."""
+def fir_cusum(y, p, odds_ratio: float, h, head_start: float,
+              start: float | None = None) -> FirPath:
+    """Run one risk-adjusted CUSUM; restart at ``head_start x h`` after a signal.
+
+    ``h`` is one threshold or one per case (a new operator's h1 then h2); the chart starts
+    at ``start x h`` of the first case (``start`` defaults to ``head_start``). A signal
+    restarts the chart at ``head_start`` times the threshold in force.
+    """
     weights = cusum_weights(np.asarray(y), np.asarray(p, dtype=float), odds_ratio).tolist()
-    start = head_start * h
-    value = start
+    limits = np.broadcast_to(np.asarray(h, dtype=float), (len(weights),)).tolist()
+    value = (head_start if start is None else start) * (limits[0] if limits else 0.0)
     path = np.empty(len(weights))
     signals = []
-    for index, weight in enumerate(weights):  # an operator has hundreds of cases, not millions
+    for index, (weight, limit) in enumerate(zip(weights, limits, strict=True)):
+        # an operator has hundreds of cases, not millions: a plain loop is fast enough
         value = max(0.0, value + weight)
         path[index] = value
-        if value >= h:
+        if value >= limit:
             signals.append(index)
-            value = start
+            value = head_start * limit
     return FirPath(statistic=path, signals=np.asarray(signals, dtype=np.int64))
+
+
+def operator_volume(cases: int, first_day: int, as_of_day: int) -> float:
+    """Return an operator's procedures a year: cases over their observed time (at least 0.25 y)."""
+    return cases / max((as_of_day - first_day + 1) / 365.25, MIN_VOLUME_YEARS)
+
+
+def new_operators(known: pd.DataFrame, established_within_days: int) -> pd.Series:
+    """Return, per (site, operator), whether the operator is new to the site.
+
+    The warehouse does not hold an operator's career: their first procedure in it is their
+    first ever only when they began after the site's data did. So an operator whose first
+    procedure falls within ``established_within_days`` of the site's first procedure with
+    an operator recorded (extracts from before ``operator_ref`` was captured do not count)
+    was already practising at first sync: established, not new.
+    """
+    first = known.groupby(["site_id", "operator_hash"], sort=True, observed=True)["index_day"].min()
+    site_first = first.groupby(level="site_id", observed=True).transform("min")
+    return (first - site_first) > established_within_days
 
 
 def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesign,
@@ -94,7 +126,10 @@ def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesig
 
     ``units`` holds one mature procedure per row in (site, date) order with ``site_id``,
     ``operator_hash`` (rows without an operator are ignored), ``index_day``, ``y`` and
-    ``risk`` (the network's case-mix expected risk).
+    ``risk`` (the network's case-mix expected risk). A new operator
+    (:func:`new_operators`) is charted with the learning-phase threshold for their first
+    ``learning_procedures`` cases and the steady one after; the row's ``threshold`` is the
+    one in force at the operator's latest case.
     """
     metric = profile.metric(design.cusum_metric)
     known = units.loc[units["operator_hash"].notna()]
@@ -102,6 +137,7 @@ def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesig
         return []
     rate = rate_per_unit_year(profile, metric)
     mean_risk = float(units["risk"].mean())
+    is_new = new_operators(known, design.established_within_days)
     rows = []
     grouped = known.sort_values(["site_id", "operator_hash"], kind="stable").groupby(
         ["site_id", "operator_hash"], sort=True, observed=True)
@@ -109,15 +145,18 @@ def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesig
         day = cases["index_day"].to_numpy(np.int64)
         y = cases["y"].to_numpy(np.int64)
         risk = cases["risk"].to_numpy(float)
-        volume = len(cases) / years_between(int(day[0]), as_of_day)
-        h = operator_threshold(mean_risk, design.odds_ratio, volume, rate, design.head_start)
-        path = fir_cusum(y, risk, design.odds_ratio, h, design.head_start)
+        volume = operator_volume(len(cases), int(day[0]), as_of_day)
+        thresholds = operator_thresholds(mean_risk, design, volume, rate,
+                                         new=bool(is_new.loc[(site_id, operator_hash)]))
+        h = thresholds.per_case(len(cases))
+        path = fir_cusum(y, risk, design.odds_ratio, h, design.head_start,
+                         start=thresholds.start)
         last = int(path.signals[-1]) if len(path.signals) else None
         rows.append({
             "site_id": str(site_id), "operator": operator_pseudonym(str(operator_hash)),
             "metric": metric.id, "method": "fir_cusum", "procedures": len(cases),
             "events": int(y.sum()), "expected": float(risk.sum()),
-            "statistic": finite(path.statistic[-1]), "threshold": h,
+            "statistic": finite(path.statistic[-1]), "threshold": float(h[-1]),
             "head_start": design.head_start,
             "signal_date": day_to_date(int(day[last])) if last is not None else None,
             "signal_procedure": last + 1 if last is not None else None,

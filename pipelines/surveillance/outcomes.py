@@ -73,7 +73,12 @@ def day_to_date(day: int) -> date:
 
 
 def _days(text_values: pd.Series) -> np.ndarray:
-    """Turn ISO date strings into int64 day numbers (vectorised, no per-row date objects)."""
+    """Turn ISO date strings into int64 day numbers (vectorised, no per-row date objects).
+
+    Day numbers already (the streamed read computes them in SQL) are returned as they are.
+    """
+    if np.asarray(text_values).dtype.kind in "iu":
+        return np.asarray(text_values, dtype=np.int64)
     parsed = pd.to_datetime(text_values, format="%Y-%m-%d")
     return parsed.to_numpy().astype("datetime64[D]").astype(np.int64)
 
@@ -121,6 +126,75 @@ def _fetch(conn: sa.Connection, statement: sa.Select) -> list[tuple]:
         result.close()
 
 
+# Text parsed per batch when streaming rows from PostgreSQL: bounds the transient memory.
+READ_BATCH_BYTES = 16 << 20
+
+
+def streams_copy(conn: sa.Connection) -> bool:
+    """Return True when rows can be streamed with ``COPY ... TO STDOUT`` (PostgreSQL, psycopg)."""
+    return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
+
+
+def copy_columns(conn: sa.Connection, statement: sa.Select,
+                 kinds: dict[str, str]) -> dict[str, np.ndarray | pd.Categorical]:
+    """Return the statement's columns as compact arrays, streamed with COPY in batches.
+
+    No row ever becomes a Python tuple: PostgreSQL sends CSV, which Arrow's reader turns
+    into one typed array per column, batch by batch (:data:`READ_BATCH_BYTES` of text).
+    ``kinds`` gives each selected column's kind, in the statement's order: ``int``,
+    ``bool`` (``t``/``f``), ``category`` (a few distinct strings: dictionary-encoded by
+    Arrow, so no Python string per row is ever made) or ``object`` (one string per row,
+    e.g. ids). An unquoted empty field (SQL NULL) is missing. The statement is compiled by
+    SQLAlchemy and its values are bound by the driver; ``COPY`` only wraps it.
+    """
+    import pyarrow as pa
+    from pyarrow import csv as pa_csv
+
+    compiled = statement.compile(dialect=conn.dialect,
+                                 compile_kwargs={"render_postcompile": True})
+    names = list(kinds)
+    types = {"int": pa.int64(), "bool": pa.bool_(),
+             "category": pa.dictionary(pa.int32(), pa.string()), "object": pa.string()}
+    read_options = pa_csv.ReadOptions(column_names=names, use_threads=False)
+    convert_options = pa_csv.ConvertOptions(
+        column_types={name: types[kind] for name, kind in kinds.items()},
+        true_values=["t"], false_values=["f"], null_values=[""],
+        strings_can_be_null=True, quoted_strings_can_be_null=False)
+    tables = []
+    driver = conn.connection.driver_connection
+    with driver.cursor() as cursor, cursor.copy(
+        "COPY (" + str(compiled) + ") TO STDOUT (FORMAT csv)", compiled.params
+    ) as stream:
+        # PostgreSQL sends one message per row, so a batch always ends at a row's end.
+        batch = bytearray()
+        while data := stream.read():
+            batch += data
+            if len(batch) >= READ_BATCH_BYTES:
+                tables.append(pa_csv.read_csv(pa.py_buffer(batch), read_options=read_options,
+                                              convert_options=convert_options))
+                batch = bytearray()
+        if batch:
+            tables.append(pa_csv.read_csv(pa.py_buffer(batch), read_options=read_options,
+                                          convert_options=convert_options))
+    schema = pa.schema([(name, types[kind]) for name, kind in kinds.items()])
+    table = pa.concat_tables(tables).unify_dictionaries() if tables else schema.empty_table()
+    del tables
+    columns: dict[str, np.ndarray | pd.Categorical] = {}
+    for name in names:
+        column = table.column(name)
+        if kinds[name] == "category":
+            columns[name] = column.to_pandas().array
+        elif kinds[name] == "object":
+            columns[name] = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
+        else:
+            columns[name] = column.to_numpy()
+        table = table.drop_columns([name])
+    del table
+    # Arrow's allocator keeps freed batches for its own reuse; the monitor has none.
+    pa.default_memory_pool().release_unused()
+    return columns
+
+
 def _fingerprint(procedures: pd.DataFrame, complications: pd.DataFrame) -> str:
     """Return an order-independent content hash of every value the metrics read."""
     digest = hashlib.sha256()
@@ -141,6 +215,12 @@ def _column(matrix: np.ndarray, index: int) -> np.ndarray:
 
 def _sorted_codes(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Return integer codes whose order follows the sorted distinct values, and the values."""
+    if isinstance(values, pd.Categorical):  # streamed: the strings are coded already
+        categories = [str(c) for c in values.categories]
+        order = np.argsort(np.asarray(categories, dtype=object), kind="mergesort")
+        remap = np.empty(len(categories), dtype=np.int64)
+        remap[order] = np.arange(len(categories))
+        return remap[values.codes.astype(np.int64)], [categories[i] for i in order]
     codes, uniques = pd.factorize(values)
     uniques = [str(u) for u in uniques]
     order = np.argsort(np.asarray(uniques, dtype=object), kind="mergesort")
@@ -167,9 +247,12 @@ COMPLICATION_ROW_COLUMNS = ("procedure_id", "event_date", "event_type", "symptom
 def load_snapshot(conn: sa.Connection, profile: Profile, as_of: date) -> Snapshot:
     """Read the procedure and complication columns the profile needs, up to ``as_of``.
 
-    The rows are then coded and ordered by :func:`snapshot_from_rows`.
+    The rows are then coded and ordered by :func:`snapshot_from_rows`. On PostgreSQL they
+    are streamed (:func:`_load_streamed`); elsewhere fetched as the driver's tuples.
     """
     needs_patient, event_types = snapshot_needs(profile)
+    if streams_copy(conn):
+        return _load_streamed(conn, as_of, needs_patient, event_types)
     proc_columns = [
         procedure.c.procedure_id,
         procedure.c.site_id,
@@ -207,6 +290,54 @@ def load_snapshot(conn: sa.Connection, profile: Profile, as_of: date) -> Snapsho
     ).reshape(-1, len(comp_columns))
     comp_rows = {c.name: _column(comp_matrix, i) for i, c in enumerate(comp_columns)}
     del comp_matrix
+    return snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient)
+
+
+def _day_of(column: sa.ColumnElement) -> sa.ColumnElement:
+    """Return the days since 1970-01-01 of a date column, computed by PostgreSQL."""
+    return column - sa.cast(sa.literal(EPOCH.isoformat()), sa.Date)
+
+
+# Kinds of the streamed procedure and complication columns (see copy_columns).
+_PROCEDURE_KINDS = {
+    "procedure_id": "object", "site_id": "category", "procedure_date": "int",
+    "age_years": "int", "sex": "category", "steroid_use": "bool", "levels_treated": "int",
+    "indication": "category", "anaesthesia": "category", "balloons": "int",
+    "mdt_discussed": "bool",
+}
+_COMPLICATION_KINDS = {"procedure_id": "object", "event_date": "int", "event_type": "category",
+                       "symptomatic": "bool", "severity": "category"}
+
+
+def _load_streamed(conn: sa.Connection, as_of: date, needs_patient: bool,
+                   event_types: list[str]) -> Snapshot:
+    """Read the snapshot's columns from PostgreSQL as compact arrays (:func:`copy_columns`).
+
+    Dates arrive as day numbers and strings with few values as categoricals, so nothing is
+    parsed or coded per row in Python. The patient digest arrives as PostgreSQL's 64-bit
+    ``hashtextextended`` of it: it is only grouped on, and a million patients share a value
+    with probability about 3e-8, against 64 characters a row for the digest itself.
+    """
+    proc_columns = [
+        procedure.c.procedure_id, procedure.c.site_id,
+        _day_of(procedure.c.procedure_date).label("procedure_date"),
+        *(procedure.c[name] for name in COVARIATES), procedure.c.mdt_discussed,
+    ]
+    kinds = dict(_PROCEDURE_KINDS)
+    if needs_patient:
+        proc_columns.append(
+            sa.func.hashtextextended(procedure.c.patient_hash, 0).label("patient_hash"))
+        kinds["patient_hash"] = "int"
+    proc_rows = copy_columns(
+        conn, sa.select(*proc_columns).where(procedure.c.procedure_date <= as_of), kinds)
+    comp_rows = {name: np.empty(0, dtype=object) for name in _COMPLICATION_KINDS}
+    if event_types:
+        comp_rows = copy_columns(conn, sa.select(
+            complication.c.procedure_id,
+            _day_of(complication.c.event_date).label("event_date"),
+            complication.c.event_type, complication.c.symptomatic, complication.c.severity,
+        ).where(complication.c.event_date <= as_of,
+                complication.c.event_type.in_(event_types)), _COMPLICATION_KINDS)
     return snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient)
 
 

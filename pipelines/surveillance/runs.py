@@ -8,6 +8,8 @@ read instead of a full monitor.
 
 A run is stored in parts (``monitor_run_part``): ``core`` holds the signals, the per-site
 figures and levels, the summary, the models and the small chart data (funnels, p-charts);
+``facts`` holds per-site deliveries (newest extract, last procedure date) and case mix, and
+the network's case mix, aggregated once in SQL as of the run's date (:func:`procedure_facts`);
 ``site:<id>`` holds that site's chart series (CUSUM and time-to-event statistics), thinned
 to at most :data:`MAX_POINTS_PER_SITE` points per chart. ``kyphowatch site S012`` reads two
 parts, ``sites`` one, the report all. Parts are zlib-compressed JSON: portable across SQLite
@@ -28,6 +30,7 @@ import sqlalchemy as sa
 from pipelines.schema import monitor_run, monitor_run_part
 
 CORE = "core"
+FACTS = "facts"
 # Points kept per site and chart: every crossing, the last point, and an even spread.
 MAX_POINTS_PER_SITE = 600
 _SERIES_KEYS = ("group", "day", "statistic", "signal")
@@ -54,8 +57,15 @@ class MonitorResult:
     charts: dict[str, Any] = field(default_factory=dict, repr=False)
     # Every alarm / watch / under-reporting episode (levels.level_episodes).
     level_episodes: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # Per-site deliveries and case mix as of the run (procedure_facts; None in runs
+    # stored before the facts part existed, whose readers aggregate them again).
+    procedure_facts: dict[str, Any] | None = field(default=None, repr=False)
     persisted: bool = False
     seconds: float = 0.0
+    # Threshold designs read from the warehouse and computed by this run (threshold_store).
+    thresholds: dict[str, int] = field(default_factory=dict, repr=False)
+    # Seconds per step: read, compute, and when stored, store and beyond_site.
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def active_signals(self) -> list[dict[str, Any]]:
@@ -172,10 +182,77 @@ def _core(result) -> dict[str, Any]:
     return data
 
 
+def _casemix_columns(procedure: sa.Table) -> list[sa.ColumnElement]:
+    def share(condition) -> sa.ColumnElement:
+        return sa.func.avg(sa.case((condition, 1.0), else_=0.0))
+
+    return [
+        sa.func.count().label("procedures"),
+        sa.func.avg(procedure.c.age_years * 1.0).label("mean_age"),
+        share(procedure.c.age_years >= 80).label("share_age_80_plus"),
+        share(procedure.c.sex == "F").label("share_female"),
+        share(procedure.c.indication == "malignancy").label("share_malignancy"),
+        share(procedure.c.steroid_use).label("share_steroid_use"),
+        share(procedure.c.anaesthesia == "general").label("share_general_anaesthesia"),
+        sa.func.avg(procedure.c.levels_treated * 1.0).label("mean_levels"),
+        share(procedure.c.levels_treated >= 3).label("share_3plus_levels"),
+    ]
+
+
+CASEMIX_FIELDS = ("procedures", "mean_age", "share_age_80_plus", "share_female",
+                  "share_malignancy", "share_steroid_use", "share_general_anaesthesia",
+                  "mean_levels", "share_3plus_levels")
+
+
+def _rounded(value: Any) -> Any:
+    if value is None or isinstance(value, int):
+        return value
+    return round(float(value), 6)
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else (
+        None if value is None else str(value))
+
+
+def procedure_facts(conn: sa.Connection, as_of: date | None) -> dict[str, Any]:
+    """Aggregate per-site deliveries and case mix, and the network case mix, up to ``as_of``.
+
+    Two passes over the procedure table (no patient or operator reference is read). The
+    monitor runs this once and stores it with the run (part ``facts``), so a drill-down
+    does not scan the warehouse again.
+    """
+    from pipelines.schema import procedure
+
+    in_range = procedure.c.procedure_date <= as_of if as_of else sa.true()
+    columns = _casemix_columns(procedure)
+    deliveries: dict[str, dict[str, Any]] = {}
+    casemix: dict[str, dict[str, Any]] = {}
+    for row in conn.execute(
+        sa.select(procedure.c.site_id, sa.func.max(procedure.c.extract_ts).label("extract"),
+                  sa.func.max(procedure.c.procedure_date).label("last"), *columns)
+        .where(in_range).group_by(procedure.c.site_id)
+    ).mappings():
+        deliveries[row["site_id"]] = {"newest_extract": _iso(row["extract"]),
+                                      "last_procedure_date": _iso(row["last"])}
+        casemix[row["site_id"]] = {f: _rounded(row[f]) for f in CASEMIX_FIELDS}
+    network = conn.execute(sa.select(*columns).where(in_range)).mappings().first()
+    return {"deliveries": deliveries, "casemix": casemix,
+            "network_casemix": {f: _rounded(network[f]) for f in CASEMIX_FIELDS}}
+
+
 def store_run(conn: sa.Connection, result) -> None:
-    """Store ``result`` under its run key (replacing an earlier copy of the same run)."""
+    """Store ``result`` under its run key (replacing an earlier copy of the same run).
+
+    The per-site procedure facts are aggregated here, in the monitor's transaction, when
+    the result does not carry them yet.
+    """
     conn.execute(monitor_run_part.delete().where(monitor_run_part.c.run_key == result.run_key))
-    rows = [{"run_key": result.run_key, "part": CORE, "payload": _pack(_core(result))}]
+    if result.procedure_facts is None:
+        result.procedure_facts = procedure_facts(conn, result.as_of)
+    rows = [{"run_key": result.run_key, "part": CORE, "payload": _pack(_core(result))},
+            {"run_key": result.run_key, "part": FACTS,
+             "payload": _pack(result.procedure_facts)}]
     for site, series in sorted(_site_series(result).items()):
         rows.append({"run_key": result.run_key, "part": f"site:{site}",
                      "payload": _pack(series)})
@@ -212,16 +289,20 @@ def load_run(conn: sa.Connection, profile, as_of: date | None = None, *,
     run_key = row["run_key"]
     core = _unpack(conn.execute(sa.select(monitor_run_part.c.payload).where(
         monitor_run_part.c.run_key == run_key, monitor_run_part.c.part == CORE)).scalar_one())
+    wanted = [FACTS] + [f"site:{s}" for s in sites or []]
     query = sa.select(monitor_run_part.c.part, monitor_run_part.c.payload).where(
         monitor_run_part.c.run_key == run_key, monitor_run_part.c.part != CORE)
     if sites is not None:
-        query = query.where(monitor_run_part.c.part.in_([f"site:{s}" for s in sites]))
-    series = {part[len("site:"):]: _unpack(blob) for part, blob in conn.execute(query)} if (
-        sites is None or sites) else {}
+        query = query.where(monitor_run_part.c.part.in_(wanted))
+    parts = {part: _unpack(blob) for part, blob in conn.execute(query)}
+    facts = parts.pop(FACTS, None)
+    series = {part[len("site:"):]: data for part, data in parts.items()}
     for s in core["signals"]:
         s["episode_start"] = date.fromisoformat(s["episode_start"])
         s["signal_date"] = date.fromisoformat(s["signal_date"])
-        s["detail"] = json.dumps(s["detail"], sort_keys=True)
+        # detail stays a dict here (the engine's own result holds JSON text; readers go
+        # through levels.detail_of, which takes either): re-encoding it only for every
+        # reader to decode it again cost a drill-down a fifth of its time.
     charts = _rebuild_charts(core["charts"], series)
     return MonitorResult(
         run_key=run_key, as_of=date.fromisoformat(core["as_of"]),
@@ -229,7 +310,8 @@ def load_run(conn: sa.Connection, profile, as_of: date | None = None, *,
         data_fingerprint=core["data_fingerprint"], signals=core["signals"],
         new_signal_keys=[], summary=core["summary"], models=core["models"],
         site_metrics=core["site_metrics"], charts=charts,
-        level_episodes=core.get("level_episodes") or [], persisted=True,
+        level_episodes=core.get("level_episodes") or [], procedure_facts=facts,
+        persisted=True,
         seconds=core.get("seconds") or 0.0,
     )
 

@@ -1,0 +1,132 @@
+"""The GX audit in a helper process, so the GX import overlaps the load.
+
+Importing Great Expectations and building its context costs 3-6 s of CPU per process
+(measured 3.8 s on a 2-core machine at light load), more than validating a whole small file. The
+audit only needs GX at the end of a file, so :func:`prestart` launches a helper process
+as soon as a file is known to be readable: it imports GX on another core while this
+process reads, validates and stages the file. At the end of the file the audit's rows
+(flagged plus a sample, a few thousand at most) go to the helper, which runs the declared
+suite on them and returns GX's reasons per row.
+
+The helper is this module run as ``python -m pipelines.ingest.gxaudit``: requests and
+answers are pickles over its stdin/stdout (a pipe between two processes of this package;
+nothing else writes to it). Its own stdout is moved to stderr so a library's print cannot
+corrupt the channel. If the helper cannot be started or dies, the audit runs in this
+process instead (slower, same verdict): the audit is never skipped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_helper: subprocess.Popen | None = None
+_owner = 0  # pid of the process that started the helper (a forked child must not share it)
+
+
+def _own_helper() -> subprocess.Popen | None:
+    """Return this process's running helper; forget one inherited across a fork."""
+    global _helper
+    if _helper is not None and _owner != os.getpid():
+        _helper = None  # the parent's pipes: leave them (and the helper) to the parent
+    if _helper is not None and _helper.poll() is not None:
+        _helper = None
+    return _helper
+
+
+def prestart(expectations_dir: str, kind: str) -> None:
+    """Start the helper (once per process); it imports GX and builds ``kind``'s suite.
+
+    Failing to start is logged; the audit then runs in-process.
+    """
+    global _helper, _owner
+    with _lock:
+        if _own_helper() is not None:
+            return
+        env = dict(os.environ)
+        # Not configuration: GX reads this switch at import (see validate.SuiteRunner).
+        env.setdefault("GX_ANALYTICS_ENABLED", "False")
+        try:
+            _helper = subprocess.Popen(
+                [sys.executable, "-m", "pipelines.ingest.gxaudit", expectations_dir, kind],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            )
+            _owner = os.getpid()
+        except OSError as exc:
+            log.warning("GX audit helper not started (%s); auditing in-process", exc)
+            _helper = None
+
+
+def _stop() -> None:
+    global _helper
+    with _lock:
+        if _own_helper() is not None:
+            try:
+                _helper.stdin.close()
+                _helper.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                _helper.kill()
+                _helper.wait()
+            _helper = None
+
+
+atexit.register(_stop)
+
+
+def failing_rows(expectations_dir: str, kind: str, frame, parameters: dict) -> dict:
+    """Return GX's {row position: [reasons]} for ``frame``, from the helper if running."""
+    global _helper
+    with _lock:
+        helper = _own_helper()
+        if helper is not None:
+            try:
+                pickle.dump((expectations_dir, kind, frame, parameters), helper.stdin,
+                            protocol=pickle.HIGHEST_PROTOCOL)
+                helper.stdin.flush()
+                status, payload = pickle.load(helper.stdout)
+            except (OSError, EOFError, pickle.UnpicklingError) as exc:
+                log.warning("GX audit helper failed (%s); auditing in-process", exc)
+                helper.kill()
+                helper.wait()
+                _helper = None
+            else:
+                if status == "ok":
+                    return payload
+                raise RuntimeError(f"GX audit failed in the helper process: {payload}")
+    from pipelines.ingest.validate import gx_runner
+
+    return gx_runner(expectations_dir, kind).failing_rows(frame, parameters)
+
+
+def _serve() -> None:
+    """Helper process body: import GX, then answer audit requests until stdin closes."""
+    requests = sys.stdin.buffer
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints cannot reach the pipe
+    from pipelines.ingest.validate import gx_runner
+
+    if len(sys.argv) == 3:  # the point: import GX and build the suite while the parent loads
+        gx_runner(sys.argv[1], sys.argv[2])
+    while True:
+        try:
+            expectations_dir, kind, frame, parameters = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            answer = ("ok", gx_runner(expectations_dir, kind).failing_rows(frame, parameters))
+        except Exception as exc:  # any failure goes back to the parent, which raises it
+            answer = ("error", f"{type(exc).__name__}: {exc}")
+        pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
+        answers.flush()
+
+
+if __name__ == "__main__":
+    _serve()

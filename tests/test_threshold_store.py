@@ -1,0 +1,130 @@
+"""Stored threshold designs (schema version 9): computed once, read by every later process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+from pipelines.db import make_engine
+from pipelines.schema import threshold_design
+from pipelines.surveillance import threshold_store
+from pipelines.surveillance.arl import threshold_for_arl_risk_adjusted
+from pipelines.surveillance.engine import (
+    CASE_MIX_H_TOLERANCE,
+    binned_case_mix,
+    case_mix_risks,
+    risk_adjusted_threshold,
+)
+from tests.test_engine import build_sites
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs the monitor in a fresh interpreter (as an Airflow task does) and prints what it did.
+_MONITOR = """
+import json, sys
+from pipelines.settings import load_settings
+from pipelines.surveillance import threshold_store
+from pipelines.surveillance.engine import run_monitor
+settings = load_settings({"KYPHOWATCH_DEMO": "1", "KYPHOWATCH_REPORT_DIR": sys.argv[2]},
+                         db_url=sys.argv[1])
+result = run_monitor(settings)
+fields = ("signal_key", "statistic", "threshold", "observed", "expected", "n", "detail")
+print(json.dumps({
+    "computed_in_process": threshold_store.computations(),
+    "run": result.thresholds,
+    "signals": [{k: s[k] for k in fields} for s in result.signals],
+}, default=str))
+"""
+
+
+def _monitor_in_fresh_process(db_url: str, tmp_path: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", _MONITOR, db_url, str(tmp_path / "reports")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_monitor_in_a_fresh_process_computes_no_thresholds(db_url, tmp_path):
+    engine = make_engine(db_url)
+    build_sites(engine, sites=5, per_site=300, leak={"S005": 0.3})
+    first = _monitor_in_fresh_process(db_url, tmp_path)
+    with engine.connect() as conn:
+        kinds = set(conn.scalars(sa.select(threshold_design.c.kind)))
+    second = _monitor_in_fresh_process(db_url, tmp_path)
+    engine.dispose()
+    assert first["computed_in_process"] > 0 and first["run"]["computed"] > 0
+    assert {"bernoulli_arl_curve", "poisson_threshold"} <= kinds
+    assert second["computed_in_process"] == 0
+    assert second["run"] == {"read": second["run"]["read"], "computed": 0}
+    assert second["run"]["read"] >= first["run"]["computed"]
+    assert first["signals"] and second["signals"] == first["signals"]
+
+
+def test_a_stored_value_reads_back_bit_for_bit_and_a_race_is_harmless(sqlite_url):
+    engine = make_engine(sqlite_url)
+    curve = (np.array([0.25, 0.5]), np.array([[np.log(3.0), 1 / 3], [2.0, np.pi]]))
+    stores = [threshold_store.open_store(engine, "p", "1") for _ in range(2)]
+    for store in stores:  # both computed the design before either saved it
+        with threshold_store.active(store):
+            threshold_store.cached("test_curve", {"x": 1}, lambda: curve)
+            threshold_store.cached("test_h", {"x": 1}, lambda: 0.1 + 0.2)
+    for store in stores:
+        threshold_store.save_store(engine, store)
+    fresh = threshold_store.open_store(engine, "p", "1")
+    with threshold_store.active(fresh):
+        read = threshold_store.cached("test_curve", {"x": 1}, lambda: None)
+        h = threshold_store.cached("test_h", {"x": 1}, lambda: None)
+    assert fresh.counts() == {"read": 2, "computed": 0}
+    assert h == 0.1 + 0.2
+    for a, b in zip(read, curve, strict=True):
+        assert np.array_equal(a, b)
+    other = threshold_store.open_store(engine, "p", "2")  # another profile version
+    assert not other.stored
+    engine.dispose()
+
+
+def test_the_risk_adjusted_threshold_is_stored_under_its_binned_case_mix(sqlite_url):
+    engine = make_engine(sqlite_url)
+    rng = np.random.default_rng(4)
+    risks = 1.0 / (1.0 + np.exp(-(np.log(0.2 / 0.8) + rng.normal(0.0, 0.7, 5_000))))
+    first = threshold_store.open_store(engine, "p", "1")
+    with threshold_store.active(first):
+        h = risk_adjusted_threshold(risks, 2.0, 150.0)
+    threshold_store.save_store(engine, first)
+    second = threshold_store.open_store(engine, "p", "1")
+    with threshold_store.active(second):
+        # the same case mix in another order: the same bins, read, not simulated again
+        again = risk_adjusted_threshold(risks[::-1], 2.0, 150.0)
+    with engine.connect() as conn:
+        kinds = list(conn.scalars(sa.select(threshold_design.c.kind)))
+    engine.dispose()
+    assert first.counts()["computed"] + first.counts()["read"] >= 1
+    assert second.counts() == {"read": 1, "computed": 0}
+    assert again == h and "ra_cusum_h_simulated" in kinds
+
+
+def test_binning_the_case_mix_moves_h_less_than_the_stated_tolerance():
+    # A skewed case mix (logit-normal, sd 1, mean risk about 0.25): h over the full fitted
+    # risks and over the 100 binned ones, averaged over two simulation seeds.
+    rng = np.random.default_rng(5)
+    logit = np.log(0.23 / 0.77) + rng.normal(0.0, 1.0, 100_000)
+    risks = 1.0 / (1.0 + np.exp(-logit))
+    binned = case_mix_risks(binned_case_mix(risks))
+    assert binned.size == 100
+    full = np.mean([threshold_for_arl_risk_adjusted(risks, 2.0, 2000, n_runs=4000, seed=s)
+                    for s in (1, 2)])
+    coarse = np.mean([threshold_for_arl_risk_adjusted(binned, 2.0, 2000, n_runs=4000, seed=s)
+                      for s in (1, 2)])
+    assert abs(full - coarse) < CASE_MIX_H_TOLERANCE
+
+
+def test_a_new_day_of_cases_keeps_the_binned_case_mix():
+    rng = np.random.default_rng(6)
+    risks = 1.0 / (1.0 + np.exp(-(np.log(0.11 / 0.89) + rng.normal(0.0, 0.5, 200_000))))
+    more = np.r_[risks, rng.choice(risks, 200)]
+    assert np.array_equal(binned_case_mix(risks), binned_case_mix(more))
