@@ -1216,7 +1216,11 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
             _persist(engine, result, profile)
             stored = time.perf_counter()
             # Operators, devices and lots on the same snapshot (issue 12; beyond_run.py).
-            run_beyond_site(engine, profile, snapshot, run_key, settings.expectations_dir)
+            # The store stays active: a design wrapped in threshold_store.cached there is
+            # stored and read like the site charts' (the FIR curves are not wrapped yet).
+            with threshold_store.active(store):
+                run_beyond_site(engine, profile, snapshot, run_key, settings.expectations_dir)
+            threshold_store.save_store(engine, store)
             result.timings.update(store=stored - computed,
                                   beyond_site=time.perf_counter() - stored)
         result.seconds = time.perf_counter() - started
