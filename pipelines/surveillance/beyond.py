@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from scipy import sparse
 from scipy.sparse.linalg import spsolve
 
 from pipelines.contract import EVENT_TYPES, SEVERITIES
+from pipelines.surveillance import threshold_store
 from pipelines.surveillance.arl import _transition_matrix, markov_grid
 from pipelines.surveillance.budget import significant
 from pipelines.surveillance.profile import Metric, Profile, ProfileError
@@ -201,14 +201,24 @@ def fir_arl(p: float, p0: float, odds_ratio: float, h: float, head_start: float)
 _H_STEP = 0.25
 
 
-@lru_cache(maxsize=64)
 def _fir_curve(p0: float, odds_ratio: float, head_start: float, ceiling: float
                ) -> tuple[np.ndarray, np.ndarray]:
     """Return (h grid, ln in-control ARL from the head start) up to an ARL of ``ceiling``.
 
     One curve serves every volume whose ARL0 is below the ceiling (a power of ten), so a
-    run solves the chain for the h it needs, not up to an ARL of a billion.
+    run solves the chain for the h it needs, not up to an ARL of a billion. Computed once
+    per design and stored (:mod:`pipelines.surveillance.threshold_store`): every operator
+    and product chart of every run reads it.
     """
+    return threshold_store.cached(
+        "fir_arl_curve",
+        {"p0": float(p0), "odds_ratio": float(odds_ratio), "head_start": float(head_start),
+         "ceiling": float(ceiling), "h_step": _H_STEP, "h_max": _H_MAX},
+        lambda: _compute_fir_curve(p0, odds_ratio, head_start, ceiling))
+
+
+def _compute_fir_curve(p0: float, odds_ratio: float, head_start: float, ceiling: float
+                       ) -> tuple[np.ndarray, np.ndarray]:
     hs, logs = [], []
     h = _H_STEP
     while h <= _H_MAX:
@@ -218,7 +228,7 @@ def _fir_curve(p0: float, odds_ratio: float, head_start: float, ceiling: float
         if arl > ceiling:
             break
         h += _H_STEP
-    return np.asarray(hs), np.maximum.accumulate(np.asarray(logs))
+    return np.asarray(hs, dtype=np.float64), np.maximum.accumulate(np.asarray(logs))
 
 
 def fir_threshold(p0: float, odds_ratio: float, arl0: float, head_start: float) -> float:
@@ -274,9 +284,17 @@ def learning_false_signals(p0: float, odds_ratio: float, h: float, head_start: f
     return expected
 
 
-@lru_cache(maxsize=512)
 def _learning_threshold(p0: float, odds_ratio: float, procedures: int, alpha: float,
                         head_start: float) -> float:
+    return threshold_store.cached(
+        "operator_learning_h",
+        {"p0": float(p0), "odds_ratio": float(odds_ratio), "procedures": int(procedures),
+         "alpha": float(alpha), "head_start": float(head_start), "h_max": _H_MAX},
+        lambda: _solve_learning_threshold(p0, odds_ratio, procedures, alpha, head_start))
+
+
+def _solve_learning_threshold(p0: float, odds_ratio: float, procedures: int, alpha: float,
+                              head_start: float) -> float:
     low, high = 0.25, _H_MAX
     for _ in range(40):  # bisection: the expected false signals fall as h grows
         middle = (low + high) / 2
