@@ -14,7 +14,9 @@ without parallelism), and a rerun into the fresh report's folder for unchanged d
 
 Data: ``kyphowatch simulate --single-file`` for SITES sites over three years (one drifting
 site), loaded into a SQLite warehouse (or ``--db``), monitored once (``run_monitor`` stores
-the run). Target: report <= 2x reading the stored run (issue 11).
+the run). Target: report <= 2x reading the stored run (issue 11). Then
+``drilldown.time_drilldown`` times ``kyphowatch sites`` and ``site`` on the same warehouse in
+fresh processes (issue 10: < 1 s each).
 
 Run: ``.venv/bin/python benchmarks/bench_report.py [--sites N] [--db EMPTY_URL]``
 (1,000 sites: about 520k procedures; the set-up, simulate + ingest + monitor, takes minutes).
@@ -110,6 +112,10 @@ def main() -> int:
         charts = sum(p.read_text(encoding="utf-8").count('class="chart"')
                      for p in out.rglob("*.html"))
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        # issue 10: the drill-down commands on the same 1,000-site warehouse, < 1 s each
+        from drilldown import time_drilldown
+
+        time_drilldown(settings.db_url, drift_site)
     ratio = report / baseline
     print(f"registry: {result.summary['procedures']} procedures, {pages} sites, as of "
           f"{result.as_of}; {charts} charts, {csvs} CSV files, {size / 1e6:.1f} MB")
