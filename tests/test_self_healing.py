@@ -28,7 +28,7 @@ from pipelines.mailsink import MailSink, free_port, message_files
 from pipelines.schema import alert, alert_audit, alert_outbox, file_ledger
 from pipelines.simulate import simulate
 from pipelines.surveillance.engine import run_monitor
-from tests.airflow_helpers import migrated_airflow_env
+from tests.airflow_helpers import WebhookSink, migrated_airflow_env
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "dags"
@@ -267,7 +267,7 @@ def test_smtp_outage_is_reported_on_the_webhook(sqlite_url, settings_for, tmp_pa
     from pipelines.alerts.lifecycle import _create, warehouse
 
     hook_dir = tmp_path / "hook"
-    hook = _WebhookSink(hook_dir)
+    hook = WebhookSink(hook_dir)
     dead_smtp = f"smtp://127.0.0.1:{free_port()}"
     try:
         settings = settings_for(sqlite_url, smtp_url=dead_smtp, webhook_url=hook.url,
@@ -295,41 +295,6 @@ def test_smtp_outage_is_reported_on_the_webhook(sqlite_url, settings_for, tmp_pa
         assert channels == ["webhook"]  # never queued on the channel that is down
     finally:
         hook.close()
-
-
-class _WebhookSink:
-    """A real HTTP server that stores each JSON POST as a file."""
-
-    def __init__(self, directory: Path) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server hook name
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                count = len(list(sink.directory.glob("*.json")))
-                (sink.directory / f"{count:04d}.json").write_bytes(body)
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def posts(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.directory.glob("*.json"))]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_watcher_announces_again_files_still_waiting(airflow_env, tmp_path):
