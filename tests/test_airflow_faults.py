@@ -360,7 +360,16 @@ def test_faults_on_the_real_stack(pg_admin_url, tmp_path, capsys, executor):
             assert len(_subjects(sink, bad.name)) == 1
             assert len(_subjects(sink, "No extracts received")) == 1
             assert not _subjects(sink, "failed to deliver")
-            assert not _subjects(sink, "kyphowatch_alerts."), "the retry should have healed it"
+            # Usually an Airflow retry of deliver_outbox heals the outage and no one is told. On
+            # a slow machine the sink can come back only after the task used up its retries:
+            # then it failed for good, and that is one failure e-mail (once per episode).
+            failed_for_good = [t for t in _tries(meta, "kyphowatch_alerts", "deliver_outbox")
+                               if t[0] == "failed"]
+            notices = _subjects(sink, "kyphowatch_alerts.deliver_outbox")
+            assert bool(notices) == bool(failed_for_good), (failed_for_good, notices)
+            assert len(notices) <= len(failed_for_good), (failed_for_good, notices)
+            assert not [s for s in _subjects(sink, "kyphowatch_alerts.")
+                        if "deliver_outbox" not in s], "another alerts task failed"
             assert len(posted("email has failed to deliver")) == 1
             report.append(f"SMTP down 61 min (simulated), {len(waiting)} e-mail(s) waiting: "
                           "outage and 73 h heartbeat alerts on the webhook, e-mails sent once "
