@@ -74,8 +74,29 @@ def _failures(conn: sa.Connection, as_of: date, event_types: tuple[str, ...]) ->
     return pd.DataFrame(rows, columns=["balloon_product", "cement_product"], dtype=object)
 
 
-def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.DataFrame
-           ) -> pd.DataFrame:
+class _ExtraRows:
+    """The row of ``extras`` of each unit, looked up once per distinct list of units.
+
+    Matching a million procedure ids is a hash of a million strings; metrics with the same
+    outcome window have the same mature units, so the second one reuses the first's rows.
+    """
+
+    def __init__(self, extras: pd.DataFrame) -> None:
+        self.extras = extras
+        self.seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __call__(self, unit_id: pd.Series) -> np.ndarray:
+        ids = unit_id.to_numpy(dtype=object)
+        for known, position in self.seen:
+            if len(known) == len(ids) and np.array_equal(known, ids):
+                return position
+        position = self.extras.index.get_indexer(pd.Index(ids, dtype=object))
+        self.seen.append((ids, position))
+        return position
+
+
+def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.DataFrame,
+           rows_of: _ExtraRows | None = None) -> pd.DataFrame:
     """Mature units of a per-procedure metric, with the network risk and the extra columns."""
     metric = profile.metric(metric_id)
     units = derive_outcomes(snapshot, metric)
@@ -86,7 +107,7 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
     slim = pd.DataFrame({"site_id": units["site_id"].array,
                          "index_day": units["index_day"].to_numpy(np.int64),
                          "y": units["y"].to_numpy(np.int64), "risk": model.predict(units)})
-    position = extras.index.get_indexer(pd.Index(units["unit_id"], dtype=object))
+    position = (rows_of or _ExtraRows(extras))(units["unit_id"])
     for name in EXTRA_COLUMNS:
         values = extras[name].array
         slim[name] = (values.take(position, allow_fill=True)
@@ -104,11 +125,12 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
         return out
     as_of_day = snapshot.as_of_day
     extras = _extras(conn, snapshot.as_of)
+    rows_of = _ExtraRows(extras)
     cache: dict[str, pd.DataFrame] = {}
 
     def units(metric_id: str) -> pd.DataFrame:
         if metric_id not in cache:
-            cache[metric_id] = _units(snapshot, profile, metric_id, extras)
+            cache[metric_id] = _units(snapshot, profile, metric_id, extras, rows_of)
         return cache[metric_id]
 
     if design.operators is not None:
@@ -126,7 +148,8 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
         out["lots"] = lot_tests(
             pd.DataFrame({"product": lot_units["cement_product"].to_numpy(),
                           "lot": lot_units["cement_lot"].to_numpy(),
-                          "site_id": np.asarray(lot_units["site_id"], dtype=object),
+                          # categorical: a lot's distinct sites counted on codes, not strings
+                          "site_id": lot_units["site_id"].array,
                           "index_day": lot_units["index_day"].to_numpy(),
                           "y": lot_units["y"].to_numpy(), "risk": lot_units["risk"].to_numpy()}),
             dev, as_of_day)

@@ -203,8 +203,12 @@ def product_cusum(y: np.ndarray, risk: np.ndarray, odds_ratio: float, h: float
                   ) -> tuple[float, list[int]]:
     """Return (the statistic now, the cases at which it signalled); it restarts at 0."""
     value, signals = 0.0, []
+    # A product has up to a million cases: ``max(0.0, value + weight)`` spelled as a
+    # comparison does the same float operations (the same bits) without a builtin call.
     for index, weight in enumerate(cusum_weights(y, risk, odds_ratio).tolist()):
-        value = max(0.0, value + weight)
+        value += weight
+        if not value > 0.0:  # max(0.0, v) keeps 0.0 unless v is larger (NaN too)
+            value = 0.0
         if value >= h:
             signals.append(index)
             value = 0.0
@@ -240,26 +244,47 @@ def lot_tests(lots: pd.DataFrame, design: DeviceDesign, as_of_day: int) -> list[
     return rows
 
 
-def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign, cases: pd.DataFrame,
-                   risk: np.ndarray, others: pd.DataFrame, as_of_day: int) -> dict:
-    day = cases["index_day"].to_numpy(np.int64)
-    y = cases["y"].to_numpy(np.int64)
+def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign,
+                   cases: dict[str, np.ndarray], risk: np.ndarray,
+                   others: dict[str, np.ndarray], as_of_day: int) -> dict:
+    """Return the product's test: ``cases`` and ``others`` hold index_day, y and risk arrays."""
+    day = cases["index_day"]
+    y = cases["y"]
     rate = rate_per_unit_year(profile, metric)
     assert metric.alarm is not None
     if metric.alarm.method == "rare":
         events, _, p_value = conditional_rare_pvalue(
-            day, y, cases["risk"].to_numpy(float), others["index_day"].to_numpy(np.int64),
-            others["y"].to_numpy(np.int64), others["risk"].to_numpy(float), as_of_day)
+            day, y, cases["risk"], others["index_day"], others["y"], others["risk"], as_of_day)
         alpha = rare_alpha(rate)
         signal = day_to_date(as_of_day) if events and p_value <= alpha else None
         return {"statistic": p_value, "threshold": alpha, "signal_date": signal,
                 "signals": int(signal is not None)}
-    volume = len(cases) / years_between(int(day[0]), as_of_day)
+    volume = len(day) / years_between(int(day[0]), as_of_day)
     h = fir_threshold(float(risk.mean()), design.odds_ratio, arl0_for_volume(volume, rate), 0.0)
     value, signals = product_cusum(y, risk, design.odds_ratio, h)
     return {"statistic": finite(value), "threshold": h,
             "signal_date": day_to_date(int(day[signals[-1]])) if signals else None,
             "signals": len(signals)}
+
+
+def _without_flagged_lots(units: pd.DataFrame, flagged_lots: frozenset[str]) -> np.ndarray:
+    """Return, per unit, whether its cement ``product<US>lot`` key is not a flagged lot.
+
+    Keys are built once per distinct (product, lot) pair, not per unit. A unit missing
+    either column has no key (pandas' text of a missing value stays missing): kept.
+    """
+    product_code, products = pd.factorize(units["cement_product"])
+    lot_code, lots = pd.factorize(units["cement_lot"])
+    products, lots = products.tolist(), lots.tolist()
+    named = (product_code >= 0) & (lot_code >= 0)
+    pairs, pair_of_unit = np.unique(product_code[named] * len(lots) + lot_code[named],
+                                    return_inverse=True)
+    flagged = np.asarray([str(products[pair // len(lots)]) + LOT_KEY_SEPARATOR
+                          + str(lots[pair % len(lots)]) in flagged_lots
+                          for pair in pairs.tolist()], dtype=bool)
+    keep = np.ones(len(units), dtype=bool)
+    keep[named] = ~flagged[pair_of_unit]
+    return keep
 
 
 def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
@@ -279,33 +304,45 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
     for metric_id in design.metrics:
         metric = profile.metric(metric_id)
         units = units_by_metric[metric_id]
+        all_day = units["index_day"].to_numpy(np.int64)
+        all_y = units["y"].to_numpy(np.int64)
+        all_risk = units["risk"].to_numpy(float)
         for column, kind in PRODUCT_COLUMNS.items():
-            named = units.loc[units[column].notna()]
+            keep = units[column].notna().to_numpy(bool, copy=True)
             if kind == "balloon" and flagged_lots:
-                lot_key = (named["cement_product"].astype(str) + LOT_KEY_SEPARATOR
-                           + named["cement_lot"].astype(str))
-                named = named.loc[~lot_key.isin(flagged_lots)]
-            if named.empty:
+                keep &= _without_flagged_lots(units, flagged_lots)
+            if not keep.any():
                 continue
-            origin = int(named["index_day"].min())  # every product's quarters start here
-            for product in sorted(named[column].unique()):
-                mine = named[column] == product
-                others = named.loc[~mine]
-                # units come in (site, date) order; a product's chart runs in date order
-                cases = named.loc[mine].sort_values("index_day", kind="stable")
-                if others.empty:
+            # Arrays of the named units in the units' (site, date) order; each product's
+            # comparators are taken from them by mask, in that order, as the frames were.
+            # factorised from the column itself: a categorical's codes, not a string per unit
+            code, products = pd.factorize(units[column][keep])
+            code_of = {product: index for index, product in enumerate(products.tolist())}
+            day, y, risk = all_day[keep], all_y[keep], all_risk[keep]
+            origin = int(day.min())  # every product's quarters start here
+            for product in sorted(code_of):
+                mine = code == code_of[product]
+                theirs = ~mine
+                if not theirs.any():
                     continue  # nothing to compare with
-                risk = concurrent(cases["risk"].to_numpy(float),
-                                  cases["index_day"].to_numpy(np.int64),
-                                  others, others["risk"].to_numpy(float), origin)
-                expected = float(risk.sum())
+                # units come in (site, date) order; a product's chart runs in date order
+                order = np.argsort(day[mine], kind="stable")
+                cases = {"index_day": day[mine][order], "y": y[mine][order],
+                         "risk": risk[mine][order]}
+                others = {"index_day": day[theirs], "y": y[theirs], "risk": risk[theirs]}
+                adjusted = concurrent(cases["risk"], cases["index_day"],
+                                      pd.DataFrame({"index_day": others["index_day"],
+                                                    "y": others["y"]}, copy=False),
+                                      others["risk"], origin)
+                expected = float(adjusted.sum())
                 events = int(cases["y"].sum())
-                test = _product_chart(metric, profile, design, cases, risk, others, as_of_day)
+                test = _product_chart(metric, profile, design, cases, adjusted, others,
+                                      as_of_day)
                 if not count_signals:
                     del test["signals"]
                 rows.append({
                     "product": str(product), "metric": metric.id, "kind": kind,
-                    "procedures": len(cases), "events": events, "expected": expected,
+                    "procedures": len(order), "events": events, "expected": expected,
                     "observed_expected": events / expected if expected > 0 else None,
                     "device_failures": int((failures[column] == product).sum())
                     if not failures.empty else 0,
