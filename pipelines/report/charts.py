@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.evidence import MonthSeries
 from pipelines.report.common import CsvBody, _esc, _pct, float_texts
 from pipelines.report.svgplot import EPOCH, Chart, decimate
 
@@ -64,16 +65,17 @@ def _month_mid(month: str) -> int:
 
 # -- sparkline -----------------------------------------------------------------------
 
-def sparkline(months: list[dict[str, Any]], low: float | None, high: float | None,
+def sparkline(months: MonthSeries, low: float | None, high: float | None,
               what: str) -> str:
     """Return a 12-month sparkline of the monthly rate with the guidance range shaded.
 
     Months without mature units leave a gap. ``what`` names site and metric for the
     screen-reader label, which also states the first and last rate.
     """
-    recent = sorted((m for m in months if m["months_before_as_of"] < 12),
-                    key=lambda m: m["month"])
-    rates = [m["events"] / m["units"] if m["units"] else None for m in recent]
+    # the months come oldest first (evidence.monthly_figures)
+    recent = [i for i, before in enumerate(months.months_before_as_of) if before < 12]
+    rates = [months.events[i] / months.units[i] if months.units[i] else None
+             for i in recent]
     shown = [r for r in rates if r is not None]
     if not shown:
         return ""
@@ -118,7 +120,7 @@ def sparkline(months: list[dict[str, Any]], low: float | None, high: float | Non
 
 # -- VLAD ----------------------------------------------------------------------------
 
-def vlad_svg(months: list[dict[str, Any]], title: str, *, direction: str,
+def vlad_svg(months: MonthSeries, title: str, *, direction: str,
              flags: list[tuple[str, float]], odds_ratio: float) -> Drawn | None:
     """Return the cumulative observed-minus-expected (VLAD) chart by index month.
 
@@ -129,11 +131,15 @@ def vlad_svg(months: list[dict[str, Any]], title: str, *, direction: str,
     (the log-likelihood ratio gains at most ln(OR) per excess event), so the VLAD reaching
     a flag level shows how a crossing came about; the CUSUM itself decides.
     """
-    rows = [m for m in months if m["units"]]
+    rows = [i for i, units in enumerate(months.units) if units]
     if not rows:
         return None
-    x = np.array([_month_mid(m["month"]) for m in rows], float)
-    diff = np.array([m["events"] - m["expected"] for m in rows], float)
+    month = [months.month[i] for i in rows]
+    units = [months.units[i] for i in rows]
+    events = [months.events[i] for i in rows]
+    expected = [months.expected[i] for i in rows]
+    x = np.array([_month_mid(m) for m in month], float)
+    diff = np.array(events, float) - np.array(expected, float)
     path = np.cumsum(diff)
     start = np.concatenate([[0.0], path[:-1]])
     log_or = abs(math.log(odds_ratio)) if odds_ratio and odds_ratio != 1 else None
@@ -161,16 +167,25 @@ def vlad_svg(months: list[dict[str, Any]], title: str, *, direction: str,
                            else np.maximum.accumulate(path) - path))
     plot.description = (
         f"{title}: cumulative observed minus expected events by month, "
-        f"{rows[0]['month']} to {rows[-1]['month']}. The line ends at {end:+.1f} events "
+        f"{month[0]} to {month[-1]}. The line ends at {end:+.1f} events "
         f"({'more' if end > 0 else 'fewer'} than expected for the case mix); it rises most "
-        f"steeply up to {rows[turned]['month']}. Flag levels show how far it must rise "
+        f"steeply up to {month[turned]}. Flag levels show how far it must rise "
         f"({'more' if up else 'fewer'} events) before the CUSUM can signal.")
     headers = ["month", "mature_units", "observed", "expected", "observed_minus_expected",
                "cumulative_observed_minus_expected", *[c for c, _ in flag_columns]]
-    data = [[m["month"], m["units"], m["events"], round(m["expected"], 4), round(float(d), 4),
-             round(float(c), 4), *[round(float(col[i]), 4) for _, col in flag_columns]]
-            for i, (m, d, c) in enumerate(zip(rows, diff, path, strict=True))]
-    return plot.render(), headers, data
+    # written column by column, as csv_text would write these rows (numbers as repr,
+    # rounded by Python's round, not numpy's, so the digits stay the same)
+    columns = [month, list(map(str, units)), list(map(str, events)),
+               *(_round_texts(values) for values in (
+                   expected, diff.tolist(), path.tolist(),
+                   *(col.tolist() for _, col in flag_columns)))]
+    return plot.render(), headers, CsvBody(
+        "".join(",".join(row) + "\r\n" for row in zip(*columns, strict=True)))
+
+
+def _round_texts(values: list[float], digits: int = 4) -> list[str]:
+    """Return ``round(value, digits)`` as csv_text writes it (repr; NaN an empty cell)."""
+    return ["" if v != v else repr(round(v, digits)) for v in values]
 
 
 # -- p-chart -------------------------------------------------------------------------
