@@ -146,8 +146,10 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
         lot_units = lot_units.loc[lot_units["cement_product"].notna()
                                   & lot_units["cement_lot"].notna()]
         out["lots"] = lot_tests(
-            pd.DataFrame({"product": lot_units["cement_product"].to_numpy(),
-                          "lot": lot_units["cement_lot"].to_numpy(),
+            # the categoricals themselves (sorted categories, so groups come in name order):
+            # no string per case
+            pd.DataFrame({"product": lot_units["cement_product"].array,
+                          "lot": lot_units["cement_lot"].array,
                           # categorical: a lot's distinct sites counted on codes, not strings
                           "site_id": lot_units["site_id"].array,
                           "index_day": lot_units["index_day"].to_numpy(),
