@@ -315,8 +315,9 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
             if not keep.any():
                 continue
             # Arrays of the named units in the units' (site, date) order; each product's
-            # comparators are taken from them by mask, in that order, as the frames were.
-            # factorised from the column itself: a categorical's codes, not a string per unit
+            # comparators are taken from them by mask, in that order (the float sums see
+            # the same cases in the same order). Products are factorised from the column
+            # itself: a categorical's codes, not a string per unit.
             code, products = pd.factorize(units[column][keep])
             code_of = {product: index for index, product in enumerate(products.tolist())}
             day, y, risk = all_day[keep], all_y[keep], all_risk[keep]
