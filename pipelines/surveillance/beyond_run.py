@@ -57,7 +57,10 @@ def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
                 values = values.remove_categories([""])
             # sorted, so that charts grouped by operator or product come in name order
             columns[name] = values.reorder_categories(sorted(values.categories))
-        return pd.DataFrame(columns).set_index("procedure_id")
+        # An object index, as the units' ids are: pandas would infer its Arrow string dtype
+        # and the match with the units (_ExtraRows) would convert a million ids back.
+        ids = pd.Index(columns.pop("procedure_id"), dtype=object, name="procedure_id")
+        return pd.DataFrame(columns, index=ids)
     rows = conn.execute(statement).all()
     frame = pd.DataFrame(rows, columns=["procedure_id", *EXTRA_COLUMNS], dtype=object)
     return frame.set_index("procedure_id")
@@ -146,9 +149,11 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
         lot_units = lot_units.loc[lot_units["cement_product"].notna()
                                   & lot_units["cement_lot"].notna()]
         out["lots"] = lot_tests(
-            pd.DataFrame({"product": lot_units["cement_product"].to_numpy(),
-                          "lot": lot_units["cement_lot"].to_numpy(),
-                          # categorical: a lot's distinct sites counted on codes, not strings
+            # The columns as read (categoricals on PostgreSQL, their categories sorted, so
+            # lots come in name order): grouped and their sites counted on codes, with no
+            # string made per case.
+            pd.DataFrame({"product": lot_units["cement_product"].array,
+                          "lot": lot_units["cement_lot"].array,
                           "site_id": lot_units["site_id"].array,
                           "index_day": lot_units["index_day"].to_numpy(),
                           "y": lot_units["y"].to_numpy(), "risk": lot_units["risk"].to_numpy()}),

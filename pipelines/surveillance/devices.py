@@ -98,7 +98,7 @@ def recalibration_blocks(quarter_events: np.ndarray) -> np.ndarray:
     return block
 
 
-def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame,
+def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame | dict[str, np.ndarray],
                others_risk: np.ndarray, origin: int | None = None) -> np.ndarray:
     """Recalibrate a product's expected risks to the other products *in the same period*.
 
@@ -107,15 +107,16 @@ def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame,
     91-day quarters counted from ``origin`` (the comparison's first day; default the first
     day of either side), pooled into :func:`recalibration_blocks`; per block the log odds
     move by ``logit(others' observed rate) - logit(others' mean expected risk)``.
+    ``others`` has ``index_day`` and ``y`` columns (a frame, or a dict of arrays).
     """
-    other_day = others["index_day"].to_numpy(np.int64)
+    other_day = np.asarray(others["index_day"], dtype=np.int64)
     if origin is None:
         origin = int(min(day.min(initial=np.iinfo(np.int64).max),
                          other_day.min(initial=np.iinfo(np.int64).max)))
     quarter = (day - origin) // QUARTER_DAYS
     other_quarter = (other_day - origin) // QUARTER_DAYS
     n_quarters = int(max(quarter.max(initial=-1), other_quarter.max(initial=-1))) + 1
-    other_y = others["y"].to_numpy(float)
+    other_y = np.asarray(others["y"], dtype=float)
     blocks = recalibration_blocks(np.bincount(other_quarter, weights=other_y,
                                               minlength=n_quarters))
     block, other_block = blocks[quarter], blocks[other_quarter]
@@ -314,8 +315,9 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
             if not keep.any():
                 continue
             # Arrays of the named units in the units' (site, date) order; each product's
-            # comparators are taken from them by mask, in that order, as the frames were.
-            # factorised from the column itself: a categorical's codes, not a string per unit
+            # comparators are taken from them by mask, in that order (the float sums see
+            # the same cases in the same order). Products are factorised from the column
+            # itself: a categorical's codes, not a string per unit.
             code, products = pd.factorize(units[column][keep])
             code_of = {product: index for index, product in enumerate(products.tolist())}
             day, y, risk = all_day[keep], all_y[keep], all_risk[keep]
@@ -330,9 +332,7 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
                 cases = {"index_day": day[mine][order], "y": y[mine][order],
                          "risk": risk[mine][order]}
                 others = {"index_day": day[theirs], "y": y[theirs], "risk": risk[theirs]}
-                adjusted = concurrent(cases["risk"], cases["index_day"],
-                                      pd.DataFrame({"index_day": others["index_day"],
-                                                    "y": others["y"]}, copy=False),
+                adjusted = concurrent(cases["risk"], cases["index_day"], others,
                                       others["risk"], origin)
                 expected = float(adjusted.sum())
                 events = int(cases["y"].sum())

@@ -102,7 +102,7 @@ def _fir_steps(weights: list[float], limits: list[float], head_start: float, val
 
     ``path`` (when given) receives the statistic of every case, before any restart.
     ``value = max(0.0, value + weight)`` spelled as a comparison: the same float operations
-    (so the same bits) without a builtin call per case, which was most of a 1M-case run.
+    (so the same bits) without a builtin call per case; a network has a million cases.
     """
     signals = []
     statistic = value
