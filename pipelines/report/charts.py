@@ -46,8 +46,13 @@ def _iso_days(days) -> list[str]:
     if not days.size:
         return []
     low, high = int(days.min()) // 1024, int(days.max()) // 1024
-    table = np.concatenate([_iso_table(b) for b in range(low, high + 1)])
-    return table[days - low * 1024].tolist()
+    return _iso_span(low, high)[days - low * 1024].tolist()
+
+
+@lru_cache(maxsize=64)
+def _iso_span(low: int, high: int) -> np.ndarray:
+    """Return the ISO dates of blocks ``low`` to ``high`` (most series span the same few)."""
+    return np.concatenate([_iso_table(b) for b in range(low, high + 1)])
 
 
 @lru_cache(maxsize=1024)
