@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.evidence import MonthSeries
-from pipelines.report.common import CsvBody, _esc, _pct, float_texts
+from pipelines.report.common import CsvBody, _esc, _pct, rounded_texts
 from pipelines.report.svgplot import EPOCH, Chart, decimate
 
 # Rates below this are "rare": their funnel is drawn as observed against expected counts,
@@ -182,16 +182,12 @@ def vlad_svg(months: MonthSeries, title: str, *, direction: str,
     # written column by column, as csv_text would write these rows (numbers as repr,
     # rounded by Python's round, not numpy's, so the digits stay the same)
     columns = [month, list(map(str, units)), list(map(str, events)),
-               *(_round_texts(values) for values in (
+               *(rounded_texts(values, 4) for values in (
                    expected, diff.tolist(), path.tolist(),
                    *(col.tolist() for _, col in flag_columns)))]
     return plot.render(), headers, CsvBody(
         "".join(",".join(row) + "\r\n" for row in zip(*columns, strict=True)))
 
-
-def _round_texts(values: list[float], digits: int = 4) -> list[str]:
-    """Return ``round(value, digits)`` as csv_text writes it (repr; NaN an empty cell)."""
-    return ["" if v != v else repr(round(v, digits)) for v in values]
 
 
 # -- p-chart -------------------------------------------------------------------------
@@ -272,7 +268,8 @@ def _h_text(h: Any) -> str:
 def _series_lines(days: np.ndarray, stat: np.ndarray, *middle: list[str],
                   last: str) -> CsvBody:
     """Return CSV lines ``date,statistic[,middle...],last`` for one site's series."""
-    columns = [_iso_days(days), float_texts(np.round(stat, 5)), *middle]
+    # rounding values already rounded changes nothing: the cells are their repr
+    columns = [_iso_days(days), rounded_texts(np.round(stat, 5), 5), *middle]
     suffix = "," + last
     # the constant last column is joined in as part of the separator: no per-row work
     return CsvBody((suffix + "\r\n").join(map(",".join, zip(*columns, strict=True)))
