@@ -9,6 +9,7 @@ thresholds and classes come from the stored monitor run; the only arithmetic is 
 from __future__ import annotations
 
 import math
+import re
 from datetime import date
 from functools import lru_cache
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.evidence import MonthSeries
-from pipelines.report.common import CsvBody, _esc, _pct, float_texts
+from pipelines.report.common import CsvBody, _esc, _pct, rounded_texts
 from pipelines.report.svgplot import EPOCH, Chart, decimate
 
 # Rates below this are "rare": their funnel is drawn as observed against expected counts,
@@ -46,8 +47,13 @@ def _iso_days(days) -> list[str]:
     if not days.size:
         return []
     low, high = int(days.min()) // 1024, int(days.max()) // 1024
-    table = np.concatenate([_iso_table(b) for b in range(low, high + 1)])
-    return table[days - low * 1024].tolist()
+    return _iso_span(low, high)[days - low * 1024].tolist()
+
+
+@lru_cache(maxsize=64)
+def _iso_span(low: int, high: int) -> np.ndarray:
+    """Return the ISO dates of blocks ``low`` to ``high`` (most series span the same few)."""
+    return np.concatenate([_iso_table(b) for b in range(low, high + 1)])
 
 
 @lru_cache(maxsize=1024)
@@ -176,16 +182,12 @@ def vlad_svg(months: MonthSeries, title: str, *, direction: str,
     # written column by column, as csv_text would write these rows (numbers as repr,
     # rounded by Python's round, not numpy's, so the digits stay the same)
     columns = [month, list(map(str, units)), list(map(str, events)),
-               *(_round_texts(values) for values in (
+               *(rounded_texts(values, 4) for values in (
                    expected, diff.tolist(), path.tolist(),
                    *(col.tolist() for _, col in flag_columns)))]
     return plot.render(), headers, CsvBody(
         "".join(",".join(row) + "\r\n" for row in zip(*columns, strict=True)))
 
-
-def _round_texts(values: list[float], digits: int = 4) -> list[str]:
-    """Return ``round(value, digits)`` as csv_text writes it (repr; NaN an empty cell)."""
-    return ["" if v != v else repr(round(v, digits)) for v in values]
 
 
 # -- p-chart -------------------------------------------------------------------------
@@ -266,7 +268,8 @@ def _h_text(h: Any) -> str:
 def _series_lines(days: np.ndarray, stat: np.ndarray, *middle: list[str],
                   last: str) -> CsvBody:
     """Return CSV lines ``date,statistic[,middle...],last`` for one site's series."""
-    columns = [_iso_days(days), float_texts(np.round(stat, 5)), *middle]
+    # rounding values already rounded changes nothing: the cells are their repr
+    columns = [_iso_days(days), rounded_texts(np.round(stat, 5), 5), *middle]
     suffix = "," + last
     # the constant last column is joined in as part of the separator: no per-row work
     return CsvBody((suffix + "\r\n").join(map(",".join, zip(*columns, strict=True)))
@@ -461,10 +464,39 @@ class FunnelTemplate:
 
     def __init__(self, svg: str, plot: Chart, points: dict[str, tuple]) -> None:
         self.svg, self.plot, self.points = svg, plot, points
+        # Every site page draws each funnel: the template is cut once where the site's
+        # name goes, and each point label's place is noted, so a page joins pieces instead
+        # of searching the whole drawing (a thousand sites' points) three times.
+        self._parts = svg.split(SITE_TOKEN)
+        last = self._parts[-1]
+        self._end = last.find("</svg>")
+        self._labels: dict[str, tuple[int, int]] = {}
+        if self._end < 0 or last.count("</svg>") != 1 or any(
+                "</svg>" in part for part in self._parts[:-1]):
+            self._parts = None  # not the shape drawn here: for_site searches as it used to
+            return
+        for match in re.finditer(r'font-weight="bold">([^<]*)</text>', last):
+            if match.group(1) not in self._labels:
+                start = last.rfind("<text ", 0, match.start())
+                self._labels[match.group(1)] = (start, match.end())
 
     def for_site(self, site: str) -> str:
         """Return the funnel naming and highlighting ``site``."""
+        name = _esc(site)
+        if self._parts is None:
+            return self._for_site_searching(site)
+        last, end = self._parts[-1], self._end
         # the site's own point label would print beside the highlight's: drop it
+        span = self._labels.get(name)
+        if span is not None and not 0 <= span[0] < end:
+            return self._for_site_searching(site)
+        if span is None:
+            last = last[:end] + self.marker(site) + last[end:]
+        else:
+            last = last[:span[0]] + last[span[1]:end] + self.marker(site) + last[end:]
+        return name.join([*self._parts[:-1], last])
+
+    def _for_site_searching(self, site: str) -> str:
         own = f'font-weight="bold">{_esc(site)}</text>'
         svg = self.svg
         end = svg.find(own)
