@@ -73,6 +73,7 @@ from pipelines.surveillance import (
 from pipelines.surveillance.arl import threshold_for_arl, threshold_for_arl_risk_adjusted
 from pipelines.surveillance.beyond_run import run_beyond_site
 from pipelines.surveillance.outcomes import (
+    COVARIATES,
     Snapshot,
     day_to_date,
     derive_outcomes,
@@ -442,9 +443,11 @@ class _Computation:
         all_risk: np.ndarray | None = None
         if "ra_cusum" in metric.methods:
             with self._timed(f"{metric.id}:risk_model"):
-                model = fit_risk_model(metric.id,
-                                       everyone.loc[is_mature].reset_index(drop=True), p0,
+                # Only the columns the fit reads: the mature rows are copied.
+                mature_units = everyone[["y", *COVARIATES]].loc[is_mature]
+                model = fit_risk_model(metric.id, mature_units.reset_index(drop=True), p0,
                                        min_events=self.profile.design.risk_min_events)
+                del mature_units
                 self.models[metric.id] = model.to_dict()
                 # A unit's risk depends on its own covariates only: predicted once for all.
                 all_risk = model.predict(everyone)

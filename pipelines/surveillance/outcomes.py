@@ -542,10 +542,21 @@ def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
         pair = procs["site_code"].to_numpy(np.int64) * (
             int(procs["patient_code"].max()) + 1
         ) + procs["patient_code"].to_numpy(np.int64)
-        _, first_rows = np.unique(pair, return_index=True)
+        # Rows grouped by pair with a stable sort (a pair's rows keep their order), so
+        # each group's first row is the pair's first row; no hash table of pairs needed.
+        by_pair = np.argsort(pair, kind="stable")
+        sorted_pair = pair[by_pair]
+        del pair
+        starts_group = np.r_[True, sorted_pair[1:] != sorted_pair[:-1]]
+        del sorted_pair
+        first_rows = by_pair[starts_group]
         index_rows = np.sort(first_rows)
-        unit_of_pair = pd.Series(np.arange(len(index_rows)), index=pair[index_rows])
-        unit_of_row = unit_of_pair.reindex(pair).to_numpy()
+        # A unit is numbered by its index row's place in row order.
+        unit_of_group = np.empty(len(first_rows), dtype=np.int64)
+        unit_of_group[np.argsort(first_rows, kind="stable")] = np.arange(len(first_rows))
+        unit_of_row = np.empty(n_procs, dtype=np.int64)
+        unit_of_row[by_pair] = unit_of_group[np.cumsum(starts_group) - 1]
+        del by_pair, starts_group, first_rows, unit_of_group
     else:
         index_rows = np.arange(n_procs)
         unit_of_row = np.arange(n_procs)
@@ -578,7 +589,8 @@ def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
             "y": (first_event[mature] >= 0).astype(np.int8),
             "event_day": first_event[mature],
             **{name: _take(procs[name], rows) for name in COVARIATES},
-        }
+        },
+        copy=False,  # the arrays are new already; no consolidated copy of them
     )
     return units
 
