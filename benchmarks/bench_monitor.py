@@ -95,12 +95,26 @@ print(json.dumps({"seconds": time.perf_counter() - started, "read_seconds": read
 """
 
 _MONITOR = r"""
-import hashlib, json, sys, time
+import functools, hashlib, json, resource, sys, time
 from pipelines.settings import load_settings
-from pipelines.surveillance import threshold_store
+from pipelines.surveillance import engine, threshold_store
 from pipelines.surveillance.engine import run_monitor
 settings = load_settings({"KYPHOWATCH_DEMO": "1", "KYPHOWATCH_REPORT_DIR": sys.argv[2]},
                          db_url=sys.argv[1])
+# The process's peak RSS so far after each step: the step that raises it holds the peak.
+peaks = {"imports": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+def _after(name, step):
+    call = getattr(engine, name)
+    @functools.wraps(call)
+    def wrapped(*args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        finally:
+            peaks[step] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    setattr(engine, name, wrapped)
+for name, step in (("load_snapshot", "read"), ("compute", "compute"), ("_persist", "store"),
+                   ("run_beyond_site", "beyond_site")):
+    _after(name, step)
 started = time.perf_counter()
 result = run_monitor(settings)
 seconds = time.perf_counter() - started
@@ -108,7 +122,8 @@ fields = ("signal_key", "statistic", "threshold", "observed", "expected", "n", "
 digest = hashlib.sha256(json.dumps([{k: s[k] for k in fields} for s in result.signals],
                                    default=str).encode()).hexdigest()
 print(json.dumps({"seconds": seconds, "signals": len(result.signals), "digest": digest,
-                  "timings": result.timings,
+                  "timings": result.timings, "compute_timings": result.compute_timings,
+                  "peak_mb_after": peaks,
                   "thresholds": result.thresholds,
                   "computed_in_process": threshold_store.computations()}))
 """
@@ -123,6 +138,20 @@ def _child(code: str, *args: str) -> tuple[dict, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"child failed:\n{err[-4000:]}")
     return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024.0
+
+
+def _breakdown(timings: dict[str, float]) -> list[str]:
+    """Return one line per metric (its total, then its steps) from ``metric:step`` seconds."""
+    metrics: dict[str, dict[str, float]] = {}
+    for label, seconds in timings.items():
+        metric, _, step = label.partition(":")
+        metrics.setdefault(metric, {})[step] = seconds
+    lines = []
+    for metric, steps in metrics.items():
+        total = steps.pop("total", None)
+        head = f"{metric:26}" + (f" {total:6.2f}" if total is not None else " " * 7)
+        lines.append(head + "   " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()))
+    return lines
 
 
 def _verdict(ok: bool) -> str:
@@ -169,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:44} {run['seconds']:8.2f} {mb:8.0f}   thresholds {run['thresholds']}, "
               f"{run['signals']} signals")
         print(f"{'':44}   steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in run["timings"].items()))
+        print(f"{'':44}   peak MB after: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in run["peak_mb_after"].items()))
+    print()
+    print("compute step of the second run, seconds by metric and step (nested: a metric's "
+          "total includes its steps):")
+    for line in _breakdown(second["compute_timings"]):
+        print("  " + line)
     ratio = second["seconds"] / floor["seconds"]
     first_ratio = first["seconds"] / floor["seconds"]
     peak = max(first_mb, second_mb)

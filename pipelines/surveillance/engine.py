@@ -40,6 +40,8 @@ import logging
 import math
 import operator
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -71,12 +73,14 @@ from pipelines.surveillance import (
 from pipelines.surveillance.arl import threshold_for_arl, threshold_for_arl_risk_adjusted
 from pipelines.surveillance.beyond_run import run_beyond_site
 from pipelines.surveillance.outcomes import (
+    COVARIATES,
     Snapshot,
     day_to_date,
     derive_outcomes,
     latest_procedure_date,
     load_snapshot,
     process_outcomes,
+    release_memory,
     sentinel_events,
 )
 from pipelines.surveillance.profile import Metric, Profile, load_profile
@@ -175,6 +179,10 @@ class _ChartedUnits:
     c_risk: np.ndarray
     lag: int
     p0: float
+    # Every unit, mature or still in follow-up, in index order (the time-to-event chart).
+    all_group: np.ndarray | None = None
+    all_index_day: np.ndarray | None = None
+    all_event_day: np.ndarray | None = None
 
 
 # The method registry: every outcome method a profile may name (profile.METHODS_BY_KIND) and
@@ -234,17 +242,16 @@ class _Builder:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
         self.rows: dict[str, dict[str, Any]] = {}
+        # (row, observed, n) whose exact interval is still to compute: all at once, since
+        # one vectorised call costs what a single scalar one does.
+        self._pending: list[tuple[dict[str, Any], float, int]] = []
 
     def add(self, metric: Metric, site: str, method: str, direction: str, episode_start: date,
             signal_date: date, *, observed: float | None, n: int | None,
             expected: float | None, statistic: float | None, threshold: float | None,
             p_value: float | None = None, detail: dict[str, Any] | None = None) -> None:
         key = signal_key(self.profile.name, site, metric.id, method, direction, episode_start)
-        ci_low = ci_high = None
-        if observed is not None and n:
-            low, high = exact_interval(observed, n)
-            ci_low, ci_high = _finite(low), _finite(high)
-        self.rows[key] = {
+        row = self.rows[key] = {
             "signal_key": key,
             "site_id": site,
             "metric": metric.id,
@@ -256,8 +263,8 @@ class _Builder:
             "observed": _finite(observed),
             "expected": _finite(expected),
             "n": None if n is None else int(n),
-            "ci_low": ci_low,
-            "ci_high": ci_high,
+            "ci_low": None,
+            "ci_high": None,
             "statistic": _finite(statistic),
             "threshold": _finite(threshold),
             "p_value": _finite(p_value),
@@ -267,8 +274,22 @@ class _Builder:
             "profile_version": self.profile.version,
             "detail": json.dumps(detail or {}, sort_keys=True, default=_json_default),
         }
+        if observed is not None and n:
+            self._pending.append((row, observed, n))
+
+    def fill_intervals(self) -> None:
+        """Give every row added since the last call its exact interval (ci_low, ci_high)."""
+        if not self._pending:
+            return
+        rows, observed, n = zip(*self._pending, strict=True)
+        low, high = exact_interval(np.asarray(observed, dtype=float),
+                                   np.asarray(n, dtype=float))
+        for row, lo, hi in zip(rows, low.tolist(), high.tolist(), strict=True):
+            row["ci_low"], row["ci_high"] = _finite(lo), _finite(hi)
+        self._pending = []
 
     def sorted_rows(self) -> list[dict[str, Any]]:
+        self.fill_intervals()
         return sorted(
             self.rows.values(),
             key=lambda r: (r["metric"], r["site_id"], r["method"], r["direction"],
@@ -342,6 +363,17 @@ class _Computation:
         self.charts: dict[str, Any] = {"cusum": {}, "funnel": {}, "pchart": {}}
         # funnel rows to be decided together (FDR across sites and metrics)
         self.funnel_tests: list[dict[str, Any]] = []
+        # Seconds per step, "metric:step" (what the benchmark breaks the compute time into).
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def _timed(self, label: str) -> Iterator[None]:
+        """Add the seconds spent in the block to ``timings[label]``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[label] = self.timings.get(label, 0.0) + time.perf_counter() - started
 
     # -- helpers --------------------------------------------------------------------------
     def _site_entry(self, site: str, metric: Metric) -> dict[str, Any]:
@@ -370,44 +402,66 @@ class _Computation:
         events = np.rint(np.bincount(inverse, weights=y)).astype(np.int64).tolist()
         expect = np.bincount(inverse, weights=expected).tolist()
         site = [self.sites[c] for c in (cells // len(labels)).tolist()]
-        month = [labels[c] for c in (cells % len(labels)).tolist()]
+        month_index = cells % len(labels)
+        month = [labels[c] for c in month_index.tolist()]
         baseline = float(metric.baseline.rate)
         denominator = metric.denominator or "procedure"
         # Computed here, not in the view: SQL that turns a date into text depends on the
-        # PostgreSQL session's DateStyle.
+        # PostgreSQL session's DateStyle. Month numbers count from 1970-01, as datetime64[M].
         as_of_month = int(np.datetime64(int(self.as_of_day), "D").astype("datetime64[M]")
                           .astype(np.int64))
+        first_month = int(np.datetime64(labels[0], "M").astype(np.int64))
+        before = (as_of_month - first_month - month_index).tolist()
         self.site_months.extend(
             {"site_id": s, "metric": metric.id, "month": m, "denominator": denominator,
              "units": u, "events": e, "expected": x, "baseline": baseline,
-             "months_before_as_of": as_of_month - ((int(m[:4]) - 1970) * 12 + int(m[5:7]) - 1)}
-            for s, m, u, e, x in zip(site, month, units, events, expect, strict=True)
+             "months_before_as_of": b}
+            for s, m, u, e, x, b in zip(site, month, units, events, expect, before, strict=True)
         )
 
     # -- outcome metrics ------------------------------------------------------------------
     def outcome_metric(self, metric: Metric) -> None:
-        units = derive_outcomes(self.snapshot, metric)
+        with self._timed(f"{metric.id}:outcomes"):
+            # Derived once, immature units included: the mature units are a subset in the
+            # same order (derive_outcomes(include_immature=False) keeps exactly these rows),
+            # and the outcome-known order and the time-to-event chart need the rest.
+            everyone = derive_outcomes(self.snapshot, metric, include_immature=True)
+            all_group = everyone["site_code"].to_numpy(np.int64)
+            all_index_day = everyone["index_day"].to_numpy(np.int64)
+            all_event_day = everyone["event_day"].to_numpy(np.int64)
+            all_y = everyone["y"].to_numpy(np.int64)
+            window = metric.window_days or 0
+            is_mature = all_index_day + int(metric.window_days) <= self.as_of_day
         p0 = metric.baseline.rate
-        group = units["site_code"].to_numpy(np.int64)
-        y = units["y"].to_numpy(np.int64)
-        day = units["index_day"].to_numpy(np.int64)
+        group = all_group[is_mature]
+        y = all_y[is_mature]
+        day = all_index_day[is_mature]
+        n_units = len(group)
         n_sites = len(self.sites)
         n_per_site = np.bincount(group, minlength=n_sites)
         events_per_site = np.bincount(group, weights=y, minlength=n_sites)
-        expected_risk = np.full(len(units), p0)
+        expected_risk = np.full(n_units, p0)
         model: RiskModel | None = None
+        all_risk: np.ndarray | None = None
         if "ra_cusum" in metric.methods:
-            training = self._risk_training(metric, units)
-            model = fitted_risk_model(metric.id, training, p0,
-                                      min_events=self.profile.design.risk_min_events)
-            self.models[metric.id] = model.to_dict()
-            expected_risk = model.predict(units)
-            if training is not units:
-                self.models[metric.id]["trained_on"] = (
-                    f"units known before {day_to_date(self._design_day())}")
-                # The RA-CUSUM's h is simulated over the training case mix: one design
-                # (and one stored h) per quarter, however many days are added to it.
-                self.design_risks[metric.id] = model.predict(training)
+            with self._timed(f"{metric.id}:risk_model"):
+                # Only the columns the fit reads: the mature rows are copied.
+                mature_units = everyone[["y", "index_day", *COVARIATES]].loc[is_mature]
+                training = self._risk_training(metric, mature_units)
+                model = fitted_risk_model(metric.id, training.reset_index(drop=True), p0,
+                                          min_events=self.profile.design.risk_min_events)
+                self.models[metric.id] = model.to_dict()
+                if training is not mature_units:
+                    self.models[metric.id]["trained_on"] = (
+                        f"units known before {day_to_date(self._design_day())}")
+                    # The RA-CUSUM's h is simulated over the training case mix: one design
+                    # (and one stored h) per quarter, however many days are added to it.
+                    self.design_risks[metric.id] = model.predict(training)
+                del mature_units, training
+                # A unit's risk depends on its own covariates only: predicted once for all.
+                all_risk = model.predict(everyone)
+                expected_risk = all_risk[is_mature]
+        del everyone
         expected_per_site = np.bincount(group, weights=expected_risk, minlength=n_sites)
         self._monthly(metric, group, y, day, expected_risk)
         low, high = exact_interval(events_per_site, n_per_site)
@@ -422,40 +476,39 @@ class _Computation:
                 window_days=metric.window_days, denominator=metric.denominator,
             )
         self.summary["metrics"][metric.id] = {
-            "mature_units": int(len(units)), "events": int(y.sum()),
-            "rate": _finite(y.mean()) if len(units) else None,
+            "mature_units": int(n_units), "events": int(y.sum()),
+            "rate": _finite(y.mean()) if n_units else None,
             "risk_model": model.kind if model else None,
         }
         detect = metric.detect
         assert detect is not None
-        window = metric.window_days or 0
         if self.profile.design.budget is not None and window <= INFORMATION_ORDER_MAX_WINDOW:
             # Outcomes in the order they became known: an event on its day (the case may
             # still be inside its window), an event-free case when its window closes. The
             # same increments, up to a window earlier, and exactly what a nightly run on
             # as_of can see: nothing known after as_of is in the chart.
-            known_units = derive_outcomes(self.snapshot, metric, include_immature=True)
-            event_day = known_units["event_day"].to_numpy(np.int64)
-            index_day = known_units["index_day"].to_numpy(np.int64)
-            seen = (index_day + window <= self.as_of_day) | (event_day >= 0)
-            known_units = known_units.loc[seen]
-            k_y = known_units["y"].to_numpy(np.int64)
-            known = np.where(k_y == 1, event_day[seen], index_day[seen] + window)
-            k_group = known_units["site_code"].to_numpy(np.int64)
-            order = np.lexsort((known, k_group))
-            c_group, c_y, c_day, lag = k_group[order], k_y[order], known[order], 0
-            c_risk = (model.predict(known_units) if model is not None
-                      else np.full(len(known_units), p0))[order]
+            with self._timed(f"{metric.id}:known_order"):
+                seen = (all_index_day + window <= self.as_of_day) | (all_event_day >= 0)
+                k_y = all_y[seen]
+                known = np.where(k_y == 1, all_event_day[seen], all_index_day[seen] + window)
+                k_group = all_group[seen]
+                order = np.lexsort((known, k_group))
+                c_group, c_y, c_day, lag = k_group[order], k_y[order], known[order], 0
+                c_risk = (all_risk[seen] if all_risk is not None
+                          else np.full(len(k_y), p0))[order]
         else:
             c_group, c_y, c_day, lag = group, y, day, window
             c_risk = expected_risk
         charted = _ChartedUnits(group=group, y=y, day=day, c_group=c_group, c_y=c_y,
-                                c_day=c_day, c_risk=c_risk, lag=lag, p0=p0)
+                                c_day=c_day, c_risk=c_risk, lag=lag, p0=p0,
+                                all_group=all_group, all_index_day=all_index_day,
+                                all_event_day=all_event_day)
         done: set[str] = set()
         for method, routine in OUTCOME_METHODS.items():  # registry order: CUSUMs first
             if method in metric.methods and routine not in done:  # the CUSUMs share one pass per direction
                 done.add(routine)
-                getattr(self, routine)(metric, charted)
+                with self._timed(f"{metric.id}:{routine.lstrip('_')}"):
+                    getattr(self, routine)(metric, charted)
 
     def _design_day(self) -> int:
         """Return the first day of as_of's calendar quarter: the current design's start."""
@@ -677,19 +730,24 @@ class _Computation:
                 },
             )
 
-    def _tte(self, metric: Metric, _units: _ChartedUnits | None = None) -> None:
+    def _tte(self, metric: Metric, units: _ChartedUnits | None = None) -> None:
         """Run the time-to-event CUSUM (partial follow-up; :mod:`survival`) for every site."""
-        units = derive_outcomes(self.snapshot, metric, include_immature=True)
-        if units.empty:
+        if units is None or units.all_group is None:
+            everyone = derive_outcomes(self.snapshot, metric, include_immature=True)
+            site = everyone["site_code"].to_numpy(np.int64)
+            index_day = everyone["index_day"].to_numpy(np.int64)
+            event_day = everyone["event_day"].to_numpy(np.int64)
+        else:
+            site, index_day, event_day = (units.all_group, units.all_index_day,
+                                          units.all_event_day)
+        if not len(site):
             return
         detect = metric.detect
         reference = self._reference(metric, "up")
         theta = survival.hazard_ratio_for(reference, detect.odds_ratio)
         n_sites = len(self.sites)
-        follow = survival.follow_up(
-            units["site_code"].to_numpy(np.int64), units["index_day"].to_numpy(np.int64),
-            units["event_day"].to_numpy(np.int64), n_sites, int(metric.window_days),
-            self.as_of_day, reference)
+        follow = survival.follow_up(site, index_day, event_day, n_sites,
+                                    int(metric.window_days), self.as_of_day, reference)
         mu = follow.mean_daily_expected()
         role = self._role(metric, "tte_cusum", "up")
         levels_to_run = [role] + (["watch"] if role == "alarm" and self.profile.design.budget
@@ -1044,6 +1102,7 @@ class _Computation:
     # -- levels ---------------------------------------------------------------------------
     def grade(self) -> None:
         """Give every site and metric its level (:mod:`levels`) and list the level episodes."""
+        self.builder.fill_intervals()
         by_pair: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for row in self.builder.rows.values():
             by_pair.setdefault((row["site_id"], row["metric"]), []).append(row)
@@ -1172,14 +1231,19 @@ def compute(profile: Profile, snapshot: Snapshot) -> _Computation:
     """Derive every signal, model and per-site figure for a snapshot (no database writes)."""
     work = _Computation(profile, snapshot)
     for metric in profile.metrics:
-        if metric.kind == "outcome":
-            work.outcome_metric(metric)
-        elif metric.kind == "sentinel":
-            work.sentinel_metric(metric)
-        else:
-            work.process_metric(metric)
-    work.funnel_decide()
-    work.grade()
+        with work._timed(f"{metric.id}:total"):
+            if metric.kind == "outcome":
+                work.outcome_metric(metric)
+            elif metric.kind == "sentinel":
+                work.sentinel_metric(metric)
+            else:
+                work.process_metric(metric)
+            # Each metric's units are garbage now: the next metric starts from what is kept.
+            release_memory()
+    with work._timed("all:funnel_decide"):
+        work.funnel_decide()
+    with work._timed("all:grade"):
+        work.grade()
     return work
 
 
@@ -1248,8 +1312,10 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
             thresholds=store.counts(),
         )
         result.timings = {"read": loaded - started, "compute": computed - loaded}
+        result.compute_timings = dict(work.timings)
         if persist:
             _persist(engine, result, profile)
+            release_memory()
             stored = time.perf_counter()
             # Operators, devices and lots on the same snapshot (issue 12; beyond_run.py).
             # The store stays active: a design wrapped in threshold_store.cached there is

@@ -29,6 +29,7 @@ are read, so a run "as of" a past date sees the past (with today's corrections a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import date
@@ -143,8 +144,9 @@ def copy_columns(conn: sa.Connection, statement: sa.Select,
     into one typed array per column, batch by batch (:data:`READ_BATCH_BYTES` of text).
     ``kinds`` gives each selected column's kind, in the statement's order: ``int``,
     ``bool`` (``t``/``f``), ``category`` (a few distinct strings: dictionary-encoded by
-    Arrow, so no Python string per row is ever made) or ``object`` (one string per row,
-    e.g. ids). An unquoted empty field (SQL NULL) is missing. The statement is compiled by
+    Arrow, so no Python string per row is ever made), ``string`` (one string per row, e.g.
+    ids, kept in Arrow's buffers: a pandas ``str`` array) or ``object`` (the same as Python
+    strings). An unquoted empty field (SQL NULL) is missing. The statement is compiled by
     SQLAlchemy and its values are bound by the driver; ``COPY`` only wraps it.
     """
     import pyarrow as pa
@@ -154,7 +156,8 @@ def copy_columns(conn: sa.Connection, statement: sa.Select,
                                  compile_kwargs={"render_postcompile": True})
     names = list(kinds)
     types = {"int": pa.int64(), "bool": pa.bool_(),
-             "category": pa.dictionary(pa.int32(), pa.string()), "object": pa.string()}
+             "category": pa.dictionary(pa.int32(), pa.string()), "object": pa.string(),
+             "string": pa.string()}
     read_options = pa_csv.ReadOptions(column_names=names, use_threads=False)
     convert_options = pa_csv.ConvertOptions(
         column_types={name: types[kind] for name, kind in kinds.items()},
@@ -184,6 +187,8 @@ def copy_columns(conn: sa.Connection, statement: sa.Select,
         column = table.column(name)
         if kinds[name] == "category":
             columns[name] = column.to_pandas().array
+        elif kinds[name] == "string":
+            columns[name] = _arrow_strings(column.combine_chunks())
         elif kinds[name] == "object":
             columns[name] = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
         else:
@@ -193,6 +198,82 @@ def copy_columns(conn: sa.Connection, statement: sa.Select,
     # Arrow's allocator keeps freed batches for its own reuse; the monitor has none.
     pa.default_memory_pool().release_unused()
     return columns
+
+
+def _id_strings(values) -> pd.arrays.ArrowStringArray:
+    """Return ids (an Arrow-backed array, or any array of strings) as an Arrow string array."""
+    import pyarrow as pa
+
+    if isinstance(values, pd.arrays.ArrowStringArray):
+        return values
+    return _arrow_strings(pa.array(np.asarray(values, dtype=object), type=pa.string()))
+
+
+def release_memory() -> None:
+    """Hand memory freed by the process back to the operating system (glibc only).
+
+    Arrays of a few MB freed here and there stay in the C allocator's heap (its threshold
+    for giving blocks their own mapping rises to 32 MB after the first large free), so the
+    process keeps the peak of every phase. ``malloc_trim`` returns the free pages at once:
+    the next phase starts from what is alive, not from the last phase's high-water mark.
+    """
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """Return glibc's ``malloc_trim``, or None where the C library has none."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def _arrow_strings(values) -> pd.arrays.ArrowStringArray:
+    """Wrap an Arrow string array, without copying, as pandas' default ``str`` array."""
+    import pyarrow as pa
+
+    return pa.chunked_array([values], type=pa.string()).to_pandas().array
+
+
+# Ids turned into Python strings at a time when hashing: bounds the transient memory.
+_HASH_CHUNK = 1 << 16
+
+
+def _id_hashes(ids: pd.arrays.ArrowStringArray) -> np.ndarray:
+    """Return ``pd.util.hash_array`` of each id as a Python string, a chunk at a time.
+
+    The same values as hashing the whole object array at once (each string's hash depends
+    on that string only), without a Python string per row alive at the same time.
+    """
+    hashes = np.empty(len(ids), dtype=np.uint64)
+    for start in range(0, len(ids), _HASH_CHUNK):
+        chunk = ids[start:start + _HASH_CHUNK].to_numpy(dtype=object)
+        # categorize only saves work on repeated values; ids are unique, the hashes equal
+        hashes[start:start + len(chunk)] = pd.util.hash_array(chunk, categorize=False)
+    return hashes
+
+
+def _positions(ids: pd.arrays.ArrowStringArray,
+               wanted: pd.arrays.ArrowStringArray) -> np.ndarray:
+    """Return the position of each ``wanted`` id in the unique ``ids`` (-1: not there)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not len(wanted):
+        return np.zeros(0, dtype=np.int64)
+    found = pc.index_in(pa.chunked_array(pa.array(wanted)),
+                        value_set=pa.chunked_array(pa.array(ids)).combine_chunks())
+    return found.fill_null(-1).to_numpy().astype(np.int64)
 
 
 def _fingerprint(procedures: pd.DataFrame, complications: pd.DataFrame) -> str:
@@ -300,12 +381,12 @@ def _day_of(column: sa.ColumnElement) -> sa.ColumnElement:
 
 # Kinds of the streamed procedure and complication columns (see copy_columns).
 _PROCEDURE_KINDS = {
-    "procedure_id": "object", "site_id": "category", "procedure_date": "int",
+    "procedure_id": "string", "site_id": "category", "procedure_date": "int",
     "age_years": "int", "sex": "category", "steroid_use": "bool", "levels_treated": "int",
     "indication": "category", "anaesthesia": "category", "balloons": "int",
     "mdt_discussed": "bool",
 }
-_COMPLICATION_KINDS = {"procedure_id": "object", "event_date": "int", "event_type": "category",
+_COMPLICATION_KINDS = {"procedure_id": "string", "event_date": "int", "event_type": "category",
                        "symptomatic": "bool", "severity": "category"}
 
 
@@ -331,6 +412,7 @@ def _load_streamed(conn: sa.Connection, as_of: date, needs_patient: bool,
     proc_rows = copy_columns(
         conn, sa.select(*proc_columns).where(procedure.c.procedure_date <= as_of), kinds)
     comp_rows = {name: np.empty(0, dtype=object) for name in _COMPLICATION_KINDS}
+    release_memory()
     if event_types:
         comp_rows = copy_columns(conn, sa.select(
             complication.c.procedure_id,
@@ -338,7 +420,10 @@ def _load_streamed(conn: sa.Connection, as_of: date, needs_patient: bool,
             complication.c.event_type, complication.c.symptomatic, complication.c.severity,
         ).where(complication.c.event_date <= as_of,
                 complication.c.event_type.in_(event_types)), _COMPLICATION_KINDS)
-    return snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient)
+    snapshot = snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient)
+    del proc_rows, comp_rows
+    release_memory()
+    return snapshot
 
 
 def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np.ndarray],
@@ -361,12 +446,14 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
     col = proc_rows
     site_code, sites = _sorted_codes(col["site_id"])
     day = _days(col["procedure_date"]) if len(site_code) else np.zeros(0, np.int64)
-    procedure_id = col["procedure_id"]
-    tie = pd.util.hash_array(procedure_id) if len(procedure_id) else np.zeros(0, np.uint64)
+    procedure_id = _id_strings(col["procedure_id"])
+    tie = _id_hashes(procedure_id)
     order = np.lexsort((tie, day, site_code))
+    sorted_ids = procedure_id.take(order)
+    del procedure_id
     frame = {
-        # object dtype on purpose: pandas would otherwise copy a million ids into Arrow strings
-        "procedure_id": pd.Series(procedure_id[order], dtype=object),
+        # Arrow-backed strings: a million ids as Python strings would take ~70 MB more.
+        "procedure_id": sorted_ids,
         "tie_hash": tie[order],
         "site_code": site_code[order],
         "site_id": pd.Categorical.from_codes(site_code[order], categories=sites)
@@ -386,10 +473,9 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
         # and must never leave this module.
         frame["patient_code"] = pd.factorize(col["patient_hash"][order])[0]
     procedures = pd.DataFrame(frame)
+    del frame
     comp_col = comp_rows
-    position = pd.Index(procedure_id[order], dtype=object).get_indexer(
-        pd.Index(comp_col["procedure_id"], dtype=object)
-    )
+    position = _positions(sorted_ids, _id_strings(comp_col["procedure_id"]))
     complications = pd.DataFrame(
         {
             "procedure_row": position.astype(np.int64),  # -1: procedure not (yet) known
@@ -456,10 +542,21 @@ def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
         pair = procs["site_code"].to_numpy(np.int64) * (
             int(procs["patient_code"].max()) + 1
         ) + procs["patient_code"].to_numpy(np.int64)
-        _, first_rows = np.unique(pair, return_index=True)
+        # Rows grouped by pair with a stable sort (a pair's rows keep their order), so
+        # each group's first row is the pair's first row; no hash table of pairs needed.
+        by_pair = np.argsort(pair, kind="stable")
+        sorted_pair = pair[by_pair]
+        del pair
+        starts_group = np.r_[True, sorted_pair[1:] != sorted_pair[:-1]]
+        del sorted_pair
+        first_rows = by_pair[starts_group]
         index_rows = np.sort(first_rows)
-        unit_of_pair = pd.Series(np.arange(len(index_rows)), index=pair[index_rows])
-        unit_of_row = unit_of_pair.reindex(pair).to_numpy()
+        # A unit is numbered by its index row's place in row order.
+        unit_of_group = np.empty(len(first_rows), dtype=np.int64)
+        unit_of_group[np.argsort(first_rows, kind="stable")] = np.arange(len(first_rows))
+        unit_of_row = np.empty(n_procs, dtype=np.int64)
+        unit_of_row[by_pair] = unit_of_group[np.cumsum(starts_group) - 1]
+        del by_pair, starts_group, first_rows, unit_of_group
     else:
         index_rows = np.arange(n_procs)
         unit_of_row = np.arange(n_procs)
@@ -486,13 +583,14 @@ def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
         {
             "site_id": _take(procs["site_id"], rows),
             "site_code": procs["site_code"].to_numpy(np.int64)[rows],
-            "unit_id": pd.Series(procs["procedure_id"].to_numpy()[rows], dtype=object),
+            "unit_id": procs["procedure_id"].array.take(rows),
             "index_date": index_day[mature].astype("datetime64[D]"),
             "index_day": index_day[mature],
             "y": (first_event[mature] >= 0).astype(np.int8),
             "event_day": first_event[mature],
             **{name: _take(procs[name], rows) for name in COVARIATES},
-        }
+        },
+        copy=False,  # the arrays are new already; no consolidated copy of them
     )
     return units
 

@@ -32,11 +32,15 @@ baseline and the reason is logged and stored with the model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,28 +65,58 @@ EVENTS_PER_PARAMETER = 10
 _P_FLOOR = 1e-6
 
 
-def design_matrix(frame: pd.DataFrame) -> pd.DataFrame:
-    """Return the candidate covariate columns (no intercept) for units in ``frame``.
+def term_values(frame: pd.DataFrame, term: str) -> np.ndarray:
+    """Return one candidate covariate column (a term of :data:`CANDIDATE_TERMS`) as floats.
 
     Categorical columns are fastest as pandas ``category`` dtype (as outcomes delivers them).
     """
-    sex = frame["sex"]
-    indication = frame["indication"]
-    return pd.DataFrame(
-        {
-            "age10": (frame["age_years"].to_numpy(float) - 70.0) / 10.0,
-            "sex_M": sex.eq("M").to_numpy(float),
-            "sex_U": sex.eq("U").to_numpy(float),
-            "steroid_use": frame["steroid_use"].to_numpy(float),
-            "extra_levels": frame["levels_treated"].to_numpy(float) - 1.0,
-            "indication_malignancy": indication.eq("malignancy").to_numpy(float),
-            "indication_haemangioma": indication.eq("haemangioma").to_numpy(float),
-            "indication_other": indication.eq("other").to_numpy(float),
-            "anaesthesia_general": frame["anaesthesia"].eq("general").to_numpy(float),
-            "extra_balloon": frame["balloons"].to_numpy(float) - 1.0,
-        },
-        index=frame.index,
-    )
+    if term == "age10":
+        return (frame["age_years"].to_numpy(float) - 70.0) / 10.0
+    if term == "extra_levels":
+        return frame["levels_treated"].to_numpy(float) - 1.0
+    if term == "extra_balloon":
+        return frame["balloons"].to_numpy(float) - 1.0
+    if term == "steroid_use":
+        return frame["steroid_use"].to_numpy(float)
+    column, _, level = term.partition("_")
+    if term == "anaesthesia_general":
+        column, level = "anaesthesia", "general"
+    return frame[column].eq(level).to_numpy(float)
+
+
+def design_matrix(frame: pd.DataFrame) -> pd.DataFrame:
+    """Return the candidate covariate columns (no intercept) for units in ``frame``."""
+    return pd.DataFrame({term: term_values(frame, term) for term in CANDIDATE_TERMS},
+                        index=frame.index)
+
+
+def covariate_patterns(frame: pd.DataFrame, y: np.ndarray
+                       ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Return (distinct covariate patterns, events, units) per pattern, patterns sorted.
+
+    The same as grouping :func:`design_matrix` with ``y`` by every term (sorted, as
+    ``groupby(..., sort=True)``), without the million-row frame: each term becomes integer
+    codes in the order of its values, the codes one mixed-radix key, and a pattern's term
+    values are read back from its key.
+    """
+    key = np.zeros(len(frame), dtype=np.int64)
+    values: list[np.ndarray] = []
+    for term in CANDIDATE_TERMS:
+        column = term_values(frame, term)
+        distinct, codes = np.unique(column, return_inverse=True)
+        if distinct.size and key.size and int(key.max()) > (2**62) // distinct.size:
+            raise OverflowError("too many covariate patterns for a 64-bit key")
+        key = key * distinct.size + codes
+        values.append(distinct)
+    keys, inverse, units = np.unique(key, return_inverse=True, return_counts=True)
+    events = np.bincount(inverse, weights=y, minlength=len(keys))
+    columns: dict[str, np.ndarray] = {}
+    rest = keys
+    for term, distinct in zip(reversed(CANDIDATE_TERMS), reversed(values), strict=True):
+        columns[term] = distinct[rest % distinct.size] if distinct.size else distinct
+        rest = rest // max(distinct.size, 1)
+    patterns = pd.DataFrame({term: columns[term] for term in CANDIDATE_TERMS})
+    return patterns, events, units.astype(np.int64)
 
 
 @dataclass
@@ -107,10 +141,9 @@ class RiskModel:
         """Return the recalibrated expected risk for each unit in ``frame``."""
         if self.kind == "flat" or frame.empty:
             return np.full(len(frame), self.baseline, dtype=float)
-        x = design_matrix(frame)
         eta = np.full(len(frame), self.coefficients["intercept"] + self.calibration_shift)
-        for term in self.terms:
-            eta += self.coefficients[term] * x[term].to_numpy()
+        for term in self.terms:  # one column at a time: no frame of every term
+            eta += self.coefficients[term] * term_values(frame, term)
         return np.clip(special.expit(eta), _P_FLOOR, 1.0 - _P_FLOOR)
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +179,43 @@ class RiskModel:
         return cls(**{**state, "terms": tuple(state["terms"]),
                       "coefficients": dict(state["coefficients"]),
                       "standard_errors": dict(state["standard_errors"])})
+
+
+@functools.cache
+def _numpy_openblas() -> Any:
+    """Return numpy's bundled OpenBLAS (ctypes), or None when numpy is built otherwise."""
+    import ctypes
+
+    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    for path in sorted(libs.glob("libscipy_openblas64_*.so")):
+        try:
+            lib = ctypes.CDLL(str(path))
+            lib.scipy_openblas_get_num_threads64_.restype = ctypes.c_int
+            lib.scipy_openblas_set_num_threads64_.argtypes = [ctypes.c_int]
+        except (OSError, AttributeError):
+            continue
+        return lib
+    return None
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run the block with numpy's OpenBLAS on one thread.
+
+    The fit's least-squares and SVD calls are on a few thousand covariate patterns: a
+    thread handles them in milliseconds, while OpenBLAS's worker threads, on a machine whose
+    cores are busy, wait for each other for a tenth of a second a call.
+    """
+    lib = _numpy_openblas()
+    if lib is None:
+        yield
+        return
+    previous = lib.scipy_openblas_get_num_threads64_()
+    lib.scipy_openblas_set_num_threads64_(1)
+    try:
+        yield
+    finally:
+        lib.scipy_openblas_set_num_threads64_(previous)
 
 
 def _flat(metric: str, baseline: float, n: int, events: int, reason: str) -> RiskModel:
@@ -185,12 +255,11 @@ def training_digest(units: pd.DataFrame) -> str:
     trials), so two training sets with the same digest give the same model; the rows' order
     does not matter. Late complications or corrected rows change the digest, and so refit.
     """
-    x = design_matrix(units) if len(units) else pd.DataFrame(columns=list(CANDIDATE_TERMS))
-    x["y"] = units["y"].to_numpy(float) if len(units) else np.empty(0)
-    patterns = x.groupby(list(CANDIDATE_TERMS), sort=True, observed=True)["y"].agg(
-        ["sum", "count"]).reset_index()
+    patterns, events, counts = covariate_patterns(units, units["y"].to_numpy(float))
     digest = hashlib.sha256(",".join(patterns.columns).encode("utf-8"))
-    digest.update(np.ascontiguousarray(patterns.to_numpy(np.float64)).tobytes())
+    for part in (patterns.to_numpy(np.float64), events.astype(np.float64),
+                 counts.astype(np.float64)):
+        digest.update(np.ascontiguousarray(part).tobytes())
     return digest.hexdigest()
 
 
@@ -216,6 +285,12 @@ def fit_risk_model(
     metric: str, units: pd.DataFrame, baseline: float, *, min_events: int = 50
 ) -> RiskModel:
     """Fit the case-mix model on pooled mature ``units`` (columns y + covariates) and recalibrate."""
+    with _one_blas_thread():
+        return _fit(metric, units, baseline, min_events)
+
+
+def _fit(metric: str, units: pd.DataFrame, baseline: float, min_events: int) -> RiskModel:
+    """Do :func:`fit_risk_model`'s work."""
     import statsmodels.api as sm
     from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning
 
@@ -231,10 +306,7 @@ def fit_risk_model(
             f"too few events to fit: {events} events, {nonevents} non-events "
             f"(need {min_events} of each)",
         )
-    x = design_matrix(units)
-    x["y"] = units["y"].to_numpy(float)
-    patterns = x.groupby(list(CANDIDATE_TERMS), sort=True, observed=True)["y"].agg(["sum", "count"])
-    covariates = patterns.index.to_frame(index=False)
+    covariates, successes, counts = covariate_patterns(units, units["y"].to_numpy(float))
     varying = [t for t in CANDIDATE_TERMS if covariates[t].nunique() > 1]
     if min(events, nonevents) < EVENTS_PER_PARAMETER * (len(varying) + 1):
         return _flat(
@@ -249,8 +321,7 @@ def fit_risk_model(
     if np.linalg.matrix_rank(exog) < exog.shape[1]:
         return _flat(metric, baseline, n, events,
                      "covariates are collinear in these data (rank-deficient design)")
-    successes = patterns["sum"].to_numpy(float)
-    trials = patterns["count"].to_numpy(float)
+    trials = counts.astype(float)
     endog = np.column_stack([successes, trials - successes])
     try:
         with warnings.catch_warnings():

@@ -66,6 +66,8 @@ class MonitorResult:
     thresholds: dict[str, int] = field(default_factory=dict, repr=False)
     # Seconds per step: read, compute, and when stored, store and beyond_site.
     timings: dict[str, float] = field(default_factory=dict, repr=False)
+    # The compute step's seconds by "metric:step" (:class:`engine._Computation` timings).
+    compute_timings: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def active_signals(self) -> list[dict[str, Any]]:

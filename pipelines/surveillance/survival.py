@@ -87,7 +87,10 @@ def reference_hazard(index_day: np.ndarray, end_day: np.ndarray, event: np.ndarr
     edges[-1] = window
     widths = np.diff(edges).astype(float)
     duration = np.clip(end_day - index_day, 0, window)
-    at_risk = np.clip(duration[:, None] - edges[None, :-1], 0, widths[None, :]).sum(axis=0)
+    # Bin by bin, not as a units x bins matrix (13 bins of a million units: 100 MB). The
+    # days are whole numbers, so the sums are exact in any order.
+    at_risk = np.array([np.clip(duration - edges[b], 0, widths[b]).sum()
+                        for b in range(n_bins)], dtype=float)
     event_bin = np.minimum((duration[event] - 1).clip(min=0) // BIN_DAYS, n_bins - 1)
     events = np.bincount(event_bin, minlength=n_bins).astype(float)
     if events.sum() >= MIN_EVENTS_FOR_SHAPE and (at_risk > 0).all():
