@@ -522,12 +522,14 @@ def _matching_events(snapshot: Snapshot, metric: Metric) -> pd.DataFrame:
 
 
 def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
-                    include_immature: bool = False) -> pd.DataFrame:
+                    include_immature: bool = False,
+                    columns: tuple[str, ...] = OUTCOME_COLUMNS) -> pd.DataFrame:
     """Return one row per *mature* unit of ``metric`` with its outcome flag and covariates.
 
     Columns: site_id (categorical), site_code, unit_id, index_date, index_day, y (0/1),
-    event_day (first counted event, -1 when none) and the case-mix covariates. Rows are in
-    chart order: site, index date, then a fixed hash of the unit id (see load_snapshot).
+    event_day (first counted event, -1 when none) and the case-mix covariates; ``columns``
+    picks some of them (in that order), which saves making the others. Rows are in chart
+    order: site, index date, then a fixed hash of the unit id (see load_snapshot).
     ``include_immature`` keeps units still in follow-up too (the time-to-event chart counts
     their events as they happen); their ``y`` is 1 only if the event has already occurred.
     """
@@ -579,20 +581,22 @@ def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
     if include_immature:
         mature = np.ones(len(index_rows), dtype=bool)
     rows = index_rows[mature]
-    units = pd.DataFrame(
-        {
-            "site_id": _take(procs["site_id"], rows),
-            "site_code": procs["site_code"].to_numpy(np.int64)[rows],
-            "unit_id": procs["procedure_id"].array.take(rows),
-            "index_date": index_day[mature].astype("datetime64[D]"),
-            "index_day": index_day[mature],
-            "y": (first_event[mature] >= 0).astype(np.int8),
-            "event_day": first_event[mature],
-            **{name: _take(procs[name], rows) for name in COVARIATES},
-        },
-        copy=False,  # the arrays are new already; no consolidated copy of them
-    )
-    return units
+    makers = {
+        "site_id": lambda: _take(procs["site_id"], rows),
+        "site_code": lambda: procs["site_code"].to_numpy(np.int64)[rows],
+        "unit_id": lambda: procs["procedure_id"].array.take(rows),
+        "index_date": lambda: index_day[mature].astype("datetime64[D]"),
+        "index_day": lambda: index_day[mature],
+        "y": lambda: (first_event[mature] >= 0).astype(np.int8),
+        "event_day": lambda: first_event[mature],
+        **{name: functools.partial(_take, procs[name], rows) for name in COVARIATES},
+    }
+    unknown = set(columns) - set(makers)
+    if unknown:
+        raise ValueError(f"unknown outcome columns: {sorted(unknown)}")
+    # copy=False: the arrays are new already; no consolidated copy of them
+    return pd.DataFrame({name: makers[name]() for name in columns}, index=pd.RangeIndex(len(rows)),
+                        copy=False)
 
 
 def _take(column: pd.Series, rows: np.ndarray):
