@@ -425,7 +425,10 @@ class _Computation:
             # Derived once, immature units included: the mature units are a subset in the
             # same order (derive_outcomes(include_immature=False) keeps exactly these rows),
             # and the outcome-known order and the time-to-event chart need the rest.
-            everyone = derive_outcomes(self.snapshot, metric, include_immature=True)
+            everyone = derive_outcomes(
+                self.snapshot, metric, include_immature=True,
+                columns=("site_code", "index_day", "y", "event_day",
+                         *(COVARIATES if "ra_cusum" in metric.methods else ())))
             all_group = everyone["site_code"].to_numpy(np.int64)
             all_index_day = everyone["index_day"].to_numpy(np.int64)
             all_event_day = everyone["event_day"].to_numpy(np.int64)

@@ -30,6 +30,7 @@ Everything here is pure: signals and per-site figures in, levels and episodes ou
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from datetime import date, timedelta
@@ -75,11 +76,20 @@ def detail_of(signal: dict[str, Any]) -> dict[str, Any]:
     """Return a signal's detail as a dict (it is stored as JSON text)."""
     detail = signal.get("detail") or {}
     if isinstance(detail, str):
-        try:
-            return json.loads(detail)
-        except ValueError:
-            return {}
+        return dict(_parsed_detail(detail))
     return detail
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_detail(text: str) -> dict[str, Any]:
+    """Return the JSON text parsed ({} when it is not JSON), once per text.
+
+    Grading reads each signal's detail several times; callers get a copy (detail_of).
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {}
 
 
 def _as_date(value: Any) -> date:

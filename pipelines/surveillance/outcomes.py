@@ -442,37 +442,43 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
     order the sequential charts consume. The hash only breaks ties between procedures on
     the same day, identically on every database (a collation-dependent ORDER BY would not).
     Strings are turned into integer codes at once; that is what makes a million rows cheap.
+    Each array is taken out of ``proc_rows`` and ``comp_rows`` when used (both dicts are
+    left empty), so that it is freed as soon as its ordered copy exists.
     """
     col = proc_rows
-    site_code, sites = _sorted_codes(col["site_id"])
-    day = _days(col["procedure_date"]) if len(site_code) else np.zeros(0, np.int64)
-    procedure_id = _id_strings(col["procedure_id"])
+    site_code, sites = _sorted_codes(col.pop("site_id"))
+    day = _days(col.pop("procedure_date")) if len(site_code) else np.zeros(0, np.int64)
+    procedure_id = _id_strings(col.pop("procedure_id"))
     tie = _id_hashes(procedure_id)
     order = np.lexsort((tie, day, site_code))
     sorted_ids = procedure_id.take(order)
     del procedure_id
+    site_code = site_code[order]
     frame = {
         # Arrow-backed strings: a million ids as Python strings would take ~70 MB more.
         "procedure_id": sorted_ids,
         "tie_hash": tie[order],
-        "site_code": site_code[order],
-        "site_id": pd.Categorical.from_codes(site_code[order], categories=sites)
+        "site_code": site_code,
+        "site_id": pd.Categorical.from_codes(site_code, categories=sites)
         if sites
         else pd.Categorical([]),
         "procedure_day": day[order],
     }
+    del tie, day
     for name in ("age_years", "levels_treated", "balloons"):
-        frame[name] = col[name][order].astype(np.int64)
+        frame[name] = col.pop(name)[order].astype(np.int64, copy=False)
     for name in ("steroid_use", "mdt_discussed"):
-        frame[name] = col[name][order].astype(bool)
+        frame[name] = col.pop(name)[order].astype(bool, copy=False)
     for name in ("sex", "indication", "anaesthesia"):
-        codes, categories = _sorted_codes(col[name][order])
+        codes, categories = _sorted_codes(col.pop(name)[order])
         frame[name] = pd.Categorical.from_codes(codes, categories=categories)
     if needs_patient:
         # Replace the digest by an integer code at once: it is needed only for grouping
         # and must never leave this module.
-        frame["patient_code"] = pd.factorize(col["patient_hash"][order])[0]
-    procedures = pd.DataFrame(frame)
+        frame["patient_code"] = pd.factorize(col.pop("patient_hash")[order])[0]
+    col.clear()
+    # copy=False: the columns are new arrays already (a dict is otherwise copied, whole)
+    procedures = pd.DataFrame(frame, copy=False)
     del frame
     comp_col = comp_rows
     position = _positions(sorted_ids, _id_strings(comp_col["procedure_id"]))
@@ -485,7 +491,8 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
             "event_type": pd.Categorical(comp_col["event_type"]),
             "symptomatic": comp_col["symptomatic"].astype(bool),
             "severity": pd.Categorical(comp_col["severity"]),
-        }
+        },
+        copy=False,
     )
     complications = complications.loc[complications["procedure_row"] >= 0].reset_index(drop=True)
     # The id's hash stands in for the id itself (hashing a million strings twice is slow).
@@ -522,12 +529,14 @@ def _matching_events(snapshot: Snapshot, metric: Metric) -> pd.DataFrame:
 
 
 def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
-                    include_immature: bool = False) -> pd.DataFrame:
+                    include_immature: bool = False,
+                    columns: tuple[str, ...] = OUTCOME_COLUMNS) -> pd.DataFrame:
     """Return one row per *mature* unit of ``metric`` with its outcome flag and covariates.
 
     Columns: site_id (categorical), site_code, unit_id, index_date, index_day, y (0/1),
-    event_day (first counted event, -1 when none) and the case-mix covariates. Rows are in
-    chart order: site, index date, then a fixed hash of the unit id (see load_snapshot).
+    event_day (first counted event, -1 when none) and the case-mix covariates; ``columns``
+    picks some of them (in that order), which saves making the others. Rows are in chart
+    order: site, index date, then a fixed hash of the unit id (see load_snapshot).
     ``include_immature`` keeps units still in follow-up too (the time-to-event chart counts
     their events as they happen); their ``y`` is 1 only if the event has already occurred.
     """
@@ -579,20 +588,22 @@ def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
     if include_immature:
         mature = np.ones(len(index_rows), dtype=bool)
     rows = index_rows[mature]
-    units = pd.DataFrame(
-        {
-            "site_id": _take(procs["site_id"], rows),
-            "site_code": procs["site_code"].to_numpy(np.int64)[rows],
-            "unit_id": procs["procedure_id"].array.take(rows),
-            "index_date": index_day[mature].astype("datetime64[D]"),
-            "index_day": index_day[mature],
-            "y": (first_event[mature] >= 0).astype(np.int8),
-            "event_day": first_event[mature],
-            **{name: _take(procs[name], rows) for name in COVARIATES},
-        },
-        copy=False,  # the arrays are new already; no consolidated copy of them
-    )
-    return units
+    makers = {
+        "site_id": lambda: _take(procs["site_id"], rows),
+        "site_code": lambda: procs["site_code"].to_numpy(np.int64)[rows],
+        "unit_id": lambda: procs["procedure_id"].array.take(rows),
+        "index_date": lambda: index_day[mature].astype("datetime64[D]"),
+        "index_day": lambda: index_day[mature],
+        "y": lambda: (first_event[mature] >= 0).astype(np.int8),
+        "event_day": lambda: first_event[mature],
+        **{name: functools.partial(_take, procs[name], rows) for name in COVARIATES},
+    }
+    unknown = set(columns) - set(makers)
+    if unknown:
+        raise ValueError(f"unknown outcome columns: {sorted(unknown)}")
+    # copy=False: the arrays are new already; no consolidated copy of them
+    return pd.DataFrame({name: makers[name]() for name in columns}, index=pd.RangeIndex(len(rows)),
+                        copy=False)
 
 
 def _take(column: pd.Series, rows: np.ndarray):

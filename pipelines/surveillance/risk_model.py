@@ -102,13 +102,15 @@ def covariate_patterns(frame: pd.DataFrame, y: np.ndarray
     key = np.zeros(len(frame), dtype=np.int64)
     values: list[np.ndarray] = []
     for term in CANDIDATE_TERMS:
-        column = term_values(frame, term)
-        distinct, codes = np.unique(column, return_inverse=True)
+        # factorize (hashing) rather than np.unique (a sort of a million values a term)
+        codes, distinct = pd.factorize(term_values(frame, term), sort=True)
+        codes = codes.astype(np.int64, copy=False)
         if distinct.size and key.size and int(key.max()) > (2**62) // distinct.size:
             raise OverflowError("too many covariate patterns for a 64-bit key")
         key = key * distinct.size + codes
         values.append(distinct)
-    keys, inverse, units = np.unique(key, return_inverse=True, return_counts=True)
+    inverse, keys = pd.factorize(key, sort=True)
+    units = np.bincount(inverse, minlength=len(keys))
     events = np.bincount(inverse, weights=y, minlength=len(keys))
     columns: dict[str, np.ndarray] = {}
     rest = keys

@@ -1,0 +1,96 @@
+"""The monitor's faster paths give what the straightforward code gives, value for value.
+
+Each check recomputes one step the way the monitor computed it before it was sped up
+(a pandas groupby, a hash of the whole object array, a hash-table reindex, a units x bins
+matrix) on a simulated registry, and compares exactly.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.settings import REPO_DIR
+from pipelines.simulate import simulate_snapshot
+from pipelines.surveillance import risk_model, survival
+from pipelines.surveillance.outcomes import (
+    OUTCOME_COLUMNS,
+    _id_hashes,
+    _id_strings,
+    _positions,
+    derive_outcomes,
+)
+from pipelines.surveillance.profile import load_profile
+
+PROFILE = load_profile(REPO_DIR / "profiles" / "htg108.yaml")
+
+
+@pytest.fixture(scope="module")
+def snapshot():
+    snap, _ = simulate_snapshot(PROFILE, sites=12, start=date(2022, 1, 1),
+                                end=date(2023, 6, 30), seed=11, volume_scale=2)
+    return snap
+
+
+@pytest.mark.parametrize("metric_id", ["cement_leak", "new_fracture"])
+def test_covariate_patterns_equal_the_groupby(snapshot, metric_id):
+    units = derive_outcomes(snapshot, PROFILE.metric(metric_id))
+    x = risk_model.design_matrix(units)
+    x["y"] = units["y"].to_numpy(float)
+    grouped = x.groupby(list(risk_model.CANDIDATE_TERMS), sort=True)["y"].agg(["sum", "count"])
+    patterns, events, counts = risk_model.covariate_patterns(units, units["y"].to_numpy(float))
+    assert np.array_equal(grouped.index.to_frame(index=False).to_numpy(), patterns.to_numpy())
+    assert np.array_equal(grouped["sum"].to_numpy(float), events)
+    assert np.array_equal(grouped["count"].to_numpy(), counts)
+
+
+def test_patient_units_equal_the_reindex(snapshot):
+    procs = snapshot.procedures
+    pair = (procs["site_code"].to_numpy(np.int64) * (int(procs["patient_code"].max()) + 1)
+            + procs["patient_code"].to_numpy(np.int64))
+    _, first_rows = np.unique(pair, return_index=True)
+    index_rows = np.sort(first_rows)
+    metric = PROFILE.metric("new_fracture")
+    assert metric.denominator == "patient"
+    units = derive_outcomes(snapshot, metric, include_immature=True)
+    assert units["unit_id"].tolist() == procs["procedure_id"].to_numpy()[index_rows].tolist()
+
+
+def test_outcome_columns_are_a_choice(snapshot):
+    metric = PROFILE.metric("cement_leak")
+    full = derive_outcomes(snapshot, metric)
+    assert tuple(full.columns) == OUTCOME_COLUMNS
+    some = derive_outcomes(snapshot, metric, columns=("y", "site_code"))
+    pd.testing.assert_frame_equal(some, full[["y", "site_code"]])
+    with pytest.raises(ValueError, match="unknown outcome columns"):
+        derive_outcomes(snapshot, metric, columns=("nope",))
+
+
+def test_id_hashes_and_positions():
+    ids = np.array([f"S{i % 7:03d}-{i:06d}" for i in range(200_000)], dtype=object)
+    strings = _id_strings(ids)
+    assert np.array_equal(_id_hashes(strings), pd.util.hash_array(ids))
+    wanted = _id_strings(np.array(["S003-000003", "missing", "S000-199997"], dtype=object))
+    assert _positions(strings, wanted).tolist() == [3, -1, 199_997]
+
+
+def test_at_risk_by_bin_equals_the_matrix():
+    rng = np.random.default_rng(3)
+    index_day = rng.integers(0, 700, 50_000)
+    end_day = index_day + rng.integers(0, 400, 50_000)
+    event = rng.random(50_000) < 0.1
+    hazard = survival.reference_hazard(index_day, end_day, event, 365, 0.1)
+    # the former units x bins computation
+    n_bins = 13
+    edges = np.arange(n_bins + 1) * survival.BIN_DAYS
+    edges[-1] = 365
+    widths = np.diff(edges).astype(float)
+    duration = np.clip(end_day - index_day, 0, 365)
+    at_risk = np.clip(duration[:, None] - edges[None, :-1], 0, widths[None, :]).sum(axis=0)
+    event_bin = np.minimum((duration[event] - 1).clip(min=0) // survival.BIN_DAYS, n_bins - 1)
+    shape = np.bincount(event_bin, minlength=n_bins) / at_risk
+    expected = shape * (-np.log1p(-0.1) / float((shape * widths).sum()))
+    assert np.array_equal(hazard, expected)
