@@ -178,37 +178,79 @@ def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesig
     y = known["y"].to_numpy(np.int64)[order]
     risk = known["risk"].to_numpy(float)[order]
     # elementwise, so the same weights as one operator's cases at a time
-    weights = cusum_weights(y, risk, design.odds_ratio).tolist()
+    weights = cusum_weights(y, risk, design.odds_ratio)
     # operator_thresholds depends on the volume only through its rounding: one design
     # lookup per (rounded volume, new) instead of one per operator
     designs: dict[tuple[int, bool], OperatorThresholds] = {}
-    rows = []
-    for g, (site_id, operator_hash) in enumerate(keys):
+    limits = np.empty(len(weights))
+    start = np.empty(len(keys))
+    for g in range(len(keys)):
         a, e = int(bounds[g]), int(bounds[g + 1])
-        n = e - a
-        volume = operator_volume(n, int(day[a]), as_of_day)
+        volume = operator_volume(e - a, int(day[a]), as_of_day)
         new = bool(is_new[g])
         key = (rounded_volume(volume), new)
         if key not in designs:
             designs[key] = operator_thresholds(mean_risk, design, volume, rate, new=new)
         thresholds = designs[key]
-        h = thresholds.per_case(n)
-        limits = h.tolist()
-        signals, statistic = _fir_steps(weights[a:e], limits, design.head_start,
-                                        thresholds.start * limits[0])
-        last = signals[-1] if signals else None
+        limits[a:e] = thresholds.per_case(e - a)
+        start[g] = thresholds.start * float(limits[a])
+    statistic, n_signals, last_signal = _fir_by_position(weights, limits, bounds, start,
+                                                         design.head_start)
+    rows = []
+    for g, (site_id, operator_hash) in enumerate(keys):
+        a, e = int(bounds[g]), int(bounds[g + 1])
+        last = int(last_signal[g]) if n_signals[g] else None
         rows.append({
             "site_id": str(site_id), "operator": operator_pseudonym(str(operator_hash)),
-            "metric": metric.id, "method": "fir_cusum", "procedures": n,
+            "metric": metric.id, "method": "fir_cusum", "procedures": e - a,
             "events": int(y[a:e].sum()), "expected": float(risk[a:e].sum()),
-            "statistic": finite(statistic), "threshold": float(h[-1]),
+            "statistic": finite(statistic[g]), "threshold": float(limits[e - 1]),
             "head_start": design.head_start,
             "signal_date": day_to_date(int(day[a + last])) if last is not None else None,
             "signal_procedure": last + 1 if last is not None else None,
-            "signals": len(signals),
+            "signals": int(n_signals[g]),
             "first_procedure_date": day_to_date(int(day[a])),
         })
     return rows
+
+
+def _fir_by_position(weights: np.ndarray, limits: np.ndarray, bounds: np.ndarray,
+                     start: np.ndarray, head_start: float
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run every operator's FIR recursion at once, one case position at a time.
+
+    Group ``g`` is ``weights[bounds[g]:bounds[g + 1]]`` (thresholds ``limits`` alike),
+    starting at ``start[g]``. Step ``k`` advances the ``k``-th case of every operator with
+    more than ``k`` cases, with the float operations of :func:`fir_cusum` (so the same
+    bits): a loop as long as the longest career, not over a million cases. Returns, per
+    group, the statistic at its last case, its number of signals and the position of its
+    last signal (-1: none).
+    """
+    sizes = np.diff(bounds)
+    longest_first = np.argsort(-sizes, kind="stable")  # the groups still running: a prefix
+    first_row = bounds[:-1][longest_first]
+    descending = sizes[longest_first]
+    value = start[longest_first].astype(float)
+    statistic = value.copy()
+    n_signals = np.zeros(len(sizes), np.int64)
+    last_signal = np.full(len(sizes), -1, np.int64)
+    for k in range(int(descending[0]) if len(descending) else 0):
+        running = int(np.count_nonzero(descending > k))
+        rows = first_row[:running] + k
+        now = value[:running] + weights[rows]
+        now = np.where(now > 0.0, now, 0.0)  # max(0.0, v): 0.0 unless v is larger
+        limit = limits[rows]
+        fired = now >= limit
+        statistic[:running] = now
+        value[:running] = np.where(fired, head_start * limit, now)
+        if fired.any():
+            signalled = np.flatnonzero(fired)
+            n_signals[signalled] += 1
+            last_signal[signalled] = k
+    out = (np.empty_like(statistic), np.empty_like(n_signals), np.empty_like(last_signal))
+    for result, sorted_values in zip(out, (statistic, n_signals, last_signal), strict=True):
+        result[longest_first] = sorted_values
+    return out
 
 
 def operator_rare_tests(units: pd.DataFrame, profile: Profile, design: OperatorDesign,
