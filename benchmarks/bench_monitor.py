@@ -18,6 +18,11 @@ a second run that reads the designed thresholds instead of computing them again.
   floor); peak memory is the child's ``ru_maxrss`` from ``os.wait4`` (imports included).
   First run: thresholds computed and stored; second run, a fresh process: read.
 
+Per run it prints the seconds of each step (read, compute, store, beyond_site) and the
+process's peak RSS after each (the step that raises it holds the peak), then the second
+run's compute step by metric and step (outcomes, risk_model, known_order, cusums, tte,
+funnel_prepare, pchart, rare; funnel_decide and grade across metrics).
+
 Targets (issue 10), printed PASS or MISS: second run <= 4x the floor; peak < 600 MB; the
 second run computes no thresholds and gives the first run's signals.
 
