@@ -111,8 +111,8 @@ def decimate(x: np.ndarray, y: np.ndarray, max_points: int = 400) -> tuple[np.nd
         return x, y
     buckets = max_points // 4
     bucket = np.arange(n) * buckets // n  # contiguous, nearly equal buckets
-    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
-    ends = np.r_[starts[1:], n] - 1
+    starts = np.flatnonzero(np.concatenate(([True], bucket[1:] != bucket[:-1])))
+    ends = np.append(starts[1:], n) - 1
     order = np.lexsort((y, bucket))  # by bucket, then by value
     keep = np.zeros(n, dtype=bool)  # the kept indices, in order, each once
     keep[starts] = keep[ends] = keep[order[starts]] = keep[order[ends]] = True
@@ -313,11 +313,11 @@ class Chart:
                 x, y = np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1]
             if not len(x):
                 return []
-            return [self._polyline(np.column_stack([sx(x), sy(y)]).ravel().tolist(), s)]
+            return [self._polyline(_interleave(sx(x), sy(y)), s)]
         if s.kind == "cloud":
             if not len(x):
                 return []
-            flat = np.column_stack([sx(x), sy(y)]).ravel().tolist()
+            flat = _interleave(sx(x), sy(y))
             dots = "M%.0f,%.0fh0" * len(x) % tuple(flat)
             return [f'<path d="{dots}" stroke="{s.tone}" stroke-width="4" '
                     'stroke-linecap="round" fill="none"/>']
@@ -408,6 +408,13 @@ def _legend_entry(i: int, columns: int, left: int, top: int, plot_w: int, plot_h
 
 
 _NONE = np.array([])
+
+
+def _interleave(xs: np.ndarray, ys: np.ndarray) -> list[float]:
+    """Return ``[x0, y0, x1, y1, ...]`` (np.column_stack's order, without its overhead)."""
+    flat = np.empty(2 * len(xs))
+    flat[0::2], flat[1::2] = xs, ys
+    return flat.tolist()
 
 
 @lru_cache(maxsize=4096)
