@@ -28,6 +28,7 @@ from pipelines.surveillance.devices import (
 )
 from pipelines.surveillance.operators import operator_charts, operator_rare_tests
 from pipelines.surveillance.outcomes import (
+    COVARIATES,
     Snapshot,
     copy_columns,
     derive_outcomes,
@@ -116,7 +117,9 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
         # the quarter's cases are then judged against a reference they do not move (the
         # engine's Phase I / Phase II split), and product charts recalibrate per quarter
         # to their concurrent comparators anyway (devices.concurrent).
-        training = known_before_quarter(units, metric.window_days, snapshot.as_of_day)
+        # Only the columns the fit reads: the training rows are copied.
+        training = known_before_quarter(units[["y", "index_day", *COVARIATES]],
+                                        metric.window_days, snapshot.as_of_day)
         model = fitted_risk_model(metric.id, training.reset_index(drop=True),
                                   calibration_rate(metric, training), min_events=min_events)
         del training
