@@ -28,13 +28,18 @@ from pipelines.surveillance.devices import (
 )
 from pipelines.surveillance.operators import operator_charts, operator_rare_tests
 from pipelines.surveillance.outcomes import (
+    COVARIATES,
     Snapshot,
     copy_columns,
     derive_outcomes,
     streams_copy,
 )
 from pipelines.surveillance.profile import Profile
-from pipelines.surveillance.risk_model import fit_risk_model
+from pipelines.surveillance.risk_model import (
+    fit_risk_model,
+    fitted_risk_model,
+    known_before_quarter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +108,25 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
     """Mature units of a per-procedure metric, with the network risk and the extra columns."""
     metric = profile.metric(metric_id)
     units = derive_outcomes(snapshot, metric)
-    model = fit_risk_model(metric.id, units, calibration_rate(metric, units),
-                           min_events=profile.design.risk_min_events)
+    min_events = profile.design.risk_min_events
+    if profile.design.risk_refit == "quarterly":
+        # The site engine's schedule: fitted on the units known before the quarter began,
+        # so every run of a quarter reads one stored fit (no statsmodels in a nightly run).
+        # Calibrated over those training units, not all units: the rate is part of the
+        # fit's key, and over all units it moves with every new day (a refit every night);
+        # the quarter's cases are then judged against a reference they do not move (the
+        # engine's Phase I / Phase II split), and product charts recalibrate per quarter
+        # to their concurrent comparators anyway (devices.concurrent).
+        # Only the columns the fit reads: the training rows are copied.
+        training = known_before_quarter(units[["y", "index_day", *COVARIATES]],
+                                        metric.window_days, snapshot.as_of_day)
+        model = fitted_risk_model(metric.id, training.reset_index(drop=True),
+                                  calibration_rate(metric, training), min_events=min_events)
+        del training
+    else:
+        # every_run: fitted on, and calibrated to the observed rate of, every mature unit.
+        model = fit_risk_model(metric.id, units, calibration_rate(metric, units),
+                               min_events=min_events)
     # Only the columns the operator and device charts read: the charts copy their units
     # per product and operator, so every column left out is saved many times over.
     slim = pd.DataFrame({"site_id": units["site_id"].array,

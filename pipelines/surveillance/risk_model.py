@@ -250,6 +250,25 @@ def _shift_to_baseline(eta: np.ndarray, weights: np.ndarray, baseline: float) ->
     return float(optimize.brentq(gap, -30.0, 30.0, xtol=1e-12))
 
 
+def design_day(as_of_day: int) -> int:
+    """Return the first day (day number) of as_of's calendar quarter: the current design's start."""
+    month = np.datetime64(int(as_of_day), "D").astype("datetime64[M]").astype(np.int64)
+    quarter = np.datetime64(int(month - month % 3), "M").astype("datetime64[D]")
+    return int(quarter.astype(np.int64))
+
+
+def known_before_quarter(units: pd.DataFrame, window_days: int | None,
+                         as_of_day: int) -> pd.DataFrame:
+    """Return the ``units`` whose outcome was known before as_of's calendar quarter began.
+
+    Known means index day + outcome window before :func:`design_day`: the training units of
+    ``design.risk_model.refit: quarterly`` (docs/statistics.md section 3), the same for every
+    run of a quarter, so the fit is read from the threshold store rather than refitted.
+    """
+    known = units["index_day"].to_numpy(np.int64) + int(window_days or 0)
+    return units.loc[known < design_day(as_of_day)]
+
+
 def training_digest(units: pd.DataFrame) -> str:
     """Return a digest of what a fit on ``units`` depends on: its covariate patterns' counts.
 
