@@ -84,7 +84,12 @@ from pipelines.surveillance.outcomes import (
     sentinel_events,
 )
 from pipelines.surveillance.profile import Metric, Profile, load_profile
-from pipelines.surveillance.risk_model import RiskModel, fitted_risk_model
+from pipelines.surveillance.risk_model import (
+    RiskModel,
+    design_day,
+    fitted_risk_model,
+    known_before_quarter,
+)
 from pipelines.surveillance.runs import MonitorResult, store_run
 
 log = logging.getLogger(__name__)
@@ -456,7 +461,7 @@ class _Computation:
                 self.models[metric.id] = model.to_dict()
                 if training is not mature_units:
                     self.models[metric.id]["trained_on"] = (
-                        f"units known before {day_to_date(self._design_day())}")
+                        f"units known before {day_to_date(design_day(self.as_of_day))}")
                     # The RA-CUSUM's h is simulated over the training case mix: one design
                     # (and one stored h) per quarter, however many days are added to it.
                     self.design_risks[metric.id] = model.predict(training)
@@ -513,17 +518,11 @@ class _Computation:
                 with self._timed(f"{metric.id}:{routine.lstrip('_')}"):
                     getattr(self, routine)(metric, charted)
 
-    def _design_day(self) -> int:
-        """Return the first day of as_of's calendar quarter: the current design's start."""
-        month = np.datetime64(int(self.as_of_day), "D").astype("datetime64[M]").astype(np.int64)
-        quarter = np.datetime64(int(month - month % 3), "M").astype("datetime64[D]")
-        return int(quarter.astype(np.int64))
-
     def _risk_training(self, metric: Metric, units: pd.DataFrame) -> pd.DataFrame:
         """Return the units the case-mix model is fitted on (``design.risk_model.refit``).
 
         ``quarterly``: the units whose outcome was known before the current quarter began
-        (index date + window before its first day), so every run of a quarter fits the same
+        (:func:`risk_model.known_before_quarter`), so every run of a quarter fits the same
         model (read from the threshold store) and designs the same RA-CUSUM case mix; units
         of the current quarter are charted with it but do not move it (a Phase I / Phase II
         split, refitted at each quarter). Restated history before the quarter changes the
@@ -531,8 +530,7 @@ class _Computation:
         """
         if self.profile.design.risk_refit != "quarterly":
             return units
-        known = units["index_day"].to_numpy(np.int64) + int(metric.window_days or 0)
-        return units.loc[known < self._design_day()]
+        return known_before_quarter(units, metric.window_days, self.as_of_day)
 
     def _cusums(self, metric: Metric, units: _ChartedUnits) -> None:
         """Run the metric's Bernoulli and risk-adjusted CUSUMs in each direction."""
