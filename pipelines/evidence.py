@@ -343,8 +343,43 @@ def write_csv(stream, headers: list[str], rows: list[list[Any]]) -> None:
         writer.writerow([csv_cell(c) for c in row])
 
 
+def _fetch_plain(conn: sa.Connection, query: sa.Select) -> list[tuple]:
+    """Return all rows of ``query`` as the driver's tuples, in one fetch.
+
+    For a query whose columns need no conversion (text and numbers): the driver's cursor
+    skips SQLAlchemy's per-row result objects, a third of the time of reading the monthly
+    figures of a large registry.
+    """
+    compiled = query.compile(dialect=conn.dialect)
+    params = compiled.construct_params()
+    if conn.dialect.positional:
+        params = tuple(params[name] for name in compiled.positiontup)
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(compiled.string, params)
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
+@dataclass(frozen=True)
+class MonthSeries:
+    """One site and metric's stored index months, oldest first, one tuple per column.
+
+    Columns rather than a dict per month: a 1,000-site report reads about 200,000 of these
+    rows, and building a dict for each cost more than reading them; the charts and sums
+    that use them work column by column anyway.
+    """
+
+    month: tuple[str, ...]
+    units: tuple[int, ...]
+    events: tuple[int, ...]
+    expected: tuple[float, ...]
+    months_before_as_of: tuple[int, ...]
+
+
 def monthly_figures(settings: Settings, run_key: str,
-                    profile_name: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+                    profile_name: str) -> dict[tuple[str, str], MonthSeries]:
     """Return the stored run's mature units, events and expected events per index month.
 
     Keyed by ``(site, metric)``, oldest month first. The rows are the ``site_month_metric``
@@ -352,6 +387,8 @@ def monthly_figures(settings: Settings, run_key: str,
     profile's current picture (an older ``--as-of``) has none, and the report then shows
     no monthly charts rather than another run's months.
     """
+    import numpy as np
+
     from pipelines.db import reading
     from pipelines.schema import site_month_metric as months
 
@@ -359,17 +396,22 @@ def monthly_figures(settings: Settings, run_key: str,
                        months.c.events, months.c.expected, months.c.months_before_as_of)
              .where(months.c.profile_name == profile_name, months.c.run_key == run_key)
              .order_by(months.c.site_id, months.c.metric, months.c.month))
-    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with reading(settings.db_url) as conn:
-        rows = conn.execute(query).all()  # one fetch; iterating fetches row by row
-    for site, metric, month, units, events, expected, before in rows:
-        out.setdefault((site, metric), []).append({
-            "month": month, "units": int(units), "events": int(events),
-            "expected": float(expected), "months_before_as_of": int(before)})
-    return out
+        rows = _fetch_plain(conn, query)
+    if not rows:
+        return {}
+    site, metric, month, units, events, expected, before = zip(*rows, strict=True)
+    expected = tuple(map(float, expected))
+    # the rows come sorted by (site, metric): each key's months are one run of rows
+    sites, metrics = np.asarray(site, dtype=object), np.asarray(metric, dtype=object)
+    cuts = (np.flatnonzero((sites[1:] != sites[:-1]) | (metrics[1:] != metrics[:-1])) + 1)
+    bounds = [0, *cuts.tolist(), len(rows)]
+    return {(site[a], metric[a]): MonthSeries(month[a:b], units[a:b], events[a:b],
+                                              expected[a:b], before[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
 
 
-def recent_observed_expected(monthly: dict[tuple[str, str], list[dict[str, Any]]],
+def recent_observed_expected(monthly: dict[tuple[str, str], MonthSeries],
                              recent: int = 12) -> dict[tuple[str, str], dict[str, Any]]:
     """Return O/E over the last ``recent`` index months, per ``(site, metric)``, with an
     exact 95% CI (one vectorised computation for the whole network).
@@ -382,14 +424,17 @@ def recent_observed_expected(monthly: dict[tuple[str, str], list[dict[str, Any]]
 
     keys, units, events, expected, counted = [], [], [], [], []
     for key, months in monthly.items():
-        rows = [m for m in months if m["months_before_as_of"] < recent and m["units"]]
+        rows = [i for i, (before, n) in enumerate(zip(months.months_before_as_of,
+                                                      months.units, strict=True))
+                if before < recent and n]
         if not rows:
             continue
         keys.append(key)
         counted.append(len(rows))
-        units.append(sum(m["units"] for m in rows))
-        events.append(sum(m["events"] for m in rows))
-        expected.append(sum(m["expected"] for m in rows))
+        units.append(sum(months.units[i] for i in rows))
+        events.append(sum(months.events[i] for i in rows))
+        # summed in month order, as a plain sum: the figures must not move with the method
+        expected.append(sum(months.expected[i] for i in rows))
     if not keys:
         return {}
     n, k = np.asarray(units, float), np.asarray(events, float)

@@ -212,4 +212,4 @@ def test_operator_and_device_keys_carry_the_profile_and_old_keys_are_not_resent(
     # the adopted alerts now record the profile, so a later switch can retire them
     stamped = {a["alert_id"]: json.loads(a["payload"]).get("profile_version")
                for a in _rows(sqlite_url, schema.alert)}
-    assert all(stamped[a["alert_id"]] == "1.3.0" for a in beyond)
+    assert all(stamped[a["alert_id"]] == "1.4.0" for a in beyond)

@@ -4,14 +4,30 @@ and an in-process fallback when it is gone (the audit is never skipped)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from datetime import date
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
-from pipelines.contract import PROCEDURES
-from pipelines.ingest import gxaudit, validate
+from pipelines import ingest, schema
+from pipelines.contract import COMPLICATIONS, PROCEDURES
+from pipelines.errors import ExternalSystemError
+from pipelines.ingest import gxaudit, load, validate
+from pipelines.ingest.fastcheck import AuditMismatch, FastSuite
 from pipelines.settings import load_settings
-from tests.ingest_helpers import PROC_HEADER, proc_row
+from tests.ingest_helpers import (
+    COMP_HEADER,
+    PROC_HEADER,
+    comp_row,
+    csv_text,
+    proc_row,
+    snapshot,
+    write,
+)
 
 EXPECTATIONS = str(load_settings({}).expectations_dir)
 
@@ -74,3 +90,123 @@ def test_a_dead_helper_falls_back_to_gx_in_process(helper):
     helper.wait()
     answer = gxaudit.failing_rows(EXPECTATIONS, PROCEDURES, frame, parameters)
     assert set(answer) == {1, 2, 3}
+
+
+def test_an_unused_helper_is_killed_at_exit_and_a_used_one_ends_cleanly():
+    gxaudit.prestart(EXPECTATIONS, PROCEDURES)
+    unused = gxaudit._helper
+    gxaudit._stop()  # never asked (every file a duplicate): not waited for
+    assert unused.returncode == -signal.SIGKILL
+    gxaudit.prestart(EXPECTATIONS, PROCEDURES)
+    used = gxaudit._helper
+    frame, parameters = _frame_and_parameters()
+    gxaudit.failing_rows(EXPECTATIONS, PROCEDURES, frame, parameters)
+    used.stdin.close()  # what _stop does first for a helper that was asked
+    assert used.wait(timeout=120) == 0  # it saw the end of its requests and returned
+    gxaudit._stop()
+
+
+def test_ingest_starts_the_helper_for_every_kind_before_opening_the_warehouse(
+        tmp_path, settings_for, monkeypatch):
+    files = [write(tmp_path / "in" / "procedures_20240110.csv",
+                   csv_text(PROC_HEADER, [proc_row("P1")])),
+             write(tmp_path / "in" / "complications_20240110.csv",
+                   csv_text(COMP_HEADER, [comp_row("C1")]))]
+    seen = {}
+
+    def unreachable(url):
+        helper = gxaudit._own_helper()
+        seen["args"] = None if helper is None else list(helper.args)
+        raise ExternalSystemError("warehouse unreachable (test)")
+
+    monkeypatch.setattr(ingest, "open_warehouse", unreachable)
+    try:
+        with pytest.raises(ExternalSystemError):
+            ingest.ingest_paths(settings_for(f"sqlite:///{tmp_path / 'w.db'}"), files)
+    finally:
+        gxaudit._stop()
+    assert seen["args"][-2:] == [PROCEDURES, COMPLICATIONS]
+
+
+def test_gx_is_imported_without_scipy_stats_and_altair_until_they_are_used():
+    code = """if True:
+        import sys
+        from tests.test_ingest_gxaudit import _frame_and_parameters
+        from pipelines.ingest import validate
+        frame, parameters = _frame_and_parameters()
+        answer = validate.gx_runner(validate_dir, "procedures").failing_rows(frame, parameters)
+        assert set(answer) == {1, 2, 3}, answer
+        for name in ("scipy.stats._stats_py", "altair.vegalite"):
+            assert name not in sys.modules, name  # GX ran the suite without them
+        import great_expectations.expectations.core.expect_column_kl_divergence_to_be_less_than as kl
+        assert type(kl.stats).__name__ == "_DeferredModule"
+        entropy = kl.stats.entropy([0.5, 0.5], [0.25, 0.75])  # first use: the real module
+        from scipy import stats
+        assert sys.modules["scipy.stats"] is stats and stats.entropy is kl.stats.entropy
+        assert abs(entropy - stats.entropy([0.5, 0.5], [0.25, 0.75])) == 0.0 < entropy
+        assert kl.alt.Chart.__module__.startswith("altair.")
+        print("ok")
+    """.replace("validate_dir", repr(EXPECTATIONS))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def _drop_lone_reasons(real):
+    """A fast path that forgets a row's reason when it is the row's only one (a bug)."""
+
+    def lenient(self, frame, parameters):
+        return {row: reasons for row, reasons in real(self, frame, parameters).items()
+                if len(reasons) > 1}
+
+    return lenient
+
+
+def test_a_disagreement_found_after_the_merge_rolls_the_file_back(
+        pg_url, tmp_path, settings_for, monkeypatch):
+    settings = settings_for(pg_url)
+    first = write(tmp_path / "a" / "procedures_20240110.csv",
+                  csv_text(PROC_HEADER, [proc_row("P1"), proc_row("P2")]))
+    assert ingest.ingest_paths(settings, [first]).exit_code == 0
+    before = snapshot(pg_url)
+    # A later correction that puts an out-of-range age on P1: the buggy fast path passes it.
+    correction = write(tmp_path / "b" / "procedures_20240111.csv",
+                       csv_text(PROC_HEADER, [proc_row("P1", age_years="7"), proc_row("P3")]))
+    order = []
+    real_merge, real_verify = load._merge_procedures, load._verify_audit
+
+    def merge(conn, *args):
+        real_merge(conn, *args)
+        ages = conn.execute(sa.select(schema.procedure.c.age_years)
+                            .where(schema.procedure.c.procedure_id == "P1")).scalar_one()
+        order.append(("merged", ages))
+
+    def verify(audit):
+        order.append(("audit",))
+        real_verify(audit)
+
+    monkeypatch.setattr(FastSuite, "failing_rows", _drop_lone_reasons(FastSuite.failing_rows))
+    monkeypatch.setattr(load, "_merge_procedures", merge)
+    monkeypatch.setattr(load, "_verify_audit", verify)
+    with pytest.raises(AuditMismatch, match="record 1: fast \\[\\] vs GX"):
+        ingest.ingest_paths(settings, [correction])
+    # The wrong age reached the current table inside the transaction, then GX disagreed
+    # and nothing of the file stayed: no version, no quarantine row, no ledger row.
+    assert order == [("merged", 7), ("audit",)]
+    assert snapshot(pg_url) == before
+
+
+def test_a_file_rejected_for_its_bad_rows_is_audited_before_the_rejection(
+        pg_url, tmp_path, settings_for, monkeypatch):
+    settings = settings_for(pg_url)
+    rows = [proc_row("P1")] + [proc_row(f"B{n}", age_years="7", sex="X") for n in range(3)]
+    rows.append(proc_row("P9", age_years="7"))  # the one the buggy fast path misses
+    path = write(tmp_path / "procedures_20240110.csv", csv_text(PROC_HEADER, rows))
+    monkeypatch.setattr(FastSuite, "failing_rows", _drop_lone_reasons(FastSuite.failing_rows))
+    with pytest.raises(AuditMismatch):  # not a rejection built on unaudited reasons
+        ingest.ingest_paths(settings, [path])
+    assert all(not rows for rows in snapshot(pg_url).values())
+    monkeypatch.undo()
+    report = ingest.ingest_paths(settings, [path])  # the same file with a correct fast path
+    assert report.files[0].status == "rejected" and "rows invalid" in report.files[0].reason

@@ -69,6 +69,8 @@ def test_arl0_matches_the_stated_false_alarm_design():
         (lambda d: d["source"].update(url="www.nice.org.uk"), "source.url"),
         (lambda d: d["metrics"].append(copy.deepcopy(d["metrics"][0])), "duplicate metric id"),
         (lambda d: d.pop("version"), "version: is required"),
+        (lambda d: d["design"]["risk_model"].update(refit="nightly"),
+         "design.risk_model.refit: 'nightly' is not one of every_run, quarterly"),
     ],
 )
 def test_mistakes_are_reported_with_their_key_path(mutate, expected):
@@ -124,3 +126,10 @@ def test_a_second_profile_needs_no_code(tmp_path):
     assert profile.design.arl0 == round(50 / -math.log(0.9))
     with pytest.raises(ProfileError, match="unknown metric 'cement_leak'"):
         profile.metric("cement_leak")
+
+
+def test_the_bundled_profile_refits_the_case_mix_model_quarterly_and_older_ones_every_run():
+    data = _bundled_data()
+    assert parse_profile(data, origin="htg108.yaml").design.risk_refit == "quarterly"
+    data["design"]["risk_model"].pop("refit")
+    assert parse_profile(data, origin="htg108.yaml").design.risk_refit == "every_run"

@@ -29,12 +29,12 @@ BUNDLED = REPO / "profiles" / "htg108.yaml"
 ALARM_KEY = "level:htg108:S008:cement_leak:up"
 
 
-def profile_copy(tmp_path: Path, *, name: str = "htg108", version: str = "1.3.0") -> Path:
+def profile_copy(tmp_path: Path, *, name: str = "htg108", version: str = "1.4.0") -> Path:
     """Write the bundled profile under another name and/or version; thresholds unchanged."""
     text = BUNDLED.read_text(encoding="utf-8")
-    assert 'name: htg108\nversion: "1.3.0"\n' in text, "bundled profile header changed"
+    assert 'name: htg108\nversion: "1.4.0"\n' in text, "bundled profile header changed"
     path = tmp_path / f"{name}-{version}.yaml"
-    path.write_text(text.replace('name: htg108\nversion: "1.3.0"\n',
+    path.write_text(text.replace('name: htg108\nversion: "1.4.0"\n',
                                  f'name: {name}\nversion: "{version}"\n'), encoding="utf-8")
     return path
 
@@ -84,7 +84,7 @@ def test_version_bump_keeps_the_episode_and_retires_what_only_the_old_version_fo
     build_sites(make_engine(db_url), sites=8, per_site=500, leak={"S008": 0.3}, seed=3)
     old = make_settings(db_url)
     first = run_monitor(old)
-    stale = _process_signal(db_url, "1.3.0")  # found by 1.3.0, not derived by 1.4.0
+    stale = _process_signal(db_url, "1.4.0")  # found by 1.4.0, not derived by 1.5.0
     created = sync_alerts(old).created
     assert alert_id_for(ALARM_KEY, 1) in created
     process_key = "signal:htg108:S001:mdt_discussion:up"  # the key carries the profile
@@ -94,27 +94,27 @@ def test_version_bump_keeps_the_episode_and_retires_what_only_the_old_version_fo
     mails_before = len(sink.messages())
     assert mails_before >= 2  # the alarm and the process failure (at least)
 
-    new = make_settings(db_url, profile_copy(tmp_path, version="1.4.0"))
+    new = make_settings(db_url, profile_copy(tmp_path, version="1.5.0"))
     bumped = run_monitor(new)
-    reason = "profile htg108 1.3.0 replaced by 1.4.0"
+    reason = "profile htg108 1.4.0 replaced by 1.5.0"
     assert bumped.summary["retired_profiles"] == [
-        {"profile_name": "htg108", "profile_version": "1.3.0", "signals": 1, "reason": reason}]
+        {"profile_name": "htg108", "profile_version": "1.4.0", "signals": 1, "reason": reason}]
     (run,) = _rows(db_url, monitor_run, monitor_run.c.run_key == bumped.run_key)
     assert json.loads(run["summary"])["retired_profiles"][0]["reason"] == reason
     stored = {r["signal_key"]: r for r in _rows(db_url, signal)}
     assert stored[stale]["active"] is False or stored[stale]["active"] == 0
-    # what both versions derive keeps its key and now belongs to 1.4.0
+    # what both versions derive keeps its key and now belongs to 1.5.0
     assert {s["signal_key"] for s in bumped.signals} == {s["signal_key"] for s in first.signals}
-    assert {stored[s["signal_key"]]["profile_version"] for s in bumped.signals} == {"1.4.0"}
+    assert {stored[s["signal_key"]]["profile_version"] for s in bumped.signals} == {"1.5.0"}
 
     result = sync_alerts(new)
     assert result.created == []  # the alarm continues: the same episode, not a new e-mail
     assert result.retired == 1
     alarm = _rows(db_url, alert, alert.c.alert_id == alert_id_for(ALARM_KEY, 1))[0]
     assert alarm["state"] == "open"
-    assert json.loads(alarm["payload"])["profile_version"] == "1.4.0"
+    assert json.loads(alarm["payload"])["profile_version"] == "1.5.0"
     assert ("open", "open", "kyphowatch",
-            "now confirmed under profile htg108 1.4.0 (was 1.3.0): the same episode"
+            "now confirmed under profile htg108 1.5.0 (was 1.4.0): the same episode"
             ) in _reasons(db_url, alarm["alert_id"])
     (closed,) = _rows(db_url, alert, alert.c.alert_id == process_alert)
     assert closed["state"] == "resolved"
@@ -135,9 +135,9 @@ def test_renamed_profile_retires_every_signal_and_open_alert_of_the_old_one(
 
     new = make_settings(db_url, profile_copy(tmp_path, name="htg108x"))
     renamed = run_monitor(new)
-    reason = "profile htg108 1.3.0 replaced by htg108x 1.3.0"
+    reason = "profile htg108 1.4.0 replaced by htg108x 1.4.0"
     assert renamed.summary["retired_profiles"] == [
-        {"profile_name": "htg108", "profile_version": "1.3.0", "signals": active_before,
+        {"profile_name": "htg108", "profile_version": "1.4.0", "signals": active_before,
          "reason": reason}]
     assert not [r for r in _rows(db_url, signal) if r["active"] and r["profile_name"] == "htg108"]
 
@@ -155,10 +155,10 @@ def test_renamed_profile_retires_every_signal_and_open_alert_of_the_old_one(
 
 def test_edited_profile_retires_nothing_until_the_monitor_runs_under_it(
         db_url, tmp_path, make_settings):
-    _process_signal(db_url, "1.3.0")
+    _process_signal(db_url, "1.4.0")
     (process_alert,) = sync_alerts(make_settings(db_url)).created
-    bumped = make_settings(db_url, profile_copy(tmp_path, version="1.4.0"))
-    assert sync_alerts(bumped).retired == 0  # no monitor run of 1.4.0 yet
+    bumped = make_settings(db_url, profile_copy(tmp_path, version="1.5.0"))
+    assert sync_alerts(bumped).retired == 0  # no monitor run of 1.5.0 yet
     assert _rows(db_url, alert, alert.c.alert_id == process_alert)[0]["state"] == "open"
 
 
@@ -166,7 +166,7 @@ def test_alert_stored_under_the_key_without_profile_is_still_that_conditions_ale
         db_url, make_settings):
     """Process alerts raised before the key carried the profile are read, not re-sent."""
     settings = make_settings(db_url)
-    _process_signal(db_url, "1.3.0")
+    _process_signal(db_url, "1.4.0")
     (first,) = sync_alerts(settings).created
     engine = make_engine(db_url)
     with engine.begin() as conn:  # as the previous release stored it
@@ -178,6 +178,6 @@ def test_alert_stored_under_the_key_without_profile_is_still_that_conditions_ale
     assert _rows(db_url, alert, alert.c.alert_id == first)[0]["state"] == "open"
 
     resolve(settings, first[:10], by="dr.lee", reason="audited the MDT list")
-    _process_signal(db_url, "1.3.0", episode_start=date(2024, 2, 1))  # a new failure episode
+    _process_signal(db_url, "1.4.0", episode_start=date(2024, 2, 1))  # a new failure episode
     assert sync_alerts(settings).created == [
         alert_id_for("signal:htg108:S001:mdt_discussion:up", 2)]

@@ -478,3 +478,21 @@ def test_chart_csv_is_tidy_and_formula_safe():
     assert rows == [["site", "value", "note"], ["S001", "-0.5", "'=HYPERLINK(1)"],
                     ["S002", "", "'@x"], ["S003", "", ""], ["S004", "2", "ok"]]
     assert text.endswith("\r\n")
+
+
+def test_rounded_chart_cells_read_as_repr_of_the_rounded_value():
+    # The chart series' CSV cells are formatted in fixed point with trailing zeros cut; a
+    # reader must get exactly repr(round(v, digits)), the text csv_text writes for a float.
+    import numpy as np
+
+    from pipelines.report.common import rounded_texts
+
+    rng = np.random.default_rng(7)
+    edges = [0.0, -0.0, 1e-5, -3e-5, 5e-05, 0.00005, 0.00015, 0.12345, 2.5, 1e9 + 0.5,
+             123456789.98765, 1e10, 1e17, float("inf"), float("-inf"), float("nan")]
+    for digits in (4, 5):
+        values = [*edges, *(rng.standard_normal(20_000) * 10.0 ** rng.integers(-6, 12, 20_000))
+                  .tolist(), *((rng.integers(-10**9, 10**9, 5_000) + 0.5) / 10**digits).tolist()]
+        expected = ["" if v != v else repr(round(v, digits)) for v in values]
+        assert rounded_texts(values, digits) == expected
+        assert rounded_texts(np.asarray(values), digits) == expected

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
 
 from pipelines.db import make_engine
-from pipelines.schema import threshold_design
+from pipelines.schema import complication, procedure, threshold_design
 from pipelines.surveillance import threshold_store
 from pipelines.surveillance.arl import threshold_for_arl_risk_adjusted
 from pipelines.surveillance.engine import (
@@ -128,3 +129,63 @@ def test_a_new_day_of_cases_keeps_the_binned_case_mix():
     risks = 1.0 / (1.0 + np.exp(-(np.log(0.11 / 0.89) + rng.normal(0.0, 0.5, 200_000))))
     more = np.r_[risks, rng.choice(risks, 200)]
     assert np.array_equal(binned_case_mix(risks), binned_case_mix(more))
+
+
+# The monitor in a fresh interpreter, printing the designs it computed and its risk models.
+_MONITOR_MODELS = """
+import json, sys
+from pipelines.settings import load_settings
+from pipelines.surveillance import threshold_store
+from pipelines.surveillance.engine import run_monitor
+settings = load_settings({"KYPHOWATCH_DEMO": "1", "KYPHOWATCH_REPORT_DIR": sys.argv[2]},
+                         db_url=sys.argv[1])
+result = run_monitor(settings)
+print(json.dumps({"as_of": str(result.as_of), "computed": threshold_store.computations(),
+                  "models": result.models}, default=str))
+"""
+
+
+def _monitor_models(db_url: str, tmp_path: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", _MONITOR_MODELS, db_url,
+                           str(tmp_path / "reports")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_new_day_in_the_quarter_reuses_the_fit_and_h_and_restated_history_refits(
+        db_url, tmp_path):
+    # The bundled profile refits the case-mix model quarterly (design.risk_model.refit) on
+    # units known before the quarter began: one more day is charted with the stored model
+    # and the stored RA-CUSUM h (nothing computed), while a late complication of a case
+    # from before the quarter changes the training set, so the model is fitted again.
+    from tests.test_outcomes import complication_row, insert, procedure_row
+
+    engine = make_engine(db_url)
+    build_sites(engine, sites=5, per_site=300, leak={"S005": 0.3})
+    first = _monitor_models(db_url, tmp_path)
+    as_of = date.fromisoformat(first["as_of"])
+    new_day = as_of + timedelta(days=1)
+    assert (new_day.month - 1) // 3 == (as_of.month - 1) // 3, "the fixture ends mid-quarter"
+    insert(engine, [procedure_row(f"NEW-{i}", "S001", new_day, age=70 + i) for i in range(3)],
+           [])
+    second = _monitor_models(db_url, tmp_path)
+    leak_first, leak_second = first["models"]["cement_leak"], second["models"]["cement_leak"]
+    assert first["computed"] > 0 and second["as_of"] == new_day.isoformat()
+    assert second["computed"] == 0
+    assert leak_first["kind"] == "logistic" and leak_second == leak_first
+    quarter_start = date(as_of.year, 3 * ((as_of.month - 1) // 3) + 1, 1)
+    assert leak_first["trained_on"] == f"units known before {quarter_start}"
+
+    with engine.connect() as conn:  # a leak-free case from the first year, reported late
+        old_id, old_day = conn.execute(
+            sa.select(procedure.c.procedure_id, procedure.c.procedure_date)
+            .where(procedure.c.procedure_date < quarter_start - timedelta(days=200),
+                   procedure.c.procedure_id.not_in(sa.select(complication.c.procedure_id)))
+            .order_by(procedure.c.procedure_id).limit(1)).one()
+    old_day = old_day if isinstance(old_day, date) else date.fromisoformat(str(old_day))
+    insert(engine, [], [complication_row(f"LATE-{old_id}", old_id, old_id[1:5], old_day)])
+    third = _monitor_models(db_url, tmp_path)
+    engine.dispose()
+    assert third["computed"] >= 1
+    assert third["models"]["cement_leak"]["events"] == leak_first["events"] + 1

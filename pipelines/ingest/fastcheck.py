@@ -180,8 +180,10 @@ class Audit:
     """GX's re-check of one file: every flagged row plus a sample of the passed rows.
 
     Feed it each chunk's checked frame and fast-path verdicts with :meth:`add`; call
-    :meth:`verify` once at the end of the file (before commit). ``expectations_dir`` and
-    ``kind`` select the GX suite.
+    :meth:`verify` once at the end of the file (before commit). :meth:`start`, once the
+    last chunk is added, sends the remaining rows to GX in a background thread, so GX
+    checks them while the caller goes on (the merge); :meth:`verify` then waits for that
+    answer. ``expectations_dir`` and ``kind`` select the GX suite.
     """
 
     expectations_dir: str
@@ -195,6 +197,7 @@ class Audit:
     rows_seen: int = 0
     flagged_checked: int = 0
     seconds: float = 0.0
+    _running: tuple | None = None  # (thread, frame's record numbers, expected, answer box)
 
     def add(self, checked: pd.DataFrame, record_numbers: np.ndarray,
             failing: dict[int, list[str]], parameters: dict) -> None:
@@ -238,35 +241,73 @@ class Audit:
         sampled = 0 if self.sampled is None else len(self.sampled)
         return sum(len(frame) for frame in self.flagged) + sampled
 
+    def start(self) -> None:
+        """Send the rows still to check to GX in a background thread (no more :meth:`add`).
+
+        Nothing is decided here: :meth:`verify` waits for GX's answer and compares. Nothing
+        starts when there is nothing to check (an empty file).
+        """
+        import threading
+
+        if self._running is not None:
+            return
+        frames = list(self.flagged)
+        expected = list(self.flagged_reasons)
+        if self.sampled is not None:
+            frames.append(self.sampled)
+            expected.extend([] for _ in range(len(self.sampled)))
+        if not frames:
+            self._running = (None, None, [], {})
+            return
+        frame = pd.concat(frames, ignore_index=True)
+        numbers = frame.pop("__record_number").to_numpy()
+        box: dict = {}
+
+        def ask() -> None:
+            try:
+                box["answer"] = self._ask(frame)
+            except BaseException as exc:  # handed to verify(), which raises it
+                box["error"] = exc
+
+        thread = threading.Thread(target=ask, name=f"gx-audit-{self.kind}", daemon=True)
+        thread.start()
+        self._running = (thread, numbers, expected, box)
+
     def verify(self) -> dict:
         """Run GX on the kept rows and compare reasons row by row; raise on any difference.
 
         Returns a summary (rows seen, flagged, sampled, GX seconds) for the log. Nothing is
         imported when there is nothing to check (an empty file).
         """
-        frames = list(self.flagged)
-        expected = list(self.flagged_reasons)
-        if self.sampled is not None:
-            frames.append(self.sampled)
-            expected.extend([] for _ in range(len(self.sampled)))
-        if frames:
-            self._check(frames, expected)
+        self.start()
+        thread, numbers, expected, box = self._running
+        if thread is not None:
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            self._compare(numbers, expected, box["answer"])
         return {"rows_seen": self.rows_seen,
                 "flagged": self.flagged_checked + len(self.flagged_reasons),
                 "sampled": 0 if self.sampled is None else len(self.sampled),
                 "seconds": self.seconds}
 
-    def _check(self, frames: list[pd.DataFrame], expected: list[list[str]]) -> None:
+    def _ask(self, frame: pd.DataFrame) -> dict:
         import time
 
         from pipelines.ingest import gxaudit
 
         started = time.perf_counter()
-        frame = pd.concat(frames, ignore_index=True)
-        numbers = frame.pop("__record_number").to_numpy()
         actual = gxaudit.failing_rows(self.expectations_dir, self.kind, frame,
                                       self.parameters or {})
         self.seconds += time.perf_counter() - started
+        return actual
+
+    def _check(self, frames: list[pd.DataFrame], expected: list[list[str]]) -> None:
+        frame = pd.concat(frames, ignore_index=True)
+        numbers = frame.pop("__record_number").to_numpy()
+        self._compare(numbers, expected, self._ask(frame))
+
+    def _compare(self, numbers: np.ndarray, expected: list[list[str]], actual: dict) -> None:
         differ = [
             (int(numbers[position]), sorted(want), sorted(actual.get(position, [])))
             for position, want in enumerate(expected)
@@ -278,5 +319,5 @@ class Audit:
                               for number, fast, gx in differ[:5])
             raise AuditMismatch(
                 f"{self.kind} validation disagrees with the GX suite on {len(differ)} of "
-                f"{len(frame)} audited rows ({shown}); the file is not loaded"
+                f"{len(numbers)} audited rows ({shown}); the file is not loaded"
             )

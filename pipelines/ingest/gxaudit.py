@@ -1,12 +1,16 @@
 """The GX audit in a helper process, so the GX import overlaps the load.
 
-Importing Great Expectations and building its context costs 3-6 s of CPU per process
-(measured 3.8 s on a 2-core machine at light load), more than validating a whole small file. The
-audit only needs GX at the end of a file, so :func:`prestart` launches a helper process
-as soon as a file is known to be readable: it imports GX on another core while this
-process reads, validates and stages the file. At the end of the file the audit's rows
-(flagged plus a sample, a few thousand at most) go to the helper, which runs the declared
-suite on them and returns GX's reasons per row.
+Importing Great Expectations and building its context costs 2-4 s of CPU per process
+(3.5 s measured on this 2-core machine, 2.1 s with the SciPy and Altair imports deferred,
+see validate.DEFERRED_GX_IMPORTS), more than validating and loading a whole small file.
+The audit only needs GX just before a file commits, so :func:`prestart` launches a helper
+process as soon as a run knows it has extract files (``ingest_paths``, before it opens the
+warehouse; ``load_file`` too, for direct callers): it imports GX on another core while
+this process imports the loader, reads, validates, stages and merges the file. Then the
+audit's rows (flagged plus a sample, a few thousand at most) go to the helper, which runs
+the declared suite on them and returns GX's reasons per row; the file commits only if they
+agree. A helper that was never asked (every file a duplicate) is killed at exit, not
+waited for.
 
 The helper is this module run as ``python -m pipelines.ingest.gxaudit``: requests and
 answers are pickles over its stdin/stdout (a pipe between two processes of this package;
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _helper: subprocess.Popen | None = None
 _owner = 0  # pid of the process that started the helper (a forked child must not share it)
+_asked = False  # whether the helper was sent a request (an unused one is killed at exit)
 
 
 def _own_helper() -> subprocess.Popen | None:
@@ -42,12 +47,12 @@ def _own_helper() -> subprocess.Popen | None:
     return _helper
 
 
-def prestart(expectations_dir: str, kind: str) -> None:
-    """Start the helper (once per process); it imports GX and builds ``kind``'s suite.
+def prestart(expectations_dir: str, *kinds: str) -> None:
+    """Start the helper (once per process); it imports GX and builds the suites of ``kinds``.
 
     Failing to start is logged; the audit then runs in-process.
     """
-    global _helper, _owner
+    global _helper, _owner, _asked
     with _lock:
         if _own_helper() is not None:
             return
@@ -56,10 +61,10 @@ def prestart(expectations_dir: str, kind: str) -> None:
         env.setdefault("GX_ANALYTICS_ENABLED", "False")
         try:
             _helper = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.ingest.gxaudit", expectations_dir, kind],
+                [sys.executable, "-m", "pipelines.ingest.gxaudit", expectations_dir, *kinds],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
             )
-            _owner = os.getpid()
+            _owner, _asked = os.getpid(), False
         except OSError as exc:
             log.warning("GX audit helper not started (%s); auditing in-process", exc)
             _helper = None
@@ -68,7 +73,13 @@ def prestart(expectations_dir: str, kind: str) -> None:
 def _stop() -> None:
     global _helper
     with _lock:
-        if _own_helper() is not None:
+        if _own_helper() is not None and not _asked:
+            # Never asked (every file a duplicate, or rejected unread): it may still be
+            # importing GX, which nobody needs; do not make the run wait for it.
+            _helper.kill()
+            _helper.wait()
+            _helper = None
+        elif _own_helper() is not None:
             try:
                 _helper.stdin.close()
                 _helper.wait(timeout=5)
@@ -83,10 +94,11 @@ atexit.register(_stop)
 
 def failing_rows(expectations_dir: str, kind: str, frame, parameters: dict) -> dict:
     """Return GX's {row position: [reasons]} for ``frame``, from the helper if running."""
-    global _helper
+    global _helper, _asked
     with _lock:
         helper = _own_helper()
         if helper is not None:
+            _asked = True
             try:
                 pickle.dump((expectations_dir, kind, frame, parameters), helper.stdin,
                             protocol=pickle.HIGHEST_PROTOCOL)
@@ -113,8 +125,8 @@ def _serve() -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints cannot reach the pipe
     from pipelines.ingest.validate import gx_runner
 
-    if len(sys.argv) == 3:  # the point: import GX and build the suite while the parent loads
-        gx_runner(sys.argv[1], sys.argv[2])
+    for kind in sys.argv[2:]:  # the point: import GX and build the suites while the parent loads
+        gx_runner(sys.argv[1], kind)
     while True:
         try:
             expectations_dir, kind, frame, parameters = pickle.load(requests)

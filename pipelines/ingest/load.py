@@ -395,14 +395,13 @@ def _stage_file(
     expectations_dir: Path,
     max_date: date,
     preview_fields: int = 16,
-) -> tuple[int, pd.Series]:
+) -> tuple[int, pd.Series, Audit]:
     """Validate the file chunk by chunk into staging and quarantine.
 
-    Returns the rows read and the business keys of the staged rows (in staging order),
-    which the whole-file checks and the merge use instead of queries over the stage.
-
-    The suite is applied by the fast interpreter; GX audits the file's flagged rows and a
-    sample of its passed rows before this returns (a disagreement raises, and the file's
+    Returns the rows read, the business keys of the staged rows (in staging order), which
+    the whole-file checks and the merge use instead of queries over the stage, and the
+    file's GX audit (its flagged rows and a sample of its passed rows), which the caller
+    verifies before the file's transaction commits (a disagreement raises, and the
     transaction rolls back).
     """
     rows_read = 0
@@ -434,12 +433,21 @@ def _stage_file(
             )
         _write_stage(conn, stage, _prepare_valid(checked.valid, extract.kind, key))
         staged_keys.append(checked.valid[key_column].reset_index(drop=True))
+    keys = (pd.concat(staged_keys, ignore_index=True) if staged_keys
+            else pd.Series([], dtype="str"))
+    return rows_read, keys, audit
+
+
+def _verify_audit(audit: Audit) -> None:
+    """Have GX check the file's audit rows; raise :class:`AuditMismatch` on any difference.
+
+    Called last inside the file's transaction: the merge, which does not depend on the
+    audit's verdict, runs while the helper imports GX or checks the rows (Audit.start), and
+    a disagreement still rolls everything of the file back.
+    """
     summary = audit.verify()
     log.info("GX audit agreed on %d flagged and %d sampled rows of %d (%.2f s)",
              summary["flagged"], summary["sampled"], summary["rows_seen"], summary["seconds"])
-    keys = (pd.concat(staged_keys, ignore_index=True) if staged_keys
-            else pd.Series([], dtype="str"))
-    return rows_read, keys
 
 
 def _take_from_stage(
@@ -882,32 +890,39 @@ def load_file(
             stage.drop(conn, checkfirst=True)
             stage.create(conn)
             quarantine = _Quarantine(conn, extract, key, shown)
-            result.rows_read, staged_keys = _stage_file(
+            result.rows_read, staged_keys, audit = _stage_file(
                 conn, extract, stage, quarantine, key, chunk_rows, expectations_dir,
                 max_plausible_date(path.name, processing_day), preview_fields,
             )
-            _analyze(conn, stage)
-            staged_keys = _check_whole_file(conn, extract, stage, quarantine, staged_keys)
-            result.quarantined = quarantine.count
-            result.quarantine_reasons = dict(sorted(quarantine.reasons.items()))
-            if result.rows_read and quarantine.count / result.rows_read > max_bad_share:
-                raise FileRejected(
-                    f"{path.name}: {quarantine.count} of {result.rows_read} rows invalid "
-                    f"({quarantine.count / result.rows_read:.0%} > {max_bad_share:.0%} allowed); "
-                    f"top reasons: {', '.join(r for r, _ in quarantine.reasons.most_common(3))}"
-                )
-            if extract.kind == PROCEDURES:
-                _merge_procedures(conn, stage, checksum, extract_ts, result, staged_keys)
-            else:
-                _merge_complications(conn, stage, checksum, extract_ts, result, staged_keys)
-            _hold_unordered_corrections(shown, extract_ts, result)
-            if result.inserted >= LARGE_LOAD_ROWS:
-                # a large load changes the targets' statistics; the next nightly file's
-                # joins are planned with them (autovacuum may not have run yet)
-                for target in TARGETS[extract.kind]:
-                    _analyze(conn, target)
-            stage.drop(conn)
-            conn.execute(ledger.insert().values(_ledger_values(shown, checksum, result)))
+            audit.start()  # GX checks the audit rows while the merge runs
+            try:
+                _analyze(conn, stage)
+                staged_keys = _check_whole_file(conn, extract, stage, quarantine, staged_keys)
+                result.quarantined = quarantine.count
+                result.quarantine_reasons = dict(sorted(quarantine.reasons.items()))
+                if result.rows_read and quarantine.count / result.rows_read > max_bad_share:
+                    raise FileRejected(
+                        f"{path.name}: {quarantine.count} of {result.rows_read} rows invalid "
+                        f"({quarantine.count / result.rows_read:.0%} > {max_bad_share:.0%} allowed); "
+                        f"top reasons: {', '.join(r for r, _ in quarantine.reasons.most_common(3))}"
+                    )
+                if extract.kind == PROCEDURES:
+                    _merge_procedures(conn, stage, checksum, extract_ts, result, staged_keys)
+                else:
+                    _merge_complications(conn, stage, checksum, extract_ts, result, staged_keys)
+                _hold_unordered_corrections(shown, extract_ts, result)
+                if result.inserted >= LARGE_LOAD_ROWS:
+                    # a large load changes the targets' statistics; the next nightly file's
+                    # joins are planned with them (autovacuum may not have run yet)
+                    for target in TARGETS[extract.kind]:
+                        _analyze(conn, target)
+                stage.drop(conn)
+                conn.execute(ledger.insert().values(_ledger_values(shown, checksum, result)))
+            except FileRejected:
+                # A rejection's counts and reasons are the fast path's too: audited first.
+                _verify_audit(audit)
+                raise
+            _verify_audit(audit)  # last: nothing of the file commits unless GX agrees
     except FileRejected as exc:
         result.status, result.reason = "rejected", str(exc).replace(path.name, shown)
         for name in ("inserted", "updated", "unchanged", "stale", "pending", "promoted",

@@ -42,6 +42,24 @@ class KeyedDigest:
         outer.update(inner.digest())
         return outer.hexdigest()
 
+    def hexdigests(self, messages: list[str]) -> list[str]:
+        """Return :meth:`hexdigest` of each message's UTF-8 bytes, in order.
+
+        The same digests as one :meth:`hexdigest` call per message, with the per-call
+        attribute look-ups hoisted out of the loop (one message per distinct reference of a
+        1M-row file).
+        """
+        inner_copy, outer_copy = self._inner.copy, self._outer.copy
+        out = []
+        append = out.append
+        for message in messages:
+            inner = inner_copy()
+            inner.update(message.encode())
+            outer = outer_copy()
+            outer.update(inner.digest())
+            append(outer.hexdigest())
+        return out
+
 
 @lru_cache(maxsize=4)
 def keyed_digest(key: bytes) -> KeyedDigest:
@@ -66,8 +84,8 @@ def pseudonymise_column(key: bytes, sites: pd.Series, references: pd.Series) -> 
     )
     codes, uniques = pd.factorize(pairs)
     # One digest per distinct pair from the precomputed states, then a vectorised gather.
-    digest = keyed_digest(key).hexdigest
-    digests = np.array([digest(value.encode()) for value in uniques], dtype=object)
+    # tolist(): iterating an Arrow-backed array element by element costs more than the HMAC.
+    digests = np.array(keyed_digest(key).hexdigests(uniques.tolist()), dtype=object)
     out = pd.Series(None, index=references.index, dtype=object)
     if len(codes):
         out[present] = digests.take(codes)

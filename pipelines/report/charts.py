@@ -9,13 +9,15 @@ thresholds and classes come from the stored monitor run; the only arithmetic is 
 from __future__ import annotations
 
 import math
+import re
 from datetime import date
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from pipelines.report.common import CsvBody, _esc, _pct, float_texts
+from pipelines.evidence import MonthSeries
+from pipelines.report.common import CsvBody, _esc, _pct, rounded_texts
 from pipelines.report.svgplot import EPOCH, Chart, decimate
 
 # Rates below this are "rare": their funnel is drawn as observed against expected counts,
@@ -45,8 +47,13 @@ def _iso_days(days) -> list[str]:
     if not days.size:
         return []
     low, high = int(days.min()) // 1024, int(days.max()) // 1024
-    table = np.concatenate([_iso_table(b) for b in range(low, high + 1)])
-    return table[days - low * 1024].tolist()
+    return _iso_span(low, high)[days - low * 1024].tolist()
+
+
+@lru_cache(maxsize=64)
+def _iso_span(low: int, high: int) -> np.ndarray:
+    """Return the ISO dates of blocks ``low`` to ``high`` (most series span the same few)."""
+    return np.concatenate([_iso_table(b) for b in range(low, high + 1)])
 
 
 @lru_cache(maxsize=1024)
@@ -64,16 +71,17 @@ def _month_mid(month: str) -> int:
 
 # -- sparkline -----------------------------------------------------------------------
 
-def sparkline(months: list[dict[str, Any]], low: float | None, high: float | None,
+def sparkline(months: MonthSeries, low: float | None, high: float | None,
               what: str) -> str:
     """Return a 12-month sparkline of the monthly rate with the guidance range shaded.
 
     Months without mature units leave a gap. ``what`` names site and metric for the
     screen-reader label, which also states the first and last rate.
     """
-    recent = sorted((m for m in months if m["months_before_as_of"] < 12),
-                    key=lambda m: m["month"])
-    rates = [m["events"] / m["units"] if m["units"] else None for m in recent]
+    # the months come oldest first (evidence.monthly_figures)
+    recent = [i for i, before in enumerate(months.months_before_as_of) if before < 12]
+    rates = [months.events[i] / months.units[i] if months.units[i] else None
+             for i in recent]
     shown = [r for r in rates if r is not None]
     if not shown:
         return ""
@@ -118,7 +126,7 @@ def sparkline(months: list[dict[str, Any]], low: float | None, high: float | Non
 
 # -- VLAD ----------------------------------------------------------------------------
 
-def vlad_svg(months: list[dict[str, Any]], title: str, *, direction: str,
+def vlad_svg(months: MonthSeries, title: str, *, direction: str,
              flags: list[tuple[str, float]], odds_ratio: float) -> Drawn | None:
     """Return the cumulative observed-minus-expected (VLAD) chart by index month.
 
@@ -129,11 +137,15 @@ def vlad_svg(months: list[dict[str, Any]], title: str, *, direction: str,
     (the log-likelihood ratio gains at most ln(OR) per excess event), so the VLAD reaching
     a flag level shows how a crossing came about; the CUSUM itself decides.
     """
-    rows = [m for m in months if m["units"]]
+    rows = [i for i, units in enumerate(months.units) if units]
     if not rows:
         return None
-    x = np.array([_month_mid(m["month"]) for m in rows], float)
-    diff = np.array([m["events"] - m["expected"] for m in rows], float)
+    month = [months.month[i] for i in rows]
+    units = [months.units[i] for i in rows]
+    events = [months.events[i] for i in rows]
+    expected = [months.expected[i] for i in rows]
+    x = np.array([_month_mid(m) for m in month], float)
+    diff = np.array(events, float) - np.array(expected, float)
     path = np.cumsum(diff)
     start = np.concatenate([[0.0], path[:-1]])
     log_or = abs(math.log(odds_ratio)) if odds_ratio and odds_ratio != 1 else None
@@ -161,16 +173,21 @@ def vlad_svg(months: list[dict[str, Any]], title: str, *, direction: str,
                            else np.maximum.accumulate(path) - path))
     plot.description = (
         f"{title}: cumulative observed minus expected events by month, "
-        f"{rows[0]['month']} to {rows[-1]['month']}. The line ends at {end:+.1f} events "
+        f"{month[0]} to {month[-1]}. The line ends at {end:+.1f} events "
         f"({'more' if end > 0 else 'fewer'} than expected for the case mix); it rises most "
-        f"steeply up to {rows[turned]['month']}. Flag levels show how far it must rise "
+        f"steeply up to {month[turned]}. Flag levels show how far it must rise "
         f"({'more' if up else 'fewer'} events) before the CUSUM can signal.")
     headers = ["month", "mature_units", "observed", "expected", "observed_minus_expected",
                "cumulative_observed_minus_expected", *[c for c, _ in flag_columns]]
-    data = [[m["month"], m["units"], m["events"], round(m["expected"], 4), round(float(d), 4),
-             round(float(c), 4), *[round(float(col[i]), 4) for _, col in flag_columns]]
-            for i, (m, d, c) in enumerate(zip(rows, diff, path, strict=True))]
-    return plot.render(), headers, data
+    # written column by column, as csv_text would write these rows (numbers as repr,
+    # rounded by Python's round, not numpy's, so the digits stay the same)
+    columns = [month, list(map(str, units)), list(map(str, events)),
+               *(rounded_texts(values, 4) for values in (
+                   expected, diff.tolist(), path.tolist(),
+                   *(col.tolist() for _, col in flag_columns)))]
+    return plot.render(), headers, CsvBody(
+        "".join(",".join(row) + "\r\n" for row in zip(*columns, strict=True)))
+
 
 
 # -- p-chart -------------------------------------------------------------------------
@@ -251,7 +268,8 @@ def _h_text(h: Any) -> str:
 def _series_lines(days: np.ndarray, stat: np.ndarray, *middle: list[str],
                   last: str) -> CsvBody:
     """Return CSV lines ``date,statistic[,middle...],last`` for one site's series."""
-    columns = [_iso_days(days), float_texts(np.round(stat, 5)), *middle]
+    # rounding values already rounded changes nothing: the cells are their repr
+    columns = [_iso_days(days), rounded_texts(np.round(stat, 5), 5), *middle]
     suffix = "," + last
     # the constant last column is joined in as part of the separator: no per-row work
     return CsvBody((suffix + "\r\n").join(map(",".join, zip(*columns, strict=True)))
@@ -446,10 +464,39 @@ class FunnelTemplate:
 
     def __init__(self, svg: str, plot: Chart, points: dict[str, tuple]) -> None:
         self.svg, self.plot, self.points = svg, plot, points
+        # Every site page draws each funnel: the template is cut once where the site's
+        # name goes, and each point label's place is noted, so a page joins pieces instead
+        # of searching the whole drawing (a thousand sites' points) three times.
+        self._parts = svg.split(SITE_TOKEN)
+        last = self._parts[-1]
+        self._end = last.find("</svg>")
+        self._labels: dict[str, tuple[int, int]] = {}
+        if self._end < 0 or last.count("</svg>") != 1 or any(
+                "</svg>" in part for part in self._parts[:-1]):
+            self._parts = None  # not the shape drawn here: for_site searches as it used to
+            return
+        for match in re.finditer(r'font-weight="bold">([^<]*)</text>', last):
+            if match.group(1) not in self._labels:
+                start = last.rfind("<text ", 0, match.start())
+                self._labels[match.group(1)] = (start, match.end())
 
     def for_site(self, site: str) -> str:
         """Return the funnel naming and highlighting ``site``."""
+        name = _esc(site)
+        if self._parts is None:
+            return self._for_site_searching(site)
+        last, end = self._parts[-1], self._end
         # the site's own point label would print beside the highlight's: drop it
+        span = self._labels.get(name)
+        if span is not None and not 0 <= span[0] < end:
+            return self._for_site_searching(site)
+        if span is None:
+            last = last[:end] + self.marker(site) + last[end:]
+        else:
+            last = last[:span[0]] + last[span[1]:end] + self.marker(site) + last[end:]
+        return name.join([*self._parts[:-1], last])
+
+    def _for_site_searching(self, site: str) -> str:
         own = f'font-weight="bold">{_esc(site)}</text>'
         svg = self.svg
         end = svg.find(own)

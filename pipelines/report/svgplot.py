@@ -111,13 +111,12 @@ def decimate(x: np.ndarray, y: np.ndarray, max_points: int = 400) -> tuple[np.nd
         return x, y
     buckets = max_points // 4
     bucket = np.arange(n) * buckets // n  # contiguous, nearly equal buckets
-    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
-    ends = np.r_[starts[1:], n] - 1
+    starts = np.flatnonzero(np.concatenate(([True], bucket[1:] != bucket[:-1])))
+    ends = np.append(starts[1:], n) - 1
     order = np.lexsort((y, bucket))  # by bucket, then by value
-    lowest = order[starts]
-    highest = order[ends]
-    index = np.unique(np.concatenate([starts, ends, lowest, highest]))
-    return x[index], y[index]
+    keep = np.zeros(n, dtype=bool)  # the kept indices, in order, each once
+    keep[starts] = keep[ends] = keep[order[starts]] = keep[order[ends]] = True
+    return x[keep], y[keep]
 
 
 @dataclass
@@ -232,7 +231,8 @@ class Chart:
             return left + (value - x0) / (x1 - x0) * plot_w
 
         def sy(value):
-            value = np.clip(np.asarray(value, float), y0, y1)
+            # np.minimum/np.maximum: np.clip's result without its wrapper's cost per call
+            value = np.minimum(np.maximum(np.asarray(value, float), y0), y1)
             return top + plot_h - (value - y0) / (y1 - y0) * plot_h
 
         # Scalar twins of sx and sy for ticks: the same float64 arithmetic in the same
@@ -259,26 +259,12 @@ class Chart:
             f'font-weight="bold">{_esc(_shorten(self.title, (self.width - left) // 7))}</text>',
         ]
         # axes and grid
-        if self.x_scale == "date":
-            xt, x_text = _date_axis(int(x0), int(x1))
-        elif log:
+        if log:
             xt = log_ticks(x0, x1)
-            x_text = [_fmt(t) for t in xt]
+            out.extend(_x_grid([sx1(t) for t in xt], [_fmt(t) for t in xt], top, plot_h))
         else:
-            xt = nice_ticks(x0, x1)
-            x_text = [_fmt(t) for t in xt]
-        bottom_y, label_y = top + plot_h, top + plot_h + 14
-        for t, text in zip(xt, x_text, strict=True):
-            px = sx1(t)
-            out.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{bottom_y}" '
-                       'stroke="#ddd" stroke-width="0.6"/>')
-            out.append(f'<text x="{px:.1f}" y="{label_y}" text-anchor="middle">'
-                       f'{_esc(text)}</text>')
-        for t in nice_ticks(y0, y1):
-            py = sy1(t)
-            out.append(f'<line x1="{left}" y1="{py:.1f}" x2="{left + plot_w}" y2="{py:.1f}" '
-                       'stroke="#ddd" stroke-width="0.6"/>')
-            out.append(f'<text x="{left - 5}" y="{py + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
+            out.extend(_linear_x_axis(self.x_scale, x0, x1, left, top, plot_w, plot_h))
+        out.extend(_y_axis(y0, y1, left, top, plot_w, plot_h))
         out.append(f'<text x="{left + plot_w / 2:.0f}" y="{top + plot_h + 32}" '
                    f'text-anchor="middle">{_esc(self.x_label)}</text>')
         out.append(f'<text transform="translate(14,{top + plot_h / 2:.0f}) rotate(-90)" '
@@ -290,23 +276,8 @@ class Chart:
         self.project = lambda x, y: (float(sx(x)), float(sy(y)))
         # legend under the plot: a sample of each series' line or marker, then its label
         for i, s in enumerate(legend):
-            col, row = i % columns, i // columns
-            lx = left + col * (plot_w / columns)
-            ly = top + plot_h + 46 + row * 16
-            if s.kind in ("line", "hline"):
-                out.append(self._path([(lx, ly), (lx + 26, ly)], s))
-            elif s.kind == "band":
-                out.append(f'<rect x="{lx}" y="{ly - 5}" width="26" height="10" '
-                           f'fill="{s.tone}"/>')
-            elif s.kind == "cloud":
-                out.append(f'<circle cx="{lx + 13}" cy="{ly}" r="2" fill="{s.tone}"/>')
-            elif s.kind == "points":
-                out.append(_marker(s.marker, lx + 13, ly, s.filled, s.tone))
-            else:
-                out.append(f'<line x1="{lx + 13}" y1="{ly - 5}" x2="{lx + 13}" y2="{ly + 5}" '
-                           'stroke="#111"/>')
-            out.append(f'<text x="{lx + 32:.1f}" y="{ly + 4}">'
-                       f'{_legend_text(s.label, int((plot_w / columns - 34) / 6.5))}</text>')
+            out.extend(_legend_entry(i, columns, left, top, plot_w, plot_h, s.kind, s.label,
+                                     s.style, s.tone, s.width, s.marker, s.filled))
         out.append("</svg>")
         return "\n".join(out)
 
@@ -342,11 +313,11 @@ class Chart:
                 x, y = np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1]
             if not len(x):
                 return []
-            return [self._polyline(np.column_stack([sx(x), sy(y)]).ravel().tolist(), s)]
+            return [self._polyline(_interleave(sx(x), sy(y)), s)]
         if s.kind == "cloud":
             if not len(x):
                 return []
-            flat = np.column_stack([sx(x), sy(y)]).ravel().tolist()
+            flat = _interleave(sx(x), sy(y))
             dots = "M%.0f,%.0fh0" * len(x) % tuple(flat)
             return [f'<path d="{dots}" stroke="{s.tone}" stroke-width="4" '
                     'stroke-linecap="round" fill="none"/>']
@@ -369,6 +340,81 @@ class Chart:
             if texts and texts[i]:
                 labels.append((xv, yv, texts[i]))
         return parts
+
+
+# The frame of a chart (grid, tick labels, legend) is drawn from a few numbers, and the
+# charts of one report share most of them (one date range, one set of legend entries), so
+# each piece is cached by those numbers. The arithmetic is that of render's sx1 and sy1.
+
+@lru_cache(maxsize=4096)
+def _linear_x_axis(scale: str, x0: float, x1: float, left: int, top: int, plot_w: int,
+                   plot_h: int) -> tuple[str, ...]:
+    """Return the vertical grid lines and tick labels of a date or linear x axis."""
+    if scale == "date":
+        xt, x_text = _date_axis(int(x0), int(x1))
+    else:
+        xt = nice_ticks(x0, x1)
+        x_text = [_fmt(t) for t in xt]
+    return _x_grid([left + (float(t) - x0) / (x1 - x0) * plot_w for t in xt], x_text, top,
+                   plot_h)
+
+
+def _x_grid(positions: list[float], texts, top: int, plot_h: int) -> tuple[str, ...]:
+    bottom_y, label_y = top + plot_h, top + plot_h + 14
+    out = []
+    for px, text in zip(positions, texts, strict=True):
+        out.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{bottom_y}" '
+                   'stroke="#ddd" stroke-width="0.6"/>')
+        out.append(f'<text x="{px:.1f}" y="{label_y}" text-anchor="middle">'
+                   f'{_esc(text)}</text>')
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def _y_axis(y0: float, y1: float, left: int, top: int, plot_w: int,
+            plot_h: int) -> tuple[str, ...]:
+    """Return the horizontal grid lines and tick labels of the y axis."""
+    out = []
+    for t in nice_ticks(y0, y1):
+        py = top + plot_h - (min(max(float(t), y0), y1) - y0) / (y1 - y0) * plot_h
+        out.append(f'<line x1="{left}" y1="{py:.1f}" x2="{left + plot_w}" y2="{py:.1f}" '
+                   'stroke="#ddd" stroke-width="0.6"/>')
+        out.append(f'<text x="{left - 5}" y="{py + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def _legend_entry(i: int, columns: int, left: int, top: int, plot_w: int, plot_h: int,
+                  kind: str, label: str, style: str, tone: str, width: float, marker: str,
+                  filled: bool) -> tuple[str, str]:
+    """Return legend entry ``i``: a sample of the series' line or marker, then its label."""
+    col, row = i % columns, i // columns
+    lx = left + col * (plot_w / columns)
+    ly = top + plot_h + 46 + row * 16
+    if kind in ("line", "hline"):
+        sample = Chart._path([(lx, ly), (lx + 26, ly)],
+                             _Series(kind, _NONE, _NONE, style=style, tone=tone, width=width))
+    elif kind == "band":
+        sample = f'<rect x="{lx}" y="{ly - 5}" width="26" height="10" fill="{tone}"/>'
+    elif kind == "cloud":
+        sample = f'<circle cx="{lx + 13}" cy="{ly}" r="2" fill="{tone}"/>'
+    elif kind == "points":
+        sample = _marker(marker, lx + 13, ly, filled, tone)
+    else:
+        sample = (f'<line x1="{lx + 13}" y1="{ly - 5}" x2="{lx + 13}" y2="{ly + 5}" '
+                  'stroke="#111"/>')
+    return sample, (f'<text x="{lx + 32:.1f}" y="{ly + 4}">'
+                    f'{_legend_text(label, int((plot_w / columns - 34) / 6.5))}</text>')
+
+
+_NONE = np.array([])
+
+
+def _interleave(xs: np.ndarray, ys: np.ndarray) -> list[float]:
+    """Return ``[x0, y0, x1, y1, ...]`` (np.column_stack's order, without its overhead)."""
+    flat = np.empty(2 * len(xs))
+    flat[0::2], flat[1::2] = xs, ys
+    return flat.tolist()
 
 
 @lru_cache(maxsize=4096)

@@ -338,6 +338,11 @@ class OperatorThresholds:
         return h
 
 
+def rounded_volume(volume_per_year: float) -> int:
+    """Return the volume an operator's thresholds are designed for (two significant figures)."""
+    return max(1, int(significant(max(volume_per_year, 1.0), 2)))
+
+
 def learning_budget(design: OperatorDesign, rate: float) -> float:
     """Return the expected false training reviews a new operator may spend in their first N.
 
@@ -371,9 +376,9 @@ def operator_thresholds(p0: float, design: OperatorDesign, volume_per_year: floa
     An operator already practising when the site's data begin (not new) has no learning
     phase: h has an in-control ARL from the head start of ``volume / rate``, and the chart
     starts at 0 (a head start there would spend budget on nobody's learning curve).
-    Volume is rounded to two significant figures (cache; stable h).
+    Volume is rounded to two significant figures (:func:`rounded_volume`; cache, stable h).
     """
-    volume = max(1, int(significant(max(volume_per_year, 1.0), 2)))
+    volume = rounded_volume(volume_per_year)
     if not new:
         steady = fir_threshold(p0, design.odds_ratio, arl0_for_volume(volume, rate),
                                design.head_start)

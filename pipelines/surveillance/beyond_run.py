@@ -57,7 +57,10 @@ def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
                 values = values.remove_categories([""])
             # sorted, so that charts grouped by operator or product come in name order
             columns[name] = values.reorder_categories(sorted(values.categories))
-        return pd.DataFrame(columns).set_index("procedure_id")
+        # An object index, as the units' ids are: pandas would infer its Arrow string dtype
+        # and the match with the units (_ExtraRows) would convert a million ids back.
+        ids = pd.Index(columns.pop("procedure_id"), dtype=object, name="procedure_id")
+        return pd.DataFrame(columns, index=ids)
     rows = conn.execute(statement).all()
     frame = pd.DataFrame(rows, columns=["procedure_id", *EXTRA_COLUMNS], dtype=object)
     return frame.set_index("procedure_id")
@@ -74,8 +77,29 @@ def _failures(conn: sa.Connection, as_of: date, event_types: tuple[str, ...]) ->
     return pd.DataFrame(rows, columns=["balloon_product", "cement_product"], dtype=object)
 
 
-def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.DataFrame
-           ) -> pd.DataFrame:
+class _ExtraRows:
+    """The row of ``extras`` of each unit, looked up once per distinct list of units.
+
+    Matching a million procedure ids is a hash of a million strings; metrics with the same
+    outcome window have the same mature units, so the second one reuses the first's rows.
+    """
+
+    def __init__(self, extras: pd.DataFrame) -> None:
+        self.extras = extras
+        self.seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __call__(self, unit_id: pd.Series) -> np.ndarray:
+        ids = unit_id.to_numpy(dtype=object)
+        for known, position in self.seen:
+            if len(known) == len(ids) and np.array_equal(known, ids):
+                return position
+        position = self.extras.index.get_indexer(pd.Index(ids, dtype=object))
+        self.seen.append((ids, position))
+        return position
+
+
+def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.DataFrame,
+           rows_of: _ExtraRows | None = None) -> pd.DataFrame:
     """Mature units of a per-procedure metric, with the network risk and the extra columns."""
     metric = profile.metric(metric_id)
     units = derive_outcomes(snapshot, metric)
@@ -86,7 +110,7 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
     slim = pd.DataFrame({"site_id": units["site_id"].array,
                          "index_day": units["index_day"].to_numpy(np.int64),
                          "y": units["y"].to_numpy(np.int64), "risk": model.predict(units)})
-    position = extras.index.get_indexer(pd.Index(units["unit_id"], dtype=object))
+    position = (rows_of or _ExtraRows(extras))(units["unit_id"])
     for name in EXTRA_COLUMNS:
         values = extras[name].array
         slim[name] = (values.take(position, allow_fill=True)
@@ -104,11 +128,12 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
         return out
     as_of_day = snapshot.as_of_day
     extras = _extras(conn, snapshot.as_of)
+    rows_of = _ExtraRows(extras)
     cache: dict[str, pd.DataFrame] = {}
 
     def units(metric_id: str) -> pd.DataFrame:
         if metric_id not in cache:
-            cache[metric_id] = _units(snapshot, profile, metric_id, extras)
+            cache[metric_id] = _units(snapshot, profile, metric_id, extras, rows_of)
         return cache[metric_id]
 
     if design.operators is not None:
@@ -124,9 +149,12 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
         lot_units = lot_units.loc[lot_units["cement_product"].notna()
                                   & lot_units["cement_lot"].notna()]
         out["lots"] = lot_tests(
-            pd.DataFrame({"product": lot_units["cement_product"].to_numpy(),
-                          "lot": lot_units["cement_lot"].to_numpy(),
-                          "site_id": np.asarray(lot_units["site_id"], dtype=object),
+            # The columns as read (categoricals on PostgreSQL, their categories sorted, so
+            # lots come in name order): grouped and their sites counted on codes, with no
+            # string made per case.
+            pd.DataFrame({"product": lot_units["cement_product"].array,
+                          "lot": lot_units["cement_lot"].array,
+                          "site_id": lot_units["site_id"].array,
                           "index_day": lot_units["index_day"].to_numpy(),
                           "y": lot_units["y"].to_numpy(), "risk": lot_units["risk"].to_numpy()}),
             dev, as_of_day)

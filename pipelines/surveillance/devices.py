@@ -98,7 +98,7 @@ def recalibration_blocks(quarter_events: np.ndarray) -> np.ndarray:
     return block
 
 
-def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame,
+def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame | dict[str, np.ndarray],
                others_risk: np.ndarray, origin: int | None = None) -> np.ndarray:
     """Recalibrate a product's expected risks to the other products *in the same period*.
 
@@ -107,15 +107,16 @@ def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame,
     91-day quarters counted from ``origin`` (the comparison's first day; default the first
     day of either side), pooled into :func:`recalibration_blocks`; per block the log odds
     move by ``logit(others' observed rate) - logit(others' mean expected risk)``.
+    ``others`` has ``index_day`` and ``y`` columns (a frame, or a dict of arrays).
     """
-    other_day = others["index_day"].to_numpy(np.int64)
+    other_day = np.asarray(others["index_day"], dtype=np.int64)
     if origin is None:
         origin = int(min(day.min(initial=np.iinfo(np.int64).max),
                          other_day.min(initial=np.iinfo(np.int64).max)))
     quarter = (day - origin) // QUARTER_DAYS
     other_quarter = (other_day - origin) // QUARTER_DAYS
     n_quarters = int(max(quarter.max(initial=-1), other_quarter.max(initial=-1))) + 1
-    other_y = others["y"].to_numpy(float)
+    other_y = np.asarray(others["y"], dtype=float)
     blocks = recalibration_blocks(np.bincount(other_quarter, weights=other_y,
                                               minlength=n_quarters))
     block, other_block = blocks[quarter], blocks[other_quarter]
@@ -203,8 +204,12 @@ def product_cusum(y: np.ndarray, risk: np.ndarray, odds_ratio: float, h: float
                   ) -> tuple[float, list[int]]:
     """Return (the statistic now, the cases at which it signalled); it restarts at 0."""
     value, signals = 0.0, []
+    # A product has up to a million cases: ``max(0.0, value + weight)`` spelled as a
+    # comparison does the same float operations (the same bits) without a builtin call.
     for index, weight in enumerate(cusum_weights(y, risk, odds_ratio).tolist()):
-        value = max(0.0, value + weight)
+        value += weight
+        if not value > 0.0:  # max(0.0, v) keeps 0.0 unless v is larger (NaN too)
+            value = 0.0
         if value >= h:
             signals.append(index)
             value = 0.0
@@ -240,26 +245,47 @@ def lot_tests(lots: pd.DataFrame, design: DeviceDesign, as_of_day: int) -> list[
     return rows
 
 
-def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign, cases: pd.DataFrame,
-                   risk: np.ndarray, others: pd.DataFrame, as_of_day: int) -> dict:
-    day = cases["index_day"].to_numpy(np.int64)
-    y = cases["y"].to_numpy(np.int64)
+def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign,
+                   cases: dict[str, np.ndarray], risk: np.ndarray,
+                   others: dict[str, np.ndarray], as_of_day: int) -> dict:
+    """Return the product's test: ``cases`` and ``others`` hold index_day, y and risk arrays."""
+    day = cases["index_day"]
+    y = cases["y"]
     rate = rate_per_unit_year(profile, metric)
     assert metric.alarm is not None
     if metric.alarm.method == "rare":
         events, _, p_value = conditional_rare_pvalue(
-            day, y, cases["risk"].to_numpy(float), others["index_day"].to_numpy(np.int64),
-            others["y"].to_numpy(np.int64), others["risk"].to_numpy(float), as_of_day)
+            day, y, cases["risk"], others["index_day"], others["y"], others["risk"], as_of_day)
         alpha = rare_alpha(rate)
         signal = day_to_date(as_of_day) if events and p_value <= alpha else None
         return {"statistic": p_value, "threshold": alpha, "signal_date": signal,
                 "signals": int(signal is not None)}
-    volume = len(cases) / years_between(int(day[0]), as_of_day)
+    volume = len(day) / years_between(int(day[0]), as_of_day)
     h = fir_threshold(float(risk.mean()), design.odds_ratio, arl0_for_volume(volume, rate), 0.0)
     value, signals = product_cusum(y, risk, design.odds_ratio, h)
     return {"statistic": finite(value), "threshold": h,
             "signal_date": day_to_date(int(day[signals[-1]])) if signals else None,
             "signals": len(signals)}
+
+
+def _without_flagged_lots(units: pd.DataFrame, flagged_lots: frozenset[str]) -> np.ndarray:
+    """Return, per unit, whether its cement ``product<US>lot`` key is not a flagged lot.
+
+    Keys are built once per distinct (product, lot) pair, not per unit. A unit missing
+    either column has no key (pandas' text of a missing value stays missing): kept.
+    """
+    product_code, products = pd.factorize(units["cement_product"])
+    lot_code, lots = pd.factorize(units["cement_lot"])
+    products, lots = products.tolist(), lots.tolist()
+    named = (product_code >= 0) & (lot_code >= 0)
+    pairs, pair_of_unit = np.unique(product_code[named] * len(lots) + lot_code[named],
+                                    return_inverse=True)
+    flagged = np.asarray([str(products[pair // len(lots)]) + LOT_KEY_SEPARATOR
+                          + str(lots[pair % len(lots)]) in flagged_lots
+                          for pair in pairs.tolist()], dtype=bool)
+    keep = np.ones(len(units), dtype=bool)
+    keep[named] = ~flagged[pair_of_unit]
+    return keep
 
 
 def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
@@ -279,33 +305,44 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
     for metric_id in design.metrics:
         metric = profile.metric(metric_id)
         units = units_by_metric[metric_id]
+        all_day = units["index_day"].to_numpy(np.int64)
+        all_y = units["y"].to_numpy(np.int64)
+        all_risk = units["risk"].to_numpy(float)
         for column, kind in PRODUCT_COLUMNS.items():
-            named = units.loc[units[column].notna()]
+            keep = units[column].notna().to_numpy(bool, copy=True)
             if kind == "balloon" and flagged_lots:
-                lot_key = (named["cement_product"].astype(str) + LOT_KEY_SEPARATOR
-                           + named["cement_lot"].astype(str))
-                named = named.loc[~lot_key.isin(flagged_lots)]
-            if named.empty:
+                keep &= _without_flagged_lots(units, flagged_lots)
+            if not keep.any():
                 continue
-            origin = int(named["index_day"].min())  # every product's quarters start here
-            for product in sorted(named[column].unique()):
-                mine = named[column] == product
-                others = named.loc[~mine]
-                # units come in (site, date) order; a product's chart runs in date order
-                cases = named.loc[mine].sort_values("index_day", kind="stable")
-                if others.empty:
+            # Arrays of the named units in the units' (site, date) order; each product's
+            # comparators are taken from them by mask, in that order (the float sums see
+            # the same cases in the same order). Products are factorised from the column
+            # itself: a categorical's codes, not a string per unit.
+            code, products = pd.factorize(units[column][keep])
+            code_of = {product: index for index, product in enumerate(products.tolist())}
+            day, y, risk = all_day[keep], all_y[keep], all_risk[keep]
+            origin = int(day.min())  # every product's quarters start here
+            for product in sorted(code_of):
+                mine = code == code_of[product]
+                theirs = ~mine
+                if not theirs.any():
                     continue  # nothing to compare with
-                risk = concurrent(cases["risk"].to_numpy(float),
-                                  cases["index_day"].to_numpy(np.int64),
-                                  others, others["risk"].to_numpy(float), origin)
-                expected = float(risk.sum())
+                # units come in (site, date) order; a product's chart runs in date order
+                order = np.argsort(day[mine], kind="stable")
+                cases = {"index_day": day[mine][order], "y": y[mine][order],
+                         "risk": risk[mine][order]}
+                others = {"index_day": day[theirs], "y": y[theirs], "risk": risk[theirs]}
+                adjusted = concurrent(cases["risk"], cases["index_day"], others,
+                                      others["risk"], origin)
+                expected = float(adjusted.sum())
                 events = int(cases["y"].sum())
-                test = _product_chart(metric, profile, design, cases, risk, others, as_of_day)
+                test = _product_chart(metric, profile, design, cases, adjusted, others,
+                                      as_of_day)
                 if not count_signals:
                     del test["signals"]
                 rows.append({
                     "product": str(product), "metric": metric.id, "kind": kind,
-                    "procedures": len(cases), "events": events, "expected": expected,
+                    "procedures": len(order), "events": events, "expected": expected,
                     "observed_expected": events / expected if expected > 0 else None,
                     "device_failures": int((failures[column] == product).sum())
                     if not failures.empty else 0,

@@ -84,7 +84,7 @@ from pipelines.surveillance.outcomes import (
     sentinel_events,
 )
 from pipelines.surveillance.profile import Metric, Profile, load_profile
-from pipelines.surveillance.risk_model import RiskModel, fit_risk_model
+from pipelines.surveillance.risk_model import RiskModel, fitted_risk_model
 from pipelines.surveillance.runs import MonitorResult, store_run
 
 log = logging.getLogger(__name__)
@@ -353,6 +353,8 @@ class _Computation:
         self.eval_days = _evaluation_days(first, self.as_of_day)
         self.builder = _Builder(profile)
         self.models: dict[str, Any] = {}
+        # Expected risks of each metric's case-mix training units (quarterly refit only).
+        self.design_risks: dict[str, np.ndarray] = {}
         # False alarms a year per alarm chart if every site sat at the range edge.
         self.edge_false_alarms: dict[str, float] = {}
         self.summary: dict[str, Any] = {"metrics": {}}
@@ -447,11 +449,18 @@ class _Computation:
         if "ra_cusum" in metric.methods:
             with self._timed(f"{metric.id}:risk_model"):
                 # Only the columns the fit reads: the mature rows are copied.
-                mature_units = everyone[["y", *COVARIATES]].loc[is_mature]
-                model = fit_risk_model(metric.id, mature_units.reset_index(drop=True), p0,
-                                       min_events=self.profile.design.risk_min_events)
-                del mature_units
+                mature_units = everyone[["y", "index_day", *COVARIATES]].loc[is_mature]
+                training = self._risk_training(metric, mature_units)
+                model = fitted_risk_model(metric.id, training.reset_index(drop=True), p0,
+                                          min_events=self.profile.design.risk_min_events)
                 self.models[metric.id] = model.to_dict()
+                if training is not mature_units:
+                    self.models[metric.id]["trained_on"] = (
+                        f"units known before {day_to_date(self._design_day())}")
+                    # The RA-CUSUM's h is simulated over the training case mix: one design
+                    # (and one stored h) per quarter, however many days are added to it.
+                    self.design_risks[metric.id] = model.predict(training)
+                del mature_units, training
                 # A unit's risk depends on its own covariates only: predicted once for all.
                 all_risk = model.predict(everyone)
                 expected_risk = all_risk[is_mature]
@@ -503,6 +512,27 @@ class _Computation:
                 done.add(routine)
                 with self._timed(f"{metric.id}:{routine.lstrip('_')}"):
                     getattr(self, routine)(metric, charted)
+
+    def _design_day(self) -> int:
+        """Return the first day of as_of's calendar quarter: the current design's start."""
+        month = np.datetime64(int(self.as_of_day), "D").astype("datetime64[M]").astype(np.int64)
+        quarter = np.datetime64(int(month - month % 3), "M").astype("datetime64[D]")
+        return int(quarter.astype(np.int64))
+
+    def _risk_training(self, metric: Metric, units: pd.DataFrame) -> pd.DataFrame:
+        """Return the units the case-mix model is fitted on (``design.risk_model.refit``).
+
+        ``quarterly``: the units whose outcome was known before the current quarter began
+        (index date + window before its first day), so every run of a quarter fits the same
+        model (read from the threshold store) and designs the same RA-CUSUM case mix; units
+        of the current quarter are charted with it but do not move it (a Phase I / Phase II
+        split, refitted at each quarter). Restated history before the quarter changes the
+        training set and so refits. ``every_run``: every mature unit.
+        """
+        if self.profile.design.risk_refit != "quarterly":
+            return units
+        known = units["index_day"].to_numpy(np.int64) + int(metric.window_days or 0)
+        return units.loc[known < self._design_day()]
 
     def _cusums(self, metric: Metric, units: _ChartedUnits) -> None:
         """Run the metric's Bernoulli and risk-adjusted CUSUMs in each direction."""
@@ -611,7 +641,13 @@ class _Computation:
         else:
             risk_varies = method == "ra_cusum" and len(risk) and float(np.ptp(risk)) > 0
             if risk_varies:
-                h = risk_adjusted_threshold(risk, odds_ratio, detect.arl0)
+                mix = risk
+                if metric.id in self.design_risks and len(self.design_risks[metric.id]):
+                    # the design quarter's case mix, at this chart's reference rate
+                    mix = _shift_odds(self.design_risks[metric.id],
+                                      float(metric.baseline.rate),
+                                      self._reference(metric, direction))
+                h = risk_adjusted_threshold(mix, odds_ratio, detect.arl0)
                 threshold_method = (f"simulation over the fitted case mix in {CASE_MIX_BINS} "
                                     f"bins ({RA_THRESHOLD_RUNS} runs)")
             else:

@@ -45,9 +45,11 @@ import pandas as pd
 
 from pipelines.surveillance.beyond import (
     OperatorDesign,
+    OperatorThresholds,
     finite,
     operator_thresholds,
     rate_per_unit_year,
+    rounded_volume,
 )
 from pipelines.surveillance.budget import rare_alpha
 from pipelines.surveillance.cusum import cusum_weights
@@ -90,15 +92,33 @@ def fir_cusum(y, p, odds_ratio: float, h, head_start: float,
     limits = np.broadcast_to(np.asarray(h, dtype=float), (len(weights),)).tolist()
     value = (head_start if start is None else start) * (limits[0] if limits else 0.0)
     path = np.empty(len(weights))
+    signals, _ = _fir_steps(weights, limits, head_start, value, path)
+    return FirPath(statistic=path, signals=np.asarray(signals, dtype=np.int64))
+
+
+def _fir_steps(weights: list[float], limits: list[float], head_start: float, value: float,
+               path: np.ndarray | None = None) -> tuple[list[int], float]:
+    """Step the FIR recursion over plain floats; return (signalling cases, last statistic).
+
+    ``path`` (when given) receives the statistic of every case, before any restart.
+    ``value = max(0.0, value + weight)`` spelled as a comparison: the same float operations
+    (so the same bits) without a builtin call per case; a network has a million cases.
+    """
     signals = []
-    for index, (weight, limit) in enumerate(zip(weights, limits, strict=True)):
-        # an operator has hundreds of cases, not millions: a plain loop is fast enough
-        value = max(0.0, value + weight)
-        path[index] = value
-        if value >= limit:
+    statistic = value
+    for index, weight in enumerate(weights):
+        statistic = value + weight
+        if not statistic > 0.0:  # max(0.0, v) keeps 0.0 unless v is larger (NaN too)
+            statistic = 0.0
+        if path is not None:
+            path[index] = statistic
+        limit = limits[index]
+        if statistic >= limit:
             signals.append(index)
             value = head_start * limit
-    return FirPath(statistic=path, signals=np.asarray(signals, dtype=np.int64))
+        else:
+            value = statistic
+    return signals, statistic
 
 
 def operator_volume(cases: int, first_day: int, as_of_day: int) -> float:
@@ -120,6 +140,21 @@ def new_operators(known: pd.DataFrame, established_within_days: int) -> pd.Serie
     return (first - site_first) > established_within_days
 
 
+def _operator_groups(known: pd.DataFrame) -> tuple[pd.MultiIndex, np.ndarray, np.ndarray]:
+    """Return the (site, operator) keys in name order, the row order, and group boundaries.
+
+    The rows of group ``g`` are ``order[bounds[g]:bounds[g + 1]]``, in the units' own
+    (site, date) order: what iterating a sorted ``groupby`` gave, from one factorisation
+    instead of a frame per operator.
+    """
+    grouped = known.groupby(["site_id", "operator_hash"], sort=True, observed=True)
+    codes = grouped.ngroup().to_numpy(np.int64)
+    order = np.argsort(codes, kind="stable")
+    counts = np.bincount(codes, minlength=grouped.ngroups)
+    bounds = np.concatenate(([0], np.cumsum(counts)))
+    return grouped.size().index, order, bounds
+
+
 def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesign,
                     as_of_day: int) -> list[dict]:
     """Chart every operator of ``units`` for the CUSUM metric.
@@ -137,33 +172,85 @@ def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesig
         return []
     rate = rate_per_unit_year(profile, metric)
     mean_risk = float(units["risk"].mean())
-    is_new = new_operators(known, design.established_within_days)
+    keys, order, bounds = _operator_groups(known)
+    is_new = new_operators(known, design.established_within_days).reindex(keys).to_numpy(bool)
+    day = known["index_day"].to_numpy(np.int64)[order]
+    y = known["y"].to_numpy(np.int64)[order]
+    risk = known["risk"].to_numpy(float)[order]
+    # elementwise, so the same weights as one operator's cases at a time
+    weights = cusum_weights(y, risk, design.odds_ratio)
+    # operator_thresholds depends on the volume only through its rounding: one design
+    # lookup per (rounded volume, new) instead of one per operator
+    designs: dict[tuple[int, bool], OperatorThresholds] = {}
+    limits = np.empty(len(weights))
+    start = np.empty(len(keys))
+    for g in range(len(keys)):
+        a, e = int(bounds[g]), int(bounds[g + 1])
+        volume = operator_volume(e - a, int(day[a]), as_of_day)
+        new = bool(is_new[g])
+        key = (rounded_volume(volume), new)
+        if key not in designs:
+            designs[key] = operator_thresholds(mean_risk, design, volume, rate, new=new)
+        thresholds = designs[key]
+        limits[a:e] = thresholds.per_case(e - a)
+        start[g] = thresholds.start * float(limits[a])
+    statistic, n_signals, last_signal = _fir_by_position(weights, limits, bounds, start,
+                                                         design.head_start)
     rows = []
-    grouped = known.sort_values(["site_id", "operator_hash"], kind="stable").groupby(
-        ["site_id", "operator_hash"], sort=True, observed=True)
-    for (site_id, operator_hash), cases in grouped:
-        day = cases["index_day"].to_numpy(np.int64)
-        y = cases["y"].to_numpy(np.int64)
-        risk = cases["risk"].to_numpy(float)
-        volume = operator_volume(len(cases), int(day[0]), as_of_day)
-        thresholds = operator_thresholds(mean_risk, design, volume, rate,
-                                         new=bool(is_new.loc[(site_id, operator_hash)]))
-        h = thresholds.per_case(len(cases))
-        path = fir_cusum(y, risk, design.odds_ratio, h, design.head_start,
-                         start=thresholds.start)
-        last = int(path.signals[-1]) if len(path.signals) else None
+    for g, (site_id, operator_hash) in enumerate(keys):
+        a, e = int(bounds[g]), int(bounds[g + 1])
+        last = int(last_signal[g]) if n_signals[g] else None
         rows.append({
             "site_id": str(site_id), "operator": operator_pseudonym(str(operator_hash)),
-            "metric": metric.id, "method": "fir_cusum", "procedures": len(cases),
-            "events": int(y.sum()), "expected": float(risk.sum()),
-            "statistic": finite(path.statistic[-1]), "threshold": float(h[-1]),
+            "metric": metric.id, "method": "fir_cusum", "procedures": e - a,
+            "events": int(y[a:e].sum()), "expected": float(risk[a:e].sum()),
+            "statistic": finite(statistic[g]), "threshold": float(limits[e - 1]),
             "head_start": design.head_start,
-            "signal_date": day_to_date(int(day[last])) if last is not None else None,
+            "signal_date": day_to_date(int(day[a + last])) if last is not None else None,
             "signal_procedure": last + 1 if last is not None else None,
-            "signals": len(path.signals),
-            "first_procedure_date": day_to_date(int(day[0])),
+            "signals": int(n_signals[g]),
+            "first_procedure_date": day_to_date(int(day[a])),
         })
     return rows
+
+
+def _fir_by_position(weights: np.ndarray, limits: np.ndarray, bounds: np.ndarray,
+                     start: np.ndarray, head_start: float
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run every operator's FIR recursion at once, one case position at a time.
+
+    Group ``g`` is ``weights[bounds[g]:bounds[g + 1]]`` (thresholds ``limits`` alike),
+    starting at ``start[g]``. Step ``k`` advances the ``k``-th case of every operator with
+    more than ``k`` cases, with the float operations of :func:`fir_cusum` (so the same
+    bits): a loop as long as the longest career, not over a million cases. Returns, per
+    group, the statistic at its last case, its number of signals and the position of its
+    last signal (-1: none).
+    """
+    sizes = np.diff(bounds)
+    longest_first = np.argsort(-sizes, kind="stable")  # the groups still running: a prefix
+    first_row = bounds[:-1][longest_first]
+    descending = sizes[longest_first]
+    value = start[longest_first].astype(float)
+    statistic = value.copy()
+    n_signals = np.zeros(len(sizes), np.int64)
+    last_signal = np.full(len(sizes), -1, np.int64)
+    for k in range(int(descending[0]) if len(descending) else 0):
+        running = int(np.count_nonzero(descending > k))
+        rows = first_row[:running] + k
+        now = value[:running] + weights[rows]
+        now = np.where(now > 0.0, now, 0.0)  # max(0.0, v): 0.0 unless v is larger
+        limit = limits[rows]
+        fired = now >= limit
+        statistic[:running] = now
+        value[:running] = np.where(fired, head_start * limit, now)
+        if fired.any():
+            signalled = np.flatnonzero(fired)
+            n_signals[signalled] += 1
+            last_signal[signalled] = k
+    out = (np.empty_like(statistic), np.empty_like(n_signals), np.empty_like(last_signal))
+    for result, sorted_values in zip(out, (statistic, n_signals, last_signal), strict=True):
+        result[longest_first] = sorted_values
+    return out
 
 
 def operator_rare_tests(units: pd.DataFrame, profile: Profile, design: OperatorDesign,
@@ -174,22 +261,29 @@ def operator_rare_tests(units: pd.DataFrame, profile: Profile, design: OperatorD
     metric = profile.metric(design.rare_metric)
     alpha = rare_alpha(rate_per_unit_year(profile, metric))
     known = units.loc[units["operator_hash"].notna()]
+    if known.empty:
+        return []
+    keys, order, bounds = _operator_groups(known)
+    day = known["index_day"].to_numpy(np.int64)[order]
+    y = known["y"].to_numpy(np.int64)[order]
+    risk = known["risk"].to_numpy(float)[order]
+    recent = day > as_of_day - ROLLING_DAYS
     rows = []
-    for (site_id, operator_hash), cases in known.groupby(["site_id", "operator_hash"],
-                                                          sort=True, observed=True):
-        day = cases["index_day"].to_numpy(np.int64)
-        recent = day > as_of_day - ROLLING_DAYS
-        events = int(cases["y"].to_numpy(np.int64)[recent].sum())
-        expected = float(cases["risk"].to_numpy(float)[recent].sum())
+    for g, (site_id, operator_hash) in enumerate(keys):
+        a, e = int(bounds[g]), int(bounds[g + 1])
+        mine = recent[a:e]
+        # sums over each operator's own slice, as before: the same float additions
+        events = int(y[a:e][mine].sum())
+        expected = float(risk[a:e][mine].sum())
         p_value = float(poisson_upper_pvalue(events, expected)) if events else 1.0
         signalled = events > 0 and p_value <= alpha
         rows.append({
             "site_id": str(site_id), "operator": operator_pseudonym(str(operator_hash)),
-            "metric": metric.id, "method": "rare", "procedures": int(recent.sum()),
+            "metric": metric.id, "method": "rare", "procedures": int(mine.sum()),
             "events": events, "expected": expected, "statistic": p_value, "threshold": alpha,
             "head_start": None,
             "signal_date": day_to_date(as_of_day) if signalled else None,
             "signal_procedure": None, "signals": int(signalled),
-            "first_procedure_date": day_to_date(int(day[0])),
+            "first_procedure_date": day_to_date(int(day[a])),
         })
     return rows

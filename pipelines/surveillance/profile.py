@@ -145,6 +145,9 @@ class Metric:
         return DOWN_CATEGORY if direction == "down" and self.kind == "outcome" else self.category
 
 
+RISK_REFIT_SCHEDULES = ("every_run", "quarterly")
+
+
 @dataclass(frozen=True)
 class Design:
     """Profile-wide design choices shared by all metrics."""
@@ -159,6 +162,10 @@ class Design:
     rare_alpha: float = 0.001
     rare_rolling_days: int = 365
     risk_min_events: int = 50
+    # "every_run": the case-mix model is fitted on every mature unit up to as_of (profiles
+    # before htg108 1.4.0); "quarterly": on the units known before as_of's calendar quarter
+    # began, so every run of a quarter uses one model and one RA-CUSUM case mix (stored).
+    risk_refit: str = "every_run"
     budget: Budget | None = None
     hold_days: int = 365
     watch_hold_days: int = 90
@@ -324,7 +331,7 @@ def _design(reader: _Reader, data: Any) -> Design:
     )
     pchart = reader.mapping(data.get("pchart") or {}, "design.pchart", allowed={"limit"})
     rare = reader.mapping(data.get("rare") or {}, "design.rare", allowed={"alpha", "rolling_days"})
-    risk = reader.mapping(data.get("risk_model") or {}, "design.risk_model", allowed={"min_events"})
+    risk = reader.mapping(data.get("risk_model") or {}, "design.risk_model", allowed={"min_events", "refit"})
     budget = None
     if data.get("false_alarm_budget") is not None:
         raw = reader.mapping(
@@ -376,6 +383,9 @@ def _design(reader: _Reader, data: Any) -> Design:
         ),
         risk_min_events=reader.integer(
             risk.get("min_events", 50), "design.risk_model.min_events", low=1, high=10**6
+        ),
+        risk_refit=reader.choice(
+            risk.get("refit", "every_run"), "design.risk_model.refit", RISK_REFIT_SCHEDULES
         ),
         budget=budget,
         hold_days=reader.integer(

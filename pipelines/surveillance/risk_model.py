@@ -31,7 +31,9 @@ baseline and the reason is logged and stored with the model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import warnings
@@ -169,6 +171,18 @@ class RiskModel:
         }
 
 
+    def to_state(self) -> dict[str, Any]:
+        """Return every field exactly (no rounding): what the threshold store keeps."""
+        return {**dataclasses.asdict(self), "terms": list(self.terms)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RiskModel:
+        """Rebuild a model from :meth:`to_state`'s dict."""
+        return cls(**{**state, "terms": tuple(state["terms"]),
+                      "coefficients": dict(state["coefficients"]),
+                      "standard_errors": dict(state["standard_errors"])})
+
+
 @functools.cache
 def _numpy_openblas() -> Any:
     """Return numpy's bundled OpenBLAS (ctypes), or None when numpy is built otherwise."""
@@ -234,6 +248,39 @@ def _shift_to_baseline(eta: np.ndarray, weights: np.ndarray, baseline: float) ->
         return float(np.average(special.expit(eta + delta), weights=weights)) - baseline
 
     return float(optimize.brentq(gap, -30.0, 30.0, xtol=1e-12))
+
+
+def training_digest(units: pd.DataFrame) -> str:
+    """Return a digest of what a fit on ``units`` depends on: its covariate patterns' counts.
+
+    The fit (:func:`fit_risk_model`) sees the units only as (covariate pattern, events,
+    trials), so two training sets with the same digest give the same model; the rows' order
+    does not matter. Late complications or corrected rows change the digest, and so refit.
+    """
+    patterns, events, counts = covariate_patterns(units, units["y"].to_numpy(float))
+    digest = hashlib.sha256(",".join(patterns.columns).encode("utf-8"))
+    for part in (patterns.to_numpy(np.float64), events.astype(np.float64),
+                 counts.astype(np.float64)):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()
+
+
+def fitted_risk_model(metric: str, units: pd.DataFrame, baseline: float, *,
+                      min_events: int = 50) -> RiskModel:
+    """Return :func:`fit_risk_model`'s model, fitted once per training set and stored.
+
+    Keyed on :func:`training_digest` in the threshold store: a later run whose training
+    units are the same (the same design quarter, no restated history) reads the fit instead
+    of importing statsmodels and fitting again.
+    """
+    from pipelines.surveillance import threshold_store
+
+    state = threshold_store.cached(
+        "risk_model_fit",
+        {"metric": metric, "baseline": float(baseline), "min_events": int(min_events),
+         "training": training_digest(units)},
+        lambda: fit_risk_model(metric, units, baseline, min_events=min_events).to_state())
+    return RiskModel.from_state(state)
 
 
 def fit_risk_model(

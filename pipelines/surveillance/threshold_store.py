@@ -54,7 +54,9 @@ def _canonical(params: dict[str, Any]) -> str:
 
 
 def _encode(value: Any) -> str:
-    """Return the JSON of a float, or of a tuple of arrays (curves), exactly."""
+    """Return the JSON of a float, a tuple of arrays (curves) or a dict (a fit), exactly."""
+    if isinstance(value, dict):
+        return json.dumps({"object": value}, sort_keys=True)
     if isinstance(value, tuple):
         return json.dumps({"arrays": [np.asarray(a, dtype=np.float64).tolist() for a in value]})
     return json.dumps({"value": float(value)})
@@ -64,6 +66,8 @@ def _decode(payload: str) -> Any:
     data = json.loads(payload)
     if "arrays" in data:
         return tuple(np.asarray(a, dtype=np.float64) for a in data["arrays"])
+    if "object" in data:
+        return data["object"]
     return float(data["value"])
 
 
