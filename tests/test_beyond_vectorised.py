@@ -264,3 +264,23 @@ def test_charts_equal_the_straightforward_loops_bit_for_bit(categorical):
                                                lots_now)
         assert {row["metric"] for row in products} == set(dev.metrics)
         assert any(row["signals"] for row in products)  # the drifting balloon, the bad lot
+
+
+@pytest.mark.parametrize("arrow", [True, False])
+def test_extra_rows_match_get_indexer(arrow):
+    """Arrow's ``index_in`` gives each unit the row ``Index.get_indexer`` gave, -1 if absent."""
+    from pipelines.surveillance.beyond_run import _ExtraRows
+    from pipelines.surveillance.outcomes import _id_strings
+
+    rng = np.random.default_rng(7)
+    ids = np.array([f"P{i:07d}" for i in rng.permutation(5000)], dtype=object)
+    index = pd.Index(_id_strings(ids) if arrow else ids, dtype=None if arrow else object)
+    extras = pd.DataFrame({"operator_hash": np.zeros(len(ids))}, index=index)
+    units = np.concatenate([ids[rng.integers(0, len(ids), 3000)], ["P9999999", "nope"]])
+    unit_id = pd.Series(_id_strings(units))
+    expected = pd.Index(ids, dtype=object).get_indexer(pd.Index(units, dtype=object))
+    rows_of = _ExtraRows(extras)
+    position = rows_of(unit_id)
+    assert position.dtype == np.intp
+    np.testing.assert_array_equal(position, expected)
+    assert rows_of(pd.Series(_id_strings(units.copy()))) is position  # same units: reused

@@ -47,6 +47,8 @@ EXTRA_COLUMNS = ("operator_hash", "balloon_product", "cement_product", "cement_l
 
 
 def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
+    from pipelines.surveillance.outcomes import release_memory
+
     procedure = schema.procedure
     statement = (sa.select(procedure.c.procedure_id,
                            *(procedure.c[name] for name in EXTRA_COLUMNS))
@@ -54,7 +56,9 @@ def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
     if streams_copy(conn):
         # Streamed as categoricals: a few operators and products, not a string per row.
         # CSV cannot tell NULL from '' apart; neither names an operator or a product.
-        columns = copy_columns(conn, statement, {"procedure_id": "object",
+        # procedure_id stays in Arrow's buffers, not a Python string (some 60 bytes) per
+        # procedure; _ExtraRows matches the ids in Arrow too.
+        columns = copy_columns(conn, statement, {"procedure_id": "string",
                                                  **dict.fromkeys(EXTRA_COLUMNS, "category")})
         for name in EXTRA_COLUMNS:
             values = columns[name]
@@ -62,10 +66,12 @@ def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
                 values = values.remove_categories([""])
             # sorted, so that charts grouped by operator or product come in name order
             columns[name] = values.reorder_categories(sorted(values.categories))
-        # An object index, as the units' ids are: pandas would infer its Arrow string dtype
-        # and the match with the units (_ExtraRows) would convert a million ids back.
-        ids = pd.Index(columns.pop("procedure_id"), dtype=object, name="procedure_id")
-        return pd.DataFrame(columns, index=ids)
+        ids = pd.Index(columns.pop("procedure_id"), name="procedure_id")
+        extras = pd.DataFrame(columns, index=ids)
+        del columns, ids
+        # The read's batches are freed: the units and risk models start from what is alive.
+        release_memory()
+        return extras
     rows = conn.execute(statement).all()
     frame = pd.DataFrame(rows, columns=["procedure_id", *EXTRA_COLUMNS], dtype=object)
     return frame.set_index("procedure_id")
@@ -82,23 +88,45 @@ def _failures(conn: sa.Connection, as_of: date, event_types: tuple[str, ...]) ->
     return pd.DataFrame(rows, columns=["balloon_product", "cement_product"], dtype=object)
 
 
+def _arrow_ids(values: Any) -> Any:
+    """Return ids (pandas' Arrow ``str`` array, or any array of strings) as an Arrow array."""
+    import pyarrow as pa
+
+    if isinstance(values, pd.arrays.ArrowStringArray):
+        # One type for both sides of the match; no copy when it is already theirs.
+        return pa.array(values, type=pa.large_string())
+    return pa.array(np.asarray(values, dtype=object), type=pa.large_string())
+
+
 class _ExtraRows:
     """The row of ``extras`` of each unit, looked up once per distinct list of units.
 
     Matching a million procedure ids is a hash of a million strings; metrics with the same
     outcome window have the same mature units, so the second one reuses the first's rows.
+    Both the ids and their hash table stay in Arrow (``index_in``): ``Index.get_indexer``
+    on object ids needs a Python string per id on both sides, which raised the monitor's peak.
     """
 
     def __init__(self, extras: pd.DataFrame) -> None:
         self.extras = extras
-        self.seen: list[tuple[np.ndarray, np.ndarray]] = []
+        self.ids = _arrow_ids(extras.index.array)
+        self.seen: list[tuple[Any, np.ndarray]] = []
 
     def __call__(self, unit_id: pd.Series) -> np.ndarray:
-        ids = unit_id.to_numpy(dtype=object)
+        import pyarrow.compute as pc
+
+        from pipelines.surveillance.outcomes import release_memory
+
+        ids = _arrow_ids(unit_id.array)
         for known, position in self.seen:
-            if len(known) == len(ids) and np.array_equal(known, ids):
+            if known.equals(ids):
                 return position
-        position = self.extras.index.get_indexer(pd.Index(ids, dtype=object))
+        # -1 for an id not in extras, as get_indexer gives (procedure_id is unique there).
+        found = pc.fill_null(pc.index_in(ids, value_set=self.ids), -1)
+        position = found.to_numpy().astype(np.intp)
+        del found
+        # Arrow's pool keeps the hash table for reuse; the charts that follow need the pages.
+        release_memory()
         self.seen.append((ids, position))
         return position
 
