@@ -420,7 +420,10 @@ def recent_observed_expected(monthly: dict[tuple[str, str], MonthSeries],
     and the Clopper-Pearson interval of the observed proportion is scaled by n/E.
     """
     import numpy as np
-    from scipy import stats
+
+    # betaincinv is stats.beta.ppf's own kernel (bit for bit: tests/test_evidence.py), and
+    # scipy.special imports in 0.2 s where scipy.stats takes 1.4 s of a nightly report.
+    from scipy.special import betaincinv
 
     keys, units, events, expected, counted = [], [], [], [], []
     for key, months in monthly.items():
@@ -439,8 +442,8 @@ def recent_observed_expected(monthly: dict[tuple[str, str], MonthSeries],
         return {}
     n, k = np.asarray(units, float), np.asarray(events, float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        low = np.where(k > 0, stats.beta.ppf(0.025, k, n - k + 1), 0.0)
-        high = np.where(k < n, stats.beta.ppf(0.975, k + 1, n - k), 1.0)
+        low = np.where(k > 0, betaincinv(k, n - k + 1, 0.025), 0.0)
+        high = np.where(k < n, betaincinv(k + 1, n - k, 0.975), 1.0)
     out = {}
     for i, key in enumerate(keys):
         e = expected[i]

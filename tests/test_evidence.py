@@ -70,3 +70,20 @@ def test_engine_pchart_episodes_say_when_they_were_last_flagged(sqlite_url, sett
         assert after.day == 1 and after.month in (1, 4, 7, 10)  # the end of a quarter
     newest = max(episodes, key=lambda s: s["signal_date"])
     assert evidence._detail(newest)["ongoing"] is True  # the site leaks to the end
+
+
+def test_the_recent_interval_kernel_is_the_beta_quantile_bit_for_bit():
+    # recent_observed_expected uses scipy.special.betaincinv (a light import) for the
+    # Clopper-Pearson limits; it must equal stats.beta.ppf exactly, so the report's figures
+    # match the engine's exact_interval to the last bit.
+    import numpy as np
+    from scipy import special, stats
+
+    rng = np.random.default_rng(11)
+    n = rng.integers(1, 5000, 20_000).astype(float)
+    k = np.floor(rng.random(20_000) * n)
+    low, high = k > 0, k < n
+    assert np.array_equal(special.betaincinv(k[low], n[low] - k[low] + 1, 0.025),
+                          stats.beta.ppf(0.025, k[low], n[low] - k[low] + 1))
+    assert np.array_equal(special.betaincinv(k[high] + 1, n[high] - k[high], 0.975),
+                          stats.beta.ppf(0.975, k[high] + 1, n[high] - k[high]))
