@@ -29,6 +29,7 @@ from pipelines.surveillance.devices import (
 from pipelines.surveillance.operators import operator_charts, operator_rare_tests
 from pipelines.surveillance.outcomes import (
     COVARIATES,
+    OUTCOME_COLUMNS,
     Snapshot,
     copy_columns,
     derive_outcomes,
@@ -46,6 +47,21 @@ log = logging.getLogger(__name__)
 EXTRA_COLUMNS = ("operator_hash", "balloon_product", "cement_product", "cement_lot")
 
 
+def snapshot_extras(profile: Profile) -> tuple[str, ...]:
+    """Return the extra columns a monitor run should read with its snapshot (none if unused)."""
+    design = parse_beyond_site(profile)
+    return () if design.operators is None and design.devices is None else EXTRA_COLUMNS
+
+
+def _named(values: pd.Categorical) -> pd.Categorical:
+    """Return streamed categories without '' and sorted by name."""
+    # CSV cannot tell NULL from '' apart; neither names an operator or a product.
+    if "" in values.categories:
+        values = values.remove_categories([""])
+    # sorted, so that charts grouped by operator or product come in name order
+    return values.reorder_categories(sorted(values.categories))
+
+
 def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
     from pipelines.surveillance.outcomes import release_memory
 
@@ -61,11 +77,7 @@ def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
         columns = copy_columns(conn, statement, {"procedure_id": "string",
                                                  **dict.fromkeys(EXTRA_COLUMNS, "category")})
         for name in EXTRA_COLUMNS:
-            values = columns[name]
-            if "" in values.categories:
-                values = values.remove_categories([""])
-            # sorted, so that charts grouped by operator or product come in name order
-            columns[name] = values.reorder_categories(sorted(values.categories))
+            columns[name] = _named(columns[name])
         ids = pd.Index(columns.pop("procedure_id"), name="procedure_id")
         extras = pd.DataFrame(columns, index=ids)
         del columns, ids
@@ -133,9 +145,17 @@ class _ExtraRows:
 
 def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.DataFrame,
            rows_of: _ExtraRows | None = None) -> pd.DataFrame:
-    """Mature units of a per-procedure metric, with the network risk and the extra columns."""
+    """Mature units of a per-procedure metric, with the network risk and the extra columns.
+
+    ``rows_of`` None: ``extras`` is aligned with the snapshot's procedures (read with them),
+    so each unit's extras are those of its index procedure's row; no id is matched.
+    """
     metric = profile.metric(metric_id)
-    units = derive_outcomes(snapshot, metric)
+    aligned = rows_of is None
+    # Aligned: no unit ids (a string per unit) are made, only the row numbers.
+    units = derive_outcomes(snapshot, metric, columns=(
+        ("site_id", "index_day", "y", *COVARIATES, "procedure_row") if aligned
+        else OUTCOME_COLUMNS))
     min_events = profile.design.risk_min_events
     if profile.design.risk_refit == "quarterly":
         # The site engine's schedule: fitted on the units known before the quarter began,
@@ -160,7 +180,9 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
     slim = pd.DataFrame({"site_id": units["site_id"].array,
                          "index_day": units["index_day"].to_numpy(np.int64),
                          "y": units["y"].to_numpy(np.int64), "risk": model.predict(units)})
-    position = (rows_of or _ExtraRows(extras))(units["unit_id"])
+    position = (units["procedure_row"].to_numpy() if aligned
+                else rows_of(units["unit_id"]))
+    del units
     for name in EXTRA_COLUMNS:
         values = extras[name].array
         slim[name] = (values.take(position, allow_fill=True)
@@ -177,8 +199,13 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
     if design.operators is None and design.devices is None:
         return out
     as_of_day = snapshot.as_of_day
-    extras = _extras(conn, snapshot.as_of)
-    rows_of = _ExtraRows(extras)
+    if snapshot.extras is not None:  # read with the snapshot (PostgreSQL)
+        extras = pd.DataFrame({name: _named(snapshot.extras[name].array)
+                               for name in EXTRA_COLUMNS}, copy=False)
+        rows_of = None
+    else:
+        extras = _extras(conn, snapshot.as_of)
+        rows_of = _ExtraRows(extras)
     cache: dict[str, pd.DataFrame] = {}
 
     def units(metric_id: str) -> pd.DataFrame:

@@ -71,7 +71,7 @@ from pipelines.surveillance import (
     threshold_store,
 )
 from pipelines.surveillance.arl import threshold_for_arl, threshold_for_arl_risk_adjusted
-from pipelines.surveillance.beyond_run import run_beyond_site
+from pipelines.surveillance.beyond_run import run_beyond_site, snapshot_extras
 from pipelines.surveillance.outcomes import (
     COVARIATES,
     Snapshot,
@@ -1280,7 +1280,10 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
                 log.info("monitor: the warehouse holds no procedures; nothing to monitor")
                 return MonitorResult(run_key="", as_of=None, profile_name=profile.name,
                                      profile_version=profile.version, data_fingerprint="")
-            snapshot = load_snapshot(conn, profile, as_of)
+            # A stored run also charts operators and devices: their columns come in the
+            # same read (PostgreSQL), not in a second pass over the procedures.
+            snapshot = load_snapshot(conn, profile, as_of,
+                                     extras=snapshot_extras(profile) if persist else ())
         loaded = time.perf_counter()
         store = threshold_store.open_store(engine, profile.name, profile.version)
         with threshold_store.active(store):

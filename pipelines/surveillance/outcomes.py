@@ -92,6 +92,10 @@ class Snapshot:
     procedures: pd.DataFrame
     complications: pd.DataFrame
     fingerprint: str
+    # Extra procedure columns read in the same pass for the operator and device charts
+    # (categoricals, aligned with ``procedures``' rows); None when not read. Left out of
+    # the fingerprint: the run key stays that of the columns the site charts read.
+    extras: pd.DataFrame | None = None
 
     @property
     def as_of_day(self) -> int:
@@ -325,15 +329,18 @@ PROCEDURE_ROW_COLUMNS = (
 COMPLICATION_ROW_COLUMNS = ("procedure_id", "event_date", "event_type", "symptomatic", "severity")
 
 
-def load_snapshot(conn: sa.Connection, profile: Profile, as_of: date) -> Snapshot:
+def load_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
+                  extras: tuple[str, ...] = ()) -> Snapshot:
     """Read the procedure and complication columns the profile needs, up to ``as_of``.
 
     The rows are then coded and ordered by :func:`snapshot_from_rows`. On PostgreSQL they
-    are streamed (:func:`_load_streamed`); elsewhere fetched as the driver's tuples.
+    are streamed (:func:`_load_streamed`), with the ``extras`` procedure columns (strings
+    with few values) in the same pass as ``Snapshot.extras``; elsewhere fetched as the
+    driver's tuples, without extras (their reader fetches them itself).
     """
     needs_patient, event_types = snapshot_needs(profile)
     if streams_copy(conn):
-        return _load_streamed(conn, as_of, needs_patient, event_types)
+        return _load_streamed(conn, as_of, needs_patient, event_types, extras)
     proc_columns = [
         procedure.c.procedure_id,
         procedure.c.site_id,
@@ -391,13 +398,15 @@ _COMPLICATION_KINDS = {"procedure_id": "string", "event_date": "int", "event_typ
 
 
 def _load_streamed(conn: sa.Connection, as_of: date, needs_patient: bool,
-                   event_types: list[str]) -> Snapshot:
+                   event_types: list[str], extras: tuple[str, ...] = ()) -> Snapshot:
     """Read the snapshot's columns from PostgreSQL as compact arrays (:func:`copy_columns`).
 
     Dates arrive as day numbers and strings with few values as categoricals, so nothing is
     parsed or coded per row in Python. The patient digest arrives as PostgreSQL's 64-bit
     ``hashtextextended`` of it: it is only grouped on, and a million patients share a value
     with probability about 3e-8, against 64 characters a row for the digest itself.
+    ``extras`` come as categoricals in the same ``COPY``: a second read of the procedures
+    cost as much as the first, and matching its ids to the snapshot's rows more again.
     """
     proc_columns = [
         procedure.c.procedure_id, procedure.c.site_id,
@@ -409,8 +418,12 @@ def _load_streamed(conn: sa.Connection, as_of: date, needs_patient: bool,
         proc_columns.append(
             sa.func.hashtextextended(procedure.c.patient_hash, 0).label("patient_hash"))
         kinds["patient_hash"] = "int"
+    for name in extras:
+        proc_columns.append(procedure.c[name])
+        kinds[name] = "category"
     proc_rows = copy_columns(
         conn, sa.select(*proc_columns).where(procedure.c.procedure_date <= as_of), kinds)
+    extra_rows = {name: proc_rows.pop(name) for name in extras}
     comp_rows = {name: np.empty(0, dtype=object) for name in _COMPLICATION_KINDS}
     release_memory()
     if event_types:
@@ -420,14 +433,16 @@ def _load_streamed(conn: sa.Connection, as_of: date, needs_patient: bool,
             complication.c.event_type, complication.c.symptomatic, complication.c.severity,
         ).where(complication.c.event_date <= as_of,
                 complication.c.event_type.in_(event_types)), _COMPLICATION_KINDS)
-    snapshot = snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient)
-    del proc_rows, comp_rows
+    snapshot = snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient,
+                                  extra_rows=extra_rows)
+    del proc_rows, comp_rows, extra_rows
     release_memory()
     return snapshot
 
 
 def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np.ndarray],
-                       as_of: date, needs_patient: bool) -> Snapshot:
+                       as_of: date, needs_patient: bool, *,
+                       extra_rows: dict[str, pd.Categorical] | None = None) -> Snapshot:
     """Code, order and fingerprint warehouse-shaped rows: the pure half of load_snapshot.
 
     ``proc_rows`` maps each name of ``PROCEDURE_ROW_COLUMNS`` (plus ``patient_hash`` when
@@ -443,7 +458,9 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
     the same day, identically on every database (a collation-dependent ORDER BY would not).
     Strings are turned into integer codes at once; that is what makes a million rows cheap.
     Each array is taken out of ``proc_rows`` and ``comp_rows`` when used (both dicts are
-    left empty), so that it is freed as soon as its ordered copy exists.
+    left empty), so that it is freed as soon as its ordered copy exists. ``extra_rows``
+    (categoricals, one value per row of ``proc_rows``) are put in the same order as
+    ``Snapshot.extras``.
     """
     col = proc_rows
     site_code, sites = _sorted_codes(col.pop("site_id"))
@@ -465,6 +482,12 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
         "procedure_day": day[order],
     }
     del tie, day
+    extras = None
+    if extra_rows is not None:
+        extras = pd.DataFrame({name: pd.Categorical.from_codes(values.codes[order],
+                                                               dtype=values.dtype)
+                               for name, values in extra_rows.items()}, copy=False)
+        extra_rows.clear()
     for name in ("age_years", "levels_treated", "balloons"):
         frame[name] = col.pop(name)[order].astype(np.int64, copy=False)
     for name in ("steroid_use", "mdt_discussed"):
@@ -510,7 +533,8 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
         ),
     )
     return Snapshot(
-        as_of=as_of, procedures=procedures, complications=complications, fingerprint=fingerprint
+        as_of=as_of, procedures=procedures, complications=complications, fingerprint=fingerprint,
+        extras=extras,
     )
 
 
@@ -535,7 +559,8 @@ def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
 
     Columns: site_id (categorical), site_code, unit_id, index_date, index_day, y (0/1),
     event_day (first counted event, -1 when none) and the case-mix covariates; ``columns``
-    picks some of them (in that order), which saves making the others. Rows are in chart
+    picks some of them (in that order), which saves making the others, or adds
+    ``procedure_row`` (the index procedure's row in ``snapshot.procedures``). Rows are in chart
     order: site, index date, then a fixed hash of the unit id (see load_snapshot).
     ``include_immature`` keeps units still in follow-up too (the time-to-event chart counts
     their events as they happen); their ``y`` is 1 only if the event has already occurred.
@@ -589,6 +614,8 @@ def derive_outcomes(snapshot: Snapshot, metric: Metric, *,
         mature = np.ones(len(index_rows), dtype=bool)
     rows = index_rows[mature]
     makers = {
+        # the unit's index procedure's row in snapshot.procedures (and snapshot.extras)
+        "procedure_row": lambda: rows,
         "site_id": lambda: _take(procs["site_id"], rows),
         "site_code": lambda: procs["site_code"].to_numpy(np.int64)[rows],
         "unit_id": lambda: procs["procedure_id"].array.take(rows),
