@@ -306,14 +306,22 @@ def _risk_adjusted_first_passage(
         if not alive.any():
             break
         rng = np.random.default_rng([seed, index])  # per-block stream: paths independent of h
+        # Each runs x block array is freed, or overwritten in place, as soon as it is used:
+        # the same values, computed in the same order, with a few arrays alive at a time
+        # instead of a dozen (a first run's peak memory was these blocks).
         picks = rng.integers(0, risks.size, size=(n_runs, block))[alive]
         uniforms = rng.random((n_runs, block))[alive]
         outcome = uniforms < true_risks[picks]
-        weights = cusum_weights(outcome, risks[picks], odds_ratio)
-        d = np.cumsum(weights, axis=1)
+        del uniforms
+        case_risks = risks[picks]
+        del picks
+        d = cusum_weights(outcome, case_risks, odds_ratio)
+        del outcome, case_risks
+        np.cumsum(d, axis=1, out=d)
         floor = np.minimum.accumulate(d, axis=1)
         np.minimum(floor, -value[alive][:, None], out=floor)
-        path = d - floor
+        path = np.subtract(d, floor, out=d)
+        del d, floor
         # Until a run passes the largest threshold it is never reset, so one path serves all h.
         running_max = np.maximum.accumulate(path, axis=1)
         rows = np.flatnonzero(alive)
