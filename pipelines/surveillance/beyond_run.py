@@ -9,6 +9,8 @@ them alone, like the site's current picture.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import sqlalchemy as sa
 
 from pipelines import schema
 from pipelines.reference import reference_for
+from pipelines.surveillance import threshold_store
 from pipelines.surveillance.beyond import BeyondSite, parse_beyond_site
 from pipelines.surveillance.devices import (
     LOT_KEY_SEPARATOR,
@@ -33,6 +36,7 @@ from pipelines.surveillance.outcomes import (
     Snapshot,
     copy_columns,
     derive_outcomes,
+    release_memory,
     streams_copy,
 )
 from pipelines.surveillance.profile import Profile
@@ -63,7 +67,6 @@ def _named(values: pd.Categorical) -> pd.Categorical:
 
 
 def _extras(conn: sa.Connection, as_of: date) -> pd.DataFrame:
-    from pipelines.surveillance.outcomes import release_memory
 
     procedure = schema.procedure
     statement = (sa.select(procedure.c.procedure_id,
@@ -127,8 +130,6 @@ class _ExtraRows:
     def __call__(self, unit_id: pd.Series) -> np.ndarray:
         import pyarrow.compute as pc
 
-        from pipelines.surveillance.outcomes import release_memory
-
         ids = _arrow_ids(unit_id.array)
         for known, position in self.seen:
             if known.equals(ids):
@@ -188,6 +189,10 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
         slim[name] = (values.take(position, allow_fill=True)
                       if isinstance(values, pd.Categorical)
                       else pd.Series(values).reindex(position).to_numpy())
+    del position
+    # The units, the fit's patterns and their copies are freed; without handing their pages
+    # back, each metric's units would raise the process's size by their own again.
+    release_memory()
     return slim
 
 
@@ -266,9 +271,47 @@ def store_beyond_site(conn: sa.Connection, profile: Profile, as_of: date, run_ke
     return True
 
 
+@dataclass
+class PreparedRows:
+    """The operator and device rows computed ahead of the site charts, or why they failed."""
+
+    rows: dict[str, list[dict[str, Any]]] | None = None
+    error: Exception | None = None
+    seconds: float = 0.0
+
+
+def prepare_beyond_site(engine: sa.Engine, profile: Profile,
+                        snapshot: Snapshot) -> PreparedRows | None:
+    """Compute the operator and device rows now, for :func:`run_beyond_site` to store later.
+
+    The monitor calls this before the site charts, while only the snapshot is alive: the
+    charts' units and risk models then never coexist with the site charts' arrays (the two
+    together were the monitor's peak memory). An error is kept and raised by
+    :func:`run_beyond_site`, after the site run is stored, as before. Designs go to their
+    own threshold store, saved at once. None when the profile charts neither.
+    """
+    design = parse_beyond_site(profile)
+    if design.operators is None and design.devices is None:
+        return None
+    started = time.perf_counter()
+    prepared = PreparedRows()
+    store = threshold_store.open_store(engine, profile.name, profile.version)
+    try:
+        with threshold_store.active(store), engine.connect() as conn:
+            prepared.rows = compute_beyond_site(conn, profile, snapshot, design)
+    except Exception as error:  # raised after the site run is stored (run_beyond_site)
+        log.exception("beyond_site: the operator and device charts failed")
+        prepared.error = error
+    threshold_store.save_store(engine, store)
+    prepared.seconds = time.perf_counter() - started
+    return prepared
+
+
 def run_beyond_site(engine: sa.Engine, profile: Profile, snapshot: Snapshot, run_key: str,
-                    expectations_dir: Path) -> dict[str, int]:
-    """Draft new Yellow Cards; compute and store the operator and device charts; count them."""
+                    expectations_dir: Path,
+                    prepared: PreparedRows | None = None) -> dict[str, int]:
+    """Draft new Yellow Cards; compute (unless ``prepared``) and store the operator and
+    device charts; count them."""
     design = parse_beyond_site(profile)
     counts: dict[str, int] = {}
     if design.regulator is not None:
@@ -279,8 +322,13 @@ def run_beyond_site(engine: sa.Engine, profile: Profile, snapshot: Snapshot, run
                                                          reference_for(expectations_dir))
     if design.operators is None and design.devices is None:
         return counts
-    with engine.connect() as conn:
-        rows = compute_beyond_site(conn, profile, snapshot, design)
+    if prepared is not None and prepared.error is not None:
+        raise prepared.error
+    if prepared is not None and prepared.rows is not None:
+        rows = prepared.rows
+    else:
+        with engine.connect() as conn:
+            rows = compute_beyond_site(conn, profile, snapshot, design)
     with engine.begin() as conn:
         store_beyond_site(conn, profile, snapshot.as_of, run_key, rows)
     counts.update({name: len(found) for name, found in rows.items()})

@@ -71,7 +71,11 @@ from pipelines.surveillance import (
     threshold_store,
 )
 from pipelines.surveillance.arl import threshold_for_arl, threshold_for_arl_risk_adjusted
-from pipelines.surveillance.beyond_run import run_beyond_site, snapshot_extras
+from pipelines.surveillance.beyond_run import (
+    prepare_beyond_site,
+    run_beyond_site,
+    snapshot_extras,
+)
 from pipelines.surveillance.outcomes import (
     COVARIATES,
     Snapshot,
@@ -1285,6 +1289,10 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
             snapshot = load_snapshot(conn, profile, as_of,
                                      extras=snapshot_extras(profile) if persist else ())
         loaded = time.perf_counter()
+        # Operators, devices and lots on the same snapshot (issue 12; beyond_run.py):
+        # computed first, while only the snapshot is alive, and stored after the run.
+        prepared = prepare_beyond_site(engine, profile, snapshot) if persist else None
+        charted = time.perf_counter()
         store = threshold_store.open_store(engine, profile.name, profile.version)
         with threshold_store.active(store):
             work = compute(profile, snapshot)
@@ -1315,20 +1323,20 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
                             for e in work.level_episodes],
             thresholds=store.counts(),
         )
-        result.timings = {"read": loaded - started, "compute": computed - loaded}
+        result.timings = {"read": loaded - started, "compute": computed - charted}
         result.compute_timings = dict(work.timings)
         if persist:
             _persist(engine, result, profile)
             release_memory()
             stored = time.perf_counter()
-            # Operators, devices and lots on the same snapshot (issue 12; beyond_run.py).
             # The store stays active: a design wrapped in threshold_store.cached there is
             # stored and read like the site charts' (the FIR curves are not wrapped yet).
             with threshold_store.active(store):
-                run_beyond_site(engine, profile, snapshot, run_key, settings.expectations_dir)
+                run_beyond_site(engine, profile, snapshot, run_key, settings.expectations_dir,
+                                prepared)
             threshold_store.save_store(engine, store)
             result.timings.update(store=stored - computed,
-                                  beyond_site=time.perf_counter() - stored)
+                                  beyond_site=charted - loaded + time.perf_counter() - stored)
         result.seconds = time.perf_counter() - started
         log.info(
             "monitor %s as of %s: %d signals (%d new), %d procedures, %.2fs (read %.2fs); "
