@@ -290,6 +290,10 @@ def arl_simulate_risk_adjusted(
     return _summarise_lengths(lengths[:, 0], censored=int(censored[0]))
 
 
+# Runs whose simulated paths are made at a time (_risk_adjusted_first_passage): 2 MB arrays.
+_CHUNK_RUNS = 512
+
+
 def _risk_adjusted_first_passage(
     risks, odds_ratio, thresholds, true_odds_ratio, n_runs, seed, block, max_length
 ):
@@ -306,25 +310,30 @@ def _risk_adjusted_first_passage(
         if not alive.any():
             break
         rng = np.random.default_rng([seed, index])  # per-block stream: paths independent of h
-        # Each runs x block array is freed, or overwritten in place, as soon as it is used:
-        # the same values, computed in the same order, with a few arrays alive at a time
-        # instead of a dozen (a first run's peak memory was these blocks).
-        picks = rng.integers(0, risks.size, size=(n_runs, block))[alive]
-        uniforms = rng.random((n_runs, block))[alive]
-        outcome = uniforms < true_risks[picks]
-        del uniforms
-        case_risks = risks[picks]
-        del picks
-        d = cusum_weights(outcome, case_risks, odds_ratio)
-        del outcome, case_risks
-        np.cumsum(d, axis=1, out=d)
-        floor = np.minimum.accumulate(d, axis=1)
-        np.minimum(floor, -value[alive][:, None], out=floor)
-        path = np.subtract(d, floor, out=d)
-        del d, floor
-        # Until a run passes the largest threshold it is never reset, so one path serves all h.
-        running_max = np.maximum.accumulate(path, axis=1)
+        picks = rng.integers(0, risks.size, size=(n_runs, block))
+        uniforms = rng.random((n_runs, block))
         rows = np.flatnonzero(alive)
+        start = -value[rows]
+        running_max = np.empty((rows.size, block))
+        last = np.empty(rows.size)
+        # Runs are independent rows: their paths are made _CHUNK_RUNS runs at a time, with
+        # the same element-wise operations in the same order (so the same values), instead
+        # of a dozen runs x block arrays at once (a first run's peak memory).
+        for a in range(0, rows.size, _CHUNK_RUNS):
+            mine = rows[a:a + _CHUNK_RUNS]
+            chunk_picks = picks[mine]
+            outcome = uniforms[mine] < true_risks[chunk_picks]
+            d = cusum_weights(outcome, risks[chunk_picks], odds_ratio)
+            np.cumsum(d, axis=1, out=d)
+            floor = np.minimum.accumulate(d, axis=1)
+            np.minimum(floor, start[a:a + _CHUNK_RUNS][:, None], out=floor)
+            path = np.subtract(d, floor, out=d)
+            # Until a run passes the largest threshold it is never reset, so one path
+            # serves all h.
+            np.maximum.accumulate(path, axis=1, out=running_max[a:a + len(mine)])
+            last[a:a + len(mine)] = path[:, -1]
+        del picks, uniforms
+        # Over every run at once, as before: the row offsets it adds depend on all of them.
         first = _first_index_at_least(running_max, thresholds)
         still = pending[rows]
         newly = (first < running_max.shape[1]) & still
@@ -332,7 +341,7 @@ def _risk_adjusted_first_passage(
         found[newly] = index * block + first[newly] + 1
         lengths[rows] = found
         pending[rows] = still & ~newly
-        value[rows] = path[:, -1]
+        value[rows] = last
     censored = pending.sum(axis=0)
     lengths[pending] = max_length
     return lengths, censored
