@@ -310,9 +310,17 @@ def _risk_adjusted_first_passage(
         if not alive.any():
             break
         rng = np.random.default_rng([seed, index])  # per-block stream: paths independent of h
+        # The same draws as ever; the case indices kept in the narrowest type that holds
+        # them, and the uniforms only until the outcomes are drawn from them.
         picks = rng.integers(0, risks.size, size=(n_runs, block))
+        picks = picks.astype(np.min_scalar_type(risks.size - 1), copy=False)
         uniforms = rng.random((n_runs, block))
         rows = np.flatnonzero(alive)
+        outcomes = np.empty((rows.size, block), dtype=bool)
+        for a in range(0, rows.size, _CHUNK_RUNS):
+            mine = rows[a:a + _CHUNK_RUNS]
+            outcomes[a:a + len(mine)] = uniforms[mine] < true_risks[picks[mine]]
+        del uniforms
         start = -value[rows]
         running_max = np.empty((rows.size, block))
         last = np.empty(rows.size)
@@ -321,9 +329,7 @@ def _risk_adjusted_first_passage(
         # of a dozen runs x block arrays at once (a first run's peak memory).
         for a in range(0, rows.size, _CHUNK_RUNS):
             mine = rows[a:a + _CHUNK_RUNS]
-            chunk_picks = picks[mine]
-            outcome = uniforms[mine] < true_risks[chunk_picks]
-            d = cusum_weights(outcome, risks[chunk_picks], odds_ratio)
+            d = cusum_weights(outcomes[a:a + len(mine)], risks[picks[mine]], odds_ratio)
             np.cumsum(d, axis=1, out=d)
             floor = np.minimum.accumulate(d, axis=1)
             np.minimum(floor, start[a:a + _CHUNK_RUNS][:, None], out=floor)
@@ -332,11 +338,12 @@ def _risk_adjusted_first_passage(
             # serves all h.
             np.maximum.accumulate(path, axis=1, out=running_max[a:a + len(mine)])
             last[a:a + len(mine)] = path[:, -1]
-        del picks, uniforms
+        del picks, outcomes
         # Over every run at once, as before: the row offsets it adds depend on all of them.
         first = _first_index_at_least(running_max, thresholds)
+        del running_max  # overwritten by the call
         still = pending[rows]
-        newly = (first < running_max.shape[1]) & still
+        newly = (first < block) & still
         found = lengths[rows]
         found[newly] = index * block + first[newly] + 1
         lengths[rows] = found
@@ -352,12 +359,12 @@ def _first_index_at_least(running_max: np.ndarray, thresholds: np.ndarray) -> np
 
     Rows are shifted apart by a constant larger than any value so that the flattened array is
     sorted, and one ``np.searchsorted`` answers every (row, threshold) pair; ``ncols`` means
-    "not reached".
+    "not reached". ``running_max`` is overwritten (shifted in place: one array fewer).
     """
     n_rows, n_cols = running_max.shape
     spacing = float(max(running_max[:, -1].max(), thresholds.max())) + 1.0
     offsets = np.arange(n_rows) * spacing
-    flat = (running_max + offsets[:, None]).ravel()
+    flat = np.add(running_max, offsets[:, None], out=running_max).ravel()
     keys = offsets[:, None] + thresholds[None, :]
     positions = np.searchsorted(flat, keys.ravel(), side="left").reshape(keys.shape)
     return np.minimum(positions - (np.arange(n_rows) * n_cols)[:, None], n_cols)

@@ -303,6 +303,8 @@ def prepare_beyond_site(engine: sa.Engine, profile: Profile,
         log.exception("beyond_site: the operator and device charts failed")
         prepared.error = error
     threshold_store.save_store(engine, store)
+    # The units and charts are freed: the site charts start from the snapshot's size.
+    release_memory()
     prepared.seconds = time.perf_counter() - started
     return prepared
 
