@@ -57,6 +57,16 @@ def _own_helper() -> subprocess.Popen | None:
     return _helper
 
 
+def forks() -> bool:
+    """Whether :func:`prestart` would fork the helper (this process has a single thread).
+
+    A forked helper inherits every module imported before it: a caller that imports the
+    loader anyway (pandas, which GX needs too) does so first, and the helper imports only
+    GX. A helper started as a new interpreter should start first instead.
+    """
+    return threading.active_count() == 1 and hasattr(os, "fork")
+
+
 def prestart(expectations_dir: str, *kinds: str) -> None:
     """Start the helper (once per process); it imports GX and builds the suites of ``kinds``.
 
@@ -67,7 +77,7 @@ def prestart(expectations_dir: str, *kinds: str) -> None:
         if _own_helper() is not None:
             return
         try:
-            if threading.active_count() == 1 and hasattr(os, "fork"):
+            if forks():
                 _helper = _fork(expectations_dir, kinds)
             else:
                 env = dict(os.environ)
