@@ -70,6 +70,75 @@ def test_helper_gives_gx_answers(helper):
     assert there == here and set(there) == {1, 2, 3}
 
 
+def _single_threaded() -> None:
+    """Leave this test process with its main thread only, as a command-line ingest has.
+
+    GX run in this process (``_frame_and_parameters``) leaves tqdm's monitor thread behind
+    (an ingest never runs GX in-process while its helper works); stop it, so the helper is
+    forked.
+    """
+    import threading
+
+    from tqdm import TMonitor
+
+    for thread in threading.enumerate():
+        if isinstance(thread, TMonitor):
+            thread.exit()
+    assert threading.active_count() == 1, threading.enumerate()
+
+
+def test_a_single_threaded_process_forks_the_helper_and_a_threaded_one_starts_python():
+    import threading
+
+    frame, parameters = _frame_and_parameters()
+    _single_threaded()
+    assert gxaudit.forks()
+    gxaudit.prestart(EXPECTATIONS, PROCEDURES)
+    forked = gxaudit._helper
+    try:
+        assert forked.args[0] == "<fork>" and forked.poll() is None
+        assert set(gxaudit.failing_rows(EXPECTATIONS, PROCEDURES, frame, parameters)) == {1, 2, 3}
+        assert gxaudit._helper is forked  # answered by the forked helper
+    finally:
+        gxaudit._stop()
+    assert forked.returncode == 0  # saw its requests end and left cleanly
+    # Forking with another thread alive could copy a lock that thread holds: new interpreter.
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert not gxaudit.forks()
+        gxaudit.prestart(EXPECTATIONS, PROCEDURES)
+        started = gxaudit._helper
+        assert isinstance(started, subprocess.Popen)
+        assert started.args[1:3] == ["-m", "pipelines.ingest.gxaudit"]
+        assert set(gxaudit.failing_rows(EXPECTATIONS, PROCEDURES, frame, parameters)) == {1, 2, 3}
+    finally:
+        stop.set()
+        other.join()
+        gxaudit._stop()
+
+
+def test_a_forked_helper_leaves_the_parents_database_connection_alone(pg_url):
+    # The helper inherits this open connection; its exit must not close it for the server.
+    frame, parameters = _frame_and_parameters()
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            backend = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            _single_threaded()
+            gxaudit.prestart(EXPECTATIONS, PROCEDURES)
+            helper = gxaudit._helper
+            assert helper.args[0] == "<fork>"
+            gxaudit.failing_rows(EXPECTATIONS, PROCEDURES, frame, parameters)
+            gxaudit._stop()
+            assert helper.returncode == 0
+            assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() == backend
+    finally:
+        gxaudit._stop()
+        engine.dispose()
+
+
 def test_a_forked_child_starts_its_own_helper(helper):
     read, write = os.pipe()
     pid = os.fork()

@@ -72,14 +72,20 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
 
     files = expand_paths(paths)
     kinds = list(dict.fromkeys(kind for kind in map(kind_of, (p.name for p in files)) if kind))
-    if kinds:
-        # First thing: the audit's GX import (the longest fixed cost of a small file) then
-        # runs on another core while this process imports the loader and loads.
+    # The audit's GX import (the longest fixed cost of a small file) runs in a helper on
+    # another core while this process loads. A new interpreter starts first thing; a forked
+    # helper right after the loader's imports, which it inherits (pandas: GX needs it too),
+    # so that it has only GX left to import.
+    forked = gxaudit.forks()
+    if kinds and not forked:
         gxaudit.prestart(str(settings.expectations_dir), *kinds)
 
     from pipelines.ingest.keys import check_key_strength
     from pipelines.ingest.load import IngestReport
     from pipelines.ingest.reader import display_name
+
+    if kinds and forked:
+        gxaudit.prestart(str(settings.expectations_dir), *kinds)
 
     key = check_key_strength(settings.require_pseudonym_key())
     engine = open_warehouse(settings.db_url)  # ExternalSystemError (exit 4) when unreachable

@@ -12,22 +12,32 @@ the declared suite on them and returns GX's reasons per row; the file commits on
 agree. A helper that was never asked (every file a duplicate) is killed at exit, not
 waited for.
 
-The helper is this module run as ``python -m pipelines.ingest.gxaudit``: requests and
-answers are pickles over its stdin/stdout (a pipe between two processes of this package;
-nothing else writes to it). Its own stdout is moved to stderr so a library's print cannot
-corrupt the channel. If the helper cannot be started or dies, the audit runs in this
-process instead (slower, same verdict): the audit is never skipped.
+The helper is forked from this process when it has a single thread (forking a process
+with threads could copy a lock another thread holds): it then starts with what this
+process has already imported (the interpreter, SQLAlchemy and this package: 0.3-0.5 s
+that a new interpreter pays first) instead of starting Python anew. With threads (an
+Airflow task runner, say) it is this module run as ``python -m pipelines.ingest.gxaudit``.
+Either way requests and answers are pickles over a pair of pipes between two processes of
+this package (nothing else writes to them); the helper's stdout is moved to stderr so a
+library's print cannot corrupt the channel. A forked helper never runs this process's
+clean-up: it ignores the objects it inherited in garbage collection (so a database
+connection it inherited is never closed from there) and leaves with ``os._exit``. If the
+helper cannot be started or dies, the audit runs in this process instead (slower, same
+verdict): the audit is never skipped.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,16 @@ def _own_helper() -> subprocess.Popen | None:
     return _helper
 
 
+def forks() -> bool:
+    """Whether :func:`prestart` would fork the helper (this process has a single thread).
+
+    A forked helper inherits every module imported before it: a caller that imports the
+    loader anyway (pandas, which GX needs too) does so first, and the helper imports only
+    GX. A helper started as a new interpreter should start first instead.
+    """
+    return threading.active_count() == 1 and hasattr(os, "fork")
+
+
 def prestart(expectations_dir: str, *kinds: str) -> None:
     """Start the helper (once per process); it imports GX and builds the suites of ``kinds``.
 
@@ -56,18 +76,90 @@ def prestart(expectations_dir: str, *kinds: str) -> None:
     with _lock:
         if _own_helper() is not None:
             return
-        env = dict(os.environ)
-        # Not configuration: GX reads this switch at import (see validate.SuiteRunner).
-        env.setdefault("GX_ANALYTICS_ENABLED", "False")
         try:
-            _helper = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.ingest.gxaudit", expectations_dir, *kinds],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-            )
+            if forks():
+                _helper = _fork(expectations_dir, kinds)
+            else:
+                env = dict(os.environ)
+                # Not configuration: GX reads this switch at import (see validate.SuiteRunner).
+                env.setdefault("GX_ANALYTICS_ENABLED", "False")
+                _helper = subprocess.Popen(
+                    [sys.executable, "-m", "pipelines.ingest.gxaudit", expectations_dir, *kinds],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                )
             _owner, _asked = os.getpid(), False
         except OSError as exc:
             log.warning("GX audit helper not started (%s); auditing in-process", exc)
             _helper = None
+
+
+class _ForkedHelper:
+    """A forked helper behind the part of :class:`subprocess.Popen` this module uses."""
+
+    def __init__(self, pid: int, stdin, stdout, args: list[str]):
+        self.pid, self.stdin, self.stdout, self.args = pid, stdin, stdout, args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: it is gone, how is unknown
+                self.returncode = -1
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _fork(expectations_dir: str, kinds: tuple[str, ...]) -> _ForkedHelper:
+    """Fork the helper (the caller checked that this process has a single thread)."""
+    request_read, request_write = os.pipe()
+    answer_read, answer_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the helper: never returns
+        code = 1
+        try:
+            # What this process inherited is the parent's: never finalise it here (an
+            # inherited database connection would tell the server goodbye for the parent).
+            gc.freeze()
+            os.close(request_write)  # else the helper would never see its requests end
+            os.close(answer_read)
+            # The signals a new interpreter would have (the parent may have its own).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # Not configuration: GX reads this switch at import (see validate.SuiteRunner).
+            os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+            # The parent's unwritten stdout is the parent's to write; prints here go to stderr.
+            sys.stdout = sys.stderr
+            _serve(os.fdopen(request_read, "rb"), os.fdopen(answer_write, "wb"),
+                   expectations_dir, kinds)
+            code = 0
+        except BaseException:  # noqa: BLE001 -- reported, then the helper ends
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)  # the parent's atexit handlers and buffers are not ours
+    os.close(request_read)
+    os.close(answer_write)
+    return _ForkedHelper(pid, os.fdopen(request_write, "wb"), os.fdopen(answer_read, "rb"),
+                         ["<fork>", "pipelines.ingest.gxaudit", expectations_dir, *kinds])
 
 
 def _stop() -> None:
@@ -118,15 +210,19 @@ def failing_rows(expectations_dir: str, kind: str, frame, parameters: dict) -> d
     return gx_runner(expectations_dir, kind).failing_rows(frame, parameters)
 
 
-def _serve() -> None:
-    """Helper process body: import GX, then answer audit requests until stdin closes."""
-    requests = sys.stdin.buffer
-    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints cannot reach the pipe
-    from pipelines.ingest.validate import gx_runner
+def _serve(requests, answers, expectations_dir: str, kinds) -> None:
+    """Helper body: import GX, then answer audit requests until ``requests`` ends."""
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints cannot reach a pipe
+    # Imports make module state, not garbage: the collector's passes over it are wasted
+    # (validate.SuiteRunner pauses it for GX's own import likewise).
+    gc.disable()
+    try:
+        from pipelines.ingest.validate import gx_runner
 
-    for kind in sys.argv[2:]:  # the point: import GX and build the suites while the parent loads
-        gx_runner(sys.argv[1], kind)
+        for kind in kinds:  # the point: import GX and build the suites while the parent loads
+            gx_runner(expectations_dir, kind)
+    finally:
+        gc.enable()
     while True:
         try:
             expectations_dir, kind, frame, parameters = pickle.load(requests)
@@ -141,4 +237,5 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(sys.stdin.buffer, os.fdopen(os.dup(sys.stdout.fileno()), "wb"), sys.argv[1],
+           sys.argv[2:])
