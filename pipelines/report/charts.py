@@ -428,11 +428,66 @@ def funnel_svg(chart: dict[str, Any], label: str, classes: dict[str, str],
     return template.for_site(highlight) if highlight else template.svg
 
 
+def _binomial_limits(n: np.ndarray, p0: float, probability: float) -> np.ndarray:
+    """Return :func:`pipelines.surveillance.funnel.binomial_limits` for whole ``n >= 1``,
+    bit for bit (tested), through the ufuncs behind ``scipy.stats.binom``.
+
+    The site pages' funnels are drawn before the worker processes fork, so whatever they
+    import is paid serially: ``scipy.stats`` (with the monitor's funnel module, statsmodels
+    and pandas) takes 1-2 s to import on a loaded machine, the binomial ufuncs nothing.
+    ``stats.binom.ppf`` and ``.cdf`` call the same ufuncs for these arguments (0 < q < 1,
+    0 < p0 < 1, n whole); ``cdf`` is 0 below the support and 1 from ``n`` on.
+    """
+    import scipy.special._ufuncs as binom_ufuncs  # what scipy.stats.binom evaluates with
+
+    def cdf(k: np.ndarray) -> np.ndarray:
+        out = np.where(k >= n, 1.0, 0.0)
+        inside = (k >= 0) & (k < n)
+        out[inside] = np.clip(binom_ufuncs._binom_cdf(np.floor(k[inside]), n[inside], p0),
+                              0, 1)
+        return out
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = binom_ufuncs._binom_ppf(probability, n, p0) + 0.0
+        f_r = cdf(r)
+        f_below = cdf(r - 1)
+        step = f_r - f_below
+        alpha = np.where(step > 0, (f_r - probability) / np.where(step > 0, step, 1.0), 0.0)
+        limit = (r - alpha) / n
+    return np.clip(limit, 0.0, 1.0)
+
+
+def funnel_curves(p0: float, n_max: float, *, n_min: float = 1, n_points: int = 200,
+                  coverages=(0.95, 0.998), phi: float = 1.0,
+                  overdispersion: str = "none") -> dict[str, np.ndarray]:
+    """Return :func:`pipelines.surveillance.funnel.funnel_curves` with ``tau2 = 0``, the
+    same arrays without importing ``scipy.stats`` (see :func:`_binomial_limits`; tested
+    equal)."""
+    from scipy import special
+
+    if not 0 < p0 < 1:
+        raise ValueError("p0 must be strictly between 0 and 1")
+    grid = np.unique(np.round(np.geomspace(max(1, n_min), max(n_min, n_max), n_points)))
+    curves = {"n": grid}
+    for coverage in coverages:
+        tail = (1.0 - coverage) / 2.0
+        label = f"{100 * coverage:g}"
+        if overdispersion == "none":
+            lower = _binomial_limits(grid, p0, tail)
+            upper = _binomial_limits(grid, p0, 1.0 - tail)
+        else:  # the funnel's normal limits, variance phi * p0 (1 - p0) / n (additive: tau2 0)
+            z_q = -special.ndtri(tail)  # stats.norm.isf(tail)
+            s2 = p0 * (1.0 - p0) / grid
+            spread = np.sqrt(phi * s2) if overdispersion == "multiplicative" else np.sqrt(s2)
+            lower = np.clip(p0 - z_q * spread, 0.0, 1.0)
+            upper = np.clip(p0 + z_q * spread, 0.0, 1.0)
+        curves[f"lower_{label}"], curves[f"upper_{label}"] = lower, upper
+    return curves
+
+
 def funnel_template(chart: dict[str, Any], label: str, classes: dict[str, str],
                     with_site: bool) -> FunnelTemplate:
     """Return the funnel drawn once per metric and window; site pages add their marker."""
-    from pipelines.surveillance import funnel
-
     n = np.asarray(chart["n"], float)
     events = np.asarray(chart["events"], float)
     has = n > 0
@@ -468,7 +523,7 @@ def funnel_template(chart: dict[str, Any], label: str, classes: dict[str, str],
     # squash the points the reader came for into the bottom of the plot.
     n_min = max(1.0, 0.5 * float(n[has].min())) if has.any() else 1.0
     n_max = max(n.max(initial=1) * 1.2, 20)
-    curves = funnel.funnel_curves(p0, n_max, n_min=n_min, coverages=(0.95, limit))
+    curves = funnel_curves(p0, n_max, n_min=n_min, coverages=(0.95, limit))
     exact_label = f"{key}% limits (exact)" + ("" if mode != "none" else ", decision")
     plot.line(curve_x(curves), curve_y(curves, "upper_95"), label="95% limits (exact)",
               style="dot", width=1)
@@ -478,8 +533,8 @@ def funnel_template(chart: dict[str, Any], label: str, classes: dict[str, str],
     plot.line(curve_x(curves), curve_y(curves, f"lower_{key}"), style="dash", width=1)
     if mode != "none":
         phi = float(chart.get("phi") or 1.0)
-        adjusted = funnel.funnel_curves(p0, n_max, n_min=n_min, coverages=(limit,),
-                                        phi=phi, overdispersion=mode)
+        adjusted = funnel_curves(p0, n_max, n_min=n_min, coverages=(limit,), phi=phi,
+                                 overdispersion=mode)
         plot.line(curve_x(adjusted), curve_y(adjusted, f"upper_{key}"), style="dashdot",
                   width=1.2, label=f"{key}% limits, overdispersion \u03c6={phi:.2f}, decision")
         plot.line(curve_x(adjusted), curve_y(adjusted, f"lower_{key}"), style="dashdot",
