@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
 import io
@@ -104,15 +105,53 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
     pages = [f for f in files if not f.endswith(".csv")]
     assert pages == ["devices.html", "funnels.html", "index.html", "methods.html", "report.json",
                      "sites/S001.html", "sites/S002.html", "sites/S003.html", "sites/S004.html"]
-    # every chart links to its data, and every linked CSV was written
+    # every chart links to its data: a short table inside the page (a data: link saved as
+    # <SITE>-<chart>.csv), or a file that was written; a site's long series are in one file
+    # per chart for every site, and the site's own rows are in it
     for page in pages:
         if not page.endswith(".html"):
             continue
         html_text = (out / page).read_text(encoding="utf-8")
-        links = re.findall(r"<a href='([^']+\.csv)' download>", html_text)
+        links = re.findall(r"<figcaption><a href='([^']+)' download(?:='([^']+)')?>", html_text)
         assert html_text.count("<svg") - html_text.count("class=\"spark\"") == len(links), page
-        for link in links:
-            assert (out / page).parent.joinpath(link).resolve().is_file(), (page, link)
+        site = page.removeprefix("sites/").removesuffix(".html") if "sites/" in page else None
+        for link, name in links:
+            if link.startswith("data:"):
+                head, _, payload = link.partition(",")
+                assert head == "data:text/csv;charset=utf-8;base64", head
+                assert site and name.startswith(f"{site}-") and name.endswith(".csv"), name
+                text = base64.b64decode(payload).decode("utf-8")
+            else:
+                assert not name and link.endswith(".csv"), link
+                text = (out / page).parent.joinpath(link).resolve().read_text(encoding="utf-8")
+            table = list(csv.reader(io.StringIO(text, newline="")))
+            assert len(table) >= 2 and all(len(r) == len(table[0]) for r in table), (page, link)
+            if site and "series-" in link:
+                assert table[0][0] == "site" and site in {r[0] for r in table[1:]}, link
+    # a series file holds each site's stored points as they are drawn: dates, statistics
+    # (5 decimals), signals and the site's threshold, as in the chart's description
+    from pipelines.report.charts import CusumSeries, _iso_days
+    from pipelines.report.data import ReportData
+    from pipelines.report.site import series_csv_name
+
+    charts = ReportData(settings, None).result.charts["cusum"]
+    site_page_text = (out / "sites" / "S004.html").read_text(encoding="utf-8")
+    checked = 0
+    for key, chart in charts.items():
+        series = CusumSeries(chart)
+        code = series.code["S004"]
+        start, stop = series.bounds[code], series.bounds[code + 1]
+        rows = [r for r in csv.DictReader(io.StringIO(
+            (out / series_csv_name(key)).read_text(encoding="utf-8"))) if r["site"] == "S004"]
+        assert [r["date"] for r in rows] == _iso_days(series.day[start:stop])
+        assert [float(r["statistic"]) for r in rows] == [
+            round(v, 5) for v in series.statistic[start:stop].tolist()]
+        assert [r["signal"] for r in rows] == [
+            "1" if v else "0" for v in series.signal[start:stop].tolist()]
+        h = {r["threshold_h"] for r in rows}
+        assert len(h) == 1 and f"threshold h = {float(h.pop()):.3f}" in site_page_text
+        checked += 1
+    assert checked >= 3
     text = index.read_text(encoding="utf-8")
     # overview: S004 is marked as a signal on cement leak; S001 is in control everywhere
     assert "st-alarm" in _grid_row(text, "S004") and "st-alarm" not in _grid_row(text, "S001")
@@ -183,19 +222,24 @@ def test_report_bytes_do_not_depend_on_workers_and_a_rerun_rewrites_only_changes
     _, settings = _report_registry(sqlite_url, settings_for)
     one = write_report(settings, tmp_path / "one", workers=1).parent
     three = write_report(settings, tmp_path / "three", workers=3).parent
-    assert _tree(one) == _tree(three) and len(_tree(one)) > 40
+    # 4 site pages, 5 network pages, the funnel and device CSVs and a series CSV per CUSUM
+    # (every site in one); a site page's short tables are inside it
+    assert _tree(one) == _tree(three) and len(_tree(one)) >= 20
+    assert sum(name.startswith("series-") for name in _tree(one)) >= 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging
     # a rerun into the same folder: unchanged pages are not rewritten (same inode and
     # mtime), a page changed on disk is, and the page of a site no longer in the data goes
     (three / "sites" / "S002.html").write_text("edited", encoding="utf-8")
     (three / "sites" / "S999.html").write_text("a site that left", encoding="utf-8")
+    # a chart's CSV beside a site page, as reports before the series files wrote them
+    (three / "sites" / "S001-cement_leak-vlad.csv").write_text("month\r\n", encoding="utf-8")
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in three.rglob("*")
               if p.is_file()}
     write_report(settings, three, workers=2)
     assert _tree(three) == _tree(one)
     changed = {p.relative_to(three).as_posix() for p, stamp in stamps.items()
                if not p.exists() or (p.stat().st_ino, p.stat().st_mtime_ns) != stamp}
-    assert changed == {"sites/S002.html", "sites/S999.html"}
+    assert changed == {"sites/S002.html", "sites/S999.html", "sites/S001-cement_leak-vlad.csv"}
 
 
 def test_a_failing_site_page_fails_the_report_and_leaves_no_folder(sqlite_url, settings_for,
@@ -496,3 +540,27 @@ def test_rounded_chart_cells_read_as_repr_of_the_rounded_value():
         expected = ["" if v != v else repr(round(v, digits)) for v in values]
         assert rounded_texts(values, digits) == expected
         assert rounded_texts(np.asarray(values), digits) == expected
+
+
+@pytest.mark.parametrize("mode", ["none", "multiplicative", "additive"])
+def test_report_funnel_curves_equal_the_monitors(mode):
+    # The report draws funnels before its workers fork without importing scipy.stats; its
+    # curves must be the monitor's, bit for bit, wherever a funnel can be drawn.
+    from pipelines.report.charts import funnel_curves
+    from pipelines.surveillance import funnel
+
+    rng = np.random.default_rng(11)
+    cases = [(0.09, 300.0, 1.0), (0.004, 5000.0, 12.0), (0.5, 40.0, 1.0), (0.9999, 80.0, 3.0)]
+    cases += [(float(p), float(n), float(m)) for p, n, m in zip(
+        10.0 ** rng.uniform(-4, -0.05, 40), 10.0 ** rng.uniform(0.5, 4.5, 40),
+        rng.uniform(0.5, 30, 40), strict=True)]
+    for p0, n_max, n_min in cases:
+        for coverages, phi in (((0.95, 0.998), 1.0), ((0.998,), 2.7), ((0.9999,), 1.3)):
+            ours = funnel_curves(p0, n_max, n_min=n_min, coverages=coverages, phi=phi,
+                                 overdispersion=mode)
+            theirs = funnel.funnel_curves(p0, n_max, n_min=n_min, coverages=coverages,
+                                          phi=phi, overdispersion=mode)
+            assert ours.keys() == theirs.keys()
+            for key, value in theirs.items():
+                assert np.array_equal(ours[key], value, equal_nan=True), (p0, n_max, key)
+                assert ours[key].tobytes() == value.tobytes(), (p0, n_max, key)

@@ -28,6 +28,7 @@ to ``test-artifacts/report-browser/`` (git-ignored); their paths are printed.
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -433,17 +434,30 @@ def test_network_report_reads_in_ten_seconds(playwright, settings_for, tmp_path,
         # every chart has its data next to it, and the link downloads it
         figures = page.locator("figure")
         assert figures.count() == page.locator("svg.chart").count() >= 8
+        # short tables are in the page (data: links saved as S012-<chart>.csv); long
+        # series and funnels are one file per chart for every site
+        clicked_file = False
+        kinds = set()
         for i in range(figures.count()):
             link = figures.nth(i).locator("figcaption a[download]")
             assert "S012" in link.inner_text()  # link texts name the site
-            # every link is fetched by the browser; the first three are clicked and must
-            # arrive as downloads (clicking all of them only adds time)
             href = link.evaluate("a => a.href")
-            if i < 3:
+            inline = href.startswith("data:text/csv;charset=utf-8;base64,")
+            kinds.add(inline)
+            if inline:
+                assert re.fullmatch(r"S012-[\w-]+\.csv", link.get_attribute("download"))
+            # the first three links and the first file link are clicked and must arrive
+            # as downloads; the others are read directly (clicking all only adds time)
+            if i < 3 or not (inline or clicked_file):
+                clicked_file = clicked_file or not inline
                 with page.expect_download(timeout=60_000) as download:
                     link.click()
                 assert download.value.url == href
                 text = Path(download.value.path()).read_text(encoding="utf-8")
+                if inline:
+                    assert download.value.suggested_filename == link.get_attribute("download")
+            elif inline:
+                text = base64.b64decode(href.partition(",")[2]).decode("utf-8")
             else:
                 response = page.request.get(href)
                 assert response.ok, href
@@ -451,6 +465,9 @@ def test_network_report_reads_in_ten_seconds(playwright, settings_for, tmp_path,
             table = list(csv.reader(io.StringIO(text, newline="")))
             assert len(table) >= 2 and len(table[0]) >= 2, href
             assert all(len(row) == len(table[0]) for row in table), href
+            if not inline:  # every site's data: this site's rows are in it
+                assert table[0][0] == "site" and "S012" in {r[0] for r in table[1:]}, href
+        assert kinds == {True, False} and clicked_file
         descs = page.evaluate("() => [...document.querySelectorAll('svg.chart desc')]"
                               ".map(d => d.textContent)")
         assert len(descs) == figures.count() and all(len(d) > 40 for d in descs)

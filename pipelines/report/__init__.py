@@ -12,7 +12,9 @@ Layout of a report directory::
     sites/<SITE>.html    per site: a sentence per flagged metric, then VLAD, p-chart, CUSUMs
                          and a highlighted funnel per metric, recent and whole O/E, case mix,
                          recent complications, signals, alerts and their history
-    *.csv                the data behind every chart, linked under it
+    *.csv                the data behind the network's charts, linked under them; the
+                         CUSUM paths of every site (series-<chart>.csv), which the site
+                         pages' charts link to; a site page's short tables are inside it
     report.json          the overview as data (the same rows as ``kyphowatch sites --json``)
 
 One module per part: :mod:`.overview`, :mod:`.site`, :mod:`.funnels`, :mod:`.methods`

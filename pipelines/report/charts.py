@@ -1,7 +1,12 @@
 """The report's charts as inline SVG (see :mod:`pipelines.report.svgplot`), with their data.
 
-Every chart function returns the SVG and the rows behind it (``headers, rows``), so the page
-can offer the data as CSV next to the chart. Nothing here computes a statistic: limits,
+The short charts (VLAD, p-chart) return the SVG and the rows behind it (``headers, rows``),
+so the page can offer the data as CSV next to the chart. The long series (CUSUM and
+time-to-event paths, hundreds of points per site) return the SVG alone: their data is one
+CSV per chart for every site (:func:`cusum_csv`, :func:`tte_csv`), written once per report
+by Arrow's CSV writer, which each site's chart links to (its rows carry the site's id).
+Formatting those series per site and creating a file for each was most of a
+thousand-site report's time (issue 11). Nothing here computes a statistic: limits,
 thresholds and classes come from the stored monitor run; the only arithmetic is drawing
 (cumulative sums for the VLAD, rates from counts, limits evaluated along a curve).
 """
@@ -260,25 +265,83 @@ class CusumSeries:
         self.h_sites = np.asarray(chart.get("h_sites", []), dtype=float)
 
 
-def _h_text(h: Any) -> str:
-    """Return a threshold as its CSV cell (empty when missing)."""
-    return "" if h is None or h != h else repr(h)
+def _csv_of(columns: dict[str, Any]) -> str:
+    """Return Arrow arrays as CSV text: header, then one row per element, CRLF line ends.
+
+    Only for columns of numbers, dates and site ids (checked against ``SITE_RE`` before a
+    report is drawn), which need no quoting and cannot start a formula: Arrow writes them
+    unquoted (``quoting_style="none"`` raises rather than write a value that would need
+    quotes), numbers as their shortest text, missing values as empty cells.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    sink = pa.BufferOutputStream()
+    pa_csv.write_csv(pa.table(columns), sink, pa_csv.WriteOptions(
+        quoting_style="none", quoting_header="none", eol="\r\n"))
+    return sink.getvalue().to_pybytes().decode("ascii")
 
 
-def _series_lines(days: np.ndarray, stat: np.ndarray, *middle: list[str],
-                  last: str) -> CsvBody:
-    """Return CSV lines ``date,statistic[,middle...],last`` for one site's series."""
-    # rounding values already rounded changes nothing: the cells are their repr
-    columns = [_iso_days(days), rounded_texts(np.round(stat, 5), 5), *middle]
-    suffix = "," + last
-    # the constant last column is joined in as part of the separator: no per-row work
-    return CsvBody((suffix + "\r\n").join(map(",".join, zip(*columns, strict=True)))
-                   + suffix + "\r\n")
+def _series_columns(sites, days: np.ndarray, stat: np.ndarray) -> dict[str, Any]:
+    """Return the ``site``, ``date`` and ``statistic`` columns of a chart's series."""
+    import pyarrow as pa
+
+    return {"site": pa.array(sites, pa.string()),
+            "date": pa.array(np.asarray(days, dtype="int32"), pa.date32()),
+            # the drawing's precision; Arrow writes the shortest text of the rounded value
+            "statistic": pa.array(np.round(np.asarray(stat, dtype=float), 5))}
+
+
+def _threshold_column(h: np.ndarray):
+    import pyarrow as pa
+
+    h = np.asarray(h, dtype=float)
+    return pa.array(h, mask=~np.isfinite(h))
+
+
+def cusum_csv(chart: dict[str, Any]) -> str | None:
+    """Return the data of a stored CUSUM chart for every site as CSV (None: no points).
+
+    Columns ``site, date, statistic, signal, threshold_h``: one row per point in the
+    stored order (by site, then date), the site's own threshold (the chart's where the
+    site has none). Each site page's chart links to this file.
+    """
+    import pyarrow as pa
+
+    group = np.asarray(chart["group"], dtype="int64")
+    if not len(group):
+        return None
+    sites = np.asarray(chart["sites"], dtype=object)
+    default = chart.get("h")
+    h = np.full(len(sites), np.nan if default is None else float(default))
+    own = np.asarray(chart.get("h_sites", []), dtype=float)[:len(sites)]
+    h[:len(own)] = np.where(np.isfinite(own), own, h[:len(own)])
+    columns = _series_columns(sites[group], chart["day"], chart["statistic"])
+    columns["signal"] = pa.array(np.asarray(chart["signal"], dtype=bool).astype("int8"))
+    columns["threshold_h"] = _threshold_column(h[group])
+    return _csv_of(columns)
+
+
+def tte_csv(chart: dict[str, Any]) -> str | None:
+    """Return the data of a stored time-to-event CUSUM for every site as CSV (None: no
+    points): ``site, date, statistic, threshold_h``, by site then date."""
+    parts = [(site, s) for site, s in (chart.get("series") or {}).items() if len(s["day"])]
+    if not parts:
+        return None
+    sizes = [len(s["day"]) for _, s in parts]
+    columns = _series_columns(
+        np.repeat(np.asarray([site for site, _ in parts], dtype=object), sizes),
+        np.concatenate([np.asarray(s["day"]) for _, s in parts]),
+        np.concatenate([np.asarray(s["statistic"], dtype=float) for _, s in parts]))
+    columns["threshold_h"] = _threshold_column(np.repeat(
+        [np.nan if s.get("h") is None else float(s["h"]) for _, s in parts], sizes))
+    return _csv_of(columns)
 
 
 def cusum_svg(chart: dict[str, Any], site_id: str, title: str,
-              series: CusumSeries | None = None) -> Drawn | None:
-    """Return one site's CUSUM path over time with its threshold and signal points.
+              series: CusumSeries | None = None) -> str | None:
+    """Return one site's CUSUM path over time with its threshold and signal points (its
+    data: :func:`cusum_csv`).
 
     ``series`` is the chart indexed by :class:`CusumSeries` (made here when not given).
     """
@@ -312,13 +375,12 @@ def cusum_svg(chart: dict[str, Any], site_id: str, title: str,
     if fired.any():
         plot.points(days[fired], stat[fired], label="signal (chart resets)", marker="triangle",
                     tips=[f"signal {d}" for d in crossings])
-    headers = ["date", "statistic", "signal", "threshold_h"]
-    flags = np.where(fired, "1", "0").tolist()
-    return plot.render(), headers, _series_lines(days, stat, flags, last=_h_text(h))
+    return plot.render()
 
 
-def tte_svg(chart: dict[str, Any], site_id: str, title: str) -> Drawn | None:
-    """Return one site's time-to-event CUSUM (partial follow-up) with its threshold."""
+def tte_svg(chart: dict[str, Any], site_id: str, title: str) -> str | None:
+    """Return one site's time-to-event CUSUM (partial follow-up) with its threshold (its
+    data: :func:`tte_csv`)."""
     series = (chart.get("series") or {}).get(site_id)
     if not series or not len(series["day"]):
         return None
@@ -336,8 +398,7 @@ def tte_svg(chart: dict[str, Any], site_id: str, title: str) -> Drawn | None:
     plot.line(x, y, label="time-to-event CUSUM", width=1.1)
     if h is not None:
         plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
-    headers = ["date", "statistic", "threshold_h"]
-    return plot.render(), headers, _series_lines(days, stat, last=_h_text(h))
+    return plot.render()
 
 
 # -- funnels -------------------------------------------------------------------------
@@ -367,11 +428,66 @@ def funnel_svg(chart: dict[str, Any], label: str, classes: dict[str, str],
     return template.for_site(highlight) if highlight else template.svg
 
 
+def _binomial_limits(n: np.ndarray, p0: float, probability: float) -> np.ndarray:
+    """Return :func:`pipelines.surveillance.funnel.binomial_limits` for whole ``n >= 1``,
+    bit for bit (tested), through the ufuncs behind ``scipy.stats.binom``.
+
+    The site pages' funnels are drawn before the worker processes fork, so whatever they
+    import is paid serially: ``scipy.stats`` (with the monitor's funnel module, statsmodels
+    and pandas) takes 1-2 s to import on a loaded machine, the binomial ufuncs nothing.
+    ``stats.binom.ppf`` and ``.cdf`` call the same ufuncs for these arguments (0 < q < 1,
+    0 < p0 < 1, n whole); ``cdf`` is 0 below the support and 1 from ``n`` on.
+    """
+    import scipy.special._ufuncs as binom_ufuncs  # what scipy.stats.binom evaluates with
+
+    def cdf(k: np.ndarray) -> np.ndarray:
+        out = np.where(k >= n, 1.0, 0.0)
+        inside = (k >= 0) & (k < n)
+        out[inside] = np.clip(binom_ufuncs._binom_cdf(np.floor(k[inside]), n[inside], p0),
+                              0, 1)
+        return out
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = binom_ufuncs._binom_ppf(probability, n, p0) + 0.0
+        f_r = cdf(r)
+        f_below = cdf(r - 1)
+        step = f_r - f_below
+        alpha = np.where(step > 0, (f_r - probability) / np.where(step > 0, step, 1.0), 0.0)
+        limit = (r - alpha) / n
+    return np.clip(limit, 0.0, 1.0)
+
+
+def funnel_curves(p0: float, n_max: float, *, n_min: float = 1, n_points: int = 200,
+                  coverages=(0.95, 0.998), phi: float = 1.0,
+                  overdispersion: str = "none") -> dict[str, np.ndarray]:
+    """Return :func:`pipelines.surveillance.funnel.funnel_curves` with ``tau2 = 0``, the
+    same arrays without importing ``scipy.stats`` (see :func:`_binomial_limits`; tested
+    equal)."""
+    from scipy import special
+
+    if not 0 < p0 < 1:
+        raise ValueError("p0 must be strictly between 0 and 1")
+    grid = np.unique(np.round(np.geomspace(max(1, n_min), max(n_min, n_max), n_points)))
+    curves = {"n": grid}
+    for coverage in coverages:
+        tail = (1.0 - coverage) / 2.0
+        label = f"{100 * coverage:g}"
+        if overdispersion == "none":
+            lower = _binomial_limits(grid, p0, tail)
+            upper = _binomial_limits(grid, p0, 1.0 - tail)
+        else:  # the funnel's normal limits, variance phi * p0 (1 - p0) / n (additive: tau2 0)
+            z_q = -special.ndtri(tail)  # stats.norm.isf(tail)
+            s2 = p0 * (1.0 - p0) / grid
+            spread = np.sqrt(phi * s2) if overdispersion == "multiplicative" else np.sqrt(s2)
+            lower = np.clip(p0 - z_q * spread, 0.0, 1.0)
+            upper = np.clip(p0 + z_q * spread, 0.0, 1.0)
+        curves[f"lower_{label}"], curves[f"upper_{label}"] = lower, upper
+    return curves
+
+
 def funnel_template(chart: dict[str, Any], label: str, classes: dict[str, str],
                     with_site: bool) -> FunnelTemplate:
     """Return the funnel drawn once per metric and window; site pages add their marker."""
-    from pipelines.surveillance import funnel
-
     n = np.asarray(chart["n"], float)
     events = np.asarray(chart["events"], float)
     has = n > 0
@@ -407,7 +523,7 @@ def funnel_template(chart: dict[str, Any], label: str, classes: dict[str, str],
     # squash the points the reader came for into the bottom of the plot.
     n_min = max(1.0, 0.5 * float(n[has].min())) if has.any() else 1.0
     n_max = max(n.max(initial=1) * 1.2, 20)
-    curves = funnel.funnel_curves(p0, n_max, n_min=n_min, coverages=(0.95, limit))
+    curves = funnel_curves(p0, n_max, n_min=n_min, coverages=(0.95, limit))
     exact_label = f"{key}% limits (exact)" + ("" if mode != "none" else ", decision")
     plot.line(curve_x(curves), curve_y(curves, "upper_95"), label="95% limits (exact)",
               style="dot", width=1)
@@ -417,8 +533,8 @@ def funnel_template(chart: dict[str, Any], label: str, classes: dict[str, str],
     plot.line(curve_x(curves), curve_y(curves, f"lower_{key}"), style="dash", width=1)
     if mode != "none":
         phi = float(chart.get("phi") or 1.0)
-        adjusted = funnel.funnel_curves(p0, n_max, n_min=n_min, coverages=(limit,),
-                                        phi=phi, overdispersion=mode)
+        adjusted = funnel_curves(p0, n_max, n_min=n_min, coverages=(limit,), phi=phi,
+                                 overdispersion=mode)
         plot.line(curve_x(adjusted), curve_y(adjusted, f"upper_{key}"), style="dashdot",
                   width=1.2, label=f"{key}% limits, overdispersion \u03c6={phi:.2f}, decision")
         plot.line(curve_x(adjusted), curve_y(adjusted, f"lower_{key}"), style="dashdot",

@@ -242,10 +242,15 @@ def csv_text(headers: list[str], rows: list[list[Any]]) -> str:
     return head + body.getvalue()
 
 
-def figure(svg: str, csv_href: str, what: str) -> str:
-    """Return a chart in its scrolling box with the link to its data as CSV beside it."""
+def figure(svg: str, csv_href: str, what: str, download: str | None = None) -> str:
+    """Return a chart in its scrolling box with the link to its data as CSV beside it.
+
+    ``download`` names the file a ``data:`` link saves as (a file link keeps its name).
+    """
+    name = f"='{_esc(download)}'" if download else ""
     return (f"<figure><div class='scroll'>{svg}</div><figcaption><a href='{_esc(csv_href)}' "
-            f"download>Data behind this chart (CSV): {_esc(what)}</a></figcaption></figure>")
+            f"download{name}>Data behind this chart (CSV): {_esc(what)}</a></figcaption>"
+            "</figure>")
 
 
 def _field(value: Any, name: str, metric: str | None = None, digits: int = 4) -> str:

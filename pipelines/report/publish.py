@@ -23,7 +23,7 @@ from pipelines.report.data import ReportData
 from pipelines.report.funnels import build_funnel_templates, funnels_page
 from pipelines.report.methods import methods_page
 from pipelines.report.overview import index_page
-from pipelines.report.site import site_page
+from pipelines.report.site import series_files, site_page
 from pipelines.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def _network_pages(settings: Settings, data: ReportData) -> dict[str, str]:
                                 as_of=data.as_of))
     pages.update(data.files)  # the funnels' data, beside funnels.html
     data.files = {}
+    pages.update(series_files(data))  # the CUSUM paths of every site, for the site pages
     return pages
 
 
@@ -274,7 +275,8 @@ def write_report(settings: Settings, out_dir: Path | None = None,
     if ours:
         pages = set(writer.names)
         for stale in [*(out_dir / "sites").glob("*.html"), *(out_dir / "sites").glob("*.csv"),
-                      *out_dir.glob("funnel-*.csv"), *out_dir.glob("devices-*.csv")]:
+                      *out_dir.glob("funnel-*.csv"), *out_dir.glob("devices-*.csv"),
+                      *out_dir.glob("series-*.csv")]:
             if stale.relative_to(out_dir).as_posix() not in pages:
                 stale.unlink()
     log.info("report: %d pages written to %s", len(writer.names), out_dir)

@@ -6,15 +6,23 @@ usefulness: the cumulative observed-minus-expected (VLAD) chart with flag levels
 direction that signalled, the quarterly p-chart with its exact limit and the guidance range
 shaded, the CUSUMs (the signalling direction first), and a funnel plot with this site
 highlighted. Recent (last 12 months) and whole-history observed/expected stand side by side.
-Every chart links to its data as CSV, written beside the page.
+
+Every chart links to its data as CSV. The short ones (observed/expected, VLAD, p-chart: a
+few dozen rows) carry it in the page as a ``data:`` link that downloads as
+``<SITE>-<chart>.csv``; the long series (CUSUM and time-to-event paths) and the funnels link
+to one CSV per chart for the whole network, beside ``index.html``, whose ``site`` column
+picks the site's rows (:func:`series_files`). A thousand-site report is then about a
+thousand files instead of fourteen thousand, and each long series is formatted once for
+every site, not site by site (issue 11).
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from pipelines import evidence
-from pipelines.report.charts import cusum_svg, pchart_svg, tte_svg, vlad_svg
+from pipelines.report.charts import cusum_csv, cusum_svg, pchart_svg, tte_csv, tte_svg, vlad_svg
 from pipelines.report.common import (
     METHOD_NAMES,
     _esc,
@@ -151,8 +159,32 @@ def _flag_levels(m: dict[str, Any], direction: str) -> list[tuple[str, float]]:
     return chosen[:3]
 
 
+def series_csv_name(key: str) -> str:
+    """Return the file name of a CUSUM's or time-to-event CUSUM's data for every site
+    (beside ``index.html``); ``key`` is the run's chart key (``metric:method:direction``,
+    or ``metric:tte``)."""
+    return "series-" + key.replace(":", "-") + ".csv"
+
+
+def series_files(data: ReportData) -> dict[str, str]:
+    """Return ``{file name: CSV}`` of every CUSUM and time-to-event chart of the run, all
+    sites in one file each (the site pages' charts link to them)."""
+    charts = data.result.charts
+    out = {}
+    for key, chart in sorted(charts.get("cusum", {}).items()):
+        text = cusum_csv(chart)
+        if text is not None:
+            out[series_csv_name(key)] = text
+    for metric_id, chart in sorted(charts.get("tte", {}).items()):
+        text = tte_csv(chart)
+        if text is not None:
+            out[series_csv_name(f"{metric_id}:tte")] = text
+    return out
+
+
 class _Figures:
-    """Charts of one page with their CSV files (registered in ``data.files``)."""
+    """Charts of one page with their data: short tables inside the page as ``data:``
+    links, long series as links to the network's file (:func:`series_files`)."""
 
     def __init__(self, data: ReportData, site_id: str) -> None:
         self.data, self.site_id, self.parts = data, site_id, []
@@ -161,9 +193,17 @@ class _Figures:
         if drawn is None:
             return
         svg, headers, rows = drawn
-        name = f"{self.site_id}-{slug}.csv"
-        self.data.files[f"sites/{name}"] = csv_text(headers, rows)
-        self.parts.append(figure(svg, name, what))
+        # base64, not percent-encoding: one C call, and the page stays plain ASCII
+        href = "data:text/csv;charset=utf-8;base64," + base64.b64encode(
+            csv_text(headers, rows).encode("utf-8")).decode("ascii")
+        self.parts.append(figure(svg, href, what, download=f"{self.site_id}-{slug}.csv"))
+
+    def add_series(self, svg: str | None, key: str, what: str) -> None:
+        if svg is None:
+            return
+        self.parts.append(figure(svg, "../" + series_csv_name(key),
+                                 f"{what} (every site; this site's rows have site "
+                                 f"{self.site_id})"))
 
 
 def site_page(data: ReportData, site_id: str) -> str:
@@ -251,14 +291,13 @@ def _metric_section(data: ReportData, site_id: str, m: dict[str, Any], payload, 
     for key, chart in cusums:
         name = METHOD_NAMES.get(chart["method"], chart["method"])
         way = "more events (up)" if chart["direction"] == "up" else "fewer events (down)"
-        slug = key.replace(":", "-")
-        figures.add(cusum_svg(chart, site_id, f"{site_id} {label}: {name}, {way}",
-                              data.cusum_series(key)),
-                    slug, f"{site_id} {label}, {name} {chart['direction']}")
+        figures.add_series(cusum_svg(chart, site_id, f"{site_id} {label}: {name}, {way}",
+                                     data.cusum_series(key)),
+                           key, f"{site_id} {label}, {name} {chart['direction']}")
     if metric_id in charts.get("tte", {}):
-        figures.add(tte_svg(charts["tte"][metric_id], site_id,
-                            f"{site_id} {label}: time-to-event CUSUM, more events (up)"),
-                    f"{metric_id}-tte", f"{site_id} {label}, time-to-event CUSUM")
+        figures.add_series(tte_svg(charts["tte"][metric_id], site_id,
+                                   f"{site_id} {label}: time-to-event CUSUM, more events (up)"),
+                           f"{metric_id}:tte", f"{site_id} {label}, time-to-event CUSUM")
     for window in FUNNEL_WINDOWS:
         template = data.funnel_templates.get((metric_id, window))
         if template is None or (window == "rolling" and m["status"] not in evidence.FLAGGED):
