@@ -564,3 +564,27 @@ def test_report_funnel_curves_equal_the_monitors(mode):
             for key, value in theirs.items():
                 assert np.array_equal(ours[key], value, equal_nan=True), (p0, n_max, key)
                 assert ours[key].tobytes() == value.tobytes(), (p0, n_max, key)
+
+
+def test_series_files_are_tidy_and_refuse_malformed_site_ids():
+    from pipelines.errors import ExternalSystemError
+    from pipelines.report.charts import cusum_csv, tte_csv
+
+    chart = dict(sites=["S001", "S002"], group=np.array([0, 0, 1]),
+                 day=np.array([19000, 19001, 19001]), statistic=np.array([0.5, 1e-5, 2.0]),
+                 signal=np.array([False, False, True]), h=4.0, h_sites=np.array([3.25, np.nan]))
+    rows = list(csv.reader(io.StringIO(cusum_csv(chart), newline="")))
+    # the site's own threshold, else the chart's; statistics rounded to 5 decimals
+    assert rows == [["site", "date", "statistic", "signal", "threshold_h"],
+                    ["S001", "2022-01-08", "0.5", "0", "3.25"],
+                    ["S001", "2022-01-09", "0.00001", "0", "3.25"],
+                    ["S002", "2022-01-09", "2", "1", "4"]]
+    tte = {"series": {"S001": {"day": [19000], "statistic": [0.123456789], "h": None},
+                      "S002": {"day": [], "statistic": [], "h": 2.0}}}
+    assert tte_csv(tte) == "site,date,statistic,threshold_h\r\nS001,2022-01-08,0.12346,\r\n"
+    # ids are written unquoted: one that could run as a formula is refused, not written
+    for bad in ("=1+2", "S0,1"):
+        with pytest.raises(ExternalSystemError, match="malformed site id"):
+            cusum_csv({**chart, "sites": ["S001", bad]})
+        with pytest.raises(ExternalSystemError, match="malformed site id"):
+            tte_csv({"series": {bad: tte["series"]["S001"]}})

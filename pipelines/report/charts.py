@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.errors import ExternalSystemError
 from pipelines.evidence import MonthSeries
-from pipelines.report.common import CsvBody, _esc, _pct, rounded_texts
+from pipelines.report.common import SITE_RE, CsvBody, _esc, _pct, rounded_texts
 from pipelines.report.svgplot import EPOCH, Chart, decimate
 
 # Rates below this are "rare": their funnel is drawn as observed against expected counts,
@@ -282,6 +283,16 @@ def _csv_of(columns: dict[str, Any]) -> str:
     return sink.getvalue().to_pybytes().decode("ascii")
 
 
+def _checked_sites(sites) -> np.ndarray:
+    """Return a chart's site ids as an array, after checking each has the contract's form
+    (they are written unquoted and unprefixed)."""
+    bad = [site for site in sites if not SITE_RE.match(str(site))]
+    if bad:
+        raise ExternalSystemError(f"a stored chart holds a malformed site id {bad[0]!r}; "
+                                  "not writing its data")
+    return np.asarray(sites, dtype=object)
+
+
 def _series_columns(sites, days: np.ndarray, stat: np.ndarray) -> dict[str, Any]:
     """Return the ``site``, ``date`` and ``statistic`` columns of a chart's series."""
     import pyarrow as pa
@@ -311,7 +322,7 @@ def cusum_csv(chart: dict[str, Any]) -> str | None:
     group = np.asarray(chart["group"], dtype="int64")
     if not len(group):
         return None
-    sites = np.asarray(chart["sites"], dtype=object)
+    sites = _checked_sites(chart["sites"])
     default = chart.get("h")
     h = np.full(len(sites), np.nan if default is None else float(default))
     own = np.asarray(chart.get("h_sites", []), dtype=float)[:len(sites)]
@@ -330,7 +341,7 @@ def tte_csv(chart: dict[str, Any]) -> str | None:
         return None
     sizes = [len(s["day"]) for _, s in parts]
     columns = _series_columns(
-        np.repeat(np.asarray([site for site, _ in parts], dtype=object), sizes),
+        np.repeat(_checked_sites([site for site, _ in parts]), sizes),
         np.concatenate([np.asarray(s["day"]) for _, s in parts]),
         np.concatenate([np.asarray(s["statistic"], dtype=float) for _, s in parts]))
     columns["threshold_h"] = _threshold_column(np.repeat(
