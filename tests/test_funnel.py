@@ -135,3 +135,49 @@ def test_empty_sites_get_nan_not_errors():
 def test_bad_counts_are_refused():
     with pytest.raises(ValueError):
         funnel(np.array([5]), np.array([3]), 0.11)
+
+
+def _scipy_stats_limit(n, p0, q):
+    """The interpolated limit through the public ``scipy.stats.binom`` (the reference)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = stats.binom.ppf(q, n, p0)
+        f_r = stats.binom.cdf(r, n, p0)
+        step = f_r - stats.binom.cdf(r - 1, n, p0)
+        alpha = np.where(step > 0, (f_r - q) / np.where(step > 0, step, 1.0), 0.0)
+        limit = np.clip((r - alpha) / n, 0.0, 1.0)
+    return np.where(n > 0, limit, np.nan)
+
+
+def test_limits_are_scipy_stats_binom_bit_for_bit():
+    # The limits are evaluated by the ufuncs behind scipy.stats.binom (so the report need
+    # not import scipy.stats); they must be its values exactly, at every size and rate.
+    rng = np.random.default_rng(11)
+    sizes = np.concatenate([[0.0, 1.0, 2.0, 7.0], np.round(10.0 ** rng.uniform(0, 4.7, 400))])
+    rates = [0.0001, 1 / 360, 0.09, 0.11, 0.23, 0.5, 0.9999, *10.0 ** rng.uniform(-4, -0.05, 20)]
+    for p0 in rates:
+        for q in (0.0005, 0.001, 0.025, 0.975, 0.999, 0.9995):
+            ours, reference = binomial_limits(sizes, p0, q), _scipy_stats_limit(sizes, p0, q)
+            assert ours.tobytes() == reference.tobytes(), (p0, q)
+
+
+@pytest.mark.parametrize("mode", ["multiplicative", "additive"])
+def test_overdispersed_curves_use_the_normal_quantile(mode):
+    curves = funnel_curves(0.11, 2000, coverages=(0.998,), phi=2.5, tau2=0.0004,
+                           overdispersion=mode)
+    n = curves["n"]
+    s2 = 0.11 * 0.89 / n
+    spread = np.sqrt(2.5 * s2) if mode == "multiplicative" else np.sqrt(s2 + 0.0004)
+    upper = np.clip(0.11 + stats.norm.isf(0.001) * spread, 0, 1)
+    assert curves["upper_99.8"].tobytes() == upper.tobytes()
+
+
+def test_the_report_draws_funnels_without_importing_scipy_stats():
+    # The report draws every funnel before its workers fork: an import there is paid serially.
+    import subprocess
+    import sys
+
+    code = ("import sys; import pipelines.report.charts as c; "
+            "c.funnel_curves(0.11, 500); print('scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"

@@ -542,30 +542,6 @@ def test_rounded_chart_cells_read_as_repr_of_the_rounded_value():
         assert rounded_texts(np.asarray(values), digits) == expected
 
 
-@pytest.mark.parametrize("mode", ["none", "multiplicative", "additive"])
-def test_report_funnel_curves_equal_the_monitors(mode):
-    # The report draws funnels before its workers fork without importing scipy.stats; its
-    # curves must be the monitor's, bit for bit, wherever a funnel can be drawn.
-    from pipelines.report.charts import funnel_curves
-    from pipelines.surveillance import funnel
-
-    rng = np.random.default_rng(11)
-    cases = [(0.09, 300.0, 1.0), (0.004, 5000.0, 12.0), (0.5, 40.0, 1.0), (0.9999, 80.0, 3.0)]
-    cases += [(float(p), float(n), float(m)) for p, n, m in zip(
-        10.0 ** rng.uniform(-4, -0.05, 40), 10.0 ** rng.uniform(0.5, 4.5, 40),
-        rng.uniform(0.5, 30, 40), strict=True)]
-    for p0, n_max, n_min in cases:
-        for coverages, phi in (((0.95, 0.998), 1.0), ((0.998,), 2.7), ((0.9999,), 1.3)):
-            ours = funnel_curves(p0, n_max, n_min=n_min, coverages=coverages, phi=phi,
-                                 overdispersion=mode)
-            theirs = funnel.funnel_curves(p0, n_max, n_min=n_min, coverages=coverages,
-                                          phi=phi, overdispersion=mode)
-            assert ours.keys() == theirs.keys()
-            for key, value in theirs.items():
-                assert np.array_equal(ours[key], value, equal_nan=True), (p0, n_max, key)
-                assert ours[key].tobytes() == value.tobytes(), (p0, n_max, key)
-
-
 def test_series_files_are_tidy_and_refuse_malformed_site_ids():
     from pipelines.errors import ExternalSystemError
     from pipelines.report.charts import cusum_csv, tte_csv

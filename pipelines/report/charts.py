@@ -25,6 +25,7 @@ from pipelines.errors import ExternalSystemError
 from pipelines.evidence import MonthSeries
 from pipelines.report.common import SITE_RE, CsvBody, _esc, _pct, rounded_texts
 from pipelines.report.svgplot import EPOCH, Chart, decimate
+from pipelines.surveillance.exact_limits import funnel_curves
 
 # Rates below this are "rare": their funnel is drawn as observed against expected counts,
 # since a proportion axis would show a line of zeros.
@@ -437,63 +438,6 @@ def funnel_svg(chart: dict[str, Any], label: str, classes: dict[str, str],
     """
     template = funnel_template(chart, label, classes, highlight is not None)
     return template.for_site(highlight) if highlight else template.svg
-
-
-def _binomial_limits(n: np.ndarray, p0: float, probability: float) -> np.ndarray:
-    """Return :func:`pipelines.surveillance.funnel.binomial_limits` for whole ``n >= 1``,
-    bit for bit (tested), through the ufuncs behind ``scipy.stats.binom``.
-
-    The site pages' funnels are drawn before the worker processes fork, so whatever they
-    import is paid serially: ``scipy.stats`` (with the monitor's funnel module, statsmodels
-    and pandas) takes 1-2 s to import on a loaded machine, the binomial ufuncs nothing.
-    ``stats.binom.ppf`` and ``.cdf`` call the same ufuncs for these arguments (0 < q < 1,
-    0 < p0 < 1, n whole); ``cdf`` is 0 below the support and 1 from ``n`` on.
-    """
-    import scipy.special._ufuncs as binom_ufuncs  # what scipy.stats.binom evaluates with
-
-    def cdf(k: np.ndarray) -> np.ndarray:
-        out = np.where(k >= n, 1.0, 0.0)
-        inside = (k >= 0) & (k < n)
-        out[inside] = np.clip(binom_ufuncs._binom_cdf(np.floor(k[inside]), n[inside], p0),
-                              0, 1)
-        return out
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = binom_ufuncs._binom_ppf(probability, n, p0) + 0.0
-        f_r = cdf(r)
-        f_below = cdf(r - 1)
-        step = f_r - f_below
-        alpha = np.where(step > 0, (f_r - probability) / np.where(step > 0, step, 1.0), 0.0)
-        limit = (r - alpha) / n
-    return np.clip(limit, 0.0, 1.0)
-
-
-def funnel_curves(p0: float, n_max: float, *, n_min: float = 1, n_points: int = 200,
-                  coverages=(0.95, 0.998), phi: float = 1.0,
-                  overdispersion: str = "none") -> dict[str, np.ndarray]:
-    """Return :func:`pipelines.surveillance.funnel.funnel_curves` with ``tau2 = 0``, the
-    same arrays without importing ``scipy.stats`` (see :func:`_binomial_limits`; tested
-    equal)."""
-    from scipy import special
-
-    if not 0 < p0 < 1:
-        raise ValueError("p0 must be strictly between 0 and 1")
-    grid = np.unique(np.round(np.geomspace(max(1, n_min), max(n_min, n_max), n_points)))
-    curves = {"n": grid}
-    for coverage in coverages:
-        tail = (1.0 - coverage) / 2.0
-        label = f"{100 * coverage:g}"
-        if overdispersion == "none":
-            lower = _binomial_limits(grid, p0, tail)
-            upper = _binomial_limits(grid, p0, 1.0 - tail)
-        else:  # the funnel's normal limits, variance phi * p0 (1 - p0) / n (additive: tau2 0)
-            z_q = -special.ndtri(tail)  # stats.norm.isf(tail)
-            s2 = p0 * (1.0 - p0) / grid
-            spread = np.sqrt(phi * s2) if overdispersion == "multiplicative" else np.sqrt(s2)
-            lower = np.clip(p0 - z_q * spread, 0.0, 1.0)
-            upper = np.clip(p0 + z_q * spread, 0.0, 1.0)
-        curves[f"lower_{label}"], curves[f"upper_{label}"] = lower, upper
-    return curves
 
 
 def funnel_template(chart: dict[str, Any], label: str, classes: dict[str, str],

@@ -61,6 +61,9 @@ import numpy as np
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+# The limits live in a light module the report shares (one implementation, no scipy.stats).
+from pipelines.surveillance.exact_limits import binomial_limits, coverage_limits, funnel_curves
+
 __all__ = [
     "FdrResult",
     "FunnelResult",
@@ -115,23 +118,6 @@ class FdrResult:
     q_values: np.ndarray
     alpha: float
     method: str
-
-
-def binomial_limits(n, p0: float, probability: float) -> np.ndarray:
-    """Return the interpolated exact binomial limit (as a proportion) at tail ``probability``."""
-    n = np.asarray(n, dtype=float)
-    _check_p0(p0)
-    if not 0 < probability < 1:
-        raise ValueError("probability must be strictly between 0 and 1")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = stats.binom.ppf(probability, n, p0)
-        f_r = stats.binom.cdf(r, n, p0)
-        f_below = stats.binom.cdf(r - 1, n, p0)
-        step = f_r - f_below
-        alpha = np.where(step > 0, (f_r - probability) / np.where(step > 0, step, 1.0), 0.0)
-        limit = (r - alpha) / n
-    limit = np.clip(limit, 0.0, 1.0)
-    return np.where(n > 0, limit, np.nan)
 
 
 def exact_binomial_pvalues(events, n, p0: float):
@@ -199,7 +185,7 @@ def funnel(
             z_adjusted = z.copy()
     limits, above, below = {}, {}, {}
     for coverage in coverages:
-        lower, upper = _limits(n, p0, coverage, mode, od)
+        lower, upper = coverage_limits(n, p0, coverage, mode, od.phi, od.tau2)
         limits[coverage] = (lower, upper)
         above[coverage] = proportion > upper
         below[coverage] = proportion < lower
@@ -223,33 +209,6 @@ def funnel(
     )
 
 
-def funnel_curves(
-    p0: float,
-    n_max: float,
-    *,
-    n_min: float = 1,
-    n_points: int = 200,
-    coverages=(0.95, 0.998),
-    phi: float = 1.0,
-    tau2: float = 0.0,
-    overdispersion: str = "none",
-) -> dict[str, np.ndarray]:
-    """Return the funnel curves for plotting: key ``"n"`` and ``"lower_<c>"``/``"upper_<c>"``.
-
-    The grid is geometric from ``n_min`` to ``n_max`` (whole numbers, de-duplicated) and the
-    coverage label is the percentage, e.g. ``upper_99.8``.
-    """
-    grid = np.unique(np.round(np.geomspace(max(1, n_min), max(n_min, n_max), n_points)))
-    od = Overdispersion(phi=phi, tau2=tau2, n_sites=0, overdispersed=overdispersion != "none")
-    curves = {"n": grid}
-    for coverage in coverages:
-        lower, upper = _limits(grid, p0, coverage, overdispersion, od)
-        label = f"{100 * coverage:g}"
-        curves[f"lower_{label}"] = lower
-        curves[f"upper_{label}"] = upper
-    return curves
-
-
 def false_discovery_control(pvalues, alpha: float = 0.05, method: str = "fdr_bh") -> FdrResult:
     """Apply ``multipletests(method=...)`` to all finite p-values; NaN entries are never rejected."""
     pvalues = np.asarray(pvalues, dtype=float)
@@ -267,22 +226,6 @@ def false_discovery_control(pvalues, alpha: float = 0.05, method: str = "fdr_bh"
         alpha=float(alpha),
         method=method,
     )
-
-
-def _limits(n, p0, coverage, mode, od):
-    if not 0 < coverage < 1:
-        raise ValueError("coverage must be strictly between 0 and 1")
-    tail = (1.0 - coverage) / 2.0
-    n = np.asarray(n, dtype=float)
-    if mode == "none":
-        return binomial_limits(n, p0, tail), binomial_limits(n, p0, 1.0 - tail)
-    z_q = stats.norm.isf(tail)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        s2 = p0 * (1.0 - p0) / n
-        spread = np.sqrt(od.phi * s2) if mode == "multiplicative" else np.sqrt(s2 + od.tau2)
-    lower = np.where(n > 0, np.clip(p0 - z_q * spread, 0.0, 1.0), np.nan)
-    upper = np.where(n > 0, np.clip(p0 + z_q * spread, 0.0, 1.0), np.nan)
-    return lower, upper
 
 
 def _check_counts(events, n) -> None:
