@@ -450,8 +450,8 @@ def test_views_return_rows(db_url, settings_for):
 @pytest.mark.parametrize(("leak", "seed"), [({"S004": 0.35}, 2), ({}, 11)])
 def test_funnel_plot_draws_the_limits_the_engine_decided_with(sqlite_url, settings_for, leak,
                                                               seed):
-    from pipelines.surveillance import funnel
     from pipelines.surveillance.engine import evaluate
+    from pipelines.surveillance.exact_limits import coverage_limits
 
     build_sites(make_engine(sqlite_url), sites=6, per_site=300, leak=leak, seed=seed)
     result = evaluate(settings_for(sqlite_url))
@@ -459,15 +459,13 @@ def test_funnel_plot_draws_the_limits_the_engine_decided_with(sqlite_url, settin
     for chart in result.charts["funnel"].values():
         mode = chart["overdispersion_mode"]
         modes.add(mode)
-        od = funnel.Overdispersion(phi=chart["phi"], tau2=0.0, n_sites=0,
-                                   overdispersed=mode != "none")
         for m in result.site_metrics:
             stored = (m.get("funnel") or {}).get(chart["window"])
             if m["metric"] != chart["metric"] or not stored or not stored["n"]:
                 continue
             # the curve the report draws, evaluated at this site's n, is the engine's limit
-            lower, upper = funnel._limits(np.array([stored["n"]], float), chart["p0"],
-                                          chart["limit"], mode, od)
+            lower, upper = coverage_limits(np.array([stored["n"]], float), chart["p0"],
+                                           chart["limit"], mode, chart["phi"])
             assert upper[0] == pytest.approx(stored["upper"]), (chart["metric"], m["site_id"])
             assert lower[0] == pytest.approx(stored["lower"]), (chart["metric"], m["site_id"])
         svg = report_module.funnel_svg(chart, "t", {})
