@@ -18,8 +18,11 @@ a second run that reads the designed thresholds instead of computing them again.
   floor); peak memory is the child's ``ru_maxrss`` from ``os.wait4`` (imports included).
   First run: thresholds computed and stored; second run, a fresh process: read.
 
-Per run it prints the seconds of each step (read, compute, store, beyond_site) and the
-process's peak RSS after each (the step that raises it holds the peak), then the second
+Per run it prints the seconds of each step (read, compute, store, beyond_site: the operator
+and device charts, computed right after the read and stored after the site run) and the
+process's peak RSS after each (the step that raises it holds the peak; ``beyond_charts`` is
+the computing half of beyond_site), a digest of every table the run stored (clock columns
+left out: the warehouse is seeded, so two versions of the code can be compared), then the second
 run's compute step by metric and step (outcomes, risk_model, known_order, cusums, tte,
 funnel_prepare, pchart, rare; funnel_decide and grade across metrics).
 
@@ -117,7 +120,8 @@ def _after(name, step):
         finally:
             peaks[step] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     setattr(engine, name, wrapped)
-for name, step in (("load_snapshot", "read"), ("compute", "compute"), ("_persist", "store"),
+for name, step in (("load_snapshot", "read"), ("prepare_beyond_site", "beyond_charts"),
+                   ("compute", "compute"), ("_persist", "store"),
                    ("run_beyond_site", "beyond_site")):
     _after(name, step)
 started = time.perf_counter()
@@ -126,9 +130,22 @@ seconds = time.perf_counter() - started
 fields = ("signal_key", "statistic", "threshold", "observed", "expected", "n", "detail")
 digest = hashlib.sha256(json.dumps([{k: s[k] for k in fields} for s in result.signals],
                                    default=str).encode()).hexdigest()
+# Everything the run stored (clock columns left out), so that two kyphowatch versions can
+# be checked for identical output on the same (seeded) warehouse.
+import sqlalchemy as sa
+from pipelines.db import make_engine
+stored = hashlib.sha256()
+with make_engine(sys.argv[1]).connect() as conn:
+    for table in ("monitor_run", "monitor_run_part", "signal", "chart_status",
+                  "site_month_metric", "level_episode", "operator_chart",
+                  "device_product_chart", "device_lot_test", "threshold_design"):
+        reflected = sa.Table(table, sa.MetaData(), autoload_with=conn)
+        columns = [c for c in reflected.c if c.name not in ("computed_at", "created_at", "id")]
+        rows = sorted(repr(tuple(row)) for row in conn.execute(sa.select(*columns)))
+        stored.update(f"{table}:{len(rows)}:".encode() + "\n".join(rows).encode())
 print(json.dumps({"seconds": seconds, "signals": len(result.signals), "digest": digest,
                   "timings": result.timings, "compute_timings": result.compute_timings,
-                  "peak_mb_after": peaks,
+                  "peak_mb_after": peaks, "stored_digest": stored.hexdigest()[:16],
                   "thresholds": result.thresholds,
                   "computed_in_process": threshold_store.computations()}))
 """
@@ -205,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':44}   steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in run["timings"].items()))
         print(f"{'':44}   peak MB after: " + ", ".join(
             f"{k} {v:.0f}" for k, v in run["peak_mb_after"].items()))
+        print(f"{'':44}   digest of the stored tables: {run['stored_digest']}")
     print()
     print("compute step of the second run, seconds by metric and step (nested: a metric's "
           "total includes its steps):")

@@ -460,16 +460,20 @@ class _Computation:
                 # Only the columns the fit reads: the mature rows are copied.
                 mature_units = everyone[["y", "index_day", *COVARIATES]].loc[is_mature]
                 training = self._risk_training(metric, mature_units)
+                before_quarter = training is not mature_units
+                # Freed before the fit when the training rows are a copy of them: the
+                # three frames at once were a first run's peak memory.
+                del mature_units
                 model = fitted_risk_model(metric.id, training.reset_index(drop=True), p0,
                                           min_events=self.profile.design.risk_min_events)
                 self.models[metric.id] = model.to_dict()
-                if training is not mature_units:
+                if before_quarter:
                     self.models[metric.id]["trained_on"] = (
                         f"units known before {day_to_date(design_day(self.as_of_day))}")
                     # The RA-CUSUM's h is simulated over the training case mix: one design
                     # (and one stored h) per quarter, however many days are added to it.
                     self.design_risks[metric.id] = model.predict(training)
-                del mature_units, training
+                del training
                 # A unit's risk depends on its own covariates only: predicted once for all.
                 all_risk = model.predict(everyone)
                 expected_risk = all_risk[is_mature]

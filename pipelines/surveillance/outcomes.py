@@ -483,7 +483,7 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
     }
     del tie, day
     extras = None
-    if extra_rows is not None:
+    if extra_rows:  # none asked for: Snapshot.extras stays None (their reader reads them)
         extras = pd.DataFrame({name: pd.Categorical.from_codes(values.codes[order],
                                                                dtype=values.dtype)
                                for name, values in extra_rows.items()}, copy=False)
