@@ -3,6 +3,7 @@ and an in-process fallback when it is gone (the audit is never skipped)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -137,6 +138,37 @@ def test_a_forked_helper_leaves_the_parents_database_connection_alone(pg_url):
     finally:
         gxaudit._stop()
         engine.dispose()
+
+
+def test_a_forked_helper_does_not_write_through_the_parents_log_handlers(tmp_path):
+    import shutil
+
+    frame, parameters = _frame_and_parameters()
+    _single_threaded()
+    # A suite directory this process has not built: the helper builds its GX context anew,
+    # which GX logs at INFO.
+    suites = str(shutil.copytree(EXPECTATIONS, tmp_path / "expectations"))
+    handler = logging.FileHandler(tmp_path / "parent.log")
+    handler.setFormatter(logging.Formatter("%(process)d %(name)s %(message)s"))
+    root, gx_logger = logging.getLogger(), logging.getLogger("great_expectations")
+    levels = root.level, gx_logger.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    gx_logger.setLevel(logging.INFO)  # GX logs its context set-up at INFO
+    try:
+        gxaudit.prestart(suites, PROCEDURES)
+        helper = gxaudit._helper
+        assert helper.args[0] == "<fork>"
+        gxaudit.failing_rows(suites, PROCEDURES, frame, parameters)
+        logging.getLogger("pipelines.test").info("parent still logs")
+    finally:
+        gxaudit._stop()
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(levels[0])
+        gx_logger.setLevel(levels[1])
+    lines = (tmp_path / "parent.log").read_text().splitlines()
+    assert lines and {line.split()[0] for line in lines} == {str(os.getpid())}, lines
 
 
 def test_a_forked_child_starts_its_own_helper(helper):

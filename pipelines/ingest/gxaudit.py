@@ -21,7 +21,8 @@ Either way requests and answers are pickles over a pair of pipes between two pro
 this package (nothing else writes to them); the helper's stdout is moved to stderr so a
 library's print cannot corrupt the channel. A forked helper never runs this process's
 clean-up: it ignores the objects it inherited in garbage collection (so a database
-connection it inherited is never closed from there) and leaves with ``os._exit``. If the
+connection it inherited is never closed from there), drops the parent's log handlers and
+leaves with ``os._exit``. If the
 helper cannot be started or dies, the audit runs in this process instead (slower, same
 verdict): the audit is never skipped.
 """
@@ -147,6 +148,7 @@ def _fork(expectations_dir: str, kinds: tuple[str, ...]) -> _ForkedHelper:
             os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
             # The parent's unwritten stdout is the parent's to write; prints here go to stderr.
             sys.stdout = sys.stderr
+            _fresh_logging()
             _serve(os.fdopen(request_read, "rb"), os.fdopen(answer_write, "wb"),
                    expectations_dir, kinds)
             code = 0
@@ -208,6 +210,21 @@ def failing_rows(expectations_dir: str, kind: str, frame, parameters: dict) -> d
     from pipelines.ingest.validate import gx_runner
 
     return gx_runner(expectations_dir, kind).failing_rows(frame, parameters)
+
+
+def _fresh_logging() -> None:
+    """Give a forked helper the logging of a new interpreter (warnings to stderr).
+
+    The parent's handlers are the parent's (a log file, an Airflow log channel): two
+    processes writing through them could interleave records. They are dropped, not closed.
+    """
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        logger.handlers = []
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def _serve(requests, answers, expectations_dir: str, kinds) -> None:
