@@ -1,7 +1,8 @@
 """Run the operator and device charts for one monitor run and store them (schema version 8).
 
-Called by :func:`pipelines.surveillance.engine.evaluate` after the site charts are stored, on
-the same snapshot. The chart tables (``operator_chart``, ``device_product_chart``,
+Called by :func:`pipelines.surveillance.engine.evaluate` on the same snapshot: computed right
+after the read (:func:`prepare_beyond_site`), stored after the site charts are stored
+(:func:`run_beyond_site`). The chart tables (``operator_chart``, ``device_product_chart``,
 ``device_lot_test``) hold the newest run per profile: a backfill for an earlier date leaves
 them alone, like the site's current picture.
 """
