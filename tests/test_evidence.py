@@ -87,3 +87,63 @@ def test_the_recent_interval_kernel_is_the_beta_quantile_bit_for_bit():
                           stats.beta.ppf(0.025, k[low], n[low] - k[low] + 1))
     assert np.array_equal(special.betaincinv(k[high] + 1, n[high] - k[high], 0.975),
                           stats.beta.ppf(0.975, k[high] + 1, n[high] - k[high]))
+
+
+def test_recent_complications_are_each_sites_newest_in_order(db_url, settings_for):
+    """The ranked rows equal a plain sort of every complication, ties included.
+
+    The query ranks only rows on or after a site's ``limit``-th newest date; many rows share
+    that date here, some sites have fewer rows than the limit, and one has none before
+    ``as_of``, so a cut that lost a tied row or a short site's rows would show.
+    """
+    import random
+
+    import sqlalchemy as sa
+
+    from pipelines.db import open_warehouse
+    from pipelines.schema import complication
+
+    rng = random.Random(11)
+    rows = []
+    for s, count in enumerate((0, 1, 3, 7, 25, 60)):
+        site = f"S{s:03d}"
+        for i in range(count):
+            rows.append({
+                "complication_id": f"c{rng.randrange(10**6):06d}-{site}-{i}",
+                "procedure_id": f"p-{site}-{i}", "site_id": site,
+                # few distinct dates: the limit-th newest date is shared by several rows
+                "event_date": date(2024, 1, 1) + timedelta(days=rng.randrange(6) * 30),
+                "event_type": rng.choice(["cement_leak", "new_fracture", "death"]),
+                "symptomatic": rng.random() < 0.3, "severity": rng.choice(["minor", "major"]),
+                "vertebral_level": rng.choice(["L1", "T12", None]),
+                "source_checksum": "x", "extract_ts": "2024-07-01T00:00:00",
+            })
+    rows.append({**rows[0], "complication_id": "late", "site_id": "S009",
+                 "event_date": date(2024, 12, 1)})  # after every as_of below
+    engine = open_warehouse(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(complication), rows)
+    engine.dispose()
+    settings = settings_for(db_url)
+
+    def expected(as_of, limit, site=None):
+        out: dict[str, list[dict]] = {}
+        for r in sorted((r for r in rows if (as_of is None or r["event_date"] <= as_of)
+                         and site in (None, r["site_id"])),
+                        key=lambda r: (r["site_id"], -r["event_date"].toordinal(),
+                                       r["event_type"], r["complication_id"])):
+            kept = out.setdefault(r["site_id"], [])
+            if len(kept) < limit:
+                kept.append({"event_date": r["event_date"].isoformat(),
+                             "event_type": r["event_type"], "severity": r["severity"],
+                             "symptomatic": r["symptomatic"],
+                             "vertebral_level": r["vertebral_level"]})
+        return out
+
+    for as_of in (None, date(2024, 6, 30), date(2024, 3, 15)):
+        for limit in (1, 4, 20):
+            got = evidence.recent_complications_by_site(settings, as_of, limit=limit)
+            assert got == expected(as_of, limit), (as_of, limit)
+    got = evidence.recent_complications_by_site(settings, date(2024, 6, 30), "S005", limit=20)
+    assert list(got) == ["S005"] and got == expected(date(2024, 6, 30), 20, "S005")
+    assert "S009" not in evidence.recent_complications_by_site(settings, date(2024, 6, 30))

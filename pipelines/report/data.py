@@ -66,6 +66,14 @@ def _newest_procedure_date(settings: Settings) -> date | None:
     return date.fromisoformat(str(value)[:10])
 
 
+def _recent_complications(settings: Settings, as_of: date | None
+                          ) -> tuple[date | None, dict[str, list[dict[str, Any]]]]:
+    """Return the date read (``as_of``, else the newest procedure date) and each site's
+    recent complications as of it."""
+    day = as_of or _newest_procedure_date(settings)
+    return day, evidence.recent_complications_by_site(settings, day)
+
+
 class ReportData:
     """Everything one report renders, gathered once."""
 
@@ -76,29 +84,28 @@ class ReportData:
         from pipelines.surveillance.runs import read_or_compute
 
         self.profile = load_profile(settings.profile_path)
-        # Recent complications (a window query over every complication) are read in a
+        # Recent complications (a window query over each site's newest ones) are read in a
         # thread while this thread decodes the stored run, and the site facts (the run's
         # stored deliveries and case mix, plus alerts and counts) while it reads the monthly
         # figures: their time is the database's, which runs with the GIL released (SQLite
         # and psycopg), and they return few rows. The monthly figures return many rows, and
         # fetching those in a thread would hand the GIL back and forth per row (slower than
         # reading them here). Complications start at once for the date the run will have
-        # (as_of, else the newest procedure) and are read again in the rare case the run's
-        # date differs (an empty warehouse).
+        # (as_of, else the newest procedure, found in that thread too: read_or_compute
+        # finds it again, but the main thread need not wait twice) and are read again in
+        # the rare case the run's date differs (an empty warehouse).
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="report-read") as pool:
-            guess = as_of or _newest_procedure_date(settings)
-            complications = pool.submit(evidence.recent_complications_by_site, settings, guess)
+            complications = pool.submit(_recent_complications, settings, as_of)
             self.result = read_or_compute(settings, self.profile, as_of)
             self.as_of = self.result.as_of
             facts = pool.submit(evidence.read_site_facts, settings, self.as_of,
                                 stored=self.result.procedure_facts)
-            if self.as_of != guess:
-                complications = pool.submit(evidence.recent_complications_by_site, settings,
-                                            self.as_of)
             self.quality = data_quality(settings)
             # Monthly figures the monitor stored with this run: sparklines, VLAD, recent O/E.
             self.months = (evidence.monthly_figures(settings, self.result.run_key,
                                                     self.profile.name) if self.as_of else {})
+            if complications.result()[0] != self.as_of:
+                complications = pool.submit(_recent_complications, settings, self.as_of)
             self.labels = {m.id: m.label for m in self.profile.metrics}
             self.metric_ids = [m.id for m in self.profile.metrics]
             self.metrics = {m.id: m for m in self.profile.metrics}
@@ -108,7 +115,7 @@ class ReportData:
             self.funnel_class = self._funnel_classes()
             self.facts = facts.result()
             self.evidence = evidence.Evidence(self.result, self.profile, self.facts,
-                                              complications.result())
+                                              complications.result()[1])
             self.sites = self.evidence.sites
         self.recent_oe = evidence.recent_observed_expected(self.months)
         # CSV files written beside the pages: {relative path: text}
