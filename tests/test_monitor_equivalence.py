@@ -47,6 +47,53 @@ def test_covariate_patterns_equal_the_groupby(snapshot, metric_id):
     assert np.array_equal(grouped["count"].to_numpy(), counts)
 
 
+
+def _hashed_patterns(frame: pd.DataFrame, y: np.ndarray):
+    """covariate_patterns as it was: every term and the key coded by pd.factorize."""
+    key = np.zeros(len(frame), dtype=np.int64)
+    values = []
+    for term in risk_model.CANDIDATE_TERMS:
+        codes, distinct = pd.factorize(risk_model.term_values(frame, term), sort=True)
+        key = key * distinct.size + codes.astype(np.int64)
+        values.append(distinct)
+    inverse, keys = pd.factorize(key, sort=True)
+    columns = {}
+    rest = keys
+    for term, distinct in zip(reversed(risk_model.CANDIDATE_TERMS), reversed(values),
+                              strict=True):
+        columns[term] = distinct[rest % distinct.size]
+        rest = rest // distinct.size
+    return (pd.DataFrame({t: columns[t] for t in risk_model.CANDIDATE_TERMS}),
+            np.bincount(inverse, weights=y, minlength=len(keys)),
+            np.bincount(inverse, minlength=len(keys)))
+
+
+@pytest.mark.parametrize("variant", ["simulated", "wide_ages", "float_steroids",
+                                     "object_columns", "one_level", "one_row"])
+def test_counted_patterns_equal_the_hashed_ones(snapshot, variant):
+    """Counting codes (bincount) gives the hashed patterns, and so does every fallback."""
+    units = derive_outcomes(snapshot, PROFILE.metric("cement_leak"))
+    if variant == "wide_ages":  # a range too wide to count: hashed
+        units["age_years"] = units["age_years"] * (1 << 22) - (1 << 40)
+    elif variant == "float_steroids":  # not booleans: hashed
+        units["steroid_use"] = units["steroid_use"].astype(float)
+    elif variant == "object_columns":  # plain strings, not categoricals
+        for name in ("sex", "indication", "anaesthesia"):
+            units[name] = units[name].astype(object)
+    elif variant == "one_level":  # a term with one value, a level nobody has
+        units = units.loc[(units["sex"] == "F") & (units["anaesthesia"] == "local")]
+        units["sex"] = units["sex"].cat.remove_unused_categories()
+    elif variant == "one_row":
+        units = units.iloc[:1]
+    y = units["y"].to_numpy(float)
+    patterns, events, counts = risk_model.covariate_patterns(units, y)
+    expected_patterns, expected_events, expected_counts = _hashed_patterns(units, y)
+    assert len(patterns) > (0 if variant == "one_row" else 50)
+    assert np.array_equal(patterns.to_numpy(), expected_patterns.to_numpy())
+    assert patterns.dtypes.tolist() == expected_patterns.dtypes.tolist()
+    assert np.array_equal(events, expected_events)
+    assert np.array_equal(counts, expected_counts)
+
 def test_patient_units_equal_the_reindex(snapshot):
     procs = snapshot.procedures
     pair = (procs["site_code"].to_numpy(np.int64) * (int(procs["patient_code"].max()) + 1)

@@ -101,15 +101,16 @@ def covariate_patterns(frame: pd.DataFrame, y: np.ndarray
     """
     key = np.zeros(len(frame), dtype=np.int64)
     values: list[np.ndarray] = []
+    space = 1  # the number of possible keys: the product of the terms' distinct counts
     for term in CANDIDATE_TERMS:
-        # factorize (hashing) rather than np.unique (a sort of a million values a term)
-        codes, distinct = pd.factorize(term_values(frame, term), sort=True)
+        codes, distinct = _term_codes(frame, term)
         codes = codes.astype(np.int64, copy=False)
         if distinct.size and key.size and int(key.max()) > (2**62) // distinct.size:
             raise OverflowError("too many covariate patterns for a 64-bit key")
         key = key * distinct.size + codes
+        space *= max(distinct.size, 1)
         values.append(distinct)
-    inverse, keys = pd.factorize(key, sort=True)
+    inverse, keys = _sorted_factorize(key, space)
     units = np.bincount(inverse, minlength=len(keys))
     events = np.bincount(inverse, weights=y, minlength=len(keys))
     columns: dict[str, np.ndarray] = {}
@@ -119,6 +120,72 @@ def covariate_patterns(frame: pd.DataFrame, y: np.ndarray
         rest = rest // max(distinct.size, 1)
     patterns = pd.DataFrame({term: columns[term] for term in CANDIDATE_TERMS})
     return patterns, events, units.astype(np.int64)
+
+
+# Widest range of small integers coded by counting (np.bincount) rather than hashing.
+_COUNTED_RANGE = 1 << 22
+# Terms that are an integer column shifted and scaled (term_values): coded on the integers.
+_INTEGER_TERMS = {"age10": "age_years", "extra_levels": "levels_treated",
+                  "extra_balloon": "balloons"}
+
+
+def _counted_codes(values: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (codes in the order of the values, the distinct values) of integers in [0, space)."""
+    present = np.bincount(values, minlength=space) > 0
+    rank = np.cumsum(present) - 1
+    return rank[values], np.flatnonzero(present)
+
+
+def _sorted_factorize(values: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``pd.factorize(values, sort=True)`` of integers in [0, space).
+
+    Counting is a third of the time of hashing a million values when the range is small
+    (the covariate patterns' keys, a term's few values); a wide range is hashed.
+    """
+    if 0 < len(values) and space <= max(_COUNTED_RANGE, 4 * len(values)):
+        return _counted_codes(values, space)
+    return pd.factorize(values, sort=True)
+
+
+def _term_codes(frame: pd.DataFrame, term: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``pd.factorize(term_values(frame, term), sort=True)``, counted where it can be.
+
+    A 0/1 term is coded by its booleans, an integer term by its (shifted) integers; the
+    distinct values are made by :func:`term_values`' own arithmetic on the distinct integers,
+    so they are the same floats. Anything else (floats, missing values) is hashed as before.
+    """
+    source = _INTEGER_TERMS.get(term)
+    if source is not None:
+        integers = frame[source].to_numpy()
+        if integers.dtype.kind in "iu" and len(integers):
+            low, high = int(integers.min()), int(integers.max())
+            if high - low < _COUNTED_RANGE:
+                codes, distinct = _counted_codes((integers - low).astype(np.int64), high - low + 1)
+                return codes, term_values(pd.DataFrame({source: distinct + low}), term)
+    elif term != "steroid_use" or frame["steroid_use"].dtype == bool:
+        # a level's indicator (Series.eq gives booleans), or steroid_use read as booleans
+        flags = (_indicator(frame, term) if term != "steroid_use"
+                 else frame["steroid_use"].to_numpy())
+        if len(flags):
+            codes, distinct = _counted_codes(flags.astype(np.int64), 2)
+            return codes, distinct.astype(float)
+    # factorize (hashing) rather than np.unique (a sort of a million values a term)
+    return pd.factorize(term_values(frame, term), sort=True)
+
+
+def _indicator(frame: pd.DataFrame, term: str) -> np.ndarray:
+    """Return a level term's booleans (``term_values`` before the cast to float)."""
+    column, _, level = term.partition("_")
+    if term == "anaesthesia_general":
+        column, level = "anaesthesia", "general"
+    values = frame[column]
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        # on the codes: comparing a categorical to a string costs as much as the counting
+        categories = values.cat.categories
+        if level not in categories:
+            return np.zeros(len(values), dtype=bool)
+        return values.cat.codes.to_numpy() == categories.get_loc(level)
+    return values.eq(level).to_numpy(bool)
 
 
 @dataclass
