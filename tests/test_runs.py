@@ -84,3 +84,52 @@ def test_a_past_as_of_without_a_stored_run_is_computed_once_and_stored(sqlite_ur
     with make_engine(sqlite_url).connect() as conn:
         again = load_run(conn, profile, past)
     assert again.run_key == first.run_key
+
+
+def test_facts_aggregated_aside_and_parts_packed_in_a_thread_store_the_same_bytes(
+        db_url, settings_for, monkeypatch):
+    """The store's overlapped paths (facts on their own connection on PostgreSQL, zlib in a
+    worker thread) store every part byte for byte as the one-connection, serial store."""
+    import sqlalchemy as sa
+
+    from pipelines.schema import monitor_run_part
+    from pipelines.surveillance import runs
+
+    build_sites(make_engine(db_url), sites=4, per_site=400, leak={"S004": 0.3}, seed=5)
+    started = []
+
+    class Counted(runs.FactsInBackground):
+        def __init__(self, *args, **kwargs):
+            started.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "FactsInBackground", Counted)
+    result = run_monitor(settings_for(db_url))
+    assert len(started) == (1 if db_url.startswith("postgresql") else 0)
+    engine = make_engine(db_url)
+    select = sa.select(monitor_run_part.c.part, monitor_run_part.c.payload).order_by(
+        monitor_run_part.c.part)
+    with engine.connect() as conn:
+        overlapped = [(part, bytes(payload)) for part, payload in conn.execute(select)]
+    # the same run stored again the serial way: facts in the transaction, parts one by one
+    # (as it stood when the monitor stored it: not yet persisted, its seconds not yet known)
+    result.procedure_facts, result.persisted, result.seconds = None, False, 0.0
+    monkeypatch.setattr(runs, "_pack_all", lambda parts: [runs._pack(p) for p in parts])
+    with engine.begin() as conn:
+        runs.store_run(conn, result)
+    with engine.connect() as conn:
+        serial = [(part, bytes(payload)) for part, payload in conn.execute(select)]
+    assert len(overlapped) == 2 + 4 and overlapped == serial
+    facts = runs._unpack(dict(serial)["facts"])
+    assert sorted(facts["deliveries"]) == ["S001", "S002", "S003", "S004"]
+    assert facts["network_casemix"]["procedures"] == 1600
+
+
+def test_pack_all_equals_packing_part_by_part():
+    from pipelines.surveillance import runs
+
+    rng = np.random.default_rng(3)
+    parts = [{"day": np.arange(n), "statistic": np.round(rng.random(n), 5), "h": None}
+             for n in (0, 1, 700, 5000, 20, 3, 9, 11, 13, 2000, 1)]
+    assert runs._pack_all(parts) == [runs._pack(p) for p in parts]
+    assert runs._pack_all([]) == []

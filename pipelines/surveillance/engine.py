@@ -94,7 +94,7 @@ from pipelines.surveillance.risk_model import (
     fitted_risk_model,
     known_before_quarter,
 )
-from pipelines.surveillance.runs import MonitorResult, store_run
+from pipelines.surveillance.runs import FactsInBackground, MonitorResult, store_run
 
 log = logging.getLogger(__name__)
 
@@ -1394,6 +1394,11 @@ def _persist(engine: sa.Engine, result: MonitorResult, profile: Profile,
 
 def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile) -> None:
     now = datetime.now(UTC)
+    # PostgreSQL aggregates the run's procedure facts on another connection meanwhile
+    # (runs.FactsInBackground); SQLite in its own transaction, as before.
+    facts = (FactsInBackground(engine, result.as_of)
+             if result.procedure_facts is None and engine.dialect.name == "postgresql"
+             else None)
     with engine.begin() as conn:
         stored = conn.execute(
             sa.select(signal.c.signal_key, signal.c.first_seen_run, signal.c.signal_date).where(
@@ -1454,7 +1459,7 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile) ->
             )
         result.new_signal_keys = sorted(row["signal_key"] for row in inserts)
         _replace_current_picture(conn, result, profile)
-        store_run(conn, result)
+        store_run(conn, result, facts.result if facts is not None else None)
 
 
 def _retire_replaced_profiles(conn: sa.Connection, result: MonitorResult,

@@ -19,7 +19,10 @@ and PostgreSQL and readable without kyphowatch.
 from __future__ import annotations
 
 import json
+import threading
 import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
@@ -112,9 +115,33 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _encode(data: Any) -> bytes:
+    return json.dumps(data, default=_json_default, separators=(",", ":")).encode("utf-8")
+
+
 def _pack(data: Any) -> bytes:
-    return zlib.compress(json.dumps(data, default=_json_default, separators=(",", ":"))
-                         .encode("utf-8"), 6)
+    return zlib.compress(_encode(data), 6)
+
+
+# Parts compressed ahead of the one being encoded: bounds the JSON texts alive at once.
+_PACK_AHEAD = 8
+
+
+def _pack_all(parts: Iterable[Any]) -> list[bytes]:
+    """Return :func:`_pack` of each part, in order: the same bytes, in less time.
+
+    zlib releases the GIL while it compresses, so a worker thread compresses one part
+    while this thread encodes the next as JSON (which holds it): the two halves of the
+    store's packing (about 0.5 s each for the site parts of a 1M-procedure run) overlap
+    on a second core.
+    """
+    packed: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack") as pool:
+        for data in parts:
+            packed.append(pool.submit(zlib.compress, _encode(data), 6))
+            if len(packed) > _PACK_AHEAD:
+                packed[-_PACK_AHEAD - 1].result()
+        return [future.result() for future in packed]
 
 
 def _unpack(blob: bytes) -> Any:
@@ -243,21 +270,58 @@ def procedure_facts(conn: sa.Connection, as_of: date | None) -> dict[str, Any]:
             "network_casemix": {f: _rounded(network[f]) for f in CASEMIX_FIELDS}}
 
 
-def store_run(conn: sa.Connection, result) -> None:
+class FactsInBackground:
+    """:func:`procedure_facts` aggregated on a connection of its own, in a thread.
+
+    The aggregation is a scan of the procedure table in the PostgreSQL server (about 0.8 s
+    for 1M procedures), which the monitor waited for, idle; started before the store, it
+    runs while the store encodes and writes the run. It reads committed procedures, as
+    the monitor's own read did (the store's transaction writes none of them).
+    """
+
+    def __init__(self, engine: sa.Engine, as_of: date | None) -> None:
+        self._facts: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(engine, as_of),
+                                        name="procedure-facts", daemon=True)
+        self._thread.start()
+
+    def _run(self, engine: sa.Engine, as_of: date | None) -> None:
+        try:
+            with engine.connect() as conn:
+                self._facts = procedure_facts(conn, as_of)
+        except BaseException as error:  # raised in the caller by result()
+            self._error = error
+
+    def result(self) -> dict[str, Any]:
+        """Wait for the facts and return them (or raise what the aggregation raised)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._facts
+
+
+def store_run(conn: sa.Connection, result,
+              facts: Callable[[], dict[str, Any]] | None = None) -> None:
     """Store ``result`` under its run key (replacing an earlier copy of the same run).
 
     The per-site procedure facts are aggregated here, in the monitor's transaction, when
-    the result does not carry them yet.
+    the result does not carry them yet: by ``facts()`` when given (e.g.
+    :meth:`FactsInBackground.result`, asked for once every other part is packed), else on
+    ``conn``.
     """
     conn.execute(monitor_run_part.delete().where(monitor_run_part.c.run_key == result.run_key))
-    if result.procedure_facts is None:
+    if result.procedure_facts is None and facts is None:
         result.procedure_facts = procedure_facts(conn, result.as_of)
-    rows = [{"run_key": result.run_key, "part": CORE, "payload": _pack(_core(result))},
+    sites = sorted(_site_series(result).items())
+    payloads = _pack_all([_core(result), *(series for _, series in sites)])
+    if result.procedure_facts is None:
+        result.procedure_facts = facts()
+    rows = [{"run_key": result.run_key, "part": CORE, "payload": payloads[0]},
             {"run_key": result.run_key, "part": FACTS,
              "payload": _pack(result.procedure_facts)}]
-    for site, series in sorted(_site_series(result).items()):
-        rows.append({"run_key": result.run_key, "part": f"site:{site}",
-                     "payload": _pack(series)})
+    for (site, _), payload in zip(sites, payloads[1:], strict=True):
+        rows.append({"run_key": result.run_key, "part": f"site:{site}", "payload": payload})
     conn.execute(monitor_run_part.insert(), rows)
 
 
