@@ -7,6 +7,7 @@ SQLite and on the real PostgreSQL.
 from __future__ import annotations
 
 import hashlib
+import threading
 from datetime import date, timedelta
 
 import pytest
@@ -168,3 +169,63 @@ def test_empty_warehouse_gives_empty_frames(sqlite_url, as_of):
     snap = snapshot(engine, as_of)
     assert derive_outcomes(snap, PROFILE.metric("cement_leak")).empty
     assert sentinel_events(snap, PROFILE.metric("sentinel_event")).empty
+
+
+def test_a_read_in_many_small_batches_equals_one_batch(pg_url, monkeypatch):
+    """The COPY read ahead (a thread receives while batches are parsed) gives the same
+    snapshot whether the text arrives in one batch or in dozens."""
+    from pipelines.surveillance import outcomes
+
+    engine = make_engine(pg_url)
+    day = date(2023, 1, 1)
+    procs = [procedure_row(f"P{i:04d}", f"S{i % 7:03d}", day + timedelta(days=i % 300),
+                           patient=f"pt{i % 150}", age=60 + i % 30,
+                           sex="MF"[i % 2], mdt=i % 5 != 0) for i in range(600)]
+    comps = [complication_row(f"C{i:04d}", f"P{i * 3:04d}", f"S{i * 3 % 7:03d}",
+                              day + timedelta(days=i * 3 % 300 + 2)) for i in range(150)]
+    insert(engine, procs, comps)
+    one = snapshot(engine, AS_OF)
+    monkeypatch.setattr(outcomes, "READ_BATCH_BYTES", 500)
+    received = []
+    batches = outcomes._received_batches
+    monkeypatch.setattr(outcomes, "_received_batches",
+                        lambda stream: (received.append(len(b)) or b for b in batches(stream)))
+    many = snapshot(engine, AS_OF)
+    assert len(received) > 40 and max(received) < 1000
+    assert many.fingerprint == one.fingerprint
+    assert many.procedures.equals(one.procedures) and len(one.procedures) == 600
+    assert many.complications.equals(one.complications) and len(one.complications) == 150
+
+
+class _Stream:
+    """A COPY stream stand-in: hands out rows, then fails after ``fail_after`` if given."""
+
+    def __init__(self, rows: int, fail_after: int | None = None) -> None:
+        self.rows, self.fail_after, self.sent = rows, fail_after, 0
+
+    def read(self) -> bytes:
+        if self.fail_after is not None and self.sent == self.fail_after:
+            raise RuntimeError("connection lost")
+        if self.sent == self.rows:
+            return b""
+        self.sent += 1
+        return b"%d,row\n" % self.sent
+
+
+def test_received_batches_hand_over_every_row_errors_and_an_early_stop(monkeypatch):
+    from pipelines.surveillance import outcomes
+
+    monkeypatch.setattr(outcomes, "READ_BATCH_BYTES", 64)
+    text = b"".join(outcomes._received_batches(_Stream(1000)))
+    assert text == b"".join(b"%d,row\n" % i for i in range(1, 1001))
+    with pytest.raises(RuntimeError, match="connection lost"):
+        for _ in outcomes._received_batches(_Stream(1000, fail_after=500)):
+            pass
+    # a caller that stops after one batch: the receiving thread stops too
+    stream = _Stream(100_000)
+    batches = outcomes._received_batches(stream)
+    next(batches)
+    batches.close()
+    assert stream.sent < 100_000
+    assert not any(t.name == "copy-receive" and t.is_alive()
+                   for t in threading.enumerate())
