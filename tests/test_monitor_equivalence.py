@@ -141,3 +141,18 @@ def test_at_risk_by_bin_equals_the_matrix():
     shape = np.bincount(event_bin, minlength=n_bins) / at_risk
     expected = shape * (-np.log1p(-0.1) / float((shape * widths).sum()))
     assert np.array_equal(hazard, expected)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5000])
+def test_chart_order_equals_the_three_key_lexsort(rows):
+    from pipelines.surveillance.outcomes import _chart_order
+
+    rng = np.random.default_rng(rows)
+    site = rng.integers(0, 7, rows).astype(np.int64)
+    day = rng.integers(-400, 20000, rows).astype(np.int64)  # dates before 1970 too
+    # few distinct ties: equal (site, day, tie) rows keep their order in both
+    tie = rng.integers(0, 3, rows).astype(np.uint64) * np.uint64(2**63 + 5)
+    order = _chart_order(site, day, tie)
+    assert np.array_equal(order, np.lexsort((tie, day, site)))
+    if rows > 1:
+        assert len(np.unique(site * 100_000 + day)) < rows  # ties on (site, day) were there

@@ -354,6 +354,21 @@ def _sorted_codes(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return remap[codes] if len(codes) else codes.astype(np.int64), [uniques[i] for i in order]
 
 
+def _chart_order(site_code: np.ndarray, day: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """Return ``np.lexsort((tie, day, site_code))``: rows by site, day, then tie hash.
+
+    Site and day are one key (site x the days' span + day): a lexsort of two keys instead
+    of three, the same permutation (both stable), in about half the time for 1M rows.
+    """
+    if not len(day):
+        return np.lexsort((tie, day, site_code))
+    low, high = int(day.min()), int(day.max())
+    span = high - low + 1
+    if int(site_code.max()) >= (2**62) // span:  # cannot happen for real dates
+        return np.lexsort((tie, day, site_code))
+    return np.lexsort((tie, site_code * span + (day - low)))
+
+
 def snapshot_needs(profile: Profile) -> tuple[bool, list[str]]:
     """Return (whether a patient key is needed, the event types any numerator counts)."""
     needs_patient = any(m.denominator == "patient" for m in profile.metrics if m.kind == "outcome")
@@ -507,7 +522,7 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
     day = _days(col.pop("procedure_date")) if len(site_code) else np.zeros(0, np.int64)
     procedure_id = _id_strings(col.pop("procedure_id"))
     tie = _id_hashes(procedure_id)
-    order = np.lexsort((tie, day, site_code))
+    order = _chart_order(site_code, day, tie)
     sorted_ids = procedure_id.take(order)
     del procedure_id
     site_code = site_code[order]
