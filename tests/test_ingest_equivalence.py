@@ -217,3 +217,46 @@ def test_flagged_rows_are_audited_in_bounded_batches(monkeypatch):
     summary = audit.verify()
     assert summary["flagged"] == 500 and sum(calls) == 500
     assert max(calls) <= 50 + 100  # a batch is checked once it reaches the flush size
+
+
+def _text_frame_by_rows(records, columns, kind):
+    """The text frame as it was built before: rows transposed in Python, stripped by pandas."""
+    import pyarrow as pa
+
+    by_name = dict(zip(columns, zip(*records, strict=True), strict=True)) if records else {}
+    frame = pd.DataFrame({
+        spec.name: pd.Series(pa.array(by_name.get(spec.name, ("",) * len(records)),
+                                      type=pa.large_string()), dtype="str")
+        for spec in COLUMNS[kind]
+    })
+    return frame.apply(lambda column: column.str.strip())
+
+
+@pytest.mark.parametrize("kind", [PROCEDURES, COMPLICATIONS])
+def test_the_text_frame_is_the_one_built_row_by_row(kind):
+    from pipelines.ingest.validate import _text_frame
+
+    names = [spec.name for spec in COLUMNS[kind]]
+    optional = [spec.name for spec in COLUMNS[kind] if not spec.required]
+
+    @settings(max_examples=FUZZ_EXAMPLES * 2, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.data())
+    def check(data):
+        # a file may lack optional columns and order its columns as it likes
+        dropped = data.draw(st.sets(st.sampled_from(optional)))
+        columns = data.draw(st.permutations([n for n in names if n not in dropped]))
+        value = st.one_of(st.sampled_from(["", " ", " P1 ", "\u00a0S001\u2003", "\t2024-01-05\n",
+                                           "x" * 300]), text_value)
+        records = data.draw(st.lists(st.lists(value, min_size=len(columns),
+                                              max_size=len(columns)), max_size=30))
+        new = _text_frame(records, columns, kind)
+        old = _text_frame_by_rows(records, columns, kind)
+        pd.testing.assert_frame_equal(new, old, check_exact=True)
+        assert list(new.columns) == names and (new.dtypes == old.dtypes).all()
+        for name in names:  # the same Arrow type under the same pandas dtype
+            assert new[name].array._pa_array.type == old[name].array._pa_array.type
+
+    check()
+    with pytest.raises(ValueError, match="fields"):
+        _text_frame([["a"] * len(names), ["a"] * (len(names) - 1)], names, kind)

@@ -311,3 +311,39 @@ def test_a_file_rejected_for_its_bad_rows_is_audited_before_the_rejection(
     monkeypatch.undo()
     report = ingest.ingest_paths(settings, [path])  # the same file with a correct fast path
     assert report.files[0].status == "rejected" and "rows invalid" in report.files[0].reason
+
+
+def test_the_helper_freezes_what_gx_import_made_before_its_first_audit():
+    # The first full collection would otherwise walk all of GX's import (0.2-0.5 s of the
+    # first audit run, on a nightly file's critical path); frozen, it is never walked.
+    code = """if True:
+        import gc, io, os, pickle, sys
+        from datetime import date
+        from tests.ingest_helpers import PROC_HEADER, proc_row
+        from pipelines.ingest import gxaudit, validate
+        from pipelines.settings import load_settings
+        out = os.dup(sys.stdout.fileno())  # the helper sends its own stdout to stderr
+        rows = [proc_row("G1"), proc_row("B 2", age_years="7"), proc_row("B3", date="2024-02-30")]
+        records = [[row.get(name, "") for name in PROC_HEADER] for row in rows]
+        captured = {}
+        class Keep:
+            def add(self, checked, numbers, failing, parameters):
+                captured.update(frame=checked, parameters=parameters, fast=failing)
+        directory = load_settings({}).expectations_dir
+        validate.validate_chunk(records, [1, 2, 3], PROC_HEADER, "procedures", directory,
+                                date(2024, 2, 1), audit=Keep())
+        assert "great_expectations" not in sys.modules and gc.get_freeze_count() == 0
+        request = (str(directory), "procedures", captured["frame"], captured["parameters"])
+        answers = io.BytesIO()
+        gxaudit._serve(io.BytesIO(pickle.dumps(request)), answers, str(directory), ["procedures"])
+        status, answer = pickle.loads(answers.getvalue())
+        assert status == "ok" and answer == captured["fast"] and set(answer) == {1, 2}, answer
+        from great_expectations.validator.v1_validator import Validator
+        assert gc.get_freeze_count() > 100_000, gc.get_freeze_count()
+        assert gc.isenabled() and id(Validator) not in {id(o) for o in gc.get_objects()}
+        os.write(out, b"ok")
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"

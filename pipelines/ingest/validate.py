@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.contract import COLUMNS, FALSE_WORDS, TRUE_WORDS, ColumnSpec
 from pipelines.ingest.fastcheck import Audit, FastSuite, UnsupportedSuite
@@ -224,21 +226,33 @@ def fast_suite(expectations_dir: str, kind: str) -> FastSuite | None:
 
 
 def _text_frame(records: list[list[str]], columns: list[str], kind: str) -> pd.DataFrame:
+    """Return the chunk as stripped text columns (Arrow-backed ``str``), one per contract column.
+
+    The rows are laid end to end in one list and converted to Arrow once; each column is
+    then taken from it by stride, in C++. Transposing the rows in Python instead
+    (``zip(*records)``, one tuple per column) cost about as much as all the suite's rules
+    (1 s per 100,000 rows), and stripping is one call over the whole chunk. The result is
+    what pandas' own ``Series.str.strip`` of the ``str`` column gives (the same Arrow
+    kernel; tested against it).
+    """
+    rows, width = len(records), len(columns)
+    if set(map(len, records)) - {width}:  # the reader never yields such a chunk
+        raise ValueError(f"records must each have {width} fields")
+    with paused_gc():  # one flat list; its strings are not tracked by the collector
+        flat = list(itertools.chain.from_iterable(records))
     # Arrow-backed strings: vectorised string operations are several times faster.
-    with paused_gc():  # transposing builds one tuple per column from every row list
-        by_name = dict(zip(columns, zip(*records, strict=True), strict=True)) if records else {}
-    # pyarrow converts a tuple of str about 10x faster than pandas' own sequence path;
-    # the Series is the same (dtype "str", Arrow-backed).
-    frame = pd.DataFrame(
-        {
-            spec.name: pd.Series(
-                pa.array(by_name.get(spec.name, ("",) * len(records)), type=pa.large_string()),
-                dtype="str",
-            )
-            for spec in COLUMNS[kind]
-        }
-    )
-    return frame.apply(lambda column: column.str.strip())
+    text = pc.utf8_trim_whitespace(pa.array(flat, type=pa.large_string()))
+    del flat
+    position = {name: index for index, name in enumerate(columns)}
+    frame = {}
+    for spec in COLUMNS[kind]:
+        index = position.get(spec.name)
+        if index is None:  # an optional column the file lacks: empty text, as in the file
+            values = pa.array([""] * rows, type=pa.large_string())
+        else:
+            values = text.take(pa.array(np.arange(index, rows * width, width, dtype=np.int64)))
+        frame[spec.name] = pd.Series(values, dtype="str")
+    return pd.DataFrame(frame)
 
 
 def _derive(frame: pd.DataFrame, spec: ColumnSpec, checked: pd.DataFrame) -> None:
