@@ -124,6 +124,37 @@ def test_id_hashes_and_positions():
     assert _positions(strings, wanted).tolist() == [3, -1, 199_997]
 
 
+
+def test_hashed_positions_equal_the_string_match_and_fall_back_on_collisions(monkeypatch):
+    from pipelines.surveillance import outcomes
+
+    ids = np.array([f"S{i % 7:03d}-{i:06d}" for i in range(50_000)], dtype=object)
+    strings = _id_strings(ids)
+    rng = np.random.default_rng(8)
+    wanted = _id_strings(np.concatenate([ids[rng.integers(0, 50_000, 20_000)],
+                                         np.array(["missing", "S000-999999", ""],
+                                                  dtype=object)]))
+    expected = _positions(strings, wanted)
+    assert (expected == -1).sum() == 3
+    hashes = _id_hashes(strings)
+    assert np.array_equal(outcomes._hashed_positions(strings, hashes, wanted), expected)
+    fallbacks = []
+    string_match = outcomes._positions
+    monkeypatch.setattr(outcomes, "_positions",
+                        lambda *args: fallbacks.append(1) or string_match(*args))
+    # two procedure ids sharing a hash: the string match
+    shared = hashes.copy()
+    shared[10] = shared[11]
+    assert np.array_equal(outcomes._hashed_positions(strings, shared, wanted), expected)
+    assert len(fallbacks) == 1
+    # a wanted id matched by another id's hash: the string match
+    real_hashes = outcomes._id_hashes
+    monkeypatch.setattr(outcomes, "_id_hashes",
+                        lambda values: np.roll(real_hashes(values), 1))
+    assert np.array_equal(outcomes._hashed_positions(strings, hashes, wanted), expected)
+    assert len(fallbacks) == 2
+    assert outcomes._hashed_positions(strings, hashes, wanted[:0]).tolist() == []
+
 def test_at_risk_by_bin_equals_the_matrix():
     rng = np.random.default_rng(3)
     index_day = rng.integers(0, 700, 50_000)
