@@ -124,6 +124,37 @@ def test_id_hashes_and_positions():
     assert _positions(strings, wanted).tolist() == [3, -1, 199_997]
 
 
+
+def test_hashed_positions_equal_the_string_match_and_fall_back_on_collisions(monkeypatch):
+    from pipelines.surveillance import outcomes
+
+    ids = np.array([f"S{i % 7:03d}-{i:06d}" for i in range(50_000)], dtype=object)
+    strings = _id_strings(ids)
+    rng = np.random.default_rng(8)
+    wanted = _id_strings(np.concatenate([ids[rng.integers(0, 50_000, 20_000)],
+                                         np.array(["missing", "S000-999999", ""],
+                                                  dtype=object)]))
+    expected = _positions(strings, wanted)
+    assert (expected == -1).sum() == 3
+    hashes = _id_hashes(strings)
+    assert np.array_equal(outcomes._hashed_positions(strings, hashes, wanted), expected)
+    fallbacks = []
+    string_match = outcomes._positions
+    monkeypatch.setattr(outcomes, "_positions",
+                        lambda *args: fallbacks.append(1) or string_match(*args))
+    # two procedure ids sharing a hash: the string match
+    shared = hashes.copy()
+    shared[10] = shared[11]
+    assert np.array_equal(outcomes._hashed_positions(strings, shared, wanted), expected)
+    assert len(fallbacks) == 1
+    # a wanted id matched by another id's hash: the string match
+    real_hashes = outcomes._id_hashes
+    monkeypatch.setattr(outcomes, "_id_hashes",
+                        lambda values: np.roll(real_hashes(values), 1))
+    assert np.array_equal(outcomes._hashed_positions(strings, hashes, wanted), expected)
+    assert len(fallbacks) == 2
+    assert outcomes._hashed_positions(strings, hashes, wanted[:0]).tolist() == []
+
 def test_at_risk_by_bin_equals_the_matrix():
     rng = np.random.default_rng(3)
     index_day = rng.integers(0, 700, 50_000)
@@ -156,3 +187,48 @@ def test_chart_order_equals_the_three_key_lexsort(rows):
     assert np.array_equal(order, np.lexsort((tie, day, site)))
     if rows > 1:
         assert len(np.unique(site * 100_000 + day)) < rows  # ties on (site, day) were there
+
+
+def test_sentinel_signals_equal_the_groupby(snapshot):
+    """Sentinel signals counted on runs of the sorted events equal a groupby per (site, day)."""
+    import dataclasses
+
+    from pipelines.surveillance import engine
+    from pipelines.surveillance.outcomes import day_to_date, sentinel_events
+
+    metric = next(m for m in PROFILE.metrics if m.kind == "sentinel")
+    # many sentinel events, several on one site and day, of several types
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, len(snapshot.procedures), 60)
+    rows = np.concatenate([rows, rows[:20], rows[:10]])
+    complications = pd.DataFrame({
+        "procedure_row": rows.astype(np.int64),
+        "event_day": snapshot.procedures["procedure_day"].to_numpy()[rows]
+        + rng.integers(0, 3, len(rows)),
+        "event_type": pd.Categorical(rng.choice(list(metric.numerator.event_types), len(rows))),
+        "symptomatic": rng.random(len(rows)) < 0.5,
+        "severity": pd.Categorical(rng.choice(["minor", "major", "fatal"], len(rows))),
+    })
+    snapshot = dataclasses.replace(snapshot, complications=complications)
+    work = engine._Computation(PROFILE, snapshot)
+    work.sentinel_metric(metric)
+    events = sentinel_events(snapshot, metric)
+    expected = engine._Builder(PROFILE)
+    for (site, event_day), rows in events.groupby(["site_id", "event_day"], sort=True,
+                                                  observed=True):
+        types = rows["event_type"].value_counts().sort_index()
+        expected.add(metric, site, "sentinel", "up", day_to_date(event_day),
+                     day_to_date(event_day), observed=float(len(rows)), n=None, expected=None,
+                     statistic=float(len(rows)), threshold=1.0,
+                     detail={"event_types": {str(k): int(v) for k, v in types.items()},
+                             "rule": "any single event is a signal"})
+    assert len(expected.rows) > 30
+    assert list(work.builder.rows.items()) == list(expected.rows.items())
+    # several events on one site and day, of more than one type, were there to count
+    assert any(json_types(row) > 1 for row in expected.rows.values())
+
+
+def json_types(row: dict) -> int:
+    import json
+
+    return sum(json.loads(row["detail"])["event_types"].values())

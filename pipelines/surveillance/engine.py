@@ -40,6 +40,7 @@ import logging
 import math
 import operator
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -1186,13 +1187,22 @@ class _Computation:
         self.summary["metrics"][metric.id] = {"events": int(len(events))}
         if events.empty:
             return
-        for (site, event_day), rows in events.groupby(["site_id", "event_day"], sort=True, observed=True):
-            types = rows["event_type"].value_counts().sort_index()
+        # sentinel_events sorts by site (its categorical's codes: site names in order), day
+        # and type, so each (site, day) is one run of rows, in groupby(sort=True) order:
+        # counted on the arrays, not a frame and a value_counts per group.
+        sites = events["site_id"].array
+        codes = sites.codes.astype(np.int64)
+        days = events["event_day"].to_numpy(np.int64)
+        types = events["event_type"].to_numpy(object).tolist()
+        starts = np.flatnonzero(np.r_[True, (codes[1:] != codes[:-1]) | (days[1:] != days[:-1])])
+        for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(days)], strict=True):
+            event_day = day_to_date(int(days[start]))
             self.builder.add(
-                metric, site, "sentinel", "up", day_to_date(event_day), day_to_date(event_day),
-                observed=float(len(rows)), n=None, expected=None, statistic=float(len(rows)),
-                threshold=1.0,
-                detail={"event_types": {str(k): int(v) for k, v in types.items()},
+                metric, sites.categories[codes[start]], "sentinel", "up", event_day, event_day,
+                observed=float(end - start), n=None, expected=None,
+                statistic=float(end - start), threshold=1.0,
+                detail={"event_types": {str(k): int(v) for k, v
+                                        in sorted(Counter(types[start:end]).items())},
                         "rule": "any single event is a signal"},
             )
 
