@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 metadata = sa.MetaData()
 
@@ -430,6 +430,20 @@ threshold_design = sa.Table(
     sa.Index("ix_threshold_design_profile", "profile_name", "profile_version"),
 )
 
+# Version 10: the monitor's snapshot columns for every loaded row, kept by
+# pipelines.surveillance.snapshot_cache and brought up to date from the rows written since
+# its watermark, so a nightly monitor does not read a million rows again. One row per set of
+# read columns; Arrow IPC (compressed) blobs. Deleting a row is safe: the next run reads all.
+snapshot_cache = sa.Table(
+    "snapshot_cache",
+    metadata,
+    sa.Column("cache_key", sa.String(DIGEST), primary_key=True),  # hash(format, columns read)
+    sa.Column("watermark", sa.Text, nullable=False),  # JSON: ledger, key and row counts
+    sa.Column("procedures", sa.LargeBinary, nullable=False),
+    sa.Column("complications", sa.LargeBinary, nullable=False),
+    sa.Column("built_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # Digest of the views.sql last applied, so views are re-created only when the file changes.
 schema_views = sa.Table(
     "schema_views",
@@ -522,9 +536,14 @@ def _migration_9(conn: sa.Connection) -> None:
     threshold_design.create(conn, checkfirst=True)
 
 
+def _migration_10(conn: sa.Connection) -> None:
+    """Version 10: the monitor's snapshot cache (snapshot_cache); only adds a table."""
+    snapshot_cache.create(conn, checkfirst=True)
+
+
 MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4,
               5: _migration_5, 6: _migration_6, 7: _migration_7,
-              8: _migration_8, 9: _migration_9}
+              8: _migration_8, 9: _migration_9, 10: _migration_10}
 
 
 def _views_sql(sql_dir: Path) -> list[str]:
