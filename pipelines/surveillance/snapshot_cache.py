@@ -80,6 +80,11 @@ MAX_DELTA_SHARE = 0.2
 MIN_FULL_ROWS = 50_000
 # Arrow IPC body compression: lz4 decodes ~1 GB/s, which is what a nightly run waits for.
 COMPRESSION = "lz4"
+# A night's changes are stored as a part of their own (writing all rows again took longer
+# than the read it saves); past this many parts, or this share of the rows in them, the
+# next run writes all rows as a new part 0 instead.
+MAX_DELTA_PARTS = 30
+MAX_DELTA_PARTS_SHARE = 0.1
 
 # Column kinds of the cached reads (see outcomes.copy_columns); ids are keys for the merge.
 _PROCEDURE_KINDS = {
@@ -104,6 +109,23 @@ class _Read:
     path: str  # "full" | "delta" | "unchanged"
     reason: str
     changed: tuple[int, int] = (0, 0)  # procedure, complication rows read by the delta
+    delta: _Delta | None = None  # this run's changes (stored as a part of their own)
+    parts: int = 0  # delta parts held before this run
+    part_rows: int = 0  # rows in them
+    chain_from: list | None = None  # the ledger watermark of the last part held
+
+
+@dataclass
+class _Delta:
+    """The rows written since a watermark: applied in order, they bring a cache up to date."""
+
+    procedures: object  # pyarrow.Table: every written procedure row (replaces by id)
+    complications: object  # pyarrow.Table: written rows of every type (replaces by id)
+    moved: list[str]  # complication ids moved back to pending (removed)
+
+    @property
+    def rows(self) -> int:
+        return self.procedures.num_rows + self.complications.num_rows + len(self.moved)
 
 
 def cache_key(needs_patient: bool, event_types: list[str], extras: tuple[str, ...]) -> str:
@@ -134,7 +156,7 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
         snap.rollback()
     read_done = time.perf_counter()
     if read.path != "unchanged":
-        _store(engine, key, read)
+        _store(engine, key, read, event_types)
     stored = time.perf_counter()
     snapshot = _snapshot(read.procedures, read.complications, as_of, needs_patient, extras)
     log.info("snapshot cache: %s read (%s); %d procedures and %d complications held, "
@@ -199,51 +221,74 @@ def _read(conn: sa.Connection, key: str, needs_patient: bool, event_types: list[
           extras: tuple[str, ...]) -> _Read:
     """Return every row's read columns: the cache plus the delta, or a full read and why."""
     state = _warehouse_state(conn)
-    row = conn.execute(sa.select(snapshot_cache.c.watermark, snapshot_cache.c.procedures,
-                                 snapshot_cache.c.complications)
-                       .where(snapshot_cache.c.cache_key == key)).first()
-    if row is None:
-        return _full(conn, state, needs_patient, event_types, extras, "no cache for these columns")
-    mark = json.loads(row.watermark)
+
+    def full(reason: str) -> _Read:
+        return _full(conn, state, needs_patient, event_types, extras, reason)
+
+    parts = _fetch_parts(conn, key)
+    if not parts or parts[0][0] != 0:
+        return full("no cache for these columns")
+    mark = json.loads(parts[0][1])
     if mark.get("schema_version") != state["schema_version"]:
-        return _full(conn, state, needs_patient, event_types, extras, "schema changed")
+        return full("schema changed")
     if mark.get("pseudonym_keys") != state["pseudonym_keys"]:
-        return _full(conn, state, needs_patient, event_types, extras, "pseudonym key changed")
+        return full("pseudonym key changed")
+    procs, comps = _from_ipc(parts[0][2]), _from_ipc(parts[0][3])
+    part_rows = 0
+    for number, watermark, proc_blob, comp_blob in parts[1:]:
+        delta_mark = json.loads(watermark)
+        if number != mark["part"] + 1 or delta_mark["from"] != _ledger_mark(mark):
+            return full("the stored parts do not follow one another")
+        delta = _Delta(_from_ipc(proc_blob), _from_ipc(comp_blob), delta_mark["moved"])
+        procs, comps = _apply(procs, comps, delta, event_types)
+        part_rows += delta.rows
+        mark = delta_mark
+    del parts
     last = datetime.fromisoformat(mark["ledger_last"]) if mark["ledger_last"] else None
     ledger = file_ledger.c
     if last is not None:
         before = conn.execute(sa.select(sa.func.count()).where(ledger.processed_at <= last)
                               ).scalar_one()
         if before != mark["ledger_rows"]:
-            return _full(conn, state, needs_patient, event_types, extras,
-                         "the ledger changed at or before the watermark")
+            return full("the ledger changed at or before the watermark")
     elif mark["ledger_rows"]:
-        return _full(conn, state, needs_patient, event_types, extras, "watermark mismatch")
+        return full("watermark mismatch")
     since = sa.select(ledger.source_checksum, ledger.rows_read)
     if last is not None:
         since = since.where(ledger.processed_at > last)
     files = conn.execute(since).all()
-    cached_procedures = mark["procedures"]
-    if sum(rows for _, rows in files) > max(MIN_FULL_ROWS, MAX_DELTA_SHARE * cached_procedures):
-        return _full(conn, state, needs_patient, event_types, extras,
-                     f"delta of {len(files)} files too large")
-    procs, comps = _from_ipc(row.procedures), _from_ipc(row.complications)
-    del row
-    changed = (0, 0)
+    if sum(rows for _, rows in files) > max(MIN_FULL_ROWS, MAX_DELTA_SHARE * procs.num_rows):
+        return full(f"delta of {len(files)} files too large")
+    delta = None
     if files:
-        procs, comps, changed = _merge_delta(conn, procs, comps, [c for c, _ in files],
-                                             needs_patient, event_types, extras)
+        delta = _read_delta(conn, [c for c, _ in files], needs_patient, extras)
+        procs, comps = _apply(procs, comps, delta, event_types)
     # Anything written or deleted outside what the delta sees shows in the counts.
-    on_disk = _row_counts(conn, event_types)
-    if on_disk != (procs.num_rows, comps.num_rows):
-        return _full(conn, state, needs_patient, event_types, extras,
-                     "row counts differ after the merge (rows removed or written "
-                     "outside the loader)")
-    state.update(procedures=procs.num_rows, complications=comps.num_rows)
-    if not files:
+    if _row_counts(conn, event_types) != (procs.num_rows, comps.num_rows):
+        return full("row counts differ after the merge (rows removed or written outside "
+                    "the loader)")
+    state.update(procedures=procs.num_rows, complications=comps.num_rows, part=mark["part"])
+    if delta is None:
         return _Read(procs, comps, state, "unchanged", "no file since the watermark")
     return _Read(procs, comps, state, "delta", f"{len(files)} files since the watermark",
-                 changed)
+                 (delta.procedures.num_rows, delta.complications.num_rows), delta,
+                 mark["part"], part_rows, _ledger_mark(mark))
+
+
+def _ledger_mark(watermark: dict) -> list:
+    return [watermark["ledger_rows"], watermark["ledger_last"]]
+
+
+def _fetch_parts(conn: sa.Connection, key: str) -> list[tuple]:
+    """Return the cache's parts in order, their blobs fetched in binary (no hex decoding)."""
+    statement = sa.select(snapshot_cache.c.part, snapshot_cache.c.watermark,
+                          snapshot_cache.c.procedures, snapshot_cache.c.complications
+                          ).where(snapshot_cache.c.cache_key == key
+                                  ).order_by(snapshot_cache.c.part)
+    compiled = statement.compile(dialect=conn.dialect)
+    with conn.connection.driver_connection.cursor(binary=True) as cursor:
+        cursor.execute(str(compiled), compiled.params)
+        return cursor.fetchall()
 
 
 def _row_counts(conn: sa.Connection, event_types: list[str]) -> tuple[int, int]:
@@ -268,37 +313,49 @@ def _full(conn: sa.Connection, state: dict, needs_patient: bool, event_types: li
             _COMPLICATION_KINDS)
     else:
         comps = _empty(_COMPLICATION_KINDS)
-    state.update(procedures=procs.num_rows, complications=comps.num_rows)
+    state.update(procedures=procs.num_rows, complications=comps.num_rows, part=0)
     return _Read(procs, comps, state, "full", reason)
 
 
-def _merge_delta(conn: sa.Connection, procs, comps, checksums: list[str], needs_patient: bool,
-                 event_types: list[str], extras: tuple[str, ...]):
-    """Replace and add the rows written by ``checksums``' files; drop those moved away."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def _read_delta(conn: sa.Connection, checksums: list[str], needs_patient: bool,
+                extras: tuple[str, ...]) -> _Delta:
+    """Read the rows written by ``checksums``' files, and the complications they moved."""
+    from sqlalchemy.dialects.postgresql import ARRAY
 
     columns, kinds = _procedure_select(needs_patient, extras)
     written = procedure.c.source_checksum.in_(checksums)
-    new_procs = _to_arrow(copy_columns(conn, sa.select(*columns).where(written), kinds), kinds)
+    procs = _to_arrow(copy_columns(conn, sa.select(*columns).where(written), kinds), kinds)
     # Complications of every type: one re-typed out of the counted ones must leave the cache.
-    touched = sa.select(procedure.c.procedure_id).where(written)
-    new_comps = _to_arrow(copy_columns(
+    # Those of the written procedures by their ids, bound as one array (one scan of the
+    # procedures is enough).
+    ids = sa.bindparam("delta_ids", procs["procedure_id"].to_pylist(), type_=ARRAY(sa.String))
+    comps = _to_arrow(copy_columns(
         conn, sa.select(*_complication_select()).where(sa.or_(
             complication.c.source_checksum.in_(checksums),
-            complication.c.procedure_id.in_(touched))), _COMPLICATION_KINDS),
+            complication.c.procedure_id == sa.func.any(ids))), _COMPLICATION_KINDS),
         _COMPLICATION_KINDS)
     moved = conn.scalars(sa.select(pending_complication.c.complication_id).where(
         pending_complication.c.source_checksum.in_(checksums))).all()
-    keep = pc.invert(pc.is_in(procs["procedure_id"], value_set=new_procs["procedure_id"]))
-    procs = pa.concat_tables([procs.filter(keep), new_procs])
-    replaced = pa.concat_arrays([new_comps["complication_id"].combine_chunks(),
-                                 pa.array(moved, type=pa.string())])
-    keep = pc.invert(pc.is_in(comps["complication_id"], value_set=replaced))
-    counted = pc.is_in(new_comps["event_type"].cast(pa.string()),
-                       value_set=pa.array(event_types, type=pa.string()))
-    comps = pa.concat_tables([comps.filter(keep), new_comps.filter(counted)])
-    return procs, comps, (new_procs.num_rows, new_comps.num_rows)
+    return _Delta(procs, comps, list(moved))
+
+
+def _apply(procs, comps, delta: _Delta, event_types: list[str]):
+    """Replace and add the delta's rows by id; drop complications moved or re-typed away."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if delta.procedures.num_rows:
+        keep = pc.invert(pc.is_in(procs["procedure_id"],
+                                  value_set=delta.procedures["procedure_id"]))
+        procs = pa.concat_tables([procs.filter(keep), delta.procedures])
+    replaced = pa.concat_arrays([delta.complications["complication_id"].combine_chunks(),
+                                 pa.array(delta.moved, type=pa.string())])
+    if len(replaced):
+        keep = pc.invert(pc.is_in(comps["complication_id"], value_set=replaced))
+        counted = pc.is_in(delta.complications["event_type"].cast(pa.string()),
+                           value_set=pa.array(event_types, type=pa.string()))
+        comps = pa.concat_tables([comps.filter(keep), delta.complications.filter(counted)])
+    return procs, comps
 
 
 # --- Arrow tables and their storage ----------------------------------------------------------
@@ -353,18 +410,36 @@ def _from_ipc(blob: bytes):
     return pa.ipc.open_file(pa.py_buffer(blob)).read_all()
 
 
-def _store(engine: sa.Engine, key: str, read: _Read) -> None:
-    """Write the cache row (one upsert; a concurrent run's row is as valid as this one)."""
+def _store(engine: sa.Engine, key: str, read: _Read, event_types: list[str]) -> None:
+    """Append this run's changes as the next part, or write every row as a new part 0.
+
+    A concurrent run may store first: an appended part then conflicts and is left out
+    (the stored chain stays valid), and a part that no longer follows the one before it
+    sends the next run to the full read.
+    """
     from sqlalchemy.dialects.postgresql import insert
 
-    values = {"cache_key": key, "watermark": json.dumps(read.watermark, sort_keys=True),
+    now = datetime.now(UTC)
+    delta = read.delta
+    if (delta is not None and read.parts < MAX_DELTA_PARTS
+            and read.part_rows + delta.rows <= MAX_DELTA_PARTS_SHARE * read.procedures.num_rows):
+        # "from": the watermark of the part it follows, checked when the parts are read
+        watermark = dict(read.watermark, part=read.parts + 1, moved=delta.moved,
+                         **{"from": read.chain_from})
+        values = {"cache_key": key, "part": read.parts + 1,
+                  "watermark": json.dumps(watermark, sort_keys=True),
+                  "procedures": _to_ipc(delta.procedures),
+                  "complications": _to_ipc(delta.complications), "built_at": now}
+        with engine.begin() as conn:
+            conn.execute(insert(snapshot_cache).values(values).on_conflict_do_nothing())
+        return
+    values = {"cache_key": key, "part": 0,
+              "watermark": json.dumps(dict(read.watermark, part=0), sort_keys=True),
               "procedures": _to_ipc(read.procedures),
-              "complications": _to_ipc(read.complications), "built_at": datetime.now(UTC)}
-    statement = insert(snapshot_cache).values(values)
+              "complications": _to_ipc(read.complications), "built_at": now}
     with engine.begin() as conn:
-        conn.execute(statement.on_conflict_do_update(
-            index_elements=["cache_key"],
-            set_={name: statement.excluded[name] for name in values if name != "cache_key"}))
+        conn.execute(snapshot_cache.delete().where(snapshot_cache.c.cache_key == key))
+        conn.execute(insert(snapshot_cache).values(values))
 
 
 # --- the snapshot --------------------------------------------------------------------------
@@ -397,7 +472,10 @@ def _pandas(column):
     if pa.types.is_dictionary(column.type):
         # Only the values present, as a read of these rows alone would have them: an
         # unused category (a site with only later procedures) would be charted as empty.
-        return column.to_pandas().array.remove_unused_categories()
+        values = column.to_pandas().array
+        codes = values.codes
+        used = np.bincount(codes[codes >= 0], minlength=len(values.categories))
+        return values.remove_unused_categories() if (used == 0).any() else values
     if pa.types.is_string(column.type):
         return column.to_pandas().array  # Arrow-backed strings, no Python string per row
     return column.to_numpy()
