@@ -15,6 +15,7 @@ back, a ledger row that appears before the watermark, other columns read.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from datetime import UTC, date, datetime
 
@@ -278,6 +279,14 @@ def test_the_cache_falls_back_to_a_full_read_when_it_cannot_be_sure(night, caplo
             source_checksum="0" * 64, file_name="procedures_20230101.csv", kind="procedures",
             status="rejected", processed_at=datetime(2000, 1, 1, tzinfo=UTC)))
     assert "the ledger changed at or before the watermark" in read_path()
+    # A part that does not follow the one before it (a concurrent run stored in between).
+    with engine.begin() as conn:
+        base = conn.execute(sa.select(schema.snapshot_cache)).mappings().one()
+        conn.execute(schema.snapshot_cache.insert().values(
+            {**base, "part": 1, "watermark": json.dumps(
+                {"from": [0, None], "moved": [], "part": 1})}))
+    assert "the stored parts do not follow one another" in read_path()
+    assert _parts(engine) == [0]
     # Other columns (no extras): another cache row, read in full.
     caplog.clear()
     plain = _cached_read(engine, as_of, extras=())
@@ -287,3 +296,17 @@ def test_the_cache_falls_back_to_a_full_read_when_it_cannot_be_sure(night, caplo
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(schema.snapshot_cache)
                             ).scalar_one() == 2
+
+
+def test_sqlite_reads_without_the_cache(tmp_path, sqlite_url, settings_for, caplog):
+    """The cache is PostgreSQL-only: on SQLite the plain read runs, and says so."""
+    caplog.set_level(logging.INFO, logger="pipelines.surveillance.snapshot_cache")
+    files = _deliveries(tmp_path)
+    assert ingest_paths(settings_for(sqlite_url), files["history"]).exit_code == 0
+    engine = make_engine(sqlite_url)
+    with engine.connect() as conn:
+        cached = snapshot_cache.load_cached_snapshot(conn, PROFILE, date(2023, 12, 26))
+        plain = load_snapshot(conn, PROFILE, date(2023, 12, 26))
+    engine.dispose()
+    assert "not used (sqlite" in caplog.records[-1].getMessage()
+    assert cached.fingerprint == plain.fingerprint and len(cached.procedures) > 3000

@@ -8,7 +8,10 @@ set of read columns), the columns :func:`outcomes.load_snapshot` reads for **eve
 delta -- with a watermark of what they contain. The next run reads only the rows written
 since, merges them (a changed id replaces its cached row, a new id is added), keeps the
 rows up to ``as_of`` in memory and hands them to :func:`outcomes.snapshot_from_rows`, so
-the snapshot is built by the same code from the same rows as a full read.
+the snapshot is built by the same code from the same rows as a full read. Part 0 of the
+cache holds every row; each later night stores only its own changes as the next part (a
+night's write is then its delta, not a million rows), and a run that finds too many parts
+writes all rows as part 0 again.
 
 Exact by construction: every write of the loader leaves the writing file's
 ``source_checksum`` on the row (``pipelines.ingest.load``: inserts and newer-wins upserts),
@@ -25,7 +28,8 @@ Everything else falls back to the full read, which rebuilds the cache, and the l
 why: no cache (or other columns: another profile's needs, extras), a migration since, a key
 rotation (it rewrites digests in place), a ledger row at or before the watermark that was
 not there when it was taken (a transaction that committed late, or a rewritten ledger row),
-a delta larger than :data:`MAX_DELTA_SHARE` of the cache, or row counts that do not match
+parts that do not follow one another (a concurrent run stored between them), a delta
+larger than :data:`MAX_DELTA_SHARE` of the cache, or row counts that do not match
 after the merge (rows deleted, or written without the loader). All reads of one run happen
 in one REPEATABLE READ transaction, so the watermark, the rows and the counts agree.
 
