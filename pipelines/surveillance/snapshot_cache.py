@@ -154,13 +154,21 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
     needs_patient, event_types = snapshot_needs(profile)
     key = cache_key(needs_patient, event_types, extras)
     engine = conn.engine
-    with engine.connect() as snap:
-        snap = snap.execution_options(isolation_level="REPEATABLE READ")
-        read = _read(snap, key, needs_patient, event_types, extras)
-        snap.rollback()
+    try:
+        with engine.connect() as snap:
+            snap = snap.execution_options(isolation_level="REPEATABLE READ")
+            read = _read(snap, key, needs_patient, event_types, extras)
+            snap.rollback()
+    except Exception as exc:  # noqa: BLE001 - a cache must never stop the monitor
+        # The warehouse tables are the truth: whatever broke in the cache, read them.
+        log.warning("snapshot cache: failed (%s); plain read", type(exc).__name__)
+        return load_snapshot(conn, profile, as_of, extras=extras)
     read_done = time.perf_counter()
     if read.path != "unchanged":
-        _store(engine, key, read, event_types)
+        try:
+            _store(engine, key, read, event_types)
+        except sa.exc.DBAPIError as exc:  # e.g. a role that may not write it: next run reads all
+            log.warning("snapshot cache: not stored (%s)", type(exc).__name__)
     stored = time.perf_counter()
     snapshot = _snapshot(read.procedures, read.complications, as_of, needs_patient, extras)
     log.info("snapshot cache: %s read (%s); %d procedures and %d complications held, "
@@ -443,7 +451,8 @@ def _store(engine: sa.Engine, key: str, read: _Read, event_types: list[str]) -> 
               "complications": _to_ipc(read.complications), "built_at": now}
     with engine.begin() as conn:
         conn.execute(snapshot_cache.delete().where(snapshot_cache.c.cache_key == key))
-        conn.execute(insert(snapshot_cache).values(values))
+        # a concurrent run's part 0 is as valid as this one's
+        conn.execute(insert(snapshot_cache).values(values).on_conflict_do_nothing())
 
 
 # --- the snapshot --------------------------------------------------------------------------
