@@ -249,7 +249,8 @@ def test_cached_and_delta_reads_equal_full_reads_and_so_do_the_runs(night, monke
             assert state["held"] == 1 and not state["pending"]
 
 
-def test_the_cache_falls_back_to_a_full_read_when_it_cannot_be_sure(night, caplog):
+def test_the_cache_falls_back_to_a_full_read_when_it_cannot_be_sure(night, caplog,
+                                                                     monkeypatch):
     _, engine, run, files, _ = night
     result, _, _ = run(files["history"])
     as_of = result.as_of
@@ -296,6 +297,16 @@ def test_the_cache_falls_back_to_a_full_read_when_it_cannot_be_sure(night, caplo
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(schema.snapshot_cache)
                             ).scalar_one() == 2
+
+    # A cache that cannot be read never stops the monitor: the plain read runs.
+    def broken(*args):
+        raise RuntimeError("cache unreadable")
+
+    monkeypatch.setattr(snapshot_cache, "_fetch_parts", broken)
+    caplog.clear()
+    snapshot = _cached_read(engine, as_of)
+    assert "snapshot cache: failed (RuntimeError); plain read" in caplog.text
+    _same_snapshot(snapshot, _full_read(engine, as_of))
 
 
 def test_sqlite_reads_without_the_cache(tmp_path, sqlite_url, settings_for, caplog):
