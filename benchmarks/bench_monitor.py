@@ -203,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         reports = str(REPO / "var" / "bench" / "monitor_reports")
         floor, floor_mb = _child(_FLOOR, url, built["as_of"])
         first, first_mb = _child(_MONITOR, url, reports)
+        # The second run measures a full monitor: without this it would read the first
+        # run's snapshot cache (snapshot_cache.py), which bench_cycle's nightly run measures.
+        cache = sa.create_engine(url)
+        with cache.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM snapshot_cache")
+        cache.dispose()
         second, second_mb = _child(_MONITOR, url, reports)
     finally:
         with admin.connect() as conn:

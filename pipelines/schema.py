@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 11
 
 metadata = sa.MetaData()
 
@@ -430,6 +430,22 @@ threshold_design = sa.Table(
     sa.Index("ix_threshold_design_profile", "profile_name", "profile_version"),
 )
 
+# Version 10 (11: in parts): the monitor's snapshot columns for every loaded row, kept by
+# pipelines.surveillance.snapshot_cache and brought up to date from the rows written since
+# its watermark, so a nightly monitor does not read a million rows again. Per set of read
+# columns: part 0 holds all rows, parts 1.. each one night's changed rows (so a night writes
+# only those); Arrow IPC (compressed) blobs. Deleting rows is safe: the next run reads all.
+snapshot_cache = sa.Table(
+    "snapshot_cache",
+    metadata,
+    sa.Column("cache_key", sa.String(DIGEST), primary_key=True),  # hash(format, columns read)
+    sa.Column("part", sa.Integer, primary_key=True),  # 0: every row; 1..: later changes
+    sa.Column("watermark", sa.Text, nullable=False),  # JSON: ledger, key and row counts
+    sa.Column("procedures", sa.LargeBinary, nullable=False),
+    sa.Column("complications", sa.LargeBinary, nullable=False),
+    sa.Column("built_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # Digest of the views.sql last applied, so views are re-created only when the file changes.
 schema_views = sa.Table(
     "schema_views",
@@ -522,9 +538,37 @@ def _migration_9(conn: sa.Connection) -> None:
     threshold_design.create(conn, checkfirst=True)
 
 
+def _migration_10(conn: sa.Connection) -> None:
+    """Version 10: the monitor's snapshot cache (snapshot_cache); only adds a table."""
+    _create_snapshot_cache(conn)
+
+
+def _migration_11(conn: sa.Connection) -> None:
+    """Version 11: snapshot_cache in parts (a night's changes apart from all rows).
+
+    A cache created by the first version 10 (no ``part``) is dropped and created again:
+    it holds nothing the next monitor run cannot read again.
+    """
+    if "part" not in {c["name"] for c in sa.inspect(conn).get_columns("snapshot_cache")}:
+        conn.exec_driver_sql("DROP TABLE snapshot_cache")
+    _create_snapshot_cache(conn)
+
+
+def _create_snapshot_cache(conn: sa.Connection) -> None:
+    if sa.inspect(conn).has_table("snapshot_cache"):
+        return
+    snapshot_cache.create(conn)
+    if conn.dialect.name == "postgresql":
+        # The blobs are compressed already: out-of-line storage without another pglz pass.
+        for column in ("procedures", "complications"):
+            conn.exec_driver_sql("ALTER TABLE snapshot_cache ALTER COLUMN "  # fixed names
+                                 + column + " SET STORAGE EXTERNAL")
+
+
 MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4,
               5: _migration_5, 6: _migration_6, 7: _migration_7,
-              8: _migration_8, 9: _migration_9}
+              8: _migration_8, 9: _migration_9, 10: _migration_10,
+              11: _migration_11}
 
 
 def _views_sql(sql_dir: Path) -> list[str]:

@@ -423,6 +423,9 @@ def rotate(engine: sa.Engine, old_key: bytes, new_key: bytes, extract_paths: lis
                 f"them with {UNEXPLAINED!r}. Nothing was changed."
             )
         changed = _apply(conn, plan.mapping, redact=redact_unexplained, step=step)
+        # The monitor's snapshot cache holds operator and patient digests under the old key
+        # (snapshot_cache.py): dropped with them; the next monitor run reads everything.
+        conn.execute(schema.snapshot_cache.delete())
         now = datetime.now(UTC)
         table = schema.pseudonym_key
         conn.execute(table.update().where(table.c.retired_at.is_(None)).values(retired_at=now))

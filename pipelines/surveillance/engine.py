@@ -96,6 +96,7 @@ from pipelines.surveillance.risk_model import (
     known_before_quarter,
 )
 from pipelines.surveillance.runs import FactsInBackground, MonitorResult, store_run
+from pipelines.surveillance.snapshot_cache import load_cached_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -1300,8 +1301,11 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
                                      profile_version=profile.version, data_fingerprint="")
             # A stored run also charts operators and devices: their columns come in the
             # same read (PostgreSQL), not in a second pass over the procedures.
-            snapshot = load_snapshot(conn, profile, as_of,
-                                     extras=snapshot_extras(profile) if persist else ())
+            # A stored run (the nightly monitor) reads through the warehouse's snapshot
+            # cache: only the rows written since its last run (snapshot_cache.py).
+            read = load_cached_snapshot if persist else load_snapshot
+            snapshot = read(conn, profile, as_of,
+                            extras=snapshot_extras(profile) if persist else ())
         loaded = time.perf_counter()
         # Operators, devices and lots on the same snapshot (issue 12; beyond_run.py):
         # computed first, while only the snapshot is alive, and stored after the run.

@@ -1,0 +1,495 @@
+"""The monitor's snapshot read, kept in the warehouse and brought up to date by a delta read.
+
+Why: a nightly monitor re-read about a million procedures (4 s at full scale) to find the
+few hundred rows one new day wrote. This module keeps, in ``snapshot_cache`` (one row per
+set of read columns), the columns :func:`outcomes.load_snapshot` reads for **every** row in
+``procedure`` and (of the counted event types) ``complication`` -- not only those up to an
+``as_of``: rows dated after a past as_of were loaded earlier and would never come back in a
+delta -- with a watermark of what they contain. The next run reads only the rows written
+since, merges them (a changed id replaces its cached row, a new id is added), keeps the
+rows up to ``as_of`` in memory and hands them to :func:`outcomes.snapshot_from_rows`, so
+the snapshot is built by the same code from the same rows as a full read. Part 0 of the
+cache holds every row; each later night stores only its own changes as the next part (a
+night's write is then its delta, not a million rows), and a run that finds too many parts
+writes all rows as part 0 again.
+
+Exact by construction: every write of the loader leaves the writing file's
+``source_checksum`` on the row (``pipelines.ingest.load``: inserts and newer-wins upserts),
+and every file leaves one ``file_ledger`` row whose ``processed_at`` is stamped before its
+transaction commits. The rows written since the watermark are therefore
+
+* the procedures and complications whose ``source_checksum`` is a file recorded since;
+* the complications of those procedures: a pending complication is promoted, under the
+  checksum of the (older) file that sent it, in the transaction that loads its procedure;
+* removed: complications moved back to ``pending_complication`` by a newer version with an
+  unknown procedure (their pending row carries the new file's checksum).
+
+Everything else falls back to the full read, which rebuilds the cache, and the log says
+why: no cache (or other columns: another profile's needs, extras), a migration since, a key
+rotation (it rewrites digests in place), a ledger row at or before the watermark that was
+not there when it was taken (a transaction that committed late, or a rewritten ledger row),
+parts that do not follow one another (a concurrent run stored between them), a delta
+larger than :data:`MAX_DELTA_SHARE` of the cache, or row counts that do not match
+after the merge (rows deleted, or written without the loader). All reads of one run happen
+in one REPEATABLE READ transaction, so the watermark, the rows and the counts agree.
+
+PostgreSQL only: the cache holds what the streamed read (``COPY``) produces -- day numbers,
+PostgreSQL's ``hashtextextended`` of the patient digest -- and SQLite warehouses are the
+small demo ones, which read in well under a second anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+import numpy as np
+import sqlalchemy as sa
+
+from pipelines.schema import (
+    complication,
+    file_ledger,
+    pending_complication,
+    procedure,
+    pseudonym_key,
+    schema_version,
+    snapshot_cache,
+)
+from pipelines.surveillance.outcomes import (
+    COVARIATES,
+    EPOCH,
+    Snapshot,
+    copy_columns,
+    day_number,
+    load_snapshot,
+    release_memory,
+    snapshot_from_rows,
+    snapshot_needs,
+    streams_copy,
+)
+from pipelines.surveillance.profile import Profile
+
+log = logging.getLogger(__name__)
+
+# Bumped whenever what the blobs hold changes: an old cache is then simply not found.
+CACHE_FORMAT = 1
+# A delta of more rows than this share of the cache (or MIN_FULL_ROWS) is read in full:
+# past it, replacing rows by id costs about as much as the plain read.
+MAX_DELTA_SHARE = 0.2
+MIN_FULL_ROWS = 50_000
+# Arrow IPC body compression: lz4 decodes ~1 GB/s, which is what a nightly run waits for.
+COMPRESSION = "lz4"
+# A night's changes are stored as a part of their own (writing all rows again took longer
+# than the read it saves); past this many parts, or this share of the rows in them, the
+# next run writes all rows as a new part 0 instead.
+MAX_DELTA_PARTS = 30
+MAX_DELTA_PARTS_SHARE = 0.1
+
+# Column kinds of the cached reads (see outcomes.copy_columns); ids are keys for the merge.
+_PROCEDURE_KINDS = {
+    "procedure_id": "string", "site_id": "category", "procedure_date": "int",
+    "age_years": "int", "sex": "category", "steroid_use": "bool", "levels_treated": "int",
+    "indication": "category", "anaesthesia": "category", "balloons": "int",
+    "mdt_discussed": "bool",
+}
+_COMPLICATION_KINDS = {
+    "complication_id": "string", "procedure_id": "string", "event_date": "int",
+    "event_type": "category", "symptomatic": "bool", "severity": "category",
+}
+
+
+@dataclass
+class _Read:
+    """The cache's content after a run's read: all rows, and the watermark that covers them."""
+
+    procedures: object  # pyarrow.Table
+    complications: object  # pyarrow.Table
+    watermark: dict
+    path: str  # "full" | "delta" | "unchanged"
+    reason: str
+    changed: tuple[int, int] = (0, 0)  # procedure, complication rows read by the delta
+    delta: _Delta | None = None  # this run's changes (stored as a part of their own)
+    parts: int = 0  # delta parts held before this run
+    part_rows: int = 0  # rows in them
+    chain_from: list | None = None  # the ledger watermark of the last part held
+
+
+@dataclass
+class _Delta:
+    """The rows written since a watermark: applied in order, they bring a cache up to date."""
+
+    procedures: object  # pyarrow.Table: every written procedure row (replaces by id)
+    complications: object  # pyarrow.Table: written rows of every type (replaces by id)
+    moved: list[str]  # complication ids moved back to pending (removed)
+
+    @property
+    def rows(self) -> int:
+        return self.procedures.num_rows + self.complications.num_rows + len(self.moved)
+
+
+def cache_key(needs_patient: bool, event_types: list[str], extras: tuple[str, ...]) -> str:
+    """Return the cache row's key: the format and the columns and event types read."""
+    spec = {"format": CACHE_FORMAT, "patient": needs_patient, "event_types": event_types,
+            "extras": list(extras)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
+                         extras: tuple[str, ...] = ()) -> Snapshot:
+    """Return the same snapshot as :func:`outcomes.load_snapshot`, reading only what changed.
+
+    ``conn`` only names the warehouse: the cache reads in a REPEATABLE READ transaction of
+    its own and stores the updated cache in another. Not PostgreSQL: the plain read.
+    """
+    if not streams_copy(conn):
+        log.info("snapshot cache: not used (%s; the cache is PostgreSQL-only)",
+                 conn.dialect.name)
+        return load_snapshot(conn, profile, as_of, extras=extras)
+    started = time.perf_counter()
+    needs_patient, event_types = snapshot_needs(profile)
+    key = cache_key(needs_patient, event_types, extras)
+    engine = conn.engine
+    try:
+        with engine.connect() as snap:
+            snap = snap.execution_options(isolation_level="REPEATABLE READ")
+            read = _read(snap, key, needs_patient, event_types, extras)
+            snap.rollback()
+    except Exception as exc:  # noqa: BLE001 - a cache must never stop the monitor
+        # The warehouse tables are the truth: whatever broke in the cache, read them.
+        log.warning("snapshot cache: failed (%s); plain read", type(exc).__name__)
+        return load_snapshot(conn, profile, as_of, extras=extras)
+    read_done = time.perf_counter()
+    if read.path != "unchanged":
+        try:
+            _store(engine, key, read, event_types)
+        except sa.exc.DBAPIError as exc:  # e.g. a role that may not write it: next run reads all
+            log.warning("snapshot cache: not stored (%s)", type(exc).__name__)
+    stored = time.perf_counter()
+    snapshot = _snapshot(read.procedures, read.complications, as_of, needs_patient, extras)
+    log.info("snapshot cache: %s read (%s); %d procedures and %d complications held, "
+             "%d and %d read as changed; read %.2fs, cache write %.2fs, snapshot %.2fs",
+             read.path, read.reason, read.procedures.num_rows, read.complications.num_rows,
+             *read.changed, read_done - started, stored - read_done,
+             time.perf_counter() - stored)
+    del read
+    release_memory()
+    return snapshot
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _procedure_select(needs_patient: bool, extras: tuple[str, ...]) -> tuple[list, dict]:
+    columns = [procedure.c.procedure_id, procedure.c.site_id,
+               _day_of(procedure.c.procedure_date).label("procedure_date"),
+               *(procedure.c[name] for name in COVARIATES), procedure.c.mdt_discussed]
+    kinds = dict(_PROCEDURE_KINDS)
+    if needs_patient:
+        # the same 64-bit hash of the digest as the plain streamed read
+        columns.append(
+            sa.func.hashtextextended(procedure.c.patient_hash, 0).label("patient_hash"))
+        kinds["patient_hash"] = "int"
+    for name in extras:
+        columns.append(procedure.c[name])
+        kinds[name] = "category"
+    return columns, kinds
+
+
+def _complication_select() -> list:
+    return [complication.c.complication_id, complication.c.procedure_id,
+            _day_of(complication.c.event_date).label("event_date"),
+            complication.c.event_type, complication.c.symptomatic, complication.c.severity]
+
+
+def _day_of(column: sa.ColumnElement) -> sa.ColumnElement:
+    """Days since 1970-01-01, computed by PostgreSQL (as the plain streamed read does)."""
+    return column - sa.cast(sa.literal(EPOCH.isoformat()), sa.Date)
+
+
+def _warehouse_state(conn: sa.Connection) -> dict:
+    """Return the watermark of the warehouse as this transaction sees it."""
+    count, last = conn.execute(
+        sa.select(sa.func.count(), sa.func.max(file_ledger.c.processed_at))).one()
+    keys = conn.execute(sa.select(pseudonym_key.c.fingerprint, pseudonym_key.c.retired_at)
+                        .order_by(pseudonym_key.c.fingerprint)).all()
+    return {
+        "format": CACHE_FORMAT,
+        "schema_version": conn.execute(sa.select(sa.func.max(schema_version.c.version))
+                                       ).scalar(),
+        "ledger_rows": int(count),
+        "ledger_last": last.isoformat() if last is not None else None,
+        # a rotation rewrites digests without a new ledger row: any change reads all again
+        "pseudonym_keys": hashlib.sha256(
+            json.dumps([[f, str(r)] for f, r in keys]).encode()).hexdigest(),
+    }
+
+
+def _read(conn: sa.Connection, key: str, needs_patient: bool, event_types: list[str],
+          extras: tuple[str, ...]) -> _Read:
+    """Return every row's read columns: the cache plus the delta, or a full read and why."""
+    state = _warehouse_state(conn)
+
+    def full(reason: str) -> _Read:
+        return _full(conn, state, needs_patient, event_types, extras, reason)
+
+    parts = _fetch_parts(conn, key)
+    if not parts or parts[0][0] != 0:
+        return full("no cache for these columns")
+    mark = json.loads(parts[0][1])
+    if mark.get("schema_version") != state["schema_version"]:
+        return full("schema changed")
+    if mark.get("pseudonym_keys") != state["pseudonym_keys"]:
+        return full("pseudonym key changed")
+    procs, comps = _from_ipc(parts[0][2]), _from_ipc(parts[0][3])
+    part_rows = 0
+    for number, watermark, proc_blob, comp_blob in parts[1:]:
+        delta_mark = json.loads(watermark)
+        if number != mark["part"] + 1 or delta_mark["from"] != _ledger_mark(mark):
+            return full("the stored parts do not follow one another")
+        delta = _Delta(_from_ipc(proc_blob), _from_ipc(comp_blob), delta_mark["moved"])
+        procs, comps = _apply(procs, comps, delta, event_types)
+        part_rows += delta.rows
+        mark = delta_mark
+    del parts
+    last = datetime.fromisoformat(mark["ledger_last"]) if mark["ledger_last"] else None
+    ledger = file_ledger.c
+    if last is not None:
+        before = conn.execute(sa.select(sa.func.count()).where(ledger.processed_at <= last)
+                              ).scalar_one()
+        if before != mark["ledger_rows"]:
+            return full("the ledger changed at or before the watermark")
+    elif mark["ledger_rows"]:
+        return full("watermark mismatch")
+    since = sa.select(ledger.source_checksum, ledger.rows_read)
+    if last is not None:
+        since = since.where(ledger.processed_at > last)
+    files = conn.execute(since).all()
+    if sum(rows for _, rows in files) > max(MIN_FULL_ROWS, MAX_DELTA_SHARE * procs.num_rows):
+        return full(f"delta of {len(files)} files too large")
+    delta = None
+    if files:
+        delta = _read_delta(conn, [c for c, _ in files], needs_patient, extras)
+        procs, comps = _apply(procs, comps, delta, event_types)
+    # Anything written or deleted outside what the delta sees shows in the counts.
+    if _row_counts(conn, event_types) != (procs.num_rows, comps.num_rows):
+        return full("row counts differ after the merge (rows removed or written outside "
+                    "the loader)")
+    state.update(procedures=procs.num_rows, complications=comps.num_rows, part=mark["part"])
+    if delta is None:
+        return _Read(procs, comps, state, "unchanged", "no file since the watermark")
+    return _Read(procs, comps, state, "delta", f"{len(files)} files since the watermark",
+                 (delta.procedures.num_rows, delta.complications.num_rows), delta,
+                 mark["part"], part_rows, _ledger_mark(mark))
+
+
+def _ledger_mark(watermark: dict) -> list:
+    return [watermark["ledger_rows"], watermark["ledger_last"]]
+
+
+def _fetch_parts(conn: sa.Connection, key: str) -> list[tuple]:
+    """Return the cache's parts in order, their blobs fetched in binary (no hex decoding)."""
+    statement = sa.select(snapshot_cache.c.part, snapshot_cache.c.watermark,
+                          snapshot_cache.c.procedures, snapshot_cache.c.complications
+                          ).where(snapshot_cache.c.cache_key == key
+                                  ).order_by(snapshot_cache.c.part)
+    compiled = statement.compile(dialect=conn.dialect)
+    with conn.connection.driver_connection.cursor(binary=True) as cursor:
+        cursor.execute(str(compiled), compiled.params)
+        return cursor.fetchall()
+
+
+def _row_counts(conn: sa.Connection, event_types: list[str]) -> tuple[int, int]:
+    procedures = conn.execute(sa.select(sa.func.count()).select_from(procedure)).scalar_one()
+    complications = 0
+    if event_types:
+        complications = conn.execute(sa.select(sa.func.count()).select_from(complication)
+                                     .where(complication.c.event_type.in_(event_types))
+                                     ).scalar_one()
+    return int(procedures), int(complications)
+
+
+def _full(conn: sa.Connection, state: dict, needs_patient: bool, event_types: list[str],
+          extras: tuple[str, ...], reason: str) -> _Read:
+    """Read every row's columns (no as_of: the cache must hold rows of any date)."""
+    columns, kinds = _procedure_select(needs_patient, extras)
+    procs = _to_arrow(copy_columns(conn, sa.select(*columns), kinds), kinds)
+    if event_types:
+        comps = _to_arrow(copy_columns(
+            conn, sa.select(*_complication_select())
+            .where(complication.c.event_type.in_(event_types)), _COMPLICATION_KINDS),
+            _COMPLICATION_KINDS)
+    else:
+        comps = _empty(_COMPLICATION_KINDS)
+    state.update(procedures=procs.num_rows, complications=comps.num_rows, part=0)
+    return _Read(procs, comps, state, "full", reason)
+
+
+def _read_delta(conn: sa.Connection, checksums: list[str], needs_patient: bool,
+                extras: tuple[str, ...]) -> _Delta:
+    """Read the rows written by ``checksums``' files, and the complications they moved."""
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    columns, kinds = _procedure_select(needs_patient, extras)
+    written = procedure.c.source_checksum.in_(checksums)
+    procs = _to_arrow(copy_columns(conn, sa.select(*columns).where(written), kinds), kinds)
+    # Complications of every type: one re-typed out of the counted ones must leave the cache.
+    # Those of the written procedures by their ids, bound as one array (one scan of the
+    # procedures is enough).
+    ids = sa.bindparam("delta_ids", procs["procedure_id"].to_pylist(), type_=ARRAY(sa.String))
+    comps = _to_arrow(copy_columns(
+        conn, sa.select(*_complication_select()).where(sa.or_(
+            complication.c.source_checksum.in_(checksums),
+            complication.c.procedure_id == sa.func.any(ids))), _COMPLICATION_KINDS),
+        _COMPLICATION_KINDS)
+    moved = conn.scalars(sa.select(pending_complication.c.complication_id).where(
+        pending_complication.c.source_checksum.in_(checksums))).all()
+    return _Delta(procs, comps, list(moved))
+
+
+def _apply(procs, comps, delta: _Delta, event_types: list[str]):
+    """Replace and add the delta's rows by id; drop complications moved or re-typed away."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if delta.procedures.num_rows:
+        keep = pc.invert(pc.is_in(procs["procedure_id"],
+                                  value_set=delta.procedures["procedure_id"]))
+        procs = pa.concat_tables([procs.filter(keep), delta.procedures])
+    replaced = pa.concat_arrays([delta.complications["complication_id"].combine_chunks(),
+                                 pa.array(delta.moved, type=pa.string())])
+    if len(replaced):
+        keep = pc.invert(pc.is_in(comps["complication_id"], value_set=replaced))
+        counted = pc.is_in(delta.complications["event_type"].cast(pa.string()),
+                           value_set=pa.array(event_types, type=pa.string()))
+        comps = pa.concat_tables([comps.filter(keep), delta.complications.filter(counted)])
+    return procs, comps
+
+
+# --- Arrow tables and their storage ----------------------------------------------------------
+
+
+def _arrow_type(kind: str):
+    import pyarrow as pa
+
+    return {"int": pa.int64(), "bool": pa.bool_(), "string": pa.string(),
+            "category": pa.dictionary(pa.int32(), pa.string())}[kind]
+
+
+def _empty(kinds: dict[str, str]):
+    import pyarrow as pa
+
+    return pa.schema([(name, _arrow_type(kind)) for name, kind in kinds.items()]).empty_table()
+
+
+def _to_arrow(columns: dict, kinds: dict[str, str]):
+    """Turn copy_columns' arrays into one Arrow table of fixed types (no string copies)."""
+    import pyarrow as pa
+
+    arrays = []
+    for name, kind in kinds.items():
+        values = columns.pop(name)
+        if kind == "category":
+            array = pa.DictionaryArray.from_arrays(
+                pa.array(np.asarray(values.codes, dtype=np.int32), mask=values.codes < 0),
+                pa.array(np.asarray(values.categories, dtype=object), type=pa.string()))
+        else:
+            array = pa.array(values, type=_arrow_type(kind))
+        arrays.append(array)
+    return pa.table(arrays, schema=pa.schema(
+        [(name, _arrow_type(kind)) for name, kind in kinds.items()]))
+
+
+def _to_ipc(table) -> bytes:
+    import pyarrow as pa
+
+    # one dictionary per column: IPC files cannot replace dictionaries between batches
+    table = table.unify_dictionaries().combine_chunks()
+    sink = io.BytesIO()
+    options = pa.ipc.IpcWriteOptions(compression=COMPRESSION)
+    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def _from_ipc(blob: bytes):
+    import pyarrow as pa
+
+    return pa.ipc.open_file(pa.py_buffer(blob)).read_all()
+
+
+def _store(engine: sa.Engine, key: str, read: _Read, event_types: list[str]) -> None:
+    """Append this run's changes as the next part, or write every row as a new part 0.
+
+    A concurrent run may store first: an appended part then conflicts and is left out
+    (the stored chain stays valid), and a part that no longer follows the one before it
+    sends the next run to the full read.
+    """
+    from sqlalchemy.dialects.postgresql import insert
+
+    now = datetime.now(UTC)
+    delta = read.delta
+    if (delta is not None and read.parts < MAX_DELTA_PARTS
+            and read.part_rows + delta.rows <= MAX_DELTA_PARTS_SHARE * read.procedures.num_rows):
+        # "from": the watermark of the part it follows, checked when the parts are read
+        watermark = dict(read.watermark, part=read.parts + 1, moved=delta.moved,
+                         **{"from": read.chain_from})
+        values = {"cache_key": key, "part": read.parts + 1,
+                  "watermark": json.dumps(watermark, sort_keys=True),
+                  "procedures": _to_ipc(delta.procedures),
+                  "complications": _to_ipc(delta.complications), "built_at": now}
+        with engine.begin() as conn:
+            conn.execute(insert(snapshot_cache).values(values).on_conflict_do_nothing())
+        return
+    values = {"cache_key": key, "part": 0,
+              "watermark": json.dumps(dict(read.watermark, part=0), sort_keys=True),
+              "procedures": _to_ipc(read.procedures),
+              "complications": _to_ipc(read.complications), "built_at": now}
+    with engine.begin() as conn:
+        conn.execute(snapshot_cache.delete().where(snapshot_cache.c.cache_key == key))
+        # a concurrent run's part 0 is as valid as this one's
+        conn.execute(insert(snapshot_cache).values(values).on_conflict_do_nothing())
+
+
+# --- the snapshot --------------------------------------------------------------------------
+
+
+def _snapshot(procs, comps, as_of: date, needs_patient: bool,
+              extras: tuple[str, ...]) -> Snapshot:
+    """Keep the rows up to ``as_of`` and build the snapshot as the plain read does."""
+    import pyarrow.compute as pc
+
+    day = day_number(as_of)
+    if procs.num_rows and pc.max(procs["procedure_date"]).as_py() > day:
+        procs = procs.filter(pc.less_equal(procs["procedure_date"], day))
+    if comps.num_rows and pc.max(comps["event_date"]).as_py() > day:
+        comps = comps.filter(pc.less_equal(comps["event_date"], day))
+    proc_names = list(_PROCEDURE_KINDS) + (["patient_hash"] if needs_patient else [])
+    proc_rows = {name: _pandas(procs[name]) for name in proc_names}
+    extra_rows = {name: _pandas(procs[name]) for name in extras}
+    comp_rows = {name: _pandas(comps[name]) for name in _COMPLICATION_KINDS
+                 if name != "complication_id"}
+    del procs, comps
+    return snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient,
+                              extra_rows=extra_rows)
+
+
+def _pandas(column):
+    """Return one Arrow column as the plain read hands it to snapshot_from_rows."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(column.type):
+        # Only the values present, as a read of these rows alone would have them: an
+        # unused category (a site with only later procedures) would be charted as empty.
+        values = column.to_pandas().array
+        codes = values.codes
+        used = np.bincount(codes[codes >= 0], minlength=len(values.categories))
+        return values.remove_unused_categories() if (used == 0).any() else values
+    if pa.types.is_string(column.type):
+        return column.to_pandas().array  # Arrow-backed strings, no Python string per row
+    return column.to_numpy()
+
