@@ -260,3 +260,30 @@ def test_the_text_frame_is_the_one_built_row_by_row(kind):
     check()
     with pytest.raises(ValueError, match="fields"):
         _text_frame([["a"] * len(names), ["a"] * (len(names) - 1)], names, kind)
+
+
+def test_integer_values_are_those_pandas_parses():
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines.ingest.validate import _INT_TEXT, _int_values
+
+    value = st.one_of(st.sampled_from(["", "0", "+0", "+7", "0012", "123456789", "1234567890",
+                                       "-5", "+", "++1", "1e3", "1.0", "\u0663", "12 "]),
+                      st.from_regex(r"\A\+?[0-9]{1,10}\Z"), text_value)
+
+    @settings(max_examples=FUZZ_EXAMPLES * 3, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.lists(st.lists(value, max_size=20), min_size=1, max_size=3))
+    def check(pieces):
+        # an Arrow-backed column, in one chunk or several, as the text frame holds it
+        chunked = pa.chunked_array([pa.array(p, type=pa.large_string()) for p in pieces],
+                                   type=pa.large_string())
+        text = pd.Series(pd.arrays.ArrowStringArray(chunked), dtype="str").str.strip()
+        well_formed = text.str.match(_INT_TEXT)
+        expected = pd.to_numeric(text.where(well_formed), errors="coerce").astype("float64")
+        actual = _int_values(text, well_formed)
+        assert actual.dtype == np.float64
+        np.testing.assert_array_equal(actual, expected.to_numpy())
+
+    check()
