@@ -104,6 +104,13 @@ def test_the_drill_down_shortcuts_change_no_output(db_url, settings_for, capsys,
     without = status_rows(result, profile, detail=False)
     assert [{k: v for k, v in r.items() if k != "level_detail"} for r in with_detail] == without
     assert all("level_detail" in r for r in with_detail)
+    # one site's recent complications (read through the site index) are that site's rows
+    # of the network-wide ranking
+    every_site = evidence.recent_complications_by_site(settings, result.as_of)
+    assert len(every_site["S004"]) == evidence.RECENT_COMPLICATIONS
+    for site in ("S001", "S004"):
+        assert evidence.recent_complications_by_site(settings, result.as_of,
+                                                     site) == {site: every_site[site]}
 
 
 def _newest_by_max(conn: sa.Connection) -> date:
