@@ -10,6 +10,7 @@ engine never reads operator digests and turns patient digests into counters at o
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -198,10 +199,24 @@ def _collector_paused(handler):
     """
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
+        _freeze_at_exit()
         with _collector(False):
             return handler(args)
 
     return run
+
+
+@functools.cache
+def _freeze_at_exit() -> None:
+    """Make the interpreter's last garbage collection, at exit, walk nothing.
+
+    That pass walks every object of every module imported (SQLAlchemy's alone are about
+    45,000) and, after a drill-down, frees nothing: 25 ms on an idle machine, 60-70 ms on
+    a busy one. ``gc.freeze()`` in an exit hook (they run before that pass) moves them all
+    out of its reach. A drill-down has written all it writes by then (stdout is flushed),
+    so no finaliser is waiting on that pass.
+    """
+    atexit.register(gc.freeze)
 
 
 # Short forms for the 100-column tables (``--wide`` shows the full names).
