@@ -155,3 +155,24 @@ def test_libyaml_reads_every_bundled_profile_as_the_python_loader_does():
         text = path.read_text(encoding="utf-8")
         assert (yaml.load(text, Loader=profile_module._SAFE_LOADER)
                 == yaml.load(text, Loader=yaml.SafeLoader))
+
+
+def test_a_drill_down_for_a_date_without_a_stored_run_computes_it_once(sqlite_url,
+                                                                       settings_for, capsys,
+                                                                       monkeypatch):
+    end = build_sites(make_engine(sqlite_url), sites=3, per_site=300, leak={"S003": 0.3},
+                      seed=9)
+    monkeypatch.setenv("KYPHOWATCH_DEMO", "1")
+    newest = run_monitor(settings_for(sqlite_url))
+    past = (end - timedelta(days=150)).isoformat()
+    command = ["site", "S003", "--json", "--as-of", past, "--db", sqlite_url]
+    assert cli_main(command) == 0
+    computed = json.loads(capsys.readouterr().out)
+    assert computed["as_of"] == past and computed["run_key"] != newest.run_key
+    assert computed["metrics"] and computed["status"]
+    opened = []
+    original_open = db_module.open_warehouse
+    monkeypatch.setattr(db_module, "open_warehouse",
+                        lambda *a, **k: opened.append(1) or original_open(*a, **k))
+    assert cli_main(command) == 0  # now stored: read on one connection, same payload
+    assert json.loads(capsys.readouterr().out) == computed and len(opened) == 1
