@@ -597,6 +597,13 @@ def parse_profile(data: Any, origin: str = "<profile>", path: Path | None = None
     )
 
 
+# libyaml's safe loader when PyYAML was built with it: the same documents as SafeLoader
+# (the constructors are shared; tests/test_drilldown.py compares both on every bundled
+# profile), and it reads the bundled profile in 2 ms instead of 30, which every drill-down
+# command pays.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_profile(path: Path | str) -> Profile:
     """Read and validate the profile YAML at ``path``."""
     path = Path(path)
@@ -605,7 +612,7 @@ def load_profile(path: Path | str) -> Profile:
     except OSError as exc:
         raise ProfileError(f"profile {path}: cannot be read ({exc.strerror or exc})") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SAFE_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
