@@ -133,3 +133,41 @@ def test_pack_all_equals_packing_part_by_part():
              for n in (0, 1, 700, 5000, 20, 3, 9, 11, 13, 2000, 1)]
     assert runs._pack_all(parts) == [runs._pack(p) for p in parts]
     assert runs._pack_all([]) == []
+
+
+def test_signals_upserted_with_copy_equal_the_executemany(pg_url, settings_for, monkeypatch):
+    """PostgreSQL's COPY insert and UPDATE ... FROM a staged copy store what the
+    statement-per-row path stores, floats, missing values and dates included."""
+    import sqlalchemy as sa
+
+    from pipelines.schema import signal
+
+    build_sites(make_engine(pg_url), sites=4, per_site=400, leak={"S004": 0.3}, seed=5)
+    result = run_monitor(settings_for(pg_url))
+    assert len(result.signals) > 10
+    updatable = engine_module._UPDATABLE
+    updates, inserts = [], []
+    for i, row in enumerate(result.signals):
+        changed = dict(row, statistic=(row["statistic"] or 0.0) + 1 / 3, observed=None,
+                       signal_date=row["signal_date"] + timedelta(days=i % 3),
+                       detail=json.dumps({"i": i, "text": "ä, \"q\"\t\\n"}), n=i or None,
+                       active=i % 2 == 0, last_seen_run="other-run")
+        updates.append({f: changed[f] for f in (*updatable, "signal_key")})
+        inserts.append(dict(changed, signal_key=f"new-{i:04d}", first_seen_run="other-run"))
+    engine = make_engine(pg_url)
+
+    def upserted(copies: bool) -> list[tuple]:
+        monkeypatch.setattr(engine_module, "_copies", lambda conn: copies)
+        with engine.connect() as conn:
+            with conn.begin() as transaction:
+                engine_module._upsert_signals(conn, inserts, updates)
+                rows = conn.execute(sa.select(signal).order_by(signal.c.signal_key)).all()
+                transaction.rollback()
+        return [tuple(row) for row in rows]
+
+    with engine.connect() as conn:
+        before = [tuple(r) for r in conn.execute(sa.select(signal).order_by(signal.c.signal_key))]
+    copied, executed = upserted(True), upserted(False)
+    assert copied == executed
+    assert len(copied) == 2 * len(before) and copied != before
+    assert {row[0] for row in copied} >= {row[0] for row in before}

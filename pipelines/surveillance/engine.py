@@ -1451,19 +1451,11 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile) ->
             row["last_seen_run"] = result.run_key
             if key in existing:
                 row["first_seen_run"] = existing[key]
-                updates.append({f"b_{f}": row[f] for f in (*_UPDATABLE, "signal_key")})
+                updates.append({f: row[f] for f in (*_UPDATABLE, "signal_key")})
             else:
                 row["first_seen_run"] = result.run_key
                 inserts.append({f: row[f] for f in SIGNAL_FIELDS})
-        if inserts:
-            conn.execute(signal.insert(), inserts)
-        if updates:
-            conn.execute(
-                signal.update()
-                .where(signal.c.signal_key == sa.bindparam("b_signal_key"))
-                .values({f: sa.bindparam(f"b_{f}") for f in _UPDATABLE}),
-                updates,
-            )
+        _upsert_signals(conn, inserts, updates)
         gone = [key for key in judged if key not in present]
         for start in range(0, len(gone), 500):
             conn.execute(
@@ -1474,6 +1466,45 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile) ->
         result.new_signal_keys = sorted(row["signal_key"] for row in inserts)
         _replace_current_picture(conn, result, profile)
         store_run(conn, result, facts.result if facts is not None else None)
+
+
+def _upsert_signals(conn: sa.Connection, inserts: list[dict[str, Any]],
+                   updates: list[dict[str, Any]]) -> None:
+    """Insert the new signals and update the known ones (every field but the first run).
+
+    PostgreSQL (psycopg): the rows go in with COPY, the updates through a temporary table
+    and one ``UPDATE ... FROM`` (a statement per signal took about 0.3 s for the 3,800
+    signals of a 1M-procedure run); elsewhere an executemany of each, as before. Every
+    column is text, an integer, a date or a double: COPY stores the same values.
+    """
+    if not _copies(conn):
+        if inserts:
+            conn.execute(signal.insert(), inserts)
+        if updates:
+            conn.execute(
+                signal.update()
+                .where(signal.c.signal_key == sa.bindparam("b_signal_key"))
+                .values({f: sa.bindparam(f"b_{f}") for f in _UPDATABLE}),
+                [{f"b_{f}": row[f] for f in row} for row in updates],
+            )
+        return
+    if inserts:
+        _bulk_insert(conn, signal, inserts, {})
+    if updates:
+        staged = sa.Table("signal_staged", sa.MetaData(),
+                          *(sa.Column(c.name, c.type) for c in signal.c
+                            if c.name in (*_UPDATABLE, "signal_key")),
+                          prefixes=["TEMPORARY"], postgresql_on_commit="DROP")
+        staged.create(conn)
+        _bulk_insert(conn, staged, updates, {})
+        conn.execute(signal.update().where(signal.c.signal_key == staged.c.signal_key)
+                     .values({f: staged.c[f] for f in _UPDATABLE}))
+        staged.drop(conn)
+
+
+def _copies(conn: sa.Connection) -> bool:
+    """Return True when rows can be written with COPY (PostgreSQL through psycopg)."""
+    return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
 
 
 def _retire_replaced_profiles(conn: sa.Connection, result: MonitorResult,
@@ -1550,7 +1581,7 @@ def _bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]
     varying = [c.name for c in table.columns if c.name not in constants]
     columns = varying + fixed
     dialect = conn.dialect
-    copy = dialect.name == "postgresql" and dialect.driver == "psycopg"
+    copy = _copies(conn)
     raw_sqlite = dialect.name == "sqlite" and not any(
         isinstance(table.c[c].type, sa.Date | sa.DateTime) for c in varying
     )
