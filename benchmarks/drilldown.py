@@ -48,6 +48,7 @@ def time_drilldown(db_url: str, site: str) -> bool:
     Returns:
         True when every command's median wall time is within the target.
     """
+    load_before = os.getloadavg()[0]
     floor = [_run(["-c", "import pipelines.cli"]) for _ in range(RUNS)]
     floor_wall = statistics.median(w for w, _ in floor)
     print(f"drill-down commands, fresh processes, median of {RUNS} "
@@ -62,4 +63,6 @@ def time_drilldown(db_url: str, site: str) -> bool:
         ok = ok and wall < TARGET_SECONDS
         print(f"  kyphowatch {' '.join(command):<16} {wall:.2f} s wall, {cpu:.2f} s CPU, "
               f"{wall / floor_wall:.1f}x the floor (target < {TARGET_SECONDS:g} s: {verdict})")
+    # wall time on a shared machine is only comparable at a similar load
+    print(f"  load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     return ok

@@ -118,10 +118,10 @@ def _newest_by_max(conn: sa.Connection) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 
-def test_the_drill_down_imports_no_numpy_pandas_or_scipy(sqlite_url, settings_for):
+def test_the_drill_down_imports_no_numpy_pandas_or_scipy(db_url, settings_for):
     """...and leaves the interpreter's final garbage collection nothing to walk."""
-    build_sites(make_engine(sqlite_url), sites=3, per_site=300, leak={"S003": 0.3}, seed=8)
-    run_monitor(settings_for(sqlite_url))
+    build_sites(make_engine(db_url), sites=3, per_site=300, leak={"S003": 0.3}, seed=8)
+    run_monitor(settings_for(db_url))
     code = (
         "import atexit, contextlib, gc, io, json, os, sys\n"
         "from pipelines.cli import main\n"
@@ -129,8 +129,8 @@ def test_the_drill_down_imports_no_numpy_pandas_or_scipy(sqlite_url, settings_fo
         "atexit.register(lambda: os.write(1, b'frozen %d' % gc.get_freeze_count()))\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
-        f"    codes = [main(['sites', '--db', {sqlite_url!r}]),\n"
-        f"             main(['site', 'S003', '--wide', '--db', {sqlite_url!r}])]\n"
+        f"    codes = [main(['sites', '--db', {db_url!r}]),\n"
+        f"             main(['site', 'S003', '--wide', '--db', {db_url!r}])]\n"
         f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
         "print(json.dumps({'codes': codes, 'heavy': heavy, 'out': out.getvalue()}),\n"
         "      flush=True)\n"
