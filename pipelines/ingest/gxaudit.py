@@ -242,6 +242,8 @@ def _serve(requests, answers, expectations_dir: str, kinds) -> None:
         # nightly file's critical path), would walk every object GX's import made, 0.2-0.5 s
         # of that run (measured). Frozen objects are left out of every collection; all
         # there is to freeze here is module state (and what the parent had, frozen at fork).
+        # No gc.collect() first: it would put that same pass back on the critical path; any
+        # cycles the import left are bounded, and the helper lives for one load only.
         gc.freeze()
     finally:
         gc.enable()
