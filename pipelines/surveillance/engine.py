@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import operator
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -1395,24 +1396,44 @@ def _persist(engine: sa.Engine, result: MonitorResult, profile: Profile,
     Two monitors racing on the same new key is resolved by retrying: the loser sees the
     row on its second attempt and updates it instead.
     """
-    for attempt in range(1, attempts + 1):
-        try:
-            _persist_once(engine, result, profile)
-            result.persisted = True
-            return
-        except sa.exc.IntegrityError:
-            if attempt == attempts:
-                raise
-            log.warning("monitor: concurrent run wrote the same signals; retrying (%d)", attempt)
-
-
-def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile) -> None:
-    now = datetime.now(UTC)
     # PostgreSQL aggregates the run's procedure facts on another connection meanwhile
-    # (runs.FactsInBackground); SQLite in its own transaction, as before.
+    # (runs.FactsInBackground): once for every attempt, and always waited for, so a failed
+    # attempt neither leaves the scan running nor starts another; SQLite in its own
+    # transaction, as before.
     facts = (FactsInBackground(engine, result.as_of)
              if result.procedure_facts is None and engine.dialect.name == "postgresql"
              else None)
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                _persist_once(engine, result, profile, facts)
+                result.persisted = True
+                return
+            except Exception as error:
+                if not _duplicate_key(error) or attempt == attempts:
+                    raise
+                log.warning("monitor: concurrent run wrote the same signals; retrying (%d)",
+                            attempt)
+    finally:
+        if facts is not None:
+            facts.wait()
+
+
+def _duplicate_key(error: BaseException) -> bool:
+    """Return True for a unique-key violation, through SQLAlchemy or from psycopg's COPY.
+
+    The signals go in with COPY on the raw psycopg connection (:func:`_upsert_signals`),
+    whose violation is psycopg's own ``IntegrityError``, not SQLAlchemy's.
+    """
+    if isinstance(error, sa.exc.IntegrityError):
+        return True
+    psycopg = sys.modules.get("psycopg")  # a psycopg error means psycopg is imported
+    return psycopg is not None and isinstance(error, psycopg.IntegrityError)
+
+
+def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
+                  facts: FactsInBackground | None = None) -> None:
+    now = datetime.now(UTC)
     with engine.begin() as conn:
         stored = conn.execute(
             sa.select(signal.c.signal_key, signal.c.first_seen_run, signal.c.signal_date).where(

@@ -306,6 +306,10 @@ class FactsInBackground:
         except BaseException as error:  # raised in the caller by result()
             self._error = error
 
+    def wait(self) -> None:
+        """Wait for the aggregation to end (its error, if any, is kept for result())."""
+        self._thread.join()
+
     def result(self) -> dict[str, Any]:
         """Wait for the facts and return them (or raise what the aggregation raised)."""
         self._thread.join()
