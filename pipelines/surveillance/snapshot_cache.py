@@ -170,12 +170,15 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
         except sa.exc.DBAPIError as exc:  # e.g. a role that may not write it: next run reads all
             log.warning("snapshot cache: not stored (%s)", type(exc).__name__)
     stored = time.perf_counter()
-    snapshot = _snapshot(read.procedures, read.complications, as_of, needs_patient, extras)
+    held = (read.procedures.num_rows, read.complications.num_rows)
+    # Handed over, not shared: each cached table is freed once its columns are taken.
+    tables = [read.procedures, read.complications]
+    read.procedures = read.complications = read.delta = None
+    snapshot = _snapshot(tables, as_of, needs_patient, extras)
     log.info("snapshot cache: %s read (%s); %d procedures and %d complications held, "
              "%d and %d read as changed; read %.2fs, cache write %.2fs, snapshot %.2fs",
-             read.path, read.reason, read.procedures.num_rows, read.complications.num_rows,
-             *read.changed, read_done - started, stored - read_done,
-             time.perf_counter() - stored)
+             read.path, read.reason, *held, *read.changed, read_done - started,
+             stored - read_done, time.perf_counter() - stored)
     del read
     release_memory()
     return snapshot
@@ -458,11 +461,16 @@ def _store(engine: sa.Engine, key: str, read: _Read, event_types: list[str]) -> 
 # --- the snapshot --------------------------------------------------------------------------
 
 
-def _snapshot(procs, comps, as_of: date, needs_patient: bool,
+def _snapshot(tables: list, as_of: date, needs_patient: bool,
               extras: tuple[str, ...]) -> Snapshot:
-    """Keep the rows up to ``as_of`` and build the snapshot as the plain read does."""
+    """Keep the rows up to ``as_of`` and build the snapshot as the plain read does.
+
+    ``tables`` (procedures, complications) is emptied: the tables die with this frame.
+    """
     import pyarrow.compute as pc
 
+    procs, comps = tables
+    tables.clear()
     day = day_number(as_of)
     if procs.num_rows and pc.max(procs["procedure_date"]).as_py() > day:
         procs = procs.filter(pc.less_equal(procs["procedure_date"], day))
