@@ -159,6 +159,10 @@ def test_each_role_does_its_job_and_nothing_more(warehouse, settings_for, tmp_pa
     assert result.persisted
     with loader.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(schema.monitor_run)) == 1
+    # A rerun updates its signals through a staged TEMPORARY table: the loader may.
+    assert result.signals
+    rerun = run_monitor(settings_for(url("loader")), as_of=end + timedelta(days=1))
+    assert rerun.persisted and not rerun.new_signal_keys
     # Alerts as the loader: the half-quarantined file raises a data-quality alert; delivery to
     # a closed port records a failed attempt (rows again).
     alert_settings = settings_for(url("loader"), smtp_url="smtp://127.0.0.1:9",

@@ -122,8 +122,9 @@ def covariate_patterns(frame: pd.DataFrame, y: np.ndarray
     return patterns, events, units.astype(np.int64)
 
 
-# Widest range of small integers coded by counting (np.bincount) rather than hashing.
-_COUNTED_RANGE = 1 << 22
+# Widest range of small integers coded by counting (np.bincount) rather than hashing: its
+# count and rank arrays (8 MB each at most) stay below the units' own columns.
+_COUNTED_RANGE = 1 << 20
 # Terms that are an integer column shifted and scaled (term_values): coded on the integers.
 _INTEGER_TERMS = {"age10": "age_years", "extra_levels": "levels_treated",
                   "extra_balloon": "balloons"}
@@ -142,7 +143,7 @@ def _sorted_factorize(values: np.ndarray, space: int) -> tuple[np.ndarray, np.nd
     Counting is a third of the time of hashing a million values when the range is small
     (the covariate patterns' keys, a term's few values); a wide range is hashed.
     """
-    if 0 < len(values) and space <= max(_COUNTED_RANGE, 4 * len(values)):
+    if 0 < len(values) and space <= _COUNTED_RANGE:
         return _counted_codes(values, space)
     return pd.factorize(values, sort=True)
 
