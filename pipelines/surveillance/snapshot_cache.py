@@ -51,12 +51,14 @@ from datetime import UTC, date, datetime
 import numpy as np
 import sqlalchemy as sa
 
+from pipelines.contract import COMPLICATIONS
 from pipelines.schema import (
     complication,
     file_ledger,
     pending_complication,
     procedure,
     pseudonym_key,
+    quarantine,
     schema_version,
     snapshot_cache,
 )
@@ -77,7 +79,7 @@ from pipelines.surveillance.profile import Profile
 log = logging.getLogger(__name__)
 
 # Bumped whenever what the blobs hold changes: an old cache is then simply not found.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # A delta of more rows than this share of the cache (or MIN_FULL_ROWS) is read in full:
 # past it, replacing rows by id costs about as much as the plain read.
 MAX_DELTA_SHARE = 0.2
@@ -167,7 +169,7 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
     if read.path != "unchanged":
         try:
             _store(engine, key, read, event_types)
-        except sa.exc.DBAPIError as exc:  # e.g. a role that may not write it: next run reads all
+        except Exception as exc:  # noqa: BLE001 - e.g. a role that may not write it, or memory: the next run reads all
             log.warning("snapshot cache: not stored (%s)", type(exc).__name__)
     stored = time.perf_counter()
     held = (read.procedures.num_rows, read.complications.num_rows)
@@ -226,10 +228,27 @@ def _warehouse_state(conn: sa.Connection) -> dict:
                                        ).scalar(),
         "ledger_rows": int(count),
         "ledger_last": last.isoformat() if last is not None else None,
+        # Which files, stamped when: a count alone misses a late-committing file offset by
+        # a rejected file's ledger row re-stamped after the watermark.
+        "ledger_digest": _ledger_digest(conn, last),
+        # Complications waiting for their procedure: one promoted later keeps its old file's
+        # checksum (a file that loaded alongside its procedure), so the delta reads them by id.
+        "pending": sorted(conn.scalars(sa.select(pending_complication.c.complication_id))
+                          .all()),
         # a rotation rewrites digests without a new ledger row: any change reads all again
         "pseudonym_keys": hashlib.sha256(
             json.dumps([[f, str(r)] for f, r in keys]).encode()).hexdigest(),
     }
+
+
+def _ledger_digest(conn: sa.Connection, up_to: datetime | None) -> str:
+    """Return a digest of the ledger rows stamped at or before ``up_to`` (file and time)."""
+    rows = conn.execute(
+        sa.select(file_ledger.c.source_checksum, file_ledger.c.processed_at)
+        .where(file_ledger.c.processed_at <= up_to if up_to is not None else sa.false())
+        .order_by(file_ledger.c.source_checksum)).all()
+    text = "\n".join(f"{checksum} {stamp.isoformat()}" for checksum, stamp in rows)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _read(conn: sa.Connection, key: str, needs_patient: bool, event_types: list[str],
@@ -264,7 +283,8 @@ def _read(conn: sa.Connection, key: str, needs_patient: bool, event_types: list[
     if last is not None:
         before = conn.execute(sa.select(sa.func.count()).where(ledger.processed_at <= last)
                               ).scalar_one()
-        if before != mark["ledger_rows"]:
+        if (before != mark["ledger_rows"]
+                or _ledger_digest(conn, last) != mark.get("ledger_digest")):
             return full("the ledger changed at or before the watermark")
     elif mark["ledger_rows"]:
         return full("watermark mismatch")
@@ -275,8 +295,10 @@ def _read(conn: sa.Connection, key: str, needs_patient: bool, event_types: list[
     if sum(rows for _, rows in files) > max(MIN_FULL_ROWS, MAX_DELTA_SHARE * procs.num_rows):
         return full(f"delta of {len(files)} files too large")
     delta = None
-    if files:
-        delta = _read_delta(conn, [c for c, _ in files], needs_patient, extras)
+    # Pending at the watermark and no longer: promoted (under their old file) or quarantined.
+    left_pending = sorted(set(mark.get("pending", ())) - set(state["pending"]))
+    if files or left_pending:
+        delta = _read_delta(conn, [c for c, _ in files], needs_patient, extras, left_pending)
         procs, comps = _apply(procs, comps, delta, event_types)
     # Anything written or deleted outside what the delta sees shows in the counts.
     if _row_counts(conn, event_types) != (procs.num_rows, comps.num_rows):
@@ -333,8 +355,15 @@ def _full(conn: sa.Connection, state: dict, needs_patient: bool, event_types: li
 
 
 def _read_delta(conn: sa.Connection, checksums: list[str], needs_patient: bool,
-                extras: tuple[str, ...]) -> _Delta:
-    """Read the rows written by ``checksums``' files, and the complications they moved."""
+                extras: tuple[str, ...], left_pending: list[str] = ()) -> _Delta:
+    """Read the rows written by ``checksums``' files, and the complications they moved.
+
+    Also the complications in ``left_pending`` (pending at the watermark, not now: those
+    promoted are in the table under an older file's checksum), and, as removed, the
+    complications those files sent to quarantine that are no longer in the table (moved
+    back to pending and then quarantined within the window leave no pending row).
+    Removing an id the table does not hold can never make the cache wrong.
+    """
     from sqlalchemy.dialects.postgresql import ARRAY
 
     columns, kinds = _procedure_select(needs_patient, extras)
@@ -344,14 +373,21 @@ def _read_delta(conn: sa.Connection, checksums: list[str], needs_patient: bool,
     # Those of the written procedures by their ids, bound as one array (one scan of the
     # procedures is enough).
     ids = sa.bindparam("delta_ids", procs["procedure_id"].to_pylist(), type_=ARRAY(sa.String))
+    left = sa.bindparam("left_pending", list(left_pending), type_=ARRAY(sa.String))
     comps = _to_arrow(copy_columns(
         conn, sa.select(*_complication_select()).where(sa.or_(
             complication.c.source_checksum.in_(checksums),
-            complication.c.procedure_id == sa.func.any(ids))), _COMPLICATION_KINDS),
+            complication.c.procedure_id == sa.func.any(ids),
+            complication.c.complication_id == sa.func.any(left))), _COMPLICATION_KINDS),
         _COMPLICATION_KINDS)
     moved = conn.scalars(sa.select(pending_complication.c.complication_id).where(
         pending_complication.c.source_checksum.in_(checksums))).all()
-    return _Delta(procs, comps, list(moved))
+    quarantined = conn.scalars(sa.select(quarantine.c.record_id).where(
+        quarantine.c.source_checksum.in_(checksums), quarantine.c.kind == COMPLICATIONS,
+        quarantine.c.record_id.is_not(None),
+        ~sa.exists().where(complication.c.complication_id == quarantine.c.record_id),
+    ).distinct()).all()
+    return _Delta(procs, comps, sorted({*moved, *quarantined}))
 
 
 def _apply(procs, comps, delta: _Delta, event_types: list[str]):
