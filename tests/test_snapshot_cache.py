@@ -374,3 +374,30 @@ def test_sqlite_reads_without_the_cache(tmp_path, sqlite_url, settings_for, capl
     engine.dispose()
     assert "not used (sqlite" in caplog.records[-1].getMessage()
     assert cached.fingerprint == plain.fingerprint and len(cached.procedures) > 3000
+
+
+def test_the_cache_blobs_do_not_outlive_the_read(night):
+    """Neither the written blobs nor the driver's buffers stay alive for the monitor's run.
+
+    Bound as parameters, not as a statement's values (SQLAlchemy's statement cache kept the
+    first statement's values: a 28 MB blob for the whole run), on a connection closed
+    afterwards (libpq keeps its buffers at their largest message).
+    """
+    import tracemalloc
+
+    _, engine, run, files, _ = night
+    result, _, _ = run(files["history"])
+    with engine.begin() as conn:
+        conn.execute(schema.snapshot_cache.delete())
+    tracemalloc.start(40)
+    try:
+        snapshot = _cached_read(engine, result.as_of)  # a full read: writes part 0
+        traces = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, snapshot_cache.__file__)])
+    finally:
+        tracemalloc.stop()
+    alive = [s for s in traces.statistics("traceback")
+             if any("_to_ipc" in line for line in s.traceback.format())]
+    assert snapshot.fingerprint == _full_read(engine, result.as_of).fingerprint
+    assert sum(s.size for s in alive) < 4096, [s.traceback.format()[-2:] for s in alive]
+    assert _parts(engine) == [0]

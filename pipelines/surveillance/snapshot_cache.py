@@ -45,6 +45,8 @@ import io
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -157,7 +159,7 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
     key = cache_key(needs_patient, event_types, extras)
     engine = conn.engine
     try:
-        with engine.connect() as snap:
+        with _own_connection(engine) as snap:
             snap = snap.execution_options(isolation_level="REPEATABLE READ")
             read = _read(snap, key, needs_patient, event_types, extras)
             snap.rollback()
@@ -239,6 +241,21 @@ def _warehouse_state(conn: sa.Connection) -> dict:
         "pseudonym_keys": hashlib.sha256(
             json.dumps([[f, str(r)] for f, r in keys]).encode()).hexdigest(),
     }
+
+
+@contextmanager
+def _own_connection(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """Yield a connection that is closed afterwards, not returned to the pool.
+
+    libpq keeps its input and output buffers at the largest message they have held until
+    the connection closes: a pooled connection that fetched or sent the cache's blobs
+    (tens of MB) kept that memory for the rest of the run, on top of the monitor's peak.
+    """
+    with engine.connect() as conn:
+        try:
+            yield conn
+        finally:
+            conn.invalidate()
 
 
 def _ledger_digest(conn: sa.Connection, up_to: datetime | None) -> str:
@@ -481,17 +498,19 @@ def _store(engine: sa.Engine, key: str, read: _Read, event_types: list[str]) -> 
                   "watermark": json.dumps(watermark, sort_keys=True),
                   "procedures": _to_ipc(delta.procedures),
                   "complications": _to_ipc(delta.complications), "built_at": now}
-        with engine.begin() as conn:
-            conn.execute(insert(snapshot_cache).values(values).on_conflict_do_nothing())
+        with _own_connection(engine) as conn, conn.begin():
+            conn.execute(insert(snapshot_cache).on_conflict_do_nothing(), values)
         return
+    # Bound as parameters, never as the statement's values: SQLAlchemy's statement cache
+    # keeps the first compiled statement's values (a 28 MB blob for the rest of the run).
     values = {"cache_key": key, "part": 0,
               "watermark": json.dumps(dict(read.watermark, part=0), sort_keys=True),
               "procedures": _to_ipc(read.procedures),
               "complications": _to_ipc(read.complications), "built_at": now}
-    with engine.begin() as conn:
+    with _own_connection(engine) as conn, conn.begin():
         conn.execute(snapshot_cache.delete().where(snapshot_cache.c.cache_key == key))
         # a concurrent run's part 0 is as valid as this one's
-        conn.execute(insert(snapshot_cache).values(values).on_conflict_do_nothing())
+        conn.execute(insert(snapshot_cache).on_conflict_do_nothing(), values)
 
 
 # --- the snapshot --------------------------------------------------------------------------
