@@ -183,6 +183,13 @@ def night(tmp_path, pg_url, settings_for, monkeypatch, caplog):
     engine.dispose()
 
 
+def _ledger_row(conn, digit, file_name, status, stamp):
+    """Record a file in the ledger (no rows of its own) with the given stamp."""
+    conn.execute(schema.file_ledger.insert().values(
+        source_checksum=digit * 64, file_name=file_name, kind=file_name.split("_")[0],
+        status=status, processed_at=stamp))
+
+
 def _full_read(engine, as_of):
     with engine.connect() as conn:
         return load_snapshot(conn, PROFILE, as_of, extras=EXTRA_COLUMNS)
@@ -276,9 +283,8 @@ def test_the_cache_falls_back_to_a_full_read_when_it_cannot_be_sure(night, caplo
     # A ledger row stamped before the watermark that the watermark did not see (a load
     # that committed late): the rows it wrote may be missing.
     with engine.begin() as conn:
-        conn.execute(schema.file_ledger.insert().values(
-            source_checksum="0" * 64, file_name="procedures_20230101.csv", kind="procedures",
-            status="rejected", processed_at=datetime(2000, 1, 1, tzinfo=UTC)))
+        _ledger_row(conn, "0", "procedures_20230101.csv", "rejected",
+                    datetime(2000, 1, 1, tzinfo=UTC))
     assert "the ledger changed at or before the watermark" in read_path()
     # A part that does not follow the one before it (a concurrent run stored in between).
     with engine.begin() as conn:
@@ -298,9 +304,8 @@ def test_the_cache_falls_back_to_a_full_read_when_it_cannot_be_sure(night, caplo
         conn.execute(schema.file_ledger.update()
                      .where(schema.file_ledger.c.source_checksum == restamped)
                      .values(processed_at=datetime(2999, 1, 1, tzinfo=UTC)))
-        conn.execute(schema.file_ledger.insert().values(
-            source_checksum="1" * 64, file_name="procedures_20230102.csv", kind="procedures",
-            status="rejected", processed_at=datetime(2000, 1, 2, tzinfo=UTC)))
+        _ledger_row(conn, "1", "procedures_20230102.csv", "rejected",
+                    datetime(2000, 1, 2, tzinfo=UTC))
     assert "the ledger changed at or before the watermark" in read_path()
     assert read_path().startswith("snapshot cache: unchanged read")
     # A complication pending at the watermark, promoted later under its own (older) file's
@@ -318,9 +323,8 @@ def test_the_cache_falls_back_to_a_full_read_when_it_cannot_be_sure(night, caplo
         conn.execute(schema.pending_complication.delete().where(
             schema.pending_complication.c.complication_id == waiting["complication_id"]))
         conn.execute(schema.complication.insert().values({c: waiting[c] for c in columns}))
-        conn.execute(schema.file_ledger.insert().values(
-            source_checksum="2" * 64, file_name="procedures_29990102.csv", kind="procedures",
-            status="loaded", processed_at=datetime(2999, 1, 2, tzinfo=UTC)))
+        _ledger_row(conn, "2", "procedures_29990102.csv", "loaded",
+                    datetime(2999, 1, 2, tzinfo=UTC))
     assert read_path().startswith("snapshot cache: delta read")
     # A cached complication moved back to pending and quarantined within the window (no
     # pending row left): the quarantine of the window's file removes it from the cache.
@@ -329,12 +333,10 @@ def test_the_cache_falls_back_to_a_full_read_when_it_cannot_be_sure(night, caplo
             schema.complication.c.event_type.in_(COUNTED)).limit(1)).mappings().one()
         conn.execute(schema.complication.delete().where(
             schema.complication.c.complication_id == gone["complication_id"]))
-        # ...and a procedure deleted behind the loader's back, offsetting the counts: only
-        # the quarantine row tells the delta about the complication.
-        conn.execute(schema.file_ledger.insert().values(
-            source_checksum="3" * 64, file_name="complications_29990103.csv",
-            kind="complications", status="loaded",
-            processed_at=datetime(2999, 1, 3, tzinfo=UTC)))
+        # No pending row and no row of it in the window's file: only the quarantine row
+        # tells the delta the complication is gone (else the counts send it to a full read).
+        _ledger_row(conn, "3", "complications_29990103.csv", "loaded",
+                    datetime(2999, 1, 3, tzinfo=UTC))
         conn.execute(schema.quarantine.insert().values(
             source_checksum="3" * 64, record_number=1, file_name="complications_29990103.csv",
             kind="complications", site_id=gone["site_id"], record_id=gone["complication_id"],

@@ -424,20 +424,50 @@ def load_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
     return snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient)
 
 
-def _day_of(column: sa.ColumnElement) -> sa.ColumnElement:
+def day_of(column: sa.ColumnElement) -> sa.ColumnElement:
     """Return the days since 1970-01-01 of a date column, computed by PostgreSQL."""
     return column - sa.cast(sa.literal(EPOCH.isoformat()), sa.Date)
 
 
 # Kinds of the streamed procedure and complication columns (see copy_columns).
-_PROCEDURE_KINDS = {
+PROCEDURE_KINDS = {
     "procedure_id": "string", "site_id": "category", "procedure_date": "int",
     "age_years": "int", "sex": "category", "steroid_use": "bool", "levels_treated": "int",
     "indication": "category", "anaesthesia": "category", "balloons": "int",
     "mdt_discussed": "bool",
 }
-_COMPLICATION_KINDS = {"procedure_id": "string", "event_date": "int", "event_type": "category",
-                       "symptomatic": "bool", "severity": "category"}
+COMPLICATION_KINDS = {"procedure_id": "string", "event_date": "int", "event_type": "category",
+                      "symptomatic": "bool", "severity": "category"}
+
+
+def streamed_procedure_columns(needs_patient: bool, extras: tuple[str, ...] = ()
+                               ) -> tuple[list[sa.ColumnElement], dict[str, str]]:
+    """Return the procedure columns the streamed read selects, and their kinds.
+
+    One definition for the plain read and the snapshot cache (snapshot_cache.py), whose
+    snapshot is exact only while both read the very same columns the same way.
+    """
+    columns = [
+        procedure.c.procedure_id, procedure.c.site_id,
+        day_of(procedure.c.procedure_date).label("procedure_date"),
+        *(procedure.c[name] for name in COVARIATES), procedure.c.mdt_discussed,
+    ]
+    kinds = dict(PROCEDURE_KINDS)
+    if needs_patient:
+        columns.append(
+            sa.func.hashtextextended(procedure.c.patient_hash, 0).label("patient_hash"))
+        kinds["patient_hash"] = "int"
+    for name in extras:
+        columns.append(procedure.c[name])
+        kinds[name] = "category"
+    return columns, kinds
+
+
+def streamed_complication_columns() -> list[sa.ColumnElement]:
+    """Return the complication columns the streamed read selects (kinds: COMPLICATION_KINDS)."""
+    return [complication.c.procedure_id,
+            day_of(complication.c.event_date).label("event_date"),
+            complication.c.event_type, complication.c.symptomatic, complication.c.severity]
 
 
 def _load_streamed(conn: sa.Connection, as_of: date, needs_patient: bool,
@@ -451,31 +481,16 @@ def _load_streamed(conn: sa.Connection, as_of: date, needs_patient: bool,
     ``extras`` come as categoricals in the same ``COPY``: a second read of the procedures
     cost as much as the first, and matching its ids to the snapshot's rows more again.
     """
-    proc_columns = [
-        procedure.c.procedure_id, procedure.c.site_id,
-        _day_of(procedure.c.procedure_date).label("procedure_date"),
-        *(procedure.c[name] for name in COVARIATES), procedure.c.mdt_discussed,
-    ]
-    kinds = dict(_PROCEDURE_KINDS)
-    if needs_patient:
-        proc_columns.append(
-            sa.func.hashtextextended(procedure.c.patient_hash, 0).label("patient_hash"))
-        kinds["patient_hash"] = "int"
-    for name in extras:
-        proc_columns.append(procedure.c[name])
-        kinds[name] = "category"
+    proc_columns, kinds = streamed_procedure_columns(needs_patient, extras)
     proc_rows = copy_columns(
         conn, sa.select(*proc_columns).where(procedure.c.procedure_date <= as_of), kinds)
     extra_rows = {name: proc_rows.pop(name) for name in extras}
-    comp_rows = {name: np.empty(0, dtype=object) for name in _COMPLICATION_KINDS}
+    comp_rows = {name: np.empty(0, dtype=object) for name in COMPLICATION_KINDS}
     release_memory()
     if event_types:
-        comp_rows = copy_columns(conn, sa.select(
-            complication.c.procedure_id,
-            _day_of(complication.c.event_date).label("event_date"),
-            complication.c.event_type, complication.c.symptomatic, complication.c.severity,
-        ).where(complication.c.event_date <= as_of,
-                complication.c.event_type.in_(event_types)), _COMPLICATION_KINDS)
+        comp_rows = copy_columns(conn, sa.select(*streamed_complication_columns()).where(
+            complication.c.event_date <= as_of, complication.c.event_type.in_(event_types)),
+            COMPLICATION_KINDS)
     snapshot = snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient,
                                   extra_rows=extra_rows)
     del proc_rows, comp_rows, extra_rows

@@ -65,8 +65,8 @@ from pipelines.schema import (
     snapshot_cache,
 )
 from pipelines.surveillance.outcomes import (
-    COVARIATES,
-    EPOCH,
+    COMPLICATION_KINDS,
+    PROCEDURE_KINDS,
     Snapshot,
     copy_columns,
     day_number,
@@ -74,6 +74,8 @@ from pipelines.surveillance.outcomes import (
     release_memory,
     snapshot_from_rows,
     snapshot_needs,
+    streamed_complication_columns,
+    streamed_procedure_columns,
     streams_copy,
 )
 from pipelines.surveillance.profile import Profile
@@ -94,17 +96,10 @@ COMPRESSION = "lz4"
 MAX_DELTA_PARTS = 30
 MAX_DELTA_PARTS_SHARE = 0.1
 
-# Column kinds of the cached reads (see outcomes.copy_columns); ids are keys for the merge.
-_PROCEDURE_KINDS = {
-    "procedure_id": "string", "site_id": "category", "procedure_date": "int",
-    "age_years": "int", "sex": "category", "steroid_use": "bool", "levels_treated": "int",
-    "indication": "category", "anaesthesia": "category", "balloons": "int",
-    "mdt_discussed": "bool",
-}
-_COMPLICATION_KINDS = {
-    "complication_id": "string", "procedure_id": "string", "event_date": "int",
-    "event_type": "category", "symptomatic": "bool", "severity": "category",
-}
+# Column kinds of the cached reads (those of the plain streamed read, and the complication's
+# own id): ids are keys for the merge.
+_PROCEDURE_KINDS = PROCEDURE_KINDS
+_COMPLICATION_KINDS = {"complication_id": "string", **COMPLICATION_KINDS}
 
 
 @dataclass
@@ -192,30 +187,13 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
 
 
 def _procedure_select(needs_patient: bool, extras: tuple[str, ...]) -> tuple[list, dict]:
-    columns = [procedure.c.procedure_id, procedure.c.site_id,
-               _day_of(procedure.c.procedure_date).label("procedure_date"),
-               *(procedure.c[name] for name in COVARIATES), procedure.c.mdt_discussed]
-    kinds = dict(_PROCEDURE_KINDS)
-    if needs_patient:
-        # the same 64-bit hash of the digest as the plain streamed read
-        columns.append(
-            sa.func.hashtextextended(procedure.c.patient_hash, 0).label("patient_hash"))
-        kinds["patient_hash"] = "int"
-    for name in extras:
-        columns.append(procedure.c[name])
-        kinds[name] = "category"
-    return columns, kinds
+    """Return the plain streamed read's procedure columns and kinds (the same 64-bit hash
+    of the patient digest, the same day numbers), with no ``as_of`` filter."""
+    return streamed_procedure_columns(needs_patient, extras)
 
 
 def _complication_select() -> list:
-    return [complication.c.complication_id, complication.c.procedure_id,
-            _day_of(complication.c.event_date).label("event_date"),
-            complication.c.event_type, complication.c.symptomatic, complication.c.severity]
-
-
-def _day_of(column: sa.ColumnElement) -> sa.ColumnElement:
-    """Days since 1970-01-01, computed by PostgreSQL (as the plain streamed read does)."""
-    return column - sa.cast(sa.literal(EPOCH.isoformat()), sa.Date)
+    return [complication.c.complication_id, *streamed_complication_columns()]
 
 
 def _warehouse_state(conn: sa.Connection) -> dict:
