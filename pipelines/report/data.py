@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import traceback
 from datetime import date
 from typing import Any
 
@@ -10,6 +13,8 @@ import sqlalchemy as sa
 
 from pipelines import evidence
 from pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # -- data ------------------------------------------------------------------------------
 
@@ -74,16 +79,120 @@ def _recent_complications(settings: Settings, as_of: date | None
     return day, evidence.recent_complications_by_site(settings, day)
 
 
+def _side_reads(settings: Settings, profile, as_of: date | None) -> dict[str, Any]:
+    """Return what a report reads beside the stored run, for the run it will read.
+
+    The date is the one :func:`pipelines.surveillance.runs.read_or_compute` reads the run
+    for (``as_of``, else the newest procedure date, found the same way) and the run key
+    that of the run stored for it (None when none is: the report then computes one and
+    reads these again). Runs in :class:`_ForkedReads`' process while the report's own
+    process reads the run.
+    """
+    from pipelines.db import reading
+    from pipelines.surveillance.runs import _newest_procedure_date, find_run
+
+    with reading(settings.db_url) as conn:
+        day = as_of or _newest_procedure_date(conn)
+        row = find_run(conn, profile, day) if day else None
+    run_key = row["run_key"] if row is not None else None
+    return {
+        "day": day, "run_key": run_key,
+        "complications": evidence.recent_complications_by_site(settings, day),
+        "quality": data_quality(settings),
+        "months": (evidence.monthly_figures(settings, run_key, profile.name)
+                   if run_key else None),
+    }
+
+
+class _ForkedReads:
+    """:func:`_side_reads` in a forked process, overlapping the stored run's read here.
+
+    Reading the run is mostly decoding it, which holds this process's GIL, while the other
+    reads (the monthly figures above all: 200,000 rows for 1,000 sites) are a second
+    core's work; their result comes back pickled through a pipe (a tenth of the time of
+    reading them). The child opens its own connections (every read opens a new engine)
+    and leaves through ``os._exit``; it is forked before this process starts any thread.
+    Any failure there is only logged: the caller then reads everything itself, so errors
+    surface as they always did.
+    """
+
+    def __init__(self, settings: Settings, profile, as_of: date | None) -> None:
+        import pickle
+
+        read_end, write_end = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child
+            os.close(read_end)
+            code = 0
+            try:
+                answer: tuple[str, Any] = ("ok", _side_reads(settings, profile, as_of))
+            except BaseException:  # noqa: BLE001 - the parent reads again and raises
+                answer, code = ("error", traceback.format_exc(limit=5)), 1
+            try:
+                with os.fdopen(write_end, "wb") as pipe:
+                    pickle.dump(answer, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        self.read_end = read_end
+
+    def result(self) -> dict[str, Any] | None:
+        """Return the child's reads (None if it failed) and reap it; call exactly once."""
+        import pickle
+
+        try:
+            with os.fdopen(self.read_end, "rb") as pipe:
+                status, payload = pickle.load(pipe)
+        except (EOFError, OSError, pickle.UnpicklingError):
+            status, payload = "error", "the reading process died without an answer"
+        finally:
+            os.waitpid(self.pid, 0)
+        if status != "ok":
+            log.warning("report: reading beside the run failed, reading again: %s", payload)
+            return None
+        return payload
+
+
 class ReportData:
     """Everything one report renders, gathered once."""
 
-    def __init__(self, settings: Settings, as_of: date | None) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+    def __init__(self, settings: Settings, as_of: date | None, *,
+                 parallel_reads: bool = False) -> None:
+        """Read the stored run and everything else a report shows.
 
+        ``parallel_reads``: read all but the run in a forked process while this one reads
+        the run (:class:`_ForkedReads`; for callers that may fork, as
+        :func:`pipelines.report.publish.write_report` does). The data are the same.
+        """
         from pipelines.surveillance.profile import load_profile
-        from pipelines.surveillance.runs import read_or_compute
 
         self.profile = load_profile(settings.profile_path)
+        if parallel_reads and hasattr(os, "fork"):
+            self._read_overlapped(settings, as_of)
+        else:
+            self._read(settings, as_of)
+        self.labels = {m.id: m.label for m in self.profile.metrics}
+        self.metric_ids = [m.id for m in self.profile.metrics]
+        self.metrics = {m.id: m for m in self.profile.metrics}
+        self.rows = {(m["site_id"], m["metric"]): m for m in self.result.site_metrics}
+        self.levels = {key: row.get("level") or {} for key, row in self.rows.items()}
+        self.signals_by_key = {s["signal_key"]: s for s in self.result.signals}
+        self.funnel_class = self._funnel_classes()
+        self.evidence = evidence.Evidence(self.result, self.profile, self.facts,
+                                          self._complications)
+        self.sites = self.evidence.sites
+        self.recent_oe = evidence.recent_observed_expected(self.months)
+        # CSV files written beside the pages: {relative path: text}
+        self.files: dict[str, str] = {}
+        self._cusum_series: dict[str, Any] = {}
+
+    def _read(self, settings: Settings, as_of: date | None) -> None:
+        """Read the run here and the rest in threads (``result``, ``as_of``, ``quality``,
+        ``months``, ``facts`` and the recent complications)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipelines.surveillance.runs import read_or_compute
+
         # Recent complications (a window query over each site's newest ones) are read in a
         # thread while this thread decodes the stored run, and the site facts (the run's
         # stored deliveries and case mix, plus alerts and counts) while it reads the monthly
@@ -106,21 +215,35 @@ class ReportData:
                                                     self.profile.name) if self.as_of else {})
             if complications.result()[0] != self.as_of:
                 complications = pool.submit(_recent_complications, settings, self.as_of)
-            self.labels = {m.id: m.label for m in self.profile.metrics}
-            self.metric_ids = [m.id for m in self.profile.metrics]
-            self.metrics = {m.id: m for m in self.profile.metrics}
-            self.rows = {(m["site_id"], m["metric"]): m for m in self.result.site_metrics}
-            self.levels = {key: row.get("level") or {} for key, row in self.rows.items()}
-            self.signals_by_key = {s["signal_key"]: s for s in self.result.signals}
-            self.funnel_class = self._funnel_classes()
             self.facts = facts.result()
-            self.evidence = evidence.Evidence(self.result, self.profile, self.facts,
-                                              complications.result()[1])
-            self.sites = self.evidence.sites
-        self.recent_oe = evidence.recent_observed_expected(self.months)
-        # CSV files written beside the pages: {relative path: text}
-        self.files: dict[str, str] = {}
-        self._cusum_series: dict[str, Any] = {}
+            self._complications = complications.result()[1]
+
+    def _read_overlapped(self, settings: Settings, as_of: date | None) -> None:
+        """:meth:`_read`, with everything but the run read in a forked process meanwhile.
+
+        The other process's reads are used only if they were made for this very run (its
+        key and date); otherwise (no run was stored, so one was computed; a run stored in
+        between; a failure) they are read again here, as :meth:`_read` does.
+        """
+        from pipelines.surveillance.runs import read_or_compute
+
+        side = _ForkedReads(settings, self.profile, as_of)
+        try:
+            self.result = read_or_compute(settings, self.profile, as_of)
+        finally:
+            reads = side.result()
+        self.as_of = self.result.as_of
+        if (reads is None or reads["run_key"] != self.result.run_key
+                or reads["day"] != self.as_of):
+            reads = {"quality": data_quality(settings),
+                     "months": (evidence.monthly_figures(settings, self.result.run_key,
+                                                         self.profile.name)
+                                if self.as_of else {}),
+                     "complications": _recent_complications(settings, self.as_of)[1]}
+        self.quality, self.months = reads["quality"], reads["months"] or {}
+        self._complications = reads["complications"]
+        self.facts = evidence.read_site_facts(settings, self.as_of,
+                                              stored=self.result.procedure_facts)
 
     def _funnel_classes(self) -> dict[tuple[str, str, str], str]:
         """Return each site's class on each funnel plot: ``significant`` (outside the

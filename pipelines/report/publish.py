@@ -238,7 +238,9 @@ def write_report(settings: Settings, out_dir: Path | None = None,
     any number.
     """
     out_dir = Path(out_dir or settings.report_dir)
-    data = ReportData(settings, as_of)
+    workers = default_workers() if workers is None else workers
+    # with workers, forking is safe here: let a second process read beside the run
+    data = ReportData(settings, as_of, parallel_reads=workers > 1)
     fresh = not out_dir.exists()
     ours = not fresh and (out_dir / "report.json").exists()
     if fresh:
@@ -260,8 +262,7 @@ def write_report(settings: Settings, out_dir: Path | None = None,
                 for relative, text in _network_pages(settings, data).items():
                     writer.write(relative, text)
 
-            _draw_sites(data, site_ids, writer,
-                        default_workers() if workers is None else workers, network_pages)
+            _draw_sites(data, site_ids, writer, workers, network_pages)
         if fresh:
             os.rename(staging, out_dir)
         else:
