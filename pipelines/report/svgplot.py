@@ -31,7 +31,13 @@ EPOCH = date(1970, 1, 1)
 
 
 def _esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
+    return _escaped(str(text))
+
+
+@lru_cache(maxsize=1 << 16)
+def _escaped(text: str) -> str:
+    """Return ``text`` escaped for SVG (cached by the text: charts repeat their labels)."""
+    return html.escape(text, quote=True)
 
 
 def _fmt(value: float) -> str:
