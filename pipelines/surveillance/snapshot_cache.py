@@ -40,15 +40,17 @@ small demo ones, which read in well under a second anyway.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
-import io
 import json
 import logging
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import sqlalchemy as sa
@@ -95,6 +97,13 @@ COMPRESSION = "lz4"
 # next run writes all rows as a new part 0 instead.
 MAX_DELTA_PARTS = 30
 MAX_DELTA_PARTS_SHARE = 0.1
+# A part 0 goes to the server in pieces of this size (binary COPY): libpq copies whatever
+# it is handed into its output buffer, which a whole blob would grow to the blob's size.
+COPY_CHUNK_BYTES = 1 << 20
+
+# Threads storing the cache inside store_cache_aside() (None outside: stored in line).
+_ASIDE: contextvars.ContextVar[list[threading.Thread] | None] = contextvars.ContextVar(
+    "snapshot_cache_aside", default=None)
 
 # Column kinds of the cached reads (those of the plain streamed read, and the complication's
 # own id): ids are keys for the merge.
@@ -164,10 +173,24 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
         return load_snapshot(conn, profile, as_of, extras=extras)
     read_done = time.perf_counter()
     if read.path != "unchanged":
+        aside = _ASIDE.get()
         try:
-            _store(engine, key, read, event_types)
-        except Exception as exc:  # noqa: BLE001 - e.g. a role that may not write it, or memory: the next run reads all
+            # Serialised here, in line: the tables are handed to the snapshot below, and
+            # only the (compressed) blobs may outlive this call.
+            row = _cache_row(key, read)
+        except Exception as exc:  # noqa: BLE001 - e.g. memory: the next run reads all
             log.warning("snapshot cache: not stored (%s)", type(exc).__name__)
+        else:
+            if aside is None:
+                _write_logged(engine, row)
+            else:
+                # The server's write (about 1.5 s for a million rows) overlaps the
+                # snapshot and what follows; store_cache_aside() joins it.
+                writer = threading.Thread(target=_write_logged, args=(engine, row),
+                                          name="snapshot-cache-store")
+                writer.start()
+                aside.append(writer)
+            del row
     stored = time.perf_counter()
     held = (read.procedures.num_rows, read.complications.num_rows)
     # Handed over, not shared: each cached table is freed once its columns are taken.
@@ -181,6 +204,28 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
     del read
     release_memory()
     return snapshot
+
+
+@contextmanager
+def store_cache_aside() -> Iterator[None]:
+    """Within this block, :func:`load_cached_snapshot` stores the cache in a thread.
+
+    The cache's write is the server's work (a full read's part 0: about 1.5 s for a million
+    rows), so it can overlap the snapshot's build and the caller's next step instead of
+    delaying them. Leaving the block waits for the write: its blobs must be gone before
+    the caller reaches its memory peak. A failed write is logged, never raised (the next
+    run reads all rows again), as in line.
+    """
+    writers: list[threading.Thread] = []
+    token = _ASIDE.set(writers)
+    try:
+        yield
+    finally:
+        _ASIDE.reset(token)
+        for writer in writers:
+            writer.join()
+        if writers:
+            release_memory()  # the blobs' pages, freed by the writer
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -438,12 +483,13 @@ def _to_arrow(columns: dict, kinds: dict[str, str]):
         [(name, _arrow_type(kind)) for name, kind in kinds.items()]))
 
 
-def _to_ipc(table) -> bytes:
+def _to_ipc(table):
+    """Return the table as a compressed Arrow IPC file (an Arrow buffer: no copy of it)."""
     import pyarrow as pa
 
     # one dictionary per column: IPC files cannot replace dictionaries between batches
     table = table.unify_dictionaries().combine_chunks()
-    sink = io.BytesIO()
+    sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression=COMPRESSION)
     with pa.ipc.new_file(sink, table.schema, options=options) as writer:
         writer.write_table(table)
@@ -456,15 +502,11 @@ def _from_ipc(blob: bytes):
     return pa.ipc.open_file(pa.py_buffer(blob)).read_all()
 
 
-def _store(engine: sa.Engine, key: str, read: _Read, event_types: list[str]) -> None:
-    """Append this run's changes as the next part, or write every row as a new part 0.
+def _cache_row(key: str, read: _Read) -> dict:
+    """Return the row this run stores: its changes as the next part, or every row as part 0.
 
-    A concurrent run may store first: an appended part then conflicts and is left out
-    (the stored chain stays valid), and a part that no longer follows the one before it
-    sends the next run to the full read.
+    The blobs are Arrow buffers, serialised here (they no longer need the tables).
     """
-    from sqlalchemy.dialects.postgresql import insert
-
     now = datetime.now(UTC)
     delta = read.delta
     if (delta is not None and read.parts < MAX_DELTA_PARTS
@@ -472,23 +514,89 @@ def _store(engine: sa.Engine, key: str, read: _Read, event_types: list[str]) -> 
         # "from": the watermark of the part it follows, checked when the parts are read
         watermark = dict(read.watermark, part=read.parts + 1, moved=delta.moved,
                          **{"from": read.chain_from})
-        values = {"cache_key": key, "part": read.parts + 1,
-                  "watermark": json.dumps(watermark, sort_keys=True),
-                  "procedures": _to_ipc(delta.procedures),
-                  "complications": _to_ipc(delta.complications), "built_at": now}
+        return {"cache_key": key, "part": read.parts + 1,
+                "watermark": json.dumps(watermark, sort_keys=True),
+                "procedures": _to_ipc(delta.procedures),
+                "complications": _to_ipc(delta.complications), "built_at": now}
+    return {"cache_key": key, "part": 0,
+            "watermark": json.dumps(dict(read.watermark, part=0), sort_keys=True),
+            "procedures": _to_ipc(read.procedures),
+            "complications": _to_ipc(read.complications), "built_at": now}
+
+
+def _store(engine: sa.Engine, key: str, read: _Read, event_types: list[str]) -> None:
+    """Append this run's changes as the next part, or write every row as a new part 0."""
+    _write(engine, _cache_row(key, read))
+
+
+def _write_logged(engine: sa.Engine, row: dict) -> None:
+    """:func:`_write` the row; a failure is logged, never raised: a cache must never stop
+    the monitor (the next run reads all rows)."""
+    started = time.perf_counter()
+    try:
+        _write(engine, row)
+    except Exception as exc:  # noqa: BLE001 - e.g. a role that may not write it, or memory: the next run reads all
+        log.warning("snapshot cache: not stored (%s)", type(exc).__name__)
+        return
+    finally:
+        row.clear()  # the blobs: freed as soon as they are sent, whoever holds the dict
+    log.debug("cache write: part stored in %.2fs", time.perf_counter() - started)
+
+
+def _write(engine: sa.Engine, row: dict) -> None:
+    """Store a part; a part 0 replaces every part of its key.
+
+    A concurrent run may store first: an appended part then conflicts and is left out
+    (the stored chain stays valid), and a part that no longer follows the one before it
+    sends the next run to the full read. A concurrent part 0 is as valid as this one's:
+    this one's write then fails on the key and is logged by the caller.
+    """
+    from sqlalchemy.dialects.postgresql import insert
+
+    if row["part"]:
+        # A night's changes: small. Bound as parameters, never as the statement's values:
+        # SQLAlchemy's statement cache keeps the first compiled statement's values.
+        values = dict(row, procedures=row["procedures"].to_pybytes(),
+                      complications=row["complications"].to_pybytes())
         with _own_connection(engine) as conn, conn.begin():
             conn.execute(insert(snapshot_cache).on_conflict_do_nothing(), values)
         return
-    # Bound as parameters, never as the statement's values: SQLAlchemy's statement cache
-    # keeps the first compiled statement's values (a 28 MB blob for the rest of the run).
-    values = {"cache_key": key, "part": 0,
-              "watermark": json.dumps(dict(read.watermark, part=0), sort_keys=True),
-              "procedures": _to_ipc(read.procedures),
-              "complications": _to_ipc(read.complications), "built_at": now}
     with _own_connection(engine) as conn, conn.begin():
-        conn.execute(snapshot_cache.delete().where(snapshot_cache.c.cache_key == key))
-        # a concurrent run's part 0 is as valid as this one's
-        conn.execute(insert(snapshot_cache).on_conflict_do_nothing(), values)
+        conn.execute(snapshot_cache.delete().where(snapshot_cache.c.cache_key == row["cache_key"]))
+        _copy_part(conn, row)
+
+
+# PostgreSQL's binary COPY framing (see the COPY documentation, "Binary Format").
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER = struct.pack(">h", -1)
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _copy_part(conn: sa.Connection, row: dict) -> None:
+    """Insert one cache row with a binary ``COPY``, its blobs sent in chunks.
+
+    A bound parameter is copied whole into libpq's output buffer (tens of MB beside the
+    blob for as long as it is sent); COPY data goes in pieces of :data:`COPY_CHUNK_BYTES`.
+    The fields are encoded as PostgreSQL's binary format has them: text as UTF-8, the
+    integer as int4, the timestamp as microseconds since 2000-01-01 UTC.
+    """
+    columns = ("cache_key", "part", "watermark", "procedures", "complications", "built_at")
+    micros = (row["built_at"] - _PG_EPOCH) // timedelta(microseconds=1)
+    fields = [row["cache_key"].encode(), struct.pack(">i", row["part"]),
+              row["watermark"].encode(), memoryview(row["procedures"]),
+              memoryview(row["complications"]), struct.pack(">q", micros)]
+    preparer = conn.dialect.identifier_preparer
+    # Identifiers are the schema's own table and column names; no value is in the text.
+    statement = (f"COPY {preparer.format_table(snapshot_cache)} "
+                 f"({', '.join(preparer.quote(c) for c in columns)}) FROM STDIN (FORMAT binary)")
+    driver = conn.connection.driver_connection
+    with driver.cursor() as cursor, cursor.copy(statement) as stream:
+        stream.write(_COPY_SIGNATURE + struct.pack(">h", len(fields)))
+        for field in fields:
+            stream.write(struct.pack(">i", len(field)))
+            for start in range(0, len(field), COPY_CHUNK_BYTES):
+                stream.write(field[start:start + COPY_CHUNK_BYTES])
+        stream.write(_COPY_TRAILER)
 
 
 # --- the snapshot --------------------------------------------------------------------------
