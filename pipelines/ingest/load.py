@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
+import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
@@ -177,6 +181,20 @@ def _stage_table(kind: str) -> sa.Table:
     )
 
 
+def _copy_into(conn: sa.Connection, tables: list[sa.Table], names: list[str],
+               payload: memoryview) -> None:
+    """PostgreSQL ``COPY`` of one rendered csv payload into each of ``tables``."""
+    from psycopg import sql
+
+    cursor = conn.connection.driver_connection.cursor()
+    for table in tables:
+        statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
+            sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, names))
+        )
+        with cursor.copy(statement) as copy:
+            copy.write(payload)
+
+
 def _write_stage(conn: sa.Connection, stage: sa.Table, frame: pd.DataFrame) -> None:
     """Append rows to the staging table (COPY on PostgreSQL, executemany elsewhere)."""
     if frame.empty:
@@ -184,14 +202,7 @@ def _write_stage(conn: sa.Connection, stage: sa.Table, frame: pd.DataFrame) -> N
     names = [c.name for c in stage.columns]
     frame = frame[names]
     if conn.dialect.name == "postgresql":
-        from psycopg import sql
-
-        statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
-            sql.Identifier(stage.name), sql.SQL(", ").join(map(sql.Identifier, names))
-        )
-        cursor = conn.connection.driver_connection.cursor()
-        with cursor.copy(statement) as copy:
-            copy.write(_csv_payload(frame))
+        _copy_into(conn, [stage], names, _csv_payload(frame))
         return
     # Raw tuples through the DB-API cursor: SQLAlchemy's executemany would build and
     # process one dict per row (several times the cost of the insert itself).
@@ -385,6 +396,129 @@ def _prepare_valid(frame: pd.DataFrame, kind: str, key: bytes) -> pd.DataFrame:
     return out
 
 
+@dataclass(frozen=True)
+class _DirectLoad:
+    """A first delivery into empty procedure tables, copied straight into them.
+
+    When ``procedure`` and ``procedure_version`` hold nothing, no staged key can meet a
+    stored one: every row of the file is an insert, and the stage -> version -> current
+    round trip (two INSERT ... SELECTs into indexed tables after the whole file was staged,
+    the largest server cost of a bulk load, issue 10) only copies rows. The file's rows are
+    then COPYed into both tables chunk by chunk, while the next chunk is validated. The one
+    file-level rule that could still remove such a row, a key repeated within the file, is
+    kept: a key's first occurrence goes to the tables, any later one to the stage, and
+    :func:`_take_direct_duplicates` moves the first occurrences to quarantine with the rest.
+    """
+
+    checksum: str
+    extract_ts: str
+    tables: tuple[sa.Table, ...] = (schema.procedure_version, schema.procedure)
+
+    @property
+    def names(self) -> list[str]:
+        return PROCEDURE_VALUE_COLUMNS + ["source_checksum", "extract_ts"]
+
+    def write(self, conn: sa.Connection, frame: pd.DataFrame) -> None:
+        """COPY valid, first-occurrence rows (their stage columns) into both tables."""
+        if frame.empty:
+            return
+        rows = frame[PROCEDURE_VALUE_COLUMNS].assign(
+            source_checksum=self.checksum, extract_ts=self.extract_ts
+        )
+        _copy_into(conn, list(self.tables), self.names, _csv_payload(rows))
+
+
+def _is_empty(conn: sa.Connection, table: sa.Table) -> bool:
+    """One row's probe: the cost does not grow with the table."""
+    return conn.execute(sa.select(sa.literal(1)).select_from(table).limit(1)).first() is None
+
+
+def _direct_load(conn: sa.Connection, kind: str, checksum: str,
+                 extract_ts: str) -> _DirectLoad | None:
+    """Return a :class:`_DirectLoad` when this procedures file may skip the stage.
+
+    PostgreSQL only (COPY), procedures only (complications are split between current and
+    pending by a join with the procedures, and checked against them, after staging). Both
+    tables must be empty; they are then locked against other writers (``SHARE ROW
+    EXCLUSIVE``: readers go on, a concurrent load waits for this commit) and checked again,
+    so no other file's rows can arrive before this one's. A non-empty table is detected
+    before the lock is taken, so a normal load never takes it.
+    """
+    if conn.dialect.name != "postgresql" or kind != PROCEDURES:
+        return None
+    tables = (schema.procedure_version, schema.procedure)
+    if not all(_is_empty(conn, table) for table in tables):
+        return None
+    quote = conn.dialect.identifier_preparer.quote
+    conn.exec_driver_sql(  # schema table names, quoted; no values
+        "LOCK TABLE " + ", ".join(quote(table.name) for table in tables)
+        + " IN SHARE ROW EXCLUSIVE MODE"
+    )
+    if not all(_is_empty(conn, table) for table in tables):
+        return None
+    return _DirectLoad(checksum, extract_ts, tables)
+
+
+class _StageWriter:
+    """Runs a file's staging writes (stage COPY, quarantine inserts) on a second thread.
+
+    Reading, validating and pseudonymising chunk N+1 is CPU in this process; the COPY of
+    chunk N is mostly the server's work, during which psycopg releases the GIL. On two cores
+    the two then overlap instead of taking turns (issue 10). The writes keep their order and
+    stay on the file's one connection, inside its one transaction: only the writer thread
+    uses the connection until :meth:`close` returns. At most ``depth`` chunks wait for the
+    writer, so memory stays within a few chunks whatever the file's size.
+
+    A write that fails is re-raised by the next :meth:`submit` or by :meth:`close`, with its
+    own type (a DBAPIError stays one); later writes are skipped, and the file's transaction
+    rolls back as before.
+    """
+
+    def __init__(self, depth: int = 1):
+        self._tasks: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kyphowatch-stage-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            if self._error is None:
+                try:
+                    task()
+                except BaseException as exc:  # handed to the main thread, which raises it
+                    self._error = exc
+
+    def submit(self, task: Callable[[], None]) -> None:
+        """Queue ``task`` (blocks while ``depth`` tasks wait); raise an earlier failure."""
+        self._raise_failure()
+        self._tasks.put(task)
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the first failure. Always stops the thread."""
+        if self._thread.is_alive():
+            self._tasks.put(None)
+            self._thread.join()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class _InlineWriter:
+    """The same interface run in the calling thread (SQLite: its writes hold the GIL)."""
+
+    @staticmethod
+    def submit(task: Callable[[], None]) -> None:
+        task()
+
+    @staticmethod
+    def close() -> None:
+        return None
+
+
 def _stage_file(
     conn: sa.Connection,
     extract: ExtractFile,
@@ -395,28 +529,55 @@ def _stage_file(
     expectations_dir: Path,
     max_date: date,
     preview_fields: int = 16,
+    direct: _DirectLoad | None = None,
 ) -> tuple[int, pd.Series, Audit]:
     """Validate the file chunk by chunk into staging and quarantine.
 
-    Returns the rows read, the business keys of the staged rows (in staging order), which
-    the whole-file checks and the merge use instead of queries over the stage, and the
+    Returns the rows read, the business keys of the valid rows (in staging order, indexed
+    by record number), which the whole-file checks and the merge use instead of queries
+    over the stage, and the
     file's GX audit (its flagged rows and a sample of its passed rows), which the caller
     verifies before the file's transaction commits (a disagreement raises, and the
-    transaction rolls back).
+    transaction rolls back). On PostgreSQL a chunk's writes run on a writer thread while
+    the next chunk is read and validated (:class:`_StageWriter`). With ``direct``, rows go
+    straight to the procedure tables, only repeated keys to the stage (:class:`_DirectLoad`).
     """
+    writer = _StageWriter() if conn.dialect.name == "postgresql" else _InlineWriter()
+    try:
+        result = _stage_chunks(conn, extract, stage, quarantine, key, chunk_rows,
+                               expectations_dir, max_date, preview_fields, writer, direct)
+    except BaseException:
+        # The writer must be off the connection before the transaction rolls back; its own
+        # failure, if any, is secondary to the one being raised here.
+        try:
+            writer.close()
+        except Exception:  # noqa: BLE001 -- the first error is the one reported
+            log.debug("stage writer failed while the load was already failing", exc_info=True)
+        raise
+    writer.close()
+    return result
+
+
+def _stage_chunks(
+    conn: sa.Connection, extract: ExtractFile, stage: sa.Table, quarantine: _Quarantine,
+    key: bytes, chunk_rows: int, expectations_dir: Path, max_date: date,
+    preview_fields: int, writer: _StageWriter | _InlineWriter, direct: _DirectLoad | None,
+) -> tuple[int, pd.Series, Audit]:
+    """The body of :func:`_stage_file`: every database write goes through ``writer``."""
     rows_read = 0
     audit = Audit(str(expectations_dir), extract.kind)
     staged_keys: list[pd.Series] = []
     key_column = KEY_COLUMN[extract.kind]
+    seen: set[str] = set()  # direct load: keys already sent to the tables
     for chunk in iter_chunks(extract, chunk_rows):
         check_time(extract)
         rows_read += len(chunk.records) + len(chunk.bad_shape)
-        quarantine.add(
-            [
-                (number, _misshapen(row, extract, key, preview_fields), ["row:wrong_field_count"])
-                for number, row in chunk.bad_shape
-            ]
-        )
+        misshapen = [
+            (number, _misshapen(row, extract, key, preview_fields), ["row:wrong_field_count"])
+            for number, row in chunk.bad_shape
+        ]
+        if misshapen:
+            writer.submit(lambda rows=misshapen: quarantine.add(rows))
         if not chunk.records:
             continue
         checked = validate_chunk(
@@ -425,16 +586,25 @@ def _stage_file(
         )
         if checked.invalid:
             raw = checked.raw.loc[list(checked.invalid)]
-            quarantine.add(
-                [
-                    (int(number), values, checked.invalid[int(number)])
-                    for number, values in zip(raw.index, raw.to_dict("records"), strict=True)
-                ]
+            invalid = [
+                (int(number), values, checked.invalid[int(number)])
+                for number, values in zip(raw.index, raw.to_dict("records"), strict=True)
+            ]
+            writer.submit(lambda rows=invalid: quarantine.add(rows))
+        valid = _prepare_valid(checked.valid, extract.kind, key)
+        keys = checked.valid[key_column]
+        if direct is None:
+            writer.submit(lambda frame=valid: _write_stage(conn, stage, frame))
+        else:
+            first = ~keys.duplicated().to_numpy() & np.fromiter(
+                (k not in seen for k in keys), dtype=bool, count=len(keys)
             )
-        _write_stage(conn, stage, _prepare_valid(checked.valid, extract.kind, key))
-        staged_keys.append(checked.valid[key_column].reset_index(drop=True))
-    keys = (pd.concat(staged_keys, ignore_index=True) if staged_keys
-            else pd.Series([], dtype="str"))
+            seen.update(keys[first].tolist())
+            writer.submit(lambda frame=valid[first]: direct.write(conn, frame))
+            if not first.all():
+                writer.submit(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
+        staged_keys.append(keys)
+    keys = pd.concat(staged_keys) if staged_keys else pd.Series([], dtype="str")
     return rows_read, keys, audit
 
 
@@ -451,17 +621,26 @@ def _verify_audit(audit: Audit) -> None:
 
 
 def _take_from_stage(
-    conn: sa.Connection, stage: sa.Table, condition: sa.ColumnElement, reason: str,
-    quarantine: _Quarantine, join: sa.FromClause | None = None,
+    conn: sa.Connection, stage: sa.Table, condition: sa.ColumnElement,
+    reason: str | sa.ColumnElement, quarantine: _Quarantine, join: sa.FromClause | None = None,
 ) -> None:
-    """Move staged rows matching ``condition`` to quarantine with ``reason``."""
+    """Move staged rows matching ``condition`` to quarantine with ``reason``.
+
+    ``reason`` is a text, or an SQL expression giving each row's reason (one pass over a
+    join that several rules share).
+    """
     source = join if join is not None else stage
-    rows = conn.execute(sa.select(*stage.columns).select_from(source).where(condition)).mappings()
-    moved = [(row["record_number"], dict(row), [reason]) for row in rows]
+    reason_column = (sa.literal(reason, sa.String) if isinstance(reason, str)
+                     else reason).label("kyphowatch_reason")
+    rows = conn.execute(
+        sa.select(*stage.columns, reason_column).select_from(source).where(condition)
+    ).mappings()
+    moved = [(row["record_number"], dict(row), [row["kyphowatch_reason"]]) for row in rows]
     if not moved:
         return
     for _, values, _ in moved:
         values.pop("record_number", None)
+        values.pop("kyphowatch_reason", None)
     quarantine.add(moved)
     numbers = [number for number, _, _ in moved]
     # Stage rows moved here are no longer candidates for the merge (the caller's key list
@@ -477,17 +656,22 @@ KEY_BATCH = 5_000
 
 def _check_whole_file(
     conn: sa.Connection, extract: ExtractFile, stage: sa.Table, quarantine: _Quarantine,
-    staged_keys: pd.Series,
+    staged_keys: pd.Series, direct: _DirectLoad | None = None,
 ) -> pd.Series:
     """Apply the rules that need the whole file or the warehouse; return the staged keys left.
 
     Duplicate ids are found client-side from the keys collected while staging (no GROUP BY
-    over the stage); only when there are some are those rows taken back from the stage.
+    over the stage); only when there are some are those rows taken back from the stage
+    (and, in a direct load, their first occurrences from the procedure tables).
     """
     key = stage.c[KEY_COLUMN[extract.kind]]
     repeated = staged_keys.duplicated(keep=False)
     if repeated.any():
         duplicated = sorted(set(staged_keys[repeated].tolist()))
+        if direct is not None:
+            firsts = staged_keys[repeated & ~staged_keys.duplicated(keep="first")]
+            _take_direct_duplicates(conn, direct, firsts, f"{key.name}:duplicate_in_file",
+                                    quarantine)
         for start in range(0, len(duplicated), KEY_BATCH):
             _take_from_stage(
                 conn, stage, key.in_(duplicated[start:start + KEY_BATCH]),
@@ -497,15 +681,41 @@ def _check_whole_file(
     if extract.kind == COMPLICATIONS:
         proc = schema.procedure
         joined = stage.join(proc, proc.c.procedure_id == stage.c.procedure_id)
+        before = stage.c.event_date < proc.c.procedure_date
+        # One join for both rules; a row breaking both is quarantined for the first, as
+        # when each rule took its rows from the stage in turn.
         _take_from_stage(
-            conn, stage, stage.c.event_date < proc.c.procedure_date,
-            "event_date:before_procedure", quarantine, joined,
-        )
-        _take_from_stage(
-            conn, stage, stage.c.site_id != proc.c.site_id,
-            "site_id:differs_from_procedure", quarantine, joined,
+            conn, stage, before | (stage.c.site_id != proc.c.site_id),
+            sa.case((before, "event_date:before_procedure"),
+                    else_="site_id:differs_from_procedure"),
+            quarantine, joined,
         )
     return staged_keys
+
+
+def _take_direct_duplicates(
+    conn: sa.Connection, direct: _DirectLoad, firsts: pd.Series, reason: str,
+    quarantine: _Quarantine,
+) -> None:
+    """Move the first occurrences of repeated keys from the procedure tables to quarantine.
+
+    ``firsts`` holds those keys indexed by record number. The tables were empty before this
+    file, so every row with such a key is that first occurrence; it is quarantined with the
+    values the stage would have held (the same columns and types).
+    """
+    numbers = dict(zip(firsts.tolist(), firsts.index.tolist(), strict=True))
+    history = direct.tables[0]
+    key_name = KEY_COLUMN[PROCEDURES]
+    keys = sorted(numbers)
+    for start in range(0, len(keys), KEY_BATCH):
+        batch = keys[start:start + KEY_BATCH]
+        rows = conn.execute(
+            sa.select(*[history.c[name] for name in PROCEDURE_VALUE_COLUMNS])
+            .where(history.c[key_name].in_(batch))
+        ).mappings().all()
+        quarantine.add([(numbers[row[key_name]], dict(row), [reason]) for row in rows])
+        for table in direct.tables:
+            conn.execute(table.delete().where(table.c[key_name].in_(batch)))
 
 
 def _insert_for(conn: sa.Connection, table: sa.Table):
@@ -762,7 +972,11 @@ def _merge_complications(conn, stage, checksum, extract_ts, result: FileResult,
         stage.c.record_number.label("source_record"),
     ).where(~known)
     _upsert_from(conn, pend, "complication_id", pending_select, columns + ["source_record"])
-    result.pending = _staged_count(conn, stage, ~known)
+    # Every staged row is either known (counted by the merge, whose four counts partition
+    # the known rows) or pending: a count of the stage instead of another anti-join with
+    # the procedures.
+    known_rows = sum(counts[name] for name in ("inserted", "unchanged", "updated", "stale"))
+    result.pending = _staged_count(conn, stage, None) - known_rows
     for name, value in counts.items():
         setattr(result, name, value)
     _settle_complications(conn, sa.select(stage.c.complication_id))
@@ -890,14 +1104,17 @@ def load_file(
             stage.drop(conn, checkfirst=True)
             stage.create(conn)
             quarantine = _Quarantine(conn, extract, key, shown)
+            direct = _direct_load(conn, extract.kind, checksum, extract_ts)
             result.rows_read, staged_keys, audit = _stage_file(
                 conn, extract, stage, quarantine, key, chunk_rows, expectations_dir,
-                max_plausible_date(path.name, processing_day), preview_fields,
+                max_plausible_date(path.name, processing_day), preview_fields, direct,
             )
             audit.start()  # GX checks the audit rows while the merge runs
             try:
-                _analyze(conn, stage)
-                staged_keys = _check_whole_file(conn, extract, stage, quarantine, staged_keys)
+                if direct is None:  # a direct load's stage holds repeated keys only
+                    _analyze(conn, stage)
+                staged_keys = _check_whole_file(conn, extract, stage, quarantine, staged_keys,
+                                                direct)
                 result.quarantined = quarantine.count
                 result.quarantine_reasons = dict(sorted(quarantine.reasons.items()))
                 if result.rows_read and quarantine.count / result.rows_read > max_bad_share:
@@ -906,7 +1123,11 @@ def load_file(
                         f"({quarantine.count / result.rows_read:.0%} > {max_bad_share:.0%} allowed); "
                         f"top reasons: {', '.join(r for r, _ in quarantine.reasons.most_common(3))}"
                     )
-                if extract.kind == PROCEDURES:
+                if direct is not None:
+                    # Every row left is in both tables already, each one new.
+                    result.inserted = len(staged_keys)
+                    result.promoted = promote_pending(conn)
+                elif extract.kind == PROCEDURES:
                     _merge_procedures(conn, stage, checksum, extract_ts, result, staged_keys)
                 else:
                     _merge_complications(conn, stage, checksum, extract_ts, result, staged_keys)
