@@ -189,40 +189,17 @@ def rounded_texts(values, digits: int) -> list[str]:
     values ``repr`` writes with an exponent), and for NaN and infinities, the value goes
     through ``repr(round(...))`` itself.
     """
+    spec = f".{digits}f"
     limit = 10.0 ** (15 - digits)  # at most 15 significant digits
     tiny = 10.0 ** -4  # below this, repr switches to an exponent (1e-05)
-    listed = values.tolist() if isinstance(values, np.ndarray) else list(values)
-    if not listed:
-        return []
-    if digits < 1:
-        return [_rounded_text(v, digits, limit, tiny) for v in listed]
-    # The whole column in one formatting call, trailing zeros cut by one substitution
-    # (every cell has a point, so the zeros before a comma are fractional): a chart's
-    # column costs one call instead of a few per cell. Cells outside the fixed-point
-    # range are then redone one by one.
-    column = np.asarray(listed, dtype=float)
-    magnitude = np.abs(column)
-    with np.errstate(invalid="ignore"):
-        plain = magnitude < limit  # False for NaN and infinities
-        if digits > 4:
-            plain &= ~((magnitude > 0) & (magnitude < tiny))
-    text = (f"%.{digits}f," * len(listed)) % tuple(listed)
-    out = _TRAILING_ZEROS.sub(",", text).replace(".,", ".0,").split(",")[:-1]
-    if not plain.all():
-        for i in np.flatnonzero(~plain).tolist():
-            out[i] = _rounded_text(listed[i], digits, limit, tiny)
+    out = []
+    for v in values.tolist() if isinstance(values, np.ndarray) else values:
+        if -limit < v < limit and not (digits > 4 and 0 < abs(v) < tiny):
+            text = format(v, spec).rstrip("0")
+            out.append(text + "0" if text[-1] == "." else text)
+        else:
+            out.append("" if v != v else repr(round(v, digits)))
     return out
-
-
-_TRAILING_ZEROS = re.compile("0+,")
-
-
-def _rounded_text(v: float, digits: int, limit: float, tiny: float) -> str:
-    """Return one cell of :func:`rounded_texts`."""
-    if -limit < v < limit and not (digits > 4 and 0 < abs(v) < tiny):
-        text = format(v, f".{digits}f").rstrip("0")
-        return text + "0" if text[-1] == "." else text
-    return "" if v != v else repr(round(v, digits))
 
 
 @lru_cache(maxsize=64)
