@@ -276,6 +276,21 @@ def test_reads_beside_the_run_in_a_forked_process_are_the_same_data(sqlite_url, 
     assert _tree(one) == _tree(two)
 
 
+def test_site_pages_are_written_as_the_utf8_of_their_text(sqlite_url, settings_for):
+    """write_report encodes a site page part by part (site_page_bytes): the same bytes as
+    encoding site_page's text, non-ASCII dashes and minus signs included."""
+    from pipelines.report.funnels import build_funnel_templates
+    from pipelines.report.site import site_page, site_page_bytes
+
+    _, settings = _report_registry(sqlite_url, settings_for)
+    data = ReportData(settings, None)
+    build_funnel_templates(data)
+    for site in data.sites:
+        text = site_page(data, site["site_id"])
+        assert not text.isascii()
+        assert site_page_bytes(data, site["site_id"]) == text.encode("utf-8")
+
+
 def test_long_chart_paths_are_written_as_formatting_writes_them():
     """Long paths take their coordinates' texts from a table (svgplot._tenths_pairs); the
     text must be byte for byte what "%.1f,%.1f " formatting gives, halves and all."""

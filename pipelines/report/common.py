@@ -280,6 +280,11 @@ def _esc_name(text: str) -> str:
 
 
 def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
+    return _page_head(title, depth, subtitle) + body + _PAGE_TAIL
+
+
+def _page_head(title: str, depth: int = 0, subtitle: str = "") -> str:
+    """Return a page up to its body (:func:`_page` is head, body, :data:`_PAGE_TAIL`)."""
     up = "../" * depth
     nav = (f"<nav><a href='{up}index.html'>Overview</a><a href='{up}funnels.html'>Funnel plots"
            f"</a><a href='{up}devices.html'>Devices and cement lots</a>"
@@ -289,7 +294,23 @@ def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
             # an empty inline icon: the browser would otherwise fetch /favicon.ico
             f"<link rel='icon' href='data:,'>"
             f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>{nav}"
-            f"<h1>{_esc(title)}</h1>{subtitle}{body}</body></html>\n")
+            f"<h1>{_esc(title)}</h1>{subtitle}")
+
+
+_PAGE_TAIL = "</body></html>\n"
+
+
+def page_bytes(title: str, parts: list[str], depth: int = 0) -> bytes:
+    """Return ``_page(title, "\\n".join(parts), depth)`` encoded as UTF-8, part by part.
+
+    A site page holds a few non-ASCII characters (dashes, the minus sign), which make the
+    whole 200 kB page a two-byte string; encoding that costs far more than encoding its
+    parts, most of them plain ASCII (the charts), each on its own. UTF-8 of a join is
+    the join of the UTF-8s, so the bytes are the same.
+    """
+    body = b"\n".join([part.encode("utf-8") for part in parts])
+    return b"".join([_page_head(title, depth).encode("utf-8"), body,
+                     _PAGE_TAIL.encode("utf-8")])
 
 
 def _utc(stamp: str | None) -> str:

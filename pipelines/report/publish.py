@@ -23,7 +23,7 @@ from pipelines.report.data import ReportData
 from pipelines.report.funnels import build_funnel_templates, funnels_page
 from pipelines.report.methods import methods_page
 from pipelines.report.overview import index_page
-from pipelines.report.site import series_files, site_page
+from pipelines.report.site import series_files, site_page, site_page_bytes
 from pipelines.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,13 @@ def _network_pages(settings: Settings, data: ReportData) -> dict[str, str]:
     return pages
 
 
-def _site_pages(data: ReportData, site_ids: list[str]) -> Iterator[tuple[str, str]]:
-    """Yield ``(relative path, text)`` of each site's page and the CSV files beside it."""
+def _site_pages(data: ReportData, site_ids: list[str], *, encoded: bool = False
+                ) -> Iterator[tuple[str, str | bytes]]:
+    """Yield ``(relative path, text)`` of each site's page and the CSV files beside it
+    (``encoded``: the pages as their UTF-8 bytes, as they are written)."""
     for site_id in site_ids:
         data.files = {}
-        page = site_page(data, site_id)
+        page = site_page_bytes(data, site_id) if encoded else site_page(data, site_id)
         yield f"sites/{site_id}.html", page
         yield from data.files.items()  # the data behind every chart, as CSV
     data.files = {}
@@ -111,9 +113,9 @@ class _Writer:
         self.staging, self.current = str(staging), str(current) if current else None
         self.names: list[str] = []  # every page of the report, written or not
 
-    def write(self, relative: str, text: str) -> None:
+    def write(self, relative: str, text: str | bytes) -> None:
         self.names.append(relative)
-        blob = text.encode("utf-8")
+        blob = text if isinstance(text, bytes) else text.encode("utf-8")
         if self.current is not None and _same_bytes(os.path.join(self.current, relative),
                                                     blob):
             return
@@ -165,7 +167,7 @@ def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer, workers:
     workers = max(1, min(workers, len(chunks)))
     if workers == 1:
         first()
-        for relative, text in _site_pages(data, site_ids):
+        for relative, text in _site_pages(data, site_ids, encoded=True):
             writer.write(relative, text)
         return
     import multiprocessing
@@ -181,7 +183,7 @@ def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer, workers:
                 counter.value += 1
             if taken >= len(chunks):
                 return
-            for relative, text in _site_pages(data, chunks[taken]):
+            for relative, text in _site_pages(data, chunks[taken], encoded=True):
                 writer.write(relative, text)
 
     children = []
