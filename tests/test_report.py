@@ -313,14 +313,16 @@ def test_a_failing_site_page_fails_the_report_and_leaves_no_folder(sqlite_url, s
     from pipelines.report import publish
 
     _, settings = _report_registry(sqlite_url, settings_for, alerts=False)
-    real = publish.site_page
+    def failing(real):
+        def site_page(data, site_id):
+            if site_id == "S003":
+                raise ValueError("S003 cannot be drawn")
+            return real(data, site_id)
+        return site_page
 
-    def site_page(data, site_id):
-        if site_id == "S003":
-            raise ValueError("S003 cannot be drawn")
-        return real(data, site_id)
-
-    monkeypatch.setattr(publish, "site_page", site_page)
+    # the page as text (render_report) and as the bytes write_report writes
+    monkeypatch.setattr(publish, "site_page", failing(publish.site_page))
+    monkeypatch.setattr(publish, "site_page_bytes", failing(publish.site_page_bytes))
     for workers in (1, 2):  # in this process, or in a forked worker
         with pytest.raises((ValueError, RuntimeError), match="S003 cannot be drawn"):
             write_report(settings, tmp_path / "out", workers=workers)
