@@ -22,7 +22,7 @@ from pipelines.alerts.lifecycle import sync_alerts
 from pipelines.cli import main as cli_main
 from pipelines.db import make_engine
 from pipelines.evidence import csv_cell, write_csv
-from pipelines.report import publish_report, write_report
+from pipelines.report import ReportData, publish_report, write_report
 from pipelines.schema import file_ledger, migrate, pending_complication, quarantine
 from pipelines.surveillance.engine import run_monitor
 from tests.test_engine import build_sites
@@ -242,19 +242,87 @@ def test_report_bytes_do_not_depend_on_workers_and_a_rerun_rewrites_only_changes
     assert changed == {"sites/S002.html", "sites/S999.html", "sites/S001-cement_leak-vlad.csv"}
 
 
+def test_reads_beside_the_run_in_a_forked_process_are_the_same_data(sqlite_url, settings_for,
+                                                                   tmp_path, monkeypatch):
+    """write_report reads everything but the stored run in a forked process while this one
+    reads the run (ReportData(parallel_reads=True)); what it hands over is what this
+    process reads itself, and reads made for another run, or a failed child, are read
+    again here."""
+    from pipelines.report import data as report_data
+
+    _, settings = _report_registry(sqlite_url, settings_for)
+
+    def gathered(data):
+        return (data.result.run_key, data.as_of, data.months, data.quality, data.facts,
+                data.evidence.complications, data.sites, data.recent_oe)
+
+    here = gathered(ReportData(settings, None))
+    assert here[2] and here[5]  # monthly figures and complications to compare
+    assert gathered(ReportData(settings, None, parallel_reads=True)) == here
+    real = report_data._side_reads
+    for broken in ("another run", "failure"):
+        def side_reads(settings, profile, as_of, broken=broken):
+            if broken == "failure":
+                raise RuntimeError("the warehouse went away")
+            return {**real(settings, profile, as_of), "run_key": "another run",
+                    "months": {}, "complications": {}}
+
+        monkeypatch.setattr(report_data, "_side_reads", side_reads)
+        assert gathered(ReportData(settings, None, parallel_reads=True)) == here
+    # and the report from them is the one drawn without the forked reads
+    one = write_report(settings, tmp_path / "one", workers=1).parent
+    monkeypatch.setattr(report_data, "_side_reads", real)
+    two = write_report(settings, tmp_path / "two", workers=2).parent
+    assert _tree(one) == _tree(two)
+
+
+def test_site_pages_are_written_as_the_utf8_of_their_text(sqlite_url, settings_for):
+    """write_report encodes a site page part by part (site_page_bytes): the same bytes as
+    encoding site_page's text, non-ASCII dashes and minus signs included."""
+    from pipelines.report.funnels import build_funnel_templates
+    from pipelines.report.site import site_page, site_page_bytes
+
+    _, settings = _report_registry(sqlite_url, settings_for)
+    data = ReportData(settings, None)
+    build_funnel_templates(data)
+    for site in data.sites:
+        text = site_page(data, site["site_id"])
+        assert not text.isascii()
+        assert site_page_bytes(data, site["site_id"]) == text.encode("utf-8")
+
+
+def test_long_chart_paths_are_written_as_formatting_writes_them():
+    """Long paths take their coordinates' texts from a table (svgplot._tenths_pairs); the
+    text must be byte for byte what "%.1f,%.1f " formatting gives, halves and all."""
+    from pipelines.report.svgplot import _LONG_PATH, _pair_format, _tenths_pairs
+
+    rng = np.random.default_rng(3)
+    halves = [k / 20 for k in range(1, 2000, 2)]  # 0.05, 0.15, ...: ties in decimal
+    cases = [halves, [0.35, 2.675, 1.05, 0.25, 0.05, 0.04999, 3999.95, 3999.96],
+             [-0.04, 1.0], [0.0, 1.0], [float("nan"), 1.0], [5000.0, 1.0], [1e-300, 1.0]]
+    for scale in (1, 10, 300, 720, 3990):
+        cases += [(rng.random(2 * _LONG_PATH) * scale).tolist() for _ in range(50)]
+        cases.append((np.round(rng.random(2 * _LONG_PATH) * scale, 2)).tolist())
+    for flat in cases:
+        flat = flat[:len(flat) // 2 * 2]
+        assert _tenths_pairs(flat) == (_pair_format(len(flat) // 2) % tuple(flat)).rstrip()
+
+
 def test_a_failing_site_page_fails_the_report_and_leaves_no_folder(sqlite_url, settings_for,
                                                                    tmp_path, monkeypatch):
     from pipelines.report import publish
 
     _, settings = _report_registry(sqlite_url, settings_for, alerts=False)
-    real = publish.site_page
+    def failing(real):
+        def site_page(data, site_id):
+            if site_id == "S003":
+                raise ValueError("S003 cannot be drawn")
+            return real(data, site_id)
+        return site_page
 
-    def site_page(data, site_id):
-        if site_id == "S003":
-            raise ValueError("S003 cannot be drawn")
-        return real(data, site_id)
-
-    monkeypatch.setattr(publish, "site_page", site_page)
+    # the page as text (render_report) and as the bytes write_report writes
+    monkeypatch.setattr(publish, "site_page", failing(publish.site_page))
+    monkeypatch.setattr(publish, "site_page_bytes", failing(publish.site_page_bytes))
     for workers in (1, 2):  # in this process, or in a forked worker
         with pytest.raises((ValueError, RuntimeError), match="S003 cannot be drawn"):
             write_report(settings, tmp_path / "out", workers=workers)
@@ -590,7 +658,8 @@ def test_report_intervals_equal_the_engines_bit_for_bit():
 
 def test_report_does_not_import_the_monitor(sqlite_url, settings_for, tmp_path):
     """Writing a report in a fresh process imports neither the monitor engine nor
-    scipy.stats (with pandas and statsmodels, about 1.9 s of a 1,000-site report)."""
+    scipy.stats (with pandas and statsmodels, about 1.9 s of a 1,000-site report), nor
+    pandas (pyarrow's ``pa.array`` imports it: 1.5 s; the series CSVs avoid it)."""
     import subprocess
     import sys
 
@@ -601,7 +670,7 @@ def test_report_does_not_import_the_monitor(sqlite_url, settings_for, tmp_path):
         "from pipelines.settings import load_settings\n"
         "write_report(load_settings(db_url=sys.argv[1]), __import__('pathlib').Path(sys.argv[2]))\n"
         "print(sorted(m for m in ('pipelines.surveillance.engine', 'scipy.stats', "
-        "'statsmodels') if m in sys.modules))\n"
+        "'statsmodels', 'pandas') if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, sqlite_url, str(tmp_path / "fresh")],

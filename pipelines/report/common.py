@@ -189,40 +189,17 @@ def rounded_texts(values, digits: int) -> list[str]:
     values ``repr`` writes with an exponent), and for NaN and infinities, the value goes
     through ``repr(round(...))`` itself.
     """
+    spec = f".{digits}f"
     limit = 10.0 ** (15 - digits)  # at most 15 significant digits
     tiny = 10.0 ** -4  # below this, repr switches to an exponent (1e-05)
-    listed = values.tolist() if isinstance(values, np.ndarray) else list(values)
-    if not listed:
-        return []
-    if digits < 1:
-        return [_rounded_text(v, digits, limit, tiny) for v in listed]
-    # The whole column in one formatting call, trailing zeros cut by one substitution
-    # (every cell has a point, so the zeros before a comma are fractional): a chart's
-    # column costs one call instead of a few per cell. Cells outside the fixed-point
-    # range are then redone one by one.
-    column = np.asarray(listed, dtype=float)
-    magnitude = np.abs(column)
-    with np.errstate(invalid="ignore"):
-        plain = magnitude < limit  # False for NaN and infinities
-        if digits > 4:
-            plain &= ~((magnitude > 0) & (magnitude < tiny))
-    text = (f"%.{digits}f," * len(listed)) % tuple(listed)
-    out = _TRAILING_ZEROS.sub(",", text).replace(".,", ".0,").split(",")[:-1]
-    if not plain.all():
-        for i in np.flatnonzero(~plain).tolist():
-            out[i] = _rounded_text(listed[i], digits, limit, tiny)
+    out = []
+    for v in values.tolist() if isinstance(values, np.ndarray) else values:
+        if -limit < v < limit and not (digits > 4 and 0 < abs(v) < tiny):
+            text = format(v, spec).rstrip("0")
+            out.append(text + "0" if text[-1] == "." else text)
+        else:
+            out.append("" if v != v else repr(round(v, digits)))
     return out
-
-
-_TRAILING_ZEROS = re.compile("0+,")
-
-
-def _rounded_text(v: float, digits: int, limit: float, tiny: float) -> str:
-    """Return one cell of :func:`rounded_texts`."""
-    if -limit < v < limit and not (digits > 4 and 0 < abs(v) < tiny):
-        text = format(v, f".{digits}f").rstrip("0")
-        return text + "0" if text[-1] == "." else text
-    return "" if v != v else repr(round(v, digits))
 
 
 @lru_cache(maxsize=64)
@@ -303,6 +280,11 @@ def _esc_name(text: str) -> str:
 
 
 def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
+    return _page_head(title, depth, subtitle) + body + _PAGE_TAIL
+
+
+def _page_head(title: str, depth: int = 0, subtitle: str = "") -> str:
+    """Return a page up to its body (:func:`_page` is head, body, :data:`_PAGE_TAIL`)."""
     up = "../" * depth
     nav = (f"<nav><a href='{up}index.html'>Overview</a><a href='{up}funnels.html'>Funnel plots"
            f"</a><a href='{up}devices.html'>Devices and cement lots</a>"
@@ -312,7 +294,23 @@ def _page(title: str, body: str, depth: int = 0, subtitle: str = "") -> str:
             # an empty inline icon: the browser would otherwise fetch /favicon.ico
             f"<link rel='icon' href='data:,'>"
             f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>{nav}"
-            f"<h1>{_esc(title)}</h1>{subtitle}{body}</body></html>\n")
+            f"<h1>{_esc(title)}</h1>{subtitle}")
+
+
+_PAGE_TAIL = "</body></html>\n"
+
+
+def page_bytes(title: str, parts: list[str], depth: int = 0) -> bytes:
+    """Return ``_page(title, "\\n".join(parts), depth)`` encoded as UTF-8, part by part.
+
+    A site page holds a few non-ASCII characters (dashes, the minus sign), which make the
+    whole 200 kB page a two-byte string; encoding that costs far more than encoding its
+    parts, most of them plain ASCII (the charts), each on its own. UTF-8 of a join is
+    the join of the UTF-8s, so the bytes are the same.
+    """
+    body = b"\n".join([part.encode("utf-8") for part in parts])
+    return b"".join([_page_head(title, depth).encode("utf-8"), body,
+                     _PAGE_TAIL.encode("utf-8")])
 
 
 def _utc(stamp: str | None) -> str:

@@ -36,6 +36,7 @@ from pipelines.report.common import (
     csv_text,
     figure,
     method_name,
+    page_bytes,
     readable_stamp,
     strength_text,
 )
@@ -208,6 +209,16 @@ class _Figures:
 
 def site_page(data: ReportData, site_id: str) -> str:
     """Return one site's page."""
+    return _page(f"Site {site_id}", "\n".join(_site_body(data, site_id)), depth=1)
+
+
+def site_page_bytes(data: ReportData, site_id: str) -> bytes:
+    """Return one site's page as UTF-8 (:func:`site_page`'s bytes, encoded part by part)."""
+    return page_bytes(f"Site {site_id}", _site_body(data, site_id), depth=1)
+
+
+def _site_body(data: ReportData, site_id: str) -> list[str]:
+    """Return the parts of a site page's body, to be joined by line ends."""
     payload = data.site(site_id)
     charts = data.result.charts
     body = [_header(data)]
@@ -256,7 +267,7 @@ def site_page(data: ReportData, site_id: str) -> str:
     for m in payload["metrics"]:
         body.extend(_metric_section(data, site_id, m, payload, charts, figures))
     body.extend(_tail(payload, site_id))
-    return _page(f"Site {site_id}", "\n".join(body), depth=1)
+    return body
 
 
 def _metric_section(data: ReportData, site_id: str, m: dict[str, Any], payload, charts,

@@ -298,7 +298,8 @@ class Chart:
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         # one formatting call for the whole path: charts of a thousand-site report are
         # mostly these numbers
-        text = (_pair_format(len(flat) // 2) % tuple(flat)).rstrip()
+        text = (_tenths_pairs(flat) if len(flat) >= _LONG_PATH
+                else (_pair_format(len(flat) // 2) % tuple(flat)).rstrip())
         return (f'<polyline points="{text}" fill="none" stroke="{s.tone}" '
                 f'stroke-width="{s.width}"{dash_attr}/>')
 
@@ -432,6 +433,44 @@ def _legend_text(label: str, chars: int) -> str:
 @lru_cache(maxsize=1024)
 def _pair_format(points: int) -> str:
     return "%.1f,%.1f " * points
+
+
+# Paths of at least this many numbers (the CUSUM paths: up to 400 points) are written
+# through a table of texts (:func:`_tenths_pairs`); below it formatting is cheaper.
+_LONG_PATH = 200
+# The largest coordinate the table holds: charts are at most a few hundred units wide/high.
+_TABLE_TOP = 4000.0
+
+
+@lru_cache(maxsize=1)
+def _tenths_table() -> np.ndarray:
+    """Return ``"%.1f" % (i / 10)`` for i up to 10 * :data:`_TABLE_TOP`."""
+    return np.array(["%.1f" % (i / 10) for i in range(int(_TABLE_TOP * 10) + 1)],
+                    dtype=object)
+
+
+def _tenths_pairs(flat: list[float]) -> str:
+    """Return ``("%.1f,%.1f " * n % tuple(flat)).rstrip()``: the same text, looked up.
+
+    A coordinate's text is the table's entry for its value rounded to tenths, the
+    rounding done here as ``%.1f`` does it (to the nearest, from the exact binary value):
+    ``v * 10`` is off by far less than 1e-6 below 4,000, so it rounds the same way unless
+    it lies within 1e-6 of a half, and such paths (and any with a coordinate below 0.05,
+    where ``-0.0`` could appear, or above the table) are formatted after all.
+    """
+    values = np.asarray(flat, dtype=float)
+    scaled = values * 10.0
+    whole = np.floor(scaled)
+    fraction = scaled - whole
+    if not ((values >= 0.05) & (values < _TABLE_TOP)
+            & (np.abs(fraction - 0.5) > 1e-6)).all():
+        return (_pair_format(len(flat) // 2) % tuple(flat)).rstrip()
+    texts = _tenths_table()[(whole + (fraction > 0.5)).astype(np.intp)]
+    parts = np.empty(2 * len(texts), dtype=object)
+    parts[0::2] = texts
+    parts[1::4] = ","
+    parts[3::4] = " "
+    return "".join(parts.tolist()).rstrip()
 
 
 def _shorten(text: str, chars: int) -> str:
