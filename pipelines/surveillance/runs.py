@@ -318,27 +318,78 @@ class FactsInBackground:
         return self._facts
 
 
+class SeriesInBackground:
+    """The run's ``site:<id>`` parts (:func:`_site_parts`), thinned and packed in a thread.
+
+    They depend on the run's charts only, which storing the run does not change, and are
+    most of the store's packing (about 0.5 s of JSON for a 1M-procedure run): started
+    before the store's transaction, they are packed while it waits for the server (the
+    signals' upsert, the current picture), not after. The same bytes as in line.
+    """
+
+    def __init__(self, result) -> None:
+        self._parts: list[tuple[str, bytes]] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(result,),
+                                        name="site-series", daemon=True)
+        self._thread.start()
+
+    def _run(self, result) -> None:
+        try:
+            self._parts = _site_parts(result)
+        except BaseException as error:  # raised in the caller by result()
+            self._error = error
+
+    def wait(self) -> None:
+        """Wait for the packing to end (its error, if any, is kept for result())."""
+        self._thread.join()
+
+    def result(self) -> list[tuple[str, bytes]]:
+        """Wait for the parts and return them (or raise what the packing raised)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._parts
+
+
+def _site_parts(result) -> list[tuple[str, bytes]]:
+    """Return each site's part name and packed chart series, in site order."""
+    sites = sorted(_site_series(result).items())
+    payloads = _pack_all([series for _, series in sites])
+    return [(f"site:{site}", payload)
+            for (site, _), payload in zip(sites, payloads, strict=True)]
+
+
 def store_run(conn: sa.Connection, result,
-              facts: Callable[[], dict[str, Any]] | None = None) -> None:
+              facts: Callable[[], dict[str, Any]] | None = None,
+              site_parts: Callable[[], list[tuple[str, bytes]]] | None = None) -> None:
     """Store ``result`` under its run key (replacing an earlier copy of the same run).
 
     The per-site procedure facts are aggregated here, in the monitor's transaction, when
     the result does not carry them yet: by ``facts()`` when given (e.g.
     :meth:`FactsInBackground.result`, asked for once every other part is packed), else on
-    ``conn``.
+    ``conn``. The sites' chart parts are ``site_parts()`` when given (e.g.
+    :meth:`SeriesInBackground.result`), else packed here with the core part.
     """
     conn.execute(monitor_run_part.delete().where(monitor_run_part.c.run_key == result.run_key))
     if result.procedure_facts is None and facts is None:
         result.procedure_facts = procedure_facts(conn, result.as_of)
-    sites = sorted(_site_series(result).items())
-    payloads = _pack_all([_core(result), *(series for _, series in sites)])
+    if site_parts is None:
+        sites = sorted(_site_series(result).items())
+        payloads = _pack_all([_core(result), *(series for _, series in sites)])
+        core = payloads[0]
+        parts = [(f"site:{site}", payload)
+                 for (site, _), payload in zip(sites, payloads[1:], strict=True)]
+    else:
+        core = _pack(_core(result))
+        parts = site_parts()
     if result.procedure_facts is None:
         result.procedure_facts = facts()
-    rows = [{"run_key": result.run_key, "part": CORE, "payload": payloads[0]},
+    rows = [{"run_key": result.run_key, "part": CORE, "payload": core},
             {"run_key": result.run_key, "part": FACTS,
              "payload": _pack(result.procedure_facts)}]
-    for (site, _), payload in zip(sites, payloads[1:], strict=True):
-        rows.append({"run_key": result.run_key, "part": f"site:{site}", "payload": payload})
+    rows += [{"run_key": result.run_key, "part": part, "payload": payload}
+             for part, payload in parts]
     conn.execute(monitor_run_part.insert(), rows)
 
 

@@ -380,18 +380,64 @@ def _row_counts(conn: sa.Connection, event_types: list[str]) -> tuple[int, int]:
 
 def _full(conn: sa.Connection, state: dict, needs_patient: bool, event_types: list[str],
           extras: tuple[str, ...], reason: str) -> _Read:
-    """Read every row's columns (no as_of: the cache must hold rows of any date)."""
+    """Read every row's columns (no as_of: the cache must hold rows of any date).
+
+    The complications are read alongside the procedures (:class:`_ReadAside`), in this
+    transaction's snapshot: a second server process produces them meanwhile.
+    """
     columns, kinds = _procedure_select(needs_patient, extras)
-    procs = _to_arrow(copy_columns(conn, sa.select(*columns), kinds), kinds)
+    aside = None
     if event_types:
-        comps = _to_arrow(copy_columns(
-            conn, sa.select(*_complication_select())
-            .where(complication.c.event_type.in_(event_types)), _COMPLICATION_KINDS),
-            _COMPLICATION_KINDS)
-    else:
-        comps = _empty(_COMPLICATION_KINDS)
+        aside = _ReadAside(conn, sa.select(*_complication_select())
+                           .where(complication.c.event_type.in_(event_types)),
+                           _COMPLICATION_KINDS)
+    try:
+        procs = _to_arrow(copy_columns(conn, sa.select(*columns), kinds), kinds)
+    finally:
+        comps = aside.result() if aside is not None else _empty(_COMPLICATION_KINDS)
     state.update(procedures=procs.num_rows, complications=comps.num_rows, part=0)
     return _Read(procs, comps, state, "full", reason)
+
+
+class _ReadAside:
+    """:func:`copy_columns` on a connection of its own, in a thread, in ``conn``'s snapshot.
+
+    ``conn``'s transaction exports its snapshot (``pg_export_snapshot``) and the other
+    connection's REPEATABLE READ transaction imports it, so both see exactly the same rows:
+    the cache's watermark and row counts hold for what either read. The export lasts while
+    ``conn``'s transaction is open, which it is until :meth:`result` has returned.
+    """
+
+    def __init__(self, conn: sa.Connection, statement: sa.Select, kinds: dict[str, str]):
+        self._snapshot = conn.execute(sa.select(sa.func.pg_export_snapshot())).scalar_one()
+        self._kinds = kinds
+        self._columns: dict | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(conn.engine, statement, kinds),
+                                        name="snapshot-cache-read")
+        self._thread.start()
+
+    def _run(self, engine: sa.Engine, statement: sa.Select, kinds: dict[str, str]) -> None:
+        from psycopg import sql
+
+        try:
+            with _own_connection(engine) as other:
+                other = other.execution_options(isolation_level="REPEATABLE READ")
+                with other.begin():
+                    # A utility statement takes no bound parameter: the driver quotes the id.
+                    other.connection.driver_connection.execute(
+                        sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self._snapshot)))
+                    self._columns = copy_columns(other, statement, kinds)
+        except BaseException as error:  # raised in the reading thread by result()
+            self._error = error
+
+    def result(self):
+        """Wait for the read; return its Arrow table (or raise what the read raised)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        columns, self._columns = self._columns, None
+        return _to_arrow(columns, self._kinds)
 
 
 def _read_delta(conn: sa.Connection, checksums: list[str], needs_patient: bool,
