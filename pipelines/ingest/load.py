@@ -599,9 +599,12 @@ def _stage_chunks(
             first = ~keys.duplicated().to_numpy() & np.fromiter(
                 (k not in seen for k in keys), dtype=bool, count=len(keys)
             )
-            seen.update(keys[first].tolist())
-            writer.submit(lambda frame=valid[first]: direct.write(conn, frame))
-            if not first.all():
+            if first.all():  # the usual chunk: no repeated key, no copy of the frame
+                seen.update(keys.tolist())
+                writer.submit(lambda frame=valid: direct.write(conn, frame))
+            else:
+                seen.update(keys[first].tolist())
+                writer.submit(lambda frame=valid[first]: direct.write(conn, frame))
                 writer.submit(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
         staged_keys.append(keys)
     keys = pd.concat(staged_keys) if staged_keys else pd.Series([], dtype="str")
