@@ -599,9 +599,12 @@ def _stage_chunks(
             first = ~keys.duplicated().to_numpy() & np.fromiter(
                 (k not in seen for k in keys), dtype=bool, count=len(keys)
             )
-            seen.update(keys[first].tolist())
-            writer.submit(lambda frame=valid[first]: direct.write(conn, frame))
-            if not first.all():
+            if first.all():  # the usual chunk: no repeated key, no copy of the frame
+                seen.update(keys.tolist())
+                writer.submit(lambda frame=valid: direct.write(conn, frame))
+            else:
+                seen.update(keys[first].tolist())
+                writer.submit(lambda frame=valid[first]: direct.write(conn, frame))
                 writer.submit(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
         staged_keys.append(keys)
     keys = pd.concat(staged_keys) if staged_keys else pd.Series([], dtype="str")
@@ -956,10 +959,9 @@ def _merge_procedures(conn, stage, checksum, extract_ts, result: FileResult,
 def _merge_complications(conn, stage, checksum, extract_ts, result: FileResult,
                          keys: pd.Series) -> None:
     names = COMPLICATION_VALUE_COLUMNS
-    comp, pend, proc = schema.complication, schema.pending_complication, schema.procedure
-    # EXISTS, not IN: NOT IN (subquery) cannot become an anti-join in PostgreSQL and turns
-    # quadratic once the procedure ids outgrow work_mem (staged procedure_id is never null).
-    known = sa.exists().where(proc.c.procedure_id == stage.c.procedure_id)
+    comp, pend = schema.complication, schema.pending_complication
+    unknown = _unknown_procedure_rows(conn, stage)
+    known = ~sa.exists().where(unknown.c.record_number == stage.c.record_number)
     counts = _merge_into(
         conn, stage, current=comp, history=schema.complication_version, key="complication_id",
         names=names, checksum=checksum, extract_ts=extract_ts, keys=keys, only=known,
@@ -980,6 +982,35 @@ def _merge_complications(conn, stage, checksum, extract_ts, result: FileResult,
     for name, value in counts.items():
         setattr(result, name, value)
     _settle_complications(conn, sa.select(stage.c.complication_id))
+    unknown.drop(conn)
+
+
+def _unknown_procedure_rows(conn: sa.Connection, stage: sa.Table) -> sa.Table:
+    """Return a temporary table of the staged complications whose procedure is unknown.
+
+    The merge asks "is this row's procedure known?" of the stage several times (the count,
+    the current table, the pending table); each asking was an anti-join of the stage with
+    the whole procedure table (a scan of 1M procedures, issue 10). Nothing writes
+    procedures while a complications file merges, so one answer, kept as the few record
+    numbers without a procedure, serves every statement.
+    """
+    proc = schema.procedure
+    unknown = sa.Table(
+        "kw_stage_unknown_procedure", sa.MetaData(),
+        sa.Column("record_number", sa.Integer, primary_key=True), prefixes=["TEMPORARY"],
+    )
+    unknown.drop(conn, checkfirst=True)
+    unknown.create(conn)
+    # EXISTS, not IN: NOT IN (subquery) cannot become an anti-join in PostgreSQL and turns
+    # quadratic once the procedure ids outgrow work_mem (staged procedure_id is never null).
+    conn.execute(unknown.insert().from_select(
+        ["record_number"],
+        sa.select(stage.c.record_number).where(
+            ~sa.exists().where(proc.c.procedure_id == stage.c.procedure_id)
+        ),
+    ))
+    _analyze(conn, unknown)
+    return unknown
 
 
 def _ledger_values(file_name: str, checksum: str | None, result: FileResult) -> dict:
@@ -1111,8 +1142,16 @@ def load_file(
             )
             audit.start()  # GX checks the audit rows while the merge runs
             try:
+                analysed_targets = False
                 if direct is None:  # a direct load's stage holds repeated keys only
                     _analyze(conn, stage)
+                elif len(staged_keys) >= LARGE_LOAD_ROWS:
+                    # The targets' statistics now, not after the load: the whole-file check
+                    # probes them by key (repeated keys), which the planner would otherwise
+                    # answer with scans of the freshly filled tables.
+                    for target in direct.tables:
+                        _analyze(conn, target)
+                    analysed_targets = True
                 staged_keys = _check_whole_file(conn, extract, stage, quarantine, staged_keys,
                                                 direct)
                 result.quarantined = quarantine.count
@@ -1132,7 +1171,7 @@ def load_file(
                 else:
                     _merge_complications(conn, stage, checksum, extract_ts, result, staged_keys)
                 _hold_unordered_corrections(shown, extract_ts, result)
-                if result.inserted >= LARGE_LOAD_ROWS:
+                if result.inserted >= LARGE_LOAD_ROWS and not analysed_targets:
                     # a large load changes the targets' statistics; the next nightly file's
                     # joins are planned with them (autovacuum may not have run yet)
                     for target in TARGETS[extract.kind]:
