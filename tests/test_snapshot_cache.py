@@ -445,23 +445,3 @@ def test_the_cache_is_written_aside_and_a_failed_write_never_stops_the_read(nigh
     assert "snapshot cache: not stored (RuntimeError)" in caplog.text
     _same_snapshot(snapshot, full)
     assert _parts(engine) == []
-
-
-def test_a_read_aside_sees_the_snapshot_of_the_transaction_that_started_it(night):
-    """The complications read on a second connection see exactly the first one's rows: a
-    row removed after its snapshot was taken is still read, as the first connection would."""
-    _, engine, run, files, _ = night
-    run(files["history"])
-    ids = sa.select(schema.complication.c.complication_id)
-    with engine.connect() as conn:
-        conn = conn.execution_options(isolation_level="REPEATABLE READ")
-        before = sorted(conn.scalars(ids))  # takes the transaction's snapshot
-        with engine.begin() as other:
-            other.execute(schema.complication.delete().where(
-                schema.complication.c.complication_id == before[0]))
-        aside = snapshot_cache._ReadAside(conn, ids, {"complication_id": "string"})
-        read = aside.result()
-        conn.rollback()
-    assert sorted(read["complication_id"].to_pylist()) == before
-    with engine.connect() as conn:
-        assert len(conn.scalars(ids).all()) == len(before) - 1

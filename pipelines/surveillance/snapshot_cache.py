@@ -172,8 +172,8 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
         log.warning("snapshot cache: failed (%s); plain read", type(exc).__name__)
         return load_snapshot(conn, profile, as_of, extras=extras)
     read_done = time.perf_counter()
+    aside = _ASIDE.get()
     if read.path != "unchanged":
-        aside = _ASIDE.get()
         try:
             # Serialised here, in line: the tables are handed to the snapshot below, and
             # only the (compressed) blobs may outlive this call.
@@ -198,9 +198,10 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
     read.procedures = read.complications = read.delta = None
     snapshot = _snapshot(tables, as_of, needs_patient, extras)
     log.info("snapshot cache: %s read (%s); %d procedures and %d complications held, "
-             "%d and %d read as changed; read %.2fs, cache write %.2fs, snapshot %.2fs",
+             "%d and %d read as changed; read %.2fs, cache write %.2fs%s, snapshot %.2fs",
              read.path, read.reason, *held, *read.changed, read_done - started,
-             stored - read_done, time.perf_counter() - stored)
+             stored - read_done, " (serialised; written aside)" if aside else "",
+             time.perf_counter() - stored)
     del read
     release_memory()
     return snapshot
@@ -380,64 +381,18 @@ def _row_counts(conn: sa.Connection, event_types: list[str]) -> tuple[int, int]:
 
 def _full(conn: sa.Connection, state: dict, needs_patient: bool, event_types: list[str],
           extras: tuple[str, ...], reason: str) -> _Read:
-    """Read every row's columns (no as_of: the cache must hold rows of any date).
-
-    The complications are read alongside the procedures (:class:`_ReadAside`), in this
-    transaction's snapshot: a second server process produces them meanwhile.
-    """
+    """Read every row's columns (no as_of: the cache must hold rows of any date)."""
     columns, kinds = _procedure_select(needs_patient, extras)
-    aside = None
+    procs = _to_arrow(copy_columns(conn, sa.select(*columns), kinds), kinds)
     if event_types:
-        aside = _ReadAside(conn, sa.select(*_complication_select())
-                           .where(complication.c.event_type.in_(event_types)),
-                           _COMPLICATION_KINDS)
-    try:
-        procs = _to_arrow(copy_columns(conn, sa.select(*columns), kinds), kinds)
-    finally:
-        comps = aside.result() if aside is not None else _empty(_COMPLICATION_KINDS)
+        comps = _to_arrow(copy_columns(
+            conn, sa.select(*_complication_select())
+            .where(complication.c.event_type.in_(event_types)), _COMPLICATION_KINDS),
+            _COMPLICATION_KINDS)
+    else:
+        comps = _empty(_COMPLICATION_KINDS)
     state.update(procedures=procs.num_rows, complications=comps.num_rows, part=0)
     return _Read(procs, comps, state, "full", reason)
-
-
-class _ReadAside:
-    """:func:`copy_columns` on a connection of its own, in a thread, in ``conn``'s snapshot.
-
-    ``conn``'s transaction exports its snapshot (``pg_export_snapshot``) and the other
-    connection's REPEATABLE READ transaction imports it, so both see exactly the same rows:
-    the cache's watermark and row counts hold for what either read. The export lasts while
-    ``conn``'s transaction is open, which it is until :meth:`result` has returned.
-    """
-
-    def __init__(self, conn: sa.Connection, statement: sa.Select, kinds: dict[str, str]):
-        self._snapshot = conn.execute(sa.select(sa.func.pg_export_snapshot())).scalar_one()
-        self._kinds = kinds
-        self._columns: dict | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(conn.engine, statement, kinds),
-                                        name="snapshot-cache-read")
-        self._thread.start()
-
-    def _run(self, engine: sa.Engine, statement: sa.Select, kinds: dict[str, str]) -> None:
-        from psycopg import sql
-
-        try:
-            with _own_connection(engine) as other:
-                other = other.execution_options(isolation_level="REPEATABLE READ")
-                with other.begin():
-                    # A utility statement takes no bound parameter: the driver quotes the id.
-                    other.connection.driver_connection.execute(
-                        sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self._snapshot)))
-                    self._columns = copy_columns(other, statement, kinds)
-        except BaseException as error:  # raised in the reading thread by result()
-            self._error = error
-
-    def result(self):
-        """Wait for the read; return its Arrow table (or raise what the read raised)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        columns, self._columns = self._columns, None
-        return _to_arrow(columns, self._kinds)
 
 
 def _read_delta(conn: sa.Connection, checksums: list[str], needs_patient: bool,
@@ -623,26 +578,36 @@ def _copy_part(conn: sa.Connection, row: dict) -> None:
 
     A bound parameter is copied whole into libpq's output buffer (tens of MB beside the
     blob for as long as it is sent); COPY data goes in pieces of :data:`COPY_CHUNK_BYTES`.
-    The fields are encoded as PostgreSQL's binary format has them: text as UTF-8, the
-    integer as int4, the timestamp as microseconds since 2000-01-01 UTC.
+    Each blob is taken out of ``row`` and freed once sent: the server stores the row (most
+    of the write's time) after it has received it all. The fields are encoded as
+    PostgreSQL's binary format has them: text as UTF-8, the integer as int4, the timestamp
+    as microseconds since 2000-01-01 UTC.
     """
-    columns = ("cache_key", "part", "watermark", "procedures", "complications", "built_at")
+    import pyarrow as pa
+
     micros = (row["built_at"] - _PG_EPOCH) // timedelta(microseconds=1)
-    fields = [row["cache_key"].encode(), struct.pack(">i", row["part"]),
-              row["watermark"].encode(), memoryview(row["procedures"]),
-              memoryview(row["complications"]), struct.pack(">q", micros)]
+    encoded = {"cache_key": lambda: row["cache_key"].encode(),
+               "part": lambda: struct.pack(">i", row["part"]),
+               "watermark": lambda: row["watermark"].encode(),
+               "procedures": lambda: memoryview(row.pop("procedures")),
+               "complications": lambda: memoryview(row.pop("complications")),
+               "built_at": lambda: struct.pack(">q", micros)}
     preparer = conn.dialect.identifier_preparer
     # Identifiers are the schema's own table and column names; no value is in the text.
     statement = (f"COPY {preparer.format_table(snapshot_cache)} "
-                 f"({', '.join(preparer.quote(c) for c in columns)}) FROM STDIN (FORMAT binary)")
+                 f"({', '.join(preparer.quote(c) for c in encoded)}) FROM STDIN (FORMAT binary)")
     driver = conn.connection.driver_connection
     with driver.cursor() as cursor, cursor.copy(statement) as stream:
-        stream.write(_COPY_SIGNATURE + struct.pack(">h", len(fields)))
-        for field in fields:
+        stream.write(_COPY_SIGNATURE + struct.pack(">h", len(encoded)))
+        for encode in encoded.values():
+            field = encode()
             stream.write(struct.pack(">i", len(field)))
             for start in range(0, len(field), COPY_CHUNK_BYTES):
                 stream.write(field[start:start + COPY_CHUNK_BYTES])
+            del field
         stream.write(_COPY_TRAILER)
+        # Sent: the blobs are freed; their pages go back while the server stores the row.
+        pa.default_memory_pool().release_unused()
 
 
 # --- the snapshot --------------------------------------------------------------------------
