@@ -125,10 +125,17 @@ def test_the_stage_writer_keeps_order_and_hands_back_the_first_failure():
     writer = load._StageWriter()
     writer.submit(lambda: done.append(5))
     writer.submit(fail)
-    writer.submit(lambda: done.append(6))  # after a failure nothing more is written
+    with pytest.raises(Broken, match="write failed"):  # the next write waits, then raises
+        writer.submit(lambda: done.append(6))
+    writer.close()
+    assert done[-1] == 5
+
+    writer = load._StageWriter(depth=2)  # a failure of the last write is raised by close
+    writer.submit(lambda: done.append(7))
+    writer.submit(fail)
     with pytest.raises(Broken, match="write failed"):
         writer.close()
-    assert done[-1] == 5
+    assert done[-1] == 7
     assert not any(t.name == "kyphowatch-stage-writer" for t in threading.enumerate())
 
 
