@@ -258,7 +258,17 @@ def test_reads_beside_the_run_in_a_forked_process_are_the_same_data(sqlite_url, 
 
     here = gathered(ReportData(settings, None))
     assert here[2] and here[5]  # monthly figures and complications to compare
+    forks = []
+    real_forked = report_data._ForkedReads
+
+    def counted(*args):
+        forks.append(args)
+        return real_forked(*args)
+
+    monkeypatch.setattr(report_data, "_ForkedReads", counted)
+    monkeypatch.setattr(report_data, "_may_fork", lambda: True)  # other tests' threads
     assert gathered(ReportData(settings, None, parallel_reads=True)) == here
+    assert len(forks) == 1  # the forked path ran, not the threaded one
     real = report_data._side_reads
     for broken in ("another run", "failure"):
         def side_reads(settings, profile, as_of, broken=broken):
@@ -274,6 +284,38 @@ def test_reads_beside_the_run_in_a_forked_process_are_the_same_data(sqlite_url, 
     monkeypatch.setattr(report_data, "_side_reads", real)
     two = write_report(settings, tmp_path / "two", workers=2).parent
     assert _tree(one) == _tree(two)
+
+
+def test_reads_are_not_forked_beside_other_threads_or_without_a_process(
+        sqlite_url, settings_for, monkeypatch):
+    """A child forked while another thread runs could inherit a lock held there and hang the
+    report: then, and when no process can be forked (OSError), the report reads in this
+    process, the same data, and leaves no pipe open."""
+    import threading
+
+    from pipelines.report import data as report_data
+
+    _, settings = _report_registry(sqlite_url, settings_for)
+    here = ReportData(settings, None)
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert not report_data._may_fork()
+    finally:
+        release.set()
+        other.join()
+
+    def no_fork():
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(report_data, "_may_fork", lambda: True)
+    monkeypatch.setattr(report_data.os, "fork", no_fork)
+    opened = len(os.listdir("/proc/self/fd"))
+    again = ReportData(settings, None, parallel_reads=True)
+    assert len(os.listdir("/proc/self/fd")) == opened
+    assert (again.result.run_key, again.months, again.quality, again.facts) == (
+        here.result.run_key, here.months, here.quality, here.facts)
 
 
 def test_site_pages_are_written_as_the_utf8_of_their_text(sqlite_url, settings_for):

@@ -360,7 +360,7 @@ def test_the_cache_falls_back_to_a_full_read_when_it_cannot_be_sure(night, caplo
     monkeypatch.setattr(snapshot_cache, "_fetch_parts", broken)
     caplog.clear()
     snapshot = _cached_read(engine, as_of)
-    assert "snapshot cache: failed (RuntimeError); plain read" in caplog.text
+    assert "snapshot cache: failed (RuntimeError: cache unreadable); plain read" in caplog.text
     _same_snapshot(snapshot, _full_read(engine, as_of))
 
 
@@ -442,6 +442,6 @@ def test_the_cache_is_written_aside_and_a_failed_write_never_stops_the_read(nigh
     caplog.clear()
     with snapshot_cache.store_cache_aside():
         snapshot = _cached_read(engine, result.as_of)
-    assert "snapshot cache: not stored (RuntimeError)" in caplog.text
+    assert "snapshot cache: not stored (RuntimeError: disk full)" in caplog.text
     _same_snapshot(snapshot, full)
     assert _parts(engine) == []

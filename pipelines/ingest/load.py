@@ -995,9 +995,12 @@ def _unknown_procedure_rows(conn: sa.Connection, stage: sa.Table) -> sa.Table:
 
     The merge asks "is this row's procedure known?" of the stage several times (the count,
     the current table, the pending table); each asking was an anti-join of the stage with
-    the whole procedure table (a scan of 1M procedures, issue 10). Nothing writes
-    procedures while a complications file merges, so one answer, kept as the few record
-    numbers without a procedure, serves every statement.
+    the whole procedure table (a scan of 1M procedures, issue 10). One answer, kept as the
+    few record numbers without a procedure, serves every statement. Nothing locks out a
+    procedures file loading at the same time, and that is why one answer is also the safer
+    one: asked per statement, a procedure committed between the current and the pending
+    insert would have left its complication in neither table; asked once, the row goes to
+    exactly one of them (pending, if its procedure was not yet visible).
     """
     proc = schema.procedure
     unknown = sa.Table(

@@ -95,13 +95,35 @@ def _side_reads(settings: Settings, profile, as_of: date | None) -> dict[str, An
         day = as_of or _newest_procedure_date(conn)
         row = find_run(conn, profile, day) if day else None
     run_key = row["run_key"] if row is not None else None
+    return {"day": day, "run_key": run_key, **_reads_for_run(settings, profile, day, run_key)}
+
+
+def _reads_for_run(settings: Settings, profile, day: date | None,
+                   run_key: str | None) -> dict[str, Any]:
+    """Return the recent complications, data quality and monthly figures of one run.
+
+    One definition for both ways of reading them: in :class:`_ForkedReads`' process, and
+    here again when that process failed or read for another run.
+    """
     return {
-        "day": day, "run_key": run_key,
         "complications": evidence.recent_complications_by_site(settings, day),
         "quality": data_quality(settings),
         "months": (evidence.monthly_figures(settings, run_key, profile.name)
-                   if run_key else None),
+                   if day and run_key else None),
     }
+
+
+def _may_fork() -> bool:
+    """True when a child forked now may open database connections of its own.
+
+    Only with no other thread running: a child inherits every lock as it was at the fork,
+    and one held by another thread (in the driver, DNS resolution, SSL) would never be
+    released there, so the child, and the report waiting for it, would hang. Inside a task
+    runner that keeps threads of its own, the report reads in threads instead.
+    """
+    import threading
+
+    return hasattr(os, "fork") and threading.active_count() == 1
 
 
 class _ForkedReads:
@@ -117,10 +139,16 @@ class _ForkedReads:
     """
 
     def __init__(self, settings: Settings, profile, as_of: date | None) -> None:
+        """Fork the reading process; raise OSError (nothing left open) if it cannot be."""
         import pickle
 
         read_end, write_end = os.pipe()
-        self.pid = os.fork()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise
         if self.pid == 0:  # the child
             os.close(read_end)
             code = 0
@@ -167,7 +195,7 @@ class ReportData:
         from pipelines.surveillance.profile import load_profile
 
         self.profile = load_profile(settings.profile_path)
-        if parallel_reads and hasattr(os, "fork"):
+        if parallel_reads and _may_fork():
             self._read_overlapped(settings, as_of)
         else:
             self._read(settings, as_of)
@@ -227,7 +255,12 @@ class ReportData:
         """
         from pipelines.surveillance.runs import read_or_compute
 
-        side = _ForkedReads(settings, self.profile, as_of)
+        try:
+            side = _ForkedReads(settings, self.profile, as_of)
+        except OSError as exc:  # no process to spare (a limit on processes, memory)
+            log.warning("report: reading in one process (%s)", exc)
+            self._read(settings, as_of)
+            return
         try:
             self.result = read_or_compute(settings, self.profile, as_of)
         finally:
@@ -235,11 +268,7 @@ class ReportData:
         self.as_of = self.result.as_of
         if (reads is None or reads["run_key"] != self.result.run_key
                 or reads["day"] != self.as_of):
-            reads = {"quality": data_quality(settings),
-                     "months": (evidence.monthly_figures(settings, self.result.run_key,
-                                                         self.profile.name)
-                                if self.as_of else {}),
-                     "complications": _recent_complications(settings, self.as_of)[1]}
+            reads = _reads_for_run(settings, self.profile, self.as_of, self.result.run_key)
         self.quality, self.months = reads["quality"], reads["months"] or {}
         self._complications = reads["complications"]
         self.facts = evidence.read_site_facts(settings, self.as_of,

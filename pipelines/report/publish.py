@@ -163,9 +163,11 @@ def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer, workers:
     A worker never touches the database, logs or exits through Python's shutdown
     (``os._exit``), so forking is safe inside an Airflow task or a test.
     """
-    # Drawing leaves no reference cycles behind (a page's objects go with it), so the
-    # cyclic collector would only walk young objects for nothing: off while drawing (3%
-    # of the page time), in this process and the workers, and back on afterwards.
+    # A site page leaves no reference cycles behind (its objects go with it), so the cyclic
+    # collector would only walk young objects for nothing: off while drawing (3% of the
+    # page time), in this process and the workers, and back on afterwards. The network
+    # pages drawn meanwhile leave a few hundred cyclic objects, collected once it is back
+    # on. It is process-wide: the report starts no other threads while drawing.
     collecting = gc.isenabled()
     gc.disable()
     try:

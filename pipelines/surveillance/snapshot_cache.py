@@ -169,7 +169,7 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
             snap.rollback()
     except Exception as exc:  # noqa: BLE001 - a cache must never stop the monitor
         # The warehouse tables are the truth: whatever broke in the cache, read them.
-        log.warning("snapshot cache: failed (%s); plain read", type(exc).__name__)
+        log.warning("snapshot cache: failed (%s); plain read", _why(exc))
         return load_snapshot(conn, profile, as_of, extras=extras)
     read_done = time.perf_counter()
     aside = _ASIDE.get()
@@ -179,7 +179,7 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
             # only the (compressed) blobs may outlive this call.
             row = _cache_row(key, read)
         except Exception as exc:  # noqa: BLE001 - e.g. memory: the next run reads all
-            log.warning("snapshot cache: not stored (%s)", type(exc).__name__)
+            log.warning("snapshot cache: not stored (%s)", _why(exc))
         else:
             if aside is None:
                 _write_logged(engine, row)
@@ -525,9 +525,15 @@ def _cache_row(key: str, read: _Read) -> dict:
             "complications": _to_ipc(read.complications), "built_at": now}
 
 
-def _store(engine: sa.Engine, key: str, read: _Read, event_types: list[str]) -> None:
-    """Append this run's changes as the next part, or write every row as a new part 0."""
-    _write(engine, _cache_row(key, read))
+def _why(exc: BaseException) -> str:
+    """Return an exception's type and the first line of its message, at most 200 characters.
+
+    Enough to tell a systematic failure (every night falling back to a full read) from a
+    passing one; the first line only, since a database error's later lines carry the
+    statement and its parameters.
+    """
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
 
 
 def _write_logged(engine: sa.Engine, row: dict) -> None:
@@ -537,7 +543,7 @@ def _write_logged(engine: sa.Engine, row: dict) -> None:
     try:
         _write(engine, row)
     except Exception as exc:  # noqa: BLE001 - e.g. a role that may not write it, or memory: the next run reads all
-        log.warning("snapshot cache: not stored (%s)", type(exc).__name__)
+        log.warning("snapshot cache: not stored (%s)", _why(exc))
         return
     finally:
         row.clear()  # the blobs: freed as soon as they are sent, whoever holds the dict
