@@ -309,11 +309,24 @@ def test_reads_are_not_forked_beside_other_threads_or_without_a_process(
     def no_fork():
         raise OSError(11, "Resource temporarily unavailable")
 
+    pipes, closed = [], []
+    real_pipe, real_close = os.pipe, os.close
+
+    def recorded_pipe():
+        pipes.append(real_pipe())
+        return pipes[-1]
+
+    def recorded_close(fd):
+        closed.append(fd)
+        real_close(fd)
+
     monkeypatch.setattr(report_data, "_may_fork", lambda: True)
     monkeypatch.setattr(report_data.os, "fork", no_fork)
-    opened = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(report_data.os, "pipe", recorded_pipe)
+    monkeypatch.setattr(report_data.os, "close", recorded_close)
     again = ReportData(settings, None, parallel_reads=True)
-    assert len(os.listdir("/proc/self/fd")) == opened
+    monkeypatch.undo()
+    assert len(pipes) == 1 and set(pipes[0]) <= set(closed)
     assert (again.result.run_key, again.months, again.quality, again.facts) == (
         here.result.run_key, here.months, here.quality, here.facts)
 
