@@ -130,3 +130,47 @@ def test_threshold_for_false_alarm_probability_hits_the_target():
     h = threshold_for_false_alarm_probability(0.11, 2.0, 0.05, 100)
     assert false_alarm_probability_markov(0.11, 2.0, h, 100) <= 0.05
     assert false_alarm_probability_markov(0.11, 2.0, h - 0.05, 100) > 0.05
+
+
+
+def _case_mix(low: int, high: int) -> np.ndarray:
+    from pipelines.surveillance.engine import case_mix_risks
+
+    return case_mix_risks(np.arange(low, high))
+
+
+@pytest.mark.parametrize(
+    ("risks", "odds_ratio", "thresholds", "true_odds_ratio", "n_runs", "seed", "block",
+     "max_length", "digest"),
+    [
+        # Run counts that are not a multiple of the draw chunk (512 runs), runs that stop
+        # in different blocks (so only some rows are alive), shifted and in-control risks.
+        (_case_mix(-60, 40), 2.0, [2.0, 3.0, 4.5], 1.0, 1300, 7, 512, 200_000,
+         "bc087f4f559eb8e7"),
+        (np.linspace(0.01, 0.3, 37), 1.5, [1.0, 2.5], 2.0, 700, 3, 128, 50_000,
+         "e8b390738b231d69"),
+        (np.array([0.05, 0.2]), 3.0, np.arange(0.5, 3.0, 0.1), 1.0, 513, 11, 512, 1_000_000,
+         "86e0c42bad061ba6"),
+    ],
+)
+def test_risk_adjusted_paths_are_those_of_the_unchunked_draws(
+        risks, odds_ratio, thresholds, true_odds_ratio, n_runs, seed, block, max_length,
+        digest):
+    # The draws and first passages are made a chunk of runs at a time to bound the
+    # simulation's memory; the digests were computed by the code that drew each block's
+    # runs x block arrays in one call (commit e5f6005), so the stream is unchanged.
+    import hashlib
+
+    from pipelines.surveillance.arl import _risk_adjusted_first_passage
+
+    lengths, censored = _risk_adjusted_first_passage(
+        risks, odds_ratio, thresholds, true_odds_ratio, n_runs, seed, block, max_length)
+    found = hashlib.sha256(lengths.tobytes() + censored.tobytes()).hexdigest()[:16]
+    assert found == digest
+
+
+def test_risk_adjusted_threshold_is_that_of_the_unchunked_draws():
+    # The engine's simulation size and seed; h from the code before the chunked draws.
+    h = threshold_for_arl_risk_adjusted(_case_mix(-70, 30), 2.0, 3000.0, n_runs=4000,
+                                        seed=20000441)
+    assert h == 4.486249999999988

@@ -310,17 +310,23 @@ def _risk_adjusted_first_passage(
         if not alive.any():
             break
         rng = np.random.default_rng([seed, index])  # per-block stream: paths independent of h
-        # The same draws as ever; the case indices kept in the narrowest type that holds
-        # them, and the uniforms only until the outcomes are drawn from them.
-        picks = rng.integers(0, risks.size, size=(n_runs, block))
-        picks = picks.astype(np.min_scalar_type(risks.size - 1), copy=False)
-        uniforms = rng.random((n_runs, block))
+        # The same draws as ever, made _CHUNK_RUNS runs at a time: a Generator's stream split
+        # into consecutive draws gives the same numbers (tests/test_arl.py checks the
+        # thresholds bit for bit), and the runs x block int64 and float64 arrays of one
+        # draw were a first run's peak memory. The case indices are kept in the narrowest
+        # type that holds them; the uniforms only until the outcomes are drawn from them.
+        picks = np.empty((n_runs, block), dtype=np.min_scalar_type(risks.size - 1))
+        for a in range(0, n_runs, _CHUNK_RUNS):
+            picks[a:a + _CHUNK_RUNS] = rng.integers(
+                0, risks.size, size=(min(_CHUNK_RUNS, n_runs - a), block))
         rows = np.flatnonzero(alive)
         outcomes = np.empty((rows.size, block), dtype=bool)
-        for a in range(0, rows.size, _CHUNK_RUNS):
-            mine = rows[a:a + _CHUNK_RUNS]
-            outcomes[a:a + len(mine)] = uniforms[mine] < true_risks[picks[mine]]
-        del uniforms
+        for a in range(0, n_runs, _CHUNK_RUNS):
+            uniforms = rng.random((min(_CHUNK_RUNS, n_runs - a), block))
+            lo, hi = np.searchsorted(rows, (a, a + _CHUNK_RUNS))
+            mine = rows[lo:hi]
+            outcomes[lo:hi] = uniforms[mine - a] < true_risks[picks[mine]]
+            del uniforms
         start = -value[rows]
         running_max = np.empty((rows.size, block))
         last = np.empty(rows.size)
@@ -365,9 +371,15 @@ def _first_index_at_least(running_max: np.ndarray, thresholds: np.ndarray) -> np
     spacing = float(max(running_max[:, -1].max(), thresholds.max())) + 1.0
     offsets = np.arange(n_rows) * spacing
     flat = np.add(running_max, offsets[:, None], out=running_max).ravel()
-    keys = offsets[:, None] + thresholds[None, :]
-    positions = np.searchsorted(flat, keys.ravel(), side="left").reshape(keys.shape)
-    return np.minimum(positions - (np.arange(n_rows) * n_cols)[:, None], n_cols)
+    first = np.empty((n_rows, thresholds.size), dtype=np.intp)
+    # The keys _CHUNK_RUNS rows at a time, with the same element-wise operations (so the
+    # same answers): rows x thresholds arrays are a few MB each, four of them at once.
+    for a in range(0, n_rows, _CHUNK_RUNS):
+        keys = offsets[a:a + _CHUNK_RUNS, None] + thresholds[None, :]
+        positions = np.searchsorted(flat, keys.ravel(), side="left").reshape(keys.shape)
+        np.minimum(positions - (np.arange(a, a + len(keys)) * n_cols)[:, None], n_cols,
+                   out=first[a:a + len(keys)])
+    return first
 
 
 def threshold_for_arl(

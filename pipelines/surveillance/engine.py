@@ -413,11 +413,18 @@ class _Computation:
         if not len(group):
             return
         month, labels = _month_labels(day)
-        cell = group.astype(np.int64) * len(labels) + month
-        cells, inverse = np.unique(cell, return_inverse=True)
-        units = np.bincount(inverse).tolist()
-        events = np.rint(np.bincount(inverse, weights=y)).astype(np.int64).tolist()
-        expect = np.bincount(inverse, weights=expected).tolist()
+        cell = group.astype(np.int64, copy=False) * len(labels)
+        cell += month
+        del month
+        # Counted over the (site, month) space (sites x months cells) instead of np.unique's
+        # sort, whose copies of a million cells were a metric's peak memory: the same cells
+        # in the same (sorted) order, and each cell's sums added in the same row order.
+        units_in = np.bincount(cell)
+        cells = np.flatnonzero(units_in)
+        units = units_in[cells].tolist()
+        events = np.rint(np.bincount(cell, weights=y)[cells]).astype(np.int64).tolist()
+        expect = np.bincount(cell, weights=expected)[cells].tolist()
+        del cell, units_in
         site = [self.sites[c] for c in (cells // len(labels)).tolist()]
         month_index = cells % len(labels)
         month = [labels[c] for c in month_index.tolist()]
@@ -450,6 +457,9 @@ class _Computation:
             all_index_day = everyone["index_day"].to_numpy(np.int64)
             all_event_day = everyone["event_day"].to_numpy(np.int64)
             all_y = everyone["y"].to_numpy(np.int64)
+            if "ra_cusum" not in metric.methods:
+                # Only the risk model reads the frame again: freed before the copies below.
+                everyone = None
             window = metric.window_days or 0
             is_mature = all_index_day + int(metric.window_days) <= self.as_of_day
         p0 = metric.baseline.rate
@@ -514,15 +524,32 @@ class _Computation:
             with self._timed(f"{metric.id}:known_order"):
                 seen = (all_index_day + window <= self.as_of_day) | (all_event_day >= 0)
                 k_y = all_y[seen]
-                known = np.where(k_y == 1, all_event_day[seen], all_index_day[seen] + window)
-                k_group = all_group[seen]
-                order = np.lexsort((known, k_group))
-                c_group, c_y, c_day, lag = k_group[order], k_y[order], known[order], 0
-                c_risk = (all_risk[seen] if all_risk is not None
-                          else np.full(len(k_y), p0))[order]
+                # The day each outcome became known, built in place: the same values as
+                # np.where(event, event day, index day + window) without its temporaries.
+                known = all_index_day[seen]
+                known += window
+                np.copyto(known, all_event_day[seen], where=k_y == 1)
+                order = np.lexsort((known, all_group[seen]))
+                # Each unsorted copy is dropped as soon as its sorted one exists: all of
+                # them alive at once were a metric's peak memory.
+                c_day = known[order]
+                del known
+                c_y = k_y[order]
+                del k_y
+                c_group = all_group[seen][order]
+                # Without a risk model every risk is p0 whatever the order.
+                c_risk = (all_risk[seen][order] if all_risk is not None
+                          else np.full(len(order), p0))
+                lag = 0
+                del seen, order
         else:
             c_group, c_y, c_day, lag = group, y, day, window
             c_risk = expected_risk
+        # Only the time-to-event chart reads every unit (mature or not); without it the
+        # full-length arrays are dropped before the charts' own arrays are made.
+        del all_y, all_risk, is_mature
+        if "tte_cusum" not in metric.methods:
+            all_group = all_index_day = all_event_day = None
         charted = _ChartedUnits(group=group, y=y, day=day, c_group=c_group, c_y=c_y,
                                 c_day=c_day, c_risk=c_risk, lag=lag, p0=p0,
                                 all_group=all_group, all_index_day=all_index_day,
