@@ -267,3 +267,26 @@ def test_charts_in_known_order_equal_the_where_and_lexsort(snapshot):
                 assert np.array_equal(chart["day"], known[order])
                 checked += 1
     assert checked >= 3
+
+
+@pytest.mark.parametrize("metric_id", ["cement_leak", "new_fracture"])
+def test_risk_training_rows_equal_the_mature_units_known_before_the_quarter(snapshot,
+                                                                            metric_id):
+    """The training rows taken from every unit by one mask equal the mature units' copy
+    filtered by ``known_before_quarter`` (what the monitor fitted on before), row for row."""
+    from pipelines.surveillance.engine import _Computation
+    from pipelines.surveillance.outcomes import COVARIATES
+
+    metric = PROFILE.metric(metric_id)
+    work = _Computation(PROFILE, snapshot)
+    everyone = derive_outcomes(snapshot, metric, include_immature=True,
+                               columns=("site_code", "index_day", "y", "event_day",
+                                        *COVARIATES))
+    index_day = everyone["index_day"].to_numpy(np.int64)
+    is_mature = index_day + int(metric.window_days) <= snapshot.as_of_day
+    columns = ["y", "index_day", *COVARIATES]
+    before = risk_model.known_before_quarter(everyone[columns].loc[is_mature],
+                                             metric.window_days, snapshot.as_of_day)
+    now = everyone[columns].loc[work._risk_training(metric, is_mature, index_day)]
+    assert PROFILE.design.risk_refit == "quarterly" and 0 < len(now) < is_mature.sum()
+    pd.testing.assert_frame_equal(now, before)

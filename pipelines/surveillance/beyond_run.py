@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -197,6 +199,34 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
     return slim
 
 
+def _plan(design: BeyondSite) -> list[str]:
+    """Return the metrics whose units :func:`compute_beyond_site` reads, once per read."""
+    plan = []
+    if design.operators is not None:
+        plan.append(design.operators.cusum_metric)
+        if design.operators.rare_metric:
+            plan.append(design.operators.rare_metric)
+    if design.devices is not None:
+        plan += [design.devices.lot_metric, *design.devices.metrics]
+    return plan
+
+
+class _Lazy(Mapping):
+    """A metric's units made when the product charts ask for them (once per metric)."""
+
+    def __init__(self, units: Callable[[str], pd.DataFrame]) -> None:
+        self.units = units
+
+    def __getitem__(self, metric_id: str) -> pd.DataFrame:
+        return self.units(metric_id)
+
+    def __iter__(self) -> Iterator[str]:
+        raise TypeError("made on demand: ask for a metric")
+
+    def __len__(self) -> int:
+        raise TypeError("made on demand: ask for a metric")
+
+
 def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapshot,
                         design: BeyondSite | None = None) -> dict[str, list[dict[str, Any]]]:
     """Return the operator, product and lot rows for ``snapshot`` (no writes)."""
@@ -213,11 +243,16 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
         extras = _extras(conn, snapshot.as_of)
         rows_of = _ExtraRows(extras)
     cache: dict[str, pd.DataFrame] = {}
+    # Each metric's units are kept only until their last use below: the charts' metrics
+    # one after the other, not every metric's million units at once (the peak memory of
+    # the monitor's beyond_charts step).
+    uses = Counter(_plan(design))
 
     def units(metric_id: str) -> pd.DataFrame:
         if metric_id not in cache:
             cache[metric_id] = _units(snapshot, profile, metric_id, extras, rows_of)
-        return cache[metric_id]
+        uses[metric_id] -= 1
+        return cache.pop(metric_id) if uses[metric_id] <= 0 else cache[metric_id]
 
     if design.operators is not None:
         ops = design.operators
@@ -243,8 +278,8 @@ def compute_beyond_site(conn: sa.Connection, profile: Profile, snapshot: Snapsho
             dev, as_of_day)
         flagged = frozenset(row["product"] + LOT_KEY_SEPARATOR + row["lot"]
                             for row in out["lots"] if row["signal_date"])
-        out["products"] = product_charts({m: units(m) for m in dev.metrics}, profile, dev,
-                                         failures, as_of_day, flagged)
+        out["products"] = product_charts(_Lazy(units), profile, dev, failures, as_of_day,
+                                         flagged)
     return out
 
 

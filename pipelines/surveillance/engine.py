@@ -94,7 +94,6 @@ from pipelines.surveillance.risk_model import (
     RiskModel,
     design_day,
     fitted_risk_model,
-    known_before_quarter,
 )
 from pipelines.surveillance.runs import (
     FactsInBackground,
@@ -470,18 +469,15 @@ class _Computation:
         n_sites = len(self.sites)
         n_per_site = np.bincount(group, minlength=n_sites)
         events_per_site = np.bincount(group, weights=y, minlength=n_sites)
-        expected_risk = np.full(n_units, p0)
         model: RiskModel | None = None
         all_risk: np.ndarray | None = None
         if "ra_cusum" in metric.methods:
             with self._timed(f"{metric.id}:risk_model"):
-                # Only the columns the fit reads: the mature rows are copied.
-                mature_units = everyone[["y", "index_day", *COVARIATES]].loc[is_mature]
-                training = self._risk_training(metric, mature_units)
-                before_quarter = training is not mature_units
-                # Freed before the fit when the training rows are a copy of them: the
-                # three frames at once were a first run's peak memory.
-                del mature_units
+                # Only the columns and rows the fit reads, copied once (the mature units
+                # and then their training rows, two copies, were a first run's peak).
+                before_quarter = self.profile.design.risk_refit == "quarterly"
+                training = everyone[["y", "index_day", *COVARIATES]].loc[
+                    self._risk_training(metric, is_mature, all_index_day)]
                 model = fitted_risk_model(metric.id, training.reset_index(drop=True), p0,
                                           min_events=self.profile.design.risk_min_events)
                 self.models[metric.id] = model.to_dict()
@@ -495,6 +491,8 @@ class _Computation:
                 # A unit's risk depends on its own covariates only: predicted once for all.
                 all_risk = model.predict(everyone)
                 expected_risk = all_risk[is_mature]
+        else:
+            expected_risk = np.full(n_units, p0)
         del everyone
         expected_per_site = np.bincount(group, weights=expected_risk, minlength=n_sites)
         self._monthly(metric, group, y, day, expected_risk)
@@ -561,19 +559,23 @@ class _Computation:
                 with self._timed(f"{metric.id}:{routine.lstrip('_')}"):
                     getattr(self, routine)(metric, charted)
 
-    def _risk_training(self, metric: Metric, units: pd.DataFrame) -> pd.DataFrame:
-        """Return the units the case-mix model is fitted on (``design.risk_model.refit``).
+    def _risk_training(self, metric: Metric, is_mature: np.ndarray,
+                       index_day: np.ndarray) -> np.ndarray:
+        """Return which units the case-mix model is fitted on (``design.risk_model.refit``).
 
         ``quarterly``: the units whose outcome was known before the current quarter began
         (:func:`risk_model.known_before_quarter`), so every run of a quarter fits the same
         model (read from the threshold store) and designs the same RA-CUSUM case mix; units
         of the current quarter are charted with it but do not move it (a Phase I / Phase II
         split, refitted at each quarter). Restated history before the quarter changes the
-        training set and so refits. ``every_run``: every mature unit.
+        training set and so refits. ``every_run``: every mature unit. ``is_mature`` and
+        ``index_day`` are per unit; the answer is a mask over the same units (the rows
+        :func:`risk_model.known_before_quarter` keeps of the mature ones, in their order).
         """
         if self.profile.design.risk_refit != "quarterly":
-            return units
-        return known_before_quarter(units, metric.window_days, self.as_of_day)
+            return is_mature
+        known = index_day + int(metric.window_days or 0)
+        return is_mature & (known < design_day(self.as_of_day))
 
     def _cusums(self, metric: Metric, units: _ChartedUnits) -> None:
         """Run the metric's Bernoulli and risk-adjusted CUSUMs in each direction."""
