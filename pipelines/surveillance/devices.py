@@ -318,9 +318,15 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
             # comparators are taken from them by mask, in that order (the float sums see
             # the same cases in the same order). Products are factorised from the column
             # itself: a categorical's codes, not a string per unit.
-            code, products = pd.factorize(units[column][keep])
+            if keep.all():
+                # Every unit is named: the arrays themselves, not three full-length copies
+                # (the same values in the same order).
+                code, products = pd.factorize(units[column])
+                day, y, risk = all_day, all_y, all_risk
+            else:
+                code, products = pd.factorize(units[column][keep])
+                day, y, risk = all_day[keep], all_y[keep], all_risk[keep]
             code_of = {product: index for index, product in enumerate(products.tolist())}
-            day, y, risk = all_day[keep], all_y[keep], all_risk[keep]
             origin = int(day.min())  # every product's quarters start here
             for product in sorted(code_of):
                 mine = code == code_of[product]

@@ -522,11 +522,15 @@ class _Computation:
             with self._timed(f"{metric.id}:known_order"):
                 seen = (all_index_day + window <= self.as_of_day) | (all_event_day >= 0)
                 k_y = all_y[seen]
+                all_y = None
                 # The day each outcome became known, built in place: the same values as
                 # np.where(event, event day, index day + window) without its temporaries.
                 known = all_index_day[seen]
                 known += window
                 np.copyto(known, all_event_day[seen], where=k_y == 1)
+                if "tte_cusum" not in metric.methods:
+                    # Only the time-to-event chart reads every unit's days again.
+                    all_index_day = all_event_day = None
                 order = np.lexsort((known, all_group[seen]))
                 # Each unsorted copy is dropped as soon as its sorted one exists: all of
                 # them alive at once were a metric's peak memory.
@@ -538,6 +542,7 @@ class _Computation:
                 # Without a risk model every risk is p0 whatever the order.
                 c_risk = (all_risk[seen][order] if all_risk is not None
                           else np.full(len(order), p0))
+                all_risk = None
                 lag = 0
                 del seen, order
         else:
