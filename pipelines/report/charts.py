@@ -327,20 +327,21 @@ def _site_column(names: list[str], codes: np.ndarray):
 
 
 def _texts_taken(kind, values: np.ndarray, codes: np.ndarray, valid: np.ndarray | None = None):
-    """Return the Arrow text column of ``values[codes]`` (nulls where ``valid`` is False),
-    each distinct value formatted once.
+    """Return the Arrow column of ``values[codes]`` as text (nulls where ``valid`` is
+    False), each distinct value formatted once.
 
     Arrow's CSV writer formats a column by casting it to text, so casting the few values
-    and taking them per row writes the same bytes; a series file repeats a site's
-    threshold on each of its rows and a day on each site's row of it (three million
-    rows, a thousand sites, a thousand days), and formatting them row by row was a
-    third of writing the files.
+    and writing them through a dictionary writes the same bytes; a series file repeats a
+    site's threshold on each of its rows and a day on each site's row of it (three
+    million rows, a thousand sites, a thousand days), and formatting them row by row was
+    a third of writing the files. A dictionary, not the texts taken per row: the writer
+    expands it a batch at a time, so no column of millions of texts is ever held.
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    texts = pc.cast(_arrow(kind, values, valid), pa.string())
-    return pc.take(texts, _arrow(pa.int64(), np.asarray(codes, dtype=np.int64)))
+    texts = _arrow(kind, values, valid).cast(pa.string())
+    return pa.DictionaryArray.from_arrays(
+        _arrow(pa.int32(), np.asarray(codes, dtype=np.int32)), texts)
 
 
 def _series_columns(names: list[str], codes: np.ndarray, days: np.ndarray,
