@@ -22,8 +22,9 @@ the run). Target: report <= 2x reading the stored run (issue 11). Then
 ``drilldown.time_drilldown`` times ``kyphowatch sites`` and ``site`` on the same warehouse in
 fresh processes (issue 10: < 1 s each).
 
-Run: ``.venv/bin/python benchmarks/bench_report.py [--sites N] [--db EMPTY_URL]``
-(1,000 sites: about 520k procedures; the set-up, simulate + ingest + monitor, takes minutes).
+Run: ``.venv/bin/python benchmarks/bench_report.py [--sites N] [--db EMPTY_URL] [--keep DIR]``
+(1,000 sites: about 520k procedures; the set-up, simulate + ingest + monitor, takes minutes;
+``--keep DIR`` keeps the SQLite warehouse in DIR and reuses it on the next run).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def main() -> int:
     parser.add_argument("--sites", type=int, default=1000)
     parser.add_argument("--db", help="an EMPTY warehouse URL to use instead of a new SQLite "
                         "file (e.g. a fresh PostgreSQL database)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="build the SQLite warehouse in DIR and keep it; when DIR already "
+                        "holds one (warehouse.db), reuse it and skip the set-up (A/B runs)")
     args = parser.parse_args()
     os.environ.setdefault("KYPHOWATCH_DEMO", "1")
     from pipelines.cli import main as cli_main
@@ -81,19 +85,29 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:
         root = Path(tmp)
         drift_site = site_id_list(args.sites)[2]
-        code = cli_main([
-            "simulate", "--out", str(root / "extracts"), "--sites", str(args.sites),
-            "--start", "2022-01-01", "--end", "2024-12-31", "--single-file", "--seed", "7",
-            "--drift", f"{drift_site}:cement_leak:2.5:2023-06-01", "--bad-row-rate", "0",
-        ])
-        if code:
-            return code
-        settings = load_settings(db_url=args.db or f"sqlite:///{root / 'warehouse.db'}")
-        started = time.perf_counter()
-        ingest_paths(settings, sorted((root / "extracts").glob("*.csv*")))
-        result = run_monitor(settings)
-        print(f"set-up (ingest + monitor): {time.perf_counter() - started:.1f} s "
-              "(not compared)")
+        kept = args.keep / "warehouse.db" if args.keep else None
+        warehouse = kept or root / "warehouse.db"
+        settings = load_settings(db_url=args.db or f"sqlite:///{warehouse}")
+        if kept is not None and kept.exists():
+            print(f"set-up: reusing the warehouse in {kept} (not rebuilt)")
+            with reading(settings.db_url) as conn:
+                result = load_run(conn, load_profile(settings.profile_path))
+        else:
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+            code = cli_main([
+                "simulate", "--out", str(root / "extracts"), "--sites", str(args.sites),
+                "--start", "2022-01-01", "--end", "2024-12-31", "--single-file", "--seed",
+                "7", "--drift", f"{drift_site}:cement_leak:2.5:2023-06-01",
+                "--bad-row-rate", "0",
+            ])
+            if code:
+                return code
+            started = time.perf_counter()
+            ingest_paths(settings, sorted((root / "extracts").glob("*.csv*")))
+            result = run_monitor(settings)
+            print(f"set-up (ingest + monitor): {time.perf_counter() - started:.1f} s "
+                  "(not compared)")
         profile = load_profile(settings.profile_path)
         workers = default_workers()
         with reading(settings.db_url) as conn:  # warm: imports, connection, page cache

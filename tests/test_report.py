@@ -286,6 +286,40 @@ def test_reads_beside_the_run_in_a_forked_process_are_the_same_data(sqlite_url, 
     assert _tree(one) == _tree(two)
 
 
+def test_forked_reads_travel_as_columns_and_come_back_the_same():
+    """The forked reads send the monthly figures and complications as columns (one
+    pickle of a few tuples, not thousands of objects) and the recent O/E computed there;
+    what the report looks up from them equals what was read, missing keys included."""
+    import pickle
+
+    from pipelines import evidence
+    from pipelines.report import data as report_data
+
+    months = {("S001", "cement_leak"): evidence.MonthSeries(
+                  ("2024-01", "2024-02"), (3, 4), (0, 1), (0.5, 0.25), (1, 0)),
+              ("S002", "cement_leak"): evidence.MonthSeries((), (), (), (), ())}
+    complications = {"S001": [{"event_date": "2024-01-02", "event_type": "cement_leak",
+                               "severity": None, "symptomatic": False,
+                               "vertebral_level": "L1"}]}
+    reads = {"day": date(2024, 2, 29), "run_key": "k", "quality": {"files": []},
+             "months": months, "complications": complications}
+
+    def through_the_pipe(answer):
+        return report_data._from_the_pipe(pickle.loads(pickle.dumps(
+            report_data._for_the_pipe(answer), protocol=pickle.HIGHEST_PROTOCOL)))
+
+    got = through_the_pipe(reads)
+    assert got["months"] == months and got["complications"] == complications
+    assert got["months"][("S001", "cement_leak")] == months[("S001", "cement_leak")]
+    assert got["months"].get(("S009", "cement_leak")) is None
+    assert got["complications"].get("S009", []) == []
+    assert got["recent_oe"] == evidence.recent_observed_expected(months)
+    assert got["quality"] == reads["quality"] and got["run_key"] == "k"
+    empty = through_the_pipe({**reads, "months": None, "complications": {}})
+    assert empty["months"] is None and not empty["complications"]
+    assert empty["recent_oe"] == {}
+
+
 def test_reads_are_not_forked_beside_other_threads_or_without_a_process(
         sqlite_url, settings_for, monkeypatch):
     """A child forked while another thread runs could inherit a lock held there and hang the
