@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 
@@ -167,24 +169,30 @@ def copy_columns(conn: sa.Connection, statement: sa.Select,
         column_types={name: types[kind] for name, kind in kinds.items()},
         true_values=["t"], false_values=["f"], null_values=[""],
         strings_can_be_null=True, quoted_strings_can_be_null=False)
+
+    def parse(batch: bytearray):
+        return pa_csv.read_csv(pa.py_buffer(batch), read_options=read_options,
+                               convert_options=convert_options)
+
     tables = []
     driver = conn.connection.driver_connection
-    with driver.cursor() as cursor, cursor.copy(
-        "COPY (" + str(compiled) + ") TO STDOUT (FORMAT csv)", compiled.params
-    ) as stream:
-        # PostgreSQL sends one message per row, so a batch always ends at a row's end.
-        # (Receiving the next batch in a thread while this one is parsed cost more than it
-        # saved on the loaded 2-core machine: 0.3 s more CPU, the read 0.5-0.9 s slower.)
-        batch = bytearray()
-        while data := stream.read():
-            batch += data
-            if len(batch) >= READ_BATCH_BYTES:
-                tables.append(pa_csv.read_csv(pa.py_buffer(batch), read_options=read_options,
-                                              convert_options=convert_options))
-                batch = bytearray()
-        if batch:
-            tables.append(pa_csv.read_csv(pa.py_buffer(batch), read_options=read_options,
-                                          convert_options=convert_options))
+    # Arrow parses a batch without the GIL, in a thread, while the next one is received:
+    # the server goes on sending instead of waiting for the parse. One batch is parsed
+    # while one is received, never more (a queue of unparsed batches would grow memory).
+    # (Receiving in the thread instead cost more than it saved on the loaded 2-core
+    # machine: psycopg's per-row reads then fought the parse for the GIL.)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-parse") as parser, \
+            driver.cursor() as cursor, cursor.copy(
+            "COPY (" + str(compiled) + ") TO STDOUT (FORMAT csv)", compiled.params) as stream:
+        pending = None
+        for batch in _copy_batches(stream, READ_BATCH_BYTES):
+            if pending is not None:
+                tables.append(pending.result())
+            pending = parser.submit(parse, batch)
+            del batch
+        if pending is not None:
+            tables.append(pending.result())
+        del pending
     schema = pa.schema([(name, types[kind]) for name, kind in kinds.items()])
     table = pa.concat_tables(tables).unify_dictionaries() if tables else schema.empty_table()
     del tables
@@ -204,6 +212,43 @@ def copy_columns(conn: sa.Connection, statement: sa.Select,
     # Arrow's allocator keeps freed batches for its own reuse; the monitor has none.
     pa.default_memory_pool().release_unused()
     return columns
+
+
+def _copy_batches(stream, batch_bytes: int) -> Iterator[bytearray]:
+    """Yield a ``COPY ... TO STDOUT``'s data in batches of at least ``batch_bytes`` (the last
+    one smaller), each ending at a row's end.
+
+    PostgreSQL sends one message per row, and psycopg's ``Copy.read`` returns one message
+    per call through a generator and a wait: about 0.3 s of CPU for a million rows. The
+    rows already received are taken here straight from libpq (``get_copy_data`` without
+    blocking); only when none is buffered does ``Copy.read`` wait for the socket. The end
+    of the data (-1) is followed by the statement's result, read here as psycopg would:
+    an error the server sent mid-COPY is raised.
+    """
+    from psycopg import errors, pq
+
+    pgconn = stream.connection.pgconn
+    get = pgconn.get_copy_data
+    batch = bytearray()
+    while True:
+        size, data = get(1)  # 1: never block; 0 = nothing buffered yet
+        if size > 0:
+            batch += data
+        elif size == 0:
+            data = stream.read()  # waits for the socket; b"" once psycopg saw the end
+            if not data:
+                break
+            batch += data
+        else:
+            while (result := pgconn.get_result()) is not None:
+                if result.status != pq.ExecStatus.COMMAND_OK:
+                    raise errors.error_from_result(result, encoding=stream.connection.info.encoding)
+            break
+        if len(batch) >= batch_bytes:
+            yield batch
+            batch = bytearray()
+    if batch:
+        yield batch
 
 
 def _id_strings(values) -> pd.arrays.ArrowStringArray:
