@@ -156,6 +156,35 @@ def copy_columns(conn: sa.Connection, statement: sa.Select,
     SQLAlchemy and its values are bound by the driver; ``COPY`` only wraps it.
     """
     import pyarrow as pa
+
+    names = list(kinds)
+    table = copy_table(conn, statement, kinds)
+    columns: dict[str, np.ndarray | pd.Categorical] = {}
+    for name in names:
+        column = table.column(name)
+        if kinds[name] == "category":
+            columns[name] = column.to_pandas().array
+        elif kinds[name] == "string":
+            columns[name] = _arrow_strings(column.combine_chunks())
+        elif kinds[name] == "object":
+            columns[name] = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
+        else:
+            columns[name] = column.to_numpy()
+        table = table.drop_columns([name])
+    del table
+    # Arrow's allocator keeps freed batches for its own reuse; the monitor has none.
+    pa.default_memory_pool().release_unused()
+    return columns
+
+
+def copy_table(conn: sa.Connection, statement: sa.Select, kinds: dict[str, str]):
+    """Return the statement's rows as one Arrow table, streamed with COPY in batches.
+
+    What :func:`copy_columns` converts, for callers that keep Arrow tables (the snapshot
+    cache): one chunk per batch, every dictionary column's dictionaries unified; the
+    kinds as there (``object`` read as ``string``).
+    """
+    import pyarrow as pa
     from pyarrow import csv as pa_csv
 
     compiled = statement.compile(dialect=conn.dialect,
@@ -194,24 +223,7 @@ def copy_columns(conn: sa.Connection, statement: sa.Select,
             tables.append(pending.result())
         del pending
     schema = pa.schema([(name, types[kind]) for name, kind in kinds.items()])
-    table = pa.concat_tables(tables).unify_dictionaries() if tables else schema.empty_table()
-    del tables
-    columns: dict[str, np.ndarray | pd.Categorical] = {}
-    for name in names:
-        column = table.column(name)
-        if kinds[name] == "category":
-            columns[name] = column.to_pandas().array
-        elif kinds[name] == "string":
-            columns[name] = _arrow_strings(column.combine_chunks())
-        elif kinds[name] == "object":
-            columns[name] = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
-        else:
-            columns[name] = column.to_numpy()
-        table = table.drop_columns([name])
-    del table
-    # Arrow's allocator keeps freed batches for its own reuse; the monitor has none.
-    pa.default_memory_pool().release_unused()
-    return columns
+    return pa.concat_tables(tables).unify_dictionaries() if tables else schema.empty_table()
 
 
 def _copy_batches(stream, batch_bytes: int) -> Iterator[bytearray]:

@@ -70,7 +70,7 @@ from pipelines.surveillance.outcomes import (
     COMPLICATION_KINDS,
     PROCEDURE_KINDS,
     Snapshot,
-    copy_columns,
+    copy_table,
     day_number,
     load_snapshot,
     release_memory,
@@ -383,12 +383,11 @@ def _full(conn: sa.Connection, state: dict, needs_patient: bool, event_types: li
           extras: tuple[str, ...], reason: str) -> _Read:
     """Read every row's columns (no as_of: the cache must hold rows of any date)."""
     columns, kinds = _procedure_select(needs_patient, extras)
-    procs = _to_arrow(copy_columns(conn, sa.select(*columns), kinds), kinds)
+    procs = copy_table(conn, sa.select(*columns), kinds)
     if event_types:
-        comps = _to_arrow(copy_columns(
-            conn, sa.select(*_complication_select())
-            .where(complication.c.event_type.in_(event_types)), _COMPLICATION_KINDS),
-            _COMPLICATION_KINDS)
+        comps = copy_table(conn, sa.select(*_complication_select())
+                           .where(complication.c.event_type.in_(event_types)),
+                           _COMPLICATION_KINDS)
     else:
         comps = _empty(_COMPLICATION_KINDS)
     state.update(procedures=procs.num_rows, complications=comps.num_rows, part=0)
@@ -409,18 +408,17 @@ def _read_delta(conn: sa.Connection, checksums: list[str], needs_patient: bool,
 
     columns, kinds = _procedure_select(needs_patient, extras)
     written = procedure.c.source_checksum.in_(checksums)
-    procs = _to_arrow(copy_columns(conn, sa.select(*columns).where(written), kinds), kinds)
+    procs = copy_table(conn, sa.select(*columns).where(written), kinds)
     # Complications of every type: one re-typed out of the counted ones must leave the cache.
     # Those of the written procedures by their ids, bound as one array (one scan of the
     # procedures is enough).
     ids = sa.bindparam("delta_ids", procs["procedure_id"].to_pylist(), type_=ARRAY(sa.String))
     left = sa.bindparam("left_pending", list(left_pending), type_=ARRAY(sa.String))
-    comps = _to_arrow(copy_columns(
+    comps = copy_table(
         conn, sa.select(*_complication_select()).where(sa.or_(
             complication.c.source_checksum.in_(checksums),
             complication.c.procedure_id == sa.func.any(ids),
-            complication.c.complication_id == sa.func.any(left))), _COMPLICATION_KINDS),
-        _COMPLICATION_KINDS)
+            complication.c.complication_id == sa.func.any(left))), _COMPLICATION_KINDS)
     moved = conn.scalars(sa.select(pending_complication.c.complication_id).where(
         pending_complication.c.source_checksum.in_(checksums))).all()
     quarantined = conn.scalars(sa.select(quarantine.c.record_id).where(
@@ -464,24 +462,6 @@ def _empty(kinds: dict[str, str]):
     import pyarrow as pa
 
     return pa.schema([(name, _arrow_type(kind)) for name, kind in kinds.items()]).empty_table()
-
-
-def _to_arrow(columns: dict, kinds: dict[str, str]):
-    """Turn copy_columns' arrays into one Arrow table of fixed types (no string copies)."""
-    import pyarrow as pa
-
-    arrays = []
-    for name, kind in kinds.items():
-        values = columns.pop(name)
-        if kind == "category":
-            array = pa.DictionaryArray.from_arrays(
-                pa.array(np.asarray(values.codes, dtype=np.int32), mask=values.codes < 0),
-                pa.array(np.asarray(values.categories, dtype=object), type=pa.string()))
-        else:
-            array = pa.array(values, type=_arrow_type(kind))
-        arrays.append(array)
-    return pa.table(arrays, schema=pa.schema(
-        [(name, _arrow_type(kind)) for name, kind in kinds.items()]))
 
 
 def _to_ipc(table):
