@@ -105,8 +105,23 @@ class Snapshot:
 
 
 def latest_procedure_date(conn: sa.Connection) -> date | None:
-    """Return the newest procedure date in the warehouse (the default as_of), or None."""
-    value = conn.execute(sa.select(sa.func.max(procedure.c.procedure_date))).scalar()
+    """Return the newest procedure date in the warehouse (the default as_of), or None.
+
+    On PostgreSQL the newest date of each site, walked site by site on the (site_id,
+    procedure_date) index: ``max(procedure_date)`` alone scans every procedure (about
+    0.1 s for a million), which this version 15 cannot skip through the index.
+    """
+    if conn.dialect.name == "postgresql":
+        # Identifiers are the schema's own; no value is in the text.
+        value = conn.execute(sa.text(
+            "WITH RECURSIVE s(site) AS ("
+            " SELECT min(site_id) FROM procedure"
+            " UNION ALL SELECT (SELECT min(site_id) FROM procedure WHERE site_id > s.site)"
+            " FROM s WHERE s.site IS NOT NULL)"
+            " SELECT max((SELECT max(procedure_date) FROM procedure p"
+            " WHERE p.site_id = s.site)) FROM s")).scalar()
+    else:
+        value = conn.execute(sa.select(sa.func.max(procedure.c.procedure_date))).scalar()
     if value is None:
         return None
     if isinstance(value, str):  # defensive: some drivers hand back text for aggregates
