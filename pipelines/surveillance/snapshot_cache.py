@@ -546,11 +546,28 @@ def _write(engine: sa.Engine, row: dict) -> None:
         values = dict(row, procedures=row["procedures"].to_pybytes(),
                       complications=row["complications"].to_pybytes())
         with _own_connection(engine) as conn, conn.begin():
+            _toast_with_lz4(conn)
             conn.execute(insert(snapshot_cache).on_conflict_do_nothing(), values)
         return
     with _own_connection(engine) as conn, conn.begin():
+        _toast_with_lz4(conn)
         conn.execute(snapshot_cache.delete().where(snapshot_cache.c.cache_key == row["cache_key"]))
         _copy_part(conn, row)
+
+
+def _toast_with_lz4(conn: sa.Connection) -> None:
+    """Have the server try lz4, not pglz, on this transaction's blobs, where it can.
+
+    The blobs are lz4-compressed already, so the server's attempt to compress them again
+    fails; pglz only gives up after compressing three quarters of a blob (about 1 s of
+    the server's time for the 30 MB of a million procedures), lz4 at once (about 0.4 s
+    for the whole write instead of 1-1.4 s). The bytes stored, and read back, are the
+    same. ``SET LOCAL``: for this transaction only; a server without lz4 (before
+    PostgreSQL 14, or built without it) keeps its default.
+    """
+    if conn.execute(sa.text("SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
+                            "WHERE name = 'default_toast_compression'")).scalar():
+        conn.execute(sa.text("SET LOCAL default_toast_compression = 'lz4'"))
 
 
 # PostgreSQL's binary COPY framing (see the COPY documentation, "Binary Format").
