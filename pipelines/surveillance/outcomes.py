@@ -148,8 +148,9 @@ def _fetch(conn: sa.Connection, statement: sa.Select) -> list[tuple]:
         result.close()
 
 
-# Text parsed per batch when streaming rows from PostgreSQL: bounds the transient memory.
-READ_BATCH_BYTES = 16 << 20
+# Text parsed per batch when streaming rows from PostgreSQL: bounds the transient memory
+# (two batches at a time: one parsed while the next is received).
+READ_BATCH_BYTES = 8 << 20
 
 
 def streams_copy(conn: sa.Connection) -> bool:
@@ -196,8 +197,7 @@ def copy_table(conn: sa.Connection, statement: sa.Select, kinds: dict[str, str])
     """Return the statement's rows as one Arrow table, streamed with COPY in batches.
 
     What :func:`copy_columns` converts, for callers that keep Arrow tables (the snapshot
-    cache): one chunk per batch, every dictionary column's dictionaries unified; the
-    kinds as there (``object`` read as ``string``).
+    cache): one chunk per column; the kinds as there (``object`` read as ``string``).
     """
     import pyarrow as pa
     from pyarrow import csv as pa_csv
@@ -238,7 +238,19 @@ def copy_table(conn: sa.Connection, statement: sa.Select, kinds: dict[str, str])
             tables.append(pending.result())
         del pending
     schema = pa.schema([(name, types[kind]) for name, kind in kinds.items()])
-    return pa.concat_tables(tables).unify_dictionaries() if tables else schema.empty_table()
+    if not tables:
+        return schema.empty_table()
+    table = pa.concat_tables(tables).unify_dictionaries()
+    del tables
+    # One chunk per column, a column at a time (each batch's column freed once copied):
+    # the table's readers (copy_columns, the cache's blob, the snapshot's numpy views)
+    # then take the arrays as they are, where chunks would be copied whole by each.
+    arrays = []
+    for name in names:
+        arrays.append(table.column(name).combine_chunks())
+        table = table.drop_columns([name])
+    del table
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _copy_batches(stream, batch_bytes: int) -> Iterator[bytearray]:
