@@ -249,6 +249,8 @@ def copy_table(conn: sa.Connection, statement: sa.Select, kinds: dict[str, str])
     for name in names:
         arrays.append(table.column(name).combine_chunks())
         table = table.drop_columns([name])
+        # Arrow's allocator keeps freed chunks for its own reuse; the monitor has none.
+        pa.default_memory_pool().release_unused()
     del table
     return pa.Table.from_arrays(arrays, schema=schema)
 
