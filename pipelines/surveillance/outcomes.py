@@ -245,9 +245,16 @@ def copy_table(conn: sa.Connection, statement: sa.Select, kinds: dict[str, str])
     # One chunk per column, a column at a time (each batch's column freed once copied):
     # the table's readers (copy_columns, the cache's blob, the snapshot's numpy views)
     # then take the arrays as they are, where chunks would be copied whole by each.
+    # Whole numbers in numpy's memory (wrapped, not copied, by Arrow): the snapshot takes
+    # them as numpy views and frees each once ordered, and the C allocator hands a freed
+    # array's pages back at once, where Arrow's pool would keep them to the end of the read.
     arrays = []
     for name in names:
-        arrays.append(table.column(name).combine_chunks())
+        column = table.column(name)
+        arrays.append(pa.array(column.to_numpy())
+                      if kinds[name] == "int" and not column.null_count
+                      else column.combine_chunks())
+        del column
         table = table.drop_columns([name])
         # Arrow's allocator keeps freed chunks for its own reuse; the monitor has none.
         pa.default_memory_pool().release_unused()

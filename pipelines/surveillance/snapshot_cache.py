@@ -622,6 +622,7 @@ def _snapshot(tables: list, as_of: date, needs_patient: bool,
 
     ``tables`` (procedures, complications) is emptied: the tables die with this frame.
     """
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     procs, comps = tables
@@ -637,6 +638,9 @@ def _snapshot(tables: list, as_of: date, needs_patient: bool,
     comp_rows = {name: _pandas(comps[name]) for name in _COMPLICATION_KINDS
                  if name != "complication_id"}
     del procs, comps
+    # The dictionaries' indices died with the tables (the categoricals hold copies): their
+    # pages go back before the snapshot's ordered copies are made, not after.
+    pa.default_memory_pool().release_unused()
     return snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient,
                               extra_rows=extra_rows)
 
