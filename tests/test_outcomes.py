@@ -196,3 +196,18 @@ def test_a_read_in_many_small_batches_equals_one_batch(pg_url, monkeypatch):
     assert many.fingerprint == one.fingerprint
     assert many.procedures.equals(one.procedures) and len(one.procedures) == 600
     assert many.complications.equals(one.complications) and len(one.complications) == 150
+
+
+def test_latest_procedure_date_walks_the_sites_on_postgresql(pg_url):
+    """The site-by-site walk on PostgreSQL gives the plain max (None on an empty table)."""
+    from pipelines.surveillance.outcomes import latest_procedure_date
+
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        assert latest_procedure_date(conn) is None
+    day = date(2023, 1, 1)
+    insert(engine, [procedure_row(f"P{i:03d}", f"S{i % 5:03d}", day + timedelta(days=i * 7 % 90))
+                    for i in range(40)], [])
+    with engine.connect() as conn:
+        plain = conn.execute(sa.select(sa.func.max(procedure.c.procedure_date))).scalar()
+        assert plain is not None and latest_procedure_date(conn) == plain

@@ -88,8 +88,8 @@ def test_a_past_as_of_without_a_stored_run_is_computed_once_and_stored(sqlite_ur
 
 def test_facts_aggregated_aside_and_parts_packed_in_a_thread_store_the_same_bytes(
         db_url, settings_for, monkeypatch):
-    """The store's overlapped paths (facts on their own connection and the sites' parts
-    packed in a thread on PostgreSQL, zlib in a worker thread) store every part byte for
+    """The store's overlapped paths (facts on their own connection and the sites' and the
+    core parts packed in threads on PostgreSQL, zlib in a worker thread) store every part byte for
     byte as the one-connection, serial store."""
     import sqlalchemy as sa
 
@@ -109,10 +109,16 @@ def test_facts_aggregated_aside_and_parts_packed_in_a_thread_store_the_same_byte
             started.append(2)
             super().__init__(*args, **kwargs)
 
+    class CountedCore(runs.CoreInBackground):
+        def __init__(self, *args, **kwargs):
+            started.append(3)
+            super().__init__(*args, **kwargs)
+
     monkeypatch.setattr(engine_module, "FactsInBackground", Counted)
     monkeypatch.setattr(engine_module, "SeriesInBackground", CountedSeries)
+    monkeypatch.setattr(engine_module, "CoreInBackground", CountedCore)
     result = run_monitor(settings_for(db_url))
-    assert started == ([1, 2] if db_url.startswith("postgresql") else [])
+    assert started == ([1, 2, 3] if db_url.startswith("postgresql") else [])
     engine = make_engine(db_url)
     select = sa.select(monitor_run_part.c.part, monitor_run_part.c.payload).order_by(
         monitor_run_part.c.part)

@@ -445,3 +445,26 @@ def test_the_cache_is_written_aside_and_a_failed_write_never_stops_the_read(nigh
     assert "snapshot cache: not stored (RuntimeError: disk full)" in caplog.text
     _same_snapshot(snapshot, full)
     assert _parts(engine) == []
+
+
+def test_the_cache_write_has_the_server_try_lz4_for_that_transaction_only(pg_url):
+    """pglz spends about a second failing to compress the lz4 blobs again; the write asks
+    for lz4 (which fails at once) in its own transaction, and the blobs read back the same."""
+    engine = make_engine(pg_url)
+    schema.metadata.create_all(engine)
+    with engine.connect() as conn:
+        default = conn.exec_driver_sql("SHOW default_toast_compression").scalar()
+        conn.rollback()
+        with conn.begin():
+            snapshot_cache._toast_with_lz4(conn)
+            assert conn.exec_driver_sql("SHOW default_toast_compression").scalar() == "lz4"
+        assert conn.exec_driver_sql("SHOW default_toast_compression").scalar() == default
+        conn.rollback()
+    blob = bytes(range(256)) * 4096
+    snapshot_cache._write(engine, {"cache_key": "k", "part": 0, "watermark": "{}",
+                                   "procedures": blob, "complications": blob[::-1],
+                                   "built_at": datetime.now(UTC)})
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(schema.snapshot_cache.c.procedures,
+                                        schema.snapshot_cache.c.complications)).one()
+    assert bytes(stored[0]) == blob and bytes(stored[1]) == blob[::-1]

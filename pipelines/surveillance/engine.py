@@ -96,6 +96,7 @@ from pipelines.surveillance.risk_model import (
     fitted_risk_model,
 )
 from pipelines.surveillance.runs import (
+    CoreInBackground,
     FactsInBackground,
     MonitorResult,
     SeriesInBackground,
@@ -1525,18 +1526,27 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
             else:
                 row["first_seen_run"] = result.run_key
                 inserts.append({f: row[f] for f in SIGNAL_FIELDS})
-        _upsert_signals(conn, inserts, updates)
-        gone = [key for key in judged if key not in present]
-        for start in range(0, len(gone), 500):
-            conn.execute(
-                signal.update()
-                .where(signal.c.signal_key.in_(gone[start:start + 500]), signal.c.active)
-                .values(active=False)
-            )
         result.new_signal_keys = sorted(row["signal_key"] for row in inserts)
-        _replace_current_picture(conn, result, profile)
-        store_run(conn, result, facts.result if facts is not None else None,
-                  series.result if series is not None else None)
+        # The run's core part holds the signals as set just above and nothing written
+        # below: packed in a thread while this transaction waits for the server (as the
+        # sites' parts are; PostgreSQL only, like them).
+        core = CoreInBackground(result) if series is not None else None
+        try:
+            _upsert_signals(conn, inserts, updates)
+            gone = [key for key in judged if key not in present]
+            for start in range(0, len(gone), 500):
+                conn.execute(
+                    signal.update()
+                    .where(signal.c.signal_key.in_(gone[start:start + 500]), signal.c.active)
+                    .values(active=False)
+                )
+            _replace_current_picture(conn, result, profile)
+            store_run(conn, result, facts.result if facts is not None else None,
+                      series.result if series is not None else None,
+                      core.result if core is not None else None)
+        finally:
+            if core is not None:  # never left packing past a failed attempt
+                core.wait()
 
 
 def _upsert_signals(conn: sa.Connection, inserts: list[dict[str, Any]],
