@@ -67,8 +67,10 @@ def main() -> int:
                         "file (e.g. a fresh PostgreSQL database)")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="build the SQLite warehouse in DIR and keep it; when DIR already "
-                        "holds one (warehouse.db), reuse it and skip the set-up (A/B runs)")
+                        "holds one for the same --sites, reuse it and skip the set-up (A/B runs)")
     args = parser.parse_args()
+    if args.keep and args.db:
+        parser.error("--keep keeps a SQLite warehouse of its own; it cannot be used with --db")
     os.environ.setdefault("KYPHOWATCH_DEMO", "1")
     from pipelines.cli import main as cli_main
     from pipelines.db import reading
@@ -85,10 +87,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:
         root = Path(tmp)
         drift_site = site_id_list(args.sites)[2]
-        kept = args.keep / "warehouse.db" if args.keep else None
+        # A kept warehouse is named after its site count and reused only if a marker says
+        # its set-up finished (a half-built one is removed and built again). The marker,
+        # not a rename: the warehouse is in WAL mode, and its -wal file follows its name.
+        kept = args.keep / f"warehouse-{args.sites}-sites.db" if args.keep else None
+        finished = kept.with_suffix(".done") if kept is not None else None
+        reuse = finished is not None and finished.exists()
+        if kept is not None and not reuse:
+            for leftover in (kept, Path(f"{kept}-wal"), Path(f"{kept}-shm")):
+                leftover.unlink(missing_ok=True)
         warehouse = kept or root / "warehouse.db"
         settings = load_settings(db_url=args.db or f"sqlite:///{warehouse}")
-        if kept is not None and kept.exists():
+        if reuse:
             print(f"set-up: reusing the warehouse in {kept} (not rebuilt)")
             with reading(settings.db_url) as conn:
                 result = load_run(conn, load_profile(settings.profile_path))
@@ -108,6 +118,8 @@ def main() -> int:
             result = run_monitor(settings)
             print(f"set-up (ingest + monitor): {time.perf_counter() - started:.1f} s "
                   "(not compared)")
+            if finished is not None:
+                finished.write_text(f"{args.sites} sites, set-up finished\n")
         profile = load_profile(settings.profile_path)
         workers = default_workers()
         with reading(settings.db_url) as conn:  # warm: imports, connection, page cache

@@ -198,6 +198,28 @@ def test_a_read_in_many_small_batches_equals_one_batch(pg_url, monkeypatch):
     assert many.complications.equals(one.complications) and len(one.complications) == 150
 
 
+def test_an_error_mid_copy_reaches_the_caller_and_the_connection_rolls_back(pg_url):
+    """A server error after some rows were sent (here a division by zero at row 200,000)
+    is raised as the server's own error, and the connection is usable afterwards: every
+    result is read before raising, so libpq is not left busy."""
+    import psycopg
+
+    from pipelines.surveillance.outcomes import copy_columns
+
+    engine = make_engine(pg_url)
+    failing = sa.select(sa.literal_column("1 / (x - 200000)").label("v")).select_from(
+        sa.text("generate_series(1, 300000) AS x"))
+    with pytest.raises(psycopg.errors.DivisionByZero):  # not "no COPY in progress"
+        with engine.begin() as conn:
+            copy_columns(conn, failing, {"v": "int"})
+    with engine.connect() as conn:  # the pool's connection was rolled back and reused
+        counted = copy_columns(conn, sa.select(sa.literal_column("x").label("v")).select_from(
+            sa.text("generate_series(1, 300000) AS x")), {"v": "int"})
+        assert len(counted["v"]) == 300000 and int(counted["v"][-1]) == 300000
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    engine.dispose()
+
+
 def test_latest_procedure_date_walks_the_sites_on_postgresql(pg_url):
     """The site-by-site walk on PostgreSQL gives the plain max (None on an empty table)."""
     from pipelines.surveillance.outcomes import latest_procedure_date

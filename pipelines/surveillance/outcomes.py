@@ -270,8 +270,9 @@ def _copy_batches(stream, batch_bytes: int) -> Iterator[bytearray]:
     per call through a generator and a wait: about 0.3 s of CPU for a million rows. The
     rows already received are taken here straight from libpq (``get_copy_data`` without
     blocking); only when none is buffered does ``Copy.read`` wait for the socket. The end
-    of the data (-1) is followed by the statement's result, read here as psycopg would:
-    an error the server sent mid-COPY is raised.
+    of the data (-1) is followed by the statement's results, all of them read here (as
+    psycopg does) before the first error among them is raised, so the connection can roll
+    back and the caller sees the server's error (a statement timeout, a failed cast).
     """
     from psycopg import errors, pq
 
@@ -288,9 +289,15 @@ def _copy_batches(stream, batch_bytes: int) -> Iterator[bytearray]:
                 break
             batch += data
         else:
+            # Every result is read before an error is raised: until the last one libpq is
+            # busy, and psycopg could neither close the COPY nor roll back (the caller would
+            # see "another command is already in progress", not the server's error).
+            error = None
             while (result := pgconn.get_result()) is not None:
-                if result.status != pq.ExecStatus.COMMAND_OK:
-                    raise errors.error_from_result(result, encoding=stream.connection.info.encoding)
+                if error is None and result.status != pq.ExecStatus.COMMAND_OK:
+                    error = result
+            if error is not None:
+                raise errors.error_from_result(error, encoding=stream.connection.info.encoding)
             break
         if len(batch) >= batch_bytes:
             yield batch
