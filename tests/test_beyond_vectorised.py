@@ -284,3 +284,37 @@ def test_extra_rows_match_get_indexer(arrow):
     assert position.dtype == np.intp
     np.testing.assert_array_equal(position, expected)
     assert rows_of(pd.Series(_id_strings(units.copy()))) is position  # same units: reused
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_concurrent_by_quarter_equals_concurrent_bit_for_bit(seed):
+    """product_charts' recalibration from per-quarter counts and one bincount over every
+    unit gives :func:`concurrent`'s risks exactly (not merely close), sparse quarters, a
+    dominant product and quarters without comparators included."""
+    from pipelines.surveillance.devices import QUARTER_DAYS, _concurrent_by_quarter
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50, 20_000))
+    day = np.sort(rng.integers(0, 900, n)).astype(np.int64)
+    rng.shuffle(day[: n // 3])  # units in (site, date) order: dates not sorted overall
+    y = (rng.random(n) < rng.uniform(0.01, 0.4)).astype(np.int64)
+    risk = rng.uniform(0.005, 0.6, n)
+    mine = rng.random(n) < rng.uniform(0.05, 0.9)
+    mine[day > 800] = seed % 2 == 0  # a stretch of quarters with the product alone
+    if mine.all() or not mine.any():
+        mine[0] = not mine[0]
+    origin = int(day.min())
+    taken = np.flatnonzero(mine)
+    taken = taken[np.argsort(day[taken], kind="stable")]
+    theirs = ~mine
+    expected = concurrent(risk[taken], day[taken],
+                          {"index_day": day[theirs], "y": y[theirs]}, risk[theirs], origin)
+    quarter = (day - origin) // QUARTER_DAYS
+    n_quarters = int(quarter.max()) + 1
+    got = _concurrent_by_quarter(
+        risk[taken], quarter[taken], quarter, risk, mine,
+        np.bincount(quarter, weights=y, minlength=n_quarters)
+        - np.bincount(quarter[taken], weights=y[taken], minlength=n_quarters),
+        np.bincount(quarter, minlength=n_quarters).astype(float)
+        - np.bincount(quarter[taken], minlength=n_quarters))
+    assert got.tobytes() == expected.tobytes()

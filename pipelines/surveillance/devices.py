@@ -119,20 +119,51 @@ def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame | dict[st
     other_y = np.asarray(others["y"], dtype=float)
     blocks = recalibration_blocks(np.bincount(other_quarter, weights=other_y,
                                               minlength=n_quarters))
-    block, other_block = blocks[quarter], blocks[other_quarter]
+    other_block = blocks[other_quarter]
     n_blocks = int(blocks.max(initial=-1)) + 1
     events = np.bincount(other_block, weights=other_y, minlength=n_blocks)
     cases = np.bincount(other_block, minlength=n_blocks).astype(float)
     risk_sum = np.bincount(other_block, weights=others_risk, minlength=n_blocks)
+    return _shifted(risk, blocks[quarter], events, cases, risk_sum)
+
+
+def _shifted(risk: np.ndarray, block: np.ndarray, events: np.ndarray, cases: np.ndarray,
+             risk_sum: np.ndarray) -> np.ndarray:
+    """Return ``risk`` with each block's shrunk log-odds shift (the others' sums by block)."""
     # blocks that can be recalibrated: enough events, and some non-events
     valid = (events >= MIN_BLOCK_EVENTS) & (events < cases)
-    shift = np.zeros(n_blocks)
+    shift = np.zeros(len(events))
     if valid.any():
         shift[valid] = shrunk_shifts(events[valid], cases[valid], risk_sum[valid] / cases[valid])
     adjusted = risk.copy()
     odds = adjusted / (1 - adjusted) * np.exp(shift[block])
     adjusted = odds / (1 + odds)
     return adjusted
+
+
+def _concurrent_by_quarter(risk: np.ndarray, quarter: np.ndarray, unit_quarter: np.ndarray,
+                           unit_risk: np.ndarray, mine: np.ndarray, other_events: np.ndarray,
+                           other_cases: np.ndarray) -> np.ndarray:
+    """Return :func:`concurrent`'s result from the others' events and cases per quarter.
+
+    For :func:`product_charts`, whose outcomes are whole numbers: ``risk`` and ``quarter``
+    are the product's units' (quarters from :func:`concurrent`'s origin); ``unit_quarter``
+    and ``unit_risk`` every unit's of the comparison, the product's marked by ``mine``;
+    ``other_events`` and ``other_cases`` the other units' event and unit counts per quarter
+    (every quarter of either side). A sum of whole numbers in doubles is exact in any order,
+    so the counts by block summed from the quarters' are :func:`concurrent`'s, bit for bit.
+    The others' expected risks are summed per block over every unit, the product's own
+    sent to a bin past the blocks: ``np.bincount`` adds each bin's weights in the units'
+    order, so each block's sum is the one over the others' units taken out in order.
+    """
+    blocks = recalibration_blocks(other_events)
+    n_blocks = int(blocks.max(initial=-1)) + 1
+    events = np.bincount(blocks, weights=other_events, minlength=n_blocks)
+    cases = np.bincount(blocks, weights=other_cases, minlength=n_blocks)
+    unit_block = blocks[unit_quarter]
+    unit_block[mine] = n_blocks
+    risk_sum = np.bincount(unit_block, weights=unit_risk, minlength=n_blocks + 1)[:n_blocks]
+    return _shifted(risk, blocks[quarter], events, cases, risk_sum)
 
 
 def _logit(p):
@@ -247,13 +278,15 @@ def lot_tests(lots: pd.DataFrame, design: DeviceDesign, as_of_day: int) -> list[
 
 def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign,
                    cases: dict[str, np.ndarray], risk: np.ndarray,
-                   others: dict[str, np.ndarray], as_of_day: int) -> dict:
-    """Return the product's test: ``cases`` and ``others`` hold index_day, y and risk arrays."""
+                   others: dict[str, np.ndarray] | None, as_of_day: int) -> dict:
+    """Return the product's test: ``cases`` and ``others`` hold index_day, y and risk arrays
+    (``others`` only for a rare metric: a CUSUM's comparators are in ``risk`` already)."""
     day = cases["index_day"]
     y = cases["y"]
     rate = rate_per_unit_year(profile, metric)
     assert metric.alarm is not None
     if metric.alarm.method == "rare":
+        assert others is not None
         events, _, p_value = conditional_rare_pvalue(
             day, y, cases["risk"], others["index_day"], others["y"], others["risk"], as_of_day)
         alpha = rare_alpha(rate)
@@ -315,8 +348,8 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
             if not keep.any():
                 continue
             # Arrays of the named units in the units' (site, date) order; each product's
-            # comparators are taken from them by mask, in that order (the float sums see
-            # the same cases in the same order). Products are factorised from the column
+            # comparators are the other units, summed in that order (the float sums see the
+            # same cases in the same order). Products are factorised from the column
             # itself: a categorical's codes, not a string per unit.
             if keep.all():
                 # Every unit is named: the arrays themselves, not three full-length copies
@@ -328,18 +361,32 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
                 day, y, risk = all_day[keep], all_y[keep], all_risk[keep]
             code_of = {product: index for index, product in enumerate(products.tolist())}
             origin = int(day.min())  # every product's quarters start here
+            # Every unit's quarter, and the events and units per quarter of all products,
+            # once: a product's comparators are all units but its own, so their whole-number
+            # counts per quarter are these less the product's (exact); no array of the
+            # others' units is taken out for a CUSUM product (see _concurrent_by_quarter).
+            quarter = (day - origin) // QUARTER_DAYS
+            n_quarters = int(quarter.max()) + 1
+            all_events = np.bincount(quarter, weights=y, minlength=n_quarters)
+            all_cases = np.bincount(quarter, minlength=n_quarters).astype(float)
             for product in sorted(code_of):
                 mine = code == code_of[product]
-                theirs = ~mine
-                if not theirs.any():
+                if mine.all():
                     continue  # nothing to compare with
                 # units come in (site, date) order; a product's chart runs in date order
-                order = np.argsort(day[mine], kind="stable")
-                cases = {"index_day": day[mine][order], "y": y[mine][order],
-                         "risk": risk[mine][order]}
-                others = {"index_day": day[theirs], "y": y[theirs], "risk": risk[theirs]}
-                adjusted = concurrent(cases["risk"], cases["index_day"], others,
-                                      others["risk"], origin)
+                taken = np.flatnonzero(mine)
+                taken = taken[np.argsort(day[taken], kind="stable")]
+                cases = {"index_day": day[taken], "y": y[taken], "risk": risk[taken]}
+                mine_quarter = quarter[taken]
+                adjusted = _concurrent_by_quarter(
+                    cases["risk"], mine_quarter, quarter, risk, mine,
+                    all_events - np.bincount(mine_quarter, weights=cases["y"],
+                                             minlength=n_quarters),
+                    all_cases - np.bincount(mine_quarter, minlength=n_quarters))
+                others = None  # the others' units themselves only for the rare test
+                if metric.alarm is not None and metric.alarm.method == "rare":
+                    theirs = ~mine
+                    others = {"index_day": day[theirs], "y": y[theirs], "risk": risk[theirs]}
                 expected = float(adjusted.sum())
                 events = int(cases["y"].sum())
                 test = _product_chart(metric, profile, design, cases, adjusted, others,
@@ -348,7 +395,7 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
                     del test["signals"]
                 rows.append({
                     "product": str(product), "metric": metric.id, "kind": kind,
-                    "procedures": len(order), "events": events, "expected": expected,
+                    "procedures": len(taken), "events": events, "expected": expected,
                     "observed_expected": events / expected if expected > 0 else None,
                     "device_failures": int((failures[column] == product).sum())
                     if not failures.empty else 0,
