@@ -123,15 +123,28 @@ def follow_up(site: np.ndarray, index_day: np.ndarray, event_day: np.ndarray, n_
     n_bins = len(hazard)
     # Piecewise-constant hazard: add hazard[b] on each unit's days of bin b via differences.
     delta = np.zeros(n_sites * (n_days + 1))
+    # A unit is in follow-up in bin b when its end is past the bin's start, that is for
+    # its first ceil((end - index) / BIN_DAYS) bins: units ordered by that count (most
+    # first), bin b's units are a prefix, taken without a mask. Only counts per (site, day)
+    # are made from them (whole numbers: the units' order does not matter), and the
+    # float steps on ``delta`` are those of a mask per bin, in the same order.
+    cell = site * (n_days + 1) - first_day  # + a day: the unit's (site, day) cell
+    start_cell = cell + index_day
+    end_cell = cell + end_day
+    del cell
+    bins_live = np.clip(-((index_day - end_day) // BIN_DAYS), 0, n_bins)
+    order = np.argsort(n_bins - bins_live.astype(np.int16), kind="stable")
+    start_cell, end_cell = start_cell[order], end_cell[order]
+    live_in = np.cumsum(np.bincount(bins_live, minlength=n_bins + 1)[::-1])[::-1]
+    del order, bins_live
     for b in range(n_bins):
-        start = index_day + b * BIN_DAYS
-        stop = np.minimum(end_day, index_day + min((b + 1) * BIN_DAYS, window))
-        live = stop > start
-        if not live.any():
+        live = int(live_in[b + 1])  # units live in bin b: more than b bins live
+        if not live:
             continue
-        base = site[live] * (n_days + 1)
-        delta += np.bincount(base + (start[live] - first_day), minlength=delta.size) * hazard[b]
-        delta -= np.bincount(base + (stop[live] - first_day), minlength=delta.size) * hazard[b]
+        start = start_cell[:live] + b * BIN_DAYS
+        stop = np.minimum(end_cell[:live], start_cell[:live] + min((b + 1) * BIN_DAYS, window))
+        delta += np.bincount(start, minlength=delta.size) * hazard[b]
+        delta -= np.bincount(stop, minlength=delta.size) * hazard[b]
     expected = np.cumsum(delta.reshape(n_sites, n_days + 1), axis=1)[:, :n_days]
     expected = np.clip(expected, 0.0, None)  # cumulative float error near zero
     observed = np.zeros((n_sites, n_days))
