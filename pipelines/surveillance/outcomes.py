@@ -280,15 +280,16 @@ def _copy_batches(stream, batch_bytes: int) -> Iterator[bytearray]:
     get = pgconn.get_copy_data
     batch = bytearray()
     while True:
+        # Every row libpq holds buffered (about a network read's worth) is taken in this
+        # inner loop: per row one call, one append and one size test, nothing else.
         size, data = get(1)  # 1: never block; 0 = nothing buffered yet
-        if size > 0:
+        while size > 0:
             batch += data
-        elif size == 0:
-            data = stream.read()  # waits for the socket; b"" once psycopg saw the end
-            if not data:
-                break
-            batch += data
-        else:
+            if len(batch) >= batch_bytes:
+                yield batch
+                batch = bytearray()
+            size, data = get(1)
+        if size < 0:
             # Every result is read before an error is raised: until the last one libpq is
             # busy, and psycopg could neither close the COPY nor roll back (the caller would
             # see "another command is already in progress", not the server's error).
@@ -299,6 +300,10 @@ def _copy_batches(stream, batch_bytes: int) -> Iterator[bytearray]:
             if error is not None:
                 raise errors.error_from_result(error, encoding=stream.connection.info.encoding)
             break
+        data = stream.read()  # waits for the socket; b"" once psycopg saw the end
+        if not data:
+            break
+        batch += data
         if len(batch) >= batch_bytes:
             yield batch
             batch = bytearray()
