@@ -66,9 +66,10 @@ def _site_ids(data: ReportData) -> list[str]:
     return [site["site_id"] for site in data.sites]
 
 
-def _network_pages(settings: Settings, data: ReportData) -> dict[str, str]:
+def _network_pages(settings: Settings, data: ReportData, *, encoded: bool = False
+                   ) -> dict[str, str | memoryview]:
     """Return the overview, funnels, methods and devices pages, ``report.json`` and the CSV
-    files behind their charts."""
+    files behind their charts (``encoded``: the long series files as bytes, as written)."""
     # Products and cement lots are network-wide evidence: in the report. Operator pages are
     # confidential to each site's lead and stay out (pipelines/report/beyond.py).
     stored = read_beyond(settings, data.profile.name, operators=False)
@@ -90,7 +91,8 @@ def _network_pages(settings: Settings, data: ReportData) -> dict[str, str]:
                                 as_of=data.as_of))
     pages.update(data.files)  # the funnels' data, beside funnels.html
     data.files = {}
-    pages.update(series_files(data))  # the CUSUM paths of every site, for the site pages
+    # the CUSUM paths of every site, for the site pages
+    pages.update(series_files(data, encoded=encoded))
     return pages
 
 
@@ -114,9 +116,9 @@ class _Writer:
         self.staging, self.current = str(staging), str(current) if current else None
         self.names: list[str] = []  # every page of the report, written or not
 
-    def write(self, relative: str, text: str | bytes) -> None:
+    def write(self, relative: str, text: str | bytes | memoryview) -> None:
         self.names.append(relative)
-        blob = text if isinstance(text, bytes) else text.encode("utf-8")
+        blob = text.encode("utf-8") if isinstance(text, str) else text
         if self.current is not None and _same_bytes(os.path.join(self.current, relative),
                                                     blob):
             return
@@ -132,12 +134,13 @@ class _Writer:
             os.close(fd)
 
 
-def _same_bytes(path: str, blob: bytes) -> bool:
+def _same_bytes(path: str, blob: bytes | memoryview) -> bool:
     try:
         if os.stat(path).st_size != len(blob):
             return False
         with open(path, "rb") as handle:
-            return handle.read() == blob
+            # a memoryview compares item by item; bytes compare with one memcmp
+            return handle.read() == (bytes(blob) if isinstance(blob, memoryview) else blob)
     except OSError:
         return False
 
@@ -278,7 +281,7 @@ def write_report(settings: Settings, out_dir: Path | None = None,
             build_funnel_templates(data)  # before the workers fork: every site page uses them
 
             def network_pages() -> None:
-                for relative, text in _network_pages(settings, data).items():
+                for relative, text in _network_pages(settings, data, encoded=True).items():
                     writer.write(relative, text)
 
             _draw_sites(data, site_ids, writer, workers, network_pages)

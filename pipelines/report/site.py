@@ -167,17 +167,19 @@ def series_csv_name(key: str) -> str:
     return "series-" + key.replace(":", "-") + ".csv"
 
 
-def series_files(data: ReportData) -> dict[str, str]:
+def series_files(data: ReportData, *, encoded: bool = False
+                 ) -> dict[str, str | memoryview]:
     """Return ``{file name: CSV}`` of every CUSUM and time-to-event chart of the run, all
-    sites in one file each (the site pages' charts link to them)."""
+    sites in one file each (the site pages' charts link to them); ``encoded``: the CSV as
+    its bytes, as they are written."""
     charts = data.result.charts
     out = {}
     for key, chart in sorted(charts.get("cusum", {}).items()):
-        text = cusum_csv(chart)
+        text = cusum_csv(chart, encoded=encoded)
         if text is not None:
             out[series_csv_name(key)] = text
     for metric_id, chart in sorted(charts.get("tte", {}).items()):
-        text = tte_csv(chart)
+        text = tte_csv(chart, encoded=encoded)
         if text is not None:
             out[series_csv_name(f"{metric_id}:tte")] = text
     return out
