@@ -697,41 +697,6 @@ def test_rounded_chart_cells_read_as_repr_of_the_rounded_value():
         assert rounded_texts(np.asarray(values), digits) == expected
 
 
-def test_vlad_rows_equal_the_cell_by_cell_rows():
-    # _vlad_rows formats a VLAD table's float cells in one pass; the text must be that of
-    # the rows written cell by cell (rounded_texts, 4 digits), on hostile values too.
-    import numpy as np
-
-    from pipelines.report.charts import _vlad_rows
-    from pipelines.report.common import rounded_texts
-
-    def cell_by_cell(month, units, events, floats):
-        columns = [month, list(map(str, units)), list(map(str, events)),
-                   *(rounded_texts(column, 4) for column in floats)]
-        return "".join(",".join(row) + "\r\n" for row in zip(*columns, strict=True))
-
-    rng = np.random.default_rng(11)
-    edges = [0.0, -0.0, 1.0, 10.0, 100.0, 1000.0, 0.5, 2.675, 1e-7, -1e-7, 0.00005, 0.00015,
-             0.00025, -0.00005, 99999999999.99, 123456.78, 3, 0]
-    cases = [(["2024-01"], [1], [0], [[float("nan")], [1.0], [2.0]]),
-             (["2024-01"], [1], [0], [[1e11], [1.0], [2.0]]),
-             (["2024-01"], [1], [0], [[float("inf")], [1.0], [2.0]])]
-    for _ in range(2000):
-        n = int(rng.integers(1, 40))
-        months = [f"{2020 + i // 12}-{i % 12 + 1:02d}" for i in range(n)]
-        units = rng.integers(0, 300, n).tolist()
-        events = rng.choice([0, 1, 2, 10, 100], n).tolist()
-        expected = [edges[i] if i < len(edges) and rng.random() < 0.5
-                    else float(rng.choice([rng.uniform(0, 5), round(rng.uniform(0, 5), 2)]))
-                    for i in rng.integers(0, 2 * len(edges), n)]
-        diff = (np.asarray(events, float) - np.asarray(expected, float))
-        path = np.cumsum(diff)
-        flags = [(path + rng.uniform(0.5, 9)).tolist() for _ in range(int(rng.integers(0, 3)))]
-        cases.append((months, units, events, [expected, diff.tolist(), path.tolist(), *flags]))
-    for case in cases:
-        assert _vlad_rows(*case) == cell_by_cell(*case)
-
-
 def test_series_files_are_tidy_and_refuse_malformed_site_ids():
     from pipelines.errors import ExternalSystemError
     from pipelines.report.charts import cusum_csv, tte_csv

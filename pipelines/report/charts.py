@@ -186,38 +186,14 @@ def vlad_svg(months: MonthSeries, title: str, *, direction: str,
         f"({'more' if up else 'fewer'} events) before the CUSUM can signal.")
     headers = ["month", "mature_units", "observed", "expected", "observed_minus_expected",
                "cumulative_observed_minus_expected", *[c for c, _ in flag_columns]]
-    body = _vlad_rows(month, units, events, [expected, diff.tolist(), path.tolist(),
-                                             *(col.tolist() for _, col in flag_columns)])
-    return plot.render(), headers, CsvBody(body)
-
-
-# Trailing zeros of a "%.4f" cell, before the comma or line end that follows it.
-_TRAILING_ZEROS = re.compile(r"0+(?=[,\n])")
-
-
-def _vlad_rows(month: list[str], units: list[int], events: list[int],
-               floats: list[list[float]]) -> str:
-    """Return the VLAD chart's CSV rows: month, units, events, then ``floats`` (columns) as
-    :func:`rounded_texts` writes them with 4 digits (``repr`` of the value rounded by
-    Python's round, not numpy's).
-
-    All float cells are formatted by one ``%`` over the whole table and their trailing
-    zeros cut by one substitution, not cell by cell: the same text as rounded_texts' fast
-    path (``format(v, ".4f")`` with the zeros cut, one kept after the point), which holds
-    for every cell here when each is below 1e11 in magnitude (NaN fails that test); any
-    other table goes through rounded_texts itself. A thousand-site report has 4,000 of
-    these tables, and this is about 40 % less work per table.
-    """
-    values = np.array(floats, dtype=float)  # an int or None cell: same text / NaN
-    if not (values.size and np.abs(values).max() < 1e11):
-        columns = [month, list(map(str, units)), list(map(str, events)),
-                   *(rounded_texts(column, 4) for column in floats)]
-        return "".join(",".join(row) + "\r\n" for row in zip(*columns, strict=True))
-    text = ((",%.4f" * len(floats) + "\n") * len(month)) % tuple(values.T.ravel().tolist())
-    # every cell has a point, so the cut stops there; "1." (from "1.0000") gets its 0 back
-    text = _TRAILING_ZEROS.sub("", text).replace(".,", ".0,").replace(".\n", ".0\n")
-    return "".join([f"{m},{u},{e}{cells}\r\n" for m, u, e, cells in zip(
-        month, units, events, text.split("\n"), strict=False)])
+    # written column by column, as csv_text would write these rows (numbers as repr,
+    # rounded by Python's round, not numpy's, so the digits stay the same)
+    columns = [month, list(map(str, units)), list(map(str, events)),
+               *(rounded_texts(values, 4) for values in (
+                   expected, diff.tolist(), path.tolist(),
+                   *(col.tolist() for _, col in flag_columns)))]
+    return plot.render(), headers, CsvBody(
+        "".join(",".join(row) + "\r\n" for row in zip(*columns, strict=True)))
 
 
 
