@@ -233,13 +233,17 @@ def test_report_bytes_do_not_depend_on_workers_and_a_rerun_rewrites_only_changes
     (three / "sites" / "S999.html").write_text("a site that left", encoding="utf-8")
     # a chart's CSV beside a site page, as reports before the series files wrote them
     (three / "sites" / "S001-cement_leak-vlad.csv").write_text("month\r\n", encoding="utf-8")
+    # a series file (handed to the writer as Arrow's bytes, not text) changed on disk
+    series = sorted(name for name in _tree(one) if name.startswith("series-"))[0]
+    (three / series).write_bytes((three / series).read_bytes() + b"S999,2024-01-01,1,0,\r\n")
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in three.rglob("*")
               if p.is_file()}
     write_report(settings, three, workers=2)
     assert _tree(three) == _tree(one)
     changed = {p.relative_to(three).as_posix() for p, stamp in stamps.items()
                if not p.exists() or (p.stat().st_ino, p.stat().st_mtime_ns) != stamp}
-    assert changed == {"sites/S002.html", "sites/S999.html", "sites/S001-cement_leak-vlad.csv"}
+    assert changed == {"sites/S002.html", "sites/S999.html", "sites/S001-cement_leak-vlad.csv",
+                       series}
 
 
 def test_reads_beside_the_run_in_a_forked_process_are_the_same_data(sqlite_url, settings_for,
