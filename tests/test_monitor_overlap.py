@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from pipelines.db import make_engine
 from pipelines.surveillance import engine as engine_module
-from pipelines.surveillance.beyond_run import TABLES, store_beyond_site
+from pipelines.surveillance.beyond_run import EXTRA_COLUMNS, TABLES, store_beyond_site
 from tests.test_engine import build_sites
 
 _HOSTILE_FLOATS = (0.0, -0.0, 1 / 3, 2.0 ** -1074, 1e308, -1.7976931348623157e308,
@@ -155,3 +155,45 @@ def test_facts_started_before_compute_are_the_stored_facts(pg_url, settings_for,
                                result.as_of, sites=[])
         assert stored.procedure_facts == runs._unpack(runs._pack(real(conn, result.as_of)))
     engine.dispose()
+
+
+@pytest.mark.parametrize("batch_bytes", [700, 1 << 23])
+def test_ids_hashed_during_the_copy_equal_hashing_after_it(pg_url, monkeypatch, batch_bytes):
+    """The cache's full read hashes the ids batch by batch in the parsing thread: the same
+    hashes as hashing the read's column whole, and a snapshot built with them (as of a day
+    that drops later rows, so the hashes are filtered with the rows) is the one built by
+    hashing afterwards, frame for frame and fingerprint for fingerprint."""
+    import pandas as pd
+
+    from pipelines.surveillance import outcomes, snapshot_cache
+    from pipelines.surveillance.outcomes import _arrow_strings, _id_hashes, copy_table
+
+    warehouse = make_engine(pg_url)
+    build_sites(warehouse, sites=3, per_site=300, leak={"S002": 0.3}, seed=6)
+    monkeypatch.setattr(outcomes, "READ_BATCH_BYTES", batch_bytes)
+    columns, kinds = snapshot_cache._procedure_select(True, EXTRA_COLUMNS)
+    comp_select = sa.select(*snapshot_cache._complication_select())
+    with warehouse.connect() as conn:
+        procs, proc_hashes = outcomes.copy_table_hashed(conn, sa.select(*columns), kinds,
+                                                        "procedure_id")
+        comps, comp_hashes = outcomes.copy_table_hashed(
+            conn, comp_select, snapshot_cache._COMPLICATION_KINDS, "procedure_id")
+        assert procs.equals(copy_table(conn, sa.select(*columns), kinds))
+        assert comps.equals(copy_table(conn, comp_select, snapshot_cache._COMPLICATION_KINDS))
+    for table, hashes in ((procs, proc_hashes), (comps, comp_hashes)):
+        assert hashes.dtype == np.uint64 and len(hashes) == table.num_rows > 0
+        whole = _id_hashes(_arrow_strings(table["procedure_id"].combine_chunks()))
+        assert np.array_equal(hashes, whole)
+    newest = max(procs["procedure_date"].to_pylist())
+    for as_of_day in (newest, newest - 90):
+        as_of = outcomes.day_to_date(as_of_day)
+        hashed = snapshot_cache._snapshot([procs, comps], as_of, True, EXTRA_COLUMNS,
+                                          (proc_hashes, comp_hashes))
+        plain = snapshot_cache._snapshot([procs, comps], as_of, True, EXTRA_COLUMNS)
+        assert hashed.fingerprint == plain.fingerprint
+        pd.testing.assert_frame_equal(hashed.procedures, plain.procedures, check_exact=True)
+        pd.testing.assert_frame_equal(hashed.complications, plain.complications,
+                                      check_exact=True)
+        pd.testing.assert_frame_equal(hashed.extras, plain.extras, check_exact=True)
+    assert len(plain.procedures) < procs.num_rows  # the earlier day dropped rows
+    warehouse.dispose()
