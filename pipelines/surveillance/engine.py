@@ -1333,6 +1333,7 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
     started = time.perf_counter()
     profile = profile or load_profile(settings.profile_path)
     engine = open_warehouse(settings.db_url)
+    facts = None
     try:
         # The snapshot cache's write (a full read's: about 1.5 s of the server's time)
         # overlaps the snapshot's build and the operator and device charts; it is waited
@@ -1356,6 +1357,12 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
             # computed first, while only the snapshot is alive, and stored after the run.
             prepared = prepare_beyond_site(engine, profile, snapshot) if persist else None
         charted = time.perf_counter()  # a wait for the cache's write counts here
+        # The run's procedure facts are a scan in the server (about 0.8 s for 1M
+        # procedures) that needs only as_of: started here, it runs while compute holds the
+        # client (the server is idle then), not while the store's threads want both cores.
+        # The store waits for it, and so does a failure before the store (finally below).
+        if persist and engine.dialect.name == "postgresql":
+            facts = FactsInBackground(engine, as_of)
         store = threshold_store.open_store(engine, profile.name, profile.version)
         with threshold_store.active(store):
             work = compute(profile, snapshot)
@@ -1389,7 +1396,7 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
         result.timings = {"read": loaded - started, "compute": computed - charted}
         result.compute_timings = dict(work.timings)
         if persist:
-            _persist(engine, result, profile)
+            _persist(engine, result, profile, facts=facts)
             release_memory()
             stored = time.perf_counter()
             # The store stays active: a design wrapped in threshold_store.cached there is
@@ -1410,6 +1417,8 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
         )
         return result
     finally:
+        if facts is not None:  # never left scanning past a failure (joined: no-op after)
+            facts.wait()
         engine.dispose()
 
 
@@ -1431,7 +1440,7 @@ _UPDATABLE = tuple(
 
 
 def _persist(engine: sa.Engine, result: MonitorResult, profile: Profile,
-             attempts: int = 3) -> None:
+             attempts: int = 3, facts: FactsInBackground | None = None) -> None:
     """Record the run and upsert its signals by key; deactivate keys no longer derived.
 
     Also replaces the profile's current picture (``chart_status``, ``site_month_metric``)
@@ -1439,14 +1448,20 @@ def _persist(engine: sa.Engine, result: MonitorResult, profile: Profile,
 
     Two monitors racing on the same new key is resolved by retrying: the loser sees the
     row on its second attempt and updates it instead.
+
+    ``facts``: the run's procedure facts already being aggregated (evaluate starts them
+    before compute, for ``result.as_of``); else they are started here.
     """
     # PostgreSQL aggregates the run's procedure facts on another connection meanwhile
     # (runs.FactsInBackground): once for every attempt, and always waited for, so a failed
     # attempt neither leaves the scan running nor starts another; SQLite in its own
     # transaction, as before.
-    facts = (FactsInBackground(engine, result.as_of)
-             if result.procedure_facts is None and engine.dialect.name == "postgresql"
-             else None)
+    if result.procedure_facts is not None:
+        if facts is not None:
+            facts.wait()
+        facts = None
+    elif facts is None and engine.dialect.name == "postgresql":
+        facts = FactsInBackground(engine, result.as_of)
     # Likewise the sites' chart parts are packed in a thread while the transaction waits
     # for the server (runs.SeriesInBackground); on SQLite there is no such wait.
     series = SeriesInBackground(result) if engine.dialect.name == "postgresql" else None

@@ -199,6 +199,18 @@ def copy_table(conn: sa.Connection, statement: sa.Select, kinds: dict[str, str])
     What :func:`copy_columns` converts, for callers that keep Arrow tables (the snapshot
     cache): one chunk per column; the kinds as there (``object`` read as ``string``).
     """
+    return copy_table_hashed(conn, statement, kinds, None)[0]
+
+
+def copy_table_hashed(conn: sa.Connection, statement: sa.Select, kinds: dict[str, str],
+                      hash_column: str | None):
+    """Return :func:`copy_table`'s table and :func:`_id_hashes` of its ``hash_column``.
+
+    The hashes (None without a ``hash_column``) are taken batch by batch in the parsing
+    thread, while the server sends the next rows, not after the read (a string per id and
+    its hash: about a fifth of a second for a million ids); each id's hash depends on that
+    id alone, so they equal hashing the whole column after the read.
+    """
     import pyarrow as pa
     from pyarrow import csv as pa_csv
 
@@ -215,10 +227,15 @@ def copy_table(conn: sa.Connection, statement: sa.Select, kinds: dict[str, str])
         strings_can_be_null=True, quoted_strings_can_be_null=False)
 
     def parse(batch: bytearray):
-        return pa_csv.read_csv(pa.py_buffer(batch), read_options=read_options,
-                               convert_options=convert_options)
+        table = pa_csv.read_csv(pa.py_buffer(batch), read_options=read_options,
+                                convert_options=convert_options)
+        if hash_column is None:
+            return table, None
+        ids = table.column(hash_column)
+        return table, _id_hashes(_arrow_strings(ids.combine_chunks() if ids.num_chunks
+                                                else pa.array([], type=pa.string())))
 
-    tables = []
+    tables, hashes = [], []
     driver = conn.connection.driver_connection
     # Arrow parses a batch without the GIL, in a thread, while the next one is received:
     # the server goes on sending instead of waiting for the parse. One batch is parsed
@@ -231,15 +248,23 @@ def copy_table(conn: sa.Connection, statement: sa.Select, kinds: dict[str, str])
         pending = None
         for batch in _copy_batches(stream, READ_BATCH_BYTES):
             if pending is not None:
-                tables.append(pending.result())
+                parsed, hashed = pending.result()
+                tables.append(parsed)
+                hashes.append(hashed)
             pending = parser.submit(parse, batch)
             del batch
         if pending is not None:
-            tables.append(pending.result())
+            parsed, hashed = pending.result()
+            tables.append(parsed)
+            hashes.append(hashed)
         del pending
     schema = pa.schema([(name, types[kind]) for name, kind in kinds.items()])
+    id_hashes = None
+    if hash_column is not None:
+        id_hashes = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64)
+    del hashes
     if not tables:
-        return schema.empty_table()
+        return schema.empty_table(), id_hashes
     table = pa.concat_tables(tables).unify_dictionaries()
     del tables
     # One chunk per column, a column at a time (each batch's column freed once copied):
@@ -259,7 +284,7 @@ def copy_table(conn: sa.Connection, statement: sa.Select, kinds: dict[str, str])
         # Arrow's allocator keeps freed chunks for its own reuse; the monitor has none.
         pa.default_memory_pool().release_unused()
     del table
-    return pa.Table.from_arrays(arrays, schema=schema)
+    return pa.Table.from_arrays(arrays, schema=schema), id_hashes
 
 
 def _copy_batches(stream, batch_bytes: int) -> Iterator[bytearray]:
@@ -388,7 +413,8 @@ def _positions(ids: pd.arrays.ArrowStringArray,
 
 
 def _hashed_positions(ids: pd.arrays.ArrowStringArray, id_hashes: np.ndarray,
-                      wanted: pd.arrays.ArrowStringArray) -> np.ndarray:
+                      wanted: pd.arrays.ArrowStringArray,
+                      wanted_hashes: np.ndarray | None = None) -> np.ndarray:
     """Return :func:`_positions` (-1: not there), matching the ids' hashes, then checking.
 
     The procedures' ids are hashed for the chart order anyway (``id_hashes``, from
@@ -396,6 +422,7 @@ def _hashed_positions(ids: pd.arrays.ArrowStringArray, id_hashes: np.ndarray,
     an integer table is a third of a string hash table of 1M ids. Every match is then
     compared as strings; a hash shared by two procedure ids, or matched by a different
     id, falls back to the string match, so the result is always :func:`_positions`'.
+    ``wanted_hashes``: :func:`_id_hashes` of ``wanted`` when already taken.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -405,7 +432,8 @@ def _hashed_positions(ids: pd.arrays.ArrowStringArray, id_hashes: np.ndarray,
     table = pd.Index(id_hashes)
     if not table.is_unique:
         return _positions(ids, wanted)
-    found = table.get_indexer(_id_hashes(wanted)).astype(np.int64)
+    found = table.get_indexer(_id_hashes(wanted) if wanted_hashes is None
+                              else wanted_hashes).astype(np.int64)
     matched = np.flatnonzero(found >= 0)
     same = pc.equal(pa.array(ids.take(found[matched])), pa.array(wanted.take(matched)))
     if not pc.all(same).as_py():
@@ -618,7 +646,9 @@ def _load_streamed(conn: sa.Connection, as_of: date, needs_patient: bool,
 
 def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np.ndarray],
                        as_of: date, needs_patient: bool, *,
-                       extra_rows: dict[str, pd.Categorical] | None = None) -> Snapshot:
+                       extra_rows: dict[str, pd.Categorical] | None = None,
+                       id_hashes: np.ndarray | None = None,
+                       comp_id_hashes: np.ndarray | None = None) -> Snapshot:
     """Code, order and fingerprint warehouse-shaped rows: the pure half of load_snapshot.
 
     ``proc_rows`` maps each name of ``PROCEDURE_ROW_COLUMNS`` (plus ``patient_hash`` when
@@ -636,13 +666,16 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
     Each array is taken out of ``proc_rows`` and ``comp_rows`` when used (both dicts are
     left empty), so that it is freed as soon as its ordered copy exists. ``extra_rows``
     (categoricals, one value per row of ``proc_rows``) are put in the same order as
-    ``Snapshot.extras``.
+    ``Snapshot.extras``. ``id_hashes`` and ``comp_id_hashes``: :func:`_id_hashes` of
+    the procedures' and the complications' ``procedure_id`` rows when already taken (the
+    snapshot cache's read hashes them while the server sends rows).
     """
     col = proc_rows
     site_code, sites = _sorted_codes(col.pop("site_id"))
     day = _days(col.pop("procedure_date")) if len(site_code) else np.zeros(0, np.int64)
     procedure_id = _id_strings(col.pop("procedure_id"))
-    tie = _id_hashes(procedure_id)
+    tie = _id_hashes(procedure_id) if id_hashes is None else id_hashes
+    del id_hashes
     order = _chart_order(site_code, day, tie)
     sorted_ids = procedure_id.take(order)
     del procedure_id
@@ -681,7 +714,8 @@ def snapshot_from_rows(proc_rows: dict[str, np.ndarray], comp_rows: dict[str, np
     del frame
     comp_col = comp_rows
     position = _hashed_positions(sorted_ids, procedures["tie_hash"].to_numpy(),
-                                 _id_strings(comp_col["procedure_id"]))
+                                 _id_strings(comp_col["procedure_id"]), comp_id_hashes)
+    del comp_id_hashes
     complications = pd.DataFrame(
         {
             "procedure_row": position.astype(np.int64),  # -1: procedure not (yet) known

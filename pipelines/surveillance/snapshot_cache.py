@@ -71,6 +71,7 @@ from pipelines.surveillance.outcomes import (
     PROCEDURE_KINDS,
     Snapshot,
     copy_table,
+    copy_table_hashed,
     day_number,
     load_snapshot,
     release_memory,
@@ -125,6 +126,9 @@ class _Read:
     parts: int = 0  # delta parts held before this run
     part_rows: int = 0  # rows in them
     chain_from: list | None = None  # the ledger watermark of the last part held
+    # outcomes._id_hashes of the procedures' and the complications' procedure_id, in row
+    # order, when the read took them (a full read, during its COPY); else None
+    id_hashes: tuple | None = None
 
 
 @dataclass
@@ -195,8 +199,10 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
     held = (read.procedures.num_rows, read.complications.num_rows)
     # Handed over, not shared: each cached table is freed once its columns are taken.
     tables = [read.procedures, read.complications]
-    read.procedures = read.complications = read.delta = None
-    snapshot = _snapshot(tables, as_of, needs_patient, extras)
+    id_hashes = read.id_hashes
+    read.procedures = read.complications = read.delta = read.id_hashes = None
+    snapshot = _snapshot(tables, as_of, needs_patient, extras, id_hashes)
+    del id_hashes
     log.info("snapshot cache: %s read (%s); %d procedures and %d complications held, "
              "%d and %d read as changed; read %.2fs, cache write %.2fs%s, snapshot %.2fs",
              read.path, read.reason, *held, *read.changed, read_done - started,
@@ -383,15 +389,18 @@ def _full(conn: sa.Connection, state: dict, needs_patient: bool, event_types: li
           extras: tuple[str, ...], reason: str) -> _Read:
     """Read every row's columns (no as_of: the cache must hold rows of any date)."""
     columns, kinds = _procedure_select(needs_patient, extras)
-    procs = copy_table(conn, sa.select(*columns), kinds)
+    # The ids' hashes (the snapshot's tie order and complication match) are taken while
+    # the server sends the rows (copy_table_hashed), not after the read.
+    procs, proc_hashes = copy_table_hashed(conn, sa.select(*columns), kinds, "procedure_id")
     if event_types:
-        comps = copy_table(conn, sa.select(*_complication_select())
-                           .where(complication.c.event_type.in_(event_types)),
-                           _COMPLICATION_KINDS)
+        comps, comp_hashes = copy_table_hashed(
+            conn, sa.select(*_complication_select())
+            .where(complication.c.event_type.in_(event_types)),
+            _COMPLICATION_KINDS, "procedure_id")
     else:
-        comps = _empty(_COMPLICATION_KINDS)
+        comps, comp_hashes = _empty(_COMPLICATION_KINDS), np.empty(0, dtype=np.uint64)
     state.update(procedures=procs.num_rows, complications=comps.num_rows, part=0)
-    return _Read(procs, comps, state, "full", reason)
+    return _Read(procs, comps, state, "full", reason, id_hashes=(proc_hashes, comp_hashes))
 
 
 def _read_delta(conn: sa.Connection, checksums: list[str], needs_patient: bool,
@@ -617,21 +626,32 @@ def _copy_part(conn: sa.Connection, row: dict) -> None:
 
 
 def _snapshot(tables: list, as_of: date, needs_patient: bool,
-              extras: tuple[str, ...]) -> Snapshot:
+              extras: tuple[str, ...], id_hashes: tuple | None = None) -> Snapshot:
     """Keep the rows up to ``as_of`` and build the snapshot as the plain read does.
 
     ``tables`` (procedures, complications) is emptied: the tables die with this frame.
+    ``id_hashes``: the two tables' ``procedure_id`` hashes in row order (:class:`_Read`),
+    or None to hash them here (snapshot_from_rows).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     procs, comps = tables
     tables.clear()
+    proc_hashes, comp_hashes = id_hashes or (None, None)
     day = day_number(as_of)
     if procs.num_rows and pc.max(procs["procedure_date"]).as_py() > day:
-        procs = procs.filter(pc.less_equal(procs["procedure_date"], day))
+        keep = pc.less_equal(procs["procedure_date"], day)
+        procs = procs.filter(keep)
+        if proc_hashes is not None:
+            proc_hashes = proc_hashes[keep.to_numpy()]
+        del keep
     if comps.num_rows and pc.max(comps["event_date"]).as_py() > day:
-        comps = comps.filter(pc.less_equal(comps["event_date"], day))
+        keep = pc.less_equal(comps["event_date"], day)
+        comps = comps.filter(keep)
+        if comp_hashes is not None:
+            comp_hashes = comp_hashes[keep.to_numpy()]
+        del keep
     proc_names = list(_PROCEDURE_KINDS) + (["patient_hash"] if needs_patient else [])
     proc_rows = {name: _pandas(procs[name]) for name in proc_names}
     extra_rows = {name: _pandas(procs[name]) for name in extras}
@@ -642,7 +662,8 @@ def _snapshot(tables: list, as_of: date, needs_patient: bool,
     # pages go back before the snapshot's ordered copies are made, not after.
     pa.default_memory_pool().release_unused()
     return snapshot_from_rows(proc_rows, comp_rows, as_of, needs_patient,
-                              extra_rows=extra_rows)
+                              extra_rows=extra_rows, id_hashes=proc_hashes,
+                              comp_id_hashes=comp_hashes)
 
 
 def _pandas(column):
