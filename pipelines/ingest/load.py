@@ -181,18 +181,29 @@ def _stage_table(kind: str) -> sa.Table:
     )
 
 
+@dataclass(frozen=True)
+class _CopyPayload:
+    """The rows of one COPY, rendered in ``format`` (``binary`` or ``csv``), in parts."""
+
+    format: str
+    parts: tuple[bytes | memoryview, ...]
+
+
 def _copy_into(conn: sa.Connection, tables: list[sa.Table], names: list[str],
-               payload: memoryview) -> None:
-    """PostgreSQL ``COPY`` of one rendered csv payload into each of ``tables``."""
+               payload: _CopyPayload) -> None:
+    """PostgreSQL ``COPY`` of one rendered payload into each of ``tables``."""
     from psycopg import sql
 
+    # The format is one of two fixed keywords chosen by _copy_payload, never input.
+    options = sql.SQL("FORMAT binary" if payload.format == "binary" else "FORMAT csv")
     cursor = conn.connection.driver_connection.cursor()
     for table in tables:
-        statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
-            sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, names))
+        statement = sql.SQL("COPY {} ({}) FROM STDIN WITH ({})").format(
+            sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, names)), options
         )
         with cursor.copy(statement) as copy:
-            copy.write(payload)
+            for part in payload.parts:
+                copy.write(part)
 
 
 def _write_stage(conn: sa.Connection, stage: sa.Table, frame: pd.DataFrame) -> None:
@@ -202,7 +213,7 @@ def _write_stage(conn: sa.Connection, stage: sa.Table, frame: pd.DataFrame) -> N
     names = [c.name for c in stage.columns]
     frame = frame[names]
     if conn.dialect.name == "postgresql":
-        _copy_into(conn, [stage], names, _csv_payload(frame))
+        _copy_into(conn, [stage], names, _copy_payload(frame, [stage]))
         return
     # Raw tuples through the DB-API cursor: SQLAlchemy's executemany would build and
     # process one dict per row (several times the cost of the insert itself).
@@ -216,8 +227,27 @@ def _write_stage(conn: sa.Connection, stage: sa.Table, frame: pd.DataFrame) -> N
     conn.connection.driver_connection.executemany(str(compiled), rows)
 
 
-def _csv_payload(frame: pd.DataFrame) -> memoryview:
-    """Render rows as COPY csv: nulls unquoted-empty (NULL), booleans true/false, ISO dates.
+def _copy_payload(frame: pd.DataFrame, tables: list[sa.Table]) -> _CopyPayload:
+    """Render rows for COPY into ``tables``: binary when every column allows it, else csv.
+
+    Binary COPY stores the same values (tested against csv) and costs the server about a
+    fifth less per row (no text parsing of dates, integers and booleans; 2.28 -> 1.7 s of
+    backend CPU for 250,000 procedure versions, measured); the server's share is the
+    largest part of a bulk load (issue 10). A frame the binary encoder does not cover (an
+    unexpected column type, an integer outside its column's range) goes as csv, so the
+    server judges it exactly as before.
+    """
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    parts = _binary_copy_rows(table, tables)
+    if parts is None:
+        return _CopyPayload("csv", (_csv_rows(table),))
+    return _CopyPayload("binary", parts)
+
+
+def _csv_rows(table) -> memoryview:
+    """Render an Arrow table as COPY csv: nulls unquoted-empty (NULL), booleans true/false, ISO dates.
 
     Arrow's C++ writer is several times faster than ``DataFrame.to_csv``. Text values are
     never empty strings here (validation turned empty text into nulls), so quoting every
@@ -226,10 +256,105 @@ def _csv_payload(frame: pd.DataFrame) -> memoryview:
     import pyarrow as pa
     from pyarrow import csv as pa_csv
 
-    table = pa.Table.from_pandas(frame, preserve_index=False)
     sink = pa.BufferOutputStream()
     pa_csv.write_csv(table, sink, pa_csv.WriteOptions(include_header=False))
     return memoryview(sink.getvalue())
+
+
+# PostgreSQL's binary COPY format (docs: COPY, "Binary Format"): a signature, flags and
+# header-extension length, then per row a 16-bit field count and per field a 32-bit
+# big-endian length (-1 for NULL) and the value in the type's binary send format.
+_BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
+_BINARY_TRAILER = b"\xff\xff"
+_NULL_FIELD = b"\xff\xff\xff\xff"
+_PG_EPOCH_DAYS = 10_957  # 2000-01-01 (PostgreSQL's date zero) in days since 1970-01-01
+# Column types with a binary encoding here, and the encoding. Exact classes only (a
+# subclass such as Enum may have another server type).
+_BINARY_TYPES = {sa.String: "text", sa.Date: "date", sa.SmallInteger: "int2",
+                 sa.Integer: "int4", sa.Boolean: "bool"}
+# The send format's big-endian layout of each fixed-width encoding.
+_BINARY_DTYPES = {"date": ">i4", "int2": ">i2", "int4": ">i4", "bool": "|u1"}
+
+
+def _binary_copy_rows(table, tables: list[sa.Table]) -> tuple[bytes | memoryview, ...] | None:
+    """The binary COPY rendering of an Arrow table's rows (header, rows, trailer), or None.
+
+    None when the encoder does not cover the table: every target table must give each
+    column the same covered type; dates must be Arrow
+    dates, integers must fit their column (else the server's own range error must come
+    from the csv route), booleans Arrow booleans, text Arrow strings; an all-null column
+    (Arrow ``null``) is NULL in every row.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kinds = []
+    for name in table.column_names:
+        found = {_BINARY_TYPES.get(type(target.c[name].type)) for target in tables}
+        if len(found) != 1 or None in found:
+            return None
+        kinds.append(found.pop())
+    rows = table.num_rows
+    if not rows:
+        return (_BINARY_HEADER, _BINARY_TRAILER)
+    fields = [pa.scalar(len(kinds).to_bytes(2, "big"), pa.large_binary())]
+    for column, kind in zip(table.columns, kinds, strict=True):
+        values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        field = _binary_field(values, kind, rows, pa, pc)
+        if field is None:
+            return None
+        fields.append(field)
+    joined = pc.binary_join_element_wise(*fields, pa.scalar(b"", pa.large_binary()))
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64, count=rows + 1,
+                            offset=joined.offset * 8)
+    body = memoryview(joined.buffers()[2])[offsets[0]:offsets[-1]]
+    return (_BINARY_HEADER, body, _BINARY_TRAILER)
+
+
+def _binary_field(values, kind: str, rows: int, pa, pc):
+    """One column's fields (length + value, or the NULL marker) as a large_binary array."""
+    null_field = pa.scalar(_NULL_FIELD, pa.large_binary())
+    if pa.types.is_null(values.type):
+        return pa.array([_NULL_FIELD] * rows, type=pa.large_binary())
+    if kind == "text":
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            return None
+        data = values.cast(pa.large_binary())
+        lengths = pc.fill_null(pc.binary_length(data), 0).to_numpy(zero_copy_only=False)
+        prefix = _fixed_width(lengths.astype(">i4"), 4, rows, pa)
+        field = pc.binary_join_element_wise(prefix, data, pa.scalar(b"", pa.large_binary()))
+        return pc.fill_null(field, null_field) if data.null_count else field
+    if kind == "bool":
+        if not pa.types.is_boolean(values.type):
+            return None
+        numbers = pc.fill_null(values, False).to_numpy(zero_copy_only=False).astype("|u1")
+    elif kind == "date":
+        if values.type != pa.date32():
+            return None
+        numbers = (pc.fill_null(values.cast(pa.int32()), 0).to_numpy(zero_copy_only=False)
+                   .astype(np.int64) - _PG_EPOCH_DAYS)
+    else:  # int2, int4
+        if not pa.types.is_integer(values.type):
+            return None
+        numbers = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
+        info = np.iinfo(np.dtype(_BINARY_DTYPES[kind]))
+        if len(numbers) and (numbers.min() < info.min or numbers.max() > info.max):
+            return None
+    dtype = np.dtype(_BINARY_DTYPES[kind])
+    width = dtype.itemsize
+    record = np.empty(rows, dtype=[("length", ">i4"), ("value", dtype)])
+    record["length"] = width
+    record["value"] = numbers
+    field = _fixed_width(record, 4 + width, rows, pa)
+    return pc.if_else(pc.is_null(values), null_field, field) if values.null_count else field
+
+
+def _fixed_width(array: np.ndarray, width: int, rows: int, pa):
+    """Packed fixed-width records (a contiguous numpy array) as a large_binary array."""
+    fixed = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), rows, [None, pa.py_buffer(np.ascontiguousarray(array))]
+    )
+    return fixed.cast(pa.large_binary())
 
 
 def _python_values(column: pd.Series, kind: sa.types.TypeEngine | None = None) -> list:
@@ -425,7 +550,8 @@ class _DirectLoad:
         rows = frame[PROCEDURE_VALUE_COLUMNS].assign(
             source_checksum=self.checksum, extract_ts=self.extract_ts
         )
-        _copy_into(conn, list(self.tables), self.names, _csv_payload(rows))
+        _copy_into(conn, list(self.tables), self.names,
+                   _copy_payload(rows, list(self.tables)))
 
 
 def _is_empty(conn: sa.Connection, table: sa.Table) -> bool:
@@ -601,11 +727,14 @@ def _stage_chunks(
         if direct is None:
             writer.submit(lambda frame=valid: _write_stage(conn, stage, frame))
         else:
+            # tolist() first: iterating an Arrow-backed Series element by element costs
+            # about 4 us a key (more than the set look-up; 0.4 s per 100,000 rows measured).
+            listed = keys.tolist()
             first = ~keys.duplicated().to_numpy() & np.fromiter(
-                (k not in seen for k in keys), dtype=bool, count=len(keys)
+                (k not in seen for k in listed), dtype=bool, count=len(listed)
             )
             if first.all():  # the usual chunk: no repeated key, no copy of the frame
-                seen.update(keys.tolist())
+                seen.update(listed)
                 writer.submit(lambda frame=valid: direct.write(conn, frame))
             else:
                 seen.update(keys[first].tolist())
