@@ -225,3 +225,24 @@ def test_the_binary_rendering_of_a_small_frame():
     assert b"".join(bytes(part) for part in payload.parts) == expected
     empty = load._copy_payload(frame.iloc[:0], [target])
     assert b"".join(bytes(part) for part in empty.parts) == expected[:19] + b"\xff\xff"
+
+
+@pytest.mark.parametrize("slice_rows", [1, 7, 64, 10_000])
+def test_rendering_in_slices_gives_the_same_bytes(monkeypatch, slice_rows):
+    """Slices bound the rendering's memory; their bytes joined are the whole table's bytes.
+
+    Slice sizes that split the hostile rows unevenly, put a null-only run in one slice
+    (every third ``site_id``), and leave a short last slice.
+    """
+    frame = _frame(3 * len(HOSTILE_TEXT) + 7)
+    target = _table("kw_slices")
+    monkeypatch.setattr(load, "_BINARY_SLICE_ROWS", 1 << 30)
+    whole = load._copy_payload(frame, [target])
+    monkeypatch.setattr(load, "_BINARY_SLICE_ROWS", slice_rows)
+    sliced = load._copy_payload(frame, [target])
+    assert whole.format == sliced.format == "binary"
+    assert len(sliced.parts) == 2 + -(-len(frame) // slice_rows)
+    assert b"".join(map(bytes, sliced.parts)) == b"".join(map(bytes, whole.parts))
+    # A value outside its column in the last slice only still sends the whole frame as csv.
+    frame.loc[len(frame) - 1, "levels_treated"] = 40_000
+    assert load._copy_payload(frame, [target]).format == "csv"

@@ -274,6 +274,11 @@ _BINARY_TYPES = {sa.String: "text", sa.Date: "date", sa.SmallInteger: "int2",
                  sa.Integer: "int4", sa.Boolean: "bool"}
 # The send format's big-endian layout of each fixed-width encoding.
 _BINARY_DTYPES = {"date": ">i4", "int2": ">i2", "int4": ">i4", "bool": "|u1"}
+# Rows rendered at a time: a slice's intermediate arrays (each column's fields, then their
+# join) live only while it is rendered, so only the finished bytes add up and a large
+# KYPHOWATCH_CHUNK_ROWS (up to 10M) costs what the csv payload did. Measured on 1M rows
+# of six procedure columns: Arrow's peak 367 MB in one piece, 222 MB in slices, csv 230 MB.
+_BINARY_SLICE_ROWS = 131_072
 
 
 def _binary_copy_rows(table, tables: list[sa.Table]) -> tuple[bytes | memoryview, ...] | None:
@@ -294,9 +299,19 @@ def _binary_copy_rows(table, tables: list[sa.Table]) -> tuple[bytes | memoryview
         if len(found) != 1 or None in found:
             return None
         kinds.append(found.pop())
+    parts: list[bytes | memoryview] = [_BINARY_HEADER]
+    for start in range(0, table.num_rows, _BINARY_SLICE_ROWS):
+        body = _binary_body(table.slice(start, _BINARY_SLICE_ROWS), kinds, pa, pc)
+        if body is None:
+            return None
+        parts.append(body)
+    parts.append(_BINARY_TRAILER)
+    return tuple(parts)
+
+
+def _binary_body(table, kinds: list[str], pa, pc) -> memoryview | None:
+    """The binary COPY rows of a (non-empty) Arrow table, or None where not covered."""
     rows = table.num_rows
-    if not rows:
-        return (_BINARY_HEADER, _BINARY_TRAILER)
     fields = [pa.scalar(len(kinds).to_bytes(2, "big"), pa.large_binary())]
     for column, kind in zip(table.columns, kinds, strict=True):
         values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
@@ -307,8 +322,7 @@ def _binary_copy_rows(table, tables: list[sa.Table]) -> tuple[bytes | memoryview
     joined = pc.binary_join_element_wise(*fields, pa.scalar(b"", pa.large_binary()))
     offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64, count=rows + 1,
                             offset=joined.offset * 8)
-    body = memoryview(joined.buffers()[2])[offsets[0]:offsets[-1]]
-    return (_BINARY_HEADER, body, _BINARY_TRAILER)
+    return memoryview(joined.buffers()[2])[offsets[0]:offsets[-1]]
 
 
 def _binary_field(values, kind: str, rows: int, pa, pc):
