@@ -105,7 +105,7 @@ _STAMP_RE = re.compile(r"(?:^|[_.-])(\d{8})(?:T(\d{6}))?(?=[_.-])", re.IGNORECAS
 
 def kind_of(file_name: str) -> str | None:
     """Return the extract kind named by ``file_name``, or None if it is not an extract."""
-    match = _KIND_RE.match(file_name)
+    match = _KIND_RE.fullmatch(file_name)
     return match.group(1).lower() if match else None
 
 

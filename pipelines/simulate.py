@@ -251,7 +251,7 @@ def _parse_target_drift(parts: list[str], shown: str) -> Drift:
     if not (math.isfinite(odds_ratio) and 0 < odds_ratio <= 1000):
         raise InputRejected(f"drift {shown}: odds ratio must be above 0 and at most 1000")
     if target == "OPERATOR":
-        if not _OPERATOR_RE.match(name):
+        if not _OPERATOR_RE.fullmatch(name):
             raise InputRejected(f"drift {shown}: operator must be SITE-NN, e.g. S001-02")
         if not last.isdigit() or not 1 <= int(last) <= 100_000:
             raise InputRejected(f"drift {shown}: expected OPERATOR:SITE-NN:METRIC:OR:FIRST_N, "
@@ -260,7 +260,7 @@ def _parse_target_drift(parts: list[str], shown: str) -> Drift:
     if target == "PRODUCT" and name not in BALLOON_PRODUCTS + CEMENT_PRODUCTS:
         raise InputRejected(f"drift {shown}: product must be one of "
                             f"{', '.join(BALLOON_PRODUCTS + CEMENT_PRODUCTS)}")
-    if target == "LOT" and not re.match(LOT_PATTERN, name):
+    if target == "LOT" and not re.fullmatch(LOT_PATTERN, name):
         raise InputRejected(f"drift {shown}: lot must match {LOT_PATTERN}, e.g. HVR-202403")
     return Drift(name, metric, odds_ratio, _parse_date(last, f"drift {shown}: start date"), target)
 
@@ -281,7 +281,7 @@ def parse_drift(text: str) -> Drift:
             "e.g. S003:cement_leak:2.5:2024-01-01"
         )
     site_id, metric, ratio_text, from_text = parts
-    if not _SITE_RE.match(site_id):
+    if not _SITE_RE.fullmatch(site_id):
         raise InputRejected(f"drift {shown}: site id must match {SITE_PATTERN}")
     if metric not in DRIFT_METRICS:
         raise InputRejected(f"drift {shown}: metric must be one of {', '.join(DRIFT_METRICS)}")
@@ -296,7 +296,7 @@ def parse_drift(text: str) -> Drift:
 
 
 def _parse_date(text: str, what: str) -> date:
-    if not _ISO_DATE_RE.match(text or ""):
+    if not _ISO_DATE_RE.fullmatch(text or ""):
         raise InputRejected(f"{what} {text!r} is not an ISO date (YYYY-MM-DD)")
     try:
         return date.fromisoformat(text)

@@ -39,6 +39,7 @@ def test_docs_name_every_column_and_event_type():
     ("complications.csv", "complications", "00000000T000000"),
     ("complications_x.csv.zip", None, None),
     ("notes.csv", None, None),
+    ("procedures.csv\n", None, None),  # `$` alone would match before the newline
 ])
 def test_kind_and_stamp_from_file_name(name, kind, stamp):
     assert kind_of(name) == kind

@@ -718,7 +718,8 @@ def test_series_files_are_tidy_and_refuse_malformed_site_ids():
                       "S002": {"day": [], "statistic": [], "h": 2.0}}}
     assert tte_csv(tte) == "site,date,statistic,threshold_h\r\nS001,2022-01-08,0.12346,\r\n"
     # ids are written unquoted: one that could run as a formula is refused, not written
-    for bad in ("=1+2", "S0,1"):
+    # ("S001\n": `$` would match before a trailing newline; the check is a full match)
+    for bad in ("=1+2", "S0,1", "S001\n"):
         with pytest.raises(ExternalSystemError, match="malformed site id"):
             cusum_csv({**chart, "sites": ["S001", bad]})
         with pytest.raises(ExternalSystemError, match="malformed site id"):

@@ -485,8 +485,8 @@ class _Quarantine:
                     # Only a well-formed site id is kept as a column (views and the report
                     # group by it); in a shifted row this field can hold anything, even a
                     # patient reference, which stays only inside raw_values (pseudonymised).
-                    "site_id": str(site) if site and SITE_RE.match(str(site)) else None,
-                    "record_id": (str(record_id) if record_id and ID_RE.match(str(record_id))
+                    "site_id": str(site) if site and SITE_RE.fullmatch(str(site)) else None,
+                    "record_id": (str(record_id) if record_id and ID_RE.fullmatch(str(record_id))
                                   else None),
                     "raw_values": (values["preview"] if "preview" in values
                                    else _raw_for_quarantine(values, self.key, self.extract.kind)),
@@ -518,7 +518,7 @@ def _misshapen(row: list[str], extract: ExtractFile, key: bytes, preview_fields:
         "fields_hmac": [_keyed(key, value) for value in row[:preview_fields]],
     }
     return {
-        "site_id": site if SITE_RE.match(site) else None,
+        "site_id": site if SITE_RE.fullmatch(site) else None,
         "preview": json.dumps(preview, sort_keys=True),
     }
 

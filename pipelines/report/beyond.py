@@ -351,7 +351,7 @@ def write_beyond_pages(settings: Settings, out_dir: Path) -> dict[str, Any]:
         by_site.setdefault(row["site_id"], []).append(row)
     (out_dir / "operators").mkdir(exist_ok=True)
     for site_id, rows in by_site.items():
-        if not SITE_RE.match(site_id):
+        if not SITE_RE.fullmatch(site_id):
             continue  # it becomes a file name: never write outside the folder
         (out_dir / "operators" / f"{site_id}.html").write_text(
             operators_page(site_id, rows, labels), encoding="utf-8")

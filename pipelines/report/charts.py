@@ -293,7 +293,7 @@ def _csv_of(columns: dict[str, Any], *, encoded: bool = False) -> str | memoryvi
 def _checked_sites(sites) -> np.ndarray:
     """Return a chart's site ids as an array, after checking each has the contract's form
     (they are written unquoted and unprefixed)."""
-    bad = [site for site in sites if not SITE_RE.match(str(site))]
+    bad = [site for site in sites if not SITE_RE.fullmatch(str(site))]
     if bad:
         raise ExternalSystemError(f"a stored chart holds a malformed site id {bad[0]!r}; "
                                   "not writing its data")

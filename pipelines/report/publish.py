@@ -60,7 +60,7 @@ def _site_ids(data: ReportData) -> list[str]:
     must never write outside its folder if a warehouse was filled some other way.
     """
     for site in data.sites:
-        if not SITE_RE.match(site["site_id"]):
+        if not SITE_RE.fullmatch(site["site_id"]):
             raise ExternalSystemError(f"warehouse holds a malformed site id "
                                       f"{site['site_id']!r}; not writing its page")
     return [site["site_id"] for site in data.sites]
