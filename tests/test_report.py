@@ -234,8 +234,13 @@ def test_report_bytes_do_not_depend_on_workers_and_a_rerun_rewrites_only_changes
     # a chart's CSV beside a site page, as reports before the series files wrote them
     (three / "sites" / "S001-cement_leak-vlad.csv").write_text("month\r\n", encoding="utf-8")
     # a series file (handed to the writer as Arrow's bytes, not text) changed on disk
-    series = sorted(name for name in _tree(one) if name.startswith("series-"))[0]
+    series, same_size_series = sorted(name for name in _tree(one)
+                                      if name.startswith("series-"))[:2]
     (three / series).write_bytes((three / series).read_bytes() + b"S999,2024-01-01,1,0,\r\n")
+    # changed on disk at the same size (a page's text, an Arrow series file): the writer
+    # must compare the bytes, not only the sizes
+    _flip_last_digit(three / "sites" / "S003.html")
+    _flip_last_digit(three / same_size_series)
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in three.rglob("*")
               if p.is_file()}
     write_report(settings, three, workers=2)
@@ -243,7 +248,15 @@ def test_report_bytes_do_not_depend_on_workers_and_a_rerun_rewrites_only_changes
     changed = {p.relative_to(three).as_posix() for p, stamp in stamps.items()
                if not p.exists() or (p.stat().st_ino, p.stat().st_mtime_ns) != stamp}
     assert changed == {"sites/S002.html", "sites/S999.html", "sites/S001-cement_leak-vlad.csv",
-                       series}
+                       series, "sites/S003.html", same_size_series}
+
+
+def _flip_last_digit(path: Path) -> None:
+    """Change the file's last digit, keeping its size."""
+    blob = bytearray(path.read_bytes())
+    where = max(i for i, byte in enumerate(blob) if chr(byte).isdigit())
+    blob[where] = ord("1") if blob[where] != ord("1") else ord("2")
+    path.write_bytes(bytes(blob))
 
 
 def test_reads_beside_the_run_in_a_forked_process_are_the_same_data(sqlite_url, settings_for,
