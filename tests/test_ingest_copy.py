@@ -246,3 +246,56 @@ def test_rendering_in_slices_gives_the_same_bytes(monkeypatch, slice_rows):
     # A value outside its column in the last slice only still sends the whole frame as csv.
     frame.loc[len(frame) - 1, "levels_treated"] = 40_000
     assert load._copy_payload(frame, [target]).format == "csv"
+
+
+@pytest.mark.postgres
+def test_a_server_error_in_the_middle_of_a_binary_copy_rolls_the_file_back(
+        pg_url, tmp_path, settings_for, monkeypatch):
+    """A row the server refuses while the writer thread streams a later chunk's binary COPY
+    (a trigger raising here; a disk-full or a constraint in production) fails the file with
+    a clear error, loads none of its rows, stops the writer thread, and a rerun loads it."""
+    import threading
+
+    from pipelines.errors import ExternalSystemError
+
+    files = _files(tmp_path)
+    procedures = next(p for p in files if "procedure" in p.name)
+    rows = procedures.read_text(encoding="utf-8").splitlines()[1:]
+    refused = rows[int(len(rows) * 0.8)].split(",")[0]  # a record well past the first chunks
+    routes: list[str] = []
+    real_copy = load._copy_into
+
+    def counted(conn, tables, names, payload):
+        routes.append(payload.format)
+        real_copy(conn, tables, names, payload)
+
+    monkeypatch.setattr(load, "_copy_into", counted)
+    engine = sa.create_engine(pg_url)
+    schema.migrate(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE refused (procedure_id text)")
+        conn.execute(sa.text("INSERT INTO refused VALUES (:id)"), {"id": refused})
+        conn.exec_driver_sql(
+            "CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF EXISTS (SELECT 1 FROM refused WHERE procedure_id = NEW.procedure_id) THEN "
+            "RAISE EXCEPTION 'refused by the test trigger'; END IF; RETURN NEW; END $$")
+        conn.exec_driver_sql("CREATE TRIGGER refuse_one BEFORE INSERT ON procedure "
+                             "FOR EACH ROW EXECUTE FUNCTION refuse_one()")
+    settings = settings_for(pg_url, {"KYPHOWATCH_CHUNK_ROWS": "97"})
+    with pytest.raises(ExternalSystemError) as failure:
+        ingest_paths(settings, [procedures])
+    message = str(failure.value)
+    assert procedures.name in message and "rolled back" in message
+    assert "refused by the test trigger" in message
+    assert routes.count("binary") >= 3  # the refused row came in a later chunk's COPY
+    assert not [t for t in threading.enumerate() if t.name == "kyphowatch-stage-writer"]
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.procedure)).scalar() == 0
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER refuse_one ON procedure")
+    report = ingest_paths(settings, [procedures]).to_dict()
+    assert [f["status"] for f in report["files"]] == ["loaded"]
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(sa.func.count()).select_from(schema.procedure)).scalar()
+    engine.dispose()
+    assert stored == report["totals"]["inserted"] > 500

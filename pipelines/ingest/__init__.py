@@ -136,6 +136,18 @@ def _hold_key(stack: ExitStack, engine, key: bytes, settings: Settings) -> None:
         ) from exc
 
 
+def _warehouse_errors() -> tuple[type[BaseException], ...]:
+    """Return the failures of the warehouse itself: SQLAlchemy's, and the driver's own.
+
+    The bulk load writes by COPY through the psycopg connection under SQLAlchemy's, so a
+    server error there (a full disk, a trigger, a lost connection) arrives as psycopg's
+    exception, which SQLAlchemy never wrapped: without it here that was an "internal error".
+    """
+    import psycopg
+
+    return (sa.exc.DBAPIError, psycopg.Error)
+
+
 def _load_or_explain(engine, path: Path, settings: Settings, key: bytes, processing_day,
                      done: list[FileResult]) -> FileResult:
     """Load one file; turn a warehouse failure into a clear error naming what did load.
@@ -153,7 +165,7 @@ def _load_or_explain(engine, path: Path, settings: Settings, key: bytes, process
             limits=ReadLimits.from_settings(settings),
             preview_fields=settings.quarantine_preview_fields,
         )
-    except sa.exc.DBAPIError as exc:
+    except _warehouse_errors() as exc:
         loaded = sum(1 for r in done if r.status == "loaded")
         first_line = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
         raise ExternalSystemError(
