@@ -16,7 +16,7 @@ import os
 import sys
 from datetime import date
 
-from pipelines.errors import InputRejected, KyphowatchError
+from pipelines.errors import ExternalSystemError, InputRejected, KyphowatchError
 
 # Each sub-command and the module that registers it, in the order they appear in --help.
 # A command line imports only its command's module: importing them all costs seconds
@@ -154,10 +154,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kyphowatch: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug, not a user mistake: keep the traceback in the log
+    except Exception as exc:
+        if _warehouse_failed(exc):
+            # The server went away or ran out of something mid-command: an operational
+            # condition, not a bug. Its unfinished transaction was not committed, and every
+            # command is safe to rerun (upserts, keyed runs); the traceback is kept at -v.
+            log.debug("warehouse failure", exc_info=True)
+            first_line = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
+            print(f"kyphowatch: error: the warehouse failed during {args.command!r} "
+                  f"({type(getattr(exc, 'orig', None) or exc).__name__}: {first_line}); its "
+                  "unfinished transaction was not committed; rerun the command once the "
+                  "warehouse is back", file=sys.stderr)
+            return ExternalSystemError.exit_code
+        # a bug, not a user mistake: keep the traceback in the log
         log.exception("internal error")
         print(f"kyphowatch: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _warehouse_failed(exc: BaseException) -> bool:
+    """Return whether ``exc`` is the warehouse's operational failure (lost connection,
+    server shut down, disk full, database locked), as SQLAlchemy or the driver raised it.
+
+    The driver's own exception arrives unwrapped from the bulk COPY paths, which write
+    through psycopg directly. Errors of the statement itself (integrity, programming) stay
+    internal errors: they are bugs. The modules are looked up, not imported: a command
+    that never opened the warehouse has not imported them.
+    """
+    sqlalchemy, psycopg = sys.modules.get("sqlalchemy"), sys.modules.get("psycopg")
+    return bool(
+        (sqlalchemy is not None and isinstance(exc, sqlalchemy.exc.OperationalError))
+        or (psycopg is not None and isinstance(exc, psycopg.OperationalError))
+    )
 
 
 def _skip_final_collection() -> None:

@@ -6,7 +6,8 @@ Exit codes used by the ``kyphowatch`` command:
 * 1 - an unexpected internal error (a bug: the traceback is logged)
 * 2 - an input was rejected (bad file, bad argument); the message says why
 * 3 - configuration is missing or invalid
-* 4 - the warehouse or another external system could not be reached
+* 4 - the warehouse or another external system could not be reached, or the warehouse
+  failed mid-command (lost connection, shutdown, disk full); rerunning is safe
 """
 
 from __future__ import annotations

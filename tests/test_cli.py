@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipelines.cli import build_parser
 from tests.ingest_helpers import PROC_HEADER, csv_text, proc_row, write
 
@@ -103,3 +105,56 @@ def test_broken_pipe_is_quiet_and_future_dates_are_rejected(tmp_path):
     assert future.returncode == 2
     assert "2030-01-01 is after the newest procedure" in future.stderr
     assert "longest outcome window" in future.stderr
+
+
+def _terminated_connection(pg_url: str, pg_admin_url: str):
+    """Return a SQLAlchemy connection whose server process was just terminated (real)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    conn = engine.connect()
+    pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as other:
+        other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    admin.dispose()
+    return conn
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("route", ["sqlalchemy", "driver", "integrity"])
+def test_a_warehouse_lost_mid_command_is_exit_4_and_a_bug_stays_internal(
+        pg_url, pg_admin_url, monkeypatch, capsys, route):
+    """The server going away during a command (here its backend is terminated, then the
+    command's statement runs on it) is one line and exit 4, whether SQLAlchemy raised it
+    or the driver did (the bulk COPY paths write through psycopg directly); a statement's
+    own error (a duplicate key) is a bug: exit 1, traceback in the log."""
+    import sqlalchemy as sa
+
+    from pipelines.cli import main
+    from pipelines.surveillance import engine as monitor_engine
+
+    def failing_monitor(settings, as_of=None):
+        if route == "integrity":
+            engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+            with engine.begin() as conn:
+                conn.exec_driver_sql("CREATE TABLE once (id int PRIMARY KEY)")
+                conn.exec_driver_sql("INSERT INTO once VALUES (1), (1)")
+        conn = _terminated_connection(pg_url, pg_admin_url)
+        try:
+            if route == "sqlalchemy":
+                conn.exec_driver_sql("SELECT 1")
+            conn.connection.driver_connection.cursor().execute("SELECT 1")
+        finally:
+            conn.invalidate()  # no reset attempted on the dead connection
+
+    monkeypatch.setattr(monitor_engine, "run_monitor", failing_monitor)
+    code = main(["monitor", "--db", pg_url])
+    err = capsys.readouterr().err
+    if route == "integrity":
+        assert code == 1 and "internal error: IntegrityError" in err
+        return
+    assert code == 4
+    assert err.startswith("kyphowatch: error: the warehouse failed during 'monitor' "
+                          "(AdminShutdown: terminating connection")
+    assert "rerun the command" in err and "Traceback" not in err
