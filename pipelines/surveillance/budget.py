@@ -155,15 +155,14 @@ def _poisson_chain(mu: float, theta: float, h: float, mu_true: float) -> float:
     step = drift / per_drift
     n_states = max(1, math.ceil(h / step - 1e-9))
     jump_steps = jump / step
-    # imported here: scipy.stats costs 1-3 s to import, and the alerts and CLI paths that
-    # import this module for its design helpers never reach this function
-    from scipy.stats import poisson
+    # scipy.stats's values without importing it (1-3 s; distributions.py)
+    from pipelines.surveillance.distributions import poisson_pmf, poisson_ppf
 
-    k_max = int(poisson.ppf(1 - 1e-12, mu_true)) + 2
+    k_max = int(poisson_ppf(1 - 1e-12, mu_true)) + 2
     states = np.arange(n_states)
     rows, cols, values = [], [], []
     for k in range(k_max + 1):
-        probability = float(poisson.pmf(k, mu_true))
+        probability = float(poisson_pmf(k, mu_true))
         if probability < 1e-15:
             continue
         target = states + int(round(k * jump_steps)) - per_drift

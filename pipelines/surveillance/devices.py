@@ -208,7 +208,7 @@ def conditional_rare_pvalue(day: np.ndarray, y: np.ndarray, risk: np.ndarray,
     times the budget on undrifted 1,000-site registries). ``expected`` is the sum of
     ``n x E / (E + F)``.
     """
-    from scipy import stats  # only when a rare product chart runs
+    from pipelines.surveillance.distributions import binom_pmf  # scipy.stats's values
 
     def stratum(days: np.ndarray) -> np.ndarray:
         return np.minimum((as_of_day - days) * RARE_STRATA // ROLLING_DAYS, RARE_STRATA - 1)
@@ -227,7 +227,7 @@ def conditional_rare_pvalue(day: np.ndarray, y: np.ndarray, risk: np.ndarray,
         return 0, expected, 1.0
     pmf = np.ones(1)
     for n, pi in zip(total.astype(np.int64).tolist(), share.tolist(), strict=True):
-        pmf = np.convolve(pmf, stats.binom.pmf(np.arange(n + 1), n, pi))
+        pmf = np.convolve(pmf, binom_pmf(np.arange(n + 1), n, pi))
     return events, expected, float(min(1.0, pmf[events:].sum()))
 
 

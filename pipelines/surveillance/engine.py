@@ -51,7 +51,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
-from scipy import stats
 
 from pipelines.db import open_warehouse
 from pipelines.schema import (
@@ -78,6 +77,7 @@ from pipelines.surveillance.beyond_run import (
     run_beyond_site,
     snapshot_extras,
 )
+from pipelines.surveillance.distributions import beta_ppf
 from pipelines.surveillance.outcomes import (
     COVARIATES,
     Snapshot,
@@ -233,8 +233,8 @@ def exact_interval(events, n, level: float = INTERVAL_LEVEL) -> tuple[np.ndarray
     n = np.asarray(n, dtype=float)
     tail = (1.0 - level) / 2.0
     with np.errstate(invalid="ignore", divide="ignore"):
-        low = np.where(events > 0, stats.beta.ppf(tail, events, n - events + 1), 0.0)
-        high = np.where(events < n, stats.beta.ppf(1.0 - tail, events + 1, n - events), 1.0)
+        low = np.where(events > 0, beta_ppf(tail, events, n - events + 1), 0.0)
+        high = np.where(events < n, beta_ppf(1.0 - tail, events + 1, n - events), 1.0)
     empty = n <= 0
     return np.where(empty, np.nan, low), np.where(empty, np.nan, high)
 

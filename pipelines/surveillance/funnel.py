@@ -39,7 +39,9 @@ Per site exact binomial tail probabilities: ``p_upper = P(X >= x) = binom.sf(x -
 (deterioration), ``p_lower = P(X <= x) = binom.cdf(x, n, p0)`` (under-reporting) and the
 two-sided ``min(1, 2 min(p_upper, p_lower))``. :func:`false_discovery_control` applies
 ``statsmodels.stats.multitest.multipletests(p, alpha, method="fdr_bh")`` to any array of
-p-values (pass sites x metrics together) and returns the method name with the result.
+p-values (pass sites x metrics together) and returns the method name with the result; the
+tail probabilities and ``fdr_bh`` are computed by :mod:`pipelines.surveillance.distributions`
+(the same values, without importing ``scipy.stats`` and statsmodels into the monitor).
 
 Public API
 ----------
@@ -58,8 +60,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
-from statsmodels.stats.multitest import multipletests
+
+from pipelines.surveillance.distributions import binom_cdf, binom_sf, fdr_bh
 
 # The limits live in a light module the report shares (one implementation, no scipy.stats).
 from pipelines.surveillance.exact_limits import binomial_limits, coverage_limits, funnel_curves
@@ -125,8 +127,8 @@ def exact_binomial_pvalues(events, n, p0: float):
     events = np.asarray(events, dtype=float)
     n = np.asarray(n, dtype=float)
     _check_counts(events, n)
-    p_upper = stats.binom.sf(events - 1, n, p0)
-    p_lower = stats.binom.cdf(events, n, p0)
+    p_upper = binom_sf(events - 1, n, p0)
+    p_lower = binom_cdf(events, n, p0)
     p_two = np.minimum(1.0, 2.0 * np.minimum(p_upper, p_lower))
     empty = n == 0
     for array in (p_upper, p_lower, p_two):
@@ -217,7 +219,12 @@ def false_discovery_control(pvalues, alpha: float = 0.05, method: str = "fdr_bh"
     reject = np.zeros(flat.shape, dtype=bool)
     q_values = np.full(flat.shape, np.nan)
     if finite.any():
-        decided, corrected, _, _ = multipletests(flat[finite], alpha=alpha, method=method)
+        if method == "fdr_bh":  # the monitor's: computed here, as statsmodels does
+            decided, corrected = fdr_bh(flat[finite], alpha)
+        else:
+            from statsmodels.stats.multitest import multipletests
+
+            decided, corrected, _, _ = multipletests(flat[finite], alpha=alpha, method=method)
         reject[finite] = decided
         q_values[finite] = corrected
     return FdrResult(

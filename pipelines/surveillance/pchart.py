@@ -36,7 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+
+from pipelines.surveillance.distributions import binom_cdf, binom_isf, binom_ppf, binom_sf
 
 __all__ = [
     "MatchedPChart",
@@ -99,10 +100,10 @@ def critical_counts(n, p0: float, alpha: float, side: str = "upper") -> np.ndarr
     n = np.asarray(n, dtype=float)
     if side == "upper":
         # smallest c with sf(c - 1) = P(X >= c) <= alpha; isf gives the smallest k with sf(k) <= alpha
-        return stats.binom.isf(alpha, n, p0) + 1.0
+        return binom_isf(alpha, n, p0) + 1.0
     # largest c with P(X <= c) <= alpha (-1: no count is low enough to signal)
-    return stats.binom.ppf(alpha, n, p0) - np.where(
-        stats.binom.cdf(stats.binom.ppf(alpha, n, p0), n, p0) > alpha, 1.0, 0.0
+    return binom_ppf(alpha, n, p0) - np.where(
+        binom_cdf(binom_ppf(alpha, n, p0), n, p0) > alpha, 1.0, 0.0
     )
 
 
@@ -117,12 +118,12 @@ def pchart(events, n, p0: float, alpha: float, *, side: str = "upper") -> PChart
         proportion = np.where(n > 0, events / np.where(n > 0, n, 1.0), np.nan)
         limit = np.where(n > 0, critical / np.where(n > 0, n, 1.0), np.nan)
     if side == "upper":
-        attained = stats.binom.sf(critical - 1, n, p0)
-        p_value = stats.binom.sf(events - 1, n, p0)
+        attained = binom_sf(critical - 1, n, p0)
+        p_value = binom_sf(events - 1, n, p0)
         signal = (events >= critical) & (n > 0)
     else:
-        attained = np.where(critical >= 0, stats.binom.cdf(critical, n, p0), 0.0)
-        p_value = stats.binom.cdf(events, n, p0)
+        attained = np.where(critical >= 0, binom_cdf(critical, n, p0), 0.0)
+        p_value = binom_cdf(events, n, p0)
         signal = (events <= critical) & (n > 0)
     p_value = np.where(n > 0, p_value, np.nan)
     return PChartResult(
@@ -150,7 +151,7 @@ def matched_critical_count(p0: float, cases_per_period: int, arl0: float) -> Mat
     """Return the upper critical count whose attained ARL0 is closest to ``arl0`` (log scale)."""
     n = int(cases_per_period)
     counts = np.arange(1, n + 1)
-    attained = stats.binom.sf(counts - 1, n, p0)
+    attained = binom_sf(counts - 1, n, p0)
     with np.errstate(divide="ignore"):
         arl_cases = n / attained
     distance = np.abs(np.log(arl_cases) - np.log(arl0))

@@ -41,7 +41,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+
+from pipelines.surveillance.distributions import (
+    binom_isf,
+    binom_pmf,
+    binom_sf,
+    poisson_pmf,
+    poisson_sf,
+)
 
 __all__ = [
     "MAJOR_EVENT_RATE",
@@ -96,8 +103,8 @@ def poisson_upper_pvalue(observed, expected, *, mid_p: bool = False) -> np.ndarr
     if np.any(observed < 0) or np.any(expected < 0):
         raise ValueError("counts and expected values must not be negative")
     if mid_p:
-        return stats.poisson.sf(observed, expected) + 0.5 * stats.poisson.pmf(observed, expected)
-    return stats.poisson.sf(observed - 1, expected)
+        return poisson_sf(observed, expected) + 0.5 * poisson_pmf(observed, expected)
+    return poisson_sf(observed - 1, expected)
 
 
 def binomial_upper_pvalue(events, n, p0: float, *, mid_p: bool = False) -> np.ndarray:
@@ -109,9 +116,9 @@ def binomial_upper_pvalue(events, n, p0: float, *, mid_p: bool = False) -> np.nd
     if not 0 < p0 < 1:
         raise ValueError("p0 must be strictly between 0 and 1")
     if mid_p:
-        p = stats.binom.sf(events, n, p0) + 0.5 * stats.binom.pmf(events, n, p0)
+        p = binom_sf(events, n, p0) + 0.5 * binom_pmf(events, n, p0)
     else:
-        p = stats.binom.sf(events - 1, n, p0)
+        p = binom_sf(events - 1, n, p0)
     return np.where(n > 0, p, np.nan)
 
 
@@ -119,7 +126,7 @@ def critical_event_count(n, p0: float, alpha: float) -> np.ndarray:
     """Return the smallest event count whose exact binomial upper p-value is <= ``alpha``."""
     if not 0 < alpha < 1:
         raise ValueError("alpha must be strictly between 0 and 1")
-    return stats.binom.isf(alpha, np.asarray(n, dtype=float), p0) + 1.0
+    return binom_isf(alpha, np.asarray(n, dtype=float), p0) + 1.0
 
 
 def rare_event_tests(
