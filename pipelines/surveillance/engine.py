@@ -1500,13 +1500,15 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
                   series: SeriesInBackground | None = None) -> None:
     now = datetime.now(UTC)
     with engine.begin() as conn:
-        # First, before anything is read: the writes below depend on what is stored.
-        lock_monitor_store(conn)
         stored = conn.execute(
             sa.select(signal.c.signal_key, signal.c.first_seen_run, signal.c.signal_date).where(
                 signal.c.profile_name == result.profile_name
             )
         ).all()
+        # Before the current picture is read to write its changes (replace_rows). The
+        # signals read just before are not covered, as before: a rival that stored the same
+        # new keys meanwhile makes this attempt fail on a duplicate key and retry.
+        lock_monitor_store(conn)
         existing = {key: first_seen for key, first_seen, _ in stored}
         # A run for a past as_of (a rerun or backfill) cannot see episodes that signalled
         # later, so it must not deactivate them; only what it could have derived is judged.
