@@ -76,11 +76,8 @@ def test_a_new_day_stores_the_same_tables_as_a_full_rewrite(tmp_path, db_url, se
     with caplog.at_level(logging.INFO, logger="pipelines.surveillance.engine"):
         run_monitor(settings, second)
     written = [r.getMessage() for r in caplog.records if "rows written" in r.getMessage()]
-    # The monthly figures took the changes-only path (not its full-rewrite fallback, taken
-    # when more than half the rows changed); the operator and device tables went through it.
-    assert any(m.startswith("monitor: site_month_metric:") and " of " in m
-               for m in written), written
-    assert any(m.startswith("monitor: operator_chart:") for m in written), written
+    # A new run key: every row is written again (the cheaper way when each carries it).
+    assert len(written) == 6 and all("(a new run)" in m for m in written), written
     profile = load_profile(settings.profile_path)
     warehouse = make_engine(db_url)
     with warehouse.connect() as conn:
@@ -110,6 +107,45 @@ def test_a_rerun_of_the_same_day_writes_no_current_picture_row(tmp_path, db_url,
     # (the run's core part holds its duration, so it is rewritten with another one)
     for name in PICTURE:
         assert after[name] == before[name], name
+
+
+def test_a_rerun_writes_back_what_differs_from_the_stored_rows(tmp_path, db_url, settings_for,
+                                                               caplog, monkeypatch):
+    """As after a kyphowatch upgrade that derives some rows differently: the rows that
+    differ, are missing or are no longer derived are put right, the rest left alone."""
+    settings, _, second = _first_night(tmp_path, db_url, settings_for)
+    run_monitor(settings, second)
+    expected = _dump(db_url)
+    warehouse = make_engine(db_url)
+    smm, ops = schema.site_month_metric, schema.operator_chart
+    with warehouse.begin() as conn:
+        months = conn.execute(sa.select(smm.c.site_id, smm.c.metric, smm.c.month)
+                              .order_by(smm.c.site_id, smm.c.metric, smm.c.month)).all()
+        assert len(months) > 10
+        first, gone, other = months[0], months[1], months[2]
+        conn.execute(smm.update().where(smm.c.site_id == first.site_id, smm.c.metric ==
+                                        first.metric, smm.c.month == first.month)
+                     .values(expected=smm.c.expected + 1.5))
+        conn.execute(smm.delete().where(smm.c.site_id == gone.site_id, smm.c.metric ==
+                                        gone.metric, smm.c.month == gone.month))
+        conn.execute(smm.update().where(smm.c.site_id == other.site_id, smm.c.metric ==
+                                        other.metric, smm.c.month == other.month)
+                     .values(month="1999-01"))  # a row no longer derived
+        conn.execute(ops.update().where(ops.c.operator == sa.select(sa.func.min(ops.c.operator))
+                                        .scalar_subquery()).values(events=ops.c.events + 7))
+    warehouse.dispose()
+    with caplog.at_level(logging.INFO, logger="pipelines.surveillance.engine"):
+        run_monitor(settings, second)
+    written = {r.getMessage().split(":")[1].strip(): r.getMessage() for r in caplog.records
+               if "rows written" in r.getMessage()}
+    # written: the changed row, the missing one and the renamed one's true row; deleted:
+    # the changed row's stored copy and the row no longer derived
+    assert ": 3 of " in written["site_month_metric"] and "(2 deleted)" in written[
+        "site_month_metric"], written
+    assert " of " in written["operator_chart"] and ": 0 of " not in written["operator_chart"]
+    after = _dump(db_url)
+    for name in PICTURE:
+        assert after[name] == expected[name], name
 
 
 def _zero_table() -> sa.Table:
