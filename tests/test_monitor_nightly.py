@@ -104,7 +104,7 @@ def test_a_rerun_of_the_same_day_writes_no_current_picture_row(tmp_path, db_url,
     written = [r.getMessage() for r in caplog.records if "rows written" in r.getMessage()]
     assert len(written) == 6 and all(": 0 of " in m for m in written), written
     after = _dump(db_url)
-    # (the run's core part holds its duration, so it is rewritten with another one)
+    # (the run's core part lists the signals new in its run: none in a rerun)
     for name in PICTURE:
         assert after[name] == before[name], name
 
