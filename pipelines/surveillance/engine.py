@@ -1649,7 +1649,8 @@ def _replace_current_picture(conn: sa.Connection, result: MonitorResult,
     Only when this run's as_of is on or after the stored one: a backfill for a past date
     must not overwrite newer figures. A rerun for the same as_of replaces them (corrections,
     or a new kyphowatch version deriving the status differently). Rows are deleted and bulk
-    inserted (COPY on PostgreSQL): about 0.1 s for 13,500 monthly rows.
+    inserted (COPY on PostgreSQL): about 0.1 s for 13,500 monthly rows; a rerun of the
+    stored run writes only the rows that differ (:func:`replace_rows`).
     """
     constants = {"profile_name": result.profile_name, "run_key": result.run_key,
                  "as_of": result.as_of, "profile_version": result.profile_version}
@@ -1723,20 +1724,20 @@ def replace_rows(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]
 
     The profile is ``constants["profile_name"]``; rows are matched by the table's primary
     key. A stored row whose other columns differ, or whose key is gone, is deleted; a new
-    or changed row is inserted. Only when every stored row already carries ``constants``
-    (a rerun of the stored run: the same run key, as_of and version), else everything is
-    replaced, as when more than half the rows changed or ``STORE_CHANGES_ONLY`` is off:
-    every row carries its run's key, and setting a new one on the unchanged rows (an
-    UPDATE of every row, 0.75 s for the 21,000 monthly rows of a 186k-procedure
-    warehouse) cost more than deleting and copying them all in again (about 0.2 s). The
-    caller holds :func:`lock_monitor_store`.
+    or changed row is inserted. That is done only when every stored row already carries
+    ``constants`` (a rerun of the stored run: the same run key, as_of and version).
+    Otherwise, or when more than half the rows changed, or with ``STORE_CHANGES_ONLY``
+    off, every row is deleted and inserted again: each row carries its run's key, and
+    setting a new one on the unchanged rows (an UPDATE of every row: 0.75 s for the 21,000
+    monthly rows of a 186k-procedure warehouse) cost more than copying them all in again
+    (about 0.2 s). The caller holds :func:`lock_monitor_store`.
     """
     mine = table.c.profile_name == constants["profile_name"]
     changed: list = []
     keys = [c.name for c in table.primary_key.columns if c.name not in constants]
     others = [c.name for c in table.columns if c.name not in constants and c.name not in keys]
     fixed = {c: v for c, v in constants.items() if c in table.c and c != "profile_name"}
-    moved = fixed and conn.execute(
+    moved = bool(fixed) and conn.execute(
         sa.select(sa.literal(1)).where(mine, sa.or_(*(table.c[c] != v for c, v in fixed.items())))
         .limit(1)).first() is not None
     if STORE_CHANGES_ONLY and not moved:
