@@ -289,23 +289,26 @@ TABLES = {"operators": schema.operator_chart, "products": schema.device_product_
 
 def store_beyond_site(conn: sa.Connection, profile: Profile, as_of: date, run_key: str,
                       rows: dict[str, list[dict[str, Any]]]) -> bool:
-    """Replace the profile's operator and device rows when this run is the newest; say if it was."""
+    """Replace the profile's operator and device rows when this run is the newest; say if it was.
+
+    Only the rows that differ from the stored ones are written
+    (:func:`pipelines.surveillance.engine.replace_rows`), under the monitor's store lock.
+    """
+    # Imported here: the engine imports this module.
+    from pipelines.surveillance.engine import lock_monitor_store, replace_rows
+
+    lock_monitor_store(conn)  # first, before the stored rows are read
     for table in TABLES.values():
         mine = table.c.profile_name == profile.name
         stored = conn.execute(sa.select(sa.func.max(table.c.as_of)).where(mine)).scalar()
         if stored is not None and date.fromisoformat(str(stored)[:10]) > as_of:
             log.info("beyond_site: %s holds a newer run (%s); left alone", table.name, stored)
             return False
-    # The site run's bulk insert (COPY on PostgreSQL: some 2,500 operator rows took a tenth
-    # of a second as an INSERT executemany; the same values are stored). Imported here:
-    # the engine imports this module.
-    from pipelines.surveillance.engine import _bulk_insert
-
+    # What is written goes in by the site run's bulk insert (COPY on PostgreSQL: some 2,500
+    # operator rows took a tenth of a second as an INSERT executemany).
     constants = {"profile_name": profile.name, "run_key": run_key, "as_of": as_of}
     for name, table in TABLES.items():
-        mine = table.c.profile_name == profile.name
-        conn.execute(table.delete().where(mine))
-        _bulk_insert(conn, table, rows[name], constants)
+        replace_rows(conn, table, rows[name], constants)
     return True
 
 
