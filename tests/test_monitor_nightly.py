@@ -72,6 +72,8 @@ def _first_night(tmp_path, db_url: str, settings_for):
 
 def test_a_new_day_stores_the_same_tables_as_a_full_rewrite(tmp_path, db_url, settings_for,
                                                             caplog, monkeypatch):
+    """A new run key takes the full rewrite (each row carries the key); the diff path is
+    for reruns and is compared with a full rewrite by the rerun tests."""
     settings, _, second = _first_night(tmp_path, db_url, settings_for)
     with caplog.at_level(logging.INFO, logger="pipelines.surveillance.engine"):
         run_monitor(settings, second)
@@ -212,6 +214,12 @@ def _run_in_child(db_url: str, reports: str, as_of) -> str:
 
 def test_two_monitors_at_once_leave_the_tables_of_one(tmp_path, db_url, settings_for,
                                                       monkeypatch):
+    """Two monitors of the same data at once end in the tables of one run.
+
+    The end state, not the lock: the two compute the same rows, so without the lock the
+    duplicate-key retry of the store also gives this state (review). That the lock makes a
+    second store wait is test_the_store_lock_makes_a_second_monitor_wait.
+    """
     settings, _, second = _first_night(tmp_path, db_url, settings_for)
     reports = str(tmp_path / "reports")
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:

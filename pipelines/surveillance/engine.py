@@ -1680,7 +1680,13 @@ def lock_monitor_store(conn: sa.Connection) -> None:
     """Serialise the monitor's store transactions on this warehouse until ``conn`` commits.
 
     :func:`replace_rows` writes only what differs from the stored rows, so two monitors
-    storing at once must not both compare against the same stored state. PostgreSQL: a
+    storing at once must not both compare against the same stored state. What the lock does
+    not cover (review, 2026-12-07): the site tables and the operator/device tables are two
+    transactions, each locked on its own, so two monitors of the same date on different
+    data can leave one's site tables beside the other's operator tables until the next run;
+    and the active signals are read before the lock is taken, so a signal another monitor
+    committed meanwhile is not deactivated by this run (the next run judges it). Schedule
+    one monitor per warehouse (the DAG's ``max_active_runs=1``). PostgreSQL: a
     transaction-level advisory lock. SQLite: the database's write lock, taken by a write
     that changes nothing (the driver begins the transaction before it; a later upgrade from
     a read would fail at once instead of waiting for the other writer).
