@@ -160,13 +160,8 @@ def _files(tmp_path: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix == ".csv")
 
 
-@pytest.mark.postgres
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "staged"])
-def test_a_load_by_binary_copy_ends_in_the_rows_of_csv_copy(pg_url, pg_admin_url, tmp_path,
-                                                           settings_for, monkeypatch, direct):
-    files = _files(tmp_path)  # complications sort first: they wait, then are promoted
-    if not direct:
-        monkeypatch.setattr(load, "_direct_load", lambda *args: None)
+def _count_routes(monkeypatch) -> list[str]:
+    """Record the format of every COPY payload the load sends (``binary`` or ``csv``)."""
     routes: list[str] = []
     real_copy = load._copy_into
 
@@ -175,6 +170,17 @@ def test_a_load_by_binary_copy_ends_in_the_rows_of_csv_copy(pg_url, pg_admin_url
         real_copy(conn, tables, names, payload)
 
     monkeypatch.setattr(load, "_copy_into", counted)
+    return routes
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "staged"])
+def test_a_load_by_binary_copy_ends_in_the_rows_of_csv_copy(pg_url, pg_admin_url, tmp_path,
+                                                           settings_for, monkeypatch, direct):
+    files = _files(tmp_path)  # complications sort first: they wait, then are promoted
+    if not direct:
+        monkeypatch.setattr(load, "_direct_load", lambda *args: None)
+    routes = _count_routes(monkeypatch)
     settings = settings_for(pg_url, {"KYPHOWATCH_CHUNK_ROWS": "97"})
     binary_report = ingest_paths(settings, files).to_dict()
     binary_state = snapshot(pg_url)
@@ -262,14 +268,7 @@ def test_a_server_error_in_the_middle_of_a_binary_copy_rolls_the_file_back(
     procedures = next(p for p in files if "procedure" in p.name)
     rows = procedures.read_text(encoding="utf-8").splitlines()[1:]
     refused = rows[int(len(rows) * 0.8)].split(",")[0]  # a record well past the first chunks
-    routes: list[str] = []
-    real_copy = load._copy_into
-
-    def counted(conn, tables, names, payload):
-        routes.append(payload.format)
-        real_copy(conn, tables, names, payload)
-
-    monkeypatch.setattr(load, "_copy_into", counted)
+    routes = _count_routes(monkeypatch)
     engine = sa.create_engine(pg_url)
     schema.migrate(engine)
     with engine.begin() as conn:
