@@ -110,3 +110,17 @@ def test_the_monitor_imports_neither_scipy_stats_nor_statsmodels():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, timeout=300)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_monitor_that_reads_its_designs_imports_no_solver():
+    """SciPy's sparse solver and optimiser (about 0.3 s) load only when a design or refit needs them.
+
+    A monitor after the first reads its threshold designs from the store and its risk model
+    from the stored fit, so its process should not pay for them at import.
+    """
+    code = ("import sys, pipelines.surveillance.engine, pipelines.surveillance.beyond_run; "
+            "print(sorted({m.split('.')[1] for m in sys.modules "
+            "if m.startswith(('scipy.sparse', 'scipy.optimize'))}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=300)
+    assert result.stdout.strip() == "[]"

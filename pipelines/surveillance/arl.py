@@ -59,10 +59,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse.linalg import spsolve
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 from pipelines.surveillance.cusum import (
     alternative_probability,
@@ -150,6 +152,8 @@ def markov_grid(p0: float, odds_ratio: float, h_max: float) -> MarkovGrid:
 
 
 def _transition_matrix(p: float, grid: MarkovGrid, h: float) -> sparse.csr_array:
+    from scipy import sparse  # imported here: see run_lengths
+
     n_states = max(1, math.ceil(h / grid.unit - 1e-9))
     states = np.arange(n_states)
     rows, cols, values = [], [], []
@@ -163,6 +167,21 @@ def _transition_matrix(p: float, grid: MarkovGrid, h: float) -> sparse.csr_array
         (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
         shape=(n_states, n_states),
     )
+
+
+def run_lengths(transitions: sparse.csr_array) -> np.ndarray:
+    """Return the run lengths from every non-signal state: the solution of ``(I - Q) L = 1``.
+
+    SciPy's sparse modules are imported here, not at the top: they cost about 0.2 s of
+    every monitor process, and a monitor that reads its designs from the threshold store
+    (every run after the first) never solves a chain.
+    """
+    from scipy import sparse
+    from scipy.sparse.linalg import spsolve
+
+    n_states = transitions.shape[0]
+    system = (sparse.identity(n_states, format="csc") - transitions.tocsc()).tocsc()
+    return np.atleast_1d(spsolve(system, np.ones(n_states)))
 
 
 def arl_markov(
@@ -180,11 +199,7 @@ def arl_markov(
     if h <= 0:
         raise ValueError("h must be positive")
     grid = grid or markov_grid(p0, odds_ratio, h)
-    transitions = _transition_matrix(p, grid, h)
-    n_states = transitions.shape[0]
-    system = (sparse.identity(n_states, format="csc") - transitions.tocsc()).tocsc()
-    lengths = spsolve(system, np.ones(n_states))
-    return float(np.atleast_1d(lengths)[0])
+    return float(run_lengths(_transition_matrix(p, grid, h))[0])
 
 
 def false_alarm_probability_markov(

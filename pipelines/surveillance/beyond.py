@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse.linalg import spsolve
 
 from pipelines.contract import EVENT_TYPES, SEVERITIES
 from pipelines.surveillance import threshold_store
-from pipelines.surveillance.arl import _transition_matrix, markov_grid
+from pipelines.surveillance.arl import _transition_matrix, markov_grid, run_lengths
 from pipelines.surveillance.budget import significant
 from pipelines.surveillance.profile import Metric, Profile, ProfileError
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 _H_MAX = 30.0
 
@@ -190,10 +191,8 @@ def fir_arl(p: float, p0: float, odds_ratio: float, h: float, head_start: float)
     head-start state instead of 0 (Lucas & Crosier 1982).
     """
     grid = markov_grid(p0, odds_ratio, h)
-    transitions = _transition_matrix(p, grid, h)
-    n_states = transitions.shape[0]
-    system = (sparse.identity(n_states, format="csc") - transitions.tocsc()).tocsc()
-    lengths = np.atleast_1d(spsolve(system, np.ones(n_states)))
+    lengths = run_lengths(_transition_matrix(p, grid, h))
+    n_states = lengths.shape[0]
     start = min(n_states - 1, int(round(head_start * h / grid.unit)))
     return float(lengths[start])
 

@@ -24,11 +24,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse.linalg import spsolve
 
 from pipelines.surveillance import threshold_store
-from pipelines.surveillance.arl import arl_markov, markov_grid
+from pipelines.surveillance.arl import arl_markov, markov_grid, run_lengths
 from pipelines.surveillance.profile import Metric, Profile
 
 # Smallest ARL0 the derivation hands out (a tiny site or an enormous budget); below this a
@@ -155,6 +153,8 @@ def _poisson_chain(mu: float, theta: float, h: float, mu_true: float) -> float:
     step = drift / per_drift
     n_states = max(1, math.ceil(h / step - 1e-9))
     jump_steps = jump / step
+    from scipy import sparse  # imported here: see arl.run_lengths
+
     # scipy.stats's values without importing it (1-3 s; distributions.py)
     from pipelines.surveillance.distributions import poisson_pmf, poisson_ppf
 
@@ -175,9 +175,7 @@ def _poisson_chain(mu: float, theta: float, h: float, mu_true: float) -> float:
         (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
         shape=(n_states, n_states),
     )
-    system = (sparse.identity(n_states, format="csc") - transitions.tocsc()).tocsc()
-    lengths = spsolve(system, np.ones(n_states))
-    return float(np.atleast_1d(lengths)[0])
+    return float(run_lengths(transitions)[0])
 
 
 def poisson_cusum_arl(mu: float, theta: float, h: float, mu_true: float | None = None) -> float:

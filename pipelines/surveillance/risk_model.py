@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, special
+from scipy import special
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,8 @@ def _c_statistic(eta: np.ndarray, events: np.ndarray, trials: np.ndarray) -> flo
 
 def _shift_to_baseline(eta: np.ndarray, weights: np.ndarray, baseline: float) -> float:
     """Return the intercept shift that makes the weighted mean risk equal ``baseline``."""
+    # Imported here: only a refit shifts (scipy.optimize is ~0.1 s of a monitor process).
+    from scipy import optimize
 
     def gap(delta: float) -> float:
         return float(np.average(special.expit(eta + delta), weights=weights)) - baseline
