@@ -615,9 +615,21 @@ def _set_aside_indexes(conn: sa.Connection,
     return tuple(set_aside)
 
 
+# Sort memory for the rebuild, for this transaction only, unless the server allows more: the
+# default 64 MB spills a 1M-row key's sort to disk (measured: 1.8-2.2 s of backend CPU for
+# the three indexes at 64 MB, 1.5-1.8 s at 256 MB). One index is built at a time.
+_REBUILD_SORT_MEMORY = sa.text(
+    "SELECT set_config('maintenance_work_mem', :memory, true) "
+    "WHERE pg_size_bytes(current_setting('maintenance_work_mem')) < pg_size_bytes(:memory)"
+)
+
+
 def _rebuild_indexes(conn: sa.Connection, indexes: tuple[_SetAsideIndex, ...]) -> None:
     """Create the set-aside indexes again from their definitions; re-attach primary keys."""
+    if not indexes:
+        return
     quote = conn.dialect.identifier_preparer.quote
+    conn.execute(_REBUILD_SORT_MEMORY, {"memory": "256MB"})
     for index in indexes:
         conn.exec_driver_sql(index.definition)  # the catalog's own CREATE INDEX statement
         if index.constraint is not None:
