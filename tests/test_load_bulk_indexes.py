@@ -166,3 +166,43 @@ def test_a_small_or_later_file_keeps_the_indexes(pg_url, tmp_path, settings_for,
                                  bulk=True) is None
     engine.dispose()
     assert dropped == []
+
+
+@pytest.mark.postgres
+def test_the_least_privilege_loader_keeps_the_indexes(pg_admin_url, tmp_path, settings_for,
+                                                      rebuilt):
+    """The loader role may not drop the owner's indexes: it loads the same file with them."""
+    import uuid
+
+    from pipelines.roles import apply_roles
+    from tests.test_roles import _role_set
+
+    roles = _role_set()
+    database = f"kw_load8x_roles_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    quote = admin.dialect.identifier_preparer.quote
+    with admin.connect() as conn:
+        conn.exec_driver_sql("CREATE DATABASE " + quote(database))
+    try:
+        apply_roles(pg_admin_url, database, roles)
+
+        def url(role: str) -> str:
+            return sa.make_url(pg_admin_url).set(
+                database=database, username=getattr(roles, role + "_role"),
+                password=getattr(roles, role + "_password"),
+            ).render_as_string(hide_password=False)
+
+        owner = sa.create_engine(url("owner"))
+        schema.migrate(owner)
+        owner.dispose()
+        before = _catalog(url("owner"))
+        report = ingest_paths(settings_for(url("loader")), [_procedures(tmp_path)]).to_dict()
+        assert report["files"][0]["status"] == "loaded"
+        assert rebuilt == [()]  # a direct load, nothing set aside
+        assert _catalog(url("owner")) == before
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql("DROP DATABASE IF EXISTS " + quote(database) + " WITH (FORCE)")
+            for role in (roles.analyst_role, roles.loader_role, roles.owner_role):
+                conn.exec_driver_sql("DROP ROLE IF EXISTS " + quote(role))
+        admin.dispose()
