@@ -201,9 +201,28 @@ def _collector_paused(handler):
     def run(args: argparse.Namespace) -> int:
         _freeze_at_exit()
         with _collector(False):
-            return handler(args)
+            try:
+                return handler(args)
+            finally:
+                _age_young_objects()
 
     return run
+
+
+def _age_young_objects() -> None:
+    """Move every object the collector tracks into its oldest generation.
+
+    With the collector paused, everything allocated since (the modules a drill-down
+    imports, SQLAlchemy's among them) stays in the youngest generation; switching the
+    collector back on made its first young pass walk all of it, for nothing: 10-15 ms of
+    every ``sites`` / ``site``. From the oldest generation only a full collection walks
+    them, which the exit hook of :func:`_freeze_at_exit` forestalls. Objects frozen by
+    someone else before stay frozen.
+    """
+    frozen_before = gc.get_freeze_count()
+    gc.freeze()
+    if not frozen_before:
+        gc.unfreeze()  # back into the oldest generation, collectable as usual
 
 
 @functools.cache
