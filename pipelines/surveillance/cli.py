@@ -143,10 +143,11 @@ def _evidence(args: argparse.Namespace, site: str | None = None):
     settings = load_settings(db_url=args.db)
     require_warehouse(settings.db_url)
     profile = load_profile(settings.profile_path)
-    # the stored run without chart data: these commands draw no chart
+    # the stored run without chart data: these commands draw no chart; one site's
+    # drill-down reads only that site's figures and signals
     with reading(settings.db_url) as conn:
         wanted, result = runs.read_stored(conn, profile, parse_as_of(args.as_of), sites=[],
-                                          charts=False)
+                                          charts=False, site=site)
         if result is not None:
             return _with_facts(settings, profile, result, site, conn)
     with _collector(True):  # the monitor's frames and models do make cycles
