@@ -130,8 +130,11 @@ def handle_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evidence(args: argparse.Namespace, site: str | None = None):
+def _evidence(args: argparse.Namespace, site: str | None = None, status: bool = False):
     """Return (result, profile, facts, complications) for the drill-down commands.
+
+    ``site``: only that site's figures and signals are read; ``status``: only the stored
+    status rows (``result.status_rows``), when the warehouse holds them for the run.
 
     The stored run, the facts and the recent complications are read on one connection; a
     run that is not stored yet is computed (and stored) first.
@@ -144,10 +147,10 @@ def _evidence(args: argparse.Namespace, site: str | None = None):
     require_warehouse(settings.db_url)
     profile = load_profile(settings.profile_path)
     # the stored run without chart data: these commands draw no chart; one site's
-    # drill-down reads only that site's figures and signals
+    # drill-down reads only that site's figures and signals, the grid only status rows
     with reading(settings.db_url) as conn:
         wanted, result = runs.read_stored(conn, profile, parse_as_of(args.as_of), sites=[],
-                                          charts=False, site=site)
+                                          charts=False, site=site, status=status)
         if result is not None:
             return _with_facts(settings, profile, result, site, conn)
     with _collector(True):  # the monitor's frames and models do make cycles
@@ -258,7 +261,7 @@ def handle_sites(args: argparse.Namespace) -> int:
     """Print every site's status per metric (the report's overview grid)."""
     from pipelines import evidence
 
-    result, profile, facts, _ = _evidence(args)
+    result, profile, facts, _ = _evidence(args, status=True)
     if result.as_of is None:
         if args.json:
             print(json.dumps({"as_of": None, "sites": []}))
@@ -267,7 +270,7 @@ def handle_sites(args: argparse.Namespace) -> int:
         else:
             print("no procedures in the warehouse yet: no sites to show")
         return 0
-    rows = evidence.sites_payload(result, profile, facts)
+    rows = evidence.sites_payload(result, profile, facts, result.status_rows)
     if args.flagged:
         rows = [r for r in rows if r["flagged"]]
     metric_ids = [m.id for m in profile.metrics]

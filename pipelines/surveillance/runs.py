@@ -82,6 +82,9 @@ class MonitorResult:
     timings: dict[str, float] = field(default_factory=dict, repr=False)
     # The compute step's seconds by "metric:step" (:class:`engine._Computation` timings).
     compute_timings: dict[str, float] = field(default_factory=dict, repr=False)
+    # Read side only: the run's status rows as the monitor stored them (:func:`load_status`;
+    # None: derive them from ``site_metrics``).
+    status_rows: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def active_signals(self) -> list[dict[str, Any]]:
@@ -542,6 +545,50 @@ def load_site(conn: sa.Connection, profile, as_of: date, site: str):
         procedure_facts=parts.get(FACTS), persisted=True)
 
 
+# The columns of ``chart_status`` that hold levels.status_rows(..., detail=False).
+_STATUS_FIELDS = ("site_id", "metric", "status", "reason", "n", "events", "rate", "ci_low",
+                  "ci_high", "expected", "baseline", "cusum_chart", "cusum_value",
+                  "cusum_threshold", "funnel_position", "signals_recent", "signals_total",
+                  "level_since")
+
+
+def load_status(conn: sa.Connection, profile, as_of: date):
+    """Return the stored run for ``as_of`` with its status rows and without its figures.
+
+    What ``kyphowatch sites`` needs of a run: one status row per site and metric, which
+    the monitor stored with the run in ``chart_status`` (``levels.status_rows``), the
+    ``facts`` part and the run's identity; not the ``core`` part, whose decoding and the
+    rows derived from it were half of the command. ``status_rows`` holds the rows (as
+    ``status_rows(..., detail=False)`` returns them); ``site_metrics`` holds only each
+    metric's id and kind, from the profile version the run was computed with (the kind
+    of every figure comes from there); signals, summary, models and charts are empty.
+    Returns None when no run is stored for ``as_of``, or when ``chart_status`` holds
+    another run's rows (a later run, or none yet): read it with :func:`load_run`.
+    """
+    from pipelines.schema import chart_status
+
+    row = find_run(conn, profile, as_of)
+    if row is None:
+        return None
+    stored = conn.execute(
+        sa.select(chart_status.c.run_key, chart_status.c.profile_version,
+                  *(chart_status.c[f] for f in _STATUS_FIELDS))
+        .where(chart_status.c.profile_name == profile.name)).all()
+    if not stored or any(r.run_key != row["run_key"]
+                         or r.profile_version != row["profile_version"] for r in stored):
+        return None
+    facts = conn.execute(sa.select(monitor_run_part.c.payload).where(
+        monitor_run_part.c.run_key == row["run_key"],
+        monitor_run_part.c.part == FACTS)).scalar()
+    return MonitorResult(
+        run_key=row["run_key"], as_of=_as_date(row["as_of"]),
+        profile_name=row["profile_name"], profile_version=row["profile_version"],
+        data_fingerprint=row["data_fingerprint"],
+        site_metrics=[{"metric": m.id, "kind": m.kind} for m in profile.metrics],
+        procedure_facts=_unpack(facts) if facts is not None else None, persisted=True,
+        status_rows=[dict(zip(_STATUS_FIELDS, r[2:], strict=True)) for r in stored])
+
+
 def _as_date(value: Any) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
@@ -619,14 +666,16 @@ def _newest_procedure_date(conn: sa.Connection) -> date | None:
 
 def read_stored(conn: sa.Connection, profile, as_of: date | None = None, *,
                 sites: list[str] | None = None, charts: bool = True,
-                site: str | None = None):
+                site: str | None = None, status: bool = False):
     """Return ``(wanted, run)``: the date asked for (default: the newest procedure date,
     None for an empty warehouse) and the run stored for it, or None when none is stored.
 
     Raises InputRejected for an ``as_of`` after every outcome window of the newest
     procedure has closed. ``sites`` and ``charts`` as in :func:`load_run`; ``site``: only
     that site's figures and signals are needed (:func:`load_site`, when the run has its
-    per-site parts; else the whole run is read as :func:`load_run` reads it).
+    per-site parts; else the whole run is read as :func:`load_run` reads it); ``status``:
+    only the status rows are needed (:func:`load_status`, when ``chart_status`` holds
+    this run's rows; else as :func:`load_run`).
     """
     newest = _newest_procedure_date(conn)
     # A later as_of lets outcome windows close (up to the longest one); beyond that no
@@ -643,7 +692,8 @@ def read_stored(conn: sa.Connection, profile, as_of: date | None = None, *,
     wanted = as_of or newest
     if not wanted:
         return wanted, None
-    result = load_site(conn, profile, wanted, site) if site is not None else None
+    result = (load_site(conn, profile, wanted, site) if site is not None
+              else load_status(conn, profile, wanted) if status else None)
     if result is None:
         result = load_run(conn, profile, wanted, sites=sites, charts=charts)
     return wanted, result
