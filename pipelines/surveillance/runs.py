@@ -502,12 +502,13 @@ def load_run(conn: sa.Connection, profile, as_of: date | None = None, *,
 
 
 def _is_site_metrics(part: sa.ColumnElement) -> sa.ColumnElement:
-    """Return whether a part name is a ``metrics:<id>`` part, as a range on the key.
+    """Return whether a part name is a ``metrics:<id>`` part.
 
-    A range rather than LIKE: both SQLite and PostgreSQL walk the primary key's index for
-    it (";" is the character after ":").
+    A prefix match (LIKE), not a range of names: under a PostgreSQL collation such as
+    en_US, punctuation does not order as in ASCII. Every query using it also names the
+    run, so the primary key's index narrows it to that run's parts first.
     """
-    return sa.and_(part >= SITE_METRICS, part < SITE_METRICS[:-1] + ";")
+    return part.startswith(SITE_METRICS, autoescape=True)
 
 
 def load_site(conn: sa.Connection, profile, as_of: date, site: str):
