@@ -82,7 +82,7 @@ def main() -> int:
     from pipelines.simulate import site_id_list
     from pipelines.surveillance.engine import run_monitor
     from pipelines.surveillance.profile import load_profile
-    from pipelines.surveillance.runs import load_run
+    from pipelines.surveillance.runs import load_run, load_site
 
     with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:
         root = Path(tmp)
@@ -102,6 +102,15 @@ def main() -> int:
             print(f"set-up: reusing the warehouse in {kept} (not rebuilt)")
             with reading(settings.db_url) as conn:
                 result = load_run(conn, load_profile(settings.profile_path))
+                # a run stored before the per-site parts (runs.load_site) would time the
+                # drill-down's older path: store the same run again, once
+                restore = load_site(conn, load_profile(settings.profile_path), result.as_of,
+                                    drift_site) is None
+            if restore:
+                started = time.perf_counter()
+                result = run_monitor(settings)
+                print(f"set-up: the kept run was stored before the per-site parts; stored "
+                      f"again in {time.perf_counter() - started:.1f} s (not compared)")
         else:
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)

@@ -132,7 +132,8 @@ def test_facts_aggregated_aside_and_parts_packed_in_a_thread_store_the_same_byte
         runs.store_run(conn, result)
     with engine.connect() as conn:
         serial = [(part, bytes(payload)) for part, payload in conn.execute(select)]
-    assert len(overlapped) == 2 + 4 and overlapped == serial
+    # core, facts, and per site its chart series and its figures (metrics:<id>)
+    assert len(overlapped) == 2 + 4 + 4 and overlapped == serial
     facts = runs._unpack(dict(serial)["facts"])
     assert sorted(facts["deliveries"]) == ["S001", "S002", "S003", "S004"]
     assert facts["network_casemix"]["procedures"] == 1600

@@ -11,8 +11,11 @@ figures and levels, the summary, the models and the small chart data (funnels, p
 ``facts`` holds per-site deliveries (newest extract, last procedure date) and case mix, and
 the network's case mix, aggregated once in SQL as of the run's date (:func:`procedure_facts`);
 ``site:<id>`` holds that site's chart series (CUSUM and time-to-event statistics), thinned
-to at most :data:`MAX_POINTS_PER_SITE` points per chart. ``kyphowatch site S012`` reads two
-parts, ``sites`` one, the report all. Parts are zlib-compressed JSON: portable across SQLite
+to at most :data:`MAX_POINTS_PER_SITE` points per chart; ``metrics:<id>`` holds a copy of
+that site's figures and signals as they are in ``core`` (:func:`load_site`), so that
+``kyphowatch site S012`` reads two small parts (``metrics:S012`` and ``facts``) instead of
+decoding every site's figures. ``sites`` reads ``core`` and ``facts``, the report ``core``,
+``facts`` and the ``site:`` parts. Parts are zlib-compressed JSON: portable across SQLite
 and PostgreSQL and readable without kyphowatch.
 """
 
@@ -39,6 +42,9 @@ if TYPE_CHECKING:
 
 CORE = "core"
 FACTS = "facts"
+# One site's figures and signals: part f"{SITE_METRICS}{site_id}" (runs stored before it
+# was added have none; their readers decode ``core``).
+SITE_METRICS = "metrics:"
 # Points kept per site and chart: every crossing, the last point, and an even spread.
 MAX_POINTS_PER_SITE = 600
 _SERIES_KEYS = ("group", "day", "statistic", "signal")
@@ -76,6 +82,9 @@ class MonitorResult:
     timings: dict[str, float] = field(default_factory=dict, repr=False)
     # The compute step's seconds by "metric:step" (:class:`engine._Computation` timings).
     compute_timings: dict[str, float] = field(default_factory=dict, repr=False)
+    # Read side only: the run's status rows as the monitor stored them (:func:`load_status`;
+    # None: derive them from ``site_metrics``).
+    status_rows: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def active_signals(self) -> list[dict[str, Any]]:
@@ -368,6 +377,25 @@ class CoreInBackground(SeriesInBackground):
             self._error = error
 
 
+def _site_metric_parts(result) -> list[tuple[str, bytes]]:
+    """Return each site's ``metrics:<id>`` part: its figures and signals as in ``core``.
+
+    Taken from the same ``to_dict()`` as the core part and packed the same way, so
+    :func:`load_site` decodes exactly the rows that :func:`load_run` finds in ``core``.
+    """
+    data = result.to_dict()
+    per_site: dict[str, dict[str, list]] = {}
+    for row in data["site_metrics"]:
+        per_site.setdefault(row["site_id"], {"site_metrics": [], "signals": []})[
+            "site_metrics"].append(row)
+    for row in data["signals"]:
+        if row["site_id"] in per_site:
+            per_site[row["site_id"]]["signals"].append(row)
+    sites = sorted(per_site)
+    return [(f"{SITE_METRICS}{site}", payload) for site, payload in
+            zip(sites, _pack_all([per_site[site] for site in sites]), strict=True)]
+
+
 def _site_parts(result) -> list[tuple[str, bytes]]:
     """Return each site's part name and packed chart series, in site order."""
     sites = sorted(_site_series(result).items())
@@ -408,7 +436,7 @@ def store_run(conn: sa.Connection, result,
             {"run_key": result.run_key, "part": FACTS,
              "payload": _pack(result.procedure_facts)}]
     rows += [{"run_key": result.run_key, "part": part, "payload": payload}
-             for part, payload in parts]
+             for part, payload in [*parts, *_site_metric_parts(result)]]
     conn.execute(monitor_run_part.insert(), rows)
 
 
@@ -447,7 +475,8 @@ def load_run(conn: sa.Connection, profile, as_of: date | None = None, *,
         monitor_run_part.c.run_key == run_key, monitor_run_part.c.part == CORE)).scalar_one())
     wanted = [FACTS] + [f"site:{s}" for s in sites or []]
     query = sa.select(monitor_run_part.c.part, monitor_run_part.c.payload).where(
-        monitor_run_part.c.run_key == run_key, monitor_run_part.c.part != CORE)
+        monitor_run_part.c.run_key == run_key, monitor_run_part.c.part != CORE,
+        ~_is_site_metrics(monitor_run_part.c.part))  # copies of what core holds
     if sites is not None:
         query = query.where(monitor_run_part.c.part.in_(wanted))
     parts = {part: _unpack(blob) for part, blob in conn.execute(query)}
@@ -470,6 +499,99 @@ def load_run(conn: sa.Connection, profile, as_of: date | None = None, *,
         persisted=True,
         seconds=core.get("seconds") or 0.0,
     )
+
+
+def _is_site_metrics(part: sa.ColumnElement) -> sa.ColumnElement:
+    """Return whether a part name is a ``metrics:<id>`` part.
+
+    A prefix match (LIKE), not a range of names: under a PostgreSQL collation such as
+    en_US, punctuation does not order as in ASCII. Every query using it also names the
+    run, so the primary key's index narrows it to that run's parts first.
+    """
+    return part.startswith(SITE_METRICS, autoescape=True)
+
+
+def load_site(conn: sa.Connection, profile, as_of: date, site: str):
+    """Return the stored run for ``as_of`` with only ``site``'s figures and signals.
+
+    What ``kyphowatch site`` needs of a run: that site's ``metrics:<id>`` part, the
+    ``facts`` part and the run's identity, not the ``core`` part with every site's
+    figures (decoding it was a third of the command). ``summary``, ``models``, ``charts``
+    and ``level_episodes`` are left empty. A site without figures in the run gets none
+    (an unknown site). Returns None when no run is stored for ``as_of``, or when the run
+    was stored before the per-site parts were (read it with :func:`load_run`).
+    """
+    row = find_run(conn, profile, as_of)
+    if row is None:
+        return None
+    run_key = row["run_key"]
+    wanted = (sa.select(monitor_run_part.c.part, monitor_run_part.c.payload)
+              .where(monitor_run_part.c.run_key == run_key,
+                     monitor_run_part.c.part.in_([FACTS, f"{SITE_METRICS}{site}"])))
+    parts = {part: _unpack(blob) for part, blob in conn.execute(wanted)}
+    own = parts.get(f"{SITE_METRICS}{site}")
+    if own is None and conn.execute(
+            sa.select(monitor_run_part.c.part)
+            .where(monitor_run_part.c.run_key == run_key,
+                   _is_site_metrics(monitor_run_part.c.part)).limit(1)).first() is None:
+        return None  # stored before the per-site parts
+    own = own or {"site_metrics": [], "signals": []}
+    for s in own["signals"]:
+        s["episode_start"] = date.fromisoformat(s["episode_start"])
+        s["signal_date"] = date.fromisoformat(s["signal_date"])
+    return MonitorResult(
+        run_key=run_key, as_of=_as_date(row["as_of"]), profile_name=row["profile_name"],
+        profile_version=row["profile_version"], data_fingerprint=row["data_fingerprint"],
+        signals=own["signals"], site_metrics=own["site_metrics"],
+        procedure_facts=parts.get(FACTS), persisted=True)
+
+
+# The columns of ``chart_status`` that hold levels.status_rows(..., detail=False).
+_STATUS_FIELDS = ("site_id", "metric", "status", "reason", "n", "events", "rate", "ci_low",
+                  "ci_high", "expected", "baseline", "cusum_chart", "cusum_value",
+                  "cusum_threshold", "funnel_position", "signals_recent", "signals_total",
+                  "level_since")
+
+
+def load_status(conn: sa.Connection, profile, as_of: date):
+    """Return the stored run for ``as_of`` with its status rows and without its figures.
+
+    What ``kyphowatch sites`` needs of a run: one status row per site and metric, which
+    the monitor stored with the run in ``chart_status`` (``levels.status_rows``), the
+    ``facts`` part and the run's identity; not the ``core`` part, whose decoding and the
+    rows derived from it were half of the command. ``status_rows`` holds the rows (as
+    ``status_rows(..., detail=False)`` returns them); ``site_metrics`` holds only each
+    metric's id and kind, from the profile version the run was computed with (the kind
+    of every figure comes from there); signals, summary, models and charts are empty.
+    Returns None when no run is stored for ``as_of``, or when ``chart_status`` holds
+    another run's rows (a later run, or none yet): read it with :func:`load_run`.
+    """
+    from pipelines.schema import chart_status
+
+    row = find_run(conn, profile, as_of)
+    if row is None:
+        return None
+    stored = conn.execute(
+        sa.select(chart_status.c.run_key, chart_status.c.profile_version,
+                  *(chart_status.c[f] for f in _STATUS_FIELDS))
+        .where(chart_status.c.profile_name == profile.name)).all()
+    if not stored or any(r.run_key != row["run_key"]
+                         or r.profile_version != row["profile_version"] for r in stored):
+        return None
+    facts = conn.execute(sa.select(monitor_run_part.c.payload).where(
+        monitor_run_part.c.run_key == row["run_key"],
+        monitor_run_part.c.part == FACTS)).scalar()
+    return MonitorResult(
+        run_key=row["run_key"], as_of=_as_date(row["as_of"]),
+        profile_name=row["profile_name"], profile_version=row["profile_version"],
+        data_fingerprint=row["data_fingerprint"],
+        site_metrics=[{"metric": m.id, "kind": m.kind} for m in profile.metrics],
+        procedure_facts=_unpack(facts) if facts is not None else None, persisted=True,
+        status_rows=[dict(zip(_STATUS_FIELDS, r[2:], strict=True)) for r in stored])
+
+
+def _as_date(value: Any) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 
 def _rebuild_charts(stored: dict[str, Any], series: dict[str, dict[str, Any]]) -> dict:
@@ -544,12 +666,17 @@ def _newest_procedure_date(conn: sa.Connection) -> date | None:
 
 
 def read_stored(conn: sa.Connection, profile, as_of: date | None = None, *,
-                sites: list[str] | None = None, charts: bool = True):
+                sites: list[str] | None = None, charts: bool = True,
+                site: str | None = None, status: bool = False):
     """Return ``(wanted, run)``: the date asked for (default: the newest procedure date,
     None for an empty warehouse) and the run stored for it, or None when none is stored.
 
     Raises InputRejected for an ``as_of`` after every outcome window of the newest
-    procedure has closed. ``sites`` and ``charts`` as in :func:`load_run`.
+    procedure has closed. ``sites`` and ``charts`` as in :func:`load_run`; ``site``: only
+    that site's figures and signals are needed (:func:`load_site`, when the run has its
+    per-site parts; else the whole run is read as :func:`load_run` reads it); ``status``:
+    only the status rows are needed (:func:`load_status`, when ``chart_status`` holds
+    this run's rows; else as :func:`load_run`).
     """
     newest = _newest_procedure_date(conn)
     # A later as_of lets outcome windows close (up to the longest one); beyond that no
@@ -564,7 +691,12 @@ def read_stored(conn: sa.Connection, profile, as_of: date | None = None, *,
             f"({newest.isoformat()}) plus the longest outcome window ({horizon} days); "
             "choose an earlier date")
     wanted = as_of or newest
-    result = load_run(conn, profile, wanted, sites=sites, charts=charts) if wanted else None
+    if not wanted:
+        return wanted, None
+    result = (load_site(conn, profile, wanted, site) if site is not None
+              else load_status(conn, profile, wanted) if status else None)
+    if result is None:
+        result = load_run(conn, profile, wanted, sites=sites, charts=charts)
     return wanted, result
 
 
