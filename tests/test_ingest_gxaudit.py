@@ -3,7 +3,6 @@ and an in-process fallback when it is gone (the audit is never skipped)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -348,42 +347,3 @@ def test_the_helper_freezes_what_gx_import_made_before_its_first_audit():
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
-
-
-def test_ingest_starts_the_helper_before_importing_the_loader(tmp_path):
-    """The helper is what a small file waits for: it must not wait for the loader's imports.
-
-    A fresh process (this one has imported the loader long ago) records, when the helper
-    starts, whether the loader and pandas are imported yet, then loads a file through it.
-    """
-    path = write(tmp_path / "in" / "procedures_20240110.csv",
-                 csv_text(PROC_HEADER, [proc_row("P1"), proc_row("P 2")]))
-    code = """if True:
-        import json, sys
-        from pathlib import Path
-        from pipelines.ingest import gxaudit, ingest_paths
-        from pipelines.settings import load_settings
-        real, seen = gxaudit.prestart, []
-
-        def recording(*args):
-            seen.append({name: name in sys.modules
-                         for name in ("pipelines.ingest.load", "pandas")})
-            real(*args)
-
-        gxaudit.prestart = recording
-        settings = load_settings({"KYPHOWATCH_DEMO": "1"}, db_url=DB_URL)
-        report = ingest_paths(settings, [Path(PATH)])
-        [result] = report.files
-        print(json.dumps({"seen": seen, "forks": gxaudit.forks(), "status": result.status,
-                          "inserted": result.inserted, "quarantined": result.quarantined,
-                          "helper_used": gxaudit._asked}))
-    """.replace("DB_URL", repr(f"sqlite:///{tmp_path / 'w.db'}")).replace("PATH", repr(str(path)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    answer = json.loads(out.stdout.strip().splitlines()[-1])
-    assert answer["forks"]  # a single-threaded process: the helper is forked
-    assert answer["seen"][0] == {"pipelines.ingest.load": False, "pandas": False}
-    # ...and the file still went through the helper's audit and loaded.
-    assert answer["helper_used"]
-    assert (answer["status"], answer["inserted"], answer["quarantined"]) == ("loaded", 1, 1)
