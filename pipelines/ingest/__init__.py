@@ -74,16 +74,15 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     files = expand_paths(paths)
     kinds = list(dict.fromkeys(kind for kind in map(kind_of, (p.name for p in files)) if kind))
     # The audit's GX import (the longest fixed cost of a small file) runs in a helper on
-    # another core while this process loads; a small file waits for the helper, not for
-    # the load, so it starts first thing, before the loader's imports. Forked after them
-    # (as it was), it inherited pandas and pyarrow but gained nothing: the loader's imports
-    # sat on its critical path, and its GX import then cost as much CPU as a helper forked
-    # first spends on pandas, pyarrow and GX together (0.9 s each, measured, issue 10).
-    if kinds:
+    # another core while this process loads. A new interpreter starts first thing; a forked
+    # helper right after the loader's imports, which it inherits (pandas: GX needs it too),
+    # so that it has only GX left to import.
+    forked = gxaudit.forks()
+    if kinds and not forked:
         gxaudit.prestart(str(settings.expectations_dir), *kinds)
 
     # Imports make module state, not garbage: the collector's passes over them are wasted
-    # (10-15 % of an import measured on this machine).
+    # (10-15 % of an import measured on this machine), and a forked helper waits for these.
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -93,6 +92,9 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     finally:
         if collecting:
             gc.enable()
+
+    if kinds and forked:
+        gxaudit.prestart(str(settings.expectations_dir), *kinds)
 
     key = check_key_strength(settings.require_pseudonym_key())
     engine = open_warehouse(settings.db_url)  # ExternalSystemError (exit 4) when unreachable

@@ -61,9 +61,9 @@ def _own_helper() -> subprocess.Popen | None:
 def forks() -> bool:
     """Whether :func:`prestart` would fork the helper (this process has a single thread).
 
-    Either way the helper should start first thing: inheriting the loader's modules (pandas,
-    which GX needs too) saved the helper no CPU and put the loader's imports on its
-    critical path (see ``ingest_paths``).
+    A forked helper inherits every module imported before it: a caller that imports the
+    loader anyway (pandas, which GX needs too) does so first, and the helper imports only
+    GX. A helper started as a new interpreter should start first instead.
     """
     return threading.active_count() == 1 and hasattr(os, "fork")
 
