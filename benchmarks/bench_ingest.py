@@ -239,8 +239,9 @@ def run_child(task: dict) -> dict:
         raise RuntimeError(f"benchmark child {task['op']} failed (exit {process.returncode})")
     result = json.loads(output.strip().splitlines()[-1])
     result["peak_mb"] = usage.ru_maxrss / 1024  # Linux reports KiB
-    # The child's own CPU (every thread; the server's share is in the PostgreSQL backend):
-    # on a shared machine the wall time alone cannot tell a gain from a quieter neighbour.
+    # The whole child's CPU (every thread, start-up included, and the GX audit helper it
+    # waited for at exit; the server's share is in the PostgreSQL backend): on 2 shared
+    # cores the wall time alone says more about the neighbours than about the code.
     result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     return result
 
@@ -440,9 +441,11 @@ def measure_nightly(files: dict[str, Path], base_rows: int | None) -> list[dict]
                       f" tables with statistics: {analysed or 'none'}", flush=True)
             for kind in ("procedures", "complications"):
                 result = run_child({"op": "ingest", "db_url": url, "path": str(nightly[kind])})
+                result["load_average"] = os.getloadavg()[0]
                 rows.append(dict(result, kind=kind, warehouse=warehouse))
                 print(f"  nightly {kind:13} into {warehouse:>5} warehouse: "
-                      f"{result['seconds']:5.2f} s", flush=True)
+                      f"{result['seconds']:5.2f} s (process CPU {result['cpu_seconds']:.2f} s, "
+                      f"load {result['load_average']:.2f})", flush=True)
     return rows
 
 
