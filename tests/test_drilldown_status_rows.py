@@ -17,16 +17,8 @@ from pipelines.db import make_engine
 from pipelines.surveillance import levels, runs
 from pipelines.surveillance.engine import run_monitor
 from pipelines.surveillance.profile import load_profile
+from tests.test_drilldown import _outputs
 from tests.test_engine import build_sites
-
-
-def _outputs(commands: list[list[str]], capsys) -> list[tuple[int, str, str]]:
-    out = []
-    for command in commands:
-        code = cli_main(command)
-        captured = capsys.readouterr()
-        out.append((code, captured.out, captured.err))
-    return out
 
 
 def _key(row):
