@@ -206,3 +206,48 @@ def test_the_least_privilege_loader_keeps_the_indexes(pg_admin_url, tmp_path, se
             for role in (roles.analyst_role, roles.loader_role, roles.owner_role):
                 conn.exec_driver_sql("DROP ROLE IF EXISTS " + quote(role))
         admin.dispose()
+
+
+@pytest.mark.postgres
+def test_two_bulk_first_loads_at_once_both_load(pg_url, tmp_path, settings_for, rebuilt,
+                                                monkeypatch):
+    """Two first loads racing for the empty tables: one loads directly, the other waits.
+
+    Both pass the emptiness check before either locks (the barrier). A check that kept a
+    read lock in the file's transaction made them deadlock asking for the exclusive lock,
+    and one file failed (exit 4).
+    """
+    import threading
+
+    schema.migrate(sa.create_engine(pg_url))
+    settings = settings_for(pg_url)
+    barrier = threading.Barrier(2, timeout=60)
+    real_owns = load._owns
+
+    def owns_after_both_checked(conn, table):
+        if table.name == "procedure":  # the second of the two tables asked about
+            barrier.wait()
+        return real_owns(conn, table)
+
+    monkeypatch.setattr(load, "_owns", owns_after_both_checked)
+    files = []
+    for batch in ("a", "b"):
+        records = [proc_row(f"{batch.upper()}{n}", patient=f"PT-{batch}{n}") for n in range(30)]
+        files.append(write(tmp_path / batch / f"procedures_2024013{len(files)}.csv",
+                           csv_text(PROC_HEADER, records)))
+    codes: dict[str, int] = {}
+
+    def run(path):
+        codes[path.parent.name] = ingest_paths(settings, [path]).exit_code
+
+    threads = [threading.Thread(target=run, args=(path,)) for path in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert codes == {"a": 0, "b": 0}
+    engine = sa.create_engine(pg_url)
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(schema.procedure)) == 60
+    engine.dispose()
+    assert len([call for call in rebuilt if call]) == 1  # only the first set its indexes aside

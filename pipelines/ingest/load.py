@@ -699,14 +699,25 @@ def _direct_load(conn: sa.Connection, kind: str, checksum: str,
     A ``bulk`` file (:data:`BULK_LOAD_BYTES`) loaded by the tables' owner sets their
     indexes aside for the COPY (:class:`_SetAsideIndex`). That lock is ``ACCESS
     EXCLUSIVE`` until the file commits: readers of the two (empty) tables wait too, which
-    only a first load into an empty warehouse may impose.
+    only a first load into an empty warehouse may impose. Its first emptiness check runs
+    on a connection of its own: a read in this transaction would keep a read lock on the
+    tables, and two bulk first loads each holding one would deadlock asking for the
+    exclusive lock. So a concurrent load waits here too; if it finds the tables filled
+    once it has the lock, it loads through the stage and keeps that lock to its commit
+    (readers wait for that one load).
     """
     if conn.dialect.name != "postgresql" or kind != PROCEDURES:
         return None
     tables = (schema.procedure_version, schema.procedure)
-    if not all(_is_empty(conn, table) for table in tables):
-        return None
-    rebuild = bulk and all(_owns(conn, table) for table in tables)
+    if bulk:
+        with conn.engine.connect() as probe:  # no lock kept in this transaction: see above
+            if not all(_is_empty(probe, table) for table in tables):
+                return None
+            rebuild = all(_owns(probe, table) for table in tables)
+    else:
+        if not all(_is_empty(conn, table) for table in tables):
+            return None
+        rebuild = False
     quote = conn.dialect.identifier_preparer.quote
     conn.exec_driver_sql(  # schema table names, quoted; a fixed lock mode; no values
         "LOCK TABLE " + ", ".join(quote(table.name) for table in tables)
