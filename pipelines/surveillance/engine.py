@@ -1562,7 +1562,8 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
             _replace_current_picture(conn, result, profile)
             store_run(conn, result, facts.result if facts is not None else None,
                       series.result if series is not None else None,
-                      core.result if core is not None else None)
+                      core.core if core is not None else None,
+                      core.site_metrics if core is not None else None)
         finally:
             if core is not None:  # never left packing past a failed attempt
                 core.wait()
