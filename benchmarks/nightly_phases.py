@@ -108,7 +108,8 @@ def main() -> int:
     report = ingest_paths(settings, args.paths)
     _stamp("ingest_paths returned")
     print(f"{time.monotonic() - started:.2f} s wall, {time.process_time() - cpu:.2f} s CPU in "
-          f"this process; " + ", ".join(f"{Path(f.path).name}: {f.status}" for f in report.files))
+          f"this process; " + ", ".join(  # the shown name: a raw one may hold a patient reference
+              f"{Path(f.to_dict()['path']).name}: {f.status}" for f in report.files))
     os.close(_log_fd)
     lines = [line.split(" ", 3) for line in Path(log.name).read_text().splitlines()]
     os.unlink(log.name)
