@@ -5,8 +5,9 @@ pipeline makes after each load). ``sites`` and ``site`` read the stored run (com
 storing it first only when none is stored for the date) and print the report's overview
 grid and site page as text, JSON or CSV; the numbers come from :mod:`pipelines.evidence`,
 like the report's. ``sites`` reads the run's stored status rows and ``site`` its own site's
-figures, not every site's (:func:`pipelines.surveillance.runs.read_stored`). Neither prints a patient or operator reference: the
-engine never reads operator digests and turns patient digests into counters at once.
+figures, not every site's (:func:`pipelines.surveillance.runs.read_stored`). Neither prints
+a patient or operator reference: the engine never reads operator digests and turns patient
+digests into counters at once.
 """
 
 from __future__ import annotations
