@@ -154,6 +154,26 @@ def test_a_backdated_run_does_not_deactivate_later_episodes(sqlite_url, settings
     assert run_monitor(settings).new_signal_keys == []  # and today's view is unchanged
 
 
+def test_a_backdated_run_leaves_the_signal_table_as_the_newest_run_left_it(db_url,
+                                                                          settings_for):
+    """A past date computed after a newer run (a backfill, or a reader asking for a pruned or
+    never-monitored date) stores its run but changes no signal row: the rows hold the newest
+    run's figures and states, which the alerts read (review, 2026-12-07: 19 signals pointed
+    at the past run until the next monitor)."""
+    engine = make_engine(db_url)
+    build_sites(engine, sites=4, per_site=400, days=540, leak={"S004": 0.35}, seed=8)
+    settings = settings_for(db_url)
+    latest = run_monitor(settings)
+    assert latest.signals, "the scenario needs signals"
+    before = sorted(signal_rows(db_url), key=lambda r: r["signal_key"])
+    past = run_monitor(settings, latest.as_of - timedelta(days=120))
+    assert past.signals and past.new_signal_keys == []
+    assert sorted(signal_rows(db_url), key=lambda r: r["signal_key"]) == before
+    with engine.connect() as conn:  # the past run itself is stored
+        assert conn.scalar(sa.select(monitor_run.c.as_of)
+                           .where(monitor_run.c.run_key == past.run_key)) == past.as_of
+
+
 def test_a_sentinel_death_signals_at_once(db_url, settings_for):
     engine = make_engine(db_url)
     day = date(2024, 5, 1)

@@ -101,3 +101,26 @@ def test_the_command_prints_counts_and_refuses_bad_input(four_runs, tmp_path, ca
     missing = f"sqlite:///{tmp_path / 'nowhere' / 'warehouse.db'}"
     assert cli_main(["runs", "prune", "--db", missing, "--keep-days", "90"]) == 3
     assert not (tmp_path / "nowhere").exists()  # never creates a warehouse
+
+
+def test_a_run_the_current_picture_names_keeps_its_parts(four_runs):
+    """Belt and braces: a run a current-picture table still names is never pruned, even when
+    it is not the newest (the operator and device tables are stored in a transaction of
+    their own, so they can name an older run than the site tables)."""
+    engine, _, dates = four_runs
+    with engine.begin() as conn:
+        oldest = conn.scalar(sa.select(monitor_run.c.run_key)
+                             .where(monitor_run.c.as_of == dates[0]))
+        site = conn.scalar(sa.select(chart_status.c.site_id).limit(1))
+        conn.execute(chart_status.update().where(chart_status.c.site_id == site)
+                     .values(run_key=oldest))
+        counts = retention.prune_runs(conn, 90)
+    assert counts.runs_pruned == 1 and _stored_dates(engine) == [dates[0], *dates[2:]]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_window_longer_than_the_calendar_keeps_everything(four_runs):
+    engine, _, dates = four_runs
+    with engine.begin() as conn:
+        counts = retention.prune_runs(conn, 10**9)
+    assert counts.runs_pruned == 0 and _stored_dates(engine) == dates

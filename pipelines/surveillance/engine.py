@@ -1510,6 +1510,17 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
         # new keys meanwhile makes this attempt fail on a duplicate key and retry.
         lock_monitor_store(conn)
         existing = {key: first_seen for key, first_seen, _ in stored}
+        # A run for a date before the current picture's (a backfill, or a reader asking for
+        # a past date with no stored run) stores itself and leaves the signal table alone,
+        # as it leaves the current picture: the rows hold the newest run's figures and
+        # states, which alerts read, and a past view must not replace them.
+        picture_as_of = conn.execute(
+            sa.select(sa.func.max(chart_status.c.as_of))
+            .where(chart_status.c.profile_name == result.profile_name)).scalar()
+        backdated = picture_as_of is not None and _as_date(picture_as_of) > result.as_of
+        if backdated:
+            log.info("monitor: a run as of %s, before the current picture's %s: stored, the "
+                     "signal table left unchanged", result.as_of, _as_date(picture_as_of))
         # A run for a past as_of (a rerun or backfill) cannot see episodes that signalled
         # later, so it must not deactivate them; only what it could have derived is judged.
         judged = {key for key, _, signal_date in stored if signal_date <= result.as_of}
@@ -1541,10 +1552,12 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
             row["last_seen_run"] = result.run_key
             if key in existing:
                 row["first_seen_run"] = existing[key]
-                updates.append({f: row[f] for f in (*_UPDATABLE, "signal_key")})
+                if not backdated:
+                    updates.append({f: row[f] for f in (*_UPDATABLE, "signal_key")})
             else:
                 row["first_seen_run"] = result.run_key
-                inserts.append({f: row[f] for f in SIGNAL_FIELDS})
+                if not backdated:
+                    inserts.append({f: row[f] for f in SIGNAL_FIELDS})
         result.new_signal_keys = sorted(row["signal_key"] for row in inserts)
         # The run's core part holds the signals as set just above and nothing written
         # below: packed in a thread while this transaction waits for the server (as the
@@ -1552,7 +1565,7 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
         core = CoreInBackground(result) if series is not None else None
         try:
             _upsert_signals(conn, inserts, updates)
-            gone = [key for key in judged if key not in present]
+            gone = [] if backdated else [key for key in judged if key not in present]
             for start in range(0, len(gone), 500):
                 conn.execute(
                     signal.update()

@@ -17,7 +17,9 @@ the same data prunes the same runs). It never touches:
 * the ``monitor_run`` row of any run (its key, date, data fingerprint, summary and models:
   a few kilobytes), so a signal's first and last run, an alert's run and an audit can still
   be looked up. Only the parts go; with no ``core`` part the run counts as not stored, and
-  asking for its date again computes and stores it anew.
+  asking for its date again computes and stores it anew, from the data as it is then; that
+  past run leaves the signal table and the current picture as the newest run left them
+  (``engine._persist_once``).
 
 PostgreSQL keeps the freed space for the table's own reuse after (auto)vacuum; SQLite keeps
 it in the file's free pages. Neither file shrinks without ``VACUUM FULL`` / ``VACUUM``.
@@ -96,7 +98,9 @@ def prune_runs(conn: sa.Connection, keep_days: int, *, dry_run: bool = False) ->
         .order_by(monitor_run.c.run_key)).all()
     if not stored:
         return RunCounts(0, 0, 0, None, None)
-    cutoff = max(as_of for _, as_of in stored) - timedelta(days=keep_days)
+    newest = max(as_of for _, as_of in stored)
+    # a window reaching before the calendar's start keeps everything (no overflow)
+    cutoff = newest - timedelta(days=min(keep_days, (newest - date.min).days))
     protected = _protected(conn)
     pruned = [key for key, as_of in stored if as_of < cutoff and key not in protected]
     pruned_bytes = 0

@@ -485,8 +485,11 @@ def load_run(conn: sa.Connection, profile, as_of: date | None = None, *,
     if row is None:
         return None
     run_key = row["run_key"]
-    core = _unpack(conn.execute(sa.select(monitor_run_part.c.payload).where(
-        monitor_run_part.c.run_key == run_key, monitor_run_part.c.part == CORE)).scalar_one())
+    blob = conn.execute(sa.select(monitor_run_part.c.payload).where(
+        monitor_run_part.c.run_key == run_key, monitor_run_part.c.part == CORE)).scalar()
+    if blob is None:  # pruned since find_run saw it (retention.py): not stored any more
+        return None
+    core = _unpack(blob)
     wanted = [FACTS] + [f"site:{s}" for s in sites or []]
     query = sa.select(monitor_run_part.c.part, monitor_run_part.c.payload).where(
         monitor_run_part.c.run_key == run_key, monitor_run_part.c.part != CORE,
