@@ -1444,7 +1444,8 @@ def _persist(engine: sa.Engine, result: MonitorResult, profile: Profile,
     """Record the run and upsert its signals by key; deactivate keys no longer derived.
 
     Also replaces the profile's current picture (``chart_status``, ``site_month_metric``)
-    when this run is at least as new as the stored one.
+    when this run is at least as new as the stored one. A run for an earlier date stores
+    the run only: the signals and the picture stay as the newest run left them.
 
     Two monitors racing on the same new key is resolved by retrying: the loser sees the
     row on its second attempt and updates it instead.
