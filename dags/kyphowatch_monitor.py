@@ -10,6 +10,10 @@ not a date the data describes, and would make reruns depend on the wall clock.
 After the signals are stored, the HTML evidence report for the same ``as_of`` is published
 to ``<report dir>/<as_of>/`` and ``<report dir>/latest`` is repointed to it when it is the
 newest; the ``kyphowatch_report`` plugin serves it in the Airflow UI, and alerts link to it.
+
+Last, the stored parts of monitor runs dated more than ``KYPHOWATCH_RUN_KEEP_DAYS`` (default
+90; 0 keeps everything) before the newest stored run are pruned (``kyphowatch runs prune``;
+each run's record stays). A run for a past ``as_of`` (a backfill) prunes nothing.
 """
 
 from __future__ import annotations
@@ -64,7 +68,25 @@ def kyphowatch_monitor():
             raise AirflowSkipException("no procedures in the warehouse yet: nothing to report")
         return str(publish_report(build_settings(), date.fromisoformat(summary["as_of"])))
 
-    write_report(run_monitor())
+    @task
+    def prune_runs(summary: dict, params: dict | None = None) -> dict | None:
+        """Delete the stored parts of runs older than the retention window; return the counts."""
+        from dataclasses import asdict
+
+        from kyphowatch_config import build_settings
+
+        from pipelines.surveillance.retention import prune_by_settings
+
+        if params and params.get("as_of"):  # the window is measured from the newest run
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            raise AirflowSkipException("a run for a past as_of prunes nothing")
+        counts = prune_by_settings(build_settings())
+        return None if counts is None else {**asdict(counts), "cutoff": str(counts.cutoff),
+                                            "oldest_kept": str(counts.oldest_kept)}
+
+    summary = run_monitor()
+    write_report(summary) >> prune_runs(summary)
 
 
 kyphowatch_monitor()

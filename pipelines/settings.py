@@ -146,6 +146,7 @@ class Settings:
     sql_dir: Path = field(default_factory=lambda: _bundled("sql"))
     report_dir: Path = Path("var/reports")
     report_keep: int = 90
+    run_keep_days: int = 90
     recipients_safety: tuple[str, ...] = ()
     recipients_data: tuple[str, ...] = ()
     recipients_device: tuple[str, ...] = ()
@@ -283,6 +284,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Set
         "chunk_rows": int(_float(env, "KYPHOWATCH_CHUNK_ROWS", 100_000, 1, 10_000_000)),
         "report_dir": Path(env.get("KYPHOWATCH_REPORT_DIR") or "var/reports"),
         "report_keep": int(_float(env, "KYPHOWATCH_REPORT_KEEP", 90, 1, 100_000)),
+        "run_keep_days": int(_float(env, "KYPHOWATCH_RUN_KEEP_DAYS", 90, 0, 100_000)),
         "recipients_safety": _split(env.get("KYPHOWATCH_ALERT_RECIPIENTS_SAFETY")),
         "recipients_data": _split(env.get("KYPHOWATCH_ALERT_RECIPIENTS_DATA")),
         "recipients_device": _split(env.get("KYPHOWATCH_ALERT_RECIPIENTS_DEVICE")),

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from pipelines.db import make_engine
 from pipelines.mailsink import MailSink
-from pipelines.schema import alert, alert_outbox, monitor_run, signal
+from pipelines.schema import alert, alert_outbox, monitor_run, monitor_run_part, signal
 from pipelines.simulate import simulate
 from tests.airflow_helpers import migrated_airflow_env
 
@@ -192,6 +192,7 @@ def test_the_three_dags_run_end_to_end_with_dag_test(airflow_env, tmp_path, drif
         # one cycle evaluates the network once: the report and the alerts read the stored run
         assert evaluations == 1
         assert runs[0]["tasks"]["announce_procedures"] == "success"
+        assert runs[1]["tasks"]["prune_runs"] == "success"  # retention: the newest run stays
         assert list(landing.iterdir()) == []
         assert (rejected / "complications_bad.csv.reason.txt").exists()
         assert len(list(archive.glob("*/*.csv"))) == len(drifting_extracts)
@@ -229,8 +230,13 @@ def test_the_three_dags_run_end_to_end_with_dag_test(airflow_env, tmp_path, drif
                                     .order_by(signal.c.signal_key)).all()
             return runs, keys
 
-        _run_dags(env, "kyphowatch_monitor", conf={"as_of": "2023-06-30"})
+        backfill = _run_dags(env, "kyphowatch_monitor", conf={"as_of": "2023-06-30"})
         first = snapshot()
+        # a past date prunes nothing: it would delete the run it just stored
+        assert backfill[0]["tasks"]["prune_runs"] == "skipped"
+        with engine.connect() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(monitor_run_part)
+                               .where(monitor_run_part.c.run_key.in_(first[0])))
         _run_dags(env, "kyphowatch_monitor", conf={"as_of": "2023-06-30"})
         assert snapshot() == first and len(first[0]) == 1
         # the backfill published its own dated report and left `latest` alone

@@ -8,6 +8,7 @@ changes nothing; a pruned date asked for again is computed and stored anew.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 from pipelines.cli import main as cli_main
 from pipelines.db import make_engine
 from pipelines.schema import chart_status, monitor_run, monitor_run_part
+from pipelines.settings import ConfigurationError, load_settings
 from pipelines.surveillance import retention, runs
 from pipelines.surveillance.engine import run_monitor
 from pipelines.surveillance.profile import load_profile
@@ -124,3 +126,24 @@ def test_a_window_longer_than_the_calendar_keeps_everything(four_runs):
     with engine.begin() as conn:
         counts = retention.prune_runs(conn, 10**9)
     assert counts.runs_pruned == 0 and _stored_dates(engine) == dates
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_scheduled_prune_keeps_the_configured_days_and_zero_keeps_everything(four_runs):
+    """What the monitor DAG's ``prune_runs`` task calls: the window comes from settings."""
+    engine, settings, dates = four_runs
+    assert retention.prune_by_settings(replace(settings, run_keep_days=0)) is None
+    assert _stored_dates(engine) == dates  # 0: pruning is off
+    counts = retention.prune_by_settings(replace(settings, run_keep_days=30))  # not 90
+    assert counts.runs_pruned == 3 and _stored_dates(engine) == dates[3:]
+
+
+@pytest.mark.parametrize(("raw", "days"), [(None, 90), ("0", 0), ("30", 30), ("-1", None),
+                                           ("ninety", None)])
+def test_the_retention_window_is_read_from_the_environment(raw, days):
+    env = {} if raw is None else {"KYPHOWATCH_RUN_KEEP_DAYS": raw}
+    if days is None:
+        with pytest.raises(ConfigurationError, match="KYPHOWATCH_RUN_KEEP_DAYS"):
+            load_settings(env)
+    else:
+        assert load_settings(env).run_keep_days == days

@@ -21,6 +21,12 @@ the same data prunes the same runs). It never touches:
   past run leaves the signal table and the current picture as the newest run left them
   (``engine._persist_once``).
 
+The ``kyphowatch_monitor`` DAG prunes after each run for the newest data
+(:func:`prune_by_settings`, task ``prune_runs``), keeping ``KYPHOWATCH_RUN_KEEP_DAYS``
+(default 90, as many days as ``KYPHOWATCH_REPORT_KEEP`` keeps dated reports; 0 never
+prunes). A backfill for a past date prunes nothing: it would measure the window from the
+newest run and could delete the very run it just stored.
+
 PostgreSQL keeps the freed space for the table's own reuse after (auto)vacuum; SQLite keeps
 it in the file's free pages. Neither file shrinks without ``VACUUM FULL`` / ``VACUUM``.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 
@@ -44,6 +51,9 @@ from pipelines.schema import (
     operator_chart,
     site_month_metric,
 )
+from pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # The tables of the current picture: each row names the run it came from.
 _CURRENT_PICTURE = (chart_status, site_month_metric, level_episode, operator_chart,
@@ -114,6 +124,25 @@ def prune_runs(conn: sa.Connection, keep_days: int, *, dry_run: bool = False) ->
     gone = set(pruned)
     oldest_kept = min(as_of for key, as_of in stored if key not in gone)
     return RunCounts(len(stored), len(pruned), int(pruned_bytes), oldest_kept, cutoff)
+
+
+def prune_by_settings(settings: Settings) -> RunCounts | None:
+    """Prune runs older than ``settings.run_keep_days``, in one transaction; None when off."""
+    if settings.run_keep_days < 1:
+        log.info("stored monitor runs are kept forever (KYPHOWATCH_RUN_KEEP_DAYS=0)")
+        return None
+    from pipelines.db import open_warehouse
+
+    engine = open_warehouse(settings.db_url)
+    try:
+        with engine.begin() as conn:
+            counts = prune_runs(conn, settings.run_keep_days)
+    finally:
+        engine.dispose()
+    log.info("pruned %d of %d stored monitor runs dated before %s (%.1f MB of parts); "
+             "keeping %d days", counts.runs_pruned, counts.runs_with_parts, counts.cutoff,
+             counts.bytes_pruned / 1e6, settings.run_keep_days)
+    return counts
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
