@@ -199,3 +199,20 @@ def test_straight_points_keeps_turns_reversals_and_ends():
     assert kept([(0, 0), (2, 1), (4, 2), (6, 4)]) == [(0, 0), (4, 2), (6, 4)]
     assert kept([(3, 3), (3, 3), (3, 3)]) == [(3, 3), (3, 3)]
     assert kept([(1, 2), (1, 2)]) == [(1, 2), (1, 2)]
+
+
+def test_cloud_draws_each_rounded_dot_once_and_every_one_of_them():
+    """A cloud is one path stroked as one shape: a dot at a place already inked adds
+    nothing, so each rounded place is written once (the old code wrote every point:
+    this fails on it), and no place is missing."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(1, 40, size=2_000).astype(float)  # counts: many sites on one place
+    y = rng.integers(0, 6, size=2_000).astype(float)
+    chart = Chart(title="t", x_label="x", y_label="y", x_scale="log", y_min=0.0)
+    chart.cloud(x, y)
+    (path,) = re.findall(r'<path d="(M[^"]*h0)"', chart.render())
+    dots = re.findall(r"M(-?\d+),(-?\d+)h0", path)
+    assert "".join(f"M{a},{b}h0" for a, b in dots) == path
+    places = {(f"{px:.0f}", f"{py:.0f}")
+              for px, py in (chart.project(a, b) for a, b in zip(x, y, strict=True))}
+    assert len(dots) == len(set(dots)) and set(dots) == places
