@@ -444,7 +444,8 @@ def _pair_format(points: int) -> str:
 
 
 # Paths of at least this many numbers (the CUSUM paths: up to 400 points) are written
-# through a table of texts (:func:`_tenths_pairs`); below it formatting is cheaper.
+# through a table of texts, without the points a reader cannot see (:func:`_long_path`);
+# below it formatting is cheaper.
 _LONG_PATH = 200
 # The largest coordinate the table holds: charts are at most a few hundred units wide/high.
 _TABLE_TOP = 4000.0
@@ -485,7 +486,8 @@ def _pairs_text(xs: np.ndarray, ys: np.ndarray) -> str:
 
 def _tenths_pairs(flat: list[float]) -> str:
     """Return ``("%.1f,%.1f " * n % tuple(flat)).rstrip()``: the same text, looked up
-    (a coordinate's text is the table's entry for its value in :func:`_tenths`)."""
+    (a coordinate's text is the table's entry for its value in :func:`_tenths`); every
+    point, as :func:`_long_path` writes those it keeps (the tests hold the two to it)."""
     tenths = _tenths(np.asarray(flat, dtype=float))
     if tenths is None:
         return (_pair_format(len(flat) // 2) % tuple(flat)).rstrip()
