@@ -203,7 +203,8 @@ def test_straight_points_keeps_turns_reversals_and_ends():
 
 def test_cloud_draws_each_rounded_dot_once_and_every_one_of_them():
     """A cloud is one path stroked as one shape: a dot at a place already inked adds
-    nothing, so each rounded place is written once (the old code wrote every point:
+    nothing, and the order of the dots changes nothing, so each rounded place is written
+    once, as a move from the one before (the old code wrote every point where it lay:
     this fails on it), and no place is missing."""
     rng = np.random.default_rng(5)
     x = rng.integers(1, 40, size=2_000).astype(float)  # counts: many sites on one place
@@ -211,8 +212,14 @@ def test_cloud_draws_each_rounded_dot_once_and_every_one_of_them():
     chart = Chart(title="t", x_label="x", y_label="y", x_scale="log", y_min=0.0)
     chart.cloud(x, y)
     (path,) = re.findall(r'<path d="(M[^"]*h0)"', chart.render())
-    dots = re.findall(r"M(-?\d+),(-?\d+)h0", path)
-    assert "".join(f"M{a},{b}h0" for a, b in dots) == path
-    places = {(f"{px:.0f}", f"{py:.0f}")
+    moves = re.findall(r"([Mm])(-?\d+),(-?\d+)h0", path)
+    assert "".join(f"{m}{a},{b}h0" for m, a, b in moves) == path
+    assert [m for m, _, _ in moves] == ["M"] + ["m"] * (len(moves) - 1)
+    dots, here = [], (0, 0)
+    for _, a, b in moves:  # each move is from the dot before ("h0" ends where it began)
+        here = (here[0] + int(a), here[1] + int(b))
+        dots.append(here)
+    places = {(int(f"{px:.0f}"), int(f"{py:.0f}"))
               for px, py in (chart.project(a, b) for a, b in zip(x, y, strict=True))}
     assert len(dots) == len(set(dots)) and set(dots) == places
+    assert len(path) < sum(len(f"M{a},{b}h0") for a, b in dots)

@@ -328,12 +328,7 @@ class Chart:
         if s.kind == "cloud":
             if not len(x):
                 return []
-            # each dot once: the path is stroked as one shape, so a dot drawn again on
-            # the same (rounded) place adds no ink (in a thousand-site funnel, a tenth to
-            # a half of the dots: rare events pile up at few counts)
-            dots = "".join(dict.fromkeys(
-                f"M{px:.0f},{py:.0f}h0"
-                for px, py in zip(sx(x).tolist(), sy(y).tolist(), strict=True)))
+            dots = _dots(sx(x).tolist(), sy(y).tolist())
             return [f'<path d="{dots}" stroke="{s.tone}" stroke-width="4" '
                     'stroke-linecap="round" fill="none"/>']
         if s.kind == "errorbar":
@@ -423,6 +418,23 @@ def _legend_entry(i: int, columns: int, left: int, top: int, plot_w: int, plot_h
 
 
 _NONE = np.array([])
+
+
+def _dots(xs: list[float], ys: list[float]) -> str:
+    """Return the path data of round dots at ``xs, ys`` (rounded to whole units, as
+    ``%.0f`` rounds), each place once, from left to right, as moves relative to the dot
+    before (``m1,-35h0``, a fifth shorter than ``M561,203h0``).
+
+    The path is stroked as one shape, so neither a dot drawn again on the same place (in
+    a thousand-site funnel a tenth to a half of the dots: rare events pile up at few
+    counts) nor the order of the dots changes the ink; whole units add up exactly.
+    """
+    places = sorted({(int(f"{px:.0f}"), int(f"{py:.0f}"))
+                     for px, py in zip(xs, ys, strict=True)})
+    parts = [f"M{places[0][0]},{places[0][1]}h0"]
+    for (x0, y0), (x1, y1) in zip(places, places[1:], strict=False):
+        parts.append(f"m{x1 - x0},{y1 - y0}h0")
+    return "".join(parts)
 
 
 def _interleave(xs: np.ndarray, ys: np.ndarray) -> list[float]:
