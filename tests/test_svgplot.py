@@ -113,3 +113,113 @@ def test_forest_plot_rows_reference_line_and_clipped_intervals():
     assert len([r for r in root.iter(f"{ns}rect")]) == 2  # one square per estimate
     dashed = [ln for ln in root.iter(f"{ns}line") if ln.get("stroke-dasharray")]
     assert len(dashed) == 1  # the reference line at 1
+
+
+def _walk(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Return every lattice point a polyline (integer coordinates) passes through, in the
+    order it passes them, each once where it stays put: the drawn line, independent of
+    how the path is split into points."""
+    import math
+
+    walked = [points[0]]
+    for (ax, ay), (bx, by) in zip(points, points[1:], strict=False):
+        steps = math.gcd(bx - ax, by - ay)
+        for k in range(1, steps + 1):
+            walked.append((ax + (bx - ax) // steps * k, ay + (by - ay) // steps * k))
+    return walked
+
+
+def _tenths_of(points_text: str) -> list[tuple[int, int]]:
+    return [tuple(round(float(v) * 10) for v in pair.split(","))
+            for pair in points_text.split()]
+
+
+def _polylines(svg: str) -> list[str]:
+    return re.findall(r'<polyline points="([^"]*)"', svg)
+
+
+def test_long_paths_drop_only_points_the_line_runs_straight_through():
+    """A long path is written without repeated points and without points lying straight
+    on the way between their neighbours (svgplot.straight_points): the line visits the
+    same points in the same order as the path of every point, rounded as written, and
+    every point it keeps is one of those (the old code kept all of them: this fails)."""
+    from pipelines.report.svgplot import _LONG_PATH, _pair_format, straight_points
+
+    rng = np.random.default_rng(11)
+    cases = []
+    for _ in range(300):
+        n = int(rng.integers(_LONG_PATH // 2, 3 * _LONG_PATH))
+        kind = rng.integers(4)
+        if kind == 0:  # a CUSUM: resting at zero, climbing, resetting
+            y = np.maximum.accumulate(rng.normal(size=n)) * (rng.random(n) < 0.7)
+        elif kind == 1:  # lattice walks: repeats, straight runs, turns and reversals
+            y = np.cumsum(rng.integers(-1, 2, size=n)).astype(float)
+        elif kind == 2:  # flat runs
+            y = np.repeat(rng.integers(0, 3, size=n // 10 + 1), 10)[:n].astype(float)
+        else:
+            y = rng.random(n)
+        x = (np.cumsum(rng.integers(0, 3, size=n)) if kind == 1 else np.arange(n)).astype(float)
+        cases.append((x, y, kind == 1))
+    dropped = 0
+    for x, y, step in cases:
+        chart = Chart(title="t", x_label="x", y_label="y", y_min=float(y.min()))
+        chart.line(x, y, step=step)
+        svg = chart.render()
+        (drawn,) = _polylines(svg)
+        # the same chart's points as drawn before, every one formatted
+        shown = [chart.project(a, b) for a, b in zip(*_stepped(x, y, step), strict=True)]
+        full = (_pair_format(len(shown)) % tuple(v for point in shown for v in point)).rstrip()
+        old, new = _tenths_of(full), _tenths_of(drawn)
+        assert _walk(new) == _walk(old) or (len(set(old)) == 1 and new == [old[0], old[-1]])
+        assert new[0] == old[0] and new[-1] == old[-1]
+        it = iter(old)
+        assert all(point in it for point in new)  # a subsequence of the old points
+        arr = np.asarray(new)
+        # nothing left to drop, unless a coordinate lay on a half (then formatted, as is)
+        assert len(straight_points(arr[:, 0], arr[:, 1])) == len(new) or new == old
+        dropped += len(old) - len(new)
+    assert dropped > 0
+
+
+def _stepped(x, y, step):
+    return (np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1]) if step else (x, y)
+
+
+def test_straight_points_keeps_turns_reversals_and_ends():
+    from pipelines.report.svgplot import straight_points
+
+    def kept(points):
+        arr = np.asarray(points)
+        return [points[i] for i in straight_points(arr[:, 0], arr[:, 1])]
+
+    assert kept([(0, 0), (1, 0), (2, 0), (3, 0)]) == [(0, 0), (3, 0)]
+    assert kept([(0, 0), (0, 0), (1, 1), (2, 2), (2, 2), (2, 3)]) == [(0, 0), (2, 2), (2, 3)]
+    # going back along the same line is not on the way: the turning point stays
+    assert kept([(0, 0), (5, 0), (2, 0), (9, 0)]) == [(0, 0), (5, 0), (2, 0), (9, 0)]
+    assert kept([(0, 0), (2, 1), (4, 2), (6, 4)]) == [(0, 0), (4, 2), (6, 4)]
+    assert kept([(3, 3), (3, 3), (3, 3)]) == [(3, 3), (3, 3)]
+    assert kept([(1, 2), (1, 2)]) == [(1, 2), (1, 2)]
+
+
+def test_cloud_draws_each_rounded_dot_once_and_every_one_of_them():
+    """A cloud is one path stroked as one shape: a dot at a place already inked adds
+    nothing, and the order of the dots changes nothing, so each rounded place is written
+    once, as a move from the one before (the old code wrote every point where it lay:
+    this fails on it), and no place is missing."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(1, 40, size=2_000).astype(float)  # counts: many sites on one place
+    y = rng.integers(0, 6, size=2_000).astype(float)
+    chart = Chart(title="t", x_label="x", y_label="y", x_scale="log", y_min=0.0)
+    chart.cloud(x, y)
+    (path,) = re.findall(r'<path d="(M[^"]*h0)"', chart.render())
+    moves = re.findall(r"([Mm])(-?\d+),(-?\d+)h0", path)
+    assert "".join(f"{m}{a},{b}h0" for m, a, b in moves) == path
+    assert [m for m, _, _ in moves] == ["M"] + ["m"] * (len(moves) - 1)
+    dots, here = [], (0, 0)
+    for _, a, b in moves:  # each move is from the dot before ("h0" ends where it began)
+        here = (here[0] + int(a), here[1] + int(b))
+        dots.append(here)
+    places = {(int(f"{px:.0f}"), int(f"{py:.0f}"))
+              for px, py in (chart.project(a, b) for a, b in zip(x, y, strict=True))}
+    assert len(dots) == len(set(dots)) and set(dots) == places
+    assert len(path) < sum(len(f"M{a},{b}h0") for a, b in dots)

@@ -294,12 +294,14 @@ class Chart:
     @staticmethod
     def _polyline(flat: list[float], s: _Series) -> str:
         """Return a polyline through ``flat`` = [x0, y0, x1, y1, ...]."""
-        dash = DASHES.get(s.style, "")
-        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         # one formatting call for the whole path: charts of a thousand-site report are
         # mostly these numbers
-        text = (_tenths_pairs(flat) if len(flat) >= _LONG_PATH
-                else (_pair_format(len(flat) // 2) % tuple(flat)).rstrip())
+        return Chart._polyline_text((_pair_format(len(flat) // 2) % tuple(flat)).rstrip(), s)
+
+    @staticmethod
+    def _polyline_text(text: str, s: _Series) -> str:
+        dash = DASHES.get(s.style, "")
+        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         return (f'<polyline points="{text}" fill="none" stroke="{s.tone}" '
                 f'stroke-width="{s.width}"{dash_attr}/>')
 
@@ -320,12 +322,13 @@ class Chart:
                 x, y = np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1]
             if not len(x):
                 return []
+            if 2 * len(x) >= _LONG_PATH:
+                return [self._polyline_text(_long_path(sx(x), sy(y)), s)]
             return [self._polyline(_interleave(sx(x), sy(y)), s)]
         if s.kind == "cloud":
             if not len(x):
                 return []
-            flat = _interleave(sx(x), sy(y))
-            dots = "M%.0f,%.0fh0" * len(x) % tuple(flat)
+            dots = _dots(sx(x).tolist(), sy(y).tolist())
             return [f'<path d="{dots}" stroke="{s.tone}" stroke-width="4" '
                     'stroke-linecap="round" fill="none"/>']
         if s.kind == "errorbar":
@@ -417,6 +420,23 @@ def _legend_entry(i: int, columns: int, left: int, top: int, plot_w: int, plot_h
 _NONE = np.array([])
 
 
+def _dots(xs: list[float], ys: list[float]) -> str:
+    """Return the path data of round dots at ``xs, ys`` (rounded to whole units, as
+    ``%.0f`` rounds), each place once, from left to right, as moves relative to the dot
+    before (``m1,-35h0``, a fifth shorter than ``M561,203h0``).
+
+    The path is stroked as one shape, so neither a dot drawn again on the same place (in
+    a thousand-site funnel a tenth to a half of the dots: rare events pile up at few
+    counts) nor the order of the dots changes the ink; whole units add up exactly.
+    """
+    places = sorted({(int(f"{px:.0f}"), int(f"{py:.0f}"))
+                     for px, py in zip(xs, ys, strict=True)})
+    parts = [f"M{places[0][0]},{places[0][1]}h0"]
+    for (x0, y0), (x1, y1) in zip(places, places[1:], strict=False):
+        parts.append(f"m{x1 - x0},{y1 - y0}h0")
+    return "".join(parts)
+
+
 def _interleave(xs: np.ndarray, ys: np.ndarray) -> list[float]:
     """Return ``[x0, y0, x1, y1, ...]`` (np.column_stack's order, without its overhead)."""
     flat = np.empty(2 * len(xs))
@@ -436,41 +456,99 @@ def _pair_format(points: int) -> str:
 
 
 # Paths of at least this many numbers (the CUSUM paths: up to 400 points) are written
-# through a table of texts (:func:`_tenths_pairs`); below it formatting is cheaper.
+# through a table of texts, without the points a reader cannot see (:func:`_long_path`);
+# below it formatting is cheaper.
 _LONG_PATH = 200
 # The largest coordinate the table holds: charts are at most a few hundred units wide/high.
 _TABLE_TOP = 4000.0
 
 
-@lru_cache(maxsize=1)
-def _tenths_table() -> np.ndarray:
-    """Return ``"%.1f" % (i / 10)`` for i up to 10 * :data:`_TABLE_TOP`."""
-    return np.array(["%.1f" % (i / 10) for i in range(int(_TABLE_TOP * 10) + 1)],
+@lru_cache(maxsize=2)
+def _tenths_table(end: str = "") -> np.ndarray:
+    """Return ``"%.1f" % (i / 10) + end`` for i up to 10 * :data:`_TABLE_TOP`."""
+    return np.array([f"{i / 10:.1f}{end}" for i in range(int(_TABLE_TOP * 10) + 1)],
                     dtype=object)
 
 
-def _tenths_pairs(flat: list[float]) -> str:
-    """Return ``("%.1f,%.1f " * n % tuple(flat)).rstrip()``: the same text, looked up.
+def _tenths(values: np.ndarray) -> np.ndarray | None:
+    """Return ``values`` in tenths as ``%.1f`` rounds them (integers), or None.
 
-    A coordinate's text is the table's entry for its value rounded to tenths, the
-    rounding done here as ``%.1f`` does it (to the nearest, from the exact binary value):
-    ``v * 10`` is off by far less than 1e-6 below 4,000, so it rounds the same way unless
-    it lies within 1e-6 of a half, and such paths (and any with a coordinate below 0.05,
-    where ``-0.0`` could appear, or above the table) are formatted after all.
+    The rounding is done as ``%.1f`` does it (to the nearest, from the exact binary
+    value): ``v * 10`` is off by far less than 1e-6 below 4,000, so it rounds the same way
+    unless it lies within 1e-6 of a half; such values (and any below 0.05, where ``-0.0``
+    could appear, or above the table) give None, and the caller formats them after all.
     """
-    values = np.asarray(flat, dtype=float)
     scaled = values * 10.0
     whole = np.floor(scaled)
     fraction = scaled - whole
     if not ((values >= 0.05) & (values < _TABLE_TOP)
             & (np.abs(fraction - 0.5) > 1e-6)).all():
-        return (_pair_format(len(flat) // 2) % tuple(flat)).rstrip()
-    texts = _tenths_table()[(whole + (fraction > 0.5)).astype(np.intp)]
-    parts = np.empty(2 * len(texts), dtype=object)
-    parts[0::2] = texts
-    parts[1::4] = ","
-    parts[3::4] = " "
+        return None
+    return (whole + (fraction > 0.5)).astype(np.intp)
+
+
+def _pairs_text(xs: np.ndarray, ys: np.ndarray) -> str:
+    """Return the ``x,y x,y ...`` text of coordinates in tenths (:func:`_tenths`)."""
+    # x texts with their comma, y texts with their space: half the pieces to join
+    parts = np.empty(2 * len(xs), dtype=object)
+    parts[0::2] = _tenths_table(",")[xs]
+    parts[1::2] = _tenths_table(" ")[ys]
     return "".join(parts.tolist()).rstrip()
+
+
+def _tenths_pairs(flat: list[float]) -> str:
+    """Return ``("%.1f,%.1f " * n % tuple(flat)).rstrip()``: the same text, looked up
+    (a coordinate's text is the table's entry for its value in :func:`_tenths`); every
+    point, as :func:`_long_path` writes those it keeps (the tests hold the two to it)."""
+    tenths = _tenths(np.asarray(flat, dtype=float))
+    if tenths is None:
+        return (_pair_format(len(flat) // 2) % tuple(flat)).rstrip()
+    return _pairs_text(tenths[0::2], tenths[1::2])
+
+
+def straight_points(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Return the indices of the points of a polyline (integer coordinates) that a
+    reader can see: without repeats of the point before, and without points lying
+    straight on, and between, the points before and after them.
+
+    Dropping those draws the same line: every step between two kept points is one
+    straight segment the old path ran along in the same direction, end to end (so also
+    the same length, and the same dash pattern). Drops at once are as good as one by one:
+    a run of dropped points has every step in one direction, so its ends join straight.
+    A path of one repeated point keeps its first and last (zero length, as before).
+    """
+    n = len(xs)
+    if n < 3:
+        return np.arange(n)
+    dx, dy = np.diff(xs), np.diff(ys)
+    still = (dx == 0) & (dy == 0)
+    keep = None
+    if still.any():  # each point unless it repeats the one before
+        keep = np.flatnonzero(np.concatenate(([True], ~still)))
+        if len(keep) == 1:
+            return np.array([0, n - 1])
+        dx, dy = np.diff(xs[keep]), np.diff(ys[keep])
+    # a point is on the way: the steps into and out of it are parallel (cross product 0)
+    # and point the same way (dot product > 0); exact in integers
+    through = ((dx[:-1] * dy[1:] == dy[:-1] * dx[1:])
+               & (dx[:-1] * dx[1:] + dy[:-1] * dy[1:] > 0))
+    shown = np.concatenate(([True], ~through, [True]))
+    return np.flatnonzero(shown) if keep is None else keep[shown]
+
+
+def _long_path(xs: np.ndarray, ys: np.ndarray) -> str:
+    """Return the ``points`` text of a long path (screen coordinates ``xs``, ``ys``) as
+    written, in tenths, without the points :func:`straight_points` drops (the CUSUMs'
+    runs at zero, the funnel limits' clipped ends, straight stretches): the same line in
+    fewer bytes. The chart's data is complete in its CSV."""
+    flat = np.empty(2 * len(xs))
+    flat[0::2], flat[1::2] = xs, ys
+    tenths = _tenths(flat)
+    if tenths is None:  # a value only formatting rounds right: as before, every point
+        return (_pair_format(len(xs)) % tuple(flat.tolist())).rstrip()
+    tx, ty = tenths[0::2], tenths[1::2]
+    kept = straight_points(tx, ty)
+    return _pairs_text(tx[kept], ty[kept])
 
 
 def _shorten(text: str, chars: int) -> str:
