@@ -41,6 +41,7 @@ small demo ones, which read in well under a second anyway.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -186,23 +187,21 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
     read_done = time.perf_counter()
     aside = _ASIDE.get()
     if read.path != "unchanged":
-        try:
+        if aside is None:
             # Serialised here, in line: the tables are handed to the snapshot below, and
             # only the (compressed) blobs may outlive this call.
-            row = _cache_row(key, read)
-        except Exception as exc:  # noqa: BLE001 - e.g. memory: the next run reads all
-            log.warning("snapshot cache: not stored (%s)", _why(exc))
+            _store_logged(engine, key, dataclasses.replace(read))
         else:
-            if aside is None:
-                _write_logged(engine, row)
-            else:
-                # The server's write (about 1.5 s for a million rows) overlaps the
-                # snapshot and what follows; store_cache_aside() joins it.
-                writer = threading.Thread(target=_write_logged, args=(engine, row),
-                                          name="snapshot-cache-store")
-                writer.start()
-                aside.append(writer)
-            del row
+            # Serialised and written by a thread: Arrow compresses without the GIL, so
+            # the blobs (0.2-0.4 s of lz4 for a million rows) are made beside the
+            # snapshot's build, and the server's write (about 1.5 s) overlaps it and what
+            # follows; store_cache_aside() joins it. The thread holds the tables until
+            # their blobs are made (the snapshot's build frees its copies meanwhile).
+            writer = threading.Thread(
+                target=_store_logged, args=(engine, key, dataclasses.replace(read)),
+                name="snapshot-cache-store")
+            writer.start()
+            aside.append(writer)
     stored = time.perf_counter()
     held = (read.procedures.num_rows, read.complications.num_rows)
     # Handed over, not shared: each cached table is freed once its columns are taken.
@@ -644,6 +643,22 @@ def _why(exc: BaseException) -> str:
     """
     first_line = (str(exc).strip().splitlines() or [""])[0][:200]
     return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+
+
+def _store_logged(engine: sa.Engine, key: str, read: _Read) -> None:
+    """Serialise the run's part (:func:`_cache_row`) and :func:`_write_logged` it.
+
+    ``read`` is this call's own: its tables are let go as soon as the blobs are made. A
+    failure is logged, never raised (e.g. memory: the next run reads all rows).
+    """
+    try:
+        row = _cache_row(key, read)
+    except Exception as exc:  # noqa: BLE001 - a cache must never stop the monitor
+        log.warning("snapshot cache: not stored (%s)", _why(exc))
+        return
+    finally:
+        read.procedures = read.complications = read.delta = read.id_hashes = None
+    _write_logged(engine, row)
 
 
 def _write_logged(engine: sa.Engine, row: dict) -> None:
