@@ -437,19 +437,21 @@ class _Tid(sa.types.UserDefinedType):
 def _page_ranges(conn: sa.Connection, streams: int) -> list[sa.ColumnElement]:
     """Return conditions that split ``procedure`` into ``streams`` ranges of its pages.
 
-    Each is a TID range scan (PostgreSQL 14+); together they hold every row exactly once:
-    the last range is open, so pages added since the size was taken (rows this snapshot
-    does not see anyway) still fall in one. A table of a few pages is one range.
+    Each is a TID range scan; together they hold every row exactly once: the last range is
+    open, so pages added since the size was taken (rows this snapshot does not see anyway)
+    still fall in one. A table of a few pages is one range, and so is every table before
+    PostgreSQL 14 (no TID range scan: each range would scan the whole table).
     """
     from sqlalchemy.dialects.postgresql import REGCLASS
 
-    # the table's own system column; no value is in the text
-    ctid = sa.literal_column(f"{procedure.name}.ctid")
+    if streams < 2 or (conn.dialect.server_version_info or (0,)) < (14,):
+        return [sa.true()]
+    ctid = sa.literal_column("ctid")  # the system column (one table in the statement)
     pages = conn.execute(sa.select(
         sa.func.pg_relation_size(sa.cast(sa.literal(procedure.name), REGCLASS))
         / sa.func.current_setting(sa.literal("block_size")).cast(sa.BigInteger))).scalar_one()
     pages = int(pages or 0)
-    if streams < 2 or pages < streams * MIN_STREAM_PAGES:
+    if pages < streams * MIN_STREAM_PAGES:
         return [sa.true()]
     limits = [sa.cast(sa.bindparam(f"page_{i}", f"({pages * i // streams},0)"), _Tid())
               for i in range(1, streams)]
