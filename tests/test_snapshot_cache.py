@@ -480,3 +480,59 @@ def test_the_cache_write_has_the_server_try_lz4_for_that_transaction_only(pg_url
             sa.func.pg_column_compression(schema.snapshot_cache.c.procedures))).one()
     assert bytes(stored[0]) == blob and bytes(stored[1]) == blob[::-1]
     assert default != "lz4" and stored[2] == "lz4"
+
+
+def _raw_full_read(engine):
+    """Return the cache's full read (every row's columns and their id hashes), read afresh."""
+    needs_patient, event_types = snapshot_needs(PROFILE)
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        state = snapshot_cache._warehouse_state(conn)
+        read = snapshot_cache._full(conn, state, needs_patient, event_types, EXTRA_COLUMNS, "")
+        conn.rollback()
+    return read
+
+
+def test_a_full_read_in_page_ranges_on_parallel_connections_equals_one_read(night,
+                                                                             monkeypatch):
+    """The procedures read as page ranges, each range and the complications on a connection
+    of its own: the same tables, in the same row order, and the same id hashes as one read;
+    and every connection reads the first one's snapshot, even after a change committed
+    before it connected (every complication deleted, every patient a year older)."""
+    import threading
+
+    _, engine, run, files, _ = night
+    run(files["history"])
+    monkeypatch.setattr(snapshot_cache, "PROCEDURE_STREAMS", 1)
+    whole = _raw_full_read(engine)
+    with engine.connect() as conn:
+        assert len(snapshot_cache._page_ranges(conn, 3)) == 1  # a small table: read whole
+        monkeypatch.setattr(snapshot_cache, "MIN_STREAM_PAGES", 1)
+        assert len(snapshot_cache._page_ranges(conn, 3)) == 3
+    monkeypatch.setattr(snapshot_cache, "PROCEDURE_STREAMS", 3)
+    in_snapshot = snapshot_cache._in_snapshot
+    threads = []
+    lock = threading.Lock()
+
+    def changed_meanwhile(*args):
+        with lock:
+            threads.append(threading.current_thread().name)
+            if len(threads) == 1:  # committed before any other connection begins
+                with engine.begin() as other:
+                    other.execute(schema.complication.delete())
+                    other.execute(schema.procedure.update().values(
+                        age_years=schema.procedure.c.age_years + 1))
+        return in_snapshot(*args)
+
+    monkeypatch.setattr(snapshot_cache, "_in_snapshot", changed_meanwhile)
+    ranged = _raw_full_read(engine)
+    assert len(set(threads)) == 3  # a thread for each read but the first
+    for name in ("procedures", "complications"):
+        assert getattr(ranged, name).equals(getattr(whole, name)), name
+        assert getattr(ranged, name).num_rows > 1000
+    for mine, theirs in zip(ranged.id_hashes, whole.id_hashes, strict=True):
+        assert (mine == theirs).all()
+    assert all(column.num_chunks == 1 for column in ranged.procedures.columns)
+    with engine.connect() as conn:  # the changes were committed
+        assert not conn.execute(sa.select(sa.func.count()).select_from(schema.complication)
+                                ).scalar_one()

@@ -41,13 +41,17 @@ small demo ones, which read in well under a second anyway.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -101,6 +105,11 @@ MAX_DELTA_PARTS_SHARE = 0.1
 # A part 0 goes to the server in pieces of this size (binary COPY): libpq copies whatever
 # it is handed into its output buffer, which a whole blob would grow to the blob's size.
 COPY_CHUNK_BYTES = 1 << 20
+# A full read takes the procedures as this many ranges of pages, each on a connection of
+# its own (with the complications on one more): the server's side of the read runs on as
+# many backends. Tables under MIN_STREAM_PAGES a range are read whole.
+PROCEDURE_STREAMS = 2
+MIN_STREAM_PAGES = 1000
 
 # Threads storing the cache inside store_cache_aside() (None outside: stored in line).
 _ASIDE: contextvars.ContextVar[list[threading.Thread] | None] = contextvars.ContextVar(
@@ -178,23 +187,21 @@ def load_cached_snapshot(conn: sa.Connection, profile: Profile, as_of: date, *,
     read_done = time.perf_counter()
     aside = _ASIDE.get()
     if read.path != "unchanged":
-        try:
+        if aside is None:
             # Serialised here, in line: the tables are handed to the snapshot below, and
             # only the (compressed) blobs may outlive this call.
-            row = _cache_row(key, read)
-        except Exception as exc:  # noqa: BLE001 - e.g. memory: the next run reads all
-            log.warning("snapshot cache: not stored (%s)", _why(exc))
+            _store_logged(engine, key, dataclasses.replace(read))
         else:
-            if aside is None:
-                _write_logged(engine, row)
-            else:
-                # The server's write (about 1.5 s for a million rows) overlaps the
-                # snapshot and what follows; store_cache_aside() joins it.
-                writer = threading.Thread(target=_write_logged, args=(engine, row),
-                                          name="snapshot-cache-store")
-                writer.start()
-                aside.append(writer)
-            del row
+            # Serialised and written by a thread: Arrow compresses without the GIL, so
+            # the blobs (0.2-0.4 s of lz4 for a million rows) are made beside the
+            # snapshot's build, and the server's write (about 1.5 s) overlaps it and what
+            # follows; store_cache_aside() joins it. The thread holds the tables until
+            # their blobs are made (the snapshot's build frees its copies meanwhile).
+            writer = threading.Thread(
+                target=_store_logged, args=(engine, key, dataclasses.replace(read)),
+                name="snapshot-cache-store")
+            writer.start()
+            aside.append(writer)
     stored = time.perf_counter()
     held = (read.procedures.num_rows, read.complications.num_rows)
     # Handed over, not shared: each cached table is freed once its columns are taken.
@@ -387,20 +394,135 @@ def _row_counts(conn: sa.Connection, event_types: list[str]) -> tuple[int, int]:
 
 def _full(conn: sa.Connection, state: dict, needs_patient: bool, event_types: list[str],
           extras: tuple[str, ...], reason: str) -> _Read:
-    """Read every row's columns (no as_of: the cache must hold rows of any date)."""
+    """Read every row's columns (no as_of: the cache must hold rows of any date).
+
+    The procedures are read as :data:`PROCEDURE_STREAMS` ranges of the table's pages and
+    the complications beside them, each range on a connection of its own in this
+    transaction's snapshot (:func:`_in_parallel`): the server's formatting of a million
+    rows (about 1.3 s of one backend) was the read's bottleneck, the client waiting on it.
+    The ranges are joined in page order, which is the order of a scan of the whole table.
+    """
     columns, kinds = _procedure_select(needs_patient, extras)
     # The ids' hashes (the snapshot's tie order and complication match) are taken while
     # the server sends the rows (copy_table_hashed), not after the read.
-    procs, proc_hashes = copy_table_hashed(conn, sa.select(*columns), kinds, "procedure_id")
+    ranges = _page_ranges(conn, PROCEDURE_STREAMS)
+    reads = [functools.partial(copy_table_hashed, statement=sa.select(*columns).where(where),
+                               kinds=kinds, hash_column="procedure_id")
+             for where in ranges]
     if event_types:
-        comps, comp_hashes = copy_table_hashed(
-            conn, sa.select(*_complication_select())
+        reads.append(functools.partial(
+            copy_table_hashed, statement=sa.select(*_complication_select())
             .where(complication.c.event_type.in_(event_types)),
-            _COMPLICATION_KINDS, "procedure_id")
+            kinds=_COMPLICATION_KINDS, hash_column="procedure_id"))
+    results = _in_parallel(conn, reads)
+    procs, proc_hashes = _joined(results[:len(ranges)], kinds)
+    if event_types:
+        comps, comp_hashes = results[-1]
     else:
         comps, comp_hashes = _empty(_COMPLICATION_KINDS), np.empty(0, dtype=np.uint64)
+    del results
     state.update(procedures=procs.num_rows, complications=comps.num_rows, part=0)
     return _Read(procs, comps, state, "full", reason, id_hashes=(proc_hashes, comp_hashes))
+
+
+class _Tid(sa.types.UserDefinedType):
+    """PostgreSQL's ``tid`` (a row's page and slot), for the page ranges' bound limits."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw) -> str:
+        return "tid"
+
+
+def _page_ranges(conn: sa.Connection, streams: int) -> list[sa.ColumnElement]:
+    """Return conditions that split ``procedure`` into ``streams`` ranges of its pages.
+
+    Each is a TID range scan; together they hold every row exactly once: the last range is
+    open, so pages added since the size was taken (rows this snapshot does not see anyway)
+    still fall in one. A table of a few pages is one range, and so is every table before
+    PostgreSQL 14 (no TID range scan: each range would scan the whole table).
+    """
+    from sqlalchemy.dialects.postgresql import REGCLASS
+
+    if streams < 2 or (conn.dialect.server_version_info or (0,)) < (14,):
+        return [sa.true()]
+    ctid = sa.literal_column("ctid")  # the system column (one table in the statement)
+    pages = conn.execute(sa.select(
+        sa.func.pg_relation_size(sa.cast(sa.literal(procedure.name), REGCLASS))
+        / sa.func.current_setting(sa.literal("block_size")).cast(sa.BigInteger))).scalar_one()
+    pages = int(pages or 0)
+    if pages < streams * MIN_STREAM_PAGES:
+        return [sa.true()]
+    limits = [sa.cast(sa.bindparam(f"page_{i}", f"({pages * i // streams},0)"), _Tid())
+              for i in range(1, streams)]
+    ranges = [ctid < limits[0]]
+    ranges += [sa.and_(ctid >= low, ctid < high) for low, high in itertools.pairwise(limits)]
+    ranges.append(ctid >= limits[-1])
+    return ranges
+
+
+def _in_parallel(conn: sa.Connection, reads: list) -> list:
+    """Return ``[read(connection) for read in reads]``, the reads run at the same time.
+
+    The first runs here on ``conn``; each other one in a thread on a connection of its own
+    whose transaction imports ``conn``'s snapshot (``pg_export_snapshot``: the same rows,
+    as if read in ``conn``'s REPEATABLE READ transaction). A failure is raised once every
+    read has ended.
+    """
+    if len(reads) == 1:
+        return [reads[0](conn)]
+    snapshot_id = conn.execute(sa.select(sa.func.pg_export_snapshot())).scalar_one()
+    with ThreadPoolExecutor(max_workers=len(reads) - 1,
+                            thread_name_prefix="snapshot-read") as pool:
+        others = [pool.submit(_in_snapshot, conn.engine, snapshot_id, read)
+                  for read in reads[1:]]
+        try:
+            first = reads[0](conn)
+        finally:
+            wait(others)
+        return [first] + [future.result() for future in others]
+
+
+def _in_snapshot(engine: sa.Engine, snapshot_id: str, read):
+    """Return ``read(connection)`` on a new connection in the exported snapshot."""
+    from psycopg import sql
+
+    with _own_connection(engine) as other:
+        other = other.execution_options(isolation_level="REPEATABLE READ")
+        # SET takes no bound parameter: the id is quoted as a literal by psycopg. The
+        # transaction (BEGIN ... REPEATABLE READ) starts with it, as it must.
+        other.connection.driver_connection.execute(
+            sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+        try:
+            return read(other)
+        finally:
+            other.connection.driver_connection.rollback()
+
+
+def _joined(parts: list[tuple], kinds: dict[str, str]):
+    """Return the ranges' tables as one, in order, one chunk per column; and their hashes.
+
+    As :func:`outcomes.copy_table_hashed` leaves a table (its int columns in numpy's
+    memory), a column at a time so that the copies never hold more than one column twice.
+    """
+    import pyarrow as pa
+
+    if len(parts) == 1:
+        return parts[0]
+    hashes = np.concatenate([h for _, h in parts])
+    table = pa.concat_tables([t for t, _ in parts]).unify_dictionaries()
+    parts.clear()
+    arrays = []
+    for name in kinds:
+        column = table.column(name)
+        arrays.append(pa.array(column.to_numpy())
+                      if kinds[name] == "int" and not column.null_count
+                      else column.combine_chunks())
+        del column
+        table = table.drop_columns([name])
+        pa.default_memory_pool().release_unused()
+    del table
+    return pa.Table.from_arrays(arrays, names=list(kinds)), hashes
 
 
 def _read_delta(conn: sa.Connection, checksums: list[str], needs_patient: bool,
@@ -523,6 +645,22 @@ def _why(exc: BaseException) -> str:
     """
     first_line = (str(exc).strip().splitlines() or [""])[0][:200]
     return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+
+
+def _store_logged(engine: sa.Engine, key: str, read: _Read) -> None:
+    """Serialise the run's part (:func:`_cache_row`) and :func:`_write_logged` it.
+
+    ``read`` is this call's own: its tables are let go as soon as the blobs are made. A
+    failure is logged, never raised (e.g. memory: the next run reads all rows).
+    """
+    try:
+        row = _cache_row(key, read)
+    except Exception as exc:  # noqa: BLE001 - a cache must never stop the monitor
+        log.warning("snapshot cache: not stored (%s)", _why(exc))
+        return
+    finally:
+        read.procedures = read.complications = read.delta = read.id_hashes = None
+    _write_logged(engine, row)
 
 
 def _write_logged(engine: sa.Engine, row: dict) -> None:
