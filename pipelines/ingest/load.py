@@ -853,18 +853,19 @@ def _stage_chunks(
     seen: set[str] = set()  # direct load: keys already sent to the tables
     for chunk in iter_chunks(extract, chunk_rows):
         check_time(extract)
-        rows_read += len(chunk.records) + len(chunk.bad_shape)
+        rows_read += len(chunk.record_numbers) + len(chunk.bad_shape)
         misshapen = [
             (number, _misshapen(row, extract, key, preview_fields), ["row:wrong_field_count"])
             for number, row in chunk.bad_shape
         ]
         if misshapen:
             writer.submit(lambda rows=misshapen: quarantine.add(rows))
-        if not chunk.records:
+        if not chunk.record_numbers:
             continue
-        checked = validate_chunk(
-            chunk.records, chunk.record_numbers, extract.columns, extract.kind,
-            expectations_dir, max_date, audit=audit,
+        checked = validate_chunk(  # Arrow-split chunks hand over ``flat``, never the rows
+            None if chunk.flat is not None else chunk.records, chunk.record_numbers,
+            extract.columns, extract.kind, expectations_dir, max_date, audit=audit,
+            flat=chunk.flat,
         )
         if checked.invalid:
             raw = checked.raw.loc[list(checked.invalid)]
