@@ -1,4 +1,4 @@
-"""The reader's Arrow route gives exactly the rows, reasons and warehouse of the row route (issue 10).
+"""The reader's Arrow route gives the rows, reasons and warehouse of the row route (issue 10).
 
 Runs of quote-free lines that all have the header's width are split by Arrow and handed to
 validation as one flat Arrow array (``Chunk.flat``); anything else (a blank or misshapen

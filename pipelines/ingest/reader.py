@@ -594,15 +594,15 @@ def _row_batches(blocks: Iterator[list[str]]
     (``split`` true), for the caller to split at commas (:func:`_split_rows` or
     :func:`_split_arrow`): without quotes every line is one record, its fields the text
     between commas, line end removed; a blank line gives ``['']`` where csv gives ``[]``
-    (both are blank to the caller). Other batches are csv's rows. A line with a quote starts a csv segment: a fresh reader over the
-    rest of the block and, while a quoted record spans lines, the following blocks, one
-    batch per record. The segment ends after a record when the reader's next line has no
-    quote (the rest of the block is split again) or when it has taken every line handed to
-    it. Between records a reader holds no state (the one reader over the whole file stood
-    there too), so each record is parsed as before. A block is read only after the caller
-    took every batch of the previous one, as before, so the ``span`` accounting of
-    :func:`_line_blocks` sees the same order. With ``FAST_SPLIT`` off every block is one
-    csv segment.
+    (both are blank to the caller). Other batches are csv's rows. A line with a quote
+    starts a csv segment: a fresh reader over the rest of the block and, while a quoted
+    record spans lines, the following blocks, one batch per record. The segment ends after
+    a record when the reader's next line has no quote (the rest of the block is split
+    again) or when it has taken every line handed to it. Between records a reader holds no
+    state (the one reader over the whole file stood there too), so each record is parsed
+    as before. A block is read only after the caller took every batch of the previous one,
+    as before, so the ``span`` accounting of :func:`_line_blocks` sees the same order. With
+    ``FAST_SPLIT`` off every block is one csv segment.
     """
     for lines in blocks:
         count = len(lines)
