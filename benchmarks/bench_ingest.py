@@ -374,11 +374,47 @@ def sqlite_floor(db_url: str, path: Path) -> dict:
     return {"seconds": time.perf_counter() - started, "rows": rows}
 
 
+def table_digests(db_url: str) -> dict[str, str]:
+    """md5 of every warehouse table's rows (``--digest``): compare two codes' loads.
+
+    Each row is rendered as PostgreSQL's row text, rows sorted, joined by newlines and
+    hashed in the server. Clock columns (``timestamp``) are left out: they differ between
+    any two runs; everything else (keys, hashes, quarantine reasons and previews, ledger
+    counts) must be the same byte for byte. Empty tables give the md5 of nothing.
+    """
+    import sqlalchemy as sa
+    from sqlalchemy.dialects.postgresql import aggregate_order_by
+
+    engine = sa.create_engine(db_url)
+    digests = {}
+    with engine.connect() as conn:
+        metadata = sa.MetaData()
+        metadata.reflect(conn)
+        for name in sorted(metadata.tables):
+            table = metadata.tables[name]
+            columns = [column for column in table.columns
+                       if not isinstance(column.type, sa.DateTime)]
+            row = sa.cast(sa.func.row(*columns), sa.Text)
+            count, digest = conn.execute(sa.select(
+                sa.func.count(),
+                sa.func.md5(sa.func.coalesce(
+                    sa.func.string_agg(row, aggregate_order_by(sa.literal("\n"), row)),
+                    "")),
+            ).select_from(table)).one()
+            digests[name] = f"{count} rows {digest}"
+    engine.dispose()
+    return digests
+
+
 # --- the run ------------------------------------------------------------------------
 
 
-def measure(files: dict[str, Path], sizes, backends) -> list[dict]:
-    """Run every floor and load; return one row per (backend, kind, size)."""
+def measure(files: dict[str, Path], sizes, backends, digest: bool = False) -> list[dict]:
+    """Run every floor and load; return one row per (backend, kind, size).
+
+    With ``digest``, every PostgreSQL warehouse's table digests are printed after its loads
+    (:func:`table_digests`).
+    """
     from pipelines.db import make_engine
 
     rows = []
@@ -414,6 +450,9 @@ def measure(files: dict[str, Path], sizes, backends) -> list[dict]:
                           f"{result['peak_mb']:7.0f} MB, client CPU "
                           f"{result['cpu_seconds']:.1f} s, server CPU "
                           f"{result['server_cpu_seconds'] or float('nan'):.1f} s", flush=True)
+                if digest and backend == "postgresql":
+                    for name, value in table_digests(url).items():
+                        print(f"  digest {label:>4} {name:28} {value}", flush=True)
     return rows
 
 
@@ -521,6 +560,8 @@ def main() -> int:
     parser.add_argument("--no-nightly", action="store_true", help="skip the nightly case")
     parser.add_argument("--nightly-base", type=int, default=None,
                         help="build the nightly warehouse from the first N procedures")
+    parser.add_argument("--digest", action="store_true",
+                        help="print the md5 of every PostgreSQL warehouse table after its loads")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child_main(json.loads(args.child))))
@@ -539,7 +580,7 @@ def main() -> int:
     print(f"procedures file: {count_rows(files['procedures']):,} rows; complications file: "
           f"{count_rows(files['complications']):,} rows; chunk rows: "
           f"{load_settings().chunk_rows:,} (KYPHOWATCH_CHUNK_ROWS)", flush=True)
-    rows = [] if args.nightly_only else measure(files, sizes, backends)
+    rows = [] if args.nightly_only else measure(files, sizes, backends, args.digest)
     nightly = []
     if "postgresql" in backends and not args.no_nightly:
         nightly = measure_nightly(files, args.nightly_base)

@@ -59,13 +59,13 @@ def test_a_direct_load_ends_in_the_rows_of_the_staged_merge(pg_url, pg_admin_url
     procedures, complications = _files(tmp_path)
     settings = settings_for(pg_url, {"KYPHOWATCH_CHUNK_ROWS": "7"})
     direct_chunks = []
-    real_write = load._DirectLoad.write
+    real_payload = load._DirectLoad.payload  # every direct write renders its rows here
 
-    def counted(self, conn, frame):
+    def counted(self, frame):
         direct_chunks.append(len(frame))
-        real_write(self, conn, frame)
+        return real_payload(self, frame)
 
-    monkeypatch.setattr(load._DirectLoad, "write", counted)
+    monkeypatch.setattr(load._DirectLoad, "payload", counted)
     direct_results = _load_both(settings, procedures, complications)
     direct_state = snapshot(pg_url)
     assert len(direct_chunks) == 5, "the procedures went straight to the tables, chunk by chunk"

@@ -667,13 +667,21 @@ class _DirectLoad:
 
     def write(self, conn: sa.Connection, frame: pd.DataFrame) -> None:
         """COPY valid, first-occurrence rows (their stage columns) into both tables."""
+        self.copy(conn, self.payload(frame))
+
+    def payload(self, frame: pd.DataFrame) -> _CopyPayload | None:
+        """The rows' COPY rendering for :meth:`copy` (None for no rows); no database work."""
         if frame.empty:
-            return
+            return None
         rows = frame[PROCEDURE_VALUE_COLUMNS].assign(
             source_checksum=self.checksum, extract_ts=self.extract_ts
         )
-        _copy_into(conn, list(self.tables), self.names,
-                   _copy_payload(rows, list(self.tables)))
+        return _copy_payload(rows, list(self.tables))
+
+    def copy(self, conn: sa.Connection, payload: _CopyPayload | None) -> None:
+        """COPY a rendered :meth:`payload` into both tables."""
+        if payload is not None:
+            _copy_into(conn, list(self.tables), self.names, payload)
 
     def rebuild_indexes(self, conn: sa.Connection) -> None:
         """Rebuild the indexes set aside for the COPY (nothing when none were)."""
@@ -853,18 +861,19 @@ def _stage_chunks(
     seen: set[str] = set()  # direct load: keys already sent to the tables
     for chunk in iter_chunks(extract, chunk_rows):
         check_time(extract)
-        rows_read += len(chunk.records) + len(chunk.bad_shape)
+        rows_read += len(chunk.record_numbers) + len(chunk.bad_shape)
         misshapen = [
             (number, _misshapen(row, extract, key, preview_fields), ["row:wrong_field_count"])
             for number, row in chunk.bad_shape
         ]
         if misshapen:
             writer.submit(lambda rows=misshapen: quarantine.add(rows))
-        if not chunk.records:
+        if not chunk.record_numbers:
             continue
-        checked = validate_chunk(
-            chunk.records, chunk.record_numbers, extract.columns, extract.kind,
-            expectations_dir, max_date, audit=audit,
+        checked = validate_chunk(  # Arrow-split chunks hand over ``flat``, never the rows
+            None if chunk.flat is not None else chunk.records, chunk.record_numbers,
+            extract.columns, extract.kind, expectations_dir, max_date, audit=audit,
+            flat=chunk.flat,
         )
         if checked.invalid:
             raw = checked.raw.loc[list(checked.invalid)]
@@ -886,7 +895,11 @@ def _stage_chunks(
             )
             if first.all():  # the usual chunk: no repeated key, no copy of the frame
                 seen.update(listed)
-                writer.submit(lambda frame=valid: direct.write(conn, frame))
+                # Rendered here, COPYed by the writer: the writer (the server's COPY) is
+                # the slower side, and this thread waited for it (issue 10; 1M procedures:
+                # staging 14.8 s instead of 16.2 s, medians of 5 interleaved runs).
+                payload = direct.payload(valid)
+                writer.submit(lambda payload=payload: direct.copy(conn, payload))
             else:
                 seen.update(keys[first].tolist())
                 writer.submit(lambda frame=valid[first]: direct.write(conn, frame))

@@ -86,7 +86,9 @@ def pseudonymise_column(key: bytes, sites: pd.Series, references: pd.Series) -> 
     # One digest per distinct pair from the precomputed states, then a vectorised gather.
     # tolist(): iterating an Arrow-backed array element by element costs more than the HMAC.
     digests = np.array(keyed_digest(key).hexdigests(uniques.tolist()), dtype=object)
-    out = pd.Series(None, index=references.index, dtype=object)
+    # Gathered into a plain object array, then wrapped: a masked assignment into a Series
+    # (``out[present] = ...``) aligns indexes first, 0.3 s of a 1M-row file (issue 10).
+    values = np.full(len(references), None, dtype=object)
     if len(codes):
-        out[present] = digests.take(codes)
-    return out
+        values[present.to_numpy(dtype=bool)] = digests.take(codes)
+    return pd.Series(values, index=references.index, dtype=object)

@@ -96,13 +96,45 @@ class ReadLimits:
         )
 
 
-@dataclass
 class Chunk:
-    """A block of well-shaped records (as text) plus the misshapen ones beside them."""
+    """A block of well-shaped records (as text) plus the misshapen ones beside them.
 
-    records: list[list[str]]
-    record_numbers: list[int]
-    bad_shape: list[tuple[int, list[str]]] = field(default_factory=list)
+    The records come either as Python rows (``records``) or, when the block's lines were
+    split by Arrow (:func:`_split_arrow`), as ``flat``: one Arrow ``large_string`` array of
+    every field, row after row, in ``extract.columns`` order (what validation builds from
+    rows anyway, so the rows are never made). ``records`` then builds the rows on first use
+    (tests, callers that want them); validation takes ``flat`` as it is.
+    """
+
+    __slots__ = ("_records", "record_numbers", "bad_shape", "flat")
+
+    def __init__(self, records: list[list[str]] | None, record_numbers: list[int],
+                 bad_shape: list[tuple[int, list[str]]] | None = None, *, flat=None):
+        self._records = records
+        self.record_numbers = record_numbers
+        self.bad_shape = [] if bad_shape is None else bad_shape
+        self.flat = flat
+
+    @property
+    def records(self) -> list[list[str]]:
+        """The well-shaped records as lists of text, in ``extract.columns`` order."""
+        if self._records is None:
+            values = [] if self.flat is None else self.flat.to_pylist()
+            count = len(self.record_numbers)
+            width = len(values) // count if count else 0
+            self._records = [values[start:start + width]
+                             for start in range(0, count * width, width)]
+        return self._records
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Chunk):
+            return NotImplemented
+        return ((self.records, self.record_numbers, self.bad_shape)
+                == (other.records, other.record_numbers, other.bad_shape))
+
+    def __repr__(self) -> str:
+        return (f"Chunk({len(self.record_numbers)} records, {len(self.bad_shape)} misshapen, "
+                f"{'flat' if self.flat is not None else 'rows'})")
 
 
 @dataclass
@@ -554,21 +586,23 @@ def _split_rows(lines: list[str]) -> list[list[str]]:
     return [line.rstrip("\r\n").split(",") for line in lines]
 
 
-def _row_batches(blocks: Iterator[list[str]]) -> Iterator[tuple[bool, list[list[str]]]]:
-    """Yield the file's records in batches as ``(split, rows)``, parsed as csv would.
+def _row_batches(blocks: Iterator[list[str]]
+                 ) -> Iterator[tuple[bool, list[str] | list[list[str]]]]:  # fmt: skip
+    """Yield the file's records in batches as ``(split, lines or rows)``, parsed as csv would.
 
-    Runs of lines without a quote character (``"``) are split at commas, one batch a run
-    (``split`` true): without quotes every line is one record, its fields the text between
-    commas, line end removed; a blank line gives ``['']`` where csv gives ``[]`` (both are
-    blank to the caller). A line with a quote starts a csv segment: a fresh reader over the
-    rest of the block and, while a quoted record spans lines, the following blocks, one
-    batch per record. The segment ends after a record when the reader's next line has no
-    quote (the rest of the block is split again) or when it has taken every line handed to
-    it. Between records a reader holds no state (the one reader over the whole file stood
-    there too), so each record is parsed as before. A block is read only after the caller
-    took every batch of the previous one, as before, so the ``span`` accounting of
-    :func:`_line_blocks` sees the same order. With ``FAST_SPLIT`` off every block is one
-    csv segment.
+    Runs of lines without a quote character (``"``) come as they are, one batch a run
+    (``split`` true), for the caller to split at commas (:func:`_split_rows` or
+    :func:`_split_arrow`): without quotes every line is one record, its fields the text
+    between commas, line end removed; a blank line gives ``['']`` where csv gives ``[]``
+    (both are blank to the caller). Other batches are csv's rows. A line with a quote
+    starts a csv segment: a fresh reader over the rest of the block and, while a quoted
+    record spans lines, the following blocks, one batch per record. The segment ends after
+    a record when the reader's next line has no quote (the rest of the block is split
+    again) or when it has taken every line handed to it. Between records a reader holds no
+    state (the one reader over the whole file stood there too), so each record is parsed
+    as before. A block is read only after the caller took every batch of the previous one,
+    as before, so the ``span`` accounting of :func:`_line_blocks` sees the same order. With
+    ``FAST_SPLIT`` off every block is one csv segment.
     """
     for lines in blocks:
         count = len(lines)
@@ -583,7 +617,7 @@ def _row_batches(blocks: Iterator[list[str]]) -> Iterator[tuple[bool, list[list[
             if first < start:  # a line of a record the reader already took
                 continue
             if first > start:
-                yield True, _split_rows(lines[start:first])
+                yield True, lines[start:first]
             handed, spilled = [count - first], [False]
 
             def spill(handed: list[int] = handed, spilled: list[bool] = spilled
@@ -608,7 +642,63 @@ def _row_batches(blocks: Iterator[list[str]]) -> Iterator[tuple[bool, list[list[
             if start == count:
                 break
         if start < count:
-            yield True, _split_rows(lines[start:])
+            yield True, lines[start:]
+
+
+# Runs of quote-free lines of the file's width are split by Arrow (issue 10): the fields
+# never become Python strings in lists, and validation takes them as the Arrow array it
+# would otherwise build from the rows. A module switch, so the tests can compare routes.
+ARROW_SPLIT = True
+
+
+def _split_arrow(lines: list[str], width: int):
+    """Quote-free lines split at commas as one flat Arrow ``large_string`` array, or None.
+
+    Row after row, each row's fields in file order: exactly the values of
+    :func:`_split_rows` laid end to end (the line end is trimmed as ``rstrip("\\r\\n")``
+    does, then split at every comma). None unless every line has ``width`` fields (a blank
+    or misshapen line: the caller takes the rows one by one instead).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    fields = pc.split_pattern(
+        pc.utf8_rtrim(pa.array(lines, type=pa.large_string()), characters="\r\n"), pattern=",")
+    counts = pc.min_max(pc.list_value_length(fields))
+    if counts["min"].as_py() != width or counts["max"].as_py() != width:
+        return None
+    return fields.flatten()
+
+
+def _reordered(values, width: int, keep: list[int]):
+    """A flat array of ``width``-field rows with each row reduced to the fields ``keep``."""
+    import numpy as np
+    import pyarrow as pa
+
+    rows = len(values) // width
+    index = (np.arange(rows, dtype=np.int64)[:, None] * width
+             + np.asarray(keep, dtype=np.int64)).ravel()
+    return values.take(pa.array(index))
+
+
+def _make_chunk(pieces: list, numbers: list[int], bad_shape: list) -> Chunk:
+    """A chunk of the pieces in order: Python rows (lists) and flat Arrow arrays.
+
+    Only Python rows: a chunk of rows, as before. Any Arrow piece: one flat array, the rows
+    converted as validation would convert them (``pa.array`` of the fields end to end).
+    """
+    if all(isinstance(piece, list) for piece in pieces):
+        records = (pieces[0] if len(pieces) == 1
+                   else list(itertools.chain.from_iterable(pieces)))  # none: []
+        return Chunk(records, numbers, bad_shape)
+    import pyarrow as pa
+
+    arrays = [
+        pa.array(list(itertools.chain.from_iterable(piece)), type=pa.large_string())
+        if isinstance(piece, list) else piece
+        for piece in pieces
+    ]
+    return Chunk(None, numbers, bad_shape, flat=pa.concat_arrays(arrays))
 
 
 def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
@@ -619,14 +709,16 @@ def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
     Blank lines are skipped (but count towards the record limit). A chunk is also cut at
     :data:`CHUNK_CHARS` characters of text. Read errors and exceeded limits raise
     :class:`FileRejected`. Lines without quotes are split without the csv module
-    (:func:`_row_batches`); a run of well-shaped records within the row limit is taken
-    in slices instead of row by row, with the same chunk cuts.
+    (:func:`_row_batches`); a run of well-shaped records within the row limit is split by
+    Arrow (:func:`_split_arrow`; the chunk then carries ``flat``) and taken in slices
+    instead of row by row, with the same chunk cuts.
     """
     limits, name = extract.limits, extract.path.name
     width = len(extract.header)
     keep = [extract.header.index(name) for name in extract.columns]
     reorder = keep != list(range(width))  # most files: every column known, in order
-    records: list[list[str]] = []
+    pieces: list = []  # the chunk so far: lists of rows and flat Arrow arrays, in order
+    records: list[list[str]] = []  # the rows after the last Arrow piece
     numbers: list[int] = []
     bad_shape: list[tuple[int, list[str]]] = []
     number = blank = 0
@@ -649,32 +741,55 @@ def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
                         span[0] = 0
                         rows = rows[1:]
                     count = len(rows)
+                    values = None
                     if (split and count and width > 1
-                            and number + blank + count <= max_rows
-                            and all(len(row) == width for row in rows)):
+                            and number + blank + count <= max_rows):
+                        if ARROW_SPLIT:
+                            values = _split_arrow(rows, width)
+                        else:
+                            rows = _split_rows(rows)
+                            if all(len(row) == width for row in rows):
+                                values = rows
+                        if values is None and ARROW_SPLIT:
+                            rows = _split_rows(rows)
+                    elif split:
+                        rows = _split_rows(rows)
+                    if values is not None:
                         # Every line a record of the right width, none blank, no limit
                         # reached: taken in slices, cut where the row-by-row loop would cut.
                         # span[1] only moves between blocks, so the cut by characters holds
                         # for every record until a cut: if it holds now, the loop would cut
                         # after this batch's first record.
+                        arrow = not isinstance(values, list)
+                        if reorder:
+                            values = (_reordered(values, width, keep) if arrow
+                                      else [[row[i] for i in keep] for row in values])
+                        fields = len(keep) if arrow else 1  # list items per record
                         span[0] = 0
                         start = 0
                         while start < count:
-                            room = max(1, chunk_rows - len(records) - len(bad_shape))
+                            room = max(1, chunk_rows - len(numbers) - len(bad_shape))
                             if start == 0 and span[1] - chunk_start >= CHUNK_CHARS:
                                 room = 1
-                            taken = rows[start:start + room]
-                            records.extend([[row[i] for i in keep] for row in taken]
-                                           if reorder else taken)
-                            numbers.extend(range(number + 1, number + len(taken) + 1))
-                            number += len(taken)
-                            start += len(taken)
-                            if (len(records) + len(bad_shape) >= chunk_rows
+                            taken = min(room, count - start)
+                            if arrow:
+                                if records:
+                                    pieces.append(records)
+                                    records = []
+                                pieces.append(values.slice(start * fields, taken * fields))
+                            else:
+                                records.extend(values[start:start + taken])
+                            numbers.extend(range(number + 1, number + taken + 1))
+                            number += taken
+                            start += taken
+                            if (len(numbers) + len(bad_shape) >= chunk_rows
                                     or span[1] - chunk_start >= CHUNK_CHARS):
                                 if collecting:
                                     gc.enable()
-                                yield Chunk(records, numbers, bad_shape)
-                                records, numbers, bad_shape = [], [], []
+                                if records:
+                                    pieces.append(records)
+                                yield _make_chunk(pieces, numbers, bad_shape)
+                                pieces, records, numbers, bad_shape = [], [], [], []
                                 chunk_start = span[1]
                                 _check_time(name, limits, extract.started)
                                 gc.disable()
@@ -699,12 +814,14 @@ def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
                         else:
                             records.append([row[i] for i in keep] if reorder else row)
                             numbers.append(number)
-                        if (len(records) + len(bad_shape) >= chunk_rows
+                        if (len(numbers) + len(bad_shape) >= chunk_rows
                                 or span[1] - chunk_start >= CHUNK_CHARS):
                             if collecting:
                                 gc.enable()
-                            yield Chunk(records, numbers, bad_shape)
-                            records, numbers, bad_shape = [], [], []
+                            if records:
+                                pieces.append(records)
+                            yield _make_chunk(pieces, numbers, bad_shape)
+                            pieces, records, numbers, bad_shape = [], [], [], []
                             chunk_start = span[1]
                             _check_time(name, limits, extract.started)
                             gc.disable()
@@ -715,8 +832,10 @@ def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
         raise
     except Exception as exc:  # every read error becomes a file rejection
         raise _translate(exc, extract.path, limits) from exc
-    if records or bad_shape:
-        yield Chunk(records, numbers, bad_shape)
+    if records:
+        pieces.append(records)
+    if pieces or bad_shape:
+        yield _make_chunk(pieces, numbers, bad_shape)
 
 
 def _too_many_rows(name: str, max_rows: int) -> FileRejected:

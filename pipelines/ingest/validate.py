@@ -225,7 +225,8 @@ def fast_suite(expectations_dir: str, kind: str) -> FastSuite | None:
         return None
 
 
-def _text_frame(records: list[list[str]], columns: list[str], kind: str) -> pd.DataFrame:
+def _text_frame(records: list[list[str]] | None, columns: list[str], kind: str,
+                flat: pa.Array | None = None) -> pd.DataFrame:
     """Return the chunk as stripped text columns (Arrow-backed ``str``), one per contract column.
 
     The rows are laid end to end in one list and converted to Arrow once; each column is
@@ -233,15 +234,24 @@ def _text_frame(records: list[list[str]], columns: list[str], kind: str) -> pd.D
     (``zip(*records)``, one tuple per column) cost about as much as all the suite's rules
     (1 s per 100,000 rows), and stripping is one call over the whole chunk. The result is
     what pandas' own ``Series.str.strip`` of the ``str`` column gives (the same Arrow
-    kernel; tested against it).
+    kernel; tested against it). ``flat``, when given instead of ``records``, is that list
+    already in Arrow (the reader's :class:`~pipelines.ingest.reader.Chunk` ``flat``).
     """
-    rows, width = len(records), len(columns)
-    if set(map(len, records)) - {width}:  # the reader never yields such a chunk
-        raise ValueError(f"records must each have {width} fields")
-    with paused_gc():  # one flat list; its strings are not tracked by the collector
-        flat = list(itertools.chain.from_iterable(records))
+    width = len(columns)
+    if flat is None:
+        rows = len(records)
+        if set(map(len, records)) - {width}:  # the reader never yields such a chunk
+            raise ValueError(f"records must each have {width} fields")
+        with paused_gc():  # one flat list; its strings are not tracked by the collector
+            listed = list(itertools.chain.from_iterable(records))
+        flat = pa.array(listed, type=pa.large_string())
+        del listed
+    else:
+        rows = len(flat) // width
+        if rows * width != len(flat) or flat.type != pa.large_string():
+            raise ValueError(f"flat must be large_string values of rows of {width} fields")
     # Arrow-backed strings: vectorised string operations are several times faster.
-    text = pc.utf8_trim_whitespace(pa.array(flat, type=pa.large_string()))
+    text = pc.utf8_trim_whitespace(flat)
     del flat
     position = {name: index for index, name in enumerate(columns)}
     frame = {}
@@ -294,15 +304,17 @@ def validate_chunk(
     *,
     audit: Audit | None = None,
     checker: str = "fast",
+    flat: pa.Array | None = None,
 ) -> ValidatedChunk:
     """Validate one chunk of text records against the suite for ``kind``.
 
     With ``checker="fast"`` the vectorised interpreter decides and GX audits: the chunk's
     flagged rows and sample candidates go to ``audit`` (the caller verifies it once per
     file), or, without one, to an audit of this chunk alone, verified before returning.
-    ``checker="gx"`` validates with GX only.
+    ``checker="gx"`` validates with GX only. ``flat`` stands for ``records`` when the reader
+    split the chunk with Arrow (see :func:`_text_frame`).
     """
-    raw = _text_frame(records, columns, kind)
+    raw = _text_frame(records, columns, kind, flat)
     raw.index = pd.Index(record_numbers, name="record_number")
     checked = raw.where(raw != "", None).reset_index(drop=True)
     for spec in COLUMNS[kind]:
