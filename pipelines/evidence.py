@@ -329,9 +329,12 @@ def recent_complications_by_site(settings: Settings, as_of: date | None,
     nth_newest = (nth_newest.order_by(newer.c.event_date.desc())
                   .limit(1).offset(max(limit - 1, 0)).scalar_subquery())
     # A site with fewer than ``limit`` complications has no such date: all of its rows.
-    cut = sa.select(sites.c.site_id,
-                    sa.func.coalesce(nth_newest, sa.literal(date.min, sa.Date)).label("since")
-                    ).subquery("cut")
+    # Materialised on PostgreSQL: inlined, its planner evaluated the date's subquery once
+    # per complication row (a join filter) instead of once per site, 0.6-1.3 s of the
+    # nightly report's reads on 13k complications against 12 ms (the same rows).
+    cut = (sa.select(sites.c.site_id,
+                     sa.func.coalesce(nth_newest, sa.literal(date.min, sa.Date)).label("since"))
+           .cte("cut").prefix_with("MATERIALIZED", dialect="postgresql"))
     rank = sa.func.row_number().over(
         partition_by=complication.c.site_id,
         order_by=(complication.c.event_date.desc(), complication.c.event_type,
