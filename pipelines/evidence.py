@@ -427,25 +427,26 @@ class MonthSeries:
     months_before_as_of: tuple[int, ...]
 
 
-def monthly_figures(settings: Settings, run_key: str,
-                    profile_name: str) -> dict[tuple[str, str], MonthSeries]:
+def monthly_figures(settings: Settings, run_key: str, profile_name: str, *,
+                    conn: sa.Connection | None = None
+                    ) -> dict[tuple[str, str], MonthSeries]:
     """Return the stored run's mature units, events and expected events per index month.
 
     Keyed by ``(site, metric)``, oldest month first. The rows are the ``site_month_metric``
     table the monitor wrote with this run; a run that has since been replaced as the
     profile's current picture (an older ``--as-of``) has none, and the report then shows
-    no monthly charts rather than another run's months.
+    no monthly charts rather than another run's months. ``conn``: an open warehouse
+    connection to read on (default: a new one).
     """
     import numpy as np
 
-    from pipelines.db import reading
     from pipelines.schema import site_month_metric as months
 
     query = (sa.select(months.c.site_id, months.c.metric, months.c.month, months.c.units,
                        months.c.events, months.c.expected, months.c.months_before_as_of)
              .where(months.c.profile_name == profile_name, months.c.run_key == run_key)
              .order_by(months.c.site_id, months.c.metric, months.c.month))
-    with reading(settings.db_url) as conn:
+    with _connection(settings, conn) as conn:
         rows = _fetch_plain(conn, query)
     if not rows:
         return {}
