@@ -61,6 +61,19 @@ def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
     return engine
 
 
+def load_driver(db_url: str) -> None:
+    """Import the driver and SQLAlchemy dialect of ``db_url`` without connecting.
+
+    For a process about to fork readers (the report): imported once before the fork,
+    each child has them instead of importing them again (psycopg and the PostgreSQL
+    dialect: 0.1-0.15 s of CPU in each process that opens the warehouse).
+    """
+    url = sa.make_url(db_url)
+    if url.drivername == "postgresql":  # as make_engine opens it
+        url = url.set(drivername="postgresql+psycopg")
+    sa.create_engine(url).dispose()  # an engine connects only when first used
+
+
 def open_warehouse(db_url: str, *, migrate: bool = True) -> sa.Engine:
     """Return a migrated engine whose connection has answered one query.
 

@@ -329,9 +329,12 @@ def recent_complications_by_site(settings: Settings, as_of: date | None,
     nth_newest = (nth_newest.order_by(newer.c.event_date.desc())
                   .limit(1).offset(max(limit - 1, 0)).scalar_subquery())
     # A site with fewer than ``limit`` complications has no such date: all of its rows.
-    cut = sa.select(sites.c.site_id,
-                    sa.func.coalesce(nth_newest, sa.literal(date.min, sa.Date)).label("since")
-                    ).subquery("cut")
+    # Materialised on PostgreSQL: inlined, its planner evaluated the date's subquery once
+    # per complication row (a join filter) instead of once per site, 0.6-1.3 s of the
+    # nightly report's reads on 13k complications against 12 ms (the same rows).
+    cut = (sa.select(sites.c.site_id,
+                     sa.func.coalesce(nth_newest, sa.literal(date.min, sa.Date)).label("since"))
+           .cte("cut").prefix_with("MATERIALIZED", dialect="postgresql"))
     rank = sa.func.row_number().over(
         partition_by=complication.c.site_id,
         order_by=(complication.c.event_date.desc(), complication.c.event_type,
@@ -424,25 +427,26 @@ class MonthSeries:
     months_before_as_of: tuple[int, ...]
 
 
-def monthly_figures(settings: Settings, run_key: str,
-                    profile_name: str) -> dict[tuple[str, str], MonthSeries]:
+def monthly_figures(settings: Settings, run_key: str, profile_name: str, *,
+                    conn: sa.Connection | None = None
+                    ) -> dict[tuple[str, str], MonthSeries]:
     """Return the stored run's mature units, events and expected events per index month.
 
     Keyed by ``(site, metric)``, oldest month first. The rows are the ``site_month_metric``
     table the monitor wrote with this run; a run that has since been replaced as the
     profile's current picture (an older ``--as-of``) has none, and the report then shows
-    no monthly charts rather than another run's months.
+    no monthly charts rather than another run's months. ``conn``: an open warehouse
+    connection to read on (default: a new one).
     """
     import numpy as np
 
-    from pipelines.db import reading
     from pipelines.schema import site_month_metric as months
 
     query = (sa.select(months.c.site_id, months.c.metric, months.c.month, months.c.units,
                        months.c.events, months.c.expected, months.c.months_before_as_of)
              .where(months.c.profile_name == profile_name, months.c.run_key == run_key)
              .order_by(months.c.site_id, months.c.metric, months.c.month))
-    with reading(settings.db_url) as conn:
+    with _connection(settings, conn) as conn:
         rows = _fetch_plain(conn, query)
     if not rows:
         return {}

@@ -259,7 +259,7 @@ def _flip_last_digit(path: Path) -> None:
     path.write_bytes(bytes(blob))
 
 
-def test_reads_beside_the_run_in_a_forked_process_are_the_same_data(sqlite_url, settings_for,
+def test_reads_beside_the_run_in_a_forked_process_are_the_same_data(db_url, settings_for,
                                                                    tmp_path, monkeypatch):
     """write_report reads everything but the stored run in a forked process while this one
     reads the run (ReportData(parallel_reads=True)); what it hands over is what this
@@ -267,7 +267,7 @@ def test_reads_beside_the_run_in_a_forked_process_are_the_same_data(sqlite_url, 
     again here."""
     from pipelines.report import data as report_data
 
-    _, settings = _report_registry(sqlite_url, settings_for)
+    _, settings = _report_registry(db_url, settings_for)
 
     def gathered(data):
         return (data.result.run_key, data.as_of, data.months, data.quality, data.facts,

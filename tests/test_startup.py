@@ -84,3 +84,60 @@ def test_finished_command_freezes_the_heap_before_exit(tmp_path):
     assert f"kyphowatch: error: no warehouse at {missing}" in proc.stderr
     assert proc.stdout.strip() == "frozen True"
     assert not missing.exists()
+
+
+def test_nightly_report_imports_no_pandas(sqlite_url, tmp_path):
+    """``kyphowatch report`` (publish, as the nightly task runs it) never imports pandas.
+
+    It looked its date up through the monitor's outcomes module, which imports pandas
+    (0.2-0.3 s of every nightly report); the drill-downs' lookup finds the same date.
+    """
+    from pipelines.db import make_engine
+    from pipelines.settings import load_settings
+    from pipelines.surveillance.engine import run_monitor
+    from tests.test_engine import build_sites
+
+    build_sites(make_engine(sqlite_url), sites=3, per_site=200, leak={"S003": 0.3}, seed=8)
+    env = {"KYPHOWATCH_DEMO": "1", "KYPHOWATCH_REPORT_DIR": str(tmp_path / "reports")}
+    run_monitor(load_settings(env, db_url=sqlite_url))
+    code = (
+        "import sys\n"
+        "from pipelines.cli import main\n"
+        f"code = main(['report', '--db', {sqlite_url!r}])\n"
+        "print('code', code, 'pandas', 'pandas' in sys.modules, flush=True)\n"
+    )
+    proc = _python(code, env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "code 0 pandas False"
+    assert (tmp_path / "reports" / "latest" / "index.html").is_file()
+
+
+def test_report_forks_its_reader_with_the_driver_imported(pg_url, tmp_path):
+    """The report's forked reader inherits psycopg and the dialect (0.1-0.15 s of CPU it
+    imported again on its own, in the nightly report's critical path)."""
+    from pipelines.db import make_engine
+    from pipelines.settings import load_settings
+    from pipelines.surveillance.engine import run_monitor
+    from tests.test_engine import build_sites
+
+    build_sites(make_engine(pg_url), sites=3, per_site=200, leak={"S003": 0.3}, seed=8)
+    env = {"KYPHOWATCH_DEMO": "1", "KYPHOWATCH_REPORT_DIR": str(tmp_path / "reports")}
+    run_monitor(load_settings(env, db_url=pg_url))
+    code = (
+        "import sys\n"
+        "from pipelines.report import data\n"
+        "real = data._ForkedReads\n"
+        "class Forked(real):\n"
+        "    def __init__(self, *args):\n"
+        "        print('forked with', sorted({'psycopg', 'sqlalchemy.dialects.postgresql'}\n"
+        "                                    & set(sys.modules)), flush=True)\n"
+        "        super().__init__(*args)\n"
+        "data._ForkedReads = Forked\n"
+        "from pipelines.cli import main\n"
+        f"print('code', main(['report', '--db', {pg_url!r}, '--out', {str(tmp_path / 'r')!r}]))\n"
+    )
+    proc = _python(code, env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "code 0"
+    assert "forked with ['psycopg', 'sqlalchemy.dialects.postgresql']" in lines

@@ -19,12 +19,12 @@ log = logging.getLogger(__name__)
 
 # -- data ------------------------------------------------------------------------------
 
-def data_quality(settings: Settings) -> dict[str, Any]:
-    """Return file-ledger counts by kind and status, and quarantined rows by reason."""
-    from pipelines.db import reading
+def data_quality(settings: Settings, *, conn: sa.Connection | None = None) -> dict[str, Any]:
+    """Return file-ledger counts by kind and status, and quarantined rows by reason
+    (``conn``: an open warehouse connection to read on; default: a new one)."""
     from pipelines.schema import file_ledger, quarantine
 
-    with reading(settings.db_url) as conn:
+    with evidence._connection(settings, conn) as conn:
         files = conn.execute(
             sa.select(file_ledger.c.kind, file_ledger.c.status, sa.func.count(),
                       sa.func.sum(file_ledger.c.rows_read),
@@ -92,24 +92,29 @@ def _side_reads(settings: Settings, profile, as_of: date | None) -> dict[str, An
     from pipelines.db import reading
     from pipelines.surveillance.runs import _newest_procedure_date, find_run
 
+    # One connection for every read: each new one was an engine, a schema check and a
+    # server process (four of them, 15-40 ms each, in this process's critical path).
     with reading(settings.db_url) as conn:
         day = as_of or _newest_procedure_date(conn)
         row = find_run(conn, profile, day) if day else None
-    run_key = row["run_key"] if row is not None else None
-    return {"day": day, "run_key": run_key, **_reads_for_run(settings, profile, day, run_key)}
+        run_key = row["run_key"] if row is not None else None
+        return {"day": day, "run_key": run_key,
+                **_reads_for_run(settings, profile, day, run_key, conn=conn)}
 
 
 def _reads_for_run(settings: Settings, profile, day: date | None,
-                   run_key: str | None) -> dict[str, Any]:
+                   run_key: str | None, *, conn: sa.Connection | None = None
+                   ) -> dict[str, Any]:
     """Return the recent complications, data quality and monthly figures of one run.
 
     One definition for both ways of reading them: in :class:`_ForkedReads`' process, and
-    here again when that process failed or read for another run.
+    here again when that process failed or read for another run. ``conn``: an open
+    warehouse connection to read on (default: a new one for each read).
     """
     return {
-        "complications": evidence.recent_complications_by_site(settings, day),
-        "quality": data_quality(settings),
-        "months": (evidence.monthly_figures(settings, run_key, profile.name)
+        "complications": evidence.recent_complications_by_site(settings, day, conn=conn),
+        "quality": data_quality(settings, conn=conn),
+        "months": (evidence.monthly_figures(settings, run_key, profile.name, conn=conn)
                    if day and run_key else None),
     }
 
@@ -348,7 +353,11 @@ class ReportData:
         # the recent observed/expected intervals, instead of importing it a second time.
         import scipy.special  # noqa: F401
 
+        from pipelines.db import load_driver
         from pipelines.surveillance.runs import read_or_compute
+
+        # Likewise the warehouse driver, which both processes need at once.
+        load_driver(settings.db_url)
 
         try:
             side = _ForkedReads(settings, self.profile, as_of)

@@ -340,11 +340,14 @@ def publish_report(settings: Settings, as_of: date | None = None) -> Path:
     Dated reports beyond ``settings.report_keep`` are deleted, oldest first.
     """
     from pipelines.db import reading
-    from pipelines.surveillance.outcomes import latest_procedure_date
+
+    # The drill-downs' lookup (the same date), not the monitor's: that module imports
+    # pandas (0.2-0.3 s of a nightly report that otherwise never needs it).
+    from pipelines.surveillance.runs import _newest_procedure_date
 
     if as_of is None:
         with reading(settings.db_url) as conn:
-            as_of = latest_procedure_date(conn)
+            as_of = _newest_procedure_date(conn)
     root = Path(settings.report_dir)
     folder = as_of.isoformat() if as_of else EMPTY
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
