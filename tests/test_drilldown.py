@@ -37,7 +37,7 @@ HEAVY = ("numpy", "pandas", "scipy", "pyarrow", "great_expectations", "matplotli
 def test_newest_procedure_date_is_the_newest_of_every_site(db_url):
     engine = make_engine(db_url)
     with engine.connect() as conn:
-        assert runs._newest_procedure_date(conn) is None  # an empty warehouse
+        assert runs.newest_procedure_date(conn) is None  # an empty warehouse
     end = build_sites(engine, sites=5, per_site=60, days=300, seed=3)
     # the newest procedure at a site in the middle of the key order, an older one at a site
     # that sorts first
@@ -46,7 +46,7 @@ def test_newest_procedure_date_is_the_newest_of_every_site(db_url):
                     procedure_row("PLATE-2", "A01", end - timedelta(days=500))])
     with engine.connect() as conn:
         plain = conn.execute(sa.select(sa.func.max(procedure.c.procedure_date))).scalar()
-        assert runs._newest_procedure_date(conn) == newest
+        assert runs.newest_procedure_date(conn) == newest
     assert str(plain)[:10] == newest.isoformat()
 
 
@@ -90,7 +90,7 @@ def test_the_drill_down_shortcuts_change_no_output(db_url, settings_for, capsys,
     monkeypatch.setattr(runs, "load_run", lambda *a, **k: load_run(*a, **{**k, "charts": True}))
     monkeypatch.setattr(levels, "status_rows",
                         lambda *a, **k: status_rows(*a, **{**k, "detail": True}))
-    monkeypatch.setattr(runs, "_newest_procedure_date", _newest_by_max)
+    monkeypatch.setattr(runs, "newest_procedure_date", _newest_by_max)
     monkeypatch.setattr(evidence, "_connection",
                         lambda settings, conn: db_module.reading(settings.db_url))
     opened.clear()

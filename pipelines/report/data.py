@@ -90,12 +90,12 @@ def _side_reads(settings: Settings, profile, as_of: date | None) -> dict[str, An
     process reads the run.
     """
     from pipelines.db import reading
-    from pipelines.surveillance.runs import _newest_procedure_date, find_run
+    from pipelines.surveillance.runs import find_run, newest_procedure_date
 
     # One connection for every read: each new one was an engine, a schema check and a
     # server process (four of them, 15-40 ms each, in this process's critical path).
     with reading(settings.db_url) as conn:
-        day = as_of or _newest_procedure_date(conn)
+        day = as_of or newest_procedure_date(conn)
         row = find_run(conn, profile, day) if day else None
         run_key = row["run_key"] if row is not None else None
         return {"day": day, "run_key": run_key,

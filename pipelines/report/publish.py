@@ -343,11 +343,11 @@ def publish_report(settings: Settings, as_of: date | None = None) -> Path:
 
     # The drill-downs' lookup (the same date), not the monitor's: that module imports
     # pandas (0.2-0.3 s of a nightly report that otherwise never needs it).
-    from pipelines.surveillance.runs import _newest_procedure_date
+    from pipelines.surveillance.runs import newest_procedure_date
 
     if as_of is None:
         with reading(settings.db_url) as conn:
-            as_of = _newest_procedure_date(conn)
+            as_of = newest_procedure_date(conn)
     root = Path(settings.report_dir)
     folder = as_of.isoformat() if as_of else EMPTY
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")

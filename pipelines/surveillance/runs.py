@@ -657,7 +657,7 @@ def _nan_floats_2d(values: list) -> np.ndarray:
                       dtype=float)
 
 
-def _newest_procedure_date(conn: sa.Connection) -> date | None:
+def newest_procedure_date(conn: sa.Connection) -> date | None:
     """Return the newest procedure date (the default as_of) without importing the engine.
 
     Read as the newest of each site's newest date, each found through the ``(site_id,
@@ -695,7 +695,7 @@ def read_stored(conn: sa.Connection, profile, as_of: date | None = None, *,
     only the status rows are needed (:func:`load_status`, when ``chart_status`` holds
     this run's rows; else as :func:`load_run`).
     """
-    newest = _newest_procedure_date(conn)
+    newest = newest_procedure_date(conn)
     # A later as_of lets outcome windows close (up to the longest one); beyond that no
     # figure can change, so the date is a mistake (2030 for 2023, say).
     horizon = max((m.window_days or 0 for m in profile.metrics), default=0)
