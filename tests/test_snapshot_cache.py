@@ -536,3 +536,69 @@ def test_a_full_read_in_page_ranges_on_parallel_connections_equals_one_read(nigh
     with engine.connect() as conn:  # the changes were committed
         assert not conn.execute(sa.select(sa.func.count()).select_from(schema.complication)
                                 ).scalar_one()
+
+
+_EXCLUSIVE_LOCK = {  # what a migration's ALTER TABLE or a VACUUM FULL asks for
+    "procedure": sa.text("LOCK TABLE procedure IN ACCESS EXCLUSIVE MODE"),
+    "complication": sa.text("LOCK TABLE complication IN ACCESS EXCLUSIVE MODE"),
+}
+
+
+@pytest.mark.parametrize("table", ["procedure", "complication"])
+def test_a_lock_request_queued_behind_the_read_does_not_hang_it(night, monkeypatch, table):
+    """An ACCESS EXCLUSIVE request (a migration, VACUUM FULL) queued after the main
+    connection took its lock waits for it, and a helper connection's lock waits behind the
+    request: a wait PostgreSQL cannot see as a deadlock (the main connection waits for the
+    helper in this process). The helper gives up after its lock timeout, the main
+    connection reads its rows itself, and the read ends with the same rows as one read.
+    Without the helper's lock timeout this test waits until the request's own timeout."""
+    import threading
+    import time
+
+    _, engine, run, files, _ = night
+    run(files["history"])
+    monkeypatch.setattr(snapshot_cache, "PROCEDURE_STREAMS", 1)
+    whole = _raw_full_read(engine)
+    monkeypatch.setattr(snapshot_cache, "PROCEDURE_STREAMS", 2)
+    monkeypatch.setattr(snapshot_cache, "MIN_STREAM_PAGES", 1)
+    monkeypatch.setattr(snapshot_cache, "HELPER_LOCK_TIMEOUT_MS", 200)
+    needs_patient, event_types = snapshot_needs(PROFILE)
+    target = getattr(schema, table)
+    request: dict = {}
+
+    def exclusive_lock():
+        with engine.connect() as other:
+            other.execute(sa.text("SET lock_timeout = '20s'"))
+            started = time.monotonic()
+            try:
+                other.execute(_EXCLUSIVE_LOCK[table])
+                request["waited"] = time.monotonic() - started
+            except sa.exc.OperationalError as exc:
+                request["error"] = str(exc).splitlines()[0]
+            other.rollback()
+
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        state = snapshot_cache._warehouse_state(conn)
+        conn.execute(sa.select(sa.func.count()).select_from(target))  # holds ACCESS SHARE
+        locker = threading.Thread(target=exclusive_lock)
+        locker.start()
+        with engine.connect() as probe:  # wait until the request is queued
+            for _ in range(200):
+                if probe.execute(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted "
+                                         "AND mode = 'AccessExclusiveLock'")).scalar():
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the ACCESS EXCLUSIVE request never queued")
+        started = time.monotonic()
+        read = snapshot_cache._full(conn, state, needs_patient, event_types, EXTRA_COLUMNS, "")
+        took = time.monotonic() - started
+        conn.rollback()
+    locker.join()
+    assert took < 10, took  # not until the request's 20 s timeout
+    assert "error" not in request and request["waited"] < 15, request  # it got its lock
+    for name in ("procedures", "complications"):
+        assert getattr(read, name).equals(getattr(whole, name)), name
+    for mine, theirs in zip(read.id_hashes, whole.id_hashes, strict=True):
+        assert (mine == theirs).all()

@@ -466,8 +466,10 @@ def _in_parallel(conn: sa.Connection, reads: list) -> list:
 
     The first runs here on ``conn``; each other one in a thread on a connection of its own
     whose transaction imports ``conn``'s snapshot (``pg_export_snapshot``: the same rows,
-    as if read in ``conn``'s REPEATABLE READ transaction). A failure is raised once every
-    read has ended.
+    as if read in ``conn``'s REPEATABLE READ transaction). A read whose connection fails
+    (it could not get its table's lock within :data:`HELPER_LOCK_TIMEOUT_MS`, could not
+    connect, ...) runs again here on ``conn`` once the others have ended: the same rows,
+    only later. A failure on ``conn`` itself is raised once every read has ended.
     """
     if len(reads) == 1:
         return [reads[0](conn)]
@@ -480,7 +482,27 @@ def _in_parallel(conn: sa.Connection, reads: list) -> list:
             first = reads[0](conn)
         finally:
             wait(others)
-        return [first] + [future.result() for future in others]
+    results = [first]
+    for read, future in zip(reads[1:], others, strict=True):
+        error = future.exception()
+        if error is None:
+            results.append(future.result())
+        else:
+            log.warning("snapshot cache: a parallel read failed (%s); read on the main "
+                        "connection instead", _why(error))
+            results.append(read(conn))
+    return results
+
+
+# How long a helper connection of the parallel read waits for its table's lock. ACCESS
+# SHARE waits only behind an ACCESS EXCLUSIVE request (a migration's ALTER TABLE, VACUUM
+# FULL, TRUNCATE, a bulk first load's index rebuild). Such a request queued after the main
+# connection took its lock waits for the main connection, which waits (in this process,
+# where PostgreSQL's deadlock detector cannot see it) for the helper: without a timeout
+# the monitor and every later reader of the table would wait forever. After it the
+# helper gives up and the main connection, which holds or can take the lock, reads its
+# rows itself (pg_dump's parallel workers take their locks NOWAIT for the same reason).
+HELPER_LOCK_TIMEOUT_MS = 1000
 
 
 def _in_snapshot(engine: sa.Engine, snapshot_id: str, read):
@@ -489,14 +511,16 @@ def _in_snapshot(engine: sa.Engine, snapshot_id: str, read):
 
     with _own_connection(engine) as other:
         other = other.execution_options(isolation_level="REPEATABLE READ")
-        # SET takes no bound parameter: the id is quoted as a literal by psycopg. The
-        # transaction (BEGIN ... REPEATABLE READ) starts with it, as it must.
-        other.connection.driver_connection.execute(
-            sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+        driver = other.connection.driver_connection
+        # SET takes no bound parameter: the values are quoted as literals by psycopg. The
+        # transaction (BEGIN ... REPEATABLE READ) starts with the snapshot, as it must.
+        driver.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_id)))
+        driver.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+            sql.Literal(f"{HELPER_LOCK_TIMEOUT_MS}ms")))
         try:
             return read(other)
         finally:
-            other.connection.driver_connection.rollback()
+            driver.rollback()
 
 
 def _joined(parts: list[tuple], kinds: dict[str, str]):
