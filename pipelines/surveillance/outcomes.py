@@ -267,14 +267,25 @@ def copy_table_hashed(conn: sa.Connection, statement: sa.Select, kinds: dict[str
         return schema.empty_table(), id_hashes
     table = pa.concat_tables(tables).unify_dictionaries()
     del tables
-    # One chunk per column, a column at a time (each batch's column freed once copied):
-    # the table's readers (copy_columns, the cache's blob, the snapshot's numpy views)
-    # then take the arrays as they are, where chunks would be copied whole by each.
-    # Whole numbers in numpy's memory (wrapped, not copied, by Arrow): the snapshot takes
-    # them as numpy views and frees each once ordered, and the C allocator hands a freed
-    # array's pages back at once, where Arrow's pool would keep them to the end of the read.
+    return single_chunk_columns(table, kinds, schema), id_hashes
+
+
+def single_chunk_columns(table, kinds: dict[str, str], schema=None):
+    """Return ``table`` (columns ``kinds``, in that order) with one chunk per column, as
+    ``schema`` (default: the arrays' own types).
+
+    A column at a time, each batch's column freed once copied, so the copies never hold
+    more than one column twice: the table's readers (copy_columns, the cache's blob, the
+    snapshot's numpy views) then take the arrays as they are, where chunks would be copied
+    whole by each. Whole numbers go to numpy's memory (wrapped, not copied, by Arrow): the
+    snapshot takes them as numpy views and frees each once ordered, and the C allocator
+    hands a freed array's pages back at once, where Arrow's pool would keep them to the
+    end of the read.
+    """
+    import pyarrow as pa
+
     arrays = []
-    for name in names:
+    for name in kinds:
         column = table.column(name)
         arrays.append(pa.array(column.to_numpy())
                       if kinds[name] == "int" and not column.null_count
@@ -284,7 +295,9 @@ def copy_table_hashed(conn: sa.Connection, statement: sa.Select, kinds: dict[str
         # Arrow's allocator keeps freed chunks for its own reuse; the monitor has none.
         pa.default_memory_pool().release_unused()
     del table
-    return pa.Table.from_arrays(arrays, schema=schema), id_hashes
+    if schema is None:
+        return pa.Table.from_arrays(arrays, names=list(kinds))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _copy_batches(stream, batch_bytes: int) -> Iterator[bytearray]:

@@ -79,6 +79,7 @@ from pipelines.surveillance.outcomes import (
     day_number,
     load_snapshot,
     release_memory,
+    single_chunk_columns,
     snapshot_from_rows,
     snapshot_needs,
     streamed_complication_columns,
@@ -536,17 +537,7 @@ def _joined(parts: list[tuple], kinds: dict[str, str]):
     hashes = np.concatenate([h for _, h in parts])
     table = pa.concat_tables([t for t, _ in parts]).unify_dictionaries()
     parts.clear()
-    arrays = []
-    for name in kinds:
-        column = table.column(name)
-        arrays.append(pa.array(column.to_numpy())
-                      if kinds[name] == "int" and not column.null_count
-                      else column.combine_chunks())
-        del column
-        table = table.drop_columns([name])
-        pa.default_memory_pool().release_unused()
-    del table
-    return pa.Table.from_arrays(arrays, names=list(kinds)), hashes
+    return single_chunk_columns(table, kinds), hashes
 
 
 def _read_delta(conn: sa.Connection, checksums: list[str], needs_patient: bool,
