@@ -14,22 +14,28 @@ by row and the same warehouse.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from pipelines.contract import COLUMNS, PROCEDURES
 from pipelines.ingest import ingest_paths, reader
 from pipelines.ingest.reader import ReadLimits, iter_chunks, open_extract
 from pipelines.ingest.validate import _text_frame
 from tests.ingest_helpers import snapshot
-from tests.test_reader_fastpath import CASES, LIMITS, WIDTH, outcome, piece, reference_chunks, write
+from tests.test_reader_fastpath import (
+    CASES,
+    LIMITS,
+    WIDTH,
+    check_fuzzed,
+    fuzzed_files,
+    outcome,
+    reference_chunks,
+    write,
+)
 
 EXAMPLES = int(os.environ.get("KYPHOWATCH_FUZZ_EXAMPLES", "25")) * 4
 
@@ -85,23 +91,12 @@ def test_well_formed_blocks_go_by_arrow_and_malformed_ones_row_by_row(tmp_path):
     routes(quoted, 100)
 
 
-@settings(max_examples=EXAMPLES, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(body=st.lists(piece, max_size=120).map("".join),
-       block_chars=st.integers(1, 200), chunk_rows=st.integers(1, 12),
-       chunk_chars=st.integers(1, 400), max_rows=st.integers(1, 80),
-       max_line_chars=st.integers(30, 300))
+@fuzzed_files(EXAMPLES)
 def test_fuzz_arrow_route_gives_the_row_route_chunks(tmp_path_factory, body, block_chars,
                                                      chunk_rows, chunk_chars, max_rows,
                                                      max_line_chars):
     path = write(tmp_path_factory.mktemp("arrow") / "procedures_20240101.csv", body)
-    limits = replace(LIMITS, max_rows=max_rows, max_line_chars=max_line_chars)
-    saved = reader._BLOCK_CHARS, reader.CHUNK_CHARS
-    reader._BLOCK_CHARS, reader.CHUNK_CHARS = block_chars, chunk_chars
-    try:
-        routes(path, chunk_rows, limits)
-    finally:
-        reader._BLOCK_CHARS, reader.CHUNK_CHARS = saved
+    check_fuzzed(routes, path, block_chars, chunk_rows, chunk_chars, max_rows, max_line_chars)
 
 
 def test_flat_text_frame_is_the_rows_text_frame():

@@ -211,20 +211,35 @@ piece = st.one_of(
 )
 
 
-@settings(max_examples=EXAMPLES, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(body=st.lists(piece, max_size=120).map("".join),
-       block_chars=st.integers(1, 200), chunk_rows=st.integers(1, 12),
-       chunk_chars=st.integers(1, 400), max_rows=st.integers(1, 80),
-       max_line_chars=st.integers(30, 300))
-def test_fuzz_split_route_gives_the_csv_route_chunks(tmp_path_factory, body, block_chars,
-                                                     chunk_rows, chunk_chars, max_rows,
-                                                     max_line_chars):
-    path = write(tmp_path_factory.mktemp("fast") / "procedures_20240101.csv", body)
+# Generated files read with generated block, chunk and limit sizes (test_ingest_arrow_split
+# reuses both): ``fuzzed_files(examples)`` decorates a test taking these arguments.
+def fuzzed_files(examples: int):
+    """Hypothesis settings and strategies of the reader's file fuzz tests."""
+    def decorate(test):
+        return settings(max_examples=examples, deadline=None, suppress_health_check=[
+            HealthCheck.too_slow, HealthCheck.function_scoped_fixture])(given(
+                body=st.lists(piece, max_size=120).map("".join),
+                block_chars=st.integers(1, 200), chunk_rows=st.integers(1, 12),
+                chunk_chars=st.integers(1, 400), max_rows=st.integers(1, 80),
+                max_line_chars=st.integers(30, 300))(test))
+    return decorate
+
+
+def check_fuzzed(check, path: Path, block_chars: int, chunk_rows: int, chunk_chars: int,
+                 max_rows: int, max_line_chars: int) -> None:
+    """Run ``check(path, chunk_rows, limits)`` with the generated block and chunk sizes."""
     limits = replace(LIMITS, max_rows=max_rows, max_line_chars=max_line_chars)
     saved = reader._BLOCK_CHARS, reader.CHUNK_CHARS
     reader._BLOCK_CHARS, reader.CHUNK_CHARS = block_chars, chunk_chars
     try:
-        compare(path, chunk_rows, limits)
+        check(path, chunk_rows, limits)
     finally:
         reader._BLOCK_CHARS, reader.CHUNK_CHARS = saved
+
+
+@fuzzed_files(EXAMPLES)
+def test_fuzz_split_route_gives_the_csv_route_chunks(tmp_path_factory, body, block_chars,
+                                                     chunk_rows, chunk_chars, max_rows,
+                                                     max_line_chars):
+    path = write(tmp_path_factory.mktemp("fast") / "procedures_20240101.csv", body)
+    check_fuzzed(compare, path, block_chars, chunk_rows, chunk_chars, max_rows, max_line_chars)
