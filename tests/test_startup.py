@@ -141,3 +141,30 @@ def test_report_forks_its_reader_with_the_driver_imported(pg_url, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "code 0"
     assert "forked with ['psycopg', 'sqlalchemy.dialects.postgresql']" in lines
+
+
+def test_drafting_yellow_cards_does_not_import_delivery():
+    """The monitor's Yellow Card drafts load neither the outbox nor the mail and web channels.
+
+    ``pipelines.alerts`` resolves its public names on first use, so importing
+    ``pipelines.alerts.regulator`` (every monitor run) stays off ``urllib.request`` and the
+    channels; every public name still resolves, to the object its submodule defines.
+    """
+    code = (
+        "import sys\n"
+        "import pipelines.alerts.regulator\n"
+        "print(sorted(m for m in sys.modules if m in ('urllib.request', "
+        "'pipelines.alerts.channels', 'pipelines.alerts.outbox', 'pipelines.alerts.lifecycle')))\n"
+        "import importlib, pipelines.alerts as alerts\n"
+        "for name in alerts.__all__:\n"
+        "    home = importlib.import_module('pipelines.alerts.' + alerts._HOMES[name])\n"
+        "    assert getattr(alerts, name) is getattr(home, name), name\n"
+        "assert set(alerts.__all__) == set(alerts._HOMES) and set(alerts.__all__) <= set(dir(alerts))\n"
+        "try:\n"
+        "    alerts.no_such_name\n"
+        "except AttributeError:\n"
+        "    print('missing raises')\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["[]", "missing raises"]
