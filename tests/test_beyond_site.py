@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from datetime import date
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -69,7 +70,7 @@ def test_new_operator_and_bad_lot_are_found_and_go_to_the_right_people(
 
 
 def test_no_raw_operator_reference_in_alerts_report_or_exports(registry, sqlite_url, settings_for,
-                                                                tmp_path, monkeypatch):
+                                                                tmp_path, monkeypatch, capsys):
     from pipelines.report import write_report
 
     monkeypatch.setenv("KYPHOWATCH_DEMO", "1")
@@ -100,6 +101,22 @@ def test_no_raw_operator_reference_in_alerts_report_or_exports(registry, sqlite_
     for text in texts:
         leaked = [s for s in secrets if s in text]
         assert not leaked, leaked[:3]
+    # the shared report and the analysts' drill-down carry no operator pseudonym at all:
+    # a training review is for the site's clinical lead (docs/report.md)
+    shared = [p.read_text(errors="replace") for p in (tmp_path / "report").rglob("*")
+              if p.is_file() and p.suffix in (".html", ".csv", ".json", ".svg", ".txt")]
+    capsys.readouterr()
+    assert main(["site", "S001", "--db", sqlite_url, "--json"]) == 0
+    shared.append(capsys.readouterr().out)
+    assert not [t[:80] for t in shared if "OP-" in t or "Training review" in t]
+    # each alert points where its evidence is: devices at the devices page, a training
+    # review at the confidential pages' command, never at the shared site page
+    where = {a["kind"]: json.loads(a["payload"])["where"] if isinstance(a["payload"], str)
+             else a["payload"]["where"] for a in _rows(sqlite_url, schema.alert)
+             if a["kind"] in ("training_review", "device")}
+    assert where["device"].startswith(str(Path(settings.report_dir) / "latest" / "devices.html"))
+    assert "kyphowatch beyond-report" in where["training_review"]
+    assert "sites/" not in where["training_review"]
 
 
 def test_each_device_related_event_is_drafted_exactly_once(registry, db_url, settings_for,

@@ -24,6 +24,7 @@ from pipelines.alerts.lifecycle import (
     Condition,
     _as_date,
     where_to_look,
+    where_to_look_confidential,
 )
 from pipelines.settings import Settings
 from pipelines.surveillance.beyond import parse_beyond_site
@@ -82,7 +83,7 @@ def _operator_conditions(conn: sa.Connection, settings: Settings, profile: Profi
             payload={"type": "operator_signal", "site_id": row["site_id"],
                      "operator": row["operator"], "metric": row["metric"],
                      "method": row["method"], "signal_date": signal.isoformat(),
-                     "lines": lines, "where": where_to_look(settings, row["site_id"]),
+                     "lines": lines, "where": where_to_look_confidential(row["site_id"]),
                      **_owner(profile)},
             site_id=row["site_id"], metric=row["metric"],
         ))
@@ -108,10 +109,11 @@ def _device_conditions(conn: sa.Connection, settings: Settings, profile: Profile
             kind=DEVICE,
             dedupe_key=f"device:product:{profile.name}:{row['product']}:{row['metric']}",
             legacy_key=f"device:product:{row['product']}:{row['metric']}",
-            title=f"Device: {row['product']} {metric.label.lower()} above other products",
+            title=f"Product {row['product']}: {metric.label.lower()} above other products",
             payload={"type": "device_product", "product": row["product"],
                      "metric": row["metric"], "signal_date": signal.isoformat(),
-                     "lines": lines, "where": where_to_look(settings, None), **_owner(profile)},
+                     "lines": lines, "where": where_to_look(settings, None, "devices.html"),
+                     **_owner(profile)},
             metric=row["metric"],
         ))
     lots = schema.device_lot_test
@@ -133,7 +135,8 @@ def _device_conditions(conn: sa.Connection, settings: Settings, profile: Profile
                   f"across {row['sites']} sites",
             payload={"type": "device_lot", "product": row["product"], "lot": row["lot"],
                      "metric": row["metric"], "signal_date": signal.isoformat(),
-                     "lines": lines, "where": where_to_look(settings, None), **_owner(profile)},
+                     "lines": lines, "where": where_to_look(settings, None, "devices.html"),
+                     **_owner(profile)},
             metric=row["metric"],
         ))
     return conditions

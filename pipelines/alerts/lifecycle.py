@@ -202,17 +202,30 @@ def _as_date(value: Any) -> date | None:
     return date.fromisoformat(str(value)[:10])
 
 
-def where_to_look(settings: Settings, site_id: str | None) -> str:
+def where_to_look(settings: Settings, site_id: str | None, page: str | None = None) -> str:
     """Return where a reader finds the report page behind an alert about ``site_id``.
 
     ``report_base_url`` is where the report directory is served (the Airflow plugin serves
     it at ``<airflow>/kyphowatch/report``); ``latest`` always points at the newest report.
+    ``page`` names a network page of the report instead (``devices.html``).
     """
-    page = f"latest/sites/{site_id}.html" if site_id else "latest/index.html"
+    if page is None:
+        page = f"sites/{site_id}.html" if site_id else "index.html"
+    page = f"latest/{page}"
     if settings.report_base_url:
         return f"{settings.report_base_url.rstrip('/')}/{page}"
     command = f"kyphowatch site {site_id}" if site_id else "kyphowatch report"
     return f"{Path(settings.report_dir) / page} (or run: {command})"
+
+
+def where_to_look_confidential(site_id: str) -> str:
+    """Return where a site's clinical lead finds its confidential operator page.
+
+    Operator pages are never published with the shared report (docs/report.md), so the
+    alert names the command that writes them, not a link everyone could follow.
+    """
+    return (f"operators/{site_id}.html written by: kyphowatch beyond-report --out DIR "
+            "(confidential to the site's clinical lead; not in the shared report)")
 
 
 _SIGNAL_FIELDS = (
