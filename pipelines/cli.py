@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from datetime import date
+from typing import Any
 
 from pipelines.errors import ExternalSystemError, InputRejected, KyphowatchError
 
@@ -138,16 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    real_stdout = sys.stdout
+    sys.stdout = _ReaderMayLeave(real_stdout)
     try:
         code = int(args.handler(args) or 0)
         sys.stdout.flush()
         _skip_final_collection()
         return code
     except BrokenPipeError:
-        # The reader went away (``kyphowatch site S012 | head -1``): stop quietly. Point
-        # stdout at /dev/null so the interpreter's final flush does not complain again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # A write that bypassed the wrapper (to the descriptor's binary buffer) met the
+        # closed pipe and stopped the command midway, as the reader wanted: stop quietly.
+        _silence_stdout(real_stdout)
         return 0
     except KyphowatchError as exc:
         print(f"kyphowatch: error: {exc}", file=sys.stderr)
@@ -172,6 +174,54 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("internal error")
         print(f"kyphowatch: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        sys.stdout = real_stdout
+
+
+class _ReaderMayLeave:
+    """Standard output that outlives its reader (``kyphowatch ingest --json F | head -1``).
+
+    The first write or flush that meets a closed pipe points the descriptor at /dev/null,
+    and the command goes on to its end, so its exit code is the command's own (2 for a
+    rejected file), not lost to the reader's early exit; nothing is printed about it.
+    Everything else is the wrapped stream's.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        """Write ``text``; after the reader has gone, discard it."""
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _silence_stdout(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        """Flush; after the reader has gone, discard what was buffered."""
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _silence_stdout(self._stream)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _silence_stdout(stream: Any) -> None:
+    """Point ``stream``'s descriptor at /dev/null (its reader has gone) and drop its buffer.
+
+    Writing what the buffer still holds to /dev/null also keeps the interpreter's final
+    flush from reporting the broken pipe again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    try:
+        stream.flush()
+    except (BrokenPipeError, ValueError):
+        pass
 
 
 def _warehouse_failed(exc: BaseException) -> bool:

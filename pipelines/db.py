@@ -8,6 +8,7 @@ opening their own.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,21 +18,54 @@ import sqlalchemy as sa
 from pipelines import schema
 from pipelines.errors import ExternalSystemError
 
+_URL_FORMS = ("sqlite:///relative/path.db, sqlite:////absolute/path.db or "
+              "postgresql://user@host:5432/database")
+
+
+def warehouse_url(db_url: str) -> sa.URL:
+    """Return ``db_url`` parsed, or raise ConfigError (exit 3) saying what a URL looks like.
+
+    A bare path (``--db w.db``), an unknown scheme (``sqlit://``), SQLite with a host
+    (``sqlite://w.db``, two slashes) and an in-memory SQLite database (``sqlite://``,
+    ``sqlite:///``, ``:memory:``) are mistakes, not warehouses: the last would load a file,
+    report success and lose everything when the process exits.
+    """
+    from pipelines.errors import ConfigError
+
+    try:
+        url = sa.make_url(db_url)
+    except sa.exc.ArgumentError:
+        raise ConfigError(f"--db / KYPHOWATCH_DB_URL {redact_url(db_url)!r} is not a database URL; "
+                          f"write {_URL_FORMS}") from None
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(f"--db / KYPHOWATCH_DB_URL: unknown database {backend!r} in "
+                          f"{redact_url(db_url)}; write {_URL_FORMS}")
+    if backend == "sqlite":
+        if url.host:
+            raise ConfigError(f"--db / KYPHOWATCH_DB_URL {db_url!r}: a SQLite URL has no host; "
+                              f"did you mean sqlite:///{url.host}{'/' + url.database if url.database else ''}?")
+        if not url.database or url.database == ":memory:" or url.database.startswith("file::memory:"):
+            raise ConfigError(f"--db / KYPHOWATCH_DB_URL {db_url!r} is an in-memory SQLite "
+                              "database, which is lost when the command exits; name a file: "
+                              "sqlite:///path/to/warehouse.db")
+    return url
+
 
 def require_warehouse(db_url: str) -> None:
     """Raise ConfigError (exit 3) when ``db_url`` names a SQLite file that does not exist.
 
-    Read commands (``sites``, ``site``, ``report``, ``alerts list``) call this first: a typo
-    in ``--db`` must be an error naming the path, never a new, empty warehouse.
+    Every command but ``ingest`` calls this first (``sites``, ``site``, ``report``,
+    ``monitor``, every ``alerts`` action, ``regulator``, ``runs``, ``beyond-report``): a
+    typo in ``--db`` must be an error naming the path, never a new, empty warehouse.
     """
     from pipelines.errors import ConfigError
 
-    url = sa.make_url(db_url)
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        if not Path(url.database).is_file():
-            raise ConfigError(f"no warehouse at {url.database} (a read command never creates "
-                              "one: check --db or KYPHOWATCH_DB_URL, or load data with "
-                              "kyphowatch ingest first)")
+    url = warehouse_url(db_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database).is_file():
+        raise ConfigError(f"no warehouse at {url.database} (a read command never creates "
+                          "one: check --db or KYPHOWATCH_DB_URL, or load data with "
+                          "kyphowatch ingest first)")
 
 
 def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
@@ -40,10 +74,16 @@ def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
     For SQLite the parent directory is created and the journal is WAL, so a reader (the
     CLI, a report) never blocks a loader.
     """
-    url = sa.make_url(db_url)
+    url = warehouse_url(db_url)
     if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from pipelines.errors import ConfigError
+
+            raise ConfigError(f"cannot create the warehouse's folder {folder}: "
+                              f"{exc.strerror or exc}") from None
         engine = sa.create_engine(url, connect_args={"timeout": 60})
 
         @sa.event.listens_for(engine, "connect")
@@ -57,7 +97,14 @@ def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
             url = url.set(drivername="postgresql+psycopg")
         engine = sa.create_engine(url, pool_pre_ping=True)
     if migrate:
-        schema.migrate(engine)
+        try:
+            schema.migrate(engine)
+        except OSError as exc:  # SQLite: the lock file beside the warehouse (a read-only place)
+            from pipelines.errors import ConfigError
+
+            engine.dispose()
+            raise ConfigError(f"cannot write the warehouse {url.database}: "
+                              f"{exc.strerror or exc}") from None
     return engine
 
 
@@ -68,7 +115,7 @@ def load_driver(db_url: str) -> None:
     each child has them instead of importing them again (psycopg and the PostgreSQL
     dialect: 0.1-0.15 s of CPU in each process that opens the warehouse).
     """
-    url = sa.make_url(db_url)
+    url = warehouse_url(db_url)
     if url.drivername == "postgresql":  # as make_engine opens it
         url = url.set(drivername="postgresql+psycopg")
     sa.create_engine(url).dispose()  # an engine connects only when first used
@@ -97,8 +144,15 @@ def open_warehouse(db_url: str, *, migrate: bool = True) -> sa.Engine:
 
 
 def redact_url(db_url: str) -> str:
-    """Return the URL with any password hidden, for logs and messages."""
-    return sa.make_url(db_url).render_as_string(hide_password=True)
+    """Return the URL with any password hidden, for logs and messages.
+
+    Text that does not parse as a URL is returned with anything between ``:`` and ``@``
+    hidden, so an error about a malformed URL never prints its password either.
+    """
+    try:
+        return sa.make_url(db_url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return re.sub(r":[^:@/]*@", ":***@", db_url)
 
 
 @contextmanager

@@ -88,6 +88,53 @@ def test_read_commands_never_create_a_warehouse_and_say_where_they_looked(tmp_pa
     assert not missing.parent.exists()  # no directory, no empty warehouse
 
 
+@pytest.mark.parametrize("db, says", [
+    ("w.db", "is not a database URL"),
+    ("nobody:hunter2@db.example/x", "is not a database URL"),
+    ("sqlite:///", "in-memory SQLite"),
+    ("sqlite://", "in-memory SQLite"),
+    ("sqlite:///:memory:", "in-memory SQLite"),
+    ("sqlit:///w.db", "unknown database 'sqlit'"),
+    ("sqlite://w.db", "did you mean sqlite:///w.db"),
+])
+def test_a_db_that_is_not_a_warehouse_url_is_exit_3(tmp_path, db, says):
+    """Not a traceback (a bare path), not a silent loss (in memory): one line, exit 3."""
+    good = write(tmp_path / "procedures_20240201.csv", csv_text(PROC_HEADER, [proc_row()]))
+    for command in (["ingest", str(good)], ["sites"], ["alerts", "list"]):
+        result = subprocess.run([sys.executable, "-m", "pipelines.cli", *command, "--db", db],
+                                cwd=tmp_path, env=dict(os.environ, KYPHOWATCH_DEMO="1",
+                                                       PYTHONPATH=str(REPO)),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 3, (command, result.stderr)
+        assert says in result.stderr and "Traceback" not in result.stderr
+        assert "hunter2" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["procedures_20240201.csv"]
+
+
+def test_no_command_but_ingest_creates_a_warehouse(tmp_path):
+    missing = tmp_path / "typo" / "warehouse.db"
+    for command in (["alerts", "sync"], ["alerts", "deliver"],
+                    ["alerts", "ack", "abc", "--by", "me", "--reason", "typo"],
+                    ["alerts", "resolve", "abc", "--by", "me", "--reason", "typo"],
+                    ["regulator", "list"], ["runs", "prune", "--keep-days", "30"]):
+        result = run(*command, "--db", f"sqlite:///{missing}", env={"KYPHOWATCH_DEMO": "1"})
+        assert result.returncode == 3, (command, result.stderr)
+        assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert not missing.parent.exists()
+
+
+def test_a_reader_leaving_early_keeps_the_commands_exit_code(tmp_path):
+    """``kyphowatch ingest --json F | head -1`` on a rejected file still exits 2."""
+    bad = write(tmp_path / "procedures_20240202.csv", "a;b;c\n1;2;3\n")
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    shell = (f"{sys.executable} -m pipelines.cli ingest --json --db {db} {bad} | true; "
+             "exit ${PIPESTATUS[0]}")
+    piped = subprocess.run(["bash", "-c", shell], cwd=REPO, capture_output=True, text=True,
+                           env=dict(os.environ, KYPHOWATCH_DEMO="1"), timeout=300)
+    assert piped.returncode == 2, piped.stderr
+    assert "BrokenPipe" not in piped.stderr and "Traceback" not in piped.stderr
+
+
 def test_broken_pipe_is_quiet_and_future_dates_are_rejected(tmp_path):
     good = write(tmp_path / "procedures_20240201.csv",
                  csv_text(PROC_HEADER, [proc_row(f"P{i}") for i in range(1, 40)]))

@@ -18,7 +18,16 @@ from pipelines.settings import load_settings
 
 
 def _settings(args: argparse.Namespace):
-    return load_settings(db_url=args.db)
+    """Return the settings for ``--db``, once the warehouse is known to exist.
+
+    Every alerts action reads or changes alerts that only an existing warehouse holds: a
+    typo in ``--db`` is exit 3 naming the path, never a new, empty warehouse.
+    """
+    from pipelines.db import require_warehouse
+
+    settings = load_settings(db_url=args.db)
+    require_warehouse(settings.db_url)
+    return settings
 
 
 def _json_default(value: Any) -> str:
@@ -29,16 +38,8 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=_json_default))
 
 
-def _read_settings(args: argparse.Namespace):
-    from pipelines.db import require_warehouse
-
-    settings = _settings(args)
-    require_warehouse(settings.db_url)
-    return settings
-
-
 def _list(args: argparse.Namespace) -> int:
-    alerts = lifecycle.list_alerts(_read_settings(args), state=args.state, kind=args.kind)
+    alerts = lifecycle.list_alerts(_settings(args), state=args.state, kind=args.kind)
     if args.site:
         alerts = [a for a in alerts if a["site_id"] == args.site.strip().upper()]
     if args.json:
@@ -59,7 +60,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    detail = lifecycle.alert_detail(_read_settings(args), args.id)
+    detail = lifecycle.alert_detail(_settings(args), args.id)
     if args.json:
         _print_json(detail)
         return 0
