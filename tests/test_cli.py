@@ -116,11 +116,34 @@ def test_no_command_but_ingest_creates_a_warehouse(tmp_path):
     for command in (["alerts", "sync"], ["alerts", "deliver"],
                     ["alerts", "ack", "abc", "--by", "me", "--reason", "typo"],
                     ["alerts", "resolve", "abc", "--by", "me", "--reason", "typo"],
-                    ["regulator", "list"], ["runs", "prune", "--keep-days", "30"]):
+                    ["regulator", "list"], ["runs", "prune", "--keep-days", "30"],
+                    ["monitor"], ["beyond-report", "--out", str(tmp_path / "beyond")]):
         result = run(*command, "--db", f"sqlite:///{missing}", env={"KYPHOWATCH_DEMO": "1"})
         assert result.returncode == 3, (command, result.stderr)
         assert str(missing) in result.stderr and "Traceback" not in result.stderr
     assert not missing.parent.exists()
+
+
+def test_report_out_must_be_a_directory(tmp_path):
+    """``--out`` naming a file, or empty (the current directory), is exit 2 before any work;
+    a place that cannot be created is exit 3 naming it."""
+    good = write(tmp_path / "procedures_20240201.csv", csv_text(PROC_HEADER, [proc_row()]))
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    assert run("ingest", "--db", db, str(good), env={"KYPHOWATCH_DEMO": "1"}).returncode == 0
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for command in ("report", "beyond-report"):
+        for out, code, says in ((str(a_file), 2, "is not a directory"),
+                                ("", 2, "empty --out"),
+                                (str(a_file / "below"), 3, "cannot create the output directory")):
+            result = subprocess.run([sys.executable, "-m", "pipelines.cli", command, "--db", db,
+                                     "--out", out], cwd=tmp_path, capture_output=True, text=True,
+                                    env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+            assert result.returncode == code, (command, out, result.stderr)
+            assert says in result.stderr and "Traceback" not in result.stderr
+    assert a_file.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("w.db")) == [
+        "a_file", "procedures_20240201.csv"]
 
 
 def test_a_reader_leaving_early_keeps_the_commands_exit_code(tmp_path):

@@ -31,7 +31,18 @@ from typing import Any
 import sqlalchemy as sa
 
 from pipelines import schema
-from pipelines.report.common import CSS, SITE_RE, _esc, _num, _page, _pct, csv_text, figure
+from pipelines.report.common import (
+    CSS,
+    SITE_RE,
+    _esc,
+    _num,
+    _page,
+    _pct,
+    csv_text,
+    figure,
+    output_directory,
+    prepare_output_directory,
+)
 from pipelines.report.svgplot import forest
 from pipelines.settings import Settings, load_settings
 
@@ -360,7 +371,12 @@ def write_beyond_pages(settings: Settings, out_dir: Path) -> dict[str, Any]:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    result = write_beyond_pages(load_settings(db_url=args.db), Path(args.out))
+    from pipelines.db import require_warehouse
+
+    settings = load_settings(db_url=args.db)
+    require_warehouse(settings.db_url)
+    prepare_output_directory(args.out)
+    result = write_beyond_pages(settings, args.out)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -370,6 +386,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "beyond-report", help="pages for products, cement lots and (confidential) operators")
     parser.add_argument("--db", help="warehouse URL (default: KYPHOWATCH_DB_URL)")
-    parser.add_argument("--out", default="var/beyond", help="output directory")
+    parser.add_argument("--out", type=output_directory, default="var/beyond",
+                        help="output directory")
     parser.set_defaults(handler=_handle)
 

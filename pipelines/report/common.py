@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import re
 from datetime import date
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,36 @@ a:focus{outline:3px solid #111;outline-offset:1px}
 @media print{nav{display:none}a{color:#000;text-decoration:none}
 .st-alarm,.st-watch,.st-under_reporting,.st-immature{background:none}h2{break-before:auto}
 svg.chart{break-inside:avoid}.scroll{overflow:visible}}"""
+
+
+def output_directory(text: str) -> Path:
+    """Return ``--out`` as a directory path, for argparse (``type=``): exit 2 if it cannot be.
+
+    An empty value would write into the current directory (a repository root, say) and an
+    existing file cannot hold pages: both are refused here, before any reading.
+    """
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty --out would write into the current "
+                                         "directory; name the report's directory")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return path
+
+
+def prepare_output_directory(path: Path) -> None:
+    """Create ``path`` (and its parents) or raise ConfigError (exit 3) saying why not."""
+    from pipelines.errors import ConfigError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output directory {path}: "
+                          f"{exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write into the output directory {path}: permission denied")
 
 
 # -- small HTML helpers -------------------------------------------------------------------

@@ -19,6 +19,8 @@ from pipelines.report.beyond import overview_section, read_beyond, render_device
 from pipelines.report.common import (
     SITE_RE,
     _page,
+    output_directory,
+    prepare_output_directory,
 )
 from pipelines.report.data import ReportData
 from pipelines.report.funnels import build_funnel_templates, funnels_page
@@ -398,7 +400,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "methods) into a directory; it works offline and opens from disk.",
     )
     parser.add_argument("--db", help="warehouse URL (default: KYPHOWATCH_DB_URL)")
-    parser.add_argument("--out", type=Path,
+    parser.add_argument("--out", type=output_directory,
                         help="write into this directory only (default: publish into the "
                         "report dir as <as-of>/ and move the latest link if newest)")
     parser.add_argument("--as-of", help="evaluate as of this date (default: newest procedure)")
@@ -413,6 +415,7 @@ def _handle(args: argparse.Namespace) -> int:
     require_warehouse(settings.db_url)
     as_of = parse_as_of(args.as_of)
     if args.out:
+        prepare_output_directory(args.out)
         path = write_report(settings, args.out, as_of)
     else:
         path = publish_report(settings, as_of)

@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     site = subparsers.add_parser(
         "site", help="drill down into one site's metrics and signals",
-        description="Per metric: status, mature units, events, rate with exact 95%% CI, "
+        description="Per metric: status, mature units, events, rate with exact 95% CI, "
         "baseline, observed/expected, CUSUM values against their thresholds, funnel position; "
         "then signals, alerts, case mix and recent complications (the report's site page).",
     )
@@ -115,9 +115,11 @@ SIGNAL_HEADERS = ["site", "metric", "method", "dir", "category", "episode", "sig
 
 def handle_monitor(args: argparse.Namespace) -> int:
     """Run and store the monitor; print active signals (or JSON)."""
+    from pipelines.db import require_warehouse
     from pipelines.surveillance.engine import run_monitor
 
     settings = load_settings(db_url=args.db)
+    require_warehouse(settings.db_url)  # a typo in --db is not a new, empty warehouse
     result = run_monitor(settings, parse_as_of(args.as_of))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
