@@ -175,9 +175,10 @@ def long_paths(x: np.ndarray, y: np.ndarray, bounds, frames: np.ndarray, left: i
     series = np.repeat(np.arange(len(sizes)), sizes)
     x0, x1, y0, y1 = (np.repeat(np.asarray(frames[:, i], dtype=float), sizes)
                       for i in range(4))
-    sx = left + (x - x0) / (x1 - x0) * plot_w
-    sy = top + plot_h - (np.minimum(np.maximum(y, y0), y1) - y0) / (y1 - y0) * plot_h
-    ok = np.isfinite(x) & np.isfinite(y)
+    with np.errstate(invalid="ignore", divide="ignore"):  # frames of empty lines: NaN
+        sx = left + (x - x0) / (x1 - x0) * plot_w
+        sy = top + plot_h - (np.minimum(np.maximum(y, y0), y1) - y0) / (y1 - y0) * plot_h
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(sx) & np.isfinite(sy)
     for values in (sx, sy):  # _tenths' conditions, point by point
         scaled = values * 10.0
         fraction = scaled - np.floor(scaled)
