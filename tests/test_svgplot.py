@@ -316,3 +316,10 @@ def test_long_paths_keep_each_line_to_itself():
         sx = 64 + (x[a:b] - x0) / (x1 - x0) * 640
         sy = 30 + 198 - (np.minimum(np.maximum(y[a:b], y0), y1) - y0) / (y1 - y0) * 198
         assert text == _long_path(sx, sy) and text.count(" ") == 1
+    # one line of one point, of two points: every point, as the chart writes it
+    for n, frame in ((1, [-1.0, 1.0, 0.0, 1.05]), (2, [0.0, 1.0, 0.0, 1.05])):
+        x, y = np.arange(n, dtype=float), np.arange(n, dtype=float)
+        (text,) = long_paths(x, y, [0, n], np.array([frame]), 64, 30, 640, 198)
+        asked = []
+        assert _line_chart(x, y, 1.0, frame, text, asked) == _line_chart(x, y, 1.0)
+        assert tuple(asked[0][:4]) == tuple(frame) and text.count(",") == n

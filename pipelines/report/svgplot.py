@@ -202,7 +202,9 @@ def long_paths(x: np.ndarray, y: np.ndarray, bounds, frames: np.ndarray, left: i
     inside = (series[kept][1:] == series[kept][:-1]) & long[series[kept][1:]]
     through = (inside[:-1] & inside[1:] & (dx[:-1] * dy[1:] == dy[:-1] * dx[1:])
                & (dx[:-1] * dx[1:] + dy[:-1] * dy[1:] > 0))
-    shown = kept[np.concatenate(([True], ~through, [True]))]
+    middle = np.ones(len(kept), dtype=bool)  # both ends of the whole, of each line too
+    middle[1:-1] = ~through
+    shown = kept[middle]
     parts = np.empty(2 * len(shown), dtype=object)
     parts[0::2] = _tenths_table(",")[tx[shown]]
     parts[1::2] = _tenths_table(" ")[ty[shown]]
