@@ -223,3 +223,103 @@ def test_cloud_draws_each_rounded_dot_once_and_every_one_of_them():
               for px, py in (chart.project(a, b) for a, b in zip(x, y, strict=True))}
     assert len(dots) == len(set(dots)) and set(dots) == places
     assert len(path) < sum(len(f"M{a},{b}h0") for a, b in dots)
+
+
+def _series_cases(seed: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Return CUSUM-like, lattice, flat, random and tiny series of many lengths."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        n = int(rng.choice([0, 1, 2, 3, 40, 99, 100, 101, 399, 400, 401, 650, 1200]))
+        kind = i % 4
+        if kind == 0:  # resting at zero, climbing, resetting
+            y = np.maximum.accumulate(rng.normal(size=n)) * (rng.random(n) < 0.7)
+        elif kind == 1:  # lattice walks: ties, repeats, straight runs, reversals
+            y = np.cumsum(rng.integers(-1, 2, size=n)).astype(float)
+        elif kind == 2:  # flat runs
+            y = np.repeat(rng.integers(0, 3, size=n // 10 + 1), 10)[:n].astype(float)
+        else:
+            y = rng.random(n) * 10
+        cases.append((np.cumsum(rng.integers(1, 4, size=n)).astype(float), y))
+    return cases
+
+
+def test_decimate_many_keeps_what_decimate_keeps_of_each_series():
+    """Thinning every site's series in one pass keeps, series by series, exactly the
+    points decimate keeps (first, lowest, highest and last of each bucket, ties included)."""
+    from pipelines.report.svgplot import decimate_many
+
+    cases = _series_cases(3, 120)
+    bounds = np.concatenate(([0], np.cumsum([len(x) for x, _ in cases])))
+    x = np.concatenate([x for x, _ in cases])
+    y = np.concatenate([y for _, y in cases])
+    keep = decimate_many(x, y, bounds)
+    thinned = 0
+    for i, (xs, ys) in enumerate(cases):
+        want_x, want_y = decimate(xs, ys)
+        a, b = bounds[i], bounds[i + 1]
+        assert x[a:b][keep[a:b]].tolist() == want_x.tolist()
+        assert y[a:b][keep[a:b]].tolist() == want_y.tolist()
+        thinned += len(want_x) < len(xs)
+    assert thinned > 10
+
+
+def test_long_paths_write_each_line_as_the_chart_draws_it():
+    """Lines drawn for every site at once (svgplot.long_paths) give each chart the same
+    ``points`` text, byte for byte, as the chart drawing the line itself, long lines
+    (without straight-through points) and short ones (every point) alike."""
+    from pipelines.report.svgplot import long_paths
+
+    cases = _series_cases(8, 160)
+    bounds = np.concatenate(([0], np.cumsum([len(x) for x, _ in cases])))
+    tops = [max(float(y.max()), 0.5) if len(y) else 1.0 for _, y in cases]
+    # the frame each chart below is drawn in: its x range, 0 to its top, padded by 5 %
+    frames = np.array([[x.min(), x.max(), 0.0, top + (top - 0.0) * 0.05] if len(x) > 1
+                       else [np.nan] * 4 for (x, _), top in zip(cases, tops, strict=True)])
+    texts = long_paths(np.concatenate([x for x, _ in cases]),
+                       np.concatenate([y for _, y in cases]), bounds, frames, 64, 30, 640, 198)
+    made = 0
+    for (x, y), frame, top, text in zip(cases, frames, tops, texts, strict=True):
+        if len(x) < 2:
+            assert text is None
+            continue
+        asked = []
+        assert _line_chart(x, y, top, frame, text, asked) == _line_chart(x, y, top)
+        assert asked and tuple(asked[0][:4]) == tuple(frame)  # the text was used
+        made += text is not None
+    assert made > 100
+
+
+def _line_chart(x, y, top, frame=None, text=None, asked=None) -> str:
+    """Return a chart of one line from 0 to ``top``; with ``frame``, its points text is
+    ``text`` when the chart is drawn in that frame (as CusumSeries.path gives it)."""
+    def drawn(f):
+        asked.append(f)
+        return text if tuple(f[:4]) == tuple(frame) else None
+
+    plot = Chart(title="t", x_label="x", y_label="y", y_min=0.0, y_max=top)
+    plot.line(x, y, drawn=drawn if frame is not None else None)
+    return plot.render()
+
+
+def test_long_paths_keep_each_line_to_itself():
+    """Two lines that continue each other straight on the page stay two lines: each is
+    written as _long_path writes it alone, with both its ends."""
+    from pipelines.report.svgplot import _long_path, long_paths
+
+    x = np.concatenate([np.arange(0, 50.5, 0.5), np.arange(0.5, 50.5, 0.5)])
+    y = np.ones(len(x))
+    frames = np.array([[0.0, 100.0, 0.0, 2.0], [-50.0, 50.0, 0.0, 2.0]])
+    texts = long_paths(x, y, [0, 101, len(x)], frames, 64, 30, 640, 198)
+    for (x0, x1, y0, y1), a, b, text in zip(frames, (0, 101), (101, len(x)), texts,
+                                            strict=True):
+        sx = 64 + (x[a:b] - x0) / (x1 - x0) * 640
+        sy = 30 + 198 - (np.minimum(np.maximum(y[a:b], y0), y1) - y0) / (y1 - y0) * 198
+        assert text == _long_path(sx, sy) and text.count(" ") == 1
+    # one line of one point, of two points: every point, as the chart writes it
+    for n, frame in ((1, [-1.0, 1.0, 0.0, 1.05]), (2, [0.0, 1.0, 0.0, 1.05])):
+        x, y = np.arange(n, dtype=float), np.arange(n, dtype=float)
+        (text,) = long_paths(x, y, [0, n], np.array([frame]), 64, 30, 640, 198)
+        asked = []
+        assert _line_chart(x, y, 1.0, frame, text, asked) == _line_chart(x, y, 1.0)
+        assert tuple(asked[0][:4]) == tuple(frame) and text.count(",") == n

@@ -24,7 +24,7 @@ import numpy as np
 from pipelines.errors import ExternalSystemError
 from pipelines.evidence import MonthSeries
 from pipelines.report.common import SITE_RE, CsvBody, _esc, _pct, rounded_texts
-from pipelines.report.svgplot import EPOCH, Chart, decimate
+from pipelines.report.svgplot import EPOCH, Chart, decimate_many, long_paths
 from pipelines.surveillance.exact_limits import funnel_curves
 
 # Rates below this are "rare": their funnel is drawn as observed against expected counts,
@@ -252,7 +252,81 @@ def pchart_svg(chart: dict[str, Any], site_id: str, title: str, *,
 
 # -- CUSUMs --------------------------------------------------------------------------
 
-class CusumSeries:
+class _Lines:
+    """Every site's line of one chart (``day``, ``statistic``, site ``i``'s points from
+    ``bounds[i]`` to ``bounds[i + 1]``), thinned and written for all sites at once: a
+    report draws the chart for each of its sites, and a dozen numpy calls per site and
+    chart cost more than the drawing (issue 11)."""
+
+    day: np.ndarray
+    statistic: np.ndarray
+    bounds: list[int]
+    _thinned: tuple | None
+    _paths: dict[tuple, tuple[np.ndarray, list[str | None]]]
+
+    def h(self, code: int) -> float | None:
+        """Return the threshold drawn with site ``code``'s line (None: none)."""
+        raise NotImplementedError
+
+    def thinned(self, code: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return the site's points as drawn (:func:`decimate` of its series), thinned for
+        every site at once on the first call."""
+        x, y, bounds = self._thin()
+        return x[bounds[code]:bounds[code + 1]], y[bounds[code]:bounds[code + 1]]
+
+    def _thin(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        if self._thinned is None:
+            days = self.day.astype(float)
+            stat = self.statistic.astype(float)
+            keep = decimate_many(days, stat, self.bounds)
+            sizes = np.diff(self.bounds)
+            kept = np.bincount(np.repeat(np.arange(len(sizes)), sizes)[keep],
+                               minlength=len(sizes))
+            self._thinned = (days[keep], stat[keep],
+                             np.concatenate(([0], np.cumsum(kept))).tolist())
+        return self._thinned
+
+    def path(self, code: int, frame: tuple) -> str | None:
+        """Return the ``points`` text of the site's line in ``frame`` (``x0, x1, y0, y1,
+        left, top, plot_w, plot_h``, see :meth:`Chart.line`), made for every site at once
+        on the first call (:func:`long_paths`), or None: drawn as usual.
+
+        The batch draws each site in the frame its chart would get (its days, 0 to the
+        larger of its highest point and its threshold, padded); a text is used only for
+        that very frame, so any other frame draws the line as before.
+        """
+        layout = tuple(frame[4:])
+        made = self._paths.get(layout)
+        if made is None:
+            made = self._paths[layout] = self._made(*layout)
+        frames, texts = made
+        if code >= len(texts) or texts[code] is None or tuple(frames[code]) != tuple(frame[:4]):
+            return None
+        return texts[code]
+
+    def _made(self, left: int, top: int, plot_w: int, plot_h: int):
+        x, y, bounds = self._thin()
+        sizes = np.diff(bounds)
+        starts = np.asarray(bounds[:-1])[sizes > 0]
+        frames = np.full((len(sizes), 4), np.nan)
+        if len(starts):
+            # Chart._ranges of the charts cusum_svg and tte_svg draw: the line, its
+            # threshold, y from 0
+            x0 = np.minimum.reduceat(x, starts)
+            x1 = np.maximum.reduceat(x, starts)
+            top_y = np.maximum.reduceat(y, starts)
+            h = np.array([self.h(code) for code in np.flatnonzero(sizes > 0).tolist()],
+                         dtype=float)
+            top_y = np.where(np.isnan(h), top_y, np.maximum(top_y, h))
+            flat = x1 == x0
+            x0, x1 = np.where(flat, x0 - 1, x0), np.where(flat, x1 + 1, x1)
+            top_y = np.where(top_y == 0.0, 1.0, top_y)
+            frames[sizes > 0] = np.column_stack(
+                [x0, x1, np.zeros(len(x0)), top_y + (top_y - 0.0) * 0.05])
+        return frames, long_paths(x, y, bounds, frames, left, top, plot_w, plot_h)
+
+
+class CusumSeries(_Lines):
     """One CUSUM chart's points for every site, indexed once: a report draws the chart
     for each of its sites, and finding a site's slice must not cost a pass over them all."""
 
@@ -265,6 +339,36 @@ class CusumSeries:
         self.statistic = np.asarray(chart["statistic"])
         self.signal = np.asarray(chart["signal"])
         self.h_sites = np.asarray(chart.get("h_sites", []), dtype=float)
+        self._thinned = None
+        self._paths: dict[tuple, tuple[np.ndarray, list[str | None]]] = {}
+
+    def h(self, code: int) -> float | None:
+        """Return the site's threshold (the chart's where the site has none)."""
+        h_sites = self.h_sites
+        return (float(h_sites[code]) if code < len(h_sites) and np.isfinite(h_sites[code])
+                else self.chart.get("h"))
+
+
+class TteSeries(_Lines):
+    """One time-to-event CUSUM's series for every site, in one array (:class:`_Lines`)."""
+
+    def __init__(self, chart: dict[str, Any]) -> None:
+        series = chart.get("series") or {}
+        self.code = {site: i for i, site in enumerate(series)}
+        parts = list(series.values())
+        self.bounds = np.concatenate(([0], np.cumsum([len(p["day"]) for p in parts],
+                                                     dtype=np.int64))).tolist()
+        self.day = (np.concatenate([np.asarray(p["day"], dtype=float) for p in parts])
+                    if parts else np.zeros(0))
+        self.statistic = (np.concatenate([np.asarray(p["statistic"], dtype=float)
+                                          for p in parts]) if parts else np.zeros(0))
+        self._h = [p.get("h") for p in parts]
+        self._thinned = None
+        self._paths = {}
+
+    def h(self, code: int) -> float | None:
+        """Return the site's threshold (None: none)."""
+        return self._h[code]
 
 
 def _csv_of(columns: dict[str, Any], *, encoded: bool = False) -> str | memoryview:
@@ -435,9 +539,7 @@ def cusum_svg(chart: dict[str, Any], site_id: str, title: str,
     days = series.day[start:stop].astype(float)
     stat = series.statistic[start:stop].astype(float)
     fired = series.signal[start:stop].astype(bool)
-    h_sites = series.h_sites
-    h = float(h_sites[code]) if code < len(h_sites) and np.isfinite(h_sites[code]) else (
-        chart.get("h"))
+    h = series.h(code)
     x_label = ("date the outcome was known" if chart.get("order") == "outcome known"
                else "index date (procedure, or first procedure per patient)")
     crossings = _iso_days(days[fired])
@@ -448,8 +550,10 @@ def cusum_svg(chart: dict[str, Any], site_id: str, title: str,
     plot = Chart(title=title, x_label=x_label,
                  y_label="CUSUM statistic (log-likelihood ratio)", x_scale="date", y_min=0.0,
                  description=description)
-    x, y = decimate(days, stat)
-    plot.line(x, y, label="CUSUM", width=1.1)
+    # thinned and its path text made for every site of the chart at once
+    x, y = series.thinned(code)
+    plot.line(x, y, label="CUSUM", width=1.1,
+              drawn=lambda frame: series.path(code, frame))
     if h is not None:
         plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
     if fired.any():
@@ -458,13 +562,14 @@ def cusum_svg(chart: dict[str, Any], site_id: str, title: str,
     return plot.render()
 
 
-def tte_svg(chart: dict[str, Any], site_id: str, title: str) -> str | None:
+def tte_svg(chart: dict[str, Any], site_id: str, title: str,
+            lines: TteSeries | None = None) -> str | None:
     """Return one site's time-to-event CUSUM (partial follow-up) with its threshold (its
-    data: :func:`tte_csv`)."""
+    data: :func:`tte_csv`); ``lines``: the chart's :class:`TteSeries` (made here when not
+    given)."""
     series = (chart.get("series") or {}).get(site_id)
     if not series or not len(series["day"]):
         return None
-    days = np.asarray(series["day"], dtype=float)
     stat = np.asarray(series["statistic"], dtype=float)
     h = series.get("h")
     plot = Chart(title=title, x_label="calendar date (events counted on their day)",
@@ -474,8 +579,12 @@ def tte_svg(chart: dict[str, Any], site_id: str, title: str) -> str | None:
                              f"{stat[-1]:.2f}"
                              + (f" against the threshold h = {h:.3f}." if h is not None
                                 else "."))
-    x, y = decimate(days, stat)
-    plot.line(x, y, label="time-to-event CUSUM", width=1.1)
+    # thinned and its path text made for every site of the chart at once
+    lines = lines or TteSeries(chart)
+    code = lines.code[site_id]
+    x, y = lines.thinned(code)
+    plot.line(x, y, label="time-to-event CUSUM", width=1.1,
+              drawn=lambda frame: lines.path(code, frame))
     if h is not None:
         plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
     return plot.render()

@@ -307,7 +307,7 @@ class ReportData:
             self.recent_oe = evidence.recent_observed_expected(self.months)
         # CSV files written beside the pages: {relative path: text}
         self.files: dict[str, str] = {}
-        self._cusum_series: dict[str, Any] = {}
+        self._cusum_series: dict[Any, Any] = {}  # by CUSUM key, ("tte", metric)
 
     def _read(self, settings: Settings, as_of: date | None) -> None:
         """Read the run here and the rest in threads (``result``, ``as_of``, ``quality``,
@@ -411,6 +411,17 @@ class ReportData:
         series = self._cusum_series.get(key)
         if series is None:
             series = self._cusum_series[key] = CusumSeries(self.result.charts["cusum"][key])
+        return series
+
+    def tte_series(self, metric: str):
+        """Return the run's time-to-event CUSUM of ``metric`` for every site (once per
+        report)."""
+        from pipelines.report.charts import TteSeries
+
+        series = self._cusum_series.get(("tte", metric))
+        if series is None:
+            series = self._cusum_series[("tte", metric)] = TteSeries(
+                self.result.charts["tte"][metric])
         return series
 
 

@@ -309,7 +309,8 @@ def _metric_section(data: ReportData, site_id: str, m: dict[str, Any], payload, 
                            key, f"{site_id} {label}, {name} {chart['direction']}")
     if metric_id in charts.get("tte", {}):
         figures.add_series(tte_svg(charts["tte"][metric_id], site_id,
-                                   f"{site_id} {label}: time-to-event CUSUM, more events (up)"),
+                                   f"{site_id} {label}: time-to-event CUSUM, more events (up)",
+                                   data.tte_series(metric_id)),
                            f"{metric_id}:tte", f"{site_id} {label}, time-to-event CUSUM")
     for window in FUNNEL_WINDOWS:
         template = data.funnel_templates.get((metric_id, window))
