@@ -124,6 +124,29 @@ def test_no_command_but_ingest_creates_a_warehouse(tmp_path):
     assert not missing.parent.exists()
 
 
+def test_drilldown_says_when_extracts_were_loaded_after_the_stored_run(tmp_path):
+    """A site loaded after the monitor ran is not 'unknown' without a word about why."""
+    first = write(tmp_path / "a" / "procedures_20240201.csv",
+                  csv_text(PROC_HEADER, [proc_row(f"P{i}") for i in range(1, 6)]))
+    later = write(tmp_path / "b" / "procedures_20240202.csv",
+                  csv_text(PROC_HEADER, [proc_row(f"Q{i}", site="S007") for i in range(1, 6)]))
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    env = {"KYPHOWATCH_DEMO": "1"}
+    assert run("ingest", "--db", db, str(first), env=env).returncode == 0
+    assert run("monitor", "--db", db, env=env).returncode == 0
+    fresh = run("sites", "--db", db, env=env)
+    assert fresh.returncode == 0 and "note:" not in fresh.stderr
+    assert run("ingest", "--db", db, str(later), env=env).returncode == 0
+    stale = run("site", "S007", "--db", db, env=env)
+    assert stale.returncode == 2
+    assert "not in the monitor run as of 2024-01-05" in stale.stderr
+    assert "extracts loaded since" in stale.stderr and "kyphowatch monitor" in stale.stderr
+    assert "extracts loaded since" in run("sites", "--db", db, env=env).stderr
+    assert run("monitor", "--db", db, env=env).returncode == 0
+    again = run("site", "S007", "--db", db, env=env)
+    assert again.returncode == 0 and "note:" not in again.stderr, again.stderr
+
+
 def test_report_out_must_be_a_directory(tmp_path):
     """``--out`` naming a file, or empty (the current directory), is exit 2 before any work;
     a place that cannot be created is exit 3 naming it."""

@@ -157,10 +157,23 @@ def _evidence(args: argparse.Namespace, site: str | None = None, status: bool = 
         wanted, result = runs.read_stored(conn, profile, parse_as_of(args.as_of), sites=[],
                                           charts=False, site=site, status=status)
         if result is not None:
+            _say_if_loaded_after(conn, result)
             return _with_facts(settings, profile, result, site, conn)
     with _collector(True):  # the monitor's frames and models do make cycles
         result = runs.compute_and_read(settings, profile, wanted, sites=[], charts=False)
     return _with_facts(settings, profile, result, site, None)
+
+
+def _say_if_loaded_after(conn, result) -> None:
+    """Note on stderr when extracts were loaded after the stored run being shown."""
+    from pipelines.surveillance import runs
+
+    later = runs.loaded_after_run(conn, result.run_key)
+    if later is not None:
+        stored, loaded = later
+        print(f"kyphowatch: note: the monitor run as of {result.as_of.isoformat()} was stored "
+              f"{stored:%Y-%m-%d %H:%M} UTC; extracts loaded since ({loaded:%Y-%m-%d %H:%M} "
+              "UTC) are not in it until `kyphowatch monitor` runs again", file=sys.stderr)
 
 
 def _with_facts(settings, profile, result, site: str | None, conn):
@@ -328,8 +341,9 @@ def handle_site(args: argparse.Namespace) -> int:
     result, profile, facts, complications = _evidence(args, site)
     known_sites = {m["site_id"] for m in result.site_metrics}
     if site not in known_sites:
-        raise InputRejected(f"unknown site {args.site_id!r}: no procedures from it up to "
-                            f"{result.as_of.isoformat()}")
+        raise InputRejected(f"unknown site {args.site_id!r}: not in the monitor run as of "
+                            f"{result.as_of.isoformat()} (no procedures from it up to that "
+                            "date when the run was stored)")
     if args.metric:
         known = [m.id for m in profile.metrics]
         if args.metric not in known:

@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -655,6 +655,29 @@ def _nan_floats_2d(values: list) -> np.ndarray:
 
     return np.asarray([[np.nan if v is None else v for v in row] for row in values],
                       dtype=float)
+
+
+def loaded_after_run(conn: sa.Connection, run_key: str) -> tuple[datetime, datetime] | None:
+    """Return ``(stored, loaded)`` when an extract changed the warehouse after the run was stored.
+
+    ``stored`` is the run's ``computed_at``, ``loaded`` the newest file that inserted or
+    updated rows (``file_ledger``). A reader of the stored run (``sites``, ``site``) says so:
+    the run does not include those rows until the monitor runs again. None when nothing
+    was loaded since (or the run is not stored).
+    """
+    from pipelines.schema import file_ledger
+
+    stored = conn.execute(sa.select(monitor_run.c.computed_at)
+                          .where(monitor_run.c.run_key == run_key)).scalar()
+    loaded = conn.execute(
+        sa.select(sa.func.max(file_ledger.c.processed_at))
+        .where(file_ledger.c.status == "loaded",
+               file_ledger.c.rows_inserted + file_ledger.c.rows_updated > 0)).scalar()
+    if stored is None or loaded is None:
+        return None
+    # SQLite hands timestamps back without their zone; they are stored in UTC
+    stored, loaded = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (stored, loaded))
+    return (stored, loaded) if loaded > stored else None
 
 
 def newest_procedure_date(conn: sa.Connection) -> date | None:
