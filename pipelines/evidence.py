@@ -24,6 +24,7 @@ recent-complication list carries only date, type, severity and level.
 
 from __future__ import annotations
 
+import re
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import date
@@ -175,6 +176,17 @@ def read_site_facts(settings: Settings, as_of: date | None, *, site: str | None 
             "history": audit.get(a["alert_id"], []),
         })
     return facts
+
+
+def readable_stamp(stamp: Any) -> str:
+    """Return an extract stamp (``20261031T000000``) or timestamp as ``2026-10-31 [HH:MM]``."""
+    if not stamp:
+        return "-"
+    text = str(stamp)
+    if re.fullmatch(r"\d{8}T\d{6}.*", text):
+        text = f"{text[:4]}-{text[4:6]}-{text[6:8]} {text[9:11]}:{text[11:13]}"
+    text = text[:16].replace("T", " ")
+    return text.removesuffix(" 00:00")
 
 
 def iso(value: Any) -> Any:

@@ -151,17 +151,6 @@ def guidance_text(metric) -> str:
     return f"guidance baseline {_pct(b.rate)}"
 
 
-def readable_stamp(stamp: Any) -> str:
-    """Return an extract stamp (``20261031T000000``) or timestamp as ``2026-10-31 [HH:MM]``."""
-    if not stamp:
-        return "-"
-    text = str(stamp)
-    if re.fullmatch(r"\d{8}T\d{6}.*", text):
-        text = f"{text[:4]}-{text[4:6]}-{text[6:8]} {text[9:11]}:{text[11:13]}"
-    text = text[:16].replace("T", " ")
-    return text.removesuffix(" 00:00")
-
-
 def method_name(code: str | None) -> str:
     """Return the readable name of a method or chart code (``funnel_12m``, ``ra_cusum_up``)."""
     if not code:

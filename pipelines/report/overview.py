@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines import evidence
+from pipelines.evidence import readable_stamp
 from pipelines.report.charts import sparkline
 from pipelines.report.common import (
     STATUS_MARK,
@@ -22,7 +23,6 @@ from pipelines.report.common import (
     _pct,
     _table,
     _utc,
-    readable_stamp,
     strength_text,
 )
 from pipelines.report.data import ReportData

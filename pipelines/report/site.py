@@ -22,6 +22,7 @@ import base64
 from typing import Any
 
 from pipelines import evidence
+from pipelines.evidence import readable_stamp
 from pipelines.report.charts import cusum_csv, cusum_svg, pchart_svg, tte_csv, tte_svg, vlad_svg
 from pipelines.report.common import (
     METHOD_NAMES,
@@ -37,7 +38,6 @@ from pipelines.report.common import (
     figure,
     method_name,
     page_bytes,
-    readable_stamp,
     strength_text,
 )
 from pipelines.report.data import ReportData

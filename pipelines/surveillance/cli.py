@@ -414,7 +414,7 @@ def handle_site(args: argparse.Namespace) -> int:
     dq = payload["data_quality"]
     print()
     print(f"data: {dq['procedures']} procedures, last {dq['last_procedure_date']}, newest "
-          f"extract {dq['newest_extract']},")
+          f"extract {evidence.readable_stamp(dq['newest_extract'])},")
     print(f"      {dq['rows_quarantined']} rows quarantined, "
           f"{dq['complications_pending']} complications pending")
     sys.stdout.flush()
