@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipelines.surveillance import threshold_store
+from pipelines.surveillance import funnel, threshold_store
 from pipelines.surveillance.engine import _month_labels, _months_of
 from pipelines.surveillance.outcomes import COVARIATES
 from pipelines.surveillance.risk_model import RiskModel
@@ -65,3 +65,16 @@ def test_a_stored_design_is_parsed_once_and_handed_out_as_fresh_copies():
     assert second[0].tolist() == [0.5, 1.0, 2.0] and second[1].tolist() == [1.0, 10.0, 100.0]
     assert second[0] is not first[0]
     assert store.counts() == {"read": 3, "computed": 0}
+
+
+def test_one_sided_funnel_pvalues_are_exact_binomial_pvalues_sides():
+    rng = np.random.default_rng(11)
+    n = rng.integers(0, 400, (60, 30))
+    n[3] = 0  # a site without units: NaN, as before
+    events = rng.binomial(n, 0.12)
+    for p0 in (0.05, 0.12, 0.3):
+        upper, lower, _ = funnel.exact_binomial_pvalues(events, n, p0)
+        for direction, expected in (("up", upper), ("down", lower)):
+            got = funnel.one_sided_pvalue(events, n, p0, direction)
+            assert np.array_equal(got, expected, equal_nan=True)
+            assert np.isnan(got[3]).all()

@@ -928,11 +928,10 @@ class _Computation:
                 continue
             for test in tests:
                 metric = test["metric"]
-                p_up, _, _ = funnel.exact_binomial_pvalues(
-                    test["events"], test["n"], self._reference(metric, "up"))
-                _, p_down, _ = funnel.exact_binomial_pvalues(
-                    test["events"], test["n"], self._reference(metric, "down"))
-                test["pvals"] = {"up": p_up, "down": p_down}
+                test["pvals"] = {
+                    d: funnel.one_sided_pvalue(test["events"], test["n"],
+                                               self._reference(metric, d), d)
+                    for d in ("up", "down")}
                 test["q"] = {d: np.full(test["n"].shape, np.nan) for d in ("up", "down")}
             candidates = {n_points - 1}
             for j in range(n_points):
