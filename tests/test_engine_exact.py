@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import numpy as np
 import pandas as pd
 
-from pipelines.surveillance import funnel, threshold_store
-from pipelines.surveillance.engine import _month_labels, _months_of
+from pipelines.ingest import ingest_paths
+from pipelines.surveillance import beyond_run, engine, funnel, risk_model, threshold_store
+from pipelines.surveillance.engine import _month_labels, _months_of, run_monitor
 from pipelines.surveillance.outcomes import COVARIATES
 from pipelines.surveillance.risk_model import RiskModel
+from tests.beyond_helpers import write_registry
 
 
 def test_months_of_equals_numpys_calendar_conversion():
@@ -78,3 +82,42 @@ def test_one_sided_funnel_pvalues_are_exact_binomial_pvalues_sides():
             got = funnel.one_sided_pvalue(events, n, p0, direction)
             assert np.array_equal(got, expected, equal_nan=True)
             assert np.isnan(got[3]).all()
+
+
+def test_the_site_charts_reuse_the_device_charts_training_digest_of_the_same_units(
+        tmp_path, sqlite_url, settings_for, monkeypatch):
+    """Every digest handed out (memoised or not) is the digest of the units asked about."""
+    planted = write_registry(tmp_path / "in", days=300)
+    settings = settings_for(sqlite_url)
+    assert ingest_paths(settings, planted["paths"]).exit_code == 0
+    seen = []
+    real = risk_model.shared_training_digest
+
+    def checked(memo, key, units):
+        known = key in memo
+        digest = real(memo, key, units)
+        assert digest == risk_model.training_digest(units), key
+        seen.append((key[0], known))
+        return digest
+
+    monkeypatch.setattr(engine, "shared_training_digest", checked)
+    monkeypatch.setattr(beyond_run, "shared_training_digest", checked)
+    run_monitor(settings, planted["end"] - timedelta(days=1))
+    # the operator charts' cement_leak fit came first; the site charts' read its digest
+    assert ("cement_leak", False) in seen and ("cement_leak", True) in seen
+
+
+def test_a_shared_training_digest_is_recomputed_for_other_units():
+    units = pd.DataFrame({"y": [0, 1, 0, 0], "age_years": [70, 80, 75, 90],
+                          "sex": pd.Categorical(["F", "M", "F", "F"]),
+                          "steroid_use": [False, True, False, False],
+                          "levels_treated": [1, 2, 1, 1],
+                          "indication": pd.Categorical(["osteoporosis"] * 4),
+                          "anaesthesia": pd.Categorical(["local"] * 4), "balloons": [2] * 4})
+    memo: dict = {}
+    first = risk_model.shared_training_digest(memo, ("m", 1), units)
+    assert first == risk_model.training_digest(units)
+    assert risk_model.shared_training_digest(memo, ("m", 1), units) == first
+    other = units.assign(y=[1, 1, 0, 0])  # a late complication: one more event
+    assert risk_model.shared_training_digest(memo, ("m", 1), other) == (
+        risk_model.training_digest(other)) != first

@@ -94,6 +94,7 @@ from pipelines.surveillance.risk_model import (
     RiskModel,
     design_day,
     fitted_risk_model,
+    shared_training_digest,
 )
 from pipelines.surveillance.runs import (
     CoreInBackground,
@@ -494,8 +495,15 @@ class _Computation:
                 before_quarter = self.profile.design.risk_refit == "quarterly"
                 trained = self._risk_training(metric, is_mature, all_index_day)
                 training = everyone[["y", "index_day", *COVARIATES]].loc[trained]
+                # The operator/device charts (computed first) digested the same training
+                # units of this snapshot: the units known before the quarter began.
+                digest = (shared_training_digest(
+                    self.snapshot.training_digests,
+                    (metric.id, "known before", design_day(self.as_of_day)), training)
+                    if before_quarter else None)
                 model = fitted_risk_model(metric.id, training.reset_index(drop=True), p0,
-                                          min_events=self.profile.design.risk_min_events)
+                                          min_events=self.profile.design.risk_min_events,
+                                          digest=digest)
                 del training
                 self.models[metric.id] = model.to_dict()
                 # A unit's risk depends on its own covariates only: predicted once for all.
