@@ -44,9 +44,11 @@ from pipelines.surveillance.outcomes import (
 )
 from pipelines.surveillance.profile import Profile
 from pipelines.surveillance.risk_model import (
+    design_day,
     fit_risk_model,
     fitted_risk_model,
     known_before_quarter,
+    shared_training_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -172,8 +174,13 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
         # Only the columns the fit reads: the training rows are copied.
         training = known_before_quarter(units[["y", "index_day", *COVARIATES]],
                                         metric.window_days, snapshot.as_of_day)
+        # Digested once per snapshot: the site charts fit on the same training units.
+        digest = shared_training_digest(
+            snapshot.training_digests,
+            (metric.id, "known before", design_day(snapshot.as_of_day)), training)
         model = fitted_risk_model(metric.id, training.reset_index(drop=True),
-                                  calibration_rate(metric, training), min_events=min_events)
+                                  calibration_rate(metric, training), min_events=min_events,
+                                  digest=digest)
         del training
     else:
         # every_run: fitted on, and calibrated to the observed rate of, every mature unit.

@@ -94,6 +94,7 @@ from pipelines.surveillance.risk_model import (
     RiskModel,
     design_day,
     fitted_risk_model,
+    shared_training_digest,
 )
 from pipelines.surveillance.runs import (
     CoreInBackground,
@@ -329,10 +330,25 @@ def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
+def _months_of(day: np.ndarray) -> np.ndarray:
+    """Return each epoch day's month number (months since 1970-01, as ``datetime64[M]``).
+
+    The same integers as ``day.astype("datetime64[D]").astype("datetime64[M]")``, looked up
+    in a table of the few hundred distinct days: numpy's calendar conversion per unit cost
+    about twice the lookup on a million units, and each metric converts its units twice.
+    """
+    day = np.asarray(day, dtype=np.int64)
+    if not len(day):
+        return day.copy()
+    low = int(day.min())
+    table = (np.arange(low, int(day.max()) + 1, dtype=np.int64).astype("datetime64[D]")
+             .astype("datetime64[M]").astype(np.int64))
+    return table[day - low]
+
+
 def _month_labels(day: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Return (month index per day, 'YYYY-MM' label per month index) for epoch days."""
-    months = np.asarray(day, dtype=np.int64).astype("datetime64[D]").astype("datetime64[M]")
-    codes = months.astype(np.int64)
+    codes = _months_of(day)
     if not len(codes):
         return codes, []
     first = int(codes.min())
@@ -477,20 +493,30 @@ class _Computation:
                 # Only the columns and rows the fit reads, copied once (the mature units
                 # and then their training rows, two copies, were a first run's peak).
                 before_quarter = self.profile.design.risk_refit == "quarterly"
-                training = everyone[["y", "index_day", *COVARIATES]].loc[
-                    self._risk_training(metric, is_mature, all_index_day)]
+                trained = self._risk_training(metric, is_mature, all_index_day)
+                training = everyone[["y", "index_day", *COVARIATES]].loc[trained]
+                # The operator/device charts (computed first) digested the same training
+                # units of this snapshot: the units known before the quarter began.
+                digest = (shared_training_digest(
+                    self.snapshot.training_digests,
+                    (metric.id, "known before", design_day(self.as_of_day)), training)
+                    if before_quarter else None)
                 model = fitted_risk_model(metric.id, training.reset_index(drop=True), p0,
-                                          min_events=self.profile.design.risk_min_events)
+                                          min_events=self.profile.design.risk_min_events,
+                                          digest=digest)
+                del training
                 self.models[metric.id] = model.to_dict()
+                # A unit's risk depends on its own covariates only: predicted once for all.
+                all_risk = model.predict(everyone)
                 if before_quarter:
                     self.models[metric.id]["trained_on"] = (
                         f"units known before {day_to_date(design_day(self.as_of_day))}")
                     # The RA-CUSUM's h is simulated over the training case mix: one design
                     # (and one stored h) per quarter, however many days are added to it.
-                    self.design_risks[metric.id] = model.predict(training)
-                del training
-                # A unit's risk depends on its own covariates only: predicted once for all.
-                all_risk = model.predict(everyone)
+                    # predict works unit by unit (elementwise), so the training units' risks
+                    # are their entries of all_risk, bit for bit: not predicted twice.
+                    self.design_risks[metric.id] = all_risk[trained]
+                del trained
                 expected_risk = all_risk[is_mature]
         else:
             expected_risk = np.full(n_units, p0)
@@ -910,11 +936,10 @@ class _Computation:
                 continue
             for test in tests:
                 metric = test["metric"]
-                p_up, _, _ = funnel.exact_binomial_pvalues(
-                    test["events"], test["n"], self._reference(metric, "up"))
-                _, p_down, _ = funnel.exact_binomial_pvalues(
-                    test["events"], test["n"], self._reference(metric, "down"))
-                test["pvals"] = {"up": p_up, "down": p_down}
+                test["pvals"] = {
+                    d: funnel.one_sided_pvalue(test["events"], test["n"],
+                                               self._reference(metric, d), d)
+                    for d in ("up", "down")}
                 test["q"] = {d: np.full(test["n"].shape, np.nan) for d in ("up", "down")}
             candidates = {n_points - 1}
             for j in range(n_points):
@@ -1039,7 +1064,7 @@ class _Computation:
         design = self.profile.design
         p0 = metric.baseline.rate
         alpha = (1.0 - design.pchart_limit) / 2.0
-        months = day.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64)
+        months = _months_of(day)
         quarter = months // 3
         quarter_end = (
             ((quarter + 1) * 3).astype("datetime64[M]").astype("datetime64[D]").astype(np.int64)
@@ -1252,8 +1277,7 @@ class _Computation:
         frame = process_outcomes(self.snapshot, metric)
         if frame.empty:
             return
-        frame["month"] = frame["index_day"].to_numpy().astype("datetime64[D]").astype(
-            "datetime64[M]")
+        frame["month"] = _months_of(frame["index_day"].to_numpy()).astype("datetime64[M]")
         # process_outcomes keeps one row per procedure, in the snapshot's order
         self._monthly(
             metric, self.snapshot.procedures["site_code"].to_numpy(np.int64),

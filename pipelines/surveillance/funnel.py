@@ -76,6 +76,7 @@ __all__ = [
     "false_discovery_control",
     "funnel",
     "funnel_curves",
+    "one_sided_pvalue",
 ]
 
 OVERDISPERSION_MODES = ("none", "multiplicative", "additive")
@@ -134,6 +135,20 @@ def exact_binomial_pvalues(events, n, p0: float):
     for array in (p_upper, p_lower, p_two):
         array[empty] = np.nan
     return p_upper, p_lower, p_two
+
+
+def one_sided_pvalue(events, n, p0: float, direction: str) -> np.ndarray:
+    """Return :func:`exact_binomial_pvalues`' upper (``"up"``) or lower p-values alone.
+
+    The same arithmetic on the same arrays, without the other side and the two-sided
+    values: the monitor's funnel decision needs one side per direction.
+    """
+    events = np.asarray(events, dtype=float)
+    n = np.asarray(n, dtype=float)
+    _check_counts(events, n)
+    p_value = binom_sf(events - 1, n, p0) if direction == "up" else binom_cdf(events, n, p0)
+    p_value[n == 0] = np.nan
+    return p_value
 
 
 def estimate_overdispersion(z, n, p0: float, *, winsor: float = 0.1) -> Overdispersion:

@@ -33,7 +33,7 @@ import functools
 import hashlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 
 import numpy as np
@@ -98,6 +98,10 @@ class Snapshot:
     # (categoricals, aligned with ``procedures``' rows); None when not read. Left out of
     # the fingerprint: the run key stays that of the columns the site charts read.
     extras: pd.DataFrame | None = None
+    # Case-mix training digests already computed from this snapshot, by (metric, training
+    # rule): the operator/device charts and the site charts fit on the same training units
+    # (risk_model.fitted_risk_model), and each digest is a pass over a million of them.
+    training_digests: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def as_of_day(self) -> int:

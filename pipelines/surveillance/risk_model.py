@@ -356,20 +356,38 @@ def training_digest(units: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
+def shared_training_digest(memo: dict, key: tuple, units: pd.DataFrame) -> str:
+    """Return :func:`training_digest` of ``units``, computed once per ``memo`` and ``key``.
+
+    ``memo`` belongs to one snapshot and ``key`` names a metric and its training rule: the
+    operator/device charts and the site charts then derive the same training units from
+    the same rows, and the second asks again. Their count and events must match the
+    first's, else the digest is computed afresh (and replaces it).
+    """
+    check = (len(units), float(units["y"].to_numpy(float).sum()))
+    known = memo.get(key)
+    if known is not None and known[0] == check:
+        return known[1]
+    digest = training_digest(units)
+    memo[key] = (check, digest)
+    return digest
+
+
 def fitted_risk_model(metric: str, units: pd.DataFrame, baseline: float, *,
-                      min_events: int = 50) -> RiskModel:
+                      min_events: int = 50, digest: str | None = None) -> RiskModel:
     """Return :func:`fit_risk_model`'s model, fitted once per training set and stored.
 
-    Keyed on :func:`training_digest` in the threshold store: a later run whose training
-    units are the same (the same design quarter, no restated history) reads the fit instead
-    of importing statsmodels and fitting again.
+    Keyed on :func:`training_digest` in the threshold store (``digest``, when the caller
+    has it already: :func:`shared_training_digest`): a later run whose training units are
+    the same (the same design quarter, no restated history) reads the fit instead of
+    importing statsmodels and fitting again.
     """
     from pipelines.surveillance import threshold_store
 
     state = threshold_store.cached(
         "risk_model_fit",
         {"metric": metric, "baseline": float(baseline), "min_events": int(min_events),
-         "training": training_digest(units)},
+         "training": digest if digest is not None else training_digest(units)},
         lambda: fit_risk_model(metric, units, baseline, min_events=min_events).to_state())
     return RiskModel.from_state(state)
 
