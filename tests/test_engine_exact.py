@@ -121,3 +121,8 @@ def test_a_shared_training_digest_is_recomputed_for_other_units():
     other = units.assign(y=[1, 1, 0, 0])  # a late complication: one more event
     assert risk_model.shared_training_digest(memo, ("m", 1), other) == (
         risk_model.training_digest(other)) != first
+    # the same size and events, other covariates (a corrected age): not the first's digest
+    corrected = units.assign(age_years=[70, 80, 75, 60])
+    assert risk_model.shared_training_digest(memo, ("m", 1), units) == first
+    assert risk_model.shared_training_digest(memo, ("m", 1), corrected) == (
+        risk_model.training_digest(corrected)) != first
