@@ -28,7 +28,7 @@ import queue
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -931,24 +931,33 @@ def _stage_chunks(
         else:
             # tolist() first: iterating an Arrow-backed Series element by element costs
             # about 4 us a key (more than the set look-up; 0.4 s per 100,000 rows measured).
+            # One pass over the keys answers "repeated in this chunk or sent before" (the
+            # Arrow-backed Series.duplicated() it replaces cost 0.5-0.9 s per 1M keys).
             listed = keys.tolist()
-            first = ~keys.duplicated().to_numpy() & np.fromiter(
-                (k not in seen for k in listed), dtype=bool, count=len(listed)
-            )
+            first = np.fromiter(_first_sightings(listed, seen), dtype=bool, count=len(listed))
             if first.all():  # the usual chunk: no repeated key, no copy of the frame
-                seen.update(listed)
                 # Rendered here, COPYed by the writer: the writer (the server's COPY) is
                 # the slower side, and this thread waited for it (issue 10; 1M procedures:
                 # staging 14.8 s instead of 16.2 s, medians of 5 interleaved runs).
                 payload = direct.payload(valid)
                 writer.submit(lambda payload=payload: direct.copy(conn, payload))
             else:
-                seen.update(keys[first].tolist())
                 writer.submit(lambda frame=valid[first]: direct.write(conn, frame))
                 writer.submit(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
         staged_keys.append(keys)
     keys = pd.concat(staged_keys) if staged_keys else pd.Series([], dtype="str")
     return rows_read, keys, audit
+
+
+def _first_sightings(keys: list[str], seen: set[str]) -> Iterator[bool]:
+    """Yield, per key, whether it is new to ``seen``; add every key to ``seen`` on the way."""
+    add = seen.add
+    for key in keys:
+        if key in seen:
+            yield False
+        else:
+            add(key)
+            yield True
 
 
 def _verify_audit(audit: Audit) -> None:
