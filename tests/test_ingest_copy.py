@@ -165,9 +165,9 @@ def _count_routes(monkeypatch) -> list[str]:
     routes: list[str] = []
     real_copy = load._copy_into
 
-    def counted(conn, tables, names, payload):
+    def counted(conn, tables, names, payload, *freeze):
         routes.append(payload.format)
-        real_copy(conn, tables, names, payload)
+        real_copy(conn, tables, names, payload, *freeze)
 
     monkeypatch.setattr(load, "_copy_into", counted)
     return routes

@@ -148,11 +148,11 @@ def test_a_failed_stage_write_rolls_the_file_back(pg_url, tmp_path, settings_for
     calls = []
     real_copy = load._copy_into
 
-    def copy_then_fail(conn, tables, names, payload):
+    def copy_then_fail(conn, tables, names, payload, *freeze):
         calls.append(len(tables))
         if len(calls) == 3:
             raise RuntimeError("connection lost mid-copy")
-        real_copy(conn, tables, names, payload)
+        real_copy(conn, tables, names, payload, *freeze)
 
     monkeypatch.setattr(load, "_copy_into", copy_then_fail)
     with pytest.raises(RuntimeError, match="connection lost mid-copy"):
@@ -178,3 +178,25 @@ def test_sqlite_loads_write_in_the_calling_thread(tmp_path, settings_for, monkey
                          complications)
     assert results[1]["inserted"] == 23
     assert set(threads) == {threading.main_thread().name}
+
+
+def test_first_sightings_match_duplicated_and_seen_before():
+    """The direct load's one-pass test equals "not repeated in the chunk, not sent before"."""
+    import random
+
+    import numpy as np
+    import pandas as pd
+
+    from pipelines.ingest import load
+
+    rng = random.Random(7)
+    seen: set[str] = set()
+    reference: set[str] = set()
+    for _ in range(20):
+        keys = [f"P{rng.randrange(300)}" for _ in range(rng.randrange(0, 60))]
+        expected = ~pd.Series(keys, dtype=object).duplicated().to_numpy() & np.array(
+            [key not in reference for key in keys], dtype=bool)
+        reference.update(keys)
+        got = np.fromiter(load._first_sightings(keys, seen), dtype=bool, count=len(keys))
+        assert got.tolist() == expected.tolist()
+        assert seen == reference

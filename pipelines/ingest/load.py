@@ -28,7 +28,7 @@ import queue
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -191,12 +191,17 @@ class _CopyPayload:
 
 
 def _copy_into(conn: sa.Connection, tables: list[sa.Table], names: list[str],
-               payload: _CopyPayload) -> None:
-    """PostgreSQL ``COPY`` of one rendered payload into each of ``tables``."""
+               payload: _CopyPayload, freeze: bool = False) -> None:
+    """PostgreSQL ``COPY`` of one rendered payload into each of ``tables``.
+
+    ``freeze`` writes the rows frozen (``COPY ... FREEZE``): only for tables truncated in
+    this transaction (see :func:`_direct_load`).
+    """
     from psycopg import sql
 
     # The format is one of two fixed keywords chosen by _copy_payload, never input.
-    options = sql.SQL("FORMAT binary" if payload.format == "binary" else "FORMAT csv")
+    options = sql.SQL(("FORMAT binary" if payload.format == "binary" else "FORMAT csv")
+                      + (", FREEZE" if freeze else ""))
     cursor = conn.connection.driver_connection.cursor()
     for table in tables:
         statement = sql.SQL("COPY {} ({}) FROM STDIN WITH ({})").format(
@@ -660,6 +665,7 @@ class _DirectLoad:
     extract_ts: str
     tables: tuple[sa.Table, ...] = (schema.procedure_version, schema.procedure)
     set_aside: tuple[_SetAsideIndex, ...] = ()
+    freeze: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -681,7 +687,7 @@ class _DirectLoad:
     def copy(self, conn: sa.Connection, payload: _CopyPayload | None) -> None:
         """COPY a rendered :meth:`payload` into both tables."""
         if payload is not None:
-            _copy_into(conn, list(self.tables), self.names, payload)
+            _copy_into(conn, list(self.tables), self.names, payload, self.freeze)
 
     def rebuild_indexes(self, conn: sa.Connection) -> None:
         """Rebuild the indexes set aside for the COPY (nothing when none were)."""
@@ -717,6 +723,41 @@ def _direct_load(conn: sa.Connection, kind: str, checksum: str,
     if conn.dialect.name != "postgresql" or kind != PROCEDURES:
         return None
     tables = (schema.procedure_version, schema.procedure)
+    set_aside = _lock_if_empty(conn, tables, bulk=bulk)
+    if set_aside is None:
+        return None
+    freeze = bool(set_aside) and not conn.execute(_REFERENCED, {
+        "tables": [conn.dialect.identifier_preparer.quote(table.name) for table in tables]
+    }).first()
+    if freeze:
+        # Empty, ours and ACCESS EXCLUSIVE-locked: truncating changes no row anyone can see,
+        # and lets COPY write the rows frozen. Otherwise the first reader after the commit
+        # (the complications' join with the procedures) set every page's hint bits and
+        # dirtied all of them again (39k pages in the 1M load, issue 10); frozen pages are
+        # also all-visible, which a later VACUUM skips. A rollback restores the old, empty
+        # files. Not MVCC-safe, like TRUNCATE itself: a transaction whose snapshot predates
+        # the commit sees the rows instead of the empty tables.
+        conn.exec_driver_sql("TRUNCATE " + ", ".join(
+            conn.dialect.identifier_preparer.quote(table.name) for table in tables))
+    return _DirectLoad(checksum, extract_ts, tables, set_aside, freeze)
+
+
+# A foreign key referring to one of the tables: TRUNCATE would refuse them (or cascade).
+_REFERENCED = sa.text(
+    "SELECT 1 FROM pg_constraint WHERE contype = 'f' "
+    "AND confrelid = ANY (CAST(:tables AS regclass[])) LIMIT 1"
+)
+
+
+def _lock_if_empty(conn: sa.Connection, tables: tuple[sa.Table, ...], *, bulk: bool,
+                   only_to_rebuild: bool = False) -> tuple[_SetAsideIndex, ...] | None:
+    """Lock empty ``tables`` against other writers; for a ``bulk`` load, set their indexes aside.
+
+    Returns None when a table holds rows (seen before or after the lock), else the indexes
+    set aside (none when the load keeps them: not ``bulk``, or not the tables' owner). With
+    ``only_to_rebuild`` nothing is locked unless the indexes can be set aside (a caller whose
+    only gain is the rebuild). The locking protocol is :func:`_direct_load`'s.
+    """
     if bulk:
         with conn.engine.connect() as probe:  # no lock kept in this transaction: see above
             if not all(_is_empty(probe, table) for table in tables):
@@ -726,6 +767,8 @@ def _direct_load(conn: sa.Connection, kind: str, checksum: str,
         if not all(_is_empty(conn, table) for table in tables):
             return None
         rebuild = False
+    if only_to_rebuild and not rebuild:
+        return None
     quote = conn.dialect.identifier_preparer.quote
     conn.exec_driver_sql(  # schema table names, quoted; a fixed lock mode; no values
         "LOCK TABLE " + ", ".join(quote(table.name) for table in tables)
@@ -733,8 +776,7 @@ def _direct_load(conn: sa.Connection, kind: str, checksum: str,
     )
     if not all(_is_empty(conn, table) for table in tables):
         return None
-    set_aside = _set_aside_indexes(conn, tables) if rebuild else ()
-    return _DirectLoad(checksum, extract_ts, tables, set_aside)
+    return _set_aside_indexes(conn, tables) if rebuild else ()
 
 
 def _file_bytes(extract: ExtractFile) -> int:
@@ -889,24 +931,33 @@ def _stage_chunks(
         else:
             # tolist() first: iterating an Arrow-backed Series element by element costs
             # about 4 us a key (more than the set look-up; 0.4 s per 100,000 rows measured).
+            # One pass over the keys answers "repeated in this chunk or sent before" (the
+            # Arrow-backed Series.duplicated() it replaces cost 0.5-0.9 s per 1M keys).
             listed = keys.tolist()
-            first = ~keys.duplicated().to_numpy() & np.fromiter(
-                (k not in seen for k in listed), dtype=bool, count=len(listed)
-            )
+            first = np.fromiter(_first_sightings(listed, seen), dtype=bool, count=len(listed))
             if first.all():  # the usual chunk: no repeated key, no copy of the frame
-                seen.update(listed)
                 # Rendered here, COPYed by the writer: the writer (the server's COPY) is
                 # the slower side, and this thread waited for it (issue 10; 1M procedures:
                 # staging 14.8 s instead of 16.2 s, medians of 5 interleaved runs).
                 payload = direct.payload(valid)
                 writer.submit(lambda payload=payload: direct.copy(conn, payload))
             else:
-                seen.update(keys[first].tolist())
                 writer.submit(lambda frame=valid[first]: direct.write(conn, frame))
                 writer.submit(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
         staged_keys.append(keys)
     keys = pd.concat(staged_keys) if staged_keys else pd.Series([], dtype="str")
     return rows_read, keys, audit
+
+
+def _first_sightings(keys: list[str], seen: set[str]) -> Iterator[bool]:
+    """Yield, per key, whether it is new to ``seen``; add every key to ``seen`` on the way."""
+    add = seen.add
+    for key in keys:
+        if key in seen:
+            yield False
+        else:
+            add(key)
+            yield True
 
 
 def _verify_audit(audit: Audit) -> None:
@@ -980,17 +1031,18 @@ def _check_whole_file(
             )
         staged_keys = staged_keys[~repeated].reset_index(drop=True)
     if extract.kind == COMPLICATIONS:
-        proc = schema.procedure
-        joined = stage.join(proc, proc.c.procedure_id == stage.c.procedure_id)
-        before = stage.c.event_date < proc.c.procedure_date
-        # One join for both rules; a row breaking both is quarantined for the first, as
-        # when each rule took its rows from the stage in turn.
+        matched = _match_procedures(conn, stage)
+        joined = stage.join(matched, matched.c.record_number == stage.c.record_number)
+        broken = matched.c.verdict > _UNKNOWN_PROCEDURE
         _take_from_stage(
-            conn, stage, before | (stage.c.site_id != proc.c.site_id),
-            sa.case((before, "event_date:before_procedure"),
+            conn, stage, broken,
+            sa.case((matched.c.verdict == _BEFORE_PROCEDURE, "event_date:before_procedure"),
                     else_="site_id:differs_from_procedure"),
             quarantine, joined,
         )
+        # What is left are the rows without a procedure, which the merge sends to pending.
+        conn.execute(matched.delete().where(broken))
+        _analyze(conn, matched)
     return staged_keys
 
 
@@ -1255,15 +1307,26 @@ def _merge_procedures(conn, stage, checksum, extract_ts, result: FileResult,
 
 
 def _merge_complications(conn, stage, checksum, extract_ts, result: FileResult,
-                         keys: pd.Series) -> None:
+                         keys: pd.Series, bulk: bool = False) -> None:
     names = COMPLICATION_VALUE_COLUMNS
     comp, pend = schema.complication, schema.pending_complication
-    unknown = _unknown_procedure_rows(conn, stage)
+    unknown = _PROCEDURE_MATCH  # filled by _check_whole_file: the rows without a procedure
     known = ~sa.exists().where(unknown.c.record_number == stage.c.record_number)
+    # A bulk first delivery into empty complication tables: their indexes are set aside for
+    # the two INSERT ... SELECTs and rebuilt after them, as in the procedures' direct load
+    # (maintaining complication's three indexes row by row was most of its 1.5-2.0 s insert
+    # in the 1M load, issue 10). Taken here, not at the file's start: the exclusive lock is
+    # held from the merge to the commit only, and this transaction has not read the tables.
+    set_aside = ()
+    if bulk and conn.dialect.name == "postgresql":
+        set_aside = _lock_if_empty(conn, (schema.complication_version, comp), bulk=True,
+                                   only_to_rebuild=True) or ()
     counts = _merge_into(
         conn, stage, current=comp, history=schema.complication_version, key="complication_id",
         names=names, checksum=checksum, extract_ts=extract_ts, keys=keys, only=known,
     )
+    if set_aside:  # before anything reads the tables by key (the settling below)
+        _rebuild_indexes(conn, set_aside)
     columns = names + ["source_checksum", "extract_ts"]
     pending_select = sa.select(
         *[stage.c[n] for n in names],
@@ -1290,35 +1353,49 @@ def _merge_complications(conn, stage, checksum, extract_ts, result: FileResult,
     unknown.drop(conn)
 
 
-def _unknown_procedure_rows(conn: sa.Connection, stage: sa.Table) -> sa.Table:
-    """Return a temporary table of the staged complications whose procedure is unknown.
+# The staged complications' one match with their procedures (_match_procedures): a row
+# whose procedure is unknown, or that breaks a whole-file rule (the first one it breaks).
+_UNKNOWN_PROCEDURE, _BEFORE_PROCEDURE, _OTHER_SITE = 0, 1, 2
+_PROCEDURE_MATCH = sa.Table(
+    "kw_stage_unknown_procedure", sa.MetaData(),
+    sa.Column("record_number", sa.Integer, primary_key=True),
+    sa.Column("verdict", sa.SmallInteger, nullable=False),
+    prefixes=["TEMPORARY"],
+)
 
-    The merge asks "is this row's procedure known?" of the stage several times (the count,
-    the current table, the pending table); each asking was an anti-join of the stage with
-    the whole procedure table (a scan of 1M procedures, issue 10). One answer, kept as the
-    few record numbers without a procedure, serves every statement. Nothing locks out a
-    procedures file loading at the same time, and that is why one answer is also the safer
-    one: asked per statement, a procedure committed between the current and the pending
-    insert would have left its complication in neither table; asked once, the row goes to
-    exactly one of them (pending, if its procedure was not yet visible).
+
+def _match_procedures(conn: sa.Connection, stage: sa.Table) -> sa.Table:
+    """Return a temporary table of the staged complications their procedures do not pass.
+
+    One outer join of the stage with the procedures answers both questions the load asks
+    of them: which rows break a whole-file rule (event before the procedure, another site;
+    a row breaking both keeps the first reason) and which rows have no procedure yet. Each
+    was a scan of the whole procedure table (1M procedures: 0.74 s and 0.52 s, issue 10).
+    Only those few record numbers are kept, with their ``verdict``; the caller quarantines
+    the rule breakers and leaves the unknown rows for the merge, which asks "is the
+    procedure known?" several times (the count, the current and the pending inserts). Nothing
+    locks out a procedures file loading at the same time, and that is why one answer is
+    also the safer one: asked per statement, a procedure committed between the current and
+    the pending insert would have left its complication in neither table; asked once, the
+    row goes to exactly one of them (pending, if its procedure was not yet visible).
     """
     proc = schema.procedure
-    unknown = sa.Table(
-        "kw_stage_unknown_procedure", sa.MetaData(),
-        sa.Column("record_number", sa.Integer, primary_key=True), prefixes=["TEMPORARY"],
-    )
-    unknown.drop(conn, checkfirst=True)
-    unknown.create(conn)
-    # EXISTS, not IN: NOT IN (subquery) cannot become an anti-join in PostgreSQL and turns
-    # quadratic once the procedure ids outgrow work_mem (staged procedure_id is never null).
-    conn.execute(unknown.insert().from_select(
-        ["record_number"],
-        sa.select(stage.c.record_number).where(
-            ~sa.exists().where(proc.c.procedure_id == stage.c.procedure_id)
-        ),
+    matched = _PROCEDURE_MATCH
+    matched.drop(conn, checkfirst=True)
+    matched.create(conn)
+    before = stage.c.event_date < proc.c.procedure_date
+    unknown = proc.c.procedure_id.is_(None)
+    verdict = sa.case((unknown, _UNKNOWN_PROCEDURE), (before, _BEFORE_PROCEDURE),
+                      else_=_OTHER_SITE)
+    # An outer join, not NOT IN or NOT EXISTS: the rows with and without a procedure in one
+    # pass (staged procedure_id is never null, so a null procedure_id means no match).
+    conn.execute(matched.insert().from_select(
+        ["record_number", "verdict"],
+        sa.select(stage.c.record_number, verdict)
+        .select_from(stage.outerjoin(proc, proc.c.procedure_id == stage.c.procedure_id))
+        .where(unknown | before | (stage.c.site_id != proc.c.site_id)),
     ))
-    _analyze(conn, unknown)
-    return unknown
+    return matched
 
 
 def _ledger_values(file_name: str, checksum: str | None, result: FileResult) -> dict:
@@ -1443,9 +1520,9 @@ def load_file(
             stage.drop(conn, checkfirst=True)
             stage.create(conn)
             quarantine = _Quarantine(conn, extract, key, shown)
+            bulk = _file_bytes(extract) >= BULK_LOAD_BYTES
             # Positional: tests stand in for _direct_load with a lambda taking *args.
-            direct = _direct_load(conn, extract.kind, checksum, extract_ts,
-                                  _file_bytes(extract) >= BULK_LOAD_BYTES)
+            direct = _direct_load(conn, extract.kind, checksum, extract_ts, bulk)
             result.rows_read, staged_keys, audit = _stage_file(
                 conn, extract, stage, quarantine, key, chunk_rows, expectations_dir,
                 max_plausible_date(path.name, processing_day), preview_fields, direct,
@@ -1481,7 +1558,8 @@ def load_file(
                 elif extract.kind == PROCEDURES:
                     _merge_procedures(conn, stage, checksum, extract_ts, result, staged_keys)
                 else:
-                    _merge_complications(conn, stage, checksum, extract_ts, result, staged_keys)
+                    _merge_complications(conn, stage, checksum, extract_ts, result, staged_keys,
+                                         bulk)
                 _hold_unordered_corrections(shown, extract_ts, result)
                 if result.inserted >= LARGE_LOAD_ROWS and not analysed_targets:
                     # a large load changes the targets' statistics; the next nightly file's
