@@ -165,9 +165,9 @@ def _count_routes(monkeypatch) -> list[str]:
     routes: list[str] = []
     real_copy = load._copy_into
 
-    def counted(conn, tables, names, payload, *freeze):
+    def counted(conn, tables, names, payload):
         routes.append(payload.format)
-        real_copy(conn, tables, names, payload, *freeze)
+        real_copy(conn, tables, names, payload)
 
     monkeypatch.setattr(load, "_copy_into", counted)
     return routes

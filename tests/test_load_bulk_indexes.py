@@ -251,35 +251,3 @@ def test_two_bulk_first_loads_at_once_both_load(pg_url, tmp_path, settings_for, 
         assert conn.scalar(sa.select(sa.func.count()).select_from(schema.procedure)) == 60
     engine.dispose()
     assert len([call for call in rebuilt if call]) == 1  # only the first set its indexes aside
-
-
-@pytest.mark.postgres
-def test_a_bulk_first_load_writes_its_rows_frozen(pg_url, tmp_path, settings_for, monkeypatch):
-    """The set-aside path truncates the empty tables and COPYs with FREEZE (all-frozen pages).
-
-    Without FREEZE the pages are not all-frozen until a VACUUM; the first reader after the
-    commit dirtied every page setting hint bits (issue 10). A smaller-than-bulk file keeps
-    the ordinary COPY.
-    """
-    records = [proc_row(f"P{n}", patient=f"PT-{n}") for n in range(1, 200)]
-    path = write(tmp_path / "in" / "procedures_20240131.csv", csv_text(PROC_HEADER, records))
-    engine = sa.create_engine(pg_url)
-    schema.migrate(engine)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_visibility")
-
-    def frozen() -> dict[str, bool]:
-        with engine.connect() as conn:
-            return {table: conn.execute(sa.text(
-                "SELECT bool_and(all_frozen) FROM pg_visibility_map(CAST(:t AS regclass))"
-            ), {"t": table}).scalar() for table in ("procedure", "procedure_version")}
-
-    monkeypatch.setattr(load, "BULK_LOAD_BYTES", 0)
-    assert ingest_paths(settings_for(pg_url), [path]).exit_code == 0
-    assert frozen() == {"procedure": True, "procedure_version": True}
-    with engine.begin() as conn:  # empty again, for the ordinary COPY of a small file
-        conn.exec_driver_sql("TRUNCATE procedure, procedure_version, file_ledger, quarantine")
-    monkeypatch.setattr(load, "BULK_LOAD_BYTES", 10**12)
-    assert ingest_paths(settings_for(pg_url), [path]).exit_code == 0
-    assert frozen() == {"procedure": False, "procedure_version": False}
-    engine.dispose()

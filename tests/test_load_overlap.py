@@ -148,11 +148,11 @@ def test_a_failed_stage_write_rolls_the_file_back(pg_url, tmp_path, settings_for
     calls = []
     real_copy = load._copy_into
 
-    def copy_then_fail(conn, tables, names, payload, *freeze):
+    def copy_then_fail(conn, tables, names, payload):
         calls.append(len(tables))
         if len(calls) == 3:
             raise RuntimeError("connection lost mid-copy")
-        real_copy(conn, tables, names, payload, *freeze)
+        real_copy(conn, tables, names, payload)
 
     monkeypatch.setattr(load, "_copy_into", copy_then_fail)
     with pytest.raises(RuntimeError, match="connection lost mid-copy"):

@@ -191,17 +191,12 @@ class _CopyPayload:
 
 
 def _copy_into(conn: sa.Connection, tables: list[sa.Table], names: list[str],
-               payload: _CopyPayload, freeze: bool = False) -> None:
-    """PostgreSQL ``COPY`` of one rendered payload into each of ``tables``.
-
-    ``freeze`` writes the rows frozen (``COPY ... FREEZE``): only for tables truncated in
-    this transaction (see :func:`_direct_load`).
-    """
+               payload: _CopyPayload) -> None:
+    """PostgreSQL ``COPY`` of one rendered payload into each of ``tables``."""
     from psycopg import sql
 
     # The format is one of two fixed keywords chosen by _copy_payload, never input.
-    options = sql.SQL(("FORMAT binary" if payload.format == "binary" else "FORMAT csv")
-                      + (", FREEZE" if freeze else ""))
+    options = sql.SQL("FORMAT binary" if payload.format == "binary" else "FORMAT csv")
     cursor = conn.connection.driver_connection.cursor()
     for table in tables:
         statement = sql.SQL("COPY {} ({}) FROM STDIN WITH ({})").format(
@@ -665,7 +660,6 @@ class _DirectLoad:
     extract_ts: str
     tables: tuple[sa.Table, ...] = (schema.procedure_version, schema.procedure)
     set_aside: tuple[_SetAsideIndex, ...] = ()
-    freeze: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -687,7 +681,7 @@ class _DirectLoad:
     def copy(self, conn: sa.Connection, payload: _CopyPayload | None) -> None:
         """COPY a rendered :meth:`payload` into both tables."""
         if payload is not None:
-            _copy_into(conn, list(self.tables), self.names, payload, self.freeze)
+            _copy_into(conn, list(self.tables), self.names, payload)
 
     def rebuild_indexes(self, conn: sa.Connection) -> None:
         """Rebuild the indexes set aside for the COPY (nothing when none were)."""
@@ -726,27 +720,7 @@ def _direct_load(conn: sa.Connection, kind: str, checksum: str,
     set_aside = _lock_if_empty(conn, tables, bulk=bulk)
     if set_aside is None:
         return None
-    freeze = bool(set_aside) and not conn.execute(_REFERENCED, {
-        "tables": [conn.dialect.identifier_preparer.quote(table.name) for table in tables]
-    }).first()
-    if freeze:
-        # Empty, ours and ACCESS EXCLUSIVE-locked: truncating changes no row anyone can see,
-        # and lets COPY write the rows frozen. Otherwise the first reader after the commit
-        # (the complications' join with the procedures) set every page's hint bits and
-        # dirtied all of them again (39k pages in the 1M load, issue 10); frozen pages are
-        # also all-visible, which a later VACUUM skips. A rollback restores the old, empty
-        # files. Not MVCC-safe, like TRUNCATE itself: a transaction whose snapshot predates
-        # the commit sees the rows instead of the empty tables.
-        conn.exec_driver_sql("TRUNCATE " + ", ".join(
-            conn.dialect.identifier_preparer.quote(table.name) for table in tables))
-    return _DirectLoad(checksum, extract_ts, tables, set_aside, freeze)
-
-
-# A foreign key referring to one of the tables: TRUNCATE would refuse them (or cascade).
-_REFERENCED = sa.text(
-    "SELECT 1 FROM pg_constraint WHERE contype = 'f' "
-    "AND confrelid = ANY (CAST(:tables AS regclass[])) LIMIT 1"
-)
+    return _DirectLoad(checksum, extract_ts, tables, set_aside)
 
 
 def _lock_if_empty(conn: sa.Connection, tables: tuple[sa.Table, ...], *, bulk: bool,
