@@ -154,7 +154,8 @@ def test_the_rows_are_those_of_loads_that_kept_their_indexes(db_url, tmp_path, s
 
 @pytest.mark.postgres
 def test_a_complications_load_failing_in_its_insert_leaves_the_indexes(pg_url, tmp_path,
-                                                                      settings_for, rebuilt):
+                                                                      settings_for, rebuilt,
+                                                                      monkeypatch):
     """A row the server refuses in the INSERT ... SELECT (between the drop and the rebuild)."""
     files = _files(tmp_path)
     engine = sa.create_engine(pg_url)
@@ -171,9 +172,17 @@ def test_a_complications_load_failing_in_its_insert_leaves_the_indexes(pg_url, t
     before = _catalog(pg_url)
     state = snapshot(pg_url)
     rebuilt.clear()
+    dropped: list[set[str]] = []
+    real = load._set_aside_indexes
+    monkeypatch.setattr(load, "_set_aside_indexes",
+                        lambda conn, tables: dropped.append({t.name for t in tables})
+                        or real(conn, tables))
     with pytest.raises(ExternalSystemError, match="refused by the test trigger"):
         ingest_paths(settings, [files["first"]])
-    assert rebuilt == []  # it failed between the drop and the rebuild
+    # the indexes were dropped, and the load failed before their rebuild: the rollback,
+    # not the rebuild, is what restores them below
+    assert dropped == [{"complication", "complication_version"}]
+    assert rebuilt == []
     assert _catalog(pg_url) == before
     after = snapshot(pg_url)
     assert {k: v for k, v in after.items() if k != "file_ledger"} == {
