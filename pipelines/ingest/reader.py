@@ -223,7 +223,9 @@ def open_checked(path: Path, limits: ReadLimits) -> tuple[BinaryIO, str]:
     try:
         before = os.lstat(path)
     except FileNotFoundError:
-        raise FileRejected(f"{name}: no such file (it vanished before it could be read)") from None
+        # A mistyped path on the command line, or a landed file moved away meanwhile.
+        raise FileRejected(f"{name}: no such file in {path.parent} (check the path; or it was "
+                           "moved away before it could be read)") from None
     except OSError as exc:
         raise FileRejected(f"{name}: cannot be examined ({_os_reason(exc)})") from exc
     problem = node_problem(before, limits)
