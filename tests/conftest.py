@@ -89,3 +89,25 @@ def settings_for(tmp_path):
         return load_settings({**base, **(env or {})}, db_url=db_url, **overrides)
 
     return _make
+
+
+@pytest.fixture
+def rebuilt(monkeypatch) -> list[tuple]:
+    """Force the loader's bulk path for small files; record the indexes each rebuild restores.
+
+    For the bulk-load tests (test_load_bulk_indexes, test_load_bulk_complications): the
+    indexes set aside for a bulk first load are rebuilt once per load; a failed load
+    records none.
+    """
+    from pipelines.ingest import load
+
+    monkeypatch.setattr(load, "BULK_LOAD_BYTES", 0)
+    calls: list[tuple] = []
+    real = load._rebuild_indexes
+
+    def recording(conn, indexes):
+        calls.append(indexes)
+        real(conn, indexes)
+
+    monkeypatch.setattr(load, "_rebuild_indexes", recording)
+    return calls

@@ -55,21 +55,6 @@ def _files(tmp_path) -> dict[str, object]:
     }
 
 
-@pytest.fixture
-def rebuilt(monkeypatch) -> list[tuple]:
-    """Force the bulk path for small files; record the indexes each rebuild restores."""
-    monkeypatch.setattr(load, "BULK_LOAD_BYTES", 0)
-    calls: list[tuple] = []
-    real = load._rebuild_indexes
-
-    def recording(conn, indexes):
-        calls.append(indexes)
-        real(conn, indexes)
-
-    monkeypatch.setattr(load, "_rebuild_indexes", recording)
-    return calls
-
-
 def _names(call: tuple) -> set[str]:
     return {index.name for index in call}
 

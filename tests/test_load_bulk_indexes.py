@@ -52,21 +52,6 @@ def _procedures(tmp_path, rows: int = 40):
     return write(tmp_path / "in" / "procedures_20240131.csv", csv_text(PROC_HEADER, records))
 
 
-@pytest.fixture
-def rebuilt(monkeypatch) -> list[tuple]:
-    """Force the bulk path for small files; record the indexes each load rebuilds."""
-    monkeypatch.setattr(load, "BULK_LOAD_BYTES", 0)
-    calls: list[tuple] = []
-    real = load._rebuild_indexes
-
-    def recording(conn, indexes):
-        calls.append(indexes)
-        real(conn, indexes)
-
-    monkeypatch.setattr(load, "_rebuild_indexes", recording)
-    return calls
-
-
 @pytest.mark.postgres
 def test_a_bulk_first_load_leaves_the_schema_as_it_was(pg_url, tmp_path, settings_for,
                                                        rebuilt):
