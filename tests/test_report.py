@@ -551,6 +551,21 @@ def test_publish_report_keeps_latest_on_the_newest_as_of(sqlite_url, settings_fo
     assert (root / "latest" / "sites" / "S004.html").exists()
 
 
+def test_a_look_ahead_report_never_becomes_latest(sqlite_url, settings_for):
+    """A report dated after the newest procedure (a mistyped year) is published under its
+    date but leaves ``latest`` on the data; a ``latest`` left on one yields (user audit)."""
+    _, settings = _report_registry(sqlite_url, settings_for, alerts=False)
+    root = Path(settings.report_dir)
+    publish_report(settings)
+    ahead = publish_report(settings, date(2023, 9, 30))
+    assert ahead.parent.name == "2023-09-30" and ahead.exists()
+    assert _link(root / "latest") == "2023-06-24"
+    os.unlink(root / "latest")
+    os.symlink("2023-09-30", root / "latest")  # as an older kyphowatch left it
+    publish_report(settings)
+    assert _link(root / "latest") == "2023-06-24"
+
+
 def test_latest_moves_from_the_empty_page_to_the_first_data(sqlite_url, settings_for):
     migrate(make_engine(sqlite_url))
     settings = settings_for(sqlite_url)

@@ -77,6 +77,17 @@ def test_the_newest_run_is_kept_whatever_the_window(four_runs):
     assert counts.runs_pruned == 3 and _stored_dates(engine) == dates[-1:]
 
 
+def test_a_look_ahead_run_does_not_move_the_prune_window(four_runs):
+    """The window is measured from the newest procedure, not from a run dated after it: a
+    mistyped year would otherwise prune every recent run's parts (user audit)."""
+    engine, settings, dates = four_runs
+    run_monitor(settings, dates[-1] + timedelta(days=300))
+    with engine.begin() as conn:
+        counts = retention.prune_runs(conn, 90)
+    assert counts.cutoff <= dates[-1] + timedelta(days=runs.LOOK_AHEAD_MAX_GRACE - 90)
+    assert set(dates[2:]) <= set(_stored_dates(engine))
+
+
 def test_a_pruned_date_asked_for_again_is_computed_and_stored(four_runs, capsys):
     engine, settings, dates = four_runs
     with engine.begin() as conn:

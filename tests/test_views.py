@@ -10,8 +10,10 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
+from pipelines import schema
 from pipelines.alerts.lifecycle import sync_alerts
 from pipelines.db import make_engine
+from pipelines.errors import InputRejected
 from pipelines.evidence import status_rows
 from pipelines.schema import chart_status, quarantine, site_month_metric
 from pipelines.surveillance.engine import run_monitor
@@ -141,11 +143,28 @@ def test_a_backfill_leaves_the_newer_picture_alone(db_url, settings_for):
     # A rerun for the newest date replaces the picture (same figures, same run).
     run_monitor(settings)
     assert (table_rows(engine, chart_status), table_rows(engine, site_month_metric)) == picture
-    # A later as_of moves it forward.
+    # A look-ahead (a date after the newest procedure) is stored but is not the current
+    # picture: on it every hold has run out, and alerts read the picture (user audit: a
+    # mistyped year cleared a live alarm and froze the picture until the data caught up).
+    signals = table_rows(engine, schema.signal)
     later = run_monitor(settings, as_of=newest.as_of + timedelta(days=40))
-    assert {r["run_key"] for r in table_rows(engine, chart_status)} == {later.run_key}
+    assert later.persisted
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(schema.monitor_run).where(
+            schema.monitor_run.c.run_key == later.run_key)) == 1
+    assert (table_rows(engine, chart_status), table_rows(engine, site_month_metric)) == picture
+    assert table_rows(engine, schema.signal) == signals
+    # A date past every outcome window is rejected before any work (was a MemoryError).
+    with pytest.raises(InputRejected, match="after the newest procedure"):
+        run_monitor(settings, as_of=newest.as_of + timedelta(days=3650))
+    # A picture a look-ahead left behind (before this rule) yields to the next run on the data.
+    with engine.begin() as conn:
+        for table in (chart_status, site_month_metric, schema.level_episode):
+            conn.execute(table.update().values(as_of=later.as_of))
+    run_monitor(settings)
     assert {r["as_of"] for r in view_rows(engine, "v_site_month_rates")} in (
-        {later.as_of}, {later.as_of.isoformat()})
+        {newest.as_of}, {newest.as_of.isoformat()})
+    assert {r["run_key"] for r in table_rows(engine, chart_status)} == {newest.run_key}
 
 
 def test_no_view_exposes_references_or_raw_rows(db_url, settings_for):

@@ -345,11 +345,12 @@ def publish_report(settings: Settings, as_of: date | None = None) -> Path:
 
     # The drill-downs' lookup (the same date), not the monitor's: that module imports
     # pandas (0.2-0.3 s of a nightly report that otherwise never needs it).
-    from pipelines.surveillance.runs import newest_procedure_date
+    from pipelines.surveillance.profile import load_profile
+    from pipelines.surveillance.runs import is_look_ahead, newest_procedure_date
 
-    if as_of is None:
-        with reading(settings.db_url) as conn:
-            as_of = newest_procedure_date(conn)
+    with reading(settings.db_url) as conn:
+        newest = newest_procedure_date(conn)
+    as_of = as_of or newest
     root = Path(settings.report_dir)
     folder = as_of.isoformat() if as_of else EMPTY
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
@@ -361,7 +362,13 @@ def publish_report(settings: Settings, as_of: date | None = None) -> Path:
         os.utime(root / previous)  # unlinked now: _prune keeps it ten minutes for readers
     latest = root / LATEST
     current = _dated(os.readlink(latest)) if latest.is_symlink() else None
-    if as_of is not None and (current is None or as_of >= current):
+    # A look-ahead report (runs.look_ahead_grace) is published under its date
+    # but never becomes ``latest``, and a ``latest`` left on one yields to the next report
+    # on the data: the monitor keeps its current picture the same way (engine._persist).
+    profile = load_profile(settings.profile_path)
+    look_ahead = as_of is not None and is_look_ahead(profile, as_of, newest)
+    current_day = current if current is None or newest is None else min(current, newest)
+    if as_of is not None and not look_ahead and (current_day is None or as_of >= current_day):
         _point(latest, folder)
     elif as_of is None and not latest.is_symlink():
         _point(latest, folder)

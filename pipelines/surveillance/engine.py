@@ -101,6 +101,9 @@ from pipelines.surveillance.runs import (
     FactsInBackground,
     MonitorResult,
     SeriesInBackground,
+    check_as_of,
+    is_look_ahead,
+    look_ahead_grace,
     store_run,
 )
 from pipelines.surveillance.snapshot_cache import load_cached_snapshot, store_cache_aside
@@ -1364,7 +1367,9 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
         # for before compute, so its blobs are gone before the run's memory peak.
         with store_cache_aside():
             with engine.connect() as conn:
-                as_of = as_of or latest_procedure_date(conn)
+                newest = latest_procedure_date(conn)
+                check_as_of(profile, as_of, newest)
+                as_of = as_of or newest
                 if as_of is None:
                     log.info("monitor: the warehouse holds no procedures; nothing to monitor")
                     return MonitorResult(run_key="", as_of=None, profile_name=profile.name,
@@ -1539,13 +1544,29 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
         # a past date with no stored run) stores itself and leaves the signal table alone,
         # as it leaves the current picture: the rows hold the newest run's figures and
         # states, which alerts read, and a past view must not replace them.
+        # So does a look-ahead (a date more than the shortest outcome window after the
+        # newest procedure, to let longer windows close; or a mistyped year): on it every hold has run out, so alerts would read
+        # every alarm as cleared, and as the newest picture it would outrank every later
+        # nightly run until the data caught up with it (user audit, 2026-12-07). A picture
+        # left by such a run before this rule is replaced by the next run on the data.
         picture_as_of = conn.execute(
             sa.select(sa.func.max(chart_status.c.as_of))
             .where(chart_status.c.profile_name == result.profile_name)).scalar()
-        backdated = picture_as_of is not None and _as_date(picture_as_of) > result.as_of
-        if backdated:
+        picture_as_of = _as_date(picture_as_of) if picture_as_of is not None else None
+        newest = latest_procedure_date(conn)
+        look_ahead = is_look_ahead(profile, result.as_of, newest)
+        # The picture's day as the data stand: a picture dated after the newest procedure
+        # yields to any run from the newest procedure on.
+        current_day = (picture_as_of if picture_as_of is None or newest is None
+                       else min(picture_as_of, newest))
+        backdated = look_ahead or (current_day is not None and current_day > result.as_of)
+        if look_ahead:
+            log.info("monitor: a run as of %s, more than %d days after the newest procedure "
+                     "(%s): stored, the current picture and the signal table left unchanged",
+                     result.as_of, look_ahead_grace(profile), newest)
+        elif backdated:
             log.info("monitor: a run as of %s, before the current picture's %s: stored, the "
-                     "signal table left unchanged", result.as_of, _as_date(picture_as_of))
+                     "signal table left unchanged", result.as_of, picture_as_of)
         # A run for a past as_of (a rerun or backfill) cannot see episodes that signalled
         # later, so it must not deactivate them; only what it could have derived is judged.
         judged = {key for key, _, signal_date in stored if signal_date <= result.as_of}
@@ -1597,7 +1618,8 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
                     .where(signal.c.signal_key.in_(gone[start:start + 500]), signal.c.active)
                     .values(active=False)
                 )
-            _replace_current_picture(conn, result, profile)
+            if not backdated:
+                _replace_current_picture(conn, result, profile)
             store_run(conn, result, facts.result if facts is not None else None,
                       series.result if series is not None else None,
                       core.core if core is not None else None,
@@ -1683,23 +1705,19 @@ def _retire_replaced_profiles(conn: sa.Connection, result: MonitorResult,
 
 def _replace_current_picture(conn: sa.Connection, result: MonitorResult,
                              profile: Profile) -> None:
-    """Replace the profile's ``chart_status`` and ``site_month_metric`` rows with this run's.
+    """Replace the profile's ``chart_status``, ``site_month_metric`` and ``level_episode``
+    rows with this run's.
 
-    Only when this run's as_of is on or after the stored one: a backfill for a past date
-    must not overwrite newer figures. A rerun for the same as_of replaces them (corrections,
-    or a new kyphowatch version deriving the status differently). Rows are deleted and bulk
-    inserted (COPY on PostgreSQL): about 0.1 s for 13,500 monthly rows; a rerun of the
-    stored run writes only the rows that differ (:func:`replace_rows`).
+    Called only for a run that is the current picture (:func:`_persist` decides: not a
+    backfill for a date before the picture's, not a look-ahead past the newest procedure).
+    A rerun for the same as_of replaces them (corrections, or a new kyphowatch version
+    deriving the status differently). Rows are deleted and bulk inserted (COPY on
+    PostgreSQL): about 0.1 s for 13,500 monthly rows; a rerun of the stored run writes only
+    the rows that differ (:func:`replace_rows`).
     """
     constants = {"profile_name": result.profile_name, "run_key": result.run_key,
                  "as_of": result.as_of, "profile_version": result.profile_version}
     for table in (chart_status, site_month_metric, level_episode):
-        mine = table.c.profile_name == result.profile_name
-        stored = conn.execute(sa.select(sa.func.max(table.c.as_of)).where(mine)).scalar()
-        if stored is not None and _as_date(stored) > result.as_of:
-            log.info("monitor: %s holds as_of %s, newer than this run's %s; left unchanged",
-                     table.name, stored, result.as_of)
-            continue
         rows = {chart_status.name: lambda: levels.status_rows(result, profile),
                 site_month_metric.name: lambda: result.site_months,
                 level_episode.name: lambda: result.level_episodes}[table.name]()

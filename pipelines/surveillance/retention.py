@@ -52,6 +52,7 @@ from pipelines.schema import (
     site_month_metric,
 )
 from pipelines.settings import Settings
+from pipelines.surveillance.runs import LOOK_AHEAD_MAX_GRACE, newest_procedure_date
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,11 @@ def prune_runs(conn: sa.Connection, keep_days: int, *, dry_run: bool = False) ->
     if not stored:
         return RunCounts(0, 0, 0, None, None)
     newest = max(as_of for _, as_of in stored)
+    # A look-ahead run (runs.look_ahead_grace) is not the warehouse's clock: measured from
+    # it, a mistyped year would prune every recent run's parts.
+    data_newest = newest_procedure_date(conn)
+    if data_newest is not None:
+        newest = min(newest, data_newest + timedelta(days=LOOK_AHEAD_MAX_GRACE))
     # a window reaching before the calendar's start keeps everything (no overflow)
     cutoff = newest - timedelta(days=min(keep_days, (newest - date.min).days))
     protected = _protected(conn)

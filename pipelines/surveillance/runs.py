@@ -705,6 +705,48 @@ def newest_procedure_date(conn: sa.Connection) -> date | None:
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 
+def look_ahead_grace(profile) -> int:
+    """Return the days after the newest procedure within which a run is still *current*.
+
+    The shortest outcome window (30 days, cement leak, in ``htg108``; at most
+    :data:`LOOK_AHEAD_MAX_GRACE`): a run dated a few days
+    after the newest procedure (the day the extract was run, say) shows the data as they
+    stand. A run dated later is a look-ahead, to let longer windows close: it is stored and
+    readable, but it is not the current picture, does not move the report's ``latest`` and
+    does not set the retention window, since on it holds run out with no new data.
+    """
+    shortest = min((m.window_days for m in profile.metrics if m.window_days), default=0)
+    return min(shortest, LOOK_AHEAD_MAX_GRACE)
+
+
+# The longest grace of any profile (a month), so that retention, which serves every
+# profile, can measure its window without one.
+LOOK_AHEAD_MAX_GRACE = 31
+
+
+def is_look_ahead(profile, as_of: date, newest: date | None) -> bool:
+    """Return whether a run as of ``as_of`` is a look-ahead (:func:`look_ahead_grace`)."""
+    return newest is not None and as_of > newest + timedelta(days=look_ahead_grace(profile))
+
+
+def check_as_of(profile, as_of: date | None, newest: date | None) -> None:
+    """Raise InputRejected for an ``as_of`` after every outcome window of ``newest`` closed.
+
+    A date after the newest procedure lets outcome windows close (up to the longest one);
+    beyond that no figure can change, so the date is a mistake (2030 for 2023, say). The
+    monitor checks it too: charting years of empty days only to run out of memory.
+    """
+    horizon = max((m.window_days or 0 for m in profile.metrics), default=0)
+    if as_of is not None and newest is not None and (
+            as_of > newest + timedelta(days=horizon)):
+        from pipelines.errors import InputRejected
+
+        raise InputRejected(
+            f"--as-of {as_of.isoformat()} is after the newest procedure in the warehouse "
+            f"({newest.isoformat()}) plus the longest outcome window ({horizon} days); "
+            "choose an earlier date")
+
+
 def read_stored(conn: sa.Connection, profile, as_of: date | None = None, *,
                 sites: list[str] | None = None, charts: bool = True,
                 site: str | None = None, status: bool = False):
@@ -719,17 +761,7 @@ def read_stored(conn: sa.Connection, profile, as_of: date | None = None, *,
     this run's rows; else as :func:`load_run`).
     """
     newest = newest_procedure_date(conn)
-    # A later as_of lets outcome windows close (up to the longest one); beyond that no
-    # figure can change, so the date is a mistake (2030 for 2023, say).
-    horizon = max((m.window_days or 0 for m in profile.metrics), default=0)
-    if as_of is not None and newest is not None and (
-            as_of > newest + timedelta(days=horizon)):
-        from pipelines.errors import InputRejected
-
-        raise InputRejected(
-            f"--as-of {as_of.isoformat()} is after the newest procedure in the warehouse "
-            f"({newest.isoformat()}) plus the longest outcome window ({horizon} days); "
-            "choose an earlier date")
+    check_as_of(profile, as_of, newest)
     wanted = as_of or newest
     if not wanted:
         return wanted, None
