@@ -117,6 +117,17 @@ def test_no_raw_operator_reference_in_alerts_report_or_exports(registry, sqlite_
     assert where["device"].startswith(str(Path(settings.report_dir) / "latest" / "devices.html"))
     assert "kyphowatch beyond-report" in where["training_review"]
     assert "sites/" not in where["training_review"]
+    # nor do the analysts' views count one (user audit: v_chart_status did)
+    with sa.create_engine(sqlite_url).connect() as conn:
+        counted = {(r.site_id, r.metric): r.open_alerts for r in conn.execute(
+            sa.text("SELECT site_id, metric, open_alerts FROM v_chart_status"))}
+    live = [a for a in _rows(sqlite_url, schema.alert) if a["state"] in ("open", "acknowledged")]
+    reviewed = {(a["site_id"], a["metric"]) for a in live
+                if a["kind"] == "training_review"} & set(counted)
+    assert reviewed  # a charted site and metric with a training review open
+    for key in reviewed:
+        assert counted[key] == sum((a["site_id"], a["metric"]) == key
+                                   and a["kind"] != "training_review" for a in live)
 
 
 def test_each_device_related_event_is_drafted_exactly_once(registry, db_url, settings_for,
