@@ -20,6 +20,7 @@ from test_alerts_support import (
     insert_episode,
     insert_ledger,
     insert_level,
+    insert_signal,
 )
 
 from pipelines import cli
@@ -213,6 +214,28 @@ def test_watch_is_one_weekly_digest_and_history_one_summary(db_url, sink, make_s
             ] == [None]  # only the new week's watch digest (not in the old rows)
     assert not [r for r in _rows(db_url, alert) if r["dedupe_key"].startswith("digest:history")
                 and r["dedupe_key"] != "digest:history:htg108:2024-03-31"]
+
+
+def test_an_old_sentinel_event_is_listed_once_in_the_history_summary(db_url, make_settings):
+    """A sentinel event is an alarm by rule, so its ended episode is in level_episode too:
+    the summary lists it once, as the episode, naming the event (user audit: listed twice)."""
+    settings = make_settings(db_url)
+    insert_level(db_url, site="S003")
+    insert_episode(db_url, site="S009", metric="major_event", start=date(2021, 3, 1),
+                   end=date(2022, 3, 1))
+    insert_signal(db_url, site="S009", metric="major_event", method="sentinel",
+                  episode_start=date(2021, 3, 1), signal_date=date(2021, 3, 1))
+    insert_signal(db_url, site="S010", metric="major_event", method="sentinel",
+                  episode_start=date(2021, 5, 1), signal_date=date(2021, 5, 1))
+    sync_alerts(settings)
+    (history,) = [json.loads(r["payload"]) for r in _rows(db_url, alert)
+                  if r["dedupe_key"].startswith("digest:history")]
+    assert [(i["site_id"], i["since"]) for i in history["items"]] == [
+        ("S009", "2021-03-01"), ("S010", "2021-05-01")]
+    assert "sentinel event 2021-03-01" in history["items"][0]["reason"]
+    assert "2 past episode(s)" in next(r["title"] for r in _rows(db_url, alert)
+                                       if r["dedupe_key"].startswith("digest:history"))
+    assert not [r for r in _rows(db_url, alert) if r["dedupe_key"].startswith("sentinel:")]
 
 
 def test_life_cycle_is_audited_and_invalid_transitions_are_refused(db_url, make_settings):

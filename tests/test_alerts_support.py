@@ -19,7 +19,8 @@ DATA_TO = "data-team@example.org"
 
 def insert_signal(db_url: str, *, site: str = "S003", metric: str = "cement_leak",
                   method: str = "bernoulli_cusum", category: str = "safety",
-                  episode_start: date = date(2024, 1, 1), active: bool = True) -> str:
+                  episode_start: date = date(2024, 1, 1), active: bool = True,
+                  signal_date: date = date(2024, 3, 31)) -> str:
     """Insert (or re-activate) one signal row and return its key."""
     key = hashlib.sha256(f"{site}|{metric}|{method}|{episode_start}".encode()).hexdigest()
     engine = make_engine(db_url)
@@ -30,7 +31,7 @@ def insert_signal(db_url: str, *, site: str = "S003", metric: str = "cement_leak
         else:
             conn.execute(signal.insert().values(
                 signal_key=key, site_id=site, metric=metric, method=method, direction="up",
-                category=category, episode_start=episode_start, signal_date=date(2024, 3, 31),
+                category=category, episode_start=episode_start, signal_date=signal_date,
                 observed=0.21, expected=0.105, n=120, ci_low=0.15, ci_high=0.28, statistic=5.3,
                 threshold=4.5, p_value=0.0004, baseline=0.1056, citation="NICE HTG108 2.4.1",
                 profile_name="htg108", profile_version="1.0.0", detail="{}", active=active,

@@ -464,19 +464,26 @@ def _history_digest(conn: sa.Connection, profile, settings: Settings,
     covered = _covered_episodes(conn)
     labels = {m.id: m.label for m in profile.metrics}
     items, keys, old_sentinels = [], [], set()
+    # Each ended upward episode's span and its digest item (None once covered): a sentinel
+    # event is an alarm by rule, so its episode is one of these, and is listed once.
+    spans: list[tuple[str, str, date, date, dict | None]] = []
     for row in rows:
         key = _episode_key(row["site_id"], row["metric"], row["direction"], row["level"],
                            row["start_date"])
-        if key in covered:
-            continue
-        keys.append(key)
-        items.append({
-            "site_id": row["site_id"], "metric": row["metric"],
-            "metric_label": labels.get(row["metric"], row["metric"]), "level": row["level"],
-            "since": _iso(_as_date(row["start_date"])),
-            "until": _iso(_as_date(row["end_date"])), "rate": None, "guidance": None,
-            "agree": None, "reason": f"{row['signals']} signal(s); ended",
-        })
+        item = None
+        if key not in covered:
+            keys.append(key)
+            item = {
+                "site_id": row["site_id"], "metric": row["metric"],
+                "metric_label": labels.get(row["metric"], row["metric"]),
+                "level": row["level"], "since": _iso(_as_date(row["start_date"])),
+                "until": _iso(_as_date(row["end_date"])), "rate": None, "guidance": None,
+                "agree": None, "reason": f"{row['signals']} signal(s); ended",
+            }
+            items.append(item)
+        if row["direction"] == "up":
+            spans.append((row["site_id"], row["metric"], _as_date(row["start_date"]),
+                          _as_date(row["end_date"]), item))
     cutoff = as_of - timedelta(days=profile.design.backfill_max_age_days)
     for condition in sentinel:
         day = _as_date(condition.payload.get("signal_date"))
@@ -486,7 +493,14 @@ def _history_digest(conn: sa.Connection, profile, settings: Settings,
         old_sentinels.add(condition.dedupe_key)
         if key in covered:
             continue
-        keys.append(key)
+        if key not in keys:  # the same key as its level episode's when both start that day
+            keys.append(key)
+        span = next((s for s in spans if s[:2] == (condition.site_id, condition.metric)
+                     and s[2] <= day <= s[3]), None)
+        if span is not None:  # its episode is listed (or was, in an earlier summary)
+            if span[4] is not None:
+                span[4]["reason"] += f"; sentinel event {_iso(day)} (reviewed locally?)"
+            continue
         items.append({
             "site_id": condition.site_id, "metric": condition.metric,
             "metric_label": labels.get(condition.metric, condition.metric),
