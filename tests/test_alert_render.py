@@ -187,6 +187,12 @@ def test_level_next_step_given_or_pyramid():
     assert positions == sorted(positions)
 
 
+def test_the_recent_rate_names_its_index_months():
+    payload = _level(recent={"months": 12, "n": 17, "events": 4, "rate": 4 / 17})
+    message = render(_row(payload))
+    assert "24% (4 of 17) in the last 12 months" in message.text
+
+
 def test_under_reporting_subject_and_point_baseline():
     payload = _level(level="under_reporting", direction="down",
                      recent={"window_days": 365, "n": 400, "events": 0, "rate": 0.0},

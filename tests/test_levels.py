@@ -144,7 +144,11 @@ def test_evidence_lists_every_method_once_oldest_first_with_statistics_in_one_un
         0.21, 0.16)  # a rate against a rate, not a z-score against a proportion
     assert graded["agree"] == 2  # the watch and alarm thresholds are one method
     assert graded["strongest"]["p_value"] == 1e-12
-    assert graded["recent"]["rate"] == pytest.approx(0.21)
+    assert graded["recent"]["rate"] == pytest.approx(0.21)  # the rolling funnel's, no months
+    by_months = levels.grade(LEAK, SITE, signals, AS_OF, PROFILE.design, (17, 4))
+    assert (by_months["recent"]["n"], by_months["recent"]["events"],
+            by_months["recent"]["months"]) == (17, 4, 12)
+    assert by_months["recent"]["rate"] == pytest.approx(4 / 17)
     assert graded["guidance"]["high"] == 0.11 and "2.4.1" in graded["guidance"]["citation"]
     assert "investigation pyramid" in graded["next_step"]
     assert "since " + early.isoformat() in graded["reason"]

@@ -118,6 +118,21 @@ def test_views_agree_with_the_monitor(db_url, settings_for):
     assert denominators["new_fracture"] == "patient"
     assert denominators["cement_leak"] == "procedure"
 
+    # "Last 12 months" is one figure: the alarm e-mail's rate counts the units of the
+    # months the view (and the report) counts (user audit: 5 of 18 against 4 of 17).
+    recent = [0, 0]
+    for r in months:
+        if (r["site_id"], r["metric"]) == (DRIFTING, "cement_leak") and \
+                r["months_before_as_of"] < 12:
+            recent[0] += r["units"]
+            recent[1] += r["events"]
+    with engine.connect() as conn:
+        payloads = [json.loads(p) if isinstance(p, str) else p for p in conn.scalars(
+            sa.select(schema.alert.c.payload).where(schema.alert.c.site_id == DRIFTING,
+                                                    schema.alert.c.metric == "cement_leak"))]
+    told = [p["recent"] for p in payloads if p.get("recent")]
+    assert told and all((t["n"], t["events"], t["months"]) == (*recent, 12) for t in told)
+
     opened = view_rows(engine, "v_open_alerts")
     assert any(r["site_id"] == DRIFTING and r["metric"] == "cement_leak" for r in opened)
     assert {r["email_status"] for r in opened} == {"queued"}

@@ -455,7 +455,10 @@ def _rate_phrase(p: dict[str, Any]) -> str | None:
     counts = ""
     if recent.get("events") is not None and recent.get("n") is not None:
         counts = f" ({_num(recent['events'])} of {_num(recent['n'])})"
-    return f"{_pct(recent['rate'])}{counts} in {_window(recent.get('window_days'))}"
+    months = _float(recent.get("months"))
+    window = (f"the last {_num(months)} months" if months and months > 1
+              else _window(recent.get("window_days")))
+    return f"{_pct(recent['rate'])}{counts} in {window}"
 
 
 def _level_sentence(p: dict[str, Any]) -> str:

@@ -1188,12 +1188,19 @@ class _Computation:
             by_pair.setdefault((row["site_id"], row["metric"]), []).append(row)
         as_of = day_to_date(self.as_of_day)
         design = self.profile.design
+        recent: dict[tuple[str, str], tuple[int, int]] = {}
+        for month in self.site_months:
+            if month["months_before_as_of"] < levels.RECENT_MONTHS:
+                pair = (month["site_id"], month["metric"])
+                units, events = recent.get(pair, (0, 0))
+                recent[pair] = (units + month["units"], events + month["events"])
         self.level_episodes: list[dict[str, Any]] = []
         for metric in self.profile.metrics:
             for site in self.sites:
                 entry = self._site_entry(site, metric)
                 signals = by_pair.get((site, metric.id), [])
-                entry["level"] = levels.grade(metric, entry, signals, as_of, design)
+                entry["level"] = levels.grade(metric, entry, signals, as_of, design,
+                                              recent.get((site, metric.id)))
                 self.level_episodes += levels.level_episodes(metric, site, signals, as_of,
                                                              design)
         self.level_episodes.sort(key=lambda e: (e["start"], e["site_id"], e["metric"],

@@ -65,6 +65,9 @@ METHOD_LABELS = {
     "process": "process measure",
 }
 _RULE_KINDS = {"sentinel", "process"}
+# The recent window of a level's rate, in index months counted back from as_of's month (as
+# evidence.recent_observed_expected counts them for the report).
+RECENT_MONTHS = 12
 
 
 def method_label(method: str) -> str:
@@ -241,11 +244,13 @@ def next_step(level: str, site: str, metric_label: str, since: date | None,
 
 
 def grade(metric, site_row: dict[str, Any], signals: list[dict[str, Any]], as_of: date,
-          design) -> dict[str, Any]:
+          design, recent_months: tuple[int, int] | None = None) -> dict[str, Any]:
     """Return the level of one site and metric with the evidence that explains it.
 
     ``site_row`` is the engine's per-site figures for the metric (n, rate, funnel...),
-    ``signals`` every signal of this site and metric, ``design`` the profile's design.
+    ``signals`` every signal of this site and metric, ``design`` the profile's design,
+    ``recent_months`` the (units, events) of the site's last :data:`RECENT_MONTHS` index
+    months (the figure the report shows as "last 12 months"; else the rolling funnel's).
     """
     hold, watch_hold = design.hold_days, design.watch_hold_days
     window = metric.window_days
@@ -285,9 +290,16 @@ def grade(metric, site_row: dict[str, Any], signals: list[dict[str, Any]], as_of
     agree = len({e["method"].removesuffix("_watch") for e in evidence})
     p_values = [e for e in evidence if e["p_value"] is not None]
     strongest = min(p_values, key=lambda e: e["p_value"]) if p_values else None
+    # "Last 12 months" is one figure everywhere: the units of the last 12 index months,
+    # as the report and v_site_month_rates count them (user audit: the e-mail gave the
+    # rolling funnel's 365 days of matured units, 28 % (5 of 18), where the report said
+    # 23.5 % (4 of 17)). The rolling funnel's figure only without monthly figures.
     rolling = ((site_row.get("funnel") or {}).get("rolling") or {})
     recent = None
-    if rolling.get("n"):
+    if recent_months is not None and recent_months[0]:
+        recent = {"months": RECENT_MONTHS, "n": recent_months[0], "events": recent_months[1],
+                  "rate": recent_months[1] / recent_months[0]}
+    elif rolling.get("n"):
         recent = {"window_days": design.funnel_rolling_days, "n": rolling["n"],
                   "events": rolling["events"], "rate": rolling["events"] / rolling["n"]}
     case_mix = _case_mix(shown, metric) if direction == "up" else None
