@@ -15,6 +15,7 @@ from pipelines.alerts import deliver_outbox, sync_alerts
 from pipelines.alerts.regulator import export, mark_sent
 from pipelines.cli import main
 from pipelines.db import make_engine
+from pipelines.errors import InputRejected
 from pipelines.ingest import ingest_paths
 from pipelines.mailsink import MailSink
 from pipelines.surveillance.engine import run_monitor
@@ -151,18 +152,68 @@ def test_each_device_related_event_is_drafted_exactly_once(registry, db_url, set
     assert sorted(d["complication_id"] for d in drafts) == sorted(registry["device_related"])
     assert (first["new_drafts"], first["exported"]) == (0, planted)
     assert (second["new_drafts"], second["exported"]) == (0, planted)  # exported, not sent
+    # the unsent drafts follow the correction (user audit: frozen at the first draft)
+    ruptures = [c for c in registry["device_related"] if c.startswith("R")]
+    assert second["updated_drafts"] == len(ruptures) > 0
+    assert all(json.loads(d["draft"])["symptomatic"] for d in drafts
+               if d["complication_id"] in ruptures)
     [json_file] = (tmp_path / "out1").glob(f"yellow_card_{drafts[0]['site_id']}_*.json")
     content = json.loads(json_file.read_text())
     major = [d for d in content["drafts"] if d["site_complication_ref"] == "CMAJOR"]
     if major:
         assert major[0]["cement_manufacturer"] == "Example Spine Ltd"
-        assert major[0]["outcome"].startswith("serious")
+        assert major[0]["seriousness"].startswith("serious")
+        assert major[0]["outcome"].startswith("not in the extract")  # never made up
     csv_files = list((tmp_path / "out1").glob("*.csv"))
     rows = [r for path in csv_files for r in csv.DictReader(path.open())]
     assert len(rows) == len(registry["device_related"])
     assert {r["udi_di"] for r in rows} == {"00643169007222"}
     assert all(r["state"] == "drafted" for r in rows)  # exported from now on
     assert {d["state"] for d in drafts} == {"exported"}
+
+
+def test_a_draft_follows_corrections_until_it_is_sent(registry, sqlite_url, settings_for,
+                                                     tmp_path, capsys):
+    """A complication no longer device-related is withdrawn (never exported, cannot be
+    marked sent) and drafted again if corrected back; a sent draft is never rewritten, and
+    a later correction to it is named for a follow-up report."""
+    settings = _settings(settings_for, sqlite_url)
+    ingest_paths(settings, registry["paths"])
+    run_monitor(settings)
+    export(settings, tmp_path / "out1")
+    assert mark_sent(settings, "CMAJOR", by="dr.lee", mhra_reference="YC-1")["state"] == "sent"
+    sent = {d["complication_id"]: d["draft"] for d in _rows(sqlite_url, schema.yellow_card)}
+    rupture = next(c for c in registry["device_related"] if c.startswith("R"))
+    text = registry["paths"][1].read_text()
+    line = next(x for x in text.splitlines() if x.startswith(rupture + ","))
+    major = next(x for x in text.splitlines() if x.startswith("CMAJOR,"))
+    corrected = registry["paths"][1].with_name("complications_29991231.csv")
+    corrected.write_text(text.replace(line, line.replace("balloon_rupture", "other"))
+                         .replace(major, major.replace(",major,", ",fatal,")))
+    ingest_paths(settings, [corrected])
+    capsys.readouterr()
+    assert main(["regulator", "export", "--db", sqlite_url, "--out",
+                 str(tmp_path / "out2")]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert result["withdrawn_drafts"] == 1 and result["sent_changed"] == ["CMAJOR"]
+    assert "follow-up report" in out.err and "CMAJOR" in out.err
+    ledger = {d["complication_id"]: d for d in _rows(sqlite_url, schema.yellow_card)}
+    assert ledger[rupture]["state"] == "withdrawn"
+    assert ledger["CMAJOR"]["state"] == "sent" and ledger["CMAJOR"]["draft"] == sent["CMAJOR"]
+    exported = [r["site_complication_ref"] for path in (tmp_path / "out2").glob("*.csv")
+                for r in csv.DictReader(path.open())]
+    assert rupture not in exported and "CMAJOR" not in exported
+    with pytest.raises(InputRejected, match="withdrawn"):
+        mark_sent(settings, rupture, by="dr.lee", mhra_reference=None)
+    # corrected back: drafted again, with the event as the extract now has it
+    again = registry["paths"][1].with_name("complications_30001231.csv")
+    again.write_text("\n".join([text.splitlines()[0], line]) + "\n")  # that row only
+    ingest_paths(settings, [again])
+    third = export(settings, tmp_path / "out3")
+    assert third["updated_drafts"] == 1
+    ledger = {d["complication_id"]: d for d in _rows(sqlite_url, schema.yellow_card)}
+    assert ledger[rupture]["state"] == "exported"
 
 
 def test_overdue_major_event_raises_data_quality_until_marked_sent(registry, sqlite_url,

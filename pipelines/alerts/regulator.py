@@ -10,6 +10,12 @@ so it prepares the report:
   embolism, a cement leak with a major or fatal outcome);
 * each one gets exactly one draft in the ``yellow_card`` ledger, keyed by the complication id
   (reruns, re-deliveries and corrections never draft it twice);
+* a draft not yet sent follows the extract: a corrected complication (severity, type,
+  devices) rewrites it and sets it back to ``drafted``, so the next export carries the
+  correction; one that is no longer device-related is ``withdrawn`` (and drafted again if a
+  later correction makes it device-related). A sent draft is the record of what the MHRA
+  received and is never rewritten: when the extract has changed since, ``export`` names it
+  for a follow-up report;
 * ``kyphowatch regulator export`` writes the unsent drafts of each site as JSON and CSV
   (device, manufacturer, model, lot, UDI-DI, event date, type, severity, outcome and the
   site's own references: complication and procedure id), with no patient or operator
@@ -26,6 +32,7 @@ import argparse
 import csv
 import json
 import logging
+import sys
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,17 +48,22 @@ from pipelines.surveillance.profile import load_profile
 
 log = logging.getLogger(__name__)
 
-STATES = ("drafted", "exported", "sent")
+STATES = ("drafted", "exported", "sent", "withdrawn")
+UNSENT = ("drafted", "exported", "withdrawn")
 SERIOUS = ("major", "fatal")
 CSV_FIELDS = (
     "report_id", "site_id", "site_complication_ref", "site_procedure_ref", "event_date",
-    "procedure_date", "event_type", "severity", "outcome", "symptomatic", "patient_sex",
+    "procedure_date", "event_type", "severity", "seriousness", "outcome", "symptomatic",
+    "patient_sex",
     "patient_age_band", "balloon_product", "balloon_manufacturer", "balloon_model",
     "cement_product", "cement_manufacturer", "cement_model", "cement_lot", "udi_di",
     "description", "state",
 )
-OUTCOMES = {"minor": "non-serious, recovered or recovering",
-            "major": "serious (HTG108 major complication)", "fatal": "fatal"}
+# The extract records severity, not the patient's outcome: only a death is known from it.
+SERIOUSNESS = {"minor": "non-serious", "major": "serious (HTG108 major complication)",
+               "fatal": "serious (fatal)"}
+OUTCOME_UNKNOWN = "not in the extract: complete from the notes"
+OUTCOMES = {"fatal": "fatal"}
 
 
 def _device_related(design: RegulatorDesign) -> sa.ColumnElement[bool]:
@@ -88,7 +100,8 @@ def build_draft(row: sa.RowMapping, reference: ProductReference | None) -> dict[
         "procedure_date": str(row["procedure_date"])[:10],
         "event_type": row["event_type"],
         "severity": row["severity"],
-        "outcome": OUTCOMES.get(row["severity"], row["severity"]),
+        "seriousness": SERIOUSNESS.get(row["severity"], row["severity"]),
+        "outcome": OUTCOMES.get(row["severity"], OUTCOME_UNKNOWN),
         "symptomatic": bool(row["symptomatic"]),
         "patient_sex": row["sex"],
         "patient_age_band": _age_band(int(row["age_years"])),
@@ -109,19 +122,34 @@ def build_draft(row: sa.RowMapping, reference: ProductReference | None) -> dict[
 
 def draft_new(conn: sa.Connection, design: RegulatorDesign,
               reference: ProductReference | None, now: datetime | None = None) -> int:
-    """Add a draft for every device-related complication that has none; return how many."""
+    """Draft what is new and bring the unsent drafts up to date; return the new drafts."""
+    return sync_drafts(conn, design, reference, now)["new"]
+
+
+def sync_drafts(conn: sa.Connection, design: RegulatorDesign,
+                reference: ProductReference | None, now: datetime | None = None
+                ) -> dict[str, Any]:
+    """Draft every device-related complication that has no draft, and follow the extract.
+
+    Returns the counts ``new``, ``updated`` (an unsent draft rewritten after a correction),
+    ``withdrawn`` (no longer device-related) and ``sent_changed``: the complication ids of
+    sent drafts whose complication has changed since (a follow-up report to the MHRA).
+    """
     complication, procedure, ledger = schema.complication, schema.procedure, schema.yellow_card
+    related = _device_related(design)
     rows = conn.execute(
         sa.select(complication.c.complication_id, complication.c.procedure_id,
                   complication.c.site_id, complication.c.event_date, complication.c.event_type,
                   complication.c.severity, complication.c.symptomatic,
                   procedure.c.procedure_date, procedure.c.age_years, procedure.c.sex,
                   procedure.c.balloon_product, procedure.c.cement_product,
-                  procedure.c.cement_lot, procedure.c.udi_di)
+                  procedure.c.cement_lot, procedure.c.udi_di,
+                  sa.case((related, True), else_=False).label("device_related"),
+                  ledger.c.state.label("ledger_state"), ledger.c.draft.label("ledger_draft"))
         .select_from(complication.join(
             procedure, procedure.c.procedure_id == complication.c.procedure_id))
         .outerjoin(ledger, ledger.c.complication_id == complication.c.complication_id)
-        .where(_device_related(design), ledger.c.complication_id.is_(None))
+        .where(sa.or_(related, ledger.c.complication_id.isnot(None)))
         .order_by(complication.c.complication_id)
     ).mappings().all()
     now = now or datetime.now(UTC)
@@ -129,18 +157,41 @@ def draft_new(conn: sa.Connection, design: RegulatorDesign,
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    added = 0
+    counts: dict[str, Any] = {"new": 0, "updated": 0, "withdrawn": 0, "sent_changed": []}
     for row in rows:
-        # The key makes a draft exactly once, also against a concurrent run.
-        added += conn.execute(insert(ledger).values(
-            complication_id=row["complication_id"], site_id=row["site_id"],
-            event_date=row["event_date"], event_type=row["event_type"],
-            severity=row["severity"],
-            draft=json.dumps(build_draft(row, reference), sort_keys=True),
-            state="drafted", drafted_at=now,
-        ).on_conflict_do_nothing(index_elements=["complication_id"])
-            .returning(ledger.c.complication_id)).first() is not None
-    return added
+        key = row["complication_id"]
+        state = row["ledger_state"]
+        draft = json.dumps(build_draft(row, reference), sort_keys=True) \
+            if row["device_related"] else None
+        if state is None:
+            # The key makes a draft exactly once, also against a concurrent run.
+            counts["new"] += conn.execute(insert(ledger).values(
+                complication_id=key, site_id=row["site_id"], event_date=row["event_date"],
+                event_type=row["event_type"], severity=row["severity"], draft=draft,
+                state="drafted", drafted_at=now,
+            ).on_conflict_do_nothing(index_elements=["complication_id"])
+                .returning(ledger.c.complication_id)).first() is not None
+        elif state == "sent":
+            if draft != row["ledger_draft"]:
+                counts["sent_changed"].append(key)
+        elif draft is None:
+            if state != "withdrawn":
+                conn.execute(ledger.update().where(ledger.c.complication_id == key,
+                                                   ledger.c.state.in_(UNSENT))
+                             .values(state="withdrawn"))
+                counts["withdrawn"] += 1
+        elif draft != row["ledger_draft"] or state == "withdrawn":
+            conn.execute(ledger.update().where(ledger.c.complication_id == key,
+                                               ledger.c.state.in_(UNSENT))
+                         .values(draft=draft, event_date=row["event_date"],
+                                 event_type=row["event_type"], severity=row["severity"],
+                                 state="drafted", drafted_at=now, exported_at=None))
+            counts["updated"] += 1
+    if counts["updated"] or counts["withdrawn"] or counts["sent_changed"]:
+        log.info("yellow card: %d draft(s) rewritten after corrections, %d withdrawn, %d sent "
+                 "report(s) changed since sending", counts["updated"], counts["withdrawn"],
+                 len(counts["sent_changed"]))
+    return counts
 
 
 def overdue_by_site(conn: sa.Connection, design: RegulatorDesign, as_of: date | None
@@ -203,7 +254,8 @@ def export(settings: Settings, out_dir: Path, site: str | None = None) -> dict[s
     now = datetime.now(UTC)
     try:
         with engine.begin() as conn:
-            drafted = draft_new(conn, design, reference, now)
+            synced = sync_drafts(conn, design, reference, now)
+            drafted = synced["new"]
             rows = _listed(conn, site, ("drafted", "exported"))
             by_site: dict[str, list[dict]] = {}
             for row in rows:
@@ -235,7 +287,10 @@ def export(settings: Settings, out_dir: Path, site: str | None = None) -> dict[s
                              .values(state="exported", exported_at=now))
     finally:
         engine.dispose()
-    return {"new_drafts": drafted, "exported": len(rows), "sites": len(by_site), "files": files}
+    return {"new_drafts": drafted, "updated_drafts": synced["updated"],
+            "withdrawn_drafts": synced["withdrawn"], "exported": len(rows),
+            "sites": len(by_site), "files": files,
+            "sent_changed": synced["sent_changed"]}
 
 
 def mark_sent(settings: Settings, complication_id: str, *, by: str,
@@ -255,6 +310,9 @@ def mark_sent(settings: Settings, complication_id: str, *, by: str,
                                     "(kyphowatch regulator list shows the drafts)")
             if row == "sent":
                 raise InputRejected(f"the draft for {complication_id!r} is already marked sent")
+            if row == "withdrawn":
+                raise InputRejected(f"the draft for {complication_id!r} was withdrawn: the "
+                                    "extract no longer records a device-related event")
             conn.execute(ledger.update().where(ledger.c.complication_id == complication_id)
                          .values(state="sent", sent_at=datetime.now(UTC), sent_by=by,
                                  mhra_reference=mhra_reference))
@@ -273,7 +331,12 @@ def _json_default(value: Any) -> str:
 
 def _export(args: argparse.Namespace) -> int:
     settings = load_settings(db_url=args.db)
-    print(json.dumps(export(settings, Path(args.out), args.site), indent=2))
+    result = export(settings, Path(args.out), args.site)
+    print(json.dumps(result, indent=2))
+    if result["sent_changed"]:
+        print(f"kyphowatch: note: {len(result['sent_changed'])} report(s) already sent to the "
+              "MHRA changed in the extract since (" + ", ".join(result["sent_changed"][:10])
+              + "): submit a follow-up report for each", file=sys.stderr)
     return 0
 
 
