@@ -58,6 +58,27 @@ def test_ingest_exit_codes_and_json(tmp_path):
         assert "PT-SECRET" not in out.stdout + out.stderr
 
 
+def test_a_site_new_to_the_warehouse_is_named(tmp_path):
+    """A first extract from a site is named (a mistyped site id would otherwise become a
+    phantom site unnoticed; user audit); a first load into an empty warehouse names none."""
+    env = {"KYPHOWATCH_DEMO": "1"}
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    first = write(tmp_path / "procedures_20240201.csv",
+                  csv_text(PROC_HEADER, [proc_row("P1"), proc_row("P2", site="S002")]))
+    loaded = run("ingest", "--db", db, "--json", str(first), env=env)
+    assert loaded.returncode == 0 and json.loads(loaded.stdout)["new_sites"] == []
+    typo = write(tmp_path / "procedures_ZZ9_20240202.csv",
+                 csv_text(PROC_HEADER, [proc_row("P3", site="ZZ9"), proc_row("P4")]))
+    shown = run("ingest", "--db", db, str(typo), env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "NEW SITE(S), first procedures in this warehouse: ZZ9" in shown.stdout
+    assert "ZZ9" in shown.stderr  # the log line a scheduler keeps
+    again = write(tmp_path / "procedures_ZZ9_20240203.csv",
+                  csv_text(PROC_HEADER, [proc_row("P5", site="ZZ9")]))
+    later = run("ingest", "--db", db, "--json", str(again), env=env)
+    assert json.loads(later.stdout)["new_sites"] == []
+
+
 def test_refuses_to_load_without_a_pseudonym_key(tmp_path):
     good = write(tmp_path / "procedures_20240201.csv", csv_text(PROC_HEADER, [proc_row()]))
     env = {k: v for k, v in os.environ.items() if not k.startswith("KYPHOWATCH_")}

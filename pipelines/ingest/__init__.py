@@ -106,6 +106,7 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     key_held = ExitStack()
     try:
         _hold_key(key_held, engine, key, settings)
+        sites_before = _sites_with_procedures(engine)
         for path in files:
             result = _load_or_explain(engine, path, settings, key, processing_day, results)
             log.info(
@@ -116,10 +117,30 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
                 f" reason={result.reason}" if result.reason else "",
             )
             results.append(result)
+        # Into an empty warehouse every site is new: nothing worth a warning.
+        new_sites = sorted(_sites_with_procedures(engine) - sites_before) \
+            if sites_before and any(r.status == "loaded" for r in results) else []
+        if new_sites:
+            log.warning("first procedures from %d site(s) new to the warehouse: %s; check each "
+                        "site id is right (a mistyped one becomes a site of its own)",
+                        len(new_sites), ", ".join(new_sites))
     finally:
         key_held.close()
         engine.dispose()
-    return IngestReport(results)
+    return IngestReport(results, new_sites)
+
+
+def _sites_with_procedures(engine) -> set[str]:
+    """Return the site ids with at least one procedure, one index probe per site."""
+    from pipelines.schema import procedure
+
+    sites = sa.select(sa.func.min(procedure.c.site_id).label("site_id")).cte(
+        "sites", recursive=True)
+    following = (sa.select(sa.func.min(procedure.c.site_id))
+                 .where(procedure.c.site_id > sites.c.site_id).scalar_subquery())
+    sites = sites.union_all(sa.select(following).where(sites.c.site_id.isnot(None)))
+    with engine.connect() as conn:
+        return {site for site in conn.scalars(sa.select(sites.c.site_id)) if site is not None}
 
 
 def _hold_key(stack: ExitStack, engine, key: bytes, settings: Settings) -> None:

@@ -43,6 +43,10 @@ def _format(report) -> str:
             lines.append(f"    dropped unknown columns: {', '.join(f.dropped_columns)}")
         if f.status == "rejected":
             lines.append(f"    REJECTED: {f.reason}")
+    if report.new_sites:
+        lines.append(f"NEW SITE(S), first procedures in this warehouse: "
+                     f"{', '.join(report.new_sites)} (check each site id is right: a mistyped "
+                     "one becomes a site of its own)")
     totals = report.to_dict()["totals"]
     lines.append(
         f"{len(report.files)} file(s): {totals.get('loaded', 0)} loaded, "

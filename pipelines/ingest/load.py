@@ -118,6 +118,9 @@ class IngestReport:
     """Results for every file of one ingest call."""
 
     files: list[FileResult]
+    # Sites with procedures now that had none before this call: a first extract from a
+    # site, or a mistyped site id that would otherwise become a phantom site unnoticed.
+    new_sites: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -140,6 +143,7 @@ class IngestReport:
         return {
             "files": [f.to_dict() for f in self.files],
             "totals": dict(totals),
+            "new_sites": list(self.new_sites),
             "exit_code": self.exit_code,
         }
 
