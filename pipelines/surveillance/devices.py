@@ -196,39 +196,91 @@ RARE_STRATA = 4  # the rare test's 365 days in four strata of about a quarter ea
 
 def conditional_rare_pvalue(day: np.ndarray, y: np.ndarray, risk: np.ndarray,
                             other_day: np.ndarray, other_y: np.ndarray, other_risk: np.ndarray,
-                            as_of_day: int) -> tuple[int, float, float]:
+                            as_of_day: int, site: np.ndarray | None = None,
+                            other_site: np.ndarray | None = None) -> tuple[int, float, float]:
     """Return (events, expected, P(X >= events)) of a product's last 365 days, given all events.
 
     The exact conditional test of two Poisson rates (Przyborowski & Wilenski 1940): within
-    each quarter of the window, given the events of the product and of the other products
-    together (``n``), the product's count is Binomial(``n``, ``E / (E + F)``) under the null,
-    where ``E`` and ``F`` are the two sides' case-mix expected counts (network model). The
-    common rate of the quarter cancels, so the comparators' own Poisson noise is not taken
-    for a known expected count (a recalibrated expected is: at alpha 1.25e-4 that spent 2.4
-    times the budget on undrifted 1,000-site registries). ``expected`` is the sum of
-    ``n x E / (E + F)``.
+    each quarter of the window (and each site, when ``site`` and ``other_site`` are given),
+    given the events of the product and of the other products together (``n``), the
+    product's count is Binomial(``n``, ``E / (E + F)``) under the null, where ``E`` and ``F``
+    are the two sides' case-mix expected counts (network model). The common rate of the
+    stratum cancels -- the site's own level too when strata are per site -- so neither the
+    comparators' Poisson noise nor a drifting site is taken for the product's (a
+    recalibrated expected spent 2.4 times the budget at alpha 1.25e-4 on undrifted
+    1,000-site registries). Only strata with cases on both sides carry evidence: a product
+    alone in a stratum has its events fixed by the total, and they are not counted.
+    ``expected`` is the sum of ``n x E / (E + F)`` over those strata.
     """
     from pipelines.surveillance.distributions import binom_pmf  # scipy.stats's values
+
+    mine, theirs = day > as_of_day - ROLLING_DAYS, other_day > as_of_day - ROLLING_DAYS
 
     def stratum(days: np.ndarray) -> np.ndarray:
         return np.minimum((as_of_day - days) * RARE_STRATA // ROLLING_DAYS, RARE_STRATA - 1)
 
-    mine, theirs = day > as_of_day - ROLLING_DAYS, other_day > as_of_day - ROLLING_DAYS
     s_mine, s_theirs = stratum(day[mine]), stratum(other_day[theirs])
-    observed = np.bincount(s_mine, weights=y[mine], minlength=RARE_STRATA)
-    total = observed + np.bincount(s_theirs, weights=other_y[theirs], minlength=RARE_STRATA)
-    e_mine = np.bincount(s_mine, weights=risk[mine], minlength=RARE_STRATA)
-    e_theirs = np.bincount(s_theirs, weights=other_risk[theirs], minlength=RARE_STRATA)
-    share = np.divide(e_mine, e_mine + e_theirs, out=np.zeros(RARE_STRATA),
-                      where=(e_mine + e_theirs) > 0)
-    events = int(observed.sum())
-    expected = float(np.sum(total * share))
+    cells = RARE_STRATA
+    if site is not None and other_site is not None:
+        codes, _ = pd.factorize(np.concatenate([np.asarray(site)[mine],
+                                                np.asarray(other_site)[theirs]]))
+        cells = RARE_STRATA * max(1, int(codes.max(initial=-1)) + 1)
+        s_mine = s_mine + RARE_STRATA * codes[: len(s_mine)]
+        s_theirs = s_theirs + RARE_STRATA * codes[len(s_mine):]
+    observed = np.bincount(s_mine, weights=y[mine], minlength=cells)
+    total = observed + np.bincount(s_theirs, weights=other_y[theirs], minlength=cells)
+    e_mine = np.bincount(s_mine, weights=risk[mine], minlength=cells)
+    e_theirs = np.bincount(s_theirs, weights=other_risk[theirs], minlength=cells)
+    both = (e_mine > 0) & (e_theirs > 0)
+    share = np.divide(e_mine, e_mine + e_theirs, out=np.zeros(cells), where=both)
+    events = int(observed[both].sum())
+    expected = float(np.sum(total[both] * share[both]))
     if events == 0:
         return 0, expected, 1.0
     pmf = np.ones(1)
-    for n, pi in zip(total.astype(np.int64).tolist(), share.tolist(), strict=True):
-        pmf = np.convolve(pmf, binom_pmf(np.arange(n + 1), n, pi))
+    informative = both & (total > 0)
+    for n, pi in zip(total[informative].astype(np.int64).tolist(),
+                     share[informative].tolist(), strict=True):
+        # one event (most strata of a site-stratified rare test): its pmf needs no scipy
+        step = (np.array([1.0 - pi, pi]) if n == 1
+                else binom_pmf(np.arange(n + 1), n, pi))
+        pmf = np.convolve(pmf, step)
     return events, expected, float(min(1.0, pmf[events:].sum()))
+
+
+def within_site(risk: np.ndarray, y: np.ndarray, cell: np.ndarray,
+                iterations: int = 25) -> np.ndarray:
+    """Return each unit's risk moved to its cell's observed events (all products together).
+
+    Per cell (a site in a 91-day quarter) the log odds of every unit move by one offset
+    ``d`` that makes the cell's expected events its observed ``O``: ``sum expit(logit r +
+    d) = O`` (Newton's method; the expected count is increasing in ``d``). This is the
+    cell's level estimated under the null of no product difference, from the cell's own
+    cases: a product's excess is then only what it shows over the other products used at
+    the same site in the same quarter (indirect standardisation by site and quarter; the
+    score test of the product in a logistic model with a term per cell). A cell with no
+    event or only events has ``d`` at -inf or +inf: NaN is returned there (no evidence).
+    """
+    n_cells = int(cell.max(initial=-1)) + 1
+    cases = np.bincount(cell, minlength=n_cells).astype(float)
+    events = np.bincount(cell, weights=y, minlength=n_cells)
+    logit = _logit(risk)
+    offset = _logit(np.clip(events / np.maximum(cases, 1.0), 1e-9, 1 - 1e-9)) - _logit(
+        np.clip(np.bincount(cell, weights=risk, minlength=n_cells) / np.maximum(cases, 1.0),
+                1e-9, 1 - 1e-9))
+    solvable = (events > 0) & (events < cases)
+    offset[~solvable] = 0.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(logit + offset[cell])))
+        gap = np.bincount(cell, weights=p, minlength=n_cells) - events
+        slope = np.bincount(cell, weights=p * (1.0 - p), minlength=n_cells)
+        step = np.divide(gap, slope, out=np.zeros(n_cells), where=solvable & (slope > 0))
+        offset -= np.clip(step, -2.0, 2.0)  # damped: far from the root the slope misleads
+        if np.abs(step).max(initial=0.0) < 1e-12:
+            break
+    adjusted = 1.0 / (1.0 + np.exp(-(logit + offset[cell])))
+    adjusted[~solvable[cell]] = np.nan
+    return adjusted
 
 
 def product_cusum(y: np.ndarray, risk: np.ndarray, odds_ratio: float, h: float
@@ -277,10 +329,11 @@ def lot_tests(lots: pd.DataFrame, design: DeviceDesign, as_of_day: int) -> list[
 
 
 def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign,
-                   cases: dict[str, np.ndarray], risk: np.ndarray,
-                   others: dict[str, np.ndarray] | None, as_of_day: int) -> dict:
-    """Return the product's test: ``cases`` and ``others`` hold index_day, y and risk arrays
-    (``others`` only for a rare metric: a CUSUM's comparators are in ``risk`` already)."""
+                   cases: dict[str, np.ndarray], others: dict[str, np.ndarray] | None,
+                   as_of_day: int) -> dict:
+    """Return the product's test: ``cases`` and ``others`` hold index_day, y, risk and site
+    arrays (``others`` only for a rare metric; a CUSUM's ``cases`` carry the within-site
+    risks of :func:`within_site` and only the cases that are evidence)."""
     day = cases["index_day"]
     y = cases["y"]
     rate = rate_per_unit_year(profile, metric)
@@ -288,11 +341,15 @@ def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign,
     if metric.alarm.method == "rare":
         assert others is not None
         events, _, p_value = conditional_rare_pvalue(
-            day, y, cases["risk"], others["index_day"], others["y"], others["risk"], as_of_day)
+            day, y, cases["risk"], others["index_day"], others["y"], others["risk"], as_of_day,
+            cases["site"], others["site"])
         alpha = rare_alpha(rate)
         signal = day_to_date(as_of_day) if events and p_value <= alpha else None
         return {"statistic": p_value, "threshold": alpha, "signal_date": signal,
                 "signals": int(signal is not None)}
+    if len(day) == 0:  # no case shares a site and quarter with another product: no evidence
+        return {"statistic": 0.0, "threshold": None, "signal_date": None, "signals": 0}
+    risk = cases["risk"]
     volume = len(day) / years_between(int(day[0]), as_of_day)
     h = fir_threshold(float(risk.mean()), design.odds_ratio, arl0_for_volume(volume, rate), 0.0)
     value, signals = product_cusum(y, risk, design.odds_ratio, h)
@@ -325,77 +382,85 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
                    design: DeviceDesign, failures: pd.DataFrame, as_of_day: int,
                    flagged_lots: frozenset[str] = frozenset(), *,
                    count_signals: bool = False) -> list[dict]:
-    """Compare each product with the other products of its kind, per metric.
+    """Compare each product with the other products of its kind at the same sites, per metric.
 
-    ``units_by_metric`` maps a metric id to its mature units with the product columns and
-    ``risk`` (the network case-mix model); ``failures`` has one row per device-failure
-    complication with the product columns. Balloons are compared without the cases of
-    ``flagged_lots`` (``product<US>lot`` keys of cement lots whose own test signalled): a bad lot would otherwise be
-    blamed on whichever balloon its sites happen to use. ``count_signals`` adds ``signals``:
-    how many times the CUSUM signalled (and restarted), or whether the rare test did now.
+    ``units_by_metric`` maps a metric id to its mature units with ``site_id``, the product
+    columns and ``risk`` (the network case-mix model); ``failures`` has one row per
+    device-failure complication with the product columns. A product's evidence is its cases
+    that share a site and a 91-day quarter (a *cell*) with another product's cases: within
+    a cell its events are compared with its share of the cell's events (:func:`within_site`
+    for a CUSUM metric, the site-stratified exact test for a rare one), so a site's own
+    level or drift is nobody's product effect, and a product used alone at a site gives no
+    evidence there. ``procedures``, ``events`` and ``expected`` count those cases
+    (``expected``: the cell's events times the product's share of the cell's case-mix
+    risk, summed). Balloons are compared without the cases of ``flagged_lots``
+    (``product<US>lot`` keys of cement lots whose own test signalled): a bad lot would
+    otherwise be blamed on whichever balloon its sites happen to use. ``count_signals``
+    adds ``signals``: how many times the CUSUM signalled (and restarted), or whether the
+    rare test did now.
     """
     rows = []
     for metric_id in design.metrics:
         metric = profile.metric(metric_id)
+        assert metric.alarm is not None
+        rare = metric.alarm.method == "rare"
         units = units_by_metric[metric_id]
         all_day = units["index_day"].to_numpy(np.int64)
         all_y = units["y"].to_numpy(np.int64)
         all_risk = units["risk"].to_numpy(float)
+        all_site, _ = pd.factorize(units["site_id"])
         for column, kind in PRODUCT_COLUMNS.items():
             keep = units[column].notna().to_numpy(bool, copy=True)
             if kind == "balloon" and flagged_lots:
                 keep &= _without_flagged_lots(units, flagged_lots)
             if not keep.any():
                 continue
-            # Arrays of the named units in the units' (site, date) order; each product's
-            # comparators are the other units, summed in that order (the float sums see the
-            # same cases in the same order). Products are factorised from the column
-            # itself: a categorical's codes, not a string per unit.
-            if keep.all():
-                # Every unit is named: the arrays themselves, not three full-length copies
-                # (the same values in the same order).
-                code, products = pd.factorize(units[column])
-                day, y, risk = all_day, all_y, all_risk
-            else:
-                code, products = pd.factorize(units[column][keep])
-                day, y, risk = all_day[keep], all_y[keep], all_risk[keep]
+            # Products are factorised from the column itself: a categorical's codes, not a
+            # string per unit.
+            code, products = pd.factorize(units[column][keep])
+            day, y, risk, site = all_day[keep], all_y[keep], all_risk[keep], all_site[keep]
             code_of = {product: index for index, product in enumerate(products.tolist())}
-            origin = int(day.min())  # every product's quarters start here
-            # Every unit's quarter, and the events and units per quarter of all products,
-            # once: a product's comparators are all units but its own, so their whole-number
-            # counts per quarter are these less the product's (exact); no array of the
-            # others' units is taken out for a CUSUM product (see _concurrent_by_quarter).
-            quarter = (day - origin) // QUARTER_DAYS
-            n_quarters = int(quarter.max()) + 1
-            all_events = np.bincount(quarter, weights=y, minlength=n_quarters)
-            all_cases = np.bincount(quarter, minlength=n_quarters).astype(float)
+            # cells: a site in a 91-day quarter counted from the comparison's first day
+            n_quarters = int((day.max() - day.min()) // QUARTER_DAYS) + 1
+            cell = site.astype(np.int64) * n_quarters + (day - day.min()) // QUARTER_DAYS
+            n_cells = int(cell.max()) + 1
+            cell_cases = np.bincount(cell, minlength=n_cells)
+            cell_events = np.bincount(cell, weights=y, minlength=n_cells)
+            cell_risk = np.bincount(cell, weights=risk, minlength=n_cells)
+            # the cells' levels under the null (every product alike): one fit for all products
+            adjusted = None if rare else within_site(risk, y, cell)
             for product in sorted(code_of):
                 mine = code == code_of[product]
                 if mine.all():
                     continue  # nothing to compare with
-                # units come in (site, date) order; a product's chart runs in date order
-                taken = np.flatnonzero(mine)
+                mine_cases = np.bincount(cell[mine], minlength=n_cells)
+                mine_risk = np.bincount(cell[mine], weights=risk[mine], minlength=n_cells)
+                shared = (mine_cases > 0) & (mine_cases < cell_cases)
+                evidence = mine & shared[cell]
+                share = np.divide(mine_risk, cell_risk, out=np.zeros(n_cells),
+                                  where=shared & (cell_risk > 0))
+                expected = float(np.sum(cell_events * share))
+                events = int(y[evidence].sum())
+                if rare:
+                    charted, theirs = mine, ~mine
+                    others = {"index_day": day[theirs], "y": y[theirs], "risk": risk[theirs],
+                              "site": site[theirs]}
+                else:
+                    # cells whose outcome is fixed by their total (no event, or only events)
+                    # carry no evidence: their within-site risk is not a probability
+                    charted, others = evidence & ~np.isnan(adjusted), None
+                # a product's chart runs in date order (units come in (site, date) order)
+                taken = np.flatnonzero(charted)
                 taken = taken[np.argsort(day[taken], kind="stable")]
-                cases = {"index_day": day[taken], "y": y[taken], "risk": risk[taken]}
-                mine_quarter = quarter[taken]
-                adjusted = _concurrent_by_quarter(
-                    cases["risk"], mine_quarter, quarter, risk, mine,
-                    all_events - np.bincount(mine_quarter, weights=cases["y"],
-                                             minlength=n_quarters),
-                    all_cases - np.bincount(mine_quarter, minlength=n_quarters))
-                others = None  # the others' units themselves only for the rare test
-                if metric.alarm is not None and metric.alarm.method == "rare":
-                    theirs = ~mine
-                    others = {"index_day": day[theirs], "y": y[theirs], "risk": risk[theirs]}
-                expected = float(adjusted.sum())
-                events = int(cases["y"].sum())
-                test = _product_chart(metric, profile, design, cases, adjusted, others,
-                                      as_of_day)
+                chart_risk = risk if rare else adjusted
+                cases = {"index_day": day[taken], "y": y[taken], "risk": chart_risk[taken],
+                         "site": site[taken]}
+                test = _product_chart(metric, profile, design, cases, others, as_of_day)
                 if not count_signals:
                     del test["signals"]
                 rows.append({
                     "product": str(product), "metric": metric.id, "kind": kind,
-                    "procedures": len(taken), "events": events, "expected": expected,
+                    "procedures": int(evidence.sum()), "events": events, "expected": expected,
                     "observed_expected": events / expected if expected > 0 else None,
                     "device_failures": int((failures[column] == product).sum())
                     if not failures.empty else 0,
