@@ -248,41 +248,6 @@ def conditional_rare_pvalue(day: np.ndarray, y: np.ndarray, risk: np.ndarray,
     return events, expected, float(min(1.0, pmf[events:].sum()))
 
 
-def within_site(risk: np.ndarray, y: np.ndarray, cell: np.ndarray,
-                iterations: int = 25) -> np.ndarray:
-    """Return each unit's risk moved to its cell's observed events (all products together).
-
-    Per cell (a site in a 91-day quarter) the log odds of every unit move by one offset
-    ``d`` that makes the cell's expected events its observed ``O``: ``sum expit(logit r +
-    d) = O`` (Newton's method; the expected count is increasing in ``d``). This is the
-    cell's level estimated under the null of no product difference, from the cell's own
-    cases: a product's excess is then only what it shows over the other products used at
-    the same site in the same quarter (indirect standardisation by site and quarter; the
-    score test of the product in a logistic model with a term per cell). A cell with no
-    event or only events has ``d`` at -inf or +inf: NaN is returned there (no evidence).
-    """
-    n_cells = int(cell.max(initial=-1)) + 1
-    cases = np.bincount(cell, minlength=n_cells).astype(float)
-    events = np.bincount(cell, weights=y, minlength=n_cells)
-    logit = _logit(risk)
-    offset = _logit(np.clip(events / np.maximum(cases, 1.0), 1e-9, 1 - 1e-9)) - _logit(
-        np.clip(np.bincount(cell, weights=risk, minlength=n_cells) / np.maximum(cases, 1.0),
-                1e-9, 1 - 1e-9))
-    solvable = (events > 0) & (events < cases)
-    offset[~solvable] = 0.0
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-(logit + offset[cell])))
-        gap = np.bincount(cell, weights=p, minlength=n_cells) - events
-        slope = np.bincount(cell, weights=p * (1.0 - p), minlength=n_cells)
-        step = np.divide(gap, slope, out=np.zeros(n_cells), where=solvable & (slope > 0))
-        offset -= np.clip(step, -2.0, 2.0)  # damped: far from the root the slope misleads
-        if np.abs(step).max(initial=0.0) < 1e-12:
-            break
-    adjusted = 1.0 / (1.0 + np.exp(-(logit + offset[cell])))
-    adjusted[~solvable[cell]] = np.nan
-    return adjusted
-
-
 def product_cusum(y: np.ndarray, risk: np.ndarray, odds_ratio: float, h: float
                   ) -> tuple[float, list[int]]:
     """Return (the statistic now, the cases at which it signalled); it restarts at 0."""
@@ -332,8 +297,8 @@ def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign,
                    cases: dict[str, np.ndarray], others: dict[str, np.ndarray] | None,
                    as_of_day: int) -> dict:
     """Return the product's test: ``cases`` and ``others`` hold index_day, y, risk and site
-    arrays (``others`` only for a rare metric; a CUSUM's ``cases`` carry the within-site
-    risks of :func:`within_site` and only the cases that are evidence)."""
+    arrays (``others`` only for a rare metric; a CUSUM's ``cases`` are the shared cells'
+    events, ``y`` 1 for the product's, ``risk`` the product's share of the cell)."""
     day = cases["index_day"]
     y = cases["y"]
     rate = rate_per_unit_year(profile, metric)
@@ -347,7 +312,7 @@ def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign,
         signal = day_to_date(as_of_day) if events and p_value <= alpha else None
         return {"statistic": p_value, "threshold": alpha, "signal_date": signal,
                 "signals": int(signal is not None)}
-    if len(day) == 0:  # no case shares a site and quarter with another product: no evidence
+    if len(day) == 0:  # no event in a site and quarter shared with another product
         return {"statistic": 0.0, "threshold": None, "signal_date": None, "signals": 0}
     risk = cases["risk"]
     volume = len(day) / years_between(int(day[0]), as_of_day)
@@ -388,10 +353,12 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
     columns and ``risk`` (the network case-mix model); ``failures`` has one row per
     device-failure complication with the product columns. A product's evidence is its cases
     that share a site and a 91-day quarter (a *cell*) with another product's cases: within
-    a cell its events are compared with its share of the cell's events (:func:`within_site`
-    for a CUSUM metric, the site-stratified exact test for a rare one), so a site's own
-    level or drift is nobody's product effect, and a product used alone at a site gives no
-    evidence there. ``procedures``, ``events`` and ``expected`` count those cases
+    a cell, given the cell's events, each is the product's with probability the product's
+    share of the cell's case-mix risk under the null. A CUSUM metric charts the shared
+    cells' events in date order (Bernoulli: the product's or not, at that share); a rare
+    metric gets the site-stratified exact test (:func:`conditional_rare_pvalue`). A site's
+    own level or drift, and a trend common to all products, cancel within the cell, and a
+    product used alone at a site gives no evidence there. ``procedures``, ``events`` and ``expected`` count those cases
     (``expected``: the cell's events times the product's share of the cell's case-mix
     risk, summed). Balloons are compared without the cases of ``flagged_lots``
     (``product<US>lot`` keys of cement lots whose own test signalled): a bad lot would
@@ -427,8 +394,6 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
             cell_cases = np.bincount(cell, minlength=n_cells)
             cell_events = np.bincount(cell, weights=y, minlength=n_cells)
             cell_risk = np.bincount(cell, weights=risk, minlength=n_cells)
-            # the cells' levels under the null (every product alike): one fit for all products
-            adjusted = None if rare else within_site(risk, y, cell)
             for product in sorted(code_of):
                 mine = code == code_of[product]
                 if mine.all():
@@ -437,24 +402,28 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
                 mine_risk = np.bincount(cell[mine], weights=risk[mine], minlength=n_cells)
                 shared = (mine_cases > 0) & (mine_cases < cell_cases)
                 evidence = mine & shared[cell]
+                # the product's share of its cell's case-mix risk: under the null, the chance
+                # that an event of the cell is the product's
                 share = np.divide(mine_risk, cell_risk, out=np.zeros(n_cells),
                                   where=shared & (cell_risk > 0))
                 expected = float(np.sum(cell_events * share))
                 events = int(y[evidence].sum())
                 if rare:
-                    charted, theirs = mine, ~mine
+                    charted = mine
+                    chart_y, chart_risk = y, risk
+                    theirs = ~mine
                     others = {"index_day": day[theirs], "y": y[theirs], "risk": risk[theirs],
                               "site": site[theirs]}
                 else:
-                    # cells whose outcome is fixed by their total (no event, or only events)
-                    # carry no evidence: their within-site risk is not a probability
-                    charted, others = evidence & ~np.isnan(adjusted), None
+                    # the events of the shared cells: each is the product's (1) or another's
+                    # (0), with the product's share as its null probability
+                    charted = (y == 1) & (share[cell] > 0.0) & (share[cell] < 1.0)
+                    chart_y, chart_risk, others = mine.astype(np.int64), share[cell], None
                 # a product's chart runs in date order (units come in (site, date) order)
                 taken = np.flatnonzero(charted)
                 taken = taken[np.argsort(day[taken], kind="stable")]
-                chart_risk = risk if rare else adjusted
-                cases = {"index_day": day[taken], "y": y[taken], "risk": chart_risk[taken],
-                         "site": site[taken]}
+                cases = {"index_day": day[taken], "y": chart_y[taken],
+                         "risk": chart_risk[taken], "site": site[taken]}
                 test = _product_chart(metric, profile, design, cases, others, as_of_day)
                 if not count_signals:
                     del test["signals"]
