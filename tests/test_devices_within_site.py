@@ -107,20 +107,16 @@ def test_site_stratified_rare_test_ignores_a_site_level():
     assert within[2] > 0.3  # 12 of site X's 15 events against four fifths of its risk
 
 
-def test_within_site_risks_reproduce_each_cells_events():
-    from pipelines.surveillance.devices import within_site
-
-    rng = np.random.default_rng(1)
-    cell = np.repeat(np.arange(5), 200)
-    risk = rng.uniform(0.02, 0.4, cell.size)
-    y = (rng.random(cell.size) < risk * np.repeat([0.5, 1, 2, 1, 1], 200)).astype(np.int64)
-    y[cell == 3] = 0  # a cell without events: no evidence
-    adjusted = within_site(risk, y, cell)
-    solved = cell != 3
-    np.testing.assert_allclose(np.bincount(cell[solved], weights=adjusted[solved])[[0, 1, 2, 4]],
-                               np.bincount(cell[solved], weights=y[solved])[[0, 1, 2, 4]],
-                               rtol=1e-9)
-    assert np.isnan(adjusted[cell == 3]).all()
-    # one offset per cell: the risks' odds ratios within a cell are the model's
-    odds = adjusted / (1 - adjusted) / (risk / (1 - risk))
-    assert np.ptp(odds[cell == 0]) < 1e-9
+def test_leak_chart_counts_only_events_of_shared_site_quarters():
+    """Two sites: at S001 both balloons, at S002 BAL-A alone with every case a leak."""
+    day = np.r_[np.full(40, AS_OF_DAY - 30), np.full(40, AS_OF_DAY - 30)]
+    units = pd.DataFrame({
+        "site_id": ["S001"] * 40 + ["S002"] * 40, "index_day": day,
+        "y": np.r_[np.tile([1, 0, 0, 0], 10), np.ones(40)].astype(np.int64),
+        "risk": np.full(80, 0.2),
+        "balloon_product": ["BAL-A"] * 30 + ["BAL-B"] * 10 + ["BAL-A"] * 40,
+        "cement_product": None, "cement_lot": None})
+    row = _rows(units, "cement_leak")["BAL-A"]
+    # S001's 10 events, BAL-A's share of its risk 30/40: 7.5 expected, BAL-A had 8 of them
+    assert (row["procedures"], row["events"]) == (30, 8)
+    assert row["expected"] == pytest.approx(7.5)

@@ -1,22 +1,21 @@
 """Devices and cement: each product against the others, lot clusters, device failures.
 
-Products (DELTA-style, Resnic et al. 2010)
------------------------------------------
+Products (DELTA-style, Resnic et al. 2010), within sites
+--------------------------------------------------------
 For each product named in the procedures (``balloon_product`` or ``cement_product``) and each
 metric of ``beyond_site.devices.metrics``, the product is compared with *the other products of
-the same kind* (DELTA's concurrent alternatives). For a CUSUM metric, the expected risk of the
-product's cases is the network's case-mix risk recalibrated to the comparators' observed rate
-per block of quarters (:func:`concurrent`, :func:`recalibration_blocks`: 91-day quarters from
-the comparison's first day, pooled until the comparators have ``MIN_BLOCK_EVENTS`` events;
-one model per metric keeps a million-procedure run fast). Observed/expected (O/E) summarises
-it; the sequential test is the risk-adjusted CUSUM on the product's cases in date order
-(alternative odds ratio ``odds_ratio``), charted like a site: it may spend
-``safety_per_100_site_years / 100 x alarm.share`` false device alerts per product-year, so
-``ARL0 = the product's procedures a year / that rate`` (Markov chain at the mean expected
-risk). Metrics whose site alarm is the rare exact test (major events) get the exact
-conditional test of the product's events in the last 365 days given the comparators'
-(:func:`conditional_rare_pvalue`), with the same alpha as the site's rare chart for that
-share.
+the same kind used at the same site in the same 91-day quarter* (a cell; DELTA's concurrent
+alternatives, stratified by site). Given a cell's events, each is the product's with
+probability ``E / (E + F)`` under the null, ``E`` and ``F`` the two sides' case-mix expected
+counts (network model): the site's own level, a site's drift and a trend common to every
+product cancel, and a product used alone at a site gives no evidence there. For a CUSUM metric
+the sequential test is the risk-adjusted Bernoulli CUSUM over the shared cells' events in date
+order (the product's event or another's, at that share; alternative odds ratio
+``odds_ratio``): it may spend ``safety_per_100_site_years / 100 x alarm.share`` false device
+alerts per product-year, so ``ARL0 = the chart's events a year / that rate`` (Markov chain at
+the mean share). Metrics whose site alarm is the rare exact test (major events) get the exact
+conditional test of the product's events in the last 365 days, stratified by site and quarter
+(:func:`conditional_rare_pvalue`), with the same alpha as the site's rare chart for that share.
 
 Cement lots
 -----------
@@ -72,123 +71,7 @@ def calibration_rate(metric: Metric, units: pd.DataFrame) -> float:
     return events / len(units)
 
 
-QUARTER_DAYS = 91
-# A recalibration block's comparators need this many events: the log-odds shift is then
-# estimated with a standard error of at most about 1 / sqrt(100 x (1 - p)) ~ 0.1, instead of
-# the 0.45 five events gave (docs/statistics.md section 9).
-MIN_BLOCK_EVENTS = 100
-
-
-def recalibration_blocks(quarter_events: np.ndarray) -> np.ndarray:
-    """Return a block number per quarter: quarters pooled until their comparators have events.
-
-    Consecutive quarters are pooled until the block's comparators have ``MIN_BLOCK_EVENTS``
-    events; a short last block (the quarter now filling, or a young warehouse's only weeks)
-    joins the block before it, so no expected risk rests on a handful of events.
-    """
-    block = np.zeros(len(quarter_events), np.int64)
-    current, total = 0, 0.0
-    for quarter, events in enumerate(np.asarray(quarter_events, float).tolist()):
-        block[quarter] = current
-        total += events
-        if total >= MIN_BLOCK_EVENTS:
-            current, total = current + 1, 0.0
-    if current > 0 and np.any(block == current):
-        block[block == current] = current - 1
-    return block
-
-
-def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame | dict[str, np.ndarray],
-               others_risk: np.ndarray, origin: int | None = None) -> np.ndarray:
-    """Recalibrate a product's expected risks to the other products *in the same period*.
-
-    DELTA compares a device with its concurrent alternatives: a rise that every product
-    shares (a season, a bad operator using all of them) is not the product's. Periods are
-    91-day quarters counted from ``origin`` (the comparison's first day; default the first
-    day of either side), pooled into :func:`recalibration_blocks`; per block the log odds
-    move by ``logit(others' observed rate) - logit(others' mean expected risk)``.
-    ``others`` has ``index_day`` and ``y`` columns (a frame, or a dict of arrays).
-    """
-    other_day = np.asarray(others["index_day"], dtype=np.int64)
-    if origin is None:
-        origin = int(min(day.min(initial=np.iinfo(np.int64).max),
-                         other_day.min(initial=np.iinfo(np.int64).max)))
-    quarter = (day - origin) // QUARTER_DAYS
-    other_quarter = (other_day - origin) // QUARTER_DAYS
-    n_quarters = int(max(quarter.max(initial=-1), other_quarter.max(initial=-1))) + 1
-    other_y = np.asarray(others["y"], dtype=float)
-    blocks = recalibration_blocks(np.bincount(other_quarter, weights=other_y,
-                                              minlength=n_quarters))
-    other_block = blocks[other_quarter]
-    n_blocks = int(blocks.max(initial=-1)) + 1
-    events = np.bincount(other_block, weights=other_y, minlength=n_blocks)
-    cases = np.bincount(other_block, minlength=n_blocks).astype(float)
-    risk_sum = np.bincount(other_block, weights=others_risk, minlength=n_blocks)
-    return _shifted(risk, blocks[quarter], events, cases, risk_sum)
-
-
-def _shifted(risk: np.ndarray, block: np.ndarray, events: np.ndarray, cases: np.ndarray,
-             risk_sum: np.ndarray) -> np.ndarray:
-    """Return ``risk`` with each block's shrunk log-odds shift (the others' sums by block)."""
-    # blocks that can be recalibrated: enough events, and some non-events
-    valid = (events >= MIN_BLOCK_EVENTS) & (events < cases)
-    shift = np.zeros(len(events))
-    if valid.any():
-        shift[valid] = shrunk_shifts(events[valid], cases[valid], risk_sum[valid] / cases[valid])
-    adjusted = risk.copy()
-    odds = adjusted / (1 - adjusted) * np.exp(shift[block])
-    adjusted = odds / (1 + odds)
-    return adjusted
-
-
-def _concurrent_by_quarter(risk: np.ndarray, quarter: np.ndarray, unit_quarter: np.ndarray,
-                           unit_risk: np.ndarray, mine: np.ndarray, other_events: np.ndarray,
-                           other_cases: np.ndarray) -> np.ndarray:
-    """Return :func:`concurrent`'s result from the others' events and cases per quarter.
-
-    For :func:`product_charts`, whose outcomes are whole numbers: ``risk`` and ``quarter``
-    are the product's units' (quarters from :func:`concurrent`'s origin); ``unit_quarter``
-    and ``unit_risk`` every unit's of the comparison, the product's marked by ``mine``;
-    ``other_events`` and ``other_cases`` the other units' event and unit counts per quarter
-    (every quarter of either side). A sum of whole numbers in doubles is exact in any order,
-    so the counts by block summed from the quarters' are :func:`concurrent`'s, bit for bit.
-    The others' expected risks are summed per block over every unit, the product's own
-    sent to a bin past the blocks: ``np.bincount`` adds each bin's weights in the units'
-    order, so each block's sum is the one over the others' units taken out in order.
-    """
-    blocks = recalibration_blocks(other_events)
-    n_blocks = int(blocks.max(initial=-1)) + 1
-    events = np.bincount(blocks, weights=other_events, minlength=n_blocks)
-    cases = np.bincount(blocks, weights=other_cases, minlength=n_blocks)
-    unit_block = blocks[unit_quarter]
-    unit_block[mine] = n_blocks
-    risk_sum = np.bincount(unit_block, weights=unit_risk, minlength=n_blocks + 1)[:n_blocks]
-    return _shifted(risk, blocks[quarter], events, cases, risk_sum)
-
-
-def _logit(p):
-    return np.log(p / (1 - p))
-
-
-def shrunk_shifts(events: np.ndarray, cases: np.ndarray, mean_risk: np.ndarray) -> np.ndarray:
-    """Return each block's log-odds shift, shrunk toward the whole period's by its reliability.
-
-    A block's shift ``logit(observed rate) - logit(mean expected risk)`` is estimated with
-    variance ``1 / (events x (1 - rate))``; taken at face value, that noise alone lets a
-    product's CUSUM spend about 1.4 times its budget (benchmark scenario 4). Empirical Bayes
-    (method of moments): the spread of the true shifts is ``tau2 = max(0, var(shifts) -
-    mean(variances))``, and each shift keeps the share ``tau2 / (tau2 + variance)`` of its
-    distance from the pooled shift. A real common trend (tau2 large) is kept; noise (tau2
-    ~ 0) is not. Fewer than three blocks cannot estimate the spread: the shifts stand.
-    """
-    rate = events / cases
-    shift = _logit(rate) - _logit(mean_risk)
-    if shift.size < 3:
-        return shift
-    variance = 1.0 / (events * (1.0 - rate))
-    pooled = _logit(events.sum() / cases.sum()) - _logit(np.sum(mean_risk * cases) / cases.sum())
-    tau2 = max(0.0, float(np.var(shift, ddof=1) - variance.mean()))
-    return pooled + (shift - pooled) * tau2 / (tau2 + variance)
+QUARTER_DAYS = 91  # a product is compared within a site and one of these periods
 
 
 RARE_STRATA = 4  # the rare test's 365 days in four strata of about a quarter each
