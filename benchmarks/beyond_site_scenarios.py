@@ -33,10 +33,10 @@ Called by ``bench_detection.py``; prints PASS or MISS against the issue's target
    cement-leak odds ratio ``BAD_OR`` at every site that uses it, from the first day, on
    ``EFFECT_SITES``-site registries over three years (products assigned as in scenario 4;
    every outcome drawn from its fitted case-mix risk, the balloon's odds multiplied):
-   the share of draws in which the engine's product chart has signalled the balloon by
-   each of ``EFFECT_LOOKS`` months (the chart run on the cases up to then, as a monthly
-   run would). Target: signalled within one year in at least half the draws (a median
-   delay of at most a year). The within-site comparison pays for its robustness here:
+   the month of the engine's first signal for the balloon (the chart run at each month end
+   on the cases up to then, as a monthly run would), its median over the draws and the
+   share signalled within ``EFFECT_LOOKS`` months. Target: a median delay of at most 12
+   months. The within-site comparison pays for its robustness here:
    only a product's cases that share a site and quarter with another product are evidence.
 6. one site drifting, no product effect (:func:`_site_drift_false_alarms`): on
    ``DRIFT_SITES``-site registries over three years the busiest site's cement-leak odds
@@ -104,7 +104,7 @@ DEVICE_REGISTRIES = 4
 DEVICE_REDRAWS = max(0, int(20 * float(os.environ.get("KW_DEVICE_SCALE", "1"))))
 # Scenario 5: a worse balloon on small registries (a regional network), looked at yearly
 BAD_BALLOON, BAD_OR, EFFECT_SITES = "KYPHON-EXPRESS-II", 2.0, 30
-EFFECT_LOOKS = (6, 12, 24, 36)  # months from the registry's start
+EFFECT_LOOKS = (3, 6, 12, 36)  # months from the registry's start, for the shares
 EFFECT_DRAWS = max(2, int(20 * float(os.environ.get("KW_DEVICE_SCALE", "1"))))
 # Scenario 6: one drifting site in a small network (the demo has 5 sites)
 DRIFT_SITES, DRIFT_OR = 8, 2.5
@@ -310,31 +310,30 @@ def _day(when: date) -> int:
     return (when - date(1970, 1, 1)).days
 
 
-def _device_power(profile, design, seed: int) -> tuple[np.ndarray, int]:
-    """Return, per look of ``EFFECT_LOOKS``, the draws in which BAD_BALLOON had signalled."""
+def _device_power(profile, design, seed: int) -> list[float]:
+    """Return, per draw, the month end (from the start) of BAD_BALLOON's first signal."""
     leak_design = dataclasses.replace(design, metrics=("cement_leak",))
     empty = pd.DataFrame(columns=["balloon_product", "cement_product"])
     rng = np.random.default_rng(seed)
-    found = np.zeros(len(EFFECT_LOOKS), np.int64)
-    draws = 0
+    first = []
     registries = 2
     for registry in range(registries):
         units = _device_units(profile, design, seed + registry, EFFECT_SITES)["cement_leak"]
         ratio = np.where(units["balloon_product"].to_numpy() == BAD_BALLOON, BAD_OR, 1.0)
         for _ in range(EFFECT_DRAWS // registries):
             drawn = _redrawn(units, rng, ratio)
-            draws += 1
-            for look, months in enumerate(EFFECT_LOOKS):
-                as_of = date(DEVICE_START.year + months // 12, DEVICE_START.month + months % 12,
-                             1) - timedelta(days=1)
+            found = math.inf
+            for months in range(1, 37):
+                as_of = date(DEVICE_START.year + months // 12, months % 12 + 1, 1
+                             ) - timedelta(days=1)
                 seen = drawn.loc[drawn["index_day"].to_numpy() <= _day(as_of)]
                 rows = product_charts({"cement_leak": seen}, profile, leak_design, empty,
                                       _day(as_of), count_signals=True)
-                [row] = [r for r in rows if r["product"] == BAD_BALLOON]
-                if row["signals"]:
-                    found[look:] += 1  # signalled by this look: by every later one too
+                if any(r["signals"] for r in rows if r["product"] == BAD_BALLOON):
+                    found = months
                     break
-    return found, draws
+            first.append(found)
+    return first
 
 
 def _site_drift_false_alarms(profile, design, seed: int) -> tuple[float, float, dict]:
@@ -363,14 +362,13 @@ def _site_drift_false_alarms(profile, design, seed: int) -> tuple[float, float, 
 
 
 def _print_site_and_product_scenarios(profile, design) -> None:
-    found, draws = _device_power(profile, design, SEED + 3)
-    at_year = found[EFFECT_LOOKS.index(12)] / draws
-    verdict = "PASS" if at_year >= 0.5 else "MISS"
-    shares = ", ".join(f"{months} months {count / draws:.0%}"
-                       for months, count in zip(EFFECT_LOOKS, found.tolist(), strict=True))
+    first = np.asarray(_device_power(profile, design, SEED + 3))
+    median = float(np.median(first))
+    verdict = "PASS" if median <= 12 else "MISS"
+    shares = ", ".join(f"{months} {np.mean(first <= months):.0%}" for months in EFFECT_LOOKS)
     print(f"  worse balloon ({BAD_BALLOON}, leak OR {BAD_OR:g} at every site using it; "
-          f"{EFFECT_SITES} sites, {draws} draws): signalled by {shares} (target: within "
-          f"12 months in >= 50 %) {verdict}")
+          f"{EFFECT_SITES} sites, {len(first)} draws): first signal at a median of month "
+          f"{median:g} (target <= 12) {verdict}; signalled within months {shares}")
     alerts, exposure, by_product = _site_drift_false_alarms(profile, design, SEED + 4)
     budget = rate_per_unit_year(profile, profile.metric("cement_leak"))
     low, high = _poisson_interval(alerts, exposure)
