@@ -28,7 +28,21 @@ Called by ``bench_detection.py``; prints PASS or MISS against the issue's target
    of years two and three (a full 365-day window), as the monthly budget assumes. Budget:
    ``safety_per_100_site_years / 100 x alarm.share`` per product-year (docs/statistics.md
    section 9); PASS when the Poisson 95 % interval of the measured rate reaches down to
-   the budget.
+   the budget. The rare test is the engine's site-stratified one (sites passed).
+5. a genuinely worse product (:func:`_device_power`): one balloon (``BAD_BALLOON``) with
+   cement-leak odds ratio ``BAD_OR`` at every site that uses it, from the first day, on
+   ``EFFECT_SITES``-site registries over three years (products assigned as in scenario 4;
+   every outcome drawn from its fitted case-mix risk, the balloon's odds multiplied):
+   the month of the engine's first signal for the balloon (the chart run at each month end
+   on the cases up to then, as a monthly run would), its median over the draws and the
+   share signalled within ``EFFECT_LOOKS`` months. Target: a median delay of at most 12
+   months. The within-site comparison pays for its robustness here:
+   only a product's cases that share a site and quarter with another product are evidence.
+6. one site drifting, no product effect (:func:`_site_drift_false_alarms`): on
+   ``DRIFT_SITES``-site registries over three years the busiest site's cement-leak odds
+   are multiplied by ``DRIFT_OR`` from the start of the second year (the demo's S003);
+   every device alert is false. Counted as in scenario 4 (leak CUSUM, every signal over
+   three years); target the same budget per product-year.
 
 Case mix (scenarios 1-3): expected risks are drawn logit-normal around the guidance's pooled leak rate
 (38/360) with a standard deviation of 0.5 on the logit scale (about the spread of the
@@ -88,6 +102,13 @@ OTHER_VOLUMES = ((20, 10_000.0), (200, 4_000.0))
 DEVICE_SITES, DEVICE_START, DEVICE_END = 300, date(2022, 1, 1), date(2024, 12, 31)
 DEVICE_REGISTRIES = 4
 DEVICE_REDRAWS = max(0, int(20 * float(os.environ.get("KW_DEVICE_SCALE", "1"))))
+# Scenario 5: a worse balloon on small registries (a regional network), looked at yearly
+BAD_BALLOON, BAD_OR, EFFECT_SITES = "KYPHON-EXPRESS-II", 2.0, 30
+EFFECT_LOOKS = (3, 6, 12, 36)  # months from the registry's start, for the shares
+EFFECT_DRAWS = max(2, int(20 * float(os.environ.get("KW_DEVICE_SCALE", "1"))))
+# Scenario 6: one drifting site in a small network (the demo has 5 sites)
+DRIFT_SITES, DRIFT_OR = 8, 2.5
+DRIFT_DRAWS = max(2, int(40 * float(os.environ.get("KW_DEVICE_SCALE", "1"))))
 
 
 def _risks(rng: np.random.Generator, p: float, n) -> np.ndarray:
@@ -190,11 +211,15 @@ def _lot_detection(profile, design, rng, runs: int = 1000) -> tuple[float, float
     return float(np.median(found_at)), lot_alpha(design.lot_false_alarms_per_year, LOTS_TESTED)
 
 
-def _device_units(profile, design, seed: int) -> dict[str, pd.DataFrame]:
+def _device_units(profile, design, seed: int, sites: int = DEVICE_SITES
+                  ) -> dict[str, pd.DataFrame]:
     """Mature units per device metric of one undrifted registry, with products and risk."""
-    snapshot, _ = simulate_snapshot(profile, sites=DEVICE_SITES, start=DEVICE_START,
+    snapshot, _ = simulate_snapshot(profile, sites=sites, start=DEVICE_START,
                                     end=DEVICE_END, seed=seed)
-    rng = np.random.default_rng(seed)
+    # A stream of its own: the callers redraw outcomes from ``default_rng(seed)``, whose
+    # first numbers were these products' draws (units in id order), so a redraw's events
+    # fell on the second products (scenario 4 until 2026-12-07)
+    rng = np.random.default_rng((seed, 1))
     frames = {m: derive_outcomes(snapshot, profile.metric(m)) for m in design.metrics}
     ids = pd.Index(sorted(set().union(*(f["unit_id"] for f in frames.values()))))
     # the simulator's rule: site number modulo the list, the next product for a share
@@ -232,6 +257,7 @@ def _rare_signals(units: pd.DataFrame, alpha: float, evaluations: list[int]) -> 
     signals, product_years = 0, 0.0
     day, y, risk = (units["index_day"].to_numpy(np.int64), units["y"].to_numpy(np.int64),
                     units["risk"].to_numpy(float))
+    site = units["site_id"].to_numpy()  # the engine's test is stratified by site
     for column in ("balloon_product", "cement_product"):
         product = units[column].to_numpy()
         for name in np.unique(product):
@@ -240,7 +266,8 @@ def _rare_signals(units: pd.DataFrame, alpha: float, evaluations: list[int]) -> 
                 seen = day <= as_of_day
                 _, _, p_value = conditional_rare_pvalue(
                     day[mine & seen], y[mine & seen], risk[mine & seen], day[~mine & seen],
-                    y[~mine & seen], risk[~mine & seen], as_of_day)
+                    y[~mine & seen], risk[~mine & seen], as_of_day, site[mine & seen],
+                    site[~mine & seen])
                 signals += int(p_value <= alpha)
             product_years += len(evaluations) / 12.0
     return signals, product_years
@@ -271,6 +298,87 @@ def _device_false_alarms(profile, design, seed: int) -> dict[str, list[float]]:
             totals["major"][0] += found
             totals["major"][1] += product_years
     return totals
+
+
+def _redrawn(units: pd.DataFrame, rng, odds_ratio: np.ndarray) -> pd.DataFrame:
+    """Return ``units`` with every outcome drawn again, each case's odds times its ratio."""
+    odds = units["risk"].to_numpy() / (1.0 - units["risk"].to_numpy()) * odds_ratio
+    return units.assign(y=(rng.random(len(units)) < odds / (1.0 + odds)).astype(np.int64))
+
+
+def _day(when: date) -> int:
+    return (when - date(1970, 1, 1)).days
+
+
+def _device_power(profile, design, seed: int) -> list[float]:
+    """Return, per draw, the month end (from the start) of BAD_BALLOON's first signal."""
+    leak_design = dataclasses.replace(design, metrics=("cement_leak",))
+    empty = pd.DataFrame(columns=["balloon_product", "cement_product"])
+    rng = np.random.default_rng(seed)
+    first = []
+    registries = 2
+    for registry in range(registries):
+        units = _device_units(profile, design, seed + registry, EFFECT_SITES)["cement_leak"]
+        ratio = np.where(units["balloon_product"].to_numpy() == BAD_BALLOON, BAD_OR, 1.0)
+        for _ in range(EFFECT_DRAWS // registries):
+            drawn = _redrawn(units, rng, ratio)
+            found = math.inf
+            for months in range(1, 37):
+                as_of = date(DEVICE_START.year + months // 12, months % 12 + 1, 1
+                             ) - timedelta(days=1)
+                seen = drawn.loc[drawn["index_day"].to_numpy() <= _day(as_of)]
+                rows = product_charts({"cement_leak": seen}, profile, leak_design, empty,
+                                      _day(as_of), count_signals=True)
+                if any(r["signals"] for r in rows if r["product"] == BAD_BALLOON):
+                    found = months
+                    break
+            first.append(found)
+    return first
+
+
+def _site_drift_false_alarms(profile, design, seed: int) -> tuple[float, float, dict]:
+    """Count device alerts, product-years and alerts per product with one site drifting."""
+    leak_design = dataclasses.replace(design, metrics=("cement_leak",))
+    empty = pd.DataFrame(columns=["balloon_product", "cement_product"])
+    rng = np.random.default_rng(seed)
+    end_day = _day(DEVICE_END)
+    years = (end_day - _day(DEVICE_START) + 1) / 365.25
+    alerts, product_years, by_product = 0.0, 0.0, {}
+    registries = 2
+    for registry in range(registries):
+        units = _device_units(profile, design, seed + registry, DRIFT_SITES)["cement_leak"]
+        busiest = units["site_id"].value_counts().idxmax()
+        drifting = ((units["site_id"] == busiest).to_numpy()
+                    & (units["index_day"].to_numpy() >= _day(date(DEVICE_START.year + 1, 1, 1))))
+        ratio = np.where(drifting, DRIFT_OR, 1.0)
+        for _ in range(DRIFT_DRAWS // registries):
+            rows = product_charts({"cement_leak": _redrawn(units, rng, ratio)}, profile,
+                                  leak_design, empty, end_day, count_signals=True)
+            for row in rows:
+                alerts += row["signals"]
+                by_product[row["product"]] = by_product.get(row["product"], 0) + row["signals"]
+            product_years += len(rows) * years
+    return alerts, product_years, by_product
+
+
+def _print_site_and_product_scenarios(profile, design) -> None:
+    first = np.asarray(_device_power(profile, design, SEED + 3))
+    median = float(np.median(first))
+    verdict = "PASS" if median <= 12 else "MISS"
+    shares = ", ".join(f"{months} {np.mean(first <= months):.0%}" for months in EFFECT_LOOKS)
+    print(f"  worse balloon ({BAD_BALLOON}, leak OR {BAD_OR:g} at every site using it; "
+          f"{EFFECT_SITES} sites, {len(first)} draws): first signal at a median of month "
+          f"{median:g} (target <= 12) {verdict}; signalled within months {shares}")
+    alerts, exposure, by_product = _site_drift_false_alarms(profile, design, SEED + 4)
+    budget = rate_per_unit_year(profile, profile.metric("cement_leak"))
+    low, high = _poisson_interval(alerts, exposure)
+    verdict = "PASS" if low <= budget else "MISS"
+    named = ", ".join(f"{name} {count}" for name, count in sorted(by_product.items()) if count)
+    print(f"  one site drifting (busiest of {DRIFT_SITES}, leak OR {DRIFT_OR:g} from year 2), "
+          f"no product effect ({DRIFT_DRAWS} draws, {exposure:,.0f} product-years): "
+          f"{alerts:.0f} false device alerts, {alerts / exposure:.4f} per product-year "
+          f"(95 % {low:.4f}-{high:.4f}; budget {budget:.4f}) {verdict}"
+          f"{'; ' + named if named else ''}")
 
 
 def _poisson_interval(count: float, exposure: float) -> tuple[float, float]:
@@ -354,6 +462,7 @@ def main() -> int:
           f"lot, {LOTS_TESTED} lots tested): median found at the lot's procedure "
           f"{median_lot:.0f} (target < {LOT_TARGET}) {verdict}")
     _print_device_false_alarms(profile, beyond.devices)
+    _print_site_and_product_scenarios(profile, beyond.devices)
     print(f"  runtime {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -269,38 +269,6 @@ def test_operator_volume_counts_observed_time_floored_at_a_quarter():
 # --- products against the other products (issue 12 follow-up: false device alarms) ---------
 
 
-@pytest.mark.parametrize(("events", "blocks"), [
-    ([30, 80, 200, 10], [0, 0, 1, 1]),  # pooled until 100 events; a short last block joins
-    ([500], [0]),
-    ([5, 5], [0, 0]),  # a young warehouse: one block (and too few events to recalibrate)
-    ([100, 100, 100], [0, 1, 2]),
-])
-def test_recalibration_blocks_pool_quarters_until_the_comparators_have_events(events, blocks):
-    from pipelines.surveillance.devices import recalibration_blocks
-
-    assert recalibration_blocks(np.asarray(events)).tolist() == blocks
-
-
-def test_a_few_comparator_days_do_not_recalibrate_a_product_alone():
-    """The 1,000-site registry's OSTEOPAL-V signal: 25 days of a quarter set the expected."""
-    from pipelines.surveillance.devices import QUARTER_DAYS, concurrent
-
-    rng = np.random.default_rng(3)
-    p = 0.1
-    # comparators: the last 10 days of a quarter at over twice the model's odds (22 events,
-    # by chance or season), then a full quarter at the model's rate; the product's own cases
-    # are in those 10 days
-    first = np.arange(QUARTER_DAYS - 10, QUARTER_DAYS)
-    days = np.r_[np.repeat(first, 10), QUARTER_DAYS + rng.integers(0, QUARTER_DAYS, 9000)]
-    y = np.r_[np.ones(22), np.zeros(78), rng.random(9000) < p].astype(np.int64)
-    others = pd.DataFrame({"index_day": days, "y": y})
-    adjusted = concurrent(np.full(10, p), first, others, np.full(days.size, p), origin=0)
-    # the 10 days have 22 events, not enough alone: they are pooled with the next quarter
-    pooled = (y.sum() / (y.size - y.sum())) / (p / (1 - p))
-    assert adjusted == pytest.approx(np.full(10, pooled * p / (1 - p + pooled * p)))
-    assert abs(adjusted[0] - p) < 0.01  # not the 0.22 the 10 days alone would give
-
-
 def test_rare_product_test_is_the_exact_binomial_given_all_events():
     from scipy import stats
 
@@ -348,32 +316,3 @@ def test_rare_product_test_holds_its_size_when_the_comparators_are_noisy():
         old += poisson_upper_pvalue(o, recalibrated) <= alpha if o else False
     assert ours / runs <= alpha * 1.3  # exact (conservative) test; Monte Carlo tolerance
     assert old / runs > 2 * alpha  # the recalibrated expected overspends: this test can fail
-
-
-def _quarters_of_comparators(rng, p_by_quarter, per_quarter=4000):
-    from pipelines.surveillance.devices import QUARTER_DAYS
-
-    days = np.concatenate([q * QUARTER_DAYS + rng.integers(0, QUARTER_DAYS, per_quarter)
-                           for q in range(len(p_by_quarter))])
-    truth = np.repeat(p_by_quarter, per_quarter)
-    return pd.DataFrame({"index_day": days, "y": (rng.random(days.size) < truth).astype(int)})
-
-
-def test_recalibration_keeps_a_real_common_rise_and_drops_quarterly_noise():
-    from pipelines.surveillance.devices import QUARTER_DAYS, concurrent
-
-    rng = np.random.default_rng(21)
-    p, quarters = 0.1, 12
-    mine_day = np.arange(quarters) * QUARTER_DAYS + 45  # one product case mid-quarter
-    # every product at the model's rate: the quarterly shifts are noise (SE ~0.05) and go
-    flat = _quarters_of_comparators(rng, np.full(quarters, p))
-    adjusted = concurrent(np.full(quarters, p), mine_day, flat, np.full(len(flat), p), origin=0)
-    pooled = flat["y"].mean()
-    unshrunk = flat.groupby(flat["index_day"] // QUARTER_DAYS)["y"].mean().to_numpy()
-    assert np.abs(adjusted - pooled).max() < 0.5 * np.abs(unshrunk - pooled).max()
-    # a common rise (odds x 2 from the seventh quarter, a season or a coding change): kept
-    odds = np.where(np.arange(quarters) < 6, p / (1 - p), 2 * p / (1 - p))
-    rise = _quarters_of_comparators(rng, odds / (1 + odds))
-    adjusted = concurrent(np.full(quarters, p), mine_day, rise, np.full(len(rise), p), origin=0)
-    assert adjusted[:6] == pytest.approx(np.full(6, p), abs=0.01)
-    assert adjusted[6:] == pytest.approx(np.full(6, odds[-1] / (1 + odds[-1])), abs=0.01)

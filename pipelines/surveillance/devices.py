@@ -1,22 +1,21 @@
 """Devices and cement: each product against the others, lot clusters, device failures.
 
-Products (DELTA-style, Resnic et al. 2010)
------------------------------------------
+Products (DELTA-style, Resnic et al. 2010), within sites
+--------------------------------------------------------
 For each product named in the procedures (``balloon_product`` or ``cement_product``) and each
 metric of ``beyond_site.devices.metrics``, the product is compared with *the other products of
-the same kind* (DELTA's concurrent alternatives). For a CUSUM metric, the expected risk of the
-product's cases is the network's case-mix risk recalibrated to the comparators' observed rate
-per block of quarters (:func:`concurrent`, :func:`recalibration_blocks`: 91-day quarters from
-the comparison's first day, pooled until the comparators have ``MIN_BLOCK_EVENTS`` events;
-one model per metric keeps a million-procedure run fast). Observed/expected (O/E) summarises
-it; the sequential test is the risk-adjusted CUSUM on the product's cases in date order
-(alternative odds ratio ``odds_ratio``), charted like a site: it may spend
-``safety_per_100_site_years / 100 x alarm.share`` false device alerts per product-year, so
-``ARL0 = the product's procedures a year / that rate`` (Markov chain at the mean expected
-risk). Metrics whose site alarm is the rare exact test (major events) get the exact
-conditional test of the product's events in the last 365 days given the comparators'
-(:func:`conditional_rare_pvalue`), with the same alpha as the site's rare chart for that
-share.
+the same kind used at the same site in the same 91-day quarter* (a cell; DELTA's concurrent
+alternatives, stratified by site). Given a cell's events, each is the product's with
+probability ``E / (E + F)`` under the null, ``E`` and ``F`` the two sides' case-mix expected
+counts (network model): the site's own level, a site's drift and a trend common to every
+product cancel, and a product used alone at a site gives no evidence there. For a CUSUM metric
+the sequential test is the risk-adjusted Bernoulli CUSUM over the shared cells' events in date
+order (the product's event or another's, at that share; alternative odds ratio
+``odds_ratio``): it may spend ``safety_per_100_site_years / 100 x alarm.share`` false device
+alerts per product-year, so ``ARL0 = the chart's events a year / that rate`` (Markov chain at
+the mean share). Metrics whose site alarm is the rare exact test (major events) get the exact
+conditional test of the product's events in the last 365 days, stratified by site and quarter
+(:func:`conditional_rare_pvalue`), with the same alpha as the site's rare chart for that share.
 
 Cement lots
 -----------
@@ -72,123 +71,7 @@ def calibration_rate(metric: Metric, units: pd.DataFrame) -> float:
     return events / len(units)
 
 
-QUARTER_DAYS = 91
-# A recalibration block's comparators need this many events: the log-odds shift is then
-# estimated with a standard error of at most about 1 / sqrt(100 x (1 - p)) ~ 0.1, instead of
-# the 0.45 five events gave (docs/statistics.md section 9).
-MIN_BLOCK_EVENTS = 100
-
-
-def recalibration_blocks(quarter_events: np.ndarray) -> np.ndarray:
-    """Return a block number per quarter: quarters pooled until their comparators have events.
-
-    Consecutive quarters are pooled until the block's comparators have ``MIN_BLOCK_EVENTS``
-    events; a short last block (the quarter now filling, or a young warehouse's only weeks)
-    joins the block before it, so no expected risk rests on a handful of events.
-    """
-    block = np.zeros(len(quarter_events), np.int64)
-    current, total = 0, 0.0
-    for quarter, events in enumerate(np.asarray(quarter_events, float).tolist()):
-        block[quarter] = current
-        total += events
-        if total >= MIN_BLOCK_EVENTS:
-            current, total = current + 1, 0.0
-    if current > 0 and np.any(block == current):
-        block[block == current] = current - 1
-    return block
-
-
-def concurrent(risk: np.ndarray, day: np.ndarray, others: pd.DataFrame | dict[str, np.ndarray],
-               others_risk: np.ndarray, origin: int | None = None) -> np.ndarray:
-    """Recalibrate a product's expected risks to the other products *in the same period*.
-
-    DELTA compares a device with its concurrent alternatives: a rise that every product
-    shares (a season, a bad operator using all of them) is not the product's. Periods are
-    91-day quarters counted from ``origin`` (the comparison's first day; default the first
-    day of either side), pooled into :func:`recalibration_blocks`; per block the log odds
-    move by ``logit(others' observed rate) - logit(others' mean expected risk)``.
-    ``others`` has ``index_day`` and ``y`` columns (a frame, or a dict of arrays).
-    """
-    other_day = np.asarray(others["index_day"], dtype=np.int64)
-    if origin is None:
-        origin = int(min(day.min(initial=np.iinfo(np.int64).max),
-                         other_day.min(initial=np.iinfo(np.int64).max)))
-    quarter = (day - origin) // QUARTER_DAYS
-    other_quarter = (other_day - origin) // QUARTER_DAYS
-    n_quarters = int(max(quarter.max(initial=-1), other_quarter.max(initial=-1))) + 1
-    other_y = np.asarray(others["y"], dtype=float)
-    blocks = recalibration_blocks(np.bincount(other_quarter, weights=other_y,
-                                              minlength=n_quarters))
-    other_block = blocks[other_quarter]
-    n_blocks = int(blocks.max(initial=-1)) + 1
-    events = np.bincount(other_block, weights=other_y, minlength=n_blocks)
-    cases = np.bincount(other_block, minlength=n_blocks).astype(float)
-    risk_sum = np.bincount(other_block, weights=others_risk, minlength=n_blocks)
-    return _shifted(risk, blocks[quarter], events, cases, risk_sum)
-
-
-def _shifted(risk: np.ndarray, block: np.ndarray, events: np.ndarray, cases: np.ndarray,
-             risk_sum: np.ndarray) -> np.ndarray:
-    """Return ``risk`` with each block's shrunk log-odds shift (the others' sums by block)."""
-    # blocks that can be recalibrated: enough events, and some non-events
-    valid = (events >= MIN_BLOCK_EVENTS) & (events < cases)
-    shift = np.zeros(len(events))
-    if valid.any():
-        shift[valid] = shrunk_shifts(events[valid], cases[valid], risk_sum[valid] / cases[valid])
-    adjusted = risk.copy()
-    odds = adjusted / (1 - adjusted) * np.exp(shift[block])
-    adjusted = odds / (1 + odds)
-    return adjusted
-
-
-def _concurrent_by_quarter(risk: np.ndarray, quarter: np.ndarray, unit_quarter: np.ndarray,
-                           unit_risk: np.ndarray, mine: np.ndarray, other_events: np.ndarray,
-                           other_cases: np.ndarray) -> np.ndarray:
-    """Return :func:`concurrent`'s result from the others' events and cases per quarter.
-
-    For :func:`product_charts`, whose outcomes are whole numbers: ``risk`` and ``quarter``
-    are the product's units' (quarters from :func:`concurrent`'s origin); ``unit_quarter``
-    and ``unit_risk`` every unit's of the comparison, the product's marked by ``mine``;
-    ``other_events`` and ``other_cases`` the other units' event and unit counts per quarter
-    (every quarter of either side). A sum of whole numbers in doubles is exact in any order,
-    so the counts by block summed from the quarters' are :func:`concurrent`'s, bit for bit.
-    The others' expected risks are summed per block over every unit, the product's own
-    sent to a bin past the blocks: ``np.bincount`` adds each bin's weights in the units'
-    order, so each block's sum is the one over the others' units taken out in order.
-    """
-    blocks = recalibration_blocks(other_events)
-    n_blocks = int(blocks.max(initial=-1)) + 1
-    events = np.bincount(blocks, weights=other_events, minlength=n_blocks)
-    cases = np.bincount(blocks, weights=other_cases, minlength=n_blocks)
-    unit_block = blocks[unit_quarter]
-    unit_block[mine] = n_blocks
-    risk_sum = np.bincount(unit_block, weights=unit_risk, minlength=n_blocks + 1)[:n_blocks]
-    return _shifted(risk, blocks[quarter], events, cases, risk_sum)
-
-
-def _logit(p):
-    return np.log(p / (1 - p))
-
-
-def shrunk_shifts(events: np.ndarray, cases: np.ndarray, mean_risk: np.ndarray) -> np.ndarray:
-    """Return each block's log-odds shift, shrunk toward the whole period's by its reliability.
-
-    A block's shift ``logit(observed rate) - logit(mean expected risk)`` is estimated with
-    variance ``1 / (events x (1 - rate))``; taken at face value, that noise alone lets a
-    product's CUSUM spend about 1.4 times its budget (benchmark scenario 4). Empirical Bayes
-    (method of moments): the spread of the true shifts is ``tau2 = max(0, var(shifts) -
-    mean(variances))``, and each shift keeps the share ``tau2 / (tau2 + variance)`` of its
-    distance from the pooled shift. A real common trend (tau2 large) is kept; noise (tau2
-    ~ 0) is not. Fewer than three blocks cannot estimate the spread: the shifts stand.
-    """
-    rate = events / cases
-    shift = _logit(rate) - _logit(mean_risk)
-    if shift.size < 3:
-        return shift
-    variance = 1.0 / (events * (1.0 - rate))
-    pooled = _logit(events.sum() / cases.sum()) - _logit(np.sum(mean_risk * cases) / cases.sum())
-    tau2 = max(0.0, float(np.var(shift, ddof=1) - variance.mean()))
-    return pooled + (shift - pooled) * tau2 / (tau2 + variance)
+QUARTER_DAYS = 91  # a product is compared within a site and one of these periods
 
 
 RARE_STRATA = 4  # the rare test's 365 days in four strata of about a quarter each
@@ -196,38 +79,55 @@ RARE_STRATA = 4  # the rare test's 365 days in four strata of about a quarter ea
 
 def conditional_rare_pvalue(day: np.ndarray, y: np.ndarray, risk: np.ndarray,
                             other_day: np.ndarray, other_y: np.ndarray, other_risk: np.ndarray,
-                            as_of_day: int) -> tuple[int, float, float]:
+                            as_of_day: int, site: np.ndarray | None = None,
+                            other_site: np.ndarray | None = None) -> tuple[int, float, float]:
     """Return (events, expected, P(X >= events)) of a product's last 365 days, given all events.
 
     The exact conditional test of two Poisson rates (Przyborowski & Wilenski 1940): within
-    each quarter of the window, given the events of the product and of the other products
-    together (``n``), the product's count is Binomial(``n``, ``E / (E + F)``) under the null,
-    where ``E`` and ``F`` are the two sides' case-mix expected counts (network model). The
-    common rate of the quarter cancels, so the comparators' own Poisson noise is not taken
-    for a known expected count (a recalibrated expected is: at alpha 1.25e-4 that spent 2.4
-    times the budget on undrifted 1,000-site registries). ``expected`` is the sum of
-    ``n x E / (E + F)``.
+    each quarter of the window (and each site, when ``site`` and ``other_site`` are given),
+    given the events of the product and of the other products together (``n``), the
+    product's count is Binomial(``n``, ``E / (E + F)``) under the null, where ``E`` and ``F``
+    are the two sides' case-mix expected counts (network model). The common rate of the
+    stratum cancels -- the site's own level too when strata are per site -- so neither the
+    comparators' Poisson noise nor a drifting site is taken for the product's (a
+    recalibrated expected spent 2.4 times the budget at alpha 1.25e-4 on undrifted
+    1,000-site registries). Only strata with cases on both sides carry evidence: a product
+    alone in a stratum has its events fixed by the total, and they are not counted.
+    ``expected`` is the sum of ``n x E / (E + F)`` over those strata.
     """
     from pipelines.surveillance.distributions import binom_pmf  # scipy.stats's values
+
+    mine, theirs = day > as_of_day - ROLLING_DAYS, other_day > as_of_day - ROLLING_DAYS
 
     def stratum(days: np.ndarray) -> np.ndarray:
         return np.minimum((as_of_day - days) * RARE_STRATA // ROLLING_DAYS, RARE_STRATA - 1)
 
-    mine, theirs = day > as_of_day - ROLLING_DAYS, other_day > as_of_day - ROLLING_DAYS
     s_mine, s_theirs = stratum(day[mine]), stratum(other_day[theirs])
-    observed = np.bincount(s_mine, weights=y[mine], minlength=RARE_STRATA)
-    total = observed + np.bincount(s_theirs, weights=other_y[theirs], minlength=RARE_STRATA)
-    e_mine = np.bincount(s_mine, weights=risk[mine], minlength=RARE_STRATA)
-    e_theirs = np.bincount(s_theirs, weights=other_risk[theirs], minlength=RARE_STRATA)
-    share = np.divide(e_mine, e_mine + e_theirs, out=np.zeros(RARE_STRATA),
-                      where=(e_mine + e_theirs) > 0)
-    events = int(observed.sum())
-    expected = float(np.sum(total * share))
+    cells = RARE_STRATA
+    if site is not None and other_site is not None:
+        codes, _ = pd.factorize(np.concatenate([np.asarray(site)[mine],
+                                                np.asarray(other_site)[theirs]]))
+        cells = RARE_STRATA * max(1, int(codes.max(initial=-1)) + 1)
+        s_mine = s_mine + RARE_STRATA * codes[: len(s_mine)]
+        s_theirs = s_theirs + RARE_STRATA * codes[len(s_mine):]
+    observed = np.bincount(s_mine, weights=y[mine], minlength=cells)
+    total = observed + np.bincount(s_theirs, weights=other_y[theirs], minlength=cells)
+    e_mine = np.bincount(s_mine, weights=risk[mine], minlength=cells)
+    e_theirs = np.bincount(s_theirs, weights=other_risk[theirs], minlength=cells)
+    both = (e_mine > 0) & (e_theirs > 0)
+    share = np.divide(e_mine, e_mine + e_theirs, out=np.zeros(cells), where=both)
+    events = int(observed[both].sum())
+    expected = float(np.sum(total[both] * share[both]))
     if events == 0:
         return 0, expected, 1.0
     pmf = np.ones(1)
-    for n, pi in zip(total.astype(np.int64).tolist(), share.tolist(), strict=True):
-        pmf = np.convolve(pmf, binom_pmf(np.arange(n + 1), n, pi))
+    informative = both & (total > 0)
+    for n, pi in zip(total[informative].astype(np.int64).tolist(),
+                     share[informative].tolist(), strict=True):
+        # one event (most strata of a site-stratified rare test): its pmf needs no scipy
+        step = (np.array([1.0 - pi, pi]) if n == 1
+                else binom_pmf(np.arange(n + 1), n, pi))
+        pmf = np.convolve(pmf, step)
     return events, expected, float(min(1.0, pmf[events:].sum()))
 
 
@@ -277,10 +177,11 @@ def lot_tests(lots: pd.DataFrame, design: DeviceDesign, as_of_day: int) -> list[
 
 
 def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign,
-                   cases: dict[str, np.ndarray], risk: np.ndarray,
-                   others: dict[str, np.ndarray] | None, as_of_day: int) -> dict:
-    """Return the product's test: ``cases`` and ``others`` hold index_day, y and risk arrays
-    (``others`` only for a rare metric: a CUSUM's comparators are in ``risk`` already)."""
+                   cases: dict[str, np.ndarray], others: dict[str, np.ndarray] | None,
+                   as_of_day: int) -> dict:
+    """Return the product's test: ``cases`` and ``others`` hold index_day, y, risk and site
+    arrays (``others`` only for a rare metric; a CUSUM's ``cases`` are the shared cells'
+    events, ``y`` 1 for the product's, ``risk`` the product's share of the cell)."""
     day = cases["index_day"]
     y = cases["y"]
     rate = rate_per_unit_year(profile, metric)
@@ -288,11 +189,15 @@ def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign,
     if metric.alarm.method == "rare":
         assert others is not None
         events, _, p_value = conditional_rare_pvalue(
-            day, y, cases["risk"], others["index_day"], others["y"], others["risk"], as_of_day)
+            day, y, cases["risk"], others["index_day"], others["y"], others["risk"], as_of_day,
+            cases["site"], others["site"])
         alpha = rare_alpha(rate)
         signal = day_to_date(as_of_day) if events and p_value <= alpha else None
         return {"statistic": p_value, "threshold": alpha, "signal_date": signal,
                 "signals": int(signal is not None)}
+    if len(day) == 0:  # no event in a site and quarter shared with another product
+        return {"statistic": 0.0, "threshold": None, "signal_date": None, "signals": 0}
+    risk = cases["risk"]
     volume = len(day) / years_between(int(day[0]), as_of_day)
     h = fir_threshold(float(risk.mean()), design.odds_ratio, arl0_for_volume(volume, rate), 0.0)
     value, signals = product_cusum(y, risk, design.odds_ratio, h)
@@ -325,77 +230,89 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
                    design: DeviceDesign, failures: pd.DataFrame, as_of_day: int,
                    flagged_lots: frozenset[str] = frozenset(), *,
                    count_signals: bool = False) -> list[dict]:
-    """Compare each product with the other products of its kind, per metric.
+    """Compare each product with the other products of its kind at the same sites, per metric.
 
-    ``units_by_metric`` maps a metric id to its mature units with the product columns and
-    ``risk`` (the network case-mix model); ``failures`` has one row per device-failure
-    complication with the product columns. Balloons are compared without the cases of
-    ``flagged_lots`` (``product<US>lot`` keys of cement lots whose own test signalled): a bad lot would otherwise be
-    blamed on whichever balloon its sites happen to use. ``count_signals`` adds ``signals``:
-    how many times the CUSUM signalled (and restarted), or whether the rare test did now.
+    ``units_by_metric`` maps a metric id to its mature units with ``site_id``, the product
+    columns and ``risk`` (the network case-mix model); ``failures`` has one row per
+    device-failure complication with the product columns. A product's evidence is its cases
+    that share a site and a 91-day quarter (a *cell*) with another product's cases: within
+    a cell, given the cell's events, each is the product's with probability the product's
+    share of the cell's case-mix risk under the null. A CUSUM metric charts the shared
+    cells' events in date order (Bernoulli: the product's or not, at that share); a rare
+    metric gets the site-stratified exact test (:func:`conditional_rare_pvalue`). A site's
+    own level or drift, and a trend common to all products, cancel within the cell, and a
+    product used alone at a site gives no evidence there. ``procedures``, ``events`` and ``expected`` count those cases
+    (``expected``: the cell's events times the product's share of the cell's case-mix
+    risk, summed). Balloons are compared without the cases of ``flagged_lots``
+    (``product<US>lot`` keys of cement lots whose own test signalled): a bad lot would
+    otherwise be blamed on whichever balloon its sites happen to use. ``count_signals``
+    adds ``signals``: how many times the CUSUM signalled (and restarted), or whether the
+    rare test did now.
     """
     rows = []
     for metric_id in design.metrics:
         metric = profile.metric(metric_id)
+        assert metric.alarm is not None
+        rare = metric.alarm.method == "rare"
         units = units_by_metric[metric_id]
         all_day = units["index_day"].to_numpy(np.int64)
         all_y = units["y"].to_numpy(np.int64)
         all_risk = units["risk"].to_numpy(float)
+        all_site, _ = pd.factorize(units["site_id"])
         for column, kind in PRODUCT_COLUMNS.items():
             keep = units[column].notna().to_numpy(bool, copy=True)
             if kind == "balloon" and flagged_lots:
                 keep &= _without_flagged_lots(units, flagged_lots)
             if not keep.any():
                 continue
-            # Arrays of the named units in the units' (site, date) order; each product's
-            # comparators are the other units, summed in that order (the float sums see the
-            # same cases in the same order). Products are factorised from the column
-            # itself: a categorical's codes, not a string per unit.
-            if keep.all():
-                # Every unit is named: the arrays themselves, not three full-length copies
-                # (the same values in the same order).
-                code, products = pd.factorize(units[column])
-                day, y, risk = all_day, all_y, all_risk
-            else:
-                code, products = pd.factorize(units[column][keep])
-                day, y, risk = all_day[keep], all_y[keep], all_risk[keep]
+            # Products are factorised from the column itself: a categorical's codes, not a
+            # string per unit.
+            code, products = pd.factorize(units[column][keep])
+            day, y, risk, site = all_day[keep], all_y[keep], all_risk[keep], all_site[keep]
             code_of = {product: index for index, product in enumerate(products.tolist())}
-            origin = int(day.min())  # every product's quarters start here
-            # Every unit's quarter, and the events and units per quarter of all products,
-            # once: a product's comparators are all units but its own, so their whole-number
-            # counts per quarter are these less the product's (exact); no array of the
-            # others' units is taken out for a CUSUM product (see _concurrent_by_quarter).
-            quarter = (day - origin) // QUARTER_DAYS
-            n_quarters = int(quarter.max()) + 1
-            all_events = np.bincount(quarter, weights=y, minlength=n_quarters)
-            all_cases = np.bincount(quarter, minlength=n_quarters).astype(float)
+            # cells: a site in a 91-day quarter counted from the comparison's first day
+            n_quarters = int((day.max() - day.min()) // QUARTER_DAYS) + 1
+            cell = site.astype(np.int64) * n_quarters + (day - day.min()) // QUARTER_DAYS
+            n_cells = int(cell.max()) + 1
+            cell_cases = np.bincount(cell, minlength=n_cells)
+            cell_events = np.bincount(cell, weights=y, minlength=n_cells)
+            cell_risk = np.bincount(cell, weights=risk, minlength=n_cells)
             for product in sorted(code_of):
                 mine = code == code_of[product]
                 if mine.all():
                     continue  # nothing to compare with
-                # units come in (site, date) order; a product's chart runs in date order
-                taken = np.flatnonzero(mine)
-                taken = taken[np.argsort(day[taken], kind="stable")]
-                cases = {"index_day": day[taken], "y": y[taken], "risk": risk[taken]}
-                mine_quarter = quarter[taken]
-                adjusted = _concurrent_by_quarter(
-                    cases["risk"], mine_quarter, quarter, risk, mine,
-                    all_events - np.bincount(mine_quarter, weights=cases["y"],
-                                             minlength=n_quarters),
-                    all_cases - np.bincount(mine_quarter, minlength=n_quarters))
-                others = None  # the others' units themselves only for the rare test
-                if metric.alarm is not None and metric.alarm.method == "rare":
+                mine_cases = np.bincount(cell[mine], minlength=n_cells)
+                mine_risk = np.bincount(cell[mine], weights=risk[mine], minlength=n_cells)
+                shared = (mine_cases > 0) & (mine_cases < cell_cases)
+                evidence = mine & shared[cell]
+                # the product's share of its cell's case-mix risk: under the null, the chance
+                # that an event of the cell is the product's
+                share = np.divide(mine_risk, cell_risk, out=np.zeros(n_cells),
+                                  where=shared & (cell_risk > 0))
+                expected = float(np.sum(cell_events * share))
+                events = int(y[evidence].sum())
+                if rare:
+                    charted = mine
+                    chart_y, chart_risk = y, risk
                     theirs = ~mine
-                    others = {"index_day": day[theirs], "y": y[theirs], "risk": risk[theirs]}
-                expected = float(adjusted.sum())
-                events = int(cases["y"].sum())
-                test = _product_chart(metric, profile, design, cases, adjusted, others,
-                                      as_of_day)
+                    others = {"index_day": day[theirs], "y": y[theirs], "risk": risk[theirs],
+                              "site": site[theirs]}
+                else:
+                    # the events of the shared cells: each is the product's (1) or another's
+                    # (0), with the product's share as its null probability
+                    charted = (y == 1) & (share[cell] > 0.0) & (share[cell] < 1.0)
+                    chart_y, chart_risk, others = mine.astype(np.int64), share[cell], None
+                # a product's chart runs in date order (units come in (site, date) order)
+                taken = np.flatnonzero(charted)
+                taken = taken[np.argsort(day[taken], kind="stable")]
+                cases = {"index_day": day[taken], "y": chart_y[taken],
+                         "risk": chart_risk[taken], "site": site[taken]}
+                test = _product_chart(metric, profile, design, cases, others, as_of_day)
                 if not count_signals:
                     del test["signals"]
                 rows.append({
                     "product": str(product), "metric": metric.id, "kind": kind,
-                    "procedures": len(taken), "events": events, "expected": expected,
+                    "procedures": int(evidence.sum()), "events": events, "expected": expected,
                     "observed_expected": events / expected if expected > 0 else None,
                     "device_failures": int((failures[column] == product).sum())
                     if not failures.empty else 0,
