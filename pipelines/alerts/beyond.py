@@ -99,8 +99,9 @@ def _device_conditions(conn: sa.Connection, settings: Settings, profile: Profile
     for row, signal in _recent(rows, as_of, profile.design.hold_days):
         metric = profile.metric(row["metric"])
         lines = [("Product", f"{row['product']} ({row['kind']})"), ("Metric", metric.label),
-                 ("Procedures", row["procedures"]),
-                 ("Events / expected from other products",
+                 ("Procedures compared (at sites and quarters that also use other "
+                  "products)", row["procedures"]),
+                 ("Events / expected from the other products at the same sites",
                   f"{row['events']} / {_fmt(row['expected'], 1)}"),
                  ("Observed / expected", _fmt(row["observed_expected"])),
                  ("Device failures recorded", row["device_failures"]),
@@ -109,7 +110,8 @@ def _device_conditions(conn: sa.Connection, settings: Settings, profile: Profile
             kind=DEVICE,
             dedupe_key=f"device:product:{profile.name}:{row['product']}:{row['metric']}",
             legacy_key=f"device:product:{row['product']}:{row['metric']}",
-            title=f"Product {row['product']}: {metric.label.lower()} above other products",
+            title=(f"Product {row['product']}: {metric.label.lower()} above other products "
+                   "at the same sites"),
             payload={"type": "device_product", "product": row["product"],
                      "metric": row["metric"], "signal_date": signal.isoformat(),
                      "lines": lines, "where": where_to_look(settings, None, "devices.html"),

@@ -169,8 +169,8 @@ def _units(snapshot: Snapshot, profile: Profile, metric_id: str, extras: pd.Data
         # Calibrated over those training units, not all units: the rate is part of the
         # fit's key, and over all units it moves with every new day (a refit every night);
         # the quarter's cases are then judged against a reference they do not move (the
-        # engine's Phase I / Phase II split), and product charts recalibrate per quarter
-        # to their concurrent comparators anyway (devices.concurrent).
+        # engine's Phase I / Phase II split), and product charts compare each product with
+        # the others within the same site and quarter anyway (devices.py).
         # Only the columns the fit reads: the training rows are copied.
         training = known_before_quarter(units[["y", "index_day", *COVARIATES]],
                                         metric.window_days, snapshot.as_of_day)
