@@ -103,9 +103,15 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
     index = write_report(settings, tmp_path / "out")
     out = index.parent
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    pages = [f for f in files if not f.endswith(".csv")]
+    pages = [f for f in files if not f.endswith((".csv", ".svg"))]
     assert pages == ["devices.html", "funnels.html", "index.html", "methods.html", "report.json",
                      "sites/S001.html", "sites/S002.html", "sites/S003.html", "sites/S004.html"]
+    # the site pages' funnels show the shared curves and clouds: each file is shown, and
+    # every image a page shows is one of them
+    layers = {f for f in files if f.endswith(".svg")}
+    shown = {"funnel-" + name for page in pages if page.startswith("sites/") for name in
+             re.findall(r'<image href="\.\./funnel-([^"]+)"', (out / page).read_text("utf-8"))}
+    assert layers and shown == layers and all(f.startswith("funnel-") for f in layers)
     # every chart links to its data: a short table inside the page (a data: link saved as
     # <SITE>-<chart>.csv), or a file that was written; a site's long series are in one file
     # per chart for every site, and the site's own rows are in it
