@@ -23,6 +23,7 @@ from pipelines.cli import main as cli_main
 from pipelines.db import make_engine
 from pipelines.evidence import csv_cell, write_csv
 from pipelines.report import ReportData, publish_report, write_report
+from pipelines.report.charts import funnel_template
 from pipelines.schema import file_ledger, migrate, pending_complication, quarantine
 from pipelines.surveillance.engine import run_monitor
 from tests.test_engine import build_sites
@@ -102,9 +103,16 @@ def test_report_pages_show_the_drifting_site_and_no_references(sqlite_url, setti
     index = write_report(settings, tmp_path / "out")
     out = index.parent
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    pages = [f for f in files if not f.endswith(".csv")]
+    pages = [f for f in files if not f.endswith((".csv", ".svg"))]
     assert pages == ["devices.html", "funnels.html", "index.html", "methods.html", "report.json",
                      "sites/S001.html", "sites/S002.html", "sites/S003.html", "sites/S004.html"]
+    # the site pages' funnels show the shared curves and clouds: every image a page shows
+    # is one of the files, and each cumulative one is shown (rolling: on flagged pages)
+    layers = {f for f in files if f.endswith(".svg")}
+    shown = {"funnel-" + name for page in pages if page.startswith("sites/") for name in
+             re.findall(r'<image href="\.\./funnel-([^"]+)"', (out / page).read_text("utf-8"))}
+    assert shown <= layers and all(f.startswith("funnel-") for f in layers)
+    assert {f for f in layers if f.endswith("-cumulative.svg")} <= shown and shown
     # every chart links to its data: a short table inside the page (a data: link saved as
     # <SITE>-<chart>.csv), or a file that was written; a site's long series are in one file
     # per chart for every site, and the site's own rows are in it
@@ -660,7 +668,38 @@ def test_funnel_plot_draws_the_limits_the_engine_decided_with(sqlite_url, settin
         svg = report_module.funnel_svg(chart, "t", {})
         decision = "overdispersion" if mode != "none" else "(exact), decision"
         assert decision in svg and svg.count("decision") == 1
+        # a site page's funnel with the network's curves and cloud in a shared file: put
+        # the file's elements where its <image> is, and it is the funnel drawn whole
+        sites = chart["sites"]
+        classes = {sites[0]: "significant", sites[1]: "outside"}
+        whole = funnel_template(chart, "t", classes, True)
+        shared = funnel_template(chart, "t", classes, True, layer="../funnel-m-w.svg")
+        assert shared.svg.count('<image href="../funnel-m-w.svg"') == 1
+        assert 'h0" stroke=' in shared.layer and 'h0" stroke=' not in shared.svg  # the cloud
+        assert shared.layer.count("<polyline") >= 4  # the 95% and decision limits
+        for site in sites:
+            assert inline_layer(shared.for_site(site), {"funnel-m-w.svg": shared.layer}) == (
+                whole.for_site(site))
     assert modes  # at least one funnel was drawn
+
+
+def inline_layer(page: str, layers: dict[str, str]) -> str:
+    """Return ``page`` with each shared funnel layer's ``<image>`` replaced by the layer
+    file's elements (the funnel as drawn before the layers were shared)."""
+    def elements(match: re.Match) -> str:
+        head, _, rest = layers[match.group(1)].partition(">\n")
+        # the file is drawn at the chart's own size and place, in the chart's units
+        size = f'width="{match.group(2)}" height="{match.group(3)}"'
+        assert head == (f'<svg xmlns="http://www.w3.org/2000/svg" {size} viewBox="0 0 '
+                        f'{match.group(2)} {match.group(3)}"'), head
+        assert page[:match.start()].rsplit("<svg ", 1)[1].startswith(
+            f'xmlns="http://www.w3.org/2000/svg" role="img" class="chart" viewBox="0 0 '
+            f'{match.group(2)} {match.group(3)}" {size}')
+        assert rest.endswith("\n</svg>\n")
+        return rest[:-len("\n</svg>\n")]
+
+    return re.sub(r'<image href="\.\./(funnel-[^"]+\.svg)" x="0" y="0" width="(\d+)" '
+                  r'height="(\d+)"/>', elements, page)
 
 
 def test_a_past_as_of_shows_only_data_up_to_that_date(sqlite_url, settings_for, tmp_path,

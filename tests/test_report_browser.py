@@ -196,6 +196,34 @@ def test_report_from_disk_renders_without_errors(playwright, sqlite_url, setting
         assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 20_000
         with capsys.disabled():
             print(f"\nprinted: {pdf}")
+        _check_shared_funnel_layers(page, watch, index.parent)
+
+
+FUNNELS_ON_PAGE = "svg.chart:has(title:text-matches('highlighted'))"
+
+
+def _check_shared_funnel_layers(page, watch: PageWatch, out: Path) -> None:
+    """A site page's funnels draw the network's curves and cloud from a shared file (an
+    ``<image>``): on screen and in print they must look pixel for pixel as the same page
+    with the file's elements inline, as funnels were drawn before (a second page beside
+    it, so its links are the same)."""
+    from tests.test_report import inline_layer
+
+    layers = {p.name: p.read_text(encoding="utf-8") for p in out.glob("funnel-*.svg")}
+    shared = (out / "sites" / f"{DRIFT_SITE}.html").read_text(encoding="utf-8")
+    inline = inline_layer(shared, layers)
+    assert shared.count("<image ") >= 4 and "<image " not in inline
+    (out / "sites" / "inline.html").write_text(inline, encoding="utf-8")
+    for media in ("screen", "print"):
+        page.emulate_media(media=media)
+        shots = []
+        for name in (f"{DRIFT_SITE}.html", "inline.html"):
+            page.goto((out / "sites" / name).as_uri(), wait_until="load")
+            funnels = page.locator(FUNNELS_ON_PAGE)
+            shots.append([funnels.nth(i).screenshot() for i in range(funnels.count())])
+        assert len(shots[0]) >= 4 and len(shots[0]) == len(shots[1]), media
+        assert shots[0] == shots[1], media  # the same PNG bytes: the same pixels
+    watch.check_clean()
 
 
 # ---------------------------------------------------------------- through the Airflow plugin

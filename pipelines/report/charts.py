@@ -618,8 +618,16 @@ def funnel_svg(chart: dict[str, Any], label: str, classes: dict[str, str],
 
 
 def funnel_template(chart: dict[str, Any], label: str, classes: dict[str, str],
-                    with_site: bool) -> FunnelTemplate:
-    """Return the funnel drawn once per metric and window; site pages add their marker."""
+                    with_site: bool, layer: str | None = None) -> FunnelTemplate:
+    """Return the funnel drawn once per metric and window; site pages add their marker.
+
+    ``layer``: the address of a shared file (``../funnel-<metric>-<window>.svg``) that
+    draws the network's limit curves and in-control cloud, the same on every site page
+    (two thirds of a page's funnel bytes). The template then shows that file with one
+    ``<image>`` in their place, the same size and place as the chart, and
+    :attr:`FunnelTemplate.layer` is the file's text: an ``<svg>`` of the chart's size
+    holding exactly the elements it replaces, so the drawn picture is the same.
+    """
     n = np.asarray(chart["n"], float)
     events = np.asarray(chart["events"], float)
     has = n > 0
@@ -703,8 +711,23 @@ def funnel_template(chart: dict[str, Any], label: str, classes: dict[str, str],
         + f"Outside the limits and significant after FDR: {stand_out}; outside but not "
         f"significant: {', '.join(pick(outside, sites)) or 'none'}."
         + (f" {SITE_TOKEN} is the large black diamond." if with_site else ""))
-    return FunnelTemplate(plot.render(), plot,
-                          dict(zip(sites, zip(x_of, y_of, has, strict=True), strict=True)))
+    svg = plot.render()
+    shared = None
+    if layer is not None:
+        # the curves, reference line and cloud are drawn first and one after the other
+        cloud = max(i for i, s in enumerate(plot.series) if s.kind == "cloud")
+        start, end = plot.spans[0][0], plot.spans[cloud][1]
+        width, height = plot.size
+        shared = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
+                  f'height="{height}" viewBox="0 0 {width} {height}">\n'
+                  + "\n".join(plot.parts[start:end]) + "\n</svg>\n")
+        image = (f'<image href="{_esc(layer)}" x="0" y="0" width="{width}" '
+                 f'height="{height}"/>')
+        svg = "\n".join([*plot.parts[:start], image, *plot.parts[end:]])
+    template = FunnelTemplate(svg, plot, dict(zip(sites, zip(x_of, y_of, has, strict=True),
+                                                  strict=True)))
+    template.layer = shared
+    return template
 
 
 class FunnelTemplate:
@@ -712,6 +735,7 @@ class FunnelTemplate:
 
     def __init__(self, svg: str, plot: Chart, points: dict[str, tuple]) -> None:
         self.svg, self.plot, self.points = svg, plot, points
+        self.layer: str | None = None  # the shared file's text (funnel_template's layer)
         # Every site page draws each funnel: the template is cut once where the site's
         # name goes, and each point label's place is noted, so a page joins pieces instead
         # of searching the whole drawing (a thousand sites' points) three times.

@@ -307,6 +307,10 @@ class ReportData:
             self.recent_oe = evidence.recent_observed_expected(self.months)
         # CSV files written beside the pages: {relative path: text}
         self.files: dict[str, str] = {}
+        # the funnels site pages draw, and their shared curves and clouds as files
+        # ({name: SVG}): funnels.build_funnel_templates, before the site pages
+        self.funnel_templates: dict[tuple[str, str], Any] = {}
+        self.funnel_layers: dict[str, str] = {}
         self._cusum_series: dict[Any, Any] = {}  # by CUSUM key, ("tte", metric)
 
     def _read(self, settings: Settings, as_of: date | None) -> None:

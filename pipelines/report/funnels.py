@@ -34,6 +34,12 @@ def funnel_csv_name(metric: str, window: str) -> str:
     return f"funnel-{metric}-{window}.csv"
 
 
+def funnel_layer_name(metric: str, window: str) -> str:
+    """Return the file name of a funnel's shared curves and cloud (beside ``funnels.html``;
+    every site page's funnel shows it, :func:`build_funnel_templates`)."""
+    return f"funnel-{metric}-{window}.svg"
+
+
 def exact_interval(events, n, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Return the Clopper-Pearson interval of events/n, elementwise (NaN where n = 0).
 
@@ -70,12 +76,21 @@ def _charts(data: ReportData):
 
 
 def build_funnel_templates(data: ReportData) -> None:
-    """Draw each funnel once for the site pages (``data.funnel_templates``)."""
-    data.funnel_templates = {}
+    """Draw each funnel once for the site pages (``data.funnel_templates``).
+
+    The network's limit curves and cloud are the same on every site page, so they are
+    drawn once into a file beside ``funnels.html`` (``data.funnel_layers``: ``{file name:
+    SVG}``) that each page's funnel shows as an image under its own title, points and
+    highlighted site: a thousand-site report then writes them 8 times, not 8,000 (about a
+    third of the site pages' bytes; docs/report.md).
+    """
+    data.funnel_templates, data.funnel_layers = {}, {}
     for metric, window, chart, title, classes in _charts(data):
         if np.asarray(chart["n"], float).sum():
-            data.funnel_templates[(metric, window)] = funnel_template(chart, title, classes,
-                                                                      True)
+            name = funnel_layer_name(metric, window)
+            template = funnel_template(chart, title, classes, True, layer=f"../{name}")
+            data.funnel_templates[(metric, window)] = template
+            data.funnel_layers[name] = template.layer
 
 
 def funnels_page(data: ReportData) -> str:

@@ -44,8 +44,8 @@ def render_report(settings: Settings, as_of: date | None = None) -> dict[str, st
     if data.as_of is None:
         return _empty_pages()
     site_ids = _site_ids(data)
-    pages = _network_pages(settings, data)
     build_funnel_templates(data)
+    pages = _network_pages(settings, data)
     pages.update(_site_pages(data, site_ids))
     return pages
 
@@ -93,6 +93,8 @@ def _network_pages(settings: Settings, data: ReportData, *, encoded: bool = Fals
                                 as_of=data.as_of))
     pages.update(data.files)  # the funnels' data, beside funnels.html
     data.files = {}
+    # the funnels' curves and clouds that every site page shows (build_funnel_templates)
+    pages.update(data.funnel_layers)
     # the CUSUM paths of every site, for the site pages
     pages.update(series_files(data, encoded=encoded))
     return pages
@@ -300,7 +302,8 @@ def write_report(settings: Settings, out_dir: Path | None = None,
     if ours:
         pages = set(writer.names)
         for stale in [*(out_dir / "sites").glob("*.html"), *(out_dir / "sites").glob("*.csv"),
-                      *out_dir.glob("funnel-*.csv"), *out_dir.glob("devices-*.csv"),
+                      *out_dir.glob("funnel-*.csv"), *out_dir.glob("funnel-*.svg"),
+                      *out_dir.glob("devices-*.csv"),
                       *out_dir.glob("series-*.csv")]:
             if stale.relative_to(out_dir).as_posix() not in pages:
                 stale.unlink()

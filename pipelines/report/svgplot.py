@@ -378,8 +378,13 @@ class Chart:
                    f'text-anchor="middle">{_esc(self.y_label)}</text>')
         labels: list[tuple[float, float, str]] = []
         self._frame = None if log else (x0, x1, y0, y1, left, top, plot_w, plot_h)
+        # where each series' elements sit in the output (a funnel hands the network's
+        # curves and cloud to a shared file: pipelines.report.charts.funnel_template)
+        self.spans = []
         for s in self.series:
+            start = len(out)
             out.extend(self._draw(s, sx, sy, sy1, left, plot_w, labels))
+            self.spans.append((start, len(out)))
         out.extend(place_labels(labels, (left, top, left + plot_w, top + plot_h)))
         self.project = lambda x, y: (float(sx(x)), float(sy(y)))
         # legend under the plot: a sample of each series' line or marker, then its label
@@ -387,6 +392,7 @@ class Chart:
             out.extend(_legend_entry(i, columns, left, top, plot_w, plot_h, s.kind, s.label,
                                      s.style, s.tone, s.width, s.marker, s.filled))
         out.append("</svg>")
+        self.parts, self.size = out, (self.width, height)
         return "\n".join(out)
 
     @staticmethod
