@@ -182,6 +182,17 @@ def test_a_draft_follows_corrections_until_it_is_sent(registry, sqlite_url, sett
     run_monitor(settings)
     export(settings, tmp_path / "out1")
     assert mark_sent(settings, "CMAJOR", by="dr.lee", mhra_reference="YC-1")["state"] == "sent"
+    # a sent draft in an older wording (before an upgrade) is not a correction (review)
+    engine = make_engine(sqlite_url)
+    with engine.begin() as conn:
+        ledger = schema.yellow_card
+        old = json.loads(conn.scalar(sa.select(ledger.c.draft).where(
+            ledger.c.complication_id == "CMAJOR")))
+        old.pop("seriousness")
+        old["outcome"] = "serious (HTG108 major complication)"
+        conn.execute(ledger.update().where(ledger.c.complication_id == "CMAJOR")
+                     .values(draft=json.dumps(old, sort_keys=True)))
+    assert export(settings, tmp_path / "out1b")["sent_changed"] == []
     sent = {d["complication_id"]: d["draft"] for d in _rows(sqlite_url, schema.yellow_card)}
     rupture = next(c for c in registry["device_related"] if c.startswith("R"))
     text = registry["paths"][1].read_text()

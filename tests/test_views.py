@@ -169,10 +169,17 @@ def test_a_backfill_leaves_the_newer_picture_alone(db_url, settings_for):
             schema.monitor_run.c.run_key == later.run_key)) == 1
     assert (table_rows(engine, chart_status), table_rows(engine, site_month_metric)) == picture
     assert table_rows(engine, schema.signal) == signals
+    # Within the grace (the extract's day, say) a later run is the picture, and an earlier
+    # one (a plain `monitor`, or a reader computing the newest date) does not take it back.
+    extract_day = run_monitor(settings, as_of=newest.as_of + timedelta(days=10))
+    assert {r["run_key"] for r in table_rows(engine, chart_status)} == {extract_day.run_key}
+    run_monitor(settings)
+    assert {r["run_key"] for r in table_rows(engine, chart_status)} == {extract_day.run_key}
     # A date past every outcome window is rejected before any work (was a MemoryError).
     with pytest.raises(InputRejected, match="after the newest procedure"):
         run_monitor(settings, as_of=newest.as_of + timedelta(days=3650))
-    # A picture a look-ahead left behind (before this rule) yields to the next run on the data.
+    # A picture a look-ahead left behind (before this rule) yields to the next run on the data
+    # (the one within the grace included: it is now before that picture).
     with engine.begin() as conn:
         for table in (chart_status, site_month_metric, schema.level_episode):
             conn.execute(table.update().values(as_of=later.as_of))

@@ -126,6 +126,23 @@ def draft_new(conn: sa.Connection, design: RegulatorDesign,
     return sync_drafts(conn, design, reference, now)["new"]
 
 
+# The draft's facts taken from the extract. A change to any of them is a correction; the
+# rest is wording or comes from the product reference file (manufacturer, model), whose
+# changes never make a sent report look corrected (review: an upgrade's new wording did).
+EXTRACT_FACTS = (
+    "site_complication_ref", "site_procedure_ref", "event_date", "procedure_date",
+    "event_type", "severity", "symptomatic", "patient_sex", "patient_age_band",
+    "balloon_product", "cement_product", "cement_lot", "udi_di",
+)
+
+
+def _facts(draft: str | None) -> dict[str, Any] | None:
+    if draft is None:
+        return None
+    values = json.loads(draft)
+    return {name: values.get(name) for name in EXTRACT_FACTS}
+
+
 def sync_drafts(conn: sa.Connection, design: RegulatorDesign,
                 reference: ProductReference | None, now: datetime | None = None
                 ) -> dict[str, Any]:
@@ -172,7 +189,7 @@ def sync_drafts(conn: sa.Connection, design: RegulatorDesign,
             ).on_conflict_do_nothing(index_elements=["complication_id"])
                 .returning(ledger.c.complication_id)).first() is not None
         elif state == "sent":
-            if draft != row["ledger_draft"]:
+            if _facts(draft) != _facts(row["ledger_draft"]):
                 counts["sent_changed"].append(key)
         elif draft is None:
             if state != "withdrawn":
@@ -180,13 +197,19 @@ def sync_drafts(conn: sa.Connection, design: RegulatorDesign,
                                                    ledger.c.state.in_(UNSENT))
                              .values(state="withdrawn"))
                 counts["withdrawn"] += 1
-        elif draft != row["ledger_draft"] or state == "withdrawn":
+        elif _facts(draft) != _facts(row["ledger_draft"]) or state == "withdrawn":
             conn.execute(ledger.update().where(ledger.c.complication_id == key,
                                                ledger.c.state.in_(UNSENT))
                          .values(draft=draft, event_date=row["event_date"],
                                  event_type=row["event_type"], severity=row["severity"],
                                  state="drafted", drafted_at=now, exported_at=None))
             counts["updated"] += 1
+        elif draft != row["ledger_draft"]:
+            # The same facts in new wording (or new reference names): the text follows,
+            # the state stays (nothing for the site to enter again).
+            conn.execute(ledger.update().where(ledger.c.complication_id == key,
+                                               ledger.c.state.in_(UNSENT))
+                         .values(draft=draft))
     if counts["updated"] or counts["withdrawn"] or counts["sent_changed"]:
         log.info("yellow card: %d draft(s) rewritten after corrections, %d withdrawn, %d sent "
                  "report(s) changed since sending", counts["updated"], counts["withdrawn"],

@@ -370,7 +370,8 @@ def publish_report(settings: Settings, as_of: date | None = None) -> Path:
     # on the data: the monitor keeps its current picture the same way (engine._persist).
     profile = load_profile(settings.profile_path)
     look_ahead = as_of is not None and is_look_ahead(profile, as_of, newest)
-    current_day = current if current is None or newest is None else min(current, newest)
+    current_day = (min(current, newest) if current is not None
+                   and is_look_ahead(profile, current, newest) else current)
     if as_of is not None and not look_ahead and (current_day is None or as_of >= current_day):
         _point(latest, folder)
     elif as_of is None and not latest.is_symlink():

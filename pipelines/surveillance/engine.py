@@ -1562,10 +1562,11 @@ def _persist_once(engine: sa.Engine, result: MonitorResult, profile: Profile,
         picture_as_of = _as_date(picture_as_of) if picture_as_of is not None else None
         newest = latest_procedure_date(conn)
         look_ahead = is_look_ahead(profile, result.as_of, newest)
-        # The picture's day as the data stand: a picture dated after the newest procedure
-        # yields to any run from the newest procedure on.
-        current_day = (picture_as_of if picture_as_of is None or newest is None
-                       else min(picture_as_of, newest))
+        # A picture that is itself a look-ahead (left by a run before this rule) yields to
+        # any run from the newest procedure on; one within the grace (the extract's day,
+        # say) stays the picture against an earlier run, as every picture does.
+        current_day = (min(picture_as_of, newest) if picture_as_of is not None
+                       and is_look_ahead(profile, picture_as_of, newest) else picture_as_of)
         backdated = look_ahead or (current_day is not None and current_day > result.as_of)
         if look_ahead:
             log.info("monitor: a run as of %s, more than %d days after the newest procedure "
