@@ -186,13 +186,25 @@ def hazard_known_at(index_day: np.ndarray, full_end: np.ndarray, has_event: np.n
     observed = per_day >= OBSERVED_SHARE * per_day[0] if per_day[0] > 0 else per_day > 0
     last = int(np.flatnonzero(~observed)[0]) if not observed.all() else n_bins
     if 0 < last < n_bins and events[:last].sum() >= MIN_EVENTS_FOR_SHAPE:
-        # The estimated bins keep the network's own level; the bins not yet seen share
-        # evenly what is left of the reference's cumulative hazard over the window (a
-        # floor of half the smallest estimated hazard when nothing is left).
+        # The estimated bins keep the network's own level. The bins not yet seen carry the
+        # last estimated bin's hazard forward while the cumulative hazard stays within the
+        # reference's; the bins beyond share evenly what is left (a floor of half the
+        # smallest estimated hazard when nothing is). Sharing evenly from the first unseen
+        # bin would understate the next months of a falling hazard, the months the
+        # quarter's oldest patients reach: their expected count too low, false alarms.
         seen = _na_shape(at_risk[:last], events[:last])
-        left = -math.log1p(-p_ref) - float((seen * widths[:last]).sum())
-        rest = left / float(widths[last:].sum()) if left > 0 else float(seen.min()) / 2
-        shape = np.concatenate([seen, np.full(n_bins - last, rest)])
+        target = -math.log1p(-p_ref)
+        shape = np.concatenate([seen, np.zeros(n_bins - last)])
+        cumulative = float((seen * widths[:last]).sum())
+        b = last
+        while b < n_bins and cumulative + seen[-1] * widths[b] <= target:
+            shape[b] = seen[-1]
+            cumulative += seen[-1] * widths[b]
+            b += 1
+        if b < n_bins:
+            left = target - cumulative
+            shape[b:] = (left / float(widths[b:].sum()) if left > 0
+                         else float(seen.min()) / 2)
     else:
         shape = _na_shape(at_risk, events)
     return _scaled(shape, widths, p_ref)
