@@ -197,3 +197,17 @@ def test_a_live_crossing_stays_stored_and_its_alert_is_not_cleared(sqlite_url, s
     assert result.persisting >= len(raised)
     assert set(states.values()) == {"open"}
     assert not any("condition cleared" in r for r in reasons)
+
+
+def test_days_without_a_design_hold_the_statistic_at_zero():
+    # the registry's first quarter has no known hazard or load: NaN thresholds
+    expected = np.full((2, 6), 0.1)
+    observed = np.array([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0]] * 2)
+    thresholds = np.array([[np.nan, np.nan, 5.0, 5.0, 5.0, 5.0], [5.0] * 6])
+    result = survival.tte_cusum(expected, observed, 2.0, thresholds)
+    step = np.log(2.0) - 0.1
+    assert result.statistic[0].tolist()[:3] == [0.0, 0.0, 0.0]
+    assert result.statistic[0, 4] == pytest.approx(step)
+    # the site with a design from the first day keeps its evidence
+    assert result.statistic[1, 4] == pytest.approx(3 * step - 0.2)
+    assert not result.signal.any()
