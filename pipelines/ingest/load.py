@@ -53,7 +53,13 @@ from pipelines.contract import (
 )
 from pipelines.ingest import gxaudit
 from pipelines.ingest.fastcheck import Audit
-from pipelines.ingest.pseudonymise import pseudonymise_column
+from pipelines.ingest.hmacworker import DigestWorker
+from pipelines.ingest.pseudonymise import (
+    distinct_pairs,
+    gather_digests,
+    keyed_digest,
+    pseudonymise_column,
+)
 from pipelines.ingest.reader import (
     ExtractFile,
     FileRejected,
@@ -524,12 +530,23 @@ def _misshapen(row: list[str], extract: ExtractFile, key: bytes, preview_fields:
     }
 
 
-def _prepare_valid(frame: pd.DataFrame, kind: str, key: bytes) -> pd.DataFrame:
+# The columns pseudonymised in a procedures file, and the columns that receive the digests.
+_PSEUDONYMISED = (("patient_ref", "patient_hash"), ("operator_ref", "operator_hash"))
+
+
+def _prepare_valid(frame: pd.DataFrame, kind: str, key: bytes,
+                   hashed: dict[str, pd.Series] | None = None) -> pd.DataFrame:
+    """The valid rows as staged: references pseudonymised, record number added.
+
+    ``hashed`` holds the pseudonym columns when they were computed already (by the digest
+    helper, see :class:`_ChunkDigests`); the same values as computing them here.
+    """
     out = frame.copy()
     if kind == PROCEDURES:
-        out["patient_hash"] = pseudonymise_column(key, out["site_id"], out["patient_ref"])
-        out["operator_hash"] = pseudonymise_column(key, out["site_id"], out["operator_ref"])
-        out = out.drop(columns=["patient_ref", "operator_ref"])
+        for reference, pseudonym in _PSEUDONYMISED:
+            out[pseudonym] = (hashed[pseudonym] if hashed is not None
+                              else pseudonymise_column(key, out["site_id"], out[reference]))
+        out = out.drop(columns=[reference for reference, _ in _PSEUDONYMISED])
     else:
         out["vertebral_level"] = out["vertebral_level"].where(out["vertebral_level"].notna(), None)
     out["record_number"] = out.index.astype("int64")
@@ -869,28 +886,25 @@ def _stage_chunks(
     key: bytes, chunk_rows: int, expectations_dir: Path, max_date: date,
     preview_fields: int, writer: _StageWriter | _InlineWriter, direct: _DirectLoad | None,
 ) -> tuple[int, pd.Series, Audit]:
-    """The body of :func:`_stage_file`: every database write goes through ``writer``."""
+    """The body of :func:`_stage_file`: every database write goes through ``writer``.
+
+    A bulk procedures file (:data:`DIGEST_WORKER_BYTES`) is pseudonymised by a helper
+    process one chunk behind: chunk N's distinct references go to the helper once N is
+    validated, and N is finished (pseudonyms gathered, rows written) after N+1 was read and
+    validated. The writes are queued in the same order as without the helper.
+    """
     rows_read = 0
     audit = Audit(str(expectations_dir), extract.kind)
     staged_keys: list[pd.Series] = []
     key_column = KEY_COLUMN[extract.kind]
     seen: set[str] = set()  # direct load: keys already sent to the tables
-    for chunk in iter_chunks(extract, chunk_rows):
-        check_time(extract)
-        rows_read += len(chunk.record_numbers) + len(chunk.bad_shape)
-        misshapen = [
-            (number, _misshapen(row, extract, key, preview_fields), ["row:wrong_field_count"])
-            for number, row in chunk.bad_shape
-        ]
+
+    def finish(misshapen: list, checked, hashed: dict[str, pd.Series] | None) -> None:
+        """Queue one chunk's writes: misshapen and invalid rows, then the valid ones."""
         if misshapen:
             writer.submit(lambda rows=misshapen: quarantine.add(rows))
-        if not chunk.record_numbers:
-            continue
-        checked = validate_chunk(  # Arrow-split chunks hand over ``flat``, never the rows
-            None if chunk.flat is not None else chunk.records, chunk.record_numbers,
-            extract.columns, extract.kind, expectations_dir, max_date, audit=audit,
-            flat=chunk.flat,
-        )
+        if checked is None:
+            return
         if checked.invalid:
             raw = checked.raw.loc[list(checked.invalid)]
             invalid = [
@@ -898,18 +912,16 @@ def _stage_chunks(
                 for number, values in zip(raw.index, raw.to_dict("records"), strict=True)
             ]
             writer.submit(lambda rows=invalid: quarantine.add(rows))
-        valid = _prepare_valid(checked.valid, extract.kind, key)
+        valid = _prepare_valid(checked.valid, extract.kind, key, hashed)
         keys = checked.valid[key_column]
         if direct is None:
             writer.submit(lambda frame=valid: _write_stage(conn, stage, frame))
         else:
             # tolist() first: iterating an Arrow-backed Series element by element costs
             # about 4 us a key (more than the set look-up; 0.4 s per 100,000 rows measured).
-            # One pass over the keys answers "repeated in this chunk or sent before" (the
-            # Arrow-backed Series.duplicated() it replaces cost 0.5-0.9 s per 1M keys).
             listed = keys.tolist()
-            first = np.fromiter(_first_sightings(listed, seen), dtype=bool, count=len(listed))
-            if first.all():  # the usual chunk: no repeated key, no copy of the frame
+            first = _first_flags(listed, seen)
+            if first is None:  # the usual chunk: no repeated key, no copy of the frame
                 # Rendered here, COPYed by the writer: the writer (the server's COPY) is
                 # the slower side, and this thread waited for it (issue 10; 1M procedures:
                 # staging 14.8 s instead of 16.2 s, medians of 5 interleaved runs).
@@ -919,8 +931,80 @@ def _stage_chunks(
                 writer.submit(lambda frame=valid[first]: direct.write(conn, frame))
                 writer.submit(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
         staged_keys.append(keys)
+
+    worker = (DigestWorker(key) if extract.kind == PROCEDURES
+              and _file_bytes(extract) >= DIGEST_WORKER_BYTES else None)
+    held: tuple | None = None  # the chunk whose digests the helper is computing
+    try:
+        for chunk in iter_chunks(extract, chunk_rows):
+            check_time(extract)
+            rows_read += len(chunk.record_numbers) + len(chunk.bad_shape)
+            misshapen = [
+                (number, _misshapen(row, extract, key, preview_fields), ["row:wrong_field_count"])
+                for number, row in chunk.bad_shape
+            ]
+            checked = None
+            if chunk.record_numbers:
+                checked = validate_chunk(  # Arrow-split chunks hand over ``flat``, never the rows
+                    None if chunk.flat is not None else chunk.records, chunk.record_numbers,
+                    extract.columns, extract.kind, expectations_dir, max_date, audit=audit,
+                    flat=chunk.flat,
+                )
+            if held is not None:  # the previous chunk first: the writes keep the file's order
+                finish(held[0], held[1], held[2].columns(worker, key))
+                held = None
+            if worker is not None and checked is not None:
+                held = (misshapen, checked, _ChunkDigests(checked.valid, worker))
+            else:
+                finish(misshapen, checked, None)
+        if held is not None:
+            finish(held[0], held[1], held[2].columns(worker, key))
+    finally:
+        if worker is not None:
+            worker.close()
     keys = pd.concat(staged_keys) if staged_keys else pd.Series([], dtype="str")
     return rows_read, keys, audit
+
+
+# A procedures file of at least this many bytes (a bulk load, see BULK_LOAD_BYTES) has its
+# references pseudonymised by a helper process (hmacworker.DigestWorker): the HMACs were
+# the largest single cost of the loading process (3-4 s of a 1M-row file's 9-11 s of CPU,
+# issue 10), and on two cores they run beside the reading and validating of the next
+# chunk. A small file keeps them in this process (starting a helper is not worth it).
+DIGEST_WORKER_BYTES = BULK_LOAD_BYTES
+
+
+class _ChunkDigests:
+    """One chunk's pseudonym columns, hashed by the helper while the next chunk is read."""
+
+    def __init__(self, frame: pd.DataFrame, worker: DigestWorker):
+        self.pairs = {pseudonym: distinct_pairs(frame["site_id"], frame[reference])
+                      for reference, pseudonym in _PSEUDONYMISED}
+        self.sent = worker.send([pairs[2] for pairs in self.pairs.values()])
+
+    def columns(self, worker: DigestWorker, key: bytes) -> dict[str, pd.Series]:
+        """The pseudonym columns; hashed here when the helper failed (the same digests)."""
+        digests = worker.receive() if self.sent else None
+        if digests is None or [len(d) for d in digests] != [len(p[2]) for p in
+                                                            self.pairs.values()]:
+            digests = [keyed_digest(key).hexdigests(pairs[2]) for pairs in self.pairs.values()]
+        return {name: gather_digests(pairs, values)
+                for (name, pairs), values in zip(self.pairs.items(), digests, strict=True)}
+
+
+def _first_flags(keys: list[str], seen: set[str]) -> np.ndarray | None:
+    """Which keys are first sightings (see :func:`_first_sightings`); None when all are.
+
+    The usual chunk repeats no key and shares none with earlier chunks: that is asked with
+    two set operations in C (about 0.1 us a key) instead of a Python loop (1 us a key, 1 s
+    of a 1M-row file); only a chunk with a repeated key takes the loop. ``seen`` gains
+    every key either way.
+    """
+    distinct = set(keys)
+    if len(distinct) == len(keys) and seen.isdisjoint(distinct):
+        seen |= distinct
+        return None
+    return np.fromiter(_first_sightings(keys, seen), dtype=bool, count=len(keys))
 
 
 def _first_sightings(keys: list[str], seen: set[str]) -> Iterator[bool]:
