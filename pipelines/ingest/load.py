@@ -315,16 +315,53 @@ def _binary_copy_rows(table, tables: list[sa.Table]) -> tuple[bytes | memoryview
 
 
 def _binary_body(table, kinds: list[str], pa, pc) -> memoryview | None:
-    """The binary COPY rows of a (non-empty) Arrow table, or None where not covered."""
+    """The binary COPY rows of a (non-empty) Arrow table, or None where not covered.
+
+    A row is fixed-width runs (the field count, text lengths, dates, integers, booleans)
+    between the text values. Each run is packed for every row at once in one numpy record
+    array, and the rows are one join of the runs and the text columns (a column with a
+    null date, integer or boolean is its own argument, its NULL marker shorter than a
+    value). One join instead of a join per text column and a copy per fixed-width column:
+    the same bytes (tested against the column-by-column rendering) for about 40 % less of
+    the loading process's CPU (58-60 -> 34 ms per 100,000 procedure versions, measured).
+    """
     rows = table.num_rows
-    fields = [pa.scalar(len(kinds).to_bytes(2, "big"), pa.large_binary())]
+    arguments: list = []  # the join's arguments, in row order
+    run: list[tuple[np.dtype, object]] = [(np.dtype(">i2"), len(kinds))]  # fixed-width, pending
+
+    def close_run() -> None:
+        if run:
+            record = np.empty(rows, dtype=[(f"f{i}", dtype) for i, (dtype, _) in enumerate(run)])
+            for i, (_, value) in enumerate(run):
+                record[f"f{i}"] = value
+            arguments.append(_fixed_width(record, record.dtype.itemsize, rows, pa))
+            run.clear()
+
     for column, kind in zip(table.columns, kinds, strict=True):
         values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-        field = _binary_field(values, kind, rows, pa, pc)
+        if kind == "text" and (pa.types.is_string(values.type)
+                               or pa.types.is_large_string(values.type)):
+            data = values.cast(pa.large_binary())
+            # A NULL is the length -1 and no bytes.
+            run.append((np.dtype(">i4"), pc.fill_null(pc.binary_length(data), -1)
+                        .to_numpy(zero_copy_only=False)))
+            close_run()
+            arguments.append(pc.fill_null(data, b"") if data.null_count else data)
+            continue
+        if kind != "text" and not pa.types.is_null(values.type) and not values.null_count:
+            numbers = _fixed_numbers(values, kind, pa, pc)
+            if numbers is None:
+                return None
+            dtype = np.dtype(_BINARY_DTYPES[kind])
+            run.extend([(np.dtype(">i4"), dtype.itemsize), (dtype, numbers)])
+            continue
+        field = _binary_field(values, kind, rows, pa, pc)  # nulls, or not covered (None)
         if field is None:
             return None
-        fields.append(field)
-    joined = pc.binary_join_element_wise(*fields, pa.scalar(b"", pa.large_binary()))
+        close_run()
+        arguments.append(field)
+    close_run()
+    joined = pc.binary_join_element_wise(*arguments, pa.scalar(b"", pa.large_binary()))
     offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64, count=rows + 1,
                             offset=joined.offset * 8)
     return memoryview(joined.buffers()[2])[offsets[0]:offsets[-1]]
@@ -343,22 +380,9 @@ def _binary_field(values, kind: str, rows: int, pa, pc):
         prefix = _fixed_width(lengths.astype(">i4"), 4, rows, pa)
         field = pc.binary_join_element_wise(prefix, data, pa.scalar(b"", pa.large_binary()))
         return pc.fill_null(field, null_field) if data.null_count else field
-    if kind == "bool":
-        if not pa.types.is_boolean(values.type):
-            return None
-        numbers = pc.fill_null(values, False).to_numpy(zero_copy_only=False).astype("|u1")
-    elif kind == "date":
-        if values.type != pa.date32():
-            return None
-        numbers = (pc.fill_null(values.cast(pa.int32()), 0).to_numpy(zero_copy_only=False)
-                   .astype(np.int64) - _PG_EPOCH_DAYS)
-    else:  # int2, int4
-        if not pa.types.is_integer(values.type):
-            return None
-        numbers = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
-        info = np.iinfo(np.dtype(_BINARY_DTYPES[kind]))
-        if len(numbers) and (numbers.min() < info.min or numbers.max() > info.max):
-            return None
+    numbers = _fixed_numbers(values, kind, pa, pc)
+    if numbers is None:
+        return None
     dtype = np.dtype(_BINARY_DTYPES[kind])
     width = dtype.itemsize
     record = np.empty(rows, dtype=[("length", ">i4"), ("value", dtype)])
@@ -366,6 +390,26 @@ def _binary_field(values, kind: str, rows: int, pa, pc):
     record["value"] = numbers
     field = _fixed_width(record, 4 + width, rows, pa)
     return pc.if_else(pc.is_null(values), null_field, field) if values.null_count else field
+
+
+def _fixed_numbers(values, kind: str, pa, pc) -> np.ndarray | None:
+    """A date, integer or boolean column's values as numbers (nulls as 0), or None if not covered."""
+    if kind == "bool":
+        if not pa.types.is_boolean(values.type):
+            return None
+        return pc.fill_null(values, False).to_numpy(zero_copy_only=False).astype("|u1")
+    if kind == "date":
+        if values.type != pa.date32():
+            return None
+        return (pc.fill_null(values.cast(pa.int32()), 0).to_numpy(zero_copy_only=False)
+                .astype(np.int64) - _PG_EPOCH_DAYS)
+    if not pa.types.is_integer(values.type):  # int2, int4
+        return None
+    numbers = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
+    info = np.iinfo(np.dtype(_BINARY_DTYPES[kind]))
+    if len(numbers) and (numbers.min() < info.min or numbers.max() > info.max):
+        return None
+    return numbers
 
 
 def _fixed_width(array: np.ndarray, width: int, rows: int, pa):
