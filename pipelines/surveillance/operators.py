@@ -219,7 +219,8 @@ def within_site(known: pd.DataFrame, learning_procedures: int) -> WithinSite:
                            minlength=n_groups)
     # the events of every cell in (cell, date) order, then each shared pair's run of them
     event_rows = np.flatnonzero(y == 1)
-    event_rows = event_rows[np.lexsort((day[event_rows], cell[event_rows]))]
+    # (ties on a day in the units' own order, as the site's cases came)
+    event_rows = event_rows[np.lexsort((order[event_rows], day[event_rows], cell[event_rows]))]
     event_start = np.concatenate(([0], np.cumsum(np.bincount(cell[event_rows],
                                                              minlength=n_cells))))
     taken = np.flatnonzero(shared & (cell_events[pair_cell] > 0))
