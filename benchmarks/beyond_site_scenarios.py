@@ -200,7 +200,7 @@ def _print_operator_sites(profile, design, seed: int) -> None:
     rate = rate_per_unit_year(profile, profile.metric(design.cusum_metric))
     # (a) a learner joining a site of SITE_OPERATORS - 1 established colleagues after a year
     before, after = [], []
-    learner = "L-2".ljust(64, "0")
+    learner = f"L-{SITE_OPERATORS - 1}".ljust(64, "0")
     for _ in range(LEARNER_SITES):
         spans = [(0, 730)] * (SITE_OPERATORS - 1) + [(365, 730)]
         units = _operator_site(rng, "L", p0, spans, lambda i, rank, day: np.where(
