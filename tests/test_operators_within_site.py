@@ -16,7 +16,11 @@ import pytest
 
 from pipelines.settings import REPO_DIR
 from pipelines.surveillance.beyond import parse_beyond_site
-from pipelines.surveillance.operators import operator_charts, operator_pseudonym
+from pipelines.surveillance.operators import (
+    operator_charts,
+    operator_pseudonym,
+    operator_rare_tests,
+)
 from pipelines.surveillance.profile import load_profile
 
 RISK = 0.1
@@ -68,3 +72,18 @@ def test_a_lone_operator_at_a_site_has_no_evidence():
     assert (lone["statistic"], lone["threshold"], lone["signals"]) == (0.0, None, 0)
     assert lone["signal_date"] is None
     assert rows[operator_pseudonym("a" * 64)]["threshold"] is not None
+
+
+def test_the_major_event_test_compares_with_colleagues_too():
+    """Major events (risk 0.004): every fifth case at the drifting site, every other case for
+    the lone operator. The test against the network's expected count signalled a, b, c, z, p."""
+    profile = load_profile(REPO_DIR / "profiles" / "htg108.yaml")
+    design = parse_beyond_site(profile).operators
+    units = pd.concat([_site("S1", {"a": 5, "b": 5, "c": 5}), _site("S2", {"z": 2}),
+                       _site("S3", {"p": 2, "q": 40, "r": 40})], ignore_index=True)
+    units["risk"] = 0.004
+    rows = {r["operator"]: r for r in operator_rare_tests(units, profile, design, DAYS - 1)}
+    signalled = {name for name in "abczpqr" if rows[operator_pseudonym(name * 64)]["signals"]}
+    assert signalled == {"p"}  # a bad operator among good ones still signals
+    lone = rows[operator_pseudonym("z" * 64)]
+    assert (lone["procedures"], lone["events"], lone["statistic"]) == (0, 0, 1.0)

@@ -54,7 +54,6 @@ from pipelines.surveillance.budget import rare_alpha, significant
 from pipelines.surveillance.cusum import cusum_weights
 from pipelines.surveillance.outcomes import day_to_date
 from pipelines.surveillance.profile import Profile
-from pipelines.surveillance.rare import poisson_upper_pvalue
 
 PSEUDONYM_PREFIX = "OP-"
 PSEUDONYM_DIGITS = 10
@@ -374,7 +373,17 @@ def _fir_by_position(weights: np.ndarray, limits: np.ndarray, bounds: np.ndarray
 
 def operator_rare_tests(units: pd.DataFrame, profile: Profile, design: OperatorDesign,
                         as_of_day: int) -> list[dict]:
-    """Exact Poisson test of each operator's major events in the last 365 days."""
+    """Exact conditional test of each operator's major events in the last 365 days.
+
+    Against the other operators of the same site, as products are
+    (:func:`pipelines.surveillance.devices.conditional_rare_pvalue`, four strata of about a
+    quarter): given a stratum's events, the operator's count is Binomial(n, pi). A site's
+    level and drift cancel; an operator without a colleague in any stratum has no evidence
+    (p = 1). ``procedures`` counts the operator's cases in strata shared with a colleague.
+    """
+    # devices imports this module (ROLLING_DAYS): imported here, not at the top
+    from pipelines.surveillance.devices import RARE_STRATA, conditional_rare_pvalue
+
     if design.rare_metric is None:
         return []
     metric = profile.metric(design.rare_metric)
@@ -386,19 +395,27 @@ def operator_rare_tests(units: pd.DataFrame, profile: Profile, design: OperatorD
     day = known["index_day"].to_numpy(np.int64)[order]
     y = known["y"].to_numpy(np.int64)[order]
     risk = known["risk"].to_numpy(float)[order]
+    # a site's groups are adjacent (keys in site order): the row span of each group's site
+    site_code, _ = pd.factorize(keys.get_level_values(0))
+    site_start = np.searchsorted(site_code, site_code, "left")
+    site_end = np.searchsorted(site_code, site_code, "right")
     recent = day > as_of_day - ROLLING_DAYS
+    stratum = np.minimum((as_of_day - day) * RARE_STRATA // ROLLING_DAYS, RARE_STRATA - 1)
     rows = []
     for g, (site_id, operator_hash) in enumerate(keys):
         a, e = int(bounds[g]), int(bounds[g + 1])
-        mine = recent[a:e]
-        # sums over each operator's own slice, as before: the same float additions
-        events = int(y[a:e][mine].sum())
-        expected = float(risk[a:e][mine].sum())
-        p_value = float(poisson_upper_pvalue(events, expected)) if events else 1.0
+        lo, hi = int(bounds[site_start[g]]), int(bounds[site_end[g]])
+        theirs = np.r_[lo:a, e:hi]
+        events, expected, p_value = conditional_rare_pvalue(
+            day[a:e], y[a:e], risk[a:e], day[theirs], y[theirs], risk[theirs], as_of_day)
+        # the operator's recent cases in strata where a colleague has cases too
+        seen = theirs[recent[theirs]]
+        covered = np.bincount(stratum[seen], weights=risk[seen], minlength=RARE_STRATA) > 0
+        shared = recent[a:e] & covered[stratum[a:e]]
         signalled = events > 0 and p_value <= alpha
         rows.append({
             "site_id": str(site_id), "operator": operator_pseudonym(str(operator_hash)),
-            "metric": metric.id, "method": "rare", "procedures": int(mine.sum()),
+            "metric": metric.id, "method": "rare", "procedures": int(shared.sum()),
             "events": events, "expected": expected, "statistic": p_value, "threshold": alpha,
             "head_start": None,
             "signal_date": day_to_date(as_of_day) if signalled else None,
