@@ -9,15 +9,21 @@ their first procedure in the warehouse.
 
 What
 ----
-* Cement leak (``beyond_site.operators.cusum_metric``): the Steiner risk-adjusted CUSUM
-  (:func:`pipelines.surveillance.cusum.cusum_weights`) against the network's case-mix expected
-  risk (a model fitted on every operator, calibrated to the network's observed rate: an
-  operator like their peers is in control), alternative odds ratio ``odds_ratio`` (3), with a
-  fast initial response (FIR, Lucas & Crosier 1982): a new operator's chart starts, and every
-  chart restarts after a signal, at ``head_start x h`` so that early excess is seen within a
-  few cases.
-* Major events (``rare_metric``): too rare for a CUSUM per operator; the rolling 365-day
-  exact Poisson test of the site's rare chart, on the operator's own cases.
+* Cement leak (``beyond_site.operators.cusum_metric``): each operator against *the other
+  operators of the same site in the same 91-day quarter* (a cell), as products are compared
+  (:mod:`pipelines.surveillance.devices`). Given a cell's events, each is the operator's with
+  probability ``pi = E / (E + F)`` under the null (case-mix expected counts of the network
+  model), so the site's level and a site-wide drift cancel: a site's drift is its own chart's
+  alarm, not a training review for its operators. The chart is the Steiner risk-adjusted
+  CUSUM (:func:`pipelines.surveillance.cusum.cusum_weights`) over the shared cells' events in
+  date order (``y`` 1 for the operator's, risk ``pi``), alternative odds ratio
+  ``odds_ratio`` (3), with a fast initial response (FIR, Lucas & Crosier 1982): a new
+  operator's chart starts, and every chart restarts after a signal, at ``head_start x h``.
+  An operator alone at their site has no comparator and so no evidence (no threshold, no
+  signal); the site's charts cover their cases.
+* Major events (``rare_metric``): too rare for a CUSUM per operator; the exact conditional
+  test of the operator's last 365 days against their colleagues at the site
+  (:func:`pipelines.surveillance.devices.conditional_rare_pvalue`).
 
 Thresholds are not tuned: an operator chart may spend ``r = safety_per_100_site_years / 100 x
 alarm.share`` false training-review alerts per operator-year (the same share as the site chart
@@ -26,7 +32,8 @@ risk is in training, so a *new* operator (:func:`new_operators`: began after the
 did) has ``learning_share`` of that spent on their first ``learning_procedures`` cases
 (threshold h1) and the rest on the remaining years (h2); an operator already practising at
 first sync has one h at ``r`` a year (:func:`pipelines.surveillance.beyond.operator_thresholds`,
-Markov chain at the network's mean risk). docs/statistics.md section 9.
+Markov chain at the chart's mean share ``pi``, in charted events: :func:`chart_thresholds`).
+docs/statistics.md section 9.
 
 Pseudonyms
 ----------
