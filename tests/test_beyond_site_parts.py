@@ -254,13 +254,14 @@ def test_operator_charts_give_a_new_operator_the_learning_phase_and_not_an_estab
     established, new = rows["OP-" + "a" * 10], rows["OP-" + "b" * 10]
     share_b = 5 / 96  # b's share of the quarter's case-mix risk (a 91 cases, b 5)
     # b's learning phase is designed as 30 x (4 charted events / 5 shared procedures) steps
-    h1 = operator_thresholds(0.052, replace(design, learning_procedures=24),
-                             operator_volume(4, 300, 364), rate, new=True).learning
+    # (the share on its 0.05 grid; volume over the time to the latest charted event, day 320)
+    h1 = operator_thresholds(0.05, replace(design, learning_procedures=24),
+                             operator_volume(4, 300, 320), rate, new=True).learning
     assert new["threshold"] == h1  # 5 cases: still in the learning phase
     # the new chart starts at the head start and loses ln(1 + 2 pi) per event of a's
     assert new["statistic"] == pytest.approx(0.5 * h1 - 4 * np.log1p(2 * share_b))
     assert established["threshold"] == operator_thresholds(
-        0.95, design, operator_volume(4, 0, 364), rate, new=False).steady
+        0.95, design, operator_volume(4, 0, 320), rate, new=False).steady
     # an established chart starts at 0; a's four events gain ln(3 / (1 + 2 pi)) each
     assert established["statistic"] == pytest.approx(4 * np.log(3 / (1 + 2 * 91 / 96)))
     assert (new["procedures"], established["procedures"]) == (5, 91)  # the shared quarter

@@ -150,10 +150,10 @@ def _ref_operator_charts(units, profile, design, as_of_day):
         if ys:
             new = bool(is_new.loc[(site_id, operator_hash)])
             steps = max(1, round(design.learning_procedures * len(ys) / procedures))
+            p0 = significant(min(max(round(float(np.mean(shares)) / 0.05) * 0.05, 0.05), 0.95), 2)
             thresholds = operator_thresholds(
-                significant(float(np.mean(shares)), 2),
-                replace(design, learning_procedures=steps),
-                operator_volume(len(ys), int(own[0]), as_of_day), rate, new=new)
+                p0, replace(design, learning_procedures=steps),
+                operator_volume(len(ys), int(own[0]), int(days[-1])), rate, new=new)
             nth = own[design.learning_procedures - 1] if len(own) >= design.learning_procedures \
                 else np.inf
             h = np.array([thresholds.learning if new and d <= nth else thresholds.steady
