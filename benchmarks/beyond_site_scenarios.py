@@ -2,7 +2,9 @@
 
 Called by ``bench_detection.py``; prints PASS or MISS against the issue's targets:
 
-1. a new operator whose cement-leak odds ratio is 3 for their first 30 procedures is alarmed
+1. (the chart against the network, replaced in the engine by the within-site chart of
+   scenario 7, whose thresholds come from the same chain) a new operator whose cement-leak
+   odds ratio is 3 for their first 30 procedures is alarmed
    within a median of 25 procedures (the engine's FIR risk-adjusted CUSUM, ``fir_cusum``, at
    the learning-phase and steady thresholds the engine derives for a new operator at
    ``OPERATOR_VOLUME``), printed with the best median any chart could reach at the same
@@ -11,7 +13,8 @@ Called by ``bench_detection.py``; prints PASS or MISS against the issue's target
 2. a cement lot with a leak odds ratio of 4, used at 5 sites, is found before the lot's
    60th procedure (the engine's exact lot test, ``lot_tests``, evaluated as the lot's
    procedures arrive, with the Bonferroni alpha of a network testing ``LOTS_TESTED`` lots);
-3. false training-review alerts of in-control operators stay within the budget per
+3. (the chart against the network, as 1) false training-review alerts of in-control
+   operators stay within the budget per
    operator-year (the cement-leak CUSUM's share: 3 per 100 x 0.45 = 0.0135), over at least
    20,000 operator-years: new operators with exponential tenures (a constant leaving
    hazard) of the profile's median ``tenure_years``; the same with every tenure exactly
@@ -43,6 +46,17 @@ Called by ``bench_detection.py``; prints PASS or MISS against the issue's target
    are multiplied by ``DRIFT_OR`` from the start of the second year (the demo's S003);
    every device alert is false. Counted as in scenario 4 (leak CUSUM, every signal over
    three years); target the same budget per product-year.
+
+7. operators within sites (:func:`_print_operator_sites`; ``KW_OPERATOR_SCALE`` < 1 shrinks
+   it): the engine's ``operator_charts`` (each operator against their colleagues at the
+   site) beside the chart it replaced (each operator against the network's expected risk,
+   :func:`_network_signals`), on the same synthetic sites of ``SITE_OPERATORS`` operators at
+   ``OPERATOR_VOLUME`` a year (as the simulator: a site's volume over 60 is its operators):
+   (a) a new operator joining after a year, leak OR 3 for their first 30 procedures --
+   procedure of the first signal (charts as of a year after they joined); (b) in control,
+   the new operator staying ``tenure_years`` and the established ones -- false training
+   reviews per operator-year; (c) every operator of one site in ``SITES_PER_DRIFT`` at leak
+   OR ``DRIFT_OR`` from year 2, no operator effect -- every training review is false.
 
 Case mix (scenarios 1-3): expected risks are drawn logit-normal around the guidance's pooled leak rate
 (38/360) with a standard deviation of 0.5 on the logit scale (about the spread of the
@@ -82,7 +96,14 @@ from pipelines.surveillance.devices import (
     lot_tests,
     product_charts,
 )
-from pipelines.surveillance.operators import fir_cusum
+from pipelines.surveillance.operators import (
+    chart_thresholds,
+    fir_cusum,
+    new_operators,
+    operator_charts,
+    operator_volume,
+    within_site,
+)
 from pipelines.surveillance.outcomes import derive_outcomes
 from pipelines.surveillance.profile import load_profile
 from pipelines.surveillance.rare import poisson_upper_pvalue
@@ -109,6 +130,156 @@ EFFECT_DRAWS = max(2, int(20 * float(os.environ.get("KW_DEVICE_SCALE", "1"))))
 # Scenario 6: one drifting site in a small network (the demo has 5 sites)
 DRIFT_SITES, DRIFT_OR = 8, 2.5
 DRIFT_DRAWS = max(2, int(40 * float(os.environ.get("KW_DEVICE_SCALE", "1"))))
+
+
+# Scenario 7: operators within sites
+SITE_OPERATORS = int(os.environ.get("KW_SITE_OPERATORS", "3"))
+SITES_PER_DRIFT = 8
+OPERATOR_SCALE = float(os.environ.get("KW_OPERATOR_SCALE", "1"))
+OPERATOR_SITES = max(10, int(400 * OPERATOR_SCALE))  # in-control sites, 6 years each
+LEARNER_SITES = max(20, int(1000 * OPERATOR_SCALE))
+
+
+def _operator_site(rng, site: str, p0: float, spans: list[tuple[int, int]], odds) -> pd.DataFrame:
+    """Cases of one site: operator ``i`` works days ``spans[i]`` at OPERATOR_VOLUME a year.
+
+    ``odds(operator, rank, day)`` multiplies a case's odds (rank: the operator's 1, 2, ...).
+    """
+    frames = []
+    for index, (first, last) in enumerate(spans):
+        n = rng.poisson(OPERATOR_VOLUME * (last - first) / 365.25)
+        day = np.sort(rng.integers(first, last, n))
+        risk = _risks(rng, p0, n)
+        ratio = odds(index, np.arange(1, n + 1), day)
+        true_odds = risk / (1 - risk) * ratio
+        frames.append(pd.DataFrame({
+            "site_id": site, "operator_hash": f"{site}-{index}".ljust(64, "0"),
+            "index_day": day, "y": (rng.random(n) < true_odds / (1 + true_odds)).astype(np.int64),
+            "risk": risk}))
+    return pd.concat(frames, ignore_index=True).sort_values("index_day", kind="stable")
+
+
+def _network_signals(units: pd.DataFrame, profile, design, as_of_day: int) -> dict[str, list]:
+    """Signalling case positions per operator of the replaced chart (the network's risk)."""
+    metric = profile.metric(design.cusum_metric)
+    rate = rate_per_unit_year(profile, metric)
+    mean_risk = float(units["risk"].mean())
+    is_new = new_operators(units, design.established_within_days)
+    out = {}
+    for (site, operator), cases in units.groupby(["site_id", "operator_hash"], sort=True):
+        day = cases["index_day"].to_numpy(np.int64)
+        thresholds = operator_thresholds(mean_risk, design, operator_volume(
+            len(cases), int(day[0]), as_of_day), rate, new=bool(is_new.loc[(site, operator)]))
+        out[operator] = fir_cusum(cases["y"].to_numpy(), cases["risk"].to_numpy(),
+                                  design.odds_ratio, thresholds.per_case(len(cases)),
+                                  design.head_start, start=thresholds.start).signals.tolist()
+    return out
+
+
+def _within_first_signal(units: pd.DataFrame, profile, design, operator: str,
+                         as_of_day: int) -> tuple[float, float]:
+    """Return the operator's procedure count at their first within-site signal (inf: none)
+    and the log-likelihood ratio of their learning phase's charted events."""
+    rate = rate_per_unit_year(profile, profile.metric(design.cusum_metric))
+    cells = within_site(units, design.learning_procedures)
+    g = cells.keys.get_loc((units["site_id"].iloc[0], operator))
+    a, e = int(cells.bounds[g]), int(cells.bounds[g + 1])
+    if e == a:
+        return math.inf, 0.0
+    new = bool(new_operators(units, design.established_within_days).loc[
+        (units["site_id"].iloc[0], operator)])
+    limits, start = chart_thresholds(design, rate, cells.share[a:e], cells.day[a:e],
+                                     int(cells.procedures[g]), int(cells.first_day[g]),
+                                     int(cells.nth_day[g]), as_of_day, new)
+    path = fir_cusum(cells.y[a:e], cells.share[a:e], design.odds_ratio, limits,
+                     design.head_start, start=start / limits[0])
+    # the log-likelihood ratio of the learning phase's events (Steiner weights are exactly
+    # it for a conditional step), for the Neyman-Pearson bound
+    learning = cells.day[a:e] <= cells.nth_day[g]
+    llr = float(cusum_weights(cells.y[a:e][learning], cells.share[a:e][learning],
+                              LEARNING_OR).sum())
+    if not len(path.signals):
+        return math.inf, llr
+    return float(np.searchsorted(cells.own_days[g], cells.day[a + int(path.signals[0])],
+                                 "right")), llr
+
+
+def _bound_within(llr: np.ndarray, alpha: float) -> float:
+    """Return the largest power by the N-th procedure any test of size ``alpha`` can have.
+
+    The likelihood-ratio test on the learning phase's events (Neyman-Pearson), its size
+    estimated under H1 by importance sampling, ``E1[exp(-S); S >= m]``, as
+    :func:`_best_median`: a chart spending ``alpha`` in the learning phase signals by the
+    N-th procedure with at most this probability.
+    """
+    for m in np.sort(llr):
+        if float(np.mean(np.exp(-llr) * (llr >= m))) <= alpha:
+            return float(np.mean(llr >= m))
+    return 0.0
+
+
+def _print_operator_sites(profile, design, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    p0 = profile.metric(design.cusum_metric).baseline.rate
+    rate = rate_per_unit_year(profile, profile.metric(design.cusum_metric))
+    # (a) a learner joining a site of SITE_OPERATORS - 1 established colleagues after a year
+    before, after, llrs = [], [], []
+    learner = f"L-{SITE_OPERATORS - 1}".ljust(64, "0")
+    for _ in range(LEARNER_SITES):
+        spans = [(0, 730)] * (SITE_OPERATORS - 1) + [(365, 730)]
+        units = _operator_site(rng, "L", p0, spans, lambda i, rank, day: np.where(
+            (i == SITE_OPERATORS - 1) & (rank <= LEARNING_CASES), LEARNING_OR, 1.0))
+        signals = _network_signals(units, profile, design, 729)[learner]
+        before.append(signals[0] + 1 if signals else math.inf)
+        found, llr = _within_first_signal(units, profile, design, learner, 729)
+        after.append(found)
+        llrs.append(llr)
+    before, after = np.asarray(before), np.asarray(after)
+    bound = _bound_within(np.asarray(llrs), learning_budget(design, rate))
+    print(f"  operators within sites: new operator (leak OR {LEARNING_OR:g} for the first "
+          f"{LEARNING_CASES}) joining {SITE_OPERATORS - 1} colleagues, {LEARNER_SITES} sites: "
+          f"median first signal at procedure {np.median(before):g} against the network "
+          f"({np.mean(before <= LEARNING_CASES):.0%} within {LEARNING_CASES}), "
+          f"{np.median(after):g} within the site ({np.mean(after <= LEARNING_CASES):.0%}, "
+          f"{np.mean(after <= 60):.0%} within 60, {np.mean(np.isfinite(after)):.0%} in the "
+          f"year; "
+          f"target <= {TARGET_MEDIAN}) {'PASS' if np.median(after) <= TARGET_MEDIAN else 'MISS'}"
+          f"; the best any test of the learning budget could reach within the site by "
+          f"procedure {LEARNING_CASES} (Neyman-Pearson): {bound:.0%}")
+    # (b) in control and (c) one drifting site in SITES_PER_DRIFT
+    tenure_days = int(design.tenure_years * 365.25)
+    for label, drift in (("in control", False), ("one site drifting", True)):
+        counts = {"network": [0, 0], "within": [0, 0]}  # new, established signals
+        years = [0.0, 0.0]
+        sites = OPERATOR_SITES if not drift else max(SITES_PER_DRIFT, OPERATOR_SITES // 4)
+        frames = []
+        for site in range(sites):
+            drifting = drift and site % SITES_PER_DRIFT == 0
+            end = 365 + tenure_days
+            spans = [(0, end)] * (SITE_OPERATORS - 1) + [(365, end)]
+            frames.append(_operator_site(rng, f"S{site:04d}", p0, spans, (
+                lambda i, rank, day: np.where(day >= 365, DRIFT_OR, 1.0)) if drifting else (
+                lambda i, rank, day: np.ones(len(rank)))))
+            years[0] += tenure_days / 365.25
+            years[1] += (SITE_OPERATORS - 1) * end / 365.25
+        units = pd.concat(frames, ignore_index=True)
+        as_of = 365 + tenure_days - 1
+        newcomer = units["operator_hash"].str.startswith(tuple(
+            f"S{s:04d}-{SITE_OPERATORS - 1}" for s in range(sites)))
+        for operator, signals in _network_signals(units, profile, design, as_of).items():
+            counts["network"][0 if operator.split("-")[1][0] == str(SITE_OPERATORS - 1)
+                              else 1] += len(signals)
+        for row in operator_charts(units, profile, design, as_of):
+            index = 0 if row["operator"][3:].split("-")[-1].startswith(
+                str(SITE_OPERATORS - 1)) else 1
+            counts["within"][index] += row["signals"]
+        assert newcomer.any()
+        print(f"  operators within sites, {label} ({sites} sites of {SITE_OPERATORS}; "
+              f"{years[0]:,.0f} new and {years[1]:,.0f} established operator-years): false "
+              f"training reviews per operator-year, new / established: network "
+              f"{counts['network'][0] / years[0]:.4f} / {counts['network'][1] / years[1]:.4f}, "
+              f"within the site {counts['within'][0] / years[0]:.4f} / "
+              f"{counts['within'][1] / years[1]:.4f} (budget {rate:.4f})")
 
 
 def _risks(rng: np.random.Generator, p: float, n) -> np.ndarray:
@@ -417,6 +588,10 @@ def main() -> int:
     rate = rate_per_unit_year(profile, metric)
     alpha = learning_budget(ops, rate)
     print("\noperators and cement lots (issue 12)")
+    if os.environ.get("KW_OPERATORS_ONLY"):  # scenario 7 alone (developing)
+        _print_operator_sites(profile, ops, SEED + 5)
+        print(f"  runtime {time.perf_counter() - started:.1f} s")
+        return 0
     thresholds, median, within = _learning_curve(profile, ops, rng)
     verdict = "PASS" if median <= TARGET_MEDIAN else "MISS"
     best = _best_median(metric.baseline.rate, alpha, rng)
@@ -461,6 +636,7 @@ def main() -> int:
     print(f"  cement lot, leak OR {LOT_OR:g} at {LOT_SITES} sites (alpha {alpha_lot:.1e} per "
           f"lot, {LOTS_TESTED} lots tested): median found at the lot's procedure "
           f"{median_lot:.0f} (target < {LOT_TARGET}) {verdict}")
+    _print_operator_sites(profile, ops, SEED + 5)
     _print_device_false_alarms(profile, beyond.devices)
     _print_site_and_product_scenarios(profile, beyond.devices)
     print(f"  runtime {time.perf_counter() - started:.1f} s")

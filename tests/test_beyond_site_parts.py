@@ -235,26 +235,36 @@ def test_clinical_leads_setting_maps_sites_and_rejects_a_bad_pair():
 
 
 def test_operator_charts_give_a_new_operator_the_learning_phase_and_not_an_established_one():
-    from pipelines.surveillance.operators import operator_charts
+    from dataclasses import replace
+
+    from pipelines.surveillance.operators import operator_charts, operator_volume
 
     profile = load_profile(REPO_DIR / "profiles" / "htg108.yaml")
     design, rate = _operator_design()
     p = 0.1
-    units = pd.DataFrame({  # "a" practises from the site's first day; "b" begins on day 300
-        "site_id": ["S1"] * 105, "operator_hash": ["a" * 64] * 100 + ["b" * 64] * 5,
-        "index_day": list(range(100)) + list(range(300, 305)), "y": [0] * 105, "risk": p,
-    })
+    # "a" practises every day from the site's first; "b" begins on day 300 (5 cases, no
+    # event). They share the quarter of days 273-363 (day 364 begins the next), where all 4 events are a's.
+    events = {280, 290, 310, 320}
+    units = pd.DataFrame({
+        "site_id": "S1", "operator_hash": ["a" * 64] * 365 + ["b" * 64] * 5,
+        "index_day": list(range(365)) + list(range(300, 305)),
+        "y": [int(d in events) for d in range(365)] + [0] * 5, "risk": p,
+    }).sort_values("index_day", kind="stable")
     rows = {r["operator"]: r for r in operator_charts(units, profile, design, as_of_day=364)}
     established, new = rows["OP-" + "a" * 10], rows["OP-" + "b" * 10]
-    volume = 100 / (365 / 365.25)  # "a": 100 cases in 365 days
-    assert established["threshold"] == operator_thresholds(p, design, volume, rate,
-                                                           new=False).steady
-    h1 = operator_thresholds(p, design, 5, rate, new=True).learning
+    share_b = 5 / 96  # b's share of the quarter's case-mix risk (a 91 cases, b 5)
+    # b's learning phase is designed as 30 x (4 charted events / 5 shared procedures) steps
+    # (the share on its 0.05 grid; volume over the time to the latest charted event, day 320)
+    h1 = operator_thresholds(0.05, replace(design, learning_procedures=24),
+                             operator_volume(4, 300, 320), rate, new=True).learning
     assert new["threshold"] == h1  # 5 cases: still in the learning phase
-    # the new chart starts at the head start and loses ln(1 + 2p) per event-free case
-    assert new["statistic"] == pytest.approx(0.5 * h1 - 5 * np.log1p(2 * p))
-    assert new["statistic"] > 0
-    assert established["statistic"] == 0.0  # an established chart starts at 0
+    # the new chart starts at the head start and loses ln(1 + 2 pi) per event of a's
+    assert new["statistic"] == pytest.approx(0.5 * h1 - 4 * np.log1p(2 * share_b))
+    assert established["threshold"] == operator_thresholds(
+        0.95, design, operator_volume(4, 0, 320), rate, new=False).steady
+    # an established chart starts at 0; a's four events gain ln(3 / (1 + 2 pi)) each
+    assert established["statistic"] == pytest.approx(4 * np.log(3 / (1 + 2 * 91 / 96)))
+    assert (new["procedures"], established["procedures"]) == (5, 91)  # the shared quarter
     assert new["signals"] == established["signals"] == 0
 
 

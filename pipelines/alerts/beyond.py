@@ -58,13 +58,15 @@ def _operator_conditions(conn: sa.Connection, settings: Settings, profile: Profi
     conditions = []
     for row, signal in _recent(rows, as_of, profile.design.hold_days):
         metric = profile.metric(row["metric"])
-        how = ("learning-curve CUSUM with head start" if row["method"] == "fir_cusum"
-               else "exact test, last 365 days")
+        how = ("learning-curve CUSUM with head start, against the other operators at the site"
+               if row["method"] == "fir_cusum"
+               else "exact test against the other operators at the site, last 365 days")
         lines = [
             ("Site", row["site_id"]), ("Operator (pseudonym)", row["operator"]),
             ("Metric", metric.label), ("Method", how),
-            ("Procedures charted", row["procedures"]),
-            ("Events / expected", f"{row['events']} / {_fmt(row['expected'], 1)}"),
+            ("Procedures compared (quarters shared with a colleague)", row["procedures"]),
+            ("Events / expected from the colleagues at the site",
+             f"{row['events']} / {_fmt(row['expected'], 1)}"),
             ("Signal date", signal.isoformat()),
         ]
         if row["signal_procedure"]:
@@ -79,7 +81,7 @@ def _operator_conditions(conn: sa.Connection, settings: Settings, profile: Profi
                        f"{row['metric']}",
             legacy_key=f"training:{row['site_id']}:{row['operator']}:{row['metric']}",
             title=f"Training review at {row['site_id']}: operator {row['operator']}, "
-                  f"{metric.label.lower()} above peers",
+                  f"{metric.label.lower()} above colleagues at the site",
             payload={"type": "operator_signal", "site_id": row["site_id"],
                      "operator": row["operator"], "metric": row["metric"],
                      "method": row["method"], "signal_date": signal.isoformat(),

@@ -365,7 +365,11 @@ def steady_rate(design: OperatorDesign, rate: float, volume_per_year: float) -> 
 
 def operator_thresholds(p0: float, design: OperatorDesign, volume_per_year: float,
                         rate: float, *, new: bool) -> OperatorThresholds:
-    """Return the thresholds of one operator chart (Markov chain at the network's mean risk).
+    """Return the thresholds of one operator chart (Markov chain at in-control risk ``p0``).
+
+    ``p0`` is the chart's in-control probability per step: for the within-site chart
+    (:func:`pipelines.surveillance.operators.chart_thresholds`) the mean share ``pi`` of its
+    events, with volume and ``learning_procedures`` counted in charted events.
 
     A new operator: h1 spends :func:`learning_budget` in expected false signals over the
     first ``learning_procedures`` cases from the head start; h2 (at least h1) has an

@@ -9,15 +9,21 @@ their first procedure in the warehouse.
 
 What
 ----
-* Cement leak (``beyond_site.operators.cusum_metric``): the Steiner risk-adjusted CUSUM
-  (:func:`pipelines.surveillance.cusum.cusum_weights`) against the network's case-mix expected
-  risk (a model fitted on every operator, calibrated to the network's observed rate: an
-  operator like their peers is in control), alternative odds ratio ``odds_ratio`` (3), with a
-  fast initial response (FIR, Lucas & Crosier 1982): a new operator's chart starts, and every
-  chart restarts after a signal, at ``head_start x h`` so that early excess is seen within a
-  few cases.
-* Major events (``rare_metric``): too rare for a CUSUM per operator; the rolling 365-day
-  exact Poisson test of the site's rare chart, on the operator's own cases.
+* Cement leak (``beyond_site.operators.cusum_metric``): each operator against *the other
+  operators of the same site in the same 91-day quarter* (a cell), as products are compared
+  (:mod:`pipelines.surveillance.devices`). Given a cell's events, each is the operator's with
+  probability ``pi = E / (E + F)`` under the null (case-mix expected counts of the network
+  model), so the site's level and a site-wide drift cancel: a site's drift is its own chart's
+  alarm, not a training review for its operators. The chart is the Steiner risk-adjusted
+  CUSUM (:func:`pipelines.surveillance.cusum.cusum_weights`) over the shared cells' events in
+  date order (``y`` 1 for the operator's, risk ``pi``), alternative odds ratio
+  ``odds_ratio`` (3), with a fast initial response (FIR, Lucas & Crosier 1982): a new
+  operator's chart starts, and every chart restarts after a signal, at ``head_start x h``.
+  An operator alone at their site has no comparator and so no evidence (no threshold, no
+  signal); the site's charts cover their cases.
+* Major events (``rare_metric``): too rare for a CUSUM per operator; the exact conditional
+  test of the operator's last 365 days against their colleagues at the site
+  (:func:`pipelines.surveillance.devices.conditional_rare_pvalue`).
 
 Thresholds are not tuned: an operator chart may spend ``r = safety_per_100_site_years / 100 x
 alarm.share`` false training-review alerts per operator-year (the same share as the site chart
@@ -26,7 +32,8 @@ risk is in training, so a *new* operator (:func:`new_operators`: began after the
 did) has ``learning_share`` of that spent on their first ``learning_procedures`` cases
 (threshold h1) and the rest on the remaining years (h2); an operator already practising at
 first sync has one h at ``r`` a year (:func:`pipelines.surveillance.beyond.operator_thresholds`,
-Markov chain at the network's mean risk). docs/statistics.md section 9.
+Markov chain at the chart's mean share ``pi``, in charted events: :func:`chart_thresholds`).
+docs/statistics.md section 9.
 
 Pseudonyms
 ----------
@@ -38,24 +45,22 @@ material); nothing in the warehouse holds a raw reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from pipelines.surveillance.beyond import (
     OperatorDesign,
-    OperatorThresholds,
     finite,
     operator_thresholds,
     rate_per_unit_year,
     rounded_volume,
 )
-from pipelines.surveillance.budget import rare_alpha
+from pipelines.surveillance.budget import rare_alpha, significant
 from pipelines.surveillance.cusum import cusum_weights
 from pipelines.surveillance.outcomes import day_to_date
 from pipelines.surveillance.profile import Profile
-from pipelines.surveillance.rare import poisson_upper_pvalue
 
 PSEUDONYM_PREFIX = "OP-"
 PSEUDONYM_DIGITS = 10
@@ -65,6 +70,9 @@ ROLLING_DAYS = 365
 # and so lowers h: more false reviews than the design says, in the year a new operator
 # leaves the learning phase. A quarter keeps the estimate from a few days' cases in bounds.
 MIN_VOLUME_YEARS = 0.25
+# Operators are compared within a site and one of these periods (as products: devices.py)
+QUARTER_DAYS = 91
+SHARE_STEP = 0.05  # the grid of the within-site chart's in-control share (chart_thresholds)
 
 
 def operator_pseudonym(operator_hash: str) -> str:
@@ -155,61 +163,186 @@ def _operator_groups(known: pd.DataFrame) -> tuple[pd.MultiIndex, np.ndarray, np
     return grouped.size().index, order, bounds
 
 
+@dataclass(frozen=True)
+class WithinSite:
+    """Every operator's within-site evidence: the events of the cells they share.
+
+    Group ``g`` (``keys[g]``: site, operator) charts ``y[bounds[g]:bounds[g + 1]]`` (1: the
+    event is the operator's) at null probability ``share`` (the operator's share of the
+    cell's case-mix risk), events in date order at ``day``. ``procedures``, ``events`` and
+    ``expected`` count the shared cells only; ``first_day`` and ``nth_day`` are the day of
+    the operator's first and ``learning_procedures``-th procedure (at any cell; -1: fewer).
+    """
+
+    keys: pd.MultiIndex
+    bounds: np.ndarray
+    day: np.ndarray
+    y: np.ndarray
+    share: np.ndarray
+    procedures: np.ndarray
+    events: np.ndarray
+    expected: np.ndarray
+    first_day: np.ndarray
+    nth_day: np.ndarray
+    own_days: list[np.ndarray]  # each operator's procedure days (signal_procedure)
+
+
+def within_site(known: pd.DataFrame, learning_procedures: int) -> WithinSite:
+    """Return each operator's events of the site-quarter cells shared with other operators.
+
+    ``known`` holds one procedure per row, each with an operator, in (site, date) order.
+    A cell is a site in a ``QUARTER_DAYS`` period counted from the first day of ``known``;
+    an operator shares a cell when the cell has cases of theirs and of someone else. Given
+    a cell's events, each is the operator's with probability ``E / (E + F)`` under the null
+    (their and the others' case-mix expected counts): the site's level and drift cancel.
+    """
+    keys, order, bounds = _operator_groups(known)
+    day = known["index_day"].to_numpy(np.int64)[order]
+    y = known["y"].to_numpy(np.int64)[order]
+    risk = known["risk"].to_numpy(float)[order]
+    site, _ = pd.factorize(known["site_id"].to_numpy()[order])
+    group = np.repeat(np.arange(len(keys)), np.diff(bounds))
+    n_quarters = int((day.max() - day.min()) // QUARTER_DAYS) + 1
+    cell = site.astype(np.int64) * n_quarters + (day - day.min()) // QUARTER_DAYS
+    n_cells = int(cell.max()) + 1
+    cell_cases = np.bincount(cell, minlength=n_cells)
+    cell_events = np.bincount(cell, weights=y, minlength=n_cells)
+    cell_risk = np.bincount(cell, weights=risk, minlength=n_cells)
+    # (operator, cell) pairs in operator then cell order: a site's cells in date order
+    pair, pair_of_row = np.unique(group * n_cells + cell, return_inverse=True)
+    pair_group, pair_cell = pair // n_cells, pair % n_cells
+    pair_cases = np.bincount(pair_of_row, minlength=len(pair))
+    pair_risk = np.bincount(pair_of_row, weights=risk, minlength=len(pair))
+    pair_events = np.bincount(pair_of_row, weights=y, minlength=len(pair))
+    shared = (pair_cases < cell_cases[pair_cell]) & (cell_risk[pair_cell] > 0)
+    share = np.divide(pair_risk, cell_risk[pair_cell], out=np.zeros(len(pair)), where=shared)
+    n_groups = len(keys)
+    procedures = np.bincount(pair_group[shared], weights=pair_cases[shared],
+                             minlength=n_groups).astype(np.int64)
+    events = np.bincount(pair_group[shared], weights=pair_events[shared],
+                         minlength=n_groups).astype(np.int64)
+    expected = np.bincount(pair_group[shared],
+                           weights=cell_events[pair_cell[shared]] * share[shared],
+                           minlength=n_groups)
+    # the events of every cell in (cell, date) order, then each shared pair's run of them
+    event_rows = np.flatnonzero(y == 1)
+    # (ties on a day in the units' own order, as the site's cases came)
+    event_rows = event_rows[np.lexsort((order[event_rows], day[event_rows], cell[event_rows]))]
+    event_start = np.concatenate(([0], np.cumsum(np.bincount(cell[event_rows],
+                                                             minlength=n_cells))))
+    taken = np.flatnonzero(shared & (cell_events[pair_cell] > 0))
+    lengths = cell_events[pair_cell[taken]].astype(np.int64)
+    offsets = np.repeat(event_start[pair_cell[taken]] - np.cumsum(lengths) + lengths, lengths)
+    rows = event_rows[offsets + np.arange(int(lengths.sum()))]
+    owner = np.repeat(pair_group[taken], lengths)
+    chart_bounds = np.concatenate(([0], np.cumsum(np.bincount(owner, minlength=n_groups))))
+    first_day = day[bounds[:-1]]
+    sizes = np.diff(bounds)
+    nth_day = np.where(sizes >= learning_procedures,
+                       day[np.minimum(bounds[:-1] + learning_procedures - 1, len(day) - 1)], -1)
+    return WithinSite(
+        keys=keys, bounds=chart_bounds, day=day[rows], y=(group[rows] == owner).astype(np.int64),
+        share=np.repeat(share[taken], lengths), procedures=procedures, events=events,
+        expected=expected, first_day=first_day, nth_day=nth_day,
+        own_days=[day[a:e] for a, e in zip(bounds[:-1].tolist(), bounds[1:].tolist(),
+                                            strict=True)])
+
+
+def chart_thresholds(design: OperatorDesign, rate: float, share: np.ndarray, day: np.ndarray,
+                     procedures: int, first_day: int, nth_day: int, as_of_day: int, new: bool,
+                     designs: dict | None = None) -> tuple[np.ndarray, float]:
+    """Return (the threshold per charted event, the chart's start value) of one operator.
+
+    The chain of :func:`pipelines.surveillance.beyond.operator_thresholds` with the
+    conditional chart's own quantities: its in-control 'risk' is the mean share ``pi`` of
+    its events (to the nearest ``SHARE_STEP``), its volume is charted events a year (up to
+    the latest), and a new
+    operator's learning phase -- their first ``learning_procedures`` procedures, i.e. the
+    events up to the day of the N-th (``nth_day``; -1: not reached) -- is designed as
+    ``N x`` (charted events per shared procedure) events. So the budget is the same
+    ``r`` false reviews per operator-year, spent on the chart's steps.
+    """
+    n = len(day)
+    # Both on coarse grids so that a night's new cases seldom change the design (a new
+    # design is a chain solved; the stored ones are read): the volume over the time to the
+    # latest charted event (changes only with an event; slightly high, so h errs upward), the
+    # mean share to the nearest SHARE_STEP (its cells' case counts move it every night).
+    volume = operator_volume(n, first_day, int(day[-1]) if n else as_of_day)
+    p0 = min(max(round(float(share.mean()) / SHARE_STEP) * SHARE_STEP, SHARE_STEP),
+             1.0 - SHARE_STEP)
+    p0 = significant(p0, 2)
+    steps = (max(1, int(round(design.learning_procedures * n / max(procedures, 1))))
+             if new else 0)
+    key = (p0, rounded_volume(volume), steps, new)
+    cache = {} if designs is None else designs
+    if key not in cache:
+        cache[key] = operator_thresholds(
+            p0, replace(design, learning_procedures=max(steps, 1)), volume, rate, new=new)
+    thresholds = cache[key]
+    limits = np.full(n, thresholds.steady)
+    if thresholds.learning is not None:
+        learning = day <= nth_day if nth_day >= 0 else np.ones(n, bool)
+        limits[learning] = thresholds.learning
+    return limits, thresholds.start * float(limits[0]) if n else 0.0
+
+
 def operator_charts(units: pd.DataFrame, profile: Profile, design: OperatorDesign,
                     as_of_day: int) -> list[dict]:
-    """Chart every operator of ``units`` for the CUSUM metric.
+    """Chart every operator of ``units`` against the other operators at the same site.
 
     ``units`` holds one mature procedure per row in (site, date) order with ``site_id``,
     ``operator_hash`` (rows without an operator are ignored), ``index_day``, ``y`` and
-    ``risk`` (the network's case-mix expected risk). A new operator
-    (:func:`new_operators`) is charted with the learning-phase threshold for their first
-    ``learning_procedures`` cases and the steady one after; the row's ``threshold`` is the
-    one in force at the operator's latest case.
+    ``risk`` (the network's case-mix expected risk). The chart is the conditional
+    Bernoulli CUSUM of :func:`within_site` (alternative odds ratio ``odds_ratio``, FIR
+    head start): a site's drift moves every operator's events alike and cancels, so a
+    training review says the operator differs from their colleagues. An operator with no
+    cell shared with a colleague (alone at the site) or no event in one has no evidence:
+    statistic 0, no threshold, no signal. A new operator (:func:`new_operators`) has the
+    learning-phase threshold up to their ``learning_procedures``-th procedure and the
+    steady one after (:func:`chart_thresholds`); ``threshold`` is the one in force at the
+    latest charted event and ``signal_procedure`` the operator's procedure count on the
+    day of the latest signal.
     """
     metric = profile.metric(design.cusum_metric)
     known = units.loc[units["operator_hash"].notna()]
     if known.empty:
         return []
     rate = rate_per_unit_year(profile, metric)
-    mean_risk = float(units["risk"].mean())
-    keys, order, bounds = _operator_groups(known)
+    cells = within_site(known, design.learning_procedures)
+    keys, bounds = cells.keys, cells.bounds
     is_new = new_operators(known, design.established_within_days).reindex(keys).to_numpy(bool)
-    day = known["index_day"].to_numpy(np.int64)[order]
-    y = known["y"].to_numpy(np.int64)[order]
-    risk = known["risk"].to_numpy(float)[order]
-    # elementwise, so the same weights as one operator's cases at a time
-    weights = cusum_weights(y, risk, design.odds_ratio)
-    # operator_thresholds depends on the volume only through its rounding: one design
-    # lookup per (rounded volume, new) instead of one per operator
-    designs: dict[tuple[int, bool], OperatorThresholds] = {}
+    weights = cusum_weights(cells.y, cells.share, design.odds_ratio)
+    designs: dict = {}
     limits = np.empty(len(weights))
-    start = np.empty(len(keys))
+    start = np.zeros(len(keys))
     for g in range(len(keys)):
         a, e = int(bounds[g]), int(bounds[g + 1])
-        volume = operator_volume(e - a, int(day[a]), as_of_day)
-        new = bool(is_new[g])
-        key = (rounded_volume(volume), new)
-        if key not in designs:
-            designs[key] = operator_thresholds(mean_risk, design, volume, rate, new=new)
-        thresholds = designs[key]
-        limits[a:e] = thresholds.per_case(e - a)
-        start[g] = thresholds.start * float(limits[a])
+        if e > a:
+            limits[a:e], start[g] = chart_thresholds(
+                design, rate, cells.share[a:e], cells.day[a:e], int(cells.procedures[g]),
+                int(cells.first_day[g]), int(cells.nth_day[g]), as_of_day, bool(is_new[g]),
+                designs)
     statistic, n_signals, last_signal = _fir_by_position(weights, limits, bounds, start,
                                                          design.head_start)
     rows = []
     for g, (site_id, operator_hash) in enumerate(keys):
         a, e = int(bounds[g]), int(bounds[g + 1])
-        last = int(last_signal[g]) if n_signals[g] else None
+        charted = e > a
+        last = int(last_signal[g]) if charted and n_signals[g] else None
+        signal_day = int(cells.day[a + last]) if last is not None else None
         rows.append({
             "site_id": str(site_id), "operator": operator_pseudonym(str(operator_hash)),
-            "metric": metric.id, "method": "fir_cusum", "procedures": e - a,
-            "events": int(y[a:e].sum()), "expected": float(risk[a:e].sum()),
-            "statistic": finite(statistic[g]), "threshold": float(limits[e - 1]),
+            "metric": metric.id, "method": "fir_cusum",
+            "procedures": int(cells.procedures[g]), "events": int(cells.events[g]),
+            "expected": float(cells.expected[g]),
+            "statistic": finite(statistic[g]) if charted else 0.0,
+            "threshold": float(limits[e - 1]) if charted else None,
             "head_start": design.head_start,
-            "signal_date": day_to_date(int(day[a + last])) if last is not None else None,
-            "signal_procedure": last + 1 if last is not None else None,
-            "signals": int(n_signals[g]),
-            "first_procedure_date": day_to_date(int(day[a])),
+            "signal_date": day_to_date(signal_day) if signal_day is not None else None,
+            "signal_procedure": int(np.searchsorted(cells.own_days[g], signal_day, "right"))
+            if signal_day is not None else None,
+            "signals": int(n_signals[g]) if charted else 0,
+            "first_procedure_date": day_to_date(int(cells.first_day[g])),
         })
     return rows
 
@@ -255,7 +388,17 @@ def _fir_by_position(weights: np.ndarray, limits: np.ndarray, bounds: np.ndarray
 
 def operator_rare_tests(units: pd.DataFrame, profile: Profile, design: OperatorDesign,
                         as_of_day: int) -> list[dict]:
-    """Exact Poisson test of each operator's major events in the last 365 days."""
+    """Exact conditional test of each operator's major events in the last 365 days.
+
+    Against the other operators of the same site, as products are
+    (:func:`pipelines.surveillance.devices.conditional_rare_pvalue`, four strata of about a
+    quarter): given a stratum's events, the operator's count is Binomial(n, pi). A site's
+    level and drift cancel; an operator without a colleague in any stratum has no evidence
+    (p = 1). ``procedures`` counts the operator's cases in strata shared with a colleague.
+    """
+    # devices imports this module (ROLLING_DAYS): imported here, not at the top
+    from pipelines.surveillance.devices import RARE_STRATA, conditional_rare_pvalue
+
     if design.rare_metric is None:
         return []
     metric = profile.metric(design.rare_metric)
@@ -267,19 +410,27 @@ def operator_rare_tests(units: pd.DataFrame, profile: Profile, design: OperatorD
     day = known["index_day"].to_numpy(np.int64)[order]
     y = known["y"].to_numpy(np.int64)[order]
     risk = known["risk"].to_numpy(float)[order]
+    # a site's groups are adjacent (keys in site order): the row span of each group's site
+    site_code, _ = pd.factorize(keys.get_level_values(0))
+    site_start = np.searchsorted(site_code, site_code, "left")
+    site_end = np.searchsorted(site_code, site_code, "right")
     recent = day > as_of_day - ROLLING_DAYS
+    stratum = np.minimum((as_of_day - day) * RARE_STRATA // ROLLING_DAYS, RARE_STRATA - 1)
     rows = []
     for g, (site_id, operator_hash) in enumerate(keys):
         a, e = int(bounds[g]), int(bounds[g + 1])
-        mine = recent[a:e]
-        # sums over each operator's own slice, as before: the same float additions
-        events = int(y[a:e][mine].sum())
-        expected = float(risk[a:e][mine].sum())
-        p_value = float(poisson_upper_pvalue(events, expected)) if events else 1.0
+        lo, hi = int(bounds[site_start[g]]), int(bounds[site_end[g]])
+        theirs = np.r_[lo:a, e:hi]
+        events, expected, p_value = conditional_rare_pvalue(
+            day[a:e], y[a:e], risk[a:e], day[theirs], y[theirs], risk[theirs], as_of_day)
+        # the operator's recent cases in strata where a colleague has cases too
+        seen = theirs[recent[theirs]]
+        covered = np.bincount(stratum[seen], weights=risk[seen], minlength=RARE_STRATA) > 0
+        shared = recent[a:e] & covered[stratum[a:e]]
         signalled = events > 0 and p_value <= alpha
         rows.append({
             "site_id": str(site_id), "operator": operator_pseudonym(str(operator_hash)),
-            "metric": metric.id, "method": "rare", "procedures": int(mine.sum()),
+            "metric": metric.id, "method": "rare", "procedures": int(shared.sum()),
             "events": events, "expected": expected, "statistic": p_value, "threshold": alpha,
             "head_start": None,
             "signal_date": day_to_date(as_of_day) if signalled else None,
