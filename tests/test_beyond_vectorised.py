@@ -23,6 +23,7 @@ from pipelines.surveillance.beyond import (
     operator_thresholds,
     parse_beyond_site,
     rate_per_unit_year,
+    share_on_grid,
     years_between,
 )
 from pipelines.surveillance.budget import rare_alpha
@@ -235,7 +236,8 @@ def _ref_product_chart(metric, profile, design, cases, others, as_of_day):
     if cases.empty:
         return {"statistic": 0.0, "threshold": None, "signal_date": None, "signals": 0}
     volume = len(cases) / years_between(int(day[0]), as_of_day)
-    h = fir_threshold(float(risk.mean()), design.odds_ratio, arl0_for_volume(volume, rate), 0.0)
+    h = fir_threshold(share_on_grid(float(risk.mean())), design.odds_ratio,
+                      arl0_for_volume(volume, rate), 0.0)
     value, signals = _ref_product_cusum(y, risk, design.odds_ratio, h)
     return {"statistic": finite(value), "threshold": h,
             "signal_date": day_to_date(int(day[signals[-1]])) if signals else None,

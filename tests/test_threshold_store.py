@@ -279,6 +279,12 @@ def test_a_new_day_in_the_quarter_reads_the_beyond_site_fits_and_keeps_their_cha
             if (row["procedures"], row["events"]) != (after[k]["procedures"],
                                                       after[k]["events"]):
                 continue
+            if name != "lots":
+                # Operators and products are charted within sites: a colleague's case that
+                # matured today moves the cell's share pi, and with it the expected count
+                # (docs/statistics.md section 9); what must not move is the model, asserted
+                # above (nothing fitted, no design computed).
+                continue
             unchanged += 1
             # The same stored model: the same expected risks, hence the same expected count.
             assert after[k]["expected"] == row["expected"], (name, k)

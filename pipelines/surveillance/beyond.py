@@ -26,6 +26,20 @@ if TYPE_CHECKING:
     from scipy import sparse
 
 _H_MAX = 30.0
+# The grid of a within-site chart's in-control share pi (operators and products alike).
+SHARE_STEP = 0.05
+
+
+def share_on_grid(share: float) -> float:
+    """Return a within-site chart's mean share ``pi`` to the nearest :data:`SHARE_STEP`.
+
+    Kept within ``[SHARE_STEP, 1 - SHARE_STEP]``. The design's key: a night's new cases move
+    the exact mean of every chart (0.497, then 0.503), and each new value was a Markov chain
+    solved; on the grid the stored designs are read. The ARL0 of a chart whose share lies
+    within half a step of the grid's differs by less than the budget's own rounding.
+    """
+    p0 = min(max(round(float(share) / SHARE_STEP) * SHARE_STEP, SHARE_STEP), 1.0 - SHARE_STEP)
+    return significant(p0, 2)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from pipelines.surveillance.beyond import (
     finite,
     fir_threshold,
     rate_per_unit_year,
+    share_on_grid,
     years_between,
 )
 from pipelines.surveillance.budget import rare_alpha
@@ -199,7 +200,10 @@ def _product_chart(metric: Metric, profile: Profile, design: DeviceDesign,
         return {"statistic": 0.0, "threshold": None, "signal_date": None, "signals": 0}
     risk = cases["risk"]
     volume = len(day) / years_between(int(day[0]), as_of_day)
-    h = fir_threshold(float(risk.mean()), design.odds_ratio, arl0_for_volume(volume, rate), 0.0)
+    # pi on the grid the operators' charts use: the exact mean moved every night, and each
+    # new value was a new chain (tests/test_threshold_store.py).
+    h = fir_threshold(share_on_grid(float(risk.mean())), design.odds_ratio,
+                      arl0_for_volume(volume, rate), 0.0)
     value, signals = product_cusum(y, risk, design.odds_ratio, h)
     return {"statistic": finite(value), "threshold": h,
             "signal_date": day_to_date(int(day[signals[-1]])) if signals else None,

@@ -56,8 +56,9 @@ from pipelines.surveillance.beyond import (
     operator_thresholds,
     rate_per_unit_year,
     rounded_volume,
+    share_on_grid,
 )
-from pipelines.surveillance.budget import rare_alpha, significant
+from pipelines.surveillance.budget import rare_alpha
 from pipelines.surveillance.cusum import cusum_weights
 from pipelines.surveillance.outcomes import day_to_date
 from pipelines.surveillance.profile import Profile
@@ -72,7 +73,6 @@ ROLLING_DAYS = 365
 MIN_VOLUME_YEARS = 0.25
 # Operators are compared within a site and one of these periods (as products: devices.py)
 QUARTER_DAYS = 91
-SHARE_STEP = 0.05  # the grid of the within-site chart's in-control share (chart_thresholds)
 
 
 def operator_pseudonym(operator_hash: str) -> str:
@@ -255,7 +255,7 @@ def chart_thresholds(design: OperatorDesign, rate: float, share: np.ndarray, day
 
     The chain of :func:`pipelines.surveillance.beyond.operator_thresholds` with the
     conditional chart's own quantities: its in-control 'risk' is the mean share ``pi`` of
-    its events (to the nearest ``SHARE_STEP``), its volume is charted events a year (up to
+    its events (to the nearest ``beyond.SHARE_STEP``), its volume is charted events a year (up to
     the latest), and a new
     operator's learning phase -- their first ``learning_procedures`` procedures, i.e. the
     events up to the day of the N-th (``nth_day``; -1: not reached) -- is designed as
@@ -266,11 +266,9 @@ def chart_thresholds(design: OperatorDesign, rate: float, share: np.ndarray, day
     # Both on coarse grids so that a night's new cases seldom change the design (a new
     # design is a chain solved; the stored ones are read): the volume over the time to the
     # latest charted event (changes only with an event; slightly high, so h errs upward), the
-    # mean share to the nearest SHARE_STEP (its cells' case counts move it every night).
+    # mean share to the nearest beyond.SHARE_STEP (its cells' case counts move it every night).
     volume = operator_volume(n, first_day, int(day[-1]) if n else as_of_day)
-    p0 = min(max(round(float(share.mean()) / SHARE_STEP) * SHARE_STEP, SHARE_STEP),
-             1.0 - SHARE_STEP)
-    p0 = significant(p0, 2)
+    p0 = share_on_grid(float(share.mean()))
     steps = (max(1, int(round(design.learning_procedures * n / max(procedures, 1))))
              if new else 0)
     key = (p0, rounded_volume(volume), steps, new)
