@@ -248,11 +248,14 @@ def render_devices(products: list[dict], lots: list[dict], labels: dict[str, str
     body = [
         summary,
         "<p>Each product is compared with the other products of its kind (balloon or "
-        "cement): expected events come from the network's case-mix model, recalibrated per "
-        "quarter to the other products, so <i>observed/expected</i> above 1 means more events "
-        "than the same patients would have had with the alternatives. The sequential test "
-        "is a risk-adjusted CUSUM whose threshold comes from the network false-alarm budget; "
-        "rare events (major events) use the exact Poisson test over the last 365 days. "
+        "cement) used at the same site in the same quarter: of a site-quarter's events, the "
+        "share expected to be the product's follows from the network's case-mix model, so a "
+        "site's own level or drift cancels and <i>observed/expected</i> above 1 means more "
+        "events than the same patients would have had with the alternatives at their site. "
+        "Procedures, events and expected count only site-quarters where another product was "
+        "used too. The sequential test is a risk-adjusted CUSUM whose threshold comes from "
+        "the network false-alarm budget; rare events (major events) use an exact test, "
+        "stratified by site, over the last 365 days. "
         "Cement lots get an exact test for an excess within the lot, across sites. Methods: "
         "docs/statistics.md section 9.</p>",
         "<h2 id='products'>Products</h2>",
@@ -330,8 +333,11 @@ def operators_page(site_id: str, operators: list[dict], labels: dict[str, str]) 
         "keyed digest; map them back with the site's own key material, docs/keys.md). A "
         "signalled row asks for a review of the operator's cases and training (HTG108 "
         "recommendation 1.2); it is not a finding. Each curve starts at the operator's first "
-        "procedure in the warehouse, with a head start so early problems show quickly; "
-        "thresholds come from the network false-alarm budget (docs/statistics.md).</p>"
+        "procedure in the warehouse, with a head start so early problems show quickly. "
+        "Each operator is compared with their colleagues at this site in the same quarter, so "
+        "a problem the whole site shares is not put on one operator; an operator with no "
+        "colleague here has no comparison (the site's own charts cover them). Thresholds "
+        "come from the network false-alarm budget (docs/statistics.md section 9).</p>"
         + _table(["operator", "metric", "method", "status", "procedures", "events", "rate",
                   "expected events", "first procedure"], rows,
                  f"Operators at {site_id}, signalled rows marked")))
