@@ -211,30 +211,3 @@ def test_days_without_a_design_hold_the_statistic_at_zero():
     # the site with a design from the first day keeps its evidence
     assert result.statistic[1, 4] == pytest.approx(3 * step - 0.2)
     assert not result.signal.any()
-
-
-def test_every_crossing_meets_its_own_quarters_threshold_and_the_first_quarter_is_blank():
-    """Through the engine, on a registry whose sites' volume (so h) differs by quarter: each
-    stored crossing is at or above the h of its own quarter and the day before it below it,
-    and the registry's first quarter (no design) is not charted (review: charting every day
-    against the current quarter's h, or the first quarter against a made-up one, passed
-    every other test)."""
-    profile = load_profile(PROFILE)
-    snapshot, _ = simulate_snapshot(profile, sites=8, start=date(2022, 1, 1),
-                                    end=date(2024, 6, 30), seed=4,
-                                    drifts=["S003:new_fracture:2.5:2023-01-01"])
-    result = engine.compute(profile, snapshot)
-    chart = result.charts["tte"]["new_fracture"]
-    statistic, first_day = chart["statistic"], int(chart["first_day"])
-    crossings = [r for r in result.builder.rows.values()
-                 if r["method"] == "tte_cusum" and r["metric"] == "new_fracture"]
-    thresholds = {r["threshold"] for r in crossings}
-    assert crossings and len(thresholds) > 1  # crossings in quarters of different h
-    sites = list(chart["sites"])
-    for row in crossings:
-        code = sites.index(row["site_id"])
-        col = (row["signal_date"] - date(1970, 1, 1)).days - first_day
-        assert statistic[code, col] >= row["threshold"] > statistic[code, col - 1]
-    # no design before the registry's first full quarter: nothing charted
-    first_quarter_end = (date(2022, 4, 1) - date(1970, 1, 1)).days - first_day
-    assert not statistic[:, :first_quarter_end].any()
