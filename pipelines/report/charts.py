@@ -577,10 +577,8 @@ def tte_svg(chart: dict[str, Any], site_id: str, title: str,
                  description=f"{title}: the statistic rises with each event and falls with "
                              "the time patients spend at risk without one; it now stands at "
                              f"{stat[-1]:.2f}"
-                             + (f" against the threshold h = {h:.3f} of this quarter (each "
-                                "quarter's threshold is fixed when it begins; a past crossing "
-                                "is listed with the threshold it crossed under Signals)."
-                                if h is not None else "."))
+                             + (f" against the threshold h = {h:.3f}." if h is not None
+                                else "."))
     # thinned and its path text made for every site of the chart at once
     lines = lines or TteSeries(chart)
     code = lines.code[site_id]
@@ -588,7 +586,7 @@ def tte_svg(chart: dict[str, Any], site_id: str, title: str,
     plot.line(x, y, label="time-to-event CUSUM", width=1.1,
               drawn=lambda frame: lines.path(code, frame))
     if h is not None:
-        plot.hline(h, label=f"threshold h = {h:.3f} (this quarter)", style="dash")
+        plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
     return plot.render()
 
 
