@@ -97,10 +97,7 @@ def methods_page(data: ReportData) -> str:
         ["rare-event test", f"one-sided exact binomial test at alpha = {d.rare_alpha:g} on "
          f"the rolling {d.rare_rolling_days} days"],
         ["time-to-event CUSUM", "daily Poisson CUSUM over patients in follow-up; h per "
-         "site from the budget (Markov chain of the daily chart)"
-         + ("; the reference hazard's shape (network Nelson-Aalen) and each site's h are "
-            "frozen per calendar quarter from what was known when it began, so a later run "
-            "does not restate past days" if p.design.risk_refit == "quarterly" else "")],
+         "site from the budget (Markov chain of the daily chart)"],
         ["sentinel event", "any single event is a signal (no false-alarm rate by design)"],
     ]))
     body.append("<h2>Risk models</h2>")

@@ -827,17 +827,9 @@ class _Computation:
         reference = self._reference(metric, "up")
         theta = survival.hazard_ratio_for(reference, detect.odds_ratio)
         n_sites = len(self.sites)
-        # Frozen per quarter with the case-mix model (docs/statistics.md section 8): a day is
-        # charted with the hazard and h known when its quarter began, so a later run
-        # restates no crossing unless late rows change what was known.
-        frozen = self.profile.design.risk_refit == "quarterly"
         follow = survival.follow_up(site, index_day, event_day, n_sites,
-                                    int(metric.window_days), self.as_of_day, reference,
-                                    frozen=frozen)
-        # each site's load per quarter (one column for every day when not frozen)
-        load = follow.quarter_load if frozen else follow.mean_daily_expected()[:, None]
-        quarter = follow.quarter_of_day()
-        mu = load[:, -1]
+                                    int(metric.window_days), self.as_of_day, reference)
+        mu = follow.mean_daily_expected()
         role = self._role(metric, "tte_cusum", "up")
         levels_to_run = [role] + (["watch"] if role == "alarm" and self.profile.design.budget
                                   else [])
@@ -854,26 +846,17 @@ class _Computation:
                         math.log1p(-float(metric.baseline.rate)) / math.log1p(-reference), 3)
             else:
                 arl0_days = float(detect.arl0)  # legacy: the profile's ARL0, read as days
-            designed: dict[float, float] = {}
-            for m in np.unique(load[np.isfinite(load) & (load > 0)]):
-                key = budget.significant(float(m), 2)
-                if key not in designed:
-                    designed[key] = budget.poisson_threshold(key, theta, arl0_days, ratio)
-            h_quarter = np.array([[designed[budget.significant(float(m), 2)]
-                                   if np.isfinite(m) and m > 0 else np.inf for m in row]
-                                  for row in load]).reshape(load.shape)
-            h = h_quarter[:, -1]
+            h = np.array([budget.poisson_threshold(budget.significant(float(m), 2), theta,
+                                                   arl0_days, ratio) if m > 0 else np.inf
+                          for m in mu])
             if level != "watch" and self.profile.design.budget is not None:
                 edge = [budget.poisson_arl_days(budget.significant(float(m), 2), theta,
                                                 float(hh)) if m > 0 and ratio != 1.0
                         else arl0_days for m, hh in zip(mu, h, strict=True)]
                 self.edge_false_alarms[metric.id] = float(sum(
                     365.25 / a for a, m in zip(edge, mu, strict=True) if m > 0))
-            # a quarter without a design (NaN load: the registry's first) is not charted
-            finite = np.where(np.isnan(load), np.nan,
-                              np.where(np.isfinite(h_quarter), h_quarter, 1e9))
             result = survival.tte_cusum(follow.expected, follow.observed, theta,
-                                        finite[:, quarter] if frozen else finite[:, -1])
+                                        np.where(np.isfinite(h), h, 1e9))
             name = "tte_cusum" if level != "watch" else "tte_cusum_watch"
             if level != "watch":
                 self.charts.setdefault("tte", {})[metric.id] = {
@@ -897,14 +880,13 @@ class _Computation:
                 self.builder.add(
                     metric, self.sites[code], name, "up", day_to_date(int(days[begin])),
                     day_to_date(int(days[col])), observed=observed, n=None,
-                    expected=expected, statistic=float(stat[col]),
-                    threshold=float(h_quarter[code, quarter[col]]),
+                    expected=expected, statistic=float(stat[col]), threshold=float(h[code]),
                     detail={
                         "role": level, "hazard_ratio": theta, "arl0_days": arl0_days,
                         "window_days": metric.window_days, "reference_rate": reference,
                         "detectable_on": day_to_date(int(days[col])),
                         "chart_order": "event day (partial follow-up)",
-                        "expected_per_day": _finite(load[code, quarter[col]]),
+                        "expected_per_day": _finite(mu[code]),
                         "threshold_method": "Markov chain of the daily Poisson CUSUM, "
                                             "ARL0 from the false-alarm budget",
                     },
