@@ -17,6 +17,7 @@ import pytest
 from pipelines.reference import PRODUCT_COLUMNS
 from pipelines.settings import REPO_DIR
 from pipelines.surveillance.beyond import (
+    QUARTER_DAYS,
     arl0_for_volume,
     finite,
     fir_threshold,
@@ -30,7 +31,6 @@ from pipelines.surveillance.budget import rare_alpha
 from pipelines.surveillance.cusum import cusum_weights
 from pipelines.surveillance.devices import (
     LOT_KEY_SEPARATOR,
-    QUARTER_DAYS,
     conditional_rare_pvalue,
     lot_tests,
     product_charts,

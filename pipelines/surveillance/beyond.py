@@ -30,6 +30,34 @@ _H_MAX = 30.0
 SHARE_STEP = 0.05
 
 
+# A within-site comparison's cells: a site in one of these periods, counted from the
+# comparison's first day (operators and products alike).
+QUARTER_DAYS = 91
+
+
+@dataclass(frozen=True)
+class SiteQuarterCells:
+    """The site-quarter cell of each case and each cell's cases, events and expected count."""
+
+    cell: np.ndarray  # per case
+    n_cells: int
+    cases: np.ndarray  # per cell
+    events: np.ndarray
+    risk: np.ndarray  # the case-mix expected count (sum of risks)
+
+
+def site_quarter_cells(site: np.ndarray, day: np.ndarray, y: np.ndarray, risk: np.ndarray
+                       ) -> SiteQuarterCells:
+    """Return the site-quarter cells of cases given by site code, index day, outcome, risk."""
+    first = day.min()
+    n_quarters = int((day.max() - first) // QUARTER_DAYS) + 1
+    cell = site.astype(np.int64) * n_quarters + (day - first) // QUARTER_DAYS
+    n_cells = int(cell.max()) + 1
+    return SiteQuarterCells(cell, n_cells, np.bincount(cell, minlength=n_cells),
+                            np.bincount(cell, weights=y, minlength=n_cells),
+                            np.bincount(cell, weights=risk, minlength=n_cells))
+
+
 def share_on_grid(share: float) -> float:
     """Return a within-site chart's mean share ``pi`` to the nearest :data:`SHARE_STEP`.
 

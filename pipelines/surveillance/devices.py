@@ -43,6 +43,7 @@ from pipelines.surveillance.beyond import (
     fir_threshold,
     rate_per_unit_year,
     share_on_grid,
+    site_quarter_cells,
     years_between,
 )
 from pipelines.surveillance.budget import rare_alpha
@@ -72,7 +73,6 @@ def calibration_rate(metric: Metric, units: pd.DataFrame) -> float:
     return events / len(units)
 
 
-QUARTER_DAYS = 91  # a product is compared within a site and one of these periods
 
 
 RARE_STRATA = 4  # the rare test's 365 days in four strata of about a quarter each
@@ -275,12 +275,9 @@ def product_charts(units_by_metric: dict[str, pd.DataFrame], profile: Profile,
             day, y, risk, site = all_day[keep], all_y[keep], all_risk[keep], all_site[keep]
             code_of = {product: index for index, product in enumerate(products.tolist())}
             # cells: a site in a 91-day quarter counted from the comparison's first day
-            n_quarters = int((day.max() - day.min()) // QUARTER_DAYS) + 1
-            cell = site.astype(np.int64) * n_quarters + (day - day.min()) // QUARTER_DAYS
-            n_cells = int(cell.max()) + 1
-            cell_cases = np.bincount(cell, minlength=n_cells)
-            cell_events = np.bincount(cell, weights=y, minlength=n_cells)
-            cell_risk = np.bincount(cell, weights=risk, minlength=n_cells)
+            cells = site_quarter_cells(site, day, y, risk)
+            cell, n_cells = cells.cell, cells.n_cells
+            cell_cases, cell_events, cell_risk = cells.cases, cells.events, cells.risk
             for product in sorted(code_of):
                 mine = code == code_of[product]
                 if mine.all():

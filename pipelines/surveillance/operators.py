@@ -57,6 +57,7 @@ from pipelines.surveillance.beyond import (
     rate_per_unit_year,
     rounded_volume,
     share_on_grid,
+    site_quarter_cells,
 )
 from pipelines.surveillance.budget import rare_alpha
 from pipelines.surveillance.cusum import cusum_weights
@@ -72,7 +73,6 @@ ROLLING_DAYS = 365
 # leaves the learning phase. A quarter keeps the estimate from a few days' cases in bounds.
 MIN_VOLUME_YEARS = 0.25
 # Operators are compared within a site and one of these periods (as products: devices.py)
-QUARTER_DAYS = 91
 
 
 def operator_pseudonym(operator_hash: str) -> str:
@@ -191,7 +191,7 @@ def within_site(known: pd.DataFrame, learning_procedures: int) -> WithinSite:
     """Return each operator's events of the site-quarter cells shared with other operators.
 
     ``known`` holds one procedure per row, each with an operator, in (site, date) order.
-    A cell is a site in a ``QUARTER_DAYS`` period counted from the first day of ``known``;
+    A cell is a site in a ``beyond.QUARTER_DAYS`` period counted from the first day of ``known``;
     an operator shares a cell when the cell has cases of theirs and of someone else. Given
     a cell's events, each is the operator's with probability ``E / (E + F)`` under the null
     (their and the others' case-mix expected counts): the site's level and drift cancel.
@@ -202,12 +202,9 @@ def within_site(known: pd.DataFrame, learning_procedures: int) -> WithinSite:
     risk = known["risk"].to_numpy(float)[order]
     site, _ = pd.factorize(known["site_id"].to_numpy()[order])
     group = np.repeat(np.arange(len(keys)), np.diff(bounds))
-    n_quarters = int((day.max() - day.min()) // QUARTER_DAYS) + 1
-    cell = site.astype(np.int64) * n_quarters + (day - day.min()) // QUARTER_DAYS
-    n_cells = int(cell.max()) + 1
-    cell_cases = np.bincount(cell, minlength=n_cells)
-    cell_events = np.bincount(cell, weights=y, minlength=n_cells)
-    cell_risk = np.bincount(cell, weights=risk, minlength=n_cells)
+    cells = site_quarter_cells(site, day, y, risk)
+    cell, n_cells = cells.cell, cells.n_cells
+    cell_cases, cell_events, cell_risk = cells.cases, cells.events, cells.risk
     # (operator, cell) pairs in operator then cell order: a site's cells in date order
     pair, pair_of_row = np.unique(group * n_cells + cell, return_inverse=True)
     pair_group, pair_cell = pair // n_cells, pair % n_cells
