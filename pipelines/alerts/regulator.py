@@ -166,7 +166,11 @@ def sync_drafts(conn: sa.Connection, design: RegulatorDesign,
         .select_from(complication.join(
             procedure, procedure.c.procedure_id == complication.c.procedure_id))
         .outerjoin(ledger, ledger.c.complication_id == complication.c.complication_id)
-        .where(sa.or_(related, ledger.c.complication_id.isnot(None)))
+        # Both sides of the OR on the complication's own columns (the ledger's keys as a
+        # hashed subquery): the few candidates are picked from the complications before
+        # the join with the procedures, not after joining every complication.
+        .where(sa.or_(related, complication.c.complication_id.in_(
+            sa.select(ledger.c.complication_id))))
         .order_by(complication.c.complication_id)
     ).mappings().all()
     now = now or datetime.now(UTC)
