@@ -21,11 +21,16 @@ START = date(2022, 1, 1)
 
 
 def build_sites(engine, *, sites=8, per_site=500, days=540, leak=None, seed=1, start=START,
-                prefix="P"):
-    """Insert ``per_site`` procedures per site with leaks at the given per-site rates."""
+                prefix="P", fracture_rate=0.0):
+    """Insert ``per_site`` procedures per site with leaks at the given per-site rates.
+
+    ``fracture_rate``: the share of patients with a new fracture 10-199 days after the
+    procedure (drawn after every leak, so the leaks are the same with or without).
+    """
     rng = np.random.default_rng(seed)
     leak = leak or {}
     procs, comps = [], []
+    fracture_draws = []
     for s in range(1, sites + 1):
         site = f"S{s:03d}"
         offsets = np.sort(rng.integers(0, days, per_site))
@@ -37,6 +42,15 @@ def build_sites(engine, *, sites=8, per_site=500, days=540, leak=None, seed=1, s
                                        steroid_use=bool(i % 7 == 0)))
             if leaked:
                 comps.append(complication_row(f"C{pid}", pid, site, day))
+            fracture_draws.append((pid, site, day))
+    if fracture_rate:
+        fractured = rng.random(len(fracture_draws)) < fracture_rate
+        delays = rng.integers(10, 200, len(fracture_draws))
+        for (pid, site, day), hit, delay in zip(fracture_draws, fractured.tolist(),
+                                                delays.tolist(), strict=True):
+            if hit and day + timedelta(days=delay) < start + timedelta(days=days):
+                comps.append(complication_row(f"F{pid}", pid, site,
+                                              day + timedelta(days=delay), "new_fracture"))
     insert(engine, procs, comps)
     return start + timedelta(days=days)
 

@@ -52,7 +52,8 @@ def _monitor_in_fresh_process(db_url: str, tmp_path: Path) -> dict:
 
 def test_a_second_monitor_in_a_fresh_process_computes_no_thresholds(db_url, tmp_path):
     engine = make_engine(db_url)
-    build_sites(engine, sites=5, per_site=300, leak={"S005": 0.3})
+    # Fractures, so that the time-to-event chart runs (and designs its Poisson threshold).
+    build_sites(engine, sites=5, per_site=300, leak={"S005": 0.3}, fracture_rate=0.2)
     first = _monitor_in_fresh_process(db_url, tmp_path)
     with engine.connect() as conn:
         kinds = set(conn.scalars(sa.select(threshold_design.c.kind)))

@@ -18,6 +18,7 @@ from pipelines.evidence import status_rows
 from pipelines.schema import chart_status, quarantine, site_month_metric
 from pipelines.surveillance.engine import run_monitor
 from pipelines.surveillance.profile import load_profile
+from pipelines.surveillance.runs import read_stored
 from tests.conftest import _pg_available
 from tests.test_engine import build_sites
 from tests.test_outcomes import complication_row, digest, insert, procedure_row
@@ -178,6 +179,13 @@ def test_a_backfill_leaves_the_newer_picture_alone(db_url, settings_for):
     # A date past every outcome window is rejected before any work (was a MemoryError).
     with pytest.raises(InputRejected, match="after the newest procedure"):
         run_monitor(settings, as_of=newest.as_of + timedelta(days=3650))
+    # So is a date before the first procedure (it stored an empty run: user audit), for the
+    # monitor and for a reader of stored runs alike.
+    with pytest.raises(InputRejected, match="before the first procedure"):
+        run_monitor(settings, as_of=newest.as_of - timedelta(days=3650))
+    with engine.connect() as conn, pytest.raises(InputRejected, match="before the first"):
+        read_stored(conn, load_profile(settings.profile_path),
+                    newest.as_of - timedelta(days=3650))
     # A picture a look-ahead left behind (before this rule) yields to the next run on the data
     # (the one within the grace included: it is now before that picture).
     with engine.begin() as conn:

@@ -446,9 +446,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "keys", help="pseudonym key fingerprint status and rotation",
         description="Show the warehouse's pseudonym key fingerprint, or re-key it (docs/keys.md).",
     )
-    parser.add_argument("--db", help="warehouse URL (default: KYPHOWATCH_DB_URL or SQLite)")
+    db_help = "warehouse URL (default: KYPHOWATCH_DB_URL or SQLite)"
+    parser.add_argument("--db", help=db_help)
     actions = parser.add_subparsers(dest="keys_action", metavar="ACTION", required=True)
+    # --db after the action too, as every other command takes it (user audit: `keys check
+    # --db URL` was refused). SUPPRESS keeps a --db given before the action.
     check = actions.add_parser("check", help="print the fingerprint status (never the key)")
+    check.add_argument("--db", help=db_help, default=argparse.SUPPRESS)
     check.add_argument("--json", action="store_true", help="print the status as JSON")
     check.set_defaults(handler=_run_check)
     rot = actions.add_parser(
@@ -456,6 +460,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Re-key the warehouse from KYPHOWATCH_PSEUDONYM_KEY to the key in the "
                     "named environment variable, recomputing digests from the source extracts.",
     )
+    rot.add_argument("--db", help=db_help, default=argparse.SUPPRESS)
     rot.add_argument("--new-key-env", required=True, metavar="VAR",
                      help="environment variable holding the new key (never pass it as an argument)")
     rot.add_argument("--extracts", nargs="+", type=Path, metavar="PATH",

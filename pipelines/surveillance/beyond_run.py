@@ -303,12 +303,27 @@ def store_beyond_site(conn: sa.Connection, profile: Profile, as_of: date, run_ke
     """
     # Imported here: the engine imports this module.
     from pipelines.surveillance.engine import lock_monitor_store, replace_rows
+    from pipelines.surveillance.outcomes import latest_procedure_date
+    from pipelines.surveillance.runs import is_look_ahead, look_ahead_grace
 
     lock_monitor_store(conn)  # first, before the stored rows are read
+    # A look-ahead (a run dated past the newest procedure's shortest outcome window) is not
+    # the current picture, as for the site charts (engine._persist_once): on it every hold
+    # has run out, so stored as the newest it would clear open training reviews and
+    # device alerts and outrank every nightly run until the data caught up (user audit,
+    # 2026-12-07). Rows a look-ahead left before this rule give way to a run on the data.
+    newest = latest_procedure_date(conn)
+    if is_look_ahead(profile, as_of, newest):
+        log.info("beyond_site: a run as of %s is more than %d days after the newest "
+                 "procedure (%s); the stored operator and device rows left alone",
+                 as_of, look_ahead_grace(profile), newest)
+        return False
     for table in TABLES.values():
         mine = table.c.profile_name == profile.name
         stored = conn.execute(sa.select(sa.func.max(table.c.as_of)).where(mine)).scalar()
-        if stored is not None and date.fromisoformat(str(stored)[:10]) > as_of:
+        stored_day = date.fromisoformat(str(stored)[:10]) if stored is not None else None
+        if (stored_day is not None and stored_day > as_of
+                and not is_look_ahead(profile, stored_day, newest)):
             log.info("beyond_site: %s holds a newer run (%s); left alone", table.name, stored)
             return False
     # What is written goes in by the site run's bulk insert (COPY on PostgreSQL: some 2,500

@@ -122,6 +122,9 @@ INTERVAL_LEVEL = 0.95
 # Outcome windows up to this long are charted in the order outcomes became known (see
 # outcome_metric); longer ones (a year of follow-up) in index order, plus the window.
 INFORMATION_ORDER_MAX_WINDOW = 31
+# Shortest span a site's volume (units a year, which sets its budget threshold) is measured
+# over: a month, so that a site's first days do not read as an enormous volume.
+MIN_VOLUME_DAYS = 30
 
 
 # Simulation size for risk-adjusted thresholds at a fixed ARL0 (profiles without a
@@ -204,6 +207,8 @@ class _ChartedUnits:
     all_group: np.ndarray | None = None
     all_index_day: np.ndarray | None = None
     all_event_day: np.ndarray | None = None
+    # Units a year per site (every unit, mature or not; :meth:`_Computation._site_volumes`).
+    volume: np.ndarray | None = None
 
 
 # The method registry: every outcome method a profile may name (profile.METHODS_BY_KIND) and
@@ -481,6 +486,7 @@ class _Computation:
                 everyone = None
             window = metric.window_days or 0
             is_mature = all_index_day + int(metric.window_days) <= self.as_of_day
+            volume = self._site_volumes(all_group, all_index_day)
         p0 = metric.baseline.rate
         group = all_group[is_mature]
         y = all_y[is_mature]
@@ -586,7 +592,7 @@ class _Computation:
         charted = _ChartedUnits(group=group, y=y, day=day, c_group=c_group, c_y=c_y,
                                 c_day=c_day, c_risk=c_risk, lag=lag, p0=p0,
                                 all_group=all_group, all_index_day=all_index_day,
-                                all_event_day=all_event_day)
+                                all_event_day=all_event_day, volume=volume)
         done: set[str] = set()
         for method, routine in OUTCOME_METHODS.items():  # registry order: CUSUMs first
             if method in metric.methods and routine not in done:  # the CUSUMs share one pass per direction
@@ -622,11 +628,12 @@ class _Computation:
             if "bernoulli_cusum" in metric.methods:
                 self._cusum(metric, "bernoulli_cusum", direction, odds_ratio, units.c_group,
                             units.c_y, units.c_day, np.full(len(units.c_y), reference),
-                            units.lag)
+                            units.lag, units.volume)
             if "ra_cusum" in metric.methods and direction == "up":
                 self._cusum(metric, "ra_cusum", direction, odds_ratio, units.c_group,
                             units.c_y, units.c_day,
-                            _shift_odds(units.c_risk, units.p0, reference), units.lag)
+                            _shift_odds(units.c_risk, units.p0, reference), units.lag,
+                            units.volume)
 
     def _reference(self, metric: Metric, direction: str) -> float:
         """Return the rate charts in ``direction`` test against (range edge under a budget)."""
@@ -649,13 +656,26 @@ class _Computation:
             return "alarm"
         return "corroborating"
 
-    def _site_years(self, group: np.ndarray, day: np.ndarray) -> np.ndarray:
-        """Return the years each site has been contributing units (first index to as_of)."""
+    def _site_volumes(self, group: np.ndarray, index_day: np.ndarray) -> np.ndarray:
+        """Return each site's units a year: every unit it has indexed, over its span.
+
+        ``group``/``index_day`` are every unit of the metric, mature or still in its window:
+        the site's throughput, which is the rate at which its chart receives units once
+        it runs (a chart in outcome order or index order takes each unit a window late,
+        but takes as many a year). The span runs from the site's first index day to
+        as_of, and is at least ``MIN_VOLUME_DAYS``. Counting only the charted units over a
+        span floored at a year, as before, read a site in its first months (and any
+        chart whose units mature a window late) as doing a fraction of its work, which
+        lowered ARL0 and h: in the network replay (benchmarks/bench_network_replay.py)
+        sites in a registry's first weeks alarmed on two or three leaks.
+        """
         n_sites = len(self.sites)
         first = np.full(n_sites, self.as_of_day, dtype=np.int64)
         if len(group):
-            np.minimum.at(first, group, day)
-        return np.maximum((self.as_of_day - first + 1) / 365.25, 1.0)
+            np.minimum.at(first, group, index_day)
+        units = np.bincount(group, minlength=n_sites).astype(float)
+        span_days = np.maximum(self.as_of_day - first + 1, MIN_VOLUME_DAYS)
+        return units / (span_days / 365.25)
 
     def _spent_at_baseline(self, direction: str) -> bool:
         """Return True when upward false alarms are counted at the pooled baseline rate."""
@@ -663,7 +683,7 @@ class _Computation:
         return budget_ is not None and budget_.spent_at == "baseline" and direction == "up"
 
     def _budget_thresholds(self, metric: Metric, direction: str, odds_ratio: float,
-                           group: np.ndarray, day: np.ndarray, risk: np.ndarray,
+                           group: np.ndarray, risk: np.ndarray, volume: np.ndarray,
                            level: str) -> tuple[np.ndarray, np.ndarray]:
         """Return (h per site, ARL0 per site) from the false-alarm budget.
 
@@ -681,7 +701,6 @@ class _Computation:
         mean_risk = np.bincount(group, weights=risk, minlength=n_sites) / np.maximum(units, 1)
         at_baseline = self._spent_at_baseline(direction)
         edge, pooled = self._reference(metric, direction), float(metric.baseline.rate)
-        volume = units / self._site_years(group, day)
         h = np.full(n_sites, np.inf)
         arl0 = np.zeros(n_sites)
         edge_arl = np.zeros(n_sites)
@@ -707,14 +726,14 @@ class _Computation:
 
     def _cusum(self, metric: Metric, method: str, direction: str, odds_ratio: float,
                group: np.ndarray, y: np.ndarray, day: np.ndarray, risk: np.ndarray,
-               lag: int) -> None:
+               lag: int, volume: np.ndarray) -> None:
         """Run one CUSUM per site (rows in chart order; ``day + lag`` is when a row is known)."""
         detect = metric.detect
         role = self._role(metric, method, direction)
         n_sites = len(self.sites)
         if self.profile.design.budget is not None and role == "alarm":
             h_sites, arl0_sites = self._budget_thresholds(metric, direction, odds_ratio, group,
-                                                          day, risk, "alarm")
+                                                          risk, volume, "alarm")
             threshold_method = "Markov chain per site, ARL0 from the false-alarm budget"
         else:
             risk_varies = method == "ra_cusum" and len(risk) and float(np.ptp(risk)) > 0
@@ -742,7 +761,7 @@ class _Computation:
         if self.profile.design.budget is not None and role == "alarm" and direction == "up":
             # The watch threshold: the same chart at the (looser) watch budget.
             h_watch, arl0_watch = self._budget_thresholds(metric, direction, odds_ratio, group,
-                                                          day, risk, "watch")
+                                                          risk, volume, "watch")
             watch = cusum.grouped_cusum(group, y, risk, odds_ratio,
                                         np.where(np.isfinite(h_watch), h_watch, 1e9),
                                         n_groups=n_sites)
@@ -829,6 +848,15 @@ class _Computation:
         n_sites = len(self.sites)
         follow = survival.follow_up(site, index_day, event_day, n_sites,
                                     int(metric.window_days), self.as_of_day, reference)
+        if not follow.shape_estimated:
+            # A registry's first year: the network has not followed enough patients through
+            # the window to give the hazard's shape (survival.shape_estimable), and a chart
+            # on a guessed shape alarms at normal sites. The proportion charts wait for
+            # mature units in the same way.
+            self.summary["metrics"][metric.id]["tte"] = (
+                f"not charted yet: the network has not followed {survival.MIN_PATIENTS_PER_BIN} "
+                f"patients through every part of the {metric.window_days}-day window")
+            return
         mu = follow.mean_daily_expected()
         role = self._role(metric, "tte_cusum", "up")
         levels_to_run = [role] + (["watch"] if role == "alarm" and self.profile.design.budget
@@ -1375,7 +1403,7 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
         with store_cache_aside():
             with engine.connect() as conn:
                 newest = latest_procedure_date(conn)
-                check_as_of(profile, as_of, newest)
+                check_as_of(profile, as_of, newest, conn)
                 as_of = as_of or newest
                 if as_of is None:
                     log.info("monitor: the warehouse holds no procedures; nothing to monitor")

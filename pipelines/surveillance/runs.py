@@ -729,22 +729,37 @@ def is_look_ahead(profile, as_of: date, newest: date | None) -> bool:
     return newest is not None and as_of > newest + timedelta(days=look_ahead_grace(profile))
 
 
-def check_as_of(profile, as_of: date | None, newest: date | None) -> None:
-    """Raise InputRejected for an ``as_of`` after every outcome window of ``newest`` closed.
+def check_as_of(profile, as_of: date | None, newest: date | None,
+                conn: sa.Connection | None = None) -> None:
+    """Raise InputRejected for an ``as_of`` the warehouse's data cannot answer.
 
     A date after the newest procedure lets outcome windows close (up to the longest one);
     beyond that no figure can change, so the date is a mistake (2030 for 2023, say). The
-    monitor checks it too: charting years of empty days only to run out of memory.
+    monitor checks it too: charting years of empty days only to run out of memory. With
+    ``conn``, a date before the first procedure is refused too: it stored an empty run and
+    published an empty report (user audit, 2026-12-07).
     """
-    horizon = max((m.window_days or 0 for m in profile.metrics), default=0)
-    if as_of is not None and newest is not None and (
-            as_of > newest + timedelta(days=horizon)):
-        from pipelines.errors import InputRejected
+    from pipelines.errors import InputRejected
 
+    horizon = max((m.window_days or 0 for m in profile.metrics), default=0)
+    if as_of is None or newest is None:
+        return
+    if as_of > newest + timedelta(days=horizon):
         raise InputRejected(
             f"--as-of {as_of.isoformat()} is after the newest procedure in the warehouse "
             f"({newest.isoformat()}) plus the longest outcome window ({horizon} days); "
             "choose an earlier date")
+    if conn is not None and as_of < newest:
+        from pipelines.schema import procedure
+
+        # EXISTS stops at the first procedure on or before the date; the earliest date is
+        # looked up only to say it.
+        if conn.execute(sa.select(sa.literal(1)).where(procedure.c.procedure_date <= as_of)
+                        .limit(1)).first() is None:
+            earliest = conn.execute(sa.select(sa.func.min(procedure.c.procedure_date))).scalar()
+            raise InputRejected(
+                f"--as-of {as_of.isoformat()} is before the first procedure in the warehouse "
+                f"({str(earliest)[:10]}): there is nothing to show; choose a later date")
 
 
 def read_stored(conn: sa.Connection, profile, as_of: date | None = None, *,
@@ -761,7 +776,7 @@ def read_stored(conn: sa.Connection, profile, as_of: date | None = None, *,
     this run's rows; else as :func:`load_run`).
     """
     newest = newest_procedure_date(conn)
-    check_as_of(profile, as_of, newest)
+    check_as_of(profile, as_of, newest, conn)
     wanted = as_of or newest
     if not wanted:
         return wanted, None

@@ -33,6 +33,13 @@ import numpy as np
 BIN_DAYS = 30
 # Fewer network events than this: a constant hazard (the shape cannot be estimated).
 MIN_EVENTS_FOR_SHAPE = 30
+# The chart runs only once the network has followed this many patients' worth of at-risk
+# time through every follow-up bin (100 patients x the bin's width). Before that (a
+# registry's first year) the late bins are unseen or rest on a handful of patients, and
+# the shape the chart would use is wrong in the way that matters: new fractures cluster in
+# the first months (docs/statistics.md section 8), a constant or late-inflated shape
+# understates the early hazard, and busy sites alarm on fractures that are normal.
+MIN_PATIENTS_PER_BIN = 100
 
 
 @dataclass
@@ -44,6 +51,9 @@ class FollowUp:
     observed: np.ndarray  # (sites, days) first events
     hazard: np.ndarray  # reference hazard per follow-up bin (per day)
     volume_days: np.ndarray  # per site: days it has been contributing (first index to as_of)
+    # Whether the network's follow-up covers every bin (:func:`shape_estimable`); when not,
+    # ``hazard`` is the constant fallback and the chart must not be run on it.
+    shape_estimated: bool = True
 
     @property
     def days(self) -> np.ndarray:
@@ -74,14 +84,9 @@ def hazard_ratio_for(p_ref: float, odds_ratio: float) -> float:
     return math.log1p(-p1) / math.log1p(-p_ref)
 
 
-def reference_hazard(index_day: np.ndarray, end_day: np.ndarray, event: np.ndarray,
-                     window: int, p_ref: float) -> np.ndarray:
-    """Return the per-day hazard in each 30-day follow-up bin, scaled to ``p_ref`` over ``window``.
-
-    ``end_day`` is the last day at risk (exclusive), ``event`` whether follow-up ended in an
-    event. The shape is the network's Nelson-Aalen estimate per bin; with few events it is
-    flat.
-    """
+def network_bins(index_day: np.ndarray, end_day: np.ndarray, event: np.ndarray, window: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the network's at-risk days, first events and width of each 30-day bin."""
     n_bins = max(1, math.ceil(window / BIN_DAYS))
     edges = np.arange(n_bins + 1) * BIN_DAYS
     edges[-1] = window
@@ -93,11 +98,38 @@ def reference_hazard(index_day: np.ndarray, end_day: np.ndarray, event: np.ndarr
                         for b in range(n_bins)], dtype=float)
     event_bin = np.minimum((duration[event] - 1).clip(min=0) // BIN_DAYS, n_bins - 1)
     events = np.bincount(event_bin, minlength=n_bins).astype(float)
+    return at_risk, events, widths
+
+
+def shape_estimable(at_risk: np.ndarray, events: np.ndarray, widths: np.ndarray) -> bool:
+    """Return True when the network's follow-up can give the hazard's shape.
+
+    At least ``MIN_EVENTS_FOR_SHAPE`` events, and in every bin the at-risk days of
+    ``MIN_PATIENTS_PER_BIN`` patients followed through it.
+    """
+    return bool(events.sum() >= MIN_EVENTS_FOR_SHAPE
+                and (at_risk >= MIN_PATIENTS_PER_BIN * widths).all())
+
+
+def reference_hazard(index_day: np.ndarray, end_day: np.ndarray, event: np.ndarray,
+                     window: int, p_ref: float) -> np.ndarray:
+    """Return the per-day hazard in each 30-day follow-up bin, scaled to ``p_ref`` over ``window``.
+
+    ``end_day`` is the last day at risk (exclusive), ``event`` whether follow-up ended in an
+    event. The shape is the network's Nelson-Aalen estimate per bin; with few events it is
+    flat.
+    """
+    return hazard_from_bins(*network_bins(index_day, end_day, event, window), p_ref)
+
+
+def hazard_from_bins(at_risk: np.ndarray, events: np.ndarray, widths: np.ndarray,
+                     p_ref: float) -> np.ndarray:
+    """Return :func:`reference_hazard` from the network's bins (:func:`network_bins`)."""
     if events.sum() >= MIN_EVENTS_FOR_SHAPE and (at_risk > 0).all():
         shape = events / at_risk
         shape = np.where(shape > 0, shape, shape[shape > 0].min() / 2)
     else:
-        shape = np.ones(n_bins)
+        shape = np.ones(len(widths))
     cumulative = float((shape * widths).sum())
     target = -math.log1p(-p_ref)
     return shape * (target / cumulative)
@@ -119,7 +151,9 @@ def follow_up(site: np.ndarray, index_day: np.ndarray, event_day: np.ndarray, n_
     # at risk on days index .. end-1; the event day itself is at risk (exposure, then event)
     end_day = np.minimum(index_day + window, as_of_day + 1)
     end_day = np.where(has_event, np.minimum(end_day, event_day + 1), end_day)
-    hazard = reference_hazard(index_day, end_day, has_event, window, p_ref)
+    bins = network_bins(index_day, end_day, has_event, window)
+    hazard = hazard_from_bins(*bins, p_ref)
+    estimable = shape_estimable(*bins)
     n_bins = len(hazard)
     # Piecewise-constant hazard: add hazard[b] on each unit's days of bin b via differences.
     delta = np.zeros(n_sites * (n_days + 1))
@@ -153,7 +187,8 @@ def follow_up(site: np.ndarray, index_day: np.ndarray, event_day: np.ndarray, n_
     starts = np.full(n_sites, as_of_day, dtype=np.int64)
     np.minimum.at(starts, site, index_day)
     return FollowUp(first_day=first_day, expected=expected, observed=observed, hazard=hazard,
-                    volume_days=(as_of_day - starts + 1).astype(float))
+                    volume_days=(as_of_day - starts + 1).astype(float),
+                    shape_estimated=estimable)
 
 
 @dataclass
