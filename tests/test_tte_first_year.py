@@ -57,3 +57,17 @@ def test_a_registry_past_its_first_year_has_the_chart(db_url, settings_for):
     engine.dispose()
     assert "new_fracture" in result.charts["tte"]
     assert "tte" not in result.summary["metrics"]["new_fracture"]
+
+
+def test_the_methods_page_says_why_the_chart_is_missing(db_url, settings_for):
+    from pipelines.report.data import ReportData
+    from pipelines.report.methods import methods_page
+    from pipelines.surveillance.engine import run_monitor
+
+    engine = make_engine(db_url)
+    build_sites(engine, sites=3, per_site=200, days=300, fracture_rate=0.3)
+    engine.dispose()
+    settings = settings_for(db_url)
+    run_monitor(settings)
+    page = methods_page(ReportData(settings, None))
+    assert "New vertebral fracture within a year (per patient): not charted yet" in page

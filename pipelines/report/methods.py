@@ -15,6 +15,13 @@ from pipelines.report.common import (
 from pipelines.report.data import ReportData
 
 
+def _tte_notes(result) -> list[tuple[str, str]]:
+    """Return (metric, why) for each time-to-event chart this run did not chart."""
+    metrics = result.summary.get("metrics", {})
+    return [(k, v["tte"]) for k, v in sorted(metrics.items())
+            if isinstance(v, dict) and v.get("tte")]
+
+
 def methods_page(data: ReportData) -> str:
     """Return the methods page: baselines, thresholds, models, profile and data as-of."""
     p, r = data.profile, data.result
@@ -97,7 +104,8 @@ def methods_page(data: ReportData) -> str:
         ["rare-event test", f"one-sided exact binomial test at alpha = {d.rare_alpha:g} on "
          f"the rolling {d.rare_rolling_days} days"],
         ["time-to-event CUSUM", "daily Poisson CUSUM over patients in follow-up; h per "
-         "site from the budget (Markov chain of the daily chart)"],
+         "site from the budget (Markov chain of the daily chart)"
+         + "".join(f"; {_esc(p.metric(k).label)}: {_esc(note)}" for k, note in _tte_notes(r))],
         ["sentinel event", "any single event is a signal (no false-alarm rate by design)"],
     ]))
     body.append("<h2>Risk models</h2>")
