@@ -23,7 +23,16 @@ from typing import Any
 
 from pipelines import evidence
 from pipelines.evidence import readable_stamp
-from pipelines.report.charts import cusum_csv, cusum_svg, pchart_svg, tte_csv, tte_svg, vlad_svg
+from pipelines.report.charts import (
+    PchartBatch,
+    VladBatch,
+    cusum_csv,
+    cusum_svg,
+    pchart_svg,
+    tte_csv,
+    tte_svg,
+    vlad_svg,
+)
 from pipelines.report.common import (
     METHOD_NAMES,
     _esc,
@@ -160,6 +169,32 @@ def _flag_levels(m: dict[str, Any], direction: str) -> list[tuple[str, float]]:
     return chosen[:3]
 
 
+def vlad_batch(data: ReportData) -> VladBatch:
+    """Return every site's VLAD charts made at once, from the inputs each site page draws
+    them from (its months, the level's direction, the flags of the run's row); a page
+    whose inputs differ draws its chart alone (:func:`vlad_svg` compares them)."""
+
+    def make() -> VladBatch:
+        inputs = []
+        for key, months in data.months.items():
+            metric, row = data.metrics.get(key[1]), data.rows.get(key)
+            if metric is None or metric.kind != "outcome" or not months or row is None:
+                continue
+            direction = (data.levels.get(key) or {}).get("direction") or "up"
+            inputs.append((key, months, direction, _flag_levels(row, direction),
+                           metric.detect.odds_ratio if metric.detect else 2.0))
+        return VladBatch(inputs)
+
+    return data.chart_batch("vlad", make)
+
+
+def pchart_batch(data: ReportData, metric_id: str) -> PchartBatch:
+    """Return the p-chart of ``metric_id`` made for every site at once."""
+    b = data.metrics[metric_id].baseline
+    return data.chart_batch(("pchart", metric_id), lambda: PchartBatch(
+        data.result.charts["pchart"][metric_id], (b.low, b.high)))
+
+
 def series_csv_name(key: str) -> str:
     """Return the file name of a CUSUM's or time-to-event CUSUM's data for every site
     (beside ``index.html``); ``key`` is the run's chart key (``metric:method:direction``,
@@ -289,13 +324,15 @@ def _metric_section(data: ReportData, site_id: str, m: dict[str, Any], payload, 
         way = "more events" if direction == "up" else "fewer events"
         figures.add(vlad_svg(months, f"{site_id} {label}: observed \u2212 expected ({way})",
                              direction=direction, flags=_flag_levels(m, direction),
-                             odds_ratio=odds),
+                             odds_ratio=odds, batch=vlad_batch(data),
+                             key=(site_id, metric_id)),
                     f"{metric_id}-vlad", f"{site_id} {label}, observed minus expected")
     if metric_id in charts.get("pchart", {}):
         b = metric.baseline
         figures.add(pchart_svg(charts["pchart"][metric_id], site_id,
                                f"{site_id} {label}: quarterly p-chart",
-                               guidance=(b.low, b.high)),
+                               guidance=(b.low, b.high),
+                               batch=pchart_batch(data, metric_id)),
                     f"{metric_id}-pchart", f"{site_id} {label}, quarterly p-chart")
     cusums = [(key, c) for key, c in sorted(charts.get("cusum", {}).items())
               if c["metric"] == metric_id]
