@@ -245,32 +245,45 @@ def _texts_of_ints(values: np.ndarray) -> np.ndarray:
 
 
 def rounded_many(values: np.ndarray, digits: int) -> np.ndarray:
-    """Return :func:`rounded_texts` of each value (an object array), most looked up.
+    """Return :func:`rounded_texts` of each value (an object array), most looked up
+    (:func:`rounded_parts`)."""
+    sign, whole, fraction = rounded_parts(values, digits)
+    return sign + whole + fraction
+
+
+def rounded_parts(values: np.ndarray, digits: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return :func:`rounded_texts` of each value in three pieces (object arrays: sign,
+    whole part, decimals), to be joined; most are looked up in tables.
 
     ``format(v, ".{digits}f")`` is the correctly rounded decimal of the exact binary
     value: for ``|v|`` below :data:`_WHOLE_TOP`, ``|v| * 10**digits`` is off by far less
     than 1e-6, so it rounds the same way unless it lies within 1e-6 of a half; such
-    values (and larger ones, NaN, infinities) go through :func:`rounded_texts` itself.
-    The sign is the value's own (``-0.0`` for a small negative value, as ``format``).
+    values (and larger ones, NaN, infinities) go through :func:`rounded_texts` itself
+    (their text is the whole part, the other pieces empty). The sign is the value's own
+    (``-0.0`` for a small negative value, as ``format`` writes it).
     """
     values = np.asarray(values, dtype=float)
-    out = np.empty(len(values), dtype=object)
+    sign = np.full(len(values), "", dtype=object)
+    whole = np.full(len(values), "", dtype=object)
+    fraction = np.full(len(values), "", dtype=object)
     if not len(values):
-        return out
+        return sign, whole, fraction
     scale = 10 ** digits
     magnitude = np.abs(values)
     with np.errstate(invalid="ignore"):
         scaled = magnitude * float(scale)
-        whole = np.floor(scaled)
-        fraction = scaled - whole
-        fast = (magnitude < _WHOLE_TOP) & (np.abs(fraction - 0.5) > 1e-6)
-    tenths = (whole[fast] + (fraction[fast] > 0.5)).astype(np.int64)
-    sign = np.where(np.signbit(values[fast]), "-", "").astype(object)
-    out[fast] = (sign + _whole_texts()[tenths // scale]) + _fraction_texts(digits)[tenths % scale]
+        floor = np.floor(scaled)
+        rest = scaled - floor
+        fast = (magnitude < _WHOLE_TOP) & (np.abs(rest - 0.5) > 1e-6)
+    units = (floor[fast] + (rest[fast] > 0.5)).astype(np.int64)
+    sign[fast & np.signbit(values)] = "-"
+    whole[fast] = _whole_texts()[units // scale]
+    fraction[fast] = _fraction_texts(digits)[units % scale]
     slow = np.flatnonzero(~fast)
     if len(slow):
-        out[slow] = rounded_texts(values[slow], digits)
-    return out
+        whole[slow] = rounded_texts(values[slow], digits)
+    return sign, whole, fraction
 
 
 class VladBatch:
@@ -382,18 +395,34 @@ class VladBatch:
                         np.maximum.accumulate(path, axis=1) - path)
         self._turned = np.where(shown, rise, -np.inf).argmax(axis=1).tolist()
         self._up, self._x, self._path, self._level = up.tolist(), x, path, level
-        # the CSV rows, every chart's at once
-        comma = ","
-        rows = (np.array(month, dtype=object) + comma + _texts_of_ints(units[valid]) + comma
-                + _texts_of_ints(events[valid]) + comma + rounded_many(expected[valid], 4)
-                + comma + rounded_many(diff[shown], 4) + comma + rounded_many(ys, 4))
+        # the CSV rows of every chart at once, as pieces (a chart's text is one join of
+        # its rows' pieces): month, units, events, then each number as sign, whole part
+        # and decimals, and each flag level drawn (a comma and its number, else nothing)
+        pieces = [np.array(month, dtype=object), _texts_of_ints(units[valid]),
+                  _texts_of_ints(events[valid]), *rounded_parts(expected[valid], 4),
+                  *rounded_parts(diff[shown], 4), *rounded_parts(ys, 4)]
+        commas = [1, 2, 3, 6, 9]  # a comma before these pieces
         for i in range(3):
             drawn = has_level[chart, i]
             if drawn.any():
-                cells = np.full(len(rows), "", dtype=object)
-                cells[drawn] = comma + rounded_many(level[chart[drawn], i, position[drawn]], 4)
-                rows = rows + cells
-        self._rows = (rows + "\r\n").tolist()
+                mark = np.full(len(chart), "", dtype=object)
+                mark[drawn] = ","
+                numbers = rounded_parts(level[chart, i, position], 4)
+                for piece in numbers:
+                    piece[~drawn] = ""
+                pieces += [mark, *numbers]
+        width = len(pieces) + len(commas) + 1
+        table = np.empty((len(chart), width), dtype=object)
+        column = 0
+        for k, piece in enumerate(pieces):
+            if k in commas:
+                table[:, column] = ","
+                column += 1
+            table[:, column] = piece
+            column += 1
+        table[:, column] = "\r\n"
+        self._csv_width = width
+        self._csv_pieces = table.ravel().tolist()
 
     def drawn(self, key: Any, title: str, months: MonthSeries, direction: str,
               flags: list[tuple[str, float]], odds_ratio: float) -> Drawn | None:
@@ -420,7 +449,8 @@ class VladBatch:
         svg, headers = _vlad_chart(title, month, self._x[row, :n], self._path[row, :n],
                                    self._up[row], levels, self._turned[row], self._end[row],
                                    path_drawn=text_for(self._path_texts[row]))
-        return svg, headers, CsvBody("".join(self._rows[a:b]))
+        width = self._csv_width
+        return svg, headers, CsvBody("".join(self._csv_pieces[a * width:b * width]))
 
 
 

@@ -195,6 +195,15 @@ def pchart_batch(data: ReportData, metric_id: str) -> PchartBatch:
         data.result.charts["pchart"][metric_id], (b.low, b.high)))
 
 
+def site_batches(data: ReportData) -> None:
+    """Make the charts drawn for every site at once (:func:`vlad_batch`,
+    :func:`pchart_batch`) now, e.g. before the drawing processes fork (they share them)."""
+    vlad_batch(data)
+    for metric_id in data.result.charts.get("pchart", {}):
+        if metric_id in data.metrics:
+            pchart_batch(data, metric_id)
+
+
 def series_csv_name(key: str) -> str:
     """Return the file name of a CUSUM's or time-to-event CUSUM's data for every site
     (beside ``index.html``); ``key`` is the run's chart key (``metric:method:direction``,
