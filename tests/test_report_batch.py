@@ -380,3 +380,43 @@ def test_layout_is_the_charts_own():
     plot.line([1.0, 2.0], [1.0, 2.0])
     plot.render()
     assert plot._frame[4:] == charts._LAYOUT
+
+
+def _frames_of(draw, monkeypatch) -> list[tuple]:
+    """Return the frame of every chart ``draw()`` renders."""
+    from pipelines.report.svgplot import Chart
+
+    frames = []
+    render = Chart.render
+
+    def recording(self):
+        out = render(self)
+        frames.append(self._frame)
+        return out
+
+    monkeypatch.setattr(Chart, "render", recording)
+    draw()
+    monkeypatch.setattr(Chart, "render", render)
+    return frames
+
+
+def test_batch_frames_are_the_frames_each_chart_is_drawn_in(monkeypatch):
+    """The batches' texts are made for the frame each chart alone is drawn in, so they are
+    the ones used (a text made for another frame would be ignored, not wrong)."""
+    cases = [c for c in _vlad_cases() if any(c[1].units) and len(c[3]) <= 3]
+    batch = VladBatch(cases)
+    frames = _frames_of(
+        lambda: [vlad_svg(m, "t", direction=d, flags=f, odds_ratio=o) for _, m, d, f, o in cases],
+        monkeypatch,
+    )
+    assert frames == [batch._frames[batch._row[c[0]]] for c in cases]
+    rng = np.random.default_rng(9)
+    chart = _pchart(rng, 60, 12)
+    for guidance in ((0.05, 0.2), (None, None)):
+        batch = PchartBatch(chart, guidance)
+        sites = [s for i, s in enumerate(chart["sites"]) if chart["n"][i].any()]
+        frames = _frames_of(
+            lambda: [pchart_svg(chart, s, "t", guidance=guidance) for s in sites],  # noqa: B023
+            monkeypatch,
+        )
+        assert frames == [batch._frames[batch._code[s]] for s in sites]
