@@ -194,12 +194,14 @@ def vlad_svg(months: MonthSeries, title: str, *, direction: str,
 
 
 def _vlad_chart(title: str, month: list[str], x: np.ndarray, path: np.ndarray, up: bool,
-                levels: list, turned: int, end: float, path_drawn=None) -> tuple[str, list[str]]:
+                levels: list, turned: int, end: float, path_drawn=None,
+                ranges=None) -> tuple[str, list[str]]:
     """Return a VLAD chart's SVG and its CSV header: ``levels`` are the flag levels drawn,
-    ``(i, name, excess, level, drawn)`` (``i``: the flag's place, for its dash)."""
+    ``(i, name, excess, level, drawn)`` (``i``: the flag's place, for its dash);
+    ``ranges``: the chart's frame, computed beforehand (:class:`VladBatch`)."""
     plot = Chart(title=title, x_label="index month (procedure, or first procedure per patient)",
                  y_label="observed \u2212 expected events (cumulative)", x_scale="date",
-                 description="")
+                 description="", ranges=ranges)
     plot.hline(0.0, label="as expected for the case mix", style="solid", tone="#777")
     plot.line(x, path, label="observed \u2212 expected", width=1.6, step=False,
               drawn=path_drawn)
@@ -448,7 +450,8 @@ class VladBatch:
                   for i, name, excess in self._names[row]]
         svg, headers = _vlad_chart(title, month, self._x[row, :n], self._path[row, :n],
                                    self._up[row], levels, self._turned[row], self._end[row],
-                                   path_drawn=text_for(self._path_texts[row]))
+                                   path_drawn=text_for(self._path_texts[row]),
+                                   ranges=frame[:4])
         width = self._csv_width
         return svg, headers, CsvBody("".join(self._csv_pieces[a * width:b * width]))
 
@@ -503,13 +506,14 @@ def pchart_svg(chart: dict[str, Any], site_id: str, title: str, *,
 def _pchart_chart(chart: dict[str, Any], title: str, guidance, x: np.ndarray,
                   has: np.ndarray, p: np.ndarray, limit: np.ndarray | None,
                   above: np.ndarray, plain_tips: list[str], above_tips: list[str],
-                  drawn=(None, None, None, None)) -> str:
+                  drawn=(None, None, None, None), ranges=None) -> str:
     """Return a site's p-chart: ``drawn``, the texts made beforehand (:class:`PchartBatch`)
-    of the limit line, the proportions' line, the quarters within and above the limit."""
+    of the limit line, the proportions' line, the quarters within and above the limit;
+    ``ranges``: the chart's frame, computed there too."""
     low, high = guidance
     limit_drawn, p_drawn, plain_drawn, above_drawn = drawn
     plot = Chart(title=title, x_label="quarter (plotted at mid-quarter)",
-                 y_label="proportion with event", x_scale="date", y_min=0.0)
+                 y_label="proportion with event", x_scale="date", y_min=0.0, ranges=ranges)
     if low is not None and high is not None:
         plot.band(low, high, label=f"guidance range {_pct(low)}\u2013{_pct(high)}")
     if limit is not None:
@@ -698,7 +702,8 @@ class PchartBatch:
             chart, title, guidance, self._x, has, self._p[code], limit, above,
             tips[has & ~above].tolist(), tips[above].tolist(),
             drawn=(text_for(self._limit_texts[code]), text_for(self._p_texts[code]),
-                   text_for(self._plain[code]), text_for(self._above_marks[code])))
+                   text_for(self._plain[code]), text_for(self._above_marks[code])),
+            ranges=frame[:4])
         return svg, list(PCHART_HEADERS), CsvBody(self._csv[code])
 
 

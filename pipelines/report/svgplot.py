@@ -252,6 +252,9 @@ class Chart:
     y_max: float | None = None
     description: str = ""
     series: list[_Series] = field(default_factory=list)
+    # (x0, x1, y0, y1) as _ranges would compute them, when the caller has computed them
+    # for many charts at once (pipelines.report.charts' batches; tests hold the two equal)
+    ranges: tuple[float, float, float, float] | None = None
 
     def line(self, x, y, *, label=None, style="solid", width=1.4, step=False, tone="#111",
              drawn=None):
@@ -332,7 +335,7 @@ class Chart:
         legend_rows = math.ceil(len(legend) / columns)
         height = self.height + 16 * legend_rows
         plot_w, plot_h = self.width - left - right, self.height - top - bottom
-        x0, x1, y0, y1 = self._ranges()
+        x0, x1, y0, y1 = self.ranges if self.ranges is not None else self._ranges()
         log = self.x_scale == "log"
 
         lo, hi = (math.log10(x0), math.log10(x1)) if log else (0.0, 1.0)
