@@ -19,6 +19,7 @@ every site, not site by site (issue 11).
 from __future__ import annotations
 
 import base64
+from functools import lru_cache
 from typing import Any
 
 from pipelines import evidence
@@ -36,6 +37,7 @@ from pipelines.report.charts import (
 from pipelines.report.common import (
     METHOD_NAMES,
     _esc,
+    _esc_name,
     _field,
     _header,
     _num,
@@ -115,45 +117,62 @@ def _summary_table(data: ReportData, site_id: str, payload: dict[str, Any]) -> s
                   caption=f"{site_id}: every metric at a glance")
 
 
+@lru_cache(maxsize=4096)
+def _field_head(name: str, metric: str) -> str:
+    """Return the opening of :func:`_field`'s span up to its value (a few dozen names)."""
+    return f"<span data-field='{_esc_name(name)}' data-metric='{_esc_name(metric)}' data-value='"
+
+
+def _number_field(value: Any, name: str, metric: str) -> str:
+    """Return :func:`_field` of ``value`` (a metric table holds some 14 of them: numbers
+    written from a cached opening; anything else through ``_field`` itself)."""
+    kind = type(value)
+    if kind is float and metric:
+        return f"{_field_head(name, metric)}{value!r}'>{value:.4g}</span>"
+    if kind is int and metric:
+        return f"{_field_head(name, metric)}{value!r}'>{value}</span>"
+    return _field(value, name, metric)
+
+
 def _metric_table(m: dict[str, Any]) -> str:
     metric = m["metric"]
     rows = [
         ["level", _esc(evidence.STATUS_LABELS[m["status"]]) + f" <span class='note'>("
          f"{_esc(m['status_reason'])})</span>"],
-        ["mature units", _field(m.get("n"), "n", metric)],
-        ["events", _field(m.get("events"), "events", metric)],
-        ["rate", _field(m.get("rate"), "rate", metric) + f" ({_pct(m.get('rate'))})"],
-        ["exact 95% CI", _field(m.get("ci_low"), "ci_low", metric) + " \u2013 "
-         + _field(m.get("ci_high"), "ci_high", metric)
+        ["mature units", _number_field(m.get("n"), "n", metric)],
+        ["events", _number_field(m.get("events"), "events", metric)],
+        ["rate", _number_field(m.get("rate"), "rate", metric) + f" ({_pct(m.get('rate'))})"],
+        ["exact 95% CI", _number_field(m.get("ci_low"), "ci_low", metric) + " \u2013 "
+         + _number_field(m.get("ci_high"), "ci_high", metric)
          + f" ({_pct(m.get('ci_low'))}\u2013{_pct(m.get('ci_high'))})"],
-        ["baseline", _field(m.get("baseline"), "baseline", metric)
+        ["baseline", _number_field(m.get("baseline"), "baseline", metric)
          + f" ({_pct(m.get('baseline'))}) <span class='note'>({_esc(m.get('citation'))})"
          "</span>"],
     ]
     oe = m.get("observed_expected")
     if oe:
         rows += [
-            ["expected (case mix)", _field(oe["expected"], "expected", metric)],
-            ["expected at baseline", _field(oe["expected_at_baseline"], "expected_at_baseline",
+            ["expected (case mix)", _number_field(oe["expected"], "expected", metric)],
+            ["expected at baseline", _number_field(oe["expected_at_baseline"], "expected_at_baseline",
                                             metric)],
-            ["observed / expected", _field(oe["o_to_e"], "o_to_e", metric) + " (95% CI "
-             + _field(oe["o_to_e_ci_low"], "o_to_e_ci_low", metric) + " \u2013 "
-             + _field(oe["o_to_e_ci_high"], "o_to_e_ci_high", metric) + ")"],
+            ["observed / expected", _number_field(oe["o_to_e"], "o_to_e", metric) + " (95% CI "
+             + _number_field(oe["o_to_e_ci_low"], "o_to_e_ci_low", metric) + " \u2013 "
+             + _number_field(oe["o_to_e_ci_high"], "o_to_e_ci_high", metric) + ")"],
         ]
     for name, c in sorted((m.get("cusum") or {}).items()):
         rows.append([_esc(method_name(name)),
-                     _field(c["value"], f"cusum.{name}.value", metric)
-                     + " / h " + _field(c["h"], f"cusum.{name}.h", metric)
+                     _number_field(c["value"], f"cusum.{name}.value", metric)
+                     + " / h " + _number_field(c["h"], f"cusum.{name}.h", metric)
                      + f" ({c['signals']} signals in history)"])
     for window, f in sorted((m.get("funnel") or {}).items()):
         name = method_name("funnel_cumulative" if window == "cumulative" else "funnel_12m")
         rows.append([_esc(name), f"{_esc(f['position'])}, z "
-                     + _field(f["z_adjusted"], f"funnel.{window}.z_adjusted", metric)
+                     + _number_field(f["z_adjusted"], f"funnel.{window}.z_adjusted", metric)
                      + f", {f['events']}/{f['n']}"])
     if m.get("rare"):
         r = m["rare"]
         rows.append([f"rolling {r['rolling_days']} days", f"{r['events']}/{r['n']}, exact p "
-                     + _field(r["p_value"], "rare.p_value", metric)])
+                     + _number_field(r["p_value"], "rare.p_value", metric)])
     return _table(["figure", "value"], rows, caption=f"{m['label']}: figures")
 
 
