@@ -133,8 +133,15 @@ def sparkline(months: MonthSeries, low: float | None, high: float | None,
 
 # -- VLAD ----------------------------------------------------------------------------
 
+_FLAG_STYLES = ("dash", "dot", "dashdot")
+# Chart.render's plot area for a chart of the default size (left, top, plot_w, plot_h);
+# the batches make their texts for it, and a chart drawn in another layout draws as usual
+_LAYOUT = (64, 30, 640, 198)
+
+
 def vlad_svg(months: MonthSeries, title: str, *, direction: str,
-             flags: list[tuple[str, float]], odds_ratio: float) -> Drawn | None:
+             flags: list[tuple[str, float]], odds_ratio: float,
+             batch: VladBatch | None = None, key: Any = None) -> Drawn | None:
     """Return the cumulative observed-minus-expected (VLAD) chart by index month.
 
     Expected is the case-mix expected count the monitor stored for each month. ``flags``
@@ -143,7 +150,14 @@ def vlad_svg(months: MonthSeries, title: str, *, direction: str,
     events, below the highest point). That is the least excess a CUSUM crossing needs
     (the log-likelihood ratio gains at most ln(OR) per excess event), so the VLAD reaching
     a flag level shows how a crossing came about; the CUSUM itself decides.
+
+    ``batch``: every chart of the report computed at once (:class:`VladBatch`); its chart
+    ``key`` is used when it was made from these very inputs (else drawn here).
     """
+    if batch is not None:
+        made = batch.drawn(key, title, months, direction, flags, odds_ratio)
+        if made is not None:
+            return made
     rows = [i for i, units in enumerate(months.units) if units]
     if not rows:
         return None
@@ -157,27 +171,43 @@ def vlad_svg(months: MonthSeries, title: str, *, direction: str,
     start = np.concatenate([[0.0], path[:-1]])
     log_or = abs(math.log(odds_ratio)) if odds_ratio and odds_ratio != 1 else None
     up = direction != "down"
-    plot = Chart(title=title, x_label="index month (procedure, or first procedure per patient)",
-                 y_label="observed \u2212 expected events (cumulative)", x_scale="date",
-                 description="")
-    plot.hline(0.0, label="as expected for the case mix", style="solid", tone="#777")
-    plot.line(x, path, label="observed \u2212 expected", width=1.6, step=False)
-    flag_columns = []
-    styles = ["dash", "dot", "dashdot"]
+    levels = []
     for i, (name, h) in enumerate(flags):
         if not log_or or not h:
             continue
         excess = h / log_or
         anchor = np.minimum.accumulate(start) if up else np.maximum.accumulate(start)
-        level = anchor + excess if up else anchor - excess
-        plot.line(x, level, label=f"{name} flag level ({excess:.1f} events)",
-                  style=styles[i % 3], width=1, step=True)
-        flag_columns.append((f"flag_level_{name.replace(' ', '_')}", level))
-    end = float(path[-1])
+        levels.append((i, name, excess, anchor + excess if up else anchor - excess, None))
     # the month where the rise (fall) from the lowest (highest) point so far is largest;
     # argmax takes the first such month
     turned = int(np.argmax(path - np.minimum.accumulate(path) if up
                            else np.maximum.accumulate(path) - path))
+    svg, headers = _vlad_chart(title, month, x, path, up, levels, turned, float(path[-1]))
+    # written column by column, as csv_text would write these rows (numbers as repr,
+    # rounded by Python's round, not numpy's, so the digits stay the same)
+    columns = [month, list(map(str, units)), list(map(str, events)),
+               *(rounded_texts(values, 4) for values in (
+                   expected, diff.tolist(), path.tolist(),
+                   *(level.tolist() for *_, level, _ in levels)))]
+    return svg, headers, CsvBody(
+        "".join(",".join(row) + "\r\n" for row in zip(*columns, strict=True)))
+
+
+def _vlad_chart(title: str, month: list[str], x: np.ndarray, path: np.ndarray, up: bool,
+                levels: list, turned: int, end: float, path_drawn=None,
+                ranges=None) -> tuple[str, list[str]]:
+    """Return a VLAD chart's SVG and its CSV header: ``levels`` are the flag levels drawn,
+    ``(i, name, excess, level, drawn)`` (``i``: the flag's place, for its dash);
+    ``ranges``: the chart's frame, computed beforehand (:class:`VladBatch`)."""
+    plot = Chart(title=title, x_label="index month (procedure, or first procedure per patient)",
+                 y_label="observed \u2212 expected events (cumulative)", x_scale="date",
+                 description="", ranges=ranges)
+    plot.hline(0.0, label="as expected for the case mix", style="solid", tone="#777")
+    plot.line(x, path, label="observed \u2212 expected", width=1.6, step=False,
+              drawn=path_drawn)
+    for i, name, excess, level, drawn in levels:
+        plot.line(x, level, label=f"{name} flag level ({excess:.1f} events)",
+                  style=_FLAG_STYLES[i % 3], width=1, step=True, drawn=drawn)
     plot.description = (
         f"{title}: cumulative observed minus expected events by month, "
         f"{month[0]} to {month[-1]}. The line ends at {end:+.1f} events "
@@ -185,24 +215,267 @@ def vlad_svg(months: MonthSeries, title: str, *, direction: str,
         f"steeply up to {month[turned]}. Flag levels show how far it must rise "
         f"({'more' if up else 'fewer'} events) before the CUSUM can signal.")
     headers = ["month", "mature_units", "observed", "expected", "observed_minus_expected",
-               "cumulative_observed_minus_expected", *[c for c, _ in flag_columns]]
-    # written column by column, as csv_text would write these rows (numbers as repr,
-    # rounded by Python's round, not numpy's, so the digits stay the same)
-    columns = [month, list(map(str, units)), list(map(str, events)),
-               *(rounded_texts(values, 4) for values in (
-                   expected, diff.tolist(), path.tolist(),
-                   *(col.tolist() for _, col in flag_columns)))]
-    return plot.render(), headers, CsvBody(
-        "".join(",".join(row) + "\r\n" for row in zip(*columns, strict=True)))
+               "cumulative_observed_minus_expected",
+               *(f"flag_level_{name.replace(' ', '_')}" for _, name, *_ in levels)]
+    return plot.render(), headers
+
+
+# Whole numbers below this are written from a table (the batches' CSV cells)
+_WHOLE_TOP = 10_000
+
+
+@lru_cache(maxsize=1)
+def _whole_texts() -> np.ndarray:
+    """Return ``str(i)`` for i up to :data:`_WHOLE_TOP` (inclusive)."""
+    return np.array([str(i) for i in range(_WHOLE_TOP + 1)], dtype=object)
+
+
+@lru_cache(maxsize=4)
+def _fraction_texts(digits: int) -> np.ndarray:
+    """Return the decimals of ``i / 10**digits`` as fixed point writes them with the
+    trailing zeros cut (``.5``, ``.25``, ``.0`` for none), for i below ``10**digits``."""
+    return np.array(["." + (f"{i:0{digits}d}".rstrip("0") or "0")
+                     for i in range(10 ** digits)], dtype=object)
+
+
+def _texts_of_ints(values: np.ndarray) -> np.ndarray:
+    """Return ``str`` of each whole number (an object array)."""
+    values = np.asarray(values)
+    if len(values) and 0 <= values.min() and values.max() <= _WHOLE_TOP:
+        return _whole_texts()[values.astype(np.intp)]
+    return np.array(list(map(str, values.tolist())), dtype=object)
+
+
+def rounded_many(values: np.ndarray, digits: int) -> np.ndarray:
+    """Return :func:`rounded_texts` of each value (an object array), most looked up
+    (:func:`rounded_parts`)."""
+    sign, whole, fraction = rounded_parts(values, digits)
+    return sign + whole + fraction
+
+
+def rounded_parts(values: np.ndarray, digits: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return :func:`rounded_texts` of each value in three pieces (object arrays: sign,
+    whole part, decimals), to be joined; most are looked up in tables.
+
+    ``format(v, ".{digits}f")`` is the correctly rounded decimal of the exact binary
+    value: for ``|v|`` below :data:`_WHOLE_TOP`, ``|v| * 10**digits`` is off by far less
+    than 1e-6, so it rounds the same way unless it lies within 1e-6 of a half; such
+    values (and larger ones, NaN, infinities) go through :func:`rounded_texts` itself
+    (their text is the whole part, the other pieces empty). The sign is the value's own
+    (``-0.0`` for a small negative value, as ``format`` writes it).
+    """
+    values = np.asarray(values, dtype=float)
+    sign = np.full(len(values), "", dtype=object)
+    whole = np.full(len(values), "", dtype=object)
+    fraction = np.full(len(values), "", dtype=object)
+    if not len(values):
+        return sign, whole, fraction
+    scale = 10 ** digits
+    magnitude = np.abs(values)
+    with np.errstate(invalid="ignore"):
+        scaled = magnitude * float(scale)
+        floor = np.floor(scaled)
+        rest = scaled - floor
+        fast = (magnitude < _WHOLE_TOP) & (np.abs(rest - 0.5) > 1e-6)
+    units = (floor[fast] + (rest[fast] > 0.5)).astype(np.int64)
+    sign[fast & np.signbit(values)] = "-"
+    whole[fast] = _whole_texts()[units // scale]
+    fraction[fast] = _fraction_texts(digits)[units % scale]
+    slow = np.flatnonzero(~fast)
+    if len(slow):
+        whole[slow] = rounded_texts(values[slow], digits)
+    return sign, whole, fraction
+
+
+class VladBatch:
+    """Every VLAD chart of a report, computed at once (issue 11): the cumulative sums, flag
+    levels, frames, line texts and CSV cells of a few thousand charts of a few dozen
+    months each are some hundred numpy calls for all of them instead of per chart.
+
+    ``inputs``: ``(key, months, direction, flags, odds_ratio)`` per chart, as
+    :func:`vlad_svg` is called. The arithmetic is :func:`vlad_svg`'s, element by element
+    (a chart's months are a row of a matrix, padded at its end; accumulations run along
+    the row, so the padding never reaches a month); the frames are ``Chart._ranges`` of
+    the chart it draws, and a line's text (:func:`long_paths`) is used only when the chart
+    is drawn in that very frame. Tests hold every chart to :func:`vlad_svg` drawing alone.
+    """
+
+    def __init__(self, inputs: list[tuple[Any, MonthSeries, str, list, float]]) -> None:
+        from itertools import chain
+
+        self._inputs = {key: (months, direction, list(flags), odds_ratio)
+                        for key, months, direction, flags, odds_ratio in inputs}
+        keys = list(self._inputs)
+        self._row = {key: i for i, key in enumerate(keys)}
+        series = [self._inputs[key][0] for key in keys]
+        count = len(keys)
+        sizes = np.fromiter((len(m.units) for m in series), dtype=np.int64, count=count)
+        total = int(sizes.sum())
+        units = np.fromiter(chain.from_iterable(m.units for m in series), dtype=np.int64,
+                            count=total)
+        events = np.fromiter(chain.from_iterable(m.events for m in series), dtype=np.int64,
+                             count=total)
+        expected = np.fromiter(chain.from_iterable(m.expected for m in series), dtype=float,
+                               count=total)
+        valid = units != 0
+        chart = np.repeat(np.arange(count), sizes)[valid]
+        counts = np.bincount(chart, minlength=count)
+        self._counts = counts.tolist()
+        width = int(counts.max(initial=0)) or 1
+        position = np.arange(len(chart)) - np.repeat(np.cumsum(counts) - counts, counts)
+        month_all = list(chain.from_iterable(m.month for m in series))
+        month = [month_all[i] for i in np.flatnonzero(valid).tolist()]
+        mids = {m: _month_mid(m) for m in set(month)}
+        self._month = month
+        self._bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
+        x = np.full((count, width), np.nan)
+        x[chart, position] = np.array([mids[m] for m in month], dtype=float)
+        diff = np.full((count, width), np.nan)
+        diff[chart, position] = events[valid].astype(float) - expected[valid]
+        path = np.cumsum(diff, axis=1)
+        start = np.zeros((count, width))
+        start[:, 1:] = path[:, :-1]
+        up = np.array([self._inputs[key][1] != "down" for key in keys], dtype=bool)
+        anchor = np.where(up[:, None], np.minimum.accumulate(start, axis=1),
+                          np.maximum.accumulate(start, axis=1))
+        # the flags drawn: excess events per chart and place (NaN: not drawn)
+        excess = np.full((count, 3), np.nan)
+        self._names: list[list[tuple[int, str, float]]] = []
+        for row, key in enumerate(keys):
+            _, _, flags, odds_ratio = self._inputs[key]
+            log_or = abs(math.log(odds_ratio)) if odds_ratio and odds_ratio != 1 else None
+            drawn = []
+            for i, (name, h) in enumerate(flags):
+                if not log_or or not h:
+                    continue
+                if i >= 3:  # more than three flags: not this batch's shape
+                    drawn = None
+                    break
+                excess[row, i] = h / log_or
+                drawn.append((i, name, float(excess[row, i])))
+            self._names.append(drawn)
+        level = np.where(up[:, None, None], anchor[:, None, :] + excess[:, :, None],
+                         anchor[:, None, :] - excess[:, :, None])
+        shown = np.arange(width)[None, :] < counts[:, None]
+        has_level = ~np.isnan(excess)
+        # Chart._ranges of the chart _vlad_chart draws: x of every month, y of the line,
+        # the flag levels drawn and the zero line
+        x0 = np.where(shown, x, np.inf).min(axis=1)
+        x1 = np.where(shown, x, -np.inf).max(axis=1)
+        finite = shown & np.isfinite(path)
+        levels_finite = shown[:, None, :] & has_level[:, :, None] & np.isfinite(level)
+        y0 = np.minimum(np.minimum(np.where(finite, path, np.inf).min(axis=1),
+                                   np.where(levels_finite, level, np.inf).min(axis=(1, 2))),
+                        0.0)
+        y1 = np.maximum(np.maximum(np.where(finite, path, -np.inf).max(axis=1),
+                                   np.where(levels_finite, level, -np.inf).max(axis=(1, 2))),
+                        0.0)
+        flat = x1 == x0
+        x0, x1 = np.where(flat, x0 - 1, x0), np.where(flat, x1 + 1, x1)
+        y1 = np.where(y1 == y0, y0 + np.where(np.abs(y0) != 0, np.abs(y0), 1.0), y1)
+        pad = (y1 - y0) * 0.05
+        frames = np.column_stack([x0, x1, y0 - pad, y1 + pad])
+        self._frames = [tuple(f) + _LAYOUT for f in frames.tolist()]
+        # the line of each chart
+        xs, ys = x[shown], path[shown]
+        self._path_texts = long_paths(xs, ys, self._bounds, frames, *_LAYOUT)
+        # each flag level's staircase (np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1])
+        line_chart, line_place = np.nonzero(has_level & (counts > 0)[:, None])
+        steps = 2 * counts[line_chart] - 1
+        line = np.repeat(np.arange(len(line_chart)), steps)
+        j = np.arange(int(steps.sum())) - np.repeat(np.cumsum(steps) - steps, steps)
+        step_texts = long_paths(
+            x[line_chart[line], (j + 1) // 2], level[line_chart[line], line_place[line], j // 2],
+            np.concatenate(([0], np.cumsum(steps))), frames[line_chart], *_LAYOUT)
+        self._level_texts = {(c, i): text for c, i, text in zip(
+            line_chart.tolist(), line_place.tolist(), step_texts, strict=True)}
+        # the description's numbers: where the line ends and turned most
+        ends = np.maximum(counts - 1, 0)
+        self._end = path[np.arange(count), ends].tolist()
+        rise = np.where(up[:, None], path - np.minimum.accumulate(path, axis=1),
+                        np.maximum.accumulate(path, axis=1) - path)
+        self._turned = np.where(shown, rise, -np.inf).argmax(axis=1).tolist()
+        self._up, self._x, self._path, self._level = up.tolist(), x, path, level
+        # the CSV rows of every chart at once, as pieces (a chart's text is one join of
+        # its rows' pieces): month, units, events, then each number as sign, whole part
+        # and decimals, and each flag level drawn (a comma and its number, else nothing)
+        pieces = [np.array(month, dtype=object), _texts_of_ints(units[valid]),
+                  _texts_of_ints(events[valid]), *rounded_parts(expected[valid], 4),
+                  *rounded_parts(diff[shown], 4), *rounded_parts(ys, 4)]
+        commas = [1, 2, 3, 6, 9]  # a comma before these pieces
+        for i in range(3):
+            drawn = has_level[chart, i]
+            if drawn.any():
+                mark = np.full(len(chart), "", dtype=object)
+                mark[drawn] = ","
+                numbers = rounded_parts(level[chart, i, position], 4)
+                for piece in numbers:
+                    piece[~drawn] = ""
+                pieces += [mark, *numbers]
+        width = len(pieces) + len(commas) + 1
+        table = np.empty((len(chart), width), dtype=object)
+        column = 0
+        for k, piece in enumerate(pieces):
+            if k in commas:
+                table[:, column] = ","
+                column += 1
+            table[:, column] = piece
+            column += 1
+        table[:, column] = "\r\n"
+        self._csv_width = width
+        self._csv_pieces = table.ravel().tolist()
+
+    def drawn(self, key: Any, title: str, months: MonthSeries, direction: str,
+              flags: list[tuple[str, float]], odds_ratio: float) -> Drawn | None:
+        """Return the chart ``key`` as :func:`vlad_svg` draws it, or None when the batch
+        was made from other inputs (or holds no such chart)."""
+        row = self._row.get(key)
+        if row is None or self._names[row] is None:
+            return None
+        if self._inputs[key] != (months, direction, list(flags), odds_ratio):
+            return None
+        n = self._counts[row]
+        if not n:
+            return None
+        frame = self._frames[row]
+
+        def text_for(text):
+            return lambda drawn_in: text if text is not None and drawn_in == frame else None
+
+        a, b = self._bounds[row], self._bounds[row + 1]
+        month = self._month[a:b]
+        levels = [(i, name, excess, self._level[row, i, :n],
+                   text_for(self._level_texts.get((row, i))))
+                  for i, name, excess in self._names[row]]
+        svg, headers = _vlad_chart(title, month, self._x[row, :n], self._path[row, :n],
+                                   self._up[row], levels, self._turned[row], self._end[row],
+                                   path_drawn=text_for(self._path_texts[row]),
+                                   ranges=frame[:4])
+        width = self._csv_width
+        return svg, headers, CsvBody("".join(self._csv_pieces[a * width:b * width]))
 
 
 
 # -- p-chart -------------------------------------------------------------------------
 
+PCHART_HEADERS = ["quarter", "mature_units", "events", "rate", "upper_limit", "baseline",
+                  "guidance_low", "guidance_high"]
+
+
 def pchart_svg(chart: dict[str, Any], site_id: str, title: str, *,
-               guidance: tuple[float | None, float | None] = (None, None)) -> Drawn | None:
+               guidance: tuple[float | None, float | None] = (None, None),
+               batch: PchartBatch | None = None) -> Drawn | None:
     """Return the site's quarterly proportions with the exact upper limit, the baseline and
-    the guidance range shaded."""
+    the guidance range shaded.
+
+    ``batch``: the chart's every site computed at once (:class:`PchartBatch`), used when
+    it was made from this chart and guidance (else drawn here).
+    """
+    if batch is not None:
+        made = batch.drawn(chart, site_id, title, guidance)
+        if made is not None:
+            return made
     if site_id not in chart["sites"]:
         return None
     code = chart["sites"].index(site_id)
@@ -215,39 +488,223 @@ def pchart_svg(chart: dict[str, Any], site_id: str, title: str, *,
     has = n > 0
     p = np.divide(events, n, out=np.full_like(events, np.nan), where=has)
     low, high = guidance
-    plot = Chart(title=title, x_label="quarter (plotted at mid-quarter)",
-                 y_label="proportion with event", x_scale="date", y_min=0.0)
-    if low is not None and high is not None:
-        plot.band(low, high, label=f"guidance range {_pct(low)}\u2013{_pct(high)}")
     limit = np.asarray(chart["limit"][code], float) if "limit" in chart else None
-    if limit is not None:
-        plot.line(x[has], limit[has], style="dash", width=1,
-                  label=f"upper limit (exact, {100 * chart['alpha']:g}% per quarter)")
-    plot.hline(chart["p0"], label=f"baseline {_pct(chart['p0'])}", style="solid")
-    plot.line(x[has], p[has], width=1, style="dot")
     with np.errstate(invalid="ignore"):
         above = has & (p > limit) if limit is not None else np.zeros(len(n), bool)
-    plot.points(x[has & ~above], p[has & ~above], label="quarter", marker="circle",
-                filled=False, tips=[f"{lab}: {int(e)}/{int(k)}" for lab, e, k, keep in zip(
-                    chart["labels"], events, n, has & ~above, strict=True) if keep])
-    if above.any():
-        plot.points(x[above], p[above], label="above limit", marker="square",
-                    tips=[f"{lab}: {int(e)}/{int(k)}" for lab, e, k, keep in zip(
-                        chart["labels"], events, n, above, strict=True) if keep])
-    labels = [lab for lab, keep in zip(chart["labels"], has, strict=True) if keep]
-    last = labels[-1] if labels else "-"
-    plot.description = (
-        f"{title}: {int(has.sum())} closed quarters with units, the last ({last}) at "
-        f"{_pct(p[has][-1])}; {int(above.sum())} quarters above the exact upper limit"
-        + (f" ({', '.join(lab for lab, a in zip(chart['labels'], above, strict=True) if a)})"
-           if above.any() else "") + ".")
-    headers = ["quarter", "mature_units", "events", "rate", "upper_limit", "baseline",
-               "guidance_low", "guidance_high"]
+    tips = [f"{lab}: {int(e)}/{int(k)}" for lab, e, k in zip(
+        chart["labels"], events, n, strict=True)]
+    svg = _pchart_chart(chart, title, guidance, x, has, p, limit, above,
+                        [t for t, keep in zip(tips, has & ~above, strict=True) if keep],
+                        [t for t, keep in zip(tips, above, strict=True) if keep])
     data = [[lab, int(k), int(e), float(e / k) if k else None,
              float(limit[i]) if limit is not None and np.isfinite(limit[i]) else None,
              chart["p0"], low, high]
             for i, (lab, k, e) in enumerate(zip(chart["labels"], n, events, strict=True))]
-    return plot.render(), headers, data
+    return svg, list(PCHART_HEADERS), data
+
+
+def _pchart_chart(chart: dict[str, Any], title: str, guidance, x: np.ndarray,
+                  has: np.ndarray, p: np.ndarray, limit: np.ndarray | None,
+                  above: np.ndarray, plain_tips: list[str], above_tips: list[str],
+                  drawn=(None, None, None, None), ranges=None) -> str:
+    """Return a site's p-chart: ``drawn``, the texts made beforehand (:class:`PchartBatch`)
+    of the limit line, the proportions' line, the quarters within and above the limit;
+    ``ranges``: the chart's frame, computed there too."""
+    low, high = guidance
+    limit_drawn, p_drawn, plain_drawn, above_drawn = drawn
+    plot = Chart(title=title, x_label="quarter (plotted at mid-quarter)",
+                 y_label="proportion with event", x_scale="date", y_min=0.0, ranges=ranges)
+    if low is not None and high is not None:
+        plot.band(low, high, label=f"guidance range {_pct(low)}\u2013{_pct(high)}")
+    if limit is not None:
+        plot.line(x[has], limit[has], style="dash", width=1,
+                  label=f"upper limit (exact, {100 * chart['alpha']:g}% per quarter)",
+                  drawn=limit_drawn)
+    plot.hline(chart["p0"], label=f"baseline {_pct(chart['p0'])}", style="solid")
+    plot.line(x[has], p[has], width=1, style="dot", drawn=p_drawn)
+    plain = has & ~above
+    plot.points(x[plain], p[plain], label="quarter", marker="circle", filled=False,
+                tips=plain_tips, drawn=plain_drawn)
+    any_above = bool(above.any())
+    if any_above:
+        plot.points(x[above], p[above], label="above limit", marker="square",
+                    tips=above_tips, drawn=above_drawn)
+    labels = chart["labels"]
+    shown = np.flatnonzero(has)
+    last = labels[shown[-1]] if len(shown) else "-"
+    plot.description = (
+        f"{title}: {len(shown)} closed quarters with units, the last ({last}) at "
+        f"{_pct(p[shown[-1]])}; {int(above.sum())} quarters above the exact upper limit"
+        + (f" ({', '.join(labels[i] for i in np.flatnonzero(above).tolist())})"
+           if any_above else "") + ".")
+    return plot.render()
+
+
+def _csv_number(value: Any) -> str | None:
+    """Return the CSV cell :func:`csv_text` writes for a column holding ``value`` on every
+    row (None: not a number or empty, left to csv_text)."""
+    if value is None or (type(value) is float and value != value):
+        return ""
+    return repr(value) if type(value) in (int, float) else None
+
+
+class PchartBatch:
+    """One p-chart's every site computed at once (issue 11): proportions, frames, line
+    texts, markers and CSV cells for a thousand sites of a dozen quarters each in some
+    fifty numpy calls rather than per site.
+
+    The arithmetic is :func:`pchart_svg`'s, element by element (a site is a row of the
+    chart's matrices); the frames are ``Chart._ranges`` of the chart it draws, and the
+    texts are used only when a chart is drawn in that very frame. A chart this batch
+    cannot write (non-finite limits, coordinates only formatting rounds right) is drawn
+    as before, by parts. Tests hold every site to :func:`pchart_svg` drawing alone.
+    """
+
+    def __init__(self, chart: dict[str, Any],
+                 guidance: tuple[float | None, float | None]) -> None:
+        from pipelines.evidence import _FORMULA_START
+        from pipelines.report.svgplot import _esc as svg_esc
+        from pipelines.report.svgplot import _tenths, _tenths_table
+
+        self.chart, self.guidance = chart, guidance
+        self._code: dict[str, int] = {}
+        labels = list(chart["labels"])
+        n_int, e_int = np.asarray(chart["n"]), np.asarray(chart["events"])
+        low, high = guidance
+        constants = [_csv_number(v) for v in (chart["p0"], low, high)]
+        limit = chart.get("limit") if "limit" in chart else None
+        if (n_int.ndim != 2 or n_int.shape != e_int.shape or n_int.shape[1] != len(labels)
+                or n_int.dtype.kind not in "iu" or e_int.dtype.kind not in "iu"
+                or ("limit" in chart and np.shape(limit) != n_int.shape)
+                or None in constants or any(
+                    not isinstance(lab, str) or lab.startswith(_FORMULA_START)
+                    or svg_esc(lab) != lab or any(c in lab for c in ',"\r\n')
+                    for lab in labels)):
+            return  # not the shape this batch writes: every site drawn by parts
+        sites, quarters = n_int.shape
+        n, events = n_int.astype(float), e_int.astype(float)
+        x = np.asarray([_quarter_start(label) for label in labels], float) + 45
+        has = n > 0
+        p = np.divide(events, n, out=np.full_like(events, np.nan), where=has)
+        limit = np.asarray(limit, float) if "limit" in chart else None
+        with np.errstate(invalid="ignore"):
+            above = has & (p > limit) if limit is not None else np.zeros(n.shape, bool)
+        plain = has & ~above
+        drawn = has.any(axis=1)
+        for i, site in enumerate(chart["sites"][:sites]):
+            self._code.setdefault(site, i)  # the first, as list.index finds it
+        self._code = {site: i for site, i in self._code.items() if drawn[i]}
+        self._has, self._p, self._limit, self._above, self._x = has, p, limit, above, x
+        # Chart._ranges: x of the quarters with units, y from 0 to the largest of the band,
+        # the limit, the baseline and the proportions (finite values only)
+        xx = np.broadcast_to(x, n.shape)
+        x0 = np.where(has, xx, np.inf).min(axis=1)
+        x1 = np.where(has, xx, -np.inf).max(axis=1)
+        tops = [np.where(has & np.isfinite(p), p, -np.inf).max(axis=1)]
+        if limit is not None:
+            tops.append(np.where(has & np.isfinite(limit), limit, -np.inf).max(axis=1))
+        for value in ([low, high] if low is not None and high is not None else []) + [
+                chart["p0"]]:
+            if math.isfinite(float(value)):
+                tops.append(np.full(sites, float(value)))
+        y1 = np.maximum.reduce(tops)
+        flat = x1 == x0
+        x0, x1 = np.where(flat, x0 - 1, x0), np.where(flat, x1 + 1, x1)
+        y1 = np.where(y1 == 0.0, 1.0, y1)
+        y1 = y1 + (y1 - 0.0) * 0.05
+        frames = np.column_stack([x0, x1, np.zeros(sites), y1])
+        self._frames = [tuple(f) + _LAYOUT for f in frames.tolist()]
+        counts = has.sum(axis=1)
+        bounds = np.concatenate(([0], np.cumsum(counts)))
+        xs = xx[has]
+        self._limit_texts = (long_paths(xs, limit[has], bounds, frames, *_LAYOUT)
+                             if limit is not None else [None] * sites)
+        self._p_texts = long_paths(xs, p[has], bounds, frames, *_LAYOUT)
+        # the markers: render's sx and sy, element by element, written from the table
+        left, top, plot_w, plot_h = _LAYOUT
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sx = left + (xx - x0[:, None]) / (x1 - x0)[:, None] * plot_w
+            y_top = y1[:, None]
+            sy = top + plot_h - (np.minimum(np.maximum(p, 0.0), y_top) - 0.0) / (
+                y_top - 0.0) * plot_h
+        tips = (np.array([svg_esc(lab) for lab in labels], dtype=object)[None, :] + ": "
+                + _texts_of_ints(e_int.ravel()).reshape(n.shape) + "/"
+                + _texts_of_ints(n_int.ravel()).reshape(n.shape))
+        self._tips = tips
+        self._plain = self._markers(plain, sx, sy, 0.0, tips, '<circle cx="', '" cy="',
+                                    '" r="3" fill="#fff" stroke="#111" stroke-width="1.0"/>',
+                                    _tenths, _tenths_table)
+        self._above_marks = self._markers(
+            above, sx, sy, 3.0, tips, '<rect x="', '" y="',
+            '" width="6" height="6" fill="#111" stroke="#111" stroke-width="1.0"/>',
+            _tenths, _tenths_table)
+        # the CSV rows of every site: quarter, units, events, rate, limit, the constants
+        rate = np.full(n.shape, "", dtype=object)
+        rate[has] = list(map(repr, (events[has] / n[has]).tolist()))
+        cells = np.full(n.shape, "", dtype=object)
+        if limit is not None:
+            finite = np.isfinite(limit)
+            cells[finite] = list(map(repr, limit[finite].tolist()))
+        tail = "," + ",".join(constants) + "\r\n"
+        rows = (np.array(labels, dtype=object)[None, :] + "," + _texts_of_ints(
+            n_int.ravel()).reshape(n.shape) + "," + _texts_of_ints(e_int.ravel()).reshape(
+            n.shape) + "," + rate + "," + cells + tail)
+        self._csv = ["".join(row) for row in rows.tolist()]
+
+    @staticmethod
+    def _markers(mask, sx, sy, shift, tips, head, middle, tail, tenths, table):
+        """Return each site's markers at ``mask`` (None where a coordinate only
+        formatting rounds right: that site's markers are drawn as usual)."""
+        count = mask.sum(axis=1)
+        out: list[list[str] | None] = [[] for _ in range(len(count))]
+        if not mask.any():
+            return out
+        row = np.nonzero(mask)[0]
+        px, py = sx[mask] - shift, sy[mask] - shift
+        ok = np.ones(len(px), dtype=bool)
+        whole = {}
+        for name, values in (("x", px), ("y", py)):
+            scaled = values * 10.0
+            floor = np.floor(scaled)
+            fraction = scaled - floor
+            ok &= ((values >= 0.05) & (values < 4000.0)
+                   & (np.abs(fraction - 0.5) > 1e-6))
+            whole[name] = np.where(ok, floor + (fraction > 0.5), 0).astype(np.intp)
+        text = table("")
+        marks = ("<g><title>" + tips[mask] + "</title>" + head + text[whole["x"]] + middle
+                 + text[whole["y"]] + tail + "</g>").tolist()
+        bad = set(row[~ok].tolist())
+        ends = np.cumsum(count).tolist()
+        start = 0
+        for site, end in enumerate(ends):
+            out[site] = None if site in bad else marks[start:end]
+            start = end
+        return out
+
+    def drawn(self, chart: dict[str, Any], site_id: str, title: str,
+              guidance) -> Drawn | None:
+        """Return the site's p-chart as :func:`pchart_svg` draws it, or None when this
+        batch was made for another chart or guidance (or cannot write the site's)."""
+        if chart is not self.chart or guidance != self.guidance:
+            return None
+        code = self._code.get(site_id)
+        if code is None:
+            return None
+        frame = self._frames[code]
+
+        def text_for(made):
+            return lambda drawn_in: made if made is not None and drawn_in == frame else None
+
+        has, above = self._has[code], self._above[code]
+        tips = self._tips[code]
+        limit = self._limit[code] if self._limit is not None else None
+        svg = _pchart_chart(
+            chart, title, guidance, self._x, has, self._p[code], limit, above,
+            tips[has & ~above].tolist(), tips[above].tolist(),
+            drawn=(text_for(self._limit_texts[code]), text_for(self._p_texts[code]),
+                   text_for(self._plain[code]), text_for(self._above_marks[code])),
+            ranges=frame[:4])
+        return svg, list(PCHART_HEADERS), CsvBody(self._csv[code])
 
 
 # -- CUSUMs --------------------------------------------------------------------------

@@ -312,6 +312,7 @@ class ReportData:
         self.funnel_templates: dict[tuple[str, str], Any] = {}
         self.funnel_layers: dict[str, str] = {}
         self._cusum_series: dict[Any, Any] = {}  # by CUSUM key, ("tte", metric)
+        self._batches: dict[Any, Any] = {}  # chart_batch
 
     def _read(self, settings: Settings, as_of: date | None) -> None:
         """Read the run here and the rest in threads (``result``, ``as_of``, ``quality``,
@@ -428,6 +429,14 @@ class ReportData:
                 self.result.charts["tte"][metric])
         return series
 
+
+    def chart_batch(self, key: Any, make):
+        """Return the charts of one kind made for every site at once (``make()``, once per
+        process: the site pages' workers fork before their first chart)."""
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = make()
+        return batch
 
     # -- read-side views shared by the overview and the site pages ---------------------
 

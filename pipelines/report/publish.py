@@ -26,7 +26,7 @@ from pipelines.report.data import ReportData
 from pipelines.report.funnels import build_funnel_templates, funnels_page
 from pipelines.report.methods import methods_page
 from pipelines.report.overview import index_page
-from pipelines.report.site import series_files, site_page, site_page_bytes
+from pipelines.report.site import series_files, site_batches, site_page, site_page_bytes
 from pipelines.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,9 @@ def _draw_sites(data: ReportData, site_ids: list[str], writer: _Writer, workers:
 
 def _draw_sites_collector_off(data: ReportData, site_ids: list[str], writer: _Writer,
                               workers: int, first: Callable[[], None]) -> None:
+    if site_ids:
+        # every site's VLAD and p-charts, made once here rather than in each process
+        site_batches(data)
     size = max(1, min(SITE_CHUNK, -(-len(site_ids) // (4 * max(workers, 1)))))
     chunks = [site_ids[i:i + size] for i in range(0, len(site_ids), size)]
     workers = max(1, min(workers, len(chunks)))

@@ -19,14 +19,25 @@ every site, not site by site (issue 11).
 from __future__ import annotations
 
 import base64
+from functools import lru_cache
 from typing import Any
 
 from pipelines import evidence
 from pipelines.evidence import readable_stamp
-from pipelines.report.charts import cusum_csv, cusum_svg, pchart_svg, tte_csv, tte_svg, vlad_svg
+from pipelines.report.charts import (
+    PchartBatch,
+    VladBatch,
+    cusum_csv,
+    cusum_svg,
+    pchart_svg,
+    tte_csv,
+    tte_svg,
+    vlad_svg,
+)
 from pipelines.report.common import (
     METHOD_NAMES,
     _esc,
+    _esc_name,
     _field,
     _header,
     _num,
@@ -106,45 +117,62 @@ def _summary_table(data: ReportData, site_id: str, payload: dict[str, Any]) -> s
                   caption=f"{site_id}: every metric at a glance")
 
 
+@lru_cache(maxsize=4096)
+def _field_head(name: str, metric: str) -> str:
+    """Return the opening of :func:`_field`'s span up to its value (a few dozen names)."""
+    return f"<span data-field='{_esc_name(name)}' data-metric='{_esc_name(metric)}' data-value='"
+
+
+def _number_field(value: Any, name: str, metric: str) -> str:
+    """Return :func:`_field` of ``value`` (a metric table holds some 14 of them: numbers
+    written from a cached opening; anything else through ``_field`` itself)."""
+    kind = type(value)
+    if kind is float and metric:
+        return f"{_field_head(name, metric)}{value!r}'>{value:.4g}</span>"
+    if kind is int and metric:
+        return f"{_field_head(name, metric)}{value!r}'>{value}</span>"
+    return _field(value, name, metric)
+
+
 def _metric_table(m: dict[str, Any]) -> str:
     metric = m["metric"]
     rows = [
         ["level", _esc(evidence.STATUS_LABELS[m["status"]]) + f" <span class='note'>("
          f"{_esc(m['status_reason'])})</span>"],
-        ["mature units", _field(m.get("n"), "n", metric)],
-        ["events", _field(m.get("events"), "events", metric)],
-        ["rate", _field(m.get("rate"), "rate", metric) + f" ({_pct(m.get('rate'))})"],
-        ["exact 95% CI", _field(m.get("ci_low"), "ci_low", metric) + " \u2013 "
-         + _field(m.get("ci_high"), "ci_high", metric)
+        ["mature units", _number_field(m.get("n"), "n", metric)],
+        ["events", _number_field(m.get("events"), "events", metric)],
+        ["rate", _number_field(m.get("rate"), "rate", metric) + f" ({_pct(m.get('rate'))})"],
+        ["exact 95% CI", _number_field(m.get("ci_low"), "ci_low", metric) + " \u2013 "
+         + _number_field(m.get("ci_high"), "ci_high", metric)
          + f" ({_pct(m.get('ci_low'))}\u2013{_pct(m.get('ci_high'))})"],
-        ["baseline", _field(m.get("baseline"), "baseline", metric)
+        ["baseline", _number_field(m.get("baseline"), "baseline", metric)
          + f" ({_pct(m.get('baseline'))}) <span class='note'>({_esc(m.get('citation'))})"
          "</span>"],
     ]
     oe = m.get("observed_expected")
     if oe:
         rows += [
-            ["expected (case mix)", _field(oe["expected"], "expected", metric)],
-            ["expected at baseline", _field(oe["expected_at_baseline"], "expected_at_baseline",
+            ["expected (case mix)", _number_field(oe["expected"], "expected", metric)],
+            ["expected at baseline", _number_field(oe["expected_at_baseline"], "expected_at_baseline",
                                             metric)],
-            ["observed / expected", _field(oe["o_to_e"], "o_to_e", metric) + " (95% CI "
-             + _field(oe["o_to_e_ci_low"], "o_to_e_ci_low", metric) + " \u2013 "
-             + _field(oe["o_to_e_ci_high"], "o_to_e_ci_high", metric) + ")"],
+            ["observed / expected", _number_field(oe["o_to_e"], "o_to_e", metric) + " (95% CI "
+             + _number_field(oe["o_to_e_ci_low"], "o_to_e_ci_low", metric) + " \u2013 "
+             + _number_field(oe["o_to_e_ci_high"], "o_to_e_ci_high", metric) + ")"],
         ]
     for name, c in sorted((m.get("cusum") or {}).items()):
         rows.append([_esc(method_name(name)),
-                     _field(c["value"], f"cusum.{name}.value", metric)
-                     + " / h " + _field(c["h"], f"cusum.{name}.h", metric)
+                     _number_field(c["value"], f"cusum.{name}.value", metric)
+                     + " / h " + _number_field(c["h"], f"cusum.{name}.h", metric)
                      + f" ({c['signals']} signals in history)"])
     for window, f in sorted((m.get("funnel") or {}).items()):
         name = method_name("funnel_cumulative" if window == "cumulative" else "funnel_12m")
         rows.append([_esc(name), f"{_esc(f['position'])}, z "
-                     + _field(f["z_adjusted"], f"funnel.{window}.z_adjusted", metric)
+                     + _number_field(f["z_adjusted"], f"funnel.{window}.z_adjusted", metric)
                      + f", {f['events']}/{f['n']}"])
     if m.get("rare"):
         r = m["rare"]
         rows.append([f"rolling {r['rolling_days']} days", f"{r['events']}/{r['n']}, exact p "
-                     + _field(r["p_value"], "rare.p_value", metric)])
+                     + _number_field(r["p_value"], "rare.p_value", metric)])
     return _table(["figure", "value"], rows, caption=f"{m['label']}: figures")
 
 
@@ -158,6 +186,41 @@ def _flag_levels(m: dict[str, Any], direction: str) -> list[tuple[str, float]]:
         chosen = [(method_name(k.removesuffix(suffix)), v["h"]) for k, v in
                   sorted(charts.items())]
     return chosen[:3]
+
+
+def vlad_batch(data: ReportData) -> VladBatch:
+    """Return every site's VLAD charts made at once, from the inputs each site page draws
+    them from (its months, the level's direction, the flags of the run's row); a page
+    whose inputs differ draws its chart alone (:func:`vlad_svg` compares them)."""
+
+    def make() -> VladBatch:
+        inputs = []
+        for key, months in data.months.items():
+            metric, row = data.metrics.get(key[1]), data.rows.get(key)
+            if metric is None or metric.kind != "outcome" or not months or row is None:
+                continue
+            direction = (data.levels.get(key) or {}).get("direction") or "up"
+            inputs.append((key, months, direction, _flag_levels(row, direction),
+                           metric.detect.odds_ratio if metric.detect else 2.0))
+        return VladBatch(inputs)
+
+    return data.chart_batch("vlad", make)
+
+
+def pchart_batch(data: ReportData, metric_id: str) -> PchartBatch:
+    """Return the p-chart of ``metric_id`` made for every site at once."""
+    b = data.metrics[metric_id].baseline
+    return data.chart_batch(("pchart", metric_id), lambda: PchartBatch(
+        data.result.charts["pchart"][metric_id], (b.low, b.high)))
+
+
+def site_batches(data: ReportData) -> None:
+    """Make the charts drawn for every site at once (:func:`vlad_batch`,
+    :func:`pchart_batch`) now, e.g. before the drawing processes fork (they share them)."""
+    vlad_batch(data)
+    for metric_id in data.result.charts.get("pchart", {}):
+        if metric_id in data.metrics:
+            pchart_batch(data, metric_id)
 
 
 def series_csv_name(key: str) -> str:
@@ -289,13 +352,15 @@ def _metric_section(data: ReportData, site_id: str, m: dict[str, Any], payload, 
         way = "more events" if direction == "up" else "fewer events"
         figures.add(vlad_svg(months, f"{site_id} {label}: observed \u2212 expected ({way})",
                              direction=direction, flags=_flag_levels(m, direction),
-                             odds_ratio=odds),
+                             odds_ratio=odds, batch=vlad_batch(data),
+                             key=(site_id, metric_id)),
                     f"{metric_id}-vlad", f"{site_id} {label}, observed minus expected")
     if metric_id in charts.get("pchart", {}):
         b = metric.baseline
         figures.add(pchart_svg(charts["pchart"][metric_id], site_id,
                                f"{site_id} {label}: quarterly p-chart",
-                               guidance=(b.low, b.high)),
+                               guidance=(b.low, b.high),
+                               batch=pchart_batch(data, metric_id)),
                     f"{metric_id}-pchart", f"{site_id} {label}, quarterly p-chart")
     cusums = [(key, c) for key, c in sorted(charts.get("cusum", {}).items())
               if c["metric"] == metric_id]

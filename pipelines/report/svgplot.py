@@ -232,8 +232,9 @@ class _Series:
     texts: list[str] | None = None
     tips: list[str] | None = None
     size: float = 1.0
-    # a line's ``points`` text made beforehand for a frame (:func:`long_paths`): called
-    # with the frame the chart is drawn in, it returns the text, or None to draw as usual
+    # a line's ``points`` text (a step line's: of its staircase) or the markers' elements,
+    # made beforehand for a frame (:func:`long_paths`): called with the frame the chart is
+    # drawn in, it returns them, or None to draw as usual
     drawn: Callable[[tuple], str | None] | None = None
 
 
@@ -251,6 +252,9 @@ class Chart:
     y_max: float | None = None
     description: str = ""
     series: list[_Series] = field(default_factory=list)
+    # (x0, x1, y0, y1) as _ranges would compute them, when the caller has computed them
+    # for many charts at once (pipelines.report.charts' batches; tests hold the two equal)
+    ranges: tuple[float, float, float, float] | None = None
 
     def line(self, x, y, *, label=None, style="solid", width=1.4, step=False, tone="#111",
              drawn=None):
@@ -265,11 +269,16 @@ class Chart:
                                    drawn=drawn))
 
     def points(self, x, y, *, label=None, marker="circle", filled=True, texts=None, tips=None,
-               tone="#111", size=1.0):
-        """Add markers; ``texts`` labels points on the chart, ``tips`` adds hover titles."""
+               tone="#111", size=1.0, drawn=None):
+        """Add markers; ``texts`` labels points on the chart, ``tips`` adds hover titles.
+
+        ``drawn(frame)`` may return the markers' elements, made beforehand for the frame
+        the chart is drawn in (the same elements they would be drawn as; None: drawn as
+        usual). Not with ``texts``: labels are placed among every series' labels.
+        """
         self.series.append(_Series("points", np.asarray(x, float), np.asarray(y, float), label,
                                    marker=marker, filled=filled, texts=texts, tips=tips,
-                                   tone=tone, size=size))
+                                   tone=tone, size=size, drawn=drawn))
 
     def band(self, low, high, *, label=None, tone="#e4e4e4"):
         """Add a shaded horizontal band (a guidance range) behind everything else."""
@@ -326,7 +335,7 @@ class Chart:
         legend_rows = math.ceil(len(legend) / columns)
         height = self.height + 16 * legend_rows
         plot_w, plot_h = self.width - left - right, self.height - top - bottom
-        x0, x1, y0, y1 = self._ranges()
+        x0, x1, y0, y1 = self.ranges if self.ranges is not None else self._ranges()
         log = self.x_scale == "log"
 
         lo, hi = (math.log10(x0), math.log10(x1)) if log else (0.0, 1.0)
@@ -426,7 +435,8 @@ class Chart:
             ok &= s.x > 0
         x, y = s.x[ok], s.y[ok]
         if s.kind == "line":
-            if s.drawn is not None and not s.step and self._frame is not None:
+            # a step line's text is that of its staircase, as drawn below
+            if s.drawn is not None and self._frame is not None:
                 text = s.drawn(self._frame)
                 if text is not None:
                     return [self._polyline_text(text, s)]
@@ -451,6 +461,10 @@ class Chart:
                              f'M{xv - 3:.1f},{hi_v:.1f}h6" stroke="#111" stroke-width="0.9" '
                              'fill="none"/>')
             return parts
+        if s.drawn is not None and not s.texts and self._frame is not None:
+            made = s.drawn(self._frame)
+            if made is not None:
+                return made
         parts = []
         texts = [t for t, k in zip(s.texts, ok, strict=True) if k] if s.texts else None
         tips = [t for t, k in zip(s.tips, ok, strict=True) if k] if s.tips else None
