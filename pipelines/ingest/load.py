@@ -173,8 +173,14 @@ KEY_ONLY_STATISTICS = (schema.procedure_version, schema.complication_version)
 # complications' match with their procedures on site and date); the stage is this file's
 # temporary table, so its statistics plan this file's statements only. Its other columns'
 # statistics were half of its ANALYZE (295k complications, issue 10).
-STAGE_STATISTICS = ("record_number", "procedure_id", "complication_id", "site_id",
-                    "procedure_date", "event_date")
+STAGE_STATISTICS = (
+    "record_number",
+    "procedure_id",
+    "complication_id",
+    "site_id",
+    "procedure_date",
+    "event_date",
+)
 
 
 def _analyze(conn: sa.Connection, table: sa.Table) -> None:
@@ -193,8 +199,9 @@ def _analyze(conn: sa.Connection, table: sa.Table) -> None:
     quote = conn.dialect.identifier_preparer.quote
     statement = "ANALYZE " + quote(table.name)
     columns: list[str] = []
-    if any(table is keyed for keyed in KEY_ONLY_STATISTICS):
-        columns = [column.name for column in table.primary_key.columns]
+    keyed = {history.name: history for history in KEY_ONLY_STATISTICS}
+    if table.name in keyed:
+        columns = [column.name for column in keyed[table.name].primary_key.columns]
     elif table.name.startswith("kw_stage_") and table.name != _PROCEDURE_MATCH.name:
         columns = [name for name in STAGE_STATISTICS if name in table.c]
     if columns:  # names from this module's tables, quoted
