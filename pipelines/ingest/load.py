@@ -21,6 +21,7 @@ contradict their procedure, share of bad rows) and merged with set-based SQL:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -160,17 +161,52 @@ TARGETS = {
 }
 
 
+# The history tables are read by the loader only, and only by key (``_none_present``'s
+# probes, ``ON CONFLICT`` on the primary key, a direct load's repeated keys): after a large
+# load their planner statistics are taken on the primary key's columns alone. The other
+# columns' statistics were most of ANALYZE's cost there (1M procedure versions: 0.63-0.77 s
+# for every column, 0.24-0.29 s for the key; issue 10), and no statement filters on them.
+KEY_ONLY_STATISTICS = (schema.procedure_version, schema.complication_version)
+
+
+# The stage's columns its statements join or filter on (the record number, the keys, and the
+# complications' match with their procedures on site and date); the stage is this file's
+# temporary table, so its statistics plan this file's statements only. Its other columns'
+# statistics were half of its ANALYZE (295k complications, issue 10).
+STAGE_STATISTICS = (
+    "record_number",
+    "procedure_id",
+    "complication_id",
+    "site_id",
+    "procedure_date",
+    "event_date",
+)
+
+
 def _analyze(conn: sa.Connection, table: sa.Table) -> None:
     """Give PostgreSQL's planner statistics for ``table`` (no-op on SQLite).
 
     Autovacuum never analyses temporary tables, and may not yet have analysed a freshly
     loaded one; without statistics the planner can turn the stage-to-warehouse probes into
     nested loops over the whole warehouse (235 s for a 1,000-row nightly file into a
-    1M-procedure warehouse, issue 10). The identifier is a schema table name, quoted.
+    1M-procedure warehouse, issue 10). The identifier is a schema table name, quoted. A
+    table of :data:`KEY_ONLY_STATISTICS` is analysed on its primary key's columns (the row
+    count and page count are set either way); a stage (``kw_stage_...``) on the columns of
+    :data:`STAGE_STATISTICS` it has.
     """
     if conn.dialect.name != "postgresql":
         return
-    conn.exec_driver_sql("ANALYZE " + conn.dialect.identifier_preparer.quote(table.name))
+    quote = conn.dialect.identifier_preparer.quote
+    statement = "ANALYZE " + quote(table.name)
+    columns: list[str] = []
+    keyed = {history.name: history for history in KEY_ONLY_STATISTICS}
+    if table.name in keyed:
+        columns = [column.name for column in keyed[table.name].primary_key.columns]
+    elif table.name.startswith("kw_stage_") and table.name != _PROCEDURE_MATCH.name:
+        columns = [name for name in STAGE_STATISTICS if name in table.c]
+    if columns:  # names from this module's tables, quoted
+        statement += " (" + ", ".join(quote(name) for name in columns) + ")"
+    conn.exec_driver_sql(statement)
 
 
 def _stage_table(kind: str) -> sa.Table:
@@ -884,12 +920,13 @@ def _stage_file(
     max_date: date,
     preview_fields: int = 16,
     direct: _DirectLoad | None = None,
-) -> tuple[int, pd.Series, Audit]:
+) -> tuple[int, pd.Series, set[str], Audit]:
     """Validate the file chunk by chunk into staging and quarantine.
 
     Returns the rows read, the business keys of the valid rows (in staging order, indexed
     by record number), which the whole-file checks and the merge use instead of queries
-    over the stage, and the
+    over the stage, the keys among them met more than once (found while staging, so the
+    whole-file check need not look for repeats in all of them again), and the
     file's GX audit (its flagged rows and a sample of its passed rows), which the caller
     verifies before the file's transaction commits (a disagreement raises, and the
     transaction rolls back). On PostgreSQL a chunk's writes run on a writer thread while
@@ -916,13 +953,14 @@ def _stage_chunks(
     conn: sa.Connection, extract: ExtractFile, stage: sa.Table, quarantine: _Quarantine,
     key: bytes, chunk_rows: int, expectations_dir: Path, max_date: date,
     preview_fields: int, writer: _StageWriter | _InlineWriter, direct: _DirectLoad | None,
-) -> tuple[int, pd.Series, Audit]:
+) -> tuple[int, pd.Series, set[str], Audit]:
     """The body of :func:`_stage_file`: every database write goes through ``writer``."""
     rows_read = 0
     audit = Audit(str(expectations_dir), extract.kind)
     staged_keys: list[pd.Series] = []
     key_column = KEY_COLUMN[extract.kind]
-    seen: set[str] = set()  # direct load: keys already sent to the tables
+    seen: set[str] = set()  # the valid rows' keys so far (direct load: sent to the tables)
+    repeated: set[str] = set()  # keys met again after their first valid row
     for chunk in iter_chunks(extract, chunk_rows):
         check_time(extract)
         rows_read += len(chunk.record_numbers) + len(chunk.bad_shape)
@@ -948,15 +986,19 @@ def _stage_chunks(
             writer.submit(lambda rows=invalid: quarantine.add(rows))
         valid = _prepare_valid(checked.valid, extract.kind, key)
         keys = checked.valid[key_column]
+        # tolist() first: iterating an Arrow-backed Series element by element costs about
+        # 4 us a key (more than the set look-up; 0.4 s per 100,000 rows measured). One pass
+        # over the keys answers "repeated in this chunk or met before" (the Arrow-backed
+        # Series.duplicated() it replaces cost 0.5-0.9 s per 1M keys), for the direct load's
+        # split and for the whole-file duplicate check (which no longer looks for repeats
+        # among all the file's keys after staging, a serial step while the server waits).
+        listed = keys.tolist()
+        first = np.fromiter(_first_sightings(listed, seen), dtype=bool, count=len(listed))
+        if not first.all():
+            repeated.update(itertools.compress(listed, ~first))
         if direct is None:
             writer.submit(lambda frame=valid: _write_stage(conn, stage, frame))
         else:
-            # tolist() first: iterating an Arrow-backed Series element by element costs
-            # about 4 us a key (more than the set look-up; 0.4 s per 100,000 rows measured).
-            # One pass over the keys answers "repeated in this chunk or sent before" (the
-            # Arrow-backed Series.duplicated() it replaces cost 0.5-0.9 s per 1M keys).
-            listed = keys.tolist()
-            first = np.fromiter(_first_sightings(listed, seen), dtype=bool, count=len(listed))
             if first.all():  # the usual chunk: no repeated key, no copy of the frame
                 # Rendered here, COPYed by the writer: the writer (the server's COPY) is
                 # the slower side, and this thread waited for it (issue 10; 1M procedures:
@@ -968,7 +1010,7 @@ def _stage_chunks(
                 writer.submit(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
         staged_keys.append(keys)
     keys = pd.concat(staged_keys) if staged_keys else pd.Series([], dtype="str")
-    return rows_read, keys, audit
+    return rows_read, keys, repeated, audit
 
 
 def _first_sightings(keys: list[str], seen: set[str]) -> Iterator[bool]:
@@ -1030,20 +1072,22 @@ KEY_BATCH = 5_000
 
 def _check_whole_file(
     conn: sa.Connection, extract: ExtractFile, stage: sa.Table, quarantine: _Quarantine,
-    staged_keys: pd.Series, direct: _DirectLoad | None = None,
+    staged_keys: pd.Series, repeated_keys: set[str], direct: _DirectLoad | None = None,
 ) -> pd.Series:
     """Apply the rules that need the whole file or the warehouse; return the staged keys left.
 
-    Duplicate ids are found client-side from the keys collected while staging (no GROUP BY
-    over the stage); only when there are some are those rows taken back from the stage
-    (and, in a direct load, their first occurrences from the procedure tables).
+    Duplicate ids are found client-side while staging (``repeated_keys``: the keys met more
+    than once among ``staged_keys``; no GROUP BY over the stage, no second search of all the
+    keys); only when there are some are those rows taken back from the stage (and, in a
+    direct load, their first occurrences from the procedure tables).
     """
     key = stage.c[KEY_COLUMN[extract.kind]]
-    repeated = staged_keys.duplicated(keep=False)
-    if repeated.any():
-        duplicated = sorted(set(staged_keys[repeated].tolist()))
+    if repeated_keys:
+        repeated = staged_keys.isin(repeated_keys)  # every occurrence of a repeated key
+        duplicated = sorted(repeated_keys)
         if direct is not None:
-            firsts = staged_keys[repeated & ~staged_keys.duplicated(keep="first")]
+            occurrences = staged_keys[repeated]  # few rows, in staging order
+            firsts = occurrences[~occurrences.duplicated(keep="first")]
             _take_direct_duplicates(conn, direct, firsts, f"{key.name}:duplicate_in_file",
                                     quarantine)
         for start in range(0, len(duplicated), KEY_BATCH):
@@ -1545,7 +1589,7 @@ def load_file(
             bulk = _file_bytes(extract) >= BULK_LOAD_BYTES
             # Positional: tests stand in for _direct_load with a lambda taking *args.
             direct = _direct_load(conn, extract.kind, checksum, extract_ts, bulk)
-            result.rows_read, staged_keys, audit = _stage_file(
+            result.rows_read, staged_keys, repeated_keys, audit = _stage_file(
                 conn, extract, stage, quarantine, key, chunk_rows, expectations_dir,
                 max_plausible_date(path.name, processing_day), preview_fields, direct,
             )
@@ -1564,7 +1608,7 @@ def load_file(
                         _analyze(conn, target)
                     analysed_targets = True
                 staged_keys = _check_whole_file(conn, extract, stage, quarantine, staged_keys,
-                                                direct)
+                                                repeated_keys, direct)
                 result.quarantined = quarantine.count
                 result.quarantine_reasons = dict(sorted(quarantine.reasons.items()))
                 if result.rows_read and quarantine.count / result.rows_read > max_bad_share:
