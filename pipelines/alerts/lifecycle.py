@@ -67,7 +67,7 @@ import hashlib
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -168,10 +168,17 @@ class SyncResult:
     closed: int = 0  # alerts resolved by the system because their condition cleared
     retired: int = 0  # of those, alerts closed because their profile was replaced
     active_conditions: int = 0
+    # open or acknowledged alerts that no channel can deliver (no recipient or no SMTP/webhook
+    # configured for their kind and site): (alert_id, kind, site_id, what to set)
+    no_recipient: list[tuple[str, str, str | None, str]] = field(default_factory=list)
+    # alerts raised earlier without any delivery that a recipient configured since now gets
+    queued_late: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly summary."""
         return {
+            "no_recipient": [list(item) for item in self.no_recipient],
+            "queued_late": list(self.queued_late),
             "created": list(self.created),
             "persisting": self.persisting,
             "cleared": self.cleared,
@@ -239,6 +246,19 @@ def _signal_summary(row: sa.RowMapping) -> dict[str, Any]:
     return {name: _iso(row[name]) for name in _SIGNAL_FIELDS}
 
 
+def _event_types(row: sa.RowMapping) -> dict[str, int]:
+    """Return a sentinel signal's event types and counts (``{"death": 1}``): the types only,
+    never a complication or patient reference."""
+    try:
+        detail = json.loads(row["detail"] or "{}")
+    except ValueError:
+        return {}
+    types = detail.get("event_types") if isinstance(detail, dict) else None
+    if not isinstance(types, dict):
+        return {}
+    return {str(k): int(v) for k, v in sorted(types.items()) if isinstance(v, int | float)}
+
+
 def _signal_conditions(conn: sa.Connection, settings: Settings,
                        profile_name: str) -> list[Condition]:
     """Return the rule-based conditions: one per sentinel event, one per process breach.
@@ -270,7 +290,8 @@ def _signal_conditions(conn: sa.Connection, settings: Settings,
         kind = CATEGORY_KIND.get(primary["category"], SAFETY)
         methods = sorted({m["method"] for m in members})
         if any(m["method"] == "sentinel" for m in members):
-            title = f"Sentinel event at {site_id}: {metric}"
+            what = " and ".join(t.replace("_", " ") for t in _event_types(primary)) or metric
+            title = f"Sentinel event at {site_id}: {what} on {_iso(primary['signal_date'])}"
         else:
             label = {"safety": "Safety", "process": "Process"}.get(primary["category"], "Data")
             side = "above" if direction == "up" else "below"
@@ -286,6 +307,8 @@ def _signal_conditions(conn: sa.Connection, settings: Settings,
                                         primary["episode_start"]),
         }
         sentinel = primary["method"] == "sentinel"
+        if sentinel:
+            payload["event_types"] = _event_types(primary)
         conditions.append(
             Condition(
                 kind=kind,
@@ -426,6 +449,123 @@ def _watch_digest(status: list[sa.RowMapping], profile, settings: Settings
     )]
 
 
+def _backfill_cutoff(status: list[sa.RowMapping], profile) -> date | None:
+    """Return the day before which a sentinel event goes to the history digest."""
+    days = [_as_date(r["as_of"]) for r in status if r["as_of"] is not None]
+    if not days:
+        return None
+    return max(days) - timedelta(days=profile.design.backfill_max_age_days)
+
+
+def _sentinel_guidance(profile, sentinel_metric) -> dict[str, Any]:
+    """Return the guidance a sentinel e-mail cites: the major complication rate of the
+    profile's outcome metric that counts the same event types (HTG108 2.4.4: about 33 in
+    40,000-60,000 procedures), else the sentinel metric's own citation."""
+    wanted = set(getattr(sentinel_metric.numerator, "event_types", ()) or ())
+    for metric in profile.metrics:
+        base = metric.baseline
+        types = set(getattr(metric.numerator, "event_types", ()) or ())
+        if (metric.kind == "outcome" and wanted and wanted <= types and base.events
+                and base.low and base.high):
+            low_n = round(base.events / base.high, -3)
+            high_n = round(base.events / base.low, -3)
+            return {"citation": metric.citation,
+                    "text": (f"about {base.events} major complications per "
+                             f"{low_n:,.0f}-{high_n:,.0f} procedures"),
+                    "metric_label": metric.label}
+    return {"citation": sentinel_metric.citation, "text": None, "metric_label": None}
+
+
+SENTINEL_NEXT_STEP = (
+    "Review the case(s) with the clinical team within days: confirm the event and its "
+    "coding in the extract, then run a local morbidity and mortality review (technique, "
+    "imaging, cement, patient selection) and report device-related events to the MHRA "
+    "(Yellow Card)."
+)
+
+
+def sentinel_payload(profile, settings: Settings, site_id: str, metric_id: str,
+                     members: list[Condition], as_of: date | None) -> dict[str, Any]:
+    """Return what a sentinel e-mail needs: the events (type and date only), the guidance,
+    how long the site stays at alarm, a next step. Never a patient or complication reference."""
+    metric = next((m for m in profile.metrics if m.id == metric_id), None)
+    events = []
+    for member in sorted(members, key=lambda c: str(c.payload.get("signal_date"))):
+        events.append({"date": member.payload.get("signal_date"),
+                       "event_types": dict(member.payload.get("event_types") or {})})
+    last = max((_as_date(e["date"]) for e in events if e["date"]), default=None)
+    hold = profile.design.hold_days
+    guidance = (_sentinel_guidance(profile, metric) if metric is not None
+                else {"citation": None, "text": None, "metric_label": None})
+    return {
+        "type": "sentinel",
+        "site_id": site_id,
+        "metric": metric_id,
+        "metric_label": metric.label if metric else metric_id,
+        "events": events,
+        "alarm_until": _iso(last + timedelta(days=hold)) if last else None,
+        "hold_days": hold,
+        "as_of": _iso(as_of),
+        "guidance": guidance,
+        "next_step": SENTINEL_NEXT_STEP,
+        "where": _page(settings, site_id),
+        "where_is_url": bool(settings.report_base_url),
+        "profile_name": profile.name,
+        "profile_version": profile.version,
+    }
+
+
+def _sentinel_alarm_conditions(conn: sa.Connection, status: list[sa.RowMapping], profile,
+                               settings: Settings, sentinels: list[Condition]
+                               ) -> tuple[list[Condition], frozenset[str]]:
+    """Return one alarm per site whose sentinel alarm no current alert tells of, and the
+    dedupe keys of the old sentinel events those alarms cover.
+
+    A sentinel event holds its site at alarm for ``hold_days`` (365), but only events of the
+    last ``backfill_max_age_days`` (90) are e-mailed one by one. A site at alarm only
+    because of older events (a first sync over history; an event whose own alert a human
+    resolved) gets one alert per site and metric, keyed like a level alarm, so it closes by
+    itself when the site leaves alarm. No such alert while a recent event of the site has
+    its own condition or an open or acknowledged sentinel alert of the site and metric.
+    """
+    cutoff = _backfill_cutoff(status, profile)
+    if cutoff is None:
+        return [], frozenset()
+    kinds = {m.id: m.kind for m in profile.metrics}
+    open_sentinel = {(site, metric) for site, metric in conn.execute(
+        sa.select(alert.c.site_id, alert.c.metric).where(
+            alert.c.dedupe_key.startswith(f"sentinel:{profile.name}:"),
+            alert.c.state != RESOLVED))}
+    conditions, covered = [], set()
+    for row in status:
+        site, metric = row["site_id"], row["metric"]
+        if row["status"] != "alarm" or kinds.get(metric) != "sentinel":
+            continue
+        mine = [c for c in sentinels if (c.site_id, c.metric) == (site, metric)]
+        recent = [c for c in mine if (_as_date(c.payload.get("signal_date")) or cutoff) >= cutoff]
+        if recent or (site, metric) in open_sentinel:
+            continue
+        old = [c for c in mine if c not in recent]
+        payload = sentinel_payload(profile, settings, site, metric, old, _as_date(row["as_of"]))
+        payload.update(
+            level="alarm",
+            signal_keys=sorted(c.signal_key for c in old if c.signal_key),
+            # covered from now on: no later history digest lists these events again
+            item_keys=sorted({c.payload["episode_key"] for c in old}),
+            episode_key=_episode_key(site, metric, "up", "alarm", row["level_since"]),
+        )
+        dates = ", ".join(str(e["date"]) for e in payload["events"]) or "n/a"
+        conditions.append(Condition(
+            kind=SAFETY,
+            dedupe_key=f"level:{profile.name}:{site}:{metric}:up",
+            title=(f"Alarm at {site}: sentinel event ({dates}); at alarm until "
+                   f"{payload['alarm_until'] or 'the level clears'}"),
+            payload=payload, site_id=site, metric=metric,
+        ))
+        covered.update(c.dedupe_key for c in old)
+    return conditions, frozenset(covered)
+
+
 def _covered_episodes(conn: sa.Connection) -> set[str]:
     """Return the episode keys already e-mailed as an alert or listed in a digest."""
     covered: set[str] = set()
@@ -443,12 +583,15 @@ def _covered_episodes(conn: sa.Connection) -> set[str]:
 
 
 def _history_digest(conn: sa.Connection, profile, settings: Settings,
-                    sentinel: list[Condition]) -> tuple[list[Condition], set[str]]:
+                    sentinel: list[Condition], current: frozenset[str] = frozenset()
+                    ) -> tuple[list[Condition], set[str]]:
     """Return (the digest of past episodes not yet covered, keys of sentinel events in it).
 
     Past episodes: alarm and under-reporting episodes that ended, and sentinel events older
     than ``backfill_max_age_days`` before as_of. They are summarised, never e-mailed one by
-    one (a first sync of years of history would otherwise flood the inbox).
+    one (a first sync of years of history would otherwise flood the inbox). Old sentinel
+    events in ``current`` (dedupe keys) keep their site at alarm: the site's sentinel alarm
+    alert (:func:`_sentinel_alarm_conditions`) says so, and the digest does not list them.
     """
     rows = list(conn.execute(
         sa.select(level_episode).where(
@@ -491,7 +634,7 @@ def _history_digest(conn: sa.Connection, profile, settings: Settings,
         if day is None or day >= cutoff:
             continue
         old_sentinels.add(condition.dedupe_key)
-        if key in covered:
+        if key in covered or condition.dedupe_key in current:
             continue
         if key not in keys:  # the same key as its level episode's when both start that day
             keys.append(key)
@@ -504,7 +647,11 @@ def _history_digest(conn: sa.Connection, profile, settings: Settings,
         items.append({
             "site_id": condition.site_id, "metric": condition.metric,
             "metric_label": labels.get(condition.metric, condition.metric),
-            "level": "alarm", "since": _iso(day), "until": _iso(day), "rate": None,
+            # the alarm a sentinel event makes lasts hold_days; the site is not at alarm
+            # now (else it is in ``current``), so the level ended by as_of at the latest
+            "level": "alarm", "since": _iso(day),
+            "until": _iso(min(day + timedelta(days=profile.design.hold_days), as_of)),
+            "rate": None,
             "guidance": None, "agree": None, "reason": "sentinel event (reviewed locally?)",
         })
     if not items:
@@ -640,12 +787,17 @@ def collect_conditions(
     profile = _current_profile(settings)
     status = _newest_status(conn, profile.name)
     rules = _signal_conditions(conn, settings, profile.name)
-    history, old_sentinels = _history_digest(conn, profile, settings,
-                                             [c for c in rules
-                                              if c.dedupe_key.startswith("sentinel:")])
+    sentinels = [c for c in rules if c.dedupe_key.startswith("sentinel:")]
+    sentinel_alarms, current = _sentinel_alarm_conditions(conn, status, profile, settings,
+                                                          sentinels)
+    history, old_sentinels = _history_digest(conn, profile, settings, sentinels, current)
+    as_of_run = max((_as_date(r["as_of"]) for r in status if r["as_of"] is not None),
+                    default=None)
     conditions = [
         *_level_conditions(status, profile, settings),
-        *[c for c in rules if c.dedupe_key not in old_sentinels],
+        *sentinel_alarms,
+        *[_with_sentinel_words(c, profile, settings, as_of_run) for c in rules
+          if c.dedupe_key not in old_sentinels],
         *_watch_digest(status, profile, settings),
         *history,
         *_ledger_conditions(conn, settings, quarantine_share),
@@ -653,6 +805,17 @@ def collect_conditions(
         *beyond_site_conditions(conn, settings, profile, as_of),
     ]
     return sorted(conditions, key=lambda c: c.dedupe_key)
+
+
+def _with_sentinel_words(condition: Condition, profile, settings: Settings,
+                         as_of: date | None) -> Condition:
+    """Return a sentinel event's condition with what its e-mail says (event, date, guidance,
+    how long the site stays at alarm, next step); other conditions unchanged."""
+    if not condition.dedupe_key.startswith("sentinel:"):
+        return condition
+    words = sentinel_payload(profile, settings, condition.site_id or "",
+                             condition.metric or "", [condition], as_of)
+    return replace(condition, payload={**condition.payload, **words})
 
 
 def recipients_for(settings: Settings, kind: str, site_id: str | None = None) -> tuple[str, ...]:
@@ -961,9 +1124,69 @@ def sync_alerts(
             result.cleared += 1
             result.closed += int(closes)
             result.retired += int(closes and replaced)
+        _route_undelivered(engine, settings, now, result)
     finally:
         engine.dispose()
+    for alert_id, kind, site_id, hint in result.no_recipient:
+        log.warning("alert %s (%s%s) has no recipient: %s", alert_id[:12], kind,
+                    f", {site_id}" if site_id else "", hint)  # fmt: skip
     return result
+
+
+def missing_recipient_hint(settings: Settings, kind: str, site_id: str | None) -> str:
+    """Return what to configure so that an alert of ``kind`` about ``site_id`` is delivered."""
+    if kind == TRAINING_REVIEW:
+        want = f"KYPHOWATCH_CLINICAL_LEADS={site_id or 'SITE'}=lead@example.org"
+    elif kind == DEVICE:
+        want = "KYPHOWATCH_ALERT_RECIPIENTS_DEVICE (or _SAFETY)"
+    elif kind == SAFETY:
+        want = "KYPHOWATCH_ALERT_RECIPIENTS_SAFETY"
+    else:
+        want = "KYPHOWATCH_ALERT_RECIPIENTS_DATA"
+    if not settings.smtp_url:
+        want += " and KYPHOWATCH_SMTP_URL"
+    return (f"set {want}; the next alerts sync queues it "
+            "(or: kyphowatch alerts requeue ID --channel email)")
+
+
+def _route_undelivered(engine: sa.Engine, settings: Settings, now: datetime,
+                       result: SyncResult) -> None:
+    """Queue the alerts that were raised with no delivery at all, once a channel can take
+    them; report those that still have none (``result.no_recipient``).
+
+    An alert raised while its kind had no recipient (a training review before the site's
+    clinical lead was configured) has no outbox row, so the delivery run never sees it.
+    Watchdog and failure alerts pick their channels themselves and are left alone.
+    """
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(alert.c.alert_id, alert.c.kind, alert.c.site_id, alert.c.state,
+                      alert.c.dedupe_key)
+            .where(alert.c.state != RESOLVED,
+                   ~sa.exists().where(alert_outbox.c.alert_id == alert.c.alert_id))
+            .order_by(alert.c.created_at, alert.c.alert_id)
+        ).mappings().all()
+    for row in rows:
+        if row["dedupe_key"].startswith(EXTERNAL_PREFIXES):
+            continue
+        channels = channels_for(settings, row["kind"], row["site_id"])
+        if not channels:
+            result.no_recipient.append((row["alert_id"], row["kind"], row["site_id"],
+                                        missing_recipient_hint(settings, row["kind"],
+                                                               row["site_id"])))
+            continue
+        try:
+            with engine.begin() as conn:
+                for channel in channels:
+                    conn.execute(alert_outbox.insert().values(
+                        alert_id=row["alert_id"], channel=channel, status="queued",
+                        attempts=0, message_id=message_id_for(row["alert_id"], channel)))
+                _audit(conn, row["alert_id"], row["state"], row["state"], SYSTEM_ACTOR,
+                       f"queued for delivery ({', '.join(channels)}): a recipient is "
+                       "configured now", now)  # fmt: skip
+        except sa.exc.IntegrityError:
+            continue  # another sync or a requeue queued it first
+        result.queued_late.append(row["alert_id"])
 
 
 # --- reading and changing alerts ---------------------------------------------------
