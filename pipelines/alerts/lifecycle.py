@@ -773,10 +773,12 @@ def collect_conditions(
     *,
     quarantine_share: float | None = None,
     silent_days: int | None = None,
+    profile=None,
 ) -> list[Condition]:
     """Return every alert-worthy condition that is true in the warehouse now.
 
-    Thresholds default to the settings (``alert_quarantine_share``, ``silent_site_days``).
+    Thresholds default to the settings (``alert_quarantine_share``, ``silent_site_days``);
+    ``profile`` to the configured one (a caller that holds the parsed profile passes it).
     """
     from pipelines.alerts.beyond import beyond_site_conditions
 
@@ -784,7 +786,7 @@ def collect_conditions(
         quarantine_share = settings.alert_quarantine_share
     if silent_days is None:
         silent_days = settings.silent_site_days
-    profile = _current_profile(settings)
+    profile = profile or _current_profile(settings)
     status = _newest_status(conn, profile.name)
     rules = _signal_conditions(conn, settings, profile.name)
     sentinels = [c for c in rules if c.dedupe_key.startswith("sentinel:")]
@@ -816,6 +818,32 @@ def _with_sentinel_words(condition: Condition, profile, settings: Settings,
     words = sentinel_payload(profile, settings, condition.site_id or "",
                              condition.metric or "", [condition], as_of)
     return replace(condition, payload={**condition.payload, **words})
+
+
+def first_sync_plan(settings: Settings, as_of: date | None = None, *, profile=None
+                    ) -> dict[str, Any]:
+    """Return what :func:`sync_alerts` would raise now, without writing anything.
+
+    ``alerts``: one entry (dedupe key, kind, title, channels) per condition that has no
+    alert yet; on a warehouse whose monitor has run but whose alerts were never synced
+    (a first sync, a backfill) that is every condition. ``emails``: the dedupe keys of
+    those an e-mail goes out for (a recipient and SMTP configured). Used by
+    ``benchmarks/bench_alert_precision.py`` to count the first sync's e-mails.
+    """
+    engine = warehouse(settings)
+    try:
+        with engine.connect() as conn:
+            conditions = collect_conditions(conn, settings, as_of, profile=profile)
+            stored = set(conn.execute(sa.select(alert.c.dedupe_key).distinct()).scalars())
+    finally:
+        engine.dispose()
+    conditions = sorted(conditions, key=lambda c: (_priority(c), c.dedupe_key))
+    alerts = [{"dedupe_key": c.dedupe_key, "kind": c.kind, "title": c.title,
+               "channels": channels_for(settings, c.kind, c.site_id)}
+              for c in conditions if c.dedupe_key not in stored
+              and (c.legacy_key is None or c.legacy_key not in stored)]  # fmt: skip
+    return {"alerts": alerts,
+            "emails": [a["dedupe_key"] for a in alerts if "email" in a["channels"]]}
 
 
 def recipients_for(settings: Settings, kind: str, site_id: str | None = None) -> tuple[str, ...]:
