@@ -8,8 +8,10 @@ Every sync recomputes the set of *active conditions* from the warehouse:
   (``chart_status``; :mod:`pipelines.surveillance.levels`) goes to the safety recipients,
   one at ``under_reporting`` to the data-quality recipients. ``watch`` is never e-mailed
   one by one: the sites at watch make one weekly digest (one per ISO week of ``as_of``);
-* a sentinel event (``signal`` of method ``sentinel``) is one alert per event, and a process
-  failure (method ``process``) one per site and metric, as before;
+* a sentinel event (``signal`` of method ``sentinel``) of the last ``backfill_max_age_days``
+  is one alert per event (its e-mail names the event type and date, never a patient or
+  complication reference), and a process failure (method ``process``) one per site and
+  metric, as before;
 * a rejected extract (``file_ledger.status = 'rejected'``);
 * a loaded extract whose quarantined share of rows is above ``quarantine_share``;
 * a site that used to send procedures but has sent none for ``silent_days`` before
@@ -23,8 +25,18 @@ own alerts (keys ``watchdog:...`` and ``failure:...``); sync leaves those alone.
 First run and backfill: alarm and under-reporting *episodes that already ended*
 (``level_episode.end_date`` set) and sentinel events older than the profile's
 ``backfill_max_age_days`` before ``as_of`` are not e-mailed one by one: every sync gathers
-those not yet covered by an alert or an earlier digest into one digest. A first sync of a
-4-year registry therefore sends the alarms that are current plus at most one digest.
+those not yet covered by an alert or an earlier digest into one digest. A sentinel event
+holds its site at alarm for ``hold_days`` (365), longer than it is e-mailed on its own
+(90): a site at alarm only because of older events (and without an open sentinel alert)
+gets one alert per site and metric, ``level:<profile>:<site>:<metric>:up``, naming the
+events and the day the alarm ends; it closes by itself when the site leaves alarm, and its
+events are not in the digest. So a site at alarm always has an open alert that says so,
+and a first sync of a 4-year registry sends the alarms that are current (one per site and
+metric, however many old events) plus at most one digest of what has ended.
+
+An alert raised while no channel could deliver it (no recipient for its kind or site, or
+no SMTP/webhook) has no outbox row; every sync reports it (``SyncResult.no_recipient``,
+on stderr from the CLI) and queues it once a channel is configured (``queued_late``).
 
 Each condition has a stable ``dedupe_key``: ``level:<profile>:<site>:<metric>:<direction>``,
 ``sentinel:<profile>:<signal_key>``, ``signal:<profile>:<site>:<metric>:<direction>``
