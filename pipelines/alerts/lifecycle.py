@@ -557,7 +557,11 @@ def _sentinel_alarm_conditions(conn: sa.Connection, status: list[sa.RowMapping],
         recent = [c for c in mine if (_as_date(c.payload.get("signal_date")) or cutoff) >= cutoff]
         if recent or (site, metric) in open_sentinel:
             continue
-        old = [c for c in mine if c not in recent]
+        # the events that hold the alarm now (within hold_days); earlier ones ended theirs
+        # and stay in the history digest
+        held = _as_date(row["as_of"]) - timedelta(days=profile.design.hold_days)
+        old = [c for c in mine if c not in recent
+               and (_as_date(c.payload.get("signal_date")) or held) >= held]
         payload = sentinel_payload(profile, settings, site, metric, old, _as_date(row["as_of"]))
         payload.update(
             level="alarm",
@@ -1175,17 +1179,16 @@ def sync_alerts(
 
 def missing_recipient_hint(settings: Settings, kind: str, site_id: str | None) -> str:
     """Return what to configure so that an alert of ``kind`` about ``site_id`` is delivered."""
-    if kind == TRAINING_REVIEW:
-        want = f"KYPHOWATCH_CLINICAL_LEADS={site_id or 'SITE'}=lead@example.org"
-    elif kind == DEVICE:
-        want = "KYPHOWATCH_ALERT_RECIPIENTS_DEVICE (or _SAFETY)"
-    elif kind == SAFETY:
-        want = "KYPHOWATCH_ALERT_RECIPIENTS_SAFETY"
-    else:
-        want = "KYPHOWATCH_ALERT_RECIPIENTS_DATA"
+    wants = []
+    if not recipients_for(settings, kind, site_id):
+        wants.append({
+            TRAINING_REVIEW: f"KYPHOWATCH_CLINICAL_LEADS={site_id or 'SITE'}=lead@example.org",
+            DEVICE: "KYPHOWATCH_ALERT_RECIPIENTS_DEVICE (or _SAFETY)",
+            SAFETY: "KYPHOWATCH_ALERT_RECIPIENTS_SAFETY",
+        }.get(kind, "KYPHOWATCH_ALERT_RECIPIENTS_DATA"))
     if not settings.smtp_url:
-        want += " and KYPHOWATCH_SMTP_URL"
-    return (f"set {want}; the next alerts sync queues it "
+        wants.append("KYPHOWATCH_SMTP_URL")
+    return (f"set {' and '.join(wants)}; the next alerts sync queues it "
             "(or: kyphowatch alerts requeue ID --channel email)")
 
 
