@@ -105,7 +105,7 @@ def test_old_sentinel_event_at_a_site_still_at_alarm_has_an_open_alert(db_url, m
     payload = json.loads(s008["payload"])
     assert payload["alarm_until"] == "2024-09-12"  # 2023-09-13 + 365 days
     assert payload["events"] == [{"date": "2023-09-13", "event_types": {"paralysis": 1}}]
-    assert "at alarm until 2024-09-12" in s008["title"]
+    assert s008["title"] == "Alarm at S008: paralysis on 2023-09-13; at alarm until 2024-09-12"
     history = json.loads(alerts["digest:history:htg108:2024-03-31"]["payload"])
     # S008's current event is not in the digest (its alarm is current); the 2022 one is
     assert sorted((i["site_id"], i["since"], i["until"]) for i in history["items"]) == [

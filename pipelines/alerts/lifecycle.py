@@ -570,11 +570,13 @@ def _sentinel_alarm_conditions(conn: sa.Connection, status: list[sa.RowMapping],
             item_keys=sorted({c.payload["episode_key"] for c in old}),
             episode_key=_episode_key(site, metric, "up", "alarm", row["level_since"]),
         )
-        dates = ", ".join(str(e["date"]) for e in payload["events"]) or "n/a"
+        what = "; ".join(
+            f"{' and '.join(t.replace('_', ' ') for t in e['event_types']) or 'sentinel event'}"
+            f" on {e['date']}" for e in payload["events"]) or "sentinel event"
         conditions.append(Condition(
             kind=SAFETY,
             dedupe_key=f"level:{profile.name}:{site}:{metric}:up",
-            title=(f"Alarm at {site}: sentinel event ({dates}); at alarm until "
+            title=(f"Alarm at {site}: {what}; at alarm until "
                    f"{payload['alarm_until'] or 'the level clears'}"),
             payload=payload, site_id=site, metric=metric,
         ))
