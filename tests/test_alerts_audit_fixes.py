@@ -274,3 +274,23 @@ def test_cli_sync_says_on_stderr_that_an_alert_has_no_recipient(
     assert f"alert {alert_id[:12]} (training_review, S003) has no recipient" in captured.err
     assert "KYPHOWATCH_CLINICAL_LEADS" in captured.err
     assert json.loads(captured.out)["no_recipient"][0][0] == alert_id
+
+
+def test_an_open_alert_about_an_earlier_event_does_not_hide_the_current_alarm(
+    db_url, make_settings
+):
+    """The site's open sentinel alert is about an event whose alarm ended long ago: the
+    alarm of today's (older than 90 days) event still gets its alert."""
+    settings = make_settings(db_url)
+    _sentinel(db_url, "S011", date(2022, 1, 10))
+    insert_level(db_url, site="S011", metric="sentinel_event", since=date(2022, 1, 10),
+                 as_of=date(2022, 2, 1))  # fmt: skip
+    (first,) = sync_alerts(settings).created  # that event's own e-mail; left open
+    _sentinel(db_url, "S011", date(2023, 9, 13), {"cord_compression": 1})
+    insert_level(db_url, site="S011", metric="sentinel_event", since=date(2023, 9, 13))
+    sync_alerts(settings)
+    open_keys = sorted(r["dedupe_key"] for r in _rows(db_url, alert) if r["state"] == "open")
+    assert "level:htg108:S011:sentinel_event:up" in open_keys
+    title = next(r["title"] for r in _rows(db_url, alert)
+                 if r["dedupe_key"] == "level:htg108:S011:sentinel_event:up")  # fmt: skip
+    assert title == "Alarm at S011: cord compression on 2023-09-13; at alarm until 2024-09-12"

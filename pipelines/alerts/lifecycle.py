@@ -544,10 +544,10 @@ def _sentinel_alarm_conditions(conn: sa.Connection, status: list[sa.RowMapping],
     if cutoff is None:
         return [], frozenset()
     kinds = {m.id: m.kind for m in profile.metrics}
-    open_sentinel = {(site, metric) for site, metric in conn.execute(
-        sa.select(alert.c.site_id, alert.c.metric).where(
+    open_sentinel = set(conn.execute(
+        sa.select(alert.c.signal_key).where(
             alert.c.dedupe_key.startswith(f"sentinel:{profile.name}:"),
-            alert.c.state != RESOLVED))}
+            alert.c.state != RESOLVED)).scalars())
     conditions, covered = [], set()
     for row in status:
         site, metric = row["site_id"], row["metric"]
@@ -555,13 +555,13 @@ def _sentinel_alarm_conditions(conn: sa.Connection, status: list[sa.RowMapping],
             continue
         mine = [c for c in sentinels if (c.site_id, c.metric) == (site, metric)]
         recent = [c for c in mine if (_as_date(c.payload.get("signal_date")) or cutoff) >= cutoff]
-        if recent or (site, metric) in open_sentinel:
-            continue
         # the events that hold the alarm now (within hold_days); earlier ones ended theirs
         # and stay in the history digest
         held = _as_date(row["as_of"]) - timedelta(days=profile.design.hold_days)
         old = [c for c in mine if c not in recent
                and (_as_date(c.payload.get("signal_date")) or held) >= held]
+        if recent or any(c.signal_key in open_sentinel for c in old):
+            continue  # an alert that names an event holding the alarm is open already
         payload = sentinel_payload(profile, settings, site, metric, old, _as_date(row["as_of"]))
         payload.update(
             level="alarm",
