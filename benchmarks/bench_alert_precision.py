@@ -59,9 +59,12 @@ a fracture p-chart would be credited with e-mails a year before its data existed
 
 Backfill: one more registry, 60 sites, 2021-01-01..2024-12-31, 2 drifts. OLD: every active
 signal of category safety or under_reporting made an e-mail on the first alert sync, so the
-number of distinct (site, metric, direction) with a signal. NEW: ``first_sync_plan`` from
-:mod:`pipelines.alerts.lifecycle` when it exists, else "per the level rules": alarm and
-under_reporting episodes current at as_of, plus one digest if any other episode exists.
+number of distinct (site, metric, direction) with a signal. NEW: the e-mails of the real
+first sync, ``first_sync_plan`` from :mod:`pipelines.alerts.lifecycle` on the run's
+signals, levels and episodes stored in a throw-away SQLite warehouse (current alarms,
+sentinel events and alarms, process alerts, the watch digest and the history digest); "per
+the level rules" (current alarm and under_reporting episodes plus one digest) only when the
+alert package cannot be imported.
 
 Targets (each printed PASS or MISS; a benchmark reports, it does not gate): NEW false
 e-mails <= 3 per 100 site-years; NEW median delay within 15 % of the reference for every
