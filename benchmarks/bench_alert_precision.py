@@ -59,9 +59,12 @@ a fracture p-chart would be credited with e-mails a year before its data existed
 
 Backfill: one more registry, 60 sites, 2021-01-01..2024-12-31, 2 drifts. OLD: every active
 signal of category safety or under_reporting made an e-mail on the first alert sync, so the
-number of distinct (site, metric, direction) with a signal. NEW: ``first_sync_plan`` from
-:mod:`pipelines.alerts.lifecycle` when it exists, else "per the level rules": alarm and
-under_reporting episodes current at as_of, plus one digest if any other episode exists.
+number of distinct (site, metric, direction) with a signal. NEW: the e-mails of the real
+first sync, ``first_sync_plan`` from :mod:`pipelines.alerts.lifecycle` on the run's
+signals, levels and episodes stored in a throw-away SQLite warehouse (current alarms,
+sentinel events and alarms, process alerts, the watch digest and the history digest); "per
+the level rules" (current alarm and under_reporting episodes plus one digest) only when the
+alert package cannot be imported.
 
 Targets (each printed PASS or MISS; a benchmark reports, it does not gate): NEW false
 e-mails <= 3 per 100 site-years; NEW median delay within 15 % of the reference for every
@@ -78,7 +81,6 @@ a minute; exits 0).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -248,40 +250,69 @@ def _as_day(value) -> int | None:
 
 
 def _first_sync_count(work, episodes, snapshot, profile) -> tuple[int, str] | None:
-    """Call ``pipelines.alerts.lifecycle.first_sync_plan`` if it exists; else None."""
+    """Return the e-mails the real first alert sync sends on this registry's monitor output.
+
+    The run's signals, levels (``chart_status``) and level episodes are stored, as the
+    monitor stores them, in a throw-away SQLite warehouse, and
+    :func:`pipelines.alerts.lifecycle.first_sync_plan` (what ``sync_alerts`` would raise,
+    without writing) is asked with a recipient for every kind and SMTP configured.
+    ``episodes`` is the computation's own level episodes (``work.level_episodes``).
+    None when the alert package cannot be imported here.
+    """
+    import tempfile
+
     try:
         from pipelines.alerts import lifecycle
+        from pipelines.db import open_warehouse
+        from pipelines.schema import chart_status, level_episode, signal
+        from pipelines.settings import load_settings
+        from pipelines.surveillance import levels
+        from pipelines.surveillance.engine import SIGNAL_FIELDS, replace_rows
+        from pipelines.surveillance.runs import MonitorResult
     except Exception:  # the alert package itself is not importable here
         return None
-    plan_fn = getattr(lifecycle, "per lifecycle.first_sync_plan", None)
-    if plan_fn is None:
-        return None
-    offered = {"work": work, "computation": work, "episodes": episodes,
-               "level_episodes": episodes, "as_of": snapshot.as_of, "profile": profile,
-               "snapshot": snapshot}
-    parameters = inspect.signature(plan_fn).parameters
-    names = [name for name, p in parameters.items()
-             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    try:
-        if names and all(name in offered or parameters[name].default is not inspect.Parameter.empty
-                         for name in names):
-            plan = plan_fn(**{name: offered[name] for name in names if name in offered})
-        else:
-            plan = plan_fn(work)
-    except TypeError:  # a signature this benchmark does not know: use the level rules
-        return None
-    if isinstance(plan, int):
-        return plan, "per lifecycle.first_sync_plan"
-    if isinstance(plan, dict):
-        for key in ("emails", "messages", "mails", "sends"):
-            if key in plan:
-                value = plan[key]
-                return (value if isinstance(value, int) else len(value)), "per lifecycle.first_sync_plan"
-    for attribute in ("emails", "messages"):
-        if hasattr(plan, attribute):
-            value = getattr(plan, attribute)
-            return (value if isinstance(value, int) else len(value)), "per lifecycle.first_sync_plan"
-    return len(plan), "per lifecycle.first_sync_plan"
+    run_key = "bench-backfill"
+    as_of = snapshot.as_of
+    rows = work.builder.sorted_rows()
+    for row in rows:
+        row.update(active=True, first_seen_run=run_key, last_seen_run=run_key)
+    result = MonitorResult(
+        run_key=run_key, as_of=as_of, profile_name=profile.name,
+        profile_version=profile.version, data_fingerprint=run_key, signals=rows,
+        site_metrics=[work.site_metrics[k] for k in sorted(work.site_metrics)],
+        level_episodes=[{"site_id": e["site_id"], "metric": e["metric"],
+                         "direction": e["direction"], "level": e["level"],
+                         "start_date": e["start"], "last_date": e["last"],
+                         "end_date": e["end"], "signals": e["signals"]} for e in episodes])
+    constants = {"profile_name": profile.name, "run_key": run_key, "as_of": as_of,
+                 "profile_version": profile.version}
+    with tempfile.TemporaryDirectory(prefix="kw_alertsfix_") as tmp:
+        url = f"sqlite:///{tmp}/warehouse.db"
+        engine = open_warehouse(url, migrate=True)
+        try:
+            with engine.begin() as conn:
+                if rows:
+                    conn.execute(signal.insert(), [{f: r[f] for f in SIGNAL_FIELDS} for r in rows])
+                replace_rows(conn, chart_status, levels.status_rows(result, profile), constants)
+                replace_rows(conn, level_episode, result.level_episodes, constants)
+        finally:
+            engine.dispose()
+        settings = load_settings({
+            "KYPHOWATCH_DEMO": "1", "KYPHOWATCH_REPORT_DIR": tmp,
+            "KYPHOWATCH_SMTP_URL": "smtp://127.0.0.1:25",
+            "KYPHOWATCH_ALERT_RECIPIENTS_SAFETY": "safety@example.org",
+            "KYPHOWATCH_ALERT_RECIPIENTS_DATA": "data@example.org",
+        }, db_url=url)
+        plan = lifecycle.first_sync_plan(settings, as_of, profile=profile)
+    kinds: dict[str, int] = {}
+    for item in plan["alerts"]:
+        if item["dedupe_key"] in plan["emails"]:
+            head = item["dedupe_key"].split(":")[0]
+            head = "history digest" if item["dedupe_key"].startswith("digest:history") else (
+                "watch digest" if head == "digest" else head)
+            kinds[head] = kinds.get(head, 0) + 1
+    detail = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    return len(plan["emails"]), f"per lifecycle.first_sync_plan ({detail})"
 
 
 def run_registry(task: dict) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from pipelines.alerts import lifecycle, outbox
@@ -103,6 +104,13 @@ def _requeue(args: argparse.Namespace) -> int:
 def _sync(args: argparse.Namespace) -> int:
     result = lifecycle.sync_alerts(_settings(args), parse_as_of(args.as_of))
     _print_json(result.to_dict())
+    if result.queued_late:
+        print(f"queued {len(result.queued_late)} earlier alert(s) that had no recipient: "
+              f"{', '.join(a[:12] for a in result.queued_late)}", file=sys.stderr)
+    for alert_id, kind, site_id, hint in result.no_recipient:
+        about = f"{kind}, {site_id}" if site_id else kind
+        print(f"warning: alert {alert_id[:12]} ({about}) has no recipient and is not "
+              f"delivered: {hint}", file=sys.stderr)
     return 0
 
 

@@ -8,8 +8,10 @@ Every sync recomputes the set of *active conditions* from the warehouse:
   (``chart_status``; :mod:`pipelines.surveillance.levels`) goes to the safety recipients,
   one at ``under_reporting`` to the data-quality recipients. ``watch`` is never e-mailed
   one by one: the sites at watch make one weekly digest (one per ISO week of ``as_of``);
-* a sentinel event (``signal`` of method ``sentinel``) is one alert per event, and a process
-  failure (method ``process``) one per site and metric, as before;
+* a sentinel event (``signal`` of method ``sentinel``) of the last ``backfill_max_age_days``
+  is one alert per event (its e-mail names the event type and date, never a patient or
+  complication reference), and a process failure (method ``process``) one per site and
+  metric, as before;
 * a rejected extract (``file_ledger.status = 'rejected'``);
 * a loaded extract whose quarantined share of rows is above ``quarantine_share``;
 * a site that used to send procedures but has sent none for ``silent_days`` before
@@ -23,8 +25,18 @@ own alerts (keys ``watchdog:...`` and ``failure:...``); sync leaves those alone.
 First run and backfill: alarm and under-reporting *episodes that already ended*
 (``level_episode.end_date`` set) and sentinel events older than the profile's
 ``backfill_max_age_days`` before ``as_of`` are not e-mailed one by one: every sync gathers
-those not yet covered by an alert or an earlier digest into one digest. A first sync of a
-4-year registry therefore sends the alarms that are current plus at most one digest.
+those not yet covered by an alert or an earlier digest into one digest. A sentinel event
+holds its site at alarm for ``hold_days`` (365), longer than it is e-mailed on its own
+(90): a site at alarm only because of older events (and without an open sentinel alert)
+gets one alert per site and metric, ``level:<profile>:<site>:<metric>:up``, naming the
+events and the day the alarm ends; it closes by itself when the site leaves alarm, and its
+events are not in the digest. So a site at alarm always has an open alert that says so,
+and a first sync of a 4-year registry sends the alarms that are current (one per site and
+metric, however many old events) plus at most one digest of what has ended.
+
+An alert raised while no channel could deliver it (no recipient for its kind or site, or
+no SMTP/webhook) has no outbox row; every sync reports it (``SyncResult.no_recipient``,
+on stderr from the CLI) and queues it once a channel is configured (``queued_late``).
 
 Each condition has a stable ``dedupe_key``: ``level:<profile>:<site>:<metric>:<direction>``,
 ``sentinel:<profile>:<signal_key>``, ``signal:<profile>:<site>:<metric>:<direction>``
@@ -67,7 +79,7 @@ import hashlib
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -168,10 +180,17 @@ class SyncResult:
     closed: int = 0  # alerts resolved by the system because their condition cleared
     retired: int = 0  # of those, alerts closed because their profile was replaced
     active_conditions: int = 0
+    # open or acknowledged alerts that no channel can deliver (no recipient or no SMTP/webhook
+    # configured for their kind and site): (alert_id, kind, site_id, what to set)
+    no_recipient: list[tuple[str, str, str | None, str]] = field(default_factory=list)
+    # alerts raised earlier without any delivery that a recipient configured since now gets
+    queued_late: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly summary."""
         return {
+            "no_recipient": [list(item) for item in self.no_recipient],
+            "queued_late": list(self.queued_late),
             "created": list(self.created),
             "persisting": self.persisting,
             "cleared": self.cleared,
@@ -239,6 +258,19 @@ def _signal_summary(row: sa.RowMapping) -> dict[str, Any]:
     return {name: _iso(row[name]) for name in _SIGNAL_FIELDS}
 
 
+def _event_types(row: sa.RowMapping) -> dict[str, int]:
+    """Return a sentinel signal's event types and counts (``{"death": 1}``): the types only,
+    never a complication or patient reference."""
+    try:
+        detail = json.loads(row["detail"] or "{}")
+    except ValueError:
+        return {}
+    types = detail.get("event_types") if isinstance(detail, dict) else None
+    if not isinstance(types, dict):
+        return {}
+    return {str(k): int(v) for k, v in sorted(types.items()) if isinstance(v, int | float)}
+
+
 def _signal_conditions(conn: sa.Connection, settings: Settings,
                        profile_name: str) -> list[Condition]:
     """Return the rule-based conditions: one per sentinel event, one per process breach.
@@ -270,7 +302,8 @@ def _signal_conditions(conn: sa.Connection, settings: Settings,
         kind = CATEGORY_KIND.get(primary["category"], SAFETY)
         methods = sorted({m["method"] for m in members})
         if any(m["method"] == "sentinel" for m in members):
-            title = f"Sentinel event at {site_id}: {metric}"
+            what = " and ".join(t.replace("_", " ") for t in _event_types(primary)) or metric
+            title = f"Sentinel event at {site_id}: {what} on {_iso(primary['signal_date'])}"
         else:
             label = {"safety": "Safety", "process": "Process"}.get(primary["category"], "Data")
             side = "above" if direction == "up" else "below"
@@ -286,6 +319,8 @@ def _signal_conditions(conn: sa.Connection, settings: Settings,
                                         primary["episode_start"]),
         }
         sentinel = primary["method"] == "sentinel"
+        if sentinel:
+            payload["event_types"] = _event_types(primary)
         conditions.append(
             Condition(
                 kind=kind,
@@ -426,6 +461,129 @@ def _watch_digest(status: list[sa.RowMapping], profile, settings: Settings
     )]
 
 
+def _backfill_cutoff(status: list[sa.RowMapping], profile) -> date | None:
+    """Return the day before which a sentinel event goes to the history digest."""
+    days = [_as_date(r["as_of"]) for r in status if r["as_of"] is not None]
+    if not days:
+        return None
+    return max(days) - timedelta(days=profile.design.backfill_max_age_days)
+
+
+def _sentinel_guidance(profile, sentinel_metric) -> dict[str, Any]:
+    """Return the guidance a sentinel e-mail cites: the major complication rate of the
+    profile's outcome metric that counts the same event types (HTG108 2.4.4: about 33 in
+    40,000-60,000 procedures), else the sentinel metric's own citation."""
+    wanted = set(getattr(sentinel_metric.numerator, "event_types", ()) or ())
+    for metric in profile.metrics:
+        base = metric.baseline
+        types = set(getattr(metric.numerator, "event_types", ()) or ())
+        if (metric.kind == "outcome" and wanted and wanted <= types and base.events
+                and base.low and base.high):
+            low_n = round(base.events / base.high, -3)
+            high_n = round(base.events / base.low, -3)
+            return {"citation": metric.citation,
+                    "text": (f"about {base.events} major complications per "
+                             f"{low_n:,.0f}-{high_n:,.0f} procedures"),
+                    "metric_label": metric.label}
+    return {"citation": sentinel_metric.citation, "text": None, "metric_label": None}
+
+
+SENTINEL_NEXT_STEP = (
+    "Review the case(s) with the clinical team within days: confirm the event and its "
+    "coding in the extract, then run a local morbidity and mortality review (technique, "
+    "imaging, cement, patient selection) and report device-related events to the MHRA "
+    "(Yellow Card)."
+)
+
+
+def sentinel_payload(profile, settings: Settings, site_id: str, metric_id: str,
+                     members: list[Condition], as_of: date | None) -> dict[str, Any]:
+    """Return what a sentinel e-mail needs: the events (type and date only), the guidance,
+    how long the site stays at alarm, a next step. Never a patient or complication reference."""
+    metric = next((m for m in profile.metrics if m.id == metric_id), None)
+    events = []
+    for member in sorted(members, key=lambda c: str(c.payload.get("signal_date"))):
+        events.append({"date": member.payload.get("signal_date"),
+                       "event_types": dict(member.payload.get("event_types") or {})})
+    last = max((_as_date(e["date"]) for e in events if e["date"]), default=None)
+    hold = profile.design.hold_days
+    guidance = (_sentinel_guidance(profile, metric) if metric is not None
+                else {"citation": None, "text": None, "metric_label": None})
+    return {
+        "type": "sentinel",
+        "site_id": site_id,
+        "metric": metric_id,
+        "metric_label": metric.label if metric else metric_id,
+        "events": events,
+        "alarm_until": _iso(last + timedelta(days=hold)) if last else None,
+        "hold_days": hold,
+        "as_of": _iso(as_of),
+        "guidance": guidance,
+        "next_step": SENTINEL_NEXT_STEP,
+        "where": _page(settings, site_id),
+        "where_is_url": bool(settings.report_base_url),
+        "profile_name": profile.name,
+        "profile_version": profile.version,
+    }
+
+
+def _sentinel_alarm_conditions(conn: sa.Connection, status: list[sa.RowMapping], profile,
+                               settings: Settings, sentinels: list[Condition]
+                               ) -> tuple[list[Condition], frozenset[str]]:
+    """Return one alarm per site whose sentinel alarm no current alert tells of, and the
+    dedupe keys of the old sentinel events those alarms cover.
+
+    A sentinel event holds its site at alarm for ``hold_days`` (365), but only events of the
+    last ``backfill_max_age_days`` (90) are e-mailed one by one. A site at alarm only
+    because of older events (a first sync over history; an event whose own alert a human
+    resolved) gets one alert per site and metric, keyed like a level alarm, so it closes by
+    itself when the site leaves alarm. No such alert while a recent event of the site has
+    its own condition or an open or acknowledged sentinel alert of the site and metric.
+    """
+    cutoff = _backfill_cutoff(status, profile)
+    if cutoff is None:
+        return [], frozenset()
+    kinds = {m.id: m.kind for m in profile.metrics}
+    open_sentinel = set(conn.execute(
+        sa.select(alert.c.signal_key).where(
+            alert.c.dedupe_key.startswith(f"sentinel:{profile.name}:"),
+            alert.c.state != RESOLVED)).scalars())
+    conditions, covered = [], set()
+    for row in status:
+        site, metric = row["site_id"], row["metric"]
+        if row["status"] != "alarm" or kinds.get(metric) != "sentinel":
+            continue
+        mine = [c for c in sentinels if (c.site_id, c.metric) == (site, metric)]
+        recent = [c for c in mine if (_as_date(c.payload.get("signal_date")) or cutoff) >= cutoff]
+        # the events that hold the alarm now (within hold_days); earlier ones ended theirs
+        # and stay in the history digest
+        held = _as_date(row["as_of"]) - timedelta(days=profile.design.hold_days)
+        old = [c for c in mine if c not in recent
+               and (_as_date(c.payload.get("signal_date")) or held) >= held]
+        if recent or any(c.signal_key in open_sentinel for c in old):
+            continue  # an alert that names an event holding the alarm is open already
+        payload = sentinel_payload(profile, settings, site, metric, old, _as_date(row["as_of"]))
+        payload.update(
+            level="alarm",
+            signal_keys=sorted(c.signal_key for c in old if c.signal_key),
+            # covered from now on: no later history digest lists these events again
+            item_keys=sorted({c.payload["episode_key"] for c in old}),
+            episode_key=_episode_key(site, metric, "up", "alarm", row["level_since"]),
+        )
+        what = "; ".join(
+            f"{' and '.join(t.replace('_', ' ') for t in e['event_types']) or 'sentinel event'}"
+            f" on {e['date']}" for e in payload["events"]) or "sentinel event"
+        conditions.append(Condition(
+            kind=SAFETY,
+            dedupe_key=f"level:{profile.name}:{site}:{metric}:up",
+            title=(f"Alarm at {site}: {what}; at alarm until "
+                   f"{payload['alarm_until'] or 'the level clears'}"),
+            payload=payload, site_id=site, metric=metric,
+        ))
+        covered.update(c.dedupe_key for c in old)
+    return conditions, frozenset(covered)
+
+
 def _covered_episodes(conn: sa.Connection) -> set[str]:
     """Return the episode keys already e-mailed as an alert or listed in a digest."""
     covered: set[str] = set()
@@ -443,12 +601,15 @@ def _covered_episodes(conn: sa.Connection) -> set[str]:
 
 
 def _history_digest(conn: sa.Connection, profile, settings: Settings,
-                    sentinel: list[Condition]) -> tuple[list[Condition], set[str]]:
+                    sentinel: list[Condition], current: frozenset[str] = frozenset()
+                    ) -> tuple[list[Condition], set[str]]:
     """Return (the digest of past episodes not yet covered, keys of sentinel events in it).
 
     Past episodes: alarm and under-reporting episodes that ended, and sentinel events older
     than ``backfill_max_age_days`` before as_of. They are summarised, never e-mailed one by
-    one (a first sync of years of history would otherwise flood the inbox).
+    one (a first sync of years of history would otherwise flood the inbox). Old sentinel
+    events in ``current`` (dedupe keys) keep their site at alarm: the site's sentinel alarm
+    alert (:func:`_sentinel_alarm_conditions`) says so, and the digest does not list them.
     """
     rows = list(conn.execute(
         sa.select(level_episode).where(
@@ -491,7 +652,7 @@ def _history_digest(conn: sa.Connection, profile, settings: Settings,
         if day is None or day >= cutoff:
             continue
         old_sentinels.add(condition.dedupe_key)
-        if key in covered:
+        if key in covered or condition.dedupe_key in current:
             continue
         if key not in keys:  # the same key as its level episode's when both start that day
             keys.append(key)
@@ -504,7 +665,11 @@ def _history_digest(conn: sa.Connection, profile, settings: Settings,
         items.append({
             "site_id": condition.site_id, "metric": condition.metric,
             "metric_label": labels.get(condition.metric, condition.metric),
-            "level": "alarm", "since": _iso(day), "until": _iso(day), "rate": None,
+            # the alarm a sentinel event makes lasts hold_days; the site is not at alarm
+            # now (else it is in ``current``), so the level ended by as_of at the latest
+            "level": "alarm", "since": _iso(day),
+            "until": _iso(min(day + timedelta(days=profile.design.hold_days), as_of)),
+            "rate": None,
             "guidance": None, "agree": None, "reason": "sentinel event (reviewed locally?)",
         })
     if not items:
@@ -626,10 +791,12 @@ def collect_conditions(
     *,
     quarantine_share: float | None = None,
     silent_days: int | None = None,
+    profile=None,
 ) -> list[Condition]:
     """Return every alert-worthy condition that is true in the warehouse now.
 
-    Thresholds default to the settings (``alert_quarantine_share``, ``silent_site_days``).
+    Thresholds default to the settings (``alert_quarantine_share``, ``silent_site_days``);
+    ``profile`` to the configured one (a caller that holds the parsed profile passes it).
     """
     from pipelines.alerts.beyond import beyond_site_conditions
 
@@ -637,15 +804,20 @@ def collect_conditions(
         quarantine_share = settings.alert_quarantine_share
     if silent_days is None:
         silent_days = settings.silent_site_days
-    profile = _current_profile(settings)
+    profile = profile or _current_profile(settings)
     status = _newest_status(conn, profile.name)
     rules = _signal_conditions(conn, settings, profile.name)
-    history, old_sentinels = _history_digest(conn, profile, settings,
-                                             [c for c in rules
-                                              if c.dedupe_key.startswith("sentinel:")])
+    sentinels = [c for c in rules if c.dedupe_key.startswith("sentinel:")]
+    sentinel_alarms, current = _sentinel_alarm_conditions(conn, status, profile, settings,
+                                                          sentinels)
+    history, old_sentinels = _history_digest(conn, profile, settings, sentinels, current)
+    as_of_run = max((_as_date(r["as_of"]) for r in status if r["as_of"] is not None),
+                    default=None)
     conditions = [
         *_level_conditions(status, profile, settings),
-        *[c for c in rules if c.dedupe_key not in old_sentinels],
+        *sentinel_alarms,
+        *[_with_sentinel_words(c, profile, settings, as_of_run) for c in rules
+          if c.dedupe_key not in old_sentinels],
         *_watch_digest(status, profile, settings),
         *history,
         *_ledger_conditions(conn, settings, quarantine_share),
@@ -653,6 +825,43 @@ def collect_conditions(
         *beyond_site_conditions(conn, settings, profile, as_of),
     ]
     return sorted(conditions, key=lambda c: c.dedupe_key)
+
+
+def _with_sentinel_words(condition: Condition, profile, settings: Settings,
+                         as_of: date | None) -> Condition:
+    """Return a sentinel event's condition with what its e-mail says (event, date, guidance,
+    how long the site stays at alarm, next step); other conditions unchanged."""
+    if not condition.dedupe_key.startswith("sentinel:"):
+        return condition
+    words = sentinel_payload(profile, settings, condition.site_id or "",
+                             condition.metric or "", [condition], as_of)
+    return replace(condition, payload={**condition.payload, **words})
+
+
+def first_sync_plan(settings: Settings, as_of: date | None = None, *, profile=None
+                    ) -> dict[str, Any]:
+    """Return what :func:`sync_alerts` would raise now, without writing anything.
+
+    ``alerts``: one entry (dedupe key, kind, title, channels) per condition that has no
+    alert yet; on a warehouse whose monitor has run but whose alerts were never synced
+    (a first sync, a backfill) that is every condition. ``emails``: the dedupe keys of
+    those an e-mail goes out for (a recipient and SMTP configured). Used by
+    ``benchmarks/bench_alert_precision.py`` to count the first sync's e-mails.
+    """
+    engine = warehouse(settings)
+    try:
+        with engine.connect() as conn:
+            conditions = collect_conditions(conn, settings, as_of, profile=profile)
+            stored = set(conn.execute(sa.select(alert.c.dedupe_key).distinct()).scalars())
+    finally:
+        engine.dispose()
+    conditions = sorted(conditions, key=lambda c: (_priority(c), c.dedupe_key))
+    alerts = [{"dedupe_key": c.dedupe_key, "kind": c.kind, "title": c.title,
+               "channels": channels_for(settings, c.kind, c.site_id)}
+              for c in conditions if c.dedupe_key not in stored
+              and (c.legacy_key is None or c.legacy_key not in stored)]  # fmt: skip
+    return {"alerts": alerts,
+            "emails": [a["dedupe_key"] for a in alerts if "email" in a["channels"]]}
 
 
 def recipients_for(settings: Settings, kind: str, site_id: str | None = None) -> tuple[str, ...]:
@@ -961,9 +1170,68 @@ def sync_alerts(
             result.cleared += 1
             result.closed += int(closes)
             result.retired += int(closes and replaced)
+        _route_undelivered(engine, settings, now, result)
     finally:
         engine.dispose()
+    for alert_id, kind, site_id, hint in result.no_recipient:
+        log.warning("alert %s (%s%s) has no recipient: %s", alert_id[:12], kind,
+                    f", {site_id}" if site_id else "", hint)  # fmt: skip
     return result
+
+
+def missing_recipient_hint(settings: Settings, kind: str, site_id: str | None) -> str:
+    """Return what to configure so that an alert of ``kind`` about ``site_id`` is delivered."""
+    wants = []
+    if not recipients_for(settings, kind, site_id):
+        wants.append({
+            TRAINING_REVIEW: f"KYPHOWATCH_CLINICAL_LEADS={site_id or 'SITE'}=lead@example.org",
+            DEVICE: "KYPHOWATCH_ALERT_RECIPIENTS_DEVICE (or _SAFETY)",
+            SAFETY: "KYPHOWATCH_ALERT_RECIPIENTS_SAFETY",
+        }.get(kind, "KYPHOWATCH_ALERT_RECIPIENTS_DATA"))
+    if not settings.smtp_url:
+        wants.append("KYPHOWATCH_SMTP_URL")
+    return (f"set {' and '.join(wants)}; the next alerts sync queues it "
+            "(or: kyphowatch alerts requeue ID --channel email)")
+
+
+def _route_undelivered(engine: sa.Engine, settings: Settings, now: datetime,
+                       result: SyncResult) -> None:
+    """Queue the alerts that were raised with no delivery at all, once a channel can take
+    them; report those that still have none (``result.no_recipient``).
+
+    An alert raised while its kind had no recipient (a training review before the site's
+    clinical lead was configured) has no outbox row, so the delivery run never sees it.
+    Watchdog and failure alerts pick their channels themselves and are left alone.
+    """
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(alert.c.alert_id, alert.c.kind, alert.c.site_id, alert.c.state,
+                      alert.c.dedupe_key)
+            .where(alert.c.state != RESOLVED,
+                   ~sa.exists().where(alert_outbox.c.alert_id == alert.c.alert_id))
+            .order_by(alert.c.created_at, alert.c.alert_id)
+        ).mappings().all()
+    for row in rows:
+        if row["dedupe_key"].startswith(EXTERNAL_PREFIXES):
+            continue
+        channels = channels_for(settings, row["kind"], row["site_id"])
+        if not channels:
+            result.no_recipient.append((row["alert_id"], row["kind"], row["site_id"],
+                                        missing_recipient_hint(settings, row["kind"],
+                                                               row["site_id"])))
+            continue
+        try:
+            with engine.begin() as conn:
+                for channel in channels:
+                    conn.execute(alert_outbox.insert().values(
+                        alert_id=row["alert_id"], channel=channel, status="queued",
+                        attempts=0, message_id=message_id_for(row["alert_id"], channel)))
+                _audit(conn, row["alert_id"], row["state"], row["state"], SYSTEM_ACTOR,
+                       f"queued for delivery ({', '.join(channels)}): a recipient is "
+                       "configured now", now)  # fmt: skip
+        except sa.exc.IntegrityError:
+            continue  # another sync or a requeue queued it first
+        result.queued_late.append(row["alert_id"])
 
 
 # --- reading and changing alerts ---------------------------------------------------

@@ -45,7 +45,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from pipelines.alerts.channels import Channel, DeliveryUncertain, NotDelivered, make_channels
-from pipelines.alerts.lifecycle import find_alert, recipients_for, warehouse
+from pipelines.alerts.lifecycle import (
+    channels_for,
+    find_alert,
+    message_id_for,
+    missing_recipient_hint,
+    recipients_for,
+    warehouse,
+)
 from pipelines.alerts.render import render
 from pipelines.errors import ExternalSystemError, InputRejected
 from pipelines.schema import alert, alert_audit, alert_outbox
@@ -232,7 +239,12 @@ def _deliver_one(engine: sa.Engine, settings: Settings, row: sa.RowMapping, chan
 
 def requeue(settings: Settings, id_or_prefix: str, *, by: str, reason: str,
             channel: str | None = None) -> list[str]:  # fmt: skip
-    """Queue an alert's failed or unconfirmed deliveries again; return the channels requeued."""
+    """Queue an alert's failed or unconfirmed deliveries again; return the channels requeued.
+
+    A channel the alert has no delivery on at all (it was raised while no recipient was
+    configured for it, e.g. a training review before the site's clinical lead was set) is
+    queued now if it is configured for the alert's kind and site.
+    """
     if not (by or "").strip() or not (reason or "").strip():
         raise InputRejected("say who you are and why (--by NAME --reason TEXT)")
     engine = warehouse(settings)
@@ -266,9 +278,26 @@ def requeue(settings: Settings, id_or_prefix: str, *, by: str, reason: str,
                         )  # fmt: skip
                     )
                     requeued.append(outbox_row["channel"])
+            have = set(conn.execute(sa.select(alert_outbox.c.channel).where(
+                alert_outbox.c.alert_id == row["alert_id"])).scalars())
+            configured = channels_for(settings, row["kind"], row["site_id"])
+            for name in configured:
+                if name in have or (channel and name != channel):
+                    continue
+                conn.execute(alert_outbox.insert().values(
+                    alert_id=row["alert_id"], channel=name, status="queued", attempts=0,
+                    message_id=message_id_for(row["alert_id"], name)))
+                conn.execute(alert_audit.insert().values(
+                    alert_id=row["alert_id"], from_state=row["state"], to_state=row["state"],
+                    actor=by, reason=f"queued {name} delivery (none before): {reason}", at=now))
+                requeued.append(name)
             if not requeued:
+                missing = "" if have or configured else (
+                    "; it has no delivery because no recipient is configured: "
+                    + missing_recipient_hint(settings, row["kind"], row["site_id"]))
                 raise InputRejected(
-                    f"alert {row['alert_id'][:12]} has no failed or unconfirmed delivery to requeue"
+                    f"alert {row['alert_id'][:12]} has no failed or unconfirmed delivery to "
+                    f"requeue{missing}"
                 )
     finally:
         engine.dispose()

@@ -700,6 +700,92 @@ def _level_body(p: dict[str, Any], alert_line: tuple[str, str]) -> _Body:
     return _Body(_level_subject(p), lines, text, "".join(markup))
 
 
+# -- sentinel events: death, paralysis, cord compression ------------------------------------
+
+
+def _event_words(event: dict[str, Any]) -> str:
+    """Return what happened in words (``death``, ``2 paralysis``); types only, no reference."""
+    types = event.get("event_types") or {}
+    parts = []
+    for name, count in sorted(types.items()) if isinstance(types, dict) else ():
+        word = str(name).replace("_", " ")
+        parts.append(word if count == 1 else f"{_num(count)} x {word}")
+    return " and ".join(parts) or "a sentinel event"
+
+
+def _sentinel_events(p: dict[str, Any]) -> list[dict[str, Any]]:
+    events = [e for e in (p.get("events") or []) if isinstance(e, dict)]
+    if not events and p.get("signal_date"):  # alerts stored before the payload named them
+        events = [{"date": p.get("signal_date"), "event_types": p.get("event_types") or {}}]
+    return events
+
+
+def _sentinel_body(p: dict[str, Any], alert_line: tuple[str, str]) -> _Body:
+    """Return the body of a sentinel alert: what happened and when, the guidance, how long
+    the site stays at alarm and the next step; no row without a value."""
+    site = p.get("site_id")
+    events = _sentinel_events(p)
+    happened = "; ".join(f"{_event_words(e)} on {e.get('date')}" for e in events)
+    first = _event_words(events[0]) if events else "a sentinel event"
+    guidance = p.get("guidance") or {}
+    cite = guidance.get("citation") or p.get("citation")
+    guidance_text = None
+    if guidance.get("text") or cite:
+        guidance_text = ", ".join(str(x) for x in (cite, guidance.get("text")) if x)
+        guidance_text += ": every such event is reviewed, whatever the site's rate"
+    until = p.get("alarm_until")
+    count = len(events)
+    sentence = (f"{site} reported {happened or 'a sentinel event'}"
+                + (f": {site} is at alarm until {until} (a sentinel event holds the alarm "
+                   f"{p.get('hold_days') or 365} days)" if until else "")
+                + ".")  # fmt: skip
+    step = str(p.get("next_step") or "Review the case with the clinical team.")
+    where, note, is_url = _where(p, f"kyphowatch site {site}")
+    profile = (f"{p['profile_name']} {p.get('profile_version') or ''}".rstrip()
+               if p.get("profile_name") else None)
+    lines: list[tuple[str, str]] = [("Summary", sentence), ("Site", str(site))]
+    if happened:
+        lines.append(("Event" + ("s" if count != 1 else ""), happened))
+    if until:
+        lines.append(("Alarm until", str(until)))
+    if guidance_text:
+        lines.append(("Guidance", guidance_text))
+    if profile:
+        lines.append(("Profile", profile))
+    lines += [("Next step", step), ("Where to look", f"{where} {note}".rstrip()), alert_line]
+
+    text = [sentence, ""]
+    if guidance_text:
+        text += [f"Guidance: {guidance_text}.", ""]
+    text += ["Next step:", step, ""]
+    text.append(f"Open the {site} evidence page: {where}" if is_url else f"Evidence page: {where}")
+    if note:
+        text.append(note)
+    text += ["", f"Alert:    {alert_line[1]}"]
+
+    markup = [
+        "<p style='margin:0 0 8px;font-size:13px;font-weight:bold;color:#b42318;"
+        f"letter-spacing:.04em'>SENTINEL EVENT &middot; {_esc(site)}</p>",
+        f"<p style='margin:0 0 12px;font-size:17px'><strong>{_esc(sentence)}</strong></p>",
+    ]
+    if guidance_text:
+        markup.append(f"<p style='margin:0 0 8px'><b>Guidance:</b> {_esc(guidance_text)}.</p>")
+    markup.append(f"<p><b>Next step:</b> {_esc(step)}</p>")
+    if is_url:
+        markup.append(_link_html(where, f"Open the {site} evidence page"))
+    else:
+        markup.append(f"<p>Evidence page: <code style=\"{_CODE_STYLE}\">{_esc(where)}</code>"
+                      f"<br><small>{_esc(note)}</small></p>")  # fmt: skip
+    markup.append(_table_html([row for row in lines if row[0] not in ("Summary", "Next step",
+                                                                      "Where to look")]))
+    when = events[0].get("date") if events else None
+    subject = (f"{SUBJECT_PREFIX} SENTINEL {site}: {first}" + (f" on {when}" if when else "")
+               + (f" and {count - 1} more" if count > 1 else ""))
+    if cite:
+        subject += f" ({str(cite).removeprefix('NICE ')})"
+    return _Body(subject, lines, text, "".join(markup))
+
+
 # -- type "digest": the weekly watch list or the first-run (backfill) summary --------------
 
 
@@ -811,6 +897,9 @@ def render(alert_row: dict[str, Any], *, synthetic: bool = False) -> Message:
     kind_of_payload = payload.get("type")
     if kind_of_payload == "level":
         body = _level_body(payload, alert_line)
+    elif kind_of_payload == "sentinel" or (kind_of_payload == "signal"
+                                           and payload.get("method") == "sentinel"):
+        body = _sentinel_body(payload, alert_line)
     elif kind_of_payload == "digest":
         body = _digest_body(payload, alert_line)
     else:
