@@ -16,12 +16,13 @@ It prints, for the sites and metrics without a planted drift, the safety e-mails
 site-years by kind (alarm, under-reporting, sentinel, watch digest, data quality,
 operators/products), how many alerts were later closed by the system because their
 condition cleared (a restated history), and for each planted drift the days from onset to
-its first alarm. Targets (issue on alert precision): alarm e-mails about undrifted
-site-metrics <= 3 per 100 site-years for cement_leak + new_fracture (the profile's budget,
-docs/statistics.md section 8), printed PASS/MISS; the rest is reported.
+its first alarm. Target (issue on alert precision): alarm e-mails about undrifted
+site-metrics for cement_leak + new_fracture within those metrics' share of the profile's
+budget (2.7 per 100 site-years for ``htg108``: 3.0 x (0.45 + 0.45), docs/statistics.md
+section 8), printed PASS/MISS; the rest is reported.
 
 Run: ``.venv/bin/python benchmarks/bench_network_replay.py`` (60 sites, 2021-2024, about
-10-15 minutes on 2 cores); ``--sites 20 --years 2`` for a quick look; ``--seed``;
+3 minutes on a quiet 2-core machine, 10 at load 8); ``--sites 20 --years 2`` for a quick look; ``--seed``;
 ``--keep DIR`` keeps the files and the warehouse.
 """
 
@@ -43,15 +44,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BENCH_KEY = "kyphowatch-benchmark-key-synthetic-data-only"  # synthetic data only
-BUDGET_PER_100_SITE_YEARS = 3.0  # design.false_alarm_budget of profiles/htg108.yaml
 BUDGET_METRICS = ("cement_leak", "new_fracture")
+
+
+def budget_per_100_site_years() -> float:
+    """Return the profile's false-alarm budget for BUDGET_METRICS (their alarm shares)."""
+    from pipelines.settings import load_settings
+    from pipelines.surveillance.profile import load_profile
+
+    profile = load_profile(load_settings().profile_path)
+    total = profile.design.budget.safety_per_100_site_years
+    return total * sum(profile.metric(m).alarm.share for m in BUDGET_METRICS)
 
 
 def _drifts(start: date, sites: int) -> list[str]:
     """Two planted site drifts, onset a year and a half in (as in the issue's browser test)."""
     onset = date(start.year + 1, 7, 1).isoformat()
-    return [f"S{sites // 3:03d}:cement_leak:2.5:{onset}",
-            f"S{2 * sites // 3:03d}:new_fracture:2.5:{onset}"]
+    return [
+        f"S{sites // 3:03d}:cement_leak:2.5:{onset}",
+        f"S{2 * sites // 3:03d}:new_fracture:2.5:{onset}",
+    ]
 
 
 def _alert_rows(conn, seen: set[str]) -> list[dict]:
@@ -60,19 +72,39 @@ def _alert_rows(conn, seen: set[str]) -> list[dict]:
     from pipelines import schema
 
     alert = schema.alert
-    rows = conn.execute(sa.select(alert.c.alert_id, alert.c.kind, alert.c.dedupe_key,
-                                  alert.c.site_id, alert.c.metric, alert.c.title,
-                                  alert.c.payload)).mappings().all()
+    rows = (
+        conn.execute(
+            sa.select(
+                alert.c.alert_id,
+                alert.c.kind,
+                alert.c.dedupe_key,
+                alert.c.site_id,
+                alert.c.metric,
+                alert.c.title,
+                alert.c.payload,
+            )
+        )
+        .mappings()
+        .all()
+    )
     new = []
     for row in rows:
         if row["alert_id"] in seen:
             continue
         seen.add(row["alert_id"])
         payload = json.loads(row["payload"])
-        new.append({"alert_id": row["alert_id"], "kind": row["kind"],
-                    "rule": row["dedupe_key"].split(":", 1)[0], "site_id": row["site_id"],
-                    "metric": row["metric"], "title": row["title"],
-                    "direction": payload.get("direction"), "level": payload.get("level")})
+        new.append(
+            {
+                "alert_id": row["alert_id"],
+                "kind": row["kind"],
+                "rule": row["dedupe_key"].split(":", 1)[0],
+                "site_id": row["site_id"],
+                "metric": row["metric"],
+                "title": row["title"],
+                "direction": payload.get("direction"),
+                "level": payload.get("level"),
+            }
+        )
     return new
 
 
@@ -103,9 +135,16 @@ def replay(out: Path, *, sites: int, start: date, end: date, seed: int) -> dict:
 
     extracts = out / "extracts"
     drifts = _drifts(start, sites)
-    manifest = simulate(extracts, sites=sites, start=start, end=end, seed=seed,
-                        drifts=[parse_drift(d) for d in drifts], bad_row_rate=0.002,
-                        cadence="monthly")
+    manifest = simulate(
+        extracts,
+        sites=sites,
+        start=start,
+        end=end,
+        seed=seed,
+        drifts=[parse_drift(d) for d in drifts],
+        bad_row_rate=0.002,
+        cadence="monthly",
+    )
     by_date: dict[str, list[Path]] = defaultdict(list)
     for item in manifest["files"]:
         by_date[item["extract_date"]].append(extracts / item["name"])
@@ -136,22 +175,33 @@ def replay(out: Path, *, sites: int, start: date, end: date, seed: int) -> dict:
                     created.append({**alert, "cycle": cycle, "date": extract_date})
         finally:
             engine.dispose()
-        print(f"  {extract_date}: {len(result.created)} new alert(s), {result.closed} closed "
-              f"by the system", flush=True)
-    return {"manifest": manifest, "drifts": drifts, "created": created, "closed": closed,
-            "timings": dict(timings)}
+        print(
+            f"  {extract_date}: {len(result.created)} new alert(s), {result.closed} closed "
+            f"by the system",
+            flush=True,
+        )
+    return {
+        "manifest": manifest,
+        "drifts": drifts,
+        "created": created,
+        "closed": closed,
+        "timings": dict(timings),
+    }
 
 
 def summarise(outcome: dict, *, start: date, end: date) -> bool:
     """Print the tallies; return True when the budget target is met."""
     manifest = outcome["manifest"]
-    drifted = {(d["site_id"], d["metric"]): date.fromisoformat(d["from_date"])
-               for d in manifest["drift"]}
+    drifted = {
+        (d["site_id"], d["metric"]): date.fromisoformat(d["from_date"]) for d in manifest["drift"]
+    }
     years = ((end - start).days + 1) / 365.25
     site_years = len(manifest["sites"]) * years
-    print(f"\nregistry: {len(manifest['sites'])} sites, {start}..{end} ({years:.1f} years, "
-          f"{manifest['counts']['procedures']:,} procedures), drifts: "
-          f"{', '.join(outcome['drifts'])}")
+    print(
+        f"\nregistry: {len(manifest['sites'])} sites, {start}..{end} ({years:.1f} years, "
+        f"{manifest['counts']['procedures']:,} procedures), drifts: "
+        f"{', '.join(outcome['drifts'])}"
+    )
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in outcome["timings"].items()))
     tally: Counter = Counter()
     false_by_metric: Counter = Counter()
@@ -170,20 +220,31 @@ def summarise(outcome: dict, *, start: date, end: date) -> bool:
         print(f"  {category:<28} {count:>5}   {100 * count / site_years:6.2f}")
     print(f"  closed by the system (condition cleared): {outcome['closed']}")
     for metric, count in sorted(false_by_metric.items()):
-        print(f"  alarms at undrifted site-metrics, {metric}: {count} "
-              f"({100 * count / site_years:.2f} per 100 site-years)")
+        print(
+            f"  alarms at undrifted site-metrics, {metric}: {count} "
+            f"({100 * count / site_years:.2f} per 100 site-years)"
+        )
     for (site, metric), onset in sorted(drifted.items()):
-        first = [a for a in outcome["created"] if _category(a) == "alarm"
-                 and (a["site_id"], a["metric"]) == (site, metric)
-                 and date.fromisoformat(a["date"]) >= onset]
+        first = [
+            a
+            for a in outcome["created"]
+            if _category(a) == "alarm"
+            and (a["site_id"], a["metric"]) == (site, metric)
+            and date.fromisoformat(a["date"]) >= onset
+        ]
         when = min((date.fromisoformat(a["date"]) for a in first), default=None)
-        print(f"  planted drift {site} {metric} from {onset}: first alarm e-mail "
-              + (f"{when} ({(when - onset).days} days)" if when else "none within the data"))
+        print(
+            f"  planted drift {site} {metric} from {onset}: first alarm e-mail "
+            + (f"{when} ({(when - onset).days} days)" if when else "none within the data")
+        )
     budget = sum(false_by_metric[m] for m in BUDGET_METRICS) / site_years * 100
-    ok = budget <= BUDGET_PER_100_SITE_YEARS
-    print(f"\nalarm e-mails at undrifted site-metrics (cement_leak + new_fracture): {budget:.2f} "
-          f"per 100 site-years (target <= {BUDGET_PER_100_SITE_YEARS}): "
-          f"{'PASS' if ok else 'MISS'}")
+    target = budget_per_100_site_years()
+    ok = budget <= target
+    print(
+        f"\nalarm e-mails at undrifted site-metrics (cement_leak + new_fracture): {budget:.2f} "
+        f"per 100 site-years (target <= {target:.3g}, their share of the profile's budget): "
+        f"{'PASS' if ok else 'MISS'}"
+    )
     return ok
 
 

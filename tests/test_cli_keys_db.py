@@ -7,8 +7,9 @@ import pytest
 from pipelines.cli import main
 
 
-@pytest.mark.parametrize("argv", [["keys", "check", "--db", "{url}"],
-                                  ["keys", "--db", "{url}", "check"]])
+@pytest.mark.parametrize(
+    "argv", [["keys", "check", "--db", "{url}"], ["keys", "--db", "{url}", "check"]]
+)
 def test_keys_check_reads_the_warehouse_named_on_either_side(argv, tmp_path, capsys):
     missing = tmp_path / "none.db"
     code = main([a.format(url=f"sqlite:///{missing}") for a in argv])

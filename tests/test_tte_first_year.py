@@ -14,8 +14,11 @@ def _follow(days: int, patients: int, seed: int = 3) -> survival.FollowUp:
     rng = np.random.default_rng(seed)
     index_day = np.sort(rng.integers(0, days, patients))
     # Front-loaded fractures, as in the simulator: about a fifth of patients, mostly early.
-    event_day = np.where(rng.random(patients) < 0.22,
-                         index_day + 10 + (356 * rng.beta(1, 2.5, patients)).astype(int), -1)
+    event_day = np.where(
+        rng.random(patients) < 0.22,
+        index_day + 10 + (356 * rng.beta(1, 2.5, patients)).astype(int),
+        -1,
+    )
     as_of = days - 1
     event_day = np.where(event_day <= as_of, event_day, -1)
     site = rng.integers(0, 4, patients)

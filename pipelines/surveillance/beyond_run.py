@@ -321,9 +321,14 @@ def store_beyond_site(conn: sa.Connection, profile: Profile, as_of: date, run_ke
     for table in TABLES.values():
         mine = table.c.profile_name == profile.name
         stored = conn.execute(sa.select(sa.func.max(table.c.as_of)).where(mine)).scalar()
-        stored_day = date.fromisoformat(str(stored)[:10]) if stored is not None else None
-        if (stored_day is not None and stored_day > as_of
-                and not is_look_ahead(profile, stored_day, newest)):
+        if stored is None:
+            continue
+        stored_day = date.fromisoformat(str(stored)[:10])
+        # Rows a look-ahead left count as of the newest procedure, as the site picture's
+        # do (engine._persist_once): they give way to a run on the data, not to a backfill.
+        current_day = (min(stored_day, newest) if is_look_ahead(profile, stored_day, newest)
+                       else stored_day)
+        if current_day > as_of:
             log.info("beyond_site: %s holds a newer run (%s); left alone", table.name, stored)
             return False
     # What is written goes in by the site run's bulk insert (COPY on PostgreSQL: some 2,500
