@@ -60,12 +60,15 @@ FROM signal
 WHERE active;
 
 -- Quarantined rows by extract kind and reason list (the raw values are not shown).
+-- rows_quarantined counts bad records: the same raw values with the same reasons count once
+-- however many files carried them (an extract re-sent in other bytes, CRLF or gzipped, is a
+-- new file in the ledger and quarantines its rows again; user audit, 2026-12-07).
 DROP VIEW IF EXISTS v_quarantine_summary;
 CREATE VIEW v_quarantine_summary AS
 SELECT
     kind,
     reasons,
-    COUNT(*) AS rows_quarantined,
+    COUNT(DISTINCT raw_values) AS rows_quarantined,
     COUNT(DISTINCT source_checksum) AS files,
     COUNT(DISTINCT site_id) AS sites,
     MIN(quarantined_at) AS first_quarantined_at,
@@ -73,13 +76,14 @@ SELECT
 FROM quarantine
 GROUP BY kind, reasons;
 
--- Quarantined rows per site (as written in the rejected row) and extract kind.
+-- Quarantined rows per site (as written in the rejected row) and extract kind; bad
+-- records counted once, as above.
 DROP VIEW IF EXISTS v_quarantine_by_site;
 CREATE VIEW v_quarantine_by_site AS
 SELECT
     site_id,
     kind,
-    COUNT(*) AS rows_quarantined,
+    COUNT(DISTINCT reasons || raw_values) AS rows_quarantined,
     COUNT(DISTINCT source_checksum) AS files,
     MAX(quarantined_at) AS last_quarantined_at
 FROM quarantine
