@@ -107,8 +107,12 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     try:
         _hold_key(key_held, engine, key, settings)
         sites_before = _sites_with_procedures(engine)
-        for path in files:
-            result = _load_or_explain(engine, path, settings, key, processing_day, results)
+        for number, path in enumerate(files):
+            try:
+                result = _load_or_explain(engine, path, settings, key, processing_day, results)
+            except KeyboardInterrupt:
+                _say_interrupted(results, path, len(files) - number - 1, key)
+                raise
             log.info(
                 "%s: %s read=%d inserted=%d updated=%d quarantined=%d pending=%d%s",
                 result.shown_name or display_name(path.name, key), result.status,
@@ -128,6 +132,24 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
         key_held.close()
         engine.dispose()
     return IngestReport(results, new_sites)
+
+
+def _say_interrupted(results: list[FileResult], path: Path, not_started: int,
+                     key: bytes) -> None:
+    """Log, on an interrupt, what is in the warehouse and what a rerun will load.
+
+    Each file is its own transaction: those before are committed, the one interrupted is
+    rolled back, and a rerun skips the committed ones by checksum (user audit: the
+    interrupt said only "interrupted").
+    """
+    from pipelines.ingest.reader import display_name
+
+    done = [r.shown_name or display_name(Path(r.path).name, key) for r in results]
+    log.warning(
+        "interrupted while loading %s: that file was rolled back. %d file(s) were finished "
+        "before it%s; %d not started. Rerun the same ingest: finished files are recognised and skipped.",
+        display_name(path.name, key), len(done),
+        (": " + ", ".join(done)) if done else "", not_started)
 
 
 def _sites_with_procedures(engine) -> set[str]:
