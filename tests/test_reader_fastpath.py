@@ -45,7 +45,7 @@ def reference_chunks(extract, chunk_rows):
     span = [0, 0]
     chunk_start = 0
     max_rows, max_fields = limits.max_rows, limits.max_fields
-    csv.field_size_limit(limits.max_line_chars)
+    previous_limit = csv.field_size_limit(limits.max_line_chars)
     try:
         with reader._open_text(extract) as text:
             rows = csv.reader(reader._bounded_lines(text, extract, span), strict=False)
@@ -90,6 +90,8 @@ def reference_chunks(extract, chunk_rows):
         raise
     except Exception as exc:
         raise reader._translate(exc, extract.path, limits) from exc
+    finally:
+        csv.field_size_limit(previous_limit)
     if records or bad_shape:
         yield Chunk(records, numbers, bad_shape)
 

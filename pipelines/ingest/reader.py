@@ -433,7 +433,10 @@ def _read_header(path: Path, kind: str | None, handle: BinaryIO, checksum: str,
         raise FileRejected(f"{path.name}: empty file (no header row)")
     extract = ExtractFile(path=path, kind=kind, checksum=checksum, header=[], columns=[],
                           dropped_columns=[], missing_optional=[], handle=handle, limits=limits)
-    csv.field_size_limit(limits.max_line_chars)
+    # The csv module's field limit is process-wide: set for this file, then given back, so
+    # that the extract's limit does not become every later reader's (a test's 30 characters
+    # once broke the report's CSV checks that ran after it).
+    previous_limit = csv.field_size_limit(limits.max_line_chars)
     try:
         with _open_text(extract) as text:
             header_row = next(csv.reader(_bounded_lines(text, extract, [0, 0])), None)
@@ -441,6 +444,8 @@ def _read_header(path: Path, kind: str | None, handle: BinaryIO, checksum: str,
         raise
     except Exception as exc:  # every read error becomes a file rejection
         raise _translate(exc, path, limits) from exc
+    finally:
+        csv.field_size_limit(previous_limit)
     if not header_row or all(not cell.strip() for cell in header_row):
         raise FileRejected(f"{path.name}: empty file (no header row)")
     if len(header_row) > limits.max_fields:
@@ -727,7 +732,7 @@ def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
     span = [0, 0]  # see _bounded_lines
     chunk_start = 0
     max_rows, max_fields = limits.max_rows, limits.max_fields
-    csv.field_size_limit(limits.max_line_chars)
+    previous_limit = csv.field_size_limit(limits.max_line_chars)  # given back below
     try:
         with _open_text(extract) as text:
             batches = _row_batches(_line_blocks(text, extract, span))
@@ -834,6 +839,8 @@ def iter_chunks(extract: ExtractFile, chunk_rows: int) -> Iterator[Chunk]:
         raise
     except Exception as exc:  # every read error becomes a file rejection
         raise _translate(exc, extract.path, limits) from exc
+    finally:
+        csv.field_size_limit(previous_limit)
     if records:
         pieces.append(records)
     if pieces or bad_shape:
