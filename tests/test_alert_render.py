@@ -356,3 +356,27 @@ def test_webhook_body_for_every_type(payload):
     assert body["text"].startswith(f"*{message.subject}*\n")
     assert [f["title"] for f in body["fields"]] == [name for name, _ in message.lines]
     assert any(f["title"] == "Alert" and SHORT_ID in f["value"] for f in body["fields"])
+
+
+def test_a_history_summary_carrying_the_watch_list_lists_both_each_capped():
+    """A first sync's one summary e-mail: the sites at watch first, then the past episodes,
+    each list capped on its own."""
+    watch_items = _items(DIGEST_CAP + 3)
+    past = _items(4, until="2025-06-30")
+    payload = {"type": "digest", "digest": "backfill", "as_of": "2026-10-31", "period": None,
+               "items": past, "watch": {"period": "2026-W44", "as_of": "2026-10-31",
+                                        "items": watch_items},
+               "where": "https://h/report/latest/index.html", "where_is_url": True}
+    message = render(_row(payload, kind="safety", title="digest"))
+    assert message.subject == ("[kyphowatch] backfill summary: 4 past episodes; "
+                               f"watch list 2026-W44: {DIGEST_CAP + 3} site-metrics")
+    text = message.text.splitlines()
+    assert "At watch now (2026-W44)" in text[0]
+    heads = [text.index("At watch now (2026-W44)"), text.index("Past episodes")]
+    listed = [i for i, line in enumerate(text) if line.startswith("- S")]
+    assert len(listed) == DIGEST_CAP + 4
+    assert heads[0] < listed[0] and listed[DIGEST_CAP - 1] < heads[1] < listed[DIGEST_CAP]
+    assert "and 3 more (see the report)" in text[heads[0]:heads[1]]
+    assert all("until 2025-06-30" in text[i] for i in listed[DIGEST_CAP:])
+    assert message.html.index("At watch now") < message.html.index("Past episodes")
+    assert ("Section", "Past episodes") in message.lines

@@ -190,6 +190,9 @@ def test_new_crossings_while_open_belong_to_that_alert(db_url, make_settings):
 
 
 def test_watch_is_one_weekly_digest_and_history_one_summary(db_url, sink, make_settings):
+    """A first sync with past episodes and sites at watch sends one summary e-mail beside the
+    current alarm: the week's watch list rides in the history summary and is not sent again
+    that week; the next week's watch list is its own digest."""
     settings = make_settings(db_url, sink.url)
     for site in ("S001", "S002", "S004"):
         insert_level(db_url, site=site, level="watch")
@@ -199,21 +202,44 @@ def test_watch_is_one_weekly_digest_and_history_one_summary(db_url, sink, make_s
     created = sync_alerts(settings).created
     rows = {r["alert_id"]: r for r in _rows(db_url, alert)}
     keys = sorted(rows[a]["dedupe_key"] for a in created)
-    assert keys == ["digest:history:htg108:2024-03-31", "digest:watch:htg108:2024-W13",
-                    "level:htg108:S003:cement_leak:up"]
+    assert keys == ["digest:history:htg108:2024-03-31", "level:htg108:S003:cement_leak:up"]
     assert sync_alerts(settings).created == []  # the same week, nothing new
     deliver_outbox(settings)
-    assert len(sink.messages()) == 3
+    messages = sink.messages()
+    assert len(messages) == 2
     history = next(json.loads(r["payload"]) for r in rows.values()
                    if r["dedupe_key"].startswith("digest:history"))
     assert [i["site_id"] for i in history["items"]] == ["S005", "S006", "S007", "S008"]
+    assert history["watch"]["period"] == "2024-W13"
+    assert [i["site_id"] for i in history["watch"]["items"]] == ["S001", "S002", "S004"]
+    summary = next(m for m in messages if "backfill summary" in m["Subject"])
+    assert "watch list 2024-W13: 3 site-metrics" in summary["Subject"]
+    body = summary.get_body(("plain",)).get_content()
+    assert body.index("At watch now (2024-W13)") < body.index("- S001") < body.index(
+        "Past episodes") < body.index("- S005")
     # a later run: the past episodes are covered, so no second summary
     for site in ("S001", "S002", "S003", "S004"):
         insert_level(db_url, site=site, level="watch", as_of=date(2024, 4, 30))
-    assert [k for k in (rows.get(a, {}).get("dedupe_key") for a in sync_alerts(settings).created)
-            ] == [None]  # only the new week's watch digest (not in the old rows)
+    created = set(sync_alerts(settings).created)
+    new_keys = [r["dedupe_key"] for r in _rows(db_url, alert) if r["alert_id"] in created]
+    assert new_keys == ["digest:watch:htg108:2024-W18"]  # only the new week's watch digest
     assert not [r for r in _rows(db_url, alert) if r["dedupe_key"].startswith("digest:history")
                 and r["dedupe_key"] != "digest:history:htg108:2024-03-31"]
+
+
+def test_a_watch_list_already_sent_this_week_is_not_folded(db_url, make_settings):
+    """Folding happens only when both digests are new: a history summary that appears after
+    the week's watch digest went out is its own e-mail, without the watch list."""
+    settings = make_settings(db_url)
+    insert_level(db_url, site="S001", level="watch")
+    created = set(sync_alerts(settings).created)
+    assert [r["dedupe_key"] for r in _rows(db_url, alert) if r["alert_id"] in created] == [
+        "digest:watch:htg108:2024-W13"]
+    insert_episode(db_url, site="S005", start=date(2021, 1, 1), end=date(2022, 1, 1))
+    created = set(sync_alerts(settings).created)
+    new = [r for r in _rows(db_url, alert) if r["alert_id"] in created]
+    assert [r["dedupe_key"] for r in new] == ["digest:history:htg108:2024-03-31"]
+    assert "watch" not in json.loads(new[0]["payload"])
 
 
 def test_an_old_sentinel_event_is_listed_once_in_the_history_summary(db_url, make_settings):

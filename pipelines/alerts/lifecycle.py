@@ -32,7 +32,9 @@ gets one alert per site and metric, ``level:<profile>:<site>:<metric>:up``, nami
 events and the day the alarm ends; it closes by itself when the site leaves alarm, and its
 events are not in the digest. So a site at alarm always has an open alert that says so,
 and a first sync of a 4-year registry sends the alarms that are current (one per site and
-metric, however many old events) plus at most one digest of what has ended.
+metric, however many old events) plus at most one digest of what has ended. When that sync
+would also send the week's watch digest, the watch list goes in the same summary e-mail
+(``payload.watch``), and that week's watch digest is not raised again.
 
 An alert raised while no channel could deliver it (no recipient for its kind or site, or
 no SMTP/webhook) has no outbox row; every sync reports it (``SyncResult.no_recipient``,
@@ -687,6 +689,51 @@ def _history_digest(conn: sa.Connection, profile, settings: Settings,
     return [digest], old_sentinels
 
 
+def _watch_periods_sent_in_history(conn: sa.Connection, profile) -> set[str]:
+    """Return the ISO weeks whose watch list went out inside a history summary."""
+    periods: set[str] = set()
+    for (payload,) in conn.execute(
+        sa.select(alert.c.payload).where(
+            alert.c.dedupe_key.startswith(f"digest:history:{profile.name}:", autoescape=True))
+    ):
+        watch = json.loads(payload or "{}").get("watch") or {}
+        if watch.get("period"):
+            periods.add(watch["period"])
+    return periods
+
+
+def _fold_watch_into_history(conn: sa.Connection, profile, watch: list[Condition],
+                             history: list[Condition]
+                             ) -> tuple[list[Condition], list[Condition]]:
+    """Return (watch digest, history digest) with this week's watch list folded into a new
+    history summary when a sync would otherwise send both.
+
+    A first sync of years of data finds past episodes and sites at watch at once: one
+    summary e-mail says both (the backfill target is one e-mail beyond the current alarms).
+    The folded week's watch digest is not raised later that week: the history alert's
+    payload (``watch.period``) records that its list went out.
+    """
+    if not watch:
+        return watch, history
+    (digest,) = watch
+    period = digest.payload["period"]
+    if period in _watch_periods_sent_in_history(conn, profile):
+        return [], history
+    if not history or conn.scalar(sa.select(sa.func.count()).select_from(alert).where(
+            alert.c.dedupe_key == digest.dedupe_key)):
+        return watch, history  # nothing to fold into, or this week's list already went out
+    (summary,) = history
+    count = len(digest.payload["items"])
+    folded = replace(
+        summary,
+        title=(f"{summary.title}; watch list {period}: {count} site-metric(s)")[:255],
+        payload={**summary.payload,
+                 "watch": {"period": period, "as_of": digest.payload["as_of"],
+                           "items": digest.payload["items"]}},
+    )
+    return [], [folded]
+
+
 def _ledger_conditions(
     conn: sa.Connection, settings: Settings, quarantine_share: float
 ) -> list[Condition]:
@@ -813,12 +860,14 @@ def collect_conditions(
     history, old_sentinels = _history_digest(conn, profile, settings, sentinels, current)
     as_of_run = max((_as_date(r["as_of"]) for r in status if r["as_of"] is not None),
                     default=None)
+    watch, history = _fold_watch_into_history(conn, profile,
+                                              _watch_digest(status, profile, settings), history)
     conditions = [
         *_level_conditions(status, profile, settings),
         *sentinel_alarms,
         *[_with_sentinel_words(c, profile, settings, as_of_run) for c in rules
           if c.dedupe_key not in old_sentinels],
-        *_watch_digest(status, profile, settings),
+        *watch,
         *history,
         *_ledger_conditions(conn, settings, quarantine_share),
         *_silent_site_conditions(conn, settings, as_of, silent_days),

@@ -833,6 +833,12 @@ def _digest_sentence(p: dict[str, Any], items: list[dict[str, Any]]) -> str:
 
 def _digest_subject(p: dict[str, Any], count: int) -> str:
     if p.get("digest") == "backfill":
+        watch = _folded_watch(p)
+        if watch:
+            n = len(watch["items"])
+            return (f"{SUBJECT_PREFIX} backfill summary: {count} past "
+                    f"episode{'s' if count != 1 else ''}; watch list {watch.get('period')}: "
+                    f"{n} site-metric{'s' if n != 1 else ''}")  # fmt: skip
         return (f"{SUBJECT_PREFIX} backfill summary: {count} past "
                 f"episode{'s' if count != 1 else ''} (not e-mailed one by one)")  # fmt: skip
     period = p.get("period") or p.get("as_of")
@@ -840,35 +846,67 @@ def _digest_subject(p: dict[str, Any], count: int) -> str:
             f"site-metric{'s' if count != 1 else ''}")  # fmt: skip
 
 
-def _digest_body(p: dict[str, Any], alert_line: tuple[str, str]) -> _Body:
-    """Return the body of a digest: one summary sentence, one line per item, then a link."""
-    items = [i for i in (p.get("items") or []) if isinstance(i, dict)]
-    sentence = _digest_sentence(p, items)
+def _folded_watch(p: dict[str, Any]) -> dict[str, Any] | None:
+    """Return the watch list a history summary carries (a first sync's one e-mail), if any."""
+    watch = p.get("watch") if p.get("digest") == "backfill" else None
+    if not isinstance(watch, dict):
+        return None
+    items = [i for i in (watch.get("items") or []) if isinstance(i, dict)]
+    return {**watch, "items": items} if items else None
+
+
+def _digest_section(items: list[dict[str, Any]], heading: str | None
+                    ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """Return one digest list (at most ``DIGEST_CAP`` items) as (lines, text, HTML parts)."""
     shown = [_digest_item(i) for i in items[:DIGEST_CAP]]
     more = len(items) - len(shown)
-    where, note, is_url = _where(p, "kyphowatch report")
-
-    lines: list[tuple[str, str]] = [("Summary", sentence), *shown]
+    lines = ([("Section", heading)] if heading else []) + shown
+    text = ([heading] if heading else []) + [f"- {line}" for _, line in shown]
+    rows = "".join(f"<li style='margin-bottom:4px'>{_esc(line)}</li>" for _, line in shown)
+    markup = ([f"<p style='margin:12px 0 4px;font-size:15px'><strong>{_esc(heading)}"
+               f"</strong></p>"] if heading else [])  # fmt: skip
+    markup.append(f"<ul style='padding-left:20px;margin:0 0 8px;font-size:14px'>{rows}</ul>")
     if more:
         lines.append(("More", f"and {more} more"))
+        text.append(f"and {more} more (see the report)")
+        markup.append(f"<p>and {more} more (see the report)</p>")
+    return lines, text, markup
+
+
+def _digest_body(p: dict[str, Any], alert_line: tuple[str, str]) -> _Body:
+    """Return the body of a digest: one summary sentence, one line per item, then a link.
+
+    A history summary that carries the week's watch list (``watch``) lists the sites at
+    watch first (what is happening now), then the past episodes.
+    """
+    items = [i for i in (p.get("items") or []) if isinstance(i, dict)]
+    sentence = _digest_sentence(p, items)
+    watch = _folded_watch(p)
+    sections: list[tuple[list[dict[str, Any]], str | None]] = [(items, None)]
+    if watch:
+        n = len(watch["items"])
+        sentence += (f" At watch now ({watch.get('period')}): {_words(n)} "
+                     f"site-metric{'s' if n != 1 else ''}, listed first.")  # fmt: skip
+        sections = [(watch["items"], f"At watch now ({watch.get('period')})"),
+                    (items, "Past episodes")]
+    where, note, is_url = _where(p, "kyphowatch report")
+
+    lines: list[tuple[str, str]] = [("Summary", sentence)]
+    text = [sentence, ""]
+    markup = [f"<p style='margin:0 0 12px;font-size:17px'><strong>{_esc(sentence)}</strong></p>"]
+    for section_items, heading in sections:
+        section_lines, section_text, section_markup = _digest_section(section_items, heading)
+        lines += section_lines
+        text += section_text
+        markup += section_markup
     lines.append(("Where to look", f"{where} {note}".rstrip()))
     lines.append(alert_line)
 
-    text = [sentence, "", *(f"- {line}" for _, line in shown)]
-    if more:
-        text.append(f"and {more} more (see the report)")
     text += ["", f"Open the report: {where}" if is_url else f"Report: {where}"]
     if note:
         text.append(note)
     text += ["", f"Alert: {alert_line[1]}"]
 
-    rows = "".join(f"<li style='margin-bottom:4px'>{_esc(line)}</li>" for _, line in shown)
-    markup = [
-        f"<p style='margin:0 0 12px;font-size:17px'><strong>{_esc(sentence)}</strong></p>",
-        f"<ul style='padding-left:20px;margin:0 0 8px;font-size:14px'>{rows}</ul>",
-    ]
-    if more:
-        markup.append(f"<p>and {more} more (see the report)</p>")
     if is_url:
         markup.append(_link_html(where, "Open the report"))
     else:
