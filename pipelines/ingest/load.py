@@ -1489,14 +1489,19 @@ def record_rejection(engine: sa.Engine, file_name: str, checksum: str | None,
     """Write (or refresh) the ledger row of a rejected file in its own transaction."""
     if checksum is None:
         return  # nothing readable to key the ledger on
-    values = _ledger_values(file_name, checksum, result)
     with engine.begin() as conn:
-        statement = _insert_for(conn, schema.file_ledger).values(values)
-        conn.execute(statement.on_conflict_do_update(
-            index_elements=["source_checksum"],
-            set_={k: statement.excluded[k] for k in values if k != "source_checksum"},
-            where=schema.file_ledger.c.status != "loaded",
-        ))
+        _write_ledger(conn, _ledger_values(file_name, checksum, result))
+
+
+def _write_ledger(conn: sa.Connection, values: dict) -> None:
+    """Insert a file's ledger row, or replace the row of an earlier delivery of the same bytes
+    that was not loaded (rejected: a re-sent file is examined again, docs/contract.md)."""
+    statement = _insert_for(conn, schema.file_ledger).values(values)
+    conn.execute(statement.on_conflict_do_update(
+        index_elements=["source_checksum"],
+        set_={k: statement.excluded[k] for k in values if k != "source_checksum"},
+        where=schema.file_ledger.c.status != "loaded",
+    ))
 
 
 def max_plausible_date(file_name: str, processing_day: date) -> date:
@@ -1633,7 +1638,7 @@ def load_file(
                     for target in TARGETS[extract.kind]:
                         _analyze(conn, target)
                 stage.drop(conn)
-                conn.execute(ledger.insert().values(_ledger_values(shown, checksum, result)))
+                _write_ledger(conn, _ledger_values(shown, checksum, result))
             except FileRejected:
                 # A rejection's counts and reasons are the fast path's too: audited first.
                 _verify_audit(audit)

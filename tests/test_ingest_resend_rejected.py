@@ -1,0 +1,60 @@
+"""A rejected file sent again as the same bytes is examined again and can load (user audit,
+2026-12-07: the load's ledger insert hit the rejection's row and failed every rerun)."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from pipelines import schema
+from pipelines.ingest import ingest_paths
+from tests.ingest_helpers import COMP_HEADER, PROC_HEADER, comp_row, csv_text, proc_row, write
+
+
+def _ledger(db_url: str) -> list[tuple]:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [
+                tuple(r)
+                for r in conn.execute(
+                    sa.select(schema.file_ledger.c.file_name, schema.file_ledger.c.status).order_by(
+                        schema.file_ledger.c.file_name
+                    )
+                )
+            ]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_a_rejected_file_sent_again_loads_and_the_others_too(db_url, tmp_path, settings_for):
+    rows = [proc_row(f"P{i}", patient=f"PT-{i}") for i in range(1, 5)]
+    rows[0]["procedure_date"] = "not a date"  # 1 bad row of 4: 25 %
+    bad_share = write(tmp_path / "a" / "procedures_20240110.csv", csv_text(PROC_HEADER, rows))
+    strict = settings_for(db_url, {"KYPHOWATCH_MAX_BAD_ROW_SHARE": "0.1"})
+    [first] = ingest_paths(strict, [bad_share]).files
+    assert first.status == "rejected"
+    assert _ledger(db_url) == [("procedures_20240110.csv", "rejected")]
+
+    # the same bytes under a later stamp, with a complications file beside them, once the
+    # sender (or the data team, by raising the share) has dealt with the rejection
+    resent = write(tmp_path / "b" / "procedures_20240111.csv", bad_share.read_bytes())
+    comps = write(
+        tmp_path / "b" / "complications_20240112.csv",
+        csv_text(COMP_HEADER, [comp_row("C1", "P2", date="2024-01-06")]),
+    )
+    lenient = settings_for(db_url, {"KYPHOWATCH_MAX_BAD_ROW_SHARE": "0.5"})
+    report = ingest_paths(lenient, [resent, comps])
+    assert [(f.status, f.inserted, f.quarantined) for f in report.files] == [
+        ("loaded", 3, 1),
+        ("loaded", 1, 0),
+    ]
+    assert report.exit_code == 0
+    assert _ledger(db_url) == [
+        ("complications_20240112.csv", "loaded"),
+        ("procedures_20240111.csv", "loaded"),
+    ]
+    # and a third delivery of those bytes is a duplicate, as for any loaded file
+    [again] = ingest_paths(lenient, [resent]).files
+    assert again.status == "duplicate"
