@@ -194,8 +194,8 @@ def test_charts_at_keeps_a_chart_from_the_day_it_was_charted():
     assert not survival.charts_at(False, day, day - timedelta(days=1))  # a backfill
 
 
-def test_tte_charted_since_reads_the_earliest_stored_run_up_to_as_of(sqlite_url):
-    engine = open_warehouse(sqlite_url)
+def test_tte_charted_since_reads_the_earliest_stored_run_up_to_as_of(db_url):
+    engine = open_warehouse(db_url)
 
     def stored(key, as_of, since, profile="htg108"):
         metrics = {"new_fracture": {"tte_charted_since": since} if since else {"n": 1}}

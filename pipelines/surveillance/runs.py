@@ -641,7 +641,7 @@ def tte_charted_since(conn: sa.Connection, profile_name: str, as_of: date,
              .order_by(monitor_run.c.as_of, monitor_run.c.run_key))
     # Oldest first: the first run that names a metric is its earliest (each run records
     # the earliest day it knew of, never a later one), so the scan stops once each is found.
-    with conn.execution_options(yield_per=16).execute(query) as rows:
+    with conn.execute(query.execution_options(yield_per=16)) as rows:
         for run_as_of, summary in rows:
             for metric, entry in (json.loads(summary or "{}").get("metrics") or {}).items():
                 if (metric in wanted and isinstance(entry, dict)
