@@ -57,6 +57,8 @@ version dropped) is closed by ``kyphowatch`` with the reason
 
 A level or silent-site condition that is no longer true *closes its alert automatically*:
 the alert becomes ``resolved`` with an audit row by ``kyphowatch`` ("condition cleared").
+A level alarm of a metric whose alarm chart the newest run did not chart (a time-to-event
+chart "not charted yet") was not judged, not cleared: its alert stays as it is.
 
 Episodes
 --------
@@ -980,6 +982,26 @@ def profile_replaced_reason(old: tuple[str, str], new_name: str, new_version: st
     return f"profile {old[0]} {old[1]} replaced by {successor}"
 
 
+def _alarm_charts_not_charted(conn: sa.Connection, profile) -> set[str]:
+    """Return the metrics whose alarm chart the newest monitor run did not chart.
+
+    A time-to-event chart is not charted until the network has followed enough patients
+    through the window (the run's summary says why: ``metrics.<id>.tte``; engine ``_tte``).
+    The run graded those metrics' sites without their alarm chart, so an alarm it does not
+    confirm has not cleared, it was not judged: its alert stays as it is (not closed, no
+    "condition cleared" recorded), and the chart's return with the same alarm is the same
+    episode, not a second e-mail.
+    """
+    run_key = conn.execute(sa.select(chart_status.c.run_key)
+                           .where(chart_status.c.profile_name == profile.name).limit(1)).scalar()
+    summary = conn.execute(sa.select(monitor_run.c.summary)
+                           .where(monitor_run.c.run_key == run_key)).scalar()
+    metrics = json.loads(summary or "{}").get("metrics") or {}
+    return {m.id for m in profile.metrics
+            if m.alarm is not None and m.alarm.method == "tte_cusum"
+            and isinstance(metrics.get(m.id), dict) and metrics[m.id].get("tte")}
+
+
 def _monitored_under(conn: sa.Connection, profile) -> bool:
     """Return whether the monitor has run under exactly this profile name and version.
 
@@ -1140,6 +1162,7 @@ def sync_alerts(
             latest = _latest_alerts(conn)
             markers = _condition_markers(conn)
             monitored = _monitored_under(conn, profile)
+            not_charted = _alarm_charts_not_charted(conn, profile)
             active_signals = set(conn.execute(
                 sa.select(signal.c.signal_key).where(signal.c.active)).scalars())
         result.active_conditions = len(conditions)
@@ -1188,6 +1211,9 @@ def sync_alerts(
             if (key in active_keys or key in adopted or key.startswith(EXTERNAL_PREFIXES)
                     or markers.get(previous["alert_id"]) == CONDITION_CLEARED):
                 continue
+            if (key.startswith(f"level:{profile.name}:") and key.endswith(":up")
+                    and previous["metric"] in not_charted):
+                continue  # the newest run did not chart its alarm chart: not judged
             owner = _alert_profile(previous)
             # The monitor now runs another profile and no longer confirms this alert's
             # condition: it was the old profile's, so it closes whatever its kind. After a

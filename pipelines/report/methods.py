@@ -16,10 +16,11 @@ from pipelines.report.data import ReportData
 
 
 def _tte_notes(result) -> list[tuple[str, str]]:
-    """Return (metric, why) for each time-to-event chart this run did not chart."""
+    """Return (metric, why) for each time-to-event chart this run did not chart, or kept
+    charted below the start rule ("charted since ...", engine ``_tte``)."""
     metrics = result.summary.get("metrics", {})
-    return [(k, v["tte"]) for k, v in sorted(metrics.items())
-            if isinstance(v, dict) and v.get("tte")]
+    return [(k, v.get("tte") or v["tte_kept"]) for k, v in sorted(metrics.items())
+            if isinstance(v, dict) and (v.get("tte") or v.get("tte_kept"))]
 
 
 def methods_page(data: ReportData) -> str:

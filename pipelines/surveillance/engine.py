@@ -97,6 +97,7 @@ from pipelines.surveillance.risk_model import (
     shared_training_digest,
 )
 from pipelines.surveillance.runs import (
+    TTE_CHARTED_SINCE,
     CoreInBackground,
     FactsInBackground,
     MonitorResult,
@@ -105,6 +106,7 @@ from pipelines.surveillance.runs import (
     is_look_ahead,
     look_ahead_grace,
     store_run,
+    tte_charted_since,
 )
 from pipelines.surveillance.snapshot_cache import load_cached_snapshot, store_cache_aside
 
@@ -383,9 +385,13 @@ def _evaluation_days(first_day: int, as_of_day: int) -> np.ndarray:
 class _Computation:
     """One monitor computation over a snapshot (no writes)."""
 
-    def __init__(self, profile: Profile, snapshot: Snapshot) -> None:
+    def __init__(self, profile: Profile, snapshot: Snapshot,
+                 tte_charted_since: dict[str, date] | None = None) -> None:
         self.profile = profile
         self.snapshot = snapshot
+        # Per metric, the as_of of the earliest stored run that charted its time-to-event
+        # chart (runs.tte_charted_since, read by evaluate): from then on it stays charted.
+        self.tte_charted_since = dict(tte_charted_since or {})
         self.as_of_day = snapshot.as_of_day
         self.sites = [str(s) for s in snapshot.procedures["site_id"].cat.categories]
         self.site_code = {site: i for i, site in enumerate(self.sites)}
@@ -848,15 +854,27 @@ class _Computation:
         n_sites = len(self.sites)
         follow = survival.follow_up(site, index_day, event_day, n_sites,
                                     int(metric.window_days), self.as_of_day, reference)
-        if not follow.shape_estimated:
+        as_of = day_to_date(self.as_of_day)
+        since = self.tte_charted_since.get(metric.id)
+        noted = self.summary["metrics"][metric.id]
+        if not survival.charts_at(follow.shape_estimated, since, as_of):
             # A registry's first year: the network has not followed enough patients through
             # the window to give the hazard's shape (survival.shape_estimable), and a chart
             # on a guessed shape alarms at normal sites. The proportion charts wait for
             # mature units in the same way.
-            self.summary["metrics"][metric.id]["tte"] = (
+            noted["tte"] = (
                 f"not charted yet: the network has not followed {survival.MIN_PATIENTS_PER_BIN} "
                 f"patients through every part of the {metric.window_days}-day window")
             return
+        # Charted: the stored decision that keeps it so in every later run (survival.charts_at).
+        since = since if since is not None and since <= as_of else as_of
+        noted[TTE_CHARTED_SINCE] = since.isoformat()
+        if not follow.shape_estimated:
+            noted["tte_kept"] = (
+                f"charted since {since.isoformat()}; this run's data fall below the start rule "
+                f"({survival.MIN_PATIENTS_PER_BIN} patients through every part of the "
+                f"{metric.window_days}-day window) and the chart is kept, on the hazard they "
+                "give, so that an open alarm is neither closed nor sent again")
         mu = follow.mean_daily_expected()
         role = self._role(metric, "tte_cusum", "up")
         levels_to_run = [role] + (["watch"] if role == "alarm" and self.profile.design.budget
@@ -1350,9 +1368,14 @@ class _Computation:
             )
 
 
-def compute(profile: Profile, snapshot: Snapshot) -> _Computation:
-    """Derive every signal, model and per-site figure for a snapshot (no database writes)."""
-    work = _Computation(profile, snapshot)
+def compute(profile: Profile, snapshot: Snapshot,
+            tte_charted_since: dict[str, date] | None = None) -> _Computation:
+    """Derive every signal, model and per-site figure for a snapshot (no database writes).
+
+    ``tte_charted_since``: per metric, the as_of since when stored runs chart its
+    time-to-event chart (:func:`runs.tte_charted_since`; none: the start rule alone).
+    """
+    work = _Computation(profile, snapshot, tte_charted_since)
     for metric in profile.metrics:
         with work._timed(f"{metric.id}:total"):
             if metric.kind == "outcome":
@@ -1416,6 +1439,11 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
                 read = load_cached_snapshot if persist else load_snapshot
                 snapshot = read(conn, profile, as_of,
                                 extras=snapshot_extras(profile) if persist else ())
+                # Charted once, a time-to-event chart stays charted (survival.charts_at):
+                # the decision is read from the stored runs, as the thresholds are.
+                charted_since = tte_charted_since(
+                    conn, profile.name, as_of,
+                    [m.id for m in profile.metrics if "tte_cusum" in m.methods])
             loaded = time.perf_counter()
             # Operators, devices and lots on the same snapshot (issue 12; beyond_run.py):
             # computed first, while only the snapshot is alive, and stored after the run.
@@ -1429,7 +1457,7 @@ def evaluate(settings: Settings, as_of: date | None = None, *, persist: bool = F
             facts = FactsInBackground(engine, as_of)
         store = threshold_store.open_store(engine, profile.name, profile.version)
         with threshold_store.active(store):
-            work = compute(profile, snapshot)
+            work = compute(profile, snapshot, charted_since)
         threshold_store.save_store(engine, store)
         computed = time.perf_counter()
         run_key = run_key_for(as_of, profile, snapshot.fingerprint)

@@ -611,6 +611,48 @@ def _as_date(value: Any) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 
+# In a run's summary (``summary.metrics.<metric>``): the day since when the metric's
+# time-to-event chart is charted (:func:`tte_charted_since`; engine ``_tte``).
+TTE_CHARTED_SINCE = "tte_charted_since"
+
+
+def tte_charted_since(conn: sa.Connection, profile_name: str, as_of: date,
+                      metrics: Iterable[str]) -> dict[str, date]:
+    """Return, per metric, the as_of of the earliest stored run that charted its tte chart.
+
+    The time-to-event chart starts once the network has followed enough patients through
+    the window (``survival.shape_estimable``), and then stays charted: a later run whose
+    data fall back below the rule (a correction removing rows) keeps it, or the next sync
+    would close an open alarm as cleared and the chart's return send it again. The
+    decision is the stored runs': every run of the profile (any version: the alerts are
+    keyed by its name) that charted the chart says so in its summary
+    (:data:`TTE_CHARTED_SINCE`), and ``monitor_run`` rows are never pruned (retention.py).
+    Only runs as of ``as_of`` or before count, so a backfill for an earlier date follows
+    the rule as before. A metric no stored run charted is absent.
+    """
+    wanted = set(metrics)
+    found: dict[str, date] = {}
+    if not wanted:
+        return found
+    query = (sa.select(monitor_run.c.as_of, monitor_run.c.summary)
+             .where(monitor_run.c.profile_name == profile_name,
+                    monitor_run.c.as_of <= as_of,
+                    monitor_run.c.summary.contains(f'"{TTE_CHARTED_SINCE}"', autoescape=True))
+             .order_by(monitor_run.c.as_of, monitor_run.c.run_key))
+    # Oldest first: the first run that names a metric is its earliest (each run records
+    # the earliest day it knew of, never a later one), so the scan stops once each is found.
+    with conn.execute(query.execution_options(yield_per=16)) as rows:
+        for run_as_of, summary in rows:
+            for metric, entry in (json.loads(summary or "{}").get("metrics") or {}).items():
+                if (metric in wanted and isinstance(entry, dict)
+                        and entry.get(TTE_CHARTED_SINCE)):
+                    since = min(_as_date(run_as_of), _as_date(entry[TTE_CHARTED_SINCE]))
+                    found[metric] = min(found.get(metric, since), since)
+            if wanted <= found.keys():
+                break
+    return found
+
+
 def _rebuild_charts(stored: dict[str, Any], series: dict[str, dict[str, Any]]) -> dict:
     """Return charts shaped as the engine made them, from the thinned per-site series."""
     import numpy as np

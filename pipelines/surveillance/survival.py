@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import date
 
 import numpy as np
 
@@ -109,6 +110,20 @@ def shape_estimable(at_risk: np.ndarray, events: np.ndarray, widths: np.ndarray)
     """
     return bool(events.sum() >= MIN_EVENTS_FOR_SHAPE
                 and (at_risk >= MIN_PATIENTS_PER_BIN * widths).all())
+
+
+def charts_at(shape_estimated: bool, charted_since: date | None, as_of: date) -> bool:
+    """Return whether a run as of ``as_of`` charts the time-to-event chart.
+
+    The chart starts when the network's follow-up gives the hazard's shape
+    (:func:`shape_estimable`) and, once a stored run as of ``charted_since`` has charted it,
+    stays charted for every run as of that day or later, with the hazard the run's data
+    give even when they fall back below the rule (a correction removing rows, late
+    fractures landing at the threshold): dropping the chart would close an open alarm as
+    cleared and its return would e-mail it a second time. A run before ``charted_since``
+    (a backfill) follows the rule alone.
+    """
+    return shape_estimated or (charted_since is not None and charted_since <= as_of)
 
 
 def reference_hazard(index_day: np.ndarray, end_day: np.ndarray, event: np.ndarray,
