@@ -13,7 +13,9 @@ import gc
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from datetime import date
 from typing import Any
 
@@ -122,6 +124,15 @@ def _command_in(argv: list[str]) -> str | None:
     return next((word for word in argv if not word.startswith("-")), None)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command was, so it unwinds as an interrupt does."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -141,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     real_stdout = sys.stdout
     sys.stdout = _ReaderMayLeave(real_stdout)
+    # SIGTERM (a scheduler's or systemd's stop) ends a command as Ctrl-C does: the running
+    # transaction rolls back and the command says what it finished (ingest names its files),
+    # instead of the process vanishing without a word.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_term = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         code = int(args.handler(args) or 0)
         sys.stdout.flush()
@@ -155,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kyphowatch: error: {exc}", file=sys.stderr)
         _skip_final_collection()
         return exc.exit_code
+    except Terminated:
+        print("kyphowatch: terminated (SIGTERM); nothing half-done was committed",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("kyphowatch: interrupted", file=sys.stderr)
         return 130
@@ -176,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         sys.stdout = real_stdout
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 class _ReaderMayLeave:

@@ -107,20 +107,20 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     try:
         _hold_key(key_held, engine, key, settings)
         sites_before = _sites_with_procedures(engine)
-        for number, path in enumerate(files):
-            try:
+        try:
+            for path in files:
                 result = _load_or_explain(engine, path, settings, key, processing_day, results)
-            except KeyboardInterrupt:
-                _say_interrupted(results, path, len(files) - number - 1, key)
-                raise
-            log.info(
-                "%s: %s read=%d inserted=%d updated=%d quarantined=%d pending=%d%s",
-                result.shown_name or display_name(path.name, key), result.status,
-                result.rows_read, result.inserted, result.updated, result.quarantined,
-                result.pending,
-                f" reason={result.reason}" if result.reason else "",
-            )
-            results.append(result)
+                results.append(result)
+                log.info(
+                    "%s: %s read=%d inserted=%d updated=%d quarantined=%d pending=%d%s",
+                    result.shown_name or display_name(path.name, key), result.status,
+                    result.rows_read, result.inserted, result.updated, result.quarantined,
+                    result.pending,
+                    f" reason={result.reason}" if result.reason else "",
+                )
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI: anywhere in the loop
+            _say_interrupted(results, files, key)
+            raise
         # Into an empty warehouse every site is new: nothing worth a warning.
         new_sites = sorted(_sites_with_procedures(engine) - sites_before) \
             if sites_before and any(r.status == "loaded" for r in results) else []
@@ -134,22 +134,26 @@ def ingest_paths(settings: Settings, paths: list[Path]) -> IngestReport:
     return IngestReport(results, new_sites)
 
 
-def _say_interrupted(results: list[FileResult], path: Path, not_started: int,
-                     key: bytes) -> None:
+def _say_interrupted(results: list[FileResult], files: list[Path], key: bytes) -> None:
     """Log, on an interrupt, what is in the warehouse and what a rerun will load.
 
     Each file is its own transaction: those before are committed, the one interrupted is
     rolled back, and a rerun skips the committed ones by checksum (user audit: the
-    interrupt said only "interrupted").
+    interrupt said only "interrupted"). ``results`` holds the finished files, in order.
     """
     from pipelines.ingest.reader import display_name
 
     done = [r.shown_name or display_name(Path(r.path).name, key) for r in results]
+    finished = (": " + ", ".join(done)) if done else ""
+    if len(results) >= len(files):  # after the last file: nothing was rolled back
+        log.warning("interrupted after loading every file; %d file(s) were finished%s.",
+                    len(done), finished)
+        return
     log.warning(
         "interrupted while loading %s: that file was rolled back. %d file(s) were finished "
         "before it%s; %d not started. Rerun the same ingest: finished files are recognised and skipped.",
-        display_name(path.name, key), len(done),
-        (": " + ", ".join(done)) if done else "", not_started)
+        display_name(files[len(results)].name, key), len(done), finished,
+        len(files) - len(results) - 1)
 
 
 def _sites_with_procedures(engine) -> set[str]:

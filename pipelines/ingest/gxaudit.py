@@ -128,6 +128,10 @@ class _ForkedHelper:
                 pass
 
 
+# How a helper ends when its parent went away mid-answer: its pipe closed.
+_PARENT_GONE = (BrokenPipeError, KeyboardInterrupt)
+
+
 def _fork(expectations_dir: str, kinds: tuple[str, ...]) -> _ForkedHelper:
     """Fork the helper (the caller checked that this process has a single thread)."""
     request_read, request_write = os.pipe()
@@ -141,8 +145,11 @@ def _fork(expectations_dir: str, kinds: tuple[str, ...]) -> _ForkedHelper:
             gc.freeze()
             os.close(request_write)  # else the helper would never see its requests end
             os.close(answer_read)
-            # The signals a new interpreter would have (the parent may have its own).
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            # A Ctrl-C reaches the terminal's whole process group: the parent handles it
+            # (its files roll back, it says what was loaded) and ends this helper by closing
+            # the requests; a traceback from here would bury the parent's message (user
+            # audit). SIGTERM as a new interpreter has it (the parent may have its own).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             # Not configuration: GX reads this switch at import (see validate.SuiteRunner).
             os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -152,6 +159,8 @@ def _fork(expectations_dir: str, kinds: tuple[str, ...]) -> _ForkedHelper:
             _serve(os.fdopen(request_read, "rb"), os.fdopen(answer_write, "wb"),
                    expectations_dir, kinds)
             code = 0
+        except _PARENT_GONE:
+            pass  # the parent stopped (interrupted, terminated): nothing to report here
         except BaseException:  # noqa: BLE001 -- reported, then the helper ends
             import traceback
 
@@ -261,5 +270,9 @@ def _serve(requests, answers, expectations_dir: str, kinds) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.stdin.buffer, os.fdopen(os.dup(sys.stdout.fileno()), "wb"), sys.argv[1],
-           sys.argv[2:])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's to handle (see _fork)
+    try:
+        _serve(sys.stdin.buffer, os.fdopen(os.dup(sys.stdout.fileno()), "wb"), sys.argv[1],
+               sys.argv[2:])
+    except _PARENT_GONE:
+        sys.exit(1)
