@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from pipelines.settings import load_settings
@@ -57,11 +58,30 @@ def _format(report) -> str:
     return "\n".join(lines)
 
 
+def _refuse_missing(settings, paths: list[Path]) -> None:
+    """Refuse a command line naming a path that does not exist, before anything loads.
+
+    A typo is the user's to fix, not an extract to reject: a rejection would be recorded in
+    the ledger and e-mailed to the data team as a rejected file (user audit). A file that
+    vanishes after this check (a landing race) is still rejected with its reason.
+    """
+    from pipelines.errors import InputRejected
+    from pipelines.ingest.reader import display_name
+
+    missing = [path for path in paths if not os.path.lexists(path)]
+    if missing:
+        key = settings.require_pseudonym_key()
+        names = ", ".join(f"{display_name(path.name, key)} (in {path.parent})" for path in missing)
+        raise InputRejected(f"no such file or directory: {names}; nothing was loaded "
+                            "(check the path)")
+
+
 def run(args: argparse.Namespace) -> int:
     """Ingest the given paths and print the per-file summary."""
     from pipelines.ingest import ingest_paths
 
     settings = load_settings(db_url=args.db)
+    _refuse_missing(settings, args.paths)
     report = ingest_paths(settings, args.paths)
     print(json.dumps(report.to_dict(), indent=2) if args.json else _format(report))
     return report.exit_code
