@@ -17,11 +17,12 @@ import pytest
 import sqlalchemy as sa
 
 from pipelines import schema
-from pipelines.alerts import sync_alerts
+from pipelines.alerts import deliver_outbox, sync_alerts
 from pipelines.db import make_engine
 from pipelines.ingest import ingest_paths
 from pipelines.ingest.keys import rotate
 from pipelines.ingest.pseudonymise import pseudonymise
+from pipelines.mailsink import MailSink
 from pipelines.report.beyond import write_beyond_pages
 from pipelines.surveillance.engine import run_monitor
 from pipelines.surveillance.operators import operator_pseudonym
@@ -55,10 +56,11 @@ def warehouse_url(request, tmp_path):
         admin.dispose()
 
 
-def _settings(settings_for, url, key):
+def _settings(settings_for, url, key, smtp_url):
     return settings_for(
         url,
         pseudonym_key=key,
+        smtp_url=smtp_url,
         recipients_safety=("safety@example.org",),
         recipients_data=("data@example.org",),
         clinical_leads={"S001": (LEAD,)},
@@ -81,23 +83,28 @@ def test_rotation_keeps_one_training_review_and_sends_nothing_new(
     warehouse_url, settings_for, tmp_path
 ):
     registry = write_registry(tmp_path / "in")
-    settings = _settings(settings_for, warehouse_url, OLD_KEY)
-    ingest_paths(settings, registry["paths"])
-    run_monitor(settings)
-    sync_alerts(settings)
-    old_name = operator_pseudonym(pseudonymise(OLD_KEY.encode(), "S001", NEW_OPERATOR))
-    new_name = operator_pseudonym(pseudonymise(NEW_KEY.encode(), "S001", NEW_OPERATOR))
-    before = _training(warehouse_url)
-    assert before and {json.loads(a["payload"])["operator"] for a in before} == {old_name}
-    outbox_before = _rows(warehouse_url, schema.alert_outbox)
-    assert outbox_before
+    with MailSink(tmp_path / "mail") as sink:
+        settings = _settings(settings_for, warehouse_url, OLD_KEY, sink.url)
+        ingest_paths(settings, registry["paths"])
+        run_monitor(settings)
+        sync_alerts(settings)
+        deliver_outbox(settings)
+        old_name = operator_pseudonym(pseudonymise(OLD_KEY.encode(), "S001", NEW_OPERATOR))
+        new_name = operator_pseudonym(pseudonymise(NEW_KEY.encode(), "S001", NEW_OPERATOR))
+        before = _training(warehouse_url)
+        assert before and {json.loads(a["payload"])["operator"] for a in before} == {old_name}
+        outbox_before = _rows(warehouse_url, schema.alert_outbox)
+        sent_before = sink.messages()
+        assert [m for m in sent_before if m["To"] == LEAD and old_name in m["Subject"]]
 
-    rotated = rotate(
-        make_engine(warehouse_url), OLD_KEY.encode(), NEW_KEY.encode(), registry["paths"]
-    )
-    settings = _settings(settings_for, warehouse_url, NEW_KEY)
-    run_monitor(settings)
-    result = sync_alerts(settings)
+        rotated = rotate(
+            make_engine(warehouse_url), OLD_KEY.encode(), NEW_KEY.encode(), registry["paths"]
+        )
+        settings = _settings(settings_for, warehouse_url, NEW_KEY, sink.url)
+        run_monitor(settings)
+        result = sync_alerts(settings)
+        deliver_outbox(settings)
+        sent_after = sink.messages()
 
     assert result.created == []
     assert rotated["rows_changed"]["alert"] == len(before)
@@ -111,7 +118,8 @@ def test_rotation_keeps_one_training_review_and_sends_nothing_new(
         assert old_name not in alert["dedupe_key"] + alert["title"] + alert["payload"]
         assert new_name in alert["dedupe_key"] and new_name in alert["title"]
         assert json.loads(alert["payload"])["operator"] == new_name
-    assert _rows(warehouse_url, schema.alert_outbox) == outbox_before  # no new e-mail
+    assert _rows(warehouse_url, schema.alert_outbox) == outbox_before  # no new outbox row
+    assert len(sent_after) == len(sent_before)  # and no second e-mail to the lead
     # the audit trail records the re-keying of each alert, state unchanged
     ids = {a["alert_id"] for a in after}
     notes = [
