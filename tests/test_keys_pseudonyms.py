@@ -25,7 +25,11 @@ from pipelines.ingest.pseudonymise import pseudonymise
 from pipelines.mailsink import MailSink
 from pipelines.report.beyond import write_beyond_pages
 from pipelines.surveillance.engine import run_monitor
-from pipelines.surveillance.operators import operator_pseudonym
+from pipelines.surveillance.operators import (
+    operator_pseudonym,
+    pseudonym_renames,
+    rename_pseudonyms,
+)
 from tests.beyond_helpers import NEW_OPERATOR, write_registry
 
 OLD_KEY = secrets.token_hex(32)
@@ -147,3 +151,26 @@ def test_rotation_keeps_one_training_review_and_sends_nothing_new(
         if p.is_file() and p.suffix in (".html", ".csv", ".json")
     )
     assert new_name in text and old_name not in text
+
+
+def test_renames_touch_only_whole_known_pseudonyms_and_refuse_ambiguity():
+    old_a, old_b = "a1" * 32, "b2" * 32
+    renames = pseudonym_renames(
+        {old_a: "c3" * 32, old_b: "d4" * 32, "e5" * 32: "f6" * 32}, [old_a, old_b]
+    )
+    assert renames == {"OP-a1a1a1a1a1": "OP-c3c3c3c3c3", "OP-b2b2b2b2b2": "OP-d4d4d4d4d4"}
+    text = (
+        "training:S001:OP-a1a1a1a1a1:cement_leak OP-b2b2b2b2b2, OP-a1a1a1a1a1a1 "
+        "XOP-a1a1a1a1a1 OP-S001-01 OP-9999999999"
+    )
+    assert rename_pseudonyms(text, renames) == (
+        "training:S001:OP-c3c3c3c3c3:cement_leak OP-d4d4d4d4d4, OP-a1a1a1a1a1a1 "
+        "XOP-a1a1a1a1a1 OP-S001-01 OP-9999999999"
+    )
+    # two operators with one old pseudonym, or one new pseudonym: no rename can be right
+    with pytest.raises(ValueError, match="share"):
+        pseudonym_renames(
+            {old_a: "c3" * 32, "a1" * 5 + "0" * 54: "d4" * 32}, [old_a, "a1" * 5 + "0" * 54]
+        )
+    with pytest.raises(ValueError, match="share"):
+        pseudonym_renames({old_a: "c3" * 32, old_b: "c3" * 5 + "0" * 54}, [old_a, old_b])
