@@ -3,7 +3,9 @@
 * ``training_review`` -- an operator's learning-curve chart signalled within the profile's
   ``design.hold_days``. Confidential: it goes to the site's clinical lead only
   (``KYPHOWATCH_CLINICAL_LEADS``), never to the webhook, and names the operator only by
-  pseudonym (``OP-`` and ten hex digits of the stored digest).
+  pseudonym (``OP-`` and ten hex digits of the stored digest). A key rotation renames the
+  pseudonym in the stored alerts (:func:`rename_operator_alerts`), so the next sync finds
+  the same alert under the new pseudonym: no second alert, no second e-mail.
 * ``device`` -- a product's sequential test or a cement lot's exact test signalled.
 * ``data_quality`` -- a device-related major or fatal event has had no Yellow Card draft
   marked sent for ``beyond_site.regulator.send_within_days`` (:mod:`pipelines.alerts.regulator`).
@@ -11,7 +13,8 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from collections.abc import Mapping
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,6 +31,7 @@ from pipelines.alerts.lifecycle import (
 )
 from pipelines.settings import Settings
 from pipelines.surveillance.beyond import parse_beyond_site
+from pipelines.surveillance.operators import rename_pseudonyms
 from pipelines.surveillance.profile import Profile
 
 
@@ -90,6 +94,42 @@ def _operator_conditions(conn: sa.Connection, settings: Settings, profile: Profi
             site_id=row["site_id"], metric=row["metric"],
         ))
     return conditions
+
+
+# The actor and reason of the audit row a key rotation writes for each renamed alert.
+KEY_ROTATION_ACTOR = "kyphowatch keys rotate"
+KEY_ROTATION_REASON = "operator pseudonym renamed at key rotation: {renames}"
+
+
+def rename_operator_alerts(conn: sa.Connection, renames: Mapping[str, str],
+                           now: datetime) -> int:
+    """Rename operator pseudonyms in every stored alert (key, title, payload); return how many.
+
+    Called by the key rotation in its transaction. The alert keeps its id, episode, state
+    and outbox rows (its e-mail's message id), so the next sync finds it under the renamed
+    dedupe key and sends nothing; an audit row (state unchanged) records old -> new. The
+    id stays the hash of the key the alert was created under (ids are never recomputed).
+    """
+    table, audit = schema.alert, schema.alert_audit
+    changed = 0
+    if not renames:
+        return changed
+    rows = conn.execute(sa.select(table.c.alert_id, table.c.dedupe_key, table.c.title,
+                                  table.c.payload, table.c.state)).mappings().all()
+    for row in rows:
+        new = {c: rename_pseudonyms(row[c], renames) for c in ("dedupe_key", "title", "payload")}
+        if all(new[c] == row[c] for c in new):
+            continue
+        names = sorted({m for c in new for m in renames if m in (row[c] or "")})
+        conn.execute(table.update().where(table.c.alert_id == row["alert_id"])
+                     .values(**new, updated_at=now))
+        conn.execute(audit.insert().values(
+            alert_id=row["alert_id"], from_state=row["state"], to_state=row["state"],
+            actor=KEY_ROTATION_ACTOR, at=now,
+            reason=KEY_ROTATION_REASON.format(
+                renames=", ".join(f"{old} -> {renames[old]}" for old in names))))
+        changed += 1
+    return changed
 
 
 def _device_conditions(conn: sa.Connection, settings: Settings, profile: Profile,

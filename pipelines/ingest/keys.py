@@ -10,7 +10,9 @@
   digests.
 * :func:`rotate` re-keys every stored digest in one transaction. HMAC is one-way, so the
   new digests are computed from the raw references in the source extracts (the archive),
-  which the operator re-supplies; see docs/keys.md for why this design was chosen.
+  which the operator re-supplies; see docs/keys.md for why this design was chosen. The
+  operator pseudonyms derived from the digests (``operator_chart``, training-review alerts)
+  are renamed old -> new in the same transaction.
 """
 
 from __future__ import annotations
@@ -381,6 +383,37 @@ def _apply(conn: sa.Connection, mapping: dict[str, str], *, redact: bool = False
     return changed
 
 
+def _operator_renames(conn: sa.Connection, mapping: dict[str, str]) -> dict[str, str]:
+    """Return old -> new display pseudonym of every stored operator digest (before re-keying)."""
+    from pipelines.surveillance.operators import pseudonym_renames
+
+    digests: set[str] = set()
+    for table in (schema.procedure, schema.procedure_version):
+        digests.update(conn.scalars(sa.select(table.c.operator_hash).distinct()
+                                    .where(table.c.operator_hash.is_not(None))))
+    return pseudonym_renames(mapping, digests)
+
+
+def _rename_operators(conn: sa.Connection, renames: dict[str, str], now: datetime
+                      ) -> dict[str, int]:
+    """Rename the operator pseudonyms stored outside the procedure tables; rows per table.
+
+    The pseudonym is ``OP-`` and ten hex digits of the operator's digest, so it changes with
+    the key. The chart rows (``operator_chart``, the report's and beyond-report's source) and
+    the training-review alerts (their dedupe key, title and payload) take the new one, so
+    the next monitor and sync match them: one alert per finding, no second e-mail.
+    """
+    from pipelines.alerts.beyond import rename_operator_alerts
+
+    chart = schema.operator_chart
+    rows = [dict(r) for r in conn.execute(sa.select(chart)).mappings()
+            if r["operator"] in renames]
+    if rows:  # the pseudonym is in the primary key: replace the rows
+        conn.execute(chart.delete().where(chart.c.operator.in_([r["operator"] for r in rows])))
+        conn.execute(chart.insert(), [{**r, "operator": renames[r["operator"]]} for r in rows])
+    return {chart.name: len(rows), schema.alert.name: rename_operator_alerts(conn, renames, now)}
+
+
 def rotate(engine: sa.Engine, old_key: bytes, new_key: bytes, extract_paths: list[Path],
            *, redact_unexplained: bool = False, step=None) -> dict:
     """Re-key every stored digest from ``old_key`` to ``new_key`` in one transaction.
@@ -422,7 +455,14 @@ def rotate(engine: sa.Engine, old_key: bytes, new_key: bytes, extract_paths: lis
                 "supply the missing extracts, or rerun with --redact-unexplained to replace "
                 f"them with {UNEXPLAINED!r}. Nothing was changed."
             )
+        try:
+            renames = _operator_renames(conn, plan.mapping)
+        except ValueError as exc:
+            raise InputRejected(f"cannot re-key: {exc}. Nothing was changed.") from None
         changed = _apply(conn, plan.mapping, redact=redact_unexplained, step=step)
+        changed.update(_rename_operators(conn, renames, datetime.now(UTC)))
+        if step:
+            step("operator pseudonyms")
         # The monitor's snapshot cache holds operator and patient digests under the old key
         # (snapshot_cache.py): dropped with them; the next monitor run reads everything.
         conn.execute(schema.snapshot_cache.delete())

@@ -40,11 +40,16 @@ Pseudonyms
 Operators are shown only as ``OP-`` and the first ten hex digits of their stored HMAC digest
 (the digest itself never leaves the warehouse's procedure table). A site's clinical lead maps
 it back by computing the HMAC of their own operator references with the key (the key holder's
-material); nothing in the warehouse holds a raw reference.
+material); nothing in the warehouse holds a raw reference. A key rotation therefore changes
+every pseudonym: it renames the stored ones in the same transaction
+(:func:`pseudonym_renames`, :func:`rename_pseudonyms`; docs/keys.md), so an operator keeps
+one chart row and one training review.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -75,9 +80,43 @@ MIN_VOLUME_YEARS = 0.25
 # Operators are compared within a site and one of these periods (as products: devices.py)
 
 
+# A display pseudonym inside stored text (an alert's key, title, payload): not part of a
+# longer hex run, so a 64-hex digest or another token is never taken for one.
+PSEUDONYM_PATTERN = re.compile(
+    rf"(?<![0-9A-Za-z]){re.escape(PSEUDONYM_PREFIX)}[0-9a-f]{{{PSEUDONYM_DIGITS}}}(?![0-9a-f])")
+
+
 def operator_pseudonym(operator_hash: str) -> str:
     """Return the display pseudonym of an operator digest (never the digest or a reference)."""
     return PSEUDONYM_PREFIX + operator_hash[:PSEUDONYM_DIGITS]
+
+
+def pseudonym_renames(digests: Mapping[str, str], operator_digests: Iterable[str]
+                      ) -> dict[str, str]:
+    """Return old pseudonym -> new pseudonym for the operator digests a key rotation re-keys.
+
+    ``digests`` maps old-key digests to new-key digests; ``operator_digests`` are the stored
+    operator digests (old key). Two operators that would share an old or a new pseudonym
+    (ten hex digits: about one pair in 2 x 10^12 operator pairs) cannot be renamed
+    unambiguously: :class:`ValueError`, and the rotation changes nothing.
+    """
+    renames: dict[str, str] = {}
+    for old in set(operator_digests):
+        if old not in digests:
+            continue
+        before, after = operator_pseudonym(old), operator_pseudonym(digests[old])
+        if renames.setdefault(before, after) != after:
+            raise ValueError(f"two operators share the pseudonym {before}; cannot rename it")
+    if len(set(renames.values())) != len(renames):
+        raise ValueError("two operators would share a pseudonym under the new key")
+    return renames
+
+
+def rename_pseudonyms(text: str | None, renames: Mapping[str, str]) -> str | None:
+    """Return ``text`` with every pseudonym in ``renames`` replaced (others left as they are)."""
+    if not text or not renames:
+        return text
+    return PSEUDONYM_PATTERN.sub(lambda m: renames.get(m.group(0), m.group(0)), text)
 
 
 @dataclass(frozen=True)
