@@ -58,3 +58,22 @@ def test_a_rejected_file_sent_again_loads_and_the_others_too(db_url, tmp_path, s
     # and a third delivery of those bytes is a duplicate, as for any loaded file
     [again] = ingest_paths(lenient, [resent]).files
     assert again.status == "duplicate"
+
+
+def test_a_duplicate_of_a_file_with_quarantined_rows_says_how_to_get_them_in(
+    sqlite_url, tmp_path, settings_for
+):
+    rows = [proc_row(f"P{i}", patient=f"PT-{i}") for i in range(1, 4)]
+    rows[0]["procedure_date"] = "not a date"
+    path = write(tmp_path / "procedures_20240110.csv", csv_text(PROC_HEADER, rows))
+    settings = settings_for(sqlite_url)
+    [first] = ingest_paths(settings, [path]).files
+    assert (first.status, first.quarantined) == ("loaded", 1)
+    [again] = ingest_paths(settings, [path]).files
+    assert again.status == "duplicate"
+    assert "1 quarantined row(s) stay out" in again.reason
+    assert "new extract" in again.reason
+    clean = write(tmp_path / "procedures_20240111.csv", csv_text(PROC_HEADER, rows[1:]))
+    ingest_paths(settings, [clean])
+    [third] = ingest_paths(settings, [clean]).files
+    assert third.reason == "already loaded (same checksum)"  # nothing was left out of it

@@ -1570,15 +1570,22 @@ def load_file(
         result.checksum = checksum
         try:
             with engine.connect() as conn:
-                status = conn.execute(
-                    sa.select(ledger.c.status).where(ledger.c.source_checksum == checksum)
-                ).scalar_one_or_none()
+                earlier = conn.execute(
+                    sa.select(ledger.c.status, ledger.c.rows_quarantined)
+                    .where(ledger.c.source_checksum == checksum)
+                ).one_or_none()
         except BaseException:
             handle.close()
             raise
-        if status == "loaded":
+        if earlier is not None and earlier.status == "loaded":
             handle.close()
             result.status, result.reason = "duplicate", "already loaded (same checksum)"
+            if earlier.rows_quarantined:
+                # The same bytes give the same rows: what was quarantined then (an unknown
+                # product whose alias was added since, say) comes back only in a new
+                # extract (user audit: "send the file again" was read literally).
+                result.reason += (f"; its {earlier.rows_quarantined} quarantined row(s) stay "
+                                  "out: have them sent again in a new extract (a later stamp)")
             return result
         extract = open_extract(path, limits, key, handle=handle, checksum=checksum)
         # A readable extract will be audited: GX's import starts now, on another core.
