@@ -198,14 +198,14 @@ def _complications_of(columns: list[tuple]) -> list[dict[str, Any]]:
             for row in zip(*columns, strict=True)]
 
 
-def recent_oe_of(months: Mapping[tuple[str, str], evidence.MonthSeries] | None, profile,
-                 day: date | None) -> dict[tuple[str, str], dict[str, Any]]:
+def recent_oe_of(months: Mapping[tuple[str, str], evidence.MonthSeries] | None,
+                 profile=None, day: date | None = None) -> dict[tuple[str, str], dict[str, Any]]:
     """Return the recent observed/expected figures of every site and metric: the index
     months of :func:`levels.recent_months_before` (for new fractures the latest 12 months
     of mature units, not the empty last 12), the months the level's ``recent`` sums."""
     if not months:
         return {}
-    if day is None:
+    if day is None or profile is None:
         return evidence.recent_observed_expected(months)
     firsts = {m.id: levels.recent_months_before(m.window_days, day)[0]
               for m in profile.metrics}
@@ -221,7 +221,7 @@ def recent_oe_of(months: Mapping[tuple[str, str], evidence.MonthSeries] | None, 
     return evidence.recent_observed_expected(moved, levels.RECENT_MONTHS)
 
 
-def _for_the_pipe(reads: dict[str, Any], profile) -> dict[str, Any]:
+def _for_the_pipe(reads: dict[str, Any], profile=None) -> dict[str, Any]:
     """Return :func:`_side_reads`' answer as the forked process sends it: the monthly
     figures and complications as columns (:class:`_ColumnRuns`), and the recent
     observed/expected figures computed there from the months (their exact intervals are
