@@ -116,3 +116,29 @@ def test_email_report_and_cli_show_one_new_fracture_figure_with_its_index_months
     assert cli_main(["site", SITE, "--db", sqlite_url]) == 0
     shown = capsys.readouterr().out
     assert f"new_fracture: recent {100 * events / n:.3g}% ({events} of {n}) among {WORDS}" in shown
+
+
+def test_level_email_and_digest_item_word_a_follow_up_figure_by_its_index_months():
+    from pipelines.alerts.render import render
+
+    # as levels.recent_span(365, date(2024, 11, 20)) gives them (first test)
+    recent = {"months": 12, "index_from": "2022-12", "index_to": "2023-11",
+              "follow_up_days": 365, "n": 355, "events": 144, "rate": 144 / 355}  # fmt: skip
+    words = "41% (144 of 355) among procedures of 2022-12 to 2023-11, each followed for a year"
+    level = {"type": "level", "site_id": "S012", "metric": "new_fracture",
+             "metric_label": "New vertebral fracture within a year (per patient)",
+             "level": "alarm", "direction": "up", "since": "2024-06-01", "recent": recent,
+             "guidance": {"low": 0.18, "high": 0.23, "citation": "NICE HTG108 2.4.2"}}  # fmt: skip
+    row = {"alert_id": "a" * 64, "kind": "safety", "title": "Alarm", "episode": 1}
+    text = render({**row, "payload": level}).text
+    assert f"at S012: {words} against 18–23%" in text
+    assert f"Recent:   {words}" in text
+    assert "last 12 months" not in text
+    item = {"site_id": "S001", "metric": "new_fracture", "metric_label": "New fracture",
+            "level": "watch", "since": "2024-09-01", "rate": recent["rate"],
+            "recent": recent, "guidance": level["guidance"]}  # fmt: skip
+    digest = {"type": "digest", "digest": "watch", "as_of": "2024-11-20",
+              "period": "2024-W47", "items": [item]}  # fmt: skip
+    (line,) = [x for x in render({**row, "payload": digest}).text.splitlines()
+               if x.startswith("- S001")]  # fmt: skip
+    assert f"{words} against 18–23%" in line
