@@ -326,7 +326,7 @@ def _site_body(data: ReportData, site_id: str) -> list[str]:
                                  "history (exact 95% CI)",
                      x_label="observed / expected (1 = as expected for the case mix)",
                      description=f"{site_id}: observed/expected per outcome metric for the "
-                     "last 12 months and for all mature units. Intervals wholly above 1: "
+                     "recent 12 months and for all mature units. Intervals wholly above 1: "
                      + (", ".join(stand_out) if stand_out else "none") + ".")
         figures.add((svg, ["metric", "span", "observed", "expected", "o_to_e",
                            "o_to_e_ci_low", "o_to_e_ci_high"], csv_rows),
