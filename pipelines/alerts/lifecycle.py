@@ -448,7 +448,7 @@ def _watch_digest(status: list[sa.RowMapping], profile, settings: Settings
             "site_id": row["site_id"], "metric": row["metric"],
             "metric_label": metric.label if metric else row["metric"], "level": "watch",
             "since": detail.get("since"), "until": None,
-            "rate": (detail.get("recent") or {}).get("rate"),
+            "rate": (detail.get("recent") or {}).get("rate"), "recent": detail.get("recent"),
             "guidance": detail.get("guidance"), "agree": detail.get("agree"),
             "reason": "by " + ", ".join(e["method_label"] for e in detail.get("evidence") or [])
             if detail.get("evidence") else None,

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.surveillance.levels import recent_words
+
 SUBJECT_PREFIX = "[kyphowatch]"
 DIGEST_CAP = 50  # digest items listed one by one; the rest are counted ("and N more")
 DISCLAIMER = "Control-chart signals are screening results for review, not a finding."
@@ -448,13 +450,16 @@ def _strongest(p: dict[str, Any]) -> str | None:
 
 
 def _rate_phrase(p: dict[str, Any]) -> str | None:
-    """Return the recent rate, its counts and window: ``24% (50 of 210) in the last 12 months``."""
+    """Return the recent rate, its counts and window: ``24% (50 of 210) in the last 12 months``,
+    or ``30% (98 of 327) among procedures of 2022-12 to 2023-11, each followed for a year``."""
     recent = p.get("recent") or {}
     if _float(recent.get("rate")) is None:
         return None
     counts = ""
     if recent.get("events") is not None and recent.get("n") is not None:
         counts = f" ({_num(recent['events'])} of {_num(recent['n'])})"
+    if recent.get("index_from"):  # a follow-up window: the index months, not "the last 12"
+        return f"{_pct(recent['rate'])}{counts} among {recent_words(recent)}"
     months = _float(recent.get("months"))
     window = (f"the last {_num(months)} months" if months and months > 1
               else _window(recent.get("window_days")))
@@ -799,7 +804,9 @@ def _digest_item(item: dict[str, Any]) -> tuple[str, str]:
     words = [f"{state}{dates}"]
     expected = _range(item.get("guidance"))
     if _float(item.get("rate")) is not None:
-        words.append(f"{_pct(item['rate'])}" + (f" against {expected}" if expected else ""))
+        # the level's recent figure with its counts and span, as the level e-mail words it
+        rate = _rate_phrase({"recent": item["recent"]}) if item.get("recent") else None
+        words.append((rate or _pct(item["rate"])) + (f" against {expected}" if expected else ""))
     if _float(item.get("agree")) is not None:
         agree = _float(item["agree"])
         words.append(f"{_words(agree)} method{'s' if agree != 1 else ''}")

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from pipelines import evidence
 from pipelines.settings import Settings
+from pipelines.surveillance import levels
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +198,36 @@ def _complications_of(columns: list[tuple]) -> list[dict[str, Any]]:
             for row in zip(*columns, strict=True)]
 
 
-def _for_the_pipe(reads: dict[str, Any]) -> dict[str, Any]:
+def recent_oe_of(months: Mapping[tuple[str, str], evidence.MonthSeries] | None,
+                 profile=None, day: date | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+    """Return the recent observed/expected figures of every site and metric: the index
+    months of :func:`levels.recent_months_before` (for new fractures the latest 12 months
+    of mature units, not the empty last 12), the months the level's ``recent`` sums."""
+    if not months:
+        return {}
+    if day is None or profile is None:
+        return evidence.recent_observed_expected(months)
+    firsts = {m.id: levels.recent_months_before(m.window_days, day)[0]
+              for m in profile.metrics}
+    moved = {}
+    for key, series in months.items():
+        first = firsts.get(key[1], 0)
+        if first:  # count the recent months from the newest one; newer ones fall outside
+            series = evidence.MonthSeries(
+                series.month, series.units, series.events, series.expected,
+                tuple(b - first if b >= first else 1_000_000
+                      for b in series.months_before_as_of))
+        moved[key] = series
+    return evidence.recent_observed_expected(moved, levels.RECENT_MONTHS)
+
+
+def _for_the_pipe(reads: dict[str, Any], profile=None) -> dict[str, Any]:
     """Return :func:`_side_reads`' answer as the forked process sends it: the monthly
     figures and complications as columns (:class:`_ColumnRuns`), and the recent
     observed/expected figures computed there from the months (their exact intervals are
     the reading process's work, not the report's)."""
     months = reads["months"]
-    out = {**reads, "recent_oe": evidence.recent_observed_expected(months or {}),
+    out = {**reads, "recent_oe": recent_oe_of(months, profile, reads.get("day")),
            "complications": _pack(reads["complications"], _complication_columns)}
     out["months"] = None if months is None else _pack(months, _months_columns)
     return out
@@ -245,7 +269,7 @@ class _ForkedReads:
             code = 0
             try:
                 answer: tuple[str, Any] = ("ok", _for_the_pipe(
-                    _side_reads(settings, profile, as_of)))
+                    _side_reads(settings, profile, as_of), profile))
             except BaseException:  # noqa: BLE001 - the parent reads again and raises
                 answer, code = ("error", traceback.format_exc(limit=5)), 1
             try:
@@ -304,7 +328,7 @@ class ReportData:
                                           self._complications)
         self.sites = self.evidence.sites
         if self.recent_oe is None:
-            self.recent_oe = evidence.recent_observed_expected(self.months)
+            self.recent_oe = recent_oe_of(self.months, self.profile, self.as_of)
         # CSV files written beside the pages: {relative path: text}
         self.files: dict[str, str] = {}
         # the funnels site pages draw, and their shared curves and clouds as files
@@ -440,14 +464,27 @@ class ReportData:
 
     # -- read-side views shared by the overview and the site pages ---------------------
 
+    def recent_label(self, metric: str, short: bool = False) -> str:
+        """Return the span of a metric's recent figure in words: ``last 12 months``, or
+        for a follow-up window ``procedures of 2022-12 to 2023-11, each followed for a
+        year`` (``2022-12 to 2023-11`` when ``short``), as the e-mail words it."""
+        m = self.metrics.get(metric)
+        span = levels.recent_span(m.window_days if m else 0, self.as_of)
+        if not span.get("index_from"):
+            return f"last {span['months']} months"
+        if short:
+            return f"{span['index_from']} to {span['index_to']}"
+        return levels.recent_words(span)
+
     def rate_view(self, site: str, metric: str) -> dict[str, Any] | None:
-        """Return the rate a reader should see first: the last 12 months when the monitor
-        stored them (a recent change shows there), else all mature units."""
+        """Return the rate a reader should see first: the recent months when the monitor
+        stored them (a recent change shows there; :meth:`recent_label`), else all mature
+        units."""
         recent = self.recent_oe.get((site, metric))
         if recent:
             return {"rate": recent["rate"], "n": recent["n"], "events": recent["observed"],
                     "ci_low": recent["rate_ci_low"], "ci_high": recent["rate_ci_high"],
-                    "span": "last 12 months"}
+                    "span": self.recent_label(metric)}
         row = self.rows.get((site, metric)) or {}
         if not row.get("n"):
             return None

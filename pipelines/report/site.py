@@ -89,6 +89,16 @@ def headline(data: ReportData, site_id: str, m: dict[str, Any]) -> str:
     return sentence
 
 
+def _recent_cell(data: ReportData, metric: str, recent: dict[str, Any]) -> str:
+    """Return the recent rate with its index months when they are not the last 12
+    (new fractures: the latest 12 months of mature units, as the e-mail words them)."""
+    if not recent:
+        return "-"
+    span = data.recent_label(metric, short=True)
+    dates = "" if span.startswith("last ") else f" ({_esc(span)})"
+    return f"{_pct(recent.get('rate'))}{dates}"
+
+
 def _summary_table(data: ReportData, site_id: str, payload: dict[str, Any]) -> str:
     rows = []
     for m in payload["metrics"]:
@@ -109,10 +119,10 @@ def _summary_table(data: ReportData, site_id: str, payload: dict[str, Any]) -> s
         rows.append([f"<a href='#{_esc(m['metric'])}'>{_esc(m['label'])}</a>",
                      _esc(evidence.STATUS_LABELS[m["status"]]), _esc(level.get("since") or "-"),
                      _esc(strength_text(level) or "-"),
-                     _pct(recent.get("rate")) if recent else "-", _pct(m.get("rate")),
+                     _recent_cell(data, m["metric"], recent), _pct(m.get("rate")),
                      _esc(guide), ratio(recent), ratio(whole)])
-    return _table(["metric", "level", "since", "strength", "rate, last 12 months",
-                   "rate, all mature units", "guidance", "O/E last 12 months (95% CI)",
+    return _table(["metric", "level", "since", "strength", "rate, recent 12 months",
+                   "rate, all mature units", "guidance", "O/E recent 12 months (95% CI)",
                    "O/E all mature units (95% CI)"], rows, numeric={4, 5, 7, 8},
                   caption=f"{site_id}: every metric at a glance")
 
@@ -301,7 +311,8 @@ def _site_body(data: ReportData, site_id: str) -> list[str]:
     if ratios:
         rows, csv_rows = [], []
         for m in ratios:
-            for span, oe in (("last 12 months", data.recent_oe.get((site_id, m["metric"]))),
+            for span, oe in ((data.recent_label(m["metric"], short=True),
+                              data.recent_oe.get((site_id, m["metric"]))),
                              ("all mature units", m["observed_expected"])):
                 short = m["label"] if len(m["label"]) <= 28 else m["label"][:27] + "\u2026"
                 label = f"{short}, {span}"
@@ -315,7 +326,7 @@ def _site_body(data: ReportData, site_id: str) -> list[str]:
                                  "history (exact 95% CI)",
                      x_label="observed / expected (1 = as expected for the case mix)",
                      description=f"{site_id}: observed/expected per outcome metric for the "
-                     "last 12 months and for all mature units. Intervals wholly above 1: "
+                     "recent 12 months and for all mature units. Intervals wholly above 1: "
                      + (", ".join(stand_out) if stand_out else "none") + ".")
         figures.add((svg, ["metric", "span", "observed", "expected", "o_to_e",
                            "o_to_e_ci_low", "o_to_e_ci_high"], csv_rows),

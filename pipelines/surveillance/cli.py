@@ -336,6 +336,7 @@ def handle_sites(args: argparse.Namespace) -> int:
 def handle_site(args: argparse.Namespace) -> int:
     """Print one site's figures, signals and alerts (from the stored monitor run)."""
     from pipelines import evidence
+    from pipelines.surveillance import levels
 
     site = args.site_id.strip().upper()
     result, profile, facts, complications = _evidence(args, site)
@@ -400,6 +401,13 @@ def handle_site(args: argparse.Namespace) -> int:
             level = m.get("level") or {}
             if level.get("level") in ("alarm", "watch", "under_reporting"):
                 print(f"  {m['metric']}: {level.get('reason')}")
+            recent = level.get("recent") or {}
+            if recent.get("index_from") and recent.get("n"):
+                # a follow-up window: the recent figure of the e-mail and the report, with
+                # its index months (the table's rate is every mature unit's)
+                print(f"  {m['metric']}: recent {pct(recent.get('rate'))} "
+                      f"({recent.get('events')} of {recent['n']}) among "
+                      f"{levels.recent_words(recent)}")
     if payload["signals"] and args.wide:
         print()
         print(_table(SIGNAL_HEADERS, _signal_rows(

@@ -1235,8 +1235,11 @@ class _Computation:
         as_of = day_to_date(self.as_of_day)
         design = self.profile.design
         recent: dict[tuple[str, str], tuple[int, int]] = {}
+        spans = {m.id: levels.recent_months_before(m.window_days, as_of)
+                 for m in self.profile.metrics}
         for month in self.site_months:
-            if month["months_before_as_of"] < levels.RECENT_MONTHS:
+            first, stop = spans.get(month["metric"], (0, levels.RECENT_MONTHS))
+            if first <= month["months_before_as_of"] < stop:
                 pair = (month["site_id"], month["metric"])
                 units, events = recent.get(pair, (0, 0))
                 recent[pair] = (units + month["units"], events + month["events"])

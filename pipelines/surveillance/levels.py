@@ -68,6 +68,62 @@ _RULE_KINDS = {"sentinel", "process"}
 # The recent window of a level's rate, in index months counted back from as_of's month (as
 # evidence.recent_observed_expected counts them for the report).
 RECENT_MONTHS = 12
+# A follow-up window longer than this moves the recent figure back to the newest index
+# month with mature units: a 365-day window leaves the last 12 index months empty.
+RECENT_SHIFT_AFTER_DAYS = 31
+
+
+def _month_back(as_of: date, months: int) -> str:
+    """Return the ``YYYY-MM`` of the index month ``months`` before ``as_of``'s month."""
+    index = as_of.year * 12 + as_of.month - 1 - months
+    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+
+
+def recent_months_before(window_days: int | None, as_of: date) -> tuple[int, int]:
+    """Return the ``months_before_as_of`` range ``[first, last)`` of a metric's recent figure.
+
+    The latest :data:`RECENT_MONTHS` index months of *mature* units. For a window of a month
+    or less (leaks, major events) these are the last 12 index months (the newest one or two
+    still filling); for a longer one (new fractures, 365 days) they end with the month of
+    ``as_of - window_days``, the newest index month with a unit whose follow-up has ended:
+    as_of 2024-11-20 gives 2022-12 to 2023-11 (months 12 to 23 before as_of). The level,
+    the report, ``kyphowatch site`` and ``v_site_month_rates`` all sum these months.
+    """
+    window = int(window_days or 0)
+    if window <= RECENT_SHIFT_AFTER_DAYS:
+        return 0, RECENT_MONTHS
+    last = as_of - timedelta(days=window)
+    first = (as_of.year - last.year) * 12 + as_of.month - last.month
+    return first, first + RECENT_MONTHS
+
+
+def recent_span(window_days: int | None, as_of: date) -> dict[str, Any]:
+    """Return the index months of a metric's recent figure as words a reader sees.
+
+    ``{"index_from": "2022-12", "index_to": "2023-11", "follow_up_days": 365}`` for a
+    window longer than a month (its figure is not "the last 12 months"), else
+    ``{"months": 12}``.
+    """
+    first, stop = recent_months_before(window_days, as_of)
+    if not first:
+        return {"months": RECENT_MONTHS}
+    return {"months": RECENT_MONTHS, "index_from": _month_back(as_of, stop - 1),
+            "index_to": _month_back(as_of, first), "follow_up_days": int(window_days)}
+
+
+def recent_words(recent: dict[str, Any] | None) -> str:
+    """Return the span of a recent figure in words, one wording for e-mail, report and CLI.
+
+    ``procedures of 2022-12 to 2023-11, each followed for a year`` when the figure carries
+    index months (:func:`recent_span`), else ``the last 12 months``.
+    """
+    recent = recent or {}
+    if recent.get("index_from"):
+        days = int(recent.get("follow_up_days") or 0)
+        follow = "a year" if days == 365 else f"{days} days"
+        return (f"procedures of {recent['index_from']} to {recent['index_to']}, "
+                f"each followed for {follow}")
+    return f"the last {recent.get('months') or RECENT_MONTHS} months"
 
 
 def method_label(method: str) -> str:
@@ -249,8 +305,8 @@ def grade(metric, site_row: dict[str, Any], signals: list[dict[str, Any]], as_of
 
     ``site_row`` is the engine's per-site figures for the metric (n, rate, funnel...),
     ``signals`` every signal of this site and metric, ``design`` the profile's design,
-    ``recent_months`` the (units, events) of the site's last :data:`RECENT_MONTHS` index
-    months (the figure the report shows as "last 12 months"; else the rolling funnel's).
+    ``recent_months`` the (units, events) of the site's recent index months
+    (:func:`recent_months_before`: the figure the report shows; else the rolling funnel's).
     """
     hold, watch_hold = design.hold_days, design.watch_hold_days
     window = metric.window_days
@@ -290,18 +346,27 @@ def grade(metric, site_row: dict[str, Any], signals: list[dict[str, Any]], as_of
     agree = len({e["method"].removesuffix("_watch") for e in evidence})
     p_values = [e for e in evidence if e["p_value"] is not None]
     strongest = min(p_values, key=lambda e: e["p_value"]) if p_values else None
-    # "Last 12 months" is one figure everywhere: the units of the last 12 index months,
-    # as the report and v_site_month_rates count them (user audit: the e-mail gave the
-    # rolling funnel's 365 days of matured units, 28 % (5 of 18), where the report said
-    # 23.5 % (4 of 17)). The rolling funnel's figure only without monthly figures.
+    # The recent figure is one figure everywhere: the units of the latest 12 index months
+    # with mature units (recent_months_before), as the report, `kyphowatch site` and
+    # v_site_month_rates count them. User audits: the e-mail gave the rolling funnel's 365
+    # days of matured units, 28 % (5 of 18), where the report said 23.5 % (4 of 17); and
+    # for new fractures "41 % (144 of 355) in the last 12 months" for procedures a year
+    # older, where the report said "-". The rolling funnel's figure only without monthly
+    # figures.
     rolling = ((site_row.get("funnel") or {}).get("rolling") or {})
     recent = None
     if recent_months is not None and recent_months[0]:
-        recent = {"months": RECENT_MONTHS, "n": recent_months[0], "events": recent_months[1],
-                  "rate": recent_months[1] / recent_months[0]}
+        recent = {**recent_span(window, as_of), "n": recent_months[0],
+                  "events": recent_months[1], "rate": recent_months[1] / recent_months[0]}
     elif rolling.get("n"):
         recent = {"window_days": design.funnel_rolling_days, "n": rolling["n"],
                   "events": rolling["events"], "rate": rolling["events"] / rolling["n"]}
+        if (window or 0) > RECENT_SHIFT_AFTER_DAYS:
+            # units whose follow-up ended in the last funnel_rolling_days: name their dates
+            last = as_of - timedelta(days=window)
+            first = last - timedelta(days=design.funnel_rolling_days - 1)
+            recent.update(index_from=first.isoformat(), index_to=last.isoformat(),
+                          follow_up_days=window)
     case_mix = _case_mix(shown, metric) if direction == "up" else None
     since = result["since"]
     result.update(
