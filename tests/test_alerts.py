@@ -505,3 +505,18 @@ def test_no_patient_or_operator_reference_reaches_any_message(db_url, sink, hook
     for text in texts:
         leaked = [s for s in secrets if s in text]
         assert not leaked, leaked[:3]
+
+
+def test_a_watch_list_is_not_folded_into_a_summary_already_sent(db_url, make_settings):
+    """A rerun at the same as_of (a late file) finds the history summary already sent: the
+    week's new watch list goes as its own digest, not into a summary that sends nothing
+    (review: the list was e-mailed by nobody)."""
+    settings = make_settings(db_url)
+    insert_level(db_url, site="S003", level="in_control")
+    insert_episode(db_url, site="S005", start=date(2021, 1, 1), end=date(2022, 1, 1))
+    sync_alerts(settings)
+    insert_episode(db_url, site="S006", start=date(2021, 6, 1), end=date(2022, 6, 1))
+    insert_level(db_url, site="S001", level="watch")
+    created = set(sync_alerts(settings).created)
+    assert [r["dedupe_key"] for r in _rows(db_url, alert) if r["alert_id"] in created] == [
+        "digest:watch:htg108:2024-W13"]

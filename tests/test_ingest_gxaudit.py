@@ -347,3 +347,29 @@ def test_the_helper_freezes_what_gx_import_made_before_its_first_audit():
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
+
+
+def test_an_audit_interrupted_mid_answer_leaves_no_stale_answer(helper, monkeypatch):
+    """The helper leaves Ctrl-C to its parent and may still answer the interrupted request:
+    that answer must not reach the next audit in the same process (review: a REPL user's
+    next ingest got the previous file's answers, an AuditMismatch on every file)."""
+    import pickle
+    import types
+
+    frame, parameters = _frame_and_parameters()
+    clean = frame.iloc[[0]].reset_index(drop=True)
+    here = validate.gx_runner(EXPECTATIONS, PROCEDURES).failing_rows(clean, parameters)
+    interrupted = []
+
+    def load_interrupted(stream):
+        if not interrupted:  # the interrupt lands while the parent waits for the answer
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return pickle.load(stream)
+
+    monkeypatch.setattr(gxaudit, "pickle", types.SimpleNamespace(
+        dump=pickle.dump, load=load_interrupted, HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL,
+        UnpicklingError=pickle.UnpicklingError))
+    with pytest.raises(KeyboardInterrupt):
+        gxaudit.failing_rows(EXPECTATIONS, PROCEDURES, frame, parameters)  # 3 bad rows
+    assert gxaudit.failing_rows(EXPECTATIONS, PROCEDURES, clean, parameters) == here == {}

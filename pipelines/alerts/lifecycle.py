@@ -722,8 +722,10 @@ def _fold_watch_into_history(conn: sa.Connection, profile, watch: list[Condition
     if period in _watch_periods_sent_in_history(conn, profile):
         return [], history
     if not history or conn.scalar(sa.select(sa.func.count()).select_from(alert).where(
-            alert.c.dedupe_key == digest.dedupe_key)):
-        return watch, history  # nothing to fold into, or this week's list already went out
+            alert.c.dedupe_key.in_((digest.dedupe_key, history[0].dedupe_key)))):
+        # Nothing to fold into, this week's list already went out, or the summary is not
+        # new (a rerun at the same as_of): it would not be sent again, nor the list in it.
+        return watch, history
     (summary,) = history
     count = len(digest.payload["items"])
     folded = replace(

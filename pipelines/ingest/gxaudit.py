@@ -212,6 +212,14 @@ def failing_rows(expectations_dir: str, kind: str, frame, parameters: dict) -> d
                 helper.kill()
                 helper.wait()
                 _helper = None
+            except BaseException:
+                # Interrupted mid-exchange (Ctrl-C, SIGTERM): the helper, which leaves
+                # interrupts to us, may still answer this request; its answer would reach the
+                # next one. A later audit in this process starts a fresh helper (review).
+                helper.kill()
+                helper.wait()
+                _helper = None
+                raise
             else:
                 if status == "ok":
                     return payload
