@@ -247,6 +247,5 @@ def _table_alone(headers, rows, numeric=frozenset(), caption=""):
 )
 def test_tables_of_text_cells_are_joined_as_they_were_formatted(rows, numeric):
     headers = ["name", "value & more", "x"]
-    assert _table(headers, rows, numeric, "c <1>") == _table_alone(headers, rows, numeric,
-                                                                     "c <1>")
+    assert _table(headers, rows, numeric, "c <1>") == _table_alone(headers, rows, numeric, "c <1>")
     assert _table(headers, iter(rows), numeric) == _table_alone(headers, rows, numeric)
