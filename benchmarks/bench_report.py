@@ -145,6 +145,7 @@ def main() -> int:
         # Untimed: flush what the set-up wrote (a 500 MB warehouse), so its writeback does
         # not compete with the report's 14,000 files; the same before each timed build.
         os.sync()
+        load_before = os.getloadavg()[0]
         cpu_before = _cpu()
         started = time.perf_counter()
         index = write_report(settings, root / "report")
@@ -158,6 +159,7 @@ def main() -> int:
         started = time.perf_counter()
         write_report(settings, root / "report")
         rerun = time.perf_counter() - started
+        load_after = os.getloadavg()[0]
         out = index.parent
         pages = sum(1 for _ in (out / "sites").glob("*.html"))
         csvs = sum(1 for _ in out.rglob("*.csv"))
@@ -197,6 +199,8 @@ def main() -> int:
           "writing")
     print(f"write_report(), rerun into the same folder, unchanged data: {rerun:.2f} s  ratio "
           f"{rerun / baseline:.2f}x (nothing rewritten)")
+    print(f"load average (1 min) over the three builds: {load_before:.2f} before, "
+          f"{load_after:.2f} after ({os.cpu_count()} CPUs; above that, other jobs hold them)")
     print(f"fresh processes (median of 3 pairs): 'kyphowatch report --out' {fresh_report:.2f} s "
           f"(CPU {fresh_cpu:.2f} s) vs load_run() {fresh_load:.2f} s: ratio "
           f"{fresh_report / fresh_load:.2f}x (each with interpreter start-up and imports)")

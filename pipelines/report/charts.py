@@ -719,6 +719,7 @@ class _Lines:
     statistic: np.ndarray
     bounds: list[int]
     _thinned: tuple | None
+    _frames: np.ndarray | None
     _paths: dict[tuple, tuple[np.ndarray, list[str | None]]]
 
     def h(self, code: int) -> float | None:
@@ -763,15 +764,40 @@ class _Lines:
 
     def _made(self, left: int, top: int, plot_w: int, plot_h: int):
         x, y, bounds = self._thin()
+        frames = self._extents()
+        return frames, long_paths(x, y, bounds, frames, left, top, plot_w, plot_h)
+
+    def _marks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Return the points drawn as markers besides the line (``day``, ``statistic``,
+        drawn or not, per point of :attr:`day`), or None: none."""
+        return None
+
+    def _extents(self) -> np.ndarray:
+        """Return each site's frame ``(x0, x1, y0, y1)`` as ``Chart._ranges`` computes it
+        for the chart :func:`cusum_svg` or :func:`tte_svg` draws (NaN for a site without
+        points; a non-finite frame where a value is not finite: such a chart computes its
+        own): x of the line and markers, y from 0 to the highest of the line, markers and
+        threshold, padded."""
+        if self._frames is not None:
+            return self._frames
+        x, y, bounds = self._thin()
         sizes = np.diff(bounds)
         starts = np.asarray(bounds[:-1])[sizes > 0]
         frames = np.full((len(sizes), 4), np.nan)
         if len(starts):
-            # Chart._ranges of the charts cusum_svg and tte_svg draw: the line, its
-            # threshold, y from 0
             x0 = np.minimum.reduceat(x, starts)
             x1 = np.maximum.reduceat(x, starts)
             top_y = np.maximum.reduceat(y, starts)
+            marks = self._marks()
+            if marks is not None:  # the markers (every point of a site's series)
+                day, stat, drawn = marks
+                full = np.asarray(self.bounds[:-1])[sizes > 0]
+                with np.errstate(invalid="ignore"):
+                    x0 = np.minimum(x0, np.minimum.reduceat(np.where(drawn, day, np.inf), full))
+                    x1 = np.maximum(x1, np.maximum.reduceat(np.where(drawn, day, -np.inf),
+                                                            full))
+                    top_y = np.maximum(top_y, np.maximum.reduceat(
+                        np.where(drawn, stat, -np.inf), full))
             h = np.array([self.h(code) for code in np.flatnonzero(sizes > 0).tolist()],
                          dtype=float)
             top_y = np.where(np.isnan(h), top_y, np.maximum(top_y, h))
@@ -780,7 +806,17 @@ class _Lines:
             top_y = np.where(top_y == 0.0, 1.0, top_y)
             frames[sizes > 0] = np.column_stack(
                 [x0, x1, np.zeros(len(x0)), top_y + (top_y - 0.0) * 0.05])
-        return frames, long_paths(x, y, bounds, frames, left, top, plot_w, plot_h)
+        self._frames = frames
+        self._finite = np.isfinite(frames).all(axis=1).tolist()
+        return frames
+
+    def ranges(self, code: int) -> tuple[float, float, float, float] | None:
+        """Return the frame the site's chart is drawn in (:meth:`_extents`), or None
+        when a value is not finite (the chart then computes its own)."""
+        frames = self._extents()
+        if code >= len(frames) or not self._finite[code]:
+            return None
+        return tuple(frames[code].tolist())
 
 
 class CusumSeries(_Lines):
@@ -797,7 +833,29 @@ class CusumSeries(_Lines):
         self.signal = np.asarray(chart["signal"])
         self.h_sites = np.asarray(chart.get("h_sites", []), dtype=float)
         self._thinned = None
+        self._frames = None
+        self._signals: tuple | None = None
         self._paths: dict[tuple, tuple[np.ndarray, list[str | None]]] = {}
+
+    def signals(self, code: int) -> tuple[float, np.ndarray, np.ndarray, list[str]]:
+        """Return site ``code``'s last statistic, and the days, statistics and ISO dates
+        of its signals (points of the site's non-empty series), found for every site on
+        the first call: a dozen numpy calls per site and chart were a third of drawing
+        it (issue 11)."""
+        if self._signals is None:
+            fired = np.flatnonzero(self.signal.astype(bool))
+            days = self.day[fired].astype(float)
+            self._signals = (days, self.statistic[fired].astype(float), _iso_days(days),
+                             np.searchsorted(fired, self.bounds).tolist())
+        days, stat, texts, cuts = self._signals
+        a, b = cuts[code], cuts[code + 1]
+        last = self.statistic[self.bounds[code + 1] - 1:self.bounds[code + 1]].astype(float)
+        return last[0], days[a:b], stat[a:b], texts[a:b]
+
+    def _marks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return the signal markers (:func:`cusum_svg` draws each crossing)."""
+        return (self.day.astype(float), self.statistic.astype(float),
+                self.signal.astype(bool))
 
     def h(self, code: int) -> float | None:
         """Return the site's threshold (the chart's where the site has none)."""
@@ -821,6 +879,7 @@ class TteSeries(_Lines):
                                           for p in parts]) if parts else np.zeros(0))
         self._h = [p.get("h") for p in parts]
         self._thinned = None
+        self._frames = None
         self._paths = {}
 
     def h(self, code: int) -> float | None:
@@ -993,28 +1052,27 @@ def cusum_svg(chart: dict[str, Any], site_id: str, title: str,
     start, stop = series.bounds[code], series.bounds[code + 1]
     if start == stop:
         return None
-    days = series.day[start:stop].astype(float)
-    stat = series.statistic[start:stop].astype(float)
-    fired = series.signal[start:stop].astype(bool)
+    # the last statistic and the signals, found for every site of the chart at once
+    last, fired_days, fired_stat, crossings = series.signals(code)
     h = series.h(code)
     x_label = ("date the outcome was known" if chart.get("order") == "outcome known"
                else "index date (procedure, or first procedure per patient)")
-    crossings = _iso_days(days[fired])
-    description = (f"{title}: the statistic now stands at {stat[-1]:.2f}"
+    description = (f"{title}: the statistic now stands at {last:.2f}"
                    + (f" against the site's threshold h = {h:.3f}" if h is not None else "")
                    + f"; {len(crossings)} crossings"
                    + (f", the last on {crossings[-1]}" if crossings else "") + ".")
+    # the frame computed for every site at once (None: the chart computes its own)
     plot = Chart(title=title, x_label=x_label,
                  y_label="CUSUM statistic (log-likelihood ratio)", x_scale="date", y_min=0.0,
-                 description=description)
+                 description=description, ranges=series.ranges(code))
     # thinned and its path text made for every site of the chart at once
     x, y = series.thinned(code)
     plot.line(x, y, label="CUSUM", width=1.1,
               drawn=lambda frame: series.path(code, frame))
     if h is not None:
         plot.hline(h, label=f"threshold h = {h:.3f}", style="dash")
-    if fired.any():
-        plot.points(days[fired], stat[fired], label="signal (chart resets)", marker="triangle",
+    if crossings:
+        plot.points(fired_days, fired_stat, label="signal (chart resets)", marker="triangle",
                     tips=[f"signal {d}" for d in crossings])
     return plot.render()
 
@@ -1036,9 +1094,10 @@ def tte_svg(chart: dict[str, Any], site_id: str, title: str,
                              f"{stat[-1]:.2f}"
                              + (f" against the threshold h = {h:.3f}." if h is not None
                                 else "."))
-    # thinned and its path text made for every site of the chart at once
+    # thinned, its frame and path text made for every site of the chart at once
     lines = lines or TteSeries(chart)
     code = lines.code[site_id]
+    plot.ranges = lines.ranges(code)
     x, y = lines.thinned(code)
     plot.line(x, y, label="time-to-event CUSUM", width=1.1,
               drawn=lambda frame: lines.path(code, frame))

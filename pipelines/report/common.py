@@ -182,15 +182,41 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozen
            caption: str = "") -> str:
     """Return a table in a box that scrolls sideways on a phone; cells are trusted HTML
     (callers escape text with :func:`_esc`)."""
-    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
-    body = []
-    for row in rows:
-        cells = "".join(f"<td class='num'>{c}</td>" if i in numeric else f"<td>{c}</td>"
-                        for i, c in enumerate(row))
-        body.append(f"<tr>{cells}</tr>")
+    head = _table_head(tuple(headers))
+    rows = rows if isinstance(rows, list) else list(rows)
+    try:  # cells of text (all of a report's): each row one join (issue 11)
+        body = _rows_text(rows, numeric)
+    except TypeError:  # a cell that is not text: each formatted, as an f-string does
+        body = []
+        for row in rows:
+            cells = "".join(f"<td class='num'>{c}</td>" if i in numeric else f"<td>{c}</td>"
+                            for i, c in enumerate(row))
+            body.append(f"<tr>{cells}</tr>")
     cap = f"<caption class='sr'>{_esc(caption)}</caption>" if caption else ""
     return (f"<div class='scroll'><table>{cap}<thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+@lru_cache(maxsize=1024)
+def _table_head(headers: tuple[str, ...]) -> str:
+    """Return the header cells of :func:`_table` (a report's tables share a few dozen)."""
+    return "".join(f"<th>{_esc(h)}</th>" for h in headers)
+
+
+def _rows_text(rows: list[list[str]], numeric) -> list[str]:
+    """Return the ``<tr>`` of each row of text cells (TypeError: a cell is not text)."""
+    body = []
+    if not numeric:
+        for row in rows:
+            body.append("<tr><td>" + "</td><td>".join(row) + "</td></tr>" if row else
+                        "<tr></tr>")
+        return body
+    width = max(map(len, rows), default=0)
+    opens = ["<td class='num'>" if i in numeric else "<td>" for i in range(width)]
+    for row in rows:
+        body.append("<tr>" + "</td>".join(map(str.__add__, opens, row)) + "</td></tr>"
+                    if row else "<tr></tr>")
+    return body
 
 
 class CsvBody(str):

@@ -326,15 +326,14 @@ class Chart:
 
     def render(self) -> str:
         """Return the chart as an ``<svg>`` element."""
-        left, right, top, bottom = 64, 16, 30, 52
-        legend = [s for s in self.series if s.label]
-        longest = max((len(s.label) for s in legend), default=0)
-        plot_w = self.width - left - right
-        # as many legend columns as fit the longest label at about 6.5 units a character
-        columns = next((c for c in (3, 2) if 34 + 6.5 * longest <= plot_w / c), 1)
-        legend_rows = math.ceil(len(legend) / columns)
-        height = self.height + 16 * legend_rows
-        plot_w, plot_h = self.width - left - right, self.height - top - bottom
+        left, top = 64, 30
+        # the parts that depend on the chart's kind, not its site (frame, axis names,
+        # legend), made once per kind and legend (:func:`_skeleton`)
+        # (the width as its text: 1 and 1.0 are one key to a cache but two texts)
+        legend = tuple((s.kind, s.label, s.style, s.tone, str(s.width), s.marker, s.filled)
+                       for s in self.series if s.label)
+        (height, plot_w, plot_h, frame_rect, axis_names,
+         legend_parts) = _skeleton(self.width, self.height, self.x_label, self.y_label, legend)
         x0, x1, y0, y1 = self.ranges if self.ranges is not None else self._ranges()
         log = self.x_scale == "log"
 
@@ -363,14 +362,15 @@ class Chart:
 
         # Deterministic ids (same report, same bytes); titles differ between charts on a page.
         ident = "c" + hashlib.sha1(f"{self.title}|{self.y_label}|{self.x_label}".encode()).hexdigest()[:10]
+        title = _esc(self.title)
         out = [
             f'<svg xmlns="http://www.w3.org/2000/svg" role="img" class="chart" '
             f'viewBox="0 0 {self.width} {height}" width="{self.width}" height="{height}" '
             f'aria-labelledby="{ident}t {ident}d" font-family="sans-serif" font-size="12">',
-            f'<title id="{ident}t">{_esc(self.title)}</title>',
-            f'<desc id="{ident}d">{_esc(self.description or self.title)}</desc>',
-            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" '
-            'stroke="#444" stroke-width="0.8"/>',
+            f'<title id="{ident}t">{title}</title>',
+            f'<desc id="{ident}d">{_esc(self.description) if self.description else title}'
+            '</desc>',
+            frame_rect,
             f'<text x="{left}" y="16" font-size="13" '  # left: in view on a phone
             f'font-weight="bold">{_esc(_shorten(self.title, (self.width - left) // 7))}</text>',
         ]
@@ -381,10 +381,7 @@ class Chart:
         else:
             out.extend(_linear_x_axis(self.x_scale, x0, x1, left, top, plot_w, plot_h))
         out.extend(_y_axis(y0, y1, left, top, plot_w, plot_h))
-        out.append(f'<text x="{left + plot_w / 2:.0f}" y="{top + plot_h + 32}" '
-                   f'text-anchor="middle">{_esc(self.x_label)}</text>')
-        out.append(f'<text transform="translate(14,{top + plot_h / 2:.0f}) rotate(-90)" '
-                   f'text-anchor="middle">{_esc(self.y_label)}</text>')
+        out.extend(axis_names)
         labels: list[tuple[float, float, str]] = []
         self._frame = None if log else (x0, x1, y0, y1, left, top, plot_w, plot_h)
         # where each series' elements sit in the output (a funnel hands the network's
@@ -394,12 +391,11 @@ class Chart:
             start = len(out)
             out.extend(self._draw(s, sx, sy, sy1, left, plot_w, labels))
             self.spans.append((start, len(out)))
-        out.extend(place_labels(labels, (left, top, left + plot_w, top + plot_h)))
+        if labels:
+            out.extend(place_labels(labels, (left, top, left + plot_w, top + plot_h)))
         self.project = lambda x, y: (float(sx(x)), float(sy(y)))
         # legend under the plot: a sample of each series' line or marker, then its label
-        for i, s in enumerate(legend):
-            out.extend(_legend_entry(i, columns, left, top, plot_w, plot_h, s.kind, s.label,
-                                     s.style, s.tone, s.width, s.marker, s.filled))
+        out.extend(legend_parts)
         out.append("</svg>")
         self.parts, self.size = out, (self.width, height)
         return "\n".join(out)
@@ -430,16 +426,17 @@ class Chart:
             y_high, y_low = sy1(s.y[1]), sy1(s.y[0])
             return [f'<rect x="{left}" y="{y_high:.1f}" width="{plot_w}" '
                     f'height="{max(y_low - y_high, 0.5):.1f}" fill="{s.tone}"/>']
+        # a line's text made beforehand (a step line's: of its staircase, as drawn below)
+        # needs none of the masking
+        if s.kind == "line" and s.drawn is not None and self._frame is not None:
+            text = s.drawn(self._frame)
+            if text is not None:
+                return [self._polyline_text(text, s)]
         ok = np.isfinite(s.x) & np.isfinite(s.y)
         if self.x_scale == "log":
             ok &= s.x > 0
         x, y = s.x[ok], s.y[ok]
         if s.kind == "line":
-            # a step line's text is that of its staircase, as drawn below
-            if s.drawn is not None and self._frame is not None:
-                text = s.drawn(self._frame)
-                if text is not None:
-                    return [self._polyline_text(text, s)]
             if s.step:
                 x, y = np.repeat(x, 2)[1:], np.repeat(y, 2)[:-1]
             if not len(x):
@@ -476,6 +473,36 @@ class Chart:
             if texts and texts[i]:
                 labels.append((xv, yv, texts[i]))
         return parts
+
+
+@lru_cache(maxsize=4096)
+def _skeleton(width: int, base_height: int, x_label: str, y_label: str,
+              legend: tuple[tuple, ...]) -> tuple:
+    """Return the parts of a chart that depend on its kind, not on its data: the height
+    with the legend's rows, the plot's width and height, the plot frame, the axis names
+    and the legend's elements (``legend``: kind, label, style, tone, line width as text,
+    marker and fill of each labelled series). The charts of one kind on a thousand site pages share
+    a few of these (a CUSUM's legend differs only by its threshold), so each is made once
+    (issue 11); the text is :meth:`Chart.render`'s as it made it chart by chart."""
+    left, right, top, bottom = 64, 16, 30, 52
+    longest = max((len(entry[1]) for entry in legend), default=0)
+    plot_w = width - left - right
+    # as many legend columns as fit the longest label at about 6.5 units a character
+    columns = next((c for c in (3, 2) if 34 + 6.5 * longest <= plot_w / c), 1)
+    legend_rows = math.ceil(len(legend) / columns)
+    height = base_height + 16 * legend_rows
+    plot_h = base_height - top - bottom
+    frame_rect = (f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" '
+                  'fill="#fff" stroke="#444" stroke-width="0.8"/>')
+    axis_names = (f'<text x="{left + plot_w / 2:.0f}" y="{top + plot_h + 32}" '
+                  f'text-anchor="middle">{_esc(x_label)}</text>',
+                  f'<text transform="translate(14,{top + plot_h / 2:.0f}) rotate(-90)" '
+                  f'text-anchor="middle">{_esc(y_label)}</text>')
+    parts = []
+    for i, (kind, label, style, tone, line_width, marker, filled) in enumerate(legend):
+        parts.extend(_legend_entry(i, columns, left, top, plot_w, plot_h, kind, label, style,
+                                   tone, line_width, marker, filled))
+    return height, plot_w, plot_h, frame_rect, axis_names, tuple(parts)
 
 
 # The frame of a chart (grid, tick labels, legend) is drawn from a few numbers, and the
