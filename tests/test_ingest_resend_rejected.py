@@ -77,3 +77,52 @@ def test_a_duplicate_of_a_file_with_quarantined_rows_says_how_to_get_them_in(
     ingest_paths(settings, [clean])
     [third] = ingest_paths(settings, [clean]).files
     assert third.reason == "already loaded (same checksum)"  # nothing was left out of it
+
+
+def test_two_loads_of_the_same_bytes_at_once_commit_one(pg_url, tmp_path, settings_for,
+                                                        monkeypatch):
+    """Ingest batches may overlap: of two loads of one file's bytes that both found no ledger
+    row, one commits; the other rolls back, as a duplicate when it reaches the ledger last
+    or with a warehouse error when it meets the first one's rows (review: both "loaded")."""
+    import threading
+
+    from pipelines.ingest import load
+
+    settings = settings_for(pg_url)
+    seed = write(tmp_path / "s" / "procedures_20240101.csv",
+                 csv_text(PROC_HEADER, [proc_row("P0", patient="PT-0", date="2023-12-20")]))
+    [seeded] = ingest_paths(settings, [seed]).files  # not empty: both take the staged path
+    assert seeded.status == "loaded", seeded.reason
+    rows = [proc_row(f"P{i}", patient=f"PT-{i}") for i in range(1, 6)]
+    a = write(tmp_path / "a" / "procedures_20240110.csv", csv_text(PROC_HEADER, rows))
+    b = write(tmp_path / "b" / "procedures_20240110.csv", a.read_bytes())
+    barrier = threading.Barrier(2, timeout=60)
+    real = load.open_extract
+
+    def both_checked(*args, **kwargs):
+        barrier.wait()  # both have read "no ledger row" for these bytes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(load, "open_extract", both_checked)
+    out = {}
+
+    def run(name, path):
+        try:
+            out[name] = ingest_paths(settings, [path]).files[0]
+        except BaseException as exc:  # noqa: BLE001 -- shown by the assertion below
+            out[name] = exc
+
+    threads = [threading.Thread(target=run, args=item) for item in (("a", a), ("b", b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    loaded = [r for r in out.values() if getattr(r, "status", None) == "loaded"]
+    others = [r for r in out.values() if r not in loaded]
+    assert len(loaded) == 1 and loaded[0].inserted == 5, out
+    # the other one either found the ledger row at its end (a duplicate, rolled back) or
+    # met the first one's rows while merging (a warehouse error: rolled back, "rerun")
+    (other,) = others
+    assert getattr(other, "status", None) == "duplicate" or "UniqueViolation" in str(other), out
+    assert _ledger(pg_url) == [("procedures_20240101.csv", "loaded"),
+                               ("procedures_20240110.csv", "loaded")]

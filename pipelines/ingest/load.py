@@ -1493,15 +1493,23 @@ def record_rejection(engine: sa.Engine, file_name: str, checksum: str | None,
         _write_ledger(conn, _ledger_values(file_name, checksum, result))
 
 
-def _write_ledger(conn: sa.Connection, values: dict) -> None:
+class _LoadedMeanwhile(Exception):
+    """Another load of the same bytes committed while this one ran: this one rolls back."""
+
+
+def _write_ledger(conn: sa.Connection, values: dict) -> int:
     """Insert a file's ledger row, or replace the row of an earlier delivery of the same bytes
-    that was not loaded (rejected: a re-sent file is examined again, docs/contract.md)."""
+    that was not loaded (rejected: a re-sent file is examined again, docs/contract.md).
+
+    Returns the rows written: 0 when the bytes are recorded as loaded already.
+    """
     statement = _insert_for(conn, schema.file_ledger).values(values)
-    conn.execute(statement.on_conflict_do_update(
+    # RETURNING, not rowcount: psycopg reports -1 for an upsert's rowcount.
+    return len(conn.execute(statement.on_conflict_do_update(
         index_elements=["source_checksum"],
         set_={k: statement.excluded[k] for k in values if k != "source_checksum"},
         where=schema.file_ledger.c.status != "loaded",
-    ))
+    ).returning(schema.file_ledger.c.source_checksum)).all())
 
 
 def max_plausible_date(file_name: str, processing_day: date) -> date:
@@ -1645,12 +1653,21 @@ def load_file(
                     for target in TARGETS[extract.kind]:
                         _analyze(conn, target)
                 stage.drop(conn)
-                _write_ledger(conn, _ledger_values(shown, checksum, result))
+                if not _write_ledger(conn, _ledger_values(shown, checksum, result)):
+                    # a concurrent load of the same bytes committed first (ingest batches
+                    # may overlap): this one is a duplicate, and rolls back
+                    raise _LoadedMeanwhile
             except FileRejected:
                 # A rejection's counts and reasons are the fast path's too: audited first.
                 _verify_audit(audit)
                 raise
             _verify_audit(audit)  # last: nothing of the file commits unless GX agrees
+    except _LoadedMeanwhile:
+        result.status, result.reason = "duplicate", "already loaded (same checksum)"
+        for name in ("inserted", "updated", "unchanged", "stale", "pending", "promoted",
+                     "ambiguous", "quarantined"):
+            setattr(result, name, 0)
+        result.quarantine_reasons = {}
     except FileRejected as exc:
         result.status, result.reason = "rejected", str(exc).replace(path.name, shown)
         for name in ("inserted", "updated", "unchanged", "stale", "pending", "promoted",
