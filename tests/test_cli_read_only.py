@@ -29,13 +29,14 @@ def empty_pg(pg_admin_url: str) -> Iterator[str]:
         # Identifiers cannot be bound parameters: quoted with the dialect's own rules.
         conn.exec_driver_sql("CREATE DATABASE " + conn.dialect.identifier_preparer.quote(name))
     try:
-        yield sa.make_url(pg_admin_url).set(database=name).render_as_string(
-            hide_password=False)
+        yield sa.make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
-            conn.exec_driver_sql("DROP DATABASE IF EXISTS "
-                                 + conn.dialect.identifier_preparer.quote(name)
-                                 + " WITH (FORCE)")
+            conn.exec_driver_sql(
+                "DROP DATABASE IF EXISTS "
+                + conn.dialect.identifier_preparer.quote(name)
+                + " WITH (FORCE)"
+            )
         admin.dispose()
 
 
@@ -66,8 +67,7 @@ def _monitor_runs(url: str) -> int:
         engine.dispose()
 
 
-def test_a_wrong_site_or_metric_is_refused_before_anything_is_computed(tmp_path,
-                                                                      warehouse_url):
+def test_a_wrong_site_or_metric_is_refused_before_anything_is_computed(tmp_path, warehouse_url):
     """Data loaded, no run stored for it yet: an unknown site (or metric, or a site whose
     procedures all come after ``--as-of``) is exit 2 with the "unknown site" message, and no
     monitor run is computed or stored; a known site then computes and stores the one run."""
@@ -77,10 +77,11 @@ def test_a_wrong_site_or_metric_is_refused_before_anything_is_computed(tmp_path,
     assert run("ingest", "--db", warehouse_url, str(extract), env=ENV).returncode == 0
     assert _monitor_runs(warehouse_url) == 0
     for command, says in (
-            (["site", "S777"], "unknown site 'S777'"),
-            (["site", "s777", "--csv"], "unknown site 's777'"),
-            (["site", "S002", "--as-of", "2024-01-10"], "unknown site 'S002'"),
-            (["site", "S001", "--metric", "cement_leek"], "unknown metric 'cement_leek'")):
+        (["site", "S777"], "unknown site 'S777'"),
+        (["site", "s777", "--csv"], "unknown site 's777'"),
+        (["site", "S002", "--as-of", "2024-01-10"], "unknown site 'S002'"),
+        (["site", "S001", "--metric", "cement_leek"], "unknown metric 'cement_leek'"),
+    ):
         refused = run(*command, "--db", warehouse_url, env=ENV)
         assert refused.returncode == 2, (command, refused.stderr)
         assert says in refused.stderr and "Traceback" not in refused.stderr
@@ -95,14 +96,23 @@ def test_a_wrong_site_or_metric_is_refused_before_anything_is_computed(tmp_path,
 
 
 @pytest.mark.postgres
-def test_read_commands_on_an_empty_postgres_database_create_nothing(empty_pg):
-    """``sites``, ``site``, ``report``, ``regulator list``, ``keys status`` and the alerts
-    actions on existing alerts, on a database without the kyphowatch schema: exit 3 naming
-    the URL without its password and how to create a warehouse; not one table created."""
+def test_read_commands_on_an_empty_postgres_database_create_nothing(empty_pg, tmp_path):
+    """``sites``, ``site``, ``report``, ``beyond-report``, ``regulator list``, ``keys check``
+    and the alerts actions on existing alerts, on a database without the kyphowatch schema:
+    exit 3 naming the URL without its password and how to create a warehouse; not one
+    table created."""
     url = sa.make_url(empty_pg).set(password="hunter2").render_as_string(hide_password=False)
-    for command in (["sites"], ["site", "S001"], ["report"], ["regulator", "list"],
-                    ["keys", "status"], ["alerts", "list"], ["alerts", "show", "abc"],
-                    ["alerts", "ack", "abc", "--by", "me", "--reason", "typo"]):
+    for command in (
+        ["sites"],
+        ["site", "S001"],
+        ["report"],
+        ["regulator", "list"],
+        ["keys", "check"],
+        ["beyond-report", "--out", str(tmp_path / "b")],
+        ["alerts", "list"],
+        ["alerts", "show", "abc"],
+        ["alerts", "ack", "abc", "--by", "me", "--reason", "typo"],
+    ):
         result = run(*command, "--db", url, env=ENV)
         assert result.returncode == 3, (command, result.stderr)
         assert "holds no kyphowatch warehouse" in result.stderr, command
@@ -139,13 +149,18 @@ def test_a_read_command_brings_an_older_warehouse_up_to_date(tmp_path):
     from pipelines import schema
 
     url = f"sqlite:///{tmp_path / 'w.db'}"
-    extract = write(tmp_path / "procedures_20240201.csv",
-                    csv_text(PROC_HEADER, [proc_row(f"P{i}") for i in range(1, 4)]))
+    extract = write(
+        tmp_path / "procedures_20240201.csv",
+        csv_text(PROC_HEADER, [proc_row(f"P{i}") for i in range(1, 4)]),
+    )
     assert run("ingest", "--db", url, str(extract), env=ENV).returncode == 0
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     with engine.begin() as conn:  # as if version 11 had not run yet
-        conn.execute(schema.schema_version.delete().where(
-            schema.schema_version.c.version == schema.SCHEMA_VERSION))
+        conn.execute(
+            schema.schema_version.delete().where(
+                schema.schema_version.c.version == schema.SCHEMA_VERSION
+            )
+        )
     result = run("sites", "--db", url, "--json", env=ENV)
     assert result.returncode == 0, result.stderr
     with engine.connect() as conn:
