@@ -75,20 +75,38 @@ def require_warehouse(db_url: str) -> None:
 _WAREHOUSE_TABLES = frozenset({"schema_version", "procedure", "file_ledger"})
 
 
-def _require_schema(engine: sa.Engine, db_url: str) -> None:
-    """Raise ConfigError (exit 3) when ``engine``'s database holds no kyphowatch schema.
-
-    One catalogue query, nothing written. A database failure propagates as it is.
-    """
+def _not_a_warehouse(db_url: str):
+    """Return the ConfigError (exit 3) for a database without the kyphowatch schema."""
     from pipelines.errors import ConfigError
 
+    return ConfigError(
+        f"{redact_url(db_url)} holds no kyphowatch warehouse (a read command never "
+        "creates one: check --db or KYPHOWATCH_DB_URL, or load data with kyphowatch "
+        "ingest first; with PostgreSQL roles, kyphowatch roles migrate as the owner)")
+
+
+def _sqlite_holds_warehouse(dbapi_conn) -> bool:  # noqa: ANN001 - DBAPI connection
+    """Whether a SQLite connection's database has the kyphowatch tables (one read)."""
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
+                       "(?, ?, ?)", sorted(_WAREHOUSE_TABLES))
+        return cursor.fetchone()[0] == len(_WAREHOUSE_TABLES)
+    finally:
+        cursor.close()
+
+
+def _require_postgres_schema(engine: sa.Engine, db_url: str) -> None:
+    """Raise ConfigError (exit 3) unless the PostgreSQL database has the kyphowatch tables.
+
+    One catalogue lookup on the connection the migration check then reuses; nothing written.
+    """
+    names = sa.text("SELECT count(to_regclass(name)) FROM unnest(CAST(:names AS text[])) "
+                    "AS name")
     with engine.connect() as conn:
-        tables = set(sa.inspect(conn).get_table_names())
-    if not _WAREHOUSE_TABLES <= tables:
-        raise ConfigError(
-            f"{redact_url(db_url)} holds no kyphowatch warehouse (a read command never "
-            "creates one: check --db or KYPHOWATCH_DB_URL, or load data with kyphowatch "
-            "ingest first; with PostgreSQL roles, kyphowatch roles migrate as the owner)")
+        found = conn.execute(names, {"names": sorted(_WAREHOUSE_TABLES)}).scalar_one()
+    if found != len(_WAREHOUSE_TABLES):
+        raise _not_a_warehouse(db_url)
 
 
 def make_engine(db_url: str, *, migrate: bool = True, create: bool = True) -> sa.Engine:
@@ -116,16 +134,17 @@ def make_engine(db_url: str, *, migrate: bool = True, create: bool = True) -> sa
             raise ConfigError(f"cannot create the warehouse's folder {folder}: "
                               f"{exc.strerror or exc}") from None
         engine = sa.create_engine(url, connect_args={"timeout": 60})
-        if not create:
-            # checked before the journal pragma below, which would rewrite the file of
-            # another application's database
-            try:
-                _require_schema(engine, db_url)
-            finally:
-                engine.dispose()
+        unchecked = not create
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001 - DBAPI hook
+            nonlocal unchecked
+            if unchecked:
+                # before the journal pragma, which would rewrite another application's file
+                if not _sqlite_holds_warehouse(dbapi_conn):
+                    dbapi_conn.close()
+                    raise _not_a_warehouse(db_url)
+                unchecked = False
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
@@ -134,12 +153,15 @@ def make_engine(db_url: str, *, migrate: bool = True, create: bool = True) -> sa
         if url.drivername == "postgresql":
             url = url.set(drivername="postgresql+psycopg")
         engine = sa.create_engine(url, pool_pre_ping=True)
-        if not create:
-            try:
-                _require_schema(engine, db_url)
-            except BaseException:
-                engine.dispose()
-                raise
+    if not create:
+        try:
+            if url.get_backend_name() == "sqlite":
+                engine.connect().close()  # the connect hook checks, into the pool
+            else:
+                _require_postgres_schema(engine, db_url)
+        except BaseException:
+            engine.dispose()
+            raise
     if migrate:
         try:
             schema.migrate(engine)
