@@ -2,8 +2,9 @@
 
 :func:`open_warehouse` is the entry point (engine, schema migration, a first round trip, and
 one :class:`ExternalSystemError` line naming the redacted URL when it fails); :func:`reading`
-wraps it for read-only commands. Callers hand the engine or connection down rather than
-opening their own.
+wraps it for read-only commands, which never create a warehouse: a database without the
+kyphowatch schema is refused (exit 3), an older kyphowatch schema is brought up to date as
+the writers do. Callers hand the engine or connection down rather than opening their own.
 """
 
 from __future__ import annotations
@@ -68,14 +69,62 @@ def require_warehouse(db_url: str) -> None:
                           "kyphowatch ingest first)")
 
 
-def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
+# Tables every kyphowatch warehouse has held since its first migration. A database without
+# them (an empty one, another application's) is not a warehouse: a read command must
+# neither create the schema in it nor change it in any way (user audit, 2026-12-07).
+_WAREHOUSE_TABLES = frozenset({"schema_version", "procedure", "file_ledger"})
+
+
+def _not_a_warehouse(db_url: str):
+    """Return the ConfigError (exit 3) for a database without the kyphowatch schema."""
+    from pipelines.errors import ConfigError
+
+    return ConfigError(
+        f"{redact_url(db_url)} holds no kyphowatch warehouse (a read command never "
+        "creates one: check --db or KYPHOWATCH_DB_URL, or load data with kyphowatch "
+        "ingest first; with PostgreSQL roles, kyphowatch roles migrate as the owner)")
+
+
+def _sqlite_holds_warehouse(dbapi_conn) -> bool:  # noqa: ANN001 - DBAPI connection
+    """Whether a SQLite connection's database has the kyphowatch tables (one read)."""
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
+                       "(?, ?, ?)", sorted(_WAREHOUSE_TABLES))
+        return cursor.fetchone()[0] == len(_WAREHOUSE_TABLES)
+    finally:
+        cursor.close()
+
+
+def _require_postgres_schema(engine: sa.Engine, db_url: str) -> None:
+    """Raise ConfigError (exit 3) unless the PostgreSQL database has the kyphowatch tables.
+
+    One catalogue lookup on the connection the migration check then reuses; nothing written.
+    """
+    names = sa.text("SELECT count(to_regclass(name)) FROM unnest(CAST(:names AS text[])) "
+                    "AS name")
+    with engine.connect() as conn:
+        found = conn.execute(names, {"names": sorted(_WAREHOUSE_TABLES)}).scalar_one()
+    if found != len(_WAREHOUSE_TABLES):
+        raise _not_a_warehouse(db_url)
+
+
+def make_engine(db_url: str, *, migrate: bool = True, create: bool = True) -> sa.Engine:
     """Create an engine for ``db_url`` and bring its schema up to date.
 
     For SQLite the parent directory is created and the journal is WAL, so a reader (the
     CLI, a report) never blocks a loader.
+
+    ``create=False`` (the read commands, :func:`reading`): the database must already be a
+    kyphowatch warehouse, else ConfigError (exit 3) before anything is written to it (no
+    folder, no file, no tables, no journal mode); one whose schema is older than the code
+    is migrated as ``migrate`` says, like the writers' (its data are kyphowatch's, and
+    the read's queries need the current columns).
     """
     url = warehouse_url(db_url)
     if url.get_backend_name() == "sqlite":
+        if not create:
+            require_warehouse(db_url)  # the file exists: connecting creates none
         folder = Path(url.database).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -85,9 +134,17 @@ def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
             raise ConfigError(f"cannot create the warehouse's folder {folder}: "
                               f"{exc.strerror or exc}") from None
         engine = sa.create_engine(url, connect_args={"timeout": 60})
+        unchecked = not create
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001 - DBAPI hook
+            nonlocal unchecked
+            if unchecked:
+                # before the journal pragma, which would rewrite another application's file
+                if not _sqlite_holds_warehouse(dbapi_conn):
+                    dbapi_conn.close()
+                    raise _not_a_warehouse(db_url)
+                unchecked = False
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
@@ -96,6 +153,15 @@ def make_engine(db_url: str, *, migrate: bool = True) -> sa.Engine:
         if url.drivername == "postgresql":
             url = url.set(drivername="postgresql+psycopg")
         engine = sa.create_engine(url, pool_pre_ping=True)
+    if not create:
+        try:
+            if url.get_backend_name() == "sqlite":
+                engine.connect().close()  # the connect hook checks, into the pool
+            else:
+                _require_postgres_schema(engine, db_url)
+        except BaseException:
+            engine.dispose()
+            raise
     if migrate:
         try:
             schema.migrate(engine)
@@ -121,8 +187,10 @@ def load_driver(db_url: str) -> None:
     sa.create_engine(url).dispose()  # an engine connects only when first used
 
 
-def open_warehouse(db_url: str, *, migrate: bool = True) -> sa.Engine:
+def open_warehouse(db_url: str, *, migrate: bool = True, create: bool = True) -> sa.Engine:
     """Return a migrated engine whose connection has answered one query.
+
+    ``create=False``: refuse a database without the kyphowatch schema (:func:`make_engine`).
 
     Any database failure (unreachable server, bad credentials, a locked or corrupt SQLite
     file) becomes one :class:`ExternalSystemError` naming the redacted URL: exit code 4 on
@@ -130,7 +198,7 @@ def open_warehouse(db_url: str, *, migrate: bool = True) -> sa.Engine:
     """
     engine = None
     try:
-        engine = make_engine(db_url, migrate=migrate)
+        engine = make_engine(db_url, migrate=migrate, create=create)
         with engine.connect() as conn:
             conn.execute(sa.select(1))
         return engine
@@ -159,10 +227,13 @@ def redact_url(db_url: str) -> str:
 def reading(db_url: str) -> Iterator[sa.Connection]:
     """Yield a connection for read-only queries; dispose of the engine afterwards.
 
+    A database without the kyphowatch schema (empty, or another application's) is
+    ConfigError (exit 3) naming the redacted URL, and is left untouched: a read never
+    creates a warehouse. An older kyphowatch schema is migrated first, as by the writers.
     A database failure becomes one :class:`ExternalSystemError` line naming the (redacted)
     warehouse -- exit code 4 on the command line, no traceback.
     """
-    engine = open_warehouse(db_url)
+    engine = open_warehouse(db_url, create=False)
     try:
         with engine.connect() as conn:
             yield conn

@@ -18,16 +18,20 @@ from pipelines.cli import parse_as_of
 from pipelines.settings import load_settings
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace, *, schema: bool = True):
     """Return the settings for ``--db``, once the warehouse is known to exist.
 
     Every alerts action reads or changes alerts that only an existing warehouse holds: a
-    typo in ``--db`` is exit 3 naming the path, never a new, empty warehouse.
+    typo in ``--db`` is exit 3 naming the path, never a new, empty warehouse. ``schema``
+    (all but ``sync`` and ``deliver``, which migrate as the other writers do): a database
+    without the kyphowatch schema is exit 3 too, before the life cycle would create it.
     """
-    from pipelines.db import require_warehouse
+    from pipelines.db import open_warehouse, require_warehouse
 
     settings = load_settings(db_url=args.db)
     require_warehouse(settings.db_url)
+    if schema:
+        open_warehouse(settings.db_url, create=False).dispose()
     return settings
 
 
@@ -102,7 +106,7 @@ def _requeue(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    result = lifecycle.sync_alerts(_settings(args), parse_as_of(args.as_of))
+    result = lifecycle.sync_alerts(_settings(args, schema=False), parse_as_of(args.as_of))
     _print_json(result.to_dict())
     if result.queued_late:
         print(f"queued {len(result.queued_late)} earlier alert(s) that had no recipient: "
@@ -115,7 +119,7 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _deliver(args: argparse.Namespace) -> int:
-    result = outbox.deliver_outbox(_settings(args))
+    result = outbox.deliver_outbox(_settings(args, schema=False))
     _print_json(result.to_dict())
     result.raise_if_retrying()
     return 0

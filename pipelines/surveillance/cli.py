@@ -135,14 +135,19 @@ def handle_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evidence(args: argparse.Namespace, site: str | None = None, status: bool = False):
+def _evidence(args: argparse.Namespace, site: str | None = None, status: bool = False,
+              metric: str | None = None):
     """Return (result, profile, facts, complications) for the drill-down commands.
 
     ``site``: only that site's figures and signals are read; ``status``: only the stored
-    status rows (``result.status_rows``), when the warehouse holds them for the run.
+    status rows (``result.status_rows``), when the warehouse holds them for the run;
+    ``metric``: must be one of the profile's (else InputRejected, before any read).
 
     The stored run, the facts and the recent complications are read on one connection; a
-    run that is not stored yet is computed (and stored) first.
+    run that is not stored yet is computed (and stored) first, but only once the arguments
+    are known to be good: an unknown metric, or a site without a procedure up to the date,
+    is refused before anything is computed or stored (user audit: ``kyphowatch site S777``
+    ran and stored a 22-second monitor run before saying "unknown site").
     """
     from pipelines.db import reading, require_warehouse
     from pipelines.surveillance import runs
@@ -151,6 +156,10 @@ def _evidence(args: argparse.Namespace, site: str | None = None, status: bool = 
     settings = load_settings(db_url=args.db)
     require_warehouse(settings.db_url)
     profile = load_profile(settings.profile_path)
+    if metric:
+        known = [m.id for m in profile.metrics]
+        if metric not in known:
+            raise InputRejected(f"unknown metric {metric!r} (known: {', '.join(known)})")
     # the stored run without chart data: these commands draw no chart; one site's
     # drill-down reads only that site's figures and signals, the grid only status rows
     with reading(settings.db_url) as conn:
@@ -159,9 +168,32 @@ def _evidence(args: argparse.Namespace, site: str | None = None, status: bool = 
         if result is not None:
             _say_if_loaded_after(conn, result)
             return _with_facts(settings, profile, result, site, conn)
+        if site is not None:
+            _require_site(conn, site, args.site_id, wanted)
     with _collector(True):  # the monitor's frames and models do make cycles
         result = runs.compute_and_read(settings, profile, wanted, sites=[], charts=False)
     return _with_facts(settings, profile, result, site, None)
+
+
+def _require_site(conn, site: str, typed: str, as_of: date | None) -> None:
+    """Raise InputRejected unless ``site`` has a procedure on or before ``as_of``.
+
+    The monitor run as of ``as_of`` holds exactly those sites, so a site without one would
+    be unknown in any run computed for the date: this is checked before computing it, with
+    one probe of the ``(site_id, procedure_date)`` index, in the words the stored run's
+    check uses (:func:`handle_site`).
+    """
+    import sqlalchemy as sa
+
+    from pipelines.schema import procedure
+
+    if as_of is None:
+        raise InputRejected(f"unknown site {typed!r}: the warehouse holds no procedures yet")
+    known = conn.execute(sa.select(sa.literal(1)).where(
+        procedure.c.site_id == site, procedure.c.procedure_date <= as_of).limit(1)).first()
+    if known is None:
+        raise InputRejected(f"unknown site {typed!r}: no procedures from it up to "
+                            f"{as_of.isoformat()} in the warehouse (nothing was computed)")
 
 
 def _say_if_loaded_after(conn, result) -> None:
@@ -339,16 +371,13 @@ def handle_site(args: argparse.Namespace) -> int:
     from pipelines.surveillance import levels
 
     site = args.site_id.strip().upper()
-    result, profile, facts, complications = _evidence(args, site)
+    # the metric, and a site unknown to the warehouse, are checked before any compute
+    result, profile, facts, complications = _evidence(args, site, metric=args.metric)
     known_sites = {m["site_id"] for m in result.site_metrics}
     if site not in known_sites:
         raise InputRejected(f"unknown site {args.site_id!r}: not in the monitor run as of "
                             f"{result.as_of.isoformat()} (no procedures from it up to that "
                             "date when the run was stored)")
-    if args.metric:
-        known = [m.id for m in profile.metrics]
-        if args.metric not in known:
-            raise InputRejected(f"unknown metric {args.metric!r} (known: {', '.join(known)})")
     # A site's payload reads only its own rows: derive the evidence from those alone rather
     # than from every site's (a fifth of a drill-down's time on a 1,000-site network).
     own = dataclasses.replace(

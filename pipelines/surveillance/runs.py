@@ -836,6 +836,10 @@ def read_or_compute(settings, profile, as_of: date | None = None, *,
     When no run is stored for that date and profile version (a past ``--as-of``, or data
     loaded but not yet monitored) the monitor computes and stores one first, so every
     reader after it reads the same run. ``sites`` and ``charts`` as in :func:`load_run`.
+    A caller checks its own arguments before (an unknown site, a metric: the drill-downs'
+    ``_evidence``), since a compute cannot be taken back; the ``--as-of`` is checked here,
+    and a database without the kyphowatch schema is refused (exit 3) by ``reading``, both
+    before anything is computed.
     """
     from pipelines.db import reading
 
