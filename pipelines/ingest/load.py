@@ -964,13 +964,21 @@ def _stage_chunks(
     for chunk in iter_chunks(extract, chunk_rows):
         check_time(extract)
         rows_read += len(chunk.record_numbers) + len(chunk.bad_shape)
+        # The chunk's writes, in order, go to the writer as one task: with one write
+        # unfinished at a time, a second submit for the same chunk would wait for the
+        # first (the chunk's COPY) to finish before this thread could read the next chunk,
+        # and the two threads would take turns instead of overlapping (issue 10: the 1M
+        # file has a repeated key in every chunk, so every chunk made two submits after
+        # its quarantine rows; the main thread waited 9.3 s of a 19 s staging).
+        writes: list[Callable[[], None]] = []
         misshapen = [
             (number, _misshapen(row, extract, key, preview_fields), ["row:wrong_field_count"])
             for number, row in chunk.bad_shape
         ]
         if misshapen:
-            writer.submit(lambda rows=misshapen: quarantine.add(rows))
+            writes.append(lambda rows=misshapen: quarantine.add(rows))
         if not chunk.record_numbers:
+            _submit_all(writer, writes)
             continue
         checked = validate_chunk(  # Arrow-split chunks hand over ``flat``, never the rows
             None if chunk.flat is not None else chunk.records, chunk.record_numbers,
@@ -983,7 +991,7 @@ def _stage_chunks(
                 (int(number), values, checked.invalid[int(number)])
                 for number, values in zip(raw.index, raw.to_dict("records"), strict=True)
             ]
-            writer.submit(lambda rows=invalid: quarantine.add(rows))
+            writes.append(lambda rows=invalid: quarantine.add(rows))
         valid = _prepare_valid(checked.valid, extract.kind, key)
         keys = checked.valid[key_column]
         # tolist() first: iterating an Arrow-backed Series element by element costs about
@@ -997,20 +1005,32 @@ def _stage_chunks(
         if not first.all():
             repeated.update(itertools.compress(listed, ~first))
         if direct is None:
-            writer.submit(lambda frame=valid: _write_stage(conn, stage, frame))
+            writes.append(lambda frame=valid: _write_stage(conn, stage, frame))
         else:
-            if first.all():  # the usual chunk: no repeated key, no copy of the frame
-                # Rendered here, COPYed by the writer: the writer (the server's COPY) is
-                # the slower side, and this thread waited for it (issue 10; 1M procedures:
-                # staging 14.8 s instead of 16.2 s, medians of 5 interleaved runs).
-                payload = direct.payload(valid)
-                writer.submit(lambda payload=payload: direct.copy(conn, payload))
-            else:
-                writer.submit(lambda frame=valid[first]: direct.write(conn, frame))
-                writer.submit(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
+            # Rendered here, COPYed by the writer: the writer (the server's COPY) is the
+            # slower side, and this thread waited for it (issue 10; 1M procedures: staging
+            # 14.8 s instead of 16.2 s, medians of 5 interleaved runs). A chunk with a
+            # repeated key too: its first occurrences are rendered here, the repeats staged.
+            payload = direct.payload(valid if first.all() else valid[first])
+            writes.append(lambda payload=payload: direct.copy(conn, payload))
+            if not first.all():
+                writes.append(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
+        _submit_all(writer, writes)
         staged_keys.append(keys)
     keys = pd.concat(staged_keys) if staged_keys else pd.Series([], dtype="str")
     return rows_read, keys, repeated, audit
+
+
+def _submit_all(writer: _StageWriter | _InlineWriter, writes: list[Callable[[], None]]) -> None:
+    """Hand one chunk's ``writes`` to ``writer`` as one task that runs them in order."""
+    if len(writes) == 1:
+        writer.submit(writes[0])
+    elif writes:
+        def run_in_order() -> None:
+            for write in writes:
+                write()
+
+        writer.submit(run_in_order)
 
 
 def _first_sightings(keys: list[str], seen: set[str]) -> Iterator[bool]:
