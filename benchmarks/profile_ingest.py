@@ -97,13 +97,15 @@ def _instrument(load, steps: dict) -> None:
 
 
 def child(task: dict) -> dict:
-    sys.path.insert(0, task["code"])
-    sys.path.insert(1, str(REPO / "benchmarks"))
-    from bench_ingest import BENCH_KEY, BackendCpu
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_ingest import BENCH_KEY, BackendCpu  # puts this checkout first on the path
+
+    sys.path.insert(0, task["code"])  # so the profiled code goes before it
 
     from pipelines.ingest import ingest_paths, load
     from pipelines.settings import load_settings
 
+    assert load.__file__.startswith(task["code"]), load.__file__
     steps: dict = defaultdict(lambda: [0.0, 0.0])
     _instrument(load, steps)
     settings = load_settings(db_url=task["db_url"], pseudonym_key=BENCH_KEY)
