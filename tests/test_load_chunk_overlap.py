@@ -10,6 +10,7 @@ benchmark file has a repeated key in every chunk, so this was every chunk of it.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -70,17 +71,64 @@ def test_the_next_chunk_is_validated_while_the_last_one_is_copied(
 
 
 @pytest.mark.postgres
-def test_a_chunk_is_one_submit(pg_url, tmp_path: Path, settings_for, monkeypatch):
+def test_a_chunk_is_one_task(pg_url, tmp_path: Path, settings_for, monkeypatch):
     path = write(tmp_path / "in" / "procedures_20240131.csv", csv_text(PROC_HEADER, _rows()))
-    submits: list[int] = []
-    real_submit = load._StageWriter.submit
+    handed: list[bool] = []
+    real_submit, real_if_idle = load._StageWriter.submit, load._StageWriter.submit_if_idle
 
     def submit(self, task):
-        submits.append(1)
+        handed.append(True)
         real_submit(self, task)
 
+    def submit_if_idle(self, task):
+        taken = real_if_idle(self, task)
+        handed.append(taken)
+        return taken
+
     monkeypatch.setattr(load._StageWriter, "submit", submit)
+    monkeypatch.setattr(load._StageWriter, "submit_if_idle", submit_if_idle)
     settings = settings_for(pg_url, {"KYPHOWATCH_CHUNK_ROWS": str(CHUNK)})
     [result] = ingest_paths(settings, [path]).files
     assert result.status == "loaded", result.reason
-    assert len(submits) == 4
+    assert handed.count(True) == 4  # one task per chunk, however it was handed over
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("slow", ["validation", "copy"])
+def test_the_free_thread_renders_the_copy(pg_url, tmp_path: Path, settings_for, monkeypatch, slow):
+    """A slow main thread leaves the rendering to the idle writer; a busy writer, to it."""
+    path = write(tmp_path / "in" / "procedures_20240131.csv", csv_text(PROC_HEADER, _rows()))
+    rendered_by: list[str] = []
+    real_payload, real_validate, real_copy = (
+        load._DirectLoad.payload,
+        load.validate_chunk,
+        load._DirectLoad.copy,
+    )
+
+    def payload(self, frame):
+        rendered_by.append(threading.current_thread().name)
+        return real_payload(self, frame)
+
+    def validate(*args, **kwargs):
+        if slow == "validation":
+            time.sleep(0.5)
+        return real_validate(*args, **kwargs)
+
+    def copy(self, conn, rendered):
+        if slow == "copy":
+            time.sleep(1)
+        real_copy(self, conn, rendered)
+
+    monkeypatch.setattr(load._DirectLoad, "payload", payload)
+    monkeypatch.setattr(load, "validate_chunk", validate)
+    monkeypatch.setattr(load._DirectLoad, "copy", copy)
+    settings = settings_for(pg_url, {"KYPHOWATCH_CHUNK_ROWS": str(CHUNK)})
+    [result] = ingest_paths(settings, [path]).files
+    assert result.status == "loaded", result.reason
+    assert len(rendered_by) == 4
+    if slow == "validation":  # the writer had finished each COPY long before
+        assert set(rendered_by) == {"kyphowatch-stage-writer"}
+    else:  # the first chunk finds the writer idle; later ones find it copying
+        assert rendered_by[0] == "kyphowatch-stage-writer"
+        assert set(rendered_by[1:]) == {"MainThread"}
+    assert result.inserted == 24 - 4 - 6

@@ -884,6 +884,17 @@ class _StageWriter:
         self._raise_failure()
         self._tasks.put(task)
 
+    def submit_if_idle(self, task: Callable[[], None]) -> bool:
+        """Queue ``task`` only if a slot is free now (the writer is idle); say whether it was.
+
+        An earlier write's failure is raised as by :meth:`submit`.
+        """
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._raise_failure()
+        self._tasks.put(task)
+        return True
+
     def close(self) -> None:
         """Wait for every queued write; raise the first failure. Always stops the thread."""
         if self._thread.is_alive():
@@ -903,6 +914,11 @@ class _InlineWriter:
     @staticmethod
     def submit(task: Callable[[], None]) -> None:
         task()
+
+    @staticmethod
+    def submit_if_idle(task: Callable[[], None]) -> bool:
+        task()
+        return True
 
     @staticmethod
     def close() -> None:
@@ -1006,31 +1022,46 @@ def _stage_chunks(
             repeated.update(itertools.compress(listed, ~first))
         if direct is None:
             writes.append(lambda frame=valid: _write_stage(conn, stage, frame))
+            _submit_all(writer, writes)
         else:
-            # Rendered here, COPYed by the writer: the writer (the server's COPY) is the
-            # slower side, and this thread waited for it (issue 10; 1M procedures: staging
-            # 14.8 s instead of 16.2 s, medians of 5 interleaved runs). A chunk with a
-            # repeated key too: its first occurrences are rendered here, the repeats staged.
-            payload = direct.payload(valid if first.all() else valid[first])
-            writes.append(lambda payload=payload: direct.copy(conn, payload))
-            if not first.all():
-                writes.append(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
-        _submit_all(writer, writes)
+            # The first occurrences are COPYed into the tables, the repeats staged. The
+            # COPY payload (about 1 s of CPU per 1M rows, mostly Arrow kernels that release
+            # the GIL) is rendered by whichever thread is free: by the writer when it has
+            # finished the previous chunk (this thread is then the slower side), else here
+            # while the writer is still busy (the server's COPY the slower side; issue 10).
+            sent = valid if first.all() else valid[first]
+            repeats = [] if first.all() else [
+                lambda frame=valid[~first]: _write_stage(conn, stage, frame)]
+            if not _submit_all(writer, [*writes, lambda frame=sent: direct.write(conn, frame),
+                                        *repeats], only_if_idle=True):
+                payload = direct.payload(sent)
+                _submit_all(writer, [*writes, lambda payload=payload: direct.copy(conn, payload),
+                                     *repeats])
         staged_keys.append(keys)
     keys = pd.concat(staged_keys) if staged_keys else pd.Series([], dtype="str")
     return rows_read, keys, repeated, audit
 
 
-def _submit_all(writer: _StageWriter | _InlineWriter, writes: list[Callable[[], None]]) -> None:
-    """Hand one chunk's ``writes`` to ``writer`` as one task that runs them in order."""
+def _submit_all(writer: _StageWriter | _InlineWriter, writes: list[Callable[[], None]],
+                *, only_if_idle: bool = False) -> bool:
+    """Hand one chunk's ``writes`` to ``writer`` as one task that runs them in order.
+
+    With ``only_if_idle`` the task is handed over only if the writer can take it at once;
+    returns whether it was (always true without ``only_if_idle``).
+    """
+    if not writes:
+        return True
     if len(writes) == 1:
-        writer.submit(writes[0])
-    elif writes:
-        def run_in_order() -> None:
+        task = writes[0]
+    else:
+        def task() -> None:
             for write in writes:
                 write()
 
-        writer.submit(run_in_order)
+    if only_if_idle:
+        return writer.submit_if_idle(task)
+    writer.submit(task)
+    return True
 
 
 def _first_sightings(keys: list[str], seen: set[str]) -> Iterator[bool]:
