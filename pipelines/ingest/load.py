@@ -1025,8 +1025,8 @@ def _stage_chunks(
             _submit_all(writer, writes)
         else:
             # The first occurrences are COPYed into the tables, the repeats staged. The
-            # COPY payload (about 1 s of CPU per 1M rows, mostly Arrow kernels that release
-            # the GIL) is rendered by whichever thread is free: by the writer when it has
+            # COPY payload (about 1 s of CPU per 1M rows, much of it in Arrow kernels, which
+            # release the GIL) is rendered by whichever thread is free: by the writer when it has
             # finished the previous chunk (this thread is then the slower side), else here
             # while the writer is still busy (the server's COPY the slower side; issue 10).
             sent = valid if first.all() else valid[first]
