@@ -429,6 +429,9 @@ def measure(files: dict[str, Path], sizes, backends, digest: bool = False) -> li
             with FreshPostgres() as url:
                 for kind, path in kinds:
                     floors[kind] = run_child({"op": "pg_copy", "db_url": url, "path": str(path)})
+                    print(f"  postgresql {kind:13} {label:>4}: COPY floor "
+                          f"{floors[kind]['seconds']:.2f} s, load {os.getloadavg()[0]:.2f}",
+                          flush=True)
                     rows.append(dict(floors[kind], backend="postgresql", kind=kind, size=label,
                                      what="COPY floor"))
         for backend in backends:
@@ -441,7 +444,9 @@ def measure(files: dict[str, Path], sizes, backends, digest: bool = False) -> li
                                          what="executemany floor"))
                 make_engine(url).dispose()  # schema migration is not part of the timed load
                 for kind, path in kinds:  # procedures first: complications find them
+                    load_before = os.getloadavg()[0]
                     result = run_child({"op": "ingest", "db_url": url, "path": str(path)})
+                    result["load_average"] = (load_before, os.getloadavg()[0])
                     if kind in floors:
                         result["ratio"] = result["seconds"] / floors[kind]["seconds"]
                     rows.append(dict(result, backend=backend, kind=kind, size=label,
@@ -449,7 +454,9 @@ def measure(files: dict[str, Path], sizes, backends, digest: bool = False) -> li
                     print(f"  {backend:10} {kind:13} {label:>4}: {result['seconds']:7.1f} s "
                           f"{result['peak_mb']:7.0f} MB, client CPU "
                           f"{result['cpu_seconds']:.1f} s, server CPU "
-                          f"{result['server_cpu_seconds'] or float('nan'):.1f} s", flush=True)
+                          f"{result['server_cpu_seconds'] or float('nan'):.1f} s, load "
+                          f"{result['load_average'][0]:.2f} -> {result['load_average'][1]:.2f}",
+                          flush=True)
                 if digest and backend == "postgresql":
                     for name, value in table_digests(url).items():
                         print(f"  digest {label:>4} {name:28} {value}", flush=True)

@@ -884,6 +884,17 @@ class _StageWriter:
         self._raise_failure()
         self._tasks.put(task)
 
+    def submit_if_idle(self, task: Callable[[], None]) -> bool:
+        """Queue ``task`` only if a slot is free now (the writer is idle); say whether it was.
+
+        An earlier write's failure is raised as by :meth:`submit`.
+        """
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._raise_failure()
+        self._tasks.put(task)
+        return True
+
     def close(self) -> None:
         """Wait for every queued write; raise the first failure. Always stops the thread."""
         if self._thread.is_alive():
@@ -903,6 +914,11 @@ class _InlineWriter:
     @staticmethod
     def submit(task: Callable[[], None]) -> None:
         task()
+
+    @staticmethod
+    def submit_if_idle(task: Callable[[], None]) -> bool:
+        task()
+        return True
 
     @staticmethod
     def close() -> None:
@@ -964,13 +980,21 @@ def _stage_chunks(
     for chunk in iter_chunks(extract, chunk_rows):
         check_time(extract)
         rows_read += len(chunk.record_numbers) + len(chunk.bad_shape)
+        # The chunk's writes, in order, go to the writer as one task: with one write
+        # unfinished at a time, a second submit for the same chunk would wait for the
+        # first (the chunk's COPY) to finish before this thread could read the next chunk,
+        # and the two threads would take turns instead of overlapping (issue 10: the 1M
+        # file has a repeated key in every chunk, so every chunk made two submits after
+        # its quarantine rows; the main thread waited 9.3 s of a 19 s staging).
+        writes: list[Callable[[], None]] = []
         misshapen = [
             (number, _misshapen(row, extract, key, preview_fields), ["row:wrong_field_count"])
             for number, row in chunk.bad_shape
         ]
         if misshapen:
-            writer.submit(lambda rows=misshapen: quarantine.add(rows))
+            writes.append(lambda rows=misshapen: quarantine.add(rows))
         if not chunk.record_numbers:
+            _submit_all(writer, writes)
             continue
         checked = validate_chunk(  # Arrow-split chunks hand over ``flat``, never the rows
             None if chunk.flat is not None else chunk.records, chunk.record_numbers,
@@ -983,7 +1007,7 @@ def _stage_chunks(
                 (int(number), values, checked.invalid[int(number)])
                 for number, values in zip(raw.index, raw.to_dict("records"), strict=True)
             ]
-            writer.submit(lambda rows=invalid: quarantine.add(rows))
+            writes.append(lambda rows=invalid: quarantine.add(rows))
         valid = _prepare_valid(checked.valid, extract.kind, key)
         keys = checked.valid[key_column]
         # tolist() first: iterating an Arrow-backed Series element by element costs about
@@ -997,20 +1021,47 @@ def _stage_chunks(
         if not first.all():
             repeated.update(itertools.compress(listed, ~first))
         if direct is None:
-            writer.submit(lambda frame=valid: _write_stage(conn, stage, frame))
+            writes.append(lambda frame=valid: _write_stage(conn, stage, frame))
+            _submit_all(writer, writes)
         else:
-            if first.all():  # the usual chunk: no repeated key, no copy of the frame
-                # Rendered here, COPYed by the writer: the writer (the server's COPY) is
-                # the slower side, and this thread waited for it (issue 10; 1M procedures:
-                # staging 14.8 s instead of 16.2 s, medians of 5 interleaved runs).
-                payload = direct.payload(valid)
-                writer.submit(lambda payload=payload: direct.copy(conn, payload))
-            else:
-                writer.submit(lambda frame=valid[first]: direct.write(conn, frame))
-                writer.submit(lambda frame=valid[~first]: _write_stage(conn, stage, frame))
+            # The first occurrences are COPYed into the tables, the repeats staged. The
+            # COPY payload (about 1 s of CPU per 1M rows, much of it in Arrow kernels, which
+            # release the GIL) is rendered by whichever thread is free: by the writer when it has
+            # finished the previous chunk (this thread is then the slower side), else here
+            # while the writer is still busy (the server's COPY the slower side; issue 10).
+            sent = valid if first.all() else valid[first]
+            repeats = [] if first.all() else [
+                lambda frame=valid[~first]: _write_stage(conn, stage, frame)]
+            if not _submit_all(writer, [*writes, lambda frame=sent: direct.write(conn, frame),
+                                        *repeats], only_if_idle=True):
+                payload = direct.payload(sent)
+                _submit_all(writer, [*writes, lambda payload=payload: direct.copy(conn, payload),
+                                     *repeats])
         staged_keys.append(keys)
     keys = pd.concat(staged_keys) if staged_keys else pd.Series([], dtype="str")
     return rows_read, keys, repeated, audit
+
+
+def _submit_all(writer: _StageWriter | _InlineWriter, writes: list[Callable[[], None]],
+                *, only_if_idle: bool = False) -> bool:
+    """Hand one chunk's ``writes`` to ``writer`` as one task that runs them in order.
+
+    With ``only_if_idle`` the task is handed over only if the writer can take it at once;
+    returns whether it was (always true without ``only_if_idle``).
+    """
+    if not writes:
+        return True
+    if len(writes) == 1:
+        task = writes[0]
+    else:
+        def task() -> None:
+            for write in writes:
+                write()
+
+    if only_if_idle:
+        return writer.submit_if_idle(task)
+    writer.submit(task)
+    return True
 
 
 def _first_sightings(keys: list[str], seen: set[str]) -> Iterator[bool]:
