@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         _skip_final_collection()
         return exc.exit_code
     except Terminated:
-        print("kyphowatch: terminated (SIGTERM); nothing half-done was committed",
-              file=sys.stderr)
+        print("kyphowatch: terminated (SIGTERM); the step it was in was rolled back, what "
+              "it finished before stays; rerun the same command", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("kyphowatch: interrupted", file=sys.stderr)

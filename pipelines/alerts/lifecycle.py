@@ -1213,10 +1213,11 @@ def sync_alerts(
             if (key in active_keys or key in adopted or key.startswith(EXTERNAL_PREFIXES)
                     or markers.get(previous["alert_id"]) == CONDITION_CLEARED):
                 continue
-            if (key.startswith(f"level:{profile.name}:") and key.endswith(":up")
-                    and previous["metric"] in not_charted):
-                continue  # the newest run did not chart its alarm chart: not judged
             owner = _alert_profile(previous)
+            if (key.startswith(f"level:{profile.name}:") and key.endswith(":up")
+                    and previous["metric"] in not_charted
+                    and owner in (None, (profile.name, profile.version))):
+                continue  # the newest run did not chart its alarm chart: not judged
             # The monitor now runs another profile and no longer confirms this alert's
             # condition: it was the old profile's, so it closes whatever its kind. After a
             # version bump of the same profile, only where the new version dropped the

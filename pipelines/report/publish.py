@@ -237,6 +237,12 @@ def _draw_sites_collector_off(data: ReportData, site_ids: list[str], writer: _Wr
     try:
         first()
         work()
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or failed: the workers take no further chunk, so the
+        # command ends after their current one instead of drawing the rest (review).
+        with counter.get_lock():
+            counter.value = len(chunks)
+        raise
     finally:
         for pid, read_end in children:
             with os.fdopen(read_end, "rb") as pipe:
