@@ -8,9 +8,6 @@ line, on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-
 import pytest
 import sqlalchemy as sa
 
@@ -21,29 +18,15 @@ ENV = {"KYPHOWATCH_DEMO": "1"}
 
 
 @pytest.fixture
-def empty_pg(pg_admin_url: str) -> Iterator[str]:
-    """URL of a new, empty PostgreSQL database named kw_fixread_*, dropped afterwards."""
-    name = f"kw_fixread_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        # Identifiers cannot be bound parameters: quoted with the dialect's own rules.
-        conn.exec_driver_sql("CREATE DATABASE " + conn.dialect.identifier_preparer.quote(name))
-    try:
-        yield sa.make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(
-                "DROP DATABASE IF EXISTS "
-                + conn.dialect.identifier_preparer.quote(name)
-                + " WITH (FORCE)"
-            )
-        admin.dispose()
+def empty_pg(pg_url: str) -> str:
+    """URL of a new, empty PostgreSQL database (conftest's ``pg_url``, dropped afterwards)."""
+    return pg_url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def warehouse_url(request, tmp_path) -> str:
     """An empty database (no file yet for SQLite) that ``kyphowatch ingest`` turns into a
-    warehouse; PostgreSQL's is named kw_fixread_*."""
+    warehouse; on PostgreSQL a new database from conftest's ``pg_url``."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'w.db'}"
     return request.getfixturevalue("empty_pg")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -39,25 +38,11 @@ LEAD = "lead.s001@example.org"
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def warehouse_url(request, tmp_path):
-    """A new, empty warehouse: a SQLite file, or a PostgreSQL database kw_fixkeys_* (dropped)."""
+    """A new, empty warehouse: a SQLite file, or a new PostgreSQL database (conftest's
+    ``pg_url``, dropped afterwards)."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'warehouse.db'}"
-        return
-    admin_url = request.getfixturevalue("pg_admin_url")
-    name = f"kw_fixkeys_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql("CREATE DATABASE " + conn.dialect.identifier_preparer.quote(name))
-    try:
-        yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(
-                "DROP DATABASE IF EXISTS "
-                + conn.dialect.identifier_preparer.quote(name)
-                + " WITH (FORCE)"
-            )
-        admin.dispose()
+        return f"sqlite:///{tmp_path / 'warehouse.db'}"
+    return request.getfixturevalue("pg_url")
 
 
 def _settings(settings_for, url, key, smtp_url):
