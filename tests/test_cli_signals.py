@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def registry(tmp_path_factory) -> Path:
     """Enough monthly files that an ingest is still running a few seconds in."""
     out = tmp_path_factory.mktemp("signals")
-    simulate(out, sites=6, start=date(2023, 1, 1), end=date(2023, 12, 31), seed=5,
+    simulate(out, sites=6, start=date(2022, 1, 1), end=date(2023, 12, 31), seed=5,
              bad_row_rate=0.01, cadence="monthly")
     return out
 
@@ -41,11 +41,16 @@ def _ingest_then(sig: int, to_group: bool, registry: Path, db: Path) -> tuple[in
         lines.append(line)
         if " read=" in line or time.monotonic() > deadline:
             break
+    # Held where it is at once: on a loaded machine this test may be scheduled seconds after
+    # the line, and the ingest would have finished every file by then (a CI run did). The
+    # stop signal waits, queued, and lands where the ingest was held: in the next file.
+    os.killpg(proc.pid, signal.SIGSTOP)
     assert proc.poll() is None, "the ingest ended before it could be interrupted"
     if to_group:  # a terminal's Ctrl-C reaches the whole foreground process group
         os.killpg(proc.pid, sig)
     else:  # a scheduler's stop reaches the command's process
         os.kill(proc.pid, sig)
+    os.killpg(proc.pid, signal.SIGCONT)
     lines += proc.stderr.readlines()
     return proc.wait(timeout=120), "".join(lines)
 
